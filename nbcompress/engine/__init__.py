@@ -1,0 +1,1 @@
+"""The compression engine: profiling, pruning, history. Never imports IPython or ipywidgets."""

@@ -1,0 +1,100 @@
+"""Argument checks shared by every verb: one clear message naming the argument and the fix."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["as_inputs", "check_amount", "check_module", "describe_inputs", "run_forward"]
+
+
+def check_module(obj: Any, arg: str = "model") -> nn.Module:
+    """Return ``obj`` if it is an ``nn.Module``, else raise ``TypeError`` naming ``arg``."""
+    if not isinstance(obj, nn.Module):
+        raise TypeError(
+            f"{arg}: expected a torch.nn.Module, got {type(obj).__name__}. "
+            "Pass the model object itself (e.g. `model` or `model.encoder`)."
+        )
+    return obj
+
+
+def check_amount(value: Any, arg: str = "amount", *, allow_zero: bool = True) -> float:
+    """Return ``value`` as a float in [0, 1) (or (0, 1)), else raise naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{arg}: expected a number in [0, 1) such as 0.5 (the fraction of weights to "
+            f"remove), got {type(value).__name__} {value!r}."
+        )
+    value = float(value)
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value < 1) or math.isnan(value):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(
+            f"{arg}: {value!r} is outside {interval}; it is the fraction of weights to remove, "
+            "e.g. 0.5 removes half of them (1.0 would remove every weight)."
+        )
+    return value
+
+
+def as_inputs(example_inputs: Any, arg: str = "example_inputs") -> tuple:
+    """Normalise example inputs to a tuple of positional arguments for ``model(*inputs)``."""
+    if example_inputs is None:
+        raise ValueError(
+            f"{arg}: an example input is needed to run the model. Pass a tensor (or a tuple of "
+            "tensors) shaped like a real batch; in a notebook `--input x` names it."
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, dict):
+        raise TypeError(
+            f"{arg}: keyword inputs are not supported; pass a tensor or a tuple of tensors."
+        )
+    raise TypeError(
+        f"{arg}: expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}."
+    )
+
+
+def describe_inputs(inputs: tuple) -> str:
+    """Human-readable shapes of example inputs, e.g. ``(8, 1, 28, 28) float32``."""
+    parts = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            parts.append(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}")
+        else:
+            parts.append(type(x).__name__)
+    return ", ".join(parts)
+
+
+def _expected_input(model: nn.Module) -> str | None:
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            return f"last dimension {module.in_features} (first layer is Linear({module.in_features}, …))"
+        if isinstance(module, nn.Conv2d):
+            return f"shape (N, {module.in_channels}, H, W) (first layer is Conv2d({module.in_channels}, …))"
+        if isinstance(module, nn.Conv1d):
+            return f"shape (N, {module.in_channels}, L) (first layer is Conv1d({module.in_channels}, …))"
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            return f"integer indices < {module.num_embeddings} (first layer is an Embedding)"
+    return None
+
+
+def run_forward(model: nn.Module, inputs: tuple, arg: str = "example_inputs") -> Any:
+    """Run ``model(*inputs)`` without gradients; explain shape errors naming ``arg``."""
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        expected = _expected_input(model)
+        hint = f" The model expects {expected}." if expected else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{arg}: the model failed on the example input of shape {describe_inputs(inputs)}: "
+            f"{first}.{hint} Pass an input shaped like a real batch."
+        ) from err

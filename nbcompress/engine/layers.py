@@ -1,0 +1,146 @@
+"""Which layers hold weights, which can be pruned, and selection by glob and type."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+__all__ = [
+    "PRUNABLE_TYPES",
+    "output_layer",
+    "resolve_types",
+    "select_layers",
+    "weighted_layers",
+]
+
+#: Layer types whose ``weight`` nbcompress prunes by default.
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+)
+
+#: Layer types that may be pruned when asked for by type (e.g. ``types=["Embedding"]``).
+OPT_IN_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+
+# Modules that own parameters of children they never call (MultiheadAttention uses
+# out_proj's weight functionally), so they are reported as one row.
+_ATOMIC = (nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN)
+
+
+def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Return qualified name → module for every layer that directly holds parameters.
+
+    Children of modules that use their children's weights functionally (e.g. the
+    ``out_proj`` of ``nn.MultiheadAttention``) are folded into their parent.
+    """
+    found: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in skip):
+            continue
+        if isinstance(module, _ATOMIC):
+            skip.append(name)
+            found[name] = module
+        elif any(True for _ in module.parameters(recurse=False)):
+            found[name] = module
+    return found
+
+
+def resolve_types(types: Iterable[str | type] | str | type | None) -> tuple[type, ...] | None:
+    """Turn type names such as ``"Conv2d"`` into classes from ``torch.nn``."""
+    if types is None:
+        return None
+    if isinstance(types, (str, type)):
+        types = [types]
+    resolved = []
+    for t in types:
+        if isinstance(t, type) and issubclass(t, nn.Module):
+            resolved.append(t)
+            continue
+        cls = getattr(nn, str(t), None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ValueError(
+                f"types: {t!r} is not a torch.nn layer type; use names such as "
+                "'Linear', 'Conv2d' or 'Embedding'."
+            )
+        resolved.append(cls)
+    return tuple(resolved)
+
+
+def output_layer(model: nn.Module, candidates: dict[str, nn.Module]) -> str | None:
+    """Name of the model's final classifier / output layer among ``candidates``.
+
+    The last prunable layer in registration order: for the usual
+    ``features → classifier`` models this is the layer that produces the logits.
+    """
+    names = [n for n, m in candidates.items() if isinstance(m, PRUNABLE_TYPES)]
+    return names[-1] if names else None
+
+
+def select_layers(
+    model: nn.Module,
+    layers: str | Sequence[str] | None = None,
+    types: Iterable[str | type] | str | type | None = None,
+    *,
+    include_output: bool = False,
+) -> tuple[dict[str, nn.Module], str | None]:
+    """Choose the layers an operation applies to.
+
+    Args:
+        model: The model.
+        layers: Glob pattern(s) on qualified names, e.g. ``"features.*"``. ``None`` = all.
+        types: Layer types (classes or names). ``None`` = Linear and Conv layers.
+        include_output: Also select the final classifier/output layer, which is left
+            alone by default because pruning it costs the most accuracy per weight.
+
+    Returns:
+        ``(selected, excluded_output)``: name → module, and the name of the output
+        layer that was left out (``None`` if none was).
+
+    Raises:
+        ValueError: A pattern matches no layer (the message lists the available names),
+            or the selection ends up empty.
+    """
+    wanted = resolve_types(types) or PRUNABLE_TYPES
+    candidates = {n: m for n, m in weighted_layers(model).items() if isinstance(m, wanted)}
+    if not candidates:
+        kinds = ", ".join(t.__name__ for t in wanted)
+        raise ValueError(f"types: the model has no layer of type {kinds}.")
+    selected = dict(candidates)
+    patterns = [] if layers is None else [layers] if isinstance(layers, str) else list(layers)
+    if patterns:
+        selected = {}
+        for pattern in patterns:
+            hits = {n: m for n, m in candidates.items() if fnmatch.fnmatchcase(n, pattern)}
+            if not hits:
+                raise ValueError(
+                    f"layers: pattern {pattern!r} matches no layer. Available: "
+                    f"{_listing(candidates)}."
+                )
+            selected.update(hits)
+    excluded = None
+    out = output_layer(model, weighted_layers(model))
+    literal = {p for p in patterns if not any(c in p for c in "*?[")}
+    if not include_output and out in selected and out not in literal:
+        # Naming the output layer literally (no wildcard) is taken as intent.
+        del selected[out]
+        excluded = out
+    if not selected:
+        raise ValueError(
+            "layers: the selection is empty (only the output layer "
+            f"{excluded!r} matched, and it is left alone by default). Pass "
+            "include_output=True (--include-output) to prune it."
+        )
+    return selected, excluded
+
+
+def _listing(candidates: dict[str, nn.Module], limit: int = 30) -> str:
+    names = list(candidates)
+    shown = ", ".join(names[:limit])
+    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")

@@ -1,0 +1,20 @@
+"""IPython magics of nbcompress; registered by ``%load_ext nbcompress``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["register"]
+
+
+def _magic_classes() -> list[type]:
+    # Imported here so that `import nbcompress` never imports IPython.
+    from nbcompress.magics._core import CoreMagics
+
+    return [CoreMagics]
+
+
+def register(ipython: Any) -> None:
+    """Register every nbcompress magic with ``ipython`` (idempotent)."""
+    for cls in _magic_classes():
+        ipython.register_magics(cls)

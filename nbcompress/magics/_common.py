@@ -1,0 +1,56 @@
+"""Shared plumbing for the magics: name resolution and turning API errors into UsageError."""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core.error import UsageError
+from torch import nn
+
+__all__ = ["api_errors", "resolve_model", "resolve_value", "split_patterns"]
+
+
+def resolve_value(shell: Any, expr: str, arg: str) -> Any:
+    """Evaluate ``expr`` in the user namespace (``model.encoder`` works)."""
+    if expr is None or not str(expr).strip():
+        raise UsageError(f"{arg}: missing; name an object in the notebook namespace.")
+    try:
+        return eval(expr, shell.user_global_ns, shell.user_ns)  # noqa: S307 - the user's own namespace
+    except NameError:
+        raise UsageError(
+            f"{arg}: {expr!r} is not defined in the notebook namespace; define it first or check "
+            "the spelling."
+        ) from None
+    except Exception as err:  # noqa: BLE001 - any failure of the user's expression
+        raise UsageError(f"{arg}: evaluating {expr!r} failed: {type(err).__name__}: {err}") from None
+
+
+def resolve_model(shell: Any, expr: str, arg: str = "model") -> nn.Module:
+    """Evaluate ``expr`` and check that it is an ``nn.Module``."""
+    obj = resolve_value(shell, expr, arg)
+    if not isinstance(obj, nn.Module):
+        raise UsageError(
+            f"{arg}: {expr!r} is a {type(obj).__name__}, not a torch.nn.Module; name the model "
+            "object (e.g. `model` or `model.encoder`)."
+        )
+    return obj
+
+
+def split_patterns(text: str | None) -> list[str] | None:
+    """Split a ``--layers`` value on commas/whitespace (quotes respected)."""
+    if text is None:
+        return None
+    parts = [p for chunk in shlex.split(text) for p in chunk.split(",")]
+    return [p for p in parts if p] or None
+
+
+@contextlib.contextmanager
+def api_errors() -> Iterator[None]:
+    """Re-raise the engine's ``ValueError``/``TypeError`` as a one-line ``UsageError``."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
