@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["as_inputs", "check_amount", "check_module", "describe_inputs", "run_forward"]
+__all__ = [
+    "as_inputs",
+    "check_amount",
+    "check_module",
+    "describe_inputs",
+    "eval_mode",
+    "run_forward",
+]
 
 
 def check_module(obj: Any, arg: str = "model") -> nn.Module:
@@ -98,3 +106,19 @@ def run_forward(model: nn.Module, inputs: tuple, arg: str = "example_inputs") ->
             f"{arg}: the model failed on the example input of shape {describe_inputs(inputs)}: "
             f"{first}.{hint} Pass an input shaped like a real batch."
         ) from err
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode for a while, then restore every module's own flag.
+
+    Measuring in training mode would update BatchNorm statistics (changing the model)
+    and make Dropout random.
+    """
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
