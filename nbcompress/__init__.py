@@ -20,7 +20,7 @@ _EXPORTS = {
     "prune_": "nbcompress.engine.prune",
     "PruneReport": "nbcompress.engine.prune",
     "compare": "nbcompress.engine.compare",
-    "remove_masks_": "nbcompress.engine.masks",
+    "remove_masks_": "nbcompress.engine.prune",
     "undo_": "nbcompress.engine.history",
     "history": "nbcompress.engine.history",
     "set_history_limit": "nbcompress.engine.history",

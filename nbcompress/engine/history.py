@@ -138,7 +138,8 @@ class _ModuleState:
                     yield v
 
     def held_modules(self) -> Iterator[nn.Module]:
-        yield from self.attrs.get("_modules", {}).values()
+        if "_modules" in self.dicts:
+            yield from self.dicts["_modules"][1].values()
 
 
 @dataclass

@@ -114,7 +114,7 @@ def global_masks(
     per_layer = {n: scores(w, method, granularity, gen) for n, w in weights.items()}
     total = sum(s.numel() for s in per_layer.values())
     k = int(round(amount * total))
-    caps = {n: s.numel() - max(1, math.ceil(min_density * s.numel())) for n, s in per_layer.items()}
+    caps = {n: s.numel() - math.ceil(min_density * s.numel()) for n, s in per_layer.items()}
     if k > sum(caps.values()):
         raise ValueError(
             f"amount: {amount} cannot be reached while every layer keeps min_density="

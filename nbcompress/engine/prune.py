@@ -11,7 +11,7 @@ from torch.nn.utils import prune as torch_prune
 
 from nbcompress.engine._validate import check_amount, check_module
 from nbcompress.engine.history import Transaction, transaction
-from nbcompress.engine.layers import select_layers
+from nbcompress.engine.layers import output_layer, select_layers, weighted_layers
 from nbcompress.engine.masks import CRITERIA, global_masks, layer_mask
 
 __all__ = ["apply_mask", "is_masked", "prune_", "remove_masks_", "resolve_amounts"]
@@ -142,8 +142,19 @@ def prune_(
     """
     check_module(model)
     _check_options(method, scope, granularity)
-    selected, excluded = select_layers(model, layers, types, include_output=include_output)
+    per_layer = isinstance(amount, Mapping)
+    # A dict naming the output layer literally is explicit intent, like a literal pattern.
+    selected, excluded = select_layers(
+        model, layers, types, include_output=include_output or per_layer
+    )
     amounts = resolve_amounts(amount, selected)
+    if per_layer and not include_output:
+        out = output_layer(model, weighted_layers(model))
+        if out in amounts and out not in amount:
+            del amounts[out]
+            excluded = out
+        if not amounts:
+            raise ValueError(f"amount: only the output layer {out!r} matched; name it literally.")
     gen = torch.Generator().manual_seed(seed)
     if scope == "global":
         if isinstance(amount, Mapping):

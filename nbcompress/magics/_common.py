@@ -47,10 +47,30 @@ def split_patterns(text: str | None) -> list[str] | None:
     return [p for p in parts if p] or None
 
 
+# Engine argument names → the option a magic user typed.
+_OPTION_NAMES = {
+    "example_inputs": "--input",
+    "layers": "--layers",
+    "types": "--types",
+    "method": "--method",
+    "scope": "--scope",
+    "evaluate": "--eval",
+    "calibrate": "--calibrate",
+}
+
+
 @contextlib.contextmanager
 def api_errors() -> Iterator[None]:
-    """Re-raise the engine's ``ValueError``/``TypeError`` as a one-line ``UsageError``."""
+    """Re-raise the engine's ``ValueError``/``TypeError`` as a one-line ``UsageError``.
+
+    The message keeps the engine's wording but names the magic's option (``--input``
+    rather than ``example_inputs``).
+    """
     try:
         yield
     except (ValueError, TypeError) as err:
-        raise UsageError(str(err)) from None
+        message = str(err)
+        head, sep, rest = message.partition(":")
+        if sep and head in _OPTION_NAMES:
+            message = _OPTION_NAMES[head] + sep + rest
+        raise UsageError(message) from None

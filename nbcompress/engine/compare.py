@@ -1,0 +1,98 @@
+"""Before/after comparison of two summaries of the same model (shown by ``%prune``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nbcompress.engine.profile import Summary
+from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct, html_table, text_table
+from nbcompress.engine.timing import format_seconds
+
+__all__ = ["Comparison", "compare"]
+
+_COLUMNS = {
+    "layer": None,
+    "sparsity before": fmt_pct,
+    "sparsity after": fmt_pct,
+    "nonzeros after": fmt_count,
+    "CSR before (est.)": fmt_bytes,
+    "CSR after (est.)": fmt_bytes,
+    "latency before": lambda t: "—" if t is None else format_seconds(t),
+    "latency after": lambda t: "—" if t is None else format_seconds(t),
+}
+
+
+@dataclass
+class Comparison:
+    """A model before and after one operation, layer by layer.
+
+    Attributes:
+        title: What was done.
+        before: Summary before the operation.
+        after: Summary after it.
+        rows: One plain dict per layer plus a ``total`` row.
+        notes: Explanations shown under the table (honest caveats included).
+    """
+
+    title: str
+    before: Summary
+    after: Summary
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speed_ratio(self) -> float | None:
+        """Measured model latency before / after (>1 means faster), if both were measured."""
+        if self.before.latency and self.after.latency:
+            return self.before.latency.median / self.after.latency.median
+        return None
+
+    def __str__(self) -> str:
+        return text_table(self.rows, _COLUMNS, title=self.title, notes=self.notes)
+
+    def _repr_html_(self) -> str:
+        return html_table(
+            self.rows, _COLUMNS, caption=self.title, notes=self.notes, emphasis=[len(self.rows) - 1]
+        )
+
+
+def _row(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "layer": b["layer"],
+        "sparsity before": b["sparsity"],
+        "sparsity after": a["sparsity"],
+        "nonzeros after": a["nonzeros"],
+        "CSR before (est.)": b["CSR (est.)"],
+        "CSR after (est.)": a["CSR (est.)"],
+        "latency before": b["latency"],
+        "latency after": a["latency"],
+    }
+
+
+def compare(before: Summary, after: Summary, title: str, notes: list[str] | None = None) -> Comparison:
+    """Line up two summaries of the same model layer by layer.
+
+    Args:
+        before: Summary taken before the operation.
+        after: Summary taken after it.
+        title: What was done (first line of the report).
+        notes: Extra notes shown under the table.
+
+    Returns:
+        The comparison; model-level latencies and their ratio appear in the notes.
+    """
+    after_rows = {r["layer"]: r for r in after.rows}
+    rows = [_row(b, after_rows[b["layer"]]) for b in before.rows if b["layer"] in after_rows]
+    rows.append(_row(before.totals, after.totals))
+    all_notes = list(notes or [])
+    if before.latency and after.latency:
+        ratio = before.latency.median / after.latency.median
+        all_notes.append(
+            f"Model latency (measured): before {before.latency}, after {after.latency} "
+            f"→ {ratio:.2f}× speed."
+        )
+    else:
+        all_notes.append("Latency not measured: pass an example input (--input x).")
+    all_notes.append(before.notes[0])
+    return Comparison(title, before, after, rows, all_notes)

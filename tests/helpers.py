@@ -1,0 +1,49 @@
+"""Small shared test utilities (models and bit-exact state comparison)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Deep copy of the state dict, for bit-exact comparisons."""
+    return copy.deepcopy({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Integer view so that -0.0/NaN are compared exactly."""
+    if t.is_floating_point():
+        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    return t
+
+
+def assert_same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Assert the model's state dict equals ``saved`` bit for bit, keys included."""
+    state = model.state_dict()
+    assert list(state) == list(saved)
+    for key, value in saved.items():
+        assert state[key].shape == value.shape, key
+        assert torch.equal(bits(state[key]), bits(value)), key
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+
+
+def cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 10),
+    )
+
+
+def zero_fraction(t: torch.Tensor) -> float:
+    return float((t == 0).float().mean())
