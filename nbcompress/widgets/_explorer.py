@@ -1,0 +1,370 @@
+"""The interactive sensitivity explorer: sliders per layer over a sweep's curves.
+
+Like ``tqdm.notebook``, the widget only adds a display: every number it shows comes from
+the engine (``SensitivityResult.predict/suggest/sparsity_of``, ``prune_``, ``undo_``,
+``trial``). Callbacks run synchronously when a trait changes, so plain pytest drives it by
+setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import ipywidgets as w
+import matplotlib.pyplot as plt
+from torch import nn
+
+from nbcompress.engine.history import history, trial, undo_
+from nbcompress.engine.report import fmt_bytes, fmt_pct
+from nbcompress.widgets._render import figure_output, group_layers, readout_html, render
+from nbcompress.widgets._setting import SettingCosts, prune_setting_
+
+__all__ = ["SensitivityExplorer"]
+
+#: More layers than this are grouped in an accordion by module prefix.
+_GROUP_ABOVE = 12
+
+
+class SensitivityExplorer(w.VBox):
+    """Explore per-layer pruning ratios against a sensitivity sweep, then apply them.
+
+    Shows the sweep's curves with the current ratios marked, one slider per layer, live
+    readouts (sparsity, parameters left, estimated size, *predicted* metric), a target
+    control that re-runs :meth:`SensitivityResult.suggest`, and buttons to measure the
+    real metric of the setting (model left unchanged), apply it in place (recorded in the
+    history) and undo the last step.
+
+    Args:
+        result: A ``SensitivityResult`` from :func:`nbcompress.sensitivity`.
+        model: The live model the sweep was run on.
+        evaluate: ``evaluate(model) -> float`` for the "Evaluate" button; without it the
+            button is disabled (a proxy sweep has no real metric to measure).
+        suggestion: Initial ratios; default ``result.suggest(target_sparsity=0.5)``.
+        objective: What suggestions maximise: ``"params"`` or ``"macs"``.
+
+    Attributes:
+        sliders: Layer name → its ratio slider.
+        status: Label with the outcome of the last action.
+        model_label: Label describing the live model (nonzero parameters, size).
+        measured: Metric measured by the last "Evaluate" click, or ``None``.
+    """
+
+    def __init__(
+        self,
+        result: Any,
+        model: nn.Module,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        *,
+        suggestion: Any = None,
+        objective: str = "params",
+    ) -> None:
+        self.result = result
+        self.model = model
+        self.evaluate = evaluate
+        self.objective = objective
+        self.measured: float | None = None
+        self._costs = SettingCosts(model, result.granularity)
+        self._hold = False
+        self._build()
+        super().__init__(
+            [
+                self.header,
+                w.HBox([self.plot, self.controls]),
+                self.readout,
+                self.buttons,
+                self.model_label,
+                self.status,
+            ],
+            layout=w.Layout(width="100%"),
+        )
+        self.add_class("nbc-explorer")
+        if suggestion is None:
+            self._suggest()
+        else:
+            self.set_ratios(suggestion.ratios)
+        self._show_model()
+
+    # ----------------------------------------------------------------- construction
+    def _build(self) -> None:
+        self.header = w.HTML(_header_html(self.result))
+        self.plot = w.Output(layout=w.Layout(width="52%", min_width="320px"))
+        self.sliders: dict[str, w.FloatSlider] = {}
+        self._infos: dict[str, w.HTML] = {}
+        self.controls = w.VBox(
+            [self._target_row(), self._slider_box()],
+            layout=w.Layout(width="48%", padding="0 0 0 8px"),
+        )
+        self.readout = w.HTML()
+        self.buttons = self._button_row()
+        self.model_label = w.Label()
+        self.model_label.add_class("nbc-model")
+        self.status = w.Label()
+        self.status.add_class("nbc-status")
+
+    def _target_row(self) -> w.HBox:
+        self.target_kind = w.ToggleButtons(
+            options=[("sparsity", "sparsity"), ("max drop", "max_drop")],
+            value="sparsity",
+            tooltips=[
+                "fraction of the explored weights to remove",
+                f"largest allowed drop of {self.result.metric}",
+            ],
+            style={"button_width": "80px"},
+        )
+        # Unbounded on purpose: a max drop of a loss can exceed 1; the engine validates
+        # and an out-of-range target becomes a status message.
+        self.target_value = w.FloatText(
+            value=0.5,
+            step=0.01,
+            description="target",
+            style={"description_width": "45px"},
+            layout=w.Layout(width="130px"),
+        )
+        self.target_kind.observe(self._on_kind, names="value")
+        self.target_value.observe(self._on_target, names="value")
+        return w.HBox(
+            [self.target_kind, self.target_value],
+            layout=w.Layout(flex_flow="row wrap", align_items="center"),
+        )
+
+    def _button_row(self) -> w.HBox:
+        self.evaluate_button = w.Button(
+            description="Evaluate",
+            icon="flask",
+            disabled=self.evaluate is None,
+            tooltip=(
+                "measure the real metric of this setting; the model is left unchanged"
+                if self.evaluate
+                else "pass evaluate=… to measure the real metric"
+            ),
+        )
+        self.apply_button = w.Button(
+            description="Apply",
+            icon="check",
+            button_style="primary",
+            tooltip="prune the model in place (undoable)",
+        )
+        self.undo_button = w.Button(
+            description="Undo", icon="undo", tooltip="revert the model's last compression step"
+        )
+        self.evaluate_button.on_click(lambda _: self.evaluate_setting())
+        self.apply_button.on_click(lambda _: self.apply())
+        self.undo_button.on_click(lambda _: self.undo())
+        return w.HBox([self.evaluate_button, self.apply_button, self.undo_button])
+
+    def _slider_box(self) -> w.Widget:
+        groups = group_layers(self.result.layers) if len(self.result.layers) > _GROUP_ABOVE else {}
+        box = w.Layout(max_height="340px", overflow="auto", width="100%")
+        if len(groups) <= 1:
+            return w.VBox([self._slider_row(n, n) for n in self.result.layers], layout=box)
+        pages, titles = [], []
+        for prefix, names in groups.items():
+            short = [n[len(prefix) + 1 :] if prefix else n for n in names]
+            pages.append(
+                w.VBox([self._slider_row(n, s) for n, s in zip(names, short, strict=True)])
+            )
+            titles.append(f"{prefix or '(top level)'} — {len(names)} layer(s)")
+        return w.Box([w.Accordion(pages, titles=titles, layout=w.Layout(width="100%"))], layout=box)
+
+    def _slider_row(self, name: str, label: str) -> w.HBox:
+        ratios = self.result.ratios
+        slider = w.FloatSlider(
+            value=0.0,
+            min=0.0,
+            max=max(ratios),
+            step=0.01,
+            description=label,
+            tooltip=name,
+            readout_format=".0%",
+            continuous_update=False,
+            style={"description_width": "110px"},
+            layout=w.Layout(flex="1 1 auto", width="auto"),
+        )
+        slider.observe(lambda change: self._on_slider(name), names="value")
+        info = w.HTML(layout=w.Layout(width="120px"))
+        self.sliders[name] = slider
+        self._infos[name] = info
+        return w.HBox([slider, info], layout=w.Layout(width="100%"))
+
+    # ----------------------------------------------------------------- state
+    @property
+    def ratios(self) -> dict[str, float]:
+        """The current slider setting: layer name → ratio."""
+        return {name: float(s.value) for name, s in self.sliders.items()}
+
+    def set_ratios(self, ratios: Mapping[str, float]) -> None:
+        """Move the sliders (layers not named go to 0) and refresh everything once."""
+        with self._holding():
+            for name, slider in self.sliders.items():
+                value = min(max(float(ratios.get(name, 0.0)), slider.min), slider.max)
+                slider.value = round(value, 4)
+        for name in self.sliders:
+            self._update_info(name)
+        self._refresh()
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        # Moving many sliders at once would redraw once per slider; redraw once instead.
+        self._hold = True
+        try:
+            yield
+        finally:
+            self._hold = False
+
+    # ----------------------------------------------------------------- callbacks
+    def _on_slider(self, name: str) -> None:
+        if self._hold:
+            return
+        self._update_info(name)
+        self._refresh()
+
+    def _on_kind(self, change: dict) -> None:
+        with self._holding():
+            self.target_value.value = 0.5 if change["new"] == "sparsity" else 0.01
+        self._suggest()
+
+    def _on_target(self, change: dict) -> None:
+        if not self._hold:
+            self._suggest()
+
+    def _suggest(self) -> None:
+        kind, value = self.target_kind.value, float(self.target_value.value)
+        try:
+            if kind == "sparsity":
+                s = self.result.suggest(value, objective=self.objective)
+            else:
+                s = self.result.suggest(max_drop=value, objective=self.objective)
+        except ValueError as err:
+            self.status.value = f"target not reachable: {err}"
+            self._refresh()
+            return
+        self.set_ratios(s.ratios)
+        self.status.value = (
+            f"suggested for {kind.replace('_', ' ')} {value:g}: {fmt_pct(s.sparsity)} sparsity, "
+            f"predicted {self.result.metric} {s.predicted:.4g}"
+        )
+
+    # ----------------------------------------------------------------- actions
+    def evaluate_setting(self) -> float | None:
+        """Measure the real metric of the current setting; the model is left unchanged.
+
+        Returns:
+            The measured value, or ``None`` if there is no evaluate function or it failed
+            (the reason is written to :attr:`status`).
+        """
+        if self.evaluate is None:
+            self.status.value = "no evaluate function: pass evaluate=… to measure the real metric"
+            return None
+        ratios = self.ratios
+        predicted = self.result.predict(ratios)
+        with self._busy("evaluating…"):
+            try:
+                with trial(self.model):
+                    if any(r > 0 for r in ratios.values()):
+                        prune_setting_(self.model, ratios, granularity=self.result.granularity)
+                    value = float(self.evaluate(self.model))
+            except Exception as err:  # noqa: BLE001 - the user's function; report, don't raise
+                self.status.value = (
+                    f"evaluate failed ({type(err).__name__}: {err}); model left unchanged"
+                )
+                return None
+        self.measured = value
+        self.status.value = (
+            f"measured {self.result.metric} {value:.4g} at this setting (predicted "
+            f"{predicted:.4g}); model left unchanged"
+        )
+        return value
+
+    def apply(self) -> None:
+        """Prune the live model in place with the current setting (recorded, undoable)."""
+        before = self._costs.now()
+        ratios = self.ratios
+        with self._busy("applying…"):
+            try:
+                prune_setting_(self.model, ratios, granularity=self.result.granularity)
+            except (ValueError, TypeError) as err:
+                self.status.value = f"not applied: {err}"
+                return
+        after = self._show_model()
+        self._refresh()
+        self.status.value = (
+            f"applied: {fmt_pct(self.result.sparsity_of(ratios))} sparsity over the explored "
+            f"layers; model now has {after.nonzero:,} nonzero parameters (was {before.nonzero:,})"
+        )
+
+    def undo(self) -> None:
+        """Revert the model's last recorded compression step."""
+        before = self._costs.now()
+        steps = history(self.model)
+        with self._busy("undoing…"):
+            try:
+                undo_(self.model)
+            except ValueError as err:
+                self.status.value = f"nothing undone: {err}"
+                return
+        after = self._show_model()
+        self._refresh()
+        self.status.value = (
+            f"undone: {steps[-1].name} ({steps[-1].detail}); model now has {after.nonzero:,} "
+            f"nonzero parameters (was {before.nonzero:,})"
+        )
+
+    @contextlib.contextmanager
+    def _busy(self, message: str) -> Iterator[None]:
+        buttons = (self.evaluate_button, self.apply_button, self.undo_button)
+        states = [b.disabled for b in buttons]
+        for b in buttons:
+            b.disabled = True
+        self.status.value = message
+        try:
+            yield
+        finally:
+            for b, state in zip(buttons, states, strict=True):
+                b.disabled = state
+
+    # ----------------------------------------------------------------- display
+    def _update_info(self, name: str) -> None:
+        ratio = self.sliders[name].value
+        change = self.result.predict({name: ratio}) - self.result.baseline
+        self._infos[name].value = (
+            f"<span style='font-size:85%;color:#555' title='predicted change of "
+            f"{self.result.metric} when only this layer is pruned'>"
+            f"{self.result.sizes[name]:,} w · Δ {change:+.3g}</span>"
+        )
+
+    def _refresh(self) -> None:
+        ratios = self.ratios
+        self.readout.value = readout_html(
+            self.result, ratios, self._costs.setting(ratios), self._costs.now()
+        )
+        fig = render(self.result, ratios)
+        try:
+            self.plot.outputs = (figure_output(fig),)
+        finally:
+            plt.close(fig)
+
+    def _show_model(self) -> Any:
+        now = self._costs.now()
+        self.model_label.value = (
+            f"model now: {now.nonzero:,} nonzero parameters of {now.total:,} "
+            f"({fmt_pct(now.sparsity)} zero); {fmt_bytes(now.dense)} dense, "
+            f"{fmt_bytes(now.csr)} as CSR (est.)"
+        )
+        return now
+
+
+def _header_html(result: Any) -> str:
+    direction = "higher is better" if result.higher_is_better else "lower is better"
+    proxy = (
+        " <span style='color:#b00020'>· proxy metric (no evaluate function was given)</span>"
+        if result.proxy
+        else ""
+    )
+    partial = " <span style='color:#b00020'>· partial sweep</span>" if not result.complete else ""
+    return (
+        f"<b>Sensitivity explorer</b> — {result.metric} ({direction}), baseline "
+        f"{result.baseline:.4g} · {len(result.layers)} layer(s) × {len(result.ratios)} ratios, "
+        f"{result.evaluations} evaluations in {result.seconds:.1f} s{proxy}{partial}"
+    )

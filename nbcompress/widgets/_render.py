@@ -1,0 +1,173 @@
+"""Pure drawing and text for the explorer: figures and HTML from a result and a setting.
+
+Nothing here touches a widget, so all of it is testable with ``MPLBACKEND=Agg`` and no
+kernel; the explorer only puts the returned PNG and HTML into its widgets.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from nbcompress.engine.report import fmt_bytes, fmt_pct
+from nbcompress.widgets._setting import Footprint
+
+__all__ = ["figure_output", "group_layers", "readout_html", "render"]
+
+
+def _fmt_metric(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4g}"
+
+
+def render(result: Any, ratios: Mapping[str, float]) -> Figure:
+    """The result's own plot with the current ratio of every layer marked on it.
+
+    Args:
+        result: A ``SensitivityResult``.
+        ratios: Layer name → current slider ratio.
+
+    Returns:
+        The figure from ``result.plot()``, with one marker per layer: on its curve at the
+        predicted metric (line plots) or on its row of the heat map.
+    """
+    fig = result.plot()
+    for ax in fig.axes:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        if any(name in lines for name in ratios):
+            _mark_curves(ax, result, ratios, lines)
+        elif ax.images:
+            _mark_heatmap(ax, result, ratios)
+    return fig
+
+
+def _mark_curves(ax: Any, result: Any, ratios: Mapping[str, float], lines: dict) -> None:
+    for name, ratio in ratios.items():
+        if name not in lines:
+            continue
+        y = result.predict({name: ratio})
+        ax.plot(
+            [ratio],
+            [y],
+            marker="o",
+            markersize=8,
+            linestyle="none",
+            color=lines[name].get_color(),
+            markeredgecolor="black",
+            zorder=5,
+            label="_nolegend_",
+        )
+
+
+def _mark_heatmap(ax: Any, result: Any, ratios: Mapping[str, float]) -> None:
+    # The heat map's columns are the swept ratios in order and its rows the layers.
+    columns = np.arange(len(result.ratios))
+    rows = {name: i for i, name in enumerate(result.layers)}
+    xs, ys = [], []
+    for name, ratio in ratios.items():
+        if name in rows:
+            xs.append(float(np.interp(ratio, result.ratios, columns)))
+            ys.append(rows[name])
+    ax.scatter(xs, ys, marker="D", s=28, facecolor="white", edgecolor="black", zorder=5)
+
+
+def figure_output(fig: Figure, dpi: int = 90) -> dict[str, Any]:
+    """A ``display_data`` output dict (PNG) for an ``Output`` widget's ``outputs`` trait.
+
+    Rendering the PNG here, instead of relying on the notebook's matplotlib backend, makes
+    the picture identical in a kernel, under nbclient and in plain pytest.
+    """
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    width, height = fig.get_size_inches() * dpi
+    return {
+        "output_type": "display_data",
+        "data": {
+            "image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+            "text/plain": f"<Figure size {width:.0f}x{height:.0f}>",
+        },
+        "metadata": {},
+    }
+
+
+def group_layers(names: list[str], max_groups: int = 12) -> dict[str, list[str]]:
+    """Group qualified layer names by a shared module prefix, for an accordion.
+
+    The deepest prefix length that still gives at most ``max_groups`` groups is used, so
+    a transformer groups by block (``encoder.layer.3``) rather than by top-level module.
+
+    Args:
+        names: Qualified layer names in model order.
+        max_groups: Upper bound on the number of groups.
+
+    Returns:
+        Prefix → names in model order; a single group means grouping does not help.
+    """
+    best: dict[str, list[str]] = {"": list(names)}
+    depth = max((n.count(".") for n in names), default=0)
+    for d in range(1, depth + 1):
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            parts = name.split(".")
+            groups.setdefault(".".join(parts[: min(d, len(parts) - 1)]), []).append(name)
+        if len(groups) > max_groups:
+            break
+        best = groups
+    return best
+
+
+def readout_html(
+    result: Any, ratios: Mapping[str, float], setting: Footprint, now: Footprint
+) -> str:
+    """The readout row: sparsity, parameters, size and predicted metric of a setting.
+
+    Args:
+        result: The ``SensitivityResult`` (curves, baseline, metric name).
+        ratios: The slider setting.
+        setting: Footprint of the model if the setting were applied.
+        now: Footprint of the model as it is.
+
+    Returns:
+        HTML for an ``HTML`` widget.
+    """
+    predicted = result.predict(dict(ratios))
+    change = predicted - result.baseline
+    worse = change < 0 if result.higher_is_better else change > 0
+    colour = "#b00020" if worse and abs(change) > 1e-12 else "#1b5e20"
+    metric = html.escape(result.metric) + (" (proxy)" if result.proxy else "")
+    cards = [
+        (
+            "sparsity",
+            fmt_pct(result.sparsity_of(dict(ratios))),
+            f"of the weights in {len(result.layers)} explored layer(s)",
+        ),
+        (
+            "parameters left",
+            f"{setting.nonzero:,}",
+            f"nonzero of {setting.total:,} (now {now.nonzero:,})",
+        ),
+        (
+            "size (est.)",
+            f"{fmt_bytes(setting.csr)} CSR",
+            f"vs {fmt_bytes(setting.dense)} dense fp32",
+        ),
+        (
+            f"predicted {metric}",
+            _fmt_metric(predicted),
+            f"<span style='color:{colour}'>{change:+.4g}</span> vs baseline "
+            f"{_fmt_metric(result.baseline)}",
+        ),
+    ]
+    cells = "".join(
+        "<div style='flex:1;min-width:150px;padding:4px 10px;border-left:3px solid #90a4ae'>"
+        f"<div style='font-size:85%;color:#555'>{title}</div>"
+        f"<div style='font-size:130%;font-weight:600'>{value}</div>"
+        f"<div style='font-size:80%;color:#666'>{note}</div></div>"
+        for title, value, note in cards
+    )
+    return f"<div style='display:flex;flex-wrap:wrap;gap:6px'>{cells}</div>"
