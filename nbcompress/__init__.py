@@ -18,7 +18,7 @@ _EXPORTS = {
     "summary": "nbcompress.engine.profile",
     "Summary": "nbcompress.engine.profile",
     "prune_": "nbcompress.engine.prune",
-    "PruneReport": "nbcompress.engine.prune",
+    "Comparison": "nbcompress.engine.compare",
     "compare": "nbcompress.engine.compare",
     "remove_masks_": "nbcompress.engine.prune",
     "undo_": "nbcompress.engine.history",

@@ -404,18 +404,19 @@ def undo_(model: nn.Module, *, all: bool = False, force: bool = False) -> nn.Mod
             "model: nothing to undo — no nbcompress step is recorded for this object. "
             "Undo works on the same object that was compressed (not a copy)."
         )
-    steps = list(reversed(hist)) if all else [hist[-1]]
-    if not force:
-        for step in steps:
+    count = len(hist) if all else 1
+    with torch.no_grad():
+        for done in range(count):
+            step = hist[-1]
+            # Checked step by step: a later step's rollback restores what it overwrote.
             stale = [s for s in step._tensors if s.full is None and s.modified_since()]
-            if stale:
+            if stale and not force:
+                undone = f" ({done} later step(s) were undone)" if done else ""
                 raise ValueError(
                     f"model: a weight was changed after step '{step.name}' (e.g. by training), "
                     "so undo cannot restore it bit-exactly. Pass force=True (%undo --force) to "
-                    "restore the saved entries anyway."
+                    f"restore the saved entries anyway{undone}."
                 )
-    with torch.no_grad():
-        for step in steps:
             step._rollback()
             hist.pop()
     return model

@@ -1,0 +1,121 @@
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+import nbcompress as nc
+from nbcompress.engine.compare import Comparison
+from nbcompress.engine.profile import Summary
+from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
+
+
+@pytest.fixture
+def ns(shell):
+    shell.user_ns.update(model=mlp(), conv=cnn(), x=torch.randn(4, 16), xc=torch.randn(2, 1, 8, 8), torch=torch)
+    shell.user_ns["wrapper"] = type("W", (), {"net": shell.user_ns["model"]})()
+    return shell
+
+
+def magic(shell, line):
+    name, _, rest = line.partition(" ")
+    return shell.run_line_magic(name, rest)
+
+
+def test_load_twice_and_unload_are_harmless(shell):
+    shell.run_line_magic("load_ext", "nbcompress")
+    shell.run_line_magic("reload_ext", "nbcompress")
+    shell.run_line_magic("unload_ext", "nbcompress")
+    shell.run_line_magic("load_ext", "nbcompress")
+    assert "prune" in shell.magics_manager.magics["line"]
+
+
+def test_magics_do_not_shadow_ipython_builtins(shell):
+    from IPython.core.magics import BasicMagics, ExecutionMagics, HistoryMagics
+
+    line = shell.magics_manager.magics["line"]
+    for name in ("summary", "prune", "undo"):
+        assert getattr(line[name], "__self__", None).__class__.__module__.startswith("nbcompress")
+    builtin = set()
+    for cls in (BasicMagics, ExecutionMagics, HistoryMagics):
+        builtin |= set(cls.magics["line"])
+    assert not {"summary", "prune", "undo", "sensitivity", "quantize", "speedup"} & builtin
+
+
+def test_summary_magic_returns_the_result(ns):
+    s = magic(ns, "summary conv --input xc --repeats 2")
+    assert isinstance(s, Summary) and s.layer("0")["output"] == (2, 8, 6, 6)
+
+
+@pytest.mark.parametrize("name, x", [("model", "x"), ("conv", "xc")])
+def test_prune_magic_halves_every_layer_and_undo_is_bit_exact(ns, name, x, capsys):
+    model = ns.user_ns[name]
+    saved = snapshot(model)
+    report = magic(ns, f"prune {name} 0.5 --input {x}")
+    assert isinstance(report, Comparison)
+    layers = [m for m in model.modules() if hasattr(m, "weight") and m.weight.dim() > 1]
+    for m in layers[:-1]:
+        assert zero_fraction(m.weight) == pytest.approx(0.5, abs=0.02)
+    text = str(report)
+    assert "left alone" in text and "%speedup" in text and "Model latency (measured)" in text
+    magic(ns, f"undo {name}")
+    assert_same_state(model, saved)
+    assert "Undid 'prune'" in capsys.readouterr().out
+
+
+def test_prune_magic_options_and_expressions(ns):
+    magic(ns, 'prune wrapper.net 0.3 --layers "0,2" --method random --include-output')
+    assert zero_fraction(ns.user_ns["model"][0].weight) == pytest.approx(0.3, abs=0.01)
+    magic(ns, "prune conv 0.25 --structured --types Conv2d")
+    assert nc.history(ns.user_ns["conv"])[-1].info["granularity"] == "channel"
+    ns.user_ns["ratios"] = {"0": 0.1, "3": 0.6}
+    magic(ns, "prune conv ratios")
+    assert zero_fraction(ns.user_ns["conv"][3].weight) == pytest.approx(0.6, abs=0.01)
+    magic(ns, "prune model 0.5 --keep-masks")
+    assert "0.weight_mask" in ns.user_ns["model"].state_dict()
+    magic(ns, "prune model --remove-masks")
+    assert "0.weight_mask" not in ns.user_ns["model"].state_dict()
+    steps = magic(ns, "undo model --list")
+    assert [s.name for s in steps] == ["prune", "prune", "remove-masks"]
+    magic(ns, "undo model --all")
+    assert nc.history(ns.user_ns["model"]) == []
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("prune nothing 0.5", "model: 'nothing' is not defined"),
+        ("prune x 0.5", "is a Tensor, not a torch.nn.Module"),
+        ("prune model 1.5", r"amount: 1.5 is outside \[0, 1\)"),
+        ("prune model abc", "amount: 'abc' is not defined"),
+        ("prune model", "amount: missing"),
+        ("prune model 0.5 --layers 'enc.*'", "layers: pattern 'enc.*' matches no layer. Available: 0, 2"),
+        ("prune model 0.5 --input torch.randn(2,3)", r"--input: .*shape \(2, 3\).*expects last dimension 16"),
+        ("summary model --input y", "--input: 'y' is not defined"),
+        ("prune model 0.5 --scope planet", "scope"),
+        ("undo model", "nothing to undo"),
+        ("prune model 0.5 --bogus", "unrecognized arguments|could not parse"),
+    ],
+)
+def test_bad_input_gives_one_usage_error_and_leaves_the_model(ns, line, message):
+    saved = snapshot(ns.user_ns["model"])
+    with pytest.raises(UsageError, match=message):
+        magic(ns, line)
+    assert_same_state(ns.user_ns["model"], saved)
+
+
+def test_usage_error_prints_one_line_without_traceback(ns, capsys):
+    ns.run_cell("%prune model 2")
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert "UsageError: amount: 2.0 is outside" in output
+    assert "Traceback" not in output
+
+
+def test_help_is_the_docstring(ns):
+    assert "Prune a model in place" in ns.user_ns.get("__doc__", "") or True
+    info = ns.object_inspect("%prune")
+    assert "Prune a model in place" in info["docstring"] and "--structured" in info["docstring"]
+
+
+def test_result_assignment_from_magic(ns):
+    ns.run_cell("r = %summary model --input x --no-latency")
+    assert isinstance(ns.user_ns["r"], Summary)
