@@ -16,7 +16,9 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 def bits(t: torch.Tensor) -> torch.Tensor:
     """Integer view so that -0.0/NaN are compared exactly."""
     if t.is_floating_point():
-        return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+        return t.contiguous().view(
+            {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        )
     return t
 
 
@@ -30,7 +32,9 @@ def assert_same_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 
 
 def mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+    return nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4)
+    )
 
 
 def cnn() -> nn.Sequential:

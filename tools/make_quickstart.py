@@ -27,8 +27,8 @@ cells = [
     ),
     nbf.v4.new_code_cell("%summary model --input x"),
     nbf.v4.new_markdown_cell(
-        "Prune 50% of each layer by L1 magnitude. The classifier is left alone by default. Masks are "
-        "kept so that fine-tuning cannot revive pruned weights."
+        "Prune 50% of each layer by L1 magnitude. The classifier is left alone by default. "
+        "Masks are kept so that fine-tuning cannot revive pruned weights."
     ),
     nbf.v4.new_code_cell("%prune model 0.5 --input x --keep-masks"),
     nbf.v4.new_code_cell(
@@ -42,7 +42,9 @@ cells = [
     nbf.v4.new_code_cell("%prune model --remove-masks\n%undo model --list"),
     nbf.v4.new_markdown_cell("Mistakes get one clear line and leave the model untouched:"),
     nbf.v4.new_code_cell("%prune model 1.5", metadata={"tags": ["raises-exception"]}),
-    nbf.v4.new_markdown_cell("Undo every step: the model is bit-exactly the trained dense model again."),
+    nbf.v4.new_markdown_cell(
+        "Undo every step: the model is bit-exactly the trained dense model again."
+    ),
     nbf.v4.new_code_cell(
         "%undo model --all\n"
         "assert accuracy(model, data.x_test, data.y_test) == dense_acc\n"

@@ -83,11 +83,14 @@ def describe_inputs(inputs: tuple) -> str:
 def _expected_input(model: nn.Module) -> str | None:
     for module in model.modules():
         if isinstance(module, nn.Linear):
-            return f"last dimension {module.in_features} (first layer is Linear({module.in_features}, …))"
+            n = module.in_features
+            return f"last dimension {n} (first layer is Linear({n}, …))"
         if isinstance(module, nn.Conv2d):
-            return f"shape (N, {module.in_channels}, H, W) (first layer is Conv2d({module.in_channels}, …))"
+            c = module.in_channels
+            return f"shape (N, {c}, H, W) (first layer is Conv2d({c}, …))"
         if isinstance(module, nn.Conv1d):
-            return f"shape (N, {module.in_channels}, L) (first layer is Conv1d({module.in_channels}, …))"
+            c = module.in_channels
+            return f"shape (N, {c}, L) (first layer is Conv1d({c}, …))"
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
             return f"integer indices < {module.num_embeddings} (first layer is an Embedding)"
     return None

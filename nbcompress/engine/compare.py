@@ -70,7 +70,9 @@ def _row(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def compare(before: Summary, after: Summary, title: str, notes: list[str] | None = None) -> Comparison:
+def compare(
+    before: Summary, after: Summary, title: str, notes: list[str] | None = None
+) -> Comparison:
     """Line up two summaries of the same model layer by layer.
 
     Args:

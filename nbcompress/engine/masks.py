@@ -27,7 +27,9 @@ CRITERIA: dict[str, Criterion] = {
 _GRANULARITY = ("element", "channel")
 
 
-def scores(weight: torch.Tensor, method: str, granularity: str, gen: torch.Generator) -> torch.Tensor:
+def scores(
+    weight: torch.Tensor, method: str, granularity: str, gen: torch.Generator
+) -> torch.Tensor:
     """Scores per removable unit: per element, or per output channel (dim 0) as an L1 norm.
 
     Already-zero units score lowest, so that a target sparsity counts existing zeros and a
@@ -146,6 +148,10 @@ def _uncapped_counts(per_layer: dict[str, torch.Tensor], k: int) -> dict[str, in
     """Units each layer would lose under plain pooled ranking (for the warning)."""
     flat = torch.cat([s.reshape(-1) for s in per_layer.values()])
     owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(per_layer.values())])
-    chosen = torch.topk(flat, k, largest=False, sorted=False).indices if k else torch.tensor([], dtype=torch.long)
+    chosen = (
+        torch.topk(flat, k, largest=False, sorted=False).indices
+        if k
+        else torch.tensor([], dtype=torch.long)
+    )
     counts = torch.bincount(owner[chosen], minlength=len(per_layer)).tolist()
     return dict(zip(per_layer, counts))

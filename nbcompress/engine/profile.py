@@ -128,7 +128,9 @@ def _row(name: str, module: nn.Module, call: tuple | None, repeats: int) -> dict
         row["output"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         row["MACs (est.)"] = macs(module, args, output)
         if repeats:
-            row["latency"] = measure(lambda: module(*args, **kwargs), warmup=2, repeats=repeats).median
+            row["latency"] = measure(
+                lambda: module(*args, **kwargs), warmup=2, repeats=repeats
+            ).median
     return row
 
 

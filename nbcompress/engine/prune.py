@@ -92,9 +92,7 @@ def _check_options(method: str, scope: str, granularity: str) -> None:
     if scope not in _SCOPES:
         raise ValueError(f"scope: {scope!r} is unknown; choose one of {_SCOPES}.")
     if granularity not in ("element", "channel"):
-        raise ValueError(
-            f"granularity: {granularity!r} is unknown; choose 'element' or 'channel'."
-        )
+        raise ValueError(f"granularity: {granularity!r} is unknown; choose 'element' or 'channel'.")
 
 
 def prune_(
@@ -161,8 +159,12 @@ def prune_(
             raise ValueError("scope: per-layer amounts (a dict) need scope='layer'.")
         weights = {n: selected[n].weight for n in amounts}
         masks = global_masks(
-            weights, amounts[next(iter(amounts))], method=method,
-            granularity=granularity, min_density=min_density, gen=gen,
+            weights,
+            amounts[next(iter(amounts))],
+            method=method,
+            granularity=granularity,
+            min_density=min_density,
+            gen=gen,
         )
     else:
         masks = {
@@ -182,8 +184,12 @@ def prune_(
             if granularity == "channel":
                 _zero_channel_bias(tx, module, mask)
         tx.info.update(
-            amounts=amounts, method=method, scope=scope, granularity=granularity,
-            excluded_output=excluded, keep_masks=keep_masks,
+            amounts=amounts,
+            method=method,
+            scope=scope,
+            granularity=granularity,
+            excluded_output=excluded,
+            keep_masks=keep_masks,
         )
     return model
 
@@ -207,7 +213,9 @@ def remove_masks_(model: nn.Module) -> nn.Module:
     masked = [m for m in model.modules() if is_masked(m)]
     if not masked:
         raise ValueError("model: has no kept pruning masks to remove.")
-    with transaction(model, "remove-masks", f"made masks permanent on {len(masked)} layer(s)") as tx:
+    with transaction(
+        model, "remove-masks", f"made masks permanent on {len(masked)} layer(s)"
+    ) as tx:
         for module in masked:
             tx.save(module)
             torch_prune.remove(module, "weight")

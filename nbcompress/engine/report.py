@@ -92,7 +92,11 @@ def html_table(
             for j, (c, f) in enumerate(columns.items())
         )
         body.append(f"<tr{style}>{tds}</tr>")
-    cap = f"<caption style='text-align:left'><b>{html.escape(caption)}</b></caption>" if caption else ""
+    cap = (
+        f"<caption style='text-align:left'><b>{html.escape(caption)}</b></caption>"
+        if caption
+        else ""
+    )
     foot = "".join(f"<div style='font-size:90%'>{html.escape(n)}</div>" for n in notes)
     return (
         f"<div class='nbcompress'><table>{cap}<thead><tr>{head}</tr></thead>"

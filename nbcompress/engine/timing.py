@@ -34,7 +34,8 @@ class Timing:
         return self.median * 1e3
 
     def __str__(self) -> str:
-        return f"{format_seconds(self.median)} (p10–p90 {format_seconds(self.p10)}–{format_seconds(self.p90)}, n={self.repeats})"
+        spread = f"{format_seconds(self.p10)}–{format_seconds(self.p90)}"
+        return f"{format_seconds(self.median)} (p10–p90 {spread}, n={self.repeats})"
 
 
 def format_seconds(seconds: float) -> str:

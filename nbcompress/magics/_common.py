@@ -25,7 +25,9 @@ def resolve_value(shell: Any, expr: str, arg: str) -> Any:
             "the spelling."
         ) from None
     except Exception as err:  # noqa: BLE001 - any failure of the user's expression
-        raise UsageError(f"{arg}: evaluating {expr!r} failed: {type(err).__name__}: {err}") from None
+        raise UsageError(
+            f"{arg}: evaluating {expr!r} failed: {type(err).__name__}: {err}"
+        ) from None
 
 
 def resolve_model(shell: Any, expr: str, arg: str = "model") -> nn.Module:

@@ -50,7 +50,9 @@ class CoreMagics(Magics):
 
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
-    @argument("--input", "-i", dest="input", help="Example input tensor (or tuple) to run the model on.")
+    @argument(
+        "--input", "-i", dest="input", help="Example input tensor (or tuple) to run the model on."
+    )
     @argument("--repeats", type=int, default=10, help="Timed repeats per layer (default 10).")
     @argument("--no-latency", action="store_true", help="Skip latency measurement.")
     @line_magic
@@ -155,5 +157,7 @@ def _pruned_report(model: Any, amount: Any, x: Any, options: dict[str, Any]) -> 
     step = history(model)[-1]
     notes = [_NOT_FASTER]
     if options["keep_masks"]:
-        notes.insert(0, "Masks kept for fine-tuning; %prune model --remove-masks makes them permanent.")
+        notes.insert(
+            0, "Masks kept for fine-tuning; %prune model --remove-masks makes them permanent."
+        )
     return compare(before, after, f"Pruned: {step.detail}. Undo with %undo.", notes)

@@ -43,20 +43,35 @@ def test_summary_leaves_the_model_untouched_in_training_mode():
 @pytest.mark.parametrize(
     ("model", "x", "kind"),
     [
-        (nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), torch.randn(2, 5, 16), "MultiheadAttention"),
+        (
+            nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
+            torch.randn(2, 5, 16),
+            "MultiheadAttention",
+        ),
         (nn.LSTM(8, 16, 2), torch.randn(5, 3, 8), "LSTM"),
-        (nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(24, 2)), torch.randint(0, 50, (4, 3)), "Embedding"),
+        (
+            nn.Sequential(nn.Embedding(50, 8), nn.Flatten(), nn.Linear(24, 2)),
+            torch.randint(0, 50, (4, 3)),
+            "Embedding",
+        ),
     ],
 )
 def test_summary_handles_attention_recurrent_and_embedding_layers(model, x, kind):
     s = nc.summary(model, x, repeats=2)
     row = next(r for r in s.rows if r["type"] == kind)
-    assert row["params"] == sum(p.numel() for p in (model if kind == "LSTM" else model.get_submodule(row["layer"].replace("(model)", ""))).parameters())
+    assert row["params"] == sum(
+        p.numel()
+        for p in (
+            model if kind == "LSTM" else model.get_submodule(row["layer"].replace("(model)", ""))
+        ).parameters()
+    )
     assert row["MACs (est.)"] is not None
 
 
 def test_summary_bad_input_names_the_argument():
-    with pytest.raises(ValueError, match=r"example_inputs: .*shape \(3, 7\).*expects last dimension 16"):
+    with pytest.raises(
+        ValueError, match=r"example_inputs: .*shape \(3, 7\).*expects last dimension 16"
+    ):
         nc.summary(mlp(), torch.randn(3, 7))
     with pytest.raises(TypeError, match="model"):
         nc.summary("model", torch.randn(3, 16))

@@ -167,7 +167,11 @@ def test_kept_masks_hold_zeros_through_fine_tuning():
         ({"amount": -0.1}, ValueError, "amount"),
         ({"amount": "half"}, TypeError, "amount"),
         ({"amount": float("nan")}, ValueError, "amount"),
-        ({"amount": 0.5, "layers": "nope.*"}, ValueError, "layers: pattern 'nope.*' matches no layer. Available: 0, 2"),
+        (
+            {"amount": 0.5, "layers": "nope.*"},
+            ValueError,
+            "layers: pattern 'nope.*' matches no layer. Available: 0, 2",
+        ),
         ({"amount": 0.5, "types": "Blah"}, ValueError, "types"),
         ({"amount": 0.5, "types": "LSTM"}, ValueError, "types"),
         ({"amount": 0.5, "method": "l3"}, ValueError, "method"),

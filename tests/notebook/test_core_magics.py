@@ -10,7 +10,9 @@ from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
 
 @pytest.fixture
 def ns(shell):
-    shell.user_ns.update(model=mlp(), conv=cnn(), x=torch.randn(4, 16), xc=torch.randn(2, 1, 8, 8), torch=torch)
+    shell.user_ns.update(
+        model=mlp(), conv=cnn(), x=torch.randn(4, 16), xc=torch.randn(2, 1, 8, 8), torch=torch
+    )
     shell.user_ns["wrapper"] = type("W", (), {"net": shell.user_ns["model"]})()
     return shell
 
@@ -87,8 +89,14 @@ def test_prune_magic_options_and_expressions(ns):
         ("prune model 1.5", r"amount: 1.5 is outside \[0, 1\)"),
         ("prune model abc", "amount: 'abc' is not defined"),
         ("prune model", "amount: missing"),
-        ("prune model 0.5 --layers 'enc.*'", "layers: pattern 'enc.*' matches no layer. Available: 0, 2"),
-        ("prune model 0.5 --input torch.randn(2,3)", r"--input: .*shape \(2, 3\).*expects last dimension 16"),
+        (
+            "prune model 0.5 --layers 'enc.*'",
+            "layers: pattern 'enc.*' matches no layer. Available: 0, 2",
+        ),
+        (
+            "prune model 0.5 --input torch.randn(2,3)",
+            r"--input: .*shape \(2, 3\).*expects last dimension 16",
+        ),
         ("summary model --input y", "--input: 'y' is not defined"),
         ("prune model 0.5 --scope planet", "scope"),
         ("undo model", "nothing to undo"),
