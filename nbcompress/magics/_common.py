@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
 from torch import nn
 
-__all__ = ["api_errors", "resolve_model", "resolve_value", "split_patterns"]
+__all__ = [
+    "api_errors",
+    "example_input",
+    "resolve_model",
+    "resolve_value",
+    "split_patterns",
+]
+
+# The last example input given for each model, so that `%prune model 0.5` after
+# `%summary model --input x` can still measure latency before and after.
+_LAST_INPUT: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 def resolve_value(shell: Any, expr: str, arg: str) -> Any:
@@ -39,6 +50,15 @@ def resolve_model(shell: Any, expr: str, arg: str = "model") -> nn.Module:
             "object (e.g. `model` or `model.encoder`)."
         )
     return obj
+
+
+def example_input(shell: Any, model: nn.Module, expr: str | None) -> Any:
+    """Resolve ``--input`` (and remember it for ``model``), or recall the last one given."""
+    if expr:
+        value = resolve_value(shell, expr, "--input")
+        _LAST_INPUT[model] = value
+        return value
+    return _LAST_INPUT.get(model)
 
 
 def split_patterns(text: str | None) -> list[str] | None:

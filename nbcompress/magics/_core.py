@@ -12,7 +12,13 @@ from nbcompress.engine.compare import Comparison, compare
 from nbcompress.engine.history import History, history, undo_
 from nbcompress.engine.profile import Summary, summary
 from nbcompress.engine.prune import prune_, remove_masks_
-from nbcompress.magics._common import api_errors, resolve_model, resolve_value, split_patterns
+from nbcompress.magics._common import (
+    api_errors,
+    example_input,
+    resolve_model,
+    resolve_value,
+    split_patterns,
+)
 
 __all__ = ["CoreMagics"]
 
@@ -51,7 +57,10 @@ class CoreMagics(Magics):
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
     @argument(
-        "--input", "-i", dest="input", help="Example input tensor (or tuple) to run the model on."
+        "--input",
+        "-i",
+        dest="input",
+        help="Example input tensor (or tuple); remembered for later magics on this model.",
     )
     @argument("--repeats", type=int, default=10, help="Timed repeats per layer (default 10).")
     @argument("--no-latency", action="store_true", help="Skip latency measurement.")
@@ -64,7 +73,7 @@ class CoreMagics(Magics):
         """
         args = _parse(self.summary, line)
         model = resolve_model(self.shell, args.model)
-        x = resolve_value(self.shell, args.input, "--input") if args.input else None
+        x = example_input(self.shell, model, args.input)
         with api_errors():
             return summary(model, x, repeats=args.repeats, measure_latency=not args.no_latency)
 
@@ -83,7 +92,12 @@ class CoreMagics(Magics):
     @argument("--suggested", action="store_true", help="Apply the latest %%sensitivity suggestion.")
     @argument("--eval", dest="evaluate", help="With --suggested: metric function to measure.")
     @argument("--seed", type=int, default=0, help="Seed of the random criterion.")
-    @argument("--input", "-i", dest="input", help="Example input, to measure latency before/after.")
+    @argument(
+        "--input",
+        "-i",
+        dest="input",
+        help="Example input to measure latency before/after (default: the last one given).",
+    )
     @line_magic
     def prune(self, line: str) -> Any:
         """Prune a model in place (undoable with %undo) and show before/after figures.
@@ -101,7 +115,7 @@ class CoreMagics(Magics):
         if args.suggested:
             return self._apply_suggestion(model, args)
         amount = _amount(self.shell, args.amount)
-        x = resolve_value(self.shell, args.input, "--input") if args.input else None
+        x = example_input(self.shell, model, args.input)
         options = dict(
             method=args.method,
             scope=args.scope,
@@ -120,7 +134,7 @@ class CoreMagics(Magics):
         from nbcompress.engine.sensitivity import apply_suggestion_
 
         evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
-        x = resolve_value(self.shell, args.input, "--input") if args.input else None
+        x = example_input(self.shell, model, args.input)
         with api_errors():
             return apply_suggestion_(model, evaluate=evaluate, example_inputs=x)
 

@@ -127,3 +127,10 @@ def test_help_is_the_docstring(ns):
 def test_result_assignment_from_magic(ns):
     ns.run_cell("r = %summary model --input x --no-latency")
     assert isinstance(ns.user_ns["r"], Summary)
+
+
+def test_prune_measures_latency_on_the_input_remembered_from_summary(ns):
+    magic(ns, "summary conv --input xc --repeats 2")
+    report = magic(ns, "prune conv 0.5")
+    assert report.before.latency is not None and report.after.latency is not None
+    assert report.after.inputs == "(2, 1, 8, 8) float32"
