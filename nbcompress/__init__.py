@@ -26,6 +26,10 @@ _EXPORTS = {
     "set_history_limit": "nbcompress.engine.history",
     "trial": "nbcompress.engine.history",
     "transaction": "nbcompress.engine.history",
+    "sensitivity": "nbcompress.engine.sensitivity",
+    "SensitivityResult": "nbcompress.engine.sensitivity",
+    "Suggestion": "nbcompress.engine.sensitivity",
+    "apply_suggestion_": "nbcompress.engine.sensitivity",
 }
 
 __all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", *_EXPORTS]
