@@ -1,0 +1,281 @@
+"""``SparseLinear`` and ``SparseConv2d``: inference modules running on the numba kernels.
+
+The packed arrays are registered as buffers, so ``state_dict``, ``copy.deepcopy``,
+``pickle`` and ``torch.save`` work as for any module; the kernels get zero-copy numpy
+views of them at each call. There are no parameters: these modules do not train, and
+asking for gradients raises a clear error instead of silently returning none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbcompress.kernels.csr import (
+    BSRMatrix,
+    CSRMatrix,
+    bsr_matmul,
+    csr_matmul,
+    csr_matmul_t,
+    pack_bsr,
+    pack_csr,
+)
+
+__all__ = ["FORMATS", "SparseConv2d", "SparseLinear"]
+
+#: Storage formats: float32 CSR, int8 CSR with per-row scales, block-sparse rows.
+FORMATS = ("csr", "csr_int8", "bsr")
+
+_SIGNED = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}
+_UNSIGNED = {np.dtype(np.int16): np.uint16, np.dtype(np.int32): np.uint32}
+
+
+def _check_format(fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}.")
+    return fmt
+
+
+class _SparseBase(nn.Module):
+    """Holds a packed weight as buffers and rebuilds the matrix view on demand."""
+
+    format: str
+
+    def _store(self, weight: torch.Tensor, fmt: str, block: tuple[int, int]) -> None:
+        self.format = _check_format(fmt)
+        if fmt == "bsr":
+            mat: CSRMatrix | BSRMatrix = pack_bsr(weight, block)
+        else:
+            mat = pack_csr(weight, int8=fmt == "csr_int8")
+        self.weight_shape = mat.shape
+        self.register_buffer("indptr", torch.from_numpy(mat.indptr))
+        # Stored bit-for-bit as the signed type of the same width: torch cannot pickle
+        # uint16/uint32 tensors; matrix() views them as unsigned again without a copy.
+        self.register_buffer(
+            "indices", torch.from_numpy(mat.indices.view(_SIGNED[mat.indices.dtype]))
+        )
+        self.register_buffer("values", torch.from_numpy(mat.data))
+        scale = mat.scale if isinstance(mat, CSRMatrix) else np.ones(0, np.float32)
+        self.register_buffer("scale", torch.from_numpy(scale))
+
+    def matrix(self) -> CSRMatrix | BSRMatrix:
+        """The packed weight as numpy views of this module's buffers."""
+        idx = self.indices.numpy()
+        arrays = (self.indptr.numpy(), idx.view(_UNSIGNED[idx.dtype]), self.values.numpy())
+        if self.format == "bsr":
+            return BSRMatrix(*arrays, shape=tuple(self.weight_shape))
+        return CSRMatrix(*arrays, self.scale.numpy(), shape=tuple(self.weight_shape))
+
+    @property
+    def nnz(self) -> int:
+        """Stored weight values."""
+        return int(self.values.numel())
+
+    @property
+    def density(self) -> float:
+        """Fraction of the dense weight that is stored."""
+        m, k = self.weight_shape
+        return self.nnz / max(1, m * k)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a dense float32 (out × in) tensor (dequantized for int8)."""
+        return torch.from_numpy(self.matrix().to_dense())
+
+    def _check_input(self, x: Any, ndim: str) -> torch.Tensor:
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input: {name} expects a torch.Tensor, got {type(x).__name__}.")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{name} is inference-only and cannot compute gradients. Run it under "
+                "torch.no_grad() / torch.inference_mode(), or restore the dense layer with "
+                "nbcompress.undo_(model) (%undo model) before training."
+            )
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise TypeError(
+                f"input: {name} computes in float32 on CPU; got {x.dtype} on {x.device}. "
+                "Convert with x.float().cpu()."
+            )
+        return x.detach()
+
+    def _matmul(self, x2: torch.Tensor) -> np.ndarray:
+        mat = self.matrix()
+        if isinstance(mat, BSRMatrix):
+            return bsr_matmul(mat, x2)
+        return csr_matmul(mat, x2)
+
+
+class SparseLinear(_SparseBase):
+    """Drop-in replacement for ``nn.Linear`` with a sparse weight (inference only).
+
+    Build it with :meth:`from_dense`. ``format`` chooses the kernel: ``"csr"`` (float32,
+    results equal the dense layer up to summation order), ``"csr_int8"`` (int8 values
+    with per-row scales) or ``"bsr"`` (dense blocks, for structured sparsity).
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        format: str = "csr",  # noqa: A002 - mirrors the public option name
+        block: tuple[int, int] = (4, 1),
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = (int(s) for s in weight.shape)
+        self._store(weight, format, block)
+        b = None if bias is None else bias.detach().to(torch.float32).clone()
+        self.register_buffer("bias", b)
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Linear,
+        *,
+        format: str = "csr",
+        block: tuple[int, int] = (4, 1),  # noqa: A002
+    ) -> SparseLinear:
+        """Pack an ``nn.Linear``'s weight; the original module is not modified.
+
+        Args:
+            module: The dense layer.
+            format: ``"csr"``, ``"csr_int8"`` or ``"bsr"``.
+            block: Block shape for ``"bsr"``.
+
+        Returns:
+            The sparse layer.
+        """
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}.")
+        return cls(module.weight, module.bias, format=format, block=block)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer to ``(..., in_features)`` input."""
+        x = self._check_input(x, "(..., in)")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"input: last dimension is {x.shape[-1]}, expected {self.in_features} "
+                f"(SparseLinear({self.in_features}, {self.out_features}))."
+            )
+        lead = x.shape[:-1]
+        y = torch.from_numpy(self._matmul(x.reshape(-1, self.in_features)))
+        if self.bias is not None:
+            y += self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        """Shape, format and density, shown in the module's repr."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"format={self.format}, density={self.density:.3f}, bias={self.bias is not None}"
+        )
+
+
+class SparseConv2d(_SparseBase):
+    """Drop-in replacement for ``nn.Conv2d`` with a sparse weight (inference only).
+
+    1×1 convolutions with stride 1 and no padding multiply the input directly; other
+    kernels go through ``unfold`` (conv as GEMM with H×W columns), whose columns the
+    kernels tile into cache-sized panels automatically. Supports stride, padding,
+    dilation and bias; refuses ``groups > 1``, ``padding="same"`` and non-zero padding modes.
+    """
+
+    def __init__(
+        self,
+        conv: nn.Conv2d,
+        *,
+        format: str = "csr",  # noqa: A002 - mirrors the public option name
+        block: tuple[int, int] = (4, 1),
+    ) -> None:
+        super().__init__()
+        self._refuse(conv)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride)
+        self.padding = (0, 0) if conv.padding == "valid" else tuple(conv.padding)
+        self.dilation = tuple(conv.dilation)
+        self._store(conv.weight.detach().reshape(conv.out_channels, -1), format, block)
+        b = None if conv.bias is None else conv.bias.detach().to(torch.float32).clone()
+        self.register_buffer("bias", b)
+
+    @staticmethod
+    def _refuse(conv: Any) -> None:
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"module: expected nn.Conv2d, got {type(conv).__name__}.")
+        if conv.groups != 1:
+            raise ValueError(
+                f"module: SparseConv2d supports groups=1 only (this conv has groups="
+                f"{conv.groups}, e.g. depthwise); such layers are left dense."
+            )
+        if conv.padding == "same" or conv.padding_mode != "zeros":
+            raise ValueError(
+                "module: SparseConv2d supports numeric zero padding only (got padding="
+                f"{conv.padding!r}, padding_mode={conv.padding_mode!r}); the layer is left dense."
+            )
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Conv2d,
+        *,
+        format: str = "csr",
+        block: tuple[int, int] = (4, 1),  # noqa: A002
+    ) -> SparseConv2d:
+        """Pack an ``nn.Conv2d``'s weight (as out × in·kh·kw); the original is unchanged.
+
+        Args:
+            module: The dense convolution.
+            format: ``"csr"``, ``"csr_int8"`` or ``"bsr"``.
+            block: Block shape for ``"bsr"``.
+
+        Returns:
+            The sparse layer.
+        """
+        return cls(module, format=format, block=block)
+
+    def _direct(self) -> bool:
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the convolution to ``(N, C, H, W)`` input."""
+        x = self._check_input(x, "(N, C, H, W)")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"input: expected shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}."
+            )
+        n, _, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+        )
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if self._direct():
+            cols = x.contiguous().reshape(n, self.in_channels, h * w)
+        else:
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        y = torch.empty((n, self.out_channels, ho * wo), dtype=torch.float32)
+        mat = self.matrix()
+        for i in range(n):
+            xt = cols[i].numpy()
+            if isinstance(mat, BSRMatrix):
+                y[i] = torch.from_numpy(bsr_matmul(mat, xt.T))
+            else:
+                csr_matmul_t(mat, xt, out=y[i].numpy())
+        if self.bias is not None:
+            y += self.bias.reshape(1, -1, 1)
+        return y.reshape(n, self.out_channels, ho, wo)
+
+    def extra_repr(self) -> str:
+        """Shape, format and density, shown in the module's repr."""
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"format={self.format}, density={self.density:.3f}, bias={self.bias is not None}"
+        )
