@@ -272,7 +272,11 @@ def sensitivity(
     _check_options(evaluate, example_inputs, max_layers, early_stop, granularity)
     selected, notes = _select(model, layers, types, max_layers)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
-    with eval_mode(model):
+    with eval_mode(model), trial(model) as guard:
+        # Buffers (e.g. BatchNorm statistics) are restored on exit too, in case evaluate
+        # updates them.
+        for buf in model.buffers():
+            guard.save_tensor(buf)
         sizes = {n: m.weight.numel() for n, m in selected.items()}
         layer_macs = _layer_macs(model, selected, inputs)
         proxy = _Proxy(model, inputs) if evaluate is None else None
@@ -341,26 +345,21 @@ class _Run:
     def sweep(self, progress: _Progress) -> None:
         """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured."""
         res = self.result
-        with trial(self.model) as tx:
-            # Buffers (e.g. BatchNorm statistics) are restored too, in case evaluate
-            # touches them.
-            for buf in self.model.buffers():
-                tx.save_tensor(buf)
-            try:
-                for name in res.layers:
-                    self._layer(name, progress)
-                res.complete = True
-            except KeyboardInterrupt:
-                res.notes.append(
-                    f"Interrupted after {res.evaluations} evaluations: partial result, "
-                    "unevaluated points are None; the model is restored."
-                )
-            except (EvaluationError, TypeError) as err:
-                res.notes.append(f"Stopped by an error: {err}")
-                err.result = res  # partial results stay usable
-                raise
-            finally:
-                res.seconds = time.perf_counter() - self.start
+        try:
+            for name in res.layers:
+                self._layer(name, progress)
+            res.complete = True
+        except KeyboardInterrupt:
+            res.notes.append(
+                f"Interrupted after {res.evaluations} evaluations: partial result, "
+                "unevaluated points are None; the model is restored."
+            )
+        except (EvaluationError, TypeError) as err:
+            res.notes.append(f"Stopped by an error: {err}")
+            err.result = res  # partial results stay usable
+            raise
+        finally:
+            res.seconds = time.perf_counter() - self.start
 
     def _layer(self, name: str, progress: _Progress) -> None:
         res = self.result
