@@ -1,0 +1,164 @@
+"""Inference modules nbcompress builds itself: weight-only int8, half storage/compute, sparse int8.
+
+They are ordinary ``nn.Module`` objects with their weights in buffers, so ``state_dict``,
+``torch.save``, ``copy.deepcopy`` and ``pickle`` work and serialized sizes are real.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["HalfCompute", "HalfWeight", "Int8WeightOnly", "SparseInt8Linear", "weight_kind"]
+
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+def weight_kind(layer: nn.Module) -> str | None:
+    """Why ``layer`` cannot be rebuilt around a stored weight, or ``None`` if it can."""
+    if type(layer) is nn.Linear:
+        return None
+    if type(layer) in _CONV:
+        if layer.padding_mode != "zeros":
+            return f"padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
+        return None
+    return f"{type(layer).__name__} has no weight-only kernel (Linear and Conv1d/2d/3d do)"
+
+
+class _StoredWeight(nn.Module):
+    """A Linear or Conv whose weight is stored compressed and expanded in ``forward``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.kind = "linear" if type(layer) is nn.Linear else type(layer).__name__
+        self.conv_args: dict[str, Any] = {}
+        if self.kind != "linear":
+            self.conv_args = dict(
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                groups=layer.groups,
+            )
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self.weight_shape = tuple(layer.weight.shape)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight the layer computes with."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        w = self.dequantized_weight()
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        return _CONV[getattr(nn, self.kind)](x, w, self.bias, **self.conv_args)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.kind}, weight {self.weight_shape}"
+
+
+class Int8WeightOnly(_StoredWeight):
+    """Weight-only int8 (symmetric, one scale per output channel; exact zeros stay zero).
+
+    The weight is dequantized to float32 on every call and the float kernel runs, so
+    the layer is ~4× smaller but not faster.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__(layer)
+        w = layer.weight.detach().float()
+        peak = w.abs().reshape(w.shape[0], -1).amax(dim=1)
+        scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        q = torch.round(w / scale.reshape(shape)).clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+
+    def dequantized_weight(self) -> torch.Tensor:  # noqa: D102
+        shape = (-1,) + (1,) * (self.qweight.dim() - 1)
+        return self.qweight.float() * self.scale.reshape(shape)
+
+
+class HalfWeight(_StoredWeight):
+    """Weight stored in float16/bfloat16 (half the bytes), computed in float32."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__(layer)
+        self.register_buffer("hweight", layer.weight.detach().to(dtype))
+
+    def dequantized_weight(self) -> torch.Tensor:  # noqa: D102
+        return self.hweight.float()
+
+
+class HalfCompute(nn.Module):
+    """Runs a copy of the layer in float16/bfloat16; casts inputs in and outputs back."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.inner = copy.deepcopy(layer).to(dtype)
+
+    def forward(self, *args: Any) -> Any:  # noqa: D102
+        back = next((a.dtype for a in args if isinstance(a, torch.Tensor)), torch.float32)
+        out = self.inner(*[_cast(a, self.dtype) for a in args])
+        return _cast(out, back)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+class SparseInt8Linear(nn.Module):
+    """Linear layer on nbcompress's numba CSR kernel with int8 values (float activations).
+
+    Only the nonzeros are stored (uint16/uint32 column indices, int8 values, one scale per
+    row), so a pruned layer keeps its zeros and gets smaller than dense int8 when sparse.
+    """
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        from nbcompress.kernels import pack_csr
+
+        mat = pack_csr(layer.weight.detach(), int8=True)
+        self.shape = mat.shape
+        for key in ("indptr", "indices", "data", "scale"):
+            self.register_buffer(key, torch.from_numpy(getattr(mat, key)))
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self._mat: Any = mat
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The dense float32 weight the kernel computes with."""
+        return torch.from_numpy(self._matrix().to_dense())
+
+    def _matrix(self) -> Any:
+        if self._mat is None:  # after deepcopy/unpickling, rebuild the view on the buffers
+            from nbcompress.kernels import CSRMatrix
+
+            arrays = {k: getattr(self, k).numpy() for k in ("indptr", "indices", "data", "scale")}
+            self._mat = CSRMatrix(shape=self.shape, **arrays)
+        return self._mat
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_mat"] = None
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        from nbcompress.kernels import csr_matmul
+
+        lead = x.shape[:-1]
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        out = torch.from_numpy(csr_matmul(self._matrix(), flat)).reshape(*lead, self.shape[0])
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.shape[1]}→{self.shape[0]}, nnz={int(self.data.numel())}, int8 CSR"
