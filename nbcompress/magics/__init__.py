@@ -10,8 +10,9 @@ __all__ = ["register"]
 def _magic_classes() -> list[type]:
     # Imported here so that `import nbcompress` never imports IPython.
     from nbcompress.magics._core import CoreMagics
+    from nbcompress.magics._quantize import QuantizeMagics
 
-    return [CoreMagics]
+    return [CoreMagics, QuantizeMagics]
 
 
 def register(ipython: Any) -> None:
