@@ -58,8 +58,12 @@ __all__ = [
 # --- the sweep -------------------------------------------------------------------------------
 
 
-class EvaluationError(RuntimeError):
-    """``evaluate`` raised during a sweep; the model is restored and ``result`` is partial."""
+class EvaluationError(RuntimeError, ValueError):
+    """``evaluate`` raised during a sweep; the model is restored and ``result`` is partial.
+
+    Also a ``ValueError``, so that the magics report it as a one-line usage error naming
+    ``--eval``.
+    """
 
     def __init__(self, message: str, result: SensitivityResult | None = None) -> None:
         super().__init__(message)

@@ -11,8 +11,9 @@ def _magic_classes() -> list[type]:
     # Imported here so that `import nbcompress` never imports IPython.
     from nbcompress.magics._core import CoreMagics
     from nbcompress.magics._quantize import QuantizeMagics
+    from nbcompress.magics._sensitivity import SensitivityMagics
 
-    return [CoreMagics, QuantizeMagics]
+    return [CoreMagics, SensitivityMagics, QuantizeMagics]
 
 
 def register(ipython: Any) -> None:

@@ -1,0 +1,217 @@
+"""``%sensitivity``: a thin wrapper over :func:`nbcompress.engine.sensitivity.sensitivity`."""
+
+from __future__ import annotations
+
+import html
+import sys
+import time
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from nbcompress.engine.sensitivity import (
+    EvaluationError,
+    SensitivityResult,
+    Suggestion,
+    sensitivity,
+)
+from nbcompress.magics._common import (
+    api_errors,
+    example_input,
+    resolve_model,
+    resolve_value,
+    split_patterns,
+)
+
+__all__ = ["SensitivityMagics"]
+
+
+def _ratios(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(p) for p in text.replace(" ", ",").split(",") if p]
+    except ValueError:
+        raise UsageError(
+            f"--ratios: {text!r} is not a comma-separated list of fractions, e.g. 0.1,0.5,0.9."
+        ) from None
+
+
+def _check_targets(args: Any) -> None:
+    # Checked before the sweep, which may take long.
+    if args.target_sparsity is not None and args.max_drop is not None:
+        raise UsageError("--target-sparsity / --max-drop: give one of the two, not both.")
+    if args.target_sparsity is not None and not 0 < args.target_sparsity < 1:
+        raise UsageError(
+            f"--target-sparsity: {args.target_sparsity} is outside (0, 1); e.g. 0.8 removes 80%."
+        )
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise UsageError(f"--max-drop: {args.max_drop} must be >= 0, e.g. 0.01.")
+    if args.objective not in ("params", "macs"):
+        raise UsageError(f"--objective: {args.objective!r} is unknown; choose params or macs.")
+
+
+def in_notebook(shell: Any) -> bool:
+    """True when a frontend can show rich output (a kernel, not a terminal)."""
+    return getattr(shell, "kernel", None) is not None
+
+
+class LiveView:
+    """Live plot and progress bar of a running sweep in one updatable display."""
+
+    def __init__(self, total: int, *, min_interval: float = 0.5) -> None:
+        from IPython.display import HTML, display
+
+        self.total, self.min_interval, self._last = total, min_interval, 0.0
+        self._html = HTML
+        self.handle = display(HTML("<i>sensitivity sweep starting…</i>"), display_id=True)
+        self.updates = 0
+
+    def __call__(self, result: SensitivityResult, layer: str, ratio: float) -> None:
+        """Callback of the sweep: redraw at most every ``min_interval`` seconds."""
+        done = result.evaluations - 1
+        if done < self.total and time.monotonic() - self._last < self.min_interval:
+            return
+        self.show(result, f"{layer} at {ratio:.0%}")
+
+    def show(self, result: SensitivityResult, where: str = "") -> None:
+        """Redraw the plot and the progress bar now."""
+        from nbcompress.plots import figure_html
+
+        done = result.evaluations - 1
+        bar = (
+            f"<progress value='{done}' max='{self.total}' style='width:30em'></progress> "
+            f"{done}/{self.total} evaluations, {result.seconds:.1f} s {html.escape(where)}"
+        )
+        self.handle.update(self._html(f"<div>{bar}</div>{figure_html(result.plot('auto'))}"))
+        self._last = time.monotonic()
+        self.updates += 1
+
+
+@magics_class
+class SensitivityMagics(Magics):
+    """The ``%sensitivity`` magic."""
+
+    @magic_arguments()
+    @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
+    @argument("--eval", dest="evaluate", help="Metric function evaluate(model) -> float.")
+    @argument("--input", "-i", dest="input", help="Example input (proxy metric, MAC estimates).")
+    @argument("--ratios", help="Comma-separated fractions, default 0.1,0.2,…,0.9.")
+    @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
+    @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear and Conv).")
+    @argument("--granularity", default="element", help="element (default) or channel.")
+    @argument("--lower-is-better", action="store_true", help="Loss, perplexity, RMSE, ...")
+    @argument("--metric", help="Name of the metric shown in tables and plots.")
+    @argument("--max-layers", type=int, help="Analyse only the N largest layers.")
+    @argument("--early-stop", type=float, help="Stop a layer once the metric fell by this.")
+    @argument("--target-sparsity", type=float, help="Suggest ratios removing this fraction.")
+    @argument("--max-drop", type=float, help="Suggest ratios losing at most this much metric.")
+    @argument("--objective", default="params", help="params (default) or macs.")
+    @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
+    @argument("--save", help="Write the result (even a partial one) to this JSON file.")
+    @line_magic
+    def sensitivity(self, line: str) -> SensitivityResult:
+        """L1 sensitivity sweep: prune each layer alone at each ratio, evaluate, restore.
+
+        Examples: ``%sensitivity model --eval evaluate``,
+        ``%sensitivity model --eval val_loss --lower-is-better --target-sparsity 0.8``,
+        ``%sensitivity model --input x`` (no eval function: a data-free proxy, the
+        agreement of the pruned with the dense output, labelled as such).
+
+        The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
+        partial result). With --target-sparsity or --max-drop a per-layer suggestion is
+        made from the curves; ``%prune model --suggested`` applies it (undoable). In a
+        notebook the curves update live and the explorer widget follows. Returns the
+        result: ``r = %sensitivity model --eval evaluate``.
+        """
+        try:
+            args = parse_argstring(self.sensitivity, line)
+        except SystemExit:  # argparse exits on bad options
+            raise UsageError(f"could not parse {line!r}; see %sensitivity?") from None
+        _check_targets(args)
+        model = resolve_model(self.shell, args.model)
+        evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
+        x = example_input(self.shell, model, args.input)
+        result = self._sweep(model, evaluate, x, args)
+        suggestion = self._suggest(result, args)
+        if args.save:
+            result.save(args.save)
+        self._widget(result, model, evaluate, suggestion, args)
+        return result
+
+    def _sweep(self, model: Any, evaluate: Any, x: Any, args: Any) -> SensitivityResult:
+        notebook = in_notebook(self.shell)
+        ratios = _ratios(args.ratios)
+        live = None
+        if notebook:
+            layers = split_patterns(args.layers)
+            # The total is only known after selection; an estimate suffices for the bar.
+            live = LiveView(_estimate_total(model, layers, args, ratios))
+        with api_errors():
+            try:
+                result = sensitivity(
+                    model, evaluate, ratios=ratios, layers=split_patterns(args.layers),
+                    types=split_patterns(args.types), granularity=args.granularity,
+                    example_inputs=x, higher_is_better=not args.lower_is_better,
+                    metric=args.metric, max_layers=args.max_layers, early_stop=args.early_stop,
+                    progress=not notebook, callback=live,
+                )  # fmt: skip
+            except (EvaluationError, TypeError) as err:
+                partial = getattr(err, "result", None)
+                if partial is None:
+                    raise
+                if args.save:
+                    partial.save(args.save)
+                raise type(err)(
+                    f"{err} Partial results are kept: nbcompress.engine.sensitivity.latest(model)."
+                ) from None
+        if live is not None:
+            live.total = result.evaluations - 1
+            live.show(result, "done" if result.complete else "interrupted")
+        for note in result.notes:
+            print(note, file=sys.stderr)
+        return result
+
+    def _suggest(self, result: SensitivityResult, args: Any) -> Suggestion | None:
+        if args.target_sparsity is None and args.max_drop is None:
+            return None
+        try:
+            suggestion = result.suggest(
+                args.target_sparsity, max_drop=args.max_drop, objective=args.objective
+            )
+        except (ValueError, TypeError) as err:
+            # The sweep may have taken long: report, and keep the result.
+            print(f"No suggestion: {err}", file=sys.stderr)
+            return None
+        if in_notebook(self.shell):
+            from IPython.display import display
+
+            display(suggestion)
+        else:
+            print(suggestion)
+        print(f"Apply it with: %prune {args.model} --suggested  (undo: %undo {args.model})")
+        return suggestion
+
+    def _widget(self, result, model, evaluate, suggestion, args) -> None:
+        if args.no_widget or not in_notebook(self.shell):
+            return
+        try:
+            from nbcompress.widgets import SensitivityExplorer
+        except ImportError:  # the explorer is optional; the result is shown anyway
+            return
+        from IPython.display import display
+
+        display(SensitivityExplorer(result, model, evaluate, suggestion=suggestion))
+
+
+def _estimate_total(model: Any, layers: Any, args: Any, ratios: list[float] | None) -> int:
+    from nbcompress.engine.layers import select_layers
+
+    try:
+        selected, _ = select_layers(model, layers, split_patterns(args.types), include_output=True)
+    except (ValueError, TypeError):
+        return 1  # the sweep itself reports the bad selection
+    n = len(selected) if args.max_layers is None else min(args.max_layers, len(selected))
+    return max(1, n * len(set(ratios) if ratios else range(9)))

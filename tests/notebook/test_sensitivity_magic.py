@@ -1,0 +1,166 @@
+"""%sensitivity through a real InteractiveShell, and %prune --suggested after it."""
+
+import json
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+import nbcompress as nc
+from nbcompress.engine.sensitivity import SensitivityResult, latest, latest_suggestion
+from nbcompress.magics import _sensitivity
+from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
+
+
+@pytest.fixture
+def ns(shell):
+    model = mlp()
+    x = torch.randn(64, 16)
+    target = model(x).argmax(1).detach()
+
+    def agreement(m):
+        with torch.no_grad():
+            return float((m(x).argmax(1) == target).float().mean())
+
+    def boom(m):
+        raise RuntimeError("no validation data")
+
+    shell.user_ns.update(model=model, x=x, agreement=agreement, boom=boom, three=3)
+    return shell
+
+
+def run(shell, line):
+    return shell.run_line_magic("sensitivity", line)
+
+
+def test_magic_returns_the_result_and_leaves_the_model_unchanged(ns, capsys):
+    saved = snapshot(ns.user_ns["model"])
+    result = run(ns, "model --eval agreement --ratios 0.3,0.6 --layers 0,2")
+    assert isinstance(result, SensitivityResult)
+    assert result.layers == ["0", "2"] and result.ratios == [0.3, 0.6]
+    assert result.metric == "agreement" and result.complete
+    assert latest(ns.user_ns["model"]) is result
+    assert_same_state(ns.user_ns["model"], saved)
+    assert "sensitivity [4/4" in capsys.readouterr().err  # plain-text progress in a terminal
+
+
+def test_target_sparsity_then_prune_suggested_then_undo(ns, capsys):
+    model = ns.user_ns["model"]
+    saved = snapshot(model)
+    run(ns, "model --eval agreement --ratios 0.3,0.6,0.9 --target-sparsity 0.5")
+    out = capsys.readouterr().out
+    assert "Suggestion for sparsity 50%" in out and "%prune model --suggested" in out
+    suggestion = latest_suggestion(model)
+    assert suggestion.sparsity >= 0.5
+    report = ns.run_line_magic("prune", "model --suggested")
+    assert report.measured == ns.user_ns["agreement"](model)  # measured with the sweep's eval
+    for name, ratio in suggestion.ratios.items():
+        assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)
+    ns.run_line_magic("undo", "model")
+    assert_same_state(model, saved)
+
+
+def test_proxy_lower_is_better_max_drop_and_save(ns, tmp_path, capsys):
+    path = tmp_path / "sweep.json"
+    result = run(ns, f"model --input x --ratios 0.5,0.9 --max-drop 0.05 --save {path}")
+    assert result.proxy and json.loads(path.read_text())["proxy"] is True
+    assert SensitivityResult.load(path) == result
+    assert "Suggestion for max drop 0.05" in capsys.readouterr().out
+
+    def loss(m):
+        return 1.0 - ns.user_ns["agreement"](m)
+
+    ns.user_ns["loss"] = loss
+    result = run(ns, "model --eval loss --lower-is-better --ratios 0.9 --metric err")
+    assert not result.higher_is_better and result.metric == "err"
+
+
+def test_failing_eval_is_one_usage_error_with_the_model_restored(ns, tmp_path):
+    model = ns.user_ns["model"]
+    saved = snapshot(model)
+    with pytest.raises(UsageError, match="--eval: boom\\(model\\) raised RuntimeError"):
+        run(ns, "model --eval boom --ratios 0.5")
+    assert_same_state(model, saved)
+    calls = []
+
+    def late_failure(m):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk gone")
+        return 1.0
+
+    ns.user_ns["late"] = late_failure
+    path = tmp_path / "partial.json"
+    with pytest.raises(UsageError, match="Partial results are kept"):
+        run(ns, f"model --eval late --ratios 0.5,0.9 --save {path}")
+    assert_same_state(model, saved)
+    partial = SensitivityResult.load(path)
+    assert partial.curves["0"] == [1.0, None] and not partial.complete
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("model --eval three --ratios 0.5", "--eval: expected a function"),
+        ("model --eval agreement --ratios 0.5,1.5", r"ratios\[1\]: 1.5 is outside"),
+        ("model --eval agreement --ratios a,b", "--ratios: 'a,b' is not a comma-separated"),
+        ("model --eval agreement --layers nothing*", "--layers: pattern 'nothing\\*'"),
+        ("model --eval undefined_fn", "--eval: 'undefined_fn' is not defined"),
+        ("model --eval agreement --target-sparsity 1.2", "--target-sparsity: 1.2 is outside"),
+        ("model --eval agreement --target-sparsity 0.5 --max-drop 0.1", "give one of the two"),
+        ("model", "--eval: give an evaluation function"),
+        ("nomodel --eval agreement", "model: 'nomodel' is not defined"),
+        ("model --bogus", "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_input_is_one_usage_error_and_the_model_untouched(ns, line, match):
+    saved = snapshot(ns.user_ns["model"])
+    with pytest.raises(UsageError, match=match):
+        run(ns, line)
+    assert_same_state(ns.user_ns["model"], saved)
+
+
+def test_unreachable_target_keeps_the_sweep(ns, capsys):
+    result = run(ns, "model --eval agreement --ratios 0.3 --target-sparsity 0.9")
+    assert isinstance(result, SensitivityResult)
+    assert "No suggestion: target_sparsity: 90.0% cannot be reached" in capsys.readouterr().err
+    assert latest_suggestion(ns.user_ns["model"]) is None
+
+
+def test_help_is_the_docstring(ns):
+    doc = ns.find_line_magic("sensitivity").__doc__
+    assert "L1 sensitivity sweep" in doc and "--lower-is-better" in doc
+
+
+def test_in_a_notebook_the_plot_updates_live_and_the_explorer_is_shown(ns, monkeypatch):
+    pytest.importorskip("nbcompress.widgets")
+    shown, updates = [], []
+
+    class Handle:
+        def update(self, obj):
+            updates.append(obj)
+
+    def fake_display(obj, display_id=False):
+        shown.append(obj)
+        return Handle() if display_id else None
+
+    monkeypatch.setattr(_sensitivity, "in_notebook", lambda shell: True)
+    monkeypatch.setattr("IPython.display.display", fake_display)
+    result = run(ns, "model --eval agreement --ratios 0.5,0.9 --target-sparsity 0.4")
+    assert len(updates) >= 2 and "<progress value='6' max='6'" in updates[-1].data
+    assert "<img" in updates[-1].data
+    assert "Suggestion" in [type(o).__name__ for o in shown]
+    explorer = [o for o in shown if type(o).__name__ == "SensitivityExplorer"]
+    assert len(explorer) == 1 and explorer[0].result is result
+    assert explorer[0].model is ns.user_ns["model"]
+    shown.clear()
+    run(ns, "model --eval agreement --ratios 0.5 --no-widget")
+    assert not [o for o in shown if type(o).__name__ == "SensitivityExplorer"]
+
+
+def test_api_and_magic_agree(ns):
+    via_magic = run(ns, "model --eval agreement --ratios 0.4,0.8")
+    via_api = nc.sensitivity(
+        ns.user_ns["model"], ns.user_ns["agreement"], ratios=[0.4, 0.8], progress=False
+    )
+    assert via_magic.curves == via_api.curves and via_magic.baseline == via_api.baseline
