@@ -239,9 +239,7 @@ def _per_layer(job: _Job, tx: Any) -> None:
 def _static(job: _Job, tx: Any) -> None:
     """Static int8: fuse, wrap runs in Quant/DeQuant stubs, calibrate, convert."""
     config = job.config
-    batches = calibration_batches(job.calibrate, config.max_batches)
-    with torch.no_grad():
-        run_forward(job.model, batches[0], arg="calibrate")
+    batches = job.calibrate  # already materialised and checked by _quantize
     usable, skipped = {}, {}
     for name, layer in job.selected.items():
         if type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
@@ -417,8 +415,12 @@ def _quantize(
     family = _check_family(backend)
     selected = _select(model, config, layers, types)
     inputs = None if example_inputs is None else as_inputs(example_inputs)
-    if inputs is None and isinstance(config, StaticInt8Config) and calibrate is not None:
-        inputs = calibration_batches(calibrate, 1)[0]
+    if isinstance(config, StaticInt8Config):
+        # Materialised once: a generator could not be iterated a second time.
+        calibrate = calibration_batches(calibrate, config.max_batches)
+        with _eval_mode(model):
+            run_forward(model, calibrate[0], arg="calibrate")
+        inputs = calibrate[0] if inputs is None else inputs
     job = _Job(model, config, family, selected, inputs, calibrate, only_faster, repeats)
     report = QuantizeReport(mode=config.label)
     with _eval_mode(model):
