@@ -272,6 +272,12 @@ def _select(model: nn.Module, config: QuantConfig, layers: Any, types: Any) -> d
     try:
         selected, _ = select_layers(model, layers, wanted, include_output=True)
     except ValueError as err:
+        done = [n for n, m in model.named_modules() if _is_quantized(m)]
+        if str(err).startswith("types: the model has no layer") and done:
+            raise ValueError(
+                f"model: already quantized ({len(done)} quantized module(s), e.g. {done[0]!r}); "
+                "undo first (undo_(model) / %undo model) to quantize it differently."
+            ) from None
         if str(err).startswith("types: the model has no layer") and types is None:
             raise ValueError(
                 f"model: no quantizable layer ({', '.join(t.__name__ for t in DEFAULT_TYPES)}) "
@@ -284,6 +290,14 @@ def _select(model: nn.Module, config: QuantConfig, layers: Any, types: Any) -> d
             "layer can be swapped in place."
         )
     return selected
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind.__module__.startswith(("torch.ao.nn.quantized", "torchao")) or kind.__module__ in (
+        "nbcompress.engine.quant_modules",
+        "nbcompress.engine.quant_static",
+    )
 
 
 def _check_family(backend: str) -> str:
