@@ -1,5 +1,8 @@
 """Jitted sparse kernels on raw arrays (no validation: see :mod:`nbcompress.kernels.csr`).
 
+The CSR kernels are generated into ``_panels.py`` (see ``_generate.py``); this module
+holds their shared settings and the block-sparse kernel.
+
 Conventions shared by every kernel:
 
 * ``indptr`` int64 row pointers; ``indices`` unsigned column indices (uint16 when the
@@ -7,10 +10,10 @@ Conventions shared by every kernel:
   negative-index wraparound code in the inner loop (3–6× at batch 1, measured here).
 * ``data`` float32 or int8 values; ``scale`` float32 per output row (ones for float32
   data), applied once per row, so the same code serves sparse fp32 and sparse int8.
-* ``parallel=True`` even on one thread: numba then outlines the loop body with
-  ``noalias`` arguments, which LLVM needs to vectorize (~3× at batch 8, measured here).
+* ``parallel=True`` where results accumulate in memory: numba then outlines the loop
+  body with ``noalias`` arguments, which LLVM needs to vectorize (~3× at batch 8 here).
 * The batched kernels read ``xt`` = x transposed (K × N), so that one nonzero multiplies
-  a contiguous run of columns; the register-blocked ones live in ``_panels.py``.
+  a contiguous run of columns.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["FASTMATH", "bsr_spmm", "csr_cols", "csr_spmv", "slp_enabled"]
+__all__ = ["FASTMATH", "bsr_spmm", "slp_enabled"]
 
 # Contraction (FMA) and reassociation-free flags: the loop vectorizer is kept from turning
 # the nonzero loop into slow gathers, while the SLP vectorizer may pack independent
@@ -45,43 +48,6 @@ def slp_enabled() -> Iterator[None]:
         yield
     finally:
         config.SLP_VECTORIZE = old
-
-
-@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_spmv(indptr, indices, data, scale, x, out):  # noqa: D103
-    # Four independent accumulators: one alone would wait on each FMA's latency.
-    for i in prange(indptr.shape[0] - 1):
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        j = indptr[i]
-        end = indptr[i + 1]
-        while j + 4 <= end:
-            a0 += np.float32(data[j]) * x[indices[j]]
-            a1 += np.float32(data[j + 1]) * x[indices[j + 1]]
-            a2 += np.float32(data[j + 2]) * x[indices[j + 2]]
-            a3 += np.float32(data[j + 3]) * x[indices[j + 3]]
-            j += 4
-        while j < end:
-            a0 += np.float32(data[j]) * x[indices[j]]
-            j += 1
-        out[i] = ((a0 + a1) + (a2 + a3)) * scale[i]
-
-
-@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_cols(indptr, indices, data, scale, xt, out, b_start):  # noqa: D103
-    # Remainder columns (fewer than a panel): one strided dot product per column.
-    for i in prange(indptr.shape[0] - 1):
-        s = np.float32(scale[i])
-        for b in range(b_start, xt.shape[1]):
-            a0 = a1 = np.float32(0.0)
-            j = indptr[i]
-            end = indptr[i + 1]
-            while j + 2 <= end:
-                a0 += np.float32(data[j]) * xt[indices[j], b]
-                a1 += np.float32(data[j + 1]) * xt[indices[j + 1], b]
-                j += 2
-            if j < end:
-                a0 += np.float32(data[j]) * xt[indices[j], b]
-            out[i, b] = (a0 + a1) * s
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)

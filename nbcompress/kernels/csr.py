@@ -205,20 +205,22 @@ def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -
     return x
 
 
-def _run(name: str, kernel, *args) -> None:
-    # SLP vectorization only matters for the compiling call; the first call per kernel also
-    # tells the user once what the one-off (then cached on disk) compilation cost.
-    key = name + "".join(str(getattr(a, "dtype", "")) for a in args)
+def _run(name: str, args: tuple, dtypes: tuple) -> None:
+    # One thread: the serial twin (no pool launch). SLP vectorization only matters for the
+    # compiling call; the first call per signature tells the user once what the one-off
+    # (then cached on disk) compilation cost.
+    key = (name, *dtypes)
     start = time.perf_counter() if key not in _COMPILED else 0.0
-    with _numba.slp_enabled(), kernel_threads():
-        kernel(*args)
+    with _numba.slp_enabled(), kernel_threads() as n:
+        kernel = getattr(_panels, name if n > 1 else name + "_1", None)
+        (kernel or getattr(_numba, name))(*args)
     if start:
         _COMPILED.add(key)
         took = time.perf_counter() - start
         if took > 1.0:
             warnings.warn(
-                f"nbcompress: compiled sparse kernel {name} in {took:.1f} s (first use only; "
-                "cached on disk for later sessions).",
+                f"nbcompress: sparse kernel {name} took {took:.1f} s to compile or load from "
+                "numba's disk cache (once per session; later calls are fast).",
                 stacklevel=3,
             )
 
@@ -253,17 +255,33 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
         out = np.empty((m, n), dtype=np.float32)
     elif out.shape != (m, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out: expected a C-contiguous float32 array of shape {(m, n)}.")
-    args = (mat.indptr, mat.indices, mat.data, mat.scale, xt, out)
-    rb = max(16, -(-m // 8))
-    col = 0
-    for width, kernel in ((16, _panels.panel16), (8, _panels.panel8)):
-        npan = (n - col) // width
-        if npan and m:
-            _run(f"panel{width}", kernel, *args, col, npan, rb)
-            col += npan * width
-    if col < n and m:
-        _run("csr_cols", _numba.csr_cols, *args, col)
+    if m and n:
+        _panels_then_rest(mat, xt, out)
     return out
+
+
+def _panels_then_rest(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> None:
+    m, n = out.shape
+    dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
+    csr = (mat.indptr, mat.indices, mat.data, mat.scale)
+    rb = max(16, -(-m // 8))
+    done = 0
+    for width in (16, 8):
+        npan = (n - done) // width
+        if not npan:
+            continue
+        if done:
+            # The kernels index panels from column 0 (see _generate.py), so a leftover
+            # panel runs on a small contiguous copy of those columns.
+            sub_x = np.ascontiguousarray(xt[:, done : done + npan * width])
+            sub_out = np.empty((m, npan * width), dtype=np.float32)
+            _run(f"panel{width}", (*csr, sub_x, sub_out, npan, rb), dtypes)
+            out[:, done : done + npan * width] = sub_out
+        else:
+            _run(f"panel{width}", (*csr, xt, out, npan, rb), dtypes)
+        done += npan * width
+    if done < n:
+        _run("csr_cols", (*csr, xt, out, done), dtypes)
 
 
 def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -284,7 +302,8 @@ def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
         xv = np.ascontiguousarray(x.reshape(-1))
         out = np.empty(mat.shape[0], dtype=np.float32)
         if mat.shape[0]:
-            _run("csr_spmv", _numba.csr_spmv, mat.indptr, mat.indices, mat.data, mat.scale, xv, out)
+            args = (mat.indptr, mat.indices, mat.data, mat.scale, xv, out)
+            _run("csr_spmv", args, (mat.data.dtype.char, mat.indices.dtype.char))
         return out if x.ndim == 1 else out.reshape(1, -1)
     return csr_matmul_t(mat, np.ascontiguousarray(x.T)).T
 
@@ -304,5 +323,5 @@ def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
     xt = np.ascontiguousarray(x.reshape(-1, x.shape[-1]).T)
     out = np.empty((mat.shape[0], xt.shape[1]), dtype=np.float32)
     if mat.shape[0]:
-        _run("bsr_spmm", _numba.bsr_spmm, mat.indptr, mat.indices, mat.data, xt, out)
+        _run("bsr_spmm", (mat.indptr, mat.indices, mat.data, xt, out), (mat.indices.dtype.char,))
     return out.reshape(-1) if x.ndim == 1 else out.T
