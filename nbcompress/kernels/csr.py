@@ -17,11 +17,12 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 
 from nbcompress.kernels import _numba, _panels
-from nbcompress.kernels.threads import kernel_threads
+from nbcompress.kernels.threads import get_threads
 
 __all__ = [
     "BSRMatrix",
@@ -206,23 +207,28 @@ def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -
 
 
 def _run(name: str, args: tuple, dtypes: tuple) -> None:
-    # One thread: the serial twin (no pool launch). SLP vectorization only matters for the
-    # compiling call; the first call per signature tells the user once what the one-off
-    # (then cached on disk) compilation cost.
-    key = (name, *dtypes)
-    start = time.perf_counter() if key not in _COMPILED else 0.0
-    with _numba.slp_enabled(), kernel_threads() as n:
-        kernel = getattr(_panels, name if n > 1 else name + "_1", None)
-        (kernel or getattr(_numba, name))(*args)
-    if start:
-        _COMPILED.add(key)
-        took = time.perf_counter() - start
-        if took > 1.0:
-            warnings.warn(
-                f"nbcompress: sparse kernel {name} took {took:.1f} s to compile or load from "
-                "numba's disk cache (once per session; later calls are fast).",
-                stacklevel=3,
-            )
+    # One thread: the serial twin (no pool launch). Kept lean: small layers are dominated
+    # by per-call overhead. The first call per signature compiles (with SLP vectorization
+    # on, which only matters then) or loads from disk, and says once what that cost.
+    n = get_threads()
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    kernel = getattr(_panels, name if n > 1 else name + "_1", None) or getattr(_numba, name)
+    key = (name, n > 1, *dtypes)
+    if key in _COMPILED:
+        kernel(*args)
+        return
+    start = time.perf_counter()
+    with _numba.slp_enabled():
+        kernel(*args)
+    _COMPILED.add(key)
+    took = time.perf_counter() - start
+    if took > 1.0:
+        warnings.warn(
+            f"nbcompress: sparse kernel {name} took {took:.1f} s to compile or load from "
+            "numba's disk cache (once per session; later calls are fast).",
+            stacklevel=3,
+        )
 
 
 def _check_cols(mat: CSRMatrix | BSRMatrix, k: int, arg: str) -> None:
@@ -255,7 +261,12 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
         out = np.empty((m, n), dtype=np.float32)
     elif out.shape != (m, n) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out: expected a C-contiguous float32 array of shape {(m, n)}.")
-    if m and n:
+    return matmul_t_unchecked(mat, xt, out)
+
+
+def matmul_t_unchecked(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """:func:`csr_matmul_t` for callers that validated already (the modules)."""
+    if out.size:
         _panels_then_rest(mat, xt, out)
     return out
 
@@ -298,6 +309,11 @@ def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
     """
     x = _as_float32(x, (1, 2), "x")
     _check_cols(mat, x.shape[-1], "x")
+    return matmul_unchecked(mat, x)
+
+
+def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
+    """:func:`csr_matmul` for callers that validated already (the modules)."""
     if x.ndim == 1 or x.shape[0] == 1:
         xv = np.ascontiguousarray(x.reshape(-1))
         out = np.empty(mat.shape[0], dtype=np.float32)
@@ -305,7 +321,8 @@ def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
             args = (mat.indptr, mat.indices, mat.data, mat.scale, xv, out)
             _run("csr_spmv", args, (mat.data.dtype.char, mat.indices.dtype.char))
         return out if x.ndim == 1 else out.reshape(1, -1)
-    return csr_matmul_t(mat, np.ascontiguousarray(x.T)).T
+    out = np.empty((mat.shape[0], x.shape[0]), dtype=np.float32)
+    return matmul_t_unchecked(mat, np.ascontiguousarray(x.T), out).T
 
 
 def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:

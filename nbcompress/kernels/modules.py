@@ -19,8 +19,8 @@ from nbcompress.kernels.csr import (
     BSRMatrix,
     CSRMatrix,
     bsr_matmul,
-    csr_matmul,
-    csr_matmul_t,
+    matmul_t_unchecked,
+    matmul_unchecked,
     pack_bsr,
     pack_csr,
 )
@@ -64,6 +64,24 @@ class _SparseBase(nn.Module):
 
     def matrix(self) -> CSRMatrix | BSRMatrix:
         """The packed weight as numpy views of this module's buffers."""
+        # Rebuilt only when a buffer object was swapped (e.g. by .to() or load_state_dict
+        # with assign=True): per-call overhead is what small layers are made of. The cache
+        # holds the tensors themselves, so a freed buffer's id can never be mistaken.
+        buffers = self._buffers
+        key = (buffers["indptr"], buffers["indices"], buffers["values"], buffers["scale"])
+        cached = self.__dict__.get("_matrix")
+        if cached is not None and all(a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        mat = self._build_matrix()
+        self.__dict__["_matrix"] = (key, mat)
+        return mat
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_matrix", None)  # numpy views of the buffers: rebuilt after unpickling
+        return state
+
+    def _build_matrix(self) -> CSRMatrix | BSRMatrix:
         idx = self.indices.numpy()
         arrays = (self.indptr.numpy(), idx.view(_UNSIGNED[idx.dtype]), self.values.numpy())
         if self.format == "bsr":
@@ -106,7 +124,7 @@ class _SparseBase(nn.Module):
         mat = self.matrix()
         if isinstance(mat, BSRMatrix):
             return bsr_matmul(mat, x2)
-        return csr_matmul(mat, x2)
+        return matmul_unchecked(mat, x2.numpy())
 
 
 class SparseLinear(_SparseBase):
@@ -267,7 +285,7 @@ class SparseConv2d(_SparseBase):
             if isinstance(mat, BSRMatrix):
                 y[i] = torch.from_numpy(bsr_matmul(mat, xt.T))
             else:
-                csr_matmul_t(mat, xt, out=y[i].numpy())
+                matmul_t_unchecked(mat, xt, y[i].numpy())
         if self.bias is not None:
             y += self.bias.reshape(1, -1, 1)
         return y.reshape(n, self.out_channels, ho, wo)
