@@ -33,6 +33,11 @@ _EXPORTS = {
     "SensitivityResult": "nbcompress.engine.sensitivity",
     "Suggestion": "nbcompress.engine.sensitivity",
     "apply_suggestion_": "nbcompress.engine.sensitivity",
+    "sparsify_": "nbcompress.engine.sparsify",
+    "speedup": "nbcompress.engine.speedup",
+    "SpeedupReport": "nbcompress.engine.speedup",
+    "SparseLinear": "nbcompress.kernels.modules",
+    "SparseConv2d": "nbcompress.kernels.modules",
 }
 
 __all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", *_EXPORTS]

@@ -12,8 +12,9 @@ def _magic_classes() -> list[type]:
     from nbcompress.magics._core import CoreMagics
     from nbcompress.magics._quantize import QuantizeMagics
     from nbcompress.magics._sensitivity import SensitivityMagics
+    from nbcompress.magics._speedup import SpeedupMagics
 
-    return [CoreMagics, SensitivityMagics, QuantizeMagics]
+    return [CoreMagics, SensitivityMagics, QuantizeMagics, SpeedupMagics]
 
 
 def register(ipython: Any) -> None:
