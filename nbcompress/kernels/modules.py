@@ -283,7 +283,7 @@ class SparseConv2d(_SparseBase):
         for i in range(n):
             xt = cols[i].numpy()
             if isinstance(mat, BSRMatrix):
-                y[i] = torch.from_numpy(bsr_matmul(mat, xt.T))
+                y[i] = torch.from_numpy(bsr_matmul(mat, xt.T).T)
             else:
                 matmul_t_unchecked(mat, xt, y[i].numpy())
         if self.bias is not None:

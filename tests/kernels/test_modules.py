@@ -75,6 +75,18 @@ def test_sparse_conv2d_matches_conv2d(kwargs):
         torch.testing.assert_close(sparse(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["csr_int8", "bsr"])
+def test_other_formats_of_sparse_conv2d(fmt):
+    conv = _prune(nn.Conv2d(3, 8, 3, padding=1))
+    x = torch.randn(2, 3, 6, 7)
+    with torch.no_grad():
+        ref = conv(x)
+        tol = 2e-2 * float(ref.abs().max()) if fmt == "csr_int8" else 1e-5
+        torch.testing.assert_close(
+            SparseConv2d.from_dense(conv, format=fmt)(x), ref, rtol=0, atol=tol
+        )
+
+
 def test_sparse_conv2d_with_many_columns_uses_panels():
     conv = _prune(nn.Conv2d(4, 8, 3, padding=1))
     x = torch.randn(1, 4, 10, 13)  # 130 columns: 8 panels of 16 + 2 leftover columns
