@@ -306,11 +306,20 @@ def sensitivity(
             seconds=0.0,
             complete=False,
             notes=notes,
+            start={n: _sparsity(m.weight, granularity) for n, m in selected.items()},
         )
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start)
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
     return result
+
+
+def _sparsity(weight: torch.Tensor, granularity: str) -> float:
+    """Fraction of zero weights (or of all-zero output channels)."""
+    zero = weight.detach() == 0
+    if granularity == "channel":
+        zero = zero.reshape(zero.shape[0], -1).all(1)
+    return float(zero.float().mean()) if zero.numel() else 0.0
 
 
 def _name(fn: Any) -> str:
@@ -369,9 +378,13 @@ class _Run:
         res = self.result
         sign = 1.0 if res.higher_is_better else -1.0
         for i, ratio in enumerate(res.ratios):
-            value = self.evaluate_at(name, ratio)
+            if ratio <= res.start.get(name, 0.0) + 1e-9:
+                # Already that sparse: pruning would change nothing, so nothing to evaluate.
+                value = res.baseline
+            else:
+                value = self.evaluate_at(name, ratio)
+                res.evaluations += 1
             res.curves[name][i] = value
-            res.evaluations += 1
             res.seconds = time.perf_counter() - self.start
             stop = self.early_stop is not None and sign * (res.baseline - value) > self.early_stop
             last = stop or i == len(res.ratios) - 1

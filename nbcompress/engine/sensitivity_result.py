@@ -48,6 +48,8 @@ class SensitivityResult:
         seconds: Wall-clock time of the sweep.
         complete: ``False`` if the sweep was interrupted or stopped by an error.
         notes: Explanations shown with the result.
+        start: Layer → its sparsity when swept (already pruned layers); suggestions never
+            go below it and ratios up to it were not evaluated (they change nothing).
     """
 
     layers: list[str]
@@ -64,12 +66,15 @@ class SensitivityResult:
     seconds: float
     complete: bool
     notes: list[str] = field(default_factory=list)
+    start: dict[str, float] = field(default_factory=dict)
     _model: Any = field(default=None, repr=False, compare=False)
 
     # --- prediction and suggestion -------------------------------------------------------
 
     def _drops(self) -> _suggest.Curves:
-        return _suggest.drop_curves(self.ratios, self.curves, self.baseline, self.higher_is_better)
+        return _suggest.drop_curves(
+            self.ratios, self.curves, self.baseline, self.higher_is_better, self.start
+        )
 
     def _check_ratios(self, ratios: dict[str, float]) -> dict[str, float]:
         if not isinstance(ratios, dict):
@@ -108,14 +113,18 @@ class SensitivityResult:
         """Overall fraction of weights removed over the analysed layers.
 
         Args:
-            ratios: Layer → fraction to prune (missing layers count as unpruned).
+            ratios: Layer → fraction to prune (missing layers stay as they were swept).
 
         Returns:
-            Removed weights / weights of all analysed layers.
+            Zero weights / weights of all analysed layers (a layer never counts less
+            than its sparsity at sweep time, see ``start``).
         """
         ratios = self._check_ratios(ratios)
         total = sum(self.sizes[n] for n in self.layers)
-        return sum(r * self.sizes[n] for n, r in ratios.items()) / total if total else 0.0
+        removed = sum(
+            max(ratios.get(n, 0.0), self.start.get(n, 0.0)) * self.sizes[n] for n in self.layers
+        )
+        return removed / total if total else 0.0
 
     def _weights(self, objective: str) -> dict[str, int]:
         if objective == "params":

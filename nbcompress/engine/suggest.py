@@ -99,14 +99,20 @@ def drop_curves(
     curves: Mapping[str, Sequence[float | None]],
     baseline: float,
     higher_is_better: bool,
+    start: Mapping[str, float] | None = None,
 ) -> Curves:
-    """Turn metric curves into drop curves (0 at ratio 0; unevaluated points left out)."""
+    """Turn metric curves into drop curves; unevaluated points are left out.
+
+    Each curve starts at the layer's sparsity when it was swept (``start``, default 0)
+    with no drop: a layer that is already pruned cannot be suggested less pruning.
+    """
     xs, drops = {}, {}
     sign = 1.0 if higher_is_better else -1.0
     for name, values in curves.items():
-        pts = [(0.0, 0.0)]
+        s0 = float((start or {}).get(name, 0.0))
+        pts = [(s0, 0.0)]
         for r, v in zip(ratios, values, strict=True):
-            if v is None:
+            if v is None or r <= s0 + 1e-9:
                 continue
             d = sign * (baseline - v)
             pts.append((float(r), math.inf if math.isnan(d) else d))
@@ -145,8 +151,8 @@ def _options(curves: Curves, name: str, step: float = 0.01) -> list[tuple[float,
     x, d = curves.xs[name], curves.drops[name]
     finite = x[np.isfinite(d)]
     if len(finite) < 2:
-        return [(0.0, 0.0)]
-    fine = np.arange(0.0, finite[-1], step)
+        return [(float(x[0]), 0.0)]
+    fine = np.arange(x[0], finite[-1], step)
     grid = np.unique(np.round(np.concatenate([finite, fine]), 6))
     return [(float(r), float(np.interp(r, x[: len(finite)], d[: len(finite)]))) for r in grid]
 
@@ -248,9 +254,10 @@ def _max_removed_within(
     options: dict[str, list[tuple[float, float]]], weights: Mapping[str, int], m: float
 ) -> dict[str, float]:
     free = {n: max(r for r, d in opts if d <= 0.0) for n, opts in options.items()}
-    cheapest = min((d for opts in options.values() for r, d in opts if r > 0), default=math.inf)
-    if m == 0 or all(d > m for opts in options.values() for r, d in opts if r > 0):
-        if any(free.values()):
+    steps = [d for opts in options.values() for _, d in opts[1:]]  # beyond each start
+    cheapest = min(steps, default=math.inf)
+    if m == 0 or all(d > m for d in steps):
+        if any(free[n] > options[n][0][0] for n in options):
             return free
         raise ValueError(
             f"max_drop: {m:.4g} allows no pruning: the cheapest evaluated step is predicted to "

@@ -233,3 +233,16 @@ def test_tensor_results_are_accepted(lenet, digits):
         lenet, lambda m: m(digits.x_test[:8]).max(), ratios=[0.5], layers="fc3", progress=False
     )
     assert isinstance(result.baseline, float) and result.layers == ["fc3"]
+
+
+def test_already_pruned_layers_start_at_their_sparsity(lenet, evaluate):
+    nc.prune_(lenet, {"fc1": 0.5}, layers="fc1")
+    result = nc.sensitivity(lenet, evaluate, ratios=RATIOS, progress=False)
+    assert result.start["fc1"] == pytest.approx(0.5, abs=1e-3) and result.start["fc2"] == 0.0
+    assert result.curves["fc1"][0] == result.baseline  # 30% < 50%: nothing to evaluate
+    assert result.evaluations == 1 + 3 * 3 - 1
+    total = sum(result.sizes.values())
+    assert result.sparsity_of({}) == pytest.approx(0.5 * result.sizes["fc1"] / total, rel=1e-3)
+    suggestion = result.suggest(0.3)
+    assert suggestion.ratios["fc1"] >= result.start["fc1"] - 1e-9
+    assert suggestion.sparsity >= 0.3
