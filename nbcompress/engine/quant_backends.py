@@ -25,6 +25,7 @@ from nbcompress.engine.quant_config import DynamicInt8Config, HalfConfig, Weight
 from nbcompress.engine.quant_modules import (
     HalfCompute,
     HalfWeight,
+    Int8DynamicLinear,
     Int8WeightOnly,
     SparseInt8Linear,
     weight_kind,
@@ -200,8 +201,23 @@ def _half_compute_supports(config: object, layer: nn.Module) -> str | None:
     return f"{type(layer).__name__} is not cast (Linear, Conv, LSTM and GRU are)"
 
 
+def _linear_only(config: object, layer: nn.Module) -> str | None:
+    if type(layer) is nn.Linear:
+        return None
+    return _ao_dynamic_supports(config, layer) or "this backend handles Linear only"
+
+
 def _register_all() -> None:
-    for engine in ("fbgemm", "x86", "onednn"):
+    register(
+        Backend(
+            "nbcompress-int8",
+            "nbcompress",
+            DynamicInt8Config,
+            _linear_only,
+            lambda c, m: Int8DynamicLinear(m),
+        )
+    )
+    for engine in ("fbgemm", "x86"):
         register(
             Backend(
                 f"torch.ao[{engine}]",

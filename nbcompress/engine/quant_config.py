@@ -48,7 +48,7 @@ class DynamicInt8Config(QuantConfig):
             for torch.ao's float64 scale and int64 zero point) instead of one per tensor.
     """
 
-    per_channel: bool = False
+    per_channel: bool = True
 
     @property
     def label(self) -> str:  # noqa: D102

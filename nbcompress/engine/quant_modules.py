@@ -7,13 +7,21 @@ They are ordinary ``nn.Module`` objects with their weights in buffers, so ``stat
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HalfCompute", "HalfWeight", "Int8WeightOnly", "SparseInt8Linear", "weight_kind"]
+__all__ = [
+    "HalfCompute",
+    "HalfWeight",
+    "Int8DynamicLinear",
+    "Int8WeightOnly",
+    "SparseInt8Linear",
+    "weight_kind",
+]
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 
@@ -162,3 +170,74 @@ class SparseInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{self.shape[1]}→{self.shape[0]}, nnz={int(self.data.numel())}, int8 CSR"
+
+
+@functools.cache
+def has_vnni() -> bool:
+    """Whether the CPU has AVX512-VNNI / AVX-VNNI / AMX int8 dot products (Linux flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+class Int8DynamicLinear(nn.Module):
+    """Dynamic int8 Linear on torch's fbgemm/oneDNN kernel, stored compactly.
+
+    torch.ao's module serializes a float64 scale and an int64 zero point per output row;
+    here the weight is symmetric int8 with one float32 scale per row (zero point 0, so
+    exact zeros stay zero), and the kernel's packed form is rebuilt after loading.
+    """
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        w = layer.weight.detach().float()
+        peak = w.abs().amax(dim=1)
+        scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+        self.register_buffer(
+            "qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        )
+        self.register_buffer("scale", scale)
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+        self._packed: Any = None
+        self._pack()
+
+    def _pack(self) -> Any:
+        import warnings
+
+        rows = self.qweight.shape[0]
+        with warnings.catch_warnings():
+            # Quantized tensors warn of their deprecation on creation; reported by quantize_.
+            warnings.simplefilter("ignore")
+            qw = torch._make_per_channel_quantized_tensor(
+                self.qweight, self.scale.double(), torch.zeros(rows, dtype=torch.long), 0
+            )
+            bias = None if self.bias is None else self.bias.detach()
+            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+        return self._packed
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight the kernel computes with."""
+        return self.qweight.float() * self.scale[:, None]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._packed = None  # buffers changed: repack on the next call
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_packed"] = None
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        packed = self._packed if self._packed is not None else self._pack()
+        # 7-bit activations (as torch.ao always uses) only where the CPU lacks VNNI: there
+        # fbgemm sums u8×s8 pairs in saturating int16; with VNNI it accumulates in int32, and
+        # full 8-bit range is ~3× more accurate (MiniLM cosine 0.979 → 0.994 here).
+        return torch.ops.quantized.linear_dynamic(x, packed, not has_vnni())
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"{self.qweight.shape[1]}→{self.qweight.shape[0]}, int8 per-row, dynamic"

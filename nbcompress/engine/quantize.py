@@ -11,10 +11,8 @@ type through :data:`HANDLERS`.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,8 +20,8 @@ from torch import nn
 
 from nbcompress.engine._validate import as_inputs, check_module, run_forward
 from nbcompress.engine.history import history, transaction
-from nbcompress.engine.layers import PRUNABLE_TYPES, select_layers, weighted_layers
-from nbcompress.engine.quant_backends import BACKENDS, FAMILIES, backends_for, quiet
+from nbcompress.engine.layers import select_layers, weighted_layers
+from nbcompress.engine.quant_backends import BACKENDS, FAMILIES, quiet
 from nbcompress.engine.quant_config import (
     MODES,
     DynamicInt8Config,
@@ -33,8 +31,9 @@ from nbcompress.engine.quant_config import (
     WeightInt8Config,
     resolve_mode,
 )
-from nbcompress.engine.quant_report import QuantizeReport, serialized_size, sparsity
-from nbcompress.engine.quant_static import calibration_batches, quantize_static
+from nbcompress.engine.quant_modes import DEFAULT_TYPES, HANDLERS, _eval_mode, _first_tensor, _Job
+from nbcompress.engine.quant_report import QuantizeReport, serialized_size
+from nbcompress.engine.quant_static import calibration_batches
 from nbcompress.engine.timing import measure_interleaved
 
 __all__ = [
@@ -48,223 +47,6 @@ __all__ = [
     "quantize_",
     "quantize_report",
 ]
-
-#: Layer types considered when ``types`` is not given (those a mode cannot handle are
-#: listed in the report with the reason, never dropped silently).
-DEFAULT_TYPES = (*PRUNABLE_TYPES, nn.LSTM, nn.GRU, nn.MultiheadAttention)
-
-
-@dataclass
-class _Job:
-    """Everything one ``quantize_`` call needs, passed to the mode handler."""
-
-    model: nn.Module
-    config: QuantConfig
-    family: str
-    selected: dict[str, nn.Module]
-    inputs: tuple | None
-    calibrate: Any
-    only_faster: bool
-    repeats: int
-    warnings: dict[str, int] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    new: dict[str, nn.Module] = field(default_factory=dict)
-
-
-Handler = Callable[[_Job, Any], None]
-#: Mode config type → function doing the edits (inside the transaction).
-HANDLERS: dict[type, Handler] = {}
-
-
-def register_mode(config_type: type) -> Callable[[Handler], Handler]:
-    """Register the handler of a mode config type (torchao-style dispatch by type)."""
-
-    def deco(fn: Handler) -> Handler:
-        HANDLERS[config_type] = fn
-        return fn
-
-    return deco
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Measurement and calibration run in eval mode; each module's own flag is restored.
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was in flags:
-            m.training = was
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    return out
-
-
-def _row(name: str, layer: nn.Module, config: QuantConfig) -> dict[str, Any]:
-    return {
-        "layer": name,
-        "type": type(layer).__name__,
-        "quantized as": "— (kept float)",
-        "backend": None,
-        "bits": None,
-        "sparsity": sparsity(layer),
-        "bytes before": serialized_size(layer),
-        "bytes after": None,
-        "smaller": None,
-        "time float": None,
-        "time quantized": None,
-        "note": "",
-    }
-
-
-def _fill(row: dict[str, Any], new: nn.Module, config: QuantConfig, backend: str) -> None:
-    after = serialized_size(new)
-    row.update(
-        {
-            "quantized as": config.label,
-            "backend": backend,
-            "bits": config.bits,
-            "sparsity": sparsity(new) if sparsity(new) is not None else row["sparsity"],
-            "bytes after": after,
-            "smaller": row["bytes before"] / after if after else None,
-        }
-    )
-
-
-def _capture(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple) -> dict[str, tuple]:
-    """Each layer's positional inputs during one float forward pass."""
-    seen: dict[str, tuple] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        # A forward hook that returns a value replaces the output: return nothing.
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            seen.setdefault(name, args)
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        run_forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def _rel_error(ref: Any, out: Any) -> float:
-    a, b = _first_tensor(ref).float(), _first_tensor(out).float()
-    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
-
-
-def _candidates(job: _Job, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    built, why = {}, {}
-    for b in backends_for(job.config, job.family):
-        reason = b.available() or b.supports(job.config, layer)
-        if reason is None:
-            try:
-                with quiet(job.warnings):
-                    built[b.name] = b.build(job.config, layer)
-            except Exception as err:  # noqa: BLE001 - a backend failing is a finding, not fatal
-                reason = f"failed ({type(err).__name__}: {str(err)[:80]})"
-        if reason is not None:
-            why[b.name] = reason
-    return built, why
-
-
-def _choose(job: _Job, name: str, layer: nn.Module, args: tuple | None, cache: dict) -> Any:
-    """Return ``(backend name, module, timings or None, note)`` or ``(None, None, None, why)``."""
-    built, why = _candidates(job, layer)
-    if args is not None:
-        with torch.no_grad(), quiet(job.warnings):
-            ref = layer(*args)
-            for bname in list(built):
-                err = _rel_error(ref, built[bname](*args))
-                if not err <= job.config.tolerance:
-                    why[bname] = f"output error {err:.1%} > tolerance {job.config.tolerance:.0%}"
-                    del built[bname]
-    if not built:
-        return None, None, None, "; ".join(sorted(set(why.values()))) or "no backend"
-    if args is None:
-        first = next(iter(built))
-        return first, built[first], None, "backend not measured (no example input)"
-    key = (type(layer), tuple(p.shape for p in layer.parameters()), tuple(built))
-    key += tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
-    if key not in cache:
-        fns = {"float": lambda: layer(*args)}
-        fns.update({b: (lambda m=m: m(*args)) for b, m in built.items()})
-        with quiet(job.warnings):
-            cache[key] = measure_interleaved(fns, warmup=2, repeats=job.repeats)
-    times = cache[key]
-    best = min(built, key=lambda b: times[b].median)
-    note = "" if len(built) == 1 else f"fastest of {len(built)}"
-    return best, built[best], times, note
-
-
-@register_mode(DynamicInt8Config)
-@register_mode(WeightInt8Config)
-@register_mode(HalfConfig)
-def _per_layer(job: _Job, tx: Any) -> None:
-    """Quantize layer by layer, picking the fastest correct backend for each."""
-    captured = _capture(job.model, job.selected, job.inputs) if job.inputs else {}
-    cache: dict = {}
-    for name, layer in job.selected.items():
-        row = _row(name, layer, job.config)
-        job.rows.append(row)
-        args = captured.get(name)
-        if job.inputs is not None and args is None:
-            row["note"] = "not run by the example input; quantized unmeasured"
-        best, new, times, note = _choose(job, name, layer, args, cache)
-        if best is None:
-            row["note"] = note
-            continue
-        if times is not None:
-            row["time float"], row["time quantized"] = times["float"], times[best]
-            if job.only_faster and times[best].median >= times["float"].median:
-                row["note"] = f"kept float: {best} measured slower than float here"
-                continue
-        tx.replace(name, new)
-        job.new[name] = new
-        _fill(row, new, job.config, best)
-        row["note"] = row["note"] or note
-
-
-@register_mode(StaticInt8Config)
-def _static(job: _Job, tx: Any) -> None:
-    """Static int8: fuse, wrap runs in Quant/DeQuant stubs, calibrate, convert."""
-    config = job.config
-    batches = job.calibrate  # already materialised and checked by _quantize
-    usable, skipped = {}, {}
-    for name, layer in job.selected.items():
-        if type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
-            usable[name] = layer
-        else:
-            skipped[name] = (
-                f"static int8 handles Conv1d/2d/3d and Linear, not {type(layer).__name__}"
-            )
-    if not usable:
-        raise ValueError("model: " + "; ".join(sorted(set(skipped.values()))))
-    rows = {n: _row(n, m, config) for n, m in job.selected.items()}
-    regions, new = quantize_static(job.model, tx, usable, batches, config, job.warnings)
-    for region in regions:
-        for name, fused in region.fused.items():
-            rows[name]["note"] = "fused with " + ", ".join(fused)
-    for name, module in new.items():
-        _fill(rows[name], module, config, f"torch.ao[{config.engine}]")
-    job.new.update(new)
-    for name, reason in skipped.items():
-        rows[name]["note"] = reason
-    job.rows.extend(rows.values())
-    job.notes.append(
-        f"{len(regions)} quantized region(s); activations stay int8 inside a region, "
-        "with one quantize at its entry and one dequantize at its exit."
-    )
 
 
 def _select(model: nn.Module, config: QuantConfig, layers: Any, types: Any) -> dict:
@@ -438,7 +220,8 @@ def _quantize(
     job = _Job(model, config, family, selected, inputs, calibrate, only_faster, repeats)
     report = QuantizeReport(mode=config.label)
     with _eval_mode(model):
-        ref = run_forward(model, inputs) if inputs is not None else None
+        # Cloned now: some models (sentence encoders) write their output into the input dict.
+        ref = _first_tensor(run_forward(model, inputs)).clone() if inputs is not None else None
         report.metric_before = _metric(evaluate, model)
         report.size_before = serialized_size(model)
         float_copy = copy.deepcopy(model) if inputs is not None else None
