@@ -13,11 +13,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ipywidgets as w
-import matplotlib.pyplot as plt
 from torch import nn
 
 from nbcompress.engine.history import history, trial, undo_
-from nbcompress.engine.report import fmt_bytes, fmt_pct
+from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct
 from nbcompress.widgets._render import figure_output, group_layers, readout_html, render
 from nbcompress.widgets._setting import SettingCosts, prune_setting_
 
@@ -89,7 +88,9 @@ class SensitivityExplorer(w.VBox):
     # ----------------------------------------------------------------- construction
     def _build(self) -> None:
         self.header = w.HTML(_header_html(self.result))
-        self.plot = w.Output(layout=w.Layout(width="52%", min_width="320px"))
+        self.plot = w.Output(
+            layout=w.Layout(width="52%", min_width="320px", max_height="560px", overflow="auto")
+        )
         self.sliders: dict[str, w.FloatSlider] = {}
         self._infos: dict[str, w.HTML] = {}
         self.controls = w.VBox(
@@ -97,6 +98,7 @@ class SensitivityExplorer(w.VBox):
             layout=w.Layout(width="48%", padding="0 0 0 8px"),
         )
         self.readout = w.HTML()
+        self.readout.add_class("nbc-readout")
         self.buttons = self._button_row()
         self.model_label = w.Label()
         self.model_label.add_class("nbc-model")
@@ -111,7 +113,7 @@ class SensitivityExplorer(w.VBox):
                 "fraction of the explored weights to remove",
                 f"largest allowed drop of {self.result.metric}",
             ],
-            style={"button_width": "80px"},
+            style={"button_width": "92px"},
         )
         # Unbounded on purpose: a max drop of a loss can exceed 1; the engine validates
         # and an out-of-range target becomes a status message.
@@ -183,7 +185,7 @@ class SensitivityExplorer(w.VBox):
             layout=w.Layout(flex="1 1 auto", width="auto"),
         )
         slider.observe(lambda change: self._on_slider(name), names="value")
-        info = w.HTML(layout=w.Layout(width="120px"))
+        info = w.HTML(layout=w.Layout(width="150px"))
         self.sliders[name] = slider
         self._infos[name] = info
         return w.HBox([slider, info], layout=w.Layout(width="100%"))
@@ -329,9 +331,9 @@ class SensitivityExplorer(w.VBox):
         ratio = self.sliders[name].value
         change = self.result.predict({name: ratio}) - self.result.baseline
         self._infos[name].value = (
-            f"<span style='font-size:85%;color:#555' title='predicted change of "
-            f"{self.result.metric} when only this layer is pruned'>"
-            f"{self.result.sizes[name]:,} w · Δ {change:+.3g}</span>"
+            f"<span style='font-size:85%;color:#555;white-space:nowrap' title='weights in "
+            f"the layer; predicted change of {self.result.metric} when only it is pruned'>"
+            f"{fmt_count(self.result.sizes[name])} w · Δ {change:+.2g}</span>"
         )
 
     def _refresh(self) -> None:
@@ -339,11 +341,9 @@ class SensitivityExplorer(w.VBox):
         self.readout.value = readout_html(
             self.result, ratios, self._costs.setting(ratios), self._costs.now()
         )
-        fig = render(self.result, ratios)
-        try:
-            self.plot.outputs = (figure_output(fig),)
-        finally:
-            plt.close(fig)
+        # One assignment (not clear + append) so the frontend redraws once, and no
+        # Output capture context is needed: the same path works in pytest.
+        self.plot.outputs = (figure_output(render(self.result, ratios)),)
 
     def _show_model(self) -> Any:
         now = self._costs.now()

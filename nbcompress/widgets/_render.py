@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from nbcompress import plots
 from nbcompress.engine.report import fmt_bytes, fmt_pct
 from nbcompress.widgets._setting import Footprint
 
@@ -26,53 +26,30 @@ def _fmt_metric(value: float | None) -> str:
 
 
 def render(result: Any, ratios: Mapping[str, float]) -> Figure:
-    """The result's own plot with the current ratio of every layer marked on it.
+    """The sweep's figure with the current ratio of every layer marked on it.
 
     Args:
         result: A ``SensitivityResult``.
-        ratios: Layer name → current slider ratio.
+        ratios: Layer name → current slider ratio (layers at 0 are not marked).
 
     Returns:
-        The figure from ``result.plot()``, with one marker per layer: on its curve at the
-        predicted metric (line plots) or on its row of the heat map.
+        Curves with a dot per layer at its ratio (up to ``plots.MAX_CURVES`` layers, as
+        ``result.plot()`` chooses), else the heat map with a diamond on each layer's row.
     """
-    fig = result.plot()
-    for ax in fig.axes:
-        lines = {line.get_label(): line for line in ax.get_lines()}
-        if any(name in lines for name in ratios):
-            _mark_curves(ax, result, ratios, lines)
-        elif ax.images:
-            _mark_heatmap(ax, result, ratios)
+    if len(result.layers) <= plots.MAX_CURVES:
+        return plots.curves_figure(result, highlight=dict(ratios))
+    fig = plots.heatmap_figure(result)
+    _mark_heatmap(fig.axes[0], result, ratios)
     return fig
-
-
-def _mark_curves(ax: Any, result: Any, ratios: Mapping[str, float], lines: dict) -> None:
-    for name, ratio in ratios.items():
-        if name not in lines:
-            continue
-        y = result.predict({name: ratio})
-        ax.plot(
-            [ratio],
-            [y],
-            marker="o",
-            markersize=8,
-            linestyle="none",
-            color=lines[name].get_color(),
-            markeredgecolor="black",
-            zorder=5,
-            label="_nolegend_",
-        )
 
 
 def _mark_heatmap(ax: Any, result: Any, ratios: Mapping[str, float]) -> None:
     # The heat map's columns are the swept ratios in order and its rows the layers.
     columns = np.arange(len(result.ratios))
     rows = {name: i for i, name in enumerate(result.layers)}
-    xs, ys = [], []
-    for name, ratio in ratios.items():
-        if name in rows:
-            xs.append(float(np.interp(ratio, result.ratios, columns)))
-            ys.append(rows[name])
+    marked = [(n, r) for n, r in ratios.items() if r > 0 and n in rows]
+    xs = [float(np.interp(r, result.ratios, columns)) for _, r in marked]
+    ys = [rows[n] for n, _ in marked]
     ax.scatter(xs, ys, marker="D", s=28, facecolor="white", edgecolor="black", zorder=5)
 
 
@@ -82,13 +59,11 @@ def figure_output(fig: Figure, dpi: int = 90) -> dict[str, Any]:
     Rendering the PNG here, instead of relying on the notebook's matplotlib backend, makes
     the picture identical in a kernel, under nbclient and in plain pytest.
     """
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     width, height = fig.get_size_inches() * dpi
     return {
         "output_type": "display_data",
         "data": {
-            "image/png": base64.b64encode(buf.getvalue()).decode("ascii"),
+            "image/png": base64.b64encode(plots.png_bytes(fig, dpi=dpi)).decode("ascii"),
             "text/plain": f"<Figure size {width:.0f}x{height:.0f}>",
         },
         "metadata": {},
@@ -159,7 +134,7 @@ def readout_html(
         (
             f"predicted {metric}",
             _fmt_metric(predicted),
-            f"<span style='color:{colour}'>{change:+.4g}</span> vs baseline "
+            f"<span style='color:{colour}'>{change:+.3g}</span> vs baseline "
             f"{_fmt_metric(result.baseline)}",
         ),
     ]
