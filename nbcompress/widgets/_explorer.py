@@ -68,14 +68,7 @@ class SensitivityExplorer(w.VBox):
         self._hold = False
         self._build()
         super().__init__(
-            [
-                self.header,
-                w.HBox([self.plot, self.controls]),
-                self.readout,
-                self.buttons,
-                self.model_label,
-                self.status,
-            ],
+            [self.header, w.HBox([self.plot, self.controls]), self.model_label, self.status],
             layout=w.Layout(width="100%"),
         )
         self.add_class("nbc-explorer")
@@ -93,13 +86,13 @@ class SensitivityExplorer(w.VBox):
         )
         self.sliders: dict[str, w.FloatSlider] = {}
         self._infos: dict[str, w.HTML] = {}
-        self.controls = w.VBox(
-            [self._target_row(), self._slider_box()],
-            layout=w.Layout(width="48%", padding="0 0 0 8px"),
-        )
         self.readout = w.HTML()
         self.readout.add_class("nbc-readout")
         self.buttons = self._button_row()
+        self.controls = w.VBox(
+            [self._target_row(), self._slider_box(), self.readout, self.buttons],
+            layout=w.Layout(width="48%", padding="0 0 0 8px"),
+        )
         self.model_label = w.Label()
         self.model_label.add_class("nbc-model")
         self.status = w.Label()
@@ -157,35 +150,43 @@ class SensitivityExplorer(w.VBox):
         return w.HBox([self.evaluate_button, self.apply_button, self.undo_button])
 
     def _slider_box(self) -> w.Widget:
-        groups = group_layers(self.result.layers) if len(self.result.layers) > _GROUP_ABOVE else {}
-        box = w.Layout(max_height="340px", overflow="auto", width="100%")
+        layers = self.result.layers
+        groups = group_layers(layers) if len(layers) > _GROUP_ABOVE else {"": layers}
         if len(groups) <= 1:
-            return w.VBox([self._slider_row(n, n) for n in self.result.layers], layout=box)
-        pages, titles = [], []
-        for prefix, names in groups.items():
-            short = [n[len(prefix) + 1 :] if prefix else n for n in names]
-            pages.append(
-                w.VBox([self._slider_row(n, s) for n, s in zip(names, short, strict=True)])
-            )
-            titles.append(f"{prefix or '(top level)'} — {len(names)} layer(s)")
+            groups = {"": layers}
+        # Inside a group the prefix is in the title, so slider labels drop it.
+        labels = {
+            n: n[len(prefix) + 1 :] if prefix else n
+            for prefix, names in groups.items()
+            for n in names
+        }
+        # ~7 px per character of the longest label, bounded; longer ones end in "…".
+        width = min(max(7 * max(map(len, labels.values())) + 12, 40), 200)
+        box = w.Layout(max_height="340px", overflow="auto", width="100%")
+        if len(groups) == 1:
+            return w.VBox([self._slider_row(n, labels[n], width) for n in layers], layout=box)
+        pages = [
+            w.VBox([self._slider_row(n, labels[n], width) for n in names])
+            for names in groups.values()
+        ]
+        titles = [f"{p or '(top level)'} — {len(names)} layer(s)" for p, names in groups.items()]
         return w.Box([w.Accordion(pages, titles=titles, layout=w.Layout(width="100%"))], layout=box)
 
-    def _slider_row(self, name: str, label: str) -> w.HBox:
-        ratios = self.result.ratios
+    def _slider_row(self, name: str, label: str, label_width: int) -> w.HBox:
         slider = w.FloatSlider(
             value=0.0,
             min=0.0,
-            max=max(ratios),
+            max=max(self.result.ratios),  # beyond the sweep the curves are extrapolated
             step=0.01,
             description=label,
             tooltip=name,
             readout_format=".0%",
             continuous_update=False,
-            style={"description_width": "110px"},
-            layout=w.Layout(flex="1 1 auto", width="auto"),
+            style={"description_width": f"{label_width}px"},
+            layout=w.Layout(width="100%"),
         )
         slider.observe(lambda change: self._on_slider(name), names="value")
-        info = w.HTML(layout=w.Layout(width="150px"))
+        info = w.HTML(layout=w.Layout(flex="0 0 130px"))
         self.sliders[name] = slider
         self._infos[name] = info
         return w.HBox([slider, info], layout=w.Layout(width="100%"))

@@ -37,10 +37,27 @@ def render(result: Any, ratios: Mapping[str, float]) -> Figure:
         ``result.plot()`` chooses), else the heat map with a diamond on each layer's row.
     """
     if len(result.layers) <= plots.MAX_CURVES:
-        return plots.curves_figure(result, highlight=dict(ratios))
-    fig = plots.heatmap_figure(result)
-    _mark_heatmap(fig.axes[0], result, ratios)
+        fig = plots.curves_figure(result)
+        _mark_curves(fig.axes[0], ratios)
+    else:
+        fig = plots.heatmap_figure(result)
+        _mark_heatmap(fig.axes[0], result, ratios)
     return fig
+
+
+def _mark_curves(ax: Any, ratios: Mapping[str, float]) -> None:
+    # A solid dot with a dark edge on each layer's own drawn line, so it reads at a glance
+    # which point of which curve the slider stands on.
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for name, ratio in ratios.items():
+        line = lines.get(name)
+        if line is None or ratio <= 0:
+            continue
+        y = np.interp(ratio, line.get_xdata(), line.get_ydata())
+        ax.plot(
+            [ratio], [y], "o", markersize=9, color=line.get_color(), markeredgecolor="black",
+            markeredgewidth=1.2, zorder=5, label="_nolegend_",
+        )  # fmt: skip
 
 
 def _mark_heatmap(ax: Any, result: Any, ratios: Mapping[str, float]) -> None:

@@ -189,12 +189,12 @@ def page(browser: object, lab: Lab, request: pytest.FixtureRequest) -> Iterator[
 
 
 @pytest.fixture
-def shot(page: object) -> Callable[[str], Path]:
-    """``shot(name)`` saves a full-page screenshot to ``artifacts/<name>`` and returns it."""
+def shot(page: object) -> Callable[..., Path]:
+    """``shot(name, locator=None)``: screenshot of the page (or one element) to ``artifacts/``."""
 
-    def take(name: str) -> Path:
+    def take(name: str, locator: object = None) -> Path:
         path = ARTIFACTS / name
-        page.screenshot(path=str(path), full_page=True)
+        (locator or page).screenshot(path=str(path))
         return path
 
     return take

@@ -78,27 +78,31 @@ def test_slider_apply_undo_change_the_kernel_model(page, lab, shot) -> None:
     dense = _nonzero(label.inner_text())
     status = page.locator(".nbc-status")
     readout = page.locator(".nbc-readout")
-    shot("explorer-loaded.png")
+    shot("explorer-loaded.png", page.locator(".nbc-explorer"))
 
-    # Move the first layer's slider with the keyboard, as a user would.
+    # Move the first layer's slider with the keyboard, as a user would. One key at a time,
+    # each awaited in the kernel-written readout: ipywidgets holds back state updates while
+    # one is in flight, and a button click can overtake them.
     slider = page.locator(".nbc-explorer .widget-slider").first
     before_value = slider.locator(".widget-readout").inner_text()
-    before_readout = readout.inner_text()
     slider.locator(".noUi-handle").focus()
-    for _ in range(5):
+    for _ in range(3):
+        old = readout.inner_text()
         page.keyboard.press("ArrowRight")
-    page.wait_for_function(
-        "([el, old]) => el.innerText !== old",
-        arg=[readout.element_handle(), before_readout],
-    )
+        page.wait_for_function(
+            "([el, old]) => el.innerText !== old", arg=[readout.element_handle(), old]
+        )
     assert slider.locator(".widget-readout").inner_text() != before_value
+    shown = re.search(r"sparsity\s+([\d.]+%)", readout.inner_text()).group(1)
 
     page.locator(".nbc-explorer .widget-button", has_text="Apply").click()
     page.wait_for_function("el => el.innerText.startsWith('applied')", arg=status.element_handle())
     pruned = _nonzero(label.inner_text())
     assert pruned < dense, (dense, pruned)
     assert f"{pruned:,} nonzero" in status.inner_text()
-    shot("explorer-applied.png")
+    # What was applied is the setting the readout showed, not a stale one.
+    assert status.inner_text().startswith(f"applied: {shown} sparsity"), (shown, status)
+    shot("explorer-applied.png", page.locator(".nbc-explorer"))
 
     page.locator(".nbc-explorer .widget-button", has_text="Undo").click()
     page.wait_for_function("el => el.innerText.startsWith('undone')", arg=status.element_handle())
