@@ -281,33 +281,24 @@ def sensitivity(
         # updates them.
         for buf in model.buffers():
             guard.save_tensor(buf)
-        sizes = {n: m.weight.numel() for n, m in selected.items()}
-        layer_macs = _layer_macs(model, selected, inputs)
         proxy = _Proxy(model, inputs) if evaluate is None else None
-        measure = proxy or (lambda m: _call_evaluate(evaluate, m, "on the unpruned model"))
         start = time.perf_counter()
-        baseline = measure(model)
+        where = "on the unpruned model"
+        baseline = proxy(model) if proxy else _call_evaluate(evaluate, model, where)
         if not math.isfinite(baseline):
             raise ValueError(
                 f"evaluate: returned {baseline} on the unpruned model; need a finite number."
             )
         result = SensitivityResult(
-            layers=list(selected),
-            ratios=ratio_list,
-            baseline=baseline,
+            layers=list(selected), ratios=ratio_list, baseline=baseline,
             curves={n: [None] * len(ratio_list) for n in selected},
-            sizes=sizes,
-            macs=layer_macs,
+            sizes={n: m.weight.numel() for n, m in selected.items()},
+            macs=_layer_macs(model, selected, inputs),
             metric=metric or (proxy.name if proxy else _name(evaluate)),
-            higher_is_better=bool(higher_is_better),
-            proxy=proxy is not None,
-            granularity=granularity,
-            evaluations=1,
-            seconds=0.0,
-            complete=False,
-            notes=notes,
+            higher_is_better=bool(higher_is_better), proxy=proxy is not None,
+            granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
             start={n: _sparsity(m.weight, granularity) for n, m in selected.items()},
-        )
+        )  # fmt: skip
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start)
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))

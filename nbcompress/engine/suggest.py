@@ -358,8 +358,7 @@ def apply_suggestion_(
     # Imported here: those modules build on this one.
     from nbcompress.engine.history import transaction
     from nbcompress.engine.prune import prune_
-    from nbcompress.engine.sensitivity import measurer
-    from nbcompress.engine.sensitivity_result import _remembered, latest_suggestion
+    from nbcompress.engine.sensitivity_result import latest_suggestion
 
     check_module(model)
     suggestion = suggestion if suggestion is not None else latest_suggestion(model)
@@ -372,35 +371,48 @@ def apply_suggestion_(
     ratios = {n: r for n, r in suggestion.ratios.items() if r > 0}
     if not ratios:
         raise ValueError("suggestion: every ratio is 0, so there is nothing to prune.")
-    old_eval, old_inputs = _remembered(model)
-    measure = measurer(
-        model,
-        evaluate if evaluate is not None else (None if suggestion.proxy else old_eval),
-        example_inputs if example_inputs is not None else old_inputs,
-        proxy=suggestion.proxy,
-    )
-    types = {type(model.get_submodule(n)) for n in ratios}
+    modules = dict(model.named_modules())
+    missing = [n for n in ratios if n not in modules]
+    if missing:
+        raise ValueError(
+            f"suggestion: layer(s) {', '.join(missing)} are not in this model; apply a "
+            "suggestion to the model it was made for."
+        )
+    measure, notes = _measurer(model, suggestion, evaluate, example_inputs)
     detail = f"suggested per-layer ratios ({suggestion.target}) on {len(ratios)} layer(s)"
     with transaction(model, "prune", detail) as tx:
         prune_(
-            model,
-            ratios,
-            layers=list(ratios),
-            types=types,
-            include_output=True,
-            granularity=suggestion.granularity,
-        )
+            model, ratios, layers=list(ratios), types={type(modules[n]) for n in ratios},
+            include_output=True, granularity=suggestion.granularity,
+        )  # fmt: skip
         measured = measure() if measure else None  # an error here rolls the pruning back
         tx.step.detail = detail + f", sparsity {fmt_pct(suggestion.sparsity)}"
         tx.info.update(suggestion=suggestion.target, measured=measured)
-    notes = [] if measure else ["Not measured: pass evaluate= (--eval) to compare."]
     notes.append("Undo with nbcompress.undo_(model) or %undo model.")
     return ApplyReport(
-        suggestion,
-        suggestion.predicted,
-        measured,
-        suggestion.baseline,
-        suggestion.metric,
-        proxy=suggestion.proxy,
-        notes=notes,
-    )
+        suggestion, suggestion.predicted, measured, suggestion.baseline, suggestion.metric,
+        proxy=suggestion.proxy, notes=notes,
+    )  # fmt: skip
+
+
+def _measurer(
+    model: nn.Module, suggestion: Suggestion, evaluate: Any, example_inputs: Any
+) -> tuple[Callable[[], float] | None, list[str]]:
+    """How to measure after applying: explicit evaluate, else the sweep's own metric."""
+    from nbcompress.engine.sensitivity import measurer
+    from nbcompress.engine.sensitivity_result import _remembered
+
+    old_eval, old_inputs = _remembered(model)
+    if evaluate is not None:
+        notes = (
+            ["The prediction is of the proxy; the measurement uses evaluate."]
+            if suggestion.proxy
+            else []
+        )
+        return measurer(model, evaluate, None), notes
+    if suggestion.proxy:
+        inputs = example_inputs if example_inputs is not None else old_inputs
+        measure = measurer(model, None, inputs, proxy=True)
+    else:
+        measure = measurer(model, old_eval, None)
+    return measure, ([] if measure else ["Not measured: pass evaluate= (--eval) to compare."])

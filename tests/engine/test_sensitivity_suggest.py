@@ -233,3 +233,15 @@ def test_registry_does_not_keep_models_alive():
     del model
     gc.collect()
     assert len(sensitivity_result._LATEST) == count - 1
+
+
+def test_apply_to_another_model_or_with_explicit_evaluate_on_a_proxy(swept):
+    model, agreement, result = swept
+    other = torch.nn.Sequential(torch.nn.Linear(16, 4))
+    saved = snapshot(other)
+    with pytest.raises(ValueError, match=r"suggestion: layer\(s\) .*2.* not in this model"):
+        nc.apply_suggestion_(other, result.suggest(0.5))
+    assert_same_state(other, saved)
+    proxy = nc.sensitivity(model, example_inputs=torch.randn(8, 16), ratios=[0.5], progress=False)
+    report = nc.apply_suggestion_(model, proxy.suggest(0.3), evaluate=agreement)
+    assert report.measured == agreement(model) and any("proxy" in n for n in report.notes)
