@@ -173,10 +173,13 @@ class SensitivityExplorer(w.VBox):
         return w.Box([w.Accordion(pages, titles=titles, layout=w.Layout(width="100%"))], layout=box)
 
     def _slider_row(self, name: str, label: str, label_width: int) -> w.HBox:
+        # Below its sparsity at sweep time a layer cannot go (pruning never revives), and
+        # beyond the sweep the curves are only extrapolated.
+        low = round(self.result.start.get(name, 0.0), 4)
         slider = w.FloatSlider(
-            value=0.0,
-            min=0.0,
-            max=max(self.result.ratios),  # beyond the sweep the curves are extrapolated
+            value=low,
+            min=low,
+            max=max(max(self.result.ratios), low),
             step=0.01,
             description=label,
             tooltip=name,

@@ -1,0 +1,255 @@
+"""The sensitivity explorer without a frontend: traits set, buttons clicked, model checked.
+
+Setting ``slider.value`` runs the same ``observe`` callbacks a drag does, synchronously, so
+every assertion here is on the real kernel-side effect (the model's weights, its history,
+the text written into labels).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nbcompress
+from nbcompress import zoo
+from nbcompress.engine.sensitivity import SensitivityResult, sensitivity
+from nbcompress.widgets import SensitivityExplorer, render
+from nbcompress.widgets._render import group_layers
+from nbcompress.widgets._setting import model_footprint, prune_setting_
+from tests.helpers import assert_same_state, snapshot
+
+
+@pytest.fixture(scope="module")
+def digits() -> zoo.Digits:
+    return zoo.load_digits(8)
+
+
+@pytest.fixture(scope="module")
+def trained(digits) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = zoo.train(zoo.LeNet300(), digits.x_train, digits.y_train, epochs=5)
+    return copy.deepcopy(model.state_dict())
+
+
+@pytest.fixture
+def model(trained) -> nn.Module:
+    m = zoo.LeNet300()
+    m.load_state_dict(trained)
+    return m.eval()
+
+
+@pytest.fixture
+def evaluate(digits):
+    def accuracy(m: nn.Module) -> float:
+        return zoo.accuracy(m, digits.x_test, digits.y_test)
+
+    return accuracy
+
+
+@pytest.fixture
+def result(model, evaluate) -> SensitivityResult:
+    return sensitivity(model, evaluate, progress=False)
+
+
+@pytest.fixture
+def explorer(result, model, evaluate) -> SensitivityExplorer:
+    return SensitivityExplorer(result, model, evaluate)
+
+
+def nonzero(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+def png(ex: SensitivityExplorer) -> bytes:
+    return base64.b64decode(ex.plot.outputs[0]["data"]["image/png"])
+
+
+def test_sliders_preset_from_suggestion(result, explorer):
+    assert set(explorer.sliders) == set(result.layers)
+    expected = result.suggest(0.5).ratios
+    for name, slider in explorer.sliders.items():
+        assert slider.value == pytest.approx(expected.get(name, 0.0), abs=1e-4)
+    assert "suggested" in explorer.status.value
+
+
+def test_explicit_suggestion_presets_sliders(result, model):
+    suggestion = result.suggest(max_drop=0.02)
+    ex = SensitivityExplorer(result, model, suggestion=suggestion)
+    assert ex.ratios == pytest.approx({n: suggestion.ratios.get(n, 0.0) for n in result.layers})
+
+
+def test_slider_move_updates_readout_and_plot(result, explorer):
+    readout, picture = explorer.readout.value, png(explorer)
+    explorer.sliders["fc2"].value = 0.9
+    ratios = explorer.ratios
+    assert explorer.readout.value != readout
+    assert f"{result.predict(ratios):.4g}" in explorer.readout.value
+    assert f"{100 * result.sparsity_of(ratios):.1f}%" in explorer.readout.value
+    assert png(explorer) != picture and png(explorer).startswith(b"\x89PNG")
+
+
+def test_readout_counts_match_really_pruning_a_copy(explorer, model):
+    explorer.set_ratios({"fc1": 0.7, "fc2": 0.35, "fc3": 0.1})
+    twin = copy.deepcopy(model)
+    nbcompress.prune_(twin, {"fc1": 0.7, "fc2": 0.35, "fc3": 0.1}, include_output=True)
+    assert f"{nonzero(twin):,}" in explorer.readout.value
+    assert nonzero(twin) < nonzero(model)
+
+
+def test_evaluate_measures_setting_and_leaves_model_unchanged(explorer, model, evaluate):
+    ratios = {"fc1": 0.8, "fc2": 0.8, "fc3": 0.5}
+    explorer.set_ratios(ratios)
+    saved, steps = snapshot(model), len(nbcompress.history(model))
+    explorer.evaluate_button.click()
+    twin = copy.deepcopy(model)
+    nbcompress.prune_(twin, ratios, include_output=True)
+    assert explorer.measured == pytest.approx(evaluate(twin))
+    assert explorer.measured != pytest.approx(evaluate(model))  # pruning this much costs
+    assert f"{explorer.measured:.4g}" in explorer.status.value
+    assert_same_state(model, saved)
+    assert len(nbcompress.history(model)) == steps
+
+
+def test_apply_prunes_in_place_and_records_step(explorer, model):
+    before = nonzero(model)
+    explorer.set_ratios({"fc1": 0.6, "fc2": 0.5})
+    explorer.apply_button.click()
+    after = nonzero(model)
+    assert after < before
+    assert float((model.fc1.weight == 0).float().mean()) == pytest.approx(0.6, abs=1e-3)
+    assert float((model.fc3.weight == 0).float().mean()) == 0.0
+    steps = nbcompress.history(model)
+    assert len(steps) == 1 and steps[-1].info["amounts"] == {"fc1": 0.6, "fc2": 0.5}
+    assert explorer.status.value.startswith("applied")
+    assert f"{after:,} nonzero" in explorer.model_label.value
+    assert f"{after:,} nonzero" in explorer.status.value
+
+
+def test_undo_restores_bit_exact(explorer, model):
+    saved, dense = snapshot(model), nonzero(model)
+    explorer.apply_button.click()
+    assert nonzero(model) < dense
+    explorer.undo_button.click()
+    assert_same_state(model, saved)
+    assert not nbcompress.history(model)
+    assert explorer.status.value.startswith("undone")
+    assert f"{dense:,} nonzero" in explorer.model_label.value
+
+
+def test_undo_with_nothing_recorded_reports_instead_of_raising(explorer, model):
+    saved = snapshot(model)
+    explorer.undo_button.click()
+    assert explorer.status.value.startswith("nothing undone")
+    assert_same_state(model, saved)
+
+
+def test_apply_all_zero_reports_instead_of_raising(explorer, model):
+    explorer.set_ratios({})
+    explorer.apply_button.click()
+    assert explorer.status.value.startswith("not applied")
+    assert not nbcompress.history(model)
+
+
+def test_target_sparsity_moves_sliders_to_the_suggestion(result, explorer):
+    explorer.target_value.value = 0.8
+    assert explorer.ratios == pytest.approx(
+        {n: result.suggest(0.8).ratios.get(n, 0.0) for n in result.layers}, abs=1e-4
+    )
+    assert result.sparsity_of(explorer.ratios) >= 0.8 - 1e-3
+
+
+def test_max_drop_toggle_moves_sliders(result, explorer):
+    explorer.target_kind.value = "max_drop"
+    explorer.target_value.value = 0.03
+    expected = result.suggest(max_drop=0.03).ratios
+    assert explorer.ratios == pytest.approx(
+        {n: expected.get(n, 0.0) for n in result.layers}, abs=1e-4
+    )
+    assert "max drop" in explorer.status.value
+
+
+def test_unreachable_target_is_a_message_and_sliders_stay(explorer):
+    ratios = explorer.ratios
+    explorer.target_value.value = 0.99
+    assert explorer.status.value.startswith("target not reachable")
+    assert "reachable" in explorer.status.value
+    assert explorer.ratios == ratios
+
+
+def test_failing_evaluate_is_reported_and_model_unchanged(result, model):
+    def broken(m: nn.Module) -> float:
+        raise RuntimeError("dataset went away")
+
+    ex = SensitivityExplorer(result, model, broken)
+    saved = snapshot(model)
+    assert ex.evaluate_setting() is None
+    assert "dataset went away" in ex.status.value
+    assert_same_state(model, saved)
+    assert ex.evaluate_button.disabled is False  # re-enabled after the failure
+
+
+def test_without_evaluate_the_button_is_disabled(result, model):
+    ex = SensitivityExplorer(result, model)
+    assert ex.evaluate_button.disabled
+    assert ex.evaluate_setting() is None and "evaluate=" in ex.status.value
+
+
+def test_render_marks_each_nonzero_ratio_on_its_curve(result):
+    fig = render(result, {"fc1": 0.45, "fc2": 0.0, "fc3": 0.3})
+    ax = fig.axes[0]
+    marks = [ln for ln in ax.get_lines() if ln.get_label() == "_nolegend_"]
+    assert sorted(float(ln.get_xdata()[0]) for ln in marks) == [0.3, 0.45]
+
+
+def test_many_layers_grouped_in_accordion_with_scroll(evaluate):
+    blocks = [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(8)]
+    deep = nn.Sequential(*blocks, nn.Linear(8, 2))
+    x = torch.randn(16, 8)
+    res = sensitivity(deep, example_inputs=x, ratios=[0.3, 0.6], progress=False)
+    ex = SensitivityExplorer(res, deep)
+    box = ex.controls.children[1]
+    assert len(ex.sliders) == 17
+    assert box.layout.max_height and box.layout.overflow == "auto"
+    accordion = box.children[0]
+    assert len(accordion.children) == len(group_layers(res.layers)) > 1
+    assert ex.sliders["3.2"].description == "2"  # the group title carries the prefix
+    ex.sliders["3.2"].value = 0.5
+    assert "0." in ex.readout.value
+
+
+def test_group_layers_by_block():
+    names = [f"encoder.layer.{i}.{p}" for i in range(3) for p in ("q", "k", "v")] + ["head"]
+    groups = group_layers(names, max_groups=4)
+    assert list(groups) == ["encoder.layer.0", "encoder.layer.1", "encoder.layer.2", ""]
+    assert groups["encoder.layer.1"] == [
+        "encoder.layer.1.q",
+        "encoder.layer.1.k",
+        "encoder.layer.1.v",
+    ]
+    assert group_layers(["a", "b"]) == {"": ["a", "b"]}
+
+
+def test_prune_setting_matches_prune_and_skips_zero(model):
+    twin = copy.deepcopy(model)
+    prune_setting_(model, {"fc1": 0.5, "fc2": 0.0, "fc3": 0.2})
+    nbcompress.prune_(twin, {"fc1": 0.5, "fc3": 0.2}, include_output=True)
+    assert_same_state(model, snapshot(twin))
+    assert nbcompress.history(model)[-1].info["amounts"] == {"fc1": 0.5, "fc3": 0.2}
+    with pytest.raises(ValueError, match="nothing to prune"):
+        prune_setting_(model, {"fc1": 0.0})
+    fp = model_footprint(model)
+    assert fp.nonzero == nonzero(model) and fp.total == sum(p.numel() for p in model.parameters())
+
+
+def test_engine_never_imports_ipywidgets():
+    code = (
+        "import sys, nbcompress, nbcompress.engine.sensitivity, nbcompress.engine.prune\n"
+        "assert 'ipywidgets' not in sys.modules, 'engine imported ipywidgets'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
