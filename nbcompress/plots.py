@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import sys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -124,7 +125,18 @@ def sensitivity_figure(result: SensitivityResult, kind: str = "auto") -> Figure:
         raise ValueError(f"kind: {kind!r} is unknown; choose one of {_KINDS}.")
     if kind == "auto":
         kind = "heatmap" if len(result.layers) > MAX_CURVES else "curves"
+    _show_figures_in_notebooks()
     return curves_figure(result) if kind == "curves" else heatmap_figure(result)
+
+
+def _show_figures_in_notebooks() -> None:
+    """Let a returned Figure display as an image even without ``%matplotlib inline``."""
+    if "IPython" not in sys.modules:  # never import IPython from here
+        return
+    shell = sys.modules["IPython"].get_ipython()
+    if shell is not None:
+        png = shell.display_formatter.formatters["image/png"]
+        png.for_type(Figure, lambda fig: png_bytes(fig))
 
 
 def figure_html(fig: Figure, *, dpi: int = 90) -> str:

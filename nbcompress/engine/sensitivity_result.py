@@ -216,6 +216,10 @@ class SensitivityResult:
     def __str__(self) -> str:
         return text_table(self.rows, self._columns(), title=self._title(), notes=self.notes)
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         table = html_table(self.rows, self._columns(), caption=self._title(), notes=self.notes)
         try:

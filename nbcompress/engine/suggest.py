@@ -81,6 +81,10 @@ class Suggestion:
     def __str__(self) -> str:
         return text_table(self.rows, {"layer": None, "ratio": fmt_pct}, title=self._title())
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         return html_table(self.rows, {"layer": None, "ratio": fmt_pct}, caption=self._title())
 
@@ -316,14 +320,19 @@ class ApplyReport:
         measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
         base = "" if self.baseline is None else f"; baseline {self.baseline:.4g}"
         return (
-            f"Applied suggestion ({self.suggestion.target}, sparsity "
-            f"{fmt_pct(self.suggestion.sparsity)}): {kind}{self.metric} predicted "
+            f"Applied suggestion for {self.suggestion.target} ("
+            f"{fmt_pct(self.suggestion.sparsity)} of the analysed weights zero): "
+            f"{kind}{self.metric} predicted "
             f"{self.predicted:.4g}, measured {measured}{base}"
         )
 
     def __str__(self) -> str:
         cols = {"layer": None, "ratio": fmt_pct}
         return text_table(self.rows, cols, title=self._title(), notes=self.notes)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
+        printer.text(str(self))
 
     def _repr_html_(self) -> str:
         cols = {"layer": None, "ratio": fmt_pct}
