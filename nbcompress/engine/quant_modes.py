@@ -9,6 +9,7 @@ accurate ones side by side and swaps in the winner through the caller's transact
 from __future__ import annotations
 
 import contextlib
+import pickle
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,7 +166,11 @@ def _candidates(job: _Job, layer: nn.Module) -> tuple[dict[str, nn.Module], dict
         if reason is None:
             try:
                 with quiet(job.warnings):
-                    built[b.name] = b.build(job.config, layer)
+                    module = b.build(job.config, layer)
+                    # A compressed model must stay picklable / torch.save-able (torchao's
+                    # modules are not: their tensor subclass holds a functools.partial).
+                    pickle.dumps(module)
+                built[b.name] = module
             except Exception as err:  # noqa: BLE001 - a backend failing is a finding, not fatal
                 reason = f"failed ({type(err).__name__}: {str(err)[:80]})"
         if reason is not None:

@@ -293,12 +293,18 @@ def test_numba_sparse_int8_backend_on_a_pruned_layer():
     assert r.rows[0]["sparsity"] >= 0.9
 
 
-def test_torchao_backend_when_installed():
+def test_torchao_is_tried_and_rejected_with_the_reason_when_it_cannot_be_pickled():
     pytest.importorskip("torchao")
     model, x = big_mlp().eval(), torch.randn(2, 64)
     saved = snapshot(model)
-    nc.quantize_(model, "weight", example_inputs=x, backend="torchao", **FAST)
+    try:
+        nc.quantize_(model, "weight", example_inputs=x, backend="torchao", **FAST)
+    except ValueError as err:  # torchao 0.18: its modules cannot be pickled / torch.save'd
+        assert "failed (AttributeError" in str(err)
+        assert_same_state(model, saved)
+        return
     assert {r["backend"] for r in nc.quantize_report(model).rows} == {"torchao"}
+    pickle.dumps(model)
     nc.undo_(model)
     assert_same_state(model, saved)
 
