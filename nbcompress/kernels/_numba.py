@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["FASTMATH", "bsr_spmm", "slp_enabled"]
+__all__ = ["FASTMATH", "bsr_spmm", "pack_cols", "pack_im2col", "pack_rows", "slp_enabled"]
 
 # Contraction (FMA) and reassociation-free flags: the loop vectorizer is kept from turning
 # the nonzero loop into slow gathers, while the SLP vectorizer may pack independent
@@ -70,3 +70,66 @@ def bsr_spmm(indptr, indices, data, xt, out):  # noqa: D103
         i0 = br * r_size
         for r in range(r_size):
             out[i0 + r] = acc[r]
+
+
+# Packing: the panel kernels read their input panel-major (npan·K × W), so that a panel
+# sits in a few contiguous pages. These copy into that layout in one pass; memory-bound,
+# so they run serially (no pool launch for small inputs).
+
+
+@njit(boundscheck=False, cache=True, nogil=True)
+def pack_cols(xt, start, npan, width, xp):  # noqa: D103
+    # From K × N (features × columns): columns start + p·W + l. Copied in tiles of 32 rows
+    # × 32 panels so that reads and writes each stay within ~32 pages (row- or panel-order
+    # alone touched a new page on every 64-byte access: TLB-bound in this VM), with
+    # unsigned offsets so the lane loop has no wraparound code.
+    k = xt.shape[0]
+    w = np.uint64(width)
+    for r0 in range(0, k, 32):
+        r1 = min(r0 + 32, k)
+        for p0 in range(0, npan, 32):
+            for r in range(r0, r1):
+                src = xt[r]
+                for p in range(p0, min(p0 + 32, npan)):
+                    dst = xp[p * k + r]
+                    c0 = np.uint64(start + p * width)
+                    for lane in range(w):
+                        dst[lane] = src[c0 + lane]
+
+
+@njit(boundscheck=False, cache=True, nogil=True)
+def pack_rows(x, start, npan, width, xp):  # noqa: D103
+    # From N × K (a batch of rows, e.g. Linear input): rows start + p·W + l.
+    k = x.shape[1]
+    for p in range(npan):
+        for lane in range(width):
+            src_row = start + p * width + lane
+            for r in range(k):
+                xp[p * k + r, lane] = x[src_row, r]
+
+
+@njit(boundscheck=False, cache=True, nogil=True)
+def pack_im2col(img, geom, start, npan, width, xp):  # noqa: D103
+    # Conv input (C × H × W) straight into panels of the unfolded (C·kh·kw × Ho·Wo)
+    # matrix, without materialising the unfold: geom = kh, kw, sh, sw, ph, pw, dh, dw, wo.
+    # Writes are sequential; reads hit the (cache-resident) image a few rows at a time.
+    kh, kw, sh, sw, ph, pw, dh, dw, wo = geom
+    c_in, h, w = img.shape
+    k = c_in * kh * kw
+    y0 = np.empty(width, dtype=np.int64)
+    x0 = np.empty(width, dtype=np.int64)
+    for p in range(npan):
+        for lane in range(width):
+            n = start + p * width + lane
+            y0[lane] = (n // wo) * sh - ph
+            x0[lane] = (n % wo) * sw - pw
+        for r in range(k):
+            c = r // (kh * kw)
+            dy = ((r // kw) % kh) * dh
+            dx = (r % kw) * dw
+            row = p * k + r
+            for lane in range(width):
+                y = y0[lane] + dy
+                xx = x0[lane] + dx
+                inside = 0 <= y < h and 0 <= xx < w
+                xp[row, lane] = img[c, y, xx] if inside else np.float32(0.0)

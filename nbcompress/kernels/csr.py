@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numba
 import numpy as np
@@ -243,8 +245,8 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
     """Compute ``W @ xt`` for ``xt`` of shape (in × N); returns (out × N).
 
     Columns are processed in register-blocked panels of 16 (then 8, then one at a time),
-    so each panel of ``xt`` is reused across every row while it sits in cache; this is
-    the tiling used for conv-as-GEMM inputs with thousands of columns.
+    each packed contiguously, so a panel of ``xt`` is reused by every row while it sits
+    in cache; this is the tiling used for conv-as-GEMM inputs with thousands of columns.
 
     Args:
         mat: The packed weight.
@@ -267,32 +269,56 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
 def matmul_t_unchecked(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.ndarray:
     """:func:`csr_matmul_t` for callers that validated already (the modules)."""
     if out.size:
-        _panels_then_rest(mat, xt, out)
+        _panels_then_rest(mat, _packer("pack_cols", xt, rows=xt.shape[0]), xt.shape[1], out)
     return out
 
 
-def _panels_then_rest(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> None:
-    m, n = out.shape
+Packer = Callable[[int, int, int], np.ndarray]
+
+
+def _packer(name: str, src: np.ndarray, *extra: Any, rows: int) -> Packer:
+    """``(start, npan, width) -> (npan·rows × width)`` panels of ``src`` via kernel ``name``."""
+
+    def pack(start: int, npan: int, width: int) -> np.ndarray:
+        xp = np.empty((npan * rows, width), dtype=np.float32)
+        _run(name, (src, *extra, start, npan, width, xp), ())
+        return xp
+
+    return pack
+
+
+def _panels_then_rest(mat: CSRMatrix, pack: Packer, n: int, out: np.ndarray) -> None:
+    # Automatic tiling: whole panels of 16 (then 8) columns, each packed contiguously so
+    # that one panel of the input (K × 16 floats) stays in L1/L2 while every row of the
+    # weight streams past it; the last < 8 columns go one at a time.
+    m = out.shape[0]
     dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
     csr = (mat.indptr, mat.indices, mat.data, mat.scale)
     rb = max(16, -(-m // 8))
     done = 0
     for width in (16, 8):
         npan = (n - done) // width
-        if not npan:
-            continue
-        if done:
-            # The kernels index panels from column 0 (see _generate.py), so a leftover
-            # panel runs on a small contiguous copy of those columns.
-            sub_x = np.ascontiguousarray(xt[:, done : done + npan * width])
-            sub_out = np.empty((m, npan * width), dtype=np.float32)
-            _run(f"panel{width}", (*csr, sub_x, sub_out, npan, rb), dtypes)
-            out[:, done : done + npan * width] = sub_out
-        else:
-            _run(f"panel{width}", (*csr, xt, out, npan, rb), dtypes)
-        done += npan * width
+        if npan:
+            _run(f"panel{width}", (*csr, pack(done, npan, width), out, done, npan, rb), dtypes)
+            done += npan * width
     if done < n:
-        _run("csr_cols", (*csr, xt, out, done), dtypes)
+        # One "panel" of the leftover width is exactly those columns in K × rest layout.
+        rest = np.empty((m, n - done), dtype=np.float32)
+        _run("csr_cols", (*csr, pack(done, 1, n - done), rest, 0), dtypes)
+        out[:, done:] = rest
+
+
+def conv_unchecked(mat: CSRMatrix, img: np.ndarray, geom: tuple, out: np.ndarray) -> None:
+    """Sparse conv of one C × H × W image into ``out`` (M × Ho·Wo), unfolding on the fly.
+
+    Args:
+        mat: The packed (out × C·kh·kw) weight.
+        img: C-contiguous float32 image.
+        geom: ``(kh, kw, sh, sw, ph, pw, dh, dw, wo)``.
+        out: C-contiguous float32 result.
+    """
+    pack = _packer("pack_im2col", img, tuple(int(g) for g in geom), rows=mat.shape[1])
+    _panels_then_rest(mat, pack, out.shape[1], out)
 
 
 def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -321,8 +347,11 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
             args = (mat.indptr, mat.indices, mat.data, mat.scale, xv, out)
             _run("csr_spmv", args, (mat.data.dtype.char, mat.indices.dtype.char))
         return out if x.ndim == 1 else out.reshape(1, -1)
+    x = np.ascontiguousarray(x)
     out = np.empty((mat.shape[0], x.shape[0]), dtype=np.float32)
-    return matmul_t_unchecked(mat, np.ascontiguousarray(x.T), out).T
+    if out.size:
+        _panels_then_rest(mat, _packer("pack_rows", x, rows=x.shape[1]), x.shape[0], out)
+    return out.T
 
 
 def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:

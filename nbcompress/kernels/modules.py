@@ -19,6 +19,7 @@ from nbcompress.kernels.csr import (
     BSRMatrix,
     CSRMatrix,
     bsr_matmul,
+    conv_unchecked,
     matmul_t_unchecked,
     matmul_unchecked,
     pack_bsr,
@@ -197,9 +198,10 @@ class SparseConv2d(_SparseBase):
     """Drop-in replacement for ``nn.Conv2d`` with a sparse weight (inference only).
 
     1×1 convolutions with stride 1 and no padding multiply the input directly; other
-    kernels go through ``unfold`` (conv as GEMM with H×W columns), whose columns the
-    kernels tile into cache-sized panels automatically. Supports stride, padding,
-    dilation and bias; refuses ``groups > 1``, ``padding="same"`` and non-zero padding modes.
+    kernels run as GEMM over the unfolded input (H×W columns), unfolded straight into
+    the cache-sized column panels the kernels tile by (the full unfold is never built).
+    Supports stride, padding, dilation and bias; refuses ``groups > 1``,
+    ``padding="same"`` and non-zero padding modes.
     """
 
     def __init__(
@@ -274,18 +276,21 @@ class SparseConv2d(_SparseBase):
         )
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if self._direct():
-            cols = x.contiguous().reshape(n, self.in_channels, h * w)
-        else:
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         y = torch.empty((n, self.out_channels, ho * wo), dtype=torch.float32)
         mat = self.matrix()
-        for i in range(n):
-            xt = cols[i].numpy()
-            if isinstance(mat, BSRMatrix):
-                y[i] = torch.from_numpy(bsr_matmul(mat, xt.T).T)
-            else:
-                matmul_t_unchecked(mat, xt, y[i].numpy())
+        if isinstance(mat, BSRMatrix):
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            for i in range(n):
+                y[i] = torch.from_numpy(bsr_matmul(mat, cols[i].numpy().T).T)
+        else:
+            images = x.contiguous().numpy()
+            geom = (kh, kw, sh, sw, ph, pw, dh, dw, wo)
+            for i in range(n):
+                if self._direct():
+                    xt = images[i].reshape(self.in_channels, h * w)
+                    matmul_t_unchecked(mat, xt, y[i].numpy())
+                else:
+                    conv_unchecked(mat, images[i], geom, y[i].numpy())
         if self.bias is not None:
             y += self.bias.reshape(1, -1, 1)
         return y.reshape(n, self.out_channels, ho, wo)

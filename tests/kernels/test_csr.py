@@ -10,6 +10,7 @@ from nbcompress.kernels import (
     _generate,
     _panels,
     bsr_matmul,
+    csr,
     csr_matmul,
     csr_matmul_t,
     get_threads,
@@ -131,11 +132,12 @@ def test_parallel_variants_match_serial(rng):
     mat = pack_csr(w)
     xt = rng.standard_normal((20, 48)).astype(np.float32)
     args = (mat.indptr, mat.indices, mat.data, mat.scale, xt)
+    pack = csr._packer("pack_cols", xt, rows=20)
     for width in (16, 8):
         outs = []
         for kernel in (getattr(_panels, f"panel{width}"), getattr(_panels, f"panel{width}_1")):
             out = np.zeros((33, 48), dtype=np.float32)
-            kernel(*args, out, 48 // width, 16)
+            kernel(*args[:4], pack(0, 48 // width, width), out, 0, 48 // width, 16)
             outs.append(out)
         np.testing.assert_allclose(outs[0], w @ xt, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(outs[0], outs[1])
