@@ -202,6 +202,13 @@ def _rotated(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Ti
     return merged
 
 
+def _why(why: dict[str, str]) -> str:
+    """One readable reason a layer stays float: failures first, then the first 'cannot'."""
+    failed = [f"{b}: {r}" for b, r in why.items() if r.startswith(("failed", "output error"))]
+    cannot = [r for r in why.values() if not r.startswith(("failed", "output error"))]
+    return "; ".join(failed + cannot[:1]) or "no backend for this mode"
+
+
 def _choose(job: _Job, name: str, layer: nn.Module, args: tuple | None, cache: dict) -> Any:
     """Return ``(backend name, module, timings or None, note)`` or ``(None, None, None, why)``."""
     built, why = _candidates(job, layer)
@@ -215,7 +222,7 @@ def _choose(job: _Job, name: str, layer: nn.Module, args: tuple | None, cache: d
                     why[bname] = f"output error {err:.1%} > tolerance {job.config.tolerance:.0%}"
                     del built[bname]
     if not built:
-        return None, None, None, "; ".join(sorted(set(why.values()))) or "no backend"
+        return None, None, None, _why(why)
     if args is None:
         first = next(iter(built))
         return first, built[first], None, "backend not measured (no example input)"

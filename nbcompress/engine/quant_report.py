@@ -78,7 +78,7 @@ _COLUMNS = {
 }
 
 
-@dataclass
+@dataclass(repr=False)
 class QuantizeReport:
     """Before/after figures of one ``quantize_`` call (all measured on this machine).
 
@@ -162,6 +162,9 @@ class QuantizeReport:
         """One-line heading."""
         n, k = len(self.quantized), len(self.rows)
         return f"quantize ({self.mode}): {n} of {k} selected layers quantized"
+
+    def __repr__(self) -> str:
+        return str(self)
 
     def __str__(self) -> str:
         return text_table(self.rows, _COLUMNS, title=self.title, notes=self._summary() + self.notes)
