@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import ipywidgets as w
 from torch import nn
 
 from nbcompress.engine.history import history, trial, undo_
 from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct
-from nbcompress.widgets._render import figure_output, group_layers, readout_html, render
+from nbcompress.widgets._render import (
+    figure_output,
+    fmt_metric,
+    group_layers,
+    readout_html,
+    render,
+)
 from nbcompress.widgets._setting import SettingCosts, prune_setting_
+
+if TYPE_CHECKING:
+    from nbcompress.engine.sensitivity import SensitivityResult, Suggestion
 
 __all__ = ["SensitivityExplorer"]
 
@@ -52,11 +61,11 @@ class SensitivityExplorer(w.VBox):
 
     def __init__(
         self,
-        result: Any,
+        result: SensitivityResult,
         model: nn.Module,
         evaluate: Callable[[nn.Module], float] | None = None,
         *,
-        suggestion: Any = None,
+        suggestion: Suggestion | None = None,
         objective: str = "params",
     ) -> None:
         self.result = result
@@ -76,7 +85,6 @@ class SensitivityExplorer(w.VBox):
             self._suggest()
         else:
             self.set_ratios(suggestion.ratios)
-        self._show_model()
 
     # ----------------------------------------------------------------- construction
     def _build(self) -> None:
@@ -170,7 +178,10 @@ class SensitivityExplorer(w.VBox):
             for names in groups.values()
         ]
         titles = [f"{p or '(top level)'} — {len(names)} layer(s)" for p, names in groups.items()]
-        return w.Box([w.Accordion(pages, titles=titles, layout=w.Layout(width="100%"))], layout=box)
+        accordion = w.Accordion(
+            pages, titles=titles, selected_index=0, layout=w.Layout(width="100%")
+        )
+        return w.Box([accordion], layout=box)
 
     def _slider_row(self, name: str, label: str, label_width: int) -> w.HBox:
         # Below its sparsity at sweep time a layer cannot go (pruning never revives), and
@@ -249,7 +260,7 @@ class SensitivityExplorer(w.VBox):
         self.set_ratios(s.ratios)
         self.status.value = (
             f"suggested for {kind.replace('_', ' ')} {value:g}: {fmt_pct(s.sparsity)} sparsity, "
-            f"predicted {self.result.metric} {s.predicted:.4g}"
+            f"predicted {self.result.metric} {fmt_metric(s.predicted)}"
         )
 
     # ----------------------------------------------------------------- actions
@@ -278,8 +289,8 @@ class SensitivityExplorer(w.VBox):
                 return None
         self.measured = value
         self.status.value = (
-            f"measured {self.result.metric} {value:.4g} at this setting (predicted "
-            f"{predicted:.4g}); model left unchanged"
+            f"measured {self.result.metric} {fmt_metric(value)} at this setting (predicted "
+            f"{fmt_metric(predicted)}); model left unchanged"
         )
         return value
 
@@ -293,8 +304,8 @@ class SensitivityExplorer(w.VBox):
             except (ValueError, TypeError) as err:
                 self.status.value = f"not applied: {err}"
                 return
-        after = self._show_model()
         self._refresh()
+        after = self._costs.now()
         self.status.value = (
             f"applied: {fmt_pct(self.result.sparsity_of(ratios))} sparsity over the explored "
             f"layers; model now has {after.nonzero:,} nonzero parameters (was {before.nonzero:,})"
@@ -310,8 +321,8 @@ class SensitivityExplorer(w.VBox):
             except ValueError as err:
                 self.status.value = f"nothing undone: {err}"
                 return
-        after = self._show_model()
         self._refresh()
+        after = self._costs.now()
         self.status.value = (
             f"undone: {steps[-1].name} ({steps[-1].detail}); model now has {after.nonzero:,} "
             f"nonzero parameters (was {before.nonzero:,})"
@@ -341,25 +352,22 @@ class SensitivityExplorer(w.VBox):
         )
 
     def _refresh(self) -> None:
+        # The model may also have changed outside the widget (%prune, %undo in another
+        # cell); every refresh re-reads it, cheaply, as the costs are keyed on its history.
         ratios = self.ratios
-        self.readout.value = readout_html(
-            self.result, ratios, self._costs.setting(ratios), self._costs.now()
-        )
-        # One assignment (not clear + append) so the frontend redraws once, and no
-        # Output capture context is needed: the same path works in pytest.
-        self.plot.outputs = (figure_output(render(self.result, ratios)),)
-
-    def _show_model(self) -> Any:
         now = self._costs.now()
+        self.readout.value = readout_html(self.result, ratios, self._costs.setting(ratios), now)
         self.model_label.value = (
             f"model now: {now.nonzero:,} nonzero parameters of {now.total:,} "
             f"({fmt_pct(now.sparsity)} zero); {fmt_bytes(now.dense)} dense, "
             f"{fmt_bytes(now.csr)} as CSR (est.)"
         )
-        return now
+        # One assignment (not clear + append) so the frontend redraws once, and no
+        # Output capture context is needed: the same path works in pytest.
+        self.plot.outputs = (figure_output(render(self.result, ratios)),)
 
 
-def _header_html(result: Any) -> str:
+def _header_html(result: SensitivityResult) -> str:
     direction = "higher is better" if result.higher_is_better else "lower is better"
     proxy = (
         " <span style='color:#b00020'>· proxy metric (no evaluate function was given)</span>"
@@ -369,6 +377,7 @@ def _header_html(result: Any) -> str:
     partial = " <span style='color:#b00020'>· partial sweep</span>" if not result.complete else ""
     return (
         f"<b>Sensitivity explorer</b> — {result.metric} ({direction}), baseline "
-        f"{result.baseline:.4g} · {len(result.layers)} layer(s) × {len(result.ratios)} ratios, "
-        f"{result.evaluations} evaluations in {result.seconds:.1f} s{proxy}{partial}"
+        f"{fmt_metric(result.baseline)} · {len(result.layers)} layer(s) × "
+        f"{len(result.ratios)} ratios, {result.evaluations} evaluations in "
+        f"{result.seconds:.1f} s{proxy}{partial}"
     )

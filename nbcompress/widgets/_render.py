@@ -18,11 +18,13 @@ from nbcompress import plots
 from nbcompress.engine.report import fmt_bytes, fmt_pct
 from nbcompress.widgets._setting import Footprint
 
-__all__ = ["figure_output", "group_layers", "readout_html", "render"]
+__all__ = ["figure_output", "fmt_metric", "group_layers", "readout_html", "render"]
 
 
-def _fmt_metric(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
+def fmt_metric(value: float | None) -> str:
+    """Format a metric value with five significant digits."""
+    # Five significant digits: proxy metrics sit near 1 and differ in the 4th–5th digit.
+    return "—" if value is None else f"{value:.5g}"
 
 
 def render(result: Any, ratios: Mapping[str, float]) -> Figure:
@@ -150,9 +152,9 @@ def readout_html(
         ),
         (
             f"predicted {metric}",
-            _fmt_metric(predicted),
+            fmt_metric(predicted),
             f"<span style='color:{colour}'>{change:+.3g}</span> vs baseline "
-            f"{_fmt_metric(result.baseline)}",
+            f"{fmt_metric(result.baseline)}",
         ),
     ]
     cells = "".join(

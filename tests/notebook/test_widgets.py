@@ -89,7 +89,7 @@ def test_slider_move_updates_readout_and_plot(result, explorer):
     explorer.sliders["fc2"].value = 0.9
     ratios = explorer.ratios
     assert explorer.readout.value != readout
-    assert f"{result.predict(ratios):.4g}" in explorer.readout.value
+    assert f"{result.predict(ratios):.5g}" in explorer.readout.value
     assert f"{100 * result.sparsity_of(ratios):.1f}%" in explorer.readout.value
     assert png(explorer) != picture and png(explorer).startswith(b"\x89PNG")
 
@@ -111,7 +111,7 @@ def test_evaluate_measures_setting_and_leaves_model_unchanged(explorer, model, e
     nbcompress.prune_(twin, ratios, include_output=True)
     assert explorer.measured == pytest.approx(evaluate(twin))
     assert explorer.measured != pytest.approx(evaluate(model))  # pruning this much costs
-    assert f"{explorer.measured:.4g}" in explorer.status.value
+    assert f"{explorer.measured:.5g}" in explorer.status.value
     assert_same_state(model, saved)
     assert len(nbcompress.history(model)) == steps
 
@@ -140,6 +140,13 @@ def test_undo_restores_bit_exact(explorer, model):
     assert not nbcompress.history(model)
     assert explorer.status.value.startswith("undone")
     assert f"{dense:,} nonzero" in explorer.model_label.value
+
+
+def test_model_changed_outside_the_widget_shows_on_next_move(explorer, model):
+    nbcompress.prune_(model, 0.5)  # e.g. %prune in another cell
+    explorer.sliders["fc3"].value = 0.2
+    assert f"{nonzero(model):,} nonzero" in explorer.model_label.value
+    assert f"(now {nonzero(model):,})" in explorer.readout.value
 
 
 def test_undo_with_nothing_recorded_reports_instead_of_raising(explorer, model):
