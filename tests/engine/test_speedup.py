@@ -76,6 +76,26 @@ def test_nothing_faster_leaves_the_model_alone_and_says_so(monkeypatch):
     assert len(nc.history(model)) == 0
 
 
+def test_dense_layers_are_never_proposed_even_if_timing_says_so(monkeypatch):
+    _fake_timer(monkeypatch, FAST)
+    model, x = nn.Sequential(nn.Linear(32, 16)), torch.randn(4, 32)
+    report = nc.speedup(model, x)
+    assert report.rows[0]["chosen"] == "dense fp32"
+    assert "moves more bytes than dense" in report.rows[0]["why"]
+
+
+def test_a_noisy_win_is_not_a_win(monkeypatch):
+    # Median 2x faster, but the candidate's slow end (p90) is no better than dense.
+    def fake(fns, **_):
+        return {k: Timing(1.0, 0.9, 1.1, 3) if k == "dense" else Timing(0.5, 0.3, 1.2, 3)
+                for k in fns}  # fmt: skip
+
+    monkeypatch.setattr(sp, "measure_interleaved", fake)
+    monkeypatch.setattr(sp, "measure", lambda fn, **_: Timing(0.01, 0.01, 0.01, 3))
+    report = nc.speedup(_pruned_mlp(), torch.randn(4, 32))
+    assert all(r["chosen"] == "dense fp32" for r in report.rows)
+
+
 def test_not_faster_end_to_end_keeps_dense(monkeypatch):
     _fake_timer(monkeypatch, {**FAST, "compressed": 1.2})
     model, x = _pruned_mlp(), torch.randn(4, 32)
@@ -129,6 +149,9 @@ def test_failure_while_building_leaves_model_untouched(monkeypatch):
 def test_conv_model_and_refused_layers(monkeypatch):
     _fake_timer(monkeypatch, FAST)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2))
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight[conv.weight.abs() < conv.weight.abs().median()] = 0
     x = torch.randn(2, 3, 10, 10)
     ref = model(x).detach()
     report = nc.speedup(model, x, apply=True)

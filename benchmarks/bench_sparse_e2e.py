@@ -1,0 +1,130 @@
+"""End to end: 90%-pruned models before and after ``sparsify_``, timed side by side.
+
+    python benchmarks/bench_sparse_e2e.py --quick      # < 2 minutes
+    python benchmarks/bench_sparse_e2e.py --write      # also update benchmarks/RESULTS.md
+
+Each model is pruned with ``nbcompress.prune_`` (L1, per layer), copied (the dense
+reference keeps its zeros on dense kernels), then ``sparsify_`` converts what measured
+faster. Both are timed interleaved; the outputs are compared. An unpruned model checks
+that ``sparsify_`` never makes a model slower (it must leave it alone).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import machine, write_results  # noqa: E402
+
+from nbcompress.engine.prune import prune_  # noqa: E402
+from nbcompress.engine.sparsify import sparsify_  # noqa: E402
+from nbcompress.engine.timing import measure_interleaved  # noqa: E402
+from nbcompress.kernels.modules import SparseConv2d, SparseLinear  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def bert_ffn(blocks: int = 2) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)]
+    return nn.Sequential(*layers).eval()
+
+
+def lenet_300_100_x4() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(784, 1200), nn.ReLU(), nn.Linear(1200, 400), nn.ReLU(), nn.Linear(400, 10)
+    ).eval()
+
+
+def small_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()  # fmt: skip
+
+
+def cases(quick: bool) -> list[tuple[str, nn.Module, torch.Tensor, float]]:
+    out = []
+    for batch in (1, 8) if quick else (1, 8, 64):
+        out.append((f"BERT-base FFN ×2, batch {batch}", bert_ffn(), torch.randn(batch, 768), 0.9))
+        out.append(
+            (f"LeNet-300-100 ×4, batch {batch}", lenet_300_100_x4(), torch.randn(batch, 784), 0.9)
+        )  # noqa: E501
+    out.append(("small CNN 32×32, batch 1", small_cnn(), torch.randn(1, 3, 32, 32), 0.9))
+    out.append(("BERT-base FFN ×2, batch 8, unpruned", bert_ffn(), torch.randn(8, 768), 0.0))
+    return out
+
+
+def run(name: str, model: nn.Module, x: torch.Tensor, amount: float, repeats: int) -> dict:
+    if amount:
+        prune_(model, amount, include_output=True)
+    dense = copy.deepcopy(model)
+    sparsify_(model, x, repeats=repeats)
+    n_sparse = sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules())
+    with torch.no_grad():
+        diff = float((model(x) - dense(x)).abs().max())
+    t = measure_interleaved(
+        {"dense": lambda: dense(x), "sparsified": lambda: model(x)},
+        warmup=3,
+        repeats=repeats,
+        min_sample=5e-3,
+    )
+    return {
+        "model": name,
+        "sparsity": amount,
+        "sparse layers": n_sparse,
+        "dense": t["dense"],
+        "sparsified": t["sparsified"],
+        "speedup": t["dense"].median / t["sparsified"].median,
+        "max |Δ|": diff,
+    }
+
+
+def fmt(r: dict) -> str:
+    return (
+        f"{r['model']:<38} pruned {100 * r['sparsity']:3.0f}%  sparse layers {r['sparse layers']}"
+        f"  dense {r['dense']}  sparsified {r['sparsified']}  → {r['speedup']:.2f}×"
+        f"  max |Δ| {r['max |Δ|']:.1e}"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    repeats = 7 if args.quick else 15
+    print(machine())
+    rows = []
+    for name, model, x, amount in cases(args.quick):
+        rows.append(run(name, model, x, amount, repeats))
+        print(fmt(rows[-1]), flush=True)
+    if args.write:
+        text = "\n".join([
+            f"Command: `python benchmarks/bench_sparse_e2e.py{' --quick' if args.quick else ''}"
+            f" --write`, 1 thread. Machine: {machine()}.",
+            "Dense = the same pruned model on torch's dense kernels; sparsified = after "
+            "`sparsify_` (only layers measured faster are converted). Times: median "
+            "(p10–p90) of interleaved samples.",
+            "", "```", *(fmt(r) for r in rows), "```",
+        ])  # fmt: skip
+        write_results("End to end (bench_sparse_e2e.py)", text)
+
+
+if __name__ == "__main__":
+    main()
