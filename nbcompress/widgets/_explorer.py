@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 from torch import nn
@@ -47,10 +47,12 @@ class SensitivityExplorer(w.VBox):
     Args:
         result: A ``SensitivityResult`` from :func:`nbcompress.sensitivity`.
         model: The live model the sweep was run on.
-        evaluate: ``evaluate(model) -> float`` for the "Evaluate" button; without it the
-            button is disabled (a proxy sweep has no real metric to measure).
+        evaluate: ``evaluate(model) -> float`` for the "Evaluate" button; without it (and
+            without ``example_inputs`` for a proxy sweep) the button is disabled.
         suggestion: Initial ratios; default ``result.suggest(target_sparsity=0.5)``.
         objective: What suggestions maximise: ``"params"`` or ``"macs"``.
+        example_inputs: For a proxy sweep: the input on which "Evaluate" measures the
+            proxy, against the model's output as it is when the explorer is made.
 
     Attributes:
         sliders: Layer name → its ratio slider.
@@ -67,9 +69,12 @@ class SensitivityExplorer(w.VBox):
         *,
         suggestion: Suggestion | None = None,
         objective: str = "params",
+        example_inputs: Any = None,
     ) -> None:
         self.result = result
         self.model = model
+        if evaluate is None and result.proxy and example_inputs is not None:
+            evaluate = _proxy_metric(model, example_inputs)
         self.evaluate = evaluate
         self.objective = objective
         self.measured: float | None = None
@@ -365,6 +370,14 @@ class SensitivityExplorer(w.VBox):
         # One assignment (not clear + append) so the frontend redraws once, and no
         # Output capture context is needed: the same path works in pytest.
         self.plot.outputs = (figure_output(render(self.result, ratios)),)
+
+
+def _proxy_metric(model: nn.Module, example_inputs: Any) -> Callable[[nn.Module], float]:
+    # The engine's proxy, with its reference output taken now, from the unpruned setting.
+    from nbcompress.engine.sensitivity import measurer
+
+    measure = measurer(model, None, example_inputs, proxy=True)
+    return lambda m: measure()
 
 
 def _header_html(result: SensitivityResult) -> str:

@@ -207,6 +207,20 @@ def test_without_evaluate_the_button_is_disabled(result, model):
     assert ex.evaluate_setting() is None and "evaluate=" in ex.status.value
 
 
+def test_proxy_sweep_evaluates_the_proxy_on_example_inputs(model, digits):
+    x = digits.x_test[:64]
+    res = sensitivity(model, example_inputs=x, progress=False)
+    assert res.proxy
+    ex = SensitivityExplorer(res, model, example_inputs=x)
+    assert not ex.evaluate_button.disabled
+    ex.set_ratios({})
+    assert ex.evaluate_setting() == pytest.approx(1.0, abs=1e-6)  # agrees with itself
+    ex.set_ratios({"fc3": 0.9})
+    saved = snapshot(model)
+    assert ex.evaluate_setting() < 0.999
+    assert_same_state(model, saved)
+
+
 def test_render_marks_each_nonzero_ratio_on_its_curve(result):
     fig = render(result, {"fc1": 0.45, "fc2": 0.0, "fc3": 0.3})
     ax = fig.axes[0]
