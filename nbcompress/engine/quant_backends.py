@@ -27,7 +27,6 @@ from nbcompress.engine.quant_modules import (
     HalfWeight,
     Int8DynamicLinear,
     Int8WeightOnly,
-    SparseInt8Linear,
     weight_kind,
 )
 
@@ -170,22 +169,27 @@ def _torchao(config_name: str) -> Callable[[object, nn.Module], nn.Module]:
 
 def _numba_available() -> str | None:
     try:
-        from nbcompress.kernels import csr_matmul, pack_csr  # noqa: F401
+        from nbcompress.kernels.modules import SparseConv2d, SparseLinear  # noqa: F401
     except Exception as err:  # noqa: BLE001 - any import failure means "not here"
-        return f"nbcompress.kernels int8 CSR path not available ({type(err).__name__})"
+        return f"nbcompress.kernels int8 CSR modules not available ({type(err).__name__})"
     return None
 
 
 def _numba_supports(config: object, layer: nn.Module) -> str | None:
-    if type(layer) is not nn.Linear:
-        return "the numba int8 CSR kernel handles Linear only"
+    if type(layer) is not nn.Linear and not (
+        type(layer) is nn.Conv2d and isinstance(config, WeightInt8Config)
+    ):
+        return "the numba int8 CSR kernels handle Linear (and Conv2d weight-only)"
     density = float((layer.weight != 0).float().mean())
     # Below ~50% zeros a CSR kernel cannot beat dense int8 here (see notes/environment.md).
     return None if density <= 0.5 else f"only {1 - density:.0%} zeros (CSR pays from ~50%)"
 
 
 def _numba(config: object, layer: nn.Module) -> nn.Module:
-    return SparseInt8Linear(layer)
+    from nbcompress.kernels.modules import SparseConv2d, SparseLinear
+
+    cls = SparseLinear if type(layer) is nn.Linear else SparseConv2d
+    return cls.from_dense(layer, format="csr_int8")
 
 
 # --- nbcompress's own modules ------------------------------------------------------------

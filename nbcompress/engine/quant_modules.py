@@ -1,4 +1,4 @@
-"""Inference modules nbcompress builds itself: weight-only int8, half storage/compute, sparse int8.
+"""Inference modules nbcompress builds itself: weight-only and dynamic int8, half precision.
 
 They are ordinary ``nn.Module`` objects with their weights in buffers, so ``state_dict``,
 ``torch.save``, ``copy.deepcopy`` and ``pickle`` work and serialized sizes are real.
@@ -19,7 +19,6 @@ __all__ = [
     "HalfWeight",
     "Int8DynamicLinear",
     "Int8WeightOnly",
-    "SparseInt8Linear",
     "weight_kind",
 ]
 
@@ -122,54 +121,6 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     if isinstance(value, (tuple, list)):
         return type(value)(_cast(v, dtype) for v in value)
     return value
-
-
-class SparseInt8Linear(nn.Module):
-    """Linear layer on nbcompress's numba CSR kernel with int8 values (float activations).
-
-    Only the nonzeros are stored (uint16/uint32 column indices, int8 values, one scale per
-    row), so a pruned layer keeps its zeros and gets smaller than dense int8 when sparse.
-    """
-
-    def __init__(self, layer: nn.Linear) -> None:
-        super().__init__()
-        from nbcompress.kernels import pack_csr
-
-        mat = pack_csr(layer.weight.detach(), int8=True)
-        self.shape = mat.shape
-        for key in ("indptr", "indices", "data", "scale"):
-            self.register_buffer(key, torch.from_numpy(getattr(mat, key)))
-        bias = layer.bias
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
-        self._mat: Any = mat
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The dense float32 weight the kernel computes with."""
-        return torch.from_numpy(self._matrix().to_dense())
-
-    def _matrix(self) -> Any:
-        if self._mat is None:  # after deepcopy/unpickling, rebuild the view on the buffers
-            from nbcompress.kernels import CSRMatrix
-
-            arrays = {k: getattr(self, k).numpy() for k in ("indptr", "indices", "data", "scale")}
-            self._mat = CSRMatrix(shape=self.shape, **arrays)
-        return self._mat
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_mat"] = None
-        return state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        from nbcompress.kernels import csr_matmul
-
-        lead = x.shape[:-1]
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        out = torch.from_numpy(csr_matmul(self._matrix(), flat)).reshape(*lead, self.shape[0])
-        return out if self.bias is None else out + self.bias
-
-    def extra_repr(self) -> str:  # noqa: D102
-        return f"{self.shape[1]}→{self.shape[0]}, nnz={int(self.data.numel())}, int8 CSR"
 
 
 @functools.cache

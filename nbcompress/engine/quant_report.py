@@ -32,6 +32,8 @@ def weight_values(module: nn.Module) -> torch.Tensor | None:
     """The (dequantized) weight a layer computes with, whatever the backend, if it has one."""
     if hasattr(module, "dequantized_weight"):
         return module.dequantized_weight()
+    if hasattr(module, "dense_weight"):  # nbcompress.kernels sparse modules
+        return module.dense_weight()
     if hasattr(module, "inner"):
         module = module.inner
     w = getattr(module, "weight", None)

@@ -288,6 +288,7 @@ def test_numba_sparse_int8_backend_on_a_pruned_layer():
     r = nc.quantize_report(model)
     assert {row["backend"] for row in r.rows if row["backend"]} == {"numba-csr-int8"}
     assert "only 0% zeros" in r.skipped["4"]  # the output layer was not pruned
+    assert type(model[0]).__name__ == "SparseLinear" and model[0].format == "csr_int8"
     assert torch.allclose(run(model, x), ref, atol=0.02 * ref.abs().max())
     assert torch.equal(run(copy.deepcopy(model), x), run(model, x))
     assert r.rows[0]["sparsity"] >= 0.9
@@ -315,3 +316,14 @@ def test_static_config_engine_and_fusion_can_be_turned_off():
     kinds = {(type(m).__module__, type(m).__name__) for m in model.modules()}
     assert not any("intrinsic" in mod for mod, _ in kinds)  # nothing fused
     assert ("torch.ao.nn.quantized.modules.batchnorm", "BatchNorm2d") in kinds
+
+
+def test_numba_sparse_int8_conv_in_weight_mode():
+    if backends_for(DynamicInt8Config(), "numba")[0].available():
+        pytest.skip("nbcompress.kernels int8 CSR path not present")
+    model, x = cnn().eval(), torch.rand(2, 1, 8, 8)
+    nc.prune_(model, 0.8)
+    ref = run(model, x)
+    nc.quantize_(model, "weight", example_inputs=x, backend="numba", **FAST)
+    assert type(model[0]).__name__ == type(model[3]).__name__ == "SparseConv2d"
+    assert torch.allclose(run(model, x), ref, atol=0.05 * ref.abs().max())
