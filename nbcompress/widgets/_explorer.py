@@ -9,6 +9,7 @@ setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
 from __future__ import annotations
 
 import contextlib
+import html
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from nbcompress.widgets._render import (
     figure_output,
     fmt_metric,
     group_layers,
+    header_html,
     readout_html,
     render,
 )
@@ -93,7 +95,7 @@ class SensitivityExplorer(w.VBox):
 
     # ----------------------------------------------------------------- construction
     def _build(self) -> None:
-        self.header = w.HTML(_header_html(self.result))
+        self.header = w.HTML(header_html(self.result))
         self.plot = w.Output(
             layout=w.Layout(width="52%", min_width="320px", max_height="560px", overflow="auto")
         )
@@ -352,7 +354,8 @@ class SensitivityExplorer(w.VBox):
         change = self.result.predict({name: ratio}) - self.result.baseline
         self._infos[name].value = (
             f"<span style='font-size:85%;color:#555;white-space:nowrap' title='weights in "
-            f"the layer; predicted change of {self.result.metric} when only it is pruned'>"
+            f"the layer; predicted change of {html.escape(self.result.metric)} when only it is "
+            "pruned'>"
             f"{fmt_count(self.result.sizes[name])} w · Δ {change:+.2g}</span>"
         )
 
@@ -378,19 +381,3 @@ def _proxy_metric(model: nn.Module, example_inputs: Any) -> Callable[[nn.Module]
 
     measure = measurer(model, None, example_inputs, proxy=True)
     return lambda m: measure()
-
-
-def _header_html(result: SensitivityResult) -> str:
-    direction = "higher is better" if result.higher_is_better else "lower is better"
-    proxy = (
-        " <span style='color:#b00020'>· proxy metric (no evaluate function was given)</span>"
-        if result.proxy
-        else ""
-    )
-    partial = " <span style='color:#b00020'>· partial sweep</span>" if not result.complete else ""
-    return (
-        f"<b>Sensitivity explorer</b> — {result.metric} ({direction}), baseline "
-        f"{fmt_metric(result.baseline)} · {len(result.layers)} layer(s) × "
-        f"{len(result.ratios)} ratios, {result.evaluations} evaluations in "
-        f"{result.seconds:.1f} s{proxy}{partial}"
-    )

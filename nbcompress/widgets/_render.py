@@ -18,7 +18,14 @@ from nbcompress import plots
 from nbcompress.engine.report import fmt_bytes, fmt_pct
 from nbcompress.widgets._setting import Footprint
 
-__all__ = ["figure_output", "fmt_metric", "group_layers", "readout_html", "render"]
+__all__ = [
+    "figure_output",
+    "fmt_metric",
+    "group_layers",
+    "header_html",
+    "readout_html",
+    "render",
+]
 
 
 def fmt_metric(value: float | None) -> str:
@@ -165,3 +172,20 @@ def readout_html(
         for title, value, note in cards
     )
     return f"<div style='display:flex;flex-wrap:wrap;gap:6px'>{cells}</div>"
+
+
+def header_html(result: Any) -> str:
+    """The explorer's title line: metric, direction, baseline, size and cost of the sweep."""
+    direction = "higher is better" if result.higher_is_better else "lower is better"
+    proxy = (
+        " <span style='color:#b00020'>· proxy metric (no evaluate function was given)</span>"
+        if result.proxy
+        else ""
+    )
+    partial = " <span style='color:#b00020'>· partial sweep</span>" if not result.complete else ""
+    return (
+        f"<b>Sensitivity explorer</b> — {html.escape(result.metric)} ({direction}), baseline "
+        f"{fmt_metric(result.baseline)} · {len(result.layers)} layer(s) × "
+        f"{len(result.ratios)} ratios, {result.evaluations} evaluations in "
+        f"{result.seconds:.1f} s{proxy}{partial}"
+    )
