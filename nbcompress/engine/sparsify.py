@@ -174,9 +174,10 @@ def _measure_layer(name: str, module: nn.Module, call: tuple, opts: dict) -> Lay
 
 
 def _faster(fast: Timing, slow: Timing, min_gain: float) -> bool:
-    # Robust to a noisy machine: the median must win by min_gain and even the slow end of
-    # the candidate's spread (p90) must beat the dense median.
-    return slow.median >= (1 + min_gain) * fast.median and fast.p90 < slow.median
+    # Robust to a noisy machine: the median must win by min_gain, and the slow end of the
+    # candidate's spread (p90) must not be slower than dense's, so that one lucky run of
+    # samples cannot flip a decision.
+    return slow.median >= (1 + min_gain) * fast.median and fast.p90 <= slow.p90
 
 
 def _decide(res: LayerResult, opts: dict) -> None:

@@ -50,7 +50,7 @@ _COLUMNS = {
 }
 
 
-@dataclass
+@dataclass(repr=False)
 class SpeedupReport:
     """Measured per-layer and end-to-end timings of dense vs sparse execution.
 
@@ -98,6 +98,8 @@ class SpeedupReport:
 
     def __str__(self) -> str:
         return text_table(self.rows, _COLUMNS, title="Speedup (measured)", notes=self._summary())
+
+    __repr__ = __str__
 
     def _repr_html_(self) -> str:
         chosen = [i for i, r in enumerate(self.rows) if r["chosen"] != "dense"]

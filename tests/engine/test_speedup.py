@@ -85,7 +85,7 @@ def test_dense_layers_are_never_proposed_even_if_timing_says_so(monkeypatch):
 
 
 def test_a_noisy_win_is_not_a_win(monkeypatch):
-    # Median 2x faster, but the candidate's slow end (p90) is no better than dense.
+    # Median 2x faster, but the candidate's slow end (p90) is slower than dense's.
     def fake(fns, **_):
         return {k: Timing(1.0, 0.9, 1.1, 3) if k == "dense" else Timing(0.5, 0.3, 1.2, 3)
                 for k in fns}  # fmt: skip
