@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 
-def _select(model: nn.Module, config: QuantConfig, layers: Any, types: Any) -> dict:
+def _select(model: nn.Module, layers: Any, types: Any) -> dict[str, nn.Module]:
     wanted = DEFAULT_TYPES if types is None else types
     try:
         selected, _ = select_layers(model, layers, wanted, include_output=True)
@@ -158,9 +158,13 @@ def quantize_(
     only_faster: bool = False,
     repeats: int = 10,
 ) -> nn.Module:
-    """Quantize ``model`` in place, undoably, with the fastest correct backend per layer.
+    """Quantize ``model`` in place, undoably, with the best measured backend per layer.
 
-    The figures (sizes, latency, metric, output difference, backend per layer, layers
+    Per layer, every installed backend builds a candidate from a copy; candidates whose
+    output on the layer's real input is off by more than the mode's tolerance, or that
+    cannot be pickled, are rejected; of the rest, those at most 1.5× slower than the
+    fastest compete on accuracy, then speed, then size (see ``quant_modes._choose``). The
+    figures (sizes, latency, metric, output difference, backend per layer, layers
     kept float and why) are in :func:`quantize_report` afterwards.
 
     Args:
@@ -185,31 +189,35 @@ def quantize_(
             is left untouched.
         TypeError: ``model`` is not an ``nn.Module``.
     """
-    _quantize(
-        model,
-        mode,
-        layers,
-        types,
-        calibrate,
-        example_inputs,
-        evaluate,
-        backend,
-        only_faster,
-        repeats,
-    )
+    job = _plan(model, mode, layers, types, calibrate, example_inputs, backend, only_faster)
+    job.repeats = _check_repeats(repeats)
+    _run(job, evaluate)
     return model
 
 
-def _quantize(
-    model, mode, layers, types, calibrate, example_inputs, evaluate, backend, only_faster, repeats
-):  # noqa: ANN001, ANN202
+def _check_repeats(repeats: Any) -> int:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: expected a positive integer such as 10, got {repeats!r}.")
+    return repeats
+
+
+def _plan(
+    model: nn.Module,
+    mode: str | QuantConfig,
+    layers: Any,
+    types: Any,
+    calibrate: Any,
+    example_inputs: Any,
+    backend: str,
+    only_faster: bool,
+) -> _Job:
+    """Check every argument before anything is touched; return the job to run."""
     check_module(model)
     config = resolve_mode(mode)
-    handler = HANDLERS.get(type(config))
-    if handler is None:
+    if type(config) not in HANDLERS:
         raise ValueError(f"mode: no handler registered for {type(config).__name__}.")
     family = _check_family(backend)
-    selected = _select(model, config, layers, types)
+    selected = _select(model, layers, types)
     inputs = None if example_inputs is None else as_inputs(example_inputs)
     if isinstance(config, StaticInt8Config):
         # Materialised once: a generator could not be iterated a second time.
@@ -217,7 +225,12 @@ def _quantize(
         with _eval_mode(model):
             run_forward(model, calibrate[0], arg="calibrate")
         inputs = calibrate[0] if inputs is None else inputs
-    job = _Job(model, config, family, selected, inputs, calibrate, only_faster, repeats)
+    return _Job(model, config, family, selected, inputs, calibrate, only_faster, repeats=10)
+
+
+def _run(job: _Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeReport:
+    """Measure the float model, quantize inside a transaction, measure again."""
+    model, inputs, config = job.model, job.inputs, job.config
     report = QuantizeReport(mode=config.label)
     with _eval_mode(model):
         # Cloned now: some models (sentence encoders) write their output into the input dict.
@@ -225,9 +238,10 @@ def _quantize(
         report.metric_before = _metric(evaluate, model)
         report.size_before = serialized_size(model)
         float_copy = copy.deepcopy(model) if inputs is not None else None
+    kept_note = _kept_float_note(model, job.selected)
     # The transaction is entered outside eval mode so that undo restores the user's flags.
     with transaction(model, "quantize", config.label) as tx, _eval_mode(model):
-        handler(job, tx)
+        HANDLERS[type(config)](job, tx)
         report.rows = job.rows
         if not report.quantized:
             raise ValueError(
@@ -236,16 +250,13 @@ def _quantize(
             )
         report.size_after = serialized_size(model)
         done = set(report.quantized)
-        report.layers_before = serialized_size({n: m for n, m in selected.items() if n in done})
-        report.layers_after = serialized_size({n: m for n, m in job.new.items() if n in done})
+        report.layers_before = serialized_size({n: job.selected[n] for n in done})
+        report.layers_after = serialized_size({n: job.new[n] for n in done})
         _finish(job, report, ref, float_copy)
         report.metric_after = _metric(evaluate, model)
-        tx.step.detail = f"{config.label}: {len(report.quantized)} layer(s)"
+        tx.step.detail = f"{config.label}: {len(done)} layer(s)"
         tx.info["report"] = report
-    report.notes = job.notes + report.notes
-    note = _kept_float_note(model, selected)
-    if note:
-        report.notes.append(note)
+    report.notes = job.notes + report.notes + ([kept_note] if kept_note else [])
     if job.warnings:
         top = sorted(job.warnings, key=job.warnings.get, reverse=True)[:2]
         report.notes.append(
