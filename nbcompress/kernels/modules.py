@@ -121,6 +121,31 @@ class _SparseBase(nn.Module):
             )
         return x.detach()
 
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        *,
+        format: str = "csr",  # noqa: A002 - mirrors the public option name
+        block: tuple[int, int] = (4, 1),
+    ) -> Any:
+        """Pack a dense layer's weight; the original module is not modified.
+
+        Args:
+            module: The dense layer (``nn.Linear`` for SparseLinear, ``nn.Conv2d`` for
+                SparseConv2d).
+            format: ``"csr"``, ``"csr_int8"`` or ``"bsr"``.
+            block: Block shape (R, C) for ``"bsr"``.
+
+        Returns:
+            The sparse layer.
+        """
+        return cls(module, format=format, block=block)
+
+    def _set_bias(self, bias: torch.Tensor | None) -> None:
+        b = None if bias is None else bias.detach().to(torch.float32).clone()
+        self.register_buffer("bias", b)
+
     def _matmul(self, x2: torch.Tensor) -> np.ndarray:
         mat = self.matrix()
         if isinstance(mat, BSRMatrix):
@@ -131,46 +156,25 @@ class _SparseBase(nn.Module):
 class SparseLinear(_SparseBase):
     """Drop-in replacement for ``nn.Linear`` with a sparse weight (inference only).
 
-    Build it with :meth:`from_dense`. ``format`` chooses the kernel: ``"csr"`` (float32,
-    results equal the dense layer up to summation order), ``"csr_int8"`` (int8 values
-    with per-row scales) or ``"bsr"`` (dense blocks, for structured sparsity).
+    Build it with :meth:`from_dense` (or the constructor, same arguments). ``format``
+    chooses the kernel: ``"csr"`` (float32, results equal the dense layer up to summation
+    order), ``"csr_int8"`` (int8 values with per-row scales) or ``"bsr"`` (dense blocks,
+    for structured sparsity).
     """
 
     def __init__(
         self,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None = None,
+        linear: nn.Linear,
         *,
         format: str = "csr",  # noqa: A002 - mirrors the public option name
         block: tuple[int, int] = (4, 1),
     ) -> None:
         super().__init__()
-        self.out_features, self.in_features = (int(s) for s in weight.shape)
-        self._store(weight, format, block)
-        b = None if bias is None else bias.detach().to(torch.float32).clone()
-        self.register_buffer("bias", b)
-
-    @classmethod
-    def from_dense(
-        cls,
-        module: nn.Linear,
-        *,
-        format: str = "csr",
-        block: tuple[int, int] = (4, 1),  # noqa: A002
-    ) -> SparseLinear:
-        """Pack an ``nn.Linear``'s weight; the original module is not modified.
-
-        Args:
-            module: The dense layer.
-            format: ``"csr"``, ``"csr_int8"`` or ``"bsr"``.
-            block: Block shape for ``"bsr"``.
-
-        Returns:
-            The sparse layer.
-        """
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}.")
-        return cls(module.weight, module.bias, format=format, block=block)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"module: expected nn.Linear, got {type(linear).__name__}.")
+        self.out_features, self.in_features = linear.out_features, linear.in_features
+        self._store(linear.weight.detach(), format, block)
+        self._set_bias(linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to ``(..., in_features)`` input."""
@@ -219,8 +223,7 @@ class SparseConv2d(_SparseBase):
         self.padding = (0, 0) if conv.padding == "valid" else tuple(conv.padding)
         self.dilation = tuple(conv.dilation)
         self._store(conv.weight.detach().reshape(conv.out_channels, -1), format, block)
-        b = None if conv.bias is None else conv.bias.detach().to(torch.float32).clone()
-        self.register_buffer("bias", b)
+        self._set_bias(conv.bias)
 
     @staticmethod
     def _refuse(conv: Any) -> None:
@@ -236,26 +239,6 @@ class SparseConv2d(_SparseBase):
                 "module: SparseConv2d supports numeric zero padding only (got padding="
                 f"{conv.padding!r}, padding_mode={conv.padding_mode!r}); the layer is left dense."
             )
-
-    @classmethod
-    def from_dense(
-        cls,
-        module: nn.Conv2d,
-        *,
-        format: str = "csr",
-        block: tuple[int, int] = (4, 1),  # noqa: A002
-    ) -> SparseConv2d:
-        """Pack an ``nn.Conv2d``'s weight (as out × in·kh·kw); the original is unchanged.
-
-        Args:
-            module: The dense convolution.
-            format: ``"csr"``, ``"csr_int8"`` or ``"bsr"``.
-            block: Block shape for ``"bsr"``.
-
-        Returns:
-            The sparse layer.
-        """
-        return cls(module, format=format, block=block)
 
     def _direct(self) -> bool:
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
