@@ -108,7 +108,8 @@ def test_global_masks_without_guard_would_wipe_the_layer():
     big, small = torch.randn(100, 100) * 10, torch.randn(10, 10) * 0.01
     masks = global_masks({"big": big, "small": small}, 0.5, min_density=0.0)
     assert not masks["small"].any()
-    guarded = global_masks({"big": big, "small": small}, 0.5, min_density=0.1)
+    with pytest.warns(UserWarning, match="small"):
+        guarded = global_masks({"big": big, "small": small}, 0.5, min_density=0.1)
     assert int(guarded["small"].sum()) >= 10
 
 
