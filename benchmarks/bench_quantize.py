@@ -28,6 +28,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nbcompress as nc  # noqa: E402
+from nbcompress.engine.quant_modes import TIE  # noqa: E402
 from nbcompress.engine.report import fmt_bytes  # noqa: E402
 from nbcompress.engine.timing import measure_interleaved  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, load_digits, train  # noqa: E402
@@ -78,7 +79,14 @@ def quantized(model: nn.Module, mode: str, x: torch.Tensor, **kw) -> tuple[nn.Mo
     return q, nc.quantize_report(q)
 
 
-def digits_rows(quick: bool, repeats: int) -> list[str]:
+VERDICTS: list[str] = []
+
+
+def verdict(ok: bool, what: str) -> None:
+    VERDICTS.append(f"- {'met' if ok else '**NOT met**'}: {what}")
+
+
+def digits_rows(quick: bool, repeats: int) -> tuple[list[str], list]:
     rows = []
     cases = [
         ("digits CNN (SeedCNN, 28×28)", SeedCNN(), load_digits(28), 4 if quick else 10),
@@ -103,6 +111,11 @@ def digits_rows(quick: bool, repeats: int) -> list[str]:
                 f"{len(r.quantized)}/{len(r.rows)} ({', '.join(backends)}) |"
             )
             print(rows[-1], flush=True)
+            delta = 100 * (r.metric_after - base)
+            verdict(abs(delta) <= 0.5, f"{name} int8 {mode}: accuracy {delta:+.2f} points (≤ 0.5)")
+            verdict(
+                r.layer_ratio >= 3.5, f"{name} int8 {mode}: layers {r.layer_ratio:.2f}× (≥ 3.5)"
+            )
     return rows, cases
 
 
@@ -131,6 +144,15 @@ def latency_rows(models: list[tuple[str, nn.Module, tuple]], repeats: int) -> li
             backends = ",".join(sorted({row["backend"] for row in r.rows if row["backend"]}))
             rows.append(f"| {name} | {batch} | {cells} | {backends} |")
             print(rows[-1], flush=True)
+            auto, only = t["nbcompress auto"].median, t["nbcompress --only-faster"].median
+            verdict(
+                auto <= TIE * ref, f"{name} b{batch}: auto {ref / auto:.2f}× torch dynamic int8"
+            )
+            verdict(
+                only <= TIE * t["float"].median,
+                f"{name} b{batch}: --only-faster {t['float'].median / only:.2f}× fp32, auto "
+                f"{t['float'].median / auto:.2f}× fp32 (never slower than fp32)",
+            )
     return rows
 
 
@@ -149,6 +171,7 @@ def minilm_rows(repeats: int) -> list[str]:
     r = nc.quantize_report(st)
     emb = st.encode(SENTENCES, convert_to_tensor=True)
     cos = torch.nn.functional.cosine_similarity(emb, ref)
+    verdict(float(cos.mean()) >= 0.99, f"MiniLM int8 mean embedding cosine {cos.mean():.4f}")
     t = measure_interleaved(
         {
             "float": lambda: float_st.encode(SENTENCES, batch_size=16),
@@ -194,9 +217,11 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     acc, cases = digits_rows(args.quick, repeats)
     heavy = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
+    pruned = nc.prune_(copy.deepcopy(heavy), 0.9, include_output=True)
     lat = latency_rows(
         [
             ("MLP 768→3072→768", heavy, (768,)),
+            ("same MLP, 90% pruned", pruned, (768,)),
             ("LeNet-300-100", cases[1][1].eval(), (1, 8, 8)),
         ],
         repeats,
@@ -231,6 +256,10 @@ def main() -> None:
             "### all-MiniLM-L6-v2 (pretrained, int8 dynamic, auto backend)",
             "",
             *mini,
+            "",
+            "### Targets (computed by the script; 'met' for latency allows the 15% noise band)",
+            "",
+            *VERDICTS,
             "",
         ]
     )
