@@ -40,13 +40,6 @@ CHROMIUM_ARGS = [
 ]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.browser)
-
-
 def _unavailable(reason: str) -> None:
     if os.environ.get("REQUIRE_BROWSER") == "1":
         pytest.fail(f"REQUIRE_BROWSER=1 but the browser test cannot run: {reason}")
@@ -164,12 +157,12 @@ def browser() -> Iterator[object]:
             b.close()
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     # Lets the page fixture know whether the test failed, to keep a screenshot of it.
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     setattr(item, f"report_{report.when}", report)
-    return report
 
 
 @pytest.fixture
