@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine._validate import run_forward
 from nbcompress.engine.layers import PRUNABLE_TYPES
+from nbcompress.engine.profile import _capture  # each layer's (args, kwargs, output)
 from nbcompress.engine.quant_backends import backends_for, quiet
 from nbcompress.engine.quant_config import (
     DynamicInt8Config,
@@ -134,26 +134,6 @@ def _fill(row: dict[str, Any], new: nn.Module, config: QuantConfig, backend: str
     )
 
 
-def _capture(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple) -> dict[str, tuple]:
-    """Each layer's positional inputs during one float forward pass."""
-    seen: dict[str, tuple] = {}
-
-    def hook(name: str) -> Callable[..., None]:
-        # A forward hook that returns a value replaces the output: return nothing.
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
-            seen.setdefault(name, args)
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        run_forward(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def _rel_error(ref: Any, out: Any) -> float:
     a, b = _first_tensor(ref).float(), _first_tensor(out).float()
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
@@ -255,7 +235,8 @@ def _choose(job: _Job, name: str, layer: nn.Module, args: tuple | None, cache: d
 @register_mode(HalfConfig)
 def _per_layer(job: _Job, tx: Any) -> None:
     """Quantize layer by layer, picking the fastest correct backend for each."""
-    captured = _capture(job.model, job.selected, job.inputs) if job.inputs else {}
+    calls = _capture(job.model, job.selected, job.inputs) if job.inputs else {}
+    captured = {name: call[0] for name, call in calls.items()}  # positional args
     cache: dict = {}
     for name, layer in job.selected.items():
         row = _row(name, layer, job.config)
