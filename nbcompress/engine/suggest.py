@@ -33,7 +33,6 @@ __all__ = [
 
 #: Budget resolution of the dynamic programme (bins over the whole budget).
 _BINS = 2000
-_OBJECTIVES = ("params", "macs")
 
 
 @dataclass
@@ -91,11 +90,10 @@ class Suggestion:
 
 @dataclass
 class Curves:
-    """Monotone, non-negative drop curves: per layer, ratios (from 0) and predicted drops."""
+    """Monotone, non-negative drop curves: per layer, ratios (from its start) and drops."""
 
     xs: dict[str, np.ndarray]
     drops: dict[str, np.ndarray]
-    weights: dict[str, int] = field(default_factory=dict)
 
 
 def drop_curves(
@@ -131,7 +129,8 @@ def layer_drop(x: np.ndarray, d: np.ndarray, ratio: float) -> float:
     """Predicted drop of one layer at ``ratio``: linear between points, extended past the last."""
     if ratio <= x[-1] or len(x) == 1:
         # With no evaluated point at all, nothing is known: predict no drop.
-        return float(np.interp(ratio, x, d)) if len(x) > 1 else 0.0
+        value = float(np.interp(ratio, x, d)) if len(x) > 1 else 0.0
+        return math.inf if math.isnan(value) else value  # next to a non-finite metric
     slope = (d[-1] - d[-2]) / (x[-1] - x[-2]) if math.isfinite(d[-1]) else 0.0
     return float(d[-1] + max(slope, 0.0) * (ratio - x[-1]))
 
@@ -146,7 +145,7 @@ def _check_fraction(value: Any, arg: str, *, upper_open: bool = True) -> float:
 
 
 def _options(curves: Curves, name: str, step: float = 0.01) -> list[tuple[float, float]]:
-    """(ratio, drop) choices of one layer with a finite predicted drop; ratio 0 first.
+    """(ratio, drop) choices of one layer with a finite predicted drop; its start first.
 
     Besides the evaluated ratios, points every ``step`` in between are offered with
     interpolated drops: a coarse grid would otherwise force whole layers onto the same few
@@ -168,7 +167,7 @@ def choose(
     target_sparsity: float | None = None,
     max_drop: float | None = None,
 ) -> dict[str, float]:
-    """Pick one evaluated ratio per layer under a budget.
+    """Pick one ratio per layer (evaluated or interpolated between) under a budget.
 
     Args:
         curves: Drop curves from :func:`drop_curves`.
