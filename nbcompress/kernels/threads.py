@@ -15,14 +15,12 @@ with :func:`set_threads`.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import numba
 import torch
 
-__all__ = ["get_threads", "kernel_threads", "set_threads"]
+__all__ = ["configure_threading", "get_threads", "set_threads"]
 
 _STATE: dict[str, int | None] = {"threads": None}
 
@@ -50,12 +48,3 @@ def get_threads() -> int:
     """Number of threads the next kernel call will use."""
     wanted = _STATE["threads"] or torch.get_num_threads()
     return max(1, min(int(wanted), numba.config.NUMBA_NUM_THREADS))
-
-
-@contextlib.contextmanager
-def kernel_threads() -> Iterator[int]:
-    """Run a kernel with :func:`get_threads` threads; yields that number."""
-    n = get_threads()
-    if numba.get_num_threads() != n:
-        numba.set_num_threads(n)
-    yield n
