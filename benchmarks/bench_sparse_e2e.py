@@ -26,11 +26,11 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import machine, write_results  # noqa: E402
+from bench_kernels import machine, paired, write_results  # noqa: E402
 
 from nbcompress.engine.prune import prune_  # noqa: E402
 from nbcompress.engine.sparsify import sparsify_  # noqa: E402
-from nbcompress.engine.timing import measure_interleaved  # noqa: E402
+from nbcompress.engine.timing import format_seconds, measure_interleaved  # noqa: E402
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -76,19 +76,16 @@ def run(name: str, model: nn.Module, x: torch.Tensor, amount: float, repeats: in
     n_sparse = sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules())
     with torch.no_grad():
         diff = float((model(x) - dense(x)).abs().max())
-    t = measure_interleaved(
-        {"dense": lambda: dense(x), "sparsified": lambda: model(x)},
-        warmup=3,
-        repeats=repeats,
-        min_sample=5e-3,
-    )
+    fns = {"dense": lambda: dense(x), "sparsified": lambda: model(x)}
+    measure_interleaved(fns, warmup=3, repeats=3)  # warm-up
+    t = paired(fns, 3 * repeats)
     return {
         "model": name,
         "sparsity": amount,
         "sparse layers": n_sparse,
         "dense": t["dense"],
         "sparsified": t["sparsified"],
-        "speedup": t["dense"].median / t["sparsified"].median,
+        "speedup": 1 / t["sparsified ratio"],
         "max |Δ|": diff,
     }
 
@@ -96,7 +93,8 @@ def run(name: str, model: nn.Module, x: torch.Tensor, amount: float, repeats: in
 def fmt(r: dict) -> str:
     return (
         f"{r['model']:<38} pruned {100 * r['sparsity']:3.0f}%  sparse layers {r['sparse layers']}"
-        f"  dense {r['dense']}  sparsified {r['sparsified']}  → {r['speedup']:.2f}×"
+        f"  dense {format_seconds(r['dense'])}  sparsified {format_seconds(r['sparsified'])}"
+        f"  → {r['speedup']:.2f}×"
         f"  max |Δ| {r['max |Δ|']:.1e}"
     )
 
@@ -119,8 +117,9 @@ def main() -> None:
             f"Command: `python benchmarks/bench_sparse_e2e.py{' --quick' if args.quick else ''}"
             f" --write`, 1 thread. Machine: {machine()}.",
             "Dense = the same pruned model on torch's dense kernels; sparsified = after "
-            "`sparsify_` (only layers measured faster are converted). Times: median "
-            "(p10–p90) of interleaved samples.",
+            "`sparsify_` (only layers measured faster are converted). Times are medians over "
+            "interleaved rounds; the speed-up is the median of per-round ratios (see above). "
+            "The last row is an unpruned model: `sparsify_` must leave it alone (never slower).",
             "", "```", *(fmt(r) for r in rows), "```",
         ])  # fmt: skip
         write_results("End to end (bench_sparse_e2e.py)", text)
