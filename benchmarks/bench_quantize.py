@@ -17,7 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -27,6 +26,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_kernels import machine  # noqa: E402 - same machine line as the other benches
+
 import nbcompress as nc  # noqa: E402
 from nbcompress.engine.quant_modes import TIE  # noqa: E402
 from nbcompress.engine.report import fmt_bytes  # noqa: E402
@@ -53,19 +54,6 @@ SENTENCES = [
     "Please turn off the lights when you leave.",
     "The museum opens at nine on weekdays.",
 ]
-
-
-def machine() -> str:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    return f"{cpu}, {os.cpu_count()} cores, {threads} thread; torch {torch.__version__}"
 
 
 def torch_dynamic(model: nn.Module) -> nn.Module:
