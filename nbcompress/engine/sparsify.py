@@ -23,7 +23,7 @@ from nbcompress.engine._validate import as_inputs, check_module, run_forward
 from nbcompress.engine.history import Transaction, transaction
 from nbcompress.engine.layers import select_layers
 from nbcompress.engine.profile import _capture
-from nbcompress.engine.timing import Timing, measure, measure_interleaved
+from nbcompress.engine.timing import Timing, _summarise, measure, measure_interleaved
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 
 __all__ = ["Analysis", "LayerResult", "analyse", "sparsify_"]
@@ -54,6 +54,7 @@ class LayerResult:
         reason: Why it was chosen (or why the layer stays dense).
         break_even: Estimated sparsity at which the sparse fp32 kernel matches dense.
         candidates: Path → built sparse module.
+        sure: Path → 25th percentile of its per-round speed-up over dense.
     """
 
     name: str
@@ -67,6 +68,7 @@ class LayerResult:
     reason: str = ""
     break_even: float | None = None
     candidates: dict[str, nn.Module] = field(default_factory=dict)
+    sure: dict[str, float] = field(default_factory=dict)
 
     @property
     def replacement(self) -> nn.Module | None:
@@ -85,6 +87,7 @@ class Analysis:
     tolerance: float = 0.0
     verdict: str = ""
     warnings: dict[str, int] = field(default_factory=dict)
+    sure: float = 0.0
 
     @property
     def chosen(self) -> dict[str, LayerResult]:
@@ -147,6 +150,24 @@ def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> floa
     return float(min(1.0, max(0.0, 1.0 - density)))
 
 
+def _paired(fns: dict, repeats: int) -> tuple[dict[str, Timing], dict[str, float]]:
+    """Interleaved rounds: each candidate's timing, and how reliably it beats ``dense``.
+
+    Every round times all candidates back to back, so the per-round ratio to dense
+    compares samples taken under the same machine load. Returns the timings and, per
+    candidate, the 25th percentile of its per-round speed-up over dense: a value above 1
+    means it was faster in at least three rounds out of four.
+    """
+    measure_interleaved(fns, warmup=2, repeats=1)  # warm-up: compile, caches
+    rounds = [measure_interleaved(fns, warmup=0, repeats=1) for _ in range(repeats)]
+    times = {k: _summarise([r[k].median for r in rounds]) for k in fns}
+    sure = {}
+    for k in fns:
+        gains = sorted(r["dense"].median / r[k].median for r in rounds)
+        sure[k] = gains[len(gains) // 4]
+    return times, sure
+
+
 def _measure_layer(name: str, module: nn.Module, call: tuple, opts: dict) -> LayerResult:
     args, kwargs, output = call
     x = args[0]
@@ -167,17 +188,17 @@ def _measure_layer(name: str, module: nn.Module, call: tuple, opts: dict) -> Lay
     qmod = _torch_int8(module, opts["seen"])
     if qmod is not None:
         fns["torch_int8"] = lambda: qmod(x)
-    res.times = measure_interleaved(fns, warmup=2, repeats=opts["repeats"])
+    res.times, res.sure = _paired(fns, opts["repeats"])
     _decide(res, opts)
     res.break_even = _break_even(module, x, res)
     return res
 
 
-def _faster(fast: Timing, slow: Timing, min_gain: float) -> bool:
-    # Robust to a noisy machine: the median must win by min_gain, and the slow end of the
-    # candidate's spread (p90) must not be slower than dense's, so that one lucky run of
-    # samples cannot flip a decision.
-    return slow.median >= (1 + min_gain) * fast.median and fast.p90 <= slow.p90
+def _faster(fast: Timing, slow: Timing, sure: float, min_gain: float) -> bool:
+    # Robust to a noisy machine: the median must win by min_gain, and the candidate must
+    # have been faster in at least three interleaved rounds out of four (sure > 1), so a
+    # lucky stretch of samples cannot flip a decision.
+    return slow.median >= (1 + min_gain) * fast.median and sure > 1
 
 
 def _decide(res: LayerResult, opts: dict) -> None:
@@ -191,7 +212,7 @@ def _decide(res: LayerResult, opts: dict) -> None:
     gain = dense.median / res.times[best].median
     if res.sparsity < MIN_SPARSITY:
         res.reason = f"only {res.sparsity:.0%} sparse: CSR moves more bytes than dense; kept dense"
-    elif not _faster(res.times[best], dense, opts["min_gain"]):
+    elif not _faster(res.times[best], dense, res.sure[best], opts["min_gain"]):
         res.reason = f"dense is as fast or faster here (best sparse {best}: {gain:.2f}×)"
     else:
         res.chosen = best
@@ -217,12 +238,11 @@ def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int)
         result.max_abs_diff = float((ref - out).abs().max()) if ref.numel() else 0.0
         fmts = {r.chosen for r in chosen.values()} or {"csr"}
         result.tolerance = max(_tolerance(f, ref) for f in fmts)
-    timings = measure_interleaved(
-        {"dense": lambda: model(*inputs), "compressed": lambda: twin(*inputs)},
-        warmup=2,
-        repeats=repeats,
+    timings, sure = _paired(
+        {"dense": lambda: model(*inputs), "compressed": lambda: twin(*inputs)}, repeats
     )
     result.dense, result.compressed = timings["dense"], timings["compressed"]
+    result.sure = sure["compressed"]
 
 
 def analyse(
@@ -273,7 +293,7 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
         analysis.verdict = "no layer measured faster on the sparse kernels; model left dense"
         return
     gain = analysis.dense.median / analysis.compressed.median
-    faster = _faster(analysis.compressed, analysis.dense, min_gain)
+    faster = _faster(analysis.compressed, analysis.dense, analysis.sure, min_gain)
     if not faster or analysis.max_abs_diff > analysis.tolerance:
         why = "outputs differ beyond tolerance" if faster else f"{gain:.2f}×"
         for r in analysis.layers:
