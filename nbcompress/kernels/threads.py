@@ -10,7 +10,10 @@ chose otherwise, importing :mod:`nbcompress.kernels`:
   OpenMP runtimes that are not loaded yet).
 
 The number of threads follows ``torch.get_num_threads()`` at every call unless fixed
-with :func:`set_threads`.
+with :func:`set_threads`. With one thread the kernels' serial twins run and no pool is
+involved. The ``workqueue`` layer must not be entered by two Python threads at once;
+set ``NUMBA_THREADING_LAYER=omp`` (with ``OMP_WAIT_POLICY=PASSIVE``) before importing
+if several threads call multi-threaded sparse layers concurrently.
 """
 
 from __future__ import annotations
