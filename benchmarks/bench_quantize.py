@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import machine  # noqa: E402 - same machine line as the other benches
 
 import nbcompress as nc  # noqa: E402
+from nbcompress.engine.quant_config import StaticInt8Config  # noqa: E402
 from nbcompress.engine.quant_modes import TIE  # noqa: E402
 from nbcompress.engine.report import fmt_bytes  # noqa: E402
 from nbcompress.engine.timing import measure_interleaved  # noqa: E402
@@ -89,11 +90,16 @@ def digits_rows(quick: bool, repeats: int) -> tuple[list[str], list]:
         def evaluate(m: nn.Module, d=d) -> float:
             return accuracy(m, d.x_test, d.y_test)
 
-        for mode in ("dynamic", "static"):
+        modes = {
+            "int8 dynamic": "dynamic",
+            "int8 static": "static",
+            "int8 static, per-tensor weights": StaticInt8Config(per_channel=False),
+        }
+        for label, mode in modes.items():
             _, r = quantized(model, mode, d.x_test[:8], calibrate=calib, evaluate=evaluate)
             backends = sorted({row["backend"] for row in r.rows if row["backend"]})
             rows.append(
-                f"| {name} | int8 {mode} | {100 * base:.2f}% | {100 * r.metric_after:.2f}% | "
+                f"| {name} | {label} | {100 * base:.2f}% | {100 * r.metric_after:.2f}% | "
                 f"{100 * (r.metric_after - base):+.2f} | {r.layer_ratio:.2f}× | "
                 f"{fmt_bytes(r.size_before)} → {fmt_bytes(r.size_after)} | "
                 f"{len(r.quantized)}/{len(r.rows)} ({', '.join(backends)}) |"

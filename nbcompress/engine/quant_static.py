@@ -160,6 +160,10 @@ def _build(model: nn.Module, region: Region, config: StaticInt8Config) -> Static
         for g in groups:
             region.fused[region.names[g[0]]] = [region.names[i] for i in g[1:]]
     seq.qconfig = get_default_qconfig(config.engine)
+    if not config.per_channel:
+        from torch.ao.quantization import QConfig, default_weight_observer
+
+        seq.qconfig = QConfig(activation=seq.qconfig.activation, weight=default_weight_observer)
     with _engine(config.engine):
         prepare(seq, inplace=True)
     return seq

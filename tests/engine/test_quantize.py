@@ -327,3 +327,15 @@ def test_numba_sparse_int8_conv_in_weight_mode():
     nc.quantize_(model, "weight", example_inputs=x, backend="numba", **FAST)
     assert type(model[0]).__name__ == type(model[3]).__name__ == "SparseConv2d"
     assert torch.allclose(run(model, x), ref, atol=0.05 * ref.abs().max())
+
+
+def test_static_per_tensor_weights_are_smaller_than_per_channel():
+    x = torch.rand(16, 16)
+    sizes = {}
+    for per_channel in (True, False):
+        model = mlp().eval()
+        nc.quantize_(model, StaticInt8Config(per_channel=per_channel), calibrate=x, **FAST)
+        qlin = next(m for m in model.modules() if type(m).__name__ == "LinearReLU")
+        assert (qlin.weight().qscheme() == torch.per_channel_affine) is per_channel
+        sizes[per_channel] = nc.quantize_report(model).layers_after
+    assert sizes[False] < sizes[True]
