@@ -288,12 +288,13 @@ def main() -> None:
     summary = targets(rows)
     print("\n".join(summary))
     if args.write:
-        write_results("Kernels (bench_kernels.py)", report(rows, summary, args.quick))
+        threads = "+".join(str(t) for t in sorted({r["threads"] for r in rows}))
+        write_results(f"Kernels, {threads} thread(s)", report(rows, summary, args))
 
 
-def report(rows: list[dict], summary: list[str], quick: bool) -> str:
+def report(rows: list[dict], summary: list[str], args: argparse.Namespace) -> str:
     lines = [
-        f"Command: `python benchmarks/bench_kernels.py{' --quick' if quick else ''} --write`. "
+        f"Command: `python benchmarks/bench_kernels.py {' '.join(sys.argv[1:])}`. "
         f"Machine: {machine()}.",
         "Ratios are time(candidate) / time(nbcompress fp32 kernel) (> 1: nbcompress faster), "
         "each the median over interleaved rounds of per-round ratios (every round times all "
@@ -302,7 +303,7 @@ def report(rows: list[dict], summary: list[str], quick: bool) -> str:
         "cores throughout (load average 3–5), so absolute times (`dense`) are inflated and "
         "noisy; per-round ratios are what to read, and even they scatter by ±30% or more.",
         "",
-        "Targets (1 thread, random sparsity):",
+        "Targets (1-thread rows, random sparsity; worst and median over the rows a target covers):",
         *summary,
         "",
         "```",
