@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from nbcompress.engine.quantize import QuantizeReport, quantize_, quantize_report
+from nbcompress.engine.quantize import MODES, QuantizeReport, quantize_, quantize_report
 from nbcompress.magics._common import (
     api_errors,
     example_input,
@@ -53,6 +56,7 @@ class QuantizeMagics(Magics):
     @argument("--layers", help='Glob(s) on layer names, e.g. "encoder.*" (comma-separated).')
     @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear, Conv, LSTM, GRU).")
     @argument("--backend", default="auto", help="auto (fastest measured), torch, torchao, ...")
+    @argument("--per-tensor", action="store_true", help="int8: one weight scale per tensor.")
     @argument("--only-faster", action="store_true", help="Keep layers float where int8 is slower.")
     @argument("--repeats", type=int, default=10, help="Timed samples per measurement.")
     @line_magic
@@ -70,7 +74,11 @@ class QuantizeMagics(Magics):
         except SystemExit:  # argparse exits on bad options
             raise UsageError(f"could not parse {line!r}; see the help with `%quantize?`.") from None
         model = resolve_model(self.shell, args.model)
-        mode = _mode(args.dtype.lower(), args.mode)
+        mode: Any = _mode(args.dtype.lower(), args.mode)
+        if args.per_tensor:
+            if mode not in ("dynamic", "static"):
+                raise UsageError("--per-tensor applies to int8 dynamic and static modes.")
+            mode = dataclasses.replace(MODES[mode], per_channel=False)
         x = example_input(self.shell, model, args.input)
         calibrate = (
             resolve_value(self.shell, args.calibrate, "--calibrate") if args.calibrate else None

@@ -86,6 +86,14 @@ def test_mistakes_raise_usage_error_and_leave_the_model_alone(ns, line, match):
         assert not history(obj)
 
 
+def test_per_tensor_static(ns):
+    report = q(ns, "conv int8 --mode static --calibrate xc --per-tensor --repeats 3")
+    qconv = ns.user_ns["conv"][0][1]
+    assert qconv.weight().qscheme() == torch.per_tensor_affine and report.quantized
+    with pytest.raises(UsageError, match="--per-tensor applies to int8 dynamic and static"):
+        q(ns, "model fp16 --per-tensor")
+
+
 def test_help_is_the_docstring(ns):
     doc = ns.magics_manager.magics["line"]["quantize"].__doc__
     assert "Quantize a model in place" in doc and "--calibrate" in doc
