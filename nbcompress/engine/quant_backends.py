@@ -3,7 +3,7 @@
 A :class:`Backend` says whether it is installed, whether it can convert a given layer
 for a given mode config (and why not), and builds the replacement module from a copy
 (the original layer is never touched, which is what makes undo bit-exact). Which backend
-wins for a layer is decided by measurement in :mod:`nbcompress.engine.quantize`.
+wins for a layer is decided by measurement in :mod:`nbcompress.engine.quant_modes`.
 Deprecation warnings that backends emit are collected by :func:`quiet` and summarised
 once in the report instead of being printed on every call.
 """
@@ -30,7 +30,7 @@ from nbcompress.engine.quant_modules import (
     weight_kind,
 )
 
-__all__ = ["BACKENDS", "Backend", "FAMILIES", "backends_for", "quiet"]
+__all__ = ["BACKENDS", "FAMILIES", "Backend", "backends_for", "quiet", "register"]
 
 _RNN = (nn.LSTM, nn.GRU)
 

@@ -79,6 +79,7 @@ def _is_quantized(module: nn.Module) -> bool:
     return kind.__module__.startswith(("torch.ao.nn.quantized", "torchao")) or kind.__module__ in (
         "nbcompress.engine.quant_modules",
         "nbcompress.engine.quant_static",
+        "nbcompress.kernels.modules",
     )
 
 
