@@ -19,12 +19,12 @@ from torch import nn
 from nbcompress.engine.history import history, trial, undo_
 from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct
 from nbcompress.widgets._render import (
-    figure_output,
+    MarkedFigure,
     fmt_metric,
     group_layers,
     header_html,
+    png_output,
     readout_html,
-    render,
 )
 from nbcompress.widgets._setting import SettingCosts, prune_setting_
 
@@ -81,6 +81,7 @@ class SensitivityExplorer(w.VBox):
         self.objective = objective
         self.measured: float | None = None
         self._costs = SettingCosts(model, result.granularity)
+        self._figure = MarkedFigure(result)
         self._hold = False
         self._build()
         super().__init__(
@@ -372,7 +373,7 @@ class SensitivityExplorer(w.VBox):
         )
         # One assignment (not clear + append) so the frontend redraws once, and no
         # Output capture context is needed: the same path works in pytest.
-        self.plot.outputs = (figure_output(render(self.result, ratios)),)
+        self.plot.outputs = (png_output(self._figure.png(ratios)),)
 
 
 def _proxy_metric(model: nn.Module, example_inputs: Any) -> Callable[[nn.Module], float]:

@@ -20,7 +20,7 @@ import nbcompress
 from nbcompress import zoo
 from nbcompress.engine.sensitivity import SensitivityResult, sensitivity
 from nbcompress.widgets import SensitivityExplorer, render
-from nbcompress.widgets._render import group_layers
+from nbcompress.widgets._render import MarkedFigure, group_layers
 from nbcompress.widgets._setting import model_footprint, prune_setting_
 from tests.helpers import assert_same_state, snapshot
 
@@ -226,6 +226,15 @@ def test_render_marks_each_nonzero_ratio_on_its_curve(result):
     ax = fig.axes[0]
     marks = [ln for ln in ax.get_lines() if ln.get_label() == "_nolegend_"]
     assert sorted(float(ln.get_xdata()[0]) for ln in marks) == [0.3, 0.45]
+
+
+def test_marked_figure_moves_markers_without_leaving_old_ones(result):
+    fig = MarkedFigure(result)
+    first = fig.png({"fc1": 0.3})
+    moved = fig.png({"fc1": 0.7, "fc2": 0.5})
+    assert moved != first
+    assert fig.png({"fc1": 0.3}) == first  # the earlier markers were wiped, not drawn over
+    assert len(fig._marks) == 1
 
 
 def test_many_layers_grouped_in_accordion_with_scroll(evaluate):
