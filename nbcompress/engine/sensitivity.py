@@ -14,7 +14,7 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,7 +229,7 @@ def sensitivity(
     *,
     ratios: Sequence[float] | None = None,
     layers: str | Sequence[str] | None = None,
-    types: Any = None,
+    types: Iterable[str | type] | str | type | None = None,
     granularity: str = "element",
     example_inputs: Any = None,
     higher_is_better: bool = True,
