@@ -13,6 +13,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One thread for torch and numba alike: repeatable, and no pool spinning on a shared core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
@@ -77,12 +80,12 @@ def verdict(ok: bool, what: str) -> None:
 
 def digits_rows(quick: bool, repeats: int) -> tuple[list[str], list]:
     rows = []
+    torch.manual_seed(0)  # the models' initial weights come from the global generator
     cases = [
         ("digits CNN (SeedCNN, 28×28)", SeedCNN(), load_digits(28), 4 if quick else 10),
         ("LeNet-300-100 (8×8 digits)", LeNet300(), load_digits(8), 20 if quick else 40),
     ]
     for name, model, d, epochs in cases:
-        torch.manual_seed(0)
         train(model, d.x_train, d.y_train, epochs=epochs)
         base = accuracy(model, d.x_test, d.y_test)
         calib = d.x_train[:256]
@@ -106,10 +109,8 @@ def digits_rows(quick: bool, repeats: int) -> tuple[list[str], list]:
             )
             print(rows[-1], flush=True)
             delta = 100 * (r.metric_after - base)
-            verdict(abs(delta) <= 0.5, f"{name} int8 {mode}: accuracy {delta:+.2f} points (≤ 0.5)")
-            verdict(
-                r.layer_ratio >= 3.5, f"{name} int8 {mode}: layers {r.layer_ratio:.2f}× (≥ 3.5)"
-            )
+            verdict(abs(delta) <= 0.5, f"{name} {label}: accuracy {delta:+.2f} points (≤ 0.5)")
+            verdict(r.layer_ratio >= 3.5, f"{name} {label}: layers {r.layer_ratio:.2f}× (≥ 3.5)")
     return rows, cases
 
 
@@ -208,7 +209,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     repeats = 5 if args.quick else 15
-    load0 = os.getloadavg()[0]
+    info = machine()  # its load average is the one at start
     acc, cases = digits_rows(args.quick, repeats)
     heavy = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
     pruned = nc.prune_(copy.deepcopy(heavy), 0.9, include_output=True)
@@ -229,7 +230,7 @@ def main() -> None:
             HEAD,
             "",
             f"`python benchmarks/bench_quantize.py{' --quick' if args.quick else ''} --write` — "
-            f"{machine()}; load average {load0:.2f} at start, {load1:.2f} at end (2 cores shared "
+            f"{info}, {load1:.2f} at end (2 cores shared "
             "with other engineers' test runs: absolute times are noisy, ratios come from "
             "interleaved runs).",
             "",

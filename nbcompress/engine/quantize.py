@@ -31,7 +31,14 @@ from nbcompress.engine.quant_config import (
     WeightInt8Config,
     resolve_mode,
 )
-from nbcompress.engine.quant_modes import DEFAULT_TYPES, HANDLERS, _eval_mode, _first_tensor, _Job
+from nbcompress.engine.quant_modes import (
+    DEFAULT_TYPES,
+    HANDLERS,
+    TIE,
+    _eval_mode,
+    _first_tensor,
+    _Job,
+)
 from nbcompress.engine.quant_report import QuantizeReport, serialized_size
 from nbcompress.engine.quant_static import calibration_batches
 from nbcompress.engine.timing import measure_interleaved
@@ -254,6 +261,13 @@ def _run(job: _Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRe
         report.layers_before = serialized_size({n: job.selected[n] for n in done})
         report.layers_after = serialized_size({n: job.new[n] for n in done})
         _finish(job, report, ref, float_copy)
+        if job.only_faster and report.speedup is not None and report.speedup * TIE < 1:
+            # Per-layer wins do not always add up; the promise is about the whole model.
+            raise ValueError(
+                f"model: with only_faster, the quantized model measured slower end to end "
+                f"({report.latency_after} vs float {report.latency_before}); rolled back, "
+                "the model is unchanged."
+            )
         report.metric_after = _metric(evaluate, model)
         tx.step.detail = f"{config.label}: {len(done)} layer(s)"
         tx.info["report"] = report

@@ -339,3 +339,22 @@ def test_static_per_tensor_weights_are_smaller_than_per_channel():
         assert (qlin.weight().qscheme() == torch.per_channel_affine) is per_channel
         sizes[per_channel] = nc.quantize_report(model).layers_after
     assert sizes[False] < sizes[True]
+
+
+def test_only_faster_rolls_back_when_the_whole_model_is_slower(monkeypatch):
+    from nbcompress.engine import quantize as qtop
+
+    def per_layer(fns, **kw):  # every int8 layer clearly faster in isolation...
+        return {n: Timing(1.0 if n == "float" else 0.1, 1, 1, 3) for n in fns}
+
+    def whole(fns, **kw):  # ...but the model as a whole slower
+        return {n: Timing(1.0 if n == "float" else 2.0, 1, 1, 3) for n in fns}
+
+    monkeypatch.setattr(qmod, "measure_interleaved", per_layer)
+    monkeypatch.setattr(qtop, "measure_interleaved", whole)
+    model, x = big_mlp().eval(), torch.randn(2, 64)
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="slower end to end"):
+        nc.quantize_(model, "dynamic", example_inputs=x, only_faster=True, **FAST)
+    assert_same_state(model, saved)
+    assert not history(model)
