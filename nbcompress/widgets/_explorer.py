@@ -213,6 +213,11 @@ class SensitivityExplorer(w.VBox):
         self._infos[name] = info
         return w.HBox([slider, info], layout=w.Layout(width="100%"))
 
+    def __repr__(self) -> str:
+        # The text/plain fallback (terminals, static renderers) says what is set, briefly.
+        setting = ", ".join(f"{n}={r:.0%}" for n, r in self.ratios.items())
+        return f"<SensitivityExplorer of {self.result.metric}: {setting}>"
+
     # ----------------------------------------------------------------- state
     @property
     def ratios(self) -> dict[str, float]:

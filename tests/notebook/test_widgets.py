@@ -78,6 +78,11 @@ def test_sliders_preset_from_suggestion(result, explorer):
     assert "suggested" in explorer.status.value
 
 
+def test_text_fallback_is_short_and_states_the_setting(explorer):
+    explorer.set_ratios({"fc1": 0.25})
+    assert repr(explorer) == "<SensitivityExplorer of accuracy: fc1=25%, fc2=0%, fc3=0%>"
+
+
 def test_explicit_suggestion_presets_sliders(result, model):
     suggestion = result.suggest(max_drop=0.02)
     ex = SensitivityExplorer(result, model, suggestion=suggestion)
