@@ -26,7 +26,7 @@ from nbcompress.widgets._render import (
     png_output,
     readout_html,
 )
-from nbcompress.widgets._setting import SettingCosts, prune_setting_
+from nbcompress.widgets._setting import SettingCosts, proxy_metric, prune_setting_
 
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity import SensitivityResult, Suggestion
@@ -76,7 +76,7 @@ class SensitivityExplorer(w.VBox):
         self.result = result
         self.model = model
         if evaluate is None and result.proxy and example_inputs is not None:
-            evaluate = _proxy_metric(model, example_inputs)
+            evaluate = proxy_metric(model, example_inputs)
         self.evaluate = evaluate
         self.objective = objective
         self.measured: float | None = None
@@ -92,6 +92,7 @@ class SensitivityExplorer(w.VBox):
         if suggestion is None:
             self._suggest()
         else:
+            self._show_target_of(suggestion)
             self.set_ratios(suggestion.ratios)
 
     # ----------------------------------------------------------------- construction
@@ -244,6 +245,19 @@ class SensitivityExplorer(w.VBox):
             self._hold = False
 
     # ----------------------------------------------------------------- callbacks
+    def _show_target_of(self, suggestion: Suggestion) -> None:
+        # Make the target box agree with a suggestion made elsewhere (e.g. by %sensitivity
+        # --max-drop), without re-running it. Its target reads "max drop 0.01" or
+        # "sparsity 80%"; anything else keeps the defaults.
+        self.objective = suggestion.objective
+        words = suggestion.target.split()
+        with self._holding():
+            if words[:2] == ["max", "drop"]:
+                self.target_kind.value = "max_drop"
+                self.target_value.value = float(words[-1])
+            elif words[:1] == ["sparsity"] or words[:2] == ["MAC", "reduction"]:
+                self.target_value.value = round(float(words[-1].rstrip("%")) / 100, 4)
+
     def _on_slider(self, name: str) -> None:
         if self._hold:
             return
@@ -379,11 +393,3 @@ class SensitivityExplorer(w.VBox):
         # One assignment (not clear + append) so the frontend redraws once, and no
         # Output capture context is needed: the same path works in pytest.
         self.plot.outputs = (png_output(self._figure.png(ratios)),)
-
-
-def _proxy_metric(model: nn.Module, example_inputs: Any) -> Callable[[nn.Module], float]:
-    # The engine's proxy, with its reference output taken now, from the unpruned setting.
-    from nbcompress.engine.sensitivity import measurer
-
-    measure = measurer(model, None, example_inputs, proxy=True)
-    return lambda m: measure()

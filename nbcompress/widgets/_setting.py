@@ -10,8 +10,9 @@ move only re-measures the layer that moved.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,7 +21,13 @@ from nbcompress.engine.costs import layer_bytes
 from nbcompress.engine.history import history, trial
 from nbcompress.engine.prune import prune_
 
-__all__ = ["Footprint", "SettingCosts", "model_footprint", "prune_setting_"]
+__all__ = [
+    "Footprint",
+    "SettingCosts",
+    "model_footprint",
+    "proxy_metric",
+    "prune_setting_",
+]
 
 
 @dataclass(frozen=True)
@@ -177,3 +184,22 @@ class SettingCosts:
             after = self.layer(name, ratio)
             total = total - self._layer_now[name] + after
         return total
+
+
+def proxy_metric(model: nn.Module, example_inputs: Any) -> Callable[[nn.Module], float]:
+    """The engine's data-free proxy as an ``evaluate(model)`` function.
+
+    Its reference output is taken now, so later measurements compare against the model
+    as it is at this moment (the setting the sliders start from). The function measures
+    that same model object only.
+    """
+    from nbcompress.engine.sensitivity import measurer
+
+    measure = measurer(model, None, example_inputs, proxy=True)
+
+    def evaluate(m: nn.Module) -> float:
+        if m is not model:
+            raise ValueError("model: this proxy measures the model it was made for only.")
+        return measure()
+
+    return evaluate

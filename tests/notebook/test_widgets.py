@@ -83,10 +83,13 @@ def test_text_fallback_is_short_and_states_the_setting(explorer):
     assert repr(explorer) == "<SensitivityExplorer of accuracy: fc1=25%, fc2=0%, fc3=0%>"
 
 
-def test_explicit_suggestion_presets_sliders(result, model):
+def test_explicit_suggestion_presets_sliders_and_target(result, model):
     suggestion = result.suggest(max_drop=0.02)
     ex = SensitivityExplorer(result, model, suggestion=suggestion)
     assert ex.ratios == pytest.approx({n: suggestion.ratios.get(n, 0.0) for n in result.layers})
+    assert (ex.target_kind.value, ex.target_value.value) == ("max_drop", 0.02)
+    ex = SensitivityExplorer(result, model, suggestion=result.suggest(0.75))
+    assert (ex.target_kind.value, ex.target_value.value) == ("sparsity", 0.75)
 
 
 def test_slider_move_updates_readout_and_plot(result, explorer):
