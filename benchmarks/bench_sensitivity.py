@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    start = time.perf_counter()
+    start, load = time.perf_counter(), os.getloadavg()[0]
     lines = [SECTION, ""]
     lines += [
         "Test accuracy without fine-tuning at equal overall sparsity over every Linear/Conv "
@@ -247,7 +247,9 @@ def main(argv=None) -> None:
     lines += [READING, ""]
     lines += [
         f"Command: `python benchmarks/bench_sensitivity.py --seeds {args.seeds} --write` "
-        f"({time.perf_counter() - start:.0f} s on {machine()}).",
+        f"({time.perf_counter() - start:.0f} s on {machine()}; load average {load:.1f} at "
+        f"start, {os.getloadavg()[0]:.1f} at end). Accuracies are deterministic (seeded, one "
+        "thread); the seconds are not when other processes share the cores.",
         "",
     ]
     text = "\n".join(lines)
