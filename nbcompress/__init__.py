@@ -38,6 +38,8 @@ _EXPORTS = {
     "SpeedupReport": "nbcompress.engine.speedup",
     "SparseLinear": "nbcompress.kernels.modules",
     "SparseConv2d": "nbcompress.kernels.modules",
+    # The notebook layer: importing it pulls in ipywidgets, so only on first use.
+    "SensitivityExplorer": "nbcompress.widgets",
 }
 
 __all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", *_EXPORTS]
