@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import html
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -90,6 +92,17 @@ class LiveView:
         self.updates += 1
 
 
+@contextlib.contextmanager
+def _closing(live: LiveView | None) -> Iterator[None]:
+    """Replace the live display by a short note if the sweep raises (no stale 'starting')."""
+    try:
+        yield
+    except BaseException:
+        if live is not None:
+            live.handle.update(live._html("<i>sensitivity sweep stopped: see the error.</i>"))
+        raise
+
+
 @magics_class
 class SensitivityMagics(Magics):
     """The ``%sensitivity`` magic."""
@@ -149,7 +162,7 @@ class SensitivityMagics(Magics):
             layers = split_patterns(args.layers)
             # The total is only known after selection; an estimate suffices for the bar.
             live = LiveView(_estimate_total(model, layers, args, ratios))
-        with api_errors():
+        with api_errors(), _closing(live):
             try:
                 result = sensitivity(
                     model, evaluate, ratios=ratios, layers=split_patterns(args.layers),
@@ -165,7 +178,8 @@ class SensitivityMagics(Magics):
                 if args.save:
                     partial.save(args.save)
                 raise type(err)(
-                    f"{err} Partial results are kept: nbcompress.engine.sensitivity.latest(model)."
+                    f"{err} Partial results are kept: "
+                    f"nbcompress.engine.sensitivity.latest({args.model})."
                 ) from None
         if live is not None:
             live.total = result.evaluations - 1

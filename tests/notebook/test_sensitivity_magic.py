@@ -91,7 +91,7 @@ def test_failing_eval_is_one_usage_error_with_the_model_restored(ns, tmp_path):
 
     ns.user_ns["late"] = late_failure
     path = tmp_path / "partial.json"
-    with pytest.raises(UsageError, match="Partial results are kept"):
+    with pytest.raises(UsageError, match=r"Partial results are kept: .*latest\(model\)"):
         run(ns, f"model --eval late --ratios 0.5,0.9 --save {path}")
     assert_same_state(model, saved)
     partial = SensitivityResult.load(path)
@@ -156,6 +156,9 @@ def test_in_a_notebook_the_plot_updates_live_and_the_explorer_is_shown(ns, monke
     shown.clear()
     run(ns, "model --eval agreement --ratios 0.5 --no-widget")
     assert not [o for o in shown if type(o).__name__ == "SensitivityExplorer"]
+    with pytest.raises(UsageError, match=r"--eval: boom"):
+        run(ns, "model --eval boom --ratios 0.5")
+    assert "stopped" in updates[-1].data  # no stale "starting…" display
 
 
 def test_api_and_magic_agree(ns):
