@@ -181,6 +181,14 @@ def _select(model, layers, types, max_layers) -> tuple[dict[str, nn.Module], lis
     # Unlike pruning, the sweep analyses the output layer too: its curve is what tells
     # whether it can be pruned at all.
     selected, _ = select_layers(model, layers, types, include_output=True)
+    no_weight = [
+        n for n, m in selected.items() if not isinstance(getattr(m, "weight", None), torch.Tensor)
+    ]
+    if no_weight:
+        raise ValueError(
+            f"types: no single `weight` to prune by L1 in {', '.join(no_weight)} (e.g. "
+            "MultiheadAttention, LSTM); select Linear, Conv or Embedding layers instead."
+        )
     notes = []
     if max_layers is not None and len(selected) > max_layers:
         keep = set(sorted(selected, key=lambda n: -selected[n].weight.numel())[:max_layers])

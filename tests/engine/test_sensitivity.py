@@ -219,6 +219,12 @@ def test_bad_input_gives_one_clear_error_and_leaves_model_untouched(kwargs, erro
     assert nc.history(model) == []
 
 
+def test_layers_without_a_single_weight_are_refused():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(ValueError, match="types: no single `weight` to prune by L1 in 0"):
+        nc.sensitivity(model, lambda m: 1.0, types="MultiheadAttention", progress=False)
+
+
 def test_non_number_midway_names_evaluate_and_restores(lenet):
     saved = snapshot(lenet)
     values = iter([0.9, 0.8, None])
