@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nbcompress.engine._snapshot import ModuleState, SavedTensor, nbytes
 from nbcompress.engine._validate import check_module
 from nbcompress.engine.report import fmt_bytes, html_table
 
@@ -40,106 +41,7 @@ __all__ = [
     "undo_",
 ]
 
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _LIMIT = {"bytes": 4 * 2**30}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Integer view of a tensor, so that comparisons are bit-exact (NaN, -0.0)."""
-    if t.dtype == torch.bool or not (t.is_floating_point() or t.is_complex()):
-        return t
-    return t.contiguous().view(_INT_OF_SIZE[t.element_size()])
-
-
-def _checksum(t: torch.Tensor) -> tuple:
-    if t.is_quantized:
-        t = t.int_repr()
-    b = _bits(t.detach())
-    return (tuple(t.shape), t.dtype, int(b.to(torch.int64).sum()) if b.numel() else 0)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-@dataclass
-class _SavedTensor:
-    """Pre-edit value of one tensor object, as a full copy or as a sparse diff."""
-
-    tensor: torch.Tensor
-    full: torch.Tensor | None = None
-    index: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    after: tuple | None = None  # checksum right after the edit, to detect later changes
-    pin: bool = False  # keep a full copy even if unchanged (e.g. weights about to be fine-tuned)
-
-    @property
-    def nbytes(self) -> int:
-        if self.full is not None:
-            return _nbytes(self.full)
-        return _nbytes(self.index) + _nbytes(self.values)
-
-    def compress(self) -> bool:
-        """Replace the full copy by a diff when smaller; return False when unchanged."""
-        cur, old = self.tensor.detach(), self.full
-        self.after = _checksum(cur)
-        if self.pin or cur.shape != old.shape or cur.dtype != old.dtype or cur.is_quantized:
-            return True
-        changed = (_bits(cur) != _bits(old)).reshape(-1)
-        n = int(changed.sum())
-        if n == 0:
-            return self.pin
-        if not self.pin and n * (8 + old.element_size()) < _nbytes(old):
-            self.index = changed.nonzero().reshape(-1)
-            self.values = old.reshape(-1)[self.index].clone()
-            self.full = None
-        return True
-
-    def modified_since(self) -> bool:
-        return self.after is not None and _checksum(self.tensor) != self.after
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        t = self.tensor
-        if self.full is not None:
-            if t.shape == self.full.shape and t.dtype == self.full.dtype and not t.is_quantized:
-                t.copy_(self.full)
-            else:
-                t.data = self.full
-            return
-        flat = t.detach().reshape(-1).clone()
-        flat[self.index] = self.values
-        t.copy_(flat.view_as(t))
-
-
-class _ModuleState:
-    """Shallow snapshot of one module's attribute dicts (params, buffers, children, hooks)."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.attrs = dict(module.__dict__)
-        # Dicts are mutated in place by register_*/hooks; keep a copy of their contents and
-        # restore into the same dict objects so existing hook handles stay valid.
-        self.dicts = {k: (v, v.copy()) for k, v in self.attrs.items() if isinstance(v, dict)}
-
-    def restore(self) -> None:
-        d = self.module.__dict__
-        for key in [k for k in d if k not in self.attrs]:
-            del d[key]
-        d.update(self.attrs)
-        for obj, content in self.dicts.values():
-            obj.clear()
-            obj.update(content)
-
-    def tensors(self) -> Iterator[torch.Tensor]:
-        for _, content in self.dicts.values():
-            for v in content.values():
-                if isinstance(v, torch.Tensor):
-                    yield v
-
-    def held_modules(self) -> Iterator[nn.Module]:
-        if "_modules" in self.dicts:
-            yield from self.dicts["_modules"][1].values()
 
 
 @dataclass
@@ -159,8 +61,8 @@ class Step:
     info: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
     created: float = field(default_factory=time.time)
-    _modules: list[_ModuleState] = field(default_factory=list, repr=False)
-    _tensors: list[_SavedTensor] = field(default_factory=list, repr=False)
+    _modules: list[ModuleState] = field(default_factory=list, repr=False)
+    _tensors: list[SavedTensor] = field(default_factory=list, repr=False)
 
     def _rollback(self) -> None:
         for state in reversed(self._modules):
@@ -224,7 +126,7 @@ class Transaction:
             if id(mod) in self._seen_modules:
                 continue
             self._seen_modules.add(id(mod))
-            state = _ModuleState(mod)
+            state = ModuleState(mod)
             self.step._modules.append(state)
             for t in state.tensors():
                 self.save_tensor(t)
@@ -246,7 +148,7 @@ class Transaction:
         self._seen_tensors.add(id(tensor))
         with torch.no_grad():
             full = tensor.detach().clone()
-        self.step._tensors.append(_SavedTensor(tensor=tensor, full=full, pin=pin))
+        self.step._tensors.append(SavedTensor(tensor=tensor, full=full, pin=pin))
 
     def replace(self, name: str, new: nn.Module) -> nn.Module:
         """Swap the submodule at qualified ``name`` for ``new``; return the old one."""
@@ -273,7 +175,7 @@ class Transaction:
             for t in m.state_dict(keep_vars=True).values()
         }
         step.nbytes = sum(s.nbytes for s in step._tensors) + sum(
-            _nbytes(t) for i, t in held.items() if i not in live
+            nbytes(t) for i, t in held.items() if i not in live
         )
         return step
 
