@@ -358,3 +358,12 @@ def test_only_faster_rolls_back_when_the_whole_model_is_slower(monkeypatch):
         nc.quantize_(model, "dynamic", example_inputs=x, only_faster=True, **FAST)
     assert_same_state(model, saved)
     assert not history(model)
+
+
+def test_static_keeps_float_logits_via_a_dynamic_output_layer():
+    model, x = cnn().eval(), torch.rand(8, 1, 8, 8)
+    nc.quantize_(model, "static", calibrate=x, **FAST)
+    row = next(r for r in nc.quantize_report(model).rows if r["layer"] == "6")
+    assert type(model[6]).__name__ == "Int8DynamicLinear" and row["backend"] == "nbcompress-int8"
+    assert "float output" in row["note"]
+    assert run(model, x).dtype == torch.float32
