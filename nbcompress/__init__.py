@@ -33,6 +33,7 @@ _EXPORTS = {
     "SensitivityResult": "nbcompress.engine.sensitivity",
     "Suggestion": "nbcompress.engine.sensitivity",
     "apply_suggestion_": "nbcompress.engine.sensitivity",
+    "prune_to_": "nbcompress.engine.staged",
     "sparsify_": "nbcompress.engine.sparsify",
     "speedup": "nbcompress.engine.speedup",
     "SpeedupReport": "nbcompress.engine.speedup",

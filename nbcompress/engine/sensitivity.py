@@ -50,6 +50,7 @@ __all__ = [
     "apply_suggestion_",
     "latest",
     "latest_suggestion",
+    "measurer",
     "remember",
     "sensitivity",
 ]
@@ -129,7 +130,18 @@ class _Proxy:
 def measurer(
     model: nn.Module, evaluate: Any, example_inputs: Any, *, proxy: bool = False
 ) -> Callable[[], float] | None:
-    """A zero-argument function measuring ``model`` now (``None`` if nothing to measure with)."""
+    """A zero-argument function that measures ``model`` at the time it is called.
+
+    Args:
+        model: The model to measure.
+        evaluate: ``evaluate(model) -> float``; used unless ``proxy``.
+        example_inputs: Input of the data-free proxy (with ``proxy=True``); the proxy's
+            reference output is the model's output now, when the measurer is made.
+        proxy: Measure the proxy on ``example_inputs`` instead of calling ``evaluate``.
+
+    Returns:
+        The function, or ``None`` when there is nothing to measure with.
+    """
     if evaluate is not None and not proxy:
         return lambda: _call_evaluate(evaluate, model, "after applying the suggestion")
     if proxy and example_inputs is not None:

@@ -9,9 +9,11 @@ widget find them without the model holding anything extra.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from nbcompress.engine._validate import check_amount, check_module
 from nbcompress.engine.report import fmt_count, html_table, text_table
 from nbcompress.engine.suggest import Suggestion
 
-__all__ = ["SensitivityResult", "latest", "latest_suggestion", "remember"]
+__all__ = ["SensitivityResult", "keep_latest", "latest", "latest_suggestion", "remember"]
 
 _FORMAT = "nbcompress.sensitivity/1"
 
@@ -359,3 +361,25 @@ def _remembered(model: nn.Module) -> tuple[Any, Any]:
     if rec is None:
         return None, None
     return (rec.evaluate() if rec.evaluate else None, rec.inputs() if rec.inputs else None)
+
+
+@contextlib.contextmanager
+def keep_latest(model: nn.Module) -> Iterator[None]:
+    """Restore the model's latest result and suggestion if the block fails.
+
+    For procedures that sweep and suggest several times (staged pruning): when they roll
+    the model back, the sweeps they made describe a model that no longer exists. On success
+    the latest suggestion is cleared, as it was made for an intermediate state.
+    """
+    rec = _LATEST.get(model)
+    saved = copy.copy(rec) if rec is not None else None
+    try:
+        yield
+    except BaseException:
+        if saved is None:
+            _LATEST.pop(model, None)
+        else:
+            _LATEST[model] = saved
+        raise
+    if model in _LATEST:
+        _LATEST[model].suggestion = None
