@@ -14,11 +14,14 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbcompress.engine.sensitivity import (
+    ApplyReport,
     EvaluationError,
     SensitivityResult,
     Suggestion,
+    apply_suggestion_,
     sensitivity,
 )
+from nbcompress.engine.staged import DEFAULT_RATIOS, StagedReport, prune_to_
 from nbcompress.magics._common import (
     api_errors,
     example_input,
@@ -53,6 +56,17 @@ def _check_targets(args: Any) -> None:
         raise UsageError(f"--max-drop: {args.max_drop} must be >= 0, e.g. 0.01.")
     if args.objective not in ("params", "macs"):
         raise UsageError(f"--objective: {args.objective!r} is unknown; choose params or macs.")
+    if args.apply and args.target_sparsity is None and args.max_drop is None:
+        raise UsageError("--apply: give the budget to apply, e.g. --target-sparsity 0.8.")
+    if args.stages is not None:
+        if args.stages < 1:
+            raise UsageError(f"--stages: {args.stages} must be at least 1, e.g. --stages 4.")
+        if args.target_sparsity is None or not args.apply:
+            # Staged pruning changes the model, so it is only done when asked explicitly.
+            raise UsageError(
+                "--stages: prunes in stages to a sparsity; give --target-sparsity and --apply, "
+                "e.g. --target-sparsity 0.9 --stages 4 --apply."
+            )
 
 
 def in_notebook(shell: Any) -> bool:
@@ -122,10 +136,12 @@ class SensitivityMagics(Magics):
     @argument("--target-sparsity", type=float, help="Suggest ratios removing this fraction.")
     @argument("--max-drop", type=float, help="Suggest ratios losing at most this much metric.")
     @argument("--objective", default="params", help="params (default) or macs.")
+    @argument("--apply", action="store_true", help="Prune in place with the suggestion (undoable).")
+    @argument("--stages", type=int, help="With --apply: sweep, suggest, apply in N stages.")
     @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
     @argument("--save", help="Write the result (even a partial one) to this JSON file.")
     @line_magic
-    def sensitivity(self, line: str) -> SensitivityResult:
+    def sensitivity(self, line: str) -> SensitivityResult | StagedReport:
         """L1 sensitivity sweep: prune each layer alone at each ratio, evaluate, restore.
 
         Examples: ``%sensitivity model --eval evaluate``,
@@ -135,9 +151,13 @@ class SensitivityMagics(Magics):
 
         The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
         partial result). With --target-sparsity or --max-drop a per-layer suggestion is
-        made from the curves; ``%prune model --suggested`` applies it (undoable). In a
-        notebook the curves update live and the explorer widget follows. Returns the
-        result: ``r = %sensitivity model --eval evaluate``.
+        made from the curves; ``%prune model --suggested`` or ``--apply`` applies it
+        (undoable). ``--target-sparsity 0.9 --stages 4 --apply`` prunes in stages instead:
+        sweep, suggest and apply four times, each sweep on the already pruned model (layers
+        that look harmless alone can hurt together; re-measuring catches that). It returns
+        the per-stage report and ``%undo model`` reverts all stages. In a notebook the
+        curves update live and the explorer widget follows. Returns the result:
+        ``r = %sensitivity model --eval evaluate``.
         """
         try:
             args = parse_argstring(self.sensitivity, line)
@@ -147,12 +167,46 @@ class SensitivityMagics(Magics):
         model = resolve_model(self.shell, args.model)
         evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
         x = example_input(self.shell, model, args.input)
+        if args.stages is not None:
+            return self._staged(model, evaluate, x, args)
         result = self._sweep(model, evaluate, x, args)
         suggestion = self._suggest(result, args)
         if args.save:
             result.save(args.save)
-        self._widget(result, model, evaluate, suggestion, args)
+        if suggestion is not None and args.apply:
+            # No explorer: its sliders would start from the model before this pruning.
+            self._show(_apply(model, suggestion, evaluate, x))
+        else:
+            self._widget(result, model, evaluate, suggestion, x, args)
         return result
+
+    def _staged(self, model: Any, evaluate: Any, x: Any, args: Any) -> StagedReport:
+        with api_errors():
+            try:
+                report = prune_to_(
+                    model, evaluate, args.target_sparsity, stages=args.stages,
+                    ratios=_ratios(args.ratios) or DEFAULT_RATIOS, objective=args.objective,
+                    granularity=args.granularity, layers=split_patterns(args.layers),
+                    types=split_patterns(args.types), example_inputs=x,
+                    higher_is_better=not args.lower_is_better, metric=args.metric,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                print(
+                    "Interrupted: every stage rolled back, the model is unchanged.", file=sys.stderr
+                )
+                raise
+        if args.save and report.result is not None:
+            report.result.save(args.save)
+        self._show(report)
+        return report
+
+    def _show(self, obj: Any) -> None:
+        if in_notebook(self.shell):
+            from IPython.display import display
+
+            display(obj)
+        else:
+            print(obj)
 
     def _sweep(self, model: Any, evaluate: Any, x: Any, args: Any) -> SensitivityResult:
         notebook = in_notebook(self.shell)
@@ -199,16 +253,12 @@ class SensitivityMagics(Magics):
             # The sweep may have taken long: report, and keep the result.
             print(f"No suggestion: {err}", file=sys.stderr)
             return None
-        if in_notebook(self.shell):
-            from IPython.display import display
-
-            display(suggestion)
-        else:
-            print(suggestion)
-        print(f"Apply it with: %prune {args.model} --suggested  (undo: %undo {args.model})")
+        self._show(suggestion)
+        if not args.apply:
+            print(f"Apply it with: %prune {args.model} --suggested  (undo: %undo {args.model})")
         return suggestion
 
-    def _widget(self, result, model, evaluate, suggestion, args) -> None:
+    def _widget(self, result, model, evaluate, suggestion, x, args) -> None:
         if args.no_widget or not in_notebook(self.shell):
             return
         try:
@@ -217,7 +267,15 @@ class SensitivityMagics(Magics):
             return
         from IPython.display import display
 
-        display(SensitivityExplorer(result, model, evaluate, suggestion=suggestion))
+        # The input lets Evaluate measure the proxy after `%sensitivity model --input x`.
+        display(
+            SensitivityExplorer(result, model, evaluate, suggestion=suggestion, example_inputs=x)
+        )
+
+
+def _apply(model: Any, suggestion: Suggestion, evaluate: Any, x: Any) -> ApplyReport:
+    with api_errors():
+        return apply_suggestion_(model, suggestion, evaluate=evaluate, example_inputs=x)
 
 
 def _estimate_total(model: Any, layers: Any, args: Any, ratios: list[float] | None) -> int:

@@ -8,6 +8,7 @@ from IPython.core.error import UsageError
 
 import nbcompress as nc
 from nbcompress.engine.sensitivity import SensitivityResult, latest, latest_suggestion
+from nbcompress.engine.staged import StagedReport
 from nbcompress.magics import _sensitivity
 from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
 
@@ -111,6 +112,14 @@ def test_failing_eval_is_one_usage_error_with_the_model_restored(ns, tmp_path):
         ("model", "--eval: give an evaluation function"),
         ("nomodel --eval agreement", "model: 'nomodel' is not defined"),
         ("model --bogus", "unrecognized arguments: --bogus"),
+        ("model --eval agreement --apply", "--apply: give the budget"),
+        ("model --eval agreement --target-sparsity 0.8 --stages 3", "--stages: .*--apply"),
+        ("model --eval agreement --max-drop 0.1 --stages 3 --apply", "--stages: .*--apply"),
+        ("model --eval agreement --target-sparsity 0.8 --stages 0 --apply", "--stages: 0 must"),
+        (
+            "model --eval agreement --target-sparsity 0.9 --stages 2 --apply --ratios 0.5",
+            "--target-sparsity: 90.0% cannot be reached|stage 1 of 2",
+        ),
     ],
 )
 def test_bad_input_is_one_usage_error_and_the_model_untouched(ns, line, match):
@@ -167,3 +176,54 @@ def test_api_and_magic_agree(ns):
         ns.user_ns["model"], ns.user_ns["agreement"], ratios=[0.4, 0.8], progress=False
     )
     assert via_magic.curves == via_api.curves and via_magic.baseline == via_api.baseline
+
+
+def test_stages_apply_prunes_in_stages_and_one_undo_reverts_all(ns, capsys):
+    model = ns.user_ns["model"]
+    saved = snapshot(model)
+    report = run(ns, "model --eval agreement --target-sparsity 0.6 --stages 2 --apply")
+    assert isinstance(report, StagedReport) and len(report.stages) == 2
+    assert report.measured == ns.user_ns["agreement"](model)
+    for name, ratio in report.ratios.items():
+        assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)
+    captured = capsys.readouterr()
+    assert "Staged sensitivity pruning to sparsity 60.0% in 2 stage(s)" in captured.out
+    assert "prune_to_ [stage 2/2" in captured.err
+    assert len(nc.history(model)) == 1
+    ns.run_line_magic("undo", "model")
+    assert_same_state(model, saved)
+
+
+def test_apply_applies_the_one_sweep_suggestion(ns, capsys):
+    model = ns.user_ns["model"]
+    saved = snapshot(model)
+    result = run(ns, "model --eval agreement --ratios 0.3,0.6,0.9 --target-sparsity 0.5 --apply")
+    suggestion = latest_suggestion(model)
+    assert latest(model) is result and suggestion.sparsity >= 0.5
+    for name, ratio in suggestion.ratios.items():
+        assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)
+    out = capsys.readouterr().out
+    assert "Applied suggestion for sparsity 50%" in out and "%prune model --suggested" not in out
+    ns.run_line_magic("undo", "model")
+    assert_same_state(model, saved)
+
+
+def test_proxy_explorer_gets_the_input_so_evaluate_works(ns, monkeypatch):
+    pytest.importorskip("nbcompress.widgets")
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            pass
+
+    def fake_display(obj, display_id=False):
+        shown.append(obj)
+        return Handle() if display_id else None
+
+    monkeypatch.setattr(_sensitivity, "in_notebook", lambda shell: True)
+    monkeypatch.setattr("IPython.display.display", fake_display)
+    run(ns, "model --input x --ratios 0.5,0.9")
+    (explorer,) = [o for o in shown if type(o).__name__ == "SensitivityExplorer"]
+    # Without the input the explorer has nothing to measure a proxy setting with.
+    assert explorer.evaluate is not None
+    assert explorer.evaluate(ns.user_ns["model"]) == pytest.approx(1.0)
