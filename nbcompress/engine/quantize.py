@@ -34,7 +34,6 @@ from nbcompress.engine.quant_config import (
 from nbcompress.engine.quant_modes import (
     DEFAULT_TYPES,
     HANDLERS,
-    TIE,
     _eval_mode,
     _first_tensor,
     _Job,
@@ -261,8 +260,9 @@ def _run(job: _Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRe
         report.layers_before = serialized_size({n: job.selected[n] for n in done})
         report.layers_after = serialized_size({n: job.new[n] for n in done})
         _finish(job, report, ref, float_copy)
-        if job.only_faster and report.speedup is not None and report.speedup * TIE < 1:
-            # Per-layer wins do not always add up; the promise is about the whole model.
+        if job.only_faster and report.speedup is not None and report.speedup < 1:
+            # Per-layer wins do not always add up (and noise can fake one on tiny layers);
+            # the promise is about the whole model, so it must measure faster as a whole.
             raise ValueError(
                 f"model: with only_faster, the quantized model measured slower end to end "
                 f"({report.latency_after} vs float {report.latency_before}); rolled back, "
