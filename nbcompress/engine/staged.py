@@ -35,6 +35,10 @@ DEFAULT_RATIOS = (
 )  # fmt: skip
 
 
+#: Sparsity of the first stage of a schedule given as a number of stages.
+_FIRST = 0.5
+
+
 @dataclass
 class StagedReport:
     """What :func:`prune_to_` did: one row per stage, predicted vs measured metric.
@@ -110,9 +114,12 @@ def stage_targets(target_sparsity: float, stages: int | Sequence[float]) -> list
     Args:
         target_sparsity: Final overall sparsity, in (0, 1).
         stages: Number of stages, or the intermediate targets (ascending, below the
-            target; the target is appended).  With a number, each stage removes the same
-            fraction of the weights still left (densities fall geometrically), so early
-            stages take the large, cheap steps and later ones the small, costly ones.
+            target; the target is appended). With a number ``n``, the first stage goes to
+            half the weights (or straight to a target below that): there the curves are
+            flat and pruning layers together costs about what the sum predicts, so more
+            stages would only spend sweeps. Each later stage removes the same share of the
+            weights still left (densities fall geometrically), so the steps shrink where
+            layers start to interact.
 
     Returns:
         Ascending targets, the last one ``target_sparsity``.
@@ -123,8 +130,11 @@ def stage_targets(target_sparsity: float, stages: int | Sequence[float]) -> list
     if isinstance(stages, numbers.Integral):
         if stages < 1:
             raise ValueError(f"stages: expected at least 1 stage, got {stages}.")
-        n = int(stages)
-        return [round(1 - (1 - t) ** (k / n), 6) for k in range(1, n)] + [t]
+        n, first = int(stages), min(_FIRST, t)
+        if n == 1 or first >= t:
+            return [round(1 - (1 - t) ** (k / n), 6) for k in range(1, n)] + [t]
+        shrink = ((1 - t) / (1 - first)) ** (1 / (n - 1))
+        return [round(1 - (1 - first) * shrink**k, 6) for k in range(n - 1)] + [t]
     if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
         raise TypeError(f"stages: expected a number of stages or a list, got {stages!r}.")
     steps = [check_amount(s, f"stages[{i}]", allow_zero=False) for i, s in enumerate(stages)]

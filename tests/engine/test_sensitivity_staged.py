@@ -7,22 +7,15 @@ import nbcompress as nc
 from nbcompress.engine import history
 from nbcompress.engine.sensitivity import EvaluationError, latest, latest_suggestion
 from nbcompress.engine.staged import stage_targets
-from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
+from tests.helpers import assert_same_state, snapshot, zero_fraction
+from tests.sensitivity_helpers import mlp_with_agreement
 
 RATIOS = [0.2, 0.4, 0.6, 0.8, 0.9]
 
 
 @pytest.fixture
 def setup():
-    model = mlp()
-    x = torch.randn(64, 16)
-    target = model(x).argmax(1).detach()
-
-    def agreement(m):
-        with torch.no_grad():
-            return float((m(x).argmax(1) == target).float().mean())
-
-    return model, x, agreement
+    return mlp_with_agreement()
 
 
 def overall_sparsity(model):
@@ -30,13 +23,19 @@ def overall_sparsity(model):
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def test_stage_targets_fall_geometrically_in_density_or_follow_the_list():
+def test_stage_targets_halve_first_then_fall_geometrically_in_density_or_follow_the_list():
     assert stage_targets(0.9, 1) == [0.9]
-    targets = stage_targets(0.9, 2)
-    assert targets[0] == pytest.approx(1 - 0.1**0.5, abs=1e-6) and targets[-1] == 0.9
-    densities = [1 - t for t in stage_targets(0.9, 4)]
-    ratios = [b / a for a, b in zip([1.0, *densities], densities, strict=False)]
-    assert ratios == pytest.approx([ratios[0]] * 4, abs=1e-5)  # same share removed each stage
+    assert stage_targets(0.9, 2) == [0.5, 0.9]
+    targets = stage_targets(0.9, 5)
+    assert targets[0] == 0.5 and targets[-1] == 0.9
+    densities = [1 - t for t in targets]
+    shares = [b / a for a, b in zip(densities, densities[1:], strict=False)]
+    assert shares == pytest.approx([0.2**0.25] * 4, abs=1e-5)  # same share removed each stage
+    # Below half the weights: geometric from the dense model.
+    low = [1 - t for t in stage_targets(0.4, 3)]
+    assert [b / a for a, b in zip([1.0, *low], low, strict=False)] == pytest.approx(
+        [0.6 ** (1 / 3)] * 3, abs=1e-5
+    )
     assert stage_targets(0.8, [0.5, 0.7]) == [0.5, 0.7, 0.8]
     assert stage_targets(0.8, [0.5, 0.8]) == [0.5, 0.8]
     with pytest.raises(ValueError, match="stages: .* must ascend and stay below"):

@@ -16,6 +16,7 @@ from nbcompress.engine.sensitivity import (
     remember,
 )
 from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
+from tests.sensitivity_helpers import mlp_with_agreement
 
 GRID = [0.25, 0.5, 0.75]
 
@@ -169,14 +170,7 @@ def test_plots_are_figures_without_pyplot_state(synthetic):
 
 @pytest.fixture
 def swept():
-    model = mlp()
-    x = torch.randn(64, 16)
-    target = model(x).argmax(1).detach()
-
-    def agreement(m):
-        with torch.no_grad():
-            return float((m(x).argmax(1) == target).float().mean())
-
+    model, _, agreement = mlp_with_agreement()
     result = nc.sensitivity(model, agreement, ratios=[0.3, 0.6, 0.9], progress=False)
     return model, agreement, result
 
