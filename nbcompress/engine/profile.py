@@ -20,7 +20,7 @@ from nbcompress.engine.layers import weighted_layers
 from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct, html_table, text_table
 from nbcompress.engine.timing import Timing, format_seconds, measure
 
-__all__ = ["Summary", "summary"]
+__all__ = ["Summary", "capture_calls", "summary"]
 
 _COLUMNS = {
     "layer": None,
@@ -83,8 +83,10 @@ class Summary:
         )
 
 
-def _capture(model: nn.Module, layers: dict[str, nn.Module], inputs: tuple) -> dict[str, tuple]:
-    """Run the model once; record each layer's first call (args, kwargs, output)."""
+def capture_calls(
+    model: nn.Module, layers: dict[str, nn.Module], inputs: tuple
+) -> dict[str, tuple]:
+    """Run the model once; record each layer's first call ``(args, kwargs, output)``."""
     seen: dict[str, tuple] = {}
     handles = []
     for name, module in layers.items():
@@ -188,7 +190,7 @@ def summary(
         if example_inputs is not None:
             inputs = as_inputs(example_inputs)
             inputs_text = describe_inputs(inputs)
-            calls = _capture(model, layers, inputs)
+            calls = capture_calls(model, layers, inputs)
             if measure_latency:
                 latency = measure(lambda: model(*inputs), warmup=3, repeats=max(repeats, 5))
         else:
@@ -199,3 +201,6 @@ def summary(
     if unused:
         notes.append(f"Not called by forward on this input: {', '.join(unused)}.")
     return Summary(rows, _totals(rows), latency, inputs_text, notes)
+
+
+_capture = capture_calls  # old private name, still used by modules being migrated

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Timing", "measure", "measure_interleaved"]
+__all__ = ["Timing", "format_seconds", "measure", "measure_interleaved", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,8 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.3g} µs"
 
 
-def _summarise(samples: list[float]) -> Timing:
+def summarise(samples: list[float]) -> Timing:
+    """Median and p10/p90 spread of per-call times (seconds)."""
     ordered = sorted(samples)
     n = len(ordered)
     return Timing(
@@ -95,7 +96,7 @@ def measure(
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - start) / inner)
-    return _summarise(samples)
+    return summarise(samples)
 
 
 @torch.inference_mode()
@@ -131,4 +132,7 @@ def measure_interleaved(
             for _ in range(inner[name]):
                 fn()
             samples[name].append((time.perf_counter() - start) / inner[name])
-    return {name: _summarise(s) for name, s in samples.items()}
+    return {name: summarise(s) for name, s in samples.items()}
+
+
+_summarise = summarise  # old private name, still used by modules being migrated
