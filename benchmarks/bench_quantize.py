@@ -142,16 +142,22 @@ def latency_rows(models: list[tuple[str, nn.Module, tuple]], repeats: int) -> li
                 fns["nbcompress --only-faster"], _ = quantized(
                     model, "dynamic", x, repeats=repeats, only_faster=True
                 )
-            except ValueError:  # every layer measured slower in int8: all kept float
-                fns["nbcompress --only-faster"] = copy.deepcopy(model)
+            except ValueError:  # int8 not faster here: rolled back, the model stays float
+                fns["nbcompress --only-faster"] = model
             t = measure_interleaved(
                 {k: (lambda m=m, x=x: m(x)) for k, m in fns.items()}, repeats=repeats * 3
             )
             ref = t["torch dynamic int8"].median
+            kept = fns["nbcompress --only-faster"] is model
             cells = " | ".join(
                 f"{v.median * 1e6:.0f} µs (p10–p90 {v.p10 * 1e6:.0f}–{v.p90 * 1e6:.0f}), "
                 f"{t['float'].median / v.median:.2f}× fp32, {ref / v.median:.2f}× torch"
-                for v in t.values()
+                + (
+                    " — rolled back: this *is* the fp32 model"
+                    if kept and k == "nbcompress --only-faster"
+                    else ""
+                )
+                for k, v in t.items()
             )
             backends = ",".join(sorted({row["backend"] for row in r.rows if row["backend"]}))
             rows.append(f"| {name} | {batch} | {cells} | {backends} |")
@@ -161,8 +167,10 @@ def latency_rows(models: list[tuple[str, nn.Module, tuple]], repeats: int) -> li
                 auto <= TIE * ref, f"{name} b{batch}: auto {ref / auto:.2f}× torch dynamic int8"
             )
             verdict(
-                only <= TIE * t["float"].median,
-                f"{name} b{batch}: --only-faster {t['float'].median / only:.2f}× fp32, auto "
+                kept or only <= TIE * t["float"].median,
+                f"{name} b{batch}: --only-faster "
+                + ("rolled back to fp32" if kept else f"{t['float'].median / only:.2f}× fp32")
+                + ", auto "
                 f"{t['float'].median / auto:.2f}× fp32 (never slower than fp32)",
             )
     return rows
