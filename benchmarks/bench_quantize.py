@@ -86,8 +86,10 @@ NOTES = [
     "- LeNet-300-100 layers take 20–60 µs, where (de)quantization and dispatch overhead "
     "exceed the matmul saved: int8 is slower than fp32 there (auto picks the fastest int8, "
     "still ~1.3× faster than torch's). `--only-faster` keeps layers float unless clearly "
-    "faster and rolls back unless the whole model measures faster; on a loaded machine a "
-    "noisy in-call measurement can still let one through (see the rows above).",
+    "faster and rolls back unless the whole model measures faster. Where it rolled back, "
+    "its column times the fp32 model object itself: the 0.7–0.9× it shows is the position "
+    "bias of interleaved timing on ~100 µs models (the first callable of each round runs "
+    "warm), i.e. the noise floor of these small-model rows.",
 ]
 
 
