@@ -173,7 +173,7 @@ def prune_to_(
     evaluate: Callable[[nn.Module], float] | None,
     target_sparsity: float,
     *,
-    stages: int | Sequence[float] = 4,
+    stages: int | Sequence[float] = 5,
     ratios: Sequence[float] | None = DEFAULT_RATIOS,
     objective: str = "params",
     granularity: str = "element",

@@ -60,12 +60,12 @@ def _check_targets(args: Any) -> None:
         raise UsageError("--apply: give the budget to apply, e.g. --target-sparsity 0.8.")
     if args.stages is not None:
         if args.stages < 1:
-            raise UsageError(f"--stages: {args.stages} must be at least 1, e.g. --stages 4.")
+            raise UsageError(f"--stages: {args.stages} must be at least 1, e.g. --stages 5.")
         if args.target_sparsity is None or not args.apply:
             # Staged pruning changes the model, so it is only done when asked explicitly.
             raise UsageError(
                 "--stages: prunes in stages to a sparsity; give --target-sparsity and --apply, "
-                "e.g. --target-sparsity 0.9 --stages 4 --apply."
+                "e.g. --target-sparsity 0.9 --stages 5 --apply."
             )
 
 
@@ -152,8 +152,8 @@ class SensitivityMagics(Magics):
         The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
         partial result). With --target-sparsity or --max-drop a per-layer suggestion is
         made from the curves; ``%prune model --suggested`` or ``--apply`` applies it
-        (undoable). ``--target-sparsity 0.9 --stages 4 --apply`` prunes in stages instead:
-        sweep, suggest and apply four times, each sweep on the already pruned model (layers
+        (undoable). ``--target-sparsity 0.9 --stages 5 --apply`` prunes in stages instead:
+        sweep, suggest and apply five times, each sweep on the already pruned model (layers
         that look harmless alone can hurt together; re-measuring catches that). It returns
         the per-stage report and ``%undo model`` reverts all stages. In a notebook the
         curves update live and the explorer widget follows. Returns the result:
