@@ -30,7 +30,7 @@ from nbcompress.engine.quant_config import (
 from nbcompress.engine.quant_modules import Int8DynamicLinear
 from nbcompress.engine.quant_report import serialized_size, sparsity
 from nbcompress.engine.quant_static import quantize_static
-from nbcompress.engine.timing import Timing, measure_interleaved
+from nbcompress.engine.timing import measure_interleaved
 
 __all__ = ["DEFAULT_TYPES", "HANDLERS", "register_mode"]
 
@@ -159,30 +159,6 @@ def _candidates(job: _Job, layer: nn.Module) -> tuple[dict[str, nn.Module], dict
     return built, why
 
 
-def _rotated(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Timing]:
-    """Interleaved timing, once per rotation of the order, merged.
-
-    Whoever runs right after the float layer finds its weights evicted from cache, which
-    cost one candidate ~40% in one order here; rotating gives each the same position mix.
-    """
-    names = list(fns)
-    rounds = []
-    for shift in range(len(names)):
-        order = names[shift:] + names[:shift]
-        per = max(3, repeats // len(names) + 1)
-        rounds.append(measure_interleaved({n: fns[n] for n in order}, warmup=1, repeats=per))
-    merged = {}
-    for n in names:
-        medians = sorted(r[n].median for r in rounds)
-        merged[n] = Timing(
-            median=medians[len(medians) // 2],
-            p10=min(r[n].p10 for r in rounds),
-            p90=max(r[n].p90 for r in rounds),
-            repeats=sum(r[n].repeats for r in rounds),
-        )
-    return merged
-
-
 def _why(why: dict[str, str]) -> str:
     """One readable reason a layer stays float: failures first, then the first 'cannot'."""
     failed = [f"{b}: {r}" for b, r in why.items() if r.startswith(("failed", "output error"))]
@@ -213,7 +189,8 @@ def _choose(job: _Job, name: str, layer: nn.Module, args: tuple | None, cache: d
         fns = {"float": lambda: layer(*args)}
         fns.update({b: (lambda m=m: m(*args)) for b, m in built.items()})
         with quiet(job.warnings):
-            cache[key] = _rotated(fns, job.repeats)
+            # measure_interleaved rotates the order: no candidate always follows float.
+            cache[key] = measure_interleaved(fns, warmup=1, repeats=max(job.repeats, 3 * len(fns)))
     times = cache[key]
     # Accuracy may cost some speed, not any: among backends at most SLOWER_OK× the fastest,
     # those within ACCURATE× of the lowest output error compete (7-bit activations doubled
