@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.layers import PRUNABLE_TYPES, output_layer, weighted_layers
-from nbcompress.engine.profile import _capture  # each layer's (args, kwargs, output)
+from nbcompress.engine.profile import capture_calls  # each layer's (args, kwargs, output)
 from nbcompress.engine.quant_backends import backends_for, quiet
 from nbcompress.engine.quant_config import (
     DynamicInt8Config,
@@ -213,7 +213,7 @@ def _choose(job: _Job, name: str, layer: nn.Module, args: tuple | None, cache: d
 @register_mode(HalfConfig)
 def _per_layer(job: _Job, tx: Any) -> None:
     """Quantize layer by layer, picking the fastest correct backend for each."""
-    calls = _capture(job.model, job.selected, job.inputs) if job.inputs else {}
+    calls = capture_calls(job.model, job.selected, job.inputs) if job.inputs else {}
     captured = {name: call[0] for name, call in calls.items()}  # positional args
     cache: dict = {}
     for name, layer in job.selected.items():
