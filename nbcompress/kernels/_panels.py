@@ -7,6 +7,10 @@
   pages (a K × N row-major input put every load on its own page). Rows are split in
   blocks of ``rb`` so that (panel, row block) pairs spread over threads.
 * ``csr_cols``: the leftover columns from ``col0`` on, one strided dot product each.
+* ``tile64``: ``ntile`` tiles of 64 columns from ``col0`` on, reading a row-major K × N
+  input in place (no packing), rows split at ``bounds`` (balanced by nonzeros). Each
+  nonzero (k, v) of row i adds ``v · b[k, tile]`` to eight ``f32x8`` accumulators.
+  ``b`` and ``out`` are the flattened (K·N and M·N) C-contiguous arrays.
 
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 """
@@ -15,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from nbcompress.kernels._numba import FASTMATH
+from nbcompress.kernels._simd import vfma, vstore, vzero
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -237,6 +242,41 @@ def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
             o[c0 + 7] = (a0_7 + a1_7 + a2_7 + a3_7) * s
 
 
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def tile64(indptr, indices, data, scale, b, n, out, col0, ntile, bounds):  # noqa: D103
+    nb = bounds.shape[0] - 1
+    nu = np.uint64(n)
+    for t in prange(ntile * nb):
+        p = t // nb
+        n0 = np.uint64(col0 + p * 64)
+        for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+            j = np.uint64(indptr[i])
+            end = np.uint64(indptr[i + 1])
+            while j < end:
+                v = data[j]
+                q = np.uint64(indices[j]) * nu + n0
+                a0 = vfma(a0, v, b, q + np.uint64(0))
+                a1 = vfma(a1, v, b, q + np.uint64(8))
+                a2 = vfma(a2, v, b, q + np.uint64(16))
+                a3 = vfma(a3, v, b, q + np.uint64(24))
+                a4 = vfma(a4, v, b, q + np.uint64(32))
+                a5 = vfma(a5, v, b, q + np.uint64(40))
+                a6 = vfma(a6, v, b, q + np.uint64(48))
+                a7 = vfma(a7, v, b, q + np.uint64(56))
+                j += np.uint64(1)
+            s = scale[i]
+            q = np.uint64(i) * nu + n0
+            vstore(out, q + np.uint64(0), a0, s)
+            vstore(out, q + np.uint64(8), a1, s)
+            vstore(out, q + np.uint64(16), a2, s)
+            vstore(out, q + np.uint64(24), a3, s)
+            vstore(out, q + np.uint64(32), a4, s)
+            vstore(out, q + np.uint64(40), a5, s)
+            vstore(out, q + np.uint64(48), a6, s)
+            vstore(out, q + np.uint64(56), a7, s)
+
+
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def csr_spmv_1(indptr, indices, data, scale, x, out):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
@@ -455,3 +495,38 @@ def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D1
             o[c0 + 5] = (a0_5 + a1_5 + a2_5 + a3_5) * s
             o[c0 + 6] = (a0_6 + a1_6 + a2_6 + a3_6) * s
             o[c0 + 7] = (a0_7 + a1_7 + a2_7 + a3_7) * s
+
+
+@njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def tile64_1(indptr, indices, data, scale, b, n, out, col0, ntile, bounds):  # noqa: D103
+    nb = bounds.shape[0] - 1
+    nu = np.uint64(n)
+    for t in prange(ntile * nb):
+        p = t // nb
+        n0 = np.uint64(col0 + p * 64)
+        for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+            j = np.uint64(indptr[i])
+            end = np.uint64(indptr[i + 1])
+            while j < end:
+                v = data[j]
+                q = np.uint64(indices[j]) * nu + n0
+                a0 = vfma(a0, v, b, q + np.uint64(0))
+                a1 = vfma(a1, v, b, q + np.uint64(8))
+                a2 = vfma(a2, v, b, q + np.uint64(16))
+                a3 = vfma(a3, v, b, q + np.uint64(24))
+                a4 = vfma(a4, v, b, q + np.uint64(32))
+                a5 = vfma(a5, v, b, q + np.uint64(40))
+                a6 = vfma(a6, v, b, q + np.uint64(48))
+                a7 = vfma(a7, v, b, q + np.uint64(56))
+                j += np.uint64(1)
+            s = scale[i]
+            q = np.uint64(i) * nu + n0
+            vstore(out, q + np.uint64(0), a0, s)
+            vstore(out, q + np.uint64(8), a1, s)
+            vstore(out, q + np.uint64(16), a2, s)
+            vstore(out, q + np.uint64(24), a3, s)
+            vstore(out, q + np.uint64(32), a4, s)
+            vstore(out, q + np.uint64(40), a5, s)
+            vstore(out, q + np.uint64(48), a6, s)
+            vstore(out, q + np.uint64(56), a7, s)

@@ -1,22 +1,23 @@
-"""Packed sparse weights and the public, validating sparse × dense products.
+"""The public, validating sparse × dense products, and the choice of kernel.
 
-Formats (all for ``y = x @ W.T`` with ``W`` of shape out × in):
+The formats (:class:`CSRMatrix`, :class:`BSRMatrix`) live in
+:mod:`nbcompress.kernels.formats` and are re-exported here. The jitted bodies in
+``_numba.py``/``_panels.py`` trust their arguments; the functions here check shape,
+dtype and contiguity first.
 
-* :class:`CSRMatrix` with float32 values, or int8 values plus one float32 scale per row
-  (symmetric per-row quantization of the nonzeros);
-* :class:`BSRMatrix`: block-sparse rows with dense R × C blocks.
-
-Column indices are unsigned and as narrow as the input dimension allows (uint16 up to
-65535 columns, else uint32). The jitted bodies in ``_numba.py``/``_panels.py`` trust
-their arguments; the functions here check shape, dtype and contiguity first.
+With 64 or more columns two CSR kernels compete: packed column panels (16 wide, input
+re-laid out first) and 64-column tiles read in place from a row-major input. Which is
+faster depends on the shape, the density and the caches (tiles won at batch 64 and for
+conv-as-GEMM here, panels on a 4096-wide input whose 64-column slab overflows L2), so the
+first call per (weight, columns, threads) times both and keeps the faster one.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numba
@@ -24,6 +25,14 @@ import numpy as np
 import torch
 
 from nbcompress.kernels import _numba, _panels
+from nbcompress.kernels.formats import (
+    BSRMatrix,
+    CSRMatrix,
+    _describe,
+    index_dtype,
+    pack_bsr,
+    pack_csr,
+)
 from nbcompress.kernels.threads import get_threads
 
 __all__ = [
@@ -38,159 +47,8 @@ __all__ = [
 ]
 
 _COMPILED: set[str] = set()
-
-
-def index_dtype(n_cols: int) -> np.dtype:
-    """Narrowest unsigned dtype that can hold column indices below ``n_cols``."""
-    return np.dtype(np.uint16 if n_cols <= 65535 else np.uint32)
-
-
-@dataclass(frozen=True, eq=False)
-class CSRMatrix:
-    """A sparse weight in compressed sparse row form.
-
-    Attributes:
-        indptr: int64 row pointers, length ``rows + 1``.
-        indices: Unsigned column indices (uint16 or uint32).
-        data: float32 values, or int8 quantized values.
-        scale: float32 per-row scale (ones for float32 values).
-        shape: ``(rows, cols)`` = ``(out_features, in_features)``.
-    """
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-    scale: np.ndarray
-    shape: tuple[int, int]
-
-    @property
-    def nnz(self) -> int:
-        """Number of stored values."""
-        return int(self.data.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the packed arrays."""
-        return sum(a.nbytes for a in (self.indptr, self.indices, self.data, self.scale))
-
-    def to_dense(self) -> np.ndarray:
-        """Dense float32 copy (dequantized for int8 values)."""
-        out = np.zeros(self.shape, dtype=np.float32)
-        rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
-        out[rows, self.indices.astype(np.int64)] = self.data.astype(np.float32) * self.scale[rows]
-        return out
-
-
-@dataclass(frozen=True, eq=False)
-class BSRMatrix:
-    """A sparse weight as block-sparse rows of dense ``block`` = (R, C) tiles.
-
-    Attributes:
-        indptr: int64 block-row pointers, length ``rows / R + 1``.
-        indices: Unsigned block-column indices (column = index × C).
-        data: float32 blocks, shape ``(nblocks, R, C)``.
-        shape: ``(rows, cols)``.
-    """
-
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-    shape: tuple[int, int]
-
-    @property
-    def block(self) -> tuple[int, int]:
-        """Block shape (R, C)."""
-        return int(self.data.shape[1]), int(self.data.shape[2])
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the packed arrays."""
-        return sum(a.nbytes for a in (self.indptr, self.indices, self.data))
-
-    def to_dense(self) -> np.ndarray:
-        """Dense float32 copy."""
-        r, c = self.block
-        out = np.zeros(self.shape, dtype=np.float32)
-        for br in range(self.indptr.shape[0] - 1):
-            for j in range(self.indptr[br], self.indptr[br + 1]):
-                col = int(self.indices[j]) * c
-                out[br * r : br * r + r, col : col + c] = self.data[j]
-        return out
-
-
-def _as_weight(weight: torch.Tensor | np.ndarray, arg: str = "weight") -> np.ndarray:
-    if isinstance(weight, torch.Tensor):
-        weight = weight.detach().cpu().numpy()
-    if not isinstance(weight, np.ndarray) or weight.ndim != 2:
-        raise ValueError(f"{arg}: expected a 2-D (out × in) weight, got {_describe(weight)}.")
-    if not np.all(np.isfinite(weight)):
-        raise ValueError(f"{arg}: contains NaN or infinity; sparse packing needs finite values.")
-    return np.ascontiguousarray(weight, dtype=np.float32)
-
-
-def pack_csr(weight: torch.Tensor | np.ndarray, *, int8: bool = False) -> CSRMatrix:
-    """Pack the nonzeros of a 2-D weight as CSR.
-
-    Args:
-        weight: Dense (out × in) weight; its exact zeros are dropped.
-        int8: Store values as int8 with one symmetric scale per row
-            (``scale = max|row| / 127``); rows keep their sparsity pattern.
-
-    Returns:
-        The packed matrix.
-    """
-    w = _as_weight(weight)
-    rows, cols = np.nonzero(w)
-    indptr = np.zeros(w.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=w.shape[0]), out=indptr[1:])
-    values = w[rows, cols]
-    scale = np.ones(w.shape[0], dtype=np.float32)
-    if int8:
-        peak = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
-        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
-        values = np.clip(np.rint(values / scale[rows]), -127, 127).astype(np.int8)
-    return CSRMatrix(
-        indptr=indptr,
-        indices=cols.astype(index_dtype(w.shape[1])),
-        data=np.ascontiguousarray(values),
-        scale=scale,
-        shape=(int(w.shape[0]), int(w.shape[1])),
-    )
-
-
-def pack_bsr(weight: torch.Tensor | np.ndarray, block: tuple[int, int] = (4, 1)) -> BSRMatrix:
-    """Pack a 2-D weight as block-sparse rows; a block is kept if any entry is nonzero.
-
-    Args:
-        weight: Dense (out × in) weight.
-        block: Block shape (R, C); must divide the weight's shape.
-
-    Returns:
-        The packed matrix (zeros inside kept blocks are stored explicitly).
-    """
-    w = _as_weight(weight)
-    r, c = (int(block[0]), int(block[1])) if len(block) == 2 else (0, 0)
-    if r < 1 or c < 1 or w.shape[0] % r or w.shape[1] % c:
-        raise ValueError(
-            f"block: {tuple(block)} must be two positive integers dividing the weight shape "
-            f"{w.shape}; e.g. (4, 1) for a weight with a multiple of 4 rows."
-        )
-    tiles = w.reshape(w.shape[0] // r, r, w.shape[1] // c, c).transpose(0, 2, 1, 3)
-    brow, bcol = np.nonzero(np.any(tiles != 0, axis=(2, 3)))
-    indptr = np.zeros(tiles.shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(brow, minlength=tiles.shape[0]), out=indptr[1:])
-    return BSRMatrix(
-        indptr=indptr,
-        indices=bcol.astype(index_dtype(tiles.shape[1])),
-        data=np.ascontiguousarray(tiles[brow, bcol]),
-        shape=(int(w.shape[0]), int(w.shape[1])),
-    )
-
-
-def _describe(x: object) -> str:
-    if isinstance(x, (np.ndarray, torch.Tensor)):
-        return f"shape {tuple(x.shape)} dtype {str(x.dtype).replace('torch.', '')}"
-    return type(x).__name__
+_CHOICE: weakref.WeakKeyDictionary[CSRMatrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
+TILE = 64  # columns per tile64 call unit
 
 
 def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -> np.ndarray:
@@ -268,9 +126,66 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
 
 def matmul_t_unchecked(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.ndarray:
     """:func:`csr_matmul_t` for callers that validated already (the modules)."""
-    if out.size:
-        _panels_then_rest(mat, _packer("pack_cols", xt, rows=xt.shape[0]), xt.shape[1], out)
+    if not out.size:
+        return out
+    panels = lambda: _panels_then_rest(mat, _packer("pack_cols", xt, rows=xt.shape[0]), out)  # noqa: E731
+    if xt.shape[1] < TILE:
+        panels()
+    else:
+        _fastest(mat, ("t", xt.shape[1]), {"panels": panels, "tiles": lambda: _tiles(mat, xt, out)})
     return out
+
+
+def _fastest(mat: CSRMatrix, key: tuple, options: dict[str, Callable[[], object]]) -> None:
+    """Run the option measured fastest for ``(mat, key, threads)``, measuring on first use.
+
+    Every option computes the same ``out``, so whichever ran last left the right result.
+    The minimum of three alternating runs is kept per option: the least disturbed by
+    other processes sharing the cores.
+    """
+    chosen = _CHOICE.setdefault(mat, {})
+    key = (*key, get_threads())
+    if key in chosen:
+        options[chosen[key]]()
+        return
+    for run in options.values():
+        run()  # compile or load, warm the caches
+    best = dict.fromkeys(options, float("inf"))
+    for _ in range(3):
+        for name, run in options.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    chosen[key] = min(best, key=best.__getitem__)
+
+
+def kernel_choices(mat: CSRMatrix) -> dict[tuple, str]:
+    """Kernels chosen so far for ``mat``: ``(kind, columns, threads) -> name``."""
+    return dict(_CHOICE.get(mat, {}))
+
+
+def _row_bounds(indptr: np.ndarray, parts: int) -> np.ndarray:
+    # Row blocks holding about equal numbers of nonzeros (not equal numbers of rows), so
+    # that threads given one block each finish together.
+    m = indptr.shape[0] - 1
+    cuts = np.searchsorted(indptr, np.linspace(0, indptr[-1], parts + 1)[1:-1])
+    return np.unique(np.concatenate(([0], np.clip(cuts, 0, m), [m]))).astype(np.int64)
+
+
+def _tiles(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> None:
+    # 64-column tiles read straight from the row-major K × N input (no re-layout): one
+    # tile of every row is finished while that K × 64 slab of the input sits in L2. The
+    # last N mod 64 columns go through the panels.
+    n = xt.shape[1]
+    ntile = n // TILE
+    threads = get_threads()
+    bounds = _row_bounds(mat.indptr, 1 if threads == 1 else 4 * threads)
+    csr = (mat.indptr, mat.indices, mat.data, mat.scale)
+    args = (*csr, xt.reshape(-1), n, out.reshape(-1), 0, ntile, bounds)
+    _run("tile64", args, (mat.data.dtype.char, mat.indices.dtype.char))
+    if ntile * TILE < n:
+        pack = _packer("pack_cols", xt, rows=xt.shape[0])
+        _panels_then_rest(mat, pack, out, done=ntile * TILE)
 
 
 Packer = Callable[[int, int, int], np.ndarray]
@@ -287,15 +202,14 @@ def _packer(name: str, src: np.ndarray, *extra: Any, rows: int) -> Packer:
     return pack
 
 
-def _panels_then_rest(mat: CSRMatrix, pack: Packer, n: int, out: np.ndarray) -> None:
-    # Automatic tiling: whole panels of 16 (then 8) columns, each packed contiguously so
-    # that one panel of the input (K × 16 floats) stays in L1/L2 while every row of the
-    # weight streams past it; the last < 8 columns go one at a time.
-    m = out.shape[0]
+def _panels_then_rest(mat: CSRMatrix, pack: Packer, out: np.ndarray, done: int = 0) -> None:
+    # Automatic tiling: whole panels of 16 (then 8) columns from ``done`` on, each packed
+    # contiguously so that one panel of the input (K × 16 floats) stays in L1/L2 while
+    # every row of the weight streams past it; the last < 8 columns go one at a time.
+    m, n = out.shape
     dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
     csr = (mat.indptr, mat.indices, mat.data, mat.scale)
     rb = max(16, -(-m // 8))
-    done = 0
     for width in (16, 8):
         npan = (n - done) // width
         if npan:
@@ -308,17 +222,35 @@ def _panels_then_rest(mat: CSRMatrix, pack: Packer, n: int, out: np.ndarray) -> 
         out[:, done:] = rest
 
 
-def conv_unchecked(mat: CSRMatrix, img: np.ndarray, geom: tuple, out: np.ndarray) -> None:
-    """Sparse conv of one C × H × W image into ``out`` (M × Ho·Wo), unfolding on the fly.
+def conv_unchecked(
+    mat: CSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray, unfold: Callable
+) -> None:
+    """Sparse conv of N images (N × C × H × W) into ``out`` (N × M × Ho·Wo).
+
+    Two ways compete (see the module docstring): unfolding straight into packed panels,
+    or ``unfold()`` (the N × C·kh·kw × Ho·Wo unfolded input) read in place by the tiles.
 
     Args:
         mat: The packed (out × C·kh·kw) weight.
-        img: C-contiguous float32 image.
+        images: C-contiguous float32 images.
         geom: ``(kh, kw, sh, sw, ph, pw, dh, dw, wo)``.
         out: C-contiguous float32 result.
+        unfold: Returns the C-contiguous unfolded input (called only for the tiles).
     """
-    pack = _packer("pack_im2col", img, tuple(int(g) for g in geom), rows=mat.shape[1])
-    _panels_then_rest(mat, pack, out.shape[1], out)
+    geom = tuple(int(g) for g in geom)
+
+    def panels() -> None:
+        for img, o in zip(images, out, strict=True):
+            _panels_then_rest(mat, _packer("pack_im2col", img, geom, rows=mat.shape[1]), o)
+
+    def tiles() -> None:
+        for cols, o in zip(unfold(), out, strict=True):
+            _tiles(mat, cols, o)
+
+    if out.shape[2] < TILE:
+        panels()
+    else:
+        _fastest(mat, ("conv", *images.shape), {"panels": panels, "tiles": tiles})
 
 
 def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -347,10 +279,20 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
             args = (mat.indptr, mat.indices, mat.data, mat.scale, xv, out)
             _run("csr_spmv", args, (mat.data.dtype.char, mat.indices.dtype.char))
         return out if x.ndim == 1 else out.reshape(1, -1)
-    x = np.ascontiguousarray(x)
     out = np.empty((mat.shape[0], x.shape[0]), dtype=np.float32)
-    if out.size:
-        _panels_then_rest(mat, _packer("pack_rows", x, rows=x.shape[1]), x.shape[0], out)
+    if not out.size:
+        return out.T
+
+    def panels() -> None:
+        xc = np.ascontiguousarray(x)
+        _panels_then_rest(mat, _packer("pack_rows", xc, rows=x.shape[1]), out)
+
+    if x.shape[0] < TILE:
+        panels()
+    else:
+        # The tiles read x transposed (in × batch): one copy, small next to the product.
+        tiles = lambda: _tiles(mat, np.ascontiguousarray(x.T), out)  # noqa: E731
+        _fastest(mat, ("x", x.shape[0]), {"panels": panels, "tiles": tiles})
     return out.T
 
 

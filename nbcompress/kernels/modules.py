@@ -240,6 +240,10 @@ class SparseConv2d(_SparseBase):
                 f"{conv.padding!r}, padding_mode={conv.padding_mode!r}); the layer is left dense."
             )
 
+    def _unfold(self, x: torch.Tensor) -> np.ndarray:
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        return cols.contiguous().numpy()
+
     def _direct(self) -> bool:
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
@@ -267,13 +271,13 @@ class SparseConv2d(_SparseBase):
                 y[i] = torch.from_numpy(bsr_matmul(mat, cols[i].numpy().T).T)
         else:
             images = x.contiguous().numpy()
-            geom = (kh, kw, sh, sw, ph, pw, dh, dw, wo)
-            for i in range(n):
-                if self._direct():
+            if self._direct():
+                for i in range(n):
                     xt = images[i].reshape(self.in_channels, h * w)
                     matmul_t_unchecked(mat, xt, y[i].numpy())
-                else:
-                    conv_unchecked(mat, images[i], geom, y[i].numpy())
+            else:
+                geom = (kh, kw, sh, sw, ph, pw, dh, dw, wo)
+                conv_unchecked(mat, images, geom, y.numpy(), lambda: self._unfold(x))
         if self.bias is not None:
             y += self.bias.reshape(1, -1, 1)
         return y.reshape(n, self.out_channels, ho, wo)

@@ -1,0 +1,89 @@
+"""Eight-lane float32 vectors for numba kernels, as LLVM ``<8 x float>`` values.
+
+numba has no SIMD type, and LLVM's SLP vectorizer spilled or gathered when asked to pack
+64 scalar accumulators into registers. These intrinsics state the vectors outright: a
+value of type :data:`f32x8` lives in one ymm register, :func:`vfma` is one fused
+multiply-add with a memory operand, so a kernel can keep an output tile of 8 × 8
+columns in registers while it streams the nonzeros of a row (see ``tile64`` in
+``_panels.py``). Indices are element offsets into 1-D C-contiguous arrays; nothing is
+bounds-checked, as in the other jitted bodies.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba.core import cgutils, types
+from numba.extending import intrinsic, models, register_model
+
+__all__ = ["f32x8", "vfma", "vstore", "vzero"]
+
+_VEC = ir.VectorType(ir.FloatType(), 8)
+_I32 = ir.IntType(32)
+
+
+class F32x8(types.Type):
+    """numba type of an eight-lane float32 vector."""
+
+    def __init__(self) -> None:
+        super().__init__(name="f32x8")
+
+
+f32x8 = F32x8()
+
+
+@register_model(F32x8)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):  # noqa: ANN001 - numba's data-model protocol
+        super().__init__(dmm, fe_type, _VEC)
+
+
+def _vec_ptr(context, builder, aryty, ary, idx):  # noqa: ANN001, ANN202 - codegen helper
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.bitcast(builder.gep(data, [idx], inbounds=True), _VEC.as_pointer())
+
+
+def _splat(builder, value):  # noqa: ANN001, ANN202 - codegen helper
+    one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
+    return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), mask)
+
+
+@intrinsic
+def vzero(typingctx):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """A vector of zeros."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return ir.Constant(_VEC, [0.0] * 8)
+
+    return f32x8(), codegen
+
+
+@intrinsic
+def vfma(typingctx, acc, value, ary, idx):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """``acc + value * ary[idx : idx + 8]`` (``value`` is cast to float32, e.g. from int8)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        a, v, arr, i = args
+        v = context.cast(builder, v, sig.args[1], types.float32)
+        i = context.cast(builder, i, sig.args[3], types.uint64)
+        x = builder.load(_vec_ptr(context, builder, sig.args[2], arr, i), align=4)
+        fnty = ir.FunctionType(_VEC, [_VEC] * 3)
+        fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
+        return builder.call(fma, [_splat(builder, v), x, a])
+
+    return f32x8(acc, value, ary, idx), codegen
+
+
+@intrinsic
+def vstore(typingctx, ary, idx, acc, scale):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """``ary[idx : idx + 8] = acc * scale``."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        arr, i, a, s = args
+        i = context.cast(builder, i, sig.args[1], types.uint64)
+        s = context.cast(builder, s, sig.args[3], types.float32)
+        ptr = _vec_ptr(context, builder, sig.args[0], arr, i)
+        builder.store(builder.fmul(a, _splat(builder, s)), ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(ary, idx, acc, scale), codegen

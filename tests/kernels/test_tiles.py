@@ -1,0 +1,127 @@
+"""The 64-column tile kernel (``tile64``) and the measured choice between it and the panels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nbcompress.kernels import _numba, _panels, csr, csr_matmul, csr_matmul_t, pack_csr
+from nbcompress.kernels.modules import SparseConv2d
+from tests.kernels.reference import csr_product, sparse_weight
+
+pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def _tiles(mat, xt: np.ndarray) -> np.ndarray:
+    out = np.full((mat.shape[0], xt.shape[1]), np.nan, dtype=np.float32)
+    csr._tiles(mat, np.ascontiguousarray(xt), out)
+    return out
+
+
+def _reference(mat, xt: np.ndarray) -> np.ndarray:
+    return csr_product(mat.indptr, mat.indices, mat.data, mat.scale, xt.T).T
+
+
+# Columns: one tile (64); two tiles + 2 leftover (130, via csr_cols); three tiles + one
+# 8-panel (200); tiles + a 16-panel + 8-panel + 3 leftover (91).
+@pytest.mark.parametrize("n", [64, 91, 130, 200])
+@pytest.mark.parametrize("density", [0.02, 0.3, 1.0])
+@pytest.mark.parametrize("int8", [False, True])
+def test_tiles_match_reference_and_dense(rng, n, density, int8):
+    w = sparse_weight(rng, 37, 50, density)
+    xt = rng.standard_normal((50, n)).astype(np.float32)
+    mat = pack_csr(w, int8=int8)
+    y = _tiles(mat, xt)
+    np.testing.assert_allclose(y, _reference(mat, xt), rtol=1e-5, atol=1e-4)
+    if not int8:
+        np.testing.assert_allclose(y, (torch.from_numpy(w) @ torch.from_numpy(xt)).numpy(),
+                                   rtol=1e-5, atol=1e-4)  # fmt: skip
+
+
+def test_tiles_edge_shapes(rng):
+    xt1 = rng.standard_normal((1, 64)).astype(np.float32)
+    np.testing.assert_allclose(_tiles(pack_csr(np.array([[3.0]], np.float32)), xt1), 3.0 * xt1)
+    zeros = pack_csr(np.zeros((6, 9), np.float32))
+    assert zeros.nnz == 0
+    y = _tiles(zeros, rng.standard_normal((9, 70)).astype(np.float32))
+    assert y.shape == (6, 70) and not y.any()  # every row written, none left NaN
+    assert _tiles(pack_csr(np.zeros((0, 9), np.float32)), np.ones((9, 64), np.float32)).size == 0
+
+
+def test_tiles_with_in_features_above_65535(rng):
+    w = sparse_weight(rng, 5, 70000, 0.001)
+    xt = rng.standard_normal((70000, 64)).astype(np.float32)
+    mat = pack_csr(w)
+    assert mat.indices.dtype == np.uint32
+    np.testing.assert_allclose(_tiles(mat, xt), _reference(mat, xt), rtol=1e-5, atol=1e-4)
+
+
+def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng):
+    w = sparse_weight(rng, 45, 30, 0.3)
+    w[:10] = rng.standard_normal((10, 30))  # dense rows: blocks by nonzeros, not by rows
+    mat = pack_csr(w)
+    xt = rng.standard_normal((30, 128)).astype(np.float32)
+    bounds = csr._row_bounds(mat.indptr, 4)
+    assert bounds[0] == 0 and bounds[-1] == 45 and np.all(np.diff(bounds) > 0)
+    per_block = np.diff(mat.indptr[bounds])
+    assert per_block.max() <= mat.nnz / 4 + np.diff(mat.indptr).max()
+    assert np.diff(bounds)[0] < 45 / 4  # the dense rows make the first block short
+    outs = []
+    args = (mat.indptr, mat.indices, mat.data, mat.scale, xt.reshape(-1), 128)
+    with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
+        for kernel, b in ((_panels.tile64, bounds), (_panels.tile64_1, bounds[[0, -1]])):
+            out = np.zeros((45, 128), dtype=np.float32)
+            kernel(*args, out.reshape(-1), 0, 2, b)
+            outs.append(out)
+    np.testing.assert_allclose(outs[0], w @ xt, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_public_products_choose_once_and_stay_correct(rng):
+    w = sparse_weight(rng, 40, 60, 0.2)
+    mat = pack_csr(w)
+    big = rng.standard_normal((60, 150)).astype(np.float32)
+    x = big.T[::2]  # (75, 60), not contiguous: the tiles transpose it themselves
+    assert not x.flags.c_contiguous and not x.flags.f_contiguous
+    want = _reference(mat, np.ascontiguousarray(x.T)).T
+    for _ in range(2):  # first call measures both kernels, the second reuses the choice
+        np.testing.assert_allclose(csr_matmul(mat, x), want, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(csr_matmul_t(mat, big), _reference(mat, big), atol=1e-4)
+    choices = csr.kernel_choices(mat)
+    assert set(choices) == {("x", 75, 1), ("t", 150, 1)}
+    assert set(choices.values()) <= {"panels", "tiles"}
+    assert csr.kernel_choices(pack_csr(w)) == {}  # per weight, not global
+
+
+def test_a_recorded_choice_is_the_only_kernel_run(rng):
+    mat = pack_csr(sparse_weight(rng, 8, 8, 0.5))
+    calls: list[str] = []
+    options = {"panels": lambda: calls.append("panels"), "tiles": lambda: calls.append("tiles")}
+    csr._fastest(mat, ("t", 64), options)
+    assert calls.count("panels") == calls.count("tiles") == 4  # warm-up + three timed rounds
+    chosen = csr.kernel_choices(mat)[("t", 64, 1)]
+    calls.clear()
+    csr._fastest(mat, ("t", 64), options)
+    assert calls == [chosen]
+
+
+@pytest.mark.parametrize("choice", ["panels", "tiles"])
+def test_sparse_conv_matches_dense_with_either_kernel(rng, choice):
+    conv = nn.Conv2d(6, 10, 3, stride=1, padding=1, dilation=1, bias=True)
+    with torch.no_grad():
+        conv.weight[torch.rand_like(conv.weight) < 0.7] = 0
+    x = torch.randn(2, 6, 9, 9)  # 81 output columns: one tile + a 16-panel + leftovers
+    sparse = SparseConv2d(conv)
+    csr._CHOICE[sparse.matrix()] = {("conv", 2, 6, 9, 9, 1): choice}
+    with torch.no_grad():
+        want = conv(x)
+        got = sparse(x)
+    assert csr.kernel_choices(sparse.matrix()) == {("conv", 2, 6, 9, 9, 1): choice}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
