@@ -138,7 +138,9 @@ def run_case(label, w, batch, threads, conv, repeats) -> dict:
     return row | {"threads": threads, "sparsity": sparsity} | t
 
 
-def grid(quick: bool, sparsities: list[float] | None, threads: list[int] | None) -> list[tuple]:
+def grid(
+    quick: bool, sparsities: list[float] | None, threads: list[int] | None, batches: list[int]
+) -> list[tuple]:
     sparsities = sparsities or ([0.7, 0.9, 0.95] if quick else [0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     shapes = LINEAR[:2] if quick else LINEAR
     threads = threads or ([1] if quick else [1, 2])
@@ -146,7 +148,7 @@ def grid(quick: bool, sparsities: list[float] | None, threads: list[int] | None)
     for th in threads:
         for s in sparsities:
             for rows, cols in shapes:
-                for b in (1, 8, 64):
+                for b in batches:
                     cases.append(("random", rows, cols, s, b, th, False))
             cases.append(("random", CONV[0], CONV[1], s, CONV[2], th, True))
     return cases
@@ -272,19 +274,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds per row")
     ap.add_argument("--sparsities", type=float, nargs="+", help="e.g. 0.7 0.9")
     ap.add_argument("--threads", type=int, nargs="+", help="e.g. 1 2")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64], help="Linear batch sizes")
     args = ap.parse_args()
     repeats = args.repeats or (9 if args.quick else 15)
     rng = np.random.default_rng(0)
     print(machine())
     rows = []
-    cases = grid(args.quick, args.sparsities, args.threads)
+    cases = grid(args.quick, args.sparsities, args.threads, args.batches)
     for label, r, c, s, b, th, conv in cases:
         rows.append(run_case(label, weight(r, c, s, rng), b, th, conv, repeats))
         print(fmt_row(rows[-1]), flush=True)
     # Trained weights at one thread only (they are there to compare patterns, not threads).
     for label, w in real_weights() if any(case[5] == 1 for case in cases) else []:
         for s in (0.7, 0.9) if args.quick else (0.5, 0.7, 0.9, 0.95):
-            for b in (1, 8):
+            for b in (b for b in (1, 8) if b in args.batches):
                 rows.append(run_case(label, magnitude_prune(w, s), b, 1, False, repeats))
                 print(fmt_row(rows[-1]), flush=True)
     summary = targets(rows)
