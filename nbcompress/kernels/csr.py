@@ -128,11 +128,15 @@ def matmul_t_unchecked(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.nd
     """:func:`csr_matmul_t` for callers that validated already (the modules)."""
     if not out.size:
         return out
-    panels = lambda: _panels_then_rest(mat, _packer("pack_cols", xt, rows=xt.shape[0]), out)  # noqa: E731
+
+    def panels() -> None:
+        _panels_then_rest(mat, _packer("pack_cols", xt, rows=xt.shape[0]), out)
+
     if xt.shape[1] < TILE:
         panels()
     else:
-        _fastest(mat, ("t", xt.shape[1]), {"panels": panels, "tiles": lambda: _tiles(mat, xt, out)})
+        tiles = lambda: _tiles(mat, xt, out)  # noqa: E731
+        _fastest(mat, ("t", xt.shape[1]), {"panels": panels, "tiles": tiles})
     return out
 
 
