@@ -29,7 +29,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nbcompress.engine.timing import measure_interleaved  # noqa: E402
-from nbcompress.kernels import csr_matmul, csr_matmul_t, pack_csr  # noqa: E402
+from nbcompress.kernels import csr, csr_matmul, csr_matmul_t, get_threads, pack_csr  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -80,8 +80,8 @@ def magnitude_prune(w: np.ndarray, sparsity: float) -> np.ndarray:
     return np.where(np.abs(w) > cut, w, 0).astype(np.float32)
 
 
-def candidates(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
-    """Zero-argument callables computing the same product (y = x @ W.T)."""
+def candidates(w: np.ndarray, x: torch.Tensor, conv: bool) -> tuple[dict, object]:
+    """Zero-argument callables computing the same product (y = x @ W.T), and the fp32 CSR."""
     wt = torch.from_numpy(w)
     lin = nn.Linear(w.shape[1], w.shape[0], bias=False)
     lin.weight.data = wt
@@ -98,6 +98,8 @@ def candidates(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
         fns["nbc fp32"] = lambda: csr_matmul(fp32, x)
         fns["nbc int8"] = lambda: csr_matmul(int8, x)
         fns["torch.sparse"] = lambda: (tsp @ x.T).T
+    if x.shape[0] >= csr.TILE:
+        fns |= forced_kernels(w, x, conv)
     try:
         import scipy.sparse as sps
 
@@ -106,6 +108,20 @@ def candidates(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
         fns["scipy"] = lambda: ssp @ xs
     except ImportError:
         pass
+    return fns, fp32
+
+
+def forced_kernels(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
+    """The fp32 product with the kernel choice fixed to panels, and to tiles (≥ 64 columns)."""
+    fns = {}
+    xt = np.ascontiguousarray(x.numpy().T)
+    key = ("t" if conv else "x", x.shape[0], get_threads())
+    for choice in ("panels", "tiles"):
+        mat = pack_csr(w)
+        csr._CHOICE[mat] = {key: choice}
+        fns[f"nbc {choice}"] = (
+            (lambda m=mat: csr_matmul_t(m, xt)) if conv else (lambda m=mat: csr_matmul(m, x))
+        )
     return fns
 
 
@@ -128,11 +144,13 @@ def paired(fns: dict, rounds: int) -> dict[str, float]:
 def run_case(label, w, batch, threads, conv, repeats) -> dict:
     torch.set_num_threads(threads)
     x = torch.randn(batch, w.shape[1])
-    fns = candidates(w, x, conv)
+    fns, fp32 = candidates(w, x, conv)
     for fn in fns.values():
         fn()  # compile / warm caches before timing
         fn()
     t = paired(fns, repeats)
+    if "nbc tiles" in fns:  # which kernel the measured choice picked for "nbc fp32"
+        t["chosen"] = ",".join(csr.kernel_choices(fp32).values())
     sparsity = 1 - np.count_nonzero(w) / w.size
     row = {"weights": label, "shape": f"{w.shape[0]}×{w.shape[1]}", "batch": batch}
     return row | {"threads": threads, "sparsity": sparsity} | t
@@ -171,6 +189,8 @@ def fmt_row(r: dict) -> str:
     ]
     if "scipy" in r:
         parts.append(f"vs scipy {ratio(r, 'scipy', 'nbc fp32'):5.2f}×")
+    if "chosen" in r:
+        parts.append(f"tiles/panels {ratio(r, 'nbc panels', 'nbc tiles'):5.2f}× → {r['chosen']}")
     return "  ".join(parts)
 
 
