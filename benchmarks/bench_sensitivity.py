@@ -11,16 +11,18 @@ sparsity:
 * uniform — ``prune_(model, s, include_output=True)``: every layer at ``s``;
 * global — ``prune_(..., scope="global")``: one magnitude threshold across layers;
 * suggested — one sweep on validation accuracy, ``result.suggest(s)``;
-* suggested, iterative — sweep → suggest → ``apply_suggestion_`` in stages
-  (50, 60, 70, 75, 80, 85, 90%), each sweep on the already pruned model.
+* staged — ``prune_to_(model, evaluate, s, stages=n)``: sweep → suggest → apply, ``n``
+  times on the already pruned model, one chain per target (all stages one undo step).
 
-Run: ``python benchmarks/bench_sensitivity.py [--seeds 3] [--write]``. ``--write``
-replaces the "Sensitivity-guided pruning (issue 3)" section of benchmarks/RESULTS.md.
+Run: ``python benchmarks/bench_sensitivity.py [--seeds 3] [--stages N] [--write]``;
+``--quick`` runs one seed. ``--write`` replaces the "Sensitivity-guided pruning (issue 3)"
+section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import statistics
@@ -36,28 +38,34 @@ import torch  # noqa: E402
 import nbcompress as nc  # noqa: E402
 from nbcompress import zoo  # noqa: E402
 from nbcompress.engine.history import trial  # noqa: E402
+from nbcompress.engine.staged import DEFAULT_RATIOS  # noqa: E402
 
 TARGETS = (0.7, 0.8, 0.9)
-STAGES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
-GRID = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99]
-METHODS = ("uniform", "global", "suggested", "iterative")
+GRID = list(DEFAULT_RATIOS)
+METHODS = ("uniform", "global", "suggested", "staged")
+STAGES = inspect.signature(nc.prune_to_).parameters["stages"].default
 MODELS = {
     "LeNet-300-100, 8×8 digits": (8, zoo.LeNet300, 30),
     "seed CNN, 28×28 digits": (28, zoo.SeedCNN, 20),
 }
 SECTION = "## Sensitivity-guided pruning (issue 3)"
 READING = (
-    "**Reading.** The one-sweep suggestion rests on the additive model of sensitivity "
-    "analysis (Distiller, NNI): each layer's drop is measured with only that layer pruned, "
-    "and the drops are summed. At 70% the baselines stay within a few points of the dense "
-    "model, so there is little to win. At 80–90% the suggestion keeps more accuracy than "
-    "global L1 on average on both models; where it loses, layers that each look harmless "
-    "alone (flat curves up to 70–80%) compound when pruned together, which shows as an "
-    "optimistic prediction (the predicted-minus-measured gap above). Re-measuring in stages "
-    "(sweep → suggest → apply_suggestion_, repeated on the pruned model) captures those "
-    "interactions at the cost of several sweeps. The quality target — clearly higher than "
-    "both baselines at 70, 80 and 90% — is therefore met only where the table says "
-    "'clearly higher'; elsewhere it is a tie or a win on most seeds, not on all."
+    "**Reading.** Both suggestion methods choose per-layer ratios from sensitivity curves "
+    "measured on the validation split (about 290 images: one image is 0.35 points). Both "
+    "beat uniform L1 everywhere and global L1 on average at 80–90%. The one-sweep "
+    "suggestion sums single-layer drops (the additive model of Distiller and NNI); layers "
+    "that look harmless alone compound when pruned together, which shows as the optimistic "
+    "prediction above. `prune_to_` re-measures the curves on the pruned model before each "
+    "of its stages (50% first, then each stage removes the same share of what is left; "
+    "about 4× the evaluations of one sweep). It raises the mean at 90% and narrows the "
+    "CNN's worst loss against global L1, but it does not win every seed: on the CNN's "
+    "seed 0 both suggestions stay below global L1 at 80 and 90%, and at 70% the baselines "
+    "are too close to the dense model for a clear win. An earlier single chain through 50, "
+    "60, 70, 75, 80, 85, 90% had won 3/3 CNN seeds at 80/90%; with a schedule per target, "
+    "seed 0's test accuracy moves by up to 4 points at 80% and 9 at 90% between schedules "
+    "(six tried), so that earlier 3/3 was within the noise of the validation metric. The "
+    "quality target — clearly higher than both baselines — is met only where the table "
+    "says 'clearly higher'."
 )
 
 
@@ -67,7 +75,7 @@ def sparsity(model, layers) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def one_seed(size, model_cls, epochs, seed, log):
+def one_seed(size, model_cls, epochs, seed, stages, log):
     """All methods at every target for one data split / initialisation."""
     data = zoo.load_digits(size, seed=seed)
     n_val = len(data.y_train) // 5
@@ -100,15 +108,12 @@ def one_seed(size, model_cls, epochs, seed, log):
             nc.prune_(model, {k: r for k, r in suggestion.ratios.items() if r}, include_output=True)
             record(out, "suggested", target, test_accuracy(model), sparsity(model, layers))
             out["pred"][target] = (suggestion.predicted, val_accuracy(model))
-    evaluations = 0
-    for stage in STAGES:
-        staged = nc.sensitivity(model, val_accuracy, ratios=GRID, progress=False)
-        evaluations += staged.evaluations
-        nc.apply_suggestion_(model, staged.suggest(stage))
-        if stage in TARGETS:
-            record(out, "iterative", stage, test_accuracy(model), sparsity(model, layers))
-    out["iterative_evaluations"] = evaluations
-    nc.undo_(model, all=True)
+    out["staged_evaluations"], out["stages"] = {}, stages
+    for target in TARGETS:
+        report = nc.prune_to_(model, val_accuracy, target, stages=stages, progress=False)
+        record(out, "staged", target, test_accuracy(model), sparsity(model, layers))
+        out["staged_evaluations"][target] = report.evaluations
+        nc.undo_(model)  # all stages are one step
     log(f"  seed {seed}: dense {out['dense']:.3f}, " + ", ".join(
         f"{t:.0%}: " + "/".join(f"{out['acc'][m][t]:.3f}" for m in METHODS) for t in TARGETS
     ))  # fmt: skip
@@ -149,20 +154,22 @@ def table(name, runs) -> list[str]:
     dense = [r["dense"] for r in runs]
     evals = statistics.fmean(r["sweep"][0] for r in runs)
     secs = statistics.fmean(r["sweep"][1] for r in runs)
-    iter_evals = statistics.fmean(r["iterative_evaluations"] for r in runs)
+    staged_evals = {t: statistics.fmean(r["staged_evaluations"][t] for r in runs) for t in TARGETS}
     lines = [
         f"### {name}",
         "",
         f"Dense test accuracy {cell(dense)}; one sweep = {evals:.0f} evaluations in {secs:.1f} s; "
-        f"the iterative schedule = {iter_evals:.0f} evaluations over {len(STAGES)} sweeps.",
+        f"staged = {runs[0]['stages']} sweeps per target, "
+        + ", ".join(f"{staged_evals[t]:.0f} evaluations at {t:.0%}" for t in TARGETS)
+        + ".",
         "",
-        "| sparsity | uniform L1 | global L1 | suggested (one sweep) | suggested, iterative "
-        "| one sweep vs best baseline | iterative vs best baseline |",
+        "| sparsity | uniform L1 | global L1 | suggested (one sweep) | staged (`prune_to_`) "
+        "| one sweep vs best baseline | staged vs best baseline |",
         "|---|---|---|---|---|---|---|",
     ]
     for t in TARGETS:
         acc = {m: [r["acc"][m][t] for r in runs] for m in METHODS}
-        verdicts = [verdict(runs, m, t) for m in ("suggested", "iterative")]
+        verdicts = [verdict(runs, m, t) for m in ("suggested", "staged")]
         lines.append(
             f"| {t:.0%} | "
             + " | ".join(cell(acc[m]) for m in METHODS)
@@ -183,7 +190,7 @@ def table(name, runs) -> list[str]:
     ]
     losses = [
         f"{label} at {t:.0%} on seed {i} ({100 * (r['acc'][m][t] - best):+.1f} pts)"
-        for m, label in (("suggested", "one sweep"), ("iterative", "iterative"))
+        for m, label in (("suggested", "one sweep"), ("staged", "staged"))
         for t in TARGETS
         for i, r in enumerate(runs)
         if r["acc"][m][t] <= (best := max(r["acc"]["uniform"][t], r["acc"]["global"][t]))
@@ -221,8 +228,13 @@ def write_section(text: str, path: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="One seed, for development.")
+    parser.add_argument(
+        "--stages", type=int, default=STAGES, help=f"Stages of prune_to_ (default {STAGES})."
+    )
     parser.add_argument("--write", action="store_true", help="Update benchmarks/RESULTS.md.")
     args = parser.parse_args(argv)
+    seeds = 1 if args.quick else args.seeds
     torch.set_num_threads(1)
 
     def log(msg):
@@ -232,7 +244,7 @@ def main(argv=None) -> None:
     lines = [SECTION, ""]
     lines += [
         "Test accuracy without fine-tuning at equal overall sparsity over every Linear/Conv "
-        f"layer (output layer included); mean over {args.seeds} seeds (data split and "
+        f"layer (output layer included); mean over {seeds} seeds (data split and "
         "initialisation), min–max in brackets. Sweeps and suggestions use a validation "
         "split (20% of the training data); accuracies are on the untouched test split. "
         "Sweep grid: " + ", ".join(f"{r:g}" for r in GRID) + ". Last two columns: mean "
@@ -242,11 +254,13 @@ def main(argv=None) -> None:
     ]
     for name, (size, cls, epochs) in MODELS.items():
         log(name)
-        runs = [one_seed(size, cls, epochs, seed, log) for seed in range(args.seeds)]
+        runs = [one_seed(size, cls, epochs, seed, args.stages, log) for seed in range(seeds)]
         lines += table(name, runs)
     lines += [READING, ""]
     lines += [
-        f"Command: `python benchmarks/bench_sensitivity.py --seeds {args.seeds} --write` "
+        f"Command: `python benchmarks/bench_sensitivity.py --seeds {seeds}"
+        + ("" if args.stages == STAGES else f" --stages {args.stages}")
+        + " --write` "
         f"({time.perf_counter() - start:.0f} s on {machine()}; load average {load:.1f} at "
         f"start, {os.getloadavg()[0]:.1f} at end). Accuracies are deterministic (seeded, one "
         "thread); the seconds are not when other processes share the cores.",
