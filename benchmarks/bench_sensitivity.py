@@ -75,7 +75,7 @@ def sparsity(model, layers) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
-def one_seed(size, model_cls, epochs, seed, stages, log):
+def one_seed(size, model_cls, epochs, seed, stages, metric, log):
     """All methods at every target for one data split / initialisation."""
     data = zoo.load_digits(size, seed=seed)
     n_val = len(data.y_train) // 5
@@ -88,11 +88,17 @@ def one_seed(size, model_cls, epochs, seed, stages, log):
     def val_accuracy(m):
         return zoo.accuracy(m, x_val, y_val)
 
+    @torch.no_grad()
+    def val_loss(m):
+        return float(torch.nn.functional.cross_entropy(m(x_val), y_val))
+
     def test_accuracy(m):
         return zoo.accuracy(m, data.x_test, data.y_test)
 
-    out = {"dense": test_accuracy(model), "acc": {}, "sp": {}, "pred": {}}
-    sweep = nc.sensitivity(model, val_accuracy, ratios=GRID, progress=False)
+    # Cross-entropy moves before accuracy does: it tells "harmless" from "slightly harmful".
+    val_metric, higher = (val_accuracy, True) if metric == "accuracy" else (val_loss, False)
+    out = {"dense": test_accuracy(model), "acc": {}, "sp": {}, "pred": {}, "metric": metric}
+    sweep = nc.sensitivity(model, val_metric, ratios=GRID, progress=False, higher_is_better=higher)
     out["sweep"] = (sweep.evaluations, sweep.seconds)
     layers = sweep.layers
     for target in TARGETS:
@@ -107,10 +113,12 @@ def one_seed(size, model_cls, epochs, seed, stages, log):
         with trial(model):
             nc.prune_(model, {k: r for k, r in suggestion.ratios.items() if r}, include_output=True)
             record(out, "suggested", target, test_accuracy(model), sparsity(model, layers))
-            out["pred"][target] = (suggestion.predicted, val_accuracy(model))
+            out["pred"][target] = (suggestion.predicted, val_metric(model))
     out["staged_evaluations"], out["stages"] = {}, stages
     for target in TARGETS:
-        report = nc.prune_to_(model, val_accuracy, target, stages=stages, progress=False)
+        report = nc.prune_to_(
+            model, val_metric, target, stages=stages, progress=False, higher_is_better=higher
+        )
         record(out, "staged", target, test_accuracy(model), sparsity(model, layers))
         out["staged_evaluations"][target] = report.evaluations
         nc.undo_(model)  # all stages are one step
@@ -184,8 +192,10 @@ def table(name, runs) -> list[str]:
         "",
         f"Achieved sparsity over the analysed layers: {100 * min(achieved):.1f}–"
         f"{100 * max(achieved):.1f}% (suggestions meet the target from above). Validation "
-        f"accuracy predicted by the additive model minus measured, one-sweep suggestions: "
-        f"{100 * gap:+.1f} pts on average.",
+        f"{runs[0]['metric']} predicted by the additive model minus measured, one-sweep "
+        "suggestions: "
+        + (f"{100 * gap:+.1f} pts" if runs[0]["metric"] == "accuracy" else f"{gap:+.3f}")
+        + " on average.",
         "",
     ]
     losses = [
@@ -232,6 +242,10 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--stages", type=int, default=STAGES, help=f"Stages of prune_to_ (default {STAGES})."
     )
+    parser.add_argument(
+        "--sweep-metric", choices=("accuracy", "loss"), default="accuracy",
+        help="What sweeps and suggestions score on the validation split.",
+    )  # fmt: skip
     parser.add_argument("--write", action="store_true", help="Update benchmarks/RESULTS.md.")
     args = parser.parse_args(argv)
     seeds = 1 if args.quick else args.seeds
@@ -245,8 +259,9 @@ def main(argv=None) -> None:
     lines += [
         "Test accuracy without fine-tuning at equal overall sparsity over every Linear/Conv "
         f"layer (output layer included); mean over {seeds} seeds (data split and "
-        "initialisation), min–max in brackets. Sweeps and suggestions use a validation "
-        "split (20% of the training data); accuracies are on the untouched test split. "
+        "initialisation), min–max in brackets. Sweeps and suggestions score the validation "
+        f"{'accuracy' if args.sweep_metric == 'accuracy' else 'cross-entropy'} (20% of the "
+        "training data); accuracies are on the untouched test split. "
         "Sweep grid: " + ", ".join(f"{r:g}" for r in GRID) + ". Last two columns: mean "
         "margin over the better of uniform and global, seeds won; 'clearly higher' = at "
         "least 1 point on average and better on every seed, 'tie' = within 1 point.",
@@ -254,12 +269,16 @@ def main(argv=None) -> None:
     ]
     for name, (size, cls, epochs) in MODELS.items():
         log(name)
-        runs = [one_seed(size, cls, epochs, seed, args.stages, log) for seed in range(seeds)]
+        runs = [
+            one_seed(size, cls, epochs, seed, args.stages, args.sweep_metric, log)
+            for seed in range(seeds)
+        ]
         lines += table(name, runs)
     lines += [READING, ""]
     lines += [
         f"Command: `python benchmarks/bench_sensitivity.py --seeds {seeds}"
         + ("" if args.stages == STAGES else f" --stages {args.stages}")
+        + ("" if args.sweep_metric == "accuracy" else f" --sweep-metric {args.sweep_metric}")
         + " --write` "
         f"({time.perf_counter() - start:.0f} s on {machine()}; load average {load:.1f} at "
         f"start, {os.getloadavg()[0]:.1f} at end). Accuracies are deterministic (seeded, one "
