@@ -117,7 +117,7 @@ def _ao_dynamic(engine: str) -> Callable[[object, nn.Module], nn.Module]:
 
         mod = copy.deepcopy(layer)
         linear = type(layer) is nn.Linear
-        per_channel = linear and getattr(config, "per_channel", False)
+        per_channel = linear and getattr(config, "per_channel", False) is True
         mod.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
         cls = nnqd.Linear if linear else getattr(nnqd, type(layer).__name__)
         with _engine(engine):

@@ -160,13 +160,27 @@ def _build(model: nn.Module, region: Region, config: StaticInt8Config) -> Static
         for g in groups:
             region.fused[region.names[g[0]]] = [region.names[i] for i in g[1:]]
     seq.qconfig = get_default_qconfig(config.engine)
-    if not config.per_channel:
-        from torch.ao.quantization import QConfig, default_weight_observer
-
-        seq.qconfig = QConfig(activation=seq.qconfig.activation, weight=default_weight_observer)
+    _per_tensor_where_asked(seq, config.per_channel)
     with _engine(config.engine):
         prepare(seq, inplace=True)
     return seq
+
+
+def _per_tensor_where_asked(seq: nn.Module, per_channel: bool | str) -> None:
+    """Give Linear layers (or every layer) one weight scale per tensor, as configured."""
+    from torch.ao.nn.intrinsic import LinearReLU
+    from torch.ao.quantization import QConfig, default_weight_observer
+
+    if per_channel is True:
+        return
+    per_tensor = QConfig(activation=seq.qconfig.activation, weight=default_weight_observer)
+    if per_channel is False:
+        seq.qconfig = per_tensor
+        return
+    for module in seq.modules():
+        # A fused Linear+ReLU is converted as one module, so it carries the qconfig.
+        if isinstance(module, (nn.Linear, LinearReLU)):
+            module.qconfig = per_tensor
 
 
 def quantize_static(

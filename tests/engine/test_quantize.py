@@ -367,3 +367,14 @@ def test_static_keeps_float_logits_via_a_dynamic_output_layer():
     assert type(model[6]).__name__ == "Int8DynamicLinear" and row["backend"] == "nbcompress-int8"
     assert "float output" in row["note"]
     assert run(model, x).dtype == torch.float32
+
+
+def test_static_default_is_per_channel_for_convs_and_per_tensor_for_linear():
+    schemes = {}
+    for model, x in ((cnn().eval(), torch.rand(4, 1, 8, 8)), (mlp().eval(), torch.rand(16, 16))):
+        nc.quantize_(model, "static", calibrate=x, **FAST)
+        for m in model.modules():
+            if callable(getattr(m, "weight", None)):  # torch.ao quantized layer
+                kind = "conv" if "Conv" in type(m).__name__ else "linear"
+                schemes.setdefault(kind, set()).add(m.weight().qscheme())
+    assert schemes == {"conv": {torch.per_channel_affine}, "linear": {torch.per_tensor_affine}}
