@@ -241,14 +241,16 @@ def conv_unchecked(
     """Sparse conv of N images (N × C × H × W) into ``out`` (N × M × Ho·Wo).
 
     Two ways compete (see the module docstring): unfolding straight into packed panels,
-    or ``unfold()`` (the N × C·kh·kw × Ho·Wo unfolded input) read in place by the tiles.
+    or each image unfolded (C·kh·kw × Ho·Wo) and read in place by the tiles.
 
     Args:
         mat: The packed (out × C·kh·kw) weight.
         images: C-contiguous float32 images.
         geom: ``(kh, kw, sh, sw, ph, pw, dh, dw, wo)``.
         out: C-contiguous float32 result.
-        unfold: Returns the C-contiguous unfolded input (called only for the tiles).
+        unfold: ``unfold(i)`` returns image i unfolded (C·kh·kw × Ho·Wo, C-contiguous);
+            called only for the tiles, one image at a time so that a large batch is never
+            unfolded whole (the unfold is kh·kw times the input).
     """
     geom = tuple(int(g) for g in geom)
 
@@ -257,8 +259,8 @@ def conv_unchecked(
             _panels_then_rest(mat, _packer("pack_im2col", img, geom, rows=mat.shape[1]), o)
 
     def tiles() -> None:
-        for cols, o in zip(unfold(), out, strict=True):
-            _tiles(mat, cols, o)
+        for i, o in enumerate(out):
+            _tiles(mat, unfold(i), o)
 
     if out.shape[2] < TILE:
         panels()

@@ -240,9 +240,9 @@ class SparseConv2d(_SparseBase):
                 f"{conv.padding!r}, padding_mode={conv.padding_mode!r}); the layer is left dense."
             )
 
-    def _unfold(self, x: torch.Tensor) -> np.ndarray:
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        return cols.contiguous().numpy()
+    def _unfold(self, image: torch.Tensor) -> np.ndarray:
+        cols = F.unfold(image[None], self.kernel_size, self.dilation, self.padding, self.stride)
+        return cols[0].contiguous().numpy()
 
     def _direct(self) -> bool:
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
@@ -277,7 +277,7 @@ class SparseConv2d(_SparseBase):
                     matmul_t_unchecked(mat, xt, y[i].numpy())
             else:
                 geom = (kh, kw, sh, sw, ph, pw, dh, dw, wo)
-                conv_unchecked(mat, images, geom, y.numpy(), lambda: self._unfold(x))
+                conv_unchecked(mat, images, geom, y.numpy(), lambda i: self._unfold(x[i]))
         if self.bias is not None:
             y += self.bias.reshape(1, -1, 1)
         return y.reshape(n, self.out_channels, ho, wo)
