@@ -22,8 +22,8 @@ from torch import nn
 from nbcompress.engine._validate import as_inputs, check_module, run_forward
 from nbcompress.engine.history import Transaction, transaction
 from nbcompress.engine.layers import select_layers
-from nbcompress.engine.profile import _capture
-from nbcompress.engine.timing import Timing, _summarise, measure, measure_interleaved
+from nbcompress.engine.profile import capture_calls
+from nbcompress.engine.timing import Timing, measure, measure_interleaved, summarise
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 
 __all__ = ["Analysis", "LayerResult", "analyse", "sparsify_"]
@@ -160,7 +160,7 @@ def _paired(fns: dict, repeats: int) -> tuple[dict[str, Timing], dict[str, float
     """
     measure_interleaved(fns, warmup=2, repeats=1)  # warm-up: compile, caches
     rounds = [measure_interleaved(fns, warmup=0, repeats=1) for _ in range(repeats)]
-    times = {k: _summarise([r[k].median for r in rounds]) for k in fns}
+    times = {k: summarise([r[k].median for r in rounds]) for k in fns}
     sure = {}
     for k in fns:
         gains = sorted(r["dense"].median / r[k].median for r in rounds)
@@ -272,7 +272,7 @@ def analyse(
     selected = {n: m for n, m in selected.items() if type(m) in _BUILDERS}
     if not selected:
         raise ValueError("types: sparse kernels exist for nn.Linear and nn.Conv2d only.")
-    calls = _capture(model, selected, inputs)
+    calls = capture_calls(model, selected, inputs)
     opts = {"allow_int8": allow_int8, "allow_bsr": allow_bsr, "repeats": repeats,
             "min_gain": min_gain, "seen": {}}  # fmt: skip
     results = []
