@@ -192,6 +192,10 @@ def prune_to_(
     history: ``undo_(model)`` restores the model bit-exactly, and if any stage fails or is
     interrupted (Ctrl-C) the model is restored and the error propagates.
 
+    Prefer a continuous metric such as validation loss (``higher_is_better=False``):
+    accuracy on a few hundred examples is flat over most ratios, so it cannot tell a
+    harmless layer from a slightly harmful one (see benchmarks/RESULTS.md, issue 3).
+
     Args:
         model: The model to prune.
         evaluate: ``evaluate(model) -> float``, higher is better unless

@@ -155,7 +155,9 @@ class SensitivityMagics(Magics):
         (undoable). ``--target-sparsity 0.9 --stages 5 --apply`` prunes in stages instead:
         sweep, suggest and apply five times, each sweep on the already pruned model (layers
         that look harmless alone can hurt together; re-measuring catches that). It returns
-        the per-stage report and ``%undo model`` reverts all stages. In a notebook the
+        the per-stage report and ``%undo model`` reverts all stages; score it with a
+        continuous metric (``--eval val_loss --lower-is-better``) rather than accuracy on a
+        few hundred examples, which is flat over most ratios. In a notebook the
         curves update live and the explorer widget follows. Returns the result:
         ``r = %sensitivity model --eval evaluate``.
         """
