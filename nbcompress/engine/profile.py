@@ -201,6 +201,3 @@ def summary(
     if unused:
         notes.append(f"Not called by forward on this input: {', '.join(unused)}.")
     return Summary(rows, _totals(rows), latency, inputs_text, notes)
-
-
-_capture = capture_calls  # old private name, still used by modules being migrated

@@ -32,7 +32,7 @@ from nbcompress.engine._validate import (
 from nbcompress.engine.costs import _first_tensor, macs
 from nbcompress.engine.history import trial
 from nbcompress.engine.layers import select_layers
-from nbcompress.engine.profile import _capture
+from nbcompress.engine.profile import capture_calls
 from nbcompress.engine.prune import prune_
 from nbcompress.engine.sensitivity_result import (
     SensitivityResult,
@@ -216,7 +216,7 @@ def _layer_macs(model, selected, inputs) -> dict[str, int | None]:
     if inputs is None:
         return dict.fromkeys(selected)
     with eval_mode(model):
-        calls = _capture(model, selected, inputs)
+        calls = capture_calls(model, selected, inputs)
     return {
         n: (macs(selected[n], calls[n][0], calls[n][2]) if n in calls else None) for n in selected
     }

@@ -139,6 +139,3 @@ def measure_interleaved(
                 fn()
             samples[name].append((time.perf_counter() - start) / inner[name])
     return {name: summarise(s) for name, s in samples.items()}
-
-
-_summarise = summarise  # old private name, still used by modules being migrated
