@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import nbcompress
 
@@ -30,3 +31,12 @@ def test_cli_help():
         [sys.executable, "-m", "nbcompress", "--help"], capture_output=True, text=True, check=True
     )
     assert "demo" in out.stdout
+
+
+def test_code_is_ruff_clean():
+    root = Path(__file__).parents[1]
+    for args in (["check", "."], ["format", "--check", "."]):
+        out = subprocess.run(
+            [sys.executable, "-m", "ruff", *args], cwd=root, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
