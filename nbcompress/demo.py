@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 
 import torch
 
-from nbcompress.engine.compare import compare
+from nbcompress.engine.compare import compare, measure_pair
 from nbcompress.engine.history import history
 from nbcompress.engine.profile import summary
 from nbcompress.engine.prune import prune_, remove_masks_
@@ -49,6 +50,7 @@ def run_demo(*, epochs: int = 8, amount: float = 0.5, threads: int | None = None
     _say(f"\nTest accuracy (dense): {acc_dense:.2%}\n")
     _say(str(before))
 
+    dense = copy.deepcopy(model)  # kept to time before/after side by side at the end
     _say(f"\nPruning {amount:.0%} of each layer's weights by L1 magnitude (masks kept) …")
     prune_(model, amount, keep_masks=True)
     acc_pruned = accuracy(model, data.x_test, data.y_test)
@@ -59,6 +61,7 @@ def run_demo(*, epochs: int = 8, amount: float = 0.5, threads: int | None = None
     remove_masks_(model)
     acc_tuned = accuracy(model, data.x_test, data.y_test)
     after = summary(model, x)
+    before.latency, after.latency = measure_pair(dense, model, x)
     report = compare(
         before,
         after,

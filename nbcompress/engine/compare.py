@@ -5,11 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import nn
+
+from nbcompress.engine._validate import as_inputs, eval_mode
 from nbcompress.engine.profile import Summary
 from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct, html_table, text_table
-from nbcompress.engine.timing import format_seconds
+from nbcompress.engine.timing import Timing, format_seconds, measure_interleaved
 
-__all__ = ["Comparison", "compare"]
+__all__ = ["Comparison", "compare", "measure_pair"]
 
 _COLUMNS = {
     "layer": None,
@@ -57,6 +61,32 @@ class Comparison:
         )
 
 
+def measure_pair(
+    before: nn.Module, after: nn.Module, example_inputs: Any, *, repeats: int = 15
+) -> tuple[Timing, Timing]:
+    """Time two versions of a model side by side (interleaved), in eval mode.
+
+    Timing the model before and after an edit one after the other lets the machine's drift
+    pass for a speed change; interleaving the two cancels it.
+
+    Args:
+        before: A copy of the model as it was.
+        after: The model as it is now.
+        example_inputs: A tensor or tuple of tensors.
+        repeats: Timed samples of each (after warm-up).
+
+    Returns:
+        ``(before, after)`` timings.
+    """
+    inputs = as_inputs(example_inputs)
+    with eval_mode(before), eval_mode(after), torch.no_grad():
+        t = measure_interleaved(
+            {"before": lambda: before(*inputs), "after": lambda: after(*inputs)},
+            repeats=repeats,
+        )
+    return t["before"], t["after"]
+
+
 def _row(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
     return {
         "layer": b["layer"],
@@ -91,8 +121,8 @@ def compare(
     if before.latency and after.latency:
         ratio = before.latency.median / after.latency.median
         all_notes.append(
-            f"Model latency (measured): before {before.latency}, after {after.latency} "
-            f"→ {ratio:.2f}× speed."
+            f"Model latency (measured, before/after interleaved): before {before.latency}, "
+            f"after {after.latency} → {ratio:.2f}× speed."
         )
     else:
         all_notes.append("Latency not measured: pass an example input (--input x).")

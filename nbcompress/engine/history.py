@@ -95,7 +95,11 @@ class History(list):
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        return html_table(self.rows, caption=f"History — undo memory {fmt_bytes(self.nbytes)}")
+        return html_table(
+            self.rows,
+            {"step": None, "operation": None, "detail": None, "undo_bytes": fmt_bytes},
+            caption=f"History — undo memory {fmt_bytes(self.nbytes)}",
+        )
 
 
 _HISTORIES: weakref.WeakKeyDictionary[nn.Module, History] = weakref.WeakKeyDictionary()

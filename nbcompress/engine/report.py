@@ -38,6 +38,11 @@ def fmt_pct(x: float | None) -> str:
 Formatter = Callable[[Any], str]
 
 
+def _numeric(value: Any) -> bool:
+    # Numbers (and missing figures) align right; names and descriptions align left.
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
 def _cell(value: Any, fmt: Formatter | None) -> str:
     if fmt is not None:
         return fmt(value)
@@ -58,15 +63,16 @@ def text_table(
     """Render dict rows as an aligned monospace table."""
     columns = columns or {k: None for k in (rows[0] if rows else {})}
     cells = [[_cell(r.get(c), f) for c, f in columns.items()] for r in rows]
+    right = [[_numeric(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     lines = [title] if title else []
     lines.append("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     lines.append("  ".join("-" * w for w in widths))
-    for row in cells:
+    for row, align in zip(cells, right):
         lines.append(
             "  ".join(
-                v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))
-            )
+                v.rjust(w) if a else v.ljust(w) for v, w, a in zip(row, widths, align)
+            ).rstrip()
         )
     lines.extend(notes)
     return "\n".join(lines)
@@ -87,9 +93,9 @@ def html_table(
     for i, r in enumerate(rows):
         style = ' style="font-weight:bold"' if i in emphasis else ""
         tds = "".join(
-            f'<td style="text-align:{"left" if j == 0 else "right"}">'
+            f'<td style="text-align:{"right" if _numeric(r.get(c)) else "left"}">'
             f"{html.escape(_cell(r.get(c), f))}</td>"
-            for j, (c, f) in enumerate(columns.items())
+            for c, f in columns.items()
         )
         body.append(f"<tr{style}>{tds}</tr>")
     cap = (

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from nbcompress.engine.compare import Comparison, compare
+from nbcompress.engine.compare import Comparison, compare, measure_pair
 from nbcompress.engine.history import History, history, undo_
 from nbcompress.engine.profile import Summary, summary
 from nbcompress.engine.prune import prune_, remove_masks_
@@ -163,11 +164,19 @@ class CoreMagics(Magics):
         return left
 
 
+# Models up to this size keep a copy so that before/after are timed interleaved.
+_COPY_LIMIT_BYTES = 1 << 30
+
+
 def _pruned_report(model: Any, amount: Any, x: Any, options: dict[str, Any]) -> Comparison:
     measure = x is not None
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    reference = copy.deepcopy(model) if measure and size <= _COPY_LIMIT_BYTES else None
     before = summary(model, x, measure_latency=measure)
     prune_(model, amount, **options)
     after = summary(model, x, measure_latency=measure)
+    if reference is not None:
+        before.latency, after.latency = measure_pair(reference, model, x)
     step = history(model)[-1]
     notes = [_NOT_FASTER]
     if options["keep_masks"]:

@@ -57,7 +57,11 @@ def test_prune_magic_halves_every_layer_and_undo_is_bit_exact(ns, name, x, capsy
     for m in layers[:-1]:
         assert zero_fraction(m.weight) == pytest.approx(0.5, abs=0.02)
     text = str(report)
-    assert "left alone" in text and "%speedup" in text and "Model latency (measured)" in text
+    assert (
+        "left alone" in text
+        and "%speedup" in text
+        and "Model latency (measured, before/after interleaved)" in text
+    )
     magic(ns, f"undo {name}")
     assert_same_state(model, saved)
     assert "Undid 'prune'" in capsys.readouterr().out
@@ -134,3 +138,19 @@ def test_prune_measures_latency_on_the_input_remembered_from_summary(ns):
     report = magic(ns, "prune conv 0.5")
     assert report.before.latency is not None and report.after.latency is not None
     assert report.after.inputs == "(2, 1, 8, 8) float32"
+
+
+def test_prune_times_before_and_after_interleaved(ns, monkeypatch):
+    from nbcompress.engine import compare as cmp
+
+    calls = []
+    real = cmp.measure_interleaved
+
+    def spy(fns, **kw):
+        calls.append(sorted(fns))
+        return real(fns, **kw)
+
+    monkeypatch.setattr(cmp, "measure_interleaved", spy)
+    report = magic(ns, "prune conv 0.5 --input xc")
+    assert calls == [["after", "before"]]
+    assert report.before.latency.repeats == report.after.latency.repeats == 15
