@@ -37,15 +37,19 @@ LINEAR = [(3072, 768), (768, 3072), (4096, 4096)]
 CONV = (256, 1152, 3136)  # out channels × (128·3·3) with 56·56 output columns
 
 
-def machine() -> str:
-    cpu = platform.processor()
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform's answer elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (
         f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, numba {numba.__version__} "

@@ -41,6 +41,9 @@ from nbcompress import zoo  # noqa: E402
 from nbcompress.engine.history import trial  # noqa: E402
 from nbcompress.engine.staged import DEFAULT_RATIOS  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import cpu_name  # noqa: E402 - one CPU probe for every bench
+
 TARGETS = (0.7, 0.8, 0.9)
 GRID = list(DEFAULT_RATIOS)
 METHODS = ("uniform", "global", "suggested", "staged")
@@ -216,15 +219,7 @@ def table(name, runs) -> list[str]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, 1 thread, Python {platform.python_version()}"
+    return f"{cpu_name()}, torch {torch.__version__}, 1 thread, Python {platform.python_version()}"
 
 
 def write_section(text: str, path: Path) -> None:

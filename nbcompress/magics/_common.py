@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
+from IPython.core.magic_arguments import argument
 from torch import nn
 
 __all__ = [
     "api_errors",
     "example_input",
+    "input_argument",
     "resolve_model",
     "resolve_value",
     "split_patterns",
@@ -59,6 +61,11 @@ def example_input(shell: Any, model: nn.Module, expr: str | None) -> Any:
         _LAST_INPUT[model] = value
         return value
     return _LAST_INPUT.get(model)
+
+
+def input_argument(help: str) -> Any:  # noqa: A002 - argparse's own name
+    """The ``--input``/``-i`` option every magic shares, with a magic-specific help line."""
+    return argument("--input", "-i", dest="input", help=help)
 
 
 def split_patterns(text: str | None) -> list[str] | None:

@@ -16,6 +16,7 @@ from nbcompress.engine.prune import prune_, remove_masks_
 from nbcompress.magics._common import (
     api_errors,
     example_input,
+    input_argument,
     resolve_model,
     resolve_value,
     split_patterns,
@@ -57,12 +58,7 @@ class CoreMagics(Magics):
 
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
-    @argument(
-        "--input",
-        "-i",
-        dest="input",
-        help="Example input tensor (or tuple); remembered for later magics on this model.",
-    )
+    @input_argument("Example input tensor (or tuple); remembered for later magics on this model.")
     @argument("--repeats", type=int, default=10, help="Timed repeats per layer (default 10).")
     @argument("--no-latency", action="store_true", help="Skip latency measurement.")
     @line_magic
@@ -93,12 +89,7 @@ class CoreMagics(Magics):
     @argument("--suggested", action="store_true", help="Apply the latest %%sensitivity suggestion.")
     @argument("--eval", dest="evaluate", help="With --suggested: metric function to measure.")
     @argument("--seed", type=int, default=0, help="Seed of the random criterion.")
-    @argument(
-        "--input",
-        "-i",
-        dest="input",
-        help="Example input to measure latency before/after (default: the last one given).",
-    )
+    @input_argument("Example input to measure latency before/after (default: the last one given).")
     @line_magic
     def prune(self, line: str) -> Any:
         """Prune a model in place (undoable with %undo) and show before/after figures.

@@ -13,6 +13,7 @@ from nbcompress.engine.quantize import MODES, QuantizeReport, quantize_, quantiz
 from nbcompress.magics._common import (
     api_errors,
     example_input,
+    input_argument,
     resolve_model,
     resolve_value,
     split_patterns,
@@ -46,12 +47,7 @@ class QuantizeMagics(Magics):
     @argument("dtype", nargs="?", default="int8", help="int8 (default), fp16 or bf16.")
     @argument("--mode", help="int8 mode: dynamic (default), weight (weight-only) or static.")
     @argument("--calibrate", help="Static mode: name of a DataLoader, tensor or iterable.")
-    @argument(
-        "--input",
-        "-i",
-        dest="input",
-        help="Example input: backends are timed on it (default: the last one given).",
-    )
+    @input_argument("Example input: backends are timed on it (default: the last one given).")
     @argument("--eval", dest="evaluate", help="Metric function model -> float, run before/after.")
     @argument("--layers", help='Glob(s) on layer names, e.g. "encoder.*" (comma-separated).')
     @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear, Conv, LSTM, GRU).")

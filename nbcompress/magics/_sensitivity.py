@@ -25,6 +25,7 @@ from nbcompress.engine.staged import DEFAULT_RATIOS, StagedReport, prune_to_
 from nbcompress.magics._common import (
     api_errors,
     example_input,
+    input_argument,
     resolve_model,
     resolve_value,
     split_patterns,
@@ -124,7 +125,7 @@ class SensitivityMagics(Magics):
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
     @argument("--eval", dest="evaluate", help="Metric function evaluate(model) -> float.")
-    @argument("--input", "-i", dest="input", help="Example input (proxy metric, MAC estimates).")
+    @input_argument("Example input (proxy metric, MAC estimates).")
     @argument("--ratios", help="Comma-separated fractions, default 0.1,0.2,…,0.9.")
     @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
     @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear and Conv).")

@@ -7,7 +7,13 @@ from IPython.core.magic import Magics, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbcompress.engine.speedup import SpeedupReport, speedup
-from nbcompress.magics._common import api_errors, example_input, resolve_model, split_patterns
+from nbcompress.magics._common import (
+    api_errors,
+    example_input,
+    input_argument,
+    resolve_model,
+    split_patterns,
+)
 
 __all__ = ["SpeedupMagics"]
 
@@ -18,7 +24,7 @@ class SpeedupMagics(Magics):
 
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
-    @argument("--input", "-i", dest="input", help="Example input tensor (or tuple of tensors).")
+    @input_argument("Example input tensor (or tuple of tensors).")
     @argument(
         "--apply",
         action="store_true",
