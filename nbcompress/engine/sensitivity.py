@@ -10,11 +10,12 @@ in a weak-keyed registry so that ``%prune model --suggested`` and the explorer f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ __all__ = [
     "latest",
     "latest_suggestion",
     "measurer",
+    "measuring",
     "remember",
     "sensitivity",
 ]
@@ -296,11 +298,7 @@ def sensitivity(
     _check_options(evaluate, example_inputs, max_layers, early_stop, granularity)
     selected, notes = _select(model, layers, types, max_layers)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
-    with eval_mode(model), trial(model) as guard:
-        # Buffers (e.g. BatchNorm statistics) are restored on exit too, in case evaluate
-        # updates them.
-        for buf in model.buffers():
-            guard.save_tensor(buf)
+    with measuring(model):
         proxy = _Proxy(model, inputs) if evaluate is None else None
         start = time.perf_counter()
         where = "on the unpruned model"
@@ -323,6 +321,18 @@ def sensitivity(
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start)
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
     return result
+
+
+@contextlib.contextmanager
+def measuring(model: nn.Module) -> Iterator[None]:
+    """Evaluate ``model`` in eval mode inside a trial that also restores every buffer.
+
+    Buffers (e.g. BatchNorm statistics) are saved too, in case ``evaluate`` updates them.
+    """
+    with eval_mode(model), trial(model) as guard:
+        for buf in model.buffers():
+            guard.save_tensor(buf)
+        yield
 
 
 def _sparsity(weight: torch.Tensor, granularity: str) -> float:

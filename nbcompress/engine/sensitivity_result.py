@@ -147,8 +147,16 @@ class SensitivityResult:
         *,
         max_drop: float | None = None,
         objective: str = "params",
+        refine: Callable[[nn.Module], float] | None = None,
+        budget: int = 100,
     ) -> Suggestion:
         """Per-layer ratios for a budget, chosen from the curves (not uniform ratios).
+
+        The curves' prediction sums single-layer drops, which is optimistic when layers
+        compound. With ``refine=evaluate`` the choice is checked by evaluation instead: the
+        curve suggestion and the ratios uniform and global L1 would give are measured on the
+        model, and a local search moves sparsity between layers while the measured metric
+        improves (:func:`nbcompress.engine.refine.refine`; the model is left unchanged).
 
         Args:
             target_sparsity: Remove at least this fraction of the analysed weights (of the
@@ -156,18 +164,30 @@ class SensitivityResult:
             max_drop: Remove as many parameters (or MACs) as possible while the predicted
                 metric falls by at most this much.
             objective: ``"params"`` or ``"macs"``: what is counted as removed.
+            refine: ``evaluate(model) -> float`` (same direction as the sweep's metric) to
+                refine a ``target_sparsity`` suggestion by measuring on the swept model.
+            budget: Evaluations the refinement may spend after measuring its candidates.
 
         Returns:
-            The suggestion; also remembered as the model's latest suggestion.
+            The suggestion (with ``measured`` and ``refinement`` when refined); also
+            remembered as the model's latest suggestion.
 
         Raises:
             ValueError: Neither or both budgets given, or a budget that cannot be met (the
-                message states the closest reachable value).
+                message states the closest reachable value); ``refine`` without
+                ``target_sparsity``, or a result not attached to a model.
         """
         weights = self._weights(objective)
+        model = self._model() if self._model is not None else None
+        if refine is not None:
+            self._check_refine(model, target_sparsity, objective)
         ratios = _suggest.choose(
             self._drops(), weights, target_sparsity=target_sparsity, max_drop=max_drop
         )
+        refinement = None
+        if refine is not None:
+            refinement = self._refine(model, refine, target_sparsity, ratios, budget)
+            ratios = refinement.ratios
         target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
         if objective == "macs" and max_drop is None:
             target = f"MAC reduction {target_sparsity:.0%}"
@@ -182,11 +202,34 @@ class SensitivityResult:
             baseline=self.baseline,
             granularity=self.granularity,
             proxy=self.proxy,
+            measured=refinement.measured if refinement else None,
+            refinement=refinement,
         )
-        model = self._model() if self._model is not None else None
         if model is not None:
             remember(model, suggestion=result)
         return result
+
+    def _check_refine(self, model: Any, target_sparsity: Any, objective: str) -> None:
+        if target_sparsity is None or objective != "params":
+            raise ValueError(
+                "refine: refines a target_sparsity suggestion over parameters; give "
+                "target_sparsity=... with objective='params', or leave refine out."
+            )
+        if model is None:
+            raise ValueError(
+                "refine: this result is not attached to a live model (loaded from JSON, or the "
+                "model is gone); attach it with remember(model, result) first."
+            )
+
+    def _refine(self, model, evaluate, target, ratios, budget) -> Any:
+        from nbcompress.engine.refine import refine  # it builds on the sweep module
+
+        return refine(
+            model, evaluate, target, candidates={"curve suggestion": ratios}, budget=budget,
+            layers=list(self.layers), types={type(model.get_submodule(n)) for n in self.layers},
+            granularity=self.granularity, higher_is_better=self.higher_is_better,
+            metric=self.metric, predict=self.predict,
+        )  # fmt: skip
 
     # --- presentation --------------------------------------------------------------------
 

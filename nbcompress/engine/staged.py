@@ -10,6 +10,7 @@ restores the model bit-exactly, and an error or Ctrl-C in any stage rolls everyt
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import sys
@@ -21,9 +22,12 @@ from typing import Any
 from torch import nn
 
 from nbcompress.engine._validate import as_inputs, check_amount, check_module, eval_mode
-from nbcompress.engine.history import transaction
+from nbcompress.engine.history import transaction, trial
+from nbcompress.engine.prune import prune_
+from nbcompress.engine.refine import Refinement, check_budget
+from nbcompress.engine.refine import refine as refine_allocation
 from nbcompress.engine.report import fmt_pct, html_table, text_table
-from nbcompress.engine.sensitivity import _Proxy, sensitivity
+from nbcompress.engine.sensitivity import _Proxy, _sparsity, sensitivity
 from nbcompress.engine.sensitivity_result import SensitivityResult, keep_latest
 from nbcompress.engine.suggest import Suggestion, apply_suggestion_
 
@@ -54,6 +58,8 @@ class StagedReport:
         suggestion: The last stage's suggestion.
         result: The last stage's sweep (curves of the model before the last stage).
         notes: Explanations shown with the report.
+        refinement: With ``refine``: the measured search (its candidates and kept moves);
+            the last row of ``stages`` is its result.
     """
 
     target: float
@@ -66,6 +72,7 @@ class StagedReport:
     suggestion: Suggestion | None = None
     result: SensitivityResult | None = None
     notes: list[str] = field(default_factory=list)
+    refinement: Refinement | None = None
 
     @property
     def measured(self) -> float | None:
@@ -79,14 +86,18 @@ class StagedReport:
 
     @property
     def ratios(self) -> dict[str, float]:
-        """Per-layer ratios in place after the last stage."""
+        """Per-layer ratios in place after the last stage (or the refinement)."""
+        if self.refinement is not None:
+            return dict(self.refinement.ratios)
         return dict(self.suggestion.ratios) if self.suggestion else {}
 
     def _title(self) -> str:
         measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
+        n = sum(isinstance(s["stage"], int) for s in self.stages)
+        refined = " + measured refinement" if self.refinement is not None else ""
         return (
             f"Staged sensitivity pruning to sparsity {fmt_pct(self.target)} in "
-            f"{len(self.stages)} stage(s): {self.metric} {measured} (baseline "
+            f"{n} stage(s){refined}: {self.metric} {measured} (baseline "
             f"{self.baseline:.4g}); {self.evaluations} evaluations in {self.seconds:.1f} s"
         )
 
@@ -182,6 +193,7 @@ def prune_to_(
     example_inputs: Any = None,
     higher_is_better: bool = True,
     metric: str | None = None,
+    refine: int | None = None,
     progress: bool = True,
 ) -> StagedReport:
     """Prune ``model`` in place to an overall sparsity in stages guided by sensitivity.
@@ -195,6 +207,13 @@ def prune_to_(
     Prefer a continuous metric such as validation loss (``higher_is_better=False``):
     accuracy on a few hundred examples is flat over most ratios, so it cannot tell a
     harmless layer from a slightly harmful one (see benchmarks/RESULTS.md, issue 3).
+
+    With ``refine=N`` the stages only propose: they run inside a trial, and the per-layer
+    ratios they reach are measured next to the first sweep's one-shot suggestion and the
+    ratios uniform and global L1 would give; a local search
+    (:func:`nbcompress.engine.refine.refine`, up to ``N`` more evaluations) then moves
+    sparsity between layers while the measured metric improves, and the best allocation
+    measured is applied. On ``evaluate`` it is never worse than any of those candidates.
 
     Args:
         model: The model to prune.
@@ -214,18 +233,23 @@ def prune_to_(
         example_inputs: Input for the proxy and for MAC estimates.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
         metric: Name of the metric.
+        refine: Evaluations for a measured refinement after the stages (e.g. 100);
+            ``None``: apply the last stage's suggestion as it is.
         progress: Print one line per stage to stderr.
 
     Returns:
         The report: per stage the target, achieved sparsity, predicted and measured metric.
 
     Raises:
-        ValueError: Bad target, stages or option, or a stage target the sweep cannot reach.
+        ValueError: Bad target, stages, refine or option, or a stage target the sweep
+            cannot reach.
         EvaluationError: ``evaluate`` raised; nothing is kept.
         KeyboardInterrupt: Interrupted; nothing is kept.
     """
     check_module(model)
     targets = stage_targets(target_sparsity, stages)
+    if refine is not None:
+        check_budget(refine, "refine")
     measure, metric, notes = _evaluation(model, evaluate, example_inputs, metric)
     sweep_options = dict(
         ratios=ratios, layers=layers, types=types, granularity=granularity,
@@ -235,9 +259,11 @@ def prune_to_(
     run = _Staged(model, measure, sweep_options, objective, progress, time.perf_counter())
     detail = f"staged sensitivity pruning to sparsity {fmt_pct(targets[-1])}"
     with keep_latest(model), transaction(model, "prune", detail) as tx:
-        for k, t in enumerate(targets, 1):
-            run.stage(k, len(targets), t)
-        tx.step.detail = detail + f" in {len(run.rows)} stage(s)"
+        if refine is None:
+            run.stages(targets)
+        else:
+            run.refined(targets, refine, dict(layers=layers, types=types, granularity=granularity))
+        tx.step.detail = detail + f" in {len(targets)} stage(s)" + (" + refined" if refine else "")
         tx.info.update(suggestion=f"staged to sparsity {targets[-1]:.0%}", measured=run.last)
     notes.append("Undo all stages at once with nbcompress.undo_(model) or %undo model.")
     return run.report(targets[-1], notes)
@@ -257,8 +283,53 @@ class _Staged:
     evaluations: int = 0
     baseline: float | None = None
     result: SensitivityResult | None = None
+    first: SensitivityResult | None = None
     suggestion: Suggestion | None = None
     last: float | None = None
+    refinement: Refinement | None = None
+
+    def stages(self, targets: list[float]) -> None:
+        """Run every stage on the model."""
+        for k, t in enumerate(targets, 1):
+            self.stage(k, len(targets), t)
+
+    def refined(self, targets: list[float], budget: int, selection: dict[str, Any]) -> None:
+        """Stages as a proposal (rolled back), then a measured search; apply the best."""
+        with trial(self.model):
+            self.stages(targets)
+            names = self.result.layers
+            staged = {
+                n: _sparsity(self.model.get_submodule(n).weight, selection["granularity"])
+                for n in names
+            }
+        candidates = {"staged": staged}
+        with contextlib.suppress(ValueError):  # the one-shot target may be out of its reach
+            candidates["one sweep"] = self.first.suggest(targets[-1], objective=self.objective)
+            candidates["one sweep"] = candidates["one sweep"].ratios
+        found = refine_allocation(
+            self.model, self.evaluate, targets[-1], candidates=candidates, budget=budget,
+            higher_is_better=self.result.higher_is_better, metric=self.result.metric,
+            predict=self.first.predict, **selection,
+        )  # fmt: skip
+        self.evaluations += found.evaluations
+        prune_(
+            self.model, {n: r for n, r in found.ratios.items() if r > 0},
+            layers=[n for n, r in found.ratios.items() if r > 0],
+            types={type(self.model.get_submodule(n)) for n in names},
+            include_output=True, granularity=selection["granularity"],
+        )  # fmt: skip
+        self.refinement, self.last = found, found.measured
+        self.rows.append({
+            "stage": f"refined (from {found.start})", "target": targets[-1],
+            "sparsity": found.sparsity, "predicted": found.predicted, "measured": found.measured,
+        })  # fmt: skip
+        if self.progress:
+            print(
+                f"prune_to_ [refined, {time.perf_counter() - self.start:.1f} s] from "
+                f"{found.start}: {found.evaluations} evaluations, measured {_fmt(found.measured)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def stage(self, k: int, n: int, target: float) -> None:
         """Sweep the model as it is, suggest for ``target`` and apply; skip if already there."""
@@ -268,7 +339,7 @@ class _Staged:
             # The sweep keeps a partial result on Ctrl-C; here the whole run must stop.
             raise KeyboardInterrupt(f"staged pruning interrupted in stage {k}; nothing kept")
         if self.baseline is None:
-            self.baseline = res.baseline
+            self.baseline, self.first = res.baseline, res
         self.result = res
         if res.sparsity_of({}) >= target - 1e-9:
             return  # already that sparse (e.g. pruned before): nothing to do in this stage
@@ -299,7 +370,7 @@ class _Staged:
             target=target, stages=self.rows, baseline=float(self.baseline),
             metric=res.metric, higher_is_better=res.higher_is_better,
             evaluations=self.evaluations, seconds=time.perf_counter() - self.start,
-            suggestion=self.suggestion, result=res, notes=notes,
+            suggestion=self.suggestion, result=res, notes=notes, refinement=self.refinement,
         )  # fmt: skip
 
 

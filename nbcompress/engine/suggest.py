@@ -50,6 +50,9 @@ class Suggestion:
         baseline: Metric of the unpruned model.
         granularity: ``"element"`` or ``"channel"``, as in the sweep.
         proxy: The metric is the data-free proxy, not a user evaluation.
+        measured: Metric measured for these ratios when the suggestion was refined by
+            evaluation (``suggest(..., refine=evaluate)``), else ``None``.
+        refinement: The refinement's report (candidates, kept moves, evaluations, time).
     """
 
     ratios: dict[str, float]
@@ -62,6 +65,8 @@ class Suggestion:
     baseline: float | None = None
     granularity: str = "element"
     proxy: bool = False
+    measured: float | None = None
+    refinement: Any = field(default=None, repr=False)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -71,10 +76,16 @@ class Suggestion:
     def _title(self) -> str:
         label = "predicted proxy" if self.proxy else "predicted"
         base = "" if self.baseline is None else f" (baseline {self.baseline:.4g})"
+        measured = ""
+        if self.refinement is not None:
+            measured = (
+                f", measured {self.measured:.4g} (refined from {self.refinement.start}: "
+                f"{self.refinement.evaluations} evaluations in {self.refinement.seconds:.1f} s)"
+            )
         return (
             f"Suggestion for {self.target}: sparsity {fmt_pct(self.sparsity)}, "
             f"{fmt_count(self.removed)} {self.objective} removed; "
-            f"{label} {self.metric} {self.predicted:.4g}{base}"
+            f"{label} {self.metric} {self.predicted:.4g}{measured}{base}"
         )
 
     def __str__(self) -> str:
