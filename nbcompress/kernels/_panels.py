@@ -10,7 +10,9 @@
 * ``tile64``: ``ntile`` tiles of 64 columns from ``col0`` on, reading a row-major K × N
   input in place (no packing), rows split at ``bounds`` (balanced by nonzeros). Each
   nonzero (k, v) of row i adds ``v · b[k, tile]`` to eight ``f32x8`` accumulators.
-  ``b`` and ``out`` are the flattened (K·N and M·N) C-contiguous arrays.
+  ``b`` and ``out`` are the flattened (K·N and M·N) C-contiguous arrays. The weight may
+  be split into ``nkb`` blocks of input rows (``indptr`` then has ``nkb·M + 1`` entries,
+  block-major, see ``blocked.py``); ``nkb = 1`` is plain CSR.
 
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 """
@@ -19,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from nbcompress.kernels._numba import FASTMATH
-from nbcompress.kernels._simd import vfma, vstore, vzero
+from nbcompress.kernels._simd import vfma, vload, vstore, vzero
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -243,38 +245,51 @@ def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64(indptr, indices, data, scale, b, n, out, col0, ntile, bounds):  # noqa: D103
+def tile64(indptr, indices, data, scale, b, n, out, col0, ntile, bounds, nkb):  # noqa: D103
     nb = bounds.shape[0] - 1
+    m = scale.shape[0]
     nu = np.uint64(n)
     for t in prange(ntile * nb):
         p = t // nb
         n0 = np.uint64(col0 + p * 64)
-        for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
-            j = np.uint64(indptr[i])
-            end = np.uint64(indptr[i + 1])
-            while j < end:
-                v = data[j]
-                q = np.uint64(indices[j]) * nu + n0
-                a0 = vfma(a0, v, b, q + np.uint64(0))
-                a1 = vfma(a1, v, b, q + np.uint64(8))
-                a2 = vfma(a2, v, b, q + np.uint64(16))
-                a3 = vfma(a3, v, b, q + np.uint64(24))
-                a4 = vfma(a4, v, b, q + np.uint64(32))
-                a5 = vfma(a5, v, b, q + np.uint64(40))
-                a6 = vfma(a6, v, b, q + np.uint64(48))
-                a7 = vfma(a7, v, b, q + np.uint64(56))
-                j += np.uint64(1)
-            s = scale[i]
-            q = np.uint64(i) * nu + n0
-            vstore(out, q + np.uint64(0), a0, s)
-            vstore(out, q + np.uint64(8), a1, s)
-            vstore(out, q + np.uint64(16), a2, s)
-            vstore(out, q + np.uint64(24), a3, s)
-            vstore(out, q + np.uint64(32), a4, s)
-            vstore(out, q + np.uint64(40), a5, s)
-            vstore(out, q + np.uint64(48), a6, s)
-            vstore(out, q + np.uint64(56), a7, s)
+        for kb in range(nkb):
+            for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+                q = np.uint64(i) * nu + n0
+                if kb:
+                    a0 = vload(out, q + np.uint64(0))
+                    a1 = vload(out, q + np.uint64(8))
+                    a2 = vload(out, q + np.uint64(16))
+                    a3 = vload(out, q + np.uint64(24))
+                    a4 = vload(out, q + np.uint64(32))
+                    a5 = vload(out, q + np.uint64(40))
+                    a6 = vload(out, q + np.uint64(48))
+                    a7 = vload(out, q + np.uint64(56))
+                else:
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                r = np.uint64(kb * m + i)
+                j = np.uint64(indptr[r])
+                end = np.uint64(indptr[r + np.uint64(1)])
+                while j < end:
+                    v = data[j]
+                    o = np.uint64(indices[j]) * nu + n0
+                    a0 = vfma(a0, v, b, o + np.uint64(0))
+                    a1 = vfma(a1, v, b, o + np.uint64(8))
+                    a2 = vfma(a2, v, b, o + np.uint64(16))
+                    a3 = vfma(a3, v, b, o + np.uint64(24))
+                    a4 = vfma(a4, v, b, o + np.uint64(32))
+                    a5 = vfma(a5, v, b, o + np.uint64(40))
+                    a6 = vfma(a6, v, b, o + np.uint64(48))
+                    a7 = vfma(a7, v, b, o + np.uint64(56))
+                    j += np.uint64(1)
+                s = scale[i] if kb == nkb - 1 else np.float32(1.0)
+                vstore(out, q + np.uint64(0), a0, s)
+                vstore(out, q + np.uint64(8), a1, s)
+                vstore(out, q + np.uint64(16), a2, s)
+                vstore(out, q + np.uint64(24), a3, s)
+                vstore(out, q + np.uint64(32), a4, s)
+                vstore(out, q + np.uint64(40), a5, s)
+                vstore(out, q + np.uint64(48), a6, s)
+                vstore(out, q + np.uint64(56), a7, s)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -498,35 +513,48 @@ def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D1
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64_1(indptr, indices, data, scale, b, n, out, col0, ntile, bounds):  # noqa: D103
+def tile64_1(indptr, indices, data, scale, b, n, out, col0, ntile, bounds, nkb):  # noqa: D103
     nb = bounds.shape[0] - 1
+    m = scale.shape[0]
     nu = np.uint64(n)
     for t in prange(ntile * nb):
         p = t // nb
         n0 = np.uint64(col0 + p * 64)
-        for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
-            j = np.uint64(indptr[i])
-            end = np.uint64(indptr[i + 1])
-            while j < end:
-                v = data[j]
-                q = np.uint64(indices[j]) * nu + n0
-                a0 = vfma(a0, v, b, q + np.uint64(0))
-                a1 = vfma(a1, v, b, q + np.uint64(8))
-                a2 = vfma(a2, v, b, q + np.uint64(16))
-                a3 = vfma(a3, v, b, q + np.uint64(24))
-                a4 = vfma(a4, v, b, q + np.uint64(32))
-                a5 = vfma(a5, v, b, q + np.uint64(40))
-                a6 = vfma(a6, v, b, q + np.uint64(48))
-                a7 = vfma(a7, v, b, q + np.uint64(56))
-                j += np.uint64(1)
-            s = scale[i]
-            q = np.uint64(i) * nu + n0
-            vstore(out, q + np.uint64(0), a0, s)
-            vstore(out, q + np.uint64(8), a1, s)
-            vstore(out, q + np.uint64(16), a2, s)
-            vstore(out, q + np.uint64(24), a3, s)
-            vstore(out, q + np.uint64(32), a4, s)
-            vstore(out, q + np.uint64(40), a5, s)
-            vstore(out, q + np.uint64(48), a6, s)
-            vstore(out, q + np.uint64(56), a7, s)
+        for kb in range(nkb):
+            for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+                q = np.uint64(i) * nu + n0
+                if kb:
+                    a0 = vload(out, q + np.uint64(0))
+                    a1 = vload(out, q + np.uint64(8))
+                    a2 = vload(out, q + np.uint64(16))
+                    a3 = vload(out, q + np.uint64(24))
+                    a4 = vload(out, q + np.uint64(32))
+                    a5 = vload(out, q + np.uint64(40))
+                    a6 = vload(out, q + np.uint64(48))
+                    a7 = vload(out, q + np.uint64(56))
+                else:
+                    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+                r = np.uint64(kb * m + i)
+                j = np.uint64(indptr[r])
+                end = np.uint64(indptr[r + np.uint64(1)])
+                while j < end:
+                    v = data[j]
+                    o = np.uint64(indices[j]) * nu + n0
+                    a0 = vfma(a0, v, b, o + np.uint64(0))
+                    a1 = vfma(a1, v, b, o + np.uint64(8))
+                    a2 = vfma(a2, v, b, o + np.uint64(16))
+                    a3 = vfma(a3, v, b, o + np.uint64(24))
+                    a4 = vfma(a4, v, b, o + np.uint64(32))
+                    a5 = vfma(a5, v, b, o + np.uint64(40))
+                    a6 = vfma(a6, v, b, o + np.uint64(48))
+                    a7 = vfma(a7, v, b, o + np.uint64(56))
+                    j += np.uint64(1)
+                s = scale[i] if kb == nkb - 1 else np.float32(1.0)
+                vstore(out, q + np.uint64(0), a0, s)
+                vstore(out, q + np.uint64(8), a1, s)
+                vstore(out, q + np.uint64(16), a2, s)
+                vstore(out, q + np.uint64(24), a3, s)
+                vstore(out, q + np.uint64(32), a4, s)
+                vstore(out, q + np.uint64(40), a5, s)
+                vstore(out, q + np.uint64(48), a6, s)
+                vstore(out, q + np.uint64(56), a7, s)

@@ -15,7 +15,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["f32x8", "vfma", "vstore", "vzero"]
+__all__ = ["f32x8", "vfma", "vload", "vstore", "vzero"]
 
 _VEC = ir.VectorType(ir.FloatType(), 8)
 _I32 = ir.IntType(32)
@@ -56,6 +56,18 @@ def vzero(typingctx):  # noqa: ANN001, ANN201 - numba intrinsic protocol
         return ir.Constant(_VEC, [0.0] * 8)
 
     return f32x8(), codegen
+
+
+@intrinsic
+def vload(typingctx, ary, idx):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """``ary[idx : idx + 8]`` as a vector."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        arr, i = args
+        i = context.cast(builder, i, sig.args[1], types.uint64)
+        return builder.load(_vec_ptr(context, builder, sig.args[0], arr, i), align=4)
+
+    return f32x8(ary, idx), codegen
 
 
 @intrinsic

@@ -5,11 +5,11 @@ The formats (:class:`CSRMatrix`, :class:`BSRMatrix`) live in
 ``_numba.py``/``_panels.py`` trust their arguments; the functions here check shape,
 dtype and contiguity first.
 
-With 64 or more columns two CSR kernels compete: packed column panels (16 wide, input
-re-laid out first) and 64-column tiles read in place from a row-major input. Which is
-faster depends on the shape, the density and the caches (tiles won at batch 64 and for
-conv-as-GEMM here, panels on a 4096-wide input whose 64-column slab overflows L2), so the
-first call per (weight, columns, threads) times both and keeps the faster one.
+With 64 or more columns three CSR kernels compete: packed column panels (16 wide, input
+re-laid out first), 64-column tiles read in place from a row-major input, and the same
+tiles over blocks of input rows (``kblocks``, see :mod:`nbcompress.kernels.blocked`).
+Which is faster depends on the shape, the density and the caches, so the first call per
+(weight, columns, threads) times them and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from nbcompress.kernels import _numba, _panels
+from nbcompress.kernels.blocked import block_rows
 from nbcompress.kernels.formats import (
     BSRMatrix,
     CSRMatrix,
@@ -49,6 +50,11 @@ __all__ = [
 _COMPILED: set[str] = set()
 _CHOICE: weakref.WeakKeyDictionary[CSRMatrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 TILE = 64  # columns per tile64 call unit
+#: Input rows per block for ``kblocks``: a 64-column slab of 256 rows is 64 KB, which
+#: stays in L1/L2 beside the weight stream (160–384 measured alike here; unblocked
+#: 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64).
+KBLOCK = 256
+_BOUNDS: weakref.WeakKeyDictionary[CSRMatrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
 
 
 def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -> np.ndarray:
@@ -135,9 +141,32 @@ def matmul_t_unchecked(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.nd
     if xt.shape[1] < TILE:
         panels()
     else:
-        tiles = lambda: _tiles(mat, xt, out)  # noqa: E731
-        _fastest(mat, ("t", xt.shape[1]), {"panels": panels, "tiles": tiles})
+        _fastest(mat, ("t", xt.shape[1]), {"panels": panels, **_tile_options(mat, lambda: xt, out)})
     return out
+
+
+def _tile_options(
+    mat: CSRMatrix, xt: Callable[[], np.ndarray], out: np.ndarray
+) -> dict[str, Callable[[], None]]:
+    """The tile kernels for ``out = W @ xt()``, by name (see :func:`_tile_kinds`)."""
+    return {
+        name: (lambda kblk=kblk: _tiles(mat, xt(), out, kblk))
+        for name, kblk in _tile_kinds(mat).items()
+    }
+
+
+def _tile_kinds(mat: CSRMatrix) -> dict[str, int | None]:
+    """Tile variants worth timing: whole columns, and K-blocked when K spans blocks."""
+    kinds: dict[str, int | None] = {"tiles": None}
+    if mat.shape[1] > KBLOCK:
+        kinds["kblocks"] = _kblock(mat.shape[1])
+    return kinds
+
+
+def _kblock(k: int) -> int:
+    # Equal blocks of about KBLOCK rows (3072 → 12 × 256, 1152 → 5 × 231, not 4 + a stub).
+    nkb = -(-k // KBLOCK)
+    return -(-k // nkb)
 
 
 def _fastest(mat: CSRMatrix, key: tuple, options: dict[str, Callable[[], object]]) -> None:
@@ -177,6 +206,14 @@ def kernel_choices(mat: CSRMatrix) -> dict[tuple, str]:
     return dict(_CHOICE.get(mat, {}))
 
 
+def _bounds(mat: CSRMatrix, parts: int) -> np.ndarray:
+    # Cached per weight: computing them (~60 µs) was 5% of a batch-64 product.
+    cached = _BOUNDS.setdefault(mat, {})
+    if parts not in cached:
+        cached[parts] = _row_bounds(mat.indptr, parts)
+    return cached[parts]
+
+
 def _row_bounds(indptr: np.ndarray, parts: int) -> np.ndarray:
     # Row blocks holding about equal numbers of nonzeros (not equal numbers of rows), so
     # that threads given one block each finish together.
@@ -185,17 +222,18 @@ def _row_bounds(indptr: np.ndarray, parts: int) -> np.ndarray:
     return np.unique(np.concatenate(([0], np.clip(cuts, 0, m), [m]))).astype(np.int64)
 
 
-def _tiles(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> None:
+def _tiles(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray, kblk: int | None = None) -> None:
     # 64-column tiles read straight from the row-major K × N input (no re-layout): one
-    # tile of every row is finished while that K × 64 slab of the input sits in L2. The
-    # last N mod 64 columns go through the panels.
+    # tile of every row is finished while that K × 64 slab of the input sits in L2 (or,
+    # with ``kblk``, one block of kblk input rows at a time, see blocked.py). The last
+    # N mod 64 columns go through the panels.
     n = xt.shape[1]
     ntile = n // TILE
     threads = get_threads()
-    bounds = _row_bounds(mat.indptr, 1 if threads == 1 else 4 * threads)
-    csr = (mat.indptr, mat.indices, mat.data, mat.scale)
-    args = (*csr, xt.reshape(-1), n, out.reshape(-1), 0, ntile, bounds)
-    _run("tile64", args, (mat.data.dtype.char, mat.indices.dtype.char))
+    bounds = _bounds(mat, 1 if threads == 1 else 4 * threads)
+    indptr, indices, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
+    args = (indptr, indices, data, mat.scale, xt.reshape(-1), n, out.reshape(-1), 0, ntile)
+    _run("tile64", (*args, bounds, nkb), (mat.data.dtype.char, mat.indices.dtype.char))
     if ntile * TILE < n:
         pack = _packer("pack_cols", xt, rows=xt.shape[0])
         _panels_then_rest(mat, pack, out, done=ntile * TILE)
@@ -240,8 +278,8 @@ def conv_unchecked(
 ) -> None:
     """Sparse conv of N images (N × C × H × W) into ``out`` (N × M × Ho·Wo).
 
-    Two ways compete (see the module docstring): unfolding straight into packed panels,
-    or each image unfolded (C·kh·kw × Ho·Wo) and read in place by the tiles.
+    The kernels compete (see the module docstring): unfolding straight into packed
+    panels, or each image unfolded (C·kh·kw × Ho·Wo) and read in place by the tiles.
 
     Args:
         mat: The packed (out × C·kh·kw) weight.
@@ -258,14 +296,15 @@ def conv_unchecked(
         for img, o in zip(images, out, strict=True):
             _panels_then_rest(mat, _packer("pack_im2col", img, geom, rows=mat.shape[1]), o)
 
-    def tiles() -> None:
+    def tiles(kblk: int | None) -> None:
         for i, o in enumerate(out):
-            _tiles(mat, unfold(i), o)
+            _tiles(mat, unfold(i), o, kblk)
 
     if out.shape[2] < TILE:
         panels()
     else:
-        _fastest(mat, ("conv", *images.shape), {"panels": panels, "tiles": tiles})
+        options = {name: (lambda k=kblk: tiles(k)) for name, kblk in _tile_kinds(mat).items()}
+        _fastest(mat, ("conv", *images.shape), {"panels": panels, **options})
 
 
 def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -306,8 +345,8 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
         panels()
     else:
         # The tiles read x transposed (in × batch): one copy, small next to the product.
-        tiles = lambda: _tiles(mat, np.ascontiguousarray(x.T), out)  # noqa: E731
-        _fastest(mat, ("x", x.shape[0]), {"panels": panels, "tiles": tiles})
+        options = _tile_options(mat, lambda: np.ascontiguousarray(x.T), out)
+        _fastest(mat, ("x", x.shape[0]), {"panels": panels, **options})
     return out.T
 
 

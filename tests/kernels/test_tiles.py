@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nbcompress.kernels import _numba, _panels, csr, csr_matmul, csr_matmul_t, pack_csr
+from nbcompress.kernels.blocked import block_rows
 from nbcompress.kernels.modules import SparseConv2d
 from tests.kernels.reference import csr_product, sparse_weight
 
@@ -21,9 +22,9 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-def _tiles(mat, xt: np.ndarray) -> np.ndarray:
+def _tiles(mat, xt: np.ndarray, kblk: int | None = None) -> np.ndarray:
     out = np.full((mat.shape[0], xt.shape[1]), np.nan, dtype=np.float32)
-    csr._tiles(mat, np.ascontiguousarray(xt), out)
+    csr._tiles(mat, np.ascontiguousarray(xt), out, kblk)
     return out
 
 
@@ -47,6 +48,32 @@ def test_tiles_match_reference_and_dense(rng, n, density, int8):
                                    rtol=1e-5, atol=1e-4)  # fmt: skip
 
 
+# Blocks of 7 input rows over 50: seven full blocks and a stub of one row.
+@pytest.mark.parametrize("kblk", [7, 16, 49, 50, 1000])
+@pytest.mark.parametrize("int8", [False, True])
+def test_k_blocked_tiles_match_reference(rng, kblk, int8):
+    w = sparse_weight(rng, 37, 50, 0.3)
+    w[:, 14:21] = 0  # a block with no nonzeros at all
+    xt = rng.standard_normal((50, 91)).astype(np.float32)
+    mat = pack_csr(w, int8=int8)
+    np.testing.assert_allclose(_tiles(mat, xt, kblk), _reference(mat, xt), rtol=1e-5, atol=1e-4)
+
+
+def test_blocked_copy_is_the_same_matrix_grouped_by_block(rng):
+    mat = pack_csr(sparse_weight(rng, 9, 20, 0.5))
+    indptr, indices, data, nkb = block_rows(mat, 8)
+    assert nkb == 3 and indptr.shape == (3 * 9 + 1,) and indptr[-1] == mat.nnz
+    for kb in range(nkb):
+        for i in range(9):
+            seg = slice(indptr[kb * 9 + i], indptr[kb * 9 + i + 1])
+            row = slice(mat.indptr[i], mat.indptr[i + 1])
+            in_block = (mat.indices[row] // 8) == kb
+            np.testing.assert_array_equal(indices[seg], mat.indices[row][in_block])
+            np.testing.assert_array_equal(data[seg], mat.data[row][in_block])
+    assert block_rows(mat, 8)[0] is indptr  # built once per weight and block size
+    assert block_rows(mat, 20)[0] is mat.indptr  # one block: the matrix itself
+
+
 def test_tiles_edge_shapes(rng):
     xt1 = rng.standard_normal((1, 64)).astype(np.float32)
     np.testing.assert_allclose(_tiles(pack_csr(np.array([[3.0]], np.float32)), xt1), 3.0 * xt1)
@@ -63,9 +90,11 @@ def test_tiles_with_in_features_above_65535(rng):
     mat = pack_csr(w)
     assert mat.indices.dtype == np.uint32
     np.testing.assert_allclose(_tiles(mat, xt), _reference(mat, xt), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(_tiles(mat, xt, 30000), _reference(mat, xt), rtol=1e-5, atol=1e-4)
 
 
-def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng):
+@pytest.mark.parametrize("kblk", [30, 8])
+def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng, kblk):
     w = sparse_weight(rng, 45, 30, 0.3)
     w[:10] = rng.standard_normal((10, 30))  # dense rows: blocks by nonzeros, not by rows
     mat = pack_csr(w)
@@ -76,17 +105,19 @@ def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng):
     assert per_block.max() <= mat.nnz / 4 + np.diff(mat.indptr).max()
     assert np.diff(bounds)[0] < 45 / 4  # the dense rows make the first block short
     outs = []
-    args = (mat.indptr, mat.indices, mat.data, mat.scale, xt.reshape(-1), 128)
+    indptr, indices, data, nkb = block_rows(mat, kblk)
+    args = (indptr, indices, data, mat.scale, xt.reshape(-1), 128)
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
         for kernel, b in ((_panels.tile64, bounds), (_panels.tile64_1, bounds[[0, -1]])):
             out = np.zeros((45, 128), dtype=np.float32)
-            kernel(*args, out.reshape(-1), 0, 2, b)
+            kernel(*args, out.reshape(-1), 0, 2, b, nkb)
             outs.append(out)
     np.testing.assert_allclose(outs[0], w @ xt, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
-def test_public_products_choose_once_and_stay_correct(rng):
+def test_public_products_choose_once_and_stay_correct(rng, monkeypatch):
+    monkeypatch.setattr(csr, "KBLOCK", 16)  # K = 60: the K-blocked tiles compete too
     w = sparse_weight(rng, 40, 60, 0.2)
     mat = pack_csr(w)
     big = rng.standard_normal((60, 150)).astype(np.float32)
@@ -98,7 +129,7 @@ def test_public_products_choose_once_and_stay_correct(rng):
         np.testing.assert_allclose(csr_matmul_t(mat, big), _reference(mat, big), atol=1e-4)
     choices = csr.kernel_choices(mat)
     assert set(choices) == {("x", 75, 1), ("t", 150, 1)}
-    assert set(choices.values()) <= {"panels", "tiles"}
+    assert set(choices.values()) <= {"panels", "tiles", "kblocks"}
     assert csr.kernel_choices(pack_csr(w)) == {}  # per weight, not global
 
 
@@ -122,8 +153,9 @@ def test_the_clearly_faster_option_is_chosen(rng, slow):
     assert csr.kernel_choices(mat) == {("x", 64, 1): "tiles" if slow == "panels" else "panels"}
 
 
-@pytest.mark.parametrize("choice", ["panels", "tiles"])
-def test_sparse_conv_matches_dense_with_either_kernel(rng, choice):
+@pytest.mark.parametrize("choice", ["panels", "tiles", "kblocks"])
+def test_sparse_conv_matches_dense_with_each_kernel(rng, choice, monkeypatch):
+    monkeypatch.setattr(csr, "KBLOCK", 16)  # K = 54 input rows: four blocks
     conv = nn.Conv2d(6, 10, 3, stride=1, padding=1, dilation=1, bias=True)
     with torch.no_grad():
         conv.weight[torch.rand_like(conv.weight) < 0.7] = 0
