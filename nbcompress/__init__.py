@@ -34,6 +34,8 @@ _EXPORTS = {
     "Suggestion": "nbcompress.engine.sensitivity",
     "apply_suggestion_": "nbcompress.engine.sensitivity",
     "prune_to_": "nbcompress.engine.staged",
+    "refine": "nbcompress.engine.refine",
+    "Refinement": "nbcompress.engine.refine",
     "sparsify_": "nbcompress.engine.sparsify",
     "speedup": "nbcompress.engine.speedup",
     "SpeedupReport": "nbcompress.engine.speedup",

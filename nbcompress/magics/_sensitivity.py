@@ -59,6 +59,16 @@ def _check_targets(args: Any) -> None:
         raise UsageError(f"--objective: {args.objective!r} is unknown; choose params or macs.")
     if args.apply and args.target_sparsity is None and args.max_drop is None:
         raise UsageError("--apply: give the budget to apply, e.g. --target-sparsity 0.8.")
+    if args.refine is not None:
+        if args.refine < 0:
+            raise UsageError(f"--refine: {args.refine} must be >= 0, e.g. --refine 100.")
+        if args.target_sparsity is None or args.objective != "params":
+            raise UsageError(
+                "--refine: refines a --target-sparsity suggestion (over params), e.g. "
+                "--target-sparsity 0.8 --refine 100."
+            )
+        if args.evaluate is None and args.stages is None:
+            raise UsageError("--refine: measures real allocations; give --eval fn.")
     if args.stages is not None:
         if args.stages < 1:
             raise UsageError(f"--stages: {args.stages} must be at least 1, e.g. --stages 5.")
@@ -139,6 +149,7 @@ class SensitivityMagics(Magics):
     @argument("--objective", default="params", help="params (default) or macs.")
     @argument("--apply", action="store_true", help="Prune in place with the suggestion (undoable).")
     @argument("--stages", type=int, help="With --apply: sweep, suggest, apply in N stages.")
+    @argument("--refine", type=int, help="Refine the suggestion by up to N measured moves.")
     @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
     @argument("--save", help="Write the result (even a partial one) to this JSON file.")
     @line_magic
@@ -158,7 +169,12 @@ class SensitivityMagics(Magics):
         that look harmless alone can hurt together; re-measuring catches that). It returns
         the per-stage report and ``%undo model`` reverts all stages; score it with a
         continuous metric (``--eval val_loss --lower-is-better``) rather than accuracy on a
-        few hundred examples, which is flat over most ratios. In a notebook the
+        few hundred examples, which is flat over most ratios. ``--refine 100`` checks the
+        choice by measuring: the suggestion (or the stages' result) and the ratios uniform
+        and global L1 would give are evaluated, then up to 100 moves of sparsity between
+        layers are tried, each kept only if the measured metric improves; the recommended
+        use is ``--eval val_loss --lower-is-better --target-sparsity 0.9 --stages 5
+        --refine 100 --apply``. In a notebook the
         curves update live and the explorer widget follows. Returns the result:
         ``r = %sensitivity model --eval evaluate``.
         """
@@ -173,7 +189,7 @@ class SensitivityMagics(Magics):
         if args.stages is not None:
             return self._staged(model, evaluate, x, args)
         result = self._sweep(model, evaluate, x, args)
-        suggestion = self._suggest(result, args)
+        suggestion = self._suggest(result, args, evaluate)
         if args.save:
             result.save(args.save)
         if suggestion is not None and args.apply:
@@ -192,6 +208,7 @@ class SensitivityMagics(Magics):
                     granularity=args.granularity, layers=split_patterns(args.layers),
                     types=split_patterns(args.types), example_inputs=x,
                     higher_is_better=not args.lower_is_better, metric=args.metric,
+                    refine=args.refine,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 print(
@@ -245,18 +262,24 @@ class SensitivityMagics(Magics):
             print(note, file=sys.stderr)
         return result
 
-    def _suggest(self, result: SensitivityResult, args: Any) -> Suggestion | None:
+    def _suggest(self, result: SensitivityResult, args: Any, evaluate: Any) -> Suggestion | None:
         if args.target_sparsity is None and args.max_drop is None:
             return None
+        options = {} if args.refine is None else {"refine": evaluate, "budget": args.refine}
         try:
             suggestion = result.suggest(
-                args.target_sparsity, max_drop=args.max_drop, objective=args.objective
+                args.target_sparsity, max_drop=args.max_drop, objective=args.objective, **options
             )
+        except KeyboardInterrupt:
+            print("Refinement interrupted: no suggestion; the model is unchanged.", file=sys.stderr)
+            return None
         except (ValueError, TypeError) as err:
             # The sweep may have taken long: report, and keep the result.
             print(f"No suggestion: {err}", file=sys.stderr)
             return None
         self._show(suggestion)
+        if suggestion.refinement is not None:
+            self._show(suggestion.refinement)
         if not args.apply:
             print(f"Apply it with: %prune {args.model} --suggested  (undo: %undo {args.model})")
         return suggestion
