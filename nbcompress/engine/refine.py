@@ -167,10 +167,7 @@ def refine(
         )
     _check_options(evaluate, None, None, None, granularity)
     target = check_amount(target_sparsity, "target_sparsity", allow_zero=False)
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
-        raise ValueError(
-            f"budget: expected a number of evaluations >= 0 such as 100, got {budget!r}."
-        )
+    check_budget(budget, "budget")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
     selected, _ = _select(model, layers, types, None)

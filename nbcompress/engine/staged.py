@@ -304,8 +304,8 @@ class _Staged:
             }
         candidates = {"staged": staged}
         with contextlib.suppress(ValueError):  # the one-shot target may be out of its reach
-            candidates["one sweep"] = self.first.suggest(targets[-1], objective=self.objective)
-            candidates["one sweep"] = candidates["one sweep"].ratios
+            one_shot = self.first.suggest(targets[-1], objective=self.objective)
+            candidates["one sweep"] = one_shot.ratios
         found = refine_allocation(
             self.model, self.evaluate, targets[-1], candidates=candidates, budget=budget,
             higher_is_better=self.result.higher_is_better, metric=self.result.metric,
