@@ -7,7 +7,7 @@ dtype and contiguity first.
 
 With 64 or more columns three CSR kernels compete: packed column panels (16 wide, input
 re-laid out first), 64-column tiles read in place from a row-major input, and the same
-tiles over blocks of input rows (``kblocks``, see :mod:`nbcompress.kernels.blocked`).
+tiles over blocks of input rows (``kblocks``, see :mod:`nbcompress.kernels.layouts`).
 Which is faster depends on the shape, the density and the caches, so the first call per
 (weight, columns, threads) times them and keeps the fastest.
 """
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from nbcompress.kernels import _numba, _panels
-from nbcompress.kernels.blocked import block_rows
 from nbcompress.kernels.formats import (
     BSRMatrix,
     CSRMatrix,
@@ -34,6 +33,7 @@ from nbcompress.kernels.formats import (
     pack_bsr,
     pack_csr,
 )
+from nbcompress.kernels.layouts import block_rows, pad_rows
 from nbcompress.kernels.threads import get_threads
 
 __all__ = [
@@ -47,7 +47,8 @@ __all__ = [
     "pack_csr",
 ]
 
-_COMPILED: set[str] = set()
+_COMPILED: set[tuple] = set()
+_KERNELS: dict[tuple[str, bool], Callable[..., None]] = {}
 _CHOICE: weakref.WeakKeyDictionary[CSRMatrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 TILE = 64  # columns per tile64 call unit
 #: Input rows per block for ``kblocks``: a 64-column slab of 256 rows is 64 KB, which
@@ -66,21 +67,27 @@ def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -
             )
         if x.device.type != "cpu":
             raise ValueError(f"{arg}: the sparse kernels run on CPU; got a {x.device} tensor.")
-        x = x.detach().numpy()
+        x = x.numpy()  # requires_grad is False here, so no detach() (~1 µs per call)
     if not isinstance(x, np.ndarray) or x.ndim not in ndim or x.dtype != np.float32:
         raise TypeError(f"{arg}: expected a float32 array with {ndim} dims, got {_describe(x)}.")
     return x
 
 
-def _run(name: str, args: tuple, dtypes: tuple) -> None:
+def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
     # One thread: the serial twin (no pool launch). Kept lean: small layers are dominated
-    # by per-call overhead. The first call per signature compiles (with SLP vectorization
-    # on, which only matters then) or loads from disk, and says once what that cost.
-    n = get_threads()
-    if numba.get_num_threads() != n:
+    # by per-call overhead (numba's own thread count is only read when the pool is used;
+    # the kernel lookup is a dict hit). The first call per signature compiles (with SLP
+    # vectorization on, which only matters then) or loads from disk, and says once what
+    # that cost. ``n``: the thread count, if the caller has it already.
+    n = n or get_threads()
+    parallel = n > 1
+    if parallel and numba.get_num_threads() != n:
         numba.set_num_threads(n)
-    kernel = getattr(_panels, name if n > 1 else name + "_1", None) or getattr(_numba, name)
-    key = (name, n > 1, *dtypes)
+    kernel = _KERNELS.get((name, parallel))
+    if kernel is None:
+        found = getattr(_panels, name if parallel else name + "_1", None)
+        kernel = _KERNELS[name, parallel] = found or getattr(_numba, name)
+    key = (name, parallel, *dtypes)
     if key in _COMPILED:
         kernel(*args)
         return
@@ -225,7 +232,7 @@ def _row_bounds(indptr: np.ndarray, parts: int) -> np.ndarray:
 def _tiles(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray, kblk: int | None = None) -> None:
     # 64-column tiles read straight from the row-major K × N input (no re-layout): one
     # tile of every row is finished while that K × 64 slab of the input sits in L2 (or,
-    # with ``kblk``, one block of kblk input rows at a time, see blocked.py). The last
+    # with ``kblk``, one block of kblk input rows at a time, see layouts.py). The last
     # N mod 64 columns go through the panels.
     n = xt.shape[1]
     ntile = n // TILE
@@ -330,8 +337,7 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
         xv = np.ascontiguousarray(x.reshape(-1))
         out = np.empty(mat.shape[0], dtype=np.float32)
         if mat.shape[0]:
-            args = (mat.indptr, mat.indices, mat.data, mat.scale, xv, out)
-            _run("csr_spmv", args, (mat.data.dtype.char, mat.indices.dtype.char))
+            _spmv(mat, xv, out)
         return out if x.ndim == 1 else out.reshape(1, -1)
     out = np.empty((mat.shape[0], x.shape[0]), dtype=np.float32)
     if not out.size:
@@ -348,6 +354,28 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
         options = _tile_options(mat, lambda: np.ascontiguousarray(x.T), out)
         _fastest(mat, ("x", x.shape[0]), {"panels": panels, **options})
     return out.T
+
+
+def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
+    # Plain CSR, or rows padded to eight (see layouts.py) when that measured faster. The
+    # recorded choice is looked up first: a batch-1 call should cost a few dict hits.
+    n = get_threads()
+    dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
+    choice = _CHOICE.get(mat, {}).get(("v", 1, n))
+    if choice == "spmv8":
+        _run("csr_spmv8", (*pad_rows(mat), mat.scale, xv, out), dtypes, n)
+    elif choice == "spmv":
+        _run("csr_spmv", (*_csr(mat), mat.scale, xv, out), dtypes, n)
+    else:
+        options = {
+            "spmv": lambda: _run("csr_spmv", (*_csr(mat), mat.scale, xv, out), dtypes),
+            "spmv8": lambda: _run("csr_spmv8", (*pad_rows(mat), mat.scale, xv, out), dtypes),
+        }
+        _fastest(mat, ("v", 1), options)
+
+
+def _csr(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return mat.indptr, mat.indices, mat.data
 
 
 def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:

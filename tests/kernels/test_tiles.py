@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nbcompress.kernels import _numba, _panels, csr, csr_matmul, csr_matmul_t, pack_csr
-from nbcompress.kernels.blocked import block_rows
+from nbcompress.kernels.layouts import block_rows
 from nbcompress.kernels.modules import SparseConv2d
 from tests.kernels.reference import csr_product, sparse_weight
 
