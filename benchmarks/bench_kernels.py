@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore")
 
 LINEAR = [(3072, 768), (768, 3072), (4096, 4096)]
 CONV = (256, 1152, 3136)  # out channels × (128·3·3) with 56·56 output columns
+KINDS = ("spmv", "spmv8", "panels", "tiles", "kblocks")  # kernels csr.py chooses between
 
 
 def cpu_name() -> str:
@@ -102,8 +103,7 @@ def candidates(w: np.ndarray, x: torch.Tensor, conv: bool) -> tuple[dict, object
         fns["nbc fp32"] = lambda: csr_matmul(fp32, x)
         fns["nbc int8"] = lambda: csr_matmul(int8, x)
         fns["torch.sparse"] = lambda: (tsp @ x.T).T
-    if x.shape[0] >= csr.TILE:
-        fns |= forced_kernels(w, x, conv)
+    fns |= forced_kernels(w, x, conv)
     try:
         import scipy.sparse as sps
 
@@ -116,11 +116,22 @@ def candidates(w: np.ndarray, x: torch.Tensor, conv: bool) -> tuple[dict, object
 
 
 def forced_kernels(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
-    """The fp32 product with the kernel choice fixed to panels, and to tiles (≥ 64 columns)."""
+    """The fp32 product with the kernel choice fixed to each candidate ``csr.py`` times.
+
+    Batch 1: plain and padded SpMV; 64 or more columns: panels, tiles and (K > KBLOCK)
+    K-blocked tiles. Other batches have one kernel, so nothing to force.
+    """
+    batch = x.shape[0]
+    if batch == 1 and not conv:
+        kinds, key = ["spmv", "spmv8"], ("v", 1, get_threads())
+    elif batch >= csr.TILE:
+        kinds, key = ["panels", *csr._tile_kinds(pack_csr(w))], ("t" if conv else "x", batch)
+        key = (*key, get_threads())
+    else:
+        return {}
     fns = {}
     xt = np.ascontiguousarray(x.numpy().T)
-    key = ("t" if conv else "x", x.shape[0], get_threads())
-    for choice in ("panels", "tiles"):
+    for choice in kinds:
         mat = pack_csr(w)
         csr._CHOICE[mat] = {key: choice}
         fns[f"nbc {choice}"] = (
@@ -153,7 +164,8 @@ def run_case(label, w, batch, threads, conv, repeats) -> dict:
         fn()  # compile / warm caches before timing
         fn()
     t = paired(fns, repeats)
-    if "nbc tiles" in fns:  # which kernel the measured choice picked for "nbc fp32"
+    t["forced"] = [k.removeprefix("nbc ") for k in fns if k.startswith("nbc ") and k[4:] in KINDS]
+    if t["forced"]:  # which kernel the measured choice picked for "nbc fp32"
         t["chosen"] = ",".join(csr.kernel_choices(fp32).values())
     sparsity = 1 - np.count_nonzero(w) / w.size
     row = {"weights": label, "shape": f"{w.shape[0]}×{w.shape[1]}", "batch": batch}
@@ -193,8 +205,9 @@ def fmt_row(r: dict) -> str:
     ]
     if "scipy" in r:
         parts.append(f"vs scipy {ratio(r, 'scipy', 'nbc fp32'):5.2f}×")
-    if "chosen" in r:
-        parts.append(f"tiles/panels {ratio(r, 'nbc panels', 'nbc tiles'):5.2f}× → {r['chosen']}")
+    if r.get("forced"):  # each candidate forced, as speed-up over dense, and the choice
+        each = " ".join(f"{k} {ratio(r, 'dense', f'nbc {k}'):.2f}×" for k in r["forced"])
+        parts.append(f"[{each} → {r['chosen']}]")
     return "  ".join(parts)
 
 
