@@ -145,11 +145,17 @@ def paired(fns: dict, rounds: int) -> dict[str, float]:
 
     Each round times every candidate once, back to back (``measure_interleaved`` with one
     sample), so a ratio compares samples taken under the same machine load; the median
-    of per-round ratios is much steadier than a ratio of medians on a busy machine.
+    of per-round ratios is much steadier than a ratio of medians on a busy machine. The
+    order is shuffled every round (seeded): in a fixed order "nbc fp32" always ran right
+    after torch's int8 and dense kernels and measured up to 1.6× slower than the same
+    kernel forced further down the list (cache state, and the AVX-512 clock drop that
+    lingers after torch's kernels); rotating the order kept the same neighbours.
     """
-    samples = [
-        measure_interleaved(fns, warmup=0, repeats=1, min_sample=2e-3) for _ in range(rounds)
-    ]
+    rng = np.random.default_rng(len(fns))
+    samples = []
+    for _ in range(rounds):
+        order = {k: fns[k] for k in rng.permutation(list(fns))}
+        samples.append(measure_interleaved(order, warmup=0, repeats=1, min_sample=2e-3))
     out = {k: float(np.median([s[k].median for s in samples])) for k in fns}
     for k in fns:
         out[f"{k} ratio"] = float(np.median([s[k].median / s["dense"].median for s in samples]))
