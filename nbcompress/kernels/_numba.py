@@ -25,7 +25,15 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["FASTMATH", "bsr_spmm", "pack_cols", "pack_im2col", "pack_rows", "slp_enabled"]
+__all__ = [
+    "FASTMATH",
+    "bsr_spmm",
+    "pack_cols",
+    "pack_im2col",
+    "pack_rows",
+    "slp_enabled",
+    "transpose",
+]
 
 # Contraction (FMA) and reassociation-free flags: the loop vectorizer is kept from turning
 # the nonzero loop into slow gathers, while the SLP vectorizer may pack independent
@@ -95,6 +103,24 @@ def pack_cols(xt, start, npan, width, xp):  # noqa: D103
                     c0 = np.uint64(start + p * width)
                     for lane in range(w):
                         dst[lane] = src[c0 + lane]
+
+
+@njit(boundscheck=False, cache=True, nogil=True)
+def transpose(x, xt):  # noqa: D103
+    # x (N × K, any strides) into xt (K × N, C-contiguous), 96 features at a time: that
+    # chunk of xt (24 KB at N = 64) stays in L1 while eight batch rows at a time fill it.
+    # 1.5× numpy's x.T copy for a 64 × 3072 batch here (207 vs 311 µs).
+    n, k = x.shape
+    nu = np.uint64(n)
+    flat = xt.reshape(-1)
+    for k0 in range(0, k, 96):
+        k1 = min(k0 + 96, k)
+        for b0 in range(0, n, 8):
+            b1 = min(b0 + 8, n)
+            for kk in range(k0, k1):
+                base = np.uint64(kk) * nu
+                for b in range(b0, b1):
+                    flat[base + np.uint64(b)] = x[b, kk]
 
 
 @njit(boundscheck=False, cache=True, nogil=True)

@@ -351,7 +351,7 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
         panels()
     else:
         # The tiles read x transposed (in × batch): one copy, small next to the product.
-        options = _tile_options(mat, lambda: np.ascontiguousarray(x.T), out)
+        options = _tile_options(mat, lambda: _transposed(x), out)
         _fastest(mat, ("x", x.shape[0]), {"panels": panels, **options})
     return out.T
 
@@ -376,6 +376,12 @@ def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
 
 def _csr(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mat.indptr, mat.indices, mat.data
+
+
+def _transposed(x: np.ndarray) -> np.ndarray:
+    xt = np.empty((x.shape[1], x.shape[0]), dtype=np.float32)
+    _run("transpose", (x, xt), ())
+    return xt
 
 
 def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -167,3 +167,12 @@ def test_sparse_conv_matches_dense_with_each_kernel(rng, choice, monkeypatch):
         got = sparse(x)
     assert csr.kernel_choices(sparse.matrix()) == {("conv", 2, 6, 9, 9, 1): choice}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 768), (70, 200), (1, 1), (9, 0)])
+def test_transpose_matches_numpy(rng, shape):
+    big = rng.standard_normal((shape[1], 2 * shape[0])).astype(np.float32)
+    x = big.T[::2]  # strided, neither C- nor F-contiguous
+    xt = np.full((shape[1], shape[0]), np.nan, dtype=np.float32)
+    _numba.transpose(x, xt)
+    np.testing.assert_array_equal(xt, x.T)
