@@ -218,6 +218,8 @@ class SensitivityMagics(Magics):
         if args.save and report.result is not None:
             report.result.save(args.save)
         self._show(report)
+        if report.refinement is not None:
+            self._show(report.refinement)  # candidates and kept moves, measured
         return report
 
     def _show(self, obj: Any) -> None:

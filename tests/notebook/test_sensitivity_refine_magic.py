@@ -51,7 +51,9 @@ def test_stages_with_refine_apply_the_refined_allocation_in_one_undo_step(ns, ca
     assert report.refinement is not None and report.measured == ns.user_ns["distance"](model)
     for name, ratio in report.ratios.items():
         assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)
-    assert "2 stage(s) + measured refinement" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 stage(s) + measured refinement" in out
+    assert "Refined allocation for sparsity 60.0%" in out and "candidate: staged" in out
     assert len(nc.history(model)) == 1
     ns.run_line_magic("undo", "model")
     assert_same_state(model, saved)
