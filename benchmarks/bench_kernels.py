@@ -140,7 +140,7 @@ def forced_kernels(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
     return fns
 
 
-def paired(fns: dict, rounds: int) -> dict[str, float]:
+def paired(fns: dict, rounds: int, min_sample: float = 2e-3) -> dict[str, float]:
     """Median over rounds of each candidate's time, and of its ratio to dense per round.
 
     Each round times every candidate once, back to back (``measure_interleaved`` with one
@@ -149,13 +149,14 @@ def paired(fns: dict, rounds: int) -> dict[str, float]:
     order is shuffled every round (seeded): in a fixed order "nbc fp32" always ran right
     after torch's int8 and dense kernels and measured up to 1.6× slower than the same
     kernel forced further down the list (cache state, and the AVX-512 clock drop that
-    lingers after torch's kernels); rotating the order kept the same neighbours.
+    lingers after torch's kernels); rotating the order kept the same neighbours. Each
+    sample repeats a candidate back to back for at least ``min_sample`` seconds.
     """
     rng = np.random.default_rng(len(fns))
     samples = []
     for _ in range(rounds):
         order = {k: fns[k] for k in rng.permutation(list(fns))}
-        samples.append(measure_interleaved(order, warmup=0, repeats=1, min_sample=2e-3))
+        samples.append(measure_interleaved(order, warmup=0, repeats=1, min_sample=min_sample))
     out = {k: float(np.median([s[k].median for s in samples])) for k in fns}
     for k in fns:
         out[f"{k} ratio"] = float(np.median([s[k].median / s["dense"].median for s in samples]))
