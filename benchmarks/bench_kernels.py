@@ -49,13 +49,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine() -> str:
+def machine(start: str | None = None) -> str:
+    """CPU, versions and load average.
+
+    Args:
+        start: This text as returned at the run's start; the current load is then
+            appended to it (reports are written at the end of a run).
+    """
     cpu = cpu_name()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
+    text = (
         f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, numba {numba.__version__} "
         f"(threading layer {numba.config.THREADING_LAYER}); load average at start {load:.2f}"
     )
+    return text if start is None else f"{start}, at the end {load:.2f}"
 
 
 def weight(rows: int, cols: int, sparsity: float, rng: np.random.Generator) -> np.ndarray:
@@ -322,7 +329,8 @@ def main() -> None:
     args = ap.parse_args()
     repeats = args.repeats or (9 if args.quick else 15)
     rng = np.random.default_rng(0)
-    print(machine())
+    started = machine()
+    print(started)
     rows = []
     cases = grid(args.quick, args.sparsities, args.threads, args.batches)
     for label, r, c, s, b, th, conv in cases:
@@ -339,17 +347,19 @@ def main() -> None:
     if args.write:
         threads = sorted({r["threads"] for r in rows if r["weights"] == "random"})
         label = "+".join(map(str, threads)) + (" thread" if threads == [1] else " threads")
-        write_results(f"Kernels, {label}", report(rows, summary, args))
+        write_results(f"Kernels, {label}", report(rows, summary, machine(started)))
 
 
-def report(rows: list[dict], summary: list[str], args: argparse.Namespace) -> str:
+def report(rows: list[dict], summary: list[str], where: str) -> str:
     lines = [
         f"Command: `python benchmarks/bench_kernels.py {' '.join(sys.argv[1:])}`. "
-        f"Machine: {machine()}.",
+        f"Machine: {where}.",
         "Ratios are time(candidate) / time(nbcompress fp32 kernel) (> 1: nbcompress faster), "
         "each the median over interleaved rounds of per-round ratios (every round times all "
-        "candidates back to back); `nbc int8/tint8` compares the sparse int8 kernel with "
-        "torch's dense dynamic int8. Other engineers ran tests and benchmarks on the same 2 "
+        "candidates back to back, in a shuffled order); `nbc int8/tint8` compares the sparse "
+        "int8 kernel with torch's dense dynamic int8; in brackets, each candidate kernel "
+        "forced (speed-up over dense) and, after →, the one the measured choice picked for "
+        "`nbc fp32`. Other engineers ran tests and benchmarks on the same 2 "
         "cores during the runs (see the load average at start), so absolute times (`dense`) "
         "are inflated and noisy; per-round ratios are what to read, and even they scatter "
         "by ±30% or more.",

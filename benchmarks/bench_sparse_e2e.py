@@ -117,7 +117,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     repeats = 7 if args.quick else 15
-    print(machine())
+    started = machine()
+    print(started)
     rows = []
     for name, model, x, amount in cases(args.quick):
         rows.append(run(name, model, x, amount, repeats, args.sample_ms / 1e3))
@@ -125,7 +126,7 @@ def main() -> None:
     if args.write:
         text = "\n".join([
             f"Command: `python benchmarks/bench_sparse_e2e.py {' '.join(sys.argv[1:])}`, "
-            f"1 thread. Machine: {machine()}.",
+            f"1 thread. Machine: {machine(started)}.",
             "Dense = the same pruned model on torch's dense kernels; sparsified = after "
             "`sparsify_` (only layers measured faster are converted). Times are medians over "
             "interleaved rounds; the speed-up is the median of per-round ratios (see above). "
