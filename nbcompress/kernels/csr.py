@@ -33,7 +33,7 @@ from nbcompress.kernels.formats import (
     pack_bsr,
     pack_csr,
 )
-from nbcompress.kernels.layouts import block_rows, pad_rows
+from nbcompress.kernels.layouts import block_rows, pad_rows, release
 from nbcompress.kernels.threads import get_threads
 
 __all__ = [
@@ -206,6 +206,16 @@ def _fastest(mat: CSRMatrix, key: tuple, options: dict[str, Callable[[], object]
     score = {name: float(np.median(ratios[name])) for name in names}
     fastest = min(score, key=score.__getitem__)
     chosen[key] = fastest if score[fastest] < 0.95 else names[0]
+    _release_unused(mat)
+
+
+def _release_unused(mat: CSRMatrix) -> None:
+    # Keep only the derived layouts (layouts.py) that some recorded choice still runs on.
+    used = set(_CHOICE.get(mat, {}).values())
+    keep: set = {"pad"} if "spmv8" in used else set()
+    if "kblocks" in used:
+        keep.add(("k", _kblock(mat.shape[1])))
+    release(mat, keep)
 
 
 def kernel_choices(mat: CSRMatrix) -> dict[tuple, str]:

@@ -33,7 +33,7 @@ import numpy as np
 
 from nbcompress.kernels.formats import CSRMatrix
 
-__all__ = ["Blocked", "block_rows", "pad_rows"]
+__all__ = ["Blocked", "block_rows", "pad_rows", "release"]
 
 Blocked = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # indptr, indices, data, nkb
 
@@ -89,3 +89,14 @@ def pad_rows(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         data[slot] = mat.data
         cached["pad"] = (indptr, indices, data)
     return cached["pad"]
+
+
+def release(mat: CSRMatrix, keep: set) -> None:
+    """Drop ``mat``'s cached layouts other than ``keep`` (``"pad"``, ``("k", kblk)``).
+
+    Each layout is a full copy of the weight; one that lost the measured kernel choice
+    would otherwise double or triple the memory a sparse layer holds at run time.
+    """
+    cached = _CACHE.get(mat, {})
+    for key in [key for key in cached if key not in keep]:
+        del cached[key]

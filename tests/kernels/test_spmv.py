@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbcompress.kernels import _numba, _panels, csr, csr_matmul, pack_csr, set_threads
+from nbcompress.kernels import _numba, _panels, csr, csr_matmul, layouts, pack_csr, set_threads
 from nbcompress.kernels.layouts import PAD, pad_rows
 from tests.kernels.reference import csr_product, sparse_weight
 
@@ -100,3 +100,17 @@ def test_two_threads_give_the_same_results(rng):
             np.testing.assert_allclose(y, w @ x, rtol=1e-5, atol=1e-5)
     finally:
         set_threads(None)
+
+
+@pytest.mark.parametrize("choice", ["spmv", "spmv8"])
+def test_a_layout_that_lost_the_choice_is_released(rng, choice):
+    mat = pack_csr(sparse_weight(rng, 20, 600, 0.3))
+    pad_rows(mat)
+    layouts.block_rows(mat, 256)
+    csr._CHOICE[mat] = {("v", 1, 1): choice, ("x", 64, 1): "tiles"}
+    csr._release_unused(mat)
+    assert set(layouts._CACHE[mat]) == ({"pad"} if choice == "spmv8" else set())
+    csr._CHOICE[mat][("x", 64, 1)] = "kblocks"
+    layouts.block_rows(mat, csr._kblock(600))
+    csr._release_unused(mat)
+    assert ("k", csr._kblock(600)) in layouts._CACHE[mat]
