@@ -371,21 +371,16 @@ def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
     # recorded choice is looked up first: a batch-1 call should cost a few dict hits.
     n = get_threads()
     dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
+
+    def run(kind: str) -> None:
+        arrays = pad_rows(mat) if kind == "spmv8" else (mat.indptr, mat.indices, mat.data)
+        _run(f"csr_{kind}", (*arrays, mat.scale, xv, out), dtypes, n)
+
     choice = _CHOICE.get(mat, {}).get(("v", 1, n))
-    if choice == "spmv8":
-        _run("csr_spmv8", (*pad_rows(mat), mat.scale, xv, out), dtypes, n)
-    elif choice == "spmv":
-        _run("csr_spmv", (*_csr(mat), mat.scale, xv, out), dtypes, n)
+    if choice is None:
+        _fastest(mat, ("v", 1), {kind: (lambda k=kind: run(k)) for kind in ("spmv", "spmv8")})
     else:
-        options = {
-            "spmv": lambda: _run("csr_spmv", (*_csr(mat), mat.scale, xv, out), dtypes),
-            "spmv8": lambda: _run("csr_spmv8", (*pad_rows(mat), mat.scale, xv, out), dtypes),
-        }
-        _fastest(mat, ("v", 1), options)
-
-
-def _csr(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return mat.indptr, mat.indices, mat.data
+        run(choice)
 
 
 def _transposed(x: np.ndarray) -> np.ndarray:
