@@ -10,7 +10,7 @@ from torch import nn
 
 from nbcompress.engine._validate import as_inputs, eval_mode
 from nbcompress.engine.profile import Summary
-from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct, html_table, text_table
+from nbcompress.engine.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
 from nbcompress.engine.timing import Timing, format_seconds, measure_interleaved
 
 __all__ = ["Comparison", "compare", "measure_pair"]
@@ -27,8 +27,8 @@ _COLUMNS = {
 }
 
 
-@dataclass
-class Comparison:
+@dataclass(repr=False)
+class Comparison(TableReport):
     """A model before and after one operation, layer by layer.
 
     Attributes:
@@ -52,13 +52,9 @@ class Comparison:
             return self.before.latency.median / self.after.latency.median
         return None
 
-    def __str__(self) -> str:
-        return text_table(self.rows, _COLUMNS, title=self.title, notes=self.notes)
-
-    def _repr_html_(self) -> str:
-        return html_table(
-            self.rows, _COLUMNS, caption=self.title, notes=self.notes, emphasis=[len(self.rows) - 1]
-        )
+    def _table(self) -> Table:
+        # The last row is the model total: bold in HTML.
+        return Table(self.rows, _COLUMNS, self.title, self.notes, [len(self.rows) - 1])
 
 
 def measure_pair(

@@ -17,7 +17,7 @@ from nbcompress.engine._validate import (
 )
 from nbcompress.engine.costs import layer_bytes, macs
 from nbcompress.engine.layers import weighted_layers
-from nbcompress.engine.report import fmt_bytes, fmt_count, fmt_pct, html_table, text_table
+from nbcompress.engine.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
 from nbcompress.engine.timing import Timing, format_seconds, measure
 
 __all__ = ["Summary", "capture_calls", "summary"]
@@ -37,8 +37,8 @@ _COLUMNS = {
 }
 
 
-@dataclass
-class Summary:
+@dataclass(repr=False)
+class Summary(TableReport):
     """Result of :func:`summary`.
 
     Attributes:
@@ -68,19 +68,9 @@ class Summary:
         inp = f" on input {self.inputs}" if self.inputs else ""
         return f"Model summary{inp}{lat}"
 
-    def __str__(self) -> str:
-        return text_table(
-            [*self.rows, self.totals], _COLUMNS, title=self._title(), notes=self.notes
-        )
-
-    def _repr_html_(self) -> str:
-        return html_table(
-            [*self.rows, self.totals],
-            _COLUMNS,
-            caption=self._title(),
-            notes=self.notes,
-            emphasis=[len(self.rows)],
-        )
+    def _table(self) -> Table:
+        rows = [*self.rows, self.totals]  # totals last, bold in HTML
+        return Table(rows, _COLUMNS, self._title(), self.notes, [len(self.rows)])
 
 
 def capture_calls(

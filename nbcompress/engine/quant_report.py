@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine.report import fmt_bytes, fmt_pct, html_table, text_table
+from nbcompress.engine.report import Table, TableReport, fmt_bytes, fmt_pct
 from nbcompress.engine.timing import Timing, format_seconds
 
 __all__ = ["QuantizeReport", "serialized_size", "weight_values"]
@@ -81,7 +81,7 @@ _COLUMNS = {
 
 
 @dataclass(repr=False)
-class QuantizeReport:
+class QuantizeReport(TableReport):
     """Before/after figures of one ``quantize_`` call (all measured on this machine).
 
     Attributes:
@@ -165,13 +165,5 @@ class QuantizeReport:
         n, k = len(self.quantized), len(self.rows)
         return f"quantize ({self.mode}): {n} of {k} selected layers quantized"
 
-    def __repr__(self) -> str:
-        return str(self)
-
-    def __str__(self) -> str:
-        return text_table(self.rows, _COLUMNS, title=self.title, notes=self._summary() + self.notes)
-
-    def _repr_html_(self) -> str:
-        return html_table(
-            self.rows, _COLUMNS, caption=self.title, notes=self._summary() + self.notes
-        )
+    def _table(self) -> Table:
+        return Table(self.rows, _COLUMNS, self.title, self._summary() + self.notes)

@@ -27,7 +27,7 @@ from torch import nn
 from nbcompress.engine._validate import check_amount, check_module
 from nbcompress.engine.history import trial
 from nbcompress.engine.prune import prune_
-from nbcompress.engine.report import fmt_pct, html_table, text_table
+from nbcompress.engine.report import Table, TableReport, fmt_pct
 from nbcompress.engine.sensitivity import (
     _call_evaluate,
     _check_options,
@@ -43,8 +43,8 @@ __all__ = ["Refinement", "check_budget", "refine"]
 _MIN_SHARE = 1 / 16
 
 
-@dataclass
-class Refinement:
+@dataclass(repr=False)
+class Refinement(TableReport):
     """What :func:`refine` found: the best allocation measured, and how it got there.
 
     Attributes:
@@ -97,15 +97,8 @@ class Refinement:
             "measured": lambda v: "infeasible" if v is None else f"{v:.4g}",
         }
 
-    def __str__(self) -> str:
-        return text_table(self.rows, self._columns(), title=self._title(), notes=self.notes)
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
-        printer.text(str(self))
-
-    def _repr_html_(self) -> str:
-        return html_table(self.rows, self._columns(), caption=self._title(), notes=self.notes)
+    def _table(self) -> Table:
+        return Table(self.rows, self._columns(), self._title(), self.notes)
 
 
 def refine(

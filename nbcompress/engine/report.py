@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["fmt_bytes", "fmt_count", "fmt_pct", "html_table", "text_table"]
+__all__ = ["Table", "TableReport", "fmt_bytes", "fmt_count", "fmt_pct", "html_table", "text_table"]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -108,3 +108,41 @@ def html_table(
         f"<div class='nbcompress'><table>{cap}<thead><tr>{head}</tr></thead>"
         f"<tbody>{''.join(body)}</tbody></table>{foot}</div>"
     )
+
+
+class Table(NamedTuple):
+    """What a result object shows: rows, column formatters, heading, notes, bold rows."""
+
+    rows: Sequence[dict[str, Any]]
+    columns: dict[str, Formatter | None] | None
+    title: str
+    notes: Sequence[str] = ()
+    emphasis: Sequence[int] = ()
+
+
+class TableReport:
+    """Mixin: a result shown as one table in a terminal, in IPython and in a notebook.
+
+    Subclasses define :meth:`_table`; ``str()``, ``repr()``, IPython's plain-text display
+    and the notebook's HTML are all rendered from it, so they can never disagree.
+    Dataclass subclasses need ``@dataclass(repr=False)``: IPython prefers a ``__repr__``
+    defined on the class itself over an inherited ``_repr_pretty_``.
+    """
+
+    def _table(self) -> Table:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        t = self._table()
+        return text_table(t.rows, t.columns, title=t.title, notes=t.notes)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
+        printer.text(str(self))
+
+    def _repr_html_(self) -> str:
+        t = self._table()
+        return html_table(t.rows, t.columns, caption=t.title, notes=t.notes, emphasis=t.emphasis)

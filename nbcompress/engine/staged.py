@@ -26,7 +26,7 @@ from nbcompress.engine.history import transaction, trial
 from nbcompress.engine.prune import prune_
 from nbcompress.engine.refine import Refinement, check_budget
 from nbcompress.engine.refine import refine as refine_allocation
-from nbcompress.engine.report import fmt_pct, html_table, text_table
+from nbcompress.engine.report import Table, TableReport, fmt_pct
 from nbcompress.engine.sensitivity import _Proxy, _sparsity, sensitivity
 from nbcompress.engine.sensitivity_result import SensitivityResult, keep_latest
 from nbcompress.engine.suggest import Suggestion, apply_suggestion_
@@ -43,8 +43,8 @@ DEFAULT_RATIOS = (
 _FIRST = 0.5
 
 
-@dataclass
-class StagedReport:
+@dataclass(repr=False)
+class StagedReport(TableReport):
     """What :func:`prune_to_` did: one row per stage, predicted vs measured metric.
 
     Attributes:
@@ -108,15 +108,8 @@ class StagedReport:
             "predicted": num, "measured": lambda v: "—" if v is None else num(v),
         }  # fmt: skip
 
-    def __str__(self) -> str:
-        return text_table(self.rows, self._columns(), title=self._title(), notes=self.notes)
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
-        printer.text(str(self))
-
-    def _repr_html_(self) -> str:
-        return html_table(self.rows, self._columns(), caption=self._title(), notes=self.notes)
+    def _table(self) -> Table:
+        return Table(self.rows, self._columns(), self._title(), self.notes)
 
 
 def stage_targets(target_sparsity: float, stages: int | Sequence[float]) -> list[float]:

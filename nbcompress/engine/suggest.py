@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from nbcompress.engine._validate import check_module
-from nbcompress.engine.report import fmt_count, fmt_pct, html_table, text_table
+from nbcompress.engine.report import Table, TableReport, fmt_count, fmt_pct
 
 __all__ = [
     "ApplyReport",
@@ -35,8 +35,11 @@ __all__ = [
 _BINS = 2000
 
 
-@dataclass
-class Suggestion:
+_RATIO_COLUMNS = {"layer": None, "ratio": fmt_pct}
+
+
+@dataclass(repr=False)
+class Suggestion(TableReport):
     """Per-layer pruning ratios chosen from sensitivity curves.
 
     Attributes:
@@ -88,15 +91,8 @@ class Suggestion:
             f"{label} {self.metric} {self.predicted:.4g}{measured}{base}"
         )
 
-    def __str__(self) -> str:
-        return text_table(self.rows, {"layer": None, "ratio": fmt_pct}, title=self._title())
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
-        printer.text(str(self))
-
-    def _repr_html_(self) -> str:
-        return html_table(self.rows, {"layer": None, "ratio": fmt_pct}, caption=self._title())
+    def _table(self) -> Table:
+        return Table(self.rows, _RATIO_COLUMNS, self._title())
 
 
 @dataclass
@@ -298,8 +294,8 @@ def _max_removed_within(
 # --- applying a suggestion ----------------------------------------------------------------
 
 
-@dataclass
-class ApplyReport:
+@dataclass(repr=False)
+class ApplyReport(TableReport):
     """What :func:`apply_suggestion_` did: the ratios, and predicted vs measured metric.
 
     Attributes:
@@ -336,17 +332,8 @@ class ApplyReport:
             f"{self.predicted:.4g}, measured {measured}{base}"
         )
 
-    def __str__(self) -> str:
-        cols = {"layer": None, "ratio": fmt_pct}
-        return text_table(self.rows, cols, title=self._title(), notes=self.notes)
-
-    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        # IPython's plain-text display (terminals, text/plain): the table, not the repr.
-        printer.text(str(self))
-
-    def _repr_html_(self) -> str:
-        cols = {"layer": None, "ratio": fmt_pct}
-        return html_table(self.rows, cols, caption=self._title(), notes=self.notes)
+    def _table(self) -> Table:
+        return Table(self.rows, _RATIO_COLUMNS, self._title(), self.notes)
 
 
 def apply_suggestion_(
