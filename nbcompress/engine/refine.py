@@ -29,12 +29,12 @@ from nbcompress.engine.history import trial
 from nbcompress.engine.prune import prune_
 from nbcompress.engine.report import Table, TableReport, fmt_pct
 from nbcompress.engine.sensitivity import (
-    _call_evaluate,
-    _check_options,
-    _name,
-    _select,
-    _sparsity,
+    call_evaluate,
+    check_sweep_options,
     measuring,
+    metric_name,
+    select_sweep_layers,
+    weight_sparsity,
 )
 
 __all__ = ["Refinement", "check_budget", "refine"]
@@ -158,12 +158,12 @@ def refine(
         raise ValueError(
             "evaluate: refinement measures real allocations; pass evaluate=fn (--eval fn)."
         )
-    _check_options(evaluate, None, None, None, granularity)
+    check_sweep_options(evaluate, None, None, None, granularity)
     target = check_amount(target_sparsity, "target_sparsity", allow_zero=False)
     check_budget(budget, "budget")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
-    selected, _ = _select(model, layers, types, None)
+    selected, _ = select_sweep_layers(model, layers, types, None)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
     named = {
         "uniform L1": dict.fromkeys(selected, target),
@@ -177,7 +177,7 @@ def refine(
     return Refinement(
         ratios=ratios, measured=search.sign * search.value, target=target,
         sparsity=search.sparsity(search.best), start=start, steps=search.steps,
-        metric=metric or _name(evaluate),
+        metric=metric or metric_name(evaluate),
         higher_is_better=bool(higher_is_better), evaluations=search.evaluations,
         seconds=time.perf_counter() - search.t0,
         predicted=predict(ratios) if predict is not None else None, notes=search.notes,
@@ -200,7 +200,8 @@ def _global(model: nn.Module, selected: dict[str, nn.Module], target: float, gra
             model, target, layers=list(selected), types={type(m) for m in selected.values()},
             include_output=True, scope="global", granularity=granularity,
         )  # fmt: skip
-        return {"global L1": {n: _sparsity(m.weight, granularity) for n, m in selected.items()}}
+        ratios = {n: weight_sparsity(m.weight, granularity) for n, m in selected.items()}
+        return {"global L1": ratios}
 
 
 class _Search:
@@ -214,7 +215,7 @@ class _Search:
         w = {n: m.weight for n, m in selected.items()}
         self.units = {n: (w[n].shape[0] if granularity == "channel" else w[n].numel()) for n in w}
         self.per_unit = {n: w[n].numel() / self.units[n] for n in w}
-        self.floor = {n: round(_sparsity(w[n], granularity) * self.units[n]) for n in w}
+        self.floor = {n: round(weight_sparsity(w[n], granularity) * self.units[n]) for n in w}
         self.total = sum(x.numel() for x in w.values())
         # Rounding each layer to whole units may fall short by half a unit per layer.
         self.need = target * self.total - 0.5 * sum(self.per_unit.values())
@@ -274,7 +275,7 @@ class _Search:
                         self.model, ratios, layers=list(ratios), types=self.types,
                         include_output=True, granularity=self.granularity,
                     )  # fmt: skip
-                value = _call_evaluate(self.evaluate, self.model, "while refining an allocation")
+                value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value
         return self.cache[counts]

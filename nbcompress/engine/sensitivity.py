@@ -85,7 +85,8 @@ def _as_number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _call_evaluate(evaluate: Callable[[nn.Module], Any], model: nn.Module, where: str) -> float:
+def call_evaluate(evaluate: Callable[[nn.Module], Any], model: nn.Module, where: str) -> float:
+    """Run ``evaluate(model)``; one clear error naming the function if it raises or is no number."""
     name = getattr(evaluate, "__name__", type(evaluate).__name__)
     try:
         value = evaluate(model)
@@ -97,7 +98,7 @@ def _call_evaluate(evaluate: Callable[[nn.Module], Any], model: nn.Module, where
     return _as_number(value, name)
 
 
-class _Proxy:
+class Proxy:
     """Data-free metric: fidelity of the (pruned) model's output to the dense output."""
 
     def __init__(self, model: nn.Module, inputs: tuple) -> None:
@@ -145,9 +146,9 @@ def measurer(
         The function, or ``None`` when there is nothing to measure with.
     """
     if evaluate is not None and not proxy:
-        return lambda: _call_evaluate(evaluate, model, "after applying the suggestion")
+        return lambda: call_evaluate(evaluate, model, "after applying the suggestion")
     if proxy and example_inputs is not None:
-        metric = _Proxy(model, as_inputs(example_inputs))
+        metric = Proxy(model, as_inputs(example_inputs))
         return lambda: metric(model)
     return None
 
@@ -164,7 +165,10 @@ def _check_ratios_arg(ratios: Any) -> list[float]:
     return sorted(set(checked))
 
 
-def _check_options(evaluate, example_inputs, max_layers, early_stop, granularity) -> None:
+def check_sweep_options(
+    evaluate: Any, example_inputs: Any, max_layers: Any, early_stop: Any, granularity: str
+) -> None:
+    """Raise one clear error on a bad evaluate, input, max_layers, early_stop, granularity."""
     if evaluate is not None and not callable(evaluate):
         raise TypeError(
             f"evaluate: expected a function evaluate(model) -> float, got "
@@ -189,7 +193,10 @@ def _check_options(evaluate, example_inputs, max_layers, early_stop, granularity
         raise ValueError(f"granularity: {granularity!r} is unknown; choose 'element' or 'channel'.")
 
 
-def _select(model, layers, types, max_layers) -> tuple[dict[str, nn.Module], list[str]]:
+def select_sweep_layers(
+    model: nn.Module, layers: Any, types: Any, max_layers: int | None
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """The weighted layers a sweep analyses (output layer included), and notes on those left out."""
     if layers is not None and not isinstance(layers, str) and len(layers) == 0:
         raise ValueError("layers: an empty list selects nothing; pass None to analyse every layer.")
     # Unlike pruning, the sweep analyses the output layer too: its curve is what tells
@@ -295,14 +302,14 @@ def sensitivity(
     """
     check_module(model)
     ratio_list = _check_ratios_arg(ratios)
-    _check_options(evaluate, example_inputs, max_layers, early_stop, granularity)
-    selected, notes = _select(model, layers, types, max_layers)
+    check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)
+    selected, notes = select_sweep_layers(model, layers, types, max_layers)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     with measuring(model):
-        proxy = _Proxy(model, inputs) if evaluate is None else None
+        proxy = Proxy(model, inputs) if evaluate is None else None
         start = time.perf_counter()
         where = "on the unpruned model"
-        baseline = proxy(model) if proxy else _call_evaluate(evaluate, model, where)
+        baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where)
         if not math.isfinite(baseline):
             raise ValueError(
                 f"evaluate: returned {baseline} on the unpruned model; need a finite number."
@@ -312,10 +319,10 @@ def sensitivity(
             curves={n: [None] * len(ratio_list) for n in selected},
             sizes={n: m.weight.numel() for n, m in selected.items()},
             macs=_layer_macs(model, selected, inputs),
-            metric=metric or (proxy.name if proxy else _name(evaluate)),
+            metric=metric or (proxy.name if proxy else metric_name(evaluate)),
             higher_is_better=bool(higher_is_better), proxy=proxy is not None,
             granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
-            start={n: _sparsity(m.weight, granularity) for n, m in selected.items()},
+            start={n: weight_sparsity(m.weight, granularity) for n, m in selected.items()},
         )  # fmt: skip
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start)
@@ -335,7 +342,7 @@ def measuring(model: nn.Module) -> Iterator[None]:
         yield
 
 
-def _sparsity(weight: torch.Tensor, granularity: str) -> float:
+def weight_sparsity(weight: torch.Tensor, granularity: str) -> float:
     """Fraction of zero weights (or of all-zero output channels)."""
     zero = weight.detach() == 0
     if granularity == "channel":
@@ -343,7 +350,8 @@ def _sparsity(weight: torch.Tensor, granularity: str) -> float:
     return float(zero.float().mean()) if zero.numel() else 0.0
 
 
-def _name(fn: Any) -> str:
+def metric_name(fn: Any) -> str:
+    """Name of the metric an evaluation function computes (its ``__name__``)."""
     name = getattr(fn, "__name__", type(fn).__name__)
     return "metric" if name == "<lambda>" else name
 
@@ -372,9 +380,9 @@ class _Run:
                 granularity=self.result.granularity,
             )
             where = f"with layer {name} pruned at {ratio:g}"
-            if isinstance(self.evaluate, _Proxy):
+            if isinstance(self.evaluate, Proxy):
                 return self.evaluate(self.model)
-            return _call_evaluate(self.evaluate, self.model, where)
+            return call_evaluate(self.evaluate, self.model, where)
 
     def sweep(self, progress: _Progress) -> None:
         """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured."""

@@ -398,7 +398,7 @@ def latest_suggestion(model: nn.Module) -> Suggestion | None:
     return rec.suggestion if rec else None
 
 
-def _remembered(model: nn.Module) -> tuple[Any, Any]:
+def remembered(model: nn.Module) -> tuple[Any, Any]:
     """The evaluate function and example input of the model's latest sweep, if still alive."""
     rec = _LATEST.get(model)
     if rec is None:

@@ -27,7 +27,7 @@ from nbcompress.engine.prune import prune_
 from nbcompress.engine.refine import Refinement, check_budget
 from nbcompress.engine.refine import refine as refine_allocation
 from nbcompress.engine.report import Table, TableReport, fmt_pct
-from nbcompress.engine.sensitivity import _Proxy, _sparsity, sensitivity
+from nbcompress.engine.sensitivity import Proxy, sensitivity, weight_sparsity
 from nbcompress.engine.sensitivity_result import SensitivityResult, keep_latest
 from nbcompress.engine.suggest import Suggestion, apply_suggestion_
 
@@ -162,7 +162,7 @@ def _evaluation(
     """
     if evaluate is not None or example_inputs is None:
         return evaluate, metric, []
-    proxy = _Proxy(model, as_inputs(example_inputs))
+    proxy = Proxy(model, as_inputs(example_inputs))
 
     def agreement(m: nn.Module) -> float:
         with eval_mode(m):
@@ -292,7 +292,7 @@ class _Staged:
             self.stages(targets)
             names = self.result.layers
             staged = {
-                n: _sparsity(self.model.get_submodule(n).weight, selection["granularity"])
+                n: weight_sparsity(self.model.get_submodule(n).weight, selection["granularity"])
                 for n in names
             }
         candidates = {"staged": staged}

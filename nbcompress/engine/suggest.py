@@ -406,9 +406,9 @@ def _measurer(
 ) -> tuple[Callable[[], float] | None, list[str]]:
     """How to measure after applying: explicit evaluate, else the sweep's own metric."""
     from nbcompress.engine.sensitivity import measurer
-    from nbcompress.engine.sensitivity_result import _remembered
+    from nbcompress.engine.sensitivity_result import remembered
 
-    old_eval, old_inputs = _remembered(model)
+    old_eval, old_inputs = remembered(model)
     if evaluate is not None:
         notes = (
             ["The prediction is of the proxy; the measurement uses evaluate."]
