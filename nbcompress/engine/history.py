@@ -304,9 +304,17 @@ def undo_(model: nn.Module, *, all: bool = False, force: bool = False) -> nn.Mod
     check_module(model)
     hist = _HISTORIES.get(model)
     if not hist:
+        # History is kept per object: a step on model.encoder is not model's step.
+        inner = [n for n, m in model.named_modules() if n and _HISTORIES.get(m)]
+        where = (
+            f" Steps are recorded on its sub-module(s) {', '.join(repr(n) for n in inner[:5])}: "
+            f"undo those, e.g. undo_(model.get_submodule({inner[0]!r}))."
+            if inner
+            else ""
+        )
         raise ValueError(
             "model: nothing to undo — no nbcompress step is recorded for this object. "
-            "Undo works on the same object that was compressed (not a copy)."
+            "Undo works on the same object that was compressed (not a copy)." + where
         )
     count = len(hist) if all else 1
     with torch.no_grad():

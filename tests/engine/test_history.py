@@ -126,3 +126,13 @@ def test_replace_and_trial_roll_back_modules():
 def test_undo_without_history_explains():
     with pytest.raises(ValueError, match="nothing to undo"):
         nc.undo_(mlp())
+
+
+def test_undo_on_the_parent_names_the_sub_module_that_holds_the_step():
+    model = nn.Sequential(mlp(), nn.Linear(4, 2))
+    saved = snapshot(model)
+    nc.prune_(model[0], 0.5)
+    with pytest.raises(ValueError, match=r"sub-module\(s\) '0'.*get_submodule\('0'\)"):
+        nc.undo_(model)
+    nc.undo_(model.get_submodule("0"))
+    assert_same_state(model, saved)
