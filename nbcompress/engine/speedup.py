@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.report import fmt_pct, html_table, text_table
+from nbcompress.engine.report import Table, TableReport, fmt_pct
 from nbcompress.engine.sparsify import RTOL, Analysis, analyse
 from nbcompress.engine.sparsify import apply as install
 from nbcompress.engine.timing import Timing, format_seconds
@@ -51,7 +51,7 @@ _COLUMNS = {
 
 
 @dataclass(repr=False)
-class SpeedupReport:
+class SpeedupReport(TableReport):
     """Measured per-layer and end-to-end timings of dense vs sparse execution.
 
     Attributes:
@@ -96,20 +96,10 @@ class SpeedupReport:
         ]
         return lines + self.notes
 
-    def __str__(self) -> str:
-        return text_table(self.rows, _COLUMNS, title="Speedup (measured)", notes=self._summary())
-
-    __repr__ = __str__
-
-    def _repr_html_(self) -> str:
-        chosen = [i for i, r in enumerate(self.rows) if r["chosen"] != "dense"]
-        return html_table(
-            self.rows,
-            _COLUMNS,
-            caption="Speedup (measured on this machine)",
-            notes=self._summary(),
-            emphasis=chosen,
-        )
+    def _table(self) -> Table:
+        chosen = [i for i, r in enumerate(self.rows) if r["chosen"] != "dense"]  # bold in HTML
+        title = "Speedup (measured on this machine)"
+        return Table(self.rows, _COLUMNS, title, self._summary(), chosen)
 
     def plot(self, ax: Any = None) -> Any:
         """Bar chart of per-layer time for each path (log scale); returns the figure."""

@@ -38,10 +38,10 @@ def test_summary_shows_its_table_in_ipython_not_the_dataclass_repr():
 
 
 def test_no_report_class_shadows_the_table_display_with_its_own_repr():
-    for name in ("compare", "profile", "quant_report", "refine", "staged", "suggest"):
+    for name in ("compare", "profile", "quant_report", "refine", "speedup", "staged", "suggest"):
         importlib.import_module(f"nbcompress.engine.{name}")  # defines its report class
     classes = TableReport.__subclasses__()
-    assert len(classes) >= 7
+    assert len(classes) >= 8
     for cls in classes:
         # A dataclass without repr=False would win over _repr_pretty_ in IPython.
         assert "__repr__" not in vars(cls), cls
