@@ -8,8 +8,11 @@ dtype and contiguity first.
 With 64 or more columns three CSR kernels compete: packed column panels (16 wide, input
 re-laid out first), 64-column tiles read in place from a row-major input, and the same
 tiles over blocks of input rows (``kblocks``, see :mod:`nbcompress.kernels.layouts`).
-Which is faster depends on the shape, the density and the caches, so the first call per
-(weight, columns, threads) times them and keeps the fastest.
+At batch 1 a plain and an eight-row-padded SpMV compete. With more than one thread each
+candidate also runs on one thread (its serial twin), since waking the pool can cost more
+than the second core saves. Which is faster depends on the shape, the density, the caches
+and the load, so the first call per (weight, columns, threads) times them and keeps the
+fastest.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from nbcompress.kernels.formats import (
     pack_csr,
 )
 from nbcompress.kernels.layouts import block_rows, pad_rows, release
-from nbcompress.kernels.threads import get_threads
+from nbcompress.kernels.threads import get_threads, serial
 
 __all__ = [
     "BSRMatrix",
@@ -51,6 +54,8 @@ _COMPILED: set[tuple] = set()
 _KERNELS: dict[tuple[str, bool], Callable[..., None]] = {}
 _CHOICE: weakref.WeakKeyDictionary[CSRMatrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 TILE = 64  # columns per tile64 call unit
+#: Suffix of a recorded kernel choice that runs on one thread (its serial twin).
+SERIAL = " ×1"
 #: Input rows per block for ``kblocks``: a 64-column slab of 256 rows is 64 KB, which
 #: stays in L1/L2 beside the weight stream (160–384 measured alike here; unblocked
 #: 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64).
@@ -73,13 +78,13 @@ def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -
     return x
 
 
-def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
+def _run(name: str, args: tuple, dtypes: tuple) -> None:
     # One thread: the serial twin (no pool launch). Kept lean: small layers are dominated
     # by per-call overhead (numba's own thread count is only read when the pool is used;
     # the kernel lookup is a dict hit). The first call per signature compiles (with SLP
     # vectorization on, which only matters then) or loads from disk, and says once what
-    # that cost. ``n``: the thread count, if the caller has it already.
-    n = n or get_threads()
+    # that cost.
+    n = get_threads()
     parallel = n > 1
     if parallel and numba.get_num_threads() != n:
         numba.set_num_threads(n)
@@ -179,18 +184,53 @@ def _kblock(k: int) -> int:
 def _fastest(mat: CSRMatrix, key: tuple, options: dict[str, Callable[[], object]]) -> None:
     """Run the option measured fastest for ``(mat, key, threads)``, measuring on first use.
 
-    Every option computes the same ``out``, so whichever ran last left the right result.
-    Options are timed back to back in seven rounds, in alternating order (the second run
-    finds the input in cache); each is judged by the median over rounds of its time
-    relative to the first option, the incumbent, which is kept unless another beats it
-    by 5%. Paired ratios hold up when another process takes a core mid-measurement;
-    the minimum of raw times picked the slower kernel for 3 of 16 shapes in one run here.
+    With more than one thread each option's serial twin competes too (named with the
+    suffix :data:`SERIAL`): waking the worker pool can cost more than the second core
+    saves (at batch 1 it doubled the time here). Every option computes the same ``out``,
+    so whichever ran last left the right result.
     """
     chosen = _CHOICE.setdefault(mat, {})
     key = (*key, get_threads())
-    if key in chosen:
-        options[chosen[key]]()
+    name = chosen.get(key)
+    if name is not None:
+        _call(options, name)
         return
+    if key[-1] > 1:
+        options = {**options, **{n + SERIAL: _on_one_thread(run) for n, run in options.items()}}
+    if len(options) == 1:
+        name = next(iter(options))
+        options[name]()
+    else:
+        name = _measure(options)
+    chosen[key] = name
+    _release_unused(mat)
+
+
+def _call(options: dict[str, Callable[[], object]], name: str) -> None:
+    if name.endswith(SERIAL):
+        with serial():
+            options[name.removesuffix(SERIAL)]()
+    else:
+        options[name]()
+
+
+def _on_one_thread(run: Callable[[], object]) -> Callable[[], None]:
+    def one() -> None:
+        with serial():
+            run()
+
+    return one
+
+
+def _measure(options: dict[str, Callable[[], object]]) -> str:
+    """The fastest option's name; the first (the incumbent) unless another wins by 5%.
+
+    Options are timed back to back in seven rounds, in alternating order (the second run
+    finds the input in cache); each is judged by the median over rounds of its time
+    relative to the incumbent. Paired ratios hold up when another process takes a core
+    mid-measurement; the minimum of raw times picked the slower kernel for 3 of 16
+    shapes in one run here.
+    """
     for run in options.values():
         run()  # compile or load, warm the caches
     names = list(options)
@@ -205,13 +245,12 @@ def _fastest(mat: CSRMatrix, key: tuple, options: dict[str, Callable[[], object]
             ratios[name].append(times[name] / times[names[0]])
     score = {name: float(np.median(ratios[name])) for name in names}
     fastest = min(score, key=score.__getitem__)
-    chosen[key] = fastest if score[fastest] < 0.95 else names[0]
-    _release_unused(mat)
+    return fastest if score[fastest] < 0.95 else names[0]
 
 
 def _release_unused(mat: CSRMatrix) -> None:
     # Keep only the derived layouts (layouts.py) that some recorded choice still runs on.
-    used = set(_CHOICE.get(mat, {}).values())
+    used = {n.removesuffix(SERIAL) for n in _CHOICE.get(mat, {}).values()}
     keep: set = {"pad"} if "spmv8" in used else set()
     if "kblocks" in used:
         keep.add(("k", _kblock(mat.shape[1])))
@@ -318,7 +357,7 @@ def conv_unchecked(
             _tiles(mat, unfold(i), o, kblk)
 
     if out.shape[2] < TILE:
-        panels()
+        _fastest(mat, ("conv", *images.shape), {"panels": panels})  # pool or one thread
     else:
         options = {name: (lambda k=kblk: tiles(k)) for name, kblk in _tile_kinds(mat).items()}
         _fastest(mat, ("conv", *images.shape), {"panels": panels, **options})
@@ -358,7 +397,7 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
         _panels_then_rest(mat, _packer("pack_rows", xc, rows=x.shape[1]), out)
 
     if x.shape[0] < TILE:
-        panels()
+        _fastest(mat, ("x", x.shape[0]), {"panels": panels})  # pool or one thread
     else:
         # The tiles read x transposed (in × batch): one copy, small next to the product.
         options = _tile_options(mat, lambda: _transposed(x), out)
@@ -367,20 +406,15 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
 
 
 def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
-    # Plain CSR, or rows padded to eight (see layouts.py) when that measured faster. The
-    # recorded choice is looked up first: a batch-1 call should cost a few dict hits.
-    n = get_threads()
+    # Plain CSR, or rows padded to eight (see layouts.py), each on the pool or on one
+    # thread, whichever measured faster for this weight.
     dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
 
     def run(kind: str) -> None:
         arrays = pad_rows(mat) if kind == "spmv8" else (mat.indptr, mat.indices, mat.data)
-        _run(f"csr_{kind}", (*arrays, mat.scale, xv, out), dtypes, n)
+        _run(f"csr_{kind}", (*arrays, mat.scale, xv, out), dtypes)
 
-    choice = _CHOICE.get(mat, {}).get(("v", 1, n))
-    if choice is None:
-        _fastest(mat, ("v", 1), {kind: (lambda k=kind: run(k)) for kind in ("spmv", "spmv8")})
-    else:
-        run(choice)
+    _fastest(mat, ("v", 1), {"spmv": lambda: run("spmv"), "spmv8": lambda: run("spmv8")})
 
 
 def _transposed(x: np.ndarray) -> np.ndarray:
