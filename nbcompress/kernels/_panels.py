@@ -11,8 +11,10 @@
 * ``csr_cols``: the leftover columns from ``col0`` on, one strided dot product each.
 * ``tile64``: ``ntile`` tiles of 64 columns from ``col0`` on, reading a row-major K × N
   input in place (no packing), rows split at ``bounds`` (balanced by nonzeros). Each
-  nonzero (k, v) of row i adds ``v · b[k, tile]`` to eight ``f32x8`` accumulators.
-  ``b`` and ``out`` are the flattened (K·N and M·N) C-contiguous arrays. The weight may
+  nonzero (k, v) of row i adds ``v · b[k·bs + tile]`` to eight ``f32x8`` accumulators.
+  ``b`` and ``out`` are the flattened C-contiguous arrays; ``bs`` is b's row stride
+  (N for a K × N input; 1 for the direct convolution, whose "indices" are then the
+  taps' offsets into the padded image, see ``direct.py``). The weight may
   be split into ``nkb`` blocks of input rows (``indptr`` then has ``nkb·M + 1`` entries,
   block-major, see ``layouts.py``); ``nkb = 1`` is plain CSR.
 
@@ -266,10 +268,11 @@ def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64(indptr, indices, data, scale, b, n, out, col0, ntile, bounds, nkb):  # noqa: D103
+def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb):  # noqa: D103
     nb = bounds.shape[0] - 1
     m = scale.shape[0]
     nu = np.uint64(n)
+    bu = np.uint64(bs)
     for t in prange(ntile * nb):
         p = t // nb
         n0 = np.uint64(col0 + p * 64)
@@ -292,7 +295,7 @@ def tile64(indptr, indices, data, scale, b, n, out, col0, ntile, bounds, nkb):  
                 end = np.uint64(indptr[r + np.uint64(1)])
                 while j < end:
                     v = data[j]
-                    o = np.uint64(indices[j]) * nu + n0
+                    o = np.uint64(indices[j]) * bu + n0
                     a0 = vfma(a0, v, b, o + np.uint64(0))
                     a1 = vfma(a1, v, b, o + np.uint64(8))
                     a2 = vfma(a2, v, b, o + np.uint64(16))
@@ -553,10 +556,11 @@ def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D1
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64_1(indptr, indices, data, scale, b, n, out, col0, ntile, bounds, nkb):  # noqa: D103
+def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb):  # noqa: D103
     nb = bounds.shape[0] - 1
     m = scale.shape[0]
     nu = np.uint64(n)
+    bu = np.uint64(bs)
     for t in prange(ntile * nb):
         p = t // nb
         n0 = np.uint64(col0 + p * 64)
@@ -579,7 +583,7 @@ def tile64_1(indptr, indices, data, scale, b, n, out, col0, ntile, bounds, nkb):
                 end = np.uint64(indptr[r + np.uint64(1)])
                 while j < end:
                     v = data[j]
-                    o = np.uint64(indices[j]) * nu + n0
+                    o = np.uint64(indices[j]) * bu + n0
                     a0 = vfma(a0, v, b, o + np.uint64(0))
                     a1 = vfma(a1, v, b, o + np.uint64(8))
                     a2 = vfma(a2, v, b, o + np.uint64(16))

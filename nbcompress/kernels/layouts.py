@@ -4,6 +4,8 @@
   cache blocking.
 * :func:`pad_rows`: every row padded with zeros to a multiple of 8 nonzeros, for the
   eight-accumulator SpMV (``csr_spmv8``).
+* :func:`tap_offsets`: each nonzero of a convolution weight as the offset of its tap in
+  the zero-padded image, for the direct convolution (stride 1, see below).
 
 Blocked rows. A 64-column tile of the input is a K × 256-byte slab; the tile kernel (``tile64`` in
 ``_panels.py``) reads one 256-byte row of it per nonzero. For K = 3072–4096 the slab
@@ -23,6 +25,16 @@ zeros (column 0, value 0: they add 0 · x[0]) need no leftover loop, and eight
 accumulators halve the FMA dependency chains: 1.1–1.25× measured, for 3–5% more bytes at
 90% (4.5 padding entries per row on average, more in relative terms for very short rows;
 the measured choice in ``csr.py`` keeps the plain kernel where that loses).
+
+Tap offsets. For stride 1, output pixel (y, x) reads the zero-padded image (Hp × Wp per
+channel) at (c, y + i·dh, x + j·dw) for tap (c, i, j). Numbering the outputs with the
+padded width, q = y·Wp + x, makes that read ``offset(c, i, j) + q`` with
+offset = c·Hp·Wp + i·dh·Wp + j·dw: every nonzero of the (out × C·kh·kw) weight becomes
+one constant offset, and the convolution is the tile kernel over the flat padded image
+with these offsets as row indices and row stride 1. No unfold is built (for 128 × 56 × 56
+at 3 × 3 it is 14 MB, kh·kw copies of the image); the kw taps of a row read the same
+cache lines. The (kw − 1)·dw columns x ≥ Wo of every padded output row are computed and
+dropped.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import numpy as np
 
 from nbcompress.kernels.formats import CSRMatrix
 
-__all__ = ["Blocked", "block_rows", "pad_rows", "release"]
+__all__ = ["Blocked", "block_rows", "pad_rows", "release", "tap_offsets"]
 
 Blocked = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # indptr, indices, data, nkb
 
@@ -91,12 +103,39 @@ def pad_rows(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cached["pad"]
 
 
+def tap_offsets(
+    mat: CSRMatrix, kernel: tuple[int, int], dilation: tuple[int, int], padded: tuple[int, int]
+) -> np.ndarray:
+    """Offsets of ``mat``'s nonzeros' taps in a zero-padded image (see the module docstring).
+
+    Args:
+        mat: The packed (out × C·kh·kw) weight, columns in ``F.unfold``'s order.
+        kernel: ``(kh, kw)``.
+        dilation: ``(dh, dw)``.
+        padded: ``(Hp, Wp)``, the padded image's height and width.
+
+    Returns:
+        One unsigned offset per nonzero (uint32, or uint64 for images over 2**32 floats).
+    """
+    key = ("taps", kernel, dilation, padded)
+    cached = _CACHE.setdefault(mat, {})
+    if key not in cached:
+        (kh, kw), (dh, dw), (hp, wp) = kernel, dilation, padded
+        col = mat.indices.astype(np.int64)
+        c, tap = np.divmod(col, kh * kw)
+        i, j = np.divmod(tap, kw)
+        offs = c * (hp * wp) + i * (dh * wp) + j * dw
+        wide = mat.shape[1] // (kh * kw) * hp * wp >= 2**32
+        cached[key] = offs.astype(np.uint64 if wide else np.uint32)
+    return cached[key]
+
+
 def release(mat: CSRMatrix, keep: set) -> None:
-    """Drop ``mat``'s cached layouts other than ``keep`` (``"pad"``, ``("k", kblk)``).
+    """Drop ``mat``'s cached layouts other than ``keep`` (``"pad"``, ``("k", kblk)``, taps).
 
     Each layout is a full copy of the weight; one that lost the measured kernel choice
     would otherwise double or triple the memory a sparse layer holds at run time.
     """
     cached = _CACHE.get(mat, {})
-    for key in [key for key in cached if key not in keep]:
+    for key in [k for k in cached if k not in keep and not (k[0] == "taps" and "taps" in keep)]:
         del cached[key]

@@ -106,7 +106,7 @@ def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng, kblk):
     assert np.diff(bounds)[0] < 45 / 4  # the dense rows make the first block short
     outs = []
     indptr, indices, data, nkb = block_rows(mat, kblk)
-    args = (indptr, indices, data, mat.scale, xt.reshape(-1), 128)
+    args = (indptr, indices, data, mat.scale, xt.reshape(-1), 128, 128)
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
         for kernel, b in ((_panels.tile64, bounds), (_panels.tile64_1, bounds[[0, -1]])):
             out = np.zeros((45, 128), dtype=np.float32)

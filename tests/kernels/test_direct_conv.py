@@ -1,0 +1,89 @@
+"""The direct convolution (stride 1): tile kernel over the padded image, no unfold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nbcompress.kernels import csr, layouts
+from nbcompress.kernels.modules import SparseConv2d
+
+pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
+
+
+def _pruned_conv(*args, keep: float = 0.3, **kwargs) -> nn.Conv2d:
+    conv = nn.Conv2d(*args, **kwargs)
+    with torch.no_grad():
+        conv.weight[torch.rand_like(conv.weight) > keep] = 0
+    return conv
+
+
+def _forced(sparse: SparseConv2d, x: torch.Tensor, choice: str) -> torch.Tensor:
+    mat = sparse.matrix()
+    key = ("conv", *x.shape, csr.get_threads())
+    csr._CHOICE[mat] = {key: choice}
+    with torch.no_grad():
+        y = sparse(x)
+    assert csr.kernel_choices(mat) == {key: choice}
+    return y
+
+
+@pytest.mark.parametrize(
+    ("conv_args", "hw"),
+    [
+        ((5, 7, 3), (11, 9)),  # no padding
+        ((5, 7, 3, 1, 1), (11, 9)),  # stride 1, padding 1: rows of 11 → padded width 12
+        ((3, 4, (3, 2)), (13, 17)),
+        ((3, 4, 3, 1, 2, 2), (12, 10)),  # dilation 2, padding 2
+        ((6, 5, (1, 3), 1, (0, 1)), (7, 70)),  # more than one 64-column tile per row
+        ((4, 6, 1, 1, 1), (7, 5)),  # 1×1 with padding goes through the conv path too
+        ((2, 3, 5), (5, 5)),  # one output pixel
+    ],
+)
+@pytest.mark.parametrize("fmt", ["csr", "csr_int8"])
+def test_direct_matches_conv2d_and_the_unfold_kernels(conv_args, hw, fmt):
+    conv = _pruned_conv(*conv_args)
+    x = torch.randn(3, conv.in_channels, *hw)
+    with torch.no_grad():
+        ref = conv(x)
+    direct = _forced(SparseConv2d(conv, format=fmt), x, "direct")
+    panels = _forced(SparseConv2d(conv, format=fmt), x, "panels")
+    tol = 2e-2 * float(ref.abs().max()) if fmt == "csr_int8" else 1e-5
+    torch.testing.assert_close(direct, ref, rtol=0 if fmt == "csr_int8" else 1e-5, atol=tol)
+    torch.testing.assert_close(direct, panels, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_is_a_measured_candidate_only_for_stride_one(monkeypatch):
+    offered = []
+
+    def pick(options):
+        offered.append(list(options))
+        for fn in options.values():
+            fn()
+        return next(iter(options))
+
+    monkeypatch.setattr(csr, "_measure", pick)
+    x = torch.randn(1, 4, 10, 10)
+    with torch.no_grad():
+        SparseConv2d(_pruned_conv(4, 8, 3, 1, 1))(x)
+        SparseConv2d(_pruned_conv(4, 8, 3, 2, 1))(x)
+    # 100 output columns: tiles compete too; stride 2 (25 columns): one kernel, not timed.
+    assert offered == [["panels", "tiles", "direct"]]
+
+
+def test_tap_offsets_address_the_padded_image():
+    conv = _pruned_conv(3, 2, (2, 3), dilation=(2, 1), keep=1.0)
+    mat = SparseConv2d(conv).matrix()
+    offs = layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12))
+    assert offs.dtype == np.uint32
+    cols = mat.indices.astype(np.int64)
+    c, tap = np.divmod(cols, 6)
+    i, j = np.divmod(tap, 3)
+    np.testing.assert_array_equal(offs, c * 9 * 12 + i * 2 * 12 + j)
+    assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is offs  # cached per geometry
+    layouts.release(mat, {"taps"})
+    assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is offs
+    layouts.release(mat, set())
+    assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is not offs
