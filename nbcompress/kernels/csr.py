@@ -36,7 +36,7 @@ from nbcompress.kernels.formats import (
     pack_bsr,
     pack_csr,
 )
-from nbcompress.kernels.layouts import block_rows, pad_rows, release, tap_offsets
+from nbcompress.kernels.layouts import block_rows, pad_rows, release, scratch, tap_offsets
 from nbcompress.kernels.threads import get_threads, serial
 
 __all__ = [
@@ -379,9 +379,10 @@ def _direct_conv(mat: CSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarra
     ntile = -(-length // TILE)
     offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp))
     # The last tile reads up to ntile·64 − length + (kw − 1)·dw floats past the image.
-    padded = np.zeros(c * hp * wp + ntile * TILE - length + (kw - 1) * dw, dtype=np.float32)
+    # Cached: only the interior is written below, so the zero border stays zero.
+    padded = scratch(mat, "image", c * hp * wp + ntile * TILE - length + (kw - 1) * dw)
     plane = padded[: c * hp * wp].reshape(c, hp, wp)
-    flat = np.empty((mat.shape[0], ntile * TILE), dtype=np.float32)
+    flat = scratch(mat, "out", mat.shape[0] * ntile * TILE).reshape(mat.shape[0], -1)
     threads = get_threads()
     bounds = _bounds(mat, 1 if threads == 1 else 4 * threads)
     dtypes = (mat.data.dtype.char, offs.dtype.char)

@@ -39,13 +39,14 @@ dropped.
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import numpy as np
 
 from nbcompress.kernels.formats import CSRMatrix
 
-__all__ = ["Blocked", "block_rows", "pad_rows", "release", "tap_offsets"]
+__all__ = ["Blocked", "block_rows", "pad_rows", "release", "scratch", "tap_offsets"]
 
 Blocked = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # indptr, indices, data, nkb
 
@@ -130,6 +131,21 @@ def tap_offsets(
     return cached[key]
 
 
+def scratch(mat: CSRMatrix, name: str, size: int) -> np.ndarray:
+    """A zero-initialised float32 buffer of ``size`` kept for ``mat`` and this thread.
+
+    The direct convolution pads every image into the same buffer: its border is written
+    once (zeros) and only the interior changes, so the buffer is neither re-zeroed nor
+    re-faulted in on every call (a third of a 64-channel 56 × 56 layer's time here). One
+    buffer per Python thread, so concurrent calls never share one.
+    """
+    key = ("scratch", name, size, threading.get_ident())
+    cached = _CACHE.setdefault(mat, {})
+    if key not in cached:
+        cached[key] = np.zeros(size, dtype=np.float32)
+    return cached[key]
+
+
 def release(mat: CSRMatrix, keep: set) -> None:
     """Drop ``mat``'s cached layouts other than ``keep`` (``"pad"``, ``("k", kblk)``, taps).
 
@@ -137,5 +153,9 @@ def release(mat: CSRMatrix, keep: set) -> None:
     would otherwise double or triple the memory a sparse layer holds at run time.
     """
     cached = _CACHE.get(mat, {})
-    for key in [k for k in cached if k not in keep and not (k[0] == "taps" and "taps" in keep)]:
+    # "taps" keeps every geometry's offsets and the scratch buffers of the direct conv.
+    direct = "taps" in keep
+    for key in [
+        k for k in cached if k not in keep and not (direct and k[0] in {"taps", "scratch"})
+    ]:
         del cached[key]

@@ -87,3 +87,15 @@ def test_tap_offsets_address_the_padded_image():
     assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is offs
     layouts.release(mat, set())
     assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is not offs
+
+
+def test_reused_buffers_keep_their_zero_border_across_calls_and_sizes():
+    conv = _pruned_conv(4, 5, 3, 1, 2, dilation=2)
+    sparse = SparseConv2d(conv)
+    with torch.no_grad():
+        for shape in [(2, 4, 9, 9), (1, 4, 9, 9), (1, 4, 6, 11), (2, 4, 9, 9)]:
+            x = torch.randn(shape) * 100  # large values: a stale interior would show
+            y = _forced(sparse, x, "direct")
+            torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-3)
+    buffers = [k for k in layouts._CACHE[sparse.matrix()] if k[0] == "scratch"]
+    assert len(buffers) == 4  # image and output buffers for two geometries

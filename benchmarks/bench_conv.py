@@ -1,0 +1,110 @@
+"""Whole Conv2d layers: nn.Conv2d (dense) vs SparseConv2d, every sparse kernel forced.
+
+bench_kernels.py times the conv-as-GEMM product on an input that is already unfolded; a
+user runs the layer, unfold included. This bench times the layers side by side in one run
+(interleaved, shuffled order, medians of per-round ratios), with the kernel the measured
+choice picked and each candidate forced: panels and tiles over the unfolded image, and
+the direct convolution (stride 1) that reads the padded image in place.
+
+    python benchmarks/bench_conv.py                 # 1 thread, batch 1
+    python benchmarks/bench_conv.py --write         # also update benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/numba load OpenMP
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import machine, paired, write_results  # noqa: E402
+
+from nbcompress.kernels import csr  # noqa: E402
+from nbcompress.kernels.modules import SparseConv2d  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+#: (in channels, out channels, kernel, padding, image side): the issue's conv-as-GEMM shape
+#: (256 × 128·3·3 over 56·56 pixels), a ResNet stage-1 conv, and a late 14×14 stage.
+LAYERS = [(128, 256, 3, 1, 56), (64, 64, 3, 1, 56), (256, 256, 3, 1, 14)]
+FORCED = ("panels", "tiles", "kblocks", "direct")
+
+
+def pruned(conv: nn.Conv2d, sparsity: float) -> nn.Conv2d:
+    """``conv`` with its smallest-magnitude weights zeroed (magnitude pruning)."""
+    with torch.no_grad():
+        w = conv.weight
+        cut = w.abs().flatten().kthvalue(max(1, int(sparsity * w.numel()))).values
+        w[w.abs() <= cut] = 0
+    return conv
+
+
+def run_layer(layer: tuple, sparsity: float, repeats: int) -> dict:
+    cin, cout, k, pad, side = layer
+    conv = pruned(nn.Conv2d(cin, cout, k, padding=pad, bias=False), sparsity)
+    x = torch.randn(1, cin, side, side)
+    auto = SparseConv2d(conv)
+    fns = {"dense": lambda: conv(x), "nbc": lambda: auto(x)}
+    key = ("conv", *x.shape, 1)
+    for name in FORCED:
+        forced = SparseConv2d(conv)
+        csr._CHOICE[forced.matrix()] = {key: name}
+        fns[name] = lambda m=forced: m(x)
+    with torch.no_grad():
+        for fn in fns.values():
+            fn()  # compile / measure the choice / warm caches
+            fn()
+        t = paired(fns, repeats, min_sample=5e-3)
+    chosen = ",".join(csr.kernel_choices(auto.matrix()).values())
+    name = f"{cin}→{cout} {k}×{k} {side}×{side}"
+    return {"layer": name, "sparsity": sparsity, "chosen": chosen} | t
+
+
+def fmt(r: dict) -> str:
+    forced = " ".join(f"{k} {1 / r[f'{k} ratio']:.2f}×" for k in FORCED)
+    return (
+        f"{r['layer']:<22} sp={r['sparsity']:.0%}  dense {1e3 * r['dense']:7.2f} ms  "
+        f"SparseConv2d {1 / r['nbc ratio']:.2f}× ({r['chosen']})  [{forced}]"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.9, 0.95, 0.98])
+    ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds per row")
+    ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    started = machine()
+    print(started)
+    lines = []
+    for layer in LAYERS:
+        for s in args.sparsities:
+            lines.append(fmt(run_layer(layer, s, args.repeats)))
+            print(lines[-1], flush=True)
+    if args.write:
+        cmd = "python benchmarks/bench_conv.py " + " ".join(sys.argv[1:])
+        text = (
+            f"Command: `{cmd.strip()}`. Machine: {machine(started)}. 1 thread, batch 1, "
+            "magnitude-pruned random weights, bias off. Ratios are dense time / sparse time "
+            "(> 1: SparseConv2d faster), medians over interleaved rounds of per-round ratios; "
+            "in brackets each kernel forced, before it the one the measured choice picked.\n\n"
+            "```\n" + "\n".join(lines) + "\n```"
+        )
+        write_results("Conv2d layers (bench_conv.py)", text)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
