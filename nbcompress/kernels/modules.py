@@ -206,9 +206,11 @@ class SparseLinear(_SparseBase):
 class SparseConv2d(_SparseBase):
     """Drop-in replacement for ``nn.Conv2d`` with a sparse weight (inference only).
 
-    1×1 convolutions with stride 1 and no padding multiply the input directly; other
-    kernels run as GEMM over the unfolded input (H×W columns), unfolded straight into
-    the cache-sized column panels the kernels tile by (the full unfold is never built).
+    1×1 convolutions with stride 1 and no padding multiply the input directly. Other
+    stride-1 convolutions can run directly on the zero-padded image (each nonzero a tap
+    offset, see ``layouts.py``); all of them can run as GEMM over the unfolded input (H×W
+    columns), unfolded straight into the cache-sized column panels or read per image by
+    the tiles. Which one runs is measured on first use per input shape (``csr.py``).
     Supports stride, padding, dilation and bias; refuses ``groups > 1``,
     ``padding="same"`` and non-zero padding modes.
     """
