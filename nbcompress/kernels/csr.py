@@ -256,6 +256,8 @@ def _release_unused(mat: CSRMatrix) -> None:
         keep.add(("k", _kblock(mat.shape[1])))
     if "direct" in used:
         keep.add("taps")
+    if "direct_kb" in used:
+        keep |= {"taps", "blocks"}
     release(mat, keep)
 
 
@@ -363,12 +365,28 @@ def conv_unchecked(
         options |= {name: (lambda k=kblk: tiles(k)) for name, kblk in _tile_kinds(mat).items()}
     if geom[2] == geom[3] == 1:  # stride 1: the tap offsets are constant (layouts.py)
         options["direct"] = lambda: _direct_conv(mat, images, geom, out)
+        kblk = _channel_block(images.shape[1], geom)
+        if kblk < mat.shape[1]:
+            options["direct_kb"] = lambda: _direct_conv(mat, images, geom, out, kblk)
     _fastest(mat, ("conv", *images.shape), options)
 
 
-def _direct_conv(mat: CSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray) -> None:
+def _channel_block(channels: int, geom: tuple) -> int:
+    # Whole channels per block such that one 64-pixel tile's windows of a block (kh rows
+    # of 64 + (kw − 1)·dw floats per channel) fit ~24 KB of L1: 128 → 256 at 3 × 3 ran
+    # its kernel 1.4× faster in blocks of 16–32 channels than unblocked, 8 was slower.
+    kh, kw, dw = geom[0], geom[1], geom[7]
+    per = max(1, 24576 // (kh * (TILE + (kw - 1) * dw) * 4))
+    nblk = -(-channels // per)
+    return -(-channels // nblk) * kh * kw
+
+
+def _direct_conv(
+    mat: CSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray, kblk: int | None = None
+) -> None:
     # The tile kernel over each zero-padded image, tap offsets as row indices, row stride 1
     # (see layouts.py); output rows numbered with the padded width, then cropped to Wo.
+    # With ``kblk``, over blocks of whole channels (partial sums wait in the output).
     kh, kw, _, _, ph, pw, dh, dw, wo = geom
     c, h, w = images.shape[1:]
     # Padded width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
@@ -377,7 +395,8 @@ def _direct_conv(mat: CSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarra
     ho = hp - dh * (kh - 1)
     length = ho * wp
     ntile = -(-length // TILE)
-    offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp))
+    offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp), kblk)
+    indptr, _, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
     # The last tile reads up to ntile·64 − length + (kw − 1)·dw floats past the image.
     # Cached: only the interior is written below, so the zero border stays zero.
     padded = scratch(mat, "image", c * hp * wp + ntile * TILE - length + (kw - 1) * dw)
@@ -388,8 +407,8 @@ def _direct_conv(mat: CSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarra
     dtypes = (mat.data.dtype.char, offs.dtype.char)
     for img, o in zip(images, out, strict=True):
         plane[:, ph : ph + h, pw : pw + w] = img
-        args = (mat.indptr, offs, mat.data, mat.scale, padded, 1, ntile * TILE)
-        _run("tile64", (*args, flat.reshape(-1), 0, ntile, bounds, 1), dtypes)
+        args = (indptr, offs, data, mat.scale, padded, 1, ntile * TILE)
+        _run("tile64", (*args, flat.reshape(-1), 0, ntile, bounds, nkb), dtypes)
         o.reshape(-1, ho, wo)[:] = flat[:, :length].reshape(-1, ho, wp)[:, :, :wo]
 
 

@@ -105,7 +105,11 @@ def pad_rows(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def tap_offsets(
-    mat: CSRMatrix, kernel: tuple[int, int], dilation: tuple[int, int], padded: tuple[int, int]
+    mat: CSRMatrix,
+    kernel: tuple[int, int],
+    dilation: tuple[int, int],
+    padded: tuple[int, int],
+    kblk: int | None = None,
 ) -> np.ndarray:
     """Offsets of ``mat``'s nonzeros' taps in a zero-padded image (see the module docstring).
 
@@ -114,15 +118,18 @@ def tap_offsets(
         kernel: ``(kh, kw)``.
         dilation: ``(dh, dw)``.
         padded: ``(Hp, Wp)``, the padded image's height and width.
+        kblk: Offsets in the order of ``block_rows(mat, kblk)`` (blocks of whole channels
+            when ``kblk`` is a multiple of kh·kw); ``None``: in ``mat``'s own order.
 
     Returns:
         One unsigned offset per nonzero (uint32, or uint64 for images over 2**32 floats).
     """
-    key = ("taps", kernel, dilation, padded)
+    key = ("taps", kernel, dilation, padded, kblk)
     cached = _CACHE.setdefault(mat, {})
     if key not in cached:
         (kh, kw), (dh, dw), (hp, wp) = kernel, dilation, padded
-        col = mat.indices.astype(np.int64)
+        indices = mat.indices if kblk is None else block_rows(mat, kblk)[1]
+        col = indices.astype(np.int64)
         c, tap = np.divmod(col, kh * kw)
         i, j = np.divmod(tap, kw)
         offs = c * (hp * wp) + i * (dh * wp) + j * dw
@@ -153,9 +160,10 @@ def release(mat: CSRMatrix, keep: set) -> None:
     would otherwise double or triple the memory a sparse layer holds at run time.
     """
     cached = _CACHE.get(mat, {})
-    # "taps" keeps every geometry's offsets and the scratch buffers of the direct conv.
-    direct = "taps" in keep
-    for key in [
-        k for k in cached if k not in keep and not (direct and k[0] in {"taps", "scratch"})
-    ]:
+    # "taps" keeps every geometry's offsets and the scratch buffers of the direct conv,
+    # "blocks" every blocked layout (the channel-blocked direct conv's block size depends
+    # on the geometry).
+    kinds = {"taps": {"taps", "scratch"}, "blocks": {"k"}}
+    kept = set().union(*(v for k, v in kinds.items() if k in keep))
+    for key in [k for k in cached if k not in keep and k[0] not in kept]:
         del cached[key]
