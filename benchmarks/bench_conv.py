@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore")
 #: (in channels, out channels, kernel, padding, image side): the issue's conv-as-GEMM shape
 #: (256 × 128·3·3 over 56·56 pixels), a ResNet stage-1 conv, and a late 14×14 stage.
 LAYERS = [(128, 256, 3, 1, 56), (64, 64, 3, 1, 56), (256, 256, 3, 1, 14)]
-FORCED = ("panels", "tiles", "kblocks", "direct")
+FORCED = ("panels", "tiles", "kblocks", "direct", "direct_kb")
 
 
 def pruned(conv: nn.Conv2d, sparsity: float) -> nn.Conv2d:
