@@ -78,13 +78,13 @@ def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -
     return x
 
 
-def _run(name: str, args: tuple, dtypes: tuple) -> None:
+def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
     # One thread: the serial twin (no pool launch). Kept lean: small layers are dominated
     # by per-call overhead (numba's own thread count is only read when the pool is used;
     # the kernel lookup is a dict hit). The first call per signature compiles (with SLP
     # vectorization on, which only matters then) or loads from disk, and says once what
-    # that cost.
-    n = get_threads()
+    # that cost. ``n``: the thread count, if the caller has it already.
+    n = n or get_threads()
     parallel = n > 1
     if parallel and numba.get_num_threads() != n:
         numba.set_num_threads(n)
@@ -456,14 +456,23 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
 
 def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
     # Plain CSR, or rows padded to eight (see layouts.py), each on the pool or on one
-    # thread, whichever measured faster for this weight.
+    # thread, whichever measured faster for this weight. The recorded choice is looked up
+    # first: a batch-1 call should cost a few dict hits (going through _fastest's option
+    # dict every call took 14 µs instead of 6 on a tiny layer).
+    n = get_threads()
     dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
 
-    def run(kind: str) -> None:
+    def run(kind: str, threads: int | None = None) -> None:
         arrays = pad_rows(mat) if kind == "spmv8" else (mat.indptr, mat.indices, mat.data)
-        _run(f"csr_{kind}", (*arrays, mat.scale, xv, out), dtypes)
+        _run(f"csr_{kind}", (*arrays, mat.scale, xv, out), dtypes, threads)
 
-    _fastest(mat, ("v", 1), {"spmv": lambda: run("spmv"), "spmv8": lambda: run("spmv8")})
+    choice = _CHOICE.get(mat, {}).get(("v", 1, n))
+    if choice is None:
+        _fastest(mat, ("v", 1), {"spmv": lambda: run("spmv"), "spmv8": lambda: run("spmv8")})
+    elif choice.endswith(SERIAL):
+        run(choice.removesuffix(SERIAL), 1)
+    else:
+        run(choice, n)
 
 
 def _transposed(x: np.ndarray) -> np.ndarray:

@@ -34,8 +34,8 @@ def spy(monkeypatch):
     seen: dict[str, list] = {"offered": [], "threads": []}
     real_run = csr._run
 
-    def run(name, args, dtypes):
-        seen["threads"].append(csr.get_threads())
+    def run(name, args, dtypes, n=None):
+        seen["threads"].append(n or csr.get_threads())
         with serial():  # the process has one numba thread
             real_run(name, args, dtypes)
 
