@@ -16,7 +16,9 @@
   (N for a K × N input; 1 for the direct convolution, whose "indices" are then the
   taps' offsets into the padded image, see ``direct.py``). The weight may
   be split into ``nkb`` blocks of input rows (``indptr`` then has ``nkb·M + 1`` entries,
-  block-major, see ``layouts.py``); ``nkb = 1`` is plain CSR.
+  block-major, see ``layouts.py``); ``nkb = 1`` is plain CSR. With ``pfk`` > 0 (the
+  block's height in input rows, K-blocked GEMM only), each block prefetches the next
+  block's slab (the next rows, or the next tile's first block) while it computes.
 
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 """
@@ -25,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from nbcompress.kernels._numba import FASTMATH
-from nbcompress.kernels._simd import vfma, vload, vstore, vzero
+from nbcompress.kernels._simd import prefetch, vfma, vload, vstore, vzero
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -268,16 +270,32 @@ def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb):  # noqa: D103
+def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk):  # noqa: D103
     nb = bounds.shape[0] - 1
     m = scale.shape[0]
     nu = np.uint64(n)
     bu = np.uint64(bs)
+    kdim = b.shape[0] // bs
     for t in prange(ntile * nb):
         p = t // nb
+        r0 = bounds[t - p * nb]
+        r1 = bounds[t - p * nb + 1]
         n0 = np.uint64(col0 + p * 64)
+        # Input rows of the next block to prefetch per output row (spread over the rows).
+        per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
         for kb in range(nkb):
-            for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nn0 = n0 + np.uint64(64) if last else n0
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < ntile or not last else 0
+            for i in range(r0, r1):
+                k0 = nk0 + (i - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nn0
+                    prefetch(b, a + np.uint64(0))
+                    prefetch(b, a + np.uint64(16))
+                    prefetch(b, a + np.uint64(32))
+                    prefetch(b, a + np.uint64(48))
                 q = np.uint64(i) * nu + n0
                 if kb:
                     a0 = vload(out, q + np.uint64(0))
@@ -556,16 +574,32 @@ def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D1
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb):  # noqa: D103
+def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk):  # noqa: D103
     nb = bounds.shape[0] - 1
     m = scale.shape[0]
     nu = np.uint64(n)
     bu = np.uint64(bs)
+    kdim = b.shape[0] // bs
     for t in prange(ntile * nb):
         p = t // nb
+        r0 = bounds[t - p * nb]
+        r1 = bounds[t - p * nb + 1]
         n0 = np.uint64(col0 + p * 64)
+        # Input rows of the next block to prefetch per output row (spread over the rows).
+        per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
         for kb in range(nkb):
-            for i in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nn0 = n0 + np.uint64(64) if last else n0
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < ntile or not last else 0
+            for i in range(r0, r1):
+                k0 = nk0 + (i - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nn0
+                    prefetch(b, a + np.uint64(0))
+                    prefetch(b, a + np.uint64(16))
+                    prefetch(b, a + np.uint64(32))
+                    prefetch(b, a + np.uint64(48))
                 q = np.uint64(i) * nu + n0
                 if kb:
                     a0 = vload(out, q + np.uint64(0))

@@ -15,7 +15,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["f32x8", "vfma", "vload", "vstore", "vzero"]
+__all__ = ["f32x8", "prefetch", "vfma", "vload", "vstore", "vzero"]
 
 _VEC = ir.VectorType(ir.FloatType(), 8)
 _I32 = ir.IntType(32)
@@ -99,3 +99,22 @@ def vstore(typingctx, ary, idx, acc, scale):  # noqa: ANN001, ANN201 - numba int
         return context.get_dummy_value()
 
     return types.void(ary, idx, acc, scale), codegen
+
+
+@intrinsic
+def prefetch(typingctx, ary, idx):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """Ask the CPU to bring the cache line holding ``ary[idx]`` into L2 (never faults)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        arr, i = args
+        i = context.cast(builder, i, sig.args[1], types.uint64)
+        data = context.make_array(sig.args[0])(context, builder, arr).data
+        ptr = builder.bitcast(builder.gep(data, [i]), ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # read, locality 2 (keep in L2: the next block is sized for L2), data cache
+        args = [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)]
+        builder.call(fn, args)
+        return context.get_dummy_value()
+
+    return types.void(ary, idx), codegen

@@ -110,7 +110,7 @@ def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng, kblk):
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
         for kernel, b in ((_panels.tile64, bounds), (_panels.tile64_1, bounds[[0, -1]])):
             out = np.zeros((45, 128), dtype=np.float32)
-            kernel(*args, out.reshape(-1), 0, 2, b, nkb)
+            kernel(*args, out.reshape(-1), 0, 2, b, nkb, kblk if nkb > 1 else 0)
             outs.append(out)
     np.testing.assert_allclose(outs[0], w @ xt, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(outs[0], outs[1])
