@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["CRITERIA", "global_masks", "layer_mask", "scores"]
+__all__ = ["BLOCK", "CRITERIA", "global_masks", "layer_mask", "scores"]
 
 Criterion = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -24,13 +24,26 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 #: Granularity name → how element scores are reduced to the unit that is removed.
-_GRANULARITY = ("element", "channel")
+_GRANULARITY = ("element", "block", "channel")
+#: Output rows per block of the ``"block"`` granularity: the 4 × 1 blocks (four output
+#: channels / neurons at one input position) that the block-sparse kernels run with each
+#: input value or row loaded once for four outputs.
+BLOCK = 4
+
+
+def _blocks(t: torch.Tensor, fill: float | bool) -> torch.Tensor:
+    """``t`` as (blocks, BLOCK, inputs): groups of BLOCK output rows, the last padded."""
+    flat = t.reshape(t.shape[0], -1)
+    pad = -flat.shape[0] % BLOCK
+    if pad:
+        flat = torch.cat([flat, flat.new_full((pad, flat.shape[1]), fill)])
+    return flat.reshape(-1, BLOCK, flat.shape[1])
 
 
 def scores(
     weight: torch.Tensor, method: str, granularity: str, gen: torch.Generator
 ) -> torch.Tensor:
-    """Scores per removable unit: per element, or per output channel (dim 0) as an L1 norm.
+    """Scores per removable unit: per element, or per output channel (dim 0) or block as an L1 norm.
 
     Already-zero units score lowest, so that a target sparsity counts existing zeros and a
     random criterion never revives a pruned weight.
@@ -44,6 +57,9 @@ def scores(
     if granularity == "channel":
         s = s.reshape(s.shape[0], -1).sum(1) if method == "l1" else s.reshape(s.shape[0], -1)[:, 0]
         zero = zero.reshape(zero.shape[0], -1).all(1)
+    elif granularity == "block":
+        s = _blocks(s, 0.0).sum(1) if method == "l1" else _blocks(s, 0.0)[:, 0]
+        zero = _blocks(zero, True).all(1)
     return torch.where(zero, torch.full_like(s, -1.0), s)
 
 
@@ -54,10 +70,13 @@ def _mask_from_scores(s: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(s.shape)
 
 
-def _expand(unit_mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Broadcast a per-channel mask to the weight's shape (identity for element masks)."""
-    if unit_mask.shape == weight.shape:
+def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Broadcast a per-channel or per-block mask to the weight's shape (element: as is)."""
+    if granularity == "element":
         return unit_mask
+    if granularity == "block":
+        rows = unit_mask.repeat_interleave(BLOCK, dim=0)[: weight.shape[0]]
+        return rows.reshape(weight.shape).clone()
     return unit_mask.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
 
 
@@ -75,14 +94,16 @@ def layer_mask(
         weight: The layer's weight.
         amount: Target fraction of zero units afterwards (existing zeros count).
         method: A key of :data:`CRITERIA`.
-        granularity: ``"element"`` or ``"channel"`` (whole output channels / neurons).
+        granularity: ``"element"``, ``"block"`` (4 × 1 blocks: four consecutive output
+            channels / neurons at one input position, see :data:`BLOCK`) or ``"channel"``
+            (whole output channels / neurons).
         gen: Random generator for the random criterion.
 
     Returns:
         A boolean tensor shaped like ``weight``; ``False`` marks removed weights.
     """
     s = scores(weight, method, granularity, gen or torch.Generator().manual_seed(0))
-    return _expand(_mask_from_scores(s, int(round(amount * s.numel()))), weight)
+    return _expand(_mask_from_scores(s, int(round(amount * s.numel()))), weight, granularity)
 
 
 def global_masks(
@@ -105,7 +126,7 @@ def global_masks(
         weights: Layer name → weight.
         amount: Overall fraction of units to remove.
         method: A key of :data:`CRITERIA`.
-        granularity: ``"element"`` or ``"channel"``.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
         min_density: Minimum fraction of units every layer keeps.
         gen: Random generator for the random criterion.
 
@@ -139,7 +160,7 @@ def global_masks(
             stacklevel=3,
         )
     return {
-        n: _expand(_mask_from_scores(s, c), weights[n])
+        n: _expand(_mask_from_scores(s, c), weights[n], granularity)
         for (n, s), c in zip(per_layer.items(), counts)
     }
 

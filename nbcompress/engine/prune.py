@@ -91,8 +91,10 @@ def _check_options(method: str, scope: str, granularity: str) -> None:
         raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
     if scope not in _SCOPES:
         raise ValueError(f"scope: {scope!r} is unknown; choose one of {_SCOPES}.")
-    if granularity not in ("element", "channel"):
-        raise ValueError(f"granularity: {granularity!r} is unknown; choose 'element' or 'channel'.")
+    if granularity not in ("element", "block", "channel"):
+        raise ValueError(
+            f"granularity: {granularity!r} is unknown; choose 'element', 'block' or 'channel'."
+        )
 
 
 def prune_(
@@ -121,8 +123,11 @@ def prune_(
             ranked across layers, each keeping at least ``min_density``.
         layers: Glob pattern(s) on qualified names, e.g. ``"features.*"``.
         types: Layer types to prune (names or classes); default Linear and Conv layers.
-        granularity: ``"element"`` (unstructured) or ``"channel"`` (whole output channels /
-            neurons are zeroed with their bias; physical removal is a separate step).
+        granularity: ``"element"`` (unstructured), ``"block"`` (4 × 1 blocks: four
+            consecutive output channels / neurons at one input position are removed
+            together, which the block-sparse kernels run faster, see ``sparsify_``) or
+            ``"channel"`` (whole output channels / neurons are zeroed with their bias;
+            physical removal is a separate step).
         include_output: Also prune the final classifier/output layer (left alone by default).
         keep_masks: Attach masks so that fine-tuning keeps pruned weights at zero.
             State-dict keys then gain ``weight_orig``/``weight_mask`` until

@@ -20,6 +20,17 @@
   block's height in input rows, K-blocked GEMM only), each block prefetches the next
   block's slab (the next rows, or the next tile's first block) while it computes.
 
+* ``bsr4_spmv``: ``out = W @ x`` for a weight in 4 × 1 blocks (four output rows sharing
+  one input column; ``data`` is the flat blocks, four values each): each ``x`` load
+  serves four rows.
+* ``bsr4_tile{W}``: the same for ``ntile`` tiles of W (16 or 8) columns from ``col0`` of a
+  row-major K × N input ``b`` (row stride ``bs``), block rows split at ``bounds``, in
+  panels of ``pt`` tiles (a block row's weight is read from L1 for every tile of its
+  panel, the panel's K × pt·W slab of ``b`` stays in L2 for every block row): each
+  block loads its W-float row of the input once into registers and multiplies it into
+  four output rows (``4 · W`` accumulators in ymm registers), where CSR loads a row per
+  nonzero.
+
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 """
 
@@ -27,7 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from nbcompress.kernels._numba import FASTMATH
-from nbcompress.kernels._simd import prefetch, vfma, vload, vstore, vzero
+from nbcompress.kernels._simd import prefetch, vadd, vfma, vfmav, vload, vstore, vzero
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -334,6 +345,139 @@ def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb
                 vstore(out, q + np.uint64(56), a7, s)
 
 
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def bsr4_spmv(indptr, indices, data, x, out):  # noqa: D103
+    for br in prange(indptr.shape[0] - 1):
+        a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.float32(0.0)
+        j = np.uint64(indptr[br])
+        end = np.uint64(indptr[br + 1])
+        while j + np.uint64(2) <= end:
+            d = j * np.uint64(4)
+            u = x[indices[j]]
+            w = x[indices[j + np.uint64(1)]]
+            a0 += data[d] * u
+            a1 += data[d + np.uint64(1)] * u
+            a2 += data[d + np.uint64(2)] * u
+            a3 += data[d + np.uint64(3)] * u
+            c0 += data[d + np.uint64(4)] * w
+            c1 += data[d + np.uint64(5)] * w
+            c2 += data[d + np.uint64(6)] * w
+            c3 += data[d + np.uint64(7)] * w
+            j += np.uint64(2)
+        if j < end:
+            d = j * np.uint64(4)
+            u = x[indices[j]]
+            a0 += data[d] * u
+            a1 += data[d + np.uint64(1)] * u
+            a2 += data[d + np.uint64(2)] * u
+            a3 += data[d + np.uint64(3)] * u
+        r = np.uint64(br) * np.uint64(4)
+        out[r] = a0 + c0
+        out[r + np.uint64(1)] = a1 + c1
+        out[r + np.uint64(2)] = a2 + c2
+        out[r + np.uint64(3)] = a3 + c3
+
+
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def bsr4_tile16(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+    nb = bounds.shape[0] - 1
+    nu = np.uint64(n)
+    bu = np.uint64(bs)
+    npan = (ntile + pt - 1) // pt
+    for t in prange(npan * nb):
+        p = t // nb
+        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            for s in range(p * pt, min(p * pt + pt, ntile)):
+                n0 = np.uint64(col0 + s * 16)
+                a0_0 = a0_1 = a1_0 = a1_1 = a2_0 = a2_1 = a3_0 = a3_1 = vzero()
+                j = np.uint64(indptr[br])
+                end = np.uint64(indptr[br + 1])
+                while j + np.uint64(1) <= end:
+                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                    d = (j + np.uint64(0)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    x1 = vload(b, o + np.uint64(8))
+                    v = data[d + np.uint64(0)]
+                    a0_0 = vfmav(a0_0, v, x0)
+                    a0_1 = vfmav(a0_1, v, x1)
+                    v = data[d + np.uint64(1)]
+                    a1_0 = vfmav(a1_0, v, x0)
+                    a1_1 = vfmav(a1_1, v, x1)
+                    v = data[d + np.uint64(2)]
+                    a2_0 = vfmav(a2_0, v, x0)
+                    a2_1 = vfmav(a2_1, v, x1)
+                    v = data[d + np.uint64(3)]
+                    a3_0 = vfmav(a3_0, v, x0)
+                    a3_1 = vfmav(a3_1, v, x1)
+                    j += np.uint64(1)
+                q = np.uint64(br * 4) * nu + n0
+                vstore(out, q + np.uint64(0) * nu + np.uint64(0), a0_0, np.float32(1.0))
+                vstore(out, q + np.uint64(0) * nu + np.uint64(8), a0_1, np.float32(1.0))
+                vstore(out, q + np.uint64(1) * nu + np.uint64(0), a1_0, np.float32(1.0))
+                vstore(out, q + np.uint64(1) * nu + np.uint64(8), a1_1, np.float32(1.0))
+                vstore(out, q + np.uint64(2) * nu + np.uint64(0), a2_0, np.float32(1.0))
+                vstore(out, q + np.uint64(2) * nu + np.uint64(8), a2_1, np.float32(1.0))
+                vstore(out, q + np.uint64(3) * nu + np.uint64(0), a3_0, np.float32(1.0))
+                vstore(out, q + np.uint64(3) * nu + np.uint64(8), a3_1, np.float32(1.0))
+
+
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def bsr4_tile8(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+    nb = bounds.shape[0] - 1
+    nu = np.uint64(n)
+    bu = np.uint64(bs)
+    npan = (ntile + pt - 1) // pt
+    for t in prange(npan * nb):
+        p = t // nb
+        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            for s in range(p * pt, min(p * pt + pt, ntile)):
+                n0 = np.uint64(col0 + s * 8)
+                a0_0 = a1_0 = a2_0 = a3_0 = c0_0 = c1_0 = c2_0 = c3_0 = vzero()
+                j = np.uint64(indptr[br])
+                end = np.uint64(indptr[br + 1])
+                while j + np.uint64(2) <= end:
+                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                    d = (j + np.uint64(0)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    v = data[d + np.uint64(0)]
+                    a0_0 = vfmav(a0_0, v, x0)
+                    v = data[d + np.uint64(1)]
+                    a1_0 = vfmav(a1_0, v, x0)
+                    v = data[d + np.uint64(2)]
+                    a2_0 = vfmav(a2_0, v, x0)
+                    v = data[d + np.uint64(3)]
+                    a3_0 = vfmav(a3_0, v, x0)
+                    o = np.uint64(indices[j + np.uint64(1)]) * bu + n0
+                    d = (j + np.uint64(1)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    v = data[d + np.uint64(0)]
+                    c0_0 = vfmav(c0_0, v, x0)
+                    v = data[d + np.uint64(1)]
+                    c1_0 = vfmav(c1_0, v, x0)
+                    v = data[d + np.uint64(2)]
+                    c2_0 = vfmav(c2_0, v, x0)
+                    v = data[d + np.uint64(3)]
+                    c3_0 = vfmav(c3_0, v, x0)
+                    j += np.uint64(2)
+                if j < end:
+                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                    d = (j + np.uint64(0)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    v = data[d + np.uint64(0)]
+                    a0_0 = vfmav(a0_0, v, x0)
+                    v = data[d + np.uint64(1)]
+                    a1_0 = vfmav(a1_0, v, x0)
+                    v = data[d + np.uint64(2)]
+                    a2_0 = vfmav(a2_0, v, x0)
+                    v = data[d + np.uint64(3)]
+                    a3_0 = vfmav(a3_0, v, x0)
+                q = np.uint64(br * 4) * nu + n0
+                vstore(out, q + np.uint64(0) * nu + np.uint64(0), vadd(a0_0, c0_0), np.float32(1.0))
+                vstore(out, q + np.uint64(1) * nu + np.uint64(0), vadd(a1_0, c1_0), np.float32(1.0))
+                vstore(out, q + np.uint64(2) * nu + np.uint64(0), vadd(a2_0, c2_0), np.float32(1.0))
+                vstore(out, q + np.uint64(3) * nu + np.uint64(0), vadd(a3_0, c3_0), np.float32(1.0))
+
+
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def csr_spmv_1(indptr, indices, data, scale, x, out):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
@@ -636,3 +780,136 @@ def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, n
                 vstore(out, q + np.uint64(40), a5, s)
                 vstore(out, q + np.uint64(48), a6, s)
                 vstore(out, q + np.uint64(56), a7, s)
+
+
+@njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def bsr4_spmv_1(indptr, indices, data, x, out):  # noqa: D103
+    for br in prange(indptr.shape[0] - 1):
+        a0 = a1 = a2 = a3 = c0 = c1 = c2 = c3 = np.float32(0.0)
+        j = np.uint64(indptr[br])
+        end = np.uint64(indptr[br + 1])
+        while j + np.uint64(2) <= end:
+            d = j * np.uint64(4)
+            u = x[indices[j]]
+            w = x[indices[j + np.uint64(1)]]
+            a0 += data[d] * u
+            a1 += data[d + np.uint64(1)] * u
+            a2 += data[d + np.uint64(2)] * u
+            a3 += data[d + np.uint64(3)] * u
+            c0 += data[d + np.uint64(4)] * w
+            c1 += data[d + np.uint64(5)] * w
+            c2 += data[d + np.uint64(6)] * w
+            c3 += data[d + np.uint64(7)] * w
+            j += np.uint64(2)
+        if j < end:
+            d = j * np.uint64(4)
+            u = x[indices[j]]
+            a0 += data[d] * u
+            a1 += data[d + np.uint64(1)] * u
+            a2 += data[d + np.uint64(2)] * u
+            a3 += data[d + np.uint64(3)] * u
+        r = np.uint64(br) * np.uint64(4)
+        out[r] = a0 + c0
+        out[r + np.uint64(1)] = a1 + c1
+        out[r + np.uint64(2)] = a2 + c2
+        out[r + np.uint64(3)] = a3 + c3
+
+
+@njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def bsr4_tile16_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+    nb = bounds.shape[0] - 1
+    nu = np.uint64(n)
+    bu = np.uint64(bs)
+    npan = (ntile + pt - 1) // pt
+    for t in prange(npan * nb):
+        p = t // nb
+        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            for s in range(p * pt, min(p * pt + pt, ntile)):
+                n0 = np.uint64(col0 + s * 16)
+                a0_0 = a0_1 = a1_0 = a1_1 = a2_0 = a2_1 = a3_0 = a3_1 = vzero()
+                j = np.uint64(indptr[br])
+                end = np.uint64(indptr[br + 1])
+                while j + np.uint64(1) <= end:
+                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                    d = (j + np.uint64(0)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    x1 = vload(b, o + np.uint64(8))
+                    v = data[d + np.uint64(0)]
+                    a0_0 = vfmav(a0_0, v, x0)
+                    a0_1 = vfmav(a0_1, v, x1)
+                    v = data[d + np.uint64(1)]
+                    a1_0 = vfmav(a1_0, v, x0)
+                    a1_1 = vfmav(a1_1, v, x1)
+                    v = data[d + np.uint64(2)]
+                    a2_0 = vfmav(a2_0, v, x0)
+                    a2_1 = vfmav(a2_1, v, x1)
+                    v = data[d + np.uint64(3)]
+                    a3_0 = vfmav(a3_0, v, x0)
+                    a3_1 = vfmav(a3_1, v, x1)
+                    j += np.uint64(1)
+                q = np.uint64(br * 4) * nu + n0
+                vstore(out, q + np.uint64(0) * nu + np.uint64(0), a0_0, np.float32(1.0))
+                vstore(out, q + np.uint64(0) * nu + np.uint64(8), a0_1, np.float32(1.0))
+                vstore(out, q + np.uint64(1) * nu + np.uint64(0), a1_0, np.float32(1.0))
+                vstore(out, q + np.uint64(1) * nu + np.uint64(8), a1_1, np.float32(1.0))
+                vstore(out, q + np.uint64(2) * nu + np.uint64(0), a2_0, np.float32(1.0))
+                vstore(out, q + np.uint64(2) * nu + np.uint64(8), a2_1, np.float32(1.0))
+                vstore(out, q + np.uint64(3) * nu + np.uint64(0), a3_0, np.float32(1.0))
+                vstore(out, q + np.uint64(3) * nu + np.uint64(8), a3_1, np.float32(1.0))
+
+
+@njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
+def bsr4_tile8_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+    nb = bounds.shape[0] - 1
+    nu = np.uint64(n)
+    bu = np.uint64(bs)
+    npan = (ntile + pt - 1) // pt
+    for t in prange(npan * nb):
+        p = t // nb
+        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
+            for s in range(p * pt, min(p * pt + pt, ntile)):
+                n0 = np.uint64(col0 + s * 8)
+                a0_0 = a1_0 = a2_0 = a3_0 = c0_0 = c1_0 = c2_0 = c3_0 = vzero()
+                j = np.uint64(indptr[br])
+                end = np.uint64(indptr[br + 1])
+                while j + np.uint64(2) <= end:
+                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                    d = (j + np.uint64(0)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    v = data[d + np.uint64(0)]
+                    a0_0 = vfmav(a0_0, v, x0)
+                    v = data[d + np.uint64(1)]
+                    a1_0 = vfmav(a1_0, v, x0)
+                    v = data[d + np.uint64(2)]
+                    a2_0 = vfmav(a2_0, v, x0)
+                    v = data[d + np.uint64(3)]
+                    a3_0 = vfmav(a3_0, v, x0)
+                    o = np.uint64(indices[j + np.uint64(1)]) * bu + n0
+                    d = (j + np.uint64(1)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    v = data[d + np.uint64(0)]
+                    c0_0 = vfmav(c0_0, v, x0)
+                    v = data[d + np.uint64(1)]
+                    c1_0 = vfmav(c1_0, v, x0)
+                    v = data[d + np.uint64(2)]
+                    c2_0 = vfmav(c2_0, v, x0)
+                    v = data[d + np.uint64(3)]
+                    c3_0 = vfmav(c3_0, v, x0)
+                    j += np.uint64(2)
+                if j < end:
+                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                    d = (j + np.uint64(0)) * np.uint64(4)
+                    x0 = vload(b, o + np.uint64(0))
+                    v = data[d + np.uint64(0)]
+                    a0_0 = vfmav(a0_0, v, x0)
+                    v = data[d + np.uint64(1)]
+                    a1_0 = vfmav(a1_0, v, x0)
+                    v = data[d + np.uint64(2)]
+                    a2_0 = vfmav(a2_0, v, x0)
+                    v = data[d + np.uint64(3)]
+                    a3_0 = vfmav(a3_0, v, x0)
+                q = np.uint64(br * 4) * nu + n0
+                vstore(out, q + np.uint64(0) * nu + np.uint64(0), vadd(a0_0, c0_0), np.float32(1.0))
+                vstore(out, q + np.uint64(1) * nu + np.uint64(0), vadd(a1_0, c1_0), np.float32(1.0))
+                vstore(out, q + np.uint64(2) * nu + np.uint64(0), vadd(a2_0, c2_0), np.float32(1.0))
+                vstore(out, q + np.uint64(3) * nu + np.uint64(0), vadd(a3_0, c3_0), np.float32(1.0))

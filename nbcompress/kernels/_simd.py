@@ -15,7 +15,7 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["f32x8", "prefetch", "vfma", "vload", "vstore", "vzero"]
+__all__ = ["f32x8", "prefetch", "vadd", "vfma", "vfmav", "vload", "vstore", "vzero"]
 
 _VEC = ir.VectorType(ir.FloatType(), 8)
 _I32 = ir.IntType(32)
@@ -84,6 +84,30 @@ def vfma(typingctx, acc, value, ary, idx):  # noqa: ANN001, ANN201 - numba intri
         return builder.call(fma, [_splat(builder, v), x, a])
 
     return f32x8(acc, value, ary, idx), codegen
+
+
+@intrinsic
+def vfmav(typingctx, acc, value, vec):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """``acc + value * vec`` for a vector already loaded (one load, several rows)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        a, v, x = args
+        v = context.cast(builder, v, sig.args[1], types.float32)
+        fnty = ir.FunctionType(_VEC, [_VEC] * 3)
+        fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
+        return builder.call(fma, [_splat(builder, v), x, a])
+
+    return f32x8(acc, value, vec), codegen
+
+
+@intrinsic
+def vadd(typingctx, a, b):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """``a + b``."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.fadd(args[0], args[1])
+
+    return f32x8(a, b), codegen
 
 
 @intrinsic

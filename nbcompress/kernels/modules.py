@@ -19,6 +19,7 @@ from nbcompress.kernels.csr import (
     BSRMatrix,
     CSRMatrix,
     bsr_matmul,
+    bsr_matmul_t_unchecked,
     conv_unchecked,
     matmul_t_unchecked,
     matmul_unchecked,
@@ -275,7 +276,7 @@ class SparseConv2d(_SparseBase):
         if isinstance(mat, BSRMatrix):
             cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
             for i in range(n):
-                y[i] = torch.from_numpy(bsr_matmul(mat, cols[i].numpy().T).T)
+                bsr_matmul_t_unchecked(mat, cols[i].numpy(), y[i].numpy())
         else:
             images = x.contiguous().numpy()
             if self._direct():

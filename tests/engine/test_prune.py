@@ -60,6 +60,62 @@ def test_structured_zeroes_whole_output_channels_and_bias():
     assert bool((w.reshape(8, -1)[~dead] != 0).any(1).all())
 
 
+def _blocks_whole(w: torch.Tensor) -> bool:
+    """Every group of 4 output rows is either all zero or all kept at each input position."""
+    rows = w.reshape(w.shape[0], -1) != 0
+    pad = -rows.shape[0] % 4
+    rows = torch.cat([rows, rows[-1:].expand(pad, -1)]) if pad else rows
+    groups = rows.reshape(-1, 4, rows.shape[1])
+    return bool((groups.all(1) | ~groups.any(1)).all())
+
+
+@pytest.mark.parametrize("method", ["l1", "random"])
+def test_block_granularity_removes_whole_4x1_blocks(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Conv2d(3, 6, 3), nn.Linear(6, 2))
+    nc.prune_(model, 0.75, granularity="block", types=["Linear", "Conv2d"], method=method)
+    lin, conv = model[0].weight, model[2].weight
+    assert _blocks_whole(lin) and _blocks_whole(conv)
+    assert zero_fraction(lin) == pytest.approx(0.75)  # 8 × 16 blocks, 96 removed
+    # 6 output channels: a block of 4 and a partial block of 2, 2 × 27 blocks, 40 removed
+    dead = (conv.reshape(6, -1) == 0).float()
+    assert float(dead[:4].mean(0).sum() / 27 + dead[4:].mean(0).sum() / 27) == pytest.approx(
+        40 / 27
+    )
+    assert nc.history(model)[-1].info["granularity"] == "block"
+    if method == "l1":
+        w = model[0].weight.detach().clone()
+        nc.undo_(model)
+        norms = model[0].weight.detach().abs().reshape(8, 4, 16).sum(1)
+        kept = (w.reshape(8, 4, 16) != 0).any(1)
+        assert norms[~kept].max() <= norms[kept].min()  # smallest L1 blocks went first
+
+
+def test_block_granularity_global_and_existing_zeros():
+    model = mlp()
+    nc.prune_(model, 0.5, granularity="block", scope="global")
+    assert all(_blocks_whole(model[i].weight) for i in (0, 2))
+    zeros = model[0].weight == 0
+    nc.prune_(model, 0.8, granularity="block")
+    assert bool((model[0].weight[zeros] == 0).all()) and _blocks_whole(model[0].weight)
+    assert zero_fraction(model[0].weight) == pytest.approx(0.8, abs=0.5 / 128)  # 128 blocks
+
+
+def test_block_pruned_layers_are_measured_on_block_sparse_kernels():
+    from nbcompress.engine.sparsify import analyse
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)).eval()
+    element = copy.deepcopy(model)
+    nc.prune_(model, 0.9, granularity="block")
+    nc.prune_(element, 0.9)
+    x = torch.randn(3, 64)
+    blocked, plain = analyse(model, x, repeats=3), analyse(element, x, repeats=3)
+    first = blocked.layers[0]
+    assert "bsr" in first.times and first.errors["bsr"] <= first.tolerances["bsr"]
+    assert "bsr" not in plain.layers[0].times  # scattered zeros: no 4-row blocks to keep
+
+
 def test_layer_selection_by_glob_type_and_dict():
     model = cnn()
     nc.prune_(model, 0.5, types="Conv2d")

@@ -72,6 +72,8 @@ def test_prune_magic_options_and_expressions(ns):
     assert zero_fraction(ns.user_ns["model"][0].weight) == pytest.approx(0.3, abs=0.01)
     magic(ns, "prune conv 0.25 --structured --types Conv2d")
     assert nc.history(ns.user_ns["conv"])[-1].info["granularity"] == "channel"
+    magic(ns, "prune conv 0.5 --blocks --types Conv2d")
+    assert nc.history(ns.user_ns["conv"])[-1].info["granularity"] == "block"
     ns.user_ns["ratios"] = {"0": 0.1, "3": 0.6}
     magic(ns, "prune conv ratios")
     assert zero_fraction(ns.user_ns["conv"][3].weight) == pytest.approx(0.6, abs=0.01)
@@ -103,6 +105,7 @@ def test_prune_magic_options_and_expressions(ns):
         ),
         ("summary model --input y", "--input: 'y' is not defined"),
         ("prune model 0.5 --scope planet", "scope"),
+        ("prune model 0.5 --structured --blocks", "--structured and --blocks: choose one"),
         ("undo model", "nothing to undo"),
         ("prune model 0.5 --bogus", "unrecognized arguments|could not parse"),
     ],
