@@ -44,6 +44,7 @@ __all__ = [
     "BSRMatrix",
     "CSRMatrix",
     "bsr_matmul",
+    "bsr_conv_unchecked",
     "bsr_matmul_t_unchecked",
     "csr_matmul",
     "csr_matmul_t",
@@ -52,9 +53,10 @@ __all__ = [
     "pack_csr",
 ]
 
+Matrix = CSRMatrix | BSRMatrix
 _COMPILED: set[tuple] = set()
 _KERNELS: dict[tuple[str, bool], Callable[..., None]] = {}
-_CHOICE: weakref.WeakKeyDictionary[CSRMatrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
+_CHOICE: weakref.WeakKeyDictionary[Matrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 TILE = 64  # columns per tile64 call unit
 #: 16-column 4 × 1 block-sparse tiles per panel: 64 columns, as the CSR tiles (panels of
 #: 1, 2 and 8 tiles measured 0.8–1.0× of 4 here).
@@ -65,7 +67,7 @@ SERIAL = " ×1"
 #: stays in L1/L2 beside the weight stream (160–384 measured alike here; unblocked
 #: 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64).
 KBLOCK = 256
-_BOUNDS: weakref.WeakKeyDictionary[CSRMatrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
+_BOUNDS: weakref.WeakKeyDictionary[Matrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
 
 
 def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -> np.ndarray:
@@ -114,7 +116,7 @@ def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
         )
 
 
-def _check_cols(mat: CSRMatrix | BSRMatrix, k: int, arg: str) -> None:
+def _check_cols(mat: Matrix, k: int, arg: str) -> None:
     if k != mat.shape[1]:
         raise ValueError(
             f"{arg}: has {k} input features but the sparse weight expects {mat.shape[1]} "
@@ -186,7 +188,7 @@ def _kblock(k: int) -> int:
     return -(-k // nkb)
 
 
-def _fastest(mat: CSRMatrix, key: tuple, options: dict[str, Callable[[], object]]) -> None:
+def _fastest(mat: Matrix, key: tuple, options: dict[str, Callable[[], object]]) -> None:
     """Run the option measured fastest for ``(mat, key, threads)``, measuring on first use.
 
     With more than one thread each option's serial twin competes too (named with the
@@ -253,7 +255,7 @@ def _measure(options: dict[str, Callable[[], object]]) -> str:
     return fastest if score[fastest] < 0.95 else names[0]
 
 
-def _release_unused(mat: CSRMatrix) -> None:
+def _release_unused(mat: Matrix) -> None:
     # Keep only the derived layouts (layouts.py) that some recorded choice still runs on.
     used = {n.removesuffix(SERIAL) for n in _CHOICE.get(mat, {}).values()}
     keep: set = {"pad"} if "spmv8" in used else set()
@@ -266,12 +268,12 @@ def _release_unused(mat: CSRMatrix) -> None:
     release(mat, keep)
 
 
-def kernel_choices(mat: CSRMatrix) -> dict[tuple, str]:
+def kernel_choices(mat: Matrix) -> dict[tuple, str]:
     """Kernels chosen so far for ``mat``: ``(kind, columns, threads) -> name``."""
     return dict(_CHOICE.get(mat, {}))
 
 
-def _bounds(mat: CSRMatrix, parts: int) -> np.ndarray:
+def _bounds(mat: Matrix, parts: int) -> np.ndarray:
     # Cached per weight: computing them (~60 µs) was 5% of a batch-64 product.
     cached = _BOUNDS.setdefault(mat, {})
     if parts not in cached:
@@ -394,8 +396,44 @@ def _direct_conv(
     mat: CSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray, kblk: int | None = None
 ) -> None:
     # The tile kernel over each zero-padded image, tap offsets as row indices, row stride 1
-    # (see layouts.py); output rows numbered with the padded width, then cropped to Wo.
-    # With ``kblk``, over blocks of whole channels (partial sums wait in the output).
+    # (see layouts.py). With ``kblk``, over blocks of whole channels (partial sums wait in
+    # the output).
+    indptr, _, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
+
+    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
+        args = (indptr, offs, data, mat.scale, padded, 1, ntile * TILE, flat, 0, ntile, bounds)
+        # No prefetch: successive tiles read neighbouring lines of each image row, which
+        # the hardware prefetchers follow.
+        _run("tile64", (*args, nkb, 0), (mat.data.dtype.char, offs.dtype.char))
+
+    _over_padded_images(mat, images, geom, out, TILE, kblk, run)
+
+
+def _direct_conv_bsr(mat: BSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray) -> None:
+    # The 4 × 1 block tile kernel over each zero-padded image, as _direct_conv.
+    width, data = BSR_WIDTHS[0], mat.data.reshape(-1)
+
+    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
+        args = (mat.indptr, offs, data, padded, 1, ntile * width, flat, 0, ntile, bounds)
+        _run(f"bsr4_tile{width}", (*args, BSR_PANEL), ("bsr", offs.dtype.char))
+
+    _over_padded_images(mat, images, geom, out, width, None, run)
+
+
+def _over_padded_images(
+    mat: Matrix,
+    images: np.ndarray,
+    geom: tuple,
+    out: np.ndarray,
+    width: int,
+    kblk: int | None,
+    run: Callable[..., None],
+) -> None:
+    """Zero-pad each image into a cached buffer, ``run`` a direct-conv kernel, crop.
+
+    Output rows are numbered with the padded width (``layouts.py``), in tiles of ``width``
+    columns; ``run(offsets, padded, out_flat, ntile, bounds)`` computes them.
+    """
     kh, kw, _, _, ph, pw, dh, dw, wo = geom
     c, h, w = images.shape[1:]
     # Padded width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
@@ -403,23 +441,18 @@ def _direct_conv(
     hp, wp = h + 2 * ph, -(-(w + 2 * pw) // 4) * 4
     ho = hp - dh * (kh - 1)
     length = ho * wp
-    ntile = -(-length // TILE)
+    ntile = -(-length // width)
     offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp), kblk)
-    indptr, _, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
-    # The last tile reads up to ntile·64 − length + (kw − 1)·dw floats past the image.
+    # The last tile reads up to ntile·width − length + (kw − 1)·dw floats past the image.
     # Cached: only the interior is written below, so the zero border stays zero.
-    padded = scratch(mat, "image", c * hp * wp + ntile * TILE - length + (kw - 1) * dw)
+    padded = scratch(mat, "image", c * hp * wp + ntile * width - length + (kw - 1) * dw)
     plane = padded[: c * hp * wp].reshape(c, hp, wp)
-    flat = scratch(mat, "out", mat.shape[0] * ntile * TILE).reshape(mat.shape[0], -1)
+    flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
     threads = get_threads()
     bounds = _bounds(mat, 1 if threads == 1 else 4 * threads)
-    dtypes = (mat.data.dtype.char, offs.dtype.char)
     for img, o in zip(images, out, strict=True):
         plane[:, ph : ph + h, pw : pw + w] = img
-        args = (indptr, offs, data, mat.scale, padded, 1, ntile * TILE)
-        # No prefetch: successive tiles read neighbouring lines of each image row, which
-        # the hardware prefetchers follow.
-        _run("tile64", (*args, flat.reshape(-1), 0, ntile, bounds, nkb, 0), dtypes)
+        run(offs, padded, flat.reshape(-1), ntile, bounds)
         o.reshape(-1, ho, wo)[:] = flat[:, :length].reshape(-1, ho, wp)[:, :, :wo]
 
 
@@ -554,6 +587,26 @@ def bsr_matmul_t_unchecked(mat: BSRMatrix, xt: np.ndarray, out: np.ndarray) -> n
 
     _fastest(mat, ("bt", n), {"bsr4": run})
     return out
+
+
+def bsr_conv_unchecked(
+    mat: BSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray, unfold: Callable
+) -> None:
+    """Block-sparse conv of N images into ``out``; arguments as :func:`conv_unchecked`.
+
+    Each image unfolded and multiplied, or (4 × 1 blocks, stride 1) the direct
+    convolution on the zero-padded image, whichever measured faster.
+    """
+    geom = tuple(int(g) for g in geom)
+
+    def unfolded() -> None:
+        for i, o in enumerate(out):
+            bsr_matmul_t_unchecked(mat, unfold(i), o)
+
+    options: dict[str, Callable[[], object]] = {"unfold": unfolded}
+    if mat.block == (4, 1) and geom[2] == geom[3] == 1:
+        options["direct"] = lambda: _direct_conv_bsr(mat, images, geom, out)
+    _fastest(mat, ("conv", *images.shape), options)
 
 
 def _bsr_types(mat: BSRMatrix) -> tuple[str, ...]:

@@ -44,13 +44,13 @@ import weakref
 
 import numpy as np
 
-from nbcompress.kernels.formats import CSRMatrix
+from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
 
 __all__ = ["Blocked", "block_rows", "pad_rows", "release", "scratch", "tap_offsets"]
 
 Blocked = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # indptr, indices, data, nkb
 
-_CACHE: weakref.WeakKeyDictionary[CSRMatrix, dict] = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKeyDictionary()
 #: Nonzeros per row of the padded layout are a multiple of this.
 PAD = 8
 
@@ -105,7 +105,7 @@ def pad_rows(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def tap_offsets(
-    mat: CSRMatrix,
+    mat: CSRMatrix | BSRMatrix,
     kernel: tuple[int, int],
     dilation: tuple[int, int],
     padded: tuple[int, int],
@@ -114,12 +114,13 @@ def tap_offsets(
     """Offsets of ``mat``'s nonzeros' taps in a zero-padded image (see the module docstring).
 
     Args:
-        mat: The packed (out × C·kh·kw) weight, columns in ``F.unfold``'s order.
+        mat: The packed (out × C·kh·kw) weight, columns in ``F.unfold``'s order (a
+            block-sparse one in 4 × 1 blocks: its block columns are columns).
         kernel: ``(kh, kw)``.
         dilation: ``(dh, dw)``.
         padded: ``(Hp, Wp)``, the padded image's height and width.
-        kblk: Offsets in the order of ``block_rows(mat, kblk)`` (blocks of whole channels
-            when ``kblk`` is a multiple of kh·kw); ``None``: in ``mat``'s own order.
+        kblk: Offsets in the order of ``block_rows(mat, kblk)`` (CSR only; blocks of whole
+            channels when ``kblk`` is a multiple of kh·kw); ``None``: in ``mat``'s own order.
 
     Returns:
         One unsigned offset per nonzero (uint32, or uint64 for images over 2**32 floats).
@@ -138,7 +139,7 @@ def tap_offsets(
     return cached[key]
 
 
-def scratch(mat: CSRMatrix, name: str, size: int) -> np.ndarray:
+def scratch(mat: CSRMatrix | BSRMatrix, name: str, size: int) -> np.ndarray:
     """A zero-initialised float32 buffer of ``size`` kept for ``mat`` and this thread.
 
     The direct convolution pads every image into the same buffer: its border is written
@@ -153,7 +154,7 @@ def scratch(mat: CSRMatrix, name: str, size: int) -> np.ndarray:
     return cached[key]
 
 
-def release(mat: CSRMatrix, keep: set) -> None:
+def release(mat: CSRMatrix | BSRMatrix, keep: set) -> None:
     """Drop ``mat``'s cached layouts other than ``keep`` (``"pad"``, ``("k", kblk)``, taps).
 
     Each layout is a full copy of the weight; one that lost the measured kernel choice

@@ -18,8 +18,8 @@ from torch import nn
 from nbcompress.kernels.csr import (
     BSRMatrix,
     CSRMatrix,
+    bsr_conv_unchecked,
     bsr_matmul,
-    bsr_matmul_t_unchecked,
     conv_unchecked,
     matmul_t_unchecked,
     matmul_unchecked,
@@ -273,19 +273,16 @@ class SparseConv2d(_SparseBase):
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         y = torch.empty((n, self.out_channels, ho * wo), dtype=torch.float32)
         mat = self.matrix()
+        images = x.contiguous().numpy()
+        geom = (kh, kw, sh, sw, ph, pw, dh, dw, wo)
         if isinstance(mat, BSRMatrix):
-            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+            bsr_conv_unchecked(mat, images, geom, y.numpy(), lambda i: self._unfold(x[i]))
+        elif self._direct():
             for i in range(n):
-                bsr_matmul_t_unchecked(mat, cols[i].numpy(), y[i].numpy())
+                xt = images[i].reshape(self.in_channels, h * w)
+                matmul_t_unchecked(mat, xt, y[i].numpy())
         else:
-            images = x.contiguous().numpy()
-            if self._direct():
-                for i in range(n):
-                    xt = images[i].reshape(self.in_channels, h * w)
-                    matmul_t_unchecked(mat, xt, y[i].numpy())
-            else:
-                geom = (kh, kw, sh, sw, ph, pw, dh, dw, wo)
-                conv_unchecked(mat, images, geom, y.numpy(), lambda i: self._unfold(x[i]))
+            conv_unchecked(mat, images, geom, y.numpy(), lambda i: self._unfold(x[i]))
         if self.bias is not None:
             y += self.bias.reshape(1, -1, 1)
         return y.reshape(n, self.out_channels, ho, wo)

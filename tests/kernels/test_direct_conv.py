@@ -26,7 +26,7 @@ def _forced(sparse: SparseConv2d, x: torch.Tensor, choice: str) -> torch.Tensor:
     csr._CHOICE[mat] = {key: choice}
     with torch.no_grad():
         y = sparse(x)
-    assert csr.kernel_choices(mat) == {key: choice}
+    assert csr.kernel_choices(mat)[key] == choice  # (the unfold adds its product's choice)
     return y
 
 
@@ -127,3 +127,52 @@ def test_channel_blocks_are_whole_channels_sized_for_l1():
     csr._CHOICE[mat] = {("conv", 1, 70, 9, 70, 1): "panels"}
     csr._release_unused(mat)
     assert not layouts._CACHE[mat]
+
+
+def _block_pruned_conv(*args, **kwargs) -> nn.Conv2d:
+    # Output channels in groups of four sharing each kept tap (4 × 1 blocks), as
+    # prune_(granularity="block") leaves them.
+    conv = nn.Conv2d(*args, **kwargs)
+    with torch.no_grad():
+        w = conv.weight
+        keep = torch.rand(w.shape[0] // 4, 1, *w.shape[1:]) < 0.3
+        w.mul_(keep.expand(-1, 4, *w.shape[1:]).reshape(w.shape))
+    return conv
+
+
+@pytest.mark.parametrize(
+    ("conv_args", "hw"),
+    [
+        ((5, 8, 3), (11, 9)),
+        ((5, 8, 3, 1, 1), (11, 9)),
+        ((3, 4, 3, 1, 2, 2), (12, 10)),  # dilation 2, padding 2
+        ((6, 12, (1, 3), 1, (0, 1)), (7, 70)),  # several panels of four 16-column tiles
+        ((2, 4, 5), (5, 5)),  # one output pixel
+    ],
+)
+def test_block_sparse_direct_matches_conv2d_and_unfold(conv_args, hw):
+    conv = _block_pruned_conv(*conv_args, bias=True)
+    x = torch.randn(2, conv.in_channels, *hw)
+    with torch.no_grad():
+        ref = conv(x)
+    direct = _forced(SparseConv2d(conv, format="bsr"), x, "direct")
+    unfold = _forced(SparseConv2d(conv, format="bsr"), x, "unfold")
+    torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unfold, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_block_sparse_direct_is_offered_for_stride_one_only(monkeypatch):
+    offered = []
+
+    def pick(options):
+        offered.append(list(options))
+        for fn in options.values():
+            fn()
+        return next(iter(options))
+
+    monkeypatch.setattr(csr, "_measure", pick)
+    x = torch.randn(1, 4, 10, 10)
+    with torch.no_grad():
+        SparseConv2d(_block_pruned_conv(4, 8, 3, 1, 1), format="bsr")(x)
+        SparseConv2d(_block_pruned_conv(4, 8, 3, 2, 1), format="bsr")(x)
+    assert offered == [["unfold", "direct"]]  # stride 2: the unfold only, not timed
