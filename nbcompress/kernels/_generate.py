@@ -296,35 +296,68 @@ def bsr4_spmv{sfx}(indptr, indices, data, x, out):  # noqa: D103
 """
 
 
+_BSR_TILE = """
+
+{deco}
+{signature}
+    nb = bounds.shape[0] - 1
+    one = np.float32(1.0)
+    mb = (indptr.shape[0] - 1) // nkb
+    nu = np.uint64(n)
+    bu = np.uint64(bs)
+    kdim = b.shape[0] // bs
+    npan = (ntile + pt - 1) // pt
+    for t in prange(npan * nb):
+        p = t // nb
+        r0 = bounds[t - p * nb]
+        r1 = bounds[t - p * nb + 1]
+        c0 = np.uint64(col0 + p * pt * {width})
+        per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
+        for kb in range(nkb):
+            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nc0 = c0 + np.uint64(pt * {width}) if last else c0
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
+            for br in range(r0, r1):
+                k0 = nk0 + (br - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nc0
+{prefetch}
+                r = np.uint64(kb * mb + br)
+                start = np.uint64(indptr[r])
+                end = np.uint64(indptr[r + np.uint64(1)])
+                for s in range(p * pt, min(p * pt + pt, ntile)):
+                    n0 = np.uint64(col0 + s * {width})
+                    q = np.uint64(br * 4) * nu + n0
+                    q1 = q + nu
+                    q2 = q1 + nu
+                    q3 = q2 + nu
+                    if kb:
+{load}
+                    else:
+{zero}
+{zero2}
+                    j = start
+                    while j + np.uint64({unroll}) <= end:
+{body}
+                        j += np.uint64({unroll})
+{tail}
+{store}
+"""
+
+
 def _bsr_tile(width: int, sfx: str, deco: str) -> str:
     # 4 rows × width columns of accumulators; two blocks per iteration (two accumulator
-    # sets) when one set would leave fewer than eight FMA chains in flight.
+    # sets) when one set would leave fewer than eight FMA chains in flight. K-blocked
+    # (nkb > 1) and prefetching (pfk > 0) as tile64; see layouts.block_rows.
     vecs = width // 8
     unroll = 2 if 4 * vecs < 8 else 1
-    sets = "ac"[:unroll]
     acc = {
-        (u, r, k): f"{sets[u]}{r}_{k}" for u in range(unroll) for r in range(4) for k in range(vecs)
+        (u, r, k): f"{'ac'[u]}{r}_{k}" for u in range(unroll) for r in range(4) for k in range(vecs)
     }
-    body = [
-        "",
-        "",
-        deco,
-        f"def bsr4_tile{width}{sfx}(indptr, indices, data, b, bs, n, out, col0, ntile, bounds,"
-        " pt):  # noqa: D103",
-        "    nb = bounds.shape[0] - 1",
-        "    nu = np.uint64(n)",
-        "    bu = np.uint64(bs)",
-        "    npan = (ntile + pt - 1) // pt",
-        "    for t in prange(npan * nb):",
-        "        p = t // nb",
-        "        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):",
-        "            for s in range(p * pt, min(p * pt + pt, ntile)):",
-        f"            n0 = np.uint64(col0 + s * {width})",
-        "            " + " = ".join(acc.values()) + " = vzero()",
-        "            j = np.uint64(indptr[br])",
-        "            end = np.uint64(indptr[br + 1])",
-        f"            while j + np.uint64({unroll}) <= end:",
-    ]
+    pad = " " * 24
+    row = "{q} + np.uint64({off})"
+    rows = ("q", "q1", "q2", "q3")
 
     def block(u: int, pad: str) -> list[str]:
         lines = [
@@ -337,25 +370,37 @@ def _bsr_tile(width: int, sfx: str, deco: str) -> str:
             lines += [f"{pad}{acc[u, r, k]} = vfmav({acc[u, r, k]}, v, x{k})" for k in range(vecs)]
         return lines
 
-    for u in range(unroll):
-        body += block(u, " " * 16)
-    body.append(f"                j += np.uint64({unroll})")
-    if unroll > 1:
-        body.append("            if j < end:")
-        body += block(0, " " * 16)
-    body.append("            q = np.uint64(br * 4) * nu + n0")
+    body = [line for u in range(unroll) for line in block(u, pad)]
+    tail = ["                    if j < end:", *block(0, pad)] if unroll > 1 else []
+    load = [
+        f"{pad}{acc[0, r, k]} = vload(out, {row.format(q=rows[r], off=8 * k)})"
+        for r in range(4)
+        for k in range(vecs)
+    ]
+    first = [acc[0, r, k] for r in range(4) for k in range(vecs)]
+    second = [acc[1, r, k] for r in range(4) for k in range(vecs)] if unroll > 1 else []
+    store = []
     for r in range(4):
         for k in range(vecs):
-            total = acc[0, r, k]
-            if unroll > 1:
-                total = f"vadd({acc[0, r, k]}, {acc[1, r, k]})"
-            body.append(
-                f"            vstore(out, q + np.uint64({r}) * nu + np.uint64({8 * k}), {total},"
-                " np.float32(1.0))"
+            total = acc[0, r, k] if unroll == 1 else f"vadd({acc[0, r, k]}, {acc[1, r, k]})"
+            store.append(
+                f"                    vstore(out, {row.format(q=rows[r], off=8 * k)}, {total}, one)"
             )
-    start = next(i for i, line in enumerate(body) if "for s in" in line) + 1
-    body[start:] = ["    " + line for line in body[start:]]  # inside the tile loop
-    return "\n".join(body) + "\n"
+    prefetch = "\n".join(f"{pad[:-4]}prefetch(b, a + np.uint64({16 * k}))" for k in range(4))
+    args = "indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nkb, pfk"
+    return _BSR_TILE.format(
+        deco=deco,
+        signature=f"def bsr4_tile{width}{sfx}({args}):  # noqa: D103",
+        width=width,
+        unroll=unroll,
+        prefetch=prefetch,
+        load="\n".join(load),
+        zero=pad + " = ".join(first) + " = vzero()",
+        zero2=(" " * 20 + " = ".join(second) + " = vzero()") if second else "",
+        body="\n".join(body),
+        tail="\n".join(tail),
+        store="\n".join(store),
+    )
 
 
 def source() -> str:

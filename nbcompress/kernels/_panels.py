@@ -379,103 +379,170 @@ def bsr4_spmv(indptr, indices, data, x, out):  # noqa: D103
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def bsr4_tile16(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+def bsr4_tile16(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nkb, pfk):  # noqa: D103
     nb = bounds.shape[0] - 1
+    one = np.float32(1.0)
+    mb = (indptr.shape[0] - 1) // nkb
     nu = np.uint64(n)
     bu = np.uint64(bs)
+    kdim = b.shape[0] // bs
     npan = (ntile + pt - 1) // pt
     for t in prange(npan * nb):
         p = t // nb
-        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
-            for s in range(p * pt, min(p * pt + pt, ntile)):
-                n0 = np.uint64(col0 + s * 16)
-                a0_0 = a0_1 = a1_0 = a1_1 = a2_0 = a2_1 = a3_0 = a3_1 = vzero()
-                j = np.uint64(indptr[br])
-                end = np.uint64(indptr[br + 1])
-                while j + np.uint64(1) <= end:
-                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
-                    d = (j + np.uint64(0)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    x1 = vload(b, o + np.uint64(8))
-                    v = data[d + np.uint64(0)]
-                    a0_0 = vfmav(a0_0, v, x0)
-                    a0_1 = vfmav(a0_1, v, x1)
-                    v = data[d + np.uint64(1)]
-                    a1_0 = vfmav(a1_0, v, x0)
-                    a1_1 = vfmav(a1_1, v, x1)
-                    v = data[d + np.uint64(2)]
-                    a2_0 = vfmav(a2_0, v, x0)
-                    a2_1 = vfmav(a2_1, v, x1)
-                    v = data[d + np.uint64(3)]
-                    a3_0 = vfmav(a3_0, v, x0)
-                    a3_1 = vfmav(a3_1, v, x1)
-                    j += np.uint64(1)
-                q = np.uint64(br * 4) * nu + n0
-                vstore(out, q + np.uint64(0) * nu + np.uint64(0), a0_0, np.float32(1.0))
-                vstore(out, q + np.uint64(0) * nu + np.uint64(8), a0_1, np.float32(1.0))
-                vstore(out, q + np.uint64(1) * nu + np.uint64(0), a1_0, np.float32(1.0))
-                vstore(out, q + np.uint64(1) * nu + np.uint64(8), a1_1, np.float32(1.0))
-                vstore(out, q + np.uint64(2) * nu + np.uint64(0), a2_0, np.float32(1.0))
-                vstore(out, q + np.uint64(2) * nu + np.uint64(8), a2_1, np.float32(1.0))
-                vstore(out, q + np.uint64(3) * nu + np.uint64(0), a3_0, np.float32(1.0))
-                vstore(out, q + np.uint64(3) * nu + np.uint64(8), a3_1, np.float32(1.0))
+        r0 = bounds[t - p * nb]
+        r1 = bounds[t - p * nb + 1]
+        c0 = np.uint64(col0 + p * pt * 16)
+        per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
+        for kb in range(nkb):
+            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nc0 = c0 + np.uint64(pt * 16) if last else c0
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
+            for br in range(r0, r1):
+                k0 = nk0 + (br - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nc0
+                    prefetch(b, a + np.uint64(0))
+                    prefetch(b, a + np.uint64(16))
+                    prefetch(b, a + np.uint64(32))
+                    prefetch(b, a + np.uint64(48))
+                r = np.uint64(kb * mb + br)
+                start = np.uint64(indptr[r])
+                end = np.uint64(indptr[r + np.uint64(1)])
+                for s in range(p * pt, min(p * pt + pt, ntile)):
+                    n0 = np.uint64(col0 + s * 16)
+                    q = np.uint64(br * 4) * nu + n0
+                    q1 = q + nu
+                    q2 = q1 + nu
+                    q3 = q2 + nu
+                    if kb:
+                        a0_0 = vload(out, q + np.uint64(0))
+                        a0_1 = vload(out, q + np.uint64(8))
+                        a1_0 = vload(out, q1 + np.uint64(0))
+                        a1_1 = vload(out, q1 + np.uint64(8))
+                        a2_0 = vload(out, q2 + np.uint64(0))
+                        a2_1 = vload(out, q2 + np.uint64(8))
+                        a3_0 = vload(out, q3 + np.uint64(0))
+                        a3_1 = vload(out, q3 + np.uint64(8))
+                    else:
+                        a0_0 = a0_1 = a1_0 = a1_1 = a2_0 = a2_1 = a3_0 = a3_1 = vzero()
+
+                    j = start
+                    while j + np.uint64(1) <= end:
+                        o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                        d = (j + np.uint64(0)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        x1 = vload(b, o + np.uint64(8))
+                        v = data[d + np.uint64(0)]
+                        a0_0 = vfmav(a0_0, v, x0)
+                        a0_1 = vfmav(a0_1, v, x1)
+                        v = data[d + np.uint64(1)]
+                        a1_0 = vfmav(a1_0, v, x0)
+                        a1_1 = vfmav(a1_1, v, x1)
+                        v = data[d + np.uint64(2)]
+                        a2_0 = vfmav(a2_0, v, x0)
+                        a2_1 = vfmav(a2_1, v, x1)
+                        v = data[d + np.uint64(3)]
+                        a3_0 = vfmav(a3_0, v, x0)
+                        a3_1 = vfmav(a3_1, v, x1)
+                        j += np.uint64(1)
+
+                    vstore(out, q + np.uint64(0), a0_0, one)
+                    vstore(out, q + np.uint64(8), a0_1, one)
+                    vstore(out, q1 + np.uint64(0), a1_0, one)
+                    vstore(out, q1 + np.uint64(8), a1_1, one)
+                    vstore(out, q2 + np.uint64(0), a2_0, one)
+                    vstore(out, q2 + np.uint64(8), a2_1, one)
+                    vstore(out, q3 + np.uint64(0), a3_0, one)
+                    vstore(out, q3 + np.uint64(8), a3_1, one)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def bsr4_tile8(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+def bsr4_tile8(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nkb, pfk):  # noqa: D103
     nb = bounds.shape[0] - 1
+    one = np.float32(1.0)
+    mb = (indptr.shape[0] - 1) // nkb
     nu = np.uint64(n)
     bu = np.uint64(bs)
+    kdim = b.shape[0] // bs
     npan = (ntile + pt - 1) // pt
     for t in prange(npan * nb):
         p = t // nb
-        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
-            for s in range(p * pt, min(p * pt + pt, ntile)):
-                n0 = np.uint64(col0 + s * 8)
-                a0_0 = a1_0 = a2_0 = a3_0 = c0_0 = c1_0 = c2_0 = c3_0 = vzero()
-                j = np.uint64(indptr[br])
-                end = np.uint64(indptr[br + 1])
-                while j + np.uint64(2) <= end:
-                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
-                    d = (j + np.uint64(0)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    v = data[d + np.uint64(0)]
-                    a0_0 = vfmav(a0_0, v, x0)
-                    v = data[d + np.uint64(1)]
-                    a1_0 = vfmav(a1_0, v, x0)
-                    v = data[d + np.uint64(2)]
-                    a2_0 = vfmav(a2_0, v, x0)
-                    v = data[d + np.uint64(3)]
-                    a3_0 = vfmav(a3_0, v, x0)
-                    o = np.uint64(indices[j + np.uint64(1)]) * bu + n0
-                    d = (j + np.uint64(1)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    v = data[d + np.uint64(0)]
-                    c0_0 = vfmav(c0_0, v, x0)
-                    v = data[d + np.uint64(1)]
-                    c1_0 = vfmav(c1_0, v, x0)
-                    v = data[d + np.uint64(2)]
-                    c2_0 = vfmav(c2_0, v, x0)
-                    v = data[d + np.uint64(3)]
-                    c3_0 = vfmav(c3_0, v, x0)
-                    j += np.uint64(2)
-                if j < end:
-                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
-                    d = (j + np.uint64(0)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    v = data[d + np.uint64(0)]
-                    a0_0 = vfmav(a0_0, v, x0)
-                    v = data[d + np.uint64(1)]
-                    a1_0 = vfmav(a1_0, v, x0)
-                    v = data[d + np.uint64(2)]
-                    a2_0 = vfmav(a2_0, v, x0)
-                    v = data[d + np.uint64(3)]
-                    a3_0 = vfmav(a3_0, v, x0)
-                q = np.uint64(br * 4) * nu + n0
-                vstore(out, q + np.uint64(0) * nu + np.uint64(0), vadd(a0_0, c0_0), np.float32(1.0))
-                vstore(out, q + np.uint64(1) * nu + np.uint64(0), vadd(a1_0, c1_0), np.float32(1.0))
-                vstore(out, q + np.uint64(2) * nu + np.uint64(0), vadd(a2_0, c2_0), np.float32(1.0))
-                vstore(out, q + np.uint64(3) * nu + np.uint64(0), vadd(a3_0, c3_0), np.float32(1.0))
+        r0 = bounds[t - p * nb]
+        r1 = bounds[t - p * nb + 1]
+        c0 = np.uint64(col0 + p * pt * 8)
+        per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
+        for kb in range(nkb):
+            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nc0 = c0 + np.uint64(pt * 8) if last else c0
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
+            for br in range(r0, r1):
+                k0 = nk0 + (br - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nc0
+                    prefetch(b, a + np.uint64(0))
+                    prefetch(b, a + np.uint64(16))
+                    prefetch(b, a + np.uint64(32))
+                    prefetch(b, a + np.uint64(48))
+                r = np.uint64(kb * mb + br)
+                start = np.uint64(indptr[r])
+                end = np.uint64(indptr[r + np.uint64(1)])
+                for s in range(p * pt, min(p * pt + pt, ntile)):
+                    n0 = np.uint64(col0 + s * 8)
+                    q = np.uint64(br * 4) * nu + n0
+                    q1 = q + nu
+                    q2 = q1 + nu
+                    q3 = q2 + nu
+                    if kb:
+                        a0_0 = vload(out, q + np.uint64(0))
+                        a1_0 = vload(out, q1 + np.uint64(0))
+                        a2_0 = vload(out, q2 + np.uint64(0))
+                        a3_0 = vload(out, q3 + np.uint64(0))
+                    else:
+                        a0_0 = a1_0 = a2_0 = a3_0 = vzero()
+                    c0_0 = c1_0 = c2_0 = c3_0 = vzero()
+                    j = start
+                    while j + np.uint64(2) <= end:
+                        o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                        d = (j + np.uint64(0)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        v = data[d + np.uint64(0)]
+                        a0_0 = vfmav(a0_0, v, x0)
+                        v = data[d + np.uint64(1)]
+                        a1_0 = vfmav(a1_0, v, x0)
+                        v = data[d + np.uint64(2)]
+                        a2_0 = vfmav(a2_0, v, x0)
+                        v = data[d + np.uint64(3)]
+                        a3_0 = vfmav(a3_0, v, x0)
+                        o = np.uint64(indices[j + np.uint64(1)]) * bu + n0
+                        d = (j + np.uint64(1)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        v = data[d + np.uint64(0)]
+                        c0_0 = vfmav(c0_0, v, x0)
+                        v = data[d + np.uint64(1)]
+                        c1_0 = vfmav(c1_0, v, x0)
+                        v = data[d + np.uint64(2)]
+                        c2_0 = vfmav(c2_0, v, x0)
+                        v = data[d + np.uint64(3)]
+                        c3_0 = vfmav(c3_0, v, x0)
+                        j += np.uint64(2)
+                    if j < end:
+                        o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                        d = (j + np.uint64(0)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        v = data[d + np.uint64(0)]
+                        a0_0 = vfmav(a0_0, v, x0)
+                        v = data[d + np.uint64(1)]
+                        a1_0 = vfmav(a1_0, v, x0)
+                        v = data[d + np.uint64(2)]
+                        a2_0 = vfmav(a2_0, v, x0)
+                        v = data[d + np.uint64(3)]
+                        a3_0 = vfmav(a3_0, v, x0)
+                    vstore(out, q + np.uint64(0), vadd(a0_0, c0_0), one)
+                    vstore(out, q1 + np.uint64(0), vadd(a1_0, c1_0), one)
+                    vstore(out, q2 + np.uint64(0), vadd(a2_0, c2_0), one)
+                    vstore(out, q3 + np.uint64(0), vadd(a3_0, c3_0), one)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -816,100 +883,167 @@ def bsr4_spmv_1(indptr, indices, data, x, out):  # noqa: D103
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def bsr4_tile16_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+def bsr4_tile16_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nkb, pfk):  # noqa: D103
     nb = bounds.shape[0] - 1
+    one = np.float32(1.0)
+    mb = (indptr.shape[0] - 1) // nkb
     nu = np.uint64(n)
     bu = np.uint64(bs)
+    kdim = b.shape[0] // bs
     npan = (ntile + pt - 1) // pt
     for t in prange(npan * nb):
         p = t // nb
-        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
-            for s in range(p * pt, min(p * pt + pt, ntile)):
-                n0 = np.uint64(col0 + s * 16)
-                a0_0 = a0_1 = a1_0 = a1_1 = a2_0 = a2_1 = a3_0 = a3_1 = vzero()
-                j = np.uint64(indptr[br])
-                end = np.uint64(indptr[br + 1])
-                while j + np.uint64(1) <= end:
-                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
-                    d = (j + np.uint64(0)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    x1 = vload(b, o + np.uint64(8))
-                    v = data[d + np.uint64(0)]
-                    a0_0 = vfmav(a0_0, v, x0)
-                    a0_1 = vfmav(a0_1, v, x1)
-                    v = data[d + np.uint64(1)]
-                    a1_0 = vfmav(a1_0, v, x0)
-                    a1_1 = vfmav(a1_1, v, x1)
-                    v = data[d + np.uint64(2)]
-                    a2_0 = vfmav(a2_0, v, x0)
-                    a2_1 = vfmav(a2_1, v, x1)
-                    v = data[d + np.uint64(3)]
-                    a3_0 = vfmav(a3_0, v, x0)
-                    a3_1 = vfmav(a3_1, v, x1)
-                    j += np.uint64(1)
-                q = np.uint64(br * 4) * nu + n0
-                vstore(out, q + np.uint64(0) * nu + np.uint64(0), a0_0, np.float32(1.0))
-                vstore(out, q + np.uint64(0) * nu + np.uint64(8), a0_1, np.float32(1.0))
-                vstore(out, q + np.uint64(1) * nu + np.uint64(0), a1_0, np.float32(1.0))
-                vstore(out, q + np.uint64(1) * nu + np.uint64(8), a1_1, np.float32(1.0))
-                vstore(out, q + np.uint64(2) * nu + np.uint64(0), a2_0, np.float32(1.0))
-                vstore(out, q + np.uint64(2) * nu + np.uint64(8), a2_1, np.float32(1.0))
-                vstore(out, q + np.uint64(3) * nu + np.uint64(0), a3_0, np.float32(1.0))
-                vstore(out, q + np.uint64(3) * nu + np.uint64(8), a3_1, np.float32(1.0))
+        r0 = bounds[t - p * nb]
+        r1 = bounds[t - p * nb + 1]
+        c0 = np.uint64(col0 + p * pt * 16)
+        per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
+        for kb in range(nkb):
+            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nc0 = c0 + np.uint64(pt * 16) if last else c0
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
+            for br in range(r0, r1):
+                k0 = nk0 + (br - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nc0
+                    prefetch(b, a + np.uint64(0))
+                    prefetch(b, a + np.uint64(16))
+                    prefetch(b, a + np.uint64(32))
+                    prefetch(b, a + np.uint64(48))
+                r = np.uint64(kb * mb + br)
+                start = np.uint64(indptr[r])
+                end = np.uint64(indptr[r + np.uint64(1)])
+                for s in range(p * pt, min(p * pt + pt, ntile)):
+                    n0 = np.uint64(col0 + s * 16)
+                    q = np.uint64(br * 4) * nu + n0
+                    q1 = q + nu
+                    q2 = q1 + nu
+                    q3 = q2 + nu
+                    if kb:
+                        a0_0 = vload(out, q + np.uint64(0))
+                        a0_1 = vload(out, q + np.uint64(8))
+                        a1_0 = vload(out, q1 + np.uint64(0))
+                        a1_1 = vload(out, q1 + np.uint64(8))
+                        a2_0 = vload(out, q2 + np.uint64(0))
+                        a2_1 = vload(out, q2 + np.uint64(8))
+                        a3_0 = vload(out, q3 + np.uint64(0))
+                        a3_1 = vload(out, q3 + np.uint64(8))
+                    else:
+                        a0_0 = a0_1 = a1_0 = a1_1 = a2_0 = a2_1 = a3_0 = a3_1 = vzero()
+
+                    j = start
+                    while j + np.uint64(1) <= end:
+                        o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                        d = (j + np.uint64(0)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        x1 = vload(b, o + np.uint64(8))
+                        v = data[d + np.uint64(0)]
+                        a0_0 = vfmav(a0_0, v, x0)
+                        a0_1 = vfmav(a0_1, v, x1)
+                        v = data[d + np.uint64(1)]
+                        a1_0 = vfmav(a1_0, v, x0)
+                        a1_1 = vfmav(a1_1, v, x1)
+                        v = data[d + np.uint64(2)]
+                        a2_0 = vfmav(a2_0, v, x0)
+                        a2_1 = vfmav(a2_1, v, x1)
+                        v = data[d + np.uint64(3)]
+                        a3_0 = vfmav(a3_0, v, x0)
+                        a3_1 = vfmav(a3_1, v, x1)
+                        j += np.uint64(1)
+
+                    vstore(out, q + np.uint64(0), a0_0, one)
+                    vstore(out, q + np.uint64(8), a0_1, one)
+                    vstore(out, q1 + np.uint64(0), a1_0, one)
+                    vstore(out, q1 + np.uint64(8), a1_1, one)
+                    vstore(out, q2 + np.uint64(0), a2_0, one)
+                    vstore(out, q2 + np.uint64(8), a2_1, one)
+                    vstore(out, q3 + np.uint64(0), a3_0, one)
+                    vstore(out, q3 + np.uint64(8), a3_1, one)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def bsr4_tile8_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt):  # noqa: D103
+def bsr4_tile8_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nkb, pfk):  # noqa: D103
     nb = bounds.shape[0] - 1
+    one = np.float32(1.0)
+    mb = (indptr.shape[0] - 1) // nkb
     nu = np.uint64(n)
     bu = np.uint64(bs)
+    kdim = b.shape[0] // bs
     npan = (ntile + pt - 1) // pt
     for t in prange(npan * nb):
         p = t // nb
-        for br in range(bounds[t - p * nb], bounds[t - p * nb + 1]):
-            for s in range(p * pt, min(p * pt + pt, ntile)):
-                n0 = np.uint64(col0 + s * 8)
-                a0_0 = a1_0 = a2_0 = a3_0 = c0_0 = c1_0 = c2_0 = c3_0 = vzero()
-                j = np.uint64(indptr[br])
-                end = np.uint64(indptr[br + 1])
-                while j + np.uint64(2) <= end:
-                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
-                    d = (j + np.uint64(0)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    v = data[d + np.uint64(0)]
-                    a0_0 = vfmav(a0_0, v, x0)
-                    v = data[d + np.uint64(1)]
-                    a1_0 = vfmav(a1_0, v, x0)
-                    v = data[d + np.uint64(2)]
-                    a2_0 = vfmav(a2_0, v, x0)
-                    v = data[d + np.uint64(3)]
-                    a3_0 = vfmav(a3_0, v, x0)
-                    o = np.uint64(indices[j + np.uint64(1)]) * bu + n0
-                    d = (j + np.uint64(1)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    v = data[d + np.uint64(0)]
-                    c0_0 = vfmav(c0_0, v, x0)
-                    v = data[d + np.uint64(1)]
-                    c1_0 = vfmav(c1_0, v, x0)
-                    v = data[d + np.uint64(2)]
-                    c2_0 = vfmav(c2_0, v, x0)
-                    v = data[d + np.uint64(3)]
-                    c3_0 = vfmav(c3_0, v, x0)
-                    j += np.uint64(2)
-                if j < end:
-                    o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
-                    d = (j + np.uint64(0)) * np.uint64(4)
-                    x0 = vload(b, o + np.uint64(0))
-                    v = data[d + np.uint64(0)]
-                    a0_0 = vfmav(a0_0, v, x0)
-                    v = data[d + np.uint64(1)]
-                    a1_0 = vfmav(a1_0, v, x0)
-                    v = data[d + np.uint64(2)]
-                    a2_0 = vfmav(a2_0, v, x0)
-                    v = data[d + np.uint64(3)]
-                    a3_0 = vfmav(a3_0, v, x0)
-                q = np.uint64(br * 4) * nu + n0
-                vstore(out, q + np.uint64(0) * nu + np.uint64(0), vadd(a0_0, c0_0), np.float32(1.0))
-                vstore(out, q + np.uint64(1) * nu + np.uint64(0), vadd(a1_0, c1_0), np.float32(1.0))
-                vstore(out, q + np.uint64(2) * nu + np.uint64(0), vadd(a2_0, c2_0), np.float32(1.0))
-                vstore(out, q + np.uint64(3) * nu + np.uint64(0), vadd(a3_0, c3_0), np.float32(1.0))
+        r0 = bounds[t - p * nb]
+        r1 = bounds[t - p * nb + 1]
+        c0 = np.uint64(col0 + p * pt * 8)
+        per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
+        for kb in range(nkb):
+            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nc0 = c0 + np.uint64(pt * 8) if last else c0
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
+            for br in range(r0, r1):
+                k0 = nk0 + (br - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nc0
+                    prefetch(b, a + np.uint64(0))
+                    prefetch(b, a + np.uint64(16))
+                    prefetch(b, a + np.uint64(32))
+                    prefetch(b, a + np.uint64(48))
+                r = np.uint64(kb * mb + br)
+                start = np.uint64(indptr[r])
+                end = np.uint64(indptr[r + np.uint64(1)])
+                for s in range(p * pt, min(p * pt + pt, ntile)):
+                    n0 = np.uint64(col0 + s * 8)
+                    q = np.uint64(br * 4) * nu + n0
+                    q1 = q + nu
+                    q2 = q1 + nu
+                    q3 = q2 + nu
+                    if kb:
+                        a0_0 = vload(out, q + np.uint64(0))
+                        a1_0 = vload(out, q1 + np.uint64(0))
+                        a2_0 = vload(out, q2 + np.uint64(0))
+                        a3_0 = vload(out, q3 + np.uint64(0))
+                    else:
+                        a0_0 = a1_0 = a2_0 = a3_0 = vzero()
+                    c0_0 = c1_0 = c2_0 = c3_0 = vzero()
+                    j = start
+                    while j + np.uint64(2) <= end:
+                        o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                        d = (j + np.uint64(0)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        v = data[d + np.uint64(0)]
+                        a0_0 = vfmav(a0_0, v, x0)
+                        v = data[d + np.uint64(1)]
+                        a1_0 = vfmav(a1_0, v, x0)
+                        v = data[d + np.uint64(2)]
+                        a2_0 = vfmav(a2_0, v, x0)
+                        v = data[d + np.uint64(3)]
+                        a3_0 = vfmav(a3_0, v, x0)
+                        o = np.uint64(indices[j + np.uint64(1)]) * bu + n0
+                        d = (j + np.uint64(1)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        v = data[d + np.uint64(0)]
+                        c0_0 = vfmav(c0_0, v, x0)
+                        v = data[d + np.uint64(1)]
+                        c1_0 = vfmav(c1_0, v, x0)
+                        v = data[d + np.uint64(2)]
+                        c2_0 = vfmav(c2_0, v, x0)
+                        v = data[d + np.uint64(3)]
+                        c3_0 = vfmav(c3_0, v, x0)
+                        j += np.uint64(2)
+                    if j < end:
+                        o = np.uint64(indices[j + np.uint64(0)]) * bu + n0
+                        d = (j + np.uint64(0)) * np.uint64(4)
+                        x0 = vload(b, o + np.uint64(0))
+                        v = data[d + np.uint64(0)]
+                        a0_0 = vfmav(a0_0, v, x0)
+                        v = data[d + np.uint64(1)]
+                        a1_0 = vfmav(a1_0, v, x0)
+                        v = data[d + np.uint64(2)]
+                        a2_0 = vfmav(a2_0, v, x0)
+                        v = data[d + np.uint64(3)]
+                        a3_0 = vfmav(a3_0, v, x0)
+                    vstore(out, q + np.uint64(0), vadd(a0_0, c0_0), one)
+                    vstore(out, q1 + np.uint64(0), vadd(a1_0, c1_0), one)
+                    vstore(out, q2 + np.uint64(0), vadd(a2_0, c2_0), one)
+                    vstore(out, q3 + np.uint64(0), vadd(a3_0, c3_0), one)

@@ -259,7 +259,7 @@ def _release_unused(mat: Matrix) -> None:
     # Keep only the derived layouts (layouts.py) that some recorded choice still runs on.
     used = {n.removesuffix(SERIAL) for n in _CHOICE.get(mat, {}).values()}
     keep: set = {"pad"} if "spmv8" in used else set()
-    if "kblocks" in used:
+    if used & {"kblocks", "bsr4_kb"}:
         keep.add(("k", _kblock(mat.shape[1])))
     if "direct" in used:
         keep.add("taps")
@@ -415,7 +415,7 @@ def _direct_conv_bsr(mat: BSRMatrix, images: np.ndarray, geom: tuple, out: np.nd
 
     def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
         args = (mat.indptr, offs, data, padded, 1, ntile * width, flat, 0, ntile, bounds)
-        _run(f"bsr4_tile{width}", (*args, BSR_PANEL), ("bsr", offs.dtype.char))
+        _run(f"bsr4_tile{width}", (*args, BSR_PANEL, 1, 0), ("bsr", offs.dtype.char))
 
     _over_padded_images(mat, images, geom, out, width, None, run)
 
@@ -561,7 +561,8 @@ def bsr_matmul_t_unchecked(mat: BSRMatrix, xt: np.ndarray, out: np.ndarray) -> n
     """``out = W @ xt`` for a C-contiguous (in × N) ``xt``; callers validated already.
 
     4 × 1 blocks: tiles of 16 columns (then 8) in panels of :data:`BSR_PANEL` tiles, the
-    last N mod 8 columns through the plain loop.
+    last N mod 8 columns through the plain loop; for K > :data:`KBLOCK` also over blocks
+    of input rows (as the CSR ``kblocks``), whichever measured faster.
     """
     m, n = out.shape
     if not out.size:
@@ -570,14 +571,16 @@ def bsr_matmul_t_unchecked(mat: BSRMatrix, xt: np.ndarray, out: np.ndarray) -> n
         _run("bsr_spmm", (mat.indptr, mat.indices, mat.data, xt, out), (mat.indices.dtype.char,))
         return out
 
-    def run() -> None:
+    def run(kblk: int | None) -> None:
         bounds = _bounds(mat, 1 if get_threads() == 1 else 4 * get_threads())
-        flat, data, done = out.reshape(-1), mat.data.reshape(-1), 0
+        indptr, indices, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
+        pfk = kblk if nkb > 1 and n > TILE else 0  # as _tiles
+        flat, data, done = out.reshape(-1), data.reshape(-1), 0
         for width in BSR_WIDTHS:
             ntile = (n - done) // width
             if ntile:
-                args = (mat.indptr, mat.indices, data, xt.reshape(-1), n, n, flat, done)
-                _run(f"bsr4_tile{width}", (*args, ntile, bounds, BSR_PANEL), _bsr_types(mat))
+                args = (indptr, indices, data, xt.reshape(-1), n, n, flat, done, ntile, bounds)
+                _run(f"bsr4_tile{width}", (*args, BSR_PANEL, nkb, pfk), _bsr_types(mat))
                 done += ntile * width
         if done < n:
             rest = np.empty((m, n - done), dtype=np.float32)
@@ -585,7 +588,10 @@ def bsr_matmul_t_unchecked(mat: BSRMatrix, xt: np.ndarray, out: np.ndarray) -> n
             _run("bsr_spmm", csr, (mat.indices.dtype.char,))
             out[:, done:] = rest
 
-    _fastest(mat, ("bt", n), {"bsr4": run})
+    options = {"bsr4": lambda: run(None)}
+    if mat.shape[1] > KBLOCK:  # K-blocked, as the CSR kblocks
+        options["bsr4_kb"] = lambda: run(_kblock(mat.shape[1]))
+    _fastest(mat, ("bt", n), options)
     return out
 
 

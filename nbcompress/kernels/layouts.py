@@ -55,17 +55,17 @@ _CACHE: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKey
 PAD = 8
 
 
-def block_rows(mat: CSRMatrix, kblk: int) -> Blocked:
+def block_rows(mat: CSRMatrix | BSRMatrix, kblk: int) -> Blocked:
     """``mat``'s nonzeros grouped by blocks of ``kblk`` columns, then by row.
 
     Args:
-        mat: The packed weight.
+        mat: The packed weight; block-sparse in R × 1 blocks (rows are then block rows).
         kblk: Columns per block (at least 1).
 
     Returns:
         ``(indptr, indices, data, nkb)``; for ``nkb == 1`` the matrix's own arrays.
     """
-    m, k = mat.shape
+    m, k = mat.indptr.shape[0] - 1, mat.shape[1]
     nkb = max(1, -(-k // kblk))
     if nkb == 1:
         return mat.indptr, mat.indices, mat.data, 1

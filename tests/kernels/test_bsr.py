@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nbcompress.kernels import _numba, _panels, bsr_matmul, csr, pack_bsr, threads
+from nbcompress.kernels.layouts import block_rows
 from tests.kernels.reference import bsr_product
 
 pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
@@ -69,13 +70,16 @@ def test_bsr4_in_features_above_65535_widen_indices(rng):
         np.testing.assert_allclose(bsr_matmul(mat, xb), _dense(w, xb), rtol=1e-5, atol=1e-5)
 
 
-def test_bsr4_parallel_kernels_match_serial(rng):
+@pytest.mark.parametrize("kblk", [36, 10])  # one block of input rows, or four
+def test_bsr4_parallel_kernels_match_serial(rng, kblk):
     w = block_weight(rng, 48, 36, 0.4)
     mat = pack_bsr(w, (4, 1))
     xt = rng.standard_normal((36, 90)).astype(np.float32)
     bounds = csr._row_bounds(mat.indptr, 4)
     assert len(bounds) > 2  # several block-row parts
-    data = mat.data.reshape(-1)
+    indptr, indices, data, nkb = block_rows(mat, kblk)
+    data = data.reshape(-1)
+    pfk = kblk if nkb > 1 else 0
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
         for width in (16, 8):
             outs = []
@@ -85,18 +89,40 @@ def test_bsr4_parallel_kernels_match_serial(rng):
             ):
                 out = np.zeros((48, 90), dtype=np.float32)
                 ntile = 90 // width
-                kernel(mat.indptr, mat.indices, data, xt.reshape(-1), 90, 90, out.reshape(-1),
-                       0, ntile, b, 4)  # fmt: skip
+                kernel(indptr, indices, data, xt.reshape(-1), 90, 90, out.reshape(-1),
+                       0, ntile, b, 4, nkb, pfk)  # fmt: skip
                 outs.append(out)
             np.testing.assert_array_equal(outs[0], outs[1])
             done = 90 // width * width
             np.testing.assert_allclose(outs[0][:, :done], (w @ xt)[:, :done], atol=1e-4)
             assert not outs[0][:, done:].any()  # columns past the tiles are left alone
         v = np.zeros(48, np.float32), np.zeros(48, np.float32)
-        _panels.bsr4_spmv(mat.indptr, mat.indices, data, xt[:, 0].copy(), v[0])
-        _panels.bsr4_spmv_1(mat.indptr, mat.indices, data, xt[:, 0].copy(), v[1])
+        flat = mat.data.reshape(-1)
+        _panels.bsr4_spmv(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[0])
+        _panels.bsr4_spmv_1(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[1])
     np.testing.assert_array_equal(v[0], v[1])
     np.testing.assert_allclose(v[0], w @ xt[:, 0], atol=1e-4)
+
+
+def test_bsr4_k_blocked_competes_and_matches(rng, monkeypatch):
+    monkeypatch.setattr(csr, "KBLOCK", 16)  # K = 60: the K-blocked tiles compete too
+    offered = []
+
+    def pick(options):
+        offered.append(sorted(options))
+        for fn in options.values():
+            fn()
+        return "bsr4_kb"
+
+    monkeypatch.setattr(csr, "_measure", pick)
+    w = block_weight(rng, 20, 60, 0.3)
+    mat = pack_bsr(w, (4, 1))
+    for batch in (70, 200):  # 200 columns: the next block's rows are prefetched
+        x = rng.standard_normal((batch, 60)).astype(np.float32)
+        for _ in range(2):  # measured once, then the recorded choice
+            np.testing.assert_allclose(bsr_matmul(mat, x), _dense(w, x), rtol=1e-5, atol=1e-4)
+    assert offered == [["bsr4", "bsr4_kb"]] * 2
+    assert set(csr.kernel_choices(mat).values()) == {"bsr4_kb"}
 
 
 def test_bsr4_with_several_threads_also_times_one_thread(rng, monkeypatch):
