@@ -13,7 +13,15 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BLOCK", "CRITERIA", "global_masks", "layer_mask", "scores"]
+__all__ = [
+    "BLOCK",
+    "CRITERIA",
+    "GRANULARITIES",
+    "global_masks",
+    "layer_mask",
+    "scores",
+    "zero_units",
+]
 
 Criterion = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
@@ -24,7 +32,7 @@ CRITERIA: dict[str, Criterion] = {
 }
 
 #: Granularity name → how element scores are reduced to the unit that is removed.
-_GRANULARITY = ("element", "block", "channel")
+GRANULARITIES = ("element", "block", "channel")
 #: Output rows per block of the ``"block"`` granularity: the 4 × 1 blocks (four output
 #: channels / neurons at one input position) that the block-sparse kernels run with each
 #: input value or row loaded once for four outputs.
@@ -50,17 +58,34 @@ def scores(
     """
     if method not in CRITERIA:
         raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
-    if granularity not in _GRANULARITY:
-        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {_GRANULARITY}.")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
     s = CRITERIA[method](weight, gen)
-    zero = weight.detach() == 0
     if granularity == "channel":
         s = s.reshape(s.shape[0], -1).sum(1) if method == "l1" else s.reshape(s.shape[0], -1)[:, 0]
-        zero = zero.reshape(zero.shape[0], -1).all(1)
     elif granularity == "block":
         s = _blocks(s, 0.0).sum(1) if method == "l1" else _blocks(s, 0.0)[:, 0]
-        zero = _blocks(zero, True).all(1)
-    return torch.where(zero, torch.full_like(s, -1.0), s)
+    return torch.where(zero_units(weight, granularity), torch.full_like(s, -1.0), s)
+
+
+def zero_units(weight: torch.Tensor, granularity: str) -> torch.Tensor:
+    """Which removable units of ``weight`` are all zero: per element, block or output channel.
+
+    Args:
+        weight: A layer's weight (output channels / neurons along dim 0).
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
+
+    Returns:
+        A boolean tensor with one entry per unit (its size is the number of units).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
+    zero = weight.detach() == 0
+    if granularity == "channel":
+        return zero.reshape(zero.shape[0], -1).all(1)
+    if granularity == "block":
+        return _blocks(zero, True).all(1)
+    return zero
 
 
 def _mask_from_scores(s: torch.Tensor, k: int) -> torch.Tensor:

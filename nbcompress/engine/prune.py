@@ -12,7 +12,7 @@ from torch.nn.utils import prune as torch_prune
 from nbcompress.engine._validate import check_amount, check_module
 from nbcompress.engine.history import Transaction, transaction
 from nbcompress.engine.layers import output_layer, select_layers, weighted_layers
-from nbcompress.engine.masks import CRITERIA, global_masks, layer_mask
+from nbcompress.engine.masks import CRITERIA, GRANULARITIES, global_masks, layer_mask
 
 __all__ = ["apply_mask", "is_masked", "prune_", "remove_masks_", "resolve_amounts"]
 
@@ -91,10 +91,8 @@ def _check_options(method: str, scope: str, granularity: str) -> None:
         raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
     if scope not in _SCOPES:
         raise ValueError(f"scope: {scope!r} is unknown; choose one of {_SCOPES}.")
-    if granularity not in ("element", "block", "channel"):
-        raise ValueError(
-            f"granularity: {granularity!r} is unknown; choose 'element', 'block' or 'channel'."
-        )
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
 
 
 def prune_(

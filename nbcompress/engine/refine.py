@@ -26,6 +26,7 @@ from torch import nn
 
 from nbcompress.engine._validate import check_amount, check_module
 from nbcompress.engine.history import trial
+from nbcompress.engine.masks import zero_units
 from nbcompress.engine.prune import prune_
 from nbcompress.engine.report import Table, TableReport, fmt_pct
 from nbcompress.engine.sensitivity import (
@@ -138,7 +139,7 @@ def refine(
         layers: Glob pattern(s) of layers to allocate over; default every Linear/Conv
             layer, the output layer included.
         types: Layer types (names or classes).
-        granularity: ``"element"`` or ``"channel"``.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
         metric: Name of the metric.
         predict: Optional ``predict(ratios) -> float`` (e.g. ``SensitivityResult.predict``)
@@ -205,7 +206,7 @@ def _global(model: nn.Module, selected: dict[str, nn.Module], target: float, gra
 
 
 class _Search:
-    """Allocations as zero *units* (weights, or channels) per layer; measured, cached."""
+    """Allocations as zero *units* (weights, blocks or channels) per layer; measured, cached."""
 
     def __init__(self, model, selected, evaluate, granularity, higher_is_better, target, progress):
         self.model, self.evaluate, self.granularity = model, evaluate, granularity
@@ -213,7 +214,7 @@ class _Search:
         self.names = list(selected)
         self.types = {type(m) for m in selected.values()}
         w = {n: m.weight for n, m in selected.items()}
-        self.units = {n: (w[n].shape[0] if granularity == "channel" else w[n].numel()) for n in w}
+        self.units = {n: zero_units(w[n], granularity).numel() for n in w}
         self.per_unit = {n: w[n].numel() / self.units[n] for n in w}
         self.floor = {n: round(weight_sparsity(w[n], granularity) * self.units[n]) for n in w}
         self.total = sum(x.numel() for x in w.values())

@@ -33,6 +33,7 @@ from nbcompress.engine._validate import (
 from nbcompress.engine.costs import _first_tensor, macs
 from nbcompress.engine.history import trial
 from nbcompress.engine.layers import select_layers
+from nbcompress.engine.masks import GRANULARITIES, zero_units
 from nbcompress.engine.profile import capture_calls
 from nbcompress.engine.prune import prune_
 from nbcompress.engine.sensitivity_result import (
@@ -189,8 +190,8 @@ def check_sweep_options(
         raise ValueError(
             f"early_stop: expected a non-negative drop such as 0.1, got {early_stop!r}."
         )
-    if granularity not in ("element", "channel"):
-        raise ValueError(f"granularity: {granularity!r} is unknown; choose 'element' or 'channel'.")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
 
 
 def select_sweep_layers(
@@ -283,7 +284,8 @@ def sensitivity(
         layers: Glob pattern(s) of layers to analyse; default every Linear/Conv layer,
             the output layer included.
         types: Layer types to analyse (names or classes).
-        granularity: ``"element"`` (unstructured) or ``"channel"`` (whole output channels).
+        granularity: ``"element"`` (unstructured), ``"block"`` (4×1 blocks, see
+            :func:`~nbcompress.prune_`) or ``"channel"`` (whole output channels).
         example_inputs: Input for the proxy and for MAC estimates.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
         metric: Name of the metric (default: the function's name).
@@ -343,10 +345,8 @@ def measuring(model: nn.Module) -> Iterator[None]:
 
 
 def weight_sparsity(weight: torch.Tensor, granularity: str) -> float:
-    """Fraction of zero weights (or of all-zero output channels)."""
-    zero = weight.detach() == 0
-    if granularity == "channel":
-        zero = zero.reshape(zero.shape[0], -1).all(1)
+    """Fraction of zero weights (or of all-zero 4×1 blocks, or output channels)."""
+    zero = zero_units(weight, granularity)
     return float(zero.float().mean()) if zero.numel() else 0.0
 
 

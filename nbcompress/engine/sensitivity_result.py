@@ -45,7 +45,7 @@ class SensitivityResult:
         metric: Name of the metric.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
         proxy: The metric is the data-free proxy (agreement with the dense output).
-        granularity: ``"element"`` or ``"channel"``.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
         evaluations: Number of evaluations run (baseline included).
         seconds: Wall-clock time of the sweep.
         complete: ``False`` if the sweep was interrupted or stopped by an error.

@@ -219,7 +219,7 @@ def prune_to_(
         ratios: Sweep ratios of each stage (ratios at or below a layer's sparsity are not
             evaluated); they must reach high enough for the target.
         objective: ``"params"`` or ``"macs"``.
-        granularity: ``"element"`` or ``"channel"``.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
         layers: Glob pattern(s) of layers to prune; default every Linear/Conv layer,
             the output layer included.
         types: Layer types to prune (names or classes).

@@ -51,7 +51,7 @@ class Suggestion(TableReport):
         target: The budget asked for, e.g. ``"sparsity 80%"`` or ``"max drop 0.01"``.
         metric: Name of the metric the prediction is for.
         baseline: Metric of the unpruned model.
-        granularity: ``"element"`` or ``"channel"``, as in the sweep.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``, as in the sweep.
         proxy: The metric is the data-free proxy, not a user evaluation.
         measured: Metric measured for these ratios when the suggestion was refined by
             evaluation (``suggest(..., refine=evaluate)``), else ``None``.

@@ -127,7 +127,7 @@ def test_an_eval_that_raises_mid_search_rolls_back(setup, error):
         ({"candidates": {"mine": {"9": 0.5}}}, ValueError, r"candidates\['mine'\]: '9' not"),
         ({"candidates": {"mine": {"0": 1.5}}}, ValueError, r"candidates\['mine'\]\['0'\]"),
         ({"layers": []}, ValueError, "layers: an empty list"),
-        ({"granularity": "block"}, ValueError, "granularity: 'block' is unknown"),
+        ({"granularity": "row"}, ValueError, "granularity: 'row' is unknown"),
     ],
 )
 def test_bad_input_is_one_clear_error_with_the_model_untouched(setup, kwargs, error, match):
@@ -152,6 +152,19 @@ def test_channel_granularity_moves_whole_channels(setup):
     assert found.sparsity >= 0.5 - 0.5 * sum(w.shape[1] for w in linear_weights(model)) / sum(
         w.numel() for w in linear_weights(model)
     )
+
+
+def test_block_granularity_sweeps_and_refines_in_whole_4x1_blocks(setup):
+    model, _, distance = setup
+    result = nc.sensitivity(model, distance, ratios=RATIOS, granularity="block", progress=False)
+    assert result.granularity == "block"
+    found = nc.refine(model, distance, 0.6, granularity="block", higher_is_better=False, budget=15)
+    with trial(model):
+        nc.prune_(model, found.ratios, include_output=True, granularity="block")
+        for w in linear_weights(model):
+            groups = (w != 0).reshape(w.shape[0] // 4, 4, -1)  # mlp(): rows are multiples of 4
+            assert bool((groups.all(1) | ~groups.any(1)).all())
+        assert overall_sparsity(model) == pytest.approx(found.sparsity)
 
 
 def test_suggest_with_refine_reports_predicted_and_measured(setup):

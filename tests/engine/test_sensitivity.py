@@ -63,7 +63,7 @@ def test_curves_cover_every_layer_including_the_output_layer(lenet, evaluate):
     assert result.curves["fc3"][2] < result.curves["fc3"][0]
 
 
-@pytest.mark.parametrize("granularity", ["element", "channel"])
+@pytest.mark.parametrize("granularity", ["element", "block", "channel"])
 def test_each_point_is_the_metric_with_only_that_layer_pruned(lenet, evaluate, granularity):
     result = nc.sensitivity(lenet, evaluate, ratios=RATIOS, granularity=granularity, progress=False)
     with trial(lenet):
@@ -203,7 +203,7 @@ def test_callback_sees_each_evaluation_and_progress_goes_to_stderr(lenet, evalua
         ({"layers": []}, ValueError, "layers: an empty list selects nothing"),
         ({"layers": "conv*"}, ValueError, "layers: pattern 'conv\\*' matches no layer"),
         ({"evaluate": None}, ValueError, "evaluate: give an evaluation function"),
-        ({"granularity": "block"}, ValueError, "granularity"),
+        ({"granularity": "row"}, ValueError, "granularity"),
         ({"max_layers": 0}, ValueError, "max_layers"),
         ({"early_stop": -1}, ValueError, "early_stop"),
         ({"example_inputs": torch.randn(2, 3)}, ValueError, "example_inputs: the model failed"),
