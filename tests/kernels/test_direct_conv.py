@@ -55,16 +55,22 @@ def test_direct_matches_conv2d_and_the_unfold_kernels(conv_args, hw, fmt):
     torch.testing.assert_close(direct, panels, rtol=1e-5, atol=1e-5)
 
 
-def test_direct_is_a_measured_candidate_only_for_stride_one(monkeypatch):
-    offered = []
+@pytest.fixture
+def offered(monkeypatch) -> list[list[str]]:
+    """The options each first-use kernel choice offers (all run; the first is picked)."""
+    seen: list[list[str]] = []
 
     def pick(options):
-        offered.append(list(options))
+        seen.append(list(options))
         for fn in options.values():
             fn()
         return next(iter(options))
 
     monkeypatch.setattr(csr, "_measure", pick)
+    return seen
+
+
+def test_direct_is_a_measured_candidate_only_for_stride_one(offered):
     x = torch.randn(1, 4, 10, 10)
     with torch.no_grad():
         SparseConv2d(_pruned_conv(4, 8, 3, 1, 1))(x)
@@ -161,16 +167,7 @@ def test_block_sparse_direct_matches_conv2d_and_unfold(conv_args, hw):
     torch.testing.assert_close(unfold, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_block_sparse_direct_is_offered_for_stride_one_only(monkeypatch):
-    offered = []
-
-    def pick(options):
-        offered.append(list(options))
-        for fn in options.values():
-            fn()
-        return next(iter(options))
-
-    monkeypatch.setattr(csr, "_measure", pick)
+def test_block_sparse_direct_is_offered_for_stride_one_only(offered):
     x = torch.randn(1, 4, 10, 10)
     with torch.no_grad():
         SparseConv2d(_block_pruned_conv(4, 8, 3, 1, 1), format="bsr")(x)
