@@ -2,7 +2,7 @@
 
 Like ``torch.nn.utils.prune``, a small mechanism (``prune.py`` applies masks) is kept apart
 from the strategies here. A criterion maps a weight tensor to per-element scores; the
-lowest-scoring elements (or output channels) are removed.
+lowest-scoring units — elements, 4 × 1 blocks or output channels — are removed.
 """
 
 from __future__ import annotations
@@ -63,8 +63,13 @@ def scores(
     s = CRITERIA[method](weight, gen)
     if granularity == "channel":
         s = s.reshape(s.shape[0], -1).sum(1) if method == "l1" else s.reshape(s.shape[0], -1)[:, 0]
+    elif granularity == "block" and method == "l1":
+        # Mean over the block's real rows × BLOCK: a last block of fewer rows (out_features
+        # not a multiple of 4) must not look small for lack of rows.
+        real = _blocks(torch.ones(s.shape[0], 1), 0.0).sum(1)
+        s = _blocks(s, 0.0).sum(1) * (BLOCK / real)
     elif granularity == "block":
-        s = _blocks(s, 0.0).sum(1) if method == "l1" else _blocks(s, 0.0)[:, 0]
+        s = _blocks(s, 0.0)[:, 0]
     return torch.where(zero_units(weight, granularity), torch.full_like(s, -1.0), s)
 
 
@@ -120,8 +125,8 @@ def layer_mask(
         amount: Target fraction of zero units afterwards (existing zeros count).
         method: A key of :data:`CRITERIA`.
         granularity: ``"element"``, ``"block"`` (4 × 1 blocks: four consecutive output
-            channels / neurons at one input position, see :data:`BLOCK`) or ``"channel"``
-            (whole output channels / neurons).
+            channels / neurons at one input position, see :data:`BLOCK`; a last block of
+            fewer rows counts as one unit) or ``"channel"`` (whole output channels / neurons).
         gen: Random generator for the random criterion.
 
     Returns:

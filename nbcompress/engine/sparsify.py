@@ -22,6 +22,7 @@ from torch import nn
 from nbcompress.engine._validate import as_inputs, check_module, run_forward
 from nbcompress.engine.history import Transaction, transaction
 from nbcompress.engine.layers import select_layers
+from nbcompress.engine.masks import BLOCK
 from nbcompress.engine.profile import capture_calls
 from nbcompress.engine.timing import Timing, measure, measure_interleaved, summarise
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
@@ -98,11 +99,11 @@ class Analysis:
 def _formats(module: nn.Module, allow_bsr: bool) -> list[str]:
     weight = module.weight.detach().reshape(module.weight.shape[0], -1)
     fmts = ["csr", "csr_int8"]
-    if allow_bsr and weight.shape[0] % 4 == 0:
+    if allow_bsr and weight.shape[0] % BLOCK == 0:
         # Block-sparse pays only when kept weights come in 4-row groups: fill must be high.
-        blocks = weight.reshape(-1, 4, weight.shape[1]).ne(0).any(dim=1).sum().item()
+        blocks = weight.reshape(-1, BLOCK, weight.shape[1]).ne(0).any(dim=1).sum().item()
         nnz = int(weight.ne(0).sum())
-        if nnz and 4 * blocks <= 1.25 * nnz:
+        if nnz and BLOCK * blocks <= 1.25 * nnz:
             fmts.append("bsr")
     return fmts
 

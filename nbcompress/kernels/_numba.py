@@ -28,6 +28,7 @@ from numba import njit, prange
 __all__ = [
     "FASTMATH",
     "bsr_spmm",
+    "bsr_spmm_1",
     "pack_cols",
     "pack_im2col",
     "pack_rows",
@@ -58,8 +59,7 @@ def slp_enabled() -> Iterator[None]:
         config.SLP_VECTORIZE = old
 
 
-@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def bsr_spmm(indptr, indices, data, xt, out):  # noqa: D103
+def _bsr_spmm(indptr, indices, data, xt, out):  # noqa: D103
     # Block-sparse rows: data is (nblocks, R, C); indices count blocks along the input.
     r_size = data.shape[1]
     c_size = data.shape[2]
@@ -78,6 +78,13 @@ def bsr_spmm(indptr, indices, data, xt, out):  # noqa: D103
         i0 = br * r_size
         for r in range(r_size):
             out[i0 + r] = acc[r]
+
+
+# The pool and the serial twin (suffix _1, as in _panels.py): block shapes other than 4 × 1,
+# and the last N mod 8 columns of the 4 × 1 tiles, on the thread count the caller chose.
+_BSR_FLAGS = {"fastmath": FASTMATH, "boundscheck": False, "cache": True, "nogil": True}
+bsr_spmm = njit(parallel=True, **_BSR_FLAGS)(_bsr_spmm)
+bsr_spmm_1 = njit(parallel=False, **_BSR_FLAGS)(_bsr_spmm)
 
 
 # Packing: the panel kernels read their input panel-major (npan·K × W), so that a panel

@@ -44,8 +44,6 @@ __all__ = [
     "BSRMatrix",
     "CSRMatrix",
     "bsr_matmul",
-    "bsr_conv_unchecked",
-    "bsr_matmul_t_unchecked",
     "csr_matmul",
     "csr_matmul_t",
     "index_dtype",
@@ -54,6 +52,8 @@ __all__ = [
 ]
 
 Matrix = CSRMatrix | BSRMatrix
+#: Depth of kernel choices being made right now (one may run another's options).
+_MEASURING = [0]
 _COMPILED: set[tuple] = set()
 _KERNELS: dict[tuple[str, bool], Callable[..., None]] = {}
 _CHOICE: weakref.WeakKeyDictionary[Matrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
@@ -97,7 +97,8 @@ def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
         numba.set_num_threads(n)
     kernel = _KERNELS.get((name, parallel))
     if kernel is None:
-        found = getattr(_panels, name if parallel else name + "_1", None)
+        twin = name if parallel else name + "_1"
+        found = getattr(_panels, twin, None) or getattr(_numba, twin, None)
         kernel = _KERNELS[name, parallel] = found or getattr(_numba, name)
     key = (name, parallel, *dtypes)
     if key in _COMPILED:
@@ -113,6 +114,14 @@ def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
             f"nbcompress: sparse kernel {name} took {took:.1f} s to compile or load from "
             "numba's disk cache (once per session; later calls are fast).",
             stacklevel=3,
+        )
+
+
+def _check_matrix(mat: object, kind: type, packer: str, other: str) -> None:
+    if not isinstance(mat, kind):
+        raise TypeError(
+            f"mat: expected a {kind.__name__} (from {packer}), got {type(mat).__name__}; "
+            f"a {'BSRMatrix' if kind is CSRMatrix else 'CSRMatrix'} goes to {other}."
         )
 
 
@@ -139,6 +148,7 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
     Returns:
         The (out × N) product, ``out`` if given.
     """
+    _check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
     xt = np.ascontiguousarray(_as_float32(xt, (2,), "xt"))
     _check_cols(mat, xt.shape[0], "xt")
     m, n = mat.shape[0], xt.shape[1]
@@ -204,13 +214,18 @@ def _fastest(mat: Matrix, key: tuple, options: dict[str, Callable[[], object]]) 
         return
     if key[-1] > 1:
         options = {**options, **{n + SERIAL: _on_one_thread(run) for n, run in options.items()}}
-    if len(options) == 1:
-        name = next(iter(options))
-        options[name]()
-    else:
-        name = _measure(options)
+    _MEASURING[0] += 1
+    try:
+        if len(options) == 1:
+            name = next(iter(options))
+            options[name]()
+        else:
+            name = _measure(options)
+    finally:
+        _MEASURING[0] -= 1
     chosen[key] = name
-    _release_unused(mat)
+    if not _MEASURING[0]:  # an inner choice (the conv's unfold product) must not drop the
+        _release_unused(mat)  # layouts the outer options still being timed built
 
 
 def _call(options: dict[str, Callable[[], object]], name: str) -> None:
@@ -468,6 +483,7 @@ def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
         view of a C-contiguous (out × batch) buffer (feeding it to the next sparse layer
         then needs no copy).
     """
+    _check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
     x = _as_float32(x, (1, 2), "x")
     _check_cols(mat, x.shape[-1], "x")
     return matmul_unchecked(mat, x)
@@ -537,9 +553,10 @@ def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
         x: float32 input of shape (in,) or (batch × in).
 
     Returns:
-        (out,) or (batch × out); the latter a transposed view of a C-contiguous
-        (out × batch) buffer, as from :func:`csr_matmul`.
+        (out,) or (batch × out); for a batch above 1 a transposed view of a
+        C-contiguous (out × batch) buffer, as from :func:`csr_matmul`.
     """
+    _check_matrix(mat, BSRMatrix, "pack_bsr", "csr_matmul")
     x = _as_float32(x, (1, 2), "x")
     _check_cols(mat, x.shape[-1], "x")
     m = mat.shape[0]

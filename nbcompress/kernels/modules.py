@@ -211,8 +211,9 @@ class SparseConv2d(_SparseBase):
     stride-1 convolutions can run directly on the zero-padded image (each nonzero a tap
     offset, see ``layouts.py``); all of them can run as GEMM over the unfolded input (H×W
     columns), unfolded straight into the cache-sized column panels or read per image by
-    the tiles. Which one runs is measured on first use per input shape (``csr.py``).
-    Supports stride, padding, dilation and bias; refuses ``groups > 1``,
+    the tiles. A block-sparse (4 × 1) weight runs on the unfolded input or, for stride 1,
+    directly on the padded image. Which one runs is measured on first use per input shape
+    (``csr.py``). Supports stride, padding, dilation and bias; refuses ``groups > 1``,
     ``padding="same"`` and non-zero padding modes.
     """
 

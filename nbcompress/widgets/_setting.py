@@ -108,7 +108,7 @@ def prune_setting_(
         model: The model (recorded in its history, undoable; inside a ``trial`` the edit
             joins the trial and is rolled back).
         ratios: Layer name → fraction of its weights that are zero afterwards.
-        granularity: ``"element"`` or ``"channel"``, as in the sweep.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``, as in the sweep.
 
     Returns:
         The model.

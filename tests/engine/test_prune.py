@@ -91,6 +91,18 @@ def test_block_granularity_removes_whole_4x1_blocks(method):
         assert norms[~kept].max() <= norms[kept].min()  # smallest L1 blocks went first
 
 
+def test_a_last_partial_block_is_scored_like_a_full_one():
+    # 6 outputs: one block of 4 rows and one of 2. Scored by its sum, the short block would
+    # look small and go first (83% vs 17% zeros measured before the fix).
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 6)
+    nc.prune_(nn.Sequential(lin), 0.5, granularity="block", include_output=True)
+    dead = lin.weight == 0
+    assert float(dead[:4].float().mean()) == pytest.approx(0.5, abs=0.15)
+    assert float(dead[4:].float().mean()) == pytest.approx(0.5, abs=0.15)
+    assert int(dead[:4].all(0).sum() + dead[4:].all(0).sum()) == 64  # half the 128 blocks
+
+
 def test_block_granularity_global_and_existing_zeros():
     model = mlp()
     nc.prune_(model, 0.5, granularity="block", scope="global")

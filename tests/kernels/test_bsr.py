@@ -100,8 +100,14 @@ def test_bsr4_parallel_kernels_match_serial(rng, kblk):
         flat = mat.data.reshape(-1)
         _panels.bsr4_spmv(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[0])
         _panels.bsr4_spmv_1(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[1])
+        plain = [np.zeros((48, 5), np.float32) for _ in range(2)]
+        x5 = np.ascontiguousarray(xt[:, :5])
+        _numba.bsr_spmm(mat.indptr, mat.indices, mat.data, x5, plain[0])
+        _numba.bsr_spmm_1(mat.indptr, mat.indices, mat.data, x5, plain[1])
     np.testing.assert_array_equal(v[0], v[1])
     np.testing.assert_allclose(v[0], w @ xt[:, 0], atol=1e-4)
+    np.testing.assert_array_equal(plain[0], plain[1])
+    np.testing.assert_allclose(plain[0], w @ x5, atol=1e-4)
 
 
 def test_bsr4_k_blocked_competes_and_matches(rng, monkeypatch):
@@ -117,7 +123,7 @@ def test_bsr4_k_blocked_competes_and_matches(rng, monkeypatch):
     monkeypatch.setattr(csr, "_measure", pick)
     w = block_weight(rng, 20, 60, 0.3)
     mat = pack_bsr(w, (4, 1))
-    for batch in (70, 200):  # 200 columns: the next block's rows are prefetched
+    for batch in (70, 200):  # more than 64 columns: the next block's rows are prefetched
         x = rng.standard_normal((batch, 60)).astype(np.float32)
         for _ in range(2):  # measured once, then the recorded choice
             np.testing.assert_allclose(bsr_matmul(mat, x), _dense(w, x), rtol=1e-5, atol=1e-4)
@@ -154,3 +160,16 @@ def test_other_block_shapes_keep_the_plain_loop(rng):
         for batch in (1, 70):
             x = rng.standard_normal((batch, 12)).astype(np.float32)
             np.testing.assert_allclose(bsr_matmul(mat, x), _dense(w, x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_wrong_matrix_kind_is_named():
+    w = np.eye(8, dtype=np.float32)
+    x = np.ones((2, 8), np.float32)
+    with pytest.raises(
+        TypeError, match=r"mat: expected a BSRMatrix \(from pack_bsr\), got CSRMatrix"
+    ):
+        bsr_matmul(csr.pack_csr(w), x)
+    with pytest.raises(TypeError, match=r"mat: expected a CSRMatrix .* goes to bsr_matmul"):
+        csr.csr_matmul(pack_bsr(w, (4, 1)), x)
+    with pytest.raises(TypeError, match="mat: expected a CSRMatrix"):
+        csr.csr_matmul_t(pack_bsr(w, (4, 1)), x.T)

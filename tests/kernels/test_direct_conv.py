@@ -26,7 +26,9 @@ def _forced(sparse: SparseConv2d, x: torch.Tensor, choice: str) -> torch.Tensor:
     csr._CHOICE[mat] = {key: choice}
     with torch.no_grad():
         y = sparse(x)
-    assert csr.kernel_choices(mat)[key] == choice  # (the unfold adds its product's choice)
+    choices = csr.kernel_choices(mat)
+    assert {k: v for k, v in choices.items() if k[0] == "conv"} == {key: choice}
+    assert all(k[0] in ("conv", "bt") for k in choices)  # the unfold records its product's
     return y
 
 
