@@ -424,15 +424,19 @@ def _direct_conv(
     _over_padded_images(mat, images, geom, out, TILE, kblk, run)
 
 
-def _direct_conv_bsr(mat: BSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray) -> None:
+def _direct_conv_bsr(
+    mat: BSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray, kblk: int | None = None
+) -> None:
     # The 4 × 1 block tile kernel over each zero-padded image, as _direct_conv.
-    width, data = BSR_WIDTHS[0], mat.data.reshape(-1)
+    width = BSR_WIDTHS[0]
+    indptr, _, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
+    data = data.reshape(-1)
 
     def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
-        args = (mat.indptr, offs, data, padded, 1, ntile * width, flat, 0, ntile, bounds)
-        _run(f"bsr4_tile{width}", (*args, BSR_PANEL, 1, 0), ("bsr", offs.dtype.char))
+        args = (indptr, offs, data, padded, 1, ntile * width, flat, 0, ntile, bounds)
+        _run(f"bsr4_tile{width}", (*args, BSR_PANEL, nkb, 0), ("bsr", offs.dtype.char))
 
-    _over_padded_images(mat, images, geom, out, width, None, run)
+    _over_padded_images(mat, images, geom, out, width, kblk, run)
 
 
 def _over_padded_images(
@@ -629,6 +633,9 @@ def bsr_conv_unchecked(
     options: dict[str, Callable[[], object]] = {"unfold": unfolded}
     if mat.block == (4, 1) and geom[2] == geom[3] == 1:
         options["direct"] = lambda: _direct_conv_bsr(mat, images, geom, out)
+        kblk = _channel_block(images.shape[1], geom)
+        if kblk < mat.shape[1]:
+            options["direct_kb"] = lambda: _direct_conv_bsr(mat, images, geom, out, kblk)
     _fastest(mat, ("conv", *images.shape), options)
 
 

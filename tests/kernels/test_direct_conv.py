@@ -175,3 +175,13 @@ def test_block_sparse_direct_is_offered_for_stride_one_only(offered):
         SparseConv2d(_block_pruned_conv(4, 8, 3, 1, 1), format="bsr")(x)
         SparseConv2d(_block_pruned_conv(4, 8, 3, 2, 1), format="bsr")(x)
     assert offered == [["unfold", "direct"]]  # stride 2: the unfold only, not timed
+
+
+def test_block_sparse_channel_blocked_direct_matches_conv2d():
+    conv = _block_pruned_conv(70, 8, 3, 1, 1, bias=True)  # 70 channels: three channel blocks
+    x = torch.randn(2, 70, 9, 9)
+    with torch.no_grad():
+        ref = conv(x)
+    assert csr._channel_block(70, (3, 3, 1, 1, 1, 1, 1, 1, 9)) < 70 * 9
+    blocked = _forced(SparseConv2d(conv, format="bsr"), x, "direct_kb")
+    torch.testing.assert_close(blocked, ref, rtol=1e-5, atol=1e-4)
