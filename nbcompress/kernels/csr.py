@@ -605,8 +605,8 @@ def bsr_matmul_t_unchecked(mat: BSRMatrix, xt: np.ndarray, out: np.ndarray) -> n
                 done += ntile * width
         if done < n:
             rest = np.empty((m, n - done), dtype=np.float32)
-            csr = (mat.indptr, mat.indices, mat.data, np.ascontiguousarray(xt[:, done:]), rest)
-            _run("bsr_spmm", csr, (mat.indices.dtype.char,))
+            plain = (mat.indptr, mat.indices, mat.data, np.ascontiguousarray(xt[:, done:]), rest)
+            _run("bsr_spmm", plain, (mat.indices.dtype.char,))
             out[:, done:] = rest
 
     options = {"bsr4": lambda: run(None)}
