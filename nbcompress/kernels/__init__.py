@@ -10,10 +10,10 @@ from nbcompress.kernels.threads import configure_threading
 
 configure_threading()
 
-from nbcompress.kernels.csr import (  # noqa: E402 - threading must be configured first
+from nbcompress.kernels.bsr import bsr_matmul  # noqa: E402 - threading must be configured first
+from nbcompress.kernels.csr import (  # noqa: E402
     BSRMatrix,
     CSRMatrix,
-    bsr_matmul,
     csr_matmul,
     csr_matmul_t,
     pack_bsr,

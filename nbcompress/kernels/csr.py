@@ -1,9 +1,11 @@
-"""The public, validating sparse × dense products, and the choice of kernel.
+"""The public, validating CSR products, and the choice of kernel shared with ``bsr.py``.
 
 The formats (:class:`CSRMatrix`, :class:`BSRMatrix`) live in
 :mod:`nbcompress.kernels.formats` and are re-exported here. The jitted bodies in
 ``_numba.py``/``_panels.py`` trust their arguments; the functions here check shape,
-dtype and contiguity first.
+dtype and contiguity first. The block-sparse products (:mod:`nbcompress.kernels.bsr`)
+use the same dispatch: :func:`run_kernel`, :func:`fastest`, :func:`row_blocks` and the
+padded-image scaffolding of the direct convolution (:func:`over_padded_images`).
 
 With 64 or more columns three CSR kernels compete: packed column panels (16 wide, input
 re-laid out first), 64-column tiles read in place from a row-major input, and the same
@@ -28,7 +30,6 @@ import numpy as np
 import torch
 
 from nbcompress.kernels import _numba, _panels
-from nbcompress.kernels._generate import BSR_WIDTHS
 from nbcompress.kernels.formats import (
     BSRMatrix,
     CSRMatrix,
@@ -43,7 +44,6 @@ from nbcompress.kernels.threads import get_threads, serial
 __all__ = [
     "BSRMatrix",
     "CSRMatrix",
-    "bsr_matmul",
     "csr_matmul",
     "csr_matmul_t",
     "index_dtype",
@@ -58,9 +58,6 @@ _COMPILED: set[tuple] = set()
 _KERNELS: dict[tuple[str, bool], Callable[..., None]] = {}
 _CHOICE: weakref.WeakKeyDictionary[Matrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 TILE = 64  # columns per tile64 call unit
-#: 16-column 4 × 1 block-sparse tiles per panel: 64 columns, as the CSR tiles (panels of
-#: 1, 2 and 8 tiles measured 0.8–1.0× of 4 here).
-BSR_PANEL = 4
 #: Suffix of a recorded kernel choice that runs on one thread (its serial twin).
 SERIAL = " ×1"
 #: Input rows per block for ``kblocks``: a 64-column slab of 256 rows is 64 KB, which
@@ -70,7 +67,8 @@ KBLOCK = 256
 _BOUNDS: weakref.WeakKeyDictionary[Matrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
 
 
-def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -> np.ndarray:
+def as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -> np.ndarray:
+    """``x`` as a float32 numpy array of one of the ``ndim`` ranks; named errors otherwise."""
     if isinstance(x, torch.Tensor):
         if x.requires_grad:
             raise RuntimeError(
@@ -85,7 +83,8 @@ def _as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -
     return x
 
 
-def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
+def run_kernel(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
+    """Run the jitted kernel ``name`` (its serial twin on one thread) on raw ``args``."""
     # One thread: the serial twin (no pool launch). Kept lean: small layers are dominated
     # by per-call overhead (numba's own thread count is only read when the pool is used;
     # the kernel lookup is a dict hit). The first call per signature compiles (with SLP
@@ -117,7 +116,8 @@ def _run(name: str, args: tuple, dtypes: tuple, n: int | None = None) -> None:
         )
 
 
-def _check_matrix(mat: object, kind: type, packer: str, other: str) -> None:
+def check_matrix(mat: object, kind: type, packer: str, other: str) -> None:
+    """Raise a TypeError naming ``mat`` unless it is a ``kind`` (from ``packer``)."""
     if not isinstance(mat, kind):
         raise TypeError(
             f"mat: expected a {kind.__name__} (from {packer}), got {type(mat).__name__}; "
@@ -125,7 +125,8 @@ def _check_matrix(mat: object, kind: type, packer: str, other: str) -> None:
         )
 
 
-def _check_cols(mat: Matrix, k: int, arg: str) -> None:
+def check_cols(mat: Matrix, k: int, arg: str) -> None:
+    """Raise a ValueError naming ``arg`` unless it has ``mat``'s number of input features."""
     if k != mat.shape[1]:
         raise ValueError(
             f"{arg}: has {k} input features but the sparse weight expects {mat.shape[1]} "
@@ -148,9 +149,9 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
     Returns:
         The (out × N) product, ``out`` if given.
     """
-    _check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
-    xt = np.ascontiguousarray(_as_float32(xt, (2,), "xt"))
-    _check_cols(mat, xt.shape[0], "xt")
+    check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
+    xt = np.ascontiguousarray(as_float32(xt, (2,), "xt"))
+    check_cols(mat, xt.shape[0], "xt")
     m, n = mat.shape[0], xt.shape[1]
     if out is None:
         out = np.empty((m, n), dtype=np.float32)
@@ -170,7 +171,7 @@ def matmul_t_unchecked(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.nd
     if xt.shape[1] < TILE:
         panels()
     else:
-        _fastest(mat, ("t", xt.shape[1]), {"panels": panels, **_tile_options(mat, lambda: xt, out)})
+        fastest(mat, ("t", xt.shape[1]), {"panels": panels, **_tile_options(mat, lambda: xt, out)})
     return out
 
 
@@ -188,17 +189,18 @@ def _tile_kinds(mat: CSRMatrix) -> dict[str, int | None]:
     """Tile variants worth timing: whole columns, and K-blocked when K spans blocks."""
     kinds: dict[str, int | None] = {"tiles": None}
     if mat.shape[1] > KBLOCK:
-        kinds["kblocks"] = _kblock(mat.shape[1])
+        kinds["kblocks"] = kblock(mat.shape[1])
     return kinds
 
 
-def _kblock(k: int) -> int:
+def kblock(k: int) -> int:
+    """Input rows per block for the K-blocked tiles of a weight with ``k`` columns."""
     # Equal blocks of about KBLOCK rows (3072 → 12 × 256, 1152 → 5 × 231, not 4 + a stub).
     nkb = -(-k // KBLOCK)
     return -(-k // nkb)
 
 
-def _fastest(mat: Matrix, key: tuple, options: dict[str, Callable[[], object]]) -> None:
+def fastest(mat: Matrix, key: tuple, options: dict[str, Callable[[], object]]) -> None:
     """Run the option measured fastest for ``(mat, key, threads)``, measuring on first use.
 
     With more than one thread each option's serial twin competes too (named with the
@@ -275,7 +277,7 @@ def _release_unused(mat: Matrix) -> None:
     used = {n.removesuffix(SERIAL) for n in _CHOICE.get(mat, {}).values()}
     keep: set = {"pad"} if "spmv8" in used else set()
     if used & {"kblocks", "bsr4_kb"}:
-        keep.add(("k", _kblock(mat.shape[1])))
+        keep.add(("k", kblock(mat.shape[1])))
     if "direct" in used:
         keep.add("taps")
     if "direct_kb" in used:
@@ -288,7 +290,8 @@ def kernel_choices(mat: Matrix) -> dict[tuple, str]:
     return dict(_CHOICE.get(mat, {}))
 
 
-def _bounds(mat: Matrix, parts: int) -> np.ndarray:
+def row_blocks(mat: Matrix, parts: int) -> np.ndarray:
+    """Row bounds splitting ``mat`` into ``parts`` of about equal nonzeros (cached)."""
     # Cached per weight: computing them (~60 µs) was 5% of a batch-64 product.
     cached = _BOUNDS.setdefault(mat, {})
     if parts not in cached:
@@ -312,14 +315,14 @@ def _tiles(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray, kblk: int | None = N
     n = xt.shape[1]
     ntile = n // TILE
     threads = get_threads()
-    bounds = _bounds(mat, 1 if threads == 1 else 4 * threads)
+    bounds = row_blocks(mat, 1 if threads == 1 else 4 * threads)
     indptr, indices, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
     args = (indptr, indices, data, mat.scale, xt.reshape(-1), n, n, out.reshape(-1), 0, ntile)
     # Prefetch the next block (see _generate.py) only when the slab is not contiguous: one
     # tile's K × 64 slab (Linear's transposed batch of 64) the hardware prefetchers follow,
     # and there the extra instructions cost ~5%; 128–3136 columns: 1.0–1.3× faster.
     pfk = kblk if nkb > 1 and n > TILE else 0
-    _run("tile64", (*args, bounds, nkb, pfk), (mat.data.dtype.char, mat.indices.dtype.char))
+    run_kernel("tile64", (*args, bounds, nkb, pfk), (mat.data.dtype.char, mat.indices.dtype.char))
     if ntile * TILE < n:
         pack = _packer("pack_cols", xt, rows=xt.shape[0])
         _panels_then_rest(mat, pack, out, done=ntile * TILE)
@@ -333,7 +336,7 @@ def _packer(name: str, src: np.ndarray, *extra: Any, rows: int) -> Packer:
 
     def pack(start: int, npan: int, width: int) -> np.ndarray:
         xp = np.empty((npan * rows, width), dtype=np.float32)
-        _run(name, (src, *extra, start, npan, width, xp), ())
+        run_kernel(name, (src, *extra, start, npan, width, xp), ())
         return xp
 
     return pack
@@ -350,12 +353,14 @@ def _panels_then_rest(mat: CSRMatrix, pack: Packer, out: np.ndarray, done: int =
     for width in (16, 8):
         npan = (n - done) // width
         if npan:
-            _run(f"panel{width}", (*csr, pack(done, npan, width), out, done, npan, rb), dtypes)
+            run_kernel(
+                f"panel{width}", (*csr, pack(done, npan, width), out, done, npan, rb), dtypes
+            )
             done += npan * width
     if done < n:
         # One "panel" of the leftover width is exactly those columns in K × rest layout.
         rest = np.empty((m, n - done), dtype=np.float32)
-        _run("csr_cols", (*csr, pack(done, 1, n - done), rest, 0), dtypes)
+        run_kernel("csr_cols", (*csr, pack(done, 1, n - done), rest, 0), dtypes)
         out[:, done:] = rest
 
 
@@ -391,13 +396,14 @@ def conv_unchecked(
         options |= {name: (lambda k=kblk: tiles(k)) for name, kblk in _tile_kinds(mat).items()}
     if geom[2] == geom[3] == 1:  # stride 1: the tap offsets are constant (layouts.py)
         options["direct"] = lambda: _direct_conv(mat, images, geom, out)
-        kblk = _channel_block(images.shape[1], geom)
+        kblk = channel_block(images.shape[1], geom)
         if kblk < mat.shape[1]:
             options["direct_kb"] = lambda: _direct_conv(mat, images, geom, out, kblk)
-    _fastest(mat, ("conv", *images.shape), options)
+    fastest(mat, ("conv", *images.shape), options)
 
 
-def _channel_block(channels: int, geom: tuple) -> int:
+def channel_block(channels: int, geom: tuple) -> int:
+    """Weight columns per block of whole channels for the channel-blocked direct conv."""
     # Whole channels per block such that one 64-pixel tile's windows of a block (kh rows
     # of 64 + (kw − 1)·dw floats per channel) fit ~24 KB of L1: 128 → 256 at 3 × 3 ran
     # its kernel 1.4× faster in blocks of 16–32 channels than unblocked, 8 was slower.
@@ -419,27 +425,12 @@ def _direct_conv(
         args = (indptr, offs, data, mat.scale, padded, 1, ntile * TILE, flat, 0, ntile, bounds)
         # No prefetch: successive tiles read neighbouring lines of each image row, which
         # the hardware prefetchers follow.
-        _run("tile64", (*args, nkb, 0), (mat.data.dtype.char, offs.dtype.char))
+        run_kernel("tile64", (*args, nkb, 0), (mat.data.dtype.char, offs.dtype.char))
 
-    _over_padded_images(mat, images, geom, out, TILE, kblk, run)
-
-
-def _direct_conv_bsr(
-    mat: BSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray, kblk: int | None = None
-) -> None:
-    # The 4 × 1 block tile kernel over each zero-padded image, as _direct_conv.
-    width = BSR_WIDTHS[0]
-    indptr, _, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
-    data = data.reshape(-1)
-
-    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
-        args = (indptr, offs, data, padded, 1, ntile * width, flat, 0, ntile, bounds)
-        _run(f"bsr4_tile{width}", (*args, BSR_PANEL, nkb, 0), ("bsr", offs.dtype.char))
-
-    _over_padded_images(mat, images, geom, out, width, kblk, run)
+    over_padded_images(mat, images, geom, out, TILE, kblk, run)
 
 
-def _over_padded_images(
+def over_padded_images(
     mat: Matrix,
     images: np.ndarray,
     geom: tuple,
@@ -468,7 +459,7 @@ def _over_padded_images(
     plane = padded[: c * hp * wp].reshape(c, hp, wp)
     flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
     threads = get_threads()
-    bounds = _bounds(mat, 1 if threads == 1 else 4 * threads)
+    bounds = row_blocks(mat, 1 if threads == 1 else 4 * threads)
     for img, o in zip(images, out, strict=True):
         plane[:, ph : ph + h, pw : pw + w] = img
         run(offs, padded, flat.reshape(-1), ntile, bounds)
@@ -487,9 +478,9 @@ def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
         view of a C-contiguous (out × batch) buffer (feeding it to the next sparse layer
         then needs no copy).
     """
-    _check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
-    x = _as_float32(x, (1, 2), "x")
-    _check_cols(mat, x.shape[-1], "x")
+    check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
+    x = as_float32(x, (1, 2), "x")
+    check_cols(mat, x.shape[-1], "x")
     return matmul_unchecked(mat, x)
 
 
@@ -510,134 +501,37 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
         _panels_then_rest(mat, _packer("pack_rows", xc, rows=x.shape[1]), out)
 
     if x.shape[0] < TILE:
-        _fastest(mat, ("x", x.shape[0]), {"panels": panels})  # pool or one thread
+        fastest(mat, ("x", x.shape[0]), {"panels": panels})  # pool or one thread
     else:
         # The tiles read x transposed (in × batch): one copy, small next to the product.
-        options = _tile_options(mat, lambda: _transposed(x), out)
-        _fastest(mat, ("x", x.shape[0]), {"panels": panels, **options})
+        options = _tile_options(mat, lambda: transposed(x), out)
+        fastest(mat, ("x", x.shape[0]), {"panels": panels, **options})
     return out.T
 
 
 def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
     # Plain CSR, or rows padded to eight (see layouts.py), each on the pool or on one
     # thread, whichever measured faster for this weight. The recorded choice is looked up
-    # first: a batch-1 call should cost a few dict hits (going through _fastest's option
+    # first: a batch-1 call should cost a few dict hits (going through fastest's option
     # dict every call took 14 µs instead of 6 on a tiny layer).
     n = get_threads()
     dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
 
     def run(kind: str, threads: int | None = None) -> None:
         arrays = pad_rows(mat) if kind == "spmv8" else (mat.indptr, mat.indices, mat.data)
-        _run(f"csr_{kind}", (*arrays, mat.scale, xv, out), dtypes, threads)
+        run_kernel(f"csr_{kind}", (*arrays, mat.scale, xv, out), dtypes, threads)
 
     choice = _CHOICE.get(mat, {}).get(("v", 1, n))
     if choice is None:
-        _fastest(mat, ("v", 1), {"spmv": lambda: run("spmv"), "spmv8": lambda: run("spmv8")})
+        fastest(mat, ("v", 1), {"spmv": lambda: run("spmv"), "spmv8": lambda: run("spmv8")})
     elif choice.endswith(SERIAL):
         run(choice.removesuffix(SERIAL), 1)
     else:
         run(choice, n)
 
 
-def _transposed(x: np.ndarray) -> np.ndarray:
+def transposed(x: np.ndarray) -> np.ndarray:
+    """``x`` (N × K, any strides) as a C-contiguous K × N copy (a serial numba kernel)."""
     xt = np.empty((x.shape[1], x.shape[0]), dtype=np.float32)
-    _run("transpose", (x, xt), (), 1)  # a serial kernel: no pool to size
+    run_kernel("transpose", (x, xt), (), 1)  # a serial kernel: no pool to size
     return xt
-
-
-def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Compute ``x @ W.T`` with a block-sparse weight; shapes as :func:`csr_matmul`.
-
-    4 × 1 blocks (four output rows sharing an input column) run on register-blocked
-    kernels: each input value or 16-column row segment loaded serves four rows. Other
-    block shapes run a plain loop.
-
-    Args:
-        mat: The packed block-sparse weight.
-        x: float32 input of shape (in,) or (batch × in).
-
-    Returns:
-        (out,) or (batch × out); for a batch above 1 a transposed view of a
-        C-contiguous (out × batch) buffer, as from :func:`csr_matmul`.
-    """
-    _check_matrix(mat, BSRMatrix, "pack_bsr", "csr_matmul")
-    x = _as_float32(x, (1, 2), "x")
-    _check_cols(mat, x.shape[-1], "x")
-    m = mat.shape[0]
-    if mat.block == (4, 1) and (x.ndim == 1 or x.shape[0] == 1):
-        xv = np.ascontiguousarray(x.reshape(-1))
-        out = np.empty(m, dtype=np.float32)
-        if m:
-            args = (mat.indptr, mat.indices, mat.data.reshape(-1), xv, out)
-            _fastest(mat, ("b", 1), {"bsr4": lambda: _run("bsr4_spmv", args, _bsr_types(mat))})
-        return out if x.ndim == 1 else out.reshape(1, -1)
-    x2 = x.reshape(-1, x.shape[-1])
-    xt = _transposed(x2) if x2.shape[0] > 1 else np.ascontiguousarray(x2.T)
-    out = np.empty((m, xt.shape[1]), dtype=np.float32)
-    bsr_matmul_t_unchecked(mat, xt, out)
-    return out.reshape(-1) if x.ndim == 1 else out.T
-
-
-def bsr_matmul_t_unchecked(mat: BSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out = W @ xt`` for a C-contiguous (in × N) ``xt``; callers validated already.
-
-    4 × 1 blocks: tiles of 16 columns (then 8) in panels of :data:`BSR_PANEL` tiles, the
-    last N mod 8 columns through the plain loop; for K > :data:`KBLOCK` also over blocks
-    of input rows (as the CSR ``kblocks``), whichever measured faster.
-    """
-    m, n = out.shape
-    if not out.size:
-        return out
-    if mat.block != (4, 1):
-        _run("bsr_spmm", (mat.indptr, mat.indices, mat.data, xt, out), (mat.indices.dtype.char,))
-        return out
-
-    def run(kblk: int | None) -> None:
-        bounds = _bounds(mat, 1 if get_threads() == 1 else 4 * get_threads())
-        indptr, indices, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
-        pfk = kblk if nkb > 1 and n > TILE else 0  # as _tiles
-        flat, data, done = out.reshape(-1), data.reshape(-1), 0
-        for width in BSR_WIDTHS:
-            ntile = (n - done) // width
-            if ntile:
-                args = (indptr, indices, data, xt.reshape(-1), n, n, flat, done, ntile, bounds)
-                _run(f"bsr4_tile{width}", (*args, BSR_PANEL, nkb, pfk), _bsr_types(mat))
-                done += ntile * width
-        if done < n:
-            rest = np.empty((m, n - done), dtype=np.float32)
-            plain = (mat.indptr, mat.indices, mat.data, np.ascontiguousarray(xt[:, done:]), rest)
-            _run("bsr_spmm", plain, (mat.indices.dtype.char,))
-            out[:, done:] = rest
-
-    options = {"bsr4": lambda: run(None)}
-    if mat.shape[1] > KBLOCK:  # K-blocked, as the CSR kblocks
-        options["bsr4_kb"] = lambda: run(_kblock(mat.shape[1]))
-    _fastest(mat, ("bt", n), options)
-    return out
-
-
-def bsr_conv_unchecked(
-    mat: BSRMatrix, images: np.ndarray, geom: tuple, out: np.ndarray, unfold: Callable
-) -> None:
-    """Block-sparse conv of N images into ``out``; arguments as :func:`conv_unchecked`.
-
-    Each image unfolded and multiplied, or (4 × 1 blocks, stride 1) the direct
-    convolution on the zero-padded image, whichever measured faster.
-    """
-    geom = tuple(int(g) for g in geom)
-
-    def unfolded() -> None:
-        for i, o in enumerate(out):
-            bsr_matmul_t_unchecked(mat, unfold(i), o)
-
-    options: dict[str, Callable[[], object]] = {"unfold": unfolded}
-    if mat.block == (4, 1) and geom[2] == geom[3] == 1:
-        options["direct"] = lambda: _direct_conv_bsr(mat, images, geom, out)
-        kblk = _channel_block(images.shape[1], geom)
-        if kblk < mat.shape[1]:
-            options["direct_kb"] = lambda: _direct_conv_bsr(mat, images, geom, out, kblk)
-    _fastest(mat, ("conv", *images.shape), options)
-
-
-def _bsr_types(mat: BSRMatrix) -> tuple[str, ...]:
-    return ("bsr", mat.indices.dtype.char)

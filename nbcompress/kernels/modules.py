@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbcompress.kernels.bsr import bsr_conv_unchecked, bsr_matmul
 from nbcompress.kernels.csr import (
     BSRMatrix,
     CSRMatrix,
-    bsr_conv_unchecked,
-    bsr_matmul,
     conv_unchecked,
     matmul_t_unchecked,
     matmul_unchecked,

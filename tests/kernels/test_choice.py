@@ -32,7 +32,7 @@ def two_threads(monkeypatch):
 def spy(monkeypatch):
     """Record the options each measurement is offered and the threads each kernel ran on."""
     seen: dict[str, list] = {"offered": [], "threads": []}
-    real_run = csr._run
+    real_run = csr.run_kernel
 
     def run(name, args, dtypes, n=None):
         seen["threads"].append(n or csr.get_threads())
@@ -45,7 +45,7 @@ def spy(monkeypatch):
             fn()
         return seen["pick"] if seen.get("pick") in options else next(iter(options))
 
-    monkeypatch.setattr(csr, "_run", run)
+    monkeypatch.setattr(csr, "run_kernel", run)
     monkeypatch.setattr(csr, "_measure", pick)
     return seen
 

@@ -113,7 +113,7 @@ def test_reused_buffers_keep_their_zero_border_across_calls_and_sizes():
 def test_channel_blocked_direct_matches_conv2d(kwargs):
     conv = _pruned_conv(70, 6, 3, **kwargs)  # 70 channels: blocks of 24, 23 and 23
     x = torch.randn(2, 70, 9, 70)
-    assert csr._channel_block(70, (3, 3, 1, 1, 0, 0, 1, kwargs.get("dilation", 1), 0)) < 70 * 9
+    assert csr.channel_block(70, (3, 3, 1, 1, 0, 0, 1, kwargs.get("dilation", 1), 0)) < 70 * 9
     with torch.no_grad():
         ref = conv(x)
     blocked = _forced(SparseConv2d(conv), x, "direct_kb")
@@ -123,9 +123,9 @@ def test_channel_blocked_direct_matches_conv2d(kwargs):
 
 
 def test_channel_blocks_are_whole_channels_sized_for_l1():
-    assert csr._channel_block(128, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 26 * 9  # 5 equal blocks
-    assert csr._channel_block(8, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 8 * 9  # one block
-    assert csr._channel_block(64, (1, 1, 1, 1, 0, 0, 1, 1, 56)) == 64  # 1×1: 96 per block
+    assert csr.channel_block(128, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 26 * 9  # 5 equal blocks
+    assert csr.channel_block(8, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 8 * 9  # one block
+    assert csr.channel_block(64, (1, 1, 1, 1, 0, 0, 1, 1, 56)) == 64  # 1×1: 96 per block
     mat = SparseConv2d(_pruned_conv(70, 6, 3, padding=1)).matrix()
     layouts.block_rows(mat, 24 * 9)
     layouts.tap_offsets(mat, (3, 3), (1, 1), (11, 72), 24 * 9)
@@ -182,6 +182,6 @@ def test_block_sparse_channel_blocked_direct_matches_conv2d():
     x = torch.randn(2, 70, 9, 9)
     with torch.no_grad():
         ref = conv(x)
-    assert csr._channel_block(70, (3, 3, 1, 1, 1, 1, 1, 1, 9)) < 70 * 9
+    assert csr.channel_block(70, (3, 3, 1, 1, 1, 1, 1, 1, 9)) < 70 * 9
     blocked = _forced(SparseConv2d(conv, format="bsr"), x, "direct_kb")
     torch.testing.assert_close(blocked, ref, rtol=1e-5, atol=1e-4)

@@ -111,6 +111,6 @@ def test_a_layout_that_lost_the_choice_is_released(rng, choice):
     csr._release_unused(mat)
     assert set(layouts._CACHE[mat]) == ({"pad"} if choice == "spmv8" else set())
     csr._CHOICE[mat][("x", 64, 1)] = "kblocks"
-    layouts.block_rows(mat, csr._kblock(600))
+    layouts.block_rows(mat, csr.kblock(600))
     csr._release_unused(mat)
-    assert ("k", csr._kblock(600)) in layouts._CACHE[mat]
+    assert ("k", csr.kblock(600)) in layouts._CACHE[mat]

@@ -137,11 +137,11 @@ def test_a_recorded_choice_is_the_only_kernel_run(rng):
     mat = pack_csr(sparse_weight(rng, 8, 8, 0.5))
     calls: list[str] = []
     options = {"panels": lambda: calls.append("panels"), "tiles": lambda: calls.append("tiles")}
-    csr._fastest(mat, ("t", 64), options)
+    csr.fastest(mat, ("t", 64), options)
     assert calls.count("panels") == calls.count("tiles") == 8  # warm-up + seven timed rounds
     chosen = csr.kernel_choices(mat)[("t", 64, 1)]
     calls.clear()
-    csr._fastest(mat, ("t", 64), options)
+    csr.fastest(mat, ("t", 64), options)
     assert calls == [chosen]
 
 
@@ -149,7 +149,7 @@ def test_a_recorded_choice_is_the_only_kernel_run(rng):
 def test_the_clearly_faster_option_is_chosen(rng, slow):
     mat = pack_csr(sparse_weight(rng, 8, 8, 0.5))
     nap = lambda: time.sleep(0.002)  # noqa: E731 - ~1000× a no-op, far beyond any noise
-    csr._fastest(mat, ("x", 64), {"panels": lambda: None, "tiles": lambda: None} | {slow: nap})
+    csr.fastest(mat, ("x", 64), {"panels": lambda: None, "tiles": lambda: None} | {slow: nap})
     assert csr.kernel_choices(mat) == {("x", 64, 1): "tiles" if slow == "panels" else "panels"}
 
 
