@@ -16,6 +16,7 @@ import torch
 
 from nbcompress.kernels._generate import BSR_WIDTHS
 from nbcompress.kernels.csr import (
+    SERIAL,
     TILE,
     as_float32,
     channel_block,
@@ -24,6 +25,7 @@ from nbcompress.kernels.csr import (
     fastest,
     kblock,
     over_padded_images,
+    recorded_choice,
     row_blocks,
     run_kernel,
     transposed,
@@ -63,7 +65,13 @@ def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
         out = np.empty(m, dtype=np.float32)
         if m:
             args = (mat.indptr, mat.indices, mat.data.reshape(-1), xv, out)
-            fastest(mat, ("b", 1), {"bsr4": lambda: run_kernel("bsr4_spmv", args, _bsr_types(mat))})
+            n = get_threads()
+            choice = recorded_choice(mat, ("b", 1), n)
+            if choice is None:
+                kernel = {"bsr4": lambda: run_kernel("bsr4_spmv", args, _bsr_types(mat))}
+                fastest(mat, ("b", 1), kernel)
+            else:  # the recorded one directly: batch-1 calls are mostly fixed cost
+                run_kernel("bsr4_spmv", args, _bsr_types(mat), 1 if choice.endswith(SERIAL) else n)
         return out if x.ndim == 1 else out.reshape(1, -1)
     x2 = x.reshape(-1, x.shape[-1])
     xt = transposed(x2) if x2.shape[0] > 1 else np.ascontiguousarray(x2.T)
