@@ -136,6 +136,26 @@ def csr_cols{sfx}(indptr, indices, data, scale, xt, out, col0):  # noqa: D103
 """
 
 
+# Per block of input rows, the next block's rows (or the next tile's / panel's first block)
+# are prefetched, `per` rows for each output row of this block: shared by tile64 and the
+# 4 × 1 block tiles (``base``: this tile's first column, ``step``: columns to the next,
+# ``count``: tiles or panels, ``row``: the row loop's variable).
+_NEXT_BLOCK = """            last = kb + 1 == nkb
+            nk0 = 0 if last else (kb + 1) * pfk
+            nb0 = {base} + np.uint64({step}) if last else {base}
+            nk1 = min(nk0 + pfk, kdim) if p + 1 < {count} or not last else 0
+            for {row} in range(r0, r1):
+                k0 = nk0 + ({row} - r0) * per
+                for kk in range(k0, min(k0 + per, nk1)):
+                    a = np.uint64(kk) * bu + nb0
+{prefetch}"""
+
+
+def _next_block(base: str, step: str, count: str, row: str) -> str:
+    lines = "\n".join(f"{' ' * 20}prefetch(b, a + np.uint64({16 * k}))" for k in range(4))
+    return _NEXT_BLOCK.format(base=base, step=step, count=count, row=row, prefetch=lines)
+
+
 _TILE = """
 
 {deco}
@@ -153,15 +173,7 @@ _TILE = """
         # Input rows of the next block to prefetch per output row (spread over the rows).
         per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
         for kb in range(nkb):
-            last = kb + 1 == nkb
-            nk0 = 0 if last else (kb + 1) * pfk
-            nn0 = n0 + np.uint64(64) if last else n0
-            nk1 = min(nk0 + pfk, kdim) if p + 1 < ntile or not last else 0
-            for i in range(r0, r1):
-                k0 = nk0 + (i - r0) * per
-                for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nn0
-{prefetch}
+{next_block}
                 q = np.uint64(i) * nu + n0
                 if kb:
 {load}
@@ -198,13 +210,12 @@ def _tile(sfx: str, deco: str) -> str:
     store = "\n".join(
         f"                vstore(out, q + np.uint64({8 * k}), {a}, s)" for k, a in enumerate(acc)
     )
-    prefetch = "\n".join(f"{pad}prefetch(b, a + np.uint64({16 * k}))" for k in range(4))
     args = "indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk"
     signature = f"def tile64{sfx}({args}):  # noqa: D103"
     return _TILE.format(
         deco=deco,
         signature=signature,
-        prefetch=prefetch,
+        next_block=_next_block("n0", "64", "ntile", "i"),
         load=load,
         zero=zero,
         fma=fma,
@@ -314,15 +325,7 @@ _BSR_TILE = """
         c0 = np.uint64(col0 + p * pt * {width})
         per = (pfk + r1 - r0 - 1) // (r1 - r0) if pfk and r1 > r0 else 0
         for kb in range(nkb):
-            last = kb + 1 == nkb
-            nk0 = 0 if last else (kb + 1) * pfk
-            nc0 = c0 + np.uint64(pt * {width}) if last else c0
-            nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
-            for br in range(r0, r1):
-                k0 = nk0 + (br - r0) * per
-                for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nc0
-{prefetch}
+{next_block}
                 r = np.uint64(kb * mb + br)
                 start = np.uint64(indptr[r])
                 end = np.uint64(indptr[r + np.uint64(1)])
@@ -386,14 +389,13 @@ def _bsr_tile(width: int, sfx: str, deco: str) -> str:
             store.append(
                 f"                    vstore(out, {row.format(q=rows[r], off=8 * k)}, {total}, one)"
             )
-    prefetch = "\n".join(f"{pad[:-4]}prefetch(b, a + np.uint64({16 * k}))" for k in range(4))
     args = "indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nkb, pfk"
     return _BSR_TILE.format(
         deco=deco,
         signature=f"def bsr4_tile{width}{sfx}({args}):  # noqa: D103",
         width=width,
         unroll=unroll,
-        prefetch=prefetch,
+        next_block=_next_block("c0", f"pt * {width}", "npan", "br"),
         load="\n".join(load),
         zero=pad + " = ".join(first) + " = vzero()",
         zero2=(" " * 20 + " = ".join(second) + " = vzero()") if second else "",

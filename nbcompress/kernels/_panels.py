@@ -297,12 +297,12 @@ def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb
         for kb in range(nkb):
             last = kb + 1 == nkb
             nk0 = 0 if last else (kb + 1) * pfk
-            nn0 = n0 + np.uint64(64) if last else n0
+            nb0 = n0 + np.uint64(64) if last else n0
             nk1 = min(nk0 + pfk, kdim) if p + 1 < ntile or not last else 0
             for i in range(r0, r1):
                 k0 = nk0 + (i - r0) * per
                 for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nn0
+                    a = np.uint64(kk) * bu + nb0
                     prefetch(b, a + np.uint64(0))
                     prefetch(b, a + np.uint64(16))
                     prefetch(b, a + np.uint64(32))
@@ -396,12 +396,12 @@ def bsr4_tile16(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, n
         for kb in range(nkb):
             last = kb + 1 == nkb
             nk0 = 0 if last else (kb + 1) * pfk
-            nc0 = c0 + np.uint64(pt * 16) if last else c0
+            nb0 = c0 + np.uint64(pt * 16) if last else c0
             nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
             for br in range(r0, r1):
                 k0 = nk0 + (br - r0) * per
                 for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nc0
+                    a = np.uint64(kk) * bu + nb0
                     prefetch(b, a + np.uint64(0))
                     prefetch(b, a + np.uint64(16))
                     prefetch(b, a + np.uint64(32))
@@ -475,12 +475,12 @@ def bsr4_tile8(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nk
         for kb in range(nkb):
             last = kb + 1 == nkb
             nk0 = 0 if last else (kb + 1) * pfk
-            nc0 = c0 + np.uint64(pt * 8) if last else c0
+            nb0 = c0 + np.uint64(pt * 8) if last else c0
             nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
             for br in range(r0, r1):
                 k0 = nk0 + (br - r0) * per
                 for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nc0
+                    a = np.uint64(kk) * bu + nb0
                     prefetch(b, a + np.uint64(0))
                     prefetch(b, a + np.uint64(16))
                     prefetch(b, a + np.uint64(32))
@@ -801,12 +801,12 @@ def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, n
         for kb in range(nkb):
             last = kb + 1 == nkb
             nk0 = 0 if last else (kb + 1) * pfk
-            nn0 = n0 + np.uint64(64) if last else n0
+            nb0 = n0 + np.uint64(64) if last else n0
             nk1 = min(nk0 + pfk, kdim) if p + 1 < ntile or not last else 0
             for i in range(r0, r1):
                 k0 = nk0 + (i - r0) * per
                 for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nn0
+                    a = np.uint64(kk) * bu + nb0
                     prefetch(b, a + np.uint64(0))
                     prefetch(b, a + np.uint64(16))
                     prefetch(b, a + np.uint64(32))
@@ -900,12 +900,12 @@ def bsr4_tile16_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt,
         for kb in range(nkb):
             last = kb + 1 == nkb
             nk0 = 0 if last else (kb + 1) * pfk
-            nc0 = c0 + np.uint64(pt * 16) if last else c0
+            nb0 = c0 + np.uint64(pt * 16) if last else c0
             nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
             for br in range(r0, r1):
                 k0 = nk0 + (br - r0) * per
                 for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nc0
+                    a = np.uint64(kk) * bu + nb0
                     prefetch(b, a + np.uint64(0))
                     prefetch(b, a + np.uint64(16))
                     prefetch(b, a + np.uint64(32))
@@ -979,12 +979,12 @@ def bsr4_tile8_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, 
         for kb in range(nkb):
             last = kb + 1 == nkb
             nk0 = 0 if last else (kb + 1) * pfk
-            nc0 = c0 + np.uint64(pt * 8) if last else c0
+            nb0 = c0 + np.uint64(pt * 8) if last else c0
             nk1 = min(nk0 + pfk, kdim) if p + 1 < npan or not last else 0
             for br in range(r0, r1):
                 k0 = nk0 + (br - r0) * per
                 for kk in range(k0, min(k0 + per, nk1)):
-                    a = np.uint64(kk) * bu + nc0
+                    a = np.uint64(kk) * bu + nb0
                     prefetch(b, a + np.uint64(0))
                     prefetch(b, a + np.uint64(16))
                     prefetch(b, a + np.uint64(32))
