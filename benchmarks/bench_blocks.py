@@ -38,8 +38,8 @@ from bench_conv import LAYERS  # noqa: E402
 from bench_kernels import machine, paired, write_results  # noqa: E402
 
 from nbcompress import zoo  # noqa: E402
-from nbcompress.engine.masks import layer_mask  # noqa: E402
-from nbcompress.engine.prune import prune_  # noqa: E402
+from nbcompress.engine.prune.masks import layer_mask  # noqa: E402
+from nbcompress.engine.prune.prune import prune_  # noqa: E402
 from nbcompress.kernels import bsr_matmul, csr_matmul, csr_matmul_t, pack_bsr, pack_csr  # noqa: E402
 from nbcompress.kernels.bsr import bsr_matmul_t_unchecked  # noqa: E402
 from nbcompress.kernels.modules import SparseConv2d  # noqa: E402

@@ -28,8 +28,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nbcompress.engine.timing import measure_interleaved  # noqa: E402
 from nbcompress.kernels import csr, csr_matmul, csr_matmul_t, get_threads, pack_csr  # noqa: E402
+from nbcompress.timing import measure_interleaved  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import machine  # noqa: E402 - same machine line as the other benches
 
 import nbcompress as nc  # noqa: E402
-from nbcompress.engine.quant_config import StaticInt8Config  # noqa: E402
-from nbcompress.engine.quant_modes import TIE  # noqa: E402
-from nbcompress.engine.report import fmt_bytes  # noqa: E402
-from nbcompress.engine.timing import measure_interleaved  # noqa: E402
+from nbcompress.engine.core.report import fmt_bytes  # noqa: E402
+from nbcompress.engine.quantize.config import StaticInt8Config  # noqa: E402
+from nbcompress.engine.quantize.modes import TIE  # noqa: E402
+from nbcompress.timing import measure_interleaved  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, load_digits, train  # noqa: E402
 
 warnings.filterwarnings("ignore")

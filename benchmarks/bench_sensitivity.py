@@ -47,8 +47,8 @@ import torch  # noqa: E402
 
 import nbcompress as nc  # noqa: E402
 from nbcompress import zoo  # noqa: E402
-from nbcompress.engine.history import trial  # noqa: E402
-from nbcompress.engine.staged import DEFAULT_RATIOS  # noqa: E402
+from nbcompress.engine.core.history import trial  # noqa: E402
+from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import cpu_name  # noqa: E402 - one CPU probe for every bench

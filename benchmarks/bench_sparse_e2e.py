@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import machine, paired, write_results  # noqa: E402
 
-from nbcompress.engine.prune import prune_  # noqa: E402
-from nbcompress.engine.sparsify import sparsify_  # noqa: E402
-from nbcompress.engine.timing import format_seconds, measure_interleaved  # noqa: E402
+from nbcompress.engine.prune.prune import prune_  # noqa: E402
+from nbcompress.engine.speedup.sparsify import sparsify_  # noqa: E402
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear  # noqa: E402
+from nbcompress.timing import format_seconds, measure_interleaved  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

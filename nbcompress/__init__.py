@@ -15,34 +15,34 @@ from nbcompress._version import __version__
 
 # Public name → module that defines it (imported on first attribute access).
 _EXPORTS = {
-    "summary": "nbcompress.engine.profile",
-    "Summary": "nbcompress.engine.profile",
-    "prune_": "nbcompress.engine.prune",
-    "quantize_": "nbcompress.engine.quantize",
-    "quantize_report": "nbcompress.engine.quantize",
-    "QuantizeReport": "nbcompress.engine.quantize",
-    "Comparison": "nbcompress.engine.compare",
-    "compare": "nbcompress.engine.compare",
-    "remove_masks_": "nbcompress.engine.prune",
-    "undo_": "nbcompress.engine.history",
-    "history": "nbcompress.engine.history",
-    "set_history_limit": "nbcompress.engine.history",
-    "trial": "nbcompress.engine.history",
-    "transaction": "nbcompress.engine.history",
-    "sensitivity": "nbcompress.engine.sensitivity",
-    "SensitivityResult": "nbcompress.engine.sensitivity",
-    "Suggestion": "nbcompress.engine.sensitivity",
-    "apply_suggestion_": "nbcompress.engine.sensitivity",
-    "prune_to_": "nbcompress.engine.staged",
-    "refine": "nbcompress.engine.refine",
-    "Refinement": "nbcompress.engine.refine",
-    "sparsify_": "nbcompress.engine.sparsify",
-    "speedup": "nbcompress.engine.speedup",
-    "SpeedupReport": "nbcompress.engine.speedup",
+    "summary": "nbcompress.engine.core.summary",
+    "Summary": "nbcompress.engine.core.summary",
+    "prune_": "nbcompress.engine.prune.prune",
+    "quantize_": "nbcompress.engine.quantize.quantize",
+    "quantize_report": "nbcompress.engine.quantize.quantize",
+    "QuantizeReport": "nbcompress.engine.quantize.quantize",
+    "Comparison": "nbcompress.engine.core.compare",
+    "compare": "nbcompress.engine.core.compare",
+    "remove_masks_": "nbcompress.engine.prune.prune",
+    "undo_": "nbcompress.engine.core.history",
+    "history": "nbcompress.engine.core.history",
+    "set_history_limit": "nbcompress.engine.core.history",
+    "trial": "nbcompress.engine.core.history",
+    "transaction": "nbcompress.engine.core.history",
+    "sensitivity": "nbcompress.engine.sensitivity.sweep",
+    "SensitivityResult": "nbcompress.engine.sensitivity.sweep",
+    "Suggestion": "nbcompress.engine.sensitivity.sweep",
+    "apply_suggestion_": "nbcompress.engine.sensitivity.sweep",
+    "prune_to_": "nbcompress.engine.sensitivity.staged",
+    "refine": "nbcompress.engine.sensitivity.refine",
+    "Refinement": "nbcompress.engine.sensitivity.refine",
+    "sparsify_": "nbcompress.engine.speedup.sparsify",
+    "speedup": "nbcompress.engine.speedup.speedup",
+    "SpeedupReport": "nbcompress.engine.speedup.speedup",
     "SparseLinear": "nbcompress.kernels.modules",
     "SparseConv2d": "nbcompress.kernels.modules",
     # The notebook layer: importing it pulls in ipywidgets, so only on first use.
-    "SensitivityExplorer": "nbcompress.widgets",
+    "SensitivityExplorer": "nbcompress.notebook.widgets",
 }
 
 __all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension", *_EXPORTS]
@@ -60,7 +60,7 @@ def __dir__() -> list[str]:
 
 def load_ipython_extension(ipython: Any) -> None:
     """Register the nbcompress magics (``%load_ext nbcompress``)."""
-    from nbcompress.magics import register
+    from nbcompress.notebook.magics import register
 
     register(ipython)
 

@@ -8,10 +8,10 @@ import time
 
 import torch
 
-from nbcompress.engine.compare import compare, measure_pair
-from nbcompress.engine.history import history
-from nbcompress.engine.profile import summary
-from nbcompress.engine.prune import prune_, remove_masks_
+from nbcompress.engine.core.compare import compare, measure_pair
+from nbcompress.engine.core.history import history
+from nbcompress.engine.core.summary import summary
+from nbcompress.engine.prune.prune import prune_, remove_masks_
 from nbcompress.zoo import SeedCNN, accuracy, load_digits, train
 
 __all__ = ["run_demo"]

@@ -7,8 +7,8 @@ import nbcompress
 
 def test_engine_import_leaves_ipython_out():
     code = (
-        "import sys, nbcompress, nbcompress.engine.prune, nbcompress.engine.profile, "
-        "nbcompress.engine.history; nbcompress.summary; "
+        "import sys, nbcompress, nbcompress.engine.prune.prune, nbcompress.engine.core.summary, "
+        "nbcompress.engine.core.history; nbcompress.summary; "
         "assert 'IPython' not in sys.modules and 'ipywidgets' not in sys.modules, "
         "sorted(m for m in sys.modules if 'IPython' in m)"
     )

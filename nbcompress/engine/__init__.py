@@ -1,1 +1,4 @@
-"""The compression engine: profiling, pruning, history. Never imports IPython or ipywidgets."""
+"""The compression engine: subsystems that return data.
+
+Never imports IPython, ipywidgets, matplotlib.pyplot or the notebook layer.
+"""

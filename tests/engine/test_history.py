@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine import prune as prune_module
-from nbcompress.engine.history import transaction, trial
+from nbcompress.engine.core.history import transaction, trial
+from nbcompress.engine.prune import prune as prune_module
 from tests.helpers import assert_same_state, cnn, mlp, snapshot
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine.masks import global_masks, layer_mask
+from nbcompress.engine.prune.masks import global_masks, layer_mask
 from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
 
 
@@ -114,7 +114,7 @@ def test_block_granularity_global_and_existing_zeros():
 
 
 def test_block_pruned_layers_are_measured_on_block_sparse_kernels():
-    from nbcompress.engine.sparsify import analyse
+    from nbcompress.engine.speedup.sparsify import analyse
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 8)).eval()

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine import quant_modes as qmod
-from nbcompress.engine.history import history
-from nbcompress.engine.quant_backends import backends_for
-from nbcompress.engine.quant_config import DynamicInt8Config, StaticInt8Config
-from nbcompress.engine.quant_report import weight_values
-from nbcompress.engine.quant_static import StaticRegion
-from nbcompress.engine.timing import Timing
+from nbcompress.engine.core.history import history
+from nbcompress.engine.quantize import modes as qmod
+from nbcompress.engine.quantize.backends import backends_for
+from nbcompress.engine.quantize.config import DynamicInt8Config, StaticInt8Config
+from nbcompress.engine.quantize.report import weight_values
+from nbcompress.engine.quantize.static import StaticRegion
+from nbcompress.timing import Timing
 from nbcompress.zoo import SeedCNN
 from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
 
@@ -342,7 +342,7 @@ def test_static_per_tensor_weights_are_smaller_than_per_channel():
 
 
 def test_only_faster_rolls_back_when_the_whole_model_is_slower(monkeypatch):
-    from nbcompress.engine import quantize as qtop
+    from nbcompress.engine.quantize import quantize as qtop
 
     def per_layer(fns, **kw):  # every int8 layer clearly faster in isolation...
         return {n: Timing(1.0 if n == "float" else 0.1, 1, 1, 3) for n in fns}

@@ -4,8 +4,12 @@ import pytest
 import torch
 
 import nbcompress as nc
-from nbcompress.engine.history import trial
-from nbcompress.engine.sensitivity import EvaluationError, SensitivityResult, latest_suggestion
+from nbcompress.engine.core.history import trial
+from nbcompress.engine.sensitivity.sweep import (
+    EvaluationError,
+    SensitivityResult,
+    latest_suggestion,
+)
 from tests.helpers import assert_same_state, cnn, snapshot
 from tests.sensitivity_helpers import mlp_with_agreement
 

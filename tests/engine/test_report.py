@@ -7,7 +7,7 @@ import importlib
 from IPython.lib.pretty import pretty
 
 import nbcompress as nc
-from nbcompress.engine.report import Table, TableReport, fmt_pct
+from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from tests.helpers import mlp
 
 
@@ -38,7 +38,15 @@ def test_summary_shows_its_table_in_ipython_not_the_dataclass_repr():
 
 
 def test_no_report_class_shadows_the_table_display_with_its_own_repr():
-    for name in ("compare", "profile", "quant_report", "refine", "speedup", "staged", "suggest"):
+    for name in (
+        "core.compare",
+        "core.summary",
+        "quantize.report",
+        "sensitivity.refine",
+        "speedup.speedup",
+        "sensitivity.staged",
+        "sensitivity.allocate",
+    ):
         importlib.import_module(f"nbcompress.engine.{name}")  # defines its report class
     classes = TableReport.__subclasses__()
     assert len(classes) >= 8

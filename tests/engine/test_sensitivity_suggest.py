@@ -8,7 +8,7 @@ import torch
 from matplotlib.figure import Figure
 
 import nbcompress as nc
-from nbcompress.engine.sensitivity import (
+from nbcompress.engine.sensitivity.sweep import (
     EvaluationError,
     SensitivityResult,
     latest,
@@ -221,7 +221,7 @@ def test_registry_does_not_keep_models_alive():
     model = mlp()
     evaluate = lambda m: float(m(torch.ones(1, 16)).sum().detach())  # noqa: E731 - a closure over m
     nc.sensitivity(model, evaluate, ratios=[0.5], progress=False).suggest(0.2)
-    from nbcompress.engine import sensitivity_result
+    from nbcompress.engine.sensitivity import result as sensitivity_result
 
     count = len(sensitivity_result._LATEST)
     del model

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine import sparsify as sp
-from nbcompress.engine.timing import Timing
+from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
+from nbcompress.timing import Timing
 from tests.helpers import assert_same_state, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")

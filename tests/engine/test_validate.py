@@ -2,8 +2,9 @@ import pytest
 import torch
 
 import nbcompress as nc
-from nbcompress.engine import profile, timing
-from nbcompress.engine._validate import as_inputs, check_amount, run_forward
+from nbcompress import timing
+from nbcompress.engine.core import summary as profile
+from nbcompress.engine.core.validation import as_inputs, check_amount, run_forward
 from tests.helpers import mlp
 
 

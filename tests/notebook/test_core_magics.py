@@ -3,8 +3,8 @@ import torch
 from IPython.core.error import UsageError
 
 import nbcompress as nc
-from nbcompress.engine.compare import Comparison
-from nbcompress.engine.profile import Summary
+from nbcompress.engine.core.compare import Comparison
+from nbcompress.engine.core.summary import Summary
 from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
 
 
@@ -144,7 +144,7 @@ def test_prune_measures_latency_on_the_input_remembered_from_summary(ns):
 
 
 def test_prune_times_before_and_after_interleaved(ns, monkeypatch):
-    from nbcompress.engine import compare as cmp
+    from nbcompress.engine.core import compare as cmp
 
     calls = []
     real = cmp.measure_interleaved

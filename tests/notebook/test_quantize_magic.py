@@ -5,8 +5,8 @@ import torch
 from IPython.core.error import UsageError
 from torch import nn
 
-from nbcompress.engine.history import history
-from nbcompress.engine.quantize import QuantizeReport
+from nbcompress.engine.core.history import history
+from nbcompress.engine.quantize.quantize import QuantizeReport
 from tests.helpers import assert_same_state, cnn, snapshot
 
 

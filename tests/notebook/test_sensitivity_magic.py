@@ -6,9 +6,9 @@ import pytest
 from IPython.core.error import UsageError
 
 import nbcompress as nc
-from nbcompress.engine.sensitivity import SensitivityResult, latest, latest_suggestion
-from nbcompress.engine.staged import StagedReport
-from nbcompress.magics import _sensitivity
+from nbcompress.engine.sensitivity.staged import StagedReport
+from nbcompress.engine.sensitivity.sweep import SensitivityResult, latest, latest_suggestion
+from nbcompress.notebook.magics import _sensitivity
 from tests.helpers import assert_same_state, snapshot, zero_fraction
 from tests.sensitivity_helpers import mlp_with_agreement
 
@@ -136,7 +136,7 @@ def test_help_is_the_docstring(ns):
 
 
 def test_in_a_notebook_the_plot_updates_live_and_the_explorer_is_shown(ns, monkeypatch):
-    pytest.importorskip("nbcompress.widgets")
+    pytest.importorskip("nbcompress.notebook.widgets")
     shown, updates = [], []
 
     class Handle:
@@ -203,7 +203,7 @@ def test_apply_applies_the_one_sweep_suggestion(ns, capsys):
 
 
 def test_proxy_explorer_gets_the_input_so_evaluate_works(ns, monkeypatch):
-    pytest.importorskip("nbcompress.widgets")
+    pytest.importorskip("nbcompress.notebook.widgets")
     shown = []
 
     class Handle:

@@ -5,11 +5,11 @@ import torch
 from IPython.core.error import UsageError
 from torch import nn
 
-from nbcompress.engine import sparsify as sp
-from nbcompress.engine.history import history
-from nbcompress.engine.speedup import SpeedupReport
-from nbcompress.engine.timing import Timing
+from nbcompress.engine.core.history import history
+from nbcompress.engine.speedup import sparsify as sp
+from nbcompress.engine.speedup.speedup import SpeedupReport
 from nbcompress.kernels.modules import SparseLinear
+from nbcompress.timing import Timing
 from tests.helpers import assert_same_state, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")

@@ -18,10 +18,10 @@ from torch import nn
 
 import nbcompress
 from nbcompress import zoo
-from nbcompress.engine.sensitivity import SensitivityResult, sensitivity
-from nbcompress.widgets import SensitivityExplorer, render
-from nbcompress.widgets._render import MarkedFigure, group_layers
-from nbcompress.widgets._setting import model_footprint, prune_setting_
+from nbcompress.engine.sensitivity.sweep import SensitivityResult, sensitivity
+from nbcompress.notebook.widgets import SensitivityExplorer, render
+from nbcompress.notebook.widgets._render import MarkedFigure, group_layers
+from nbcompress.notebook.widgets._setting import model_footprint, prune_setting_
 from tests.helpers import assert_same_state, snapshot
 
 
@@ -287,7 +287,8 @@ def test_prune_setting_matches_prune_and_skips_zero(model):
 
 def test_engine_never_imports_ipywidgets():
     code = (
-        "import sys, nbcompress, nbcompress.engine.sensitivity, nbcompress.engine.prune\n"
+        "import sys, nbcompress, nbcompress.engine.sensitivity.sweep\n"
+        "import nbcompress.engine.prune.prune\n"
         "assert 'ipywidgets' not in sys.modules, 'engine imported ipywidgets'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,126 @@
+"""Before/after comparison of two summaries of the same model (shown by ``%prune``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
+from nbcompress.engine.core.summary import Summary
+from nbcompress.engine.core.validation import as_inputs, eval_mode
+from nbcompress.timing import Timing, format_seconds, measure_interleaved
+
+__all__ = ["Comparison", "compare", "measure_pair"]
+
+_COLUMNS = {
+    "layer": None,
+    "sparsity before": fmt_pct,
+    "sparsity after": fmt_pct,
+    "nonzeros after": fmt_count,
+    "CSR before (est.)": fmt_bytes,
+    "CSR after (est.)": fmt_bytes,
+    "latency before": lambda t: "—" if t is None else format_seconds(t),
+    "latency after": lambda t: "—" if t is None else format_seconds(t),
+}
+
+
+@dataclass(repr=False)
+class Comparison(TableReport):
+    """A model before and after one operation, layer by layer.
+
+    Attributes:
+        title: What was done.
+        before: Summary before the operation.
+        after: Summary after it.
+        rows: One plain dict per layer plus a ``total`` row.
+        notes: Explanations shown under the table (honest caveats included).
+    """
+
+    title: str
+    before: Summary
+    after: Summary
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def speed_ratio(self) -> float | None:
+        """Measured model latency before / after (>1 means faster), if both were measured."""
+        if self.before.latency and self.after.latency:
+            return self.before.latency.median / self.after.latency.median
+        return None
+
+    def _table(self) -> Table:
+        # The last row is the model total: bold in HTML.
+        return Table(self.rows, _COLUMNS, self.title, self.notes, [len(self.rows) - 1])
+
+
+def measure_pair(
+    before: nn.Module, after: nn.Module, example_inputs: Any, *, repeats: int = 15
+) -> tuple[Timing, Timing]:
+    """Time two versions of a model side by side (interleaved), in eval mode.
+
+    Timing the model before and after an edit one after the other lets the machine's drift
+    pass for a speed change; interleaving the two cancels it.
+
+    Args:
+        before: A copy of the model as it was.
+        after: The model as it is now.
+        example_inputs: A tensor or tuple of tensors.
+        repeats: Timed samples of each (after warm-up).
+
+    Returns:
+        ``(before, after)`` timings.
+    """
+    inputs = as_inputs(example_inputs)
+    with eval_mode(before), eval_mode(after), torch.no_grad():
+        t = measure_interleaved(
+            {"before": lambda: before(*inputs), "after": lambda: after(*inputs)},
+            repeats=repeats,
+        )
+    return t["before"], t["after"]
+
+
+def _row(b: dict[str, Any], a: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "layer": b["layer"],
+        "sparsity before": b["sparsity"],
+        "sparsity after": a["sparsity"],
+        "nonzeros after": a["nonzeros"],
+        "CSR before (est.)": b["CSR (est.)"],
+        "CSR after (est.)": a["CSR (est.)"],
+        "latency before": b["latency"],
+        "latency after": a["latency"],
+    }
+
+
+def compare(
+    before: Summary, after: Summary, title: str, notes: list[str] | None = None
+) -> Comparison:
+    """Line up two summaries of the same model layer by layer.
+
+    Args:
+        before: Summary taken before the operation.
+        after: Summary taken after it.
+        title: What was done (first line of the report).
+        notes: Extra notes shown under the table.
+
+    Returns:
+        The comparison; model-level latencies and their ratio appear in the notes.
+    """
+    after_rows = {r["layer"]: r for r in after.rows}
+    rows = [_row(b, after_rows[b["layer"]]) for b in before.rows if b["layer"] in after_rows]
+    rows.append(_row(before.totals, after.totals))
+    all_notes = list(notes or [])
+    if before.latency and after.latency:
+        ratio = before.latency.median / after.latency.median
+        all_notes.append(
+            f"Model latency (measured, before/after interleaved): before {before.latency}, "
+            f"after {after.latency} → {ratio:.2f}× speed."
+        )
+    else:
+        all_notes.append("Latency not measured: pass an example input (--input x).")
+    all_notes.append(before.notes[0])
+    return Comparison(title, before, after, rows, all_notes)

@@ -1,0 +1,193 @@
+"""Per-layer model summary: parameters, sparsity, MACs, measured latency and sizes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.engine.core.costs import layer_bytes, macs
+from nbcompress.engine.core.layers import weighted_layers
+from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
+from nbcompress.engine.core.validation import (
+    as_inputs,
+    check_module,
+    describe_inputs,
+    eval_mode,
+    run_forward,
+)
+from nbcompress.timing import Timing, format_seconds, measure
+
+__all__ = ["Summary", "capture_calls", "summary"]
+
+_COLUMNS = {
+    "layer": None,
+    "type": None,
+    "output": lambda s: "—" if s is None else "×".join(map(str, s)),
+    "params": fmt_count,
+    "nonzeros": fmt_count,
+    "sparsity": fmt_pct,
+    "MACs (est.)": fmt_count,
+    "latency": lambda t: "—" if t is None else format_seconds(t),
+    "fp32 (est.)": fmt_bytes,
+    "CSR (est.)": fmt_bytes,
+    "int8 (est.)": fmt_bytes,
+}
+
+
+@dataclass(repr=False)
+class Summary(TableReport):
+    """Result of :func:`summary`.
+
+    Attributes:
+        rows: One dict per weighted layer (keys as in the table header; latency in
+            seconds, sizes in bytes, ``None`` where not measured).
+        totals: The same keys summed over the rows.
+        latency: Measured whole-model latency, or ``None`` without an example input.
+        inputs: Description of the example input.
+        notes: Explanations shown under the table.
+    """
+
+    rows: list[dict[str, Any]]
+    totals: dict[str, Any]
+    latency: Timing | None
+    inputs: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def layer(self, name: str) -> dict[str, Any]:
+        """The row of layer ``name``."""
+        for row in self.rows:
+            if row["layer"] == name:
+                return row
+        raise KeyError(f"name: no layer {name!r} in this summary.")
+
+    def _title(self) -> str:
+        lat = f"; model latency {self.latency}" if self.latency else ""
+        inp = f" on input {self.inputs}" if self.inputs else ""
+        return f"Model summary{inp}{lat}"
+
+    def _table(self) -> Table:
+        rows = [*self.rows, self.totals]  # totals last, bold in HTML
+        return Table(rows, _COLUMNS, self._title(), self.notes, [len(self.rows)])
+
+
+def capture_calls(
+    model: nn.Module, layers: dict[str, nn.Module], inputs: tuple
+) -> dict[str, tuple]:
+    """Run the model once; record each layer's first call ``(args, kwargs, output)``."""
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name, module in layers.items():
+
+        def hook(mod, args, kwargs, output, name=name):
+            seen.setdefault(name, (args, kwargs, output))
+
+        handles.append(module.register_forward_hook(hook, with_kwargs=True))
+    try:
+        run_forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _row(name: str, module: nn.Module, call: tuple | None, repeats: int) -> dict[str, Any]:
+    atomic = not any(True for _ in module.parameters(recurse=False)) or isinstance(
+        module, (nn.MultiheadAttention, nn.RNNBase)
+    )
+    params = [p for p in module.parameters(recurse=atomic)]
+    n = sum(p.numel() for p in params)
+    nnz = sum(int(torch.count_nonzero(p.detach())) for p in params)
+    sizes = layer_bytes(module, recurse=atomic)
+    row: dict[str, Any] = {
+        "layer": name,
+        "type": type(module).__name__,
+        "output": None,
+        "params": n,
+        "nonzeros": nnz,
+        "sparsity": 1 - nnz / n if n else 0.0,
+        "MACs (est.)": None,
+        "latency": None,
+        "fp32 (est.)": sizes["dense"],
+        "CSR (est.)": sizes["csr"],
+        "int8 (est.)": sizes["int8"],
+    }
+    if call is not None:
+        args, kwargs, output = call
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        row["output"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+        row["MACs (est.)"] = macs(module, args, output)
+        if repeats:
+            row["latency"] = measure(
+                lambda: module(*args, **kwargs), warmup=2, repeats=repeats
+            ).median
+    return row
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def total(key: str) -> Any:
+        values = [r[key] for r in rows if r[key] is not None]
+        return sum(values) if values else None
+
+    params, nnz = total("params") or 0, total("nonzeros") or 0
+    return {
+        "layer": "total",
+        "type": "",
+        "output": None,
+        "params": params,
+        "nonzeros": nnz,
+        "sparsity": 1 - nnz / params if params else 0.0,
+        "MACs (est.)": total("MACs (est.)"),
+        "latency": total("latency"),
+        "fp32 (est.)": total("fp32 (est.)"),
+        "CSR (est.)": total("CSR (est.)"),
+        "int8 (est.)": total("int8 (est.)"),
+    }
+
+
+def summary(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    repeats: int = 10,
+    measure_latency: bool = True,
+) -> Summary:
+    """Summarise ``model`` layer by layer, measuring latency on ``example_inputs``.
+
+    Args:
+        model: Any ``nn.Module``; it is not changed (it runs in eval mode and without
+            gradients, and training flags are restored).
+        example_inputs: A tensor or tuple of tensors shaped like a real batch. Without
+            one, output shapes, MACs and latencies are left out.
+        repeats: Timed repeats per layer and for the whole model (after warm-up).
+        measure_latency: Set False to skip timing (shapes and MACs are still filled in).
+
+    Returns:
+        A :class:`Summary` with one row per layer that holds weights, and totals.
+    """
+    check_module(model)
+    layers = weighted_layers(model)
+    notes = [
+        "MACs and sizes are estimates from shapes and nonzero counts (est.); "
+        "latencies are measured medians on this machine."
+    ]
+    calls: dict[str, tuple] = {}
+    latency = None
+    inputs_text = ""
+    with eval_mode(model), torch.no_grad():
+        if example_inputs is not None:
+            inputs = as_inputs(example_inputs)
+            inputs_text = describe_inputs(inputs)
+            calls = capture_calls(model, layers, inputs)
+            if measure_latency:
+                latency = measure(lambda: model(*inputs), warmup=3, repeats=max(repeats, 5))
+        else:
+            notes.append("No example input: pass one (--input x) for MACs and latency.")
+        reps = repeats if measure_latency else 0
+        rows = [_row(n or "(model)", m, calls.get(n), reps) for n, m in layers.items()]
+    unused = [r["layer"] for r in rows if example_inputs is not None and r["output"] is None]
+    if unused:
+        notes.append(f"Not called by forward on this input: {', '.join(unused)}.")
+    return Summary(rows, _totals(rows), latency, inputs_text, notes)

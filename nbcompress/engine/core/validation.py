@@ -1,0 +1,143 @@
+"""Argument checks shared by every verb: one clear message naming the argument and the fix."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "as_inputs",
+    "check_amount",
+    "check_module",
+    "describe_inputs",
+    "eval_mode",
+    "primary_output",
+    "run_forward",
+]
+
+
+def check_module(obj: Any, arg: str = "model") -> nn.Module:
+    """Return ``obj`` if it is an ``nn.Module``, else raise ``TypeError`` naming ``arg``."""
+    if not isinstance(obj, nn.Module):
+        raise TypeError(
+            f"{arg}: expected a torch.nn.Module, got {type(obj).__name__}. "
+            "Pass the model object itself (e.g. `model` or `model.encoder`)."
+        )
+    return obj
+
+
+def check_amount(value: Any, arg: str = "amount", *, allow_zero: bool = True) -> float:
+    """Return ``value`` as a float in [0, 1) (or (0, 1)), else raise naming ``arg``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{arg}: expected a number in [0, 1) such as 0.5 (the fraction of weights to "
+            f"remove), got {type(value).__name__} {value!r}."
+        )
+    value = float(value)
+    low_ok = value >= 0 if allow_zero else value > 0
+    if not (low_ok and value < 1) or math.isnan(value):
+        interval = "[0, 1)" if allow_zero else "(0, 1)"
+        raise ValueError(
+            f"{arg}: {value!r} is outside {interval}; it is the fraction of weights to remove, "
+            "e.g. 0.5 removes half of them (1.0 would remove every weight)."
+        )
+    return value
+
+
+def as_inputs(example_inputs: Any, arg: str = "example_inputs") -> tuple:
+    """Normalise example inputs to a tuple of positional arguments for ``model(*inputs)``."""
+    if example_inputs is None:
+        raise ValueError(
+            f"{arg}: an example input is needed to run the model. Pass a tensor (or a tuple of "
+            "tensors) shaped like a real batch; in a notebook `--input x` names it."
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, dict):
+        raise TypeError(
+            f"{arg}: keyword inputs are not supported; pass a tensor or a tuple of tensors."
+        )
+    raise TypeError(
+        f"{arg}: expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}."
+    )
+
+
+def describe_inputs(inputs: tuple) -> str:
+    """Human-readable shapes of example inputs, e.g. ``(8, 1, 28, 28) float32``."""
+    parts = []
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            parts.append(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}")
+        else:
+            parts.append(type(x).__name__)
+    return ", ".join(parts)
+
+
+def _expected_input(model: nn.Module) -> str | None:
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            n = module.in_features
+            return f"last dimension {n} (first layer is Linear({n}, …))"
+        if isinstance(module, nn.Conv2d):
+            c = module.in_channels
+            return f"shape (N, {c}, H, W) (first layer is Conv2d({c}, …))"
+        if isinstance(module, nn.Conv1d):
+            c = module.in_channels
+            return f"shape (N, {c}, L) (first layer is Conv1d({c}, …))"
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            return f"integer indices < {module.num_embeddings} (first layer is an Embedding)"
+    return None
+
+
+def run_forward(model: nn.Module, inputs: tuple, arg: str = "example_inputs") -> Any:
+    """Run ``model(*inputs)`` without gradients; explain shape errors naming ``arg``."""
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        expected = _expected_input(model)
+        hint = f" The model expects {expected}." if expected else ""
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{arg}: the model failed on the example input of shape {describe_inputs(inputs)}: "
+            f"{first}.{hint} Pass an input shaped like a real batch."
+        ) from err
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode for a while, then restore every module's own flag.
+
+    Measuring in training mode would update BatchNorm statistics (changing the model)
+    and make Dropout random.
+    """
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def primary_output(out: Any) -> torch.Tensor:
+    """The tensor to compare in a model's output (first element; named outputs by key).
+
+    Used wherever two runs of a model are compared (proxy metrics, quantization errors).
+    """
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, Mapping):
+        # Sentence encoders return their input dict extended with the embedding.
+        floats = {k: v for k, v in out.items() if torch.is_tensor(v) and v.is_floating_point()}
+        key = next((k for k in ("sentence_embedding", "logits") if k in floats), None)
+        out = floats[key] if key else next(iter(floats.values()))
+    return out

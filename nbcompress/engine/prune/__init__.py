@@ -1,0 +1,1 @@
+"""Weight pruning: mask strategies (importance × granularity) and the in-place verbs."""

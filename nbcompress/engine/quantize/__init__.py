@@ -1,0 +1,1 @@
+"""Quantization: mode configs, backends, int8 modules, static int8 and the measured report."""

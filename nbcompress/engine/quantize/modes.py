@@ -1,0 +1,283 @@
+"""Mode handlers of ``quantize_``: per-layer backend choice by measurement, and static int8.
+
+Each mode config type maps to a handler in :data:`HANDLERS` (dispatch by type, as torchao
+does). The per-layer handler builds every installed backend's candidate from a copy of
+the layer, checks it against the float layer on the layer's real input, times the
+accurate ones side by side and swaps in the winner through the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.engine.core.layers import PRUNABLE_TYPES, output_layer, weighted_layers
+from nbcompress.engine.core.summary import capture_calls  # each layer's (args, kwargs, output)
+from nbcompress.engine.core.validation import primary_output
+from nbcompress.engine.quantize.backends import backends_for, quiet
+from nbcompress.engine.quantize.config import (
+    DynamicInt8Config,
+    HalfConfig,
+    QuantConfig,
+    StaticInt8Config,
+    WeightInt8Config,
+)
+from nbcompress.engine.quantize.modules import Int8DynamicLinear
+from nbcompress.engine.quantize.report import serialized_size, sparsity
+from nbcompress.engine.quantize.static import quantize_static
+from nbcompress.timing import measure_interleaved
+
+__all__ = ["DEFAULT_TYPES", "HANDLERS", "register_mode"]
+
+#: Layer types considered when ``types`` is not given (those a mode cannot handle are
+#: listed in the report with the reason, never dropped silently).
+DEFAULT_TYPES = (*PRUNABLE_TYPES, nn.LSTM, nn.GRU, nn.MultiheadAttention)
+#: Backends whose measured medians are within this factor of the fastest count as tied.
+TIE = 1.15
+#: ... or within this many seconds (tiny layers: call overhead and noise, not the kernel).
+TIE_SECONDS = 10e-6
+#: Backends whose output error is within this factor of the most accurate one compete on speed.
+ACCURATE = 1.2
+#: A more accurate backend may be at most this much slower than the fastest to be chosen.
+SLOWER_OK = 1.5
+
+
+@dataclass
+class _Job:
+    """Everything one ``quantize_`` call needs, passed to the mode handler."""
+
+    model: nn.Module
+    config: QuantConfig
+    family: str
+    selected: dict[str, nn.Module]
+    inputs: tuple | None
+    calibrate: Any
+    only_faster: bool
+    repeats: int
+    warnings: dict[str, int] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    new: dict[str, nn.Module] = field(default_factory=dict)
+
+
+Handler = Callable[[_Job, Any], None]
+#: Mode config type → function doing the edits (inside the transaction).
+HANDLERS: dict[type, Handler] = {}
+
+
+def register_mode(config_type: type) -> Callable[[Handler], Handler]:
+    """Register the handler of a mode config type (torchao-style dispatch by type)."""
+
+    def deco(fn: Handler) -> Handler:
+        HANDLERS[config_type] = fn
+        return fn
+
+    return deco
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # Measurement and calibration run in eval mode; each module's own flag is restored.
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, was in flags:
+            m.training = was
+
+
+def _row(name: str, layer: nn.Module, config: QuantConfig) -> dict[str, Any]:
+    return {
+        "layer": name,
+        "type": type(layer).__name__,
+        "quantized as": "— (kept float)",
+        "backend": None,
+        "bits": None,
+        "sparsity": sparsity(layer),
+        "bytes before": serialized_size(layer),
+        "bytes after": None,
+        "smaller": None,
+        "time float": None,
+        "time quantized": None,
+        "note": "",
+    }
+
+
+def _fill(row: dict[str, Any], new: nn.Module, config: QuantConfig, backend: str) -> None:
+    after = serialized_size(new)
+    row.update(
+        {
+            "quantized as": config.label,
+            "backend": backend,
+            "bits": config.bits,
+            "sparsity": sparsity(new) if sparsity(new) is not None else row["sparsity"],
+            "bytes after": after,
+            "smaller": row["bytes before"] / after if after else None,
+        }
+    )
+
+
+def _rel_error(ref: Any, out: Any) -> float:
+    a, b = primary_output(ref).float(), primary_output(out).float()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def _candidates(job: _Job, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    built, why = {}, {}
+    for b in backends_for(job.config, job.family):
+        reason = b.available() or b.supports(job.config, layer)
+        if reason is None:
+            try:
+                with quiet(job.warnings):
+                    module = b.build(job.config, layer)
+                    # A compressed model must stay picklable / torch.save-able (torchao's
+                    # modules are not: their tensor subclass holds a functools.partial).
+                    pickle.dumps(module)
+                built[b.name] = module
+            except Exception as err:  # noqa: BLE001 - a backend failing is a finding, not fatal
+                reason = f"failed ({type(err).__name__}: {str(err)[:80]})"
+        if reason is not None:
+            why[b.name] = reason
+    return built, why
+
+
+def _why(why: dict[str, str]) -> str:
+    """One readable reason a layer stays float: failures first, then the first 'cannot'."""
+    failed = [f"{b}: {r}" for b, r in why.items() if r.startswith(("failed", "output error"))]
+    cannot = [r for r in why.values() if not r.startswith(("failed", "output error"))]
+    return "; ".join(failed + cannot[:1]) or "no backend for this mode"
+
+
+def _choose(job: _Job, name: str, layer: nn.Module, args: tuple | None, cache: dict) -> Any:
+    """Return ``(backend name, module, timings or None, note)`` or ``(None, None, None, why)``."""
+    built, why = _candidates(job, layer)
+    errors: dict[str, float] = {}
+    if args is not None:
+        with torch.no_grad(), quiet(job.warnings):
+            ref = layer(*args)
+            for bname in list(built):
+                err = errors[bname] = _rel_error(ref, built[bname](*args))
+                if not err <= job.config.tolerance:
+                    why[bname] = f"output error {err:.1%} > tolerance {job.config.tolerance:.0%}"
+                    del built[bname]
+    if not built:
+        return None, None, None, _why(why)
+    if args is None:
+        first = next(iter(built))
+        return first, built[first], None, "backend not measured (no example input)"
+    key = (type(layer), tuple(p.shape for p in layer.parameters()), tuple(built))
+    key += tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+    if key not in cache:
+        fns = {"float": lambda: layer(*args)}
+        fns.update({b: (lambda m=m: m(*args)) for b, m in built.items()})
+        with quiet(job.warnings):
+            # measure_interleaved rotates the order: no candidate always follows float.
+            cache[key] = measure_interleaved(fns, warmup=1, repeats=max(job.repeats, 3 * len(fns)))
+    times = cache[key]
+    # Accuracy may cost some speed, not any: among backends at most SLOWER_OK× the fastest,
+    # those within ACCURATE× of the lowest output error compete (7-bit activations doubled
+    # a layer's error, and three such layers of 37 took MiniLM's embedding cosine from 0.994
+    # to 0.989); among them medians within TIE× (+ TIE_SECONDS) of the fastest are tied
+    # (they move that much on a shared 2-core machine) and the smallest module wins.
+    fastest = min(times[b].median for b in built)
+    pool = [b for b in built if times[b].median <= SLOWER_OK * fastest + TIE_SECONDS]
+    least = min(errors[b] for b in pool)
+    pool = [b for b in pool if errors[b] <= ACCURATE * least + 1e-6]
+    quickest = min(times[b].median for b in pool)
+    near = [b for b in pool if times[b].median <= TIE * quickest + TIE_SECONDS]
+    best = min(near, key=lambda b: (serialized_size(built[b]), times[b].median))
+    note = "" if len(built) == 1 else f"best of {len(built)} measured"
+    return best, built[best], times, note
+
+
+@register_mode(DynamicInt8Config)
+@register_mode(WeightInt8Config)
+@register_mode(HalfConfig)
+def _per_layer(job: _Job, tx: Any) -> None:
+    """Quantize layer by layer, picking the fastest correct backend for each."""
+    calls = capture_calls(job.model, job.selected, job.inputs) if job.inputs else {}
+    captured = {name: call[0] for name, call in calls.items()}  # positional args
+    cache: dict = {}
+    for name, layer in job.selected.items():
+        row = _row(name, layer, job.config)
+        job.rows.append(row)
+        args = captured.get(name)
+        if job.inputs is not None and args is None:
+            row["note"] = "not run by the example input; quantized unmeasured"
+        best, new, times, note = _choose(job, name, layer, args, cache)
+        if best is None:
+            row["note"] = note
+            continue
+        if times is not None:
+            row["time float"], row["time quantized"] = times["float"], times[best]
+            # Only a clear win counts: a layer inside the noise band (TIE) stays float, since
+            # marginal per-layer wins summed to an end-to-end loss on LeNet-300-100 here.
+            quick = TIE * times[best].median + TIE_SECONDS < times["float"].median
+            if job.only_faster and not quick:
+                row["note"] = f"kept float: {best} not clearly faster than float here"
+                continue
+        tx.replace(name, new)
+        job.new[name] = new
+        _fill(row, new, job.config, best)
+        row["note"] = row["note"] or note
+
+
+def _output_linear(model: nn.Module, usable: dict[str, nn.Module]) -> tuple | None:
+    """Remove the model's final Linear from ``usable`` and return ``(name, layer)``."""
+    name = output_layer(model, weighted_layers(model))
+    if name in usable and type(usable[name]) is nn.Linear and len(usable) > 1:
+        return name, usable.pop(name)
+    return None
+
+
+@register_mode(StaticInt8Config)
+def _static(job: _Job, tx: Any) -> None:
+    """Static int8: fuse, wrap runs in Quant/DeQuant stubs, calibrate, convert."""
+    config = job.config
+    batches = job.calibrate  # already materialised and checked by _quantize
+    usable, skipped = {}, {}
+    for name, layer in job.selected.items():
+        if type(layer) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear):
+            usable[name] = layer
+        else:
+            skipped[name] = (
+                f"static int8 handles Conv1d/2d/3d and Linear, not {type(layer).__name__}"
+            )
+    if not usable:
+        raise ValueError("model: " + "; ".join(sorted(set(skipped.values()))))
+    rows = {n: _row(n, m, config) for n, m in job.selected.items()}
+    logits = _output_linear(job.model, usable)
+    regions, new = quantize_static(job.model, tx, usable, batches, config, job.warnings)
+    if logits is not None:
+        # Static int8 would round the logits to 8 bits too (-0.67 points on the digits
+        # CNN); the output layer gets int8 weights with float output instead.
+        module = Int8DynamicLinear(logits[1])
+        tx.replace(logits[0], module)
+        new[logits[0]] = module
+        rows[logits[0]]["note"] = "output layer: int8 weights, float output (dynamic)"
+    for region in regions:
+        for name, fused in region.fused.items():
+            rows[name]["note"] = "fused with " + ", ".join(fused)
+    for name, module in new.items():
+        dynamic = isinstance(module, Int8DynamicLinear)
+        _fill(
+            rows[name],
+            module,
+            config,
+            "nbcompress-int8" if dynamic else f"torch.ao[{config.engine}]",
+        )
+    job.new.update(new)
+    for name, reason in skipped.items():
+        rows[name]["note"] = reason
+    job.rows.extend(rows.values())
+    job.notes.append(
+        f"{len(regions)} quantized region(s); activations stay int8 inside a region, "
+        "with one quantize at its entry and one dequantize at its exit."
+    )

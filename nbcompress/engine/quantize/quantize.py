@@ -1,0 +1,298 @@
+"""Quantize a model in place (int8 dynamic / weight-only / static, fp16, bf16), measured.
+
+One verb, :func:`quantize_`, over backends that come and go (torch.ao, torchao, numba
+kernels, nbcompress's own modules). For every layer each installed backend builds a
+candidate from a copy of the layer; candidates are checked against the float layer on
+the layer's real input and timed side by side; the fastest correct one is swapped in
+inside a :func:`~nbcompress.engine.core.history.transaction`, so ``undo_`` restores the float
+model bit-exactly and any failure rolls back. Modes are frozen configs dispatched by
+type through :data:`HANDLERS`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.engine.core.history import history, transaction
+from nbcompress.engine.core.layers import select_layers, weighted_layers
+from nbcompress.engine.core.validation import as_inputs, check_module, primary_output, run_forward
+from nbcompress.engine.quantize.backends import BACKENDS, FAMILIES, quiet
+from nbcompress.engine.quantize.config import (
+    MODES,
+    DynamicInt8Config,
+    HalfConfig,
+    QuantConfig,
+    StaticInt8Config,
+    WeightInt8Config,
+    resolve_mode,
+)
+from nbcompress.engine.quantize.modes import (
+    DEFAULT_TYPES,
+    HANDLERS,
+    _eval_mode,
+    _Job,
+)
+from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
+from nbcompress.engine.quantize.static import calibration_batches
+from nbcompress.timing import measure_interleaved
+
+__all__ = [
+    "HANDLERS",
+    "MODES",
+    "DynamicInt8Config",
+    "HalfConfig",
+    "QuantizeReport",
+    "StaticInt8Config",
+    "WeightInt8Config",
+    "quantize_",
+    "quantize_report",
+]
+
+
+def _select(model: nn.Module, layers: Any, types: Any) -> dict[str, nn.Module]:
+    wanted = DEFAULT_TYPES if types is None else types
+    try:
+        selected, _ = select_layers(model, layers, wanted, include_output=True)
+    except ValueError as err:
+        done = [n for n, m in model.named_modules() if _is_quantized(m)]
+        if str(err).startswith("types: the model has no layer") and done:
+            raise ValueError(
+                f"model: already quantized ({len(done)} quantized module(s), e.g. {done[0]!r}); "
+                "undo first (undo_(model) / %undo model) to quantize it differently."
+            ) from None
+        if str(err).startswith("types: the model has no layer") and types is None:
+            raise ValueError(
+                f"model: no quantizable layer ({', '.join(t.__name__ for t in DEFAULT_TYPES)}) "
+                f"in this {type(model).__name__}; nothing to quantize."
+            ) from None
+        raise
+    if "" in selected:
+        raise ValueError(
+            "model: the model is a single layer; wrap it (nn.Sequential(layer)) so that the "
+            "layer can be swapped in place."
+        )
+    return selected
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind.__module__.startswith(("torch.ao.nn.quantized", "torchao")) or kind.__module__ in (
+        "nbcompress.engine.quantize.modules",
+        "nbcompress.engine.quantize.static",
+        "nbcompress.kernels.modules",
+    )
+
+
+def _check_family(backend: str) -> str:
+    names = {b.name for b in BACKENDS}
+    if backend == "auto" or backend in FAMILIES or backend in names:
+        return backend
+    raise ValueError(
+        f"backend: unknown backend {backend!r}; use 'auto' (fastest measured here), one of "
+        f"{', '.join(FAMILIES)}, or one of {', '.join(sorted(names))}."
+    )
+
+
+def _metric(evaluate: Callable[[nn.Module], float] | None, model: nn.Module) -> float | None:
+    if evaluate is None:
+        return None
+    if not callable(evaluate):
+        raise TypeError(
+            f"evaluate: expected a function model -> float, got {type(evaluate).__name__}."
+        )
+    try:
+        return float(evaluate(model))
+    except Exception as err:  # noqa: BLE001 - the user's function
+        raise ValueError(
+            f"evaluate: the eval function raised {type(err).__name__}: {err}. It must take the "
+            "model and return a number (e.g. test accuracy)."
+        ) from err
+
+
+def _finish(job: _Job, report: QuantizeReport, ref: Any, float_copy: nn.Module | None) -> None:
+    """Measure the quantized model: output difference and interleaved latency."""
+    model, inputs = job.model, job.inputs
+    if inputs is None:
+        report.notes.append("No example input given: latency and output difference not measured.")
+        return
+    with quiet(job.warnings):
+        out = primary_output(run_forward(model, inputs)).float()
+        ref = primary_output(ref).float()
+        diff = (out - ref).abs()
+        report.max_diff, report.mean_diff = float(diff.max()), float(diff.mean())
+        flat_o, flat_r = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
+        report.cosine = float(torch.nn.functional.cosine_similarity(flat_o, flat_r).mean())
+        times = measure_interleaved(
+            {"float": lambda: float_copy(*inputs), "quantized": lambda: model(*inputs)},
+            repeats=job.repeats,
+        )
+    report.latency_before, report.latency_after = times["float"], times["quantized"]
+    if report.speedup is not None and report.speedup < 1:
+        report.notes.append(
+            "The quantized model measured SLOWER than float on this input: small layers pay "
+            "more for (de)quantizing than they save; only_faster=True (--only-faster) keeps "
+            "such layers in float."
+        )
+
+
+def _kept_float_note(model: nn.Module, selected: dict[str, nn.Module]) -> str | None:
+    other = [m for n, m in weighted_layers(model).items() if n not in selected]
+    if not other:
+        return None
+    kinds: dict[str, int] = {}
+    for m in other:
+        kinds[type(m).__name__] = kinds.get(type(m).__name__, 0) + 1
+    listing = ", ".join(f"{k} ×{v}" for k, v in sorted(kinds.items()))
+    return f"Not selected, kept float: {listing}."
+
+
+def quantize_(
+    model: nn.Module,
+    mode: str | QuantConfig = "dynamic",
+    *,
+    layers: str | list[str] | None = None,
+    types: Any = None,
+    calibrate: Any = None,
+    example_inputs: Any = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    backend: str = "auto",
+    only_faster: bool = False,
+    repeats: int = 10,
+) -> nn.Module:
+    """Quantize ``model`` in place, undoably, with the best measured backend per layer.
+
+    Per layer, every installed backend builds a candidate from a copy; candidates whose
+    output on the layer's real input is off by more than the mode's tolerance, or that
+    cannot be pickled, are rejected; of the rest, those at most 1.5× slower than the
+    fastest compete on accuracy, then speed, then size (see ``quant_modes._choose``). The
+    figures (sizes, latency, metric, output difference, backend per layer, layers
+    kept float and why) are in :func:`quantize_report` afterwards.
+
+    Args:
+        model: The float model (edited in place).
+        mode: ``"dynamic"``, ``"weight"``, ``"static"``, ``"fp16"``, ``"bf16"`` or a config.
+        layers: Glob pattern(s) on layer names; ``None`` = all.
+        types: Layer types (names or classes); ``None`` = Linear, Conv, LSTM, GRU.
+        calibrate: Static mode: a tensor of inputs, a DataLoader or an iterable of batches.
+        example_inputs: A real batch; layers' backends are chosen by timing on it.
+        evaluate: ``evaluate(model) -> float`` (e.g. accuracy), run before and after.
+        backend: ``"auto"`` (measure), a family (``torch``, ``torchao``, ``numba``,
+            ``nbcompress``) or a backend name such as ``"torch.ao[fbgemm]"``.
+        only_faster: Keep in float every layer no quantized backend runs faster.
+        repeats: Timed samples per measurement.
+
+    Returns:
+        The model.
+
+    Raises:
+        ValueError: Unknown mode or backend, static mode without (or with wrongly shaped)
+            calibration data, a pattern matching no layer, no quantizable layer. The model
+            is left untouched.
+        TypeError: ``model`` is not an ``nn.Module``.
+    """
+    job = _plan(model, mode, layers, types, calibrate, example_inputs, backend, only_faster)
+    job.repeats = _check_repeats(repeats)
+    _run(job, evaluate)
+    return model
+
+
+def _check_repeats(repeats: Any) -> int:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats: expected a positive integer such as 10, got {repeats!r}.")
+    return repeats
+
+
+def _plan(
+    model: nn.Module,
+    mode: str | QuantConfig,
+    layers: Any,
+    types: Any,
+    calibrate: Any,
+    example_inputs: Any,
+    backend: str,
+    only_faster: bool,
+) -> _Job:
+    """Check every argument before anything is touched; return the job to run."""
+    check_module(model)
+    config = resolve_mode(mode)
+    if type(config) not in HANDLERS:
+        raise ValueError(f"mode: no handler registered for {type(config).__name__}.")
+    family = _check_family(backend)
+    selected = _select(model, layers, types)
+    inputs = None if example_inputs is None else as_inputs(example_inputs)
+    if isinstance(config, StaticInt8Config):
+        # Materialised once: a generator could not be iterated a second time.
+        calibrate = calibration_batches(calibrate, config.max_batches)
+        with _eval_mode(model):
+            run_forward(model, calibrate[0], arg="calibrate")
+        inputs = calibrate[0] if inputs is None else inputs
+    return _Job(model, config, family, selected, inputs, calibrate, only_faster, repeats=10)
+
+
+def _run(job: _Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeReport:
+    """Measure the float model, quantize inside a transaction, measure again."""
+    model, inputs, config = job.model, job.inputs, job.config
+    report = QuantizeReport(mode=config.label)
+    with _eval_mode(model):
+        # Cloned now: some models (sentence encoders) write their output into the input dict.
+        ref = primary_output(run_forward(model, inputs)).clone() if inputs is not None else None
+        report.metric_before = _metric(evaluate, model)
+        report.size_before = serialized_size(model)
+        float_copy = copy.deepcopy(model) if inputs is not None else None
+    kept_note = _kept_float_note(model, job.selected)
+    # The transaction is entered outside eval mode so that undo restores the user's flags.
+    with transaction(model, "quantize", config.label) as tx, _eval_mode(model):
+        HANDLERS[type(config)](job, tx)
+        report.rows = job.rows
+        if not report.quantized:
+            raise ValueError(
+                "model: no selected layer could be quantized in mode "
+                f"{config.label!r}: " + "; ".join(sorted(set(report.skipped.values())))
+            )
+        report.size_after = serialized_size(model)
+        done = set(report.quantized)
+        report.layers_before = serialized_size({n: job.selected[n] for n in done})
+        report.layers_after = serialized_size({n: job.new[n] for n in done})
+        _finish(job, report, ref, float_copy)
+        if job.only_faster and report.speedup is not None and report.speedup < 1:
+            # Per-layer wins do not always add up (and noise can fake one on tiny layers);
+            # the promise is about the whole model, so it must measure faster as a whole.
+            raise ValueError(
+                f"model: with only_faster, the quantized model measured slower end to end "
+                f"({report.latency_after} vs float {report.latency_before}); rolled back, "
+                "the model is unchanged."
+            )
+        report.metric_after = _metric(evaluate, model)
+        tx.step.detail = f"{config.label}: {len(done)} layer(s)"
+        tx.info["report"] = report
+    report.notes = job.notes + report.notes + ([kept_note] if kept_note else [])
+    if job.warnings:
+        top = sorted(job.warnings, key=job.warnings.get, reverse=True)[:2]
+        report.notes.append(
+            f"Backend warnings, summarised ({sum(job.warnings.values())} in all, "
+            f"{len(job.warnings)} distinct): " + " | ".join(top)
+        )
+    return report
+
+
+def quantize_report(model: nn.Module) -> QuantizeReport:
+    """Return the report of the latest ``quantize_`` step still recorded for ``model``.
+
+    Args:
+        model: A model quantized by :func:`quantize_`.
+
+    Returns:
+        The report (sizes, latency, metric, output difference, per-layer backends).
+
+    Raises:
+        ValueError: The model has no recorded quantize step.
+    """
+    for step in reversed(history(model)):
+        if step.name == "quantize" and "report" in step.info:
+            return step.info["report"]
+    raise ValueError("model: no quantize step is recorded for this model; run quantize_ first.")

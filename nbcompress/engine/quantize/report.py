@@ -1,0 +1,169 @@
+"""What ``quantize_`` did, measured: sizes, latency, metric, output difference, per layer."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_pct
+from nbcompress.timing import Timing, format_seconds
+
+__all__ = ["QuantizeReport", "serialized_size", "weight_values"]
+
+
+def serialized_size(module: nn.Module | dict[str, nn.Module]) -> int:
+    """Bytes of ``torch.save(module.state_dict())`` — the real size on disk.
+
+    A dict of modules is saved as one file (so the file's fixed overhead counts once).
+    """
+    buf = io.BytesIO()
+    if isinstance(module, dict):
+        torch.save({k: m.state_dict() for k, m in module.items()}, buf)
+    else:
+        torch.save(module.state_dict(), buf)
+    return buf.tell()
+
+
+def weight_values(module: nn.Module) -> torch.Tensor | None:
+    """The (dequantized) weight a layer computes with, whatever the backend, if it has one."""
+    if hasattr(module, "dequantized_weight"):
+        return module.dequantized_weight()
+    if hasattr(module, "dense_weight"):  # nbcompress.kernels sparse modules
+        return module.dense_weight()
+    if hasattr(module, "inner"):
+        module = module.inner
+    w = getattr(module, "weight", None)
+    if callable(w) and not isinstance(w, torch.Tensor):
+        try:
+            w = w()  # torch.ao quantized modules unpack their weight through a method
+        except Exception:  # noqa: BLE001 - some packed modules cannot unpack
+            return None
+    if not isinstance(w, torch.Tensor):
+        return None
+    try:
+        return w.detach().dequantize().float()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return w.detach().float()
+
+
+def sparsity(module: nn.Module) -> float | None:
+    """Fraction of exact zeros in the layer's weight (``None`` if it has none readable)."""
+    w = weight_values(module)
+    return None if w is None or w.numel() == 0 else float((w == 0).float().mean())
+
+
+def _time(t: Timing | None) -> str:
+    return "—" if t is None else format_seconds(t.median)
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+_COLUMNS = {
+    "layer": None,
+    "type": None,
+    "quantized as": None,
+    "backend": None,
+    "bits": lambda b: "32" if b is None else str(b),
+    "sparsity": fmt_pct,
+    "bytes before": fmt_bytes,
+    "bytes after": fmt_bytes,
+    "smaller": _ratio,
+    "time float": _time,
+    "time quantized": _time,
+    "note": lambda s: s or "",
+}
+
+
+@dataclass(repr=False)
+class QuantizeReport(TableReport):
+    """Before/after figures of one ``quantize_`` call (all measured on this machine).
+
+    Attributes:
+        mode: The mode label, e.g. ``"int8 dynamic"``.
+        rows: One dict per selected layer (quantized or kept float, with the reason).
+        size_before: Serialized bytes of the whole model before.
+        size_after: Serialized bytes after.
+        latency_before: End-to-end time of the float model on the example input.
+        latency_after: Same for the quantized model (interleaved with the float run).
+        metric_before: ``evaluate(model)`` before, if an eval function was given.
+        metric_after: ``evaluate(model)`` after.
+        max_diff: Largest absolute output difference vs the float model on the example input.
+        mean_diff: Mean absolute output difference.
+        cosine: Mean cosine similarity of output rows vs the float model.
+        layers_before: Serialized bytes of the quantized layers before (saved together).
+        layers_after: Same after.
+        notes: Caveats and summarised backend warnings.
+    """
+
+    mode: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    size_before: int = 0
+    size_after: int = 0
+    latency_before: Timing | None = None
+    latency_after: Timing | None = None
+    metric_before: float | None = None
+    metric_after: float | None = None
+    max_diff: float | None = None
+    mean_diff: float | None = None
+    cosine: float | None = None
+    layers_before: int = 0
+    layers_after: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[str]:
+        """Names of the layers that were quantized."""
+        return [r["layer"] for r in self.rows if r.get("backend")]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Layer name → reason it was kept in float."""
+        return {r["layer"]: r["note"] for r in self.rows if not r.get("backend")}
+
+    @property
+    def speedup(self) -> float | None:
+        """Measured latency before / after (> 1 is faster)."""
+        if self.latency_before and self.latency_after:
+            return self.latency_before.median / self.latency_after.median
+        return None
+
+    @property
+    def layer_ratio(self) -> float | None:
+        """Serialized bytes of the quantized layers before / after (one file each)."""
+        return self.layers_before / self.layers_after if self.layers_after else None
+
+    def _summary(self) -> list[str]:
+        lines = [
+            f"model size {fmt_bytes(self.size_before)} → {fmt_bytes(self.size_after)} "
+            f"({_ratio(self.size_before / max(self.size_after, 1))} smaller; quantized layers "
+            f"{_ratio(self.layer_ratio)})"
+        ]
+        if self.latency_before and self.latency_after:
+            word = "faster" if self.speedup >= 1 else "SLOWER"
+            lines.append(
+                f"latency {self.latency_before} → {self.latency_after}: "
+                f"{self.speedup:.2f}× ({word} than float, interleaved runs)"
+            )
+        if self.metric_before is not None:
+            lines.append(f"metric {self.metric_before:.4g} → {self.metric_after:.4g}")
+        if self.max_diff is not None:
+            lines.append(
+                f"output vs float: max |diff| {self.max_diff:.3g}, mean {self.mean_diff:.3g}, "
+                f"cosine {self.cosine:.5f}"
+            )
+        return lines
+
+    @property
+    def title(self) -> str:
+        """One-line heading."""
+        n, k = len(self.quantized), len(self.rows)
+        return f"quantize ({self.mode}): {n} of {k} selected layers quantized"
+
+    def _table(self) -> Table:
+        return Table(self.rows, _COLUMNS, self.title, self._summary() + self.notes)

@@ -1,0 +1,218 @@
+"""Static int8 post-training quantization without touching the user's classes.
+
+torch's eager workflow needs ``QuantStub``/``DeQuantStub`` in the model's code. Instead,
+each maximal run of quantizable children of an ``nn.Sequential`` (Conv/Linear plus
+BatchNorm, ReLU, pooling, Flatten, Dropout) becomes one :class:`StaticRegion` —
+``QuantStub → fused copies → DeQuantStub`` — in the place of the run's first child, and
+the rest of the run becomes ``nn.Identity``. Layers whose parent has its own ``forward``
+get a region of their own. The originals are copied, never edited, so undo restores
+them bit-exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.engine.quantize.backends import _engine, quiet
+from nbcompress.engine.quantize.config import StaticInt8Config
+
+__all__ = ["StaticRegion", "calibration_batches", "plan_regions", "quantize_static"]
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Modules that run on quantized tensors, so a region may continue through them.
+_PASS_THROUGH = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+)
+_CONV_BN = {nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+
+
+class StaticRegion(nn.Sequential):
+    """``QuantStub → quantized layers → DeQuantStub`` standing in for a run of layers."""
+
+
+@dataclass
+class Region:
+    """A run of sibling layers quantized together.
+
+    Attributes:
+        names: Qualified names of the run's modules, in order.
+        fused: Names fused into the layer before them (e.g. a BatchNorm into its Conv).
+        module: The region once built.
+    """
+
+    names: list[str]
+    fused: dict[str, list[str]] = field(default_factory=dict)
+    module: StaticRegion | None = None
+
+
+def calibration_batches(data: Any, max_batches: int) -> list[tuple]:
+    """Normalise calibration data (tensor, DataLoader or iterable) to input tuples.
+
+    A batch that is a tuple or list (``(x, y)`` from a DataLoader) contributes its first
+    element as the model input.
+    """
+    fix = (
+        "Pass calibrate=<tensor of inputs, DataLoader or iterable of batches> (in a notebook "
+        "--calibrate NAME), e.g. a few hundred training inputs."
+    )
+    if data is None:
+        raise ValueError(f"calibrate: static mode needs calibration data. {fix}")
+    if isinstance(data, torch.Tensor):
+        items: Iterable[Any] = data.split(64) if data.dim() else []
+    elif isinstance(data, (str, bytes, dict, nn.Module)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"calibrate: cannot iterate a {type(data).__name__}. {fix}")
+    else:
+        items = data
+    batches = []
+    for item in items:
+        if isinstance(item, (tuple, list)) and item:
+            item = item[0]
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"calibrate: a batch is a {type(item).__name__}, not a tensor. {fix}")
+        batches.append((item,))
+        if len(batches) >= max_batches:
+            break
+    if not batches:
+        raise ValueError(f"calibrate: the calibration data is empty. {fix}")
+    return batches
+
+
+def _child_name(parent: str, child: str) -> str:
+    return f"{parent}.{child}" if parent else child
+
+
+def plan_regions(model: nn.Module, selected: dict[str, nn.Module]) -> list[Region]:
+    """Group the selected layers into regions (runs inside Sequentials, else one each)."""
+    regions: list[Region] = []
+    done: set[str] = set()
+    for name in selected:
+        if name in done:
+            continue
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name)
+        if not isinstance(parent, nn.Sequential):
+            regions.append(Region([name]))
+            done.add(name)
+            continue
+        run: list[str] = []
+        for child, module in parent.named_children():
+            qual = _child_name(parent_name, child)
+            if qual in selected or (run and type(module) in _PASS_THROUGH):
+                run.append(qual)
+                continue
+            if run:
+                regions.append(Region(run))
+            run = []
+        if run:
+            regions.append(Region(run))
+        done.update(n for r in regions for n in r.names)
+    return regions
+
+
+def _fusion_groups(mods: list[nn.Module]) -> list[list[int]]:
+    """Index groups torch can fuse: Conv+BN(+ReLU), Conv+ReLU, Linear+ReLU."""
+    groups, i = [], 0
+    while i < len(mods):
+        kind, nxt = type(mods[i]), [type(m) for m in mods[i + 1 : i + 3]]
+        group = [i]
+        if kind in _CONV_BN and nxt[:1] == [_CONV_BN[kind]]:
+            group.append(i + 1)
+            if nxt[1:2] == [nn.ReLU]:
+                group.append(i + 2)
+        elif kind in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) and nxt[:1] == [nn.ReLU]:
+            group.append(i + 1)
+        if len(group) > 1:
+            groups.append(group)
+        i = group[-1] + 1
+    return groups
+
+
+def _build(model: nn.Module, region: Region, config: StaticInt8Config) -> StaticRegion:
+    from torch.ao.quantization import (
+        DeQuantStub,
+        QuantStub,
+        fuse_modules,
+        get_default_qconfig,
+        prepare,
+    )
+
+    mods = [copy.deepcopy(model.get_submodule(n)).eval() for n in region.names]
+    seq = StaticRegion(QuantStub(), *mods, DeQuantStub()).eval()
+    groups = _fusion_groups(mods) if config.fuse else []
+    if groups:
+        fuse_modules(seq, [[str(i + 1) for i in g] for g in groups], inplace=True)
+        for g in groups:
+            region.fused[region.names[g[0]]] = [region.names[i] for i in g[1:]]
+    seq.qconfig = get_default_qconfig(config.engine)
+    _per_tensor_where_asked(seq, config.per_channel)
+    with _engine(config.engine):
+        prepare(seq, inplace=True)
+    return seq
+
+
+def _per_tensor_where_asked(seq: nn.Module, per_channel: bool | str) -> None:
+    """Give Linear layers (or every layer) one weight scale per tensor, as configured."""
+    from torch.ao.nn.intrinsic import LinearReLU
+    from torch.ao.quantization import QConfig, default_weight_observer
+
+    if per_channel is True:
+        return
+    per_tensor = QConfig(activation=seq.qconfig.activation, weight=default_weight_observer)
+    if per_channel is False:
+        seq.qconfig = per_tensor
+        return
+    for module in seq.modules():
+        # A fused Linear+ReLU is converted as one module, so it carries the qconfig.
+        if isinstance(module, (nn.Linear, LinearReLU)):
+            module.qconfig = per_tensor
+
+
+def quantize_static(
+    model: nn.Module,
+    tx: Any,
+    selected: dict[str, nn.Module],
+    batches: list[tuple],
+    config: StaticInt8Config,
+    seen: dict[str, int],
+) -> tuple[list[Region], dict[str, nn.Module]]:
+    """Swap in observed regions, calibrate, convert; return regions and layer → new module.
+
+    Runs inside the caller's transaction, so an error anywhere rolls everything back.
+    """
+    from torch.ao.quantization import convert
+
+    regions = plan_regions(model, selected)
+    with quiet(seen):
+        for region in regions:
+            region.module = _build(model, region, config)
+            tx.replace(region.names[0], region.module)
+            for name in region.names[1:]:
+                tx.replace(name, nn.Identity())
+        with torch.no_grad():
+            for batch in batches:
+                model(*batch)
+        with _engine(config.engine):
+            for region in regions:
+                convert(region.module, inplace=True)
+    new = {}
+    for region in regions:
+        for i, name in enumerate(region.names):
+            if name in selected:
+                new[name] = region.module[i + 1]
+    return regions, new

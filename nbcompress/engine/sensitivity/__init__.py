@@ -1,0 +1,1 @@
+"""Which layers, and how much: sweeps, results, allocation, staged pruning and refinement."""

@@ -1,0 +1,371 @@
+"""Staged sensitivity pruning: sweep → suggest → apply, repeated on the pruned model.
+
+A single sweep measures each layer with only that layer pruned, and its suggestion sums
+those drops. Layers that look harmless alone can compound when pruned together, so at high
+sparsity the one-sweep prediction is optimistic. Pruning in stages re-measures the curves on
+the already pruned model before each step, which captures those interactions (at the cost
+of one sweep per stage). Every stage runs inside one history transaction: one ``undo_``
+restores the model bit-exactly, and an error or Ctrl-C in any stage rolls everything back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from nbcompress.engine.core.history import transaction, trial
+from nbcompress.engine.core.report import Table, TableReport, fmt_pct
+from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
+from nbcompress.engine.prune.prune import prune_
+from nbcompress.engine.sensitivity.allocate import Suggestion, apply_suggestion_
+from nbcompress.engine.sensitivity.refine import Refinement, check_budget
+from nbcompress.engine.sensitivity.refine import refine as refine_allocation
+from nbcompress.engine.sensitivity.result import SensitivityResult, keep_latest
+from nbcompress.engine.sensitivity.sweep import Proxy, sensitivity, weight_sparsity
+
+__all__ = ["DEFAULT_RATIOS", "StagedReport", "prune_to_", "stage_targets"]
+
+#: Sweep ratios of each stage: fine steps at the top, where high targets are decided.
+DEFAULT_RATIOS = (
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
+)  # fmt: skip
+
+
+#: Sparsity of the first stage of a schedule given as a number of stages.
+_FIRST = 0.5
+
+
+@dataclass(repr=False)
+class StagedReport(TableReport):
+    """What :func:`prune_to_` did: one row per stage, predicted vs measured metric.
+
+    Attributes:
+        target: Overall sparsity asked for.
+        stages: One dict per stage: stage, target, sparsity, predicted, measured.
+        baseline: Metric of the model before the first stage.
+        metric: Name of the metric.
+        higher_is_better: ``False`` for losses, perplexity, RMSE.
+        evaluations: Evaluations over all sweeps and measurements.
+        seconds: Wall-clock time of the whole procedure.
+        suggestion: The last stage's suggestion.
+        result: The last stage's sweep (curves of the model before the last stage).
+        notes: Explanations shown with the report.
+        refinement: With ``refine``: the measured search (its candidates and kept moves);
+            the last row of ``stages`` is its result.
+    """
+
+    target: float
+    stages: list[dict[str, Any]]
+    baseline: float
+    metric: str
+    higher_is_better: bool
+    evaluations: int
+    seconds: float
+    suggestion: Suggestion | None = None
+    result: SensitivityResult | None = None
+    notes: list[str] = field(default_factory=list)
+    refinement: Refinement | None = None
+
+    @property
+    def measured(self) -> float | None:
+        """Metric measured after the last stage."""
+        return self.stages[-1]["measured"] if self.stages else None
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per stage."""
+        return [dict(s) for s in self.stages]
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """Per-layer ratios in place after the last stage (or the refinement)."""
+        if self.refinement is not None:
+            return dict(self.refinement.ratios)
+        return dict(self.suggestion.ratios) if self.suggestion else {}
+
+    def _title(self) -> str:
+        measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
+        n = sum(isinstance(s["stage"], int) for s in self.stages)
+        refined = " + measured refinement" if self.refinement is not None else ""
+        return (
+            f"Staged sensitivity pruning to sparsity {fmt_pct(self.target)} in "
+            f"{n} stage(s){refined}: {self.metric} {measured} (baseline "
+            f"{self.baseline:.4g}); {self.evaluations} evaluations in {self.seconds:.1f} s"
+        )
+
+    def _columns(self) -> dict[str, Any]:
+        num = "{:.4g}".format
+        return {
+            "stage": None, "target": fmt_pct, "sparsity": fmt_pct,
+            "predicted": num, "measured": lambda v: "—" if v is None else num(v),
+        }  # fmt: skip
+
+    def _table(self) -> Table:
+        return Table(self.rows, self._columns(), self._title(), self.notes)
+
+
+def stage_targets(target_sparsity: float, stages: int | Sequence[float]) -> list[float]:
+    """Overall sparsity after each stage, ending at ``target_sparsity``.
+
+    Args:
+        target_sparsity: Final overall sparsity, in (0, 1).
+        stages: Number of stages, or the intermediate targets (ascending, below the
+            target; the target is appended). With a number ``n``, the first stage goes to
+            half the weights (or straight to a target below that): there the curves are
+            flat and pruning layers together costs about what the sum predicts, so more
+            stages would only spend sweeps. Each later stage removes the same share of the
+            weights still left (densities fall geometrically), so the steps shrink where
+            layers start to interact.
+
+    Returns:
+        Ascending targets, the last one ``target_sparsity``.
+    """
+    t = check_amount(target_sparsity, "target_sparsity", allow_zero=False)
+    if isinstance(stages, bool):
+        raise TypeError(f"stages: expected a number of stages or a list, got {stages!r}.")
+    if isinstance(stages, numbers.Integral):
+        if stages < 1:
+            raise ValueError(f"stages: expected at least 1 stage, got {stages}.")
+        n, first = int(stages), min(_FIRST, t)
+        if n == 1 or first >= t:
+            return [round(1 - (1 - t) ** (k / n), 6) for k in range(1, n)] + [t]
+        shrink = ((1 - t) / (1 - first)) ** (1 / (n - 1))
+        return [round(1 - (1 - first) * shrink**k, 6) for k in range(n - 1)] + [t]
+    if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence):
+        raise TypeError(f"stages: expected a number of stages or a list, got {stages!r}.")
+    steps = [check_amount(s, f"stages[{i}]", allow_zero=False) for i, s in enumerate(stages)]
+    if steps and math.isclose(steps[-1], t):
+        steps = steps[:-1]
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)) or any(s >= t for s in steps):
+        raise ValueError(
+            f"stages: {list(stages)!r} must ascend and stay below target_sparsity={t:g}, "
+            "e.g. [0.5, 0.7, 0.8]."
+        )
+    return [*steps, t]
+
+
+def _evaluation(
+    model: nn.Module, evaluate: Any, example_inputs: Any, metric: str | None
+) -> tuple[Callable[[nn.Module], float], str | None, list[str]]:
+    """The stages' metric; without ``evaluate``, the proxy against the model as it is now.
+
+    A sweep's own proxy compares with the model at that sweep, so stage after stage it
+    would drift; one fixed reference keeps every stage measured against the unpruned model.
+    """
+    if evaluate is not None or example_inputs is None:
+        return evaluate, metric, []
+    proxy = Proxy(model, as_inputs(example_inputs))
+
+    def agreement(m: nn.Module) -> float:
+        with eval_mode(m):
+            return proxy(m)
+
+    note = f"Proxy metric ({proxy.name}) against the model before the first stage."
+    return agreement, metric or f"proxy {proxy.name}", [note]
+
+
+def prune_to_(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float] | None,
+    target_sparsity: float,
+    *,
+    stages: int | Sequence[float] = 5,
+    ratios: Sequence[float] | None = DEFAULT_RATIOS,
+    objective: str = "params",
+    granularity: str = "element",
+    layers: str | Sequence[str] | None = None,
+    types: Iterable[str | type] | str | type | None = None,
+    example_inputs: Any = None,
+    higher_is_better: bool = True,
+    metric: str | None = None,
+    refine: int | None = None,
+    progress: bool = True,
+) -> StagedReport:
+    """Prune ``model`` in place to an overall sparsity in stages guided by sensitivity.
+
+    Each stage sweeps the (already pruned) model with :func:`sensitivity`, asks the result
+    for the stage's target (``SensitivityResult.suggest``) and applies it
+    (:func:`apply_suggestion_`), measuring the metric. All stages form one step of the
+    history: ``undo_(model)`` restores the model bit-exactly, and if any stage fails or is
+    interrupted (Ctrl-C) the model is restored and the error propagates.
+
+    Prefer a continuous metric such as validation loss (``higher_is_better=False``):
+    accuracy on a few hundred examples is flat over most ratios, so it cannot tell a
+    harmless layer from a slightly harmful one (see benchmarks/RESULTS.md, issue 3).
+
+    With ``refine=N`` the stages only propose: they run inside a trial, and the per-layer
+    ratios they reach are measured next to the first sweep's one-shot suggestion and the
+    ratios uniform and global L1 would give; a local search
+    (:func:`nbcompress.engine.sensitivity.refine.refine`, up to ``N`` more evaluations) then moves
+    sparsity between layers while the measured metric improves, and the best allocation
+    measured is applied. On ``evaluate`` it is never worse than any of those candidates.
+
+    Args:
+        model: The model to prune.
+        evaluate: ``evaluate(model) -> float``, higher is better unless
+            ``higher_is_better=False``; ``None`` with ``example_inputs``: the data-free
+            proxy against the model as it is before the first stage.
+        target_sparsity: Overall fraction of the analysed weights (MACs with
+            ``objective="macs"``) to remove, in (0, 1).
+        stages: Number of stages, or the intermediate targets (see :func:`stage_targets`).
+        ratios: Sweep ratios of each stage (ratios at or below a layer's sparsity are not
+            evaluated); they must reach high enough for the target.
+        objective: ``"params"`` or ``"macs"``.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
+        layers: Glob pattern(s) of layers to prune; default every Linear/Conv layer,
+            the output layer included.
+        types: Layer types to prune (names or classes).
+        example_inputs: Input for the proxy and for MAC estimates.
+        higher_is_better: ``False`` for losses, perplexity, RMSE.
+        metric: Name of the metric.
+        refine: Evaluations for a measured refinement after the stages (e.g. 100);
+            ``None``: apply the last stage's suggestion as it is.
+        progress: Print one line per stage to stderr.
+
+    Returns:
+        The report: per stage the target, achieved sparsity, predicted and measured metric.
+
+    Raises:
+        ValueError: Bad target, stages, refine or option, or a stage target the sweep
+            cannot reach.
+        EvaluationError: ``evaluate`` raised; nothing is kept.
+        KeyboardInterrupt: Interrupted; nothing is kept.
+    """
+    check_module(model)
+    targets = stage_targets(target_sparsity, stages)
+    if refine is not None:
+        check_budget(refine, "refine")
+    measure, metric, notes = _evaluation(model, evaluate, example_inputs, metric)
+    sweep_options = dict(
+        ratios=ratios, layers=layers, types=types, granularity=granularity,
+        example_inputs=example_inputs, higher_is_better=higher_is_better, metric=metric,
+        progress=False,
+    )  # fmt: skip
+    run = _Staged(model, measure, sweep_options, objective, progress, time.perf_counter())
+    detail = f"staged sensitivity pruning to sparsity {fmt_pct(targets[-1])}"
+    with keep_latest(model), transaction(model, "prune", detail) as tx:
+        if refine is None:
+            run.stages(targets)
+        else:
+            run.refined(targets, refine, dict(layers=layers, types=types, granularity=granularity))
+        tx.step.detail = detail + f" in {len(targets)} stage(s)" + (" + refined" if refine else "")
+        tx.info.update(suggestion=f"staged to sparsity {targets[-1]:.0%}", measured=run.last)
+    notes.append("Undo all stages at once with nbcompress.undo_(model) or %undo model.")
+    return run.report(targets[-1], notes)
+
+
+@dataclass
+class _Staged:
+    """State of one staged run: the stages so far and what they cost."""
+
+    model: nn.Module
+    evaluate: Any
+    options: dict[str, Any]
+    objective: str
+    progress: bool
+    start: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    evaluations: int = 0
+    baseline: float | None = None
+    result: SensitivityResult | None = None
+    first: SensitivityResult | None = None
+    suggestion: Suggestion | None = None
+    last: float | None = None
+    refinement: Refinement | None = None
+
+    def stages(self, targets: list[float]) -> None:
+        """Run every stage on the model."""
+        for k, t in enumerate(targets, 1):
+            self.stage(k, len(targets), t)
+
+    def refined(self, targets: list[float], budget: int, selection: dict[str, Any]) -> None:
+        """Stages as a proposal (rolled back), then a measured search; apply the best."""
+        with trial(self.model):
+            self.stages(targets)
+            names = self.result.layers
+            staged = {
+                n: weight_sparsity(self.model.get_submodule(n).weight, selection["granularity"])
+                for n in names
+            }
+        candidates = {"staged": staged}
+        with contextlib.suppress(ValueError):  # the one-shot target may be out of its reach
+            one_shot = self.first.suggest(targets[-1], objective=self.objective)
+            candidates["one sweep"] = one_shot.ratios
+        found = refine_allocation(
+            self.model, self.evaluate, targets[-1], candidates=candidates, budget=budget,
+            higher_is_better=self.result.higher_is_better, metric=self.result.metric,
+            predict=self.first.predict, **selection,
+        )  # fmt: skip
+        self.evaluations += found.evaluations
+        prune_(
+            self.model, {n: r for n, r in found.ratios.items() if r > 0},
+            layers=[n for n, r in found.ratios.items() if r > 0],
+            types={type(self.model.get_submodule(n)) for n in names},
+            include_output=True, granularity=selection["granularity"],
+        )  # fmt: skip
+        self.refinement, self.last = found, found.measured
+        self.rows.append({
+            "stage": f"refined (from {found.start})", "target": targets[-1],
+            "sparsity": found.sparsity, "predicted": found.predicted, "measured": found.measured,
+        })  # fmt: skip
+        if self.progress:
+            print(
+                f"prune_to_ [refined, {time.perf_counter() - self.start:.1f} s] from "
+                f"{found.start}: {found.evaluations} evaluations, measured {_fmt(found.measured)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def stage(self, k: int, n: int, target: float) -> None:
+        """Sweep the model as it is, suggest for ``target`` and apply; skip if already there."""
+        res = sensitivity(self.model, self.evaluate, **self.options)
+        self.evaluations += res.evaluations
+        if not res.complete:
+            # The sweep keeps a partial result on Ctrl-C; here the whole run must stop.
+            raise KeyboardInterrupt(f"staged pruning interrupted in stage {k}; nothing kept")
+        if self.baseline is None:
+            self.baseline, self.first = res.baseline, res
+        self.result = res
+        if res.sparsity_of({}) >= target - 1e-9:
+            return  # already that sparse (e.g. pruned before): nothing to do in this stage
+        try:
+            suggestion = res.suggest(target, objective=self.objective)
+        except ValueError as err:
+            raise ValueError(f"stage {k} of {n}: {err}") from None
+        applied = apply_suggestion_(self.model, suggestion, evaluate=self.evaluate)
+        self.evaluations += applied.measured is not None
+        self.suggestion, self.last = suggestion, applied.measured
+        self.rows.append({
+            "stage": k, "target": target, "sparsity": suggestion.sparsity,
+            "predicted": suggestion.predicted, "measured": applied.measured,
+        })  # fmt: skip
+        if self.progress:
+            print(
+                f"prune_to_ [stage {k}/{n}, {time.perf_counter() - self.start:.1f} s] sparsity "
+                f"{suggestion.sparsity:.1%}: predicted {suggestion.predicted:.4g}, measured "
+                f"{_fmt(applied.measured)}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def report(self, target: float, notes: list[str]) -> StagedReport:
+        """The report of the finished run."""
+        res = self.result
+        return StagedReport(
+            target=target, stages=self.rows, baseline=float(self.baseline),
+            metric=res.metric, higher_is_better=res.higher_is_better,
+            evaluations=self.evaluations, seconds=time.perf_counter() - self.start,
+            suggestion=self.suggestion, result=res, notes=notes, refinement=self.refinement,
+        )  # fmt: skip
+
+
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else f"{v:.4g}"

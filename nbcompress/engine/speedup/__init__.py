@@ -1,0 +1,1 @@
+"""Pruned and faster: measured dense vs sparse-kernel comparison and ``sparsify_``."""

@@ -1,0 +1,1 @@
+"""Every figure and HTML drawing of nbcompress results (the engine returns data only)."""

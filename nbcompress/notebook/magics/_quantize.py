@@ -1,0 +1,96 @@
+"""``%quantize``: a thin wrapper over :func:`nbcompress.engine.quantize.quantize.quantize_`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from nbcompress.engine.quantize.quantize import MODES, QuantizeReport, quantize_, quantize_report
+from nbcompress.notebook.magics._common import (
+    api_errors,
+    example_input,
+    input_argument,
+    resolve_model,
+    resolve_value,
+    split_patterns,
+)
+
+__all__ = ["QuantizeMagics"]
+
+_DTYPES = ("int8", "fp16", "bf16")
+_INT8_MODES = ("dynamic", "weight", "static")
+
+
+def _mode(dtype: str, mode: str | None) -> str:
+    if dtype not in _DTYPES:
+        raise UsageError(f"dtype: unknown {dtype!r}; use one of {', '.join(_DTYPES)}.")
+    if dtype != "int8":
+        if mode is not None:
+            raise UsageError(f"--mode applies to int8 only; drop it for {dtype}.")
+        return dtype
+    mode = mode or "dynamic"
+    if mode not in _INT8_MODES:
+        raise UsageError(f"--mode: unknown {mode!r}; use one of {', '.join(_INT8_MODES)}.")
+    return mode
+
+
+@magics_class
+class QuantizeMagics(Magics):
+    """The ``%quantize`` magic."""
+
+    @magic_arguments()
+    @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
+    @argument("dtype", nargs="?", default="int8", help="int8 (default), fp16 or bf16.")
+    @argument("--mode", help="int8 mode: dynamic (default), weight (weight-only) or static.")
+    @argument("--calibrate", help="Static mode: name of a DataLoader, tensor or iterable.")
+    @input_argument("Example input: backends are timed on it (default: the last one given).")
+    @argument("--eval", dest="evaluate", help="Metric function model -> float, run before/after.")
+    @argument("--layers", help='Glob(s) on layer names, e.g. "encoder.*" (comma-separated).')
+    @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear, Conv, LSTM, GRU).")
+    @argument("--backend", default="auto", help="auto (fastest measured), torch, torchao, ...")
+    @argument("--per-tensor", action="store_true", help="int8: one weight scale per tensor.")
+    @argument("--only-faster", action="store_true", help="Keep layers float where int8 is slower.")
+    @argument("--repeats", type=int, default=10, help="Timed samples per measurement.")
+    @line_magic
+    def quantize(self, line: str) -> QuantizeReport:
+        """Quantize a model in place (undoable with %undo) and show measured figures.
+
+        Examples: ``%quantize model int8 --input x``, ``%quantize model int8 --mode static
+        --calibrate x_train``, ``%quantize model bf16``. For every layer each installed
+        backend (torch.ao, torchao, numba kernels, nbcompress) is checked against the float
+        layer and timed on its real input; the fastest correct one is used and named.
+        Layers a mode cannot handle are listed with the reason. Returns the report.
+        """
+        try:
+            args = parse_argstring(self.quantize, line)
+        except SystemExit:  # argparse exits on bad options
+            raise UsageError(f"could not parse {line!r}; see the help with `%quantize?`.") from None
+        model = resolve_model(self.shell, args.model)
+        mode: Any = _mode(args.dtype.lower(), args.mode)
+        if args.per_tensor:
+            if mode not in ("dynamic", "static"):
+                raise UsageError("--per-tensor applies to int8 dynamic and static modes.")
+            mode = dataclasses.replace(MODES[mode], per_channel=False)
+        x = example_input(self.shell, model, args.input)
+        calibrate = (
+            resolve_value(self.shell, args.calibrate, "--calibrate") if args.calibrate else None
+        )
+        evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
+        with api_errors():
+            quantize_(
+                model,
+                mode,
+                layers=split_patterns(args.layers),
+                types=split_patterns(args.types),
+                calibrate=calibrate,
+                example_inputs=x,
+                evaluate=evaluate,
+                backend=args.backend,
+                only_faster=args.only_faster,
+                repeats=args.repeats,
+            )
+        return quantize_report(model)

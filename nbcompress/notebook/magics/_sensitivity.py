@@ -1,0 +1,317 @@
+"""``%sensitivity``: a thin wrapper over :func:`nbcompress.engine.sensitivity.sweep.sensitivity`."""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS, StagedReport, prune_to_
+from nbcompress.engine.sensitivity.sweep import (
+    ApplyReport,
+    EvaluationError,
+    SensitivityResult,
+    Suggestion,
+    apply_suggestion_,
+    sensitivity,
+)
+from nbcompress.notebook.magics._common import (
+    api_errors,
+    example_input,
+    input_argument,
+    resolve_model,
+    resolve_value,
+    split_patterns,
+)
+
+__all__ = ["SensitivityMagics"]
+
+
+def _ratios(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(p) for p in text.replace(" ", ",").split(",") if p]
+    except ValueError:
+        raise UsageError(
+            f"--ratios: {text!r} is not a comma-separated list of fractions, e.g. 0.1,0.5,0.9."
+        ) from None
+
+
+def _check_targets(args: Any) -> None:
+    # Checked before the sweep, which may take long.
+    if args.target_sparsity is not None and args.max_drop is not None:
+        raise UsageError("--target-sparsity / --max-drop: give one of the two, not both.")
+    if args.target_sparsity is not None and not 0 < args.target_sparsity < 1:
+        raise UsageError(
+            f"--target-sparsity: {args.target_sparsity} is outside (0, 1); e.g. 0.8 removes 80%."
+        )
+    if args.max_drop is not None and not args.max_drop >= 0:
+        raise UsageError(f"--max-drop: {args.max_drop} must be >= 0, e.g. 0.01.")
+    if args.objective not in ("params", "macs"):
+        raise UsageError(f"--objective: {args.objective!r} is unknown; choose params or macs.")
+    if args.apply and args.target_sparsity is None and args.max_drop is None:
+        raise UsageError("--apply: give the budget to apply, e.g. --target-sparsity 0.8.")
+    if args.refine is not None:
+        if args.refine < 0:
+            raise UsageError(f"--refine: {args.refine} must be >= 0, e.g. --refine 100.")
+        if args.target_sparsity is None or args.objective != "params":
+            raise UsageError(
+                "--refine: refines a --target-sparsity suggestion (over params), e.g. "
+                "--target-sparsity 0.8 --refine 100."
+            )
+        if args.evaluate is None and args.stages is None:
+            raise UsageError("--refine: measures real allocations; give --eval fn.")
+    if args.stages is not None:
+        if args.stages < 1:
+            raise UsageError(f"--stages: {args.stages} must be at least 1, e.g. --stages 5.")
+        if args.target_sparsity is None or not args.apply:
+            # Staged pruning changes the model, so it is only done when asked explicitly.
+            raise UsageError(
+                "--stages: prunes in stages to a sparsity; give --target-sparsity and --apply, "
+                "e.g. --target-sparsity 0.9 --stages 5 --apply."
+            )
+
+
+def in_notebook(shell: Any) -> bool:
+    """True when a frontend can show rich output (a kernel, not a terminal)."""
+    return getattr(shell, "kernel", None) is not None
+
+
+class LiveView:
+    """Live plot and progress bar of a running sweep in one updatable display."""
+
+    def __init__(self, total: int, *, min_interval: float = 0.5) -> None:
+        from IPython.display import HTML, display
+
+        self.total, self.min_interval, self._last = total, min_interval, 0.0
+        self._html = HTML
+        self.handle = display(HTML("<i>sensitivity sweep starting…</i>"), display_id=True)
+        self.updates = 0
+
+    def __call__(self, result: SensitivityResult, layer: str, ratio: float) -> None:
+        """Callback of the sweep: redraw at most every ``min_interval`` seconds."""
+        done = result.evaluations - 1
+        if done < self.total and time.monotonic() - self._last < self.min_interval:
+            return
+        self.show(result, f"{layer} at {ratio:.0%}")
+
+    def show(self, result: SensitivityResult, where: str = "") -> None:
+        """Redraw the plot and the progress bar now."""
+        from nbcompress.notebook.display.figures import figure_html
+
+        done = result.evaluations - 1
+        bar = (
+            f"<progress value='{done}' max='{self.total}' style='width:30em'></progress> "
+            f"{done}/{self.total} evaluations, {result.seconds:.1f} s {html.escape(where)}"
+        )
+        self.handle.update(self._html(f"<div>{bar}</div>{figure_html(result.plot('auto'))}"))
+        self._last = time.monotonic()
+        self.updates += 1
+
+
+@contextlib.contextmanager
+def _closing(live: LiveView | None) -> Iterator[None]:
+    """Replace the live display by a short note if the sweep raises (no stale 'starting')."""
+    try:
+        yield
+    except BaseException:
+        if live is not None:
+            live.handle.update(live._html("<i>sensitivity sweep stopped: see the error.</i>"))
+        raise
+
+
+@magics_class
+class SensitivityMagics(Magics):
+    """The ``%sensitivity`` magic."""
+
+    @magic_arguments()
+    @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
+    @argument("--eval", dest="evaluate", help="Metric function evaluate(model) -> float.")
+    @input_argument("Example input (proxy metric, MAC estimates).")
+    @argument("--ratios", help="Comma-separated fractions, default 0.1,0.2,…,0.9.")
+    @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
+    @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear and Conv).")
+    @argument("--granularity", default="element", help="element (default), block (4×1) or channel.")
+    @argument("--lower-is-better", action="store_true", help="Loss, perplexity, RMSE, ...")
+    @argument("--metric", help="Name of the metric shown in tables and plots.")
+    @argument("--max-layers", type=int, help="Analyse only the N largest layers.")
+    @argument("--early-stop", type=float, help="Stop a layer once the metric fell by this.")
+    @argument("--target-sparsity", type=float, help="Suggest ratios removing this fraction.")
+    @argument("--max-drop", type=float, help="Suggest ratios losing at most this much metric.")
+    @argument("--objective", default="params", help="params (default) or macs.")
+    @argument("--apply", action="store_true", help="Prune in place with the suggestion (undoable).")
+    @argument("--stages", type=int, help="With --apply: sweep, suggest, apply in N stages.")
+    @argument("--refine", type=int, help="Refine the suggestion by up to N measured moves.")
+    @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
+    @argument("--save", help="Write the result (even a partial one) to this JSON file.")
+    @line_magic
+    def sensitivity(self, line: str) -> SensitivityResult | StagedReport:
+        """L1 sensitivity sweep: prune each layer alone at each ratio, evaluate, restore.
+
+        Examples: ``%sensitivity model --eval evaluate``,
+        ``%sensitivity model --eval val_loss --lower-is-better --target-sparsity 0.8``,
+        ``%sensitivity model --input x`` (no eval function: a data-free proxy, the
+        agreement of the pruned with the dense output, labelled as such).
+
+        The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
+        partial result). With --target-sparsity or --max-drop a per-layer suggestion is
+        made from the curves; ``%prune model --suggested`` or ``--apply`` applies it
+        (undoable). ``--target-sparsity 0.9 --stages 5 --apply`` prunes in stages instead:
+        sweep, suggest and apply five times, each sweep on the already pruned model (layers
+        that look harmless alone can hurt together; re-measuring catches that). It returns
+        the per-stage report and ``%undo model`` reverts all stages; score it with a
+        continuous metric (``--eval val_loss --lower-is-better``) rather than accuracy on a
+        few hundred examples, which is flat over most ratios. ``--refine 100`` checks the
+        choice by measuring: the suggestion (or the stages' result) and the ratios uniform
+        and global L1 would give are evaluated, then up to 100 moves of sparsity between
+        layers are tried, each kept only if the measured metric improves; the recommended
+        use is ``--eval val_loss --lower-is-better --target-sparsity 0.9 --stages 5
+        --refine 100 --apply``. In a notebook the
+        curves update live and the explorer widget follows. Returns the result:
+        ``r = %sensitivity model --eval evaluate``.
+        """
+        try:
+            args = parse_argstring(self.sensitivity, line)
+        except SystemExit:  # argparse exits on bad options
+            raise UsageError(f"could not parse {line!r}; see %sensitivity?") from None
+        _check_targets(args)
+        model = resolve_model(self.shell, args.model)
+        evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
+        x = example_input(self.shell, model, args.input)
+        if args.stages is not None:
+            return self._staged(model, evaluate, x, args)
+        result = self._sweep(model, evaluate, x, args)
+        suggestion = self._suggest(result, args, evaluate)
+        if args.save:
+            result.save(args.save)
+        if suggestion is not None and args.apply:
+            # No explorer: its sliders would start from the model before this pruning.
+            self._show(_apply(model, suggestion, evaluate, x))
+        else:
+            self._widget(result, model, evaluate, suggestion, x, args)
+        return result
+
+    def _staged(self, model: Any, evaluate: Any, x: Any, args: Any) -> StagedReport:
+        with api_errors():
+            try:
+                report = prune_to_(
+                    model, evaluate, args.target_sparsity, stages=args.stages,
+                    ratios=_ratios(args.ratios) or DEFAULT_RATIOS, objective=args.objective,
+                    granularity=args.granularity, layers=split_patterns(args.layers),
+                    types=split_patterns(args.types), example_inputs=x,
+                    higher_is_better=not args.lower_is_better, metric=args.metric,
+                    refine=args.refine,
+                )  # fmt: skip
+            except KeyboardInterrupt:
+                print(
+                    "Interrupted: every stage rolled back, the model is unchanged.", file=sys.stderr
+                )
+                raise
+        if args.save and report.result is not None:
+            report.result.save(args.save)
+        self._show(report)
+        if report.refinement is not None:
+            self._show(report.refinement)  # candidates and kept moves, measured
+        return report
+
+    def _show(self, obj: Any) -> None:
+        if in_notebook(self.shell):
+            from IPython.display import display
+
+            display(obj)
+        else:
+            print(obj)
+
+    def _sweep(self, model: Any, evaluate: Any, x: Any, args: Any) -> SensitivityResult:
+        notebook = in_notebook(self.shell)
+        ratios = _ratios(args.ratios)
+        live = None
+        if notebook:
+            layers = split_patterns(args.layers)
+            # The total is only known after selection; an estimate suffices for the bar.
+            live = LiveView(_estimate_total(model, layers, args, ratios))
+        with api_errors(), _closing(live):
+            try:
+                result = sensitivity(
+                    model, evaluate, ratios=ratios, layers=split_patterns(args.layers),
+                    types=split_patterns(args.types), granularity=args.granularity,
+                    example_inputs=x, higher_is_better=not args.lower_is_better,
+                    metric=args.metric, max_layers=args.max_layers, early_stop=args.early_stop,
+                    progress=not notebook, callback=live,
+                )  # fmt: skip
+            except (EvaluationError, TypeError) as err:
+                partial = getattr(err, "result", None)
+                if partial is None:
+                    raise
+                if args.save:
+                    partial.save(args.save)
+                raise type(err)(
+                    f"{err} Partial results are kept: "
+                    f"nbcompress.engine.sensitivity.sweep.latest({args.model})."
+                ) from None
+        if live is not None:
+            live.total = result.evaluations - 1
+            live.show(result, "done" if result.complete else "interrupted")
+        for note in result.notes:
+            print(note, file=sys.stderr)
+        return result
+
+    def _suggest(self, result: SensitivityResult, args: Any, evaluate: Any) -> Suggestion | None:
+        if args.target_sparsity is None and args.max_drop is None:
+            return None
+        options = {} if args.refine is None else {"refine": evaluate, "budget": args.refine}
+        try:
+            suggestion = result.suggest(
+                args.target_sparsity, max_drop=args.max_drop, objective=args.objective, **options
+            )
+        except KeyboardInterrupt:
+            print("Refinement interrupted: no suggestion; the model is unchanged.", file=sys.stderr)
+            return None
+        except (ValueError, TypeError) as err:
+            # The sweep may have taken long: report, and keep the result.
+            print(f"No suggestion: {err}", file=sys.stderr)
+            return None
+        self._show(suggestion)
+        if suggestion.refinement is not None:
+            self._show(suggestion.refinement)
+        if not args.apply:
+            print(f"Apply it with: %prune {args.model} --suggested  (undo: %undo {args.model})")
+        return suggestion
+
+    def _widget(self, result, model, evaluate, suggestion, x, args) -> None:
+        if args.no_widget or not in_notebook(self.shell):
+            return
+        try:
+            from nbcompress.notebook.widgets import SensitivityExplorer
+        except ImportError:  # the explorer is optional; the result is shown anyway
+            return
+        from IPython.display import display
+
+        # The input lets Evaluate measure the proxy after `%sensitivity model --input x`.
+        display(
+            SensitivityExplorer(result, model, evaluate, suggestion=suggestion, example_inputs=x)
+        )
+
+
+def _apply(model: Any, suggestion: Suggestion, evaluate: Any, x: Any) -> ApplyReport:
+    with api_errors():
+        return apply_suggestion_(model, suggestion, evaluate=evaluate, example_inputs=x)
+
+
+def _estimate_total(model: Any, layers: Any, args: Any, ratios: list[float] | None) -> int:
+    from nbcompress.engine.core.layers import select_layers
+
+    try:
+        selected, _ = select_layers(model, layers, split_patterns(args.types), include_output=True)
+    except (ValueError, TypeError):
+        return 1  # the sweep itself reports the bad selection
+    n = len(selected) if args.max_layers is None else min(args.max_layers, len(selected))
+    return max(1, n * len(set(ratios) if ratios else range(9)))

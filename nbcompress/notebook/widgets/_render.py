@@ -1,0 +1,244 @@
+"""Pure drawing and text for the explorer: figures and HTML from a result and a setting.
+
+Nothing here touches a widget, so all of it is testable with ``MPLBACKEND=Agg`` and no
+kernel; the explorer only puts the returned PNG and HTML into its widgets.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from nbcompress.engine.core.report import fmt_bytes, fmt_pct
+from nbcompress.notebook.display import sensitivity as plots
+from nbcompress.notebook.widgets._setting import Footprint
+
+__all__ = [
+    "MarkedFigure",
+    "png_output",
+    "fmt_metric",
+    "group_layers",
+    "header_html",
+    "readout_html",
+    "render",
+]
+
+
+def fmt_metric(value: float | None) -> str:
+    """Format a metric value with five significant digits."""
+    # Five significant digits: proxy metrics sit near 1 and differ in the 4th–5th digit.
+    return "—" if value is None else f"{value:.5g}"
+
+
+class MarkedFigure:
+    """The sweep's figure, drawn once, with markers that move to the current ratios.
+
+    A slider move must stay cheap even for a tall heat map, so the figure is laid out and
+    rendered once as a background; :meth:`png` restores it and draws only the markers
+    (Agg blitting, ~10× faster than saving the whole figure again).
+
+    Args:
+        result: A ``SensitivityResult``.
+        dpi: Resolution of the PNGs.
+    """
+
+    def __init__(self, result: Any, dpi: int = 90) -> None:
+        self.result = result
+        self.heatmap = len(result.layers) > plots.MAX_CURVES  # as result.plot() chooses
+        self.figure = (plots.heatmap_figure if self.heatmap else plots.curves_figure)(result)
+        self.figure.set_dpi(dpi)
+        self.canvas = FigureCanvasAgg(self.figure)
+        self.canvas.draw()
+        # Freeze layout and limits so that markers added later land where they belong
+        # on the background rendered now.
+        self.figure.set_layout_engine("none")
+        for ax in self.figure.axes:
+            ax.set_autoscale_on(False)
+        self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._marks: list[Any] = []
+
+    def _place(self, ratios: Mapping[str, float]) -> list[Any]:
+        for artist in self._marks:
+            artist.remove()
+        ax = self.figure.axes[0]
+        if self.heatmap:
+            self._marks = _mark_heatmap(ax, self.result, ratios)
+        else:
+            self._marks = _mark_curves(ax, ratios)
+        return self._marks
+
+    def mark(self, ratios: Mapping[str, float]) -> Figure:
+        """Move the markers to ``ratios`` (layers at 0 are not marked); return the figure."""
+        self._place(ratios)
+        return self.figure
+
+    def png(self, ratios: Mapping[str, float]) -> bytes:
+        """PNG of the figure with the markers at ``ratios``."""
+        self.canvas.restore_region(self._background)
+        for artist in self._place(ratios):
+            artist.axes.draw_artist(artist)
+        buf = io.BytesIO()
+        Image.fromarray(np.asarray(self.canvas.buffer_rgba())).save(
+            buf, format="png", compress_level=1
+        )
+        return buf.getvalue()
+
+
+def render(result: Any, ratios: Mapping[str, float]) -> Figure:
+    """The sweep's figure with the current ratio of every layer marked on it.
+
+    Args:
+        result: A ``SensitivityResult``.
+        ratios: Layer name → current slider ratio (layers at 0 are not marked).
+
+    Returns:
+        Curves with a dot per layer at its ratio (up to ``plots.MAX_CURVES`` layers, as
+        ``result.plot()`` chooses), else the heat map with a diamond on each layer's row.
+    """
+    return MarkedFigure(result).mark(ratios)
+
+
+def _mark_curves(ax: Any, ratios: Mapping[str, float]) -> list[Any]:
+    # A solid dot with a dark edge on each layer's own drawn line, so it reads at a glance
+    # which point of which curve the slider stands on.
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    marks = []
+    for name, ratio in ratios.items():
+        line = lines.get(name)
+        if line is None or ratio <= 0:
+            continue
+        y = np.interp(ratio, line.get_xdata(), line.get_ydata())
+        marks += ax.plot(
+            [ratio], [y], "o", markersize=9, color=line.get_color(), markeredgecolor="black",
+            markeredgewidth=1.2, zorder=5, label="_nolegend_",
+        )  # fmt: skip
+    return marks
+
+
+def _mark_heatmap(ax: Any, result: Any, ratios: Mapping[str, float]) -> list[Any]:
+    # The heat map's columns are the swept ratios in order and its rows the layers.
+    columns = np.arange(len(result.ratios))
+    rows = {name: i for i, name in enumerate(result.layers)}
+    marked = [(n, r) for n, r in ratios.items() if r > 0 and n in rows]
+    xs = [float(np.interp(r, result.ratios, columns)) for _, r in marked]
+    ys = [rows[n] for n, _ in marked]
+    return [ax.scatter(xs, ys, marker="D", s=28, facecolor="white", edgecolor="black", zorder=5)]
+
+
+def png_output(png: bytes) -> dict[str, Any]:
+    """A ``display_data`` output dict for an ``Output`` widget's ``outputs`` trait.
+
+    Setting ``outputs`` to this, instead of displaying through the notebook's matplotlib
+    backend, gives the same picture in a kernel, under nbclient and in plain pytest.
+    """
+    return {
+        "output_type": "display_data",
+        "data": {
+            "image/png": base64.b64encode(png).decode("ascii"),
+            "text/plain": "<sensitivity plot>",
+        },
+        "metadata": {},
+    }
+
+
+def group_layers(names: list[str], max_groups: int = 12) -> dict[str, list[str]]:
+    """Group qualified layer names by a shared module prefix, for an accordion.
+
+    The deepest prefix length that still gives at most ``max_groups`` groups is used, so
+    a transformer groups by block (``encoder.layer.3``) rather than by top-level module.
+
+    Args:
+        names: Qualified layer names in model order.
+        max_groups: Upper bound on the number of groups.
+
+    Returns:
+        Prefix → names in model order; a single group means grouping does not help.
+    """
+    best: dict[str, list[str]] = {"": list(names)}
+    depth = max((n.count(".") for n in names), default=0)
+    for d in range(1, depth + 1):
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            parts = name.split(".")
+            groups.setdefault(".".join(parts[: min(d, len(parts) - 1)]), []).append(name)
+        if len(groups) > max_groups:
+            break
+        best = groups
+    return best
+
+
+def readout_html(
+    result: Any, ratios: Mapping[str, float], setting: Footprint, now: Footprint
+) -> str:
+    """The readout row: sparsity, parameters, size and predicted metric of a setting.
+
+    Args:
+        result: The ``SensitivityResult`` (curves, baseline, metric name).
+        ratios: The slider setting.
+        setting: Footprint of the model if the setting were applied.
+        now: Footprint of the model as it is.
+
+    Returns:
+        HTML for an ``HTML`` widget.
+    """
+    predicted = result.predict(dict(ratios))
+    change = predicted - result.baseline
+    worse = change < 0 if result.higher_is_better else change > 0
+    colour = "#b00020" if worse and abs(change) > 1e-12 else "#1b5e20"
+    metric = html.escape(result.metric) + (" (proxy)" if result.proxy else "")
+    cards = [
+        (
+            "sparsity",
+            fmt_pct(result.sparsity_of(dict(ratios))),
+            f"of the weights in {len(result.layers)} explored layer(s)",
+        ),
+        (
+            "parameters left",
+            f"{setting.nonzero:,}",
+            f"nonzero of {setting.total:,} (now {now.nonzero:,})",
+        ),
+        (
+            "size (est.)",
+            f"{fmt_bytes(setting.csr)} CSR",
+            f"vs {fmt_bytes(setting.dense)} dense fp32",
+        ),
+        (
+            f"predicted {metric}",
+            fmt_metric(predicted),
+            f"<span style='color:{colour}'>{change:+.3g}</span> vs baseline "
+            f"{fmt_metric(result.baseline)}",
+        ),
+    ]
+    cells = "".join(
+        "<div style='flex:1;min-width:150px;padding:4px 10px;border-left:3px solid #90a4ae'>"
+        f"<div style='font-size:85%;color:#555'>{title}</div>"
+        f"<div style='font-size:130%;font-weight:600'>{value}</div>"
+        f"<div style='font-size:80%;color:#666'>{note}</div></div>"
+        for title, value, note in cards
+    )
+    return f"<div style='display:flex;flex-wrap:wrap;gap:6px'>{cells}</div>"
+
+
+def header_html(result: Any) -> str:
+    """The explorer's title line: metric, direction, baseline, size and cost of the sweep."""
+    direction = "higher is better" if result.higher_is_better else "lower is better"
+    proxy = (
+        " <span style='color:#b00020'>· proxy metric (no evaluate function was given)</span>"
+        if result.proxy
+        else ""
+    )
+    partial = " <span style='color:#b00020'>· partial sweep</span>" if not result.complete else ""
+    return (
+        f"<b>Sensitivity explorer</b> — {html.escape(result.metric)} ({direction}), baseline "
+        f"{fmt_metric(result.baseline)} · {len(result.layers)} layer(s) × "
+        f"{len(result.ratios)} ratios, {result.evaluations} evaluations in "
+        f"{result.seconds:.1f} s{proxy}{partial}"
+    )
