@@ -5,12 +5,17 @@ from pathlib import Path
 import nbcompress
 
 
-def test_engine_import_leaves_ipython_out():
+def test_public_engine_names_leave_the_frontend_out():
+    # Every public name outside the notebook layer resolves without loading IPython,
+    # ipywidgets or pyplot (tests/test_architecture.py checks every engine/kernels module).
     code = (
-        "import sys, nbcompress, nbcompress.engine.prune.prune, nbcompress.engine.core.summary, "
-        "nbcompress.engine.core.history; nbcompress.summary; "
-        "assert 'IPython' not in sys.modules and 'ipywidgets' not in sys.modules, "
-        "sorted(m for m in sys.modules if 'IPython' in m)"
+        "import sys, nbcompress\n"
+        "frontend = ('IPython', 'ipywidgets', 'matplotlib.pyplot')\n"
+        "for name, module in nbcompress._EXPORTS.items():\n"
+        "    if not module.startswith('nbcompress.notebook'):\n"
+        "        getattr(nbcompress, name)\n"
+        "        loaded = {f for f in frontend for m in sys.modules if m.startswith(f)}\n"
+        "        assert not loaded, f'nbcompress.{name} loaded {sorted(loaded)}'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
