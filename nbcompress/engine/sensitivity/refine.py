@@ -28,8 +28,8 @@ from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import zero_units
-from nbcompress.engine.prune.prune import prune_
-from nbcompress.engine.sensitivity.sweep import (
+from nbcompress.engine.prune.prune import prune_, prune_ratios_
+from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
     measuring,
@@ -212,7 +212,6 @@ class _Search:
         self.model, self.evaluate, self.granularity = model, evaluate, granularity
         self.sign = 1.0 if higher_is_better else -1.0
         self.names = list(selected)
-        self.types = {type(m) for m in selected.values()}
         w = {n: m.weight for n, m in selected.items()}
         self.units = {n: zero_units(w[n], granularity).numel() for n in w}
         self.per_unit = {n: w[n].numel() / self.units[n] for n in w}
@@ -272,10 +271,7 @@ class _Search:
             ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
             with trial(self.model):
                 if ratios:
-                    prune_(
-                        self.model, ratios, layers=list(ratios), types=self.types,
-                        include_output=True, granularity=self.granularity,
-                    )  # fmt: skip
+                    prune_ratios_(self.model, ratios, granularity=self.granularity)
                 value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value

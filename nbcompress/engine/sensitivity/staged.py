@@ -24,12 +24,14 @@ from torch import nn
 from nbcompress.engine.core.history import transaction, trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
-from nbcompress.engine.prune.prune import prune_
-from nbcompress.engine.sensitivity.allocate import Suggestion, apply_suggestion_
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.evaluate import Proxy, weight_sparsity
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
-from nbcompress.engine.sensitivity.result import SensitivityResult, keep_latest
-from nbcompress.engine.sensitivity.sweep import Proxy, sensitivity, weight_sparsity
+from nbcompress.engine.sensitivity.registry import keep_latest
+from nbcompress.engine.sensitivity.result import SensitivityResult
+from nbcompress.engine.sensitivity.suggestion import Suggestion, apply_suggestion_
+from nbcompress.engine.sensitivity.sweep import sensitivity
 
 __all__ = ["DEFAULT_RATIOS", "StagedReport", "prune_to_", "stage_targets"]
 
@@ -305,12 +307,7 @@ class _Staged:
             predict=self.first.predict, **selection,
         )  # fmt: skip
         self.evaluations += found.evaluations
-        prune_(
-            self.model, {n: r for n, r in found.ratios.items() if r > 0},
-            layers=[n for n, r in found.ratios.items() if r > 0],
-            types={type(self.model.get_submodule(n)) for n in names},
-            include_output=True, granularity=selection["granularity"],
-        )  # fmt: skip
+        prune_ratios_(self.model, found.ratios, granularity=selection["granularity"])
         self.refinement, self.last = found, found.measured
         self.rows.append({
             "stage": f"refined (from {found.start})", "target": targets[-1],

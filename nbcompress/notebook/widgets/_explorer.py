@@ -18,6 +18,8 @@ from torch import nn
 
 from nbcompress.engine.core.history import history, trial, undo_
 from nbcompress.engine.core.report import fmt_bytes, fmt_count, fmt_pct
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.setting import SettingCosts, proxy_metric
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
     fmt_metric,
@@ -26,10 +28,10 @@ from nbcompress.notebook.widgets._render import (
     png_output,
     readout_html,
 )
-from nbcompress.notebook.widgets._setting import SettingCosts, proxy_metric, prune_setting_
 
 if TYPE_CHECKING:
-    from nbcompress.engine.sensitivity.sweep import SensitivityResult, Suggestion
+    from nbcompress.engine.sensitivity.result import SensitivityResult
+    from nbcompress.engine.sensitivity.suggestion import Suggestion
 
 __all__ = ["SensitivityExplorer"]
 
@@ -307,7 +309,7 @@ class SensitivityExplorer(w.VBox):
             try:
                 with trial(self.model):
                     if any(r > 0 for r in ratios.values()):
-                        prune_setting_(self.model, ratios, granularity=self.result.granularity)
+                        prune_ratios_(self.model, ratios, granularity=self.result.granularity)
                     value = float(self.evaluate(self.model))
             except Exception as err:  # noqa: BLE001 - the user's function; report, don't raise
                 self.status.value = (
@@ -327,7 +329,7 @@ class SensitivityExplorer(w.VBox):
         ratios = self.ratios
         with self._busy("applying…"):
             try:
-                prune_setting_(self.model, ratios, granularity=self.result.granularity)
+                prune_ratios_(self.model, ratios, granularity=self.result.granularity)
             except (ValueError, TypeError) as err:
                 self.status.value = f"not applied: {err}"
                 return

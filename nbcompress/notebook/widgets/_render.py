@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from nbcompress.engine.core.report import fmt_bytes, fmt_pct
+from nbcompress.engine.sensitivity.setting import Footprint
 from nbcompress.notebook.display import sensitivity as plots
-from nbcompress.notebook.widgets._setting import Footprint
 
 __all__ = [
     "MarkedFigure",
