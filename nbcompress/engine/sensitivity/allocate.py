@@ -261,29 +261,27 @@ def objective_weights(result: SensitivityResult, objective: str) -> dict[str, in
 
 def suggest(
     result: SensitivityResult,
-    target_sparsity: float | None = None,
-    *,
-    max_drop: float | None = None,
-    objective: str = "params",
-    evaluate: Callable[[nn.Module], float] | None = None,
-    refine: int | None = None,
-    budget: int | None = None,
+    target: tuple[float | None, float | None],
+    objective: str,
+    **refinement: Any,
 ) -> Suggestion:
-    """Per-layer ratios for a budget from a sweep's curves; see ``SensitivityResult.suggest``.
+    """Per-layer ratios for a budget from a sweep's curves (``SensitivityResult.suggest``).
 
     Args:
         result: The sweep.
-        target_sparsity: Remove at least this fraction of the analysed weights (MACs).
-        max_drop: Remove as much as possible within this predicted drop.
+        target: ``(target_sparsity, max_drop)``, exactly one of them given: remove at least
+            that fraction of the analysed weights (MACs), or as much as possible within
+            that predicted drop.
         objective: ``"params"`` or ``"macs"``.
-        evaluate: ``evaluate(model) -> float`` that measures a refinement.
-        refine: Evaluations of a measured refinement (needs ``evaluate``); ``None``: none.
-        budget: Deprecated spelling of ``refine``.
+        **refinement: ``evaluate`` (``evaluate(model) -> float``) and ``refine`` (number of
+            evaluations of a measured refinement), as ``SensitivityResult.suggest`` takes
+            them, including the deprecated ``refine=evaluate`` and ``budget=N``.
 
     Returns:
         The suggestion, remembered as the model's latest when the result has a live model.
     """
-    evaluate, refine = _renamed(evaluate, refine, budget)
+    target_sparsity, max_drop = target
+    evaluate, refine = _renamed(**refinement)
     weights = objective_weights(result, objective)
     model = result.model
     if refine is not None or evaluate is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,10 @@ __all__ = [
     "measurer",
     "measuring",
     "metric_name",
+    "fmt_value",
+    "progress_line",
     "select_sweep_layers",
+    "spent",
     "weight_sparsity",
 ]
 
@@ -210,3 +214,18 @@ def metric_name(fn: Any) -> str:
     """Name of the metric an evaluation function computes (its ``__name__``)."""
     name = getattr(fn, "__name__", type(fn).__name__)
     return "metric" if name == "<lambda>" else name
+
+
+def spent(evaluations: int, seconds: float) -> str:
+    """What a procedure cost, as its reports say it: ``"12 evaluations in 3.4 s"``."""
+    return f"{evaluations} evaluations in {seconds:.1f} s"
+
+
+def fmt_value(value: float | None) -> str:
+    """A metric value in progress lines and tables; ``—`` where nothing was measured."""
+    return "—" if value is None else f"{value:.4g}"
+
+
+def progress_line(text: str) -> None:
+    """Print one line of plain-text progress to stderr, at once (not buffered)."""
+    print(text, file=sys.stderr, flush=True)

@@ -15,7 +15,6 @@ optimises the result is never worse than them. Every evaluation runs inside a
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,7 +33,9 @@ from nbcompress.engine.sensitivity.evaluate import (
     check_sweep_options,
     measuring,
     metric_name,
+    progress_line,
     select_sweep_layers,
+    spent,
     weight_sparsity,
 )
 
@@ -85,10 +86,11 @@ class Refinement(TableReport):
 
     def _title(self) -> str:
         predicted = "" if self.predicted is None else f"predicted {self.predicted:.4g}, "
+        achieved = f"sparsity {fmt_pct(self.target)} (achieved {fmt_pct(self.sparsity)})"
         return (
-            f"Refined allocation for sparsity {fmt_pct(self.target)} (achieved "
-            f"{fmt_pct(self.sparsity)}): {self.metric} {predicted}measured {self.measured:.4g}; "
-            f"started from {self.start}; {self.evaluations} evaluations in {self.seconds:.1f} s"
+            f"Refined allocation for {achieved}: {self.metric} {predicted}measured "
+            f"{self.measured:.4g}; started from {self.start}; "
+            + spent(self.evaluations, self.seconds)
         )
 
     def _columns(self) -> dict[str, Any]:
@@ -338,9 +340,7 @@ class _Search:
             "sparsity": self.sparsity(counts), "measured": measured,
         })  # fmt: skip
         if self.progress:
-            print(
+            progress_line(
                 f"refine [{self.evaluations} evaluations, {time.perf_counter() - self.t0:.1f} s] "
-                f"{self.names[src]} → {self.names[dst]}: {measured:.4g}",
-                file=sys.stderr,
-                flush=True,
+                f"{self.names[src]} → {self.names[dst]}: {measured:.4g}"
             )

@@ -185,7 +185,7 @@ class SensitivityResult:
                 ``evaluate`` or ``target_sparsity``, or a result not attached to a model.
         """
         return suggest(
-            self, target_sparsity, max_drop=max_drop, objective=objective,
+            self, (target_sparsity, max_drop), objective,
             evaluate=evaluate, refine=refine, budget=budget,
         )  # fmt: skip
 

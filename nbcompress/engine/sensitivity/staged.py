@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,13 @@ from nbcompress.engine.core.history import transaction, trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
 from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.sensitivity.evaluate import Proxy, weight_sparsity
+from nbcompress.engine.sensitivity.evaluate import (
+    Proxy,
+    fmt_value,
+    progress_line,
+    spent,
+    weight_sparsity,
+)
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
 from nbcompress.engine.sensitivity.registry import keep_latest
@@ -97,17 +102,17 @@ class StagedReport(TableReport):
         measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
         n = sum(isinstance(s["stage"], int) for s in self.stages)
         refined = " + measured refinement" if self.refinement is not None else ""
+        what = f"Staged sensitivity pruning to sparsity {fmt_pct(self.target)} in {n} stage(s)"
         return (
-            f"Staged sensitivity pruning to sparsity {fmt_pct(self.target)} in "
-            f"{n} stage(s){refined}: {self.metric} {measured} (baseline "
-            f"{self.baseline:.4g}); {self.evaluations} evaluations in {self.seconds:.1f} s"
+            f"{what}{refined}: {self.metric} {measured} (baseline {self.baseline:.4g}); "
+            + spent(self.evaluations, self.seconds)
         )
 
     def _columns(self) -> dict[str, Any]:
         num = "{:.4g}".format
         return {
             "stage": None, "target": fmt_pct, "sparsity": fmt_pct,
-            "predicted": num, "measured": lambda v: "—" if v is None else num(v),
+            "predicted": num, "measured": fmt_value,
         }  # fmt: skip
 
     def _table(self) -> Table:
@@ -274,14 +279,15 @@ class _Staged:
     objective: str
     progress: bool
     start: float
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    evaluations: int = 0
+    # The first sweep (its baseline and one-shot suggestion), then the latest stage.
     baseline: float | None = None
-    result: SensitivityResult | None = None
     first: SensitivityResult | None = None
+    evaluations: int = 0
+    result: SensitivityResult | None = None
     suggestion: Suggestion | None = None
     last: float | None = None
     refinement: Refinement | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
     def stages(self, targets: list[float]) -> None:
         """Run every stage on the model."""
@@ -314,11 +320,10 @@ class _Staged:
             "sparsity": found.sparsity, "predicted": found.predicted, "measured": found.measured,
         })  # fmt: skip
         if self.progress:
-            print(
+            progress_line(
                 f"prune_to_ [refined, {time.perf_counter() - self.start:.1f} s] from "
-                f"{found.start}: {found.evaluations} evaluations, measured {_fmt(found.measured)}",
-                file=sys.stderr,
-                flush=True,
+                f"{found.start}: {found.evaluations} evaluations, measured "
+                + fmt_value(found.measured)
             )
 
     def stage(self, k: int, n: int, target: float) -> None:
@@ -345,12 +350,10 @@ class _Staged:
             "predicted": suggestion.predicted, "measured": applied.measured,
         })  # fmt: skip
         if self.progress:
-            print(
+            progress_line(
                 f"prune_to_ [stage {k}/{n}, {time.perf_counter() - self.start:.1f} s] sparsity "
                 f"{suggestion.sparsity:.1%}: predicted {suggestion.predicted:.4g}, measured "
-                f"{_fmt(applied.measured)}",
-                file=sys.stderr,
-                flush=True,
+                + fmt_value(applied.measured)
             )
 
     def report(self, target: float, notes: list[str]) -> StagedReport:
@@ -362,7 +365,3 @@ class _Staged:
             evaluations=self.evaluations, seconds=time.perf_counter() - self.start,
             suggestion=self.suggestion, result=res, notes=notes, refinement=self.refinement,
         )  # fmt: skip
-
-
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.4g}"

@@ -18,7 +18,7 @@ from nbcompress.engine.core.history import transaction
 from nbcompress.engine.core.report import Table, TableReport, fmt_count, fmt_pct
 from nbcompress.engine.core.validation import check_module
 from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.sensitivity.evaluate import measurer
+from nbcompress.engine.sensitivity.evaluate import measurer, spent
 from nbcompress.engine.sensitivity.registry import latest_suggestion, remembered
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Suggestion(TableReport):
         if self.refinement is not None:
             measured = (
                 f", measured {self.measured:.4g} (refined from {self.refinement.start}: "
-                f"{self.refinement.evaluations} evaluations in {self.refinement.seconds:.1f} s)"
+                f"{spent(self.refinement.evaluations, self.refinement.seconds)})"
             )
         return (
             f"Suggestion for {self.target}: sparsity {fmt_pct(self.sparsity)}, "

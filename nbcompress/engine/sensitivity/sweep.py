@@ -12,7 +12,6 @@ model are kept in :mod:`nbcompress.engine.sensitivity.registry` so that
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,9 +29,11 @@ from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
     call_evaluate,
     check_sweep_options,
+    fmt_value,
     measurer,
     measuring,
     metric_name,
+    progress_line,
     select_sweep_layers,
     weight_sparsity,
 )
@@ -99,16 +100,10 @@ class _Progress:
     def step(self, result: SensitivityResult, layer: str, finished: bool) -> None:
         self.done += 1
         if self.enabled and finished:
-            values = " ".join(_fmt_metric(v) for v in result.curves[layer])
-            print(
-                f"sensitivity [{self.done}/{self.total}, {result.seconds:.1f} s] {layer}: {values}",
-                file=sys.stderr,
-                flush=True,
+            values = " ".join(fmt_value(v) for v in result.curves[layer])
+            progress_line(
+                f"sensitivity [{self.done}/{self.total}, {result.seconds:.1f} s] {layer}: {values}"
             )
-
-
-def _fmt_metric(v: float | None) -> str:
-    return "—" if v is None else f"{v:.4g}"
 
 
 def sensitivity(
