@@ -119,7 +119,8 @@ def prune_(
         model: The model to prune.
         amount: Fraction of weights that are zero afterwards in each selected layer
             (``scope="layer"``) or across all of them (``scope="global"``); or a dict of
-            layer name/glob → fraction for per-layer amounts (e.g. from a suggestion).
+            layer name/glob → fraction for per-layer amounts (exact per-layer ratios, such
+            as a suggestion's, are applied with :func:`prune_ratios_`).
         method: ``"l1"`` (smallest magnitudes) or ``"random"`` (the baseline).
         scope: ``"layer"`` — the amount applies to each layer; ``"global"`` — weights are
             ranked across layers, each keeping at least ``min_density``.

@@ -1,7 +1,7 @@
 """The interactive sensitivity explorer: sliders per layer over a sweep's curves.
 
 Like ``tqdm.notebook``, the widget only adds a display: every number it shows comes from
-the engine (``SensitivityResult.predict/suggest/sparsity_of``, ``prune_``, ``undo_``,
+the engine (``SensitivityResult.predict/suggest/sparsity_of``, ``prune_ratios_``, ``undo_``,
 ``trial``). Callbacks run synchronously when a trait changes, so plain pytest drives it by
 setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
 """
