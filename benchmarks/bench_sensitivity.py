@@ -13,7 +13,7 @@ sparsity:
 * suggested — one sweep on validation accuracy, ``result.suggest(s)``;
 * staged — ``prune_to_(model, evaluate, s, stages=n)``: sweep → suggest → apply, ``n``
   times on the already pruned model, one chain per target (all stages one undo step);
-* one sweep + refine — ``result.suggest(s, refine=evaluate, budget=B)``: the curve
+* one sweep + refine — ``result.suggest(s, evaluate=evaluate, refine=B)``: the curve
   suggestion, uniform and global allocations measured, then a measured local search;
 * staged + refine (recommended) — ``prune_to_(..., refine=B)``: the same search started
   from the best measured of staged, one sweep, uniform and global. The staged column is
@@ -120,7 +120,7 @@ READING = (
     "Recommendation: `prune_to_(model, val_loss, s, higher_is_better=False, refine=100)` "
     "(`%sensitivity model --eval val_loss --lower-is-better --target-sparsity s "
     "--stages 5 --refine 100 --apply`); when sweeps are expensive, "
-    "`result.suggest(s, refine=val_loss, budget=100)` after one sweep."
+    "`result.suggest(s, evaluate=val_loss, refine=100)` after one sweep."
 )
 
 
@@ -170,7 +170,7 @@ def one_seed(size, model_cls, epochs, seed, stages, metric, budget, log):
             model, suggestion.ratios, out, "suggested", target, test_accuracy, layers, val_metric
         )
         out["pred"][target] = (suggestion.predicted, measured)
-        refined = sweep.suggest(target, refine=val_metric, budget=budget)
+        refined = sweep.suggest(target, evaluate=val_metric, refine=budget)
         apply_ratios(model, refined.ratios, out, "sweep+refine", target, test_accuracy, layers)
         out["refine"].setdefault("sweep+refine", {})[target] = refine_figures(refined.refinement)
     out["staged_evaluations"], out["stages"], out["budget"] = {}, stages, budget

@@ -8,6 +8,7 @@ from torch import nn
 
 import nbcompress as nc
 from nbcompress.engine.prune.masks import global_masks, layer_mask
+from nbcompress.engine.prune.prune import prune_ratios_
 from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
 
 
@@ -267,3 +268,44 @@ def test_bad_input_is_rejected_and_the_model_untouched(kwargs, error, match):
 def test_non_module_is_rejected():
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         nc.prune_([1, 2], 0.5)
+
+
+def test_prune_ratios_is_one_undoable_step_equal_to_per_layer_prune():
+    model = cnn()
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    ratios = {names[0]: 0.5, names[1]: 0.0, names[-1]: 0.3}  # the output layer when named
+    twin, saved = copy.deepcopy(model), snapshot(model)
+    assert prune_ratios_(model, ratios, granularity="channel") is model
+    for name in (names[0], names[-1]):
+        nc.prune_(
+            twin, {name: ratios[name]}, layers=[name], include_output=True, granularity="channel"
+        )
+    assert_same_state(model, snapshot(twin))
+    assert len(nc.history(model)) == 1  # one transaction, layers at 0 left alone
+    assert nc.history(model)[-1].info["amounts"] == {names[0]: 0.5, names[-1]: 0.3}
+    nc.undo_(model)
+    assert_same_state(model, saved)
+
+
+@pytest.mark.parametrize(
+    "ratios, error, match",
+    [
+        (
+            {"nope": 0.5},
+            ValueError,
+            r"ratios: 'nope' is not a layer with a weight in this model; use",
+        ),
+        ({"0": 1.0}, ValueError, r"ratios\['0'\]: 1.0 is outside \[0, 1\)"),
+        ({"0": -0.1}, ValueError, r"ratios\['0'\]: -0.1 is outside \[0, 1\)"),
+        ({"0": "half"}, TypeError, r"ratios\['0'\]: expected a number in \[0, 1\)"),
+        ({"0": 0.0}, ValueError, "ratios: every ratio is 0, so there is nothing to prune"),
+        (0.5, TypeError, "ratios: expected a dict layer name → fraction"),
+    ],
+)
+def test_prune_ratios_rejects_bad_ratios_with_the_model_untouched(ratios, error, match):
+    model = mlp()
+    saved = snapshot(model)
+    with pytest.raises(error, match=match):
+        prune_ratios_(model, ratios)
+    assert_same_state(model, saved)
+    assert len(nc.history(model)) == 0

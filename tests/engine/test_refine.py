@@ -5,11 +5,9 @@ import torch
 
 import nbcompress as nc
 from nbcompress.engine.core.history import trial
-from nbcompress.engine.sensitivity.sweep import (
-    EvaluationError,
-    SensitivityResult,
-    latest_suggestion,
-)
+from nbcompress.engine.sensitivity.evaluate import EvaluationError
+from nbcompress.engine.sensitivity.registry import latest_suggestion
+from nbcompress.engine.sensitivity.result import SensitivityResult
 from tests.helpers import assert_same_state, cnn, snapshot
 from tests.sensitivity_helpers import mlp_with_agreement
 
@@ -176,7 +174,7 @@ def test_suggest_with_refine_reports_predicted_and_measured(setup):
     saved = snapshot(model)
     result = nc.sensitivity(model, distance, ratios=RATIOS, progress=False, higher_is_better=False)
     plain = result.suggest(0.8)
-    refined = result.suggest(0.8, refine=distance, budget=30)
+    refined = result.suggest(0.8, evaluate=distance, refine=30)
     # Candidates are rounded to whole weights.
     assert refined.refinement.candidates["curve suggestion"] == pytest.approx(
         plain.ratios, abs=0.01
@@ -188,19 +186,32 @@ def test_suggest_with_refine_reports_predicted_and_measured(setup):
     assert "measured" in str(refined) and "evaluations in" in str(refined)
     assert_same_state(model, saved)
     assert latest_suggestion(model) is refined
+    with pytest.warns(DeprecationWarning, match=r"suggest\(refine=evaluate\) is deprecated"):
+        old = result.suggest(0.8, refine=distance, budget=30)  # the old spelling, one release
+    assert old.ratios == refined.ratios and old.measured == refined.measured
 
 
 def test_suggest_refine_needs_a_target_sparsity_and_a_live_model(setup, tmp_path):
     model, _, distance = setup
     result = nc.sensitivity(model, distance, ratios=RATIOS, progress=False, higher_is_better=False)
     with pytest.raises(ValueError, match="refine: refines a target_sparsity suggestion"):
+        result.suggest(max_drop=0.01, evaluate=distance, refine=100)
+    with pytest.raises(ValueError, match="refine: expected a number of evaluations"):
+        result.suggest(0.8, evaluate=distance, refine=-3)
+    with pytest.raises(ValueError, match="evaluate: suggest.. uses it only to refine"):
+        result.suggest(0.8, evaluate=distance)
+    with pytest.raises(ValueError, match="refine: measures real allocations; pass evaluate"):
+        result.suggest(0.8, refine=10)
+    # The old spelling (refine=evaluate, budget=N) still works for one release, with a warning.
+    old_spelling = pytest.warns(DeprecationWarning, match="evaluate=fn, refine=100")
+    with old_spelling, pytest.raises(ValueError, match="refine: refines a target_sparsity"):
         result.suggest(max_drop=0.01, refine=distance)
-    with pytest.raises(ValueError, match="budget: expected a number of evaluations"):
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="budget: expected"):
         result.suggest(0.8, refine=distance, budget=-3)
     path = tmp_path / "sweep.json"
     result.save(path)
     with pytest.raises(ValueError, match="refine: this result is not attached to a live model"):
-        SensitivityResult.load(path).suggest(0.8, refine=distance)
+        SensitivityResult.load(path).suggest(0.8, evaluate=distance, refine=100)
 
 
 def test_prune_to_with_refine_applies_the_best_measured_as_one_undo_step(setup):

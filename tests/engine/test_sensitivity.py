@@ -8,7 +8,8 @@ from torch import nn
 import nbcompress as nc
 from nbcompress import zoo
 from nbcompress.engine.core.history import trial
-from nbcompress.engine.sensitivity.sweep import EvaluationError, latest
+from nbcompress.engine.sensitivity.evaluate import EvaluationError
+from nbcompress.engine.sensitivity.registry import latest
 from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
 
 RATIOS = [0.3, 0.6, 0.9]

@@ -5,8 +5,9 @@ import torch
 
 import nbcompress as nc
 from nbcompress.engine.core import history
+from nbcompress.engine.sensitivity.evaluate import EvaluationError
+from nbcompress.engine.sensitivity.registry import latest, latest_suggestion
 from nbcompress.engine.sensitivity.staged import stage_targets
-from nbcompress.engine.sensitivity.sweep import EvaluationError, latest, latest_suggestion
 from tests.helpers import assert_same_state, snapshot, zero_fraction
 from tests.sensitivity_helpers import mlp_with_agreement
 

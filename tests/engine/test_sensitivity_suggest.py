@@ -8,13 +8,9 @@ import torch
 from matplotlib.figure import Figure
 
 import nbcompress as nc
-from nbcompress.engine.sensitivity.sweep import (
-    EvaluationError,
-    SensitivityResult,
-    latest,
-    latest_suggestion,
-    remember,
-)
+from nbcompress.engine.sensitivity.evaluate import EvaluationError
+from nbcompress.engine.sensitivity.registry import latest, latest_suggestion, remember
+from nbcompress.engine.sensitivity.result import SensitivityResult
 from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
 from tests.sensitivity_helpers import mlp_with_agreement
 
@@ -221,12 +217,12 @@ def test_registry_does_not_keep_models_alive():
     model = mlp()
     evaluate = lambda m: float(m(torch.ones(1, 16)).sum().detach())  # noqa: E731 - a closure over m
     nc.sensitivity(model, evaluate, ratios=[0.5], progress=False).suggest(0.2)
-    from nbcompress.engine.sensitivity import result as sensitivity_result
+    from nbcompress.engine.sensitivity.registry import tracked
 
-    count = len(sensitivity_result._LATEST)
+    count = tracked()
     del model
     gc.collect()
-    assert len(sensitivity_result._LATEST) == count - 1
+    assert tracked() == count - 1
 
 
 def test_apply_to_another_model_or_with_explicit_evaluate_on_a_proxy(swept):

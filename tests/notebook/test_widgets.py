@@ -18,10 +18,12 @@ from torch import nn
 
 import nbcompress
 from nbcompress import zoo
-from nbcompress.engine.sensitivity.sweep import SensitivityResult, sensitivity
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.result import SensitivityResult
+from nbcompress.engine.sensitivity.setting import model_footprint
+from nbcompress.engine.sensitivity.sweep import sensitivity
 from nbcompress.notebook.widgets import SensitivityExplorer, render
 from nbcompress.notebook.widgets._render import MarkedFigure, group_layers
-from nbcompress.notebook.widgets._setting import model_footprint, prune_setting_
 from tests.helpers import assert_same_state, snapshot
 
 
@@ -273,14 +275,14 @@ def test_group_layers_by_block():
     assert group_layers(["a", "b"]) == {"": ["a", "b"]}
 
 
-def test_prune_setting_matches_prune_and_skips_zero(model):
+def test_prune_ratios_matches_prune_and_skips_zero(model):
     twin = copy.deepcopy(model)
-    prune_setting_(model, {"fc1": 0.5, "fc2": 0.0, "fc3": 0.2})
+    prune_ratios_(model, {"fc1": 0.5, "fc2": 0.0, "fc3": 0.2})
     nbcompress.prune_(twin, {"fc1": 0.5, "fc3": 0.2}, include_output=True)
     assert_same_state(model, snapshot(twin))
     assert nbcompress.history(model)[-1].info["amounts"] == {"fc1": 0.5, "fc3": 0.2}
     with pytest.raises(ValueError, match="nothing to prune"):
-        prune_setting_(model, {"fc1": 0.0})
+        prune_ratios_(model, {"fc1": 0.0})
     fp = model_footprint(model)
     assert fp.nonzero == nonzero(model) and fp.total == sum(p.numel() for p in model.parameters())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,15 @@ from nbcompress.engine.core.layers import output_layer, select_layers, weighted_
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import CRITERIA, GRANULARITIES, global_masks, layer_mask
 
-__all__ = ["apply_mask", "is_masked", "prune_", "remove_masks_", "resolve_amounts"]
+__all__ = [
+    "apply_mask",
+    "check_ratios",
+    "is_masked",
+    "prune_",
+    "prune_ratios_",
+    "remove_masks_",
+    "resolve_amounts",
+]
 
 _SCOPES = ("layer", "global")
 
@@ -22,11 +31,6 @@ _SCOPES = ("layer", "global")
 def is_masked(module: nn.Module, name: str = "weight") -> bool:
     """True if ``module.<name>`` is reparametrised by a kept pruning mask."""
     return hasattr(module, name + "_orig") and hasattr(module, name + "_mask")
-
-
-def weight_of(module: nn.Module) -> torch.Tensor:
-    """The effective weight (masked weight when masks are kept)."""
-    return module.weight
 
 
 @torch.no_grad()
@@ -115,7 +119,8 @@ def prune_(
         model: The model to prune.
         amount: Fraction of weights that are zero afterwards in each selected layer
             (``scope="layer"``) or across all of them (``scope="global"``); or a dict of
-            layer name/glob → fraction for per-layer amounts (e.g. from a suggestion).
+            layer name/glob → fraction for per-layer amounts (exact per-layer ratios, such
+            as a suggestion's, are applied with :func:`prune_ratios_`).
         method: ``"l1"`` (smallest magnitudes) or ``"random"`` (the baseline).
         scope: ``"layer"`` — the amount applies to each layer; ``"global"`` — weights are
             ranked across layers, each keeping at least ``min_density``.
@@ -175,6 +180,104 @@ def prune_(
             for n, a in amounts.items()
         }
     detail = _describe(amount, method, scope, granularity, len(masks), excluded)
+    info = dict(amounts=amounts, method=method, scope=scope, granularity=granularity)
+    _apply_masks(model, masks, detail, info, excluded=excluded, keep_masks=keep_masks)
+    return model
+
+
+def check_ratios(model: nn.Module, ratios: Any) -> dict[str, float]:
+    """Validate per-layer ratios for ``model``; return the non-zero ones as floats.
+
+    Args:
+        model: The model the ratios are for.
+        ratios: Layer name (exact, as in ``model.named_modules()``) → fraction in [0, 1).
+
+    Returns:
+        Layer name → ratio for every layer with a ratio above 0, in the given order.
+
+    Raises:
+        TypeError: ``ratios`` is not a dict, or a ratio is not a number.
+        ValueError: A name that is not a weighted layer of ``model``, or a ratio outside [0, 1).
+    """
+    if not isinstance(ratios, Mapping):
+        raise TypeError(
+            f"ratios: expected a dict layer name → fraction such as {{'fc1': 0.5}}, got "
+            f"{type(ratios).__name__}."
+        )
+    layers = weighted_layers(model)
+    prunable = {
+        n for n, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)
+    }
+    unknown = [n for n in ratios if n not in prunable]
+    if unknown:
+        raise ValueError(
+            f"ratios: {', '.join(map(repr, unknown))} is not a layer with a weight in this "
+            f"model; use names from model.named_modules(), e.g. {', '.join(sorted(prunable)[:5])}."
+        )
+    checked = {n: check_amount(r, f"ratios[{n!r}]") for n, r in ratios.items()}
+    return {n: r for n, r in checked.items() if r > 0}
+
+
+def prune_ratios_(
+    model: nn.Module,
+    ratios: Mapping[str, float],
+    *,
+    method: str = "l1",
+    granularity: str = "element",
+    keep_masks: bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Prune each named layer of ``model`` in place to its own ratio, as one undoable step.
+
+    The one way to apply per-layer ratios (a suggestion, a refinement, an explorer
+    setting): names are exact layer names, the output layer included when named, and
+    layers at 0 are left alone.
+
+    Args:
+        model: The model to prune (recorded in its history; inside a ``trial`` or an outer
+            ``transaction`` the edit joins it).
+        ratios: Layer name → fraction of its weights that are zero afterwards, in [0, 1).
+        method: ``"l1"`` (smallest magnitudes) or ``"random"``.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``, as in :func:`prune_`.
+        keep_masks: Attach masks so that fine-tuning keeps pruned weights at zero.
+        seed: Seed of the random criterion.
+
+    Returns:
+        The model, pruned in place.
+
+    Raises:
+        TypeError: ``model`` is not a module, ``ratios`` is not a dict or holds a non-number.
+        ValueError: An unknown layer name, a ratio outside [0, 1), an unknown option, or
+            every ratio 0 (nothing to prune). The model is untouched in every case.
+    """
+    check_module(model)
+    _check_options(method, "layer", granularity)
+    amounts = check_ratios(model, ratios)
+    if not amounts:
+        raise ValueError("ratios: every ratio is 0, so there is nothing to prune.")
+    gen = torch.Generator().manual_seed(seed)
+    masks = {
+        n: layer_mask(
+            model.get_submodule(n).weight, a, method=method, granularity=granularity, gen=gen
+        )
+        for n, a in amounts.items()
+    }
+    detail = _describe(amounts, method, "layer", granularity, len(masks), None)
+    info = dict(amounts=amounts, method=method, scope="layer", granularity=granularity)
+    _apply_masks(model, masks, detail, info, excluded=None, keep_masks=keep_masks)
+    return model
+
+
+def _apply_masks(
+    model: nn.Module,
+    masks: dict[str, torch.Tensor],
+    detail: str,
+    info: dict[str, Any],
+    *,
+    excluded: str | None,
+    keep_masks: bool,
+) -> None:
+    """Apply ``masks`` to the named layers in one transaction, recording ``info``."""
     with transaction(model, "prune", detail) as tx:
         if keep_masks:
             # Fine-tuning follows and changes every parameter: keep full copies so that
@@ -184,17 +287,9 @@ def prune_(
         for name, mask in masks.items():
             module = model.get_submodule(name)
             apply_mask(tx, module, mask, keep_masks=keep_masks)
-            if granularity == "channel":
+            if info["granularity"] == "channel":
                 _zero_channel_bias(tx, module, mask)
-        tx.info.update(
-            amounts=amounts,
-            method=method,
-            scope=scope,
-            granularity=granularity,
-            excluded_output=excluded,
-            keep_masks=keep_masks,
-        )
-    return model
+        tx.info.update(info, excluded_output=excluded, keep_masks=keep_masks)
 
 
 def _describe(amount, method, scope, granularity, n, excluded) -> str:

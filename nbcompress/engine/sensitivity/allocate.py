@@ -4,95 +4,45 @@ The prediction model is the usual one of sensitivity analysis (Distiller, NNI): 
 several layers costs the sum of what pruning each one alone cost. Each layer's drop curve
 is made monotone (pruning more never helps) and clipped at zero, so that evaluation noise
 does not show up as free gains. Choosing one ratio per layer under a budget is then a
-multiple-choice knapsack, solved exactly on a discretised budget by dynamic programming.
+multiple-choice knapsack, solved exactly on a discretised budget by dynamic programming
+(:func:`choose`); :func:`suggest` turns a sweep's curves into a :class:`Suggestion`,
+refined by measurement on request (:func:`~nbcompress.engine.sensitivity.refine.refine`).
+
+:class:`~nbcompress.engine.sensitivity.result.SensitivityResult` calls this module; this
+module only reads the result it is given, so it never imports the result's module.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
 
-from nbcompress.engine.core.report import Table, TableReport, fmt_count, fmt_pct
-from nbcompress.engine.core.validation import check_module
+from nbcompress.engine.sensitivity.refine import Refinement, check_budget
+from nbcompress.engine.sensitivity.refine import refine as refine_allocation
+from nbcompress.engine.sensitivity.registry import remember
+from nbcompress.engine.sensitivity.suggestion import Suggestion
+
+if TYPE_CHECKING:
+    from nbcompress.engine.sensitivity.result import SensitivityResult
 
 __all__ = [
-    "ApplyReport",
     "Curves",
-    "Suggestion",
-    "apply_suggestion_",
     "choose",
     "drop_curves",
     "layer_drop",
+    "objective_weights",
+    "suggest",
 ]
 
 #: Budget resolution of the dynamic programme (bins over the whole budget).
 _BINS = 2000
-
-
-_RATIO_COLUMNS = {"layer": None, "ratio": fmt_pct}
-
-
-@dataclass(repr=False)
-class Suggestion(TableReport):
-    """Per-layer pruning ratios chosen from sensitivity curves.
-
-    Attributes:
-        ratios: Layer → fraction to prune (0 = leave alone).
-        predicted: Metric predicted from the curves with these ratios.
-        sparsity: Overall fraction of weights removed over the analysed layers.
-        removed: Parameters (or MACs, per ``objective``) removed.
-        objective: ``"params"`` or ``"macs"``.
-        target: The budget asked for, e.g. ``"sparsity 80%"`` or ``"max drop 0.01"``.
-        metric: Name of the metric the prediction is for.
-        baseline: Metric of the unpruned model.
-        granularity: ``"element"``, ``"block"`` or ``"channel"``, as in the sweep.
-        proxy: The metric is the data-free proxy, not a user evaluation.
-        measured: Metric measured for these ratios when the suggestion was refined by
-            evaluation (``suggest(..., refine=evaluate)``), else ``None``.
-        refinement: The refinement's report (candidates, kept moves, evaluations, time).
-    """
-
-    ratios: dict[str, float]
-    predicted: float
-    sparsity: float
-    removed: int
-    objective: str
-    target: str
-    metric: str = "metric"
-    baseline: float | None = None
-    granularity: str = "element"
-    proxy: bool = False
-    measured: float | None = None
-    refinement: Any = field(default=None, repr=False)
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """One plain dict per layer."""
-        return [{"layer": n, "ratio": r} for n, r in self.ratios.items()]
-
-    def _title(self) -> str:
-        label = "predicted proxy" if self.proxy else "predicted"
-        base = "" if self.baseline is None else f" (baseline {self.baseline:.4g})"
-        measured = ""
-        if self.refinement is not None:
-            measured = (
-                f", measured {self.measured:.4g} (refined from {self.refinement.start}: "
-                f"{self.refinement.evaluations} evaluations in {self.refinement.seconds:.1f} s)"
-            )
-        return (
-            f"Suggestion for {self.target}: sparsity {fmt_pct(self.sparsity)}, "
-            f"{fmt_count(self.removed)} {self.objective} removed; "
-            f"{label} {self.metric} {self.predicted:.4g}{measured}{base}"
-        )
-
-    def _table(self) -> Table:
-        return Table(self.rows, _RATIO_COLUMNS, self._title())
 
 
 @dataclass
@@ -291,134 +241,131 @@ def _max_removed_within(
     return _backtrack(options, picks, end)
 
 
-# --- applying a suggestion ----------------------------------------------------------------
+# --- a suggestion from a sweep -----------------------------------------------------------
 
 
-@dataclass(repr=False)
-class ApplyReport(TableReport):
-    """What :func:`apply_suggestion_` did: the ratios, and predicted vs measured metric.
-
-    Attributes:
-        suggestion: The applied suggestion.
-        predicted: Metric predicted by the sensitivity curves.
-        measured: Metric measured on the pruned model (``None`` without an evaluation).
-        baseline: Metric of the unpruned model in the sweep.
-        metric: Name of the metric.
-        proxy: The metric is the data-free proxy.
-        notes: Explanations shown with the report.
-    """
-
-    suggestion: Suggestion
-    predicted: float
-    measured: float | None
-    baseline: float | None
-    metric: str
-    proxy: bool = False
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """One plain dict per pruned layer."""
-        return [r for r in self.suggestion.rows if r["ratio"] > 0]
-
-    def _title(self) -> str:
-        kind = "proxy " if self.proxy else ""
-        measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
-        base = "" if self.baseline is None else f"; baseline {self.baseline:.4g}"
-        return (
-            f"Applied suggestion for {self.suggestion.target} ("
-            f"{fmt_pct(self.suggestion.sparsity)} of the analysed weights zero): "
-            f"{kind}{self.metric} predicted "
-            f"{self.predicted:.4g}, measured {measured}{base}"
-        )
-
-    def _table(self) -> Table:
-        return Table(self.rows, _RATIO_COLUMNS, self._title(), self.notes)
+def objective_weights(result: SensitivityResult, objective: str) -> dict[str, int]:
+    """Layer → what one unit of its ratio removes: parameters or (estimated) MACs."""
+    if objective == "params":
+        return {n: result.sizes[n] for n in result.layers}
+    if objective == "macs":
+        missing = [n for n in result.layers if result.macs.get(n) is None]
+        if missing:
+            raise ValueError(
+                f"objective: MACs are unknown for {', '.join(missing)}; rerun the sweep "
+                "with example_inputs (--input) or use objective='params'."
+            )
+        return {n: int(result.macs[n]) for n in result.layers}
+    raise ValueError(f"objective: {objective!r} is unknown; choose 'params' or 'macs'.")
 
 
-def apply_suggestion_(
-    model: nn.Module,
-    suggestion: Suggestion | None = None,
-    *,
-    evaluate: Callable[[nn.Module], float] | None = None,
-    example_inputs: Any = None,
-) -> ApplyReport:
-    """Prune ``model`` in place with a suggestion's per-layer ratios and measure the result.
-
-    The pruning is one step of the model's history (``undo_`` reverts it). The metric is
-    measured with ``evaluate`` (default: the function of the model's latest sweep, if still
-    alive) or, for a proxy sweep, on the example input; if measuring fails, nothing is kept.
+def suggest(
+    result: SensitivityResult,
+    target: tuple[float | None, float | None],
+    objective: str,
+    **refinement: Any,
+) -> Suggestion:
+    """Per-layer ratios for a budget from a sweep's curves (``SensitivityResult.suggest``).
 
     Args:
-        model: The model to prune.
-        suggestion: Default: the latest suggestion made for ``model``.
-        evaluate: Evaluation function, ``evaluate(model) -> float``.
-        example_inputs: Input for the proxy metric of a proxy sweep.
+        result: The sweep.
+        target: ``(target_sparsity, max_drop)``, exactly one of them given: remove at least
+            that fraction of the analysed weights (MACs), or as much as possible within
+            that predicted drop.
+        objective: ``"params"`` or ``"macs"``.
+        **refinement: ``evaluate`` (``evaluate(model) -> float``) and ``refine`` (number of
+            evaluations of a measured refinement), as ``SensitivityResult.suggest`` takes
+            them, including the deprecated ``refine=evaluate`` and ``budget=N``.
 
     Returns:
-        The report with predicted and measured metric.
-
-    Raises:
-        ValueError: No suggestion for this model, or it prunes nothing.
+        The suggestion, remembered as the model's latest when the result has a live model.
     """
-    # Imported here: those modules build on this one.
-    from nbcompress.engine.core.history import transaction
-    from nbcompress.engine.prune.prune import prune_
-    from nbcompress.engine.sensitivity.result import latest_suggestion
-
-    check_module(model)
-    suggestion = suggestion if suggestion is not None else latest_suggestion(model)
-    if suggestion is None:
-        raise ValueError(
-            "suggestion: none recorded for this model. Run a sweep and ask for one first, "
-            "e.g. `r = nbcompress.sensitivity(model, evaluate); r.suggest(0.8)` or "
-            "`%sensitivity model --eval evaluate --target-sparsity 0.8`."
-        )
-    ratios = {n: r for n, r in suggestion.ratios.items() if r > 0}
-    if not ratios:
-        raise ValueError("suggestion: every ratio is 0, so there is nothing to prune.")
-    modules = dict(model.named_modules())
-    missing = [n for n in ratios if n not in modules]
-    if missing:
-        raise ValueError(
-            f"suggestion: layer(s) {', '.join(missing)} are not in this model; apply a "
-            "suggestion to the model it was made for."
-        )
-    measure, notes = _measurer(model, suggestion, evaluate, example_inputs)
-    detail = f"suggested per-layer ratios ({suggestion.target}) on {len(ratios)} layer(s)"
-    with transaction(model, "prune", detail) as tx:
-        prune_(
-            model, ratios, layers=list(ratios), types={type(modules[n]) for n in ratios},
-            include_output=True, granularity=suggestion.granularity,
-        )  # fmt: skip
-        measured = measure() if measure else None  # an error here rolls the pruning back
-        tx.step.detail = detail + f", sparsity {fmt_pct(suggestion.sparsity)}"
-        tx.info.update(suggestion=suggestion.target, measured=measured)
-    notes.append("Undo with nbcompress.undo_(model) or %undo model.")
-    return ApplyReport(
-        suggestion, suggestion.predicted, measured, suggestion.baseline, suggestion.metric,
-        proxy=suggestion.proxy, notes=notes,
+    target_sparsity, max_drop = target
+    evaluate, refine = _renamed(**refinement)
+    weights = objective_weights(result, objective)
+    model = result.model
+    if refine is not None or evaluate is not None:
+        _check_refine(model, target_sparsity, objective, evaluate, refine)
+    ratios = choose(
+        result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
+    )
+    refinement = None
+    if refine is not None:
+        refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
+        ratios = refinement.ratios
+    target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
+    if objective == "macs" and max_drop is None:
+        target = f"MAC reduction {target_sparsity:.0%}"
+    made = Suggestion(
+        ratios=ratios, predicted=result.predict(ratios), sparsity=result.sparsity_of(ratios),
+        removed=int(round(sum(r * weights[n] for n, r in ratios.items()))),
+        objective=objective, target=target, metric=result.metric, baseline=result.baseline,
+        granularity=result.granularity, proxy=result.proxy,
+        measured=refinement.measured if refinement else None, refinement=refinement,
     )  # fmt: skip
+    if model is not None:
+        remember(model, suggestion=made)
+    return made
 
 
-def _measurer(
-    model: nn.Module, suggestion: Suggestion, evaluate: Any, example_inputs: Any
-) -> tuple[Callable[[], float] | None, list[str]]:
-    """How to measure after applying: explicit evaluate, else the sweep's own metric."""
-    from nbcompress.engine.sensitivity.result import remembered
-    from nbcompress.engine.sensitivity.sweep import measurer
-
-    old_eval, old_inputs = remembered(model)
-    if evaluate is not None:
-        notes = (
-            ["The prediction is of the proxy; the measurement uses evaluate."]
-            if suggestion.proxy
-            else []
+def _renamed(evaluate: Any, refine: Any, budget: Any) -> tuple[Any, int | None]:
+    """Accept the old spelling ``refine=evaluate, budget=N`` for one release, with a warning."""
+    if callable(refine):
+        warnings.warn(
+            "suggest(refine=evaluate) is deprecated: pass the function as evaluate=... and "
+            "the number of evaluations as refine=N, e.g. suggest(0.8, evaluate=fn, refine=100).",
+            DeprecationWarning,
+            stacklevel=4,
         )
-        return measurer(model, evaluate, None), notes
-    if suggestion.proxy:
-        inputs = example_inputs if example_inputs is not None else old_inputs
-        measure = measurer(model, None, inputs, proxy=True)
-    else:
-        measure = measurer(model, old_eval, None)
-    return measure, ([] if measure else ["Not measured: pass evaluate= (--eval) to compare."])
+        if evaluate is not None:
+            raise ValueError("refine: give the function as evaluate= only, not also as refine=.")
+        return refine, (100 if budget is None else check_budget(budget, "budget"))
+    if budget is not None:
+        warnings.warn(
+            "suggest(budget=N) is deprecated: the number of evaluations is refine=N, e.g. "
+            "suggest(0.8, evaluate=fn, refine=100).",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        if refine is None:
+            return evaluate, check_budget(budget, "budget")
+    return evaluate, (None if refine is None else check_budget(refine, "refine"))
+
+
+def _check_refine(
+    model: Any, target_sparsity: Any, objective: str, evaluate: Any, refine: int | None
+) -> None:
+    if refine is None:
+        raise ValueError(
+            "evaluate: suggest() uses it only to refine the suggestion by measuring; give "
+            "refine=N too (evaluations, e.g. refine=100), or leave evaluate out."
+        )
+    if target_sparsity is None or objective != "params":
+        raise ValueError(
+            "refine: refines a target_sparsity suggestion over parameters; give "
+            "target_sparsity=... with objective='params', or leave refine out."
+        )
+    if evaluate is None:
+        raise ValueError("refine: measures real allocations; pass evaluate=fn (--eval fn) too.")
+    if model is None:
+        raise ValueError(
+            "refine: this result is not attached to a live model (loaded from JSON, or the "
+            "model is gone); attach it with remember(model, result) first."
+        )
+
+
+def _refined(
+    result: SensitivityResult,
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    target: float,
+    ratios: dict[str, float],
+    budget: int,
+) -> Refinement:
+    """The curve suggestion refined by measuring on the swept model (left unchanged)."""
+    return refine_allocation(
+        model, evaluate, target, candidates={"curve suggestion": ratios}, budget=budget,
+        layers=list(result.layers), types={type(model.get_submodule(n)) for n in result.layers},
+        granularity=result.granularity, higher_is_better=result.higher_is_better,
+        metric=result.metric, predict=result.predict,
+    )  # fmt: skip

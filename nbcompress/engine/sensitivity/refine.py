@@ -15,7 +15,6 @@ optimises the result is never worse than them. Every evaluation runs inside a
 from __future__ import annotations
 
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,13 +27,15 @@ from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import zero_units
-from nbcompress.engine.prune.prune import prune_
-from nbcompress.engine.sensitivity.sweep import (
+from nbcompress.engine.prune.prune import prune_, prune_ratios_
+from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
     measuring,
     metric_name,
+    progress_line,
     select_sweep_layers,
+    spent,
     weight_sparsity,
 )
 
@@ -85,10 +86,11 @@ class Refinement(TableReport):
 
     def _title(self) -> str:
         predicted = "" if self.predicted is None else f"predicted {self.predicted:.4g}, "
+        achieved = f"sparsity {fmt_pct(self.target)} (achieved {fmt_pct(self.sparsity)})"
         return (
-            f"Refined allocation for sparsity {fmt_pct(self.target)} (achieved "
-            f"{fmt_pct(self.sparsity)}): {self.metric} {predicted}measured {self.measured:.4g}; "
-            f"started from {self.start}; {self.evaluations} evaluations in {self.seconds:.1f} s"
+            f"Refined allocation for {achieved}: {self.metric} {predicted}measured "
+            f"{self.measured:.4g}; started from {self.start}; "
+            + spent(self.evaluations, self.seconds)
         )
 
     def _columns(self) -> dict[str, Any]:
@@ -212,7 +214,6 @@ class _Search:
         self.model, self.evaluate, self.granularity = model, evaluate, granularity
         self.sign = 1.0 if higher_is_better else -1.0
         self.names = list(selected)
-        self.types = {type(m) for m in selected.values()}
         w = {n: m.weight for n, m in selected.items()}
         self.units = {n: zero_units(w[n], granularity).numel() for n in w}
         self.per_unit = {n: w[n].numel() / self.units[n] for n in w}
@@ -272,10 +273,7 @@ class _Search:
             ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
             with trial(self.model):
                 if ratios:
-                    prune_(
-                        self.model, ratios, layers=list(ratios), types=self.types,
-                        include_output=True, granularity=self.granularity,
-                    )  # fmt: skip
+                    prune_ratios_(self.model, ratios, granularity=self.granularity)
                 value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value
@@ -342,9 +340,7 @@ class _Search:
             "sparsity": self.sparsity(counts), "measured": measured,
         })  # fmt: skip
         if self.progress:
-            print(
+            progress_line(
                 f"refine [{self.evaluations} evaluations, {time.perf_counter() - self.t0:.1f} s] "
-                f"{self.names[src]} → {self.names[dst]}: {measured:.4g}",
-                file=sys.stderr,
-                flush=True,
+                f"{self.names[src]} → {self.names[dst]}: {measured:.4g}"
             )

@@ -1,19 +1,18 @@
-"""The result of a sensitivity sweep, and each model's latest result and suggestion.
+"""The result of a sensitivity sweep: measured curves, prediction, suggestion, persistence.
 
 A :class:`SensitivityResult` holds the measured curves and predicts the metric of
-per-layer ratios; its suggestions come from :mod:`nbcompress.engine.sensitivity.allocate`.
-The latest result and suggestion of each model live in a weak-keyed registry (like the
-histories in :mod:`nbcompress.engine.core.history`) so that ``%prune model --suggested`` and
-the explorer widget find them without the model holding anything extra.
+per-layer ratios; its suggestions come from :mod:`nbcompress.engine.sensitivity.allocate`,
+which only reads the result (so the dependency runs one way: this module imports allocate).
+The latest result and suggestion of each model live in
+:mod:`nbcompress.engine.sensitivity.registry`. Figures are drawn by the notebook layer,
+imported only when asked for (:meth:`SensitivityResult.plot`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,11 @@ from typing import Any
 from torch import nn
 
 from nbcompress.engine.core.report import fmt_count, html_table, text_table
-from nbcompress.engine.core.validation import check_amount, check_module
-from nbcompress.engine.sensitivity import allocate as _suggest
-from nbcompress.engine.sensitivity.allocate import Suggestion
+from nbcompress.engine.core.validation import check_amount
+from nbcompress.engine.sensitivity.allocate import Curves, drop_curves, layer_drop, suggest
+from nbcompress.engine.sensitivity.suggestion import Suggestion
 
-__all__ = ["SensitivityResult", "keep_latest", "latest", "latest_suggestion", "remember"]
+__all__ = ["SensitivityResult"]
 
 _FORMAT = "nbcompress.sensitivity/1"
 
@@ -69,12 +68,28 @@ class SensitivityResult:
     complete: bool
     notes: list[str] = field(default_factory=list)
     start: dict[str, float] = field(default_factory=dict)
-    _model: Any = field(default=None, repr=False, compare=False)
+    _model: Callable[[], nn.Module | None] | None = field(default=None, repr=False, compare=False)
+
+    # --- the model it was measured on -------------------------------------------------------
+
+    @property
+    def model(self) -> nn.Module | None:
+        """The live model the curves were measured on, or ``None`` (loaded, or model gone)."""
+        return self._model() if self._model is not None else None
+
+    def attach(self, model: nn.Module) -> None:
+        """Refer (weakly) to the live model; :func:`remember` does this for you.
+
+        Args:
+            model: The model the curves were measured on.
+        """
+        self._model = weakref.ref(model)
 
     # --- prediction and suggestion -------------------------------------------------------
 
-    def _drops(self) -> _suggest.Curves:
-        return _suggest.drop_curves(
+    def drop_curves(self) -> Curves:
+        """Monotone, non-negative drop per layer and ratio, as the prediction uses them."""
+        return drop_curves(
             self.ratios, self.curves, self.baseline, self.higher_is_better, self.start
         )
 
@@ -105,10 +120,8 @@ class SensitivityResult:
             The predicted metric.
         """
         ratios = self._check_ratios(ratios)
-        drops = self._drops()
-        total = sum(
-            _suggest.layer_drop(drops.xs[n], drops.drops[n], r) for n, r in ratios.items() if r
-        )
+        drops = self.drop_curves()
+        total = sum(layer_drop(drops.xs[n], drops.drops[n], r) for n, r in ratios.items() if r)
         return self.baseline - total if self.higher_is_better else self.baseline + total
 
     def sparsity_of(self, ratios: dict[str, float]) -> float:
@@ -128,35 +141,24 @@ class SensitivityResult:
         )
         return removed / total if total else 0.0
 
-    def _weights(self, objective: str) -> dict[str, int]:
-        if objective == "params":
-            return {n: self.sizes[n] for n in self.layers}
-        if objective == "macs":
-            missing = [n for n in self.layers if self.macs.get(n) is None]
-            if missing:
-                raise ValueError(
-                    f"objective: MACs are unknown for {', '.join(missing)}; rerun the sweep "
-                    "with example_inputs (--input) or use objective='params'."
-                )
-            return {n: int(self.macs[n]) for n in self.layers}
-        raise ValueError(f"objective: {objective!r} is unknown; choose 'params' or 'macs'.")
-
     def suggest(
         self,
         target_sparsity: float | None = None,
         *,
         max_drop: float | None = None,
         objective: str = "params",
-        refine: Callable[[nn.Module], float] | None = None,
-        budget: int = 100,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        refine: int | None = None,
+        budget: int | None = None,
     ) -> Suggestion:
         """Per-layer ratios for a budget, chosen from the curves (not uniform ratios).
 
         The curves' prediction sums single-layer drops, which is optimistic when layers
-        compound. With ``refine=evaluate`` the choice is checked by evaluation instead: the
-        curve suggestion and the ratios uniform and global L1 would give are measured on the
-        model, and a local search moves sparsity between layers while the measured metric
-        improves (:func:`nbcompress.engine.sensitivity.refine.refine`; the model is left unchanged).
+        compound. With ``evaluate=fn, refine=N`` the choice is checked by evaluation instead:
+        the curve suggestion and the ratios uniform and global L1 would give are measured on
+        the model, and a local search moves sparsity between layers while the measured metric
+        improves, for up to ``N`` more evaluations
+        (:func:`nbcompress.engine.sensitivity.refine.refine`; the model is left unchanged).
 
         Args:
             target_sparsity: Remove at least this fraction of the analysed weights (of the
@@ -164,9 +166,14 @@ class SensitivityResult:
             max_drop: Remove as many parameters (or MACs) as possible while the predicted
                 metric falls by at most this much.
             objective: ``"params"`` or ``"macs"``: what is counted as removed.
-            refine: ``evaluate(model) -> float`` (same direction as the sweep's metric) to
-                refine a ``target_sparsity`` suggestion by measuring on the swept model.
-            budget: Evaluations the refinement may spend after measuring its candidates.
+            evaluate: ``evaluate(model) -> float`` (same direction as the sweep's metric)
+                that measures the refinement on the swept model.
+            refine: Evaluations the measured refinement of a ``target_sparsity``
+                suggestion may spend after measuring its candidates (e.g. 100), as in
+                ``prune_to_(refine=N)``; ``None``: the curves' choice as it is. The old
+                spelling ``refine=evaluate`` still works for one release, with a
+                ``DeprecationWarning``.
+            budget: Deprecated: the old name of ``refine``'s number of evaluations.
 
         Returns:
             The suggestion (with ``measured`` and ``refinement`` when refined); also
@@ -175,60 +182,11 @@ class SensitivityResult:
         Raises:
             ValueError: Neither or both budgets given, or a budget that cannot be met (the
                 message states the closest reachable value); ``refine`` without
-                ``target_sparsity``, or a result not attached to a model.
+                ``evaluate`` or ``target_sparsity``, or a result not attached to a model.
         """
-        weights = self._weights(objective)
-        model = self._model() if self._model is not None else None
-        if refine is not None:
-            self._check_refine(model, target_sparsity, objective)
-        ratios = _suggest.choose(
-            self._drops(), weights, target_sparsity=target_sparsity, max_drop=max_drop
-        )
-        refinement = None
-        if refine is not None:
-            refinement = self._refine(model, refine, target_sparsity, ratios, budget)
-            ratios = refinement.ratios
-        target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
-        if objective == "macs" and max_drop is None:
-            target = f"MAC reduction {target_sparsity:.0%}"
-        result = Suggestion(
-            ratios=ratios,
-            predicted=self.predict(ratios),
-            sparsity=self.sparsity_of(ratios),
-            removed=int(round(sum(r * weights[n] for n, r in ratios.items()))),
-            objective=objective,
-            target=target,
-            metric=self.metric,
-            baseline=self.baseline,
-            granularity=self.granularity,
-            proxy=self.proxy,
-            measured=refinement.measured if refinement else None,
-            refinement=refinement,
-        )
-        if model is not None:
-            remember(model, suggestion=result)
-        return result
-
-    def _check_refine(self, model: Any, target_sparsity: Any, objective: str) -> None:
-        if target_sparsity is None or objective != "params":
-            raise ValueError(
-                "refine: refines a target_sparsity suggestion over parameters; give "
-                "target_sparsity=... with objective='params', or leave refine out."
-            )
-        if model is None:
-            raise ValueError(
-                "refine: this result is not attached to a live model (loaded from JSON, or the "
-                "model is gone); attach it with remember(model, result) first."
-            )
-
-    def _refine(self, model, evaluate, target, ratios, budget) -> Any:
-        from nbcompress.engine.sensitivity.refine import refine  # it builds on the sweep module
-
-        return refine(
-            model, evaluate, target, candidates={"curve suggestion": ratios}, budget=budget,
-            layers=list(self.layers), types={type(model.get_submodule(n)) for n in self.layers},
-            granularity=self.granularity, higher_is_better=self.higher_is_better,
-            metric=self.metric, predict=self.predict,
+        return suggest(
+            self, (target_sparsity, max_drop), objective,
+            evaluate=evaluate, refine=refine, budget=budget,
         )  # fmt: skip
 
     # --- presentation --------------------------------------------------------------------
@@ -313,7 +271,8 @@ class SensitivityResult:
             path: File to read.
 
         Returns:
-            The result (not attached to any model; see :func:`remember`).
+            The result (not attached to any model; see
+            :func:`~nbcompress.engine.sensitivity.registry.remember`).
 
         Raises:
             ValueError: The file is not a saved sensitivity result.
@@ -330,99 +289,3 @@ class SensitivityResult:
 
 def _ratio_key(r: float) -> str:
     return f"{100 * r:g}%"
-
-
-# --- registry of each model's latest result and suggestion ---------------------------------
-
-
-@dataclass
-class _Record:
-    result: Any = None  # a SensitivityResult (typed loosely: that module imports this one)
-    suggestion: Suggestion | None = None
-    evaluate: Callable[[], Any] | None = None  # weak reference to the evaluate function
-    inputs: Callable[[], Any] | None = None  # weak reference to the example input
-
-
-_LATEST: weakref.WeakKeyDictionary[nn.Module, _Record] = weakref.WeakKeyDictionary()
-
-
-def _weak(obj: Any) -> Callable[[], Any] | None:
-    # Weak, so that an evaluate closure over the model cannot keep the model alive.
-    if obj is None:
-        return None
-    try:
-        return weakref.WeakMethod(obj) if hasattr(obj, "__self__") else weakref.ref(obj)
-    except TypeError:  # tuples of inputs and the like cannot be weakly referenced
-        return lambda: obj
-
-
-def remember(
-    model: nn.Module,
-    result: Any = None,
-    *,
-    suggestion: Suggestion | None = None,
-    evaluate: Callable[[nn.Module], float] | None = None,
-    example_inputs: Any = None,
-) -> None:
-    """Record a sensitivity result and/or a suggestion as the latest for ``model``.
-
-    The sweep and ``SensitivityResult.suggest`` call this; call it yourself after
-    ``SensitivityResult.load`` to attach a saved result to a model.
-
-    Args:
-        model: The model the result belongs to.
-        result: A ``SensitivityResult`` (attached to ``model``; the latest suggestion is reset).
-        suggestion: A suggestion for ``model``.
-        evaluate: The evaluation function used, to measure after applying a suggestion.
-        example_inputs: The example input used by the proxy.
-    """
-    check_module(model)
-    rec = _LATEST.setdefault(model, _Record())
-    if result is not None:
-        result._model = weakref.ref(model)
-        rec.result, rec.suggestion = result, None
-        rec.evaluate, rec.inputs = _weak(evaluate), _weak(example_inputs)
-    if suggestion is not None:
-        rec.suggestion = suggestion
-
-
-def latest(model: nn.Module) -> Any:
-    """The most recent ``SensitivityResult`` of ``model`` (partial ones included), or ``None``."""
-    rec = _LATEST.get(check_module(model))
-    return rec.result if rec else None
-
-
-def latest_suggestion(model: nn.Module) -> Suggestion | None:
-    """The most recent suggestion made for ``model``, or ``None``."""
-    rec = _LATEST.get(check_module(model))
-    return rec.suggestion if rec else None
-
-
-def remembered(model: nn.Module) -> tuple[Any, Any]:
-    """The evaluate function and example input of the model's latest sweep, if still alive."""
-    rec = _LATEST.get(model)
-    if rec is None:
-        return None, None
-    return (rec.evaluate() if rec.evaluate else None, rec.inputs() if rec.inputs else None)
-
-
-@contextlib.contextmanager
-def keep_latest(model: nn.Module) -> Iterator[None]:
-    """Restore the model's latest result and suggestion if the block fails.
-
-    For procedures that sweep and suggest several times (staged pruning): when they roll
-    the model back, the sweeps they made describe a model that no longer exists. On success
-    the latest suggestion is cleared, as it was made for an intermediate state.
-    """
-    rec = _LATEST.get(model)
-    saved = copy.copy(rec) if rec is not None else None
-    try:
-        yield
-    except BaseException:
-        if saved is None:
-            _LATEST.pop(model, None)
-        else:
-            _LATEST[model] = saved
-        raise
-    if model in _LATEST:
-        _LATEST[model].suggestion = None

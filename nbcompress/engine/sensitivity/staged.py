@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +23,20 @@ from torch import nn
 from nbcompress.engine.core.history import transaction, trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
-from nbcompress.engine.prune.prune import prune_
-from nbcompress.engine.sensitivity.allocate import Suggestion, apply_suggestion_
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.evaluate import (
+    Proxy,
+    fmt_value,
+    progress_line,
+    spent,
+    weight_sparsity,
+)
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
-from nbcompress.engine.sensitivity.result import SensitivityResult, keep_latest
-from nbcompress.engine.sensitivity.sweep import Proxy, sensitivity, weight_sparsity
+from nbcompress.engine.sensitivity.registry import keep_latest
+from nbcompress.engine.sensitivity.result import SensitivityResult
+from nbcompress.engine.sensitivity.suggestion import Suggestion, apply_suggestion_
+from nbcompress.engine.sensitivity.sweep import sensitivity
 
 __all__ = ["DEFAULT_RATIOS", "StagedReport", "prune_to_", "stage_targets"]
 
@@ -95,17 +102,17 @@ class StagedReport(TableReport):
         measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
         n = sum(isinstance(s["stage"], int) for s in self.stages)
         refined = " + measured refinement" if self.refinement is not None else ""
+        what = f"Staged sensitivity pruning to sparsity {fmt_pct(self.target)} in {n} stage(s)"
         return (
-            f"Staged sensitivity pruning to sparsity {fmt_pct(self.target)} in "
-            f"{n} stage(s){refined}: {self.metric} {measured} (baseline "
-            f"{self.baseline:.4g}); {self.evaluations} evaluations in {self.seconds:.1f} s"
+            f"{what}{refined}: {self.metric} {measured} (baseline {self.baseline:.4g}); "
+            + spent(self.evaluations, self.seconds)
         )
 
     def _columns(self) -> dict[str, Any]:
         num = "{:.4g}".format
         return {
             "stage": None, "target": fmt_pct, "sparsity": fmt_pct,
-            "predicted": num, "measured": lambda v: "—" if v is None else num(v),
+            "predicted": num, "measured": fmt_value,
         }  # fmt: skip
 
     def _table(self) -> Table:
@@ -272,14 +279,15 @@ class _Staged:
     objective: str
     progress: bool
     start: float
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    evaluations: int = 0
+    # The first sweep (its baseline and one-shot suggestion), then the latest stage.
     baseline: float | None = None
-    result: SensitivityResult | None = None
     first: SensitivityResult | None = None
+    evaluations: int = 0
+    result: SensitivityResult | None = None
     suggestion: Suggestion | None = None
     last: float | None = None
     refinement: Refinement | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
 
     def stages(self, targets: list[float]) -> None:
         """Run every stage on the model."""
@@ -305,23 +313,17 @@ class _Staged:
             predict=self.first.predict, **selection,
         )  # fmt: skip
         self.evaluations += found.evaluations
-        prune_(
-            self.model, {n: r for n, r in found.ratios.items() if r > 0},
-            layers=[n for n, r in found.ratios.items() if r > 0],
-            types={type(self.model.get_submodule(n)) for n in names},
-            include_output=True, granularity=selection["granularity"],
-        )  # fmt: skip
+        prune_ratios_(self.model, found.ratios, granularity=selection["granularity"])
         self.refinement, self.last = found, found.measured
         self.rows.append({
             "stage": f"refined (from {found.start})", "target": targets[-1],
             "sparsity": found.sparsity, "predicted": found.predicted, "measured": found.measured,
         })  # fmt: skip
         if self.progress:
-            print(
+            progress_line(
                 f"prune_to_ [refined, {time.perf_counter() - self.start:.1f} s] from "
-                f"{found.start}: {found.evaluations} evaluations, measured {_fmt(found.measured)}",
-                file=sys.stderr,
-                flush=True,
+                f"{found.start}: {found.evaluations} evaluations, measured "
+                + fmt_value(found.measured)
             )
 
     def stage(self, k: int, n: int, target: float) -> None:
@@ -348,12 +350,10 @@ class _Staged:
             "predicted": suggestion.predicted, "measured": applied.measured,
         })  # fmt: skip
         if self.progress:
-            print(
+            progress_line(
                 f"prune_to_ [stage {k}/{n}, {time.perf_counter() - self.start:.1f} s] sparsity "
                 f"{suggestion.sparsity:.1%}: predicted {suggestion.predicted:.4g}, measured "
-                f"{_fmt(applied.measured)}",
-                file=sys.stderr,
-                flush=True,
+                + fmt_value(applied.measured)
             )
 
     def report(self, target: float, notes: list[str]) -> StagedReport:
@@ -365,7 +365,3 @@ class _Staged:
             evaluations=self.evaluations, seconds=time.perf_counter() - self.start,
             suggestion=self.suggestion, result=res, notes=notes, refinement=self.refinement,
         )  # fmt: skip
-
-
-def _fmt(v: float | None) -> str:
-    return "—" if v is None else f"{v:.4g}"

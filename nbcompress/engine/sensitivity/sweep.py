@@ -4,156 +4,69 @@ For each selected layer and ratio the layer is pruned inside a :func:`~nbcompres
 (always rolled back), the model is evaluated, and the curve point is recorded. The model is
 bit-exactly unchanged afterwards, also when ``evaluate`` raises or the user interrupts. The
 result predicts the metric of per-layer ratios and suggests ratios for a budget
-(:mod:`nbcompress.engine.sensitivity.allocate`); the latest result and suggestion of each
-model are kept in a weak-keyed registry so that ``%prune model --suggested`` and the
-explorer find them.
+(:mod:`nbcompress.engine.sensitivity.result`); the latest result and suggestion of each
+model are kept in :mod:`nbcompress.engine.sensitivity.registry` so that
+``%prune model --suggested`` and the explorer find them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import numbers
-import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.core.costs import macs
 from nbcompress.engine.core.history import trial
-from nbcompress.engine.core.layers import select_layers
 from nbcompress.engine.core.summary import capture_calls
-from nbcompress.engine.core.validation import (
-    as_inputs,
-    check_amount,
-    check_module,
-    eval_mode,
-    primary_output,
-    run_forward,
+from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.evaluate import (
+    EvaluationError,
+    Proxy,
+    call_evaluate,
+    check_sweep_options,
+    fmt_value,
+    measurer,
+    measuring,
+    metric_name,
+    progress_line,
+    select_sweep_layers,
+    weight_sparsity,
 )
-from nbcompress.engine.prune.masks import GRANULARITIES, zero_units
-from nbcompress.engine.prune.prune import prune_
-from nbcompress.engine.sensitivity.allocate import ApplyReport, Suggestion, apply_suggestion_
-from nbcompress.engine.sensitivity.result import (
-    SensitivityResult,
+from nbcompress.engine.sensitivity.registry import (
+    keep_latest,
     latest,
     latest_suggestion,
     remember,
+    remembered,
 )
+from nbcompress.engine.sensitivity.result import SensitivityResult
+from nbcompress.engine.sensitivity.suggestion import ApplyReport, Suggestion, apply_suggestion_
 
+# Besides ``sensitivity``, names re-exported for the magics and ``nbcompress._EXPORTS``,
+# which still import them from here (transitional: their homes are evaluate, registry,
+# result and suggestion).
 __all__ = [
     "ApplyReport",
     "EvaluationError",
     "SensitivityResult",
     "Suggestion",
     "apply_suggestion_",
+    "keep_latest",
     "latest",
     "latest_suggestion",
     "measurer",
-    "measuring",
     "remember",
+    "remembered",
     "sensitivity",
 ]
 
 
 # --- the sweep -------------------------------------------------------------------------------
-
-
-class EvaluationError(RuntimeError, ValueError):
-    """``evaluate`` raised during a sweep; the model is restored and ``result`` is partial.
-
-    Also a ``ValueError``, so that the magics report it as a one-line usage error naming
-    ``--eval``.
-    """
-
-    def __init__(self, message: str, result: SensitivityResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
-
-
-def _as_number(value: Any, name: str) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"evaluate: {name} returned {type(value).__name__} {value!r}; it must return one "
-            "number (e.g. accuracy as a float), higher is better unless higher_is_better=False "
-            "(--lower-is-better)."
-        )
-    return float(value)
-
-
-def call_evaluate(evaluate: Callable[[nn.Module], Any], model: nn.Module, where: str) -> float:
-    """Run ``evaluate(model)``; one clear error naming the function if it raises or is no number."""
-    name = getattr(evaluate, "__name__", type(evaluate).__name__)
-    try:
-        value = evaluate(model)
-    except Exception as err:
-        raise EvaluationError(
-            f"evaluate: {name}(model) raised {type(err).__name__}: {err} ({where}). The model "
-            "is restored; fix the function passed as evaluate (--eval) and rerun."
-        ) from err
-    return _as_number(value, name)
-
-
-class Proxy:
-    """Data-free metric: fidelity of the (pruned) model's output to the dense output."""
-
-    def __init__(self, model: nn.Module, inputs: tuple) -> None:
-        self.inputs = inputs
-        with eval_mode(model):
-            ref = primary_output(run_forward(model, inputs))
-        if ref is None or not ref.is_floating_point():
-            raise TypeError(
-                "evaluate: without an evaluation function the proxy compares floating-point "
-                "outputs, but the model returned none; pass evaluate=fn (--eval fn)."
-            )
-        # Two-dimensional outputs with several columns are read as classifier logits.
-        self.kl = ref.dim() == 2 and ref.shape[1] > 1
-        self.ref = ref.detach().float()
-        self.name = "output agreement exp(-KL)" if self.kl else "output cosine similarity"
-
-    def __call__(self, model: nn.Module) -> float:
-        out = primary_output(run_forward(model, self.inputs)).detach().float()
-        if self.kl:
-            kl = F.kl_div(
-                F.log_softmax(out, 1),
-                F.log_softmax(self.ref, 1),
-                log_target=True,
-                reduction="none",
-            ).sum(1)
-            return float(torch.exp(-kl).mean())
-        rows = len(out) if out.dim() > 1 else 1
-        sim = F.cosine_similarity(out.reshape(rows, -1), self.ref.reshape(rows, -1), dim=1)
-        return float(sim.mean())
-
-
-def measurer(
-    model: nn.Module, evaluate: Any, example_inputs: Any, *, proxy: bool = False
-) -> Callable[[], float] | None:
-    """A zero-argument function that measures ``model`` at the time it is called.
-
-    Args:
-        model: The model to measure.
-        evaluate: ``evaluate(model) -> float``; used unless ``proxy``.
-        example_inputs: Input of the data-free proxy (with ``proxy=True``); the proxy's
-            reference output is the model's output now, when the measurer is made.
-        proxy: Measure the proxy on ``example_inputs`` instead of calling ``evaluate``.
-
-    Returns:
-        The function, or ``None`` when there is nothing to measure with.
-    """
-    if evaluate is not None and not proxy:
-        return lambda: call_evaluate(evaluate, model, "after applying the suggestion")
-    if proxy and example_inputs is not None:
-        metric = Proxy(model, as_inputs(example_inputs))
-        return lambda: metric(model)
-    return None
 
 
 def _check_ratios_arg(ratios: Any) -> list[float]:
@@ -166,62 +79,6 @@ def _check_ratios_arg(ratios: Any) -> list[float]:
         )
     checked = [check_amount(r, f"ratios[{i}]", allow_zero=False) for i, r in enumerate(ratios)]
     return sorted(set(checked))
-
-
-def check_sweep_options(
-    evaluate: Any, example_inputs: Any, max_layers: Any, early_stop: Any, granularity: str
-) -> None:
-    """Raise one clear error on a bad evaluate, input, max_layers, early_stop, granularity."""
-    if evaluate is not None and not callable(evaluate):
-        raise TypeError(
-            f"evaluate: expected a function evaluate(model) -> float, got "
-            f"{type(evaluate).__name__} {evaluate!r}; in a notebook --eval names it."
-        )
-    if evaluate is None and example_inputs is None:
-        raise ValueError(
-            "evaluate: give an evaluation function (evaluate=fn, --eval fn; higher is better) "
-            "or an example input (example_inputs=x, --input x) for the data-free proxy."
-        )
-    if max_layers is not None and (
-        isinstance(max_layers, bool) or not isinstance(max_layers, int) or max_layers < 1
-    ):
-        raise ValueError(f"max_layers: expected a positive integer, got {max_layers!r}.")
-    if early_stop is not None and (
-        isinstance(early_stop, bool) or not isinstance(early_stop, numbers.Real) or early_stop < 0
-    ):
-        raise ValueError(
-            f"early_stop: expected a non-negative drop such as 0.1, got {early_stop!r}."
-        )
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
-
-
-def select_sweep_layers(
-    model: nn.Module, layers: Any, types: Any, max_layers: int | None
-) -> tuple[dict[str, nn.Module], list[str]]:
-    """The weighted layers a sweep analyses (output layer included), and notes on those left out."""
-    if layers is not None and not isinstance(layers, str) and len(layers) == 0:
-        raise ValueError("layers: an empty list selects nothing; pass None to analyse every layer.")
-    # Unlike pruning, the sweep analyses the output layer too: its curve is what tells
-    # whether it can be pruned at all.
-    selected, _ = select_layers(model, layers, types, include_output=True)
-    no_weight = [
-        n for n, m in selected.items() if not isinstance(getattr(m, "weight", None), torch.Tensor)
-    ]
-    if no_weight:
-        raise ValueError(
-            f"types: no single `weight` to prune by L1 in {', '.join(no_weight)} (e.g. "
-            "MultiheadAttention, LSTM); select Linear, Conv or Embedding layers instead."
-        )
-    notes = []
-    if max_layers is not None and len(selected) > max_layers:
-        keep = set(sorted(selected, key=lambda n: -selected[n].weight.numel())[:max_layers])
-        notes.append(
-            f"max_layers={max_layers}: analysed the {max_layers} largest of {len(selected)} "
-            "layers; the others are left out of predictions and suggestions."
-        )
-        selected = {n: m for n, m in selected.items() if n in keep}
-    return selected, notes
 
 
 def _layer_macs(model, selected, inputs) -> dict[str, int | None]:
@@ -243,16 +100,10 @@ class _Progress:
     def step(self, result: SensitivityResult, layer: str, finished: bool) -> None:
         self.done += 1
         if self.enabled and finished:
-            values = " ".join(_fmt_metric(v) for v in result.curves[layer])
-            print(
-                f"sensitivity [{self.done}/{self.total}, {result.seconds:.1f} s] {layer}: {values}",
-                file=sys.stderr,
-                flush=True,
+            values = " ".join(fmt_value(v) for v in result.curves[layer])
+            progress_line(
+                f"sensitivity [{self.done}/{self.total}, {result.seconds:.1f} s] {layer}: {values}"
             )
-
-
-def _fmt_metric(v: float | None) -> str:
-    return "—" if v is None else f"{v:.4g}"
 
 
 def sensitivity(
@@ -334,30 +185,6 @@ def sensitivity(
     return result
 
 
-@contextlib.contextmanager
-def measuring(model: nn.Module) -> Iterator[None]:
-    """Evaluate ``model`` in eval mode inside a trial that also restores every buffer.
-
-    Buffers (e.g. BatchNorm statistics) are saved too, in case ``evaluate`` updates them.
-    """
-    with eval_mode(model), trial(model) as guard:
-        for buf in model.buffers():
-            guard.save_tensor(buf)
-        yield
-
-
-def weight_sparsity(weight: torch.Tensor, granularity: str) -> float:
-    """Fraction of zero weights (or of all-zero 4×1 blocks, or output channels)."""
-    zero = zero_units(weight, granularity)
-    return float(zero.float().mean()) if zero.numel() else 0.0
-
-
-def metric_name(fn: Any) -> str:
-    """Name of the metric an evaluation function computes (its ``__name__``)."""
-    name = getattr(fn, "__name__", type(fn).__name__)
-    return "metric" if name == "<lambda>" else name
-
-
 @dataclass
 class _Run:
     """State of one sweep: what to evaluate and where results go."""
@@ -373,14 +200,7 @@ class _Run:
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
         with trial(self.model):
-            prune_(
-                self.model,
-                {name: ratio},
-                layers=[name],
-                types=type(self.selected[name]),
-                include_output=True,
-                granularity=self.result.granularity,
-            )
+            prune_ratios_(self.model, {name: ratio}, granularity=self.result.granularity)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):
                 return self.evaluate(self.model)

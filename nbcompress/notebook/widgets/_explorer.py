@@ -1,7 +1,7 @@
 """The interactive sensitivity explorer: sliders per layer over a sweep's curves.
 
 Like ``tqdm.notebook``, the widget only adds a display: every number it shows comes from
-the engine (``SensitivityResult.predict/suggest/sparsity_of``, ``prune_``, ``undo_``,
+the engine (``SensitivityResult.predict/suggest/sparsity_of``, ``prune_ratios_``, ``undo_``,
 ``trial``). Callbacks run synchronously when a trait changes, so plain pytest drives it by
 setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
 """
@@ -9,7 +9,6 @@ setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
 from __future__ import annotations
 
 import contextlib
-import html
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -17,19 +16,23 @@ import ipywidgets as w
 from torch import nn
 
 from nbcompress.engine.core.history import history, trial, undo_
-from nbcompress.engine.core.report import fmt_bytes, fmt_count, fmt_pct
+from nbcompress.engine.core.report import fmt_pct
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.setting import SettingCosts, proxy_metric
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
     fmt_metric,
     group_layers,
     header_html,
+    layer_info_html,
+    model_text,
     png_output,
     readout_html,
 )
-from nbcompress.notebook.widgets._setting import SettingCosts, proxy_metric, prune_setting_
 
 if TYPE_CHECKING:
-    from nbcompress.engine.sensitivity.sweep import SensitivityResult, Suggestion
+    from nbcompress.engine.sensitivity.result import SensitivityResult
+    from nbcompress.engine.sensitivity.suggestion import Suggestion
 
 __all__ = ["SensitivityExplorer"]
 
@@ -307,7 +310,7 @@ class SensitivityExplorer(w.VBox):
             try:
                 with trial(self.model):
                     if any(r > 0 for r in ratios.values()):
-                        prune_setting_(self.model, ratios, granularity=self.result.granularity)
+                        prune_ratios_(self.model, ratios, granularity=self.result.granularity)
                     value = float(self.evaluate(self.model))
             except Exception as err:  # noqa: BLE001 - the user's function; report, don't raise
                 self.status.value = (
@@ -323,37 +326,50 @@ class SensitivityExplorer(w.VBox):
 
     def apply(self) -> None:
         """Prune the live model in place with the current setting (recorded, undoable)."""
-        before = self._costs.now()
         ratios = self.ratios
-        with self._busy("applying…"):
-            try:
-                prune_setting_(self.model, ratios, granularity=self.result.granularity)
-            except (ValueError, TypeError) as err:
-                self.status.value = f"not applied: {err}"
-                return
-        self._refresh()
-        after = self._costs.now()
-        self.status.value = (
-            f"applied: {fmt_pct(self.result.sparsity_of(ratios))} sparsity over the explored "
-            f"layers; model now has {after.nonzero:,} nonzero parameters (was {before.nonzero:,})"
+        granularity = self.result.granularity
+        change = self._change_model(
+            "applying…",
+            lambda: prune_ratios_(self.model, ratios, granularity=granularity),
+            (ValueError, TypeError),
+            "not applied",
         )
+        if change is not None:
+            self.status.value = (
+                f"applied: {fmt_pct(self.result.sparsity_of(ratios))} sparsity over the explored "
+                f"layers; {change}"
+            )
 
     def undo(self) -> None:
         """Revert the model's last recorded compression step."""
-        before = self._costs.now()
         steps = history(self.model)
-        with self._busy("undoing…"):
+        change = self._change_model(
+            "undoing…", lambda: undo_(self.model), (ValueError,), "nothing undone"
+        )
+        if change is not None:
+            self.status.value = f"undone: {steps[-1].name} ({steps[-1].detail}); {change}"
+
+    def _change_model(
+        self,
+        message: str,
+        action: Callable[[], Any],
+        errors: tuple[type[Exception], ...],
+        failed: str,
+    ) -> str | None:
+        """Run an action that edits the model; what it did to the nonzero count, or ``None``.
+
+        On one of ``errors`` the status says ``failed`` and why, and ``None`` is returned.
+        """
+        before = self._costs.now()
+        with self._busy(message):
             try:
-                undo_(self.model)
-            except ValueError as err:
-                self.status.value = f"nothing undone: {err}"
-                return
+                action()
+            except errors as err:
+                self.status.value = f"{failed}: {err}"
+                return None
         self._refresh()
         after = self._costs.now()
-        self.status.value = (
-            f"undone: {steps[-1].name} ({steps[-1].detail}); model now has {after.nonzero:,} "
-            f"nonzero parameters (was {before.nonzero:,})"
-        )
+        return f"model now has {after.nonzero:,} nonzero parameters (was {before.nonzero:,})"
 
     @contextlib.contextmanager
     def _busy(self, message: str) -> Iterator[None]:
@@ -370,14 +386,7 @@ class SensitivityExplorer(w.VBox):
 
     # ----------------------------------------------------------------- display
     def _update_info(self, name: str) -> None:
-        ratio = self.sliders[name].value
-        change = self.result.predict({name: ratio}) - self.result.baseline
-        self._infos[name].value = (
-            f"<span style='font-size:85%;color:#555;white-space:nowrap' title='weights in "
-            f"the layer; predicted change of {html.escape(self.result.metric)} when only it is "
-            "pruned'>"
-            f"{fmt_count(self.result.sizes[name])} w · Δ {change:+.2g}</span>"
-        )
+        self._infos[name].value = layer_info_html(self.result, name, self.sliders[name].value)
 
     def _refresh(self) -> None:
         # The model may also have changed outside the widget (%prune, %undo in another
@@ -385,11 +394,7 @@ class SensitivityExplorer(w.VBox):
         ratios = self.ratios
         now = self._costs.now()
         self.readout.value = readout_html(self.result, ratios, self._costs.setting(ratios), now)
-        self.model_label.value = (
-            f"model now: {now.nonzero:,} nonzero parameters of {now.total:,} "
-            f"({fmt_pct(now.sparsity)} zero); {fmt_bytes(now.dense)} dense, "
-            f"{fmt_bytes(now.csr)} as CSR (est.)"
-        )
+        self.model_label.value = model_text(now)
         # One assignment (not clear + append) so the frontend redraws once, and no
         # Output capture context is needed: the same path works in pytest.
         self.plot.outputs = (png_output(self._figure.png(ratios)),)

@@ -17,9 +17,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from nbcompress.engine.core.report import fmt_bytes, fmt_pct
+from nbcompress.engine.core.report import fmt_bytes, fmt_count, fmt_pct
+from nbcompress.engine.sensitivity.setting import Footprint
 from nbcompress.notebook.display import sensitivity as plots
-from nbcompress.notebook.widgets._setting import Footprint
 
 __all__ = [
     "MarkedFigure",
@@ -27,6 +27,8 @@ __all__ = [
     "fmt_metric",
     "group_layers",
     "header_html",
+    "layer_info_html",
+    "model_text",
     "readout_html",
     "render",
 ]
@@ -241,4 +243,24 @@ def header_html(result: Any) -> str:
         f"{fmt_metric(result.baseline)} · {len(result.layers)} layer(s) × "
         f"{len(result.ratios)} ratios, {result.evaluations} evaluations in "
         f"{result.seconds:.1f} s{proxy}{partial}"
+    )
+
+
+def layer_info_html(result: Any, name: str, ratio: float) -> str:
+    """The note beside a layer's slider: its weights and predicted change when pruned alone."""
+    change = result.predict({name: ratio}) - result.baseline
+    return (
+        f"<span style='font-size:85%;color:#555;white-space:nowrap' title='weights in "
+        f"the layer; predicted change of {html.escape(result.metric)} when only it is "
+        "pruned'>"
+        f"{fmt_count(result.sizes[name])} w · Δ {change:+.2g}</span>"
+    )
+
+
+def model_text(now: Footprint) -> str:
+    """The line describing the live model: nonzero parameters and estimated sizes."""
+    return (
+        f"model now: {now.nonzero:,} nonzero parameters of {now.total:,} "
+        f"({fmt_pct(now.sparsity)} zero); {fmt_bytes(now.dense)} dense, "
+        f"{fmt_bytes(now.csr)} as CSR (est.)"
     )

@@ -1,9 +1,11 @@
-"""What a slider setting would do to the model, computed with the engine (no widgets here).
+"""What a setting of per-layer ratios would do to the model: footprint and proxy metric.
 
-A *setting* is one pruning ratio per explored layer. Its cost figures come from really
-pruning each layer inside :func:`~nbcompress.engine.core.history.trial` (always rolled back) and
-measuring it with :func:`~nbcompress.engine.core.costs.layer_bytes`, so the readouts use exactly
-the engine's pruning rule (existing zeros count, channel granularity zeroes biases). Layer
+A *setting* is one pruning ratio per explored layer; the explorer widget shows these figures
+for its sliders, and applying a setting is :func:`~nbcompress.engine.prune.prune.prune_ratios_`.
+The cost figures come from really pruning each layer inside
+:func:`~nbcompress.engine.core.history.trial` (always rolled back) and measuring it with
+:func:`~nbcompress.engine.core.costs.layer_bytes`, so the readouts use exactly the engine's
+pruning rule (existing zeros count, channel granularity zeroes biases). Layer
 pruning is independent per layer, so results are cached per ``(layer, ratio)`` and a slider
 move only re-measures the layer that moved.
 """
@@ -19,14 +21,14 @@ from torch import nn
 
 from nbcompress.engine.core.costs import layer_bytes
 from nbcompress.engine.core.history import history, trial
-from nbcompress.engine.prune.prune import prune_
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.evaluate import measurer
 
 __all__ = [
     "Footprint",
     "SettingCosts",
     "model_footprint",
     "proxy_metric",
-    "prune_setting_",
 ]
 
 
@@ -96,40 +98,6 @@ def model_footprint(model: nn.Module) -> Footprint:
     return total
 
 
-def prune_setting_(
-    model: nn.Module, ratios: Mapping[str, float], *, granularity: str = "element"
-) -> nn.Module:
-    """Prune ``model`` in place with per-layer ``ratios`` (layers at 0 are left alone).
-
-    The output layer is allowed and the layer types are taken from the named modules, so
-    that any layer a sensitivity sweep explored can be pruned.
-
-    Args:
-        model: The model (recorded in its history, undoable; inside a ``trial`` the edit
-            joins the trial and is rolled back).
-        ratios: Layer name → fraction of its weights that are zero afterwards.
-        granularity: ``"element"``, ``"block"`` or ``"channel"``, as in the sweep.
-
-    Returns:
-        The model.
-
-    Raises:
-        ValueError: Every ratio is 0 (nothing to prune), or the engine rejects a value.
-    """
-    amounts = {name: float(r) for name, r in ratios.items() if r > 0}
-    if not amounts:
-        raise ValueError("ratios: every ratio is 0, so there is nothing to prune.")
-    types = tuple({type(model.get_submodule(name)) for name in amounts})
-    return prune_(
-        model,
-        amounts,
-        layers=list(amounts),
-        types=types,
-        include_output=True,
-        granularity=granularity,
-    )
-
-
 class SettingCosts:
     """Footprint of ``model`` if a setting were applied, exact and cached per layer.
 
@@ -173,7 +141,7 @@ class SettingCosts:
                 self._cache[key] = self._layer_now[name]
             else:
                 with trial(self.model):
-                    prune_setting_(self.model, {name: key[1]}, granularity=self.granularity)
+                    prune_ratios_(self.model, {name: key[1]}, granularity=self.granularity)
                     self._cache[key] = _own_footprint(self.model.get_submodule(name))
         return self._cache[key]
 
@@ -193,8 +161,6 @@ def proxy_metric(model: nn.Module, example_inputs: Any) -> Callable[[nn.Module],
     as it is at this moment (the setting the sliders start from). The function measures
     that same model object only.
     """
-    from nbcompress.engine.sensitivity.sweep import measurer
-
     measure = measurer(model, None, example_inputs, proxy=True)
 
     def evaluate(m: nn.Module) -> float:
