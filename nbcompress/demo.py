@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 
 import torch
+from torch import nn
 
-from nbcompress.engine.core.compare import compare, measure_pair
-from nbcompress.engine.core.history import history
+from nbcompress.engine.core.compare import compare_change
 from nbcompress.engine.core.summary import summary
 from nbcompress.engine.prune.prune import prune_, remove_masks_
 from nbcompress.zoo import SeedCNN, accuracy, load_digits, train
@@ -50,24 +49,31 @@ def run_demo(*, epochs: int = 8, amount: float = 0.5, threads: int | None = None
     _say(f"\nTest accuracy (dense): {acc_dense:.2%}\n")
     _say(str(before))
 
-    dense = copy.deepcopy(model)  # kept to time before/after side by side at the end
-    _say(f"\nPruning {amount:.0%} of each layer's weights by L1 magnitude (masks kept) …")
-    prune_(model, amount, keep_masks=True)
-    acc_pruned = accuracy(model, data.x_test, data.y_test)
-    _say(f"Test accuracy right after pruning: {acc_pruned:.2%}")
-    tune = max(1, epochs // 3)
-    _say(f"Fine-tuning {tune} epoch(s) with masks kept (pruned weights stay zero) …")
-    train(model, data.x_train, data.y_train, epochs=tune, lr=5e-4, seed=1, progress=True)
-    remove_masks_(model)
-    acc_tuned = accuracy(model, data.x_test, data.y_test)
-    after = summary(model, x)
-    before.latency, after.latency = measure_pair(dense, model, x)
-    report = compare(
-        before,
-        after,
-        f"Before/after: {history(model)[0].detail}",
-        ["Sizes are CSR estimates; dense storage is unchanged until sparse kernels are used."],
+    accuracies: dict[str, float] = {}
+
+    def prune_and_finetune(m: nn.Module) -> None:
+        _say(f"\nPruning {amount:.0%} of each layer's weights by L1 magnitude (masks kept) …")
+        prune_(m, amount, keep_masks=True)
+        accuracies["pruned"] = accuracy(m, data.x_test, data.y_test)
+        _say(f"Test accuracy right after pruning: {accuracies['pruned']:.2%}")
+        tune = max(1, epochs // 3)
+        _say(f"Fine-tuning {tune} epoch(s) with masks kept (pruned weights stay zero) …")
+        train(m, data.x_train, data.y_train, epochs=tune, lr=5e-4, seed=1, progress=True)
+        remove_masks_(m)
+
+    # The dense model is copied and timed side by side with the pruned one at the end.
+    report = compare_change(
+        model,
+        prune_and_finetune,
+        x,
+        title="Before/after: {detail}",
+        notes=[
+            "Sizes are CSR estimates; dense storage is unchanged until sparse kernels are used."
+        ],
+        before=before,
     )
+    acc_pruned, acc_tuned = accuracies["pruned"], accuracy(model, data.x_test, data.y_test)
+    after = report.after
     _say("\n" + str(report))
     figures = {
         "accuracy_dense": acc_dense,

@@ -159,7 +159,9 @@ def test_prune_returns_a_comparison_whatever_the_options(ns):
     assert isinstance(kept, Comparison) and "Masks kept for fine-tuning" in str(kept)
     removed = magic(ns, "prune model --remove-masks")
     assert isinstance(removed, Comparison)
-    assert removed.title.startswith("Masks made permanent: ") and "%undo" in removed.title
+    assert (
+        removed.title.startswith("Remove masks: made masks permanent") and "%undo" in removed.title
+    )
     assert removed.before.totals["sparsity"] == removed.after.totals["sparsity"]
     assert removed.after.latency is not None  # the input given to the earlier %prune
 

@@ -164,9 +164,9 @@ def compare_change(
             model is as it was, and the error propagates from here unchanged).
         example_inputs: A tensor or tuple of tensors to time the model on; ``None``: no
             latencies.
-        title: First line of the report; ``{name}`` and ``{detail}`` stand for the step the
-            change recorded in ``history(model)`` (``unchanged`` and ``nothing changed`` if
-            it recorded none).
+        title: First line of the report; ``{name}`` and ``{detail}`` stand for the steps the
+            change recorded in ``history(model)`` (joined by `` + `` and ``; ``;
+            ``unchanged`` and ``nothing changed`` if it recorded none).
         notes: Extra notes shown under the table.
         before: A summary of ``model`` taken already (saves summarising it twice).
         repeats: Timed samples of each version for the paired timing.
@@ -179,21 +179,28 @@ def compare_change(
     reference = copy.deepcopy(model) if measure and size <= COPY_LIMIT_BYTES else None
     if before is None:
         before = summary(model, example_inputs, measure_latency=measure)
-    last = _last_step(model)
+    last = history(model)[-1:]
     result = change(model)
     after = summary(model, example_inputs, measure_latency=measure)
     if reference is not None:
         before.latency, after.latency = measure_pair(
             reference, model, example_inputs, repeats=repeats
         )
-    step = _last_step(model)
-    name, detail = ("unchanged", "nothing changed") if step is last else (step.name, step.detail)
+    steps = _steps_since(model, last)
+    name = " + ".join(s.name for s in steps) or "unchanged"
+    detail = "; ".join(s.detail for s in steps) or "nothing changed"
     title = title.replace("{name}", name).replace("{detail}", detail)
     comparison = compare(before, after, title, notes)
     comparison.result = result
     return comparison
 
 
-def _last_step(model: nn.Module) -> Any:
+def _steps_since(model: nn.Module, last: list[Any]) -> list[Any]:
+    """The steps recorded after ``last`` (the history's last step before, if any)."""
     steps = history(model)
-    return steps[-1] if steps else None
+    if not last:
+        return list(steps)
+    for i in range(len(steps) - 1, -1, -1):
+        if steps[i] is last[0]:
+            return steps[i + 1 :]
+    return list(steps)  # the history limit dropped it: every step left is new

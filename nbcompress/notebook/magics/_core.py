@@ -90,7 +90,7 @@ class CoreMagics(ModelMagics):
         model = self.model(args.model)
         if args.remove_masks:
             x = self.example_input(model, args.input)
-            return _compare(model, x, remove_masks_, "Masks made permanent", [])
+            return _compare(model, x, remove_masks_, "Remove masks", [])
         if args.suggested:
             return self._apply_suggestion(model, args)
         amount = self._amount(args.amount)
