@@ -181,9 +181,10 @@ class SensitivityMagics(ModelMagics):
         and global L1 would give are evaluated, then up to 100 moves of sparsity between
         layers are tried, each kept only if the measured metric improves; the recommended
         use is ``--eval val_loss --lower-is-better --target-sparsity 0.9 --stages 5
-        --refine 100 --apply``. In a notebook the
-        curves update live and the explorer widget follows. Returns the result:
-        ``r = %sensitivity model --eval evaluate``.
+        --refine 100 --apply``. In a notebook the curves update live and the explorer
+        widget follows. Returns the :class:`~nbcompress.SensitivityResult`
+        (``r = %sensitivity model --eval evaluate``); with ``--stages`` (which prunes, as
+        ``prune_to_`` does) the ``StagedReport``.
         """
         args = parse_argstring(self.sensitivity, line)
         _check_modes(args)
