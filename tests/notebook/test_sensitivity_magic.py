@@ -114,6 +114,9 @@ def test_failing_eval_is_one_usage_error_with_the_model_restored(ns, tmp_path):
         ("model --eval agreement --target-sparsity 0.8 --stages 3", "--stages: .*--apply"),
         ("model --eval agreement --max-drop 0.1 --stages 3 --apply", "--stages: .*--apply"),
         ("model --eval agreement --target-sparsity 0.8 --stages 0 --apply", "--stages: 0 must"),
+        ("model --eval agreement --max-drop -0.1", "--max-drop: -0.1 must be >= 0"),
+        ("model --eval agreement --objective flops", "--objective: invalid choice: 'flops'"),
+        ("model --eval agreement --granularity planet", "--granularity: 'planet' is unknown"),
         (
             "model --eval agreement --target-sparsity 0.9 --stages 2 --apply --ratios 0.5",
             "stage 2 of 2: target_sparsity: 90.0% cannot be reached",
