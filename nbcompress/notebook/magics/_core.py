@@ -123,7 +123,9 @@ class CoreMagics(ModelMagics):
         )
         r = report.result
         measured = "not measured" if r.measured is None else f"{r.measured:.4g}"
-        report.notes.insert(0, f"{r.metric}: predicted {r.predicted:.4g}, measured {measured}.")
+        # The apply report's own notes say how the metric was measured (proxy or evaluate).
+        metric = f"{r.metric}: predicted {r.predicted:.4g}, measured {measured}."
+        report.notes[:0] = [metric, *r.notes]
         return report
 
     def _amount(self, text: str | None) -> Any:
@@ -176,7 +178,7 @@ _ALIASES = {"--structured": "channel", "--blocks": "block"}
 
 def _granularity(args: Any) -> str:
     given = {"--structured": args.structured, "--blocks": args.blocks}
-    chosen = [f"{o}" for o, on in given.items() if on]
+    chosen = [o for o, on in given.items() if on]
     if args.granularity is not None:
         chosen.append(f"--granularity {args.granularity}")
     if len(chosen) > 1:
