@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -70,6 +72,10 @@ def test_prune_magic_halves_every_layer_and_undo_is_bit_exact(ns, name, x, capsy
 def test_prune_magic_options_and_expressions(ns):
     magic(ns, 'prune wrapper.net 0.3 --layers "0,2" --method random --include-output')
     assert zero_fraction(ns.user_ns["model"][0].weight) == pytest.approx(0.3, abs=0.01)
+    magic(ns, "prune conv 0.25 --granularity channel --types Conv2d")
+    assert nc.history(ns.user_ns["conv"])[-1].info["granularity"] == "channel"
+    magic(ns, "prune conv 0.5 --granularity block --types Conv2d")
+    assert nc.history(ns.user_ns["conv"])[-1].info["granularity"] == "block"
     magic(ns, "prune conv 0.25 --structured --types Conv2d")
     assert nc.history(ns.user_ns["conv"])[-1].info["granularity"] == "channel"
     magic(ns, "prune conv 0.5 --blocks --types Conv2d")
@@ -106,7 +112,10 @@ def test_prune_magic_options_and_expressions(ns):
         ("summary model --input y", "--input: 'y' is not defined"),
         ("prune model 0.5 --scope planet", "scope"),
         ("prune model 0.5 --structured --blocks", "--structured and --blocks: choose one"),
+        ("prune model 0.5 --granularity block --structured", "--structured and --granularity"),
+        ("prune model 0.5 --granularity planet", "--granularity: 'planet' is unknown; choose"),
         ("undo model", "nothing to undo"),
+        ("summary model --repeats x", "--repeats: invalid int value: 'x'"),
         ("prune model 0.5 --bogus", "unrecognized arguments|could not parse"),
     ],
 )
@@ -129,6 +138,32 @@ def test_help_is_the_docstring(ns):
     assert "Prune a model in place" in ns.user_ns.get("__doc__", "") or True
     info = ns.object_inspect("%prune")
     assert "Prune a model in place" in info["docstring"] and "--structured" in info["docstring"]
+    # Real argparse help: every option, the aliases documented as such.
+    assert "--granularity GRANULARITY" in info["docstring"]
+    assert "Alias of --granularity channel" in info["docstring"]
+    assert "Alias of --granularity block" in info["docstring"]
+    assert "Comparison" in info["docstring"]
+
+
+@pytest.mark.parametrize("name", ["summary", "prune", "undo", "sensitivity", "quantize", "speedup"])
+def test_an_unknown_option_is_a_usage_error_from_the_parser(ns, name):
+    # IPython's magic_arguments parser raises UsageError itself (no SystemExit to catch).
+    saved = snapshot(ns.user_ns["model"])
+    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+        magic(ns, f"{name} model --bogus")
+    assert_same_state(ns.user_ns["model"], saved)
+
+
+def test_prune_returns_a_comparison_whatever_the_options(ns):
+    kept = magic(ns, "prune model 0.5 --keep-masks --input x")
+    assert isinstance(kept, Comparison) and "Masks kept for fine-tuning" in str(kept)
+    removed = magic(ns, "prune model --remove-masks")
+    assert isinstance(removed, Comparison)
+    assert (
+        removed.title.startswith("Remove masks: made masks permanent") and "%undo" in removed.title
+    )
+    assert removed.before.totals["sparsity"] == removed.after.totals["sparsity"]
+    assert removed.after.latency is not None  # the input given to the earlier %prune
 
 
 def test_result_assignment_from_magic(ns):
@@ -141,6 +176,36 @@ def test_prune_measures_latency_on_the_input_remembered_from_summary(ns):
     report = magic(ns, "prune conv 0.5")
     assert report.before.latency is not None and report.after.latency is not None
     assert report.after.inputs == "(2, 1, 8, 8) float32"
+
+
+def test_api_compare_change_is_what_the_magic_shows(ns):
+    from nbcompress.engine.core.compare import compare_change
+
+    model, x = ns.user_ns["model"], ns.user_ns["x"]
+    ns.user_ns["twin"] = copy.deepcopy(model)
+    report = compare_change(model, lambda m: nc.prune_(m, 0.5), x)
+    assert isinstance(report, Comparison) and report.result is model
+    assert report.title.startswith("prune: ") and "left alone" in report.title
+    assert report.before.latency is not None and report.speed_ratio is not None
+    assert report.rows[-1]["sparsity after"] > report.rows[-1]["sparsity before"]
+    via_magic = magic(ns, "prune twin 0.5 --input x")
+    assert via_magic.title == f"Pruned: {nc.history(model)[-1].detail}. Undo with %undo."
+    for api_row, magic_row in zip(report.rows, via_magic.rows, strict=True):
+        assert api_row["layer"] == magic_row["layer"]
+        assert api_row["sparsity after"] == magic_row["sparsity after"]
+
+
+def test_api_compare_change_leaves_the_model_as_it_was_when_the_change_fails(ns):
+    from nbcompress.engine.core.compare import compare_change
+
+    model, x = ns.user_ns["model"], ns.user_ns["x"]
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="amount: 1.5 is outside"):
+        compare_change(model, lambda m: nc.prune_(m, 1.5), x)
+    assert_same_state(model, saved) and nc.history(model) == []
+    nothing = compare_change(model, lambda m: None, None, title="{name}: {detail}")
+    assert nothing.title == "unchanged: nothing changed" and nothing.result is None
+    assert nothing.before.latency is None and nothing.after.latency is None
 
 
 def test_prune_times_before_and_after_interleaved(ns, monkeypatch):

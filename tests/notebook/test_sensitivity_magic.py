@@ -6,6 +6,7 @@ import pytest
 from IPython.core.error import UsageError
 
 import nbcompress as nc
+from nbcompress.engine.core.compare import Comparison
 from nbcompress.engine.sensitivity.staged import StagedReport
 from nbcompress.engine.sensitivity.sweep import SensitivityResult, latest, latest_suggestion
 from nbcompress.notebook.magics import _sensitivity
@@ -48,7 +49,10 @@ def test_target_sparsity_then_prune_suggested_then_undo(ns, capsys):
     suggestion = latest_suggestion(model)
     assert suggestion.sparsity >= 0.5
     report = ns.run_line_magic("prune", "model --suggested")
-    assert report.measured == ns.user_ns["agreement"](model)  # measured with the sweep's eval
+    assert isinstance(report, Comparison)  # %prune returns one type, whatever the options
+    measured = report.result.measured  # the ApplyReport of apply_suggestion_
+    assert measured == ns.user_ns["agreement"](model)  # measured with the sweep's eval
+    assert f"predicted {suggestion.predicted:.4g}, measured {measured:.4g}" in str(report)
     for name, ratio in suggestion.ratios.items():
         assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)
     ns.run_line_magic("undo", "model")
@@ -110,6 +114,9 @@ def test_failing_eval_is_one_usage_error_with_the_model_restored(ns, tmp_path):
         ("model --eval agreement --target-sparsity 0.8 --stages 3", "--stages: .*--apply"),
         ("model --eval agreement --max-drop 0.1 --stages 3 --apply", "--stages: .*--apply"),
         ("model --eval agreement --target-sparsity 0.8 --stages 0 --apply", "--stages: 0 must"),
+        ("model --eval agreement --max-drop -0.1", "--max-drop: -0.1 must be >= 0"),
+        ("model --eval agreement --objective flops", "--objective: invalid choice: 'flops'"),
+        ("model --eval agreement --granularity planet", "--granularity: 'planet' is unknown"),
         (
             "model --eval agreement --target-sparsity 0.9 --stages 2 --apply --ratios 0.5",
             "stage 2 of 2: target_sparsity: 90.0% cannot be reached",

@@ -1,19 +1,30 @@
-"""Before/after comparison of two summaries of the same model (shown by ``%prune``)."""
+"""Before/after comparison of a model around one change (what ``%prune`` shows).
+
+:func:`compare_change` runs an in-place change and returns the :class:`Comparison`;
+:func:`compare` lines up two summaries taken by hand; :func:`measure_pair` times two
+versions of a model side by side.
+"""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from nbcompress.engine.core.history import history
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
-from nbcompress.engine.core.summary import Summary
+from nbcompress.engine.core.summary import Summary, summary
 from nbcompress.engine.core.validation import as_inputs, eval_mode
 from nbcompress.timing import Timing, format_seconds, measure_interleaved
 
-__all__ = ["Comparison", "compare", "measure_pair"]
+__all__ = ["Comparison", "compare", "compare_change", "measure_pair"]
+
+# Models up to this size are copied so that before and after are timed interleaved.
+COPY_LIMIT_BYTES = 1 << 30
 
 _COLUMNS = {
     "layer": None,
@@ -37,6 +48,8 @@ class Comparison(TableReport):
         after: Summary after it.
         rows: One plain dict per layer plus a ``total`` row.
         notes: Explanations shown under the table (honest caveats included).
+        result: What the change returned (e.g. the ``ApplyReport`` of
+            ``apply_suggestion_``), for :func:`compare_change`; ``None`` otherwise.
     """
 
     title: str
@@ -44,6 +57,7 @@ class Comparison(TableReport):
     after: Summary
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    result: Any = field(default=None, compare=False)
 
     @property
     def speed_ratio(self) -> float | None:
@@ -124,3 +138,69 @@ def compare(
         all_notes.append("Latency not measured: pass an example input (--input x).")
     all_notes.append(before.notes[0])
     return Comparison(title, before, after, rows, all_notes)
+
+
+def compare_change(
+    model: nn.Module,
+    change: Callable[[nn.Module], Any],
+    example_inputs: Any = None,
+    *,
+    title: str = "{name}: {detail}",
+    notes: list[str] | None = None,
+    before: Summary | None = None,
+    repeats: int = 15,
+) -> Comparison:
+    """Apply ``change`` to ``model`` in place and compare the model before and after.
+
+    Both versions are summarised layer by layer; with ``example_inputs`` the whole model is
+    also timed before and after *interleaved* (on a copy kept of the model as it was, if it
+    holds at most 1 GiB; a larger one is timed before and after in turn), so that the
+    machine's drift cannot pass for a speed change.
+
+    Args:
+        model: The model to change.
+        change: ``change(model)``, an all-or-nothing in-place edit such as
+            ``lambda m: prune_(m, 0.5)`` (every nbcompress verb is one: if it raises, the
+            model is as it was, and the error propagates from here unchanged).
+        example_inputs: A tensor or tuple of tensors to time the model on; ``None``: no
+            latencies.
+        title: First line of the report; ``{name}`` and ``{detail}`` stand for the steps the
+            change recorded in ``history(model)`` (joined by `` + `` and ``; ``;
+            ``unchanged`` and ``nothing changed`` if it recorded none).
+        notes: Extra notes shown under the table.
+        before: A summary of ``model`` taken already (saves summarising it twice).
+        repeats: Timed samples of each version for the paired timing.
+
+    Returns:
+        The comparison; what ``change`` returned is in its ``result``.
+    """
+    measure = example_inputs is not None
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    reference = copy.deepcopy(model) if measure and size <= COPY_LIMIT_BYTES else None
+    if before is None:
+        before = summary(model, example_inputs, measure_latency=measure)
+    last = history(model)[-1:]
+    result = change(model)
+    after = summary(model, example_inputs, measure_latency=measure)
+    if reference is not None:
+        before.latency, after.latency = measure_pair(
+            reference, model, example_inputs, repeats=repeats
+        )
+    steps = _steps_since(model, last)
+    name = " + ".join(s.name for s in steps) or "unchanged"
+    detail = "; ".join(s.detail for s in steps) or "nothing changed"
+    title = title.replace("{name}", name).replace("{detail}", detail)
+    comparison = compare(before, after, title, notes)
+    comparison.result = result
+    return comparison
+
+
+def _steps_since(model: nn.Module, last: list[Any]) -> list[Any]:
+    """The steps recorded after ``last`` (the history's last step before, if any)."""
+    steps = history(model)
+    if not last:
+        return list(steps)
+    for i in range(len(steps) - 1, -1, -1):
+        if steps[i] is last[0]:
+            return steps[i + 1 :]
+    return list(steps)  # the history limit dropped it: every step left is new

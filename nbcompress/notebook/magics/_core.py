@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from nbcompress.engine.core.compare import Comparison, compare, measure_pair
+from nbcompress.engine.core.compare import Comparison, compare_change
 from nbcompress.engine.core.history import History, history, undo_
 from nbcompress.engine.core.summary import Summary, summary
 from nbcompress.engine.prune.prune import prune_, remove_masks_
 from nbcompress.notebook.magics._common import (
-    api_errors,
-    example_input,
+    ModelMagics,
+    engine_errors,
     input_argument,
-    resolve_model,
-    resolve_value,
     split_patterns,
 )
 
@@ -28,32 +25,11 @@ _NOT_FASTER = (
     "Unstructured zeros on dense kernels do not make a model faster; run "
     "%speedup model --input x to measure (and apply) sparse kernels."
 )
-
-
-def _parse(magic: Any, line: str) -> Any:
-    try:
-        return parse_argstring(magic, line)
-    except UsageError:
-        raise
-    except SystemExit:  # argparse exits on bad options
-        raise UsageError(f"could not parse {line!r}; see the help with `?`.") from None
-
-
-def _amount(shell: Any, text: str | None) -> Any:
-    if text is None:
-        raise UsageError(
-            "amount: missing; give a fraction in [0, 1) such as `%prune model 0.5`, a dict of "
-            "per-layer amounts, or --suggested after %sensitivity."
-        )
-    try:
-        return float(text)
-    except ValueError:
-        # A name such as `ratios` refers to a dict (or a number) in the namespace.
-        return resolve_value(shell, text, "amount")
+_KEPT_MASKS = "Masks kept for fine-tuning; %prune model --remove-masks makes them permanent."
 
 
 @magics_class
-class CoreMagics(Magics):
+class CoreMagics(ModelMagics):
     """Summary, pruning and undo magics."""
 
     @magic_arguments()
@@ -66,12 +42,13 @@ class CoreMagics(Magics):
         """Per-layer table: type, params, nonzeros, sparsity, MACs, measured latency, sizes.
 
         Example: ``%summary model --input x``. MACs and sizes are estimates (labelled
-        est.); latencies are measured medians on this machine.
+        est.); latencies are measured medians on this machine. Returns the
+        :class:`~nbcompress.Summary`.
         """
-        args = _parse(self.summary, line)
-        model = resolve_model(self.shell, args.model)
-        x = example_input(self.shell, model, args.input)
-        with api_errors():
+        args = parse_argstring(self.summary, line)
+        model = self.model(args.model)
+        x = self.example_input(model, args.input)
+        with engine_errors():
             return summary(model, x, repeats=args.repeats, measure_latency=not args.no_latency)
 
     @magic_arguments()
@@ -81,12 +58,14 @@ class CoreMagics(Magics):
     @argument("--scope", default="layer", help="layer (amount per layer, default) or global.")
     @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
     @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear and Conv).")
-    @argument("--structured", action="store_true", help="Zero whole output channels/neurons.")
     @argument(
-        "--blocks",
-        action="store_true",
-        help="Remove 4×1 blocks (four outputs at one input), which sparse kernels run faster.",
+        "--granularity",
+        help="What is removed: element (single weights, default), block (4×1 blocks: four "
+        "outputs at one input, which sparse kernels run faster) or channel (whole output "
+        "channels/neurons).",
     )
+    @argument("--structured", action="store_true", help="Alias of --granularity channel.")
+    @argument("--blocks", action="store_true", help="Alias of --granularity block.")
     @argument("--include-output", action="store_true", help="Also prune the output layer.")
     @argument("--keep-masks", action="store_true", help="Keep masks for fine-tuning.")
     @argument("--remove-masks", action="store_true", help="Make kept masks permanent.")
@@ -96,24 +75,25 @@ class CoreMagics(Magics):
     @argument("--seed", type=int, default=0, help="Seed of the random criterion.")
     @input_argument("Example input to measure latency before/after (default: the last one given).")
     @line_magic
-    def prune(self, line: str) -> Any:
+    def prune(self, line: str) -> Comparison:
         """Prune a model in place (undoable with %undo) and show before/after figures.
 
         Examples: ``%prune model 0.5``, ``%prune model 0.8 --scope global``,
-        ``%prune model 0.3 --layers "features.*" --structured``, ``%prune model 0.9 --blocks``,
-        ``%prune model --suggested``.
+        ``%prune model 0.3 --layers "features.*" --granularity channel``,
+        ``%prune model 0.9 --granularity block``, ``%prune model --suggested``.
         The final classifier layer is left alone unless --include-output is given.
+        Always returns a :class:`~nbcompress.Comparison` of the model before and after
+        (``nbcompress.compare_change``); with ``--suggested`` its ``result`` is the
+        ``ApplyReport`` (predicted vs measured metric).
         """
-        args = _parse(self.prune, line)
-        model = resolve_model(self.shell, args.model)
+        args = parse_argstring(self.prune, line)
+        model = self.model(args.model)
         if args.remove_masks:
-            with api_errors():
-                remove_masks_(model)
-            return history(model)
+            x = self.example_input(model, args.input)
+            return _compare(model, x, remove_masks_, "Remove masks", [])
         if args.suggested:
             return self._apply_suggestion(model, args)
-        amount = _amount(self.shell, args.amount)
-        x = example_input(self.shell, model, args.input)
+        amount = self._amount(args.amount)
         options = dict(
             method=args.method,
             scope=args.scope,
@@ -125,16 +105,40 @@ class CoreMagics(Magics):
             min_density=args.min_density,
             seed=args.seed,
         )
-        with api_errors():
-            return _pruned_report(model, amount, x, options)
+        x = self.example_input(model, args.input)
+        notes = [_KEPT_MASKS, _NOT_FASTER] if args.keep_masks else [_NOT_FASTER]
+        return _compare(model, x, lambda m: prune_(m, amount, **options), "Pruned", notes)
 
-    def _apply_suggestion(self, model: Any, args: Any) -> Any:
+    def _apply_suggestion(self, model: Any, args: Any) -> Comparison:
         from nbcompress.engine.sensitivity.sweep import apply_suggestion_
 
-        evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
-        x = example_input(self.shell, model, args.input)
-        with api_errors():
-            return apply_suggestion_(model, evaluate=evaluate, example_inputs=x)
+        evaluate = self.optional(args.evaluate, "--eval")
+        x = self.example_input(model, args.input)
+        report = _compare(
+            model,
+            x,
+            lambda m: apply_suggestion_(m, evaluate=evaluate, example_inputs=x),
+            "Applied suggestion",
+            [],
+        )
+        r = report.result
+        measured = "not measured" if r.measured is None else f"{r.measured:.4g}"
+        # The apply report's own notes say how the metric was measured (proxy or evaluate).
+        metric = f"{r.metric}: predicted {r.predicted:.4g}, measured {measured}."
+        report.notes[:0] = [metric, *r.notes]
+        return report
+
+    def _amount(self, text: str | None) -> Any:
+        if text is None:
+            raise UsageError(
+                "amount: missing; give a fraction in [0, 1) such as `%prune model 0.5`, a dict "
+                "of per-layer amounts, or --suggested after %sensitivity."
+            )
+        try:
+            return float(text)
+        except ValueError:
+            # A name such as `ratios` refers to a dict (or a number) in the namespace.
+            return self.value(text, "amount")
 
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace.")
@@ -146,13 +150,14 @@ class CoreMagics(Magics):
         """Revert the last compression step of a model bit-exactly (``--all``: every step).
 
         ``%undo model --list`` shows the recorded steps and the memory undo holds.
+        Returns the :class:`History` of the steps that remain.
         """
-        args = _parse(self.undo, line)
-        model = resolve_model(self.shell, args.model)
+        args = parse_argstring(self.undo, line)
+        model = self.model(args.model)
         if args.list:
             return history(model)
         steps = history(model)
-        with api_errors():
+        with engine_errors():
             undo_(model, all=args.all, force=args.force)
         undone = steps if args.all else steps[-1:]
         names = ", ".join(f"'{s.name}'" for s in reversed(undone))
@@ -161,29 +166,26 @@ class CoreMagics(Magics):
         return left
 
 
-# Models up to this size keep a copy so that before/after are timed interleaved.
-_COPY_LIMIT_BYTES = 1 << 30
+def _compare(model: Any, x: Any, change: Any, done: str, notes: list[str]) -> Comparison:
+    with engine_errors():
+        return compare_change(
+            model, change, x, title=done + ": {detail}. Undo with %undo.", notes=notes
+        )
+
+
+_ALIASES = {"--structured": "channel", "--blocks": "block"}
 
 
 def _granularity(args: Any) -> str:
-    if args.structured and args.blocks:
-        raise UsageError("--structured and --blocks: choose one (whole channels, or 4×1 blocks).")
-    return "channel" if args.structured else "block" if args.blocks else "element"
-
-
-def _pruned_report(model: Any, amount: Any, x: Any, options: dict[str, Any]) -> Comparison:
-    measure = x is not None
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    reference = copy.deepcopy(model) if measure and size <= _COPY_LIMIT_BYTES else None
-    before = summary(model, x, measure_latency=measure)
-    prune_(model, amount, **options)
-    after = summary(model, x, measure_latency=measure)
-    if reference is not None:
-        before.latency, after.latency = measure_pair(reference, model, x)
-    step = history(model)[-1]
-    notes = [_NOT_FASTER]
-    if options["keep_masks"]:
-        notes.insert(
-            0, "Masks kept for fine-tuning; %prune model --remove-masks makes them permanent."
+    given = {"--structured": args.structured, "--blocks": args.blocks}
+    chosen = [o for o, on in given.items() if on]
+    if args.granularity is not None:
+        chosen.append(f"--granularity {args.granularity}")
+    if len(chosen) > 1:
+        raise UsageError(
+            f"{' and '.join(chosen)}: choose one granularity (--structured is --granularity "
+            "channel, --blocks is --granularity block)."
         )
-    return compare(before, after, f"Pruned: {step.detail}. Undo with %undo.", notes)
+    if args.granularity is not None:
+        return args.granularity
+    return next((_ALIASES[o] for o, on in given.items() if on), "element")

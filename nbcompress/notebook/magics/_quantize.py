@@ -6,16 +6,14 @@ import dataclasses
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbcompress.engine.quantize.quantize import MODES, QuantizeReport, quantize_, quantize_report
 from nbcompress.notebook.magics._common import (
-    api_errors,
-    example_input,
+    ModelMagics,
+    engine_errors,
     input_argument,
-    resolve_model,
-    resolve_value,
     split_patterns,
 )
 
@@ -39,7 +37,7 @@ def _mode(dtype: str, mode: str | None) -> str:
 
 
 @magics_class
-class QuantizeMagics(Magics):
+class QuantizeMagics(ModelMagics):
     """The ``%quantize`` magic."""
 
     @magic_arguments()
@@ -65,22 +63,17 @@ class QuantizeMagics(Magics):
         layer and timed on its real input; the fastest correct one is used and named.
         Layers a mode cannot handle are listed with the reason. Returns the report.
         """
-        try:
-            args = parse_argstring(self.quantize, line)
-        except SystemExit:  # argparse exits on bad options
-            raise UsageError(f"could not parse {line!r}; see the help with `%quantize?`.") from None
-        model = resolve_model(self.shell, args.model)
+        args = parse_argstring(self.quantize, line)
+        model = self.model(args.model)
         mode: Any = _mode(args.dtype.lower(), args.mode)
         if args.per_tensor:
             if mode not in ("dynamic", "static"):
                 raise UsageError("--per-tensor applies to int8 dynamic and static modes.")
             mode = dataclasses.replace(MODES[mode], per_channel=False)
-        x = example_input(self.shell, model, args.input)
-        calibrate = (
-            resolve_value(self.shell, args.calibrate, "--calibrate") if args.calibrate else None
-        )
-        evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
-        with api_errors():
+        x = self.example_input(model, args.input)
+        calibrate = self.optional(args.calibrate, "--calibrate")
+        evaluate = self.optional(args.evaluate, "--eval")
+        with engine_errors():
             quantize_(
                 model,
                 mode,

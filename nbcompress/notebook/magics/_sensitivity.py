@@ -10,9 +10,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from nbcompress.engine.core.validation import check_amount
 from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS, StagedReport, prune_to_
 from nbcompress.engine.sensitivity.sweep import (
     ApplyReport,
@@ -23,11 +24,11 @@ from nbcompress.engine.sensitivity.sweep import (
     sensitivity,
 )
 from nbcompress.notebook.magics._common import (
-    api_errors,
-    example_input,
+    ModelMagics,
+    at_least,
+    checked,
+    engine_errors,
     input_argument,
-    resolve_model,
-    resolve_value,
     split_patterns,
 )
 
@@ -45,39 +46,31 @@ def _ratios(text: str | None) -> list[float] | None:
         ) from None
 
 
-def _check_targets(args: Any) -> None:
-    # Checked before the sweep, which may take long.
-    if args.target_sparsity is not None and args.max_drop is not None:
+def _target(value: float) -> float:
+    return check_amount(value, "target_sparsity", allow_zero=False)
+
+
+def _check_modes(args: Any) -> None:
+    """Refuse option combinations the modes of %sensitivity do not take, before the sweep."""
+    target, drop = args.target_sparsity, args.max_drop
+    if target is not None and drop is not None:
         raise UsageError("--target-sparsity / --max-drop: give one of the two, not both.")
-    if args.target_sparsity is not None and not 0 < args.target_sparsity < 1:
-        raise UsageError(
-            f"--target-sparsity: {args.target_sparsity} is outside (0, 1); e.g. 0.8 removes 80%."
-        )
-    if args.max_drop is not None and not args.max_drop >= 0:
-        raise UsageError(f"--max-drop: {args.max_drop} must be >= 0, e.g. 0.01.")
-    if args.objective not in ("params", "macs"):
-        raise UsageError(f"--objective: {args.objective!r} is unknown; choose params or macs.")
-    if args.apply and args.target_sparsity is None and args.max_drop is None:
+    if args.apply and target is None and drop is None:
         raise UsageError("--apply: give the budget to apply, e.g. --target-sparsity 0.8.")
     if args.refine is not None:
-        if args.refine < 0:
-            raise UsageError(f"--refine: {args.refine} must be >= 0, e.g. --refine 100.")
-        if args.target_sparsity is None or args.objective != "params":
+        if target is None or args.objective != "params":
             raise UsageError(
                 "--refine: refines a --target-sparsity suggestion (over params), e.g. "
                 "--target-sparsity 0.8 --refine 100."
             )
         if args.evaluate is None and args.stages is None:
             raise UsageError("--refine: measures real allocations; give --eval fn.")
-    if args.stages is not None:
-        if args.stages < 1:
-            raise UsageError(f"--stages: {args.stages} must be at least 1, e.g. --stages 5.")
-        if args.target_sparsity is None or not args.apply:
-            # Staged pruning changes the model, so it is only done when asked explicitly.
-            raise UsageError(
-                "--stages: prunes in stages to a sparsity; give --target-sparsity and --apply, "
-                "e.g. --target-sparsity 0.9 --stages 5 --apply."
-            )
+    if args.stages is not None and (target is None or not args.apply):
+        # Staged pruning changes the model, so it is only done when asked explicitly.
+        raise UsageError(
+            "--stages: prunes in stages to a sparsity; give --target-sparsity and --apply, "
+            "e.g. --target-sparsity 0.9 --stages 5 --apply."
+        )
 
 
 def in_notebook(shell: Any) -> bool:
@@ -129,7 +122,7 @@ def _closing(live: LiveView | None) -> Iterator[None]:
 
 
 @magics_class
-class SensitivityMagics(Magics):
+class SensitivityMagics(ModelMagics):
     """The ``%sensitivity`` magic."""
 
     @magic_arguments()
@@ -144,12 +137,26 @@ class SensitivityMagics(Magics):
     @argument("--metric", help="Name of the metric shown in tables and plots.")
     @argument("--max-layers", type=int, help="Analyse only the N largest layers.")
     @argument("--early-stop", type=float, help="Stop a layer once the metric fell by this.")
-    @argument("--target-sparsity", type=float, help="Suggest ratios removing this fraction.")
-    @argument("--max-drop", type=float, help="Suggest ratios losing at most this much metric.")
-    @argument("--objective", default="params", help="params (default) or macs.")
+    @argument(
+        "--target-sparsity", type=checked(_target), help="Suggest ratios removing this fraction."
+    )
+    @argument(
+        "--max-drop",
+        type=at_least(0, "--max-drop 0.01", float),
+        help="Suggest ratios losing at most this much metric.",
+    )
+    @argument("--objective", default="params", choices=("params", "macs"), help="params or macs.")
     @argument("--apply", action="store_true", help="Prune in place with the suggestion (undoable).")
-    @argument("--stages", type=int, help="With --apply: sweep, suggest, apply in N stages.")
-    @argument("--refine", type=int, help="Refine the suggestion by up to N measured moves.")
+    @argument(
+        "--stages",
+        type=at_least(1, "--stages 5"),
+        help="With --apply: sweep, suggest, apply in N stages.",
+    )
+    @argument(
+        "--refine",
+        type=at_least(0, "--refine 100"),
+        help="Refine the suggestion by up to N measured moves.",
+    )
     @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
     @argument("--save", help="Write the result (even a partial one) to this JSON file.")
     @line_magic
@@ -174,18 +181,16 @@ class SensitivityMagics(Magics):
         and global L1 would give are evaluated, then up to 100 moves of sparsity between
         layers are tried, each kept only if the measured metric improves; the recommended
         use is ``--eval val_loss --lower-is-better --target-sparsity 0.9 --stages 5
-        --refine 100 --apply``. In a notebook the
-        curves update live and the explorer widget follows. Returns the result:
-        ``r = %sensitivity model --eval evaluate``.
+        --refine 100 --apply``. In a notebook the curves update live and the explorer
+        widget follows. Returns the :class:`~nbcompress.SensitivityResult`
+        (``r = %sensitivity model --eval evaluate``); with ``--stages`` (which prunes, as
+        ``prune_to_`` does) the ``StagedReport``.
         """
-        try:
-            args = parse_argstring(self.sensitivity, line)
-        except SystemExit:  # argparse exits on bad options
-            raise UsageError(f"could not parse {line!r}; see %sensitivity?") from None
-        _check_targets(args)
-        model = resolve_model(self.shell, args.model)
-        evaluate = resolve_value(self.shell, args.evaluate, "--eval") if args.evaluate else None
-        x = example_input(self.shell, model, args.input)
+        args = parse_argstring(self.sensitivity, line)
+        _check_modes(args)
+        model = self.model(args.model)
+        evaluate = self.optional(args.evaluate, "--eval")
+        x = self.example_input(model, args.input)
         if args.stages is not None:
             return self._staged(model, evaluate, x, args)
         result = self._sweep(model, evaluate, x, args)
@@ -200,7 +205,7 @@ class SensitivityMagics(Magics):
         return result
 
     def _staged(self, model: Any, evaluate: Any, x: Any, args: Any) -> StagedReport:
-        with api_errors():
+        with engine_errors():
             try:
                 report = prune_to_(
                     model, evaluate, args.target_sparsity, stages=args.stages,
@@ -238,7 +243,7 @@ class SensitivityMagics(Magics):
             layers = split_patterns(args.layers)
             # The total is only known after selection; an estimate suffices for the bar.
             live = LiveView(_estimate_total(model, layers, args, ratios))
-        with api_errors(), _closing(live):
+        with engine_errors(), _closing(live):
             try:
                 result = sensitivity(
                     model, evaluate, ratios=ratios, layers=split_patterns(args.layers),
@@ -302,7 +307,7 @@ class SensitivityMagics(Magics):
 
 
 def _apply(model: Any, suggestion: Suggestion, evaluate: Any, x: Any) -> ApplyReport:
-    with api_errors():
+    with engine_errors():
         return apply_suggestion_(model, suggestion, evaluate=evaluate, example_inputs=x)
 
 

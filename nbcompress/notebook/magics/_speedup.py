@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, line_magic, magics_class
+from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbcompress.engine.speedup.speedup import SpeedupReport, speedup
 from nbcompress.notebook.magics._common import (
-    api_errors,
-    example_input,
+    ModelMagics,
+    engine_errors,
     input_argument,
-    resolve_model,
     split_patterns,
 )
 
@@ -19,7 +18,7 @@ __all__ = ["SpeedupMagics"]
 
 
 @magics_class
-class SpeedupMagics(Magics):
+class SpeedupMagics(ModelMagics):
     """Measured dense vs sparse-kernel vs int8 execution."""
 
     @magic_arguments()
@@ -45,18 +44,15 @@ class SpeedupMagics(Magics):
         faster sparse layers (as ``nbcompress.sparsify_``); ``%undo model`` reverts it.
         Returns the report (``r = %speedup model --input x``; ``r.plot()`` draws bars).
         """
-        try:
-            args = parse_argstring(self.speedup, line)
-        except SystemExit:  # argparse exits on bad options
-            raise UsageError(f"could not parse {line!r}; see the help with `%speedup?`.") from None
-        model = resolve_model(self.shell, args.model)
-        x = example_input(self.shell, model, args.input)
+        args = parse_argstring(self.speedup, line)
+        model = self.model(args.model)
+        x = self.example_input(model, args.input)
         if x is None:
             raise UsageError(
                 "--input: an example input is needed to time the layers, e.g. "
                 "`%speedup model --input x` with x shaped like a real batch."
             )
-        with api_errors():
+        with engine_errors():
             return speedup(
                 model,
                 x,
