@@ -23,6 +23,7 @@ _EXPORTS = {
     "QuantizeReport": "nbcompress.engine.quantize.quantize",
     "Comparison": "nbcompress.engine.core.compare",
     "compare": "nbcompress.engine.core.compare",
+    "compare_change": "nbcompress.engine.core.compare",
     "remove_masks_": "nbcompress.engine.prune.prune",
     "prune_ratios_": "nbcompress.engine.prune.prune",
     "undo_": "nbcompress.engine.core.history",

@@ -7,8 +7,9 @@ from IPython.core.error import UsageError
 
 import nbcompress as nc
 from nbcompress.engine.core.compare import Comparison
+from nbcompress.engine.sensitivity.registry import latest, latest_suggestion
+from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.staged import StagedReport
-from nbcompress.engine.sensitivity.sweep import SensitivityResult, latest, latest_suggestion
 from nbcompress.notebook.magics import _sensitivity
 from tests.helpers import assert_same_state, snapshot, zero_fraction
 from tests.sensitivity_helpers import mlp_with_agreement

@@ -5,7 +5,7 @@ import torch
 from IPython.core.error import UsageError
 
 import nbcompress as nc
-from nbcompress.engine.sensitivity.sweep import latest_suggestion
+from nbcompress.engine.sensitivity.registry import latest_suggestion
 from tests.helpers import assert_same_state, snapshot, zero_fraction
 from tests.sensitivity_helpers import mlp_with_agreement
 

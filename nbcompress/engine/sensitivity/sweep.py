@@ -30,40 +30,16 @@ from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
     fmt_value,
-    measurer,
     measuring,
     metric_name,
     progress_line,
     select_sweep_layers,
     weight_sparsity,
 )
-from nbcompress.engine.sensitivity.registry import (
-    keep_latest,
-    latest,
-    latest_suggestion,
-    remember,
-    remembered,
-)
+from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
-from nbcompress.engine.sensitivity.suggestion import ApplyReport, Suggestion, apply_suggestion_
 
-# Besides ``sensitivity``, names re-exported for the magics and ``nbcompress._EXPORTS``,
-# which still import them from here (transitional: their homes are evaluate, registry,
-# result and suggestion).
-__all__ = [
-    "ApplyReport",
-    "EvaluationError",
-    "SensitivityResult",
-    "Suggestion",
-    "apply_suggestion_",
-    "keep_latest",
-    "latest",
-    "latest_suggestion",
-    "measurer",
-    "remember",
-    "remembered",
-    "sensitivity",
-]
+__all__ = ["sensitivity"]
 
 
 # --- the sweep -------------------------------------------------------------------------------

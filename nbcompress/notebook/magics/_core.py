@@ -12,6 +12,7 @@ from nbcompress.engine.core.compare import Comparison, compare_change
 from nbcompress.engine.core.history import History, history, undo_
 from nbcompress.engine.core.summary import Summary, summary
 from nbcompress.engine.prune.prune import prune_, remove_masks_
+from nbcompress.engine.sensitivity.suggestion import apply_suggestion_
 from nbcompress.notebook.magics._common import (
     ModelMagics,
     engine_errors,
@@ -110,7 +111,6 @@ class CoreMagics(ModelMagics):
         return _compare(model, x, lambda m: prune_(m, amount, **options), "Pruned", notes)
 
     def _apply_suggestion(self, model: Any, args: Any) -> Comparison:
-        from nbcompress.engine.sensitivity.sweep import apply_suggestion_
 
         evaluate = self.optional(args.evaluate, "--eval")
         x = self.example_input(model, args.input)

@@ -14,15 +14,11 @@ from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbcompress.engine.core.validation import check_amount
+from nbcompress.engine.sensitivity.evaluate import EvaluationError
+from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS, StagedReport, prune_to_
-from nbcompress.engine.sensitivity.sweep import (
-    ApplyReport,
-    EvaluationError,
-    SensitivityResult,
-    Suggestion,
-    apply_suggestion_,
-    sensitivity,
-)
+from nbcompress.engine.sensitivity.suggestion import ApplyReport, Suggestion, apply_suggestion_
+from nbcompress.engine.sensitivity.sweep import sensitivity
 from nbcompress.notebook.magics._common import (
     ModelMagics,
     at_least,
@@ -260,7 +256,7 @@ class SensitivityMagics(ModelMagics):
                     partial.save(args.save)
                 raise type(err)(
                     f"{err} Partial results are kept: "
-                    f"nbcompress.engine.sensitivity.sweep.latest({args.model})."
+                    f"nbcompress.engine.sensitivity.registry.latest({args.model})."
                 ) from None
         if live is not None:
             live.total = result.evaluations - 1
@@ -272,7 +268,7 @@ class SensitivityMagics(ModelMagics):
     def _suggest(self, result: SensitivityResult, args: Any, evaluate: Any) -> Suggestion | None:
         if args.target_sparsity is None and args.max_drop is None:
             return None
-        options = {} if args.refine is None else {"refine": evaluate, "budget": args.refine}
+        options = {} if args.refine is None else {"evaluate": evaluate, "refine": args.refine}
         try:
             suggestion = result.suggest(
                 args.target_sparsity, max_drop=args.max_drop, objective=args.objective, **options
