@@ -55,10 +55,10 @@ def clear_win(race: Race, name: str, min_gain: float) -> bool:
 def _race(candidates: dict[str, Callable[[], object]], repeats: int) -> Race:
     """Race ``candidates`` (``dense`` first, the incumbent) in ``repeats`` interleaved rounds.
 
-    A sparse candidate makes its own kernel choice (a race nested inside this one, in the
-    kernels) on its first call with a given input shape: the output check has made that
-    call already, and the warm-up calls here come before any timing, so no kernel choice
-    is ever timed as part of a candidate.
+    A sparse candidate makes its own kernel choice on its first call with a given input
+    shape (a race nested inside this one, in ``nbcompress.kernels``). The output check
+    usually makes that call first; if not, this race's warm-up calls do, before any
+    timing, so a kernel choice is never timed as part of a candidate.
     """
     with torch.inference_mode():
         return race(candidates, rounds=repeats, warmup=3, min_sample=MIN_SAMPLE)
