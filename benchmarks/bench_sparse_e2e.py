@@ -26,12 +26,12 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import machine, paired, write_results  # noqa: E402
+from bench_kernels import machine, write_results  # noqa: E402
 
 from nbcompress.engine.prune.prune import prune_  # noqa: E402
 from nbcompress.engine.speedup.sparsify import sparsify_  # noqa: E402
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear  # noqa: E402
-from nbcompress.timing import format_seconds, measure_interleaved  # noqa: E402
+from nbcompress.timing import format_seconds, race  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -85,16 +85,16 @@ def run(case: tuple[str, nn.Module, torch.Tensor, float, str], repeats: int, sam
     with torch.no_grad():
         diff = float((model(x) - dense(x)).abs().max())
     fns = {"dense": lambda: dense(x), "sparsified": lambda: model(x)}
-    measure_interleaved(fns, warmup=3, repeats=3)  # warm-up
-    t = paired(fns, 3 * repeats, min_sample=sample)
+    with torch.inference_mode():
+        t = race(fns, rounds=3 * repeats, warmup=3, min_sample=sample)
     return {
         "model": name,
         "sparsity": amount,
         "sparse layers": len(sparse),
         "formats": formats,
-        "dense": t["dense"],
-        "sparsified": t["sparsified"],
-        "speedup": 1 / t["sparsified ratio"],
+        "dense": t.times["dense"].median,
+        "sparsified": t.times["sparsified"].median,
+        "speedup": 1 / t.ratio("sparsified"),
         "max |Δ|": diff,
     }
 

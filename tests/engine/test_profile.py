@@ -3,6 +3,8 @@ import torch
 from torch import nn
 
 import nbcompress as nc
+from nbcompress.engine.core.costs import layer_bytes
+from nbcompress.kernels.formats import index_dtype, pack_csr
 from tests.helpers import assert_same_state, cnn, mlp, snapshot
 
 
@@ -28,8 +30,34 @@ def test_summary_counts_sparsity_and_csr_bytes():
     nc.prune_(model, 0.5)
     row = nc.summary(model).layer("0")
     assert row["nonzeros"] == 2500 and row["sparsity"] == 0.5
-    assert row["CSR (est.)"] == 2500 * (4 + 2) + 51 * 4
+    # Values + uint16 indices, int64 row pointers, a float32 scale per row (as pack_csr).
+    assert row["CSR (est.)"] == 2500 * (4 + 2) + 51 * 8 + 50 * 4
     assert row["latency"] is None and row["MACs (est.)"] is None
+
+
+@pytest.mark.parametrize(
+    ("layer", "density"),
+    [
+        (nn.Linear(16, 8), 1.0),
+        (nn.Linear(70, 33, bias=False), 0.1),
+        (nn.Linear(1, 1), 0.0),
+        (nn.Conv2d(3, 4, 3), 0.5),  # packed as 4 × (3·3·3)
+        (nn.Linear(70_000, 1, bias=False), 0.01),  # > 65535 columns: uint32 indices
+    ],
+)
+def test_csr_estimate_is_what_pack_csr_stores(layer, density):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < density)
+    weight = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    bias = 0 if layer.bias is None else layer.bias.numel() * 4
+    assert layer_bytes(layer)["csr"] == pack_csr(weight).nbytes + bias
+    wide = weight.shape[1] > 65535
+    assert (
+        pack_csr(weight).indices.dtype
+        == index_dtype(weight.shape[1])
+        == ("uint32" if wide else "uint16")
+    )
 
 
 def test_summary_leaves_the_model_untouched_in_training_mode():

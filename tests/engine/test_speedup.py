@@ -1,15 +1,17 @@
 from __future__ import annotations
 
-import itertools
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
 import nbcompress as nc
 from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
-from nbcompress.timing import Timing
+from nbcompress.timing import Race, Timing, race
 from tests.helpers import assert_same_state, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
@@ -26,14 +28,27 @@ def _pruned_mlp() -> nn.Sequential:
     return model
 
 
-def _fake_timer(monkeypatch, seconds: dict[str, float]) -> None:
-    """Replace wall-clock timing by fixed per-path times (tests never depend on speed)."""
+def _fake_timer(monkeypatch, seconds: dict[str, float] | Callable[[str, int], float]) -> None:
+    """Replace wall-clock timing by fixed per-path times (tests never depend on speed).
 
-    def fake(fns, **_):
-        return {k: Timing(seconds.get(k, 1.0), seconds.get(k, 1.0), seconds.get(k, 1.0), 3)
-                for k in fns}  # fmt: skip
+    The real :func:`race` runs on a virtual clock: a candidate's ``i``-th timed call takes
+    ``seconds[name]`` (or ``seconds(name, i)``) and runs nothing.
+    """
 
-    monkeypatch.setattr(sp, "measure_interleaved", fake)
+    def fake_race(candidates, *, rounds, **_):
+        now, calls = [0.0], Counter()
+
+        def tick(name):
+            def call():
+                i, calls[name] = calls[name], calls[name] + 1
+                now[0] += seconds(name, i) if callable(seconds) else seconds.get(name, 1.0)
+
+            return call
+
+        fns = {name: tick(name) for name in candidates}
+        return race(fns, rounds=rounds, warmup=0, clock=lambda: now[0])
+
+    monkeypatch.setattr(sp, "race", fake_race)
     monkeypatch.setattr(sp, "measure", lambda fn, **_: Timing(0.01, 0.01, 0.01, 3))
 
 
@@ -88,14 +103,8 @@ def test_dense_layers_are_never_proposed_even_if_timing_says_so(monkeypatch):
 
 def test_a_noisy_win_is_not_a_win(monkeypatch):
     # Sparse wins the median (0.4 vs 1.0) but loses two interleaved rounds out of five.
-    rounds = itertools.cycle([0.4, 0.4, 0.4, 1.5, 1.5])
-
-    def fake(fns, **_):
-        t = next(rounds)
-        return {k: Timing(1.0 if k == "dense" else t, 1.0, 1.0, 1) for k in fns}
-
-    monkeypatch.setattr(sp, "measure_interleaved", fake)
-    monkeypatch.setattr(sp, "measure", lambda fn, **_: Timing(0.01, 0.01, 0.01, 3))
+    rounds = [0.4, 0.4, 0.4, 1.5, 1.5]
+    _fake_timer(monkeypatch, lambda name, i: 1.0 if name == "dense" else rounds[i % 5])
     report = nc.speedup(_pruned_mlp(), torch.randn(4, 32), repeats=5)
     assert report.rows[0]["sparse fp32"] == pytest.approx(0.4)
     assert all(r["chosen"] == "dense fp32" for r in report.rows)
@@ -184,6 +193,28 @@ def test_report_contents_with_real_timing():
     assert len(fig.axes[0].patches) >= 3 * len(report.rows)
 
 
+def test_clear_win_needs_the_median_gain_and_three_rounds_of_four():
+    def race_of(*ratios):
+        timings = {n: Timing(1.0, 1.0, 1.0, len(ratios)) for n in ("dense", "csr")}
+        return Race(("dense", "csr"), timings, {"dense": (1.0,) * len(ratios), "csr": ratios})
+
+    assert sp.clear_win(race_of(0.5, 0.5, 0.5, 0.5), "csr", 0.05)
+    assert not sp.clear_win(race_of(0.97, 0.97, 0.97, 0.97), "csr", 0.05)  # gain < 5%
+    assert not sp.clear_win(race_of(0.5, 0.5, 0.5, 1.5, 1.5), "csr", 0.05)  # 2 rounds of 5 lost
+    assert sp.clear_win(race_of(0.5, 0.5, 0.5, 1.5), "csr", 0.05)  # 3 rounds of 4 won
+
+
+def test_plot_draws_a_fresh_figure_or_into_a_given_axes(monkeypatch):
+    _fake_timer(monkeypatch, FAST)
+    report = nc.speedup(_pruned_mlp(), torch.randn(4, 32))
+    bars = len(report.paths) * len(report.rows)  # no 4-row blocks here: no block-sparse bars
+    assert report.paths == ["dense fp32", "sparse fp32", "sparse int8", "torch int8"]
+    fig = report.plot()
+    assert type(fig) is Figure and len(fig.axes[0].patches) == bars
+    ax = Figure().add_subplot()
+    assert report.plot(ax=ax) is ax.figure and len(ax.patches) == bars
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
@@ -193,6 +224,7 @@ def test_report_contents_with_real_timing():
         (lambda m, x: nc.speedup(m, x, layers="nope*"), ValueError, "layers: pattern 'nope"),
         (lambda m, x: nc.speedup(m, x, repeats=1), ValueError, "repeats:"),
         (lambda m, x: nc.speedup(nn.Sequential(nn.ReLU()), x), ValueError, "types:"),
+        (lambda m, x: nc.sparsify_(m, x, repeat=3), TypeError, "repeat: not an option"),
     ],
 )
 def test_bad_input_gets_one_clear_message(call, error, match):

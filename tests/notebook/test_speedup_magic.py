@@ -9,7 +9,7 @@ from nbcompress.engine.core.history import history
 from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.engine.speedup.speedup import SpeedupReport
 from nbcompress.kernels.modules import SparseLinear
-from nbcompress.timing import Timing
+from nbcompress.timing import Race, Timing
 from tests.helpers import assert_same_state, snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
@@ -45,11 +45,13 @@ def test_returns_the_report_and_leaves_the_model_alone(ns):
 def test_apply_then_undo(ns, monkeypatch):
     # Fixed timings: the test checks the wiring, never the machine's speed.
     times = {"dense": 1.0, "compressed": 0.4}
-    monkeypatch.setattr(
-        sp,
-        "measure_interleaved",
-        lambda fns, **_: {k: Timing(*(times.get(k, 0.3),) * 3, 3) for k in fns},
-    )
+
+    def fixed_race(candidates, *, rounds, **_):
+        s = {k: times.get(k, 0.3) for k in candidates}
+        timings = {k: Timing(v, v, v, rounds) for k, v in s.items()}
+        return Race(tuple(s), timings, {k: (v / s["dense"],) * rounds for k, v in s.items()})
+
+    monkeypatch.setattr(sp, "race", fixed_race)
     saved = snapshot(ns.user_ns["model"])
     report = run(ns, 'model --input x --apply --layers "0"')
     assert report.applied and isinstance(ns.user_ns["model"][0], SparseLinear)

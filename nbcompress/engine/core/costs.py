@@ -11,38 +11,33 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["layer_bytes", "macs"]
+from nbcompress.engine.core.validation import primary_output
+from nbcompress.kernels.formats import index_dtype
 
+__all__ = ["csr_bytes", "layer_bytes", "macs"]
 
-def _first_tensor(x: object) -> torch.Tensor | None:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, (tuple, list)):
-        for item in x:
-            t = _first_tensor(item)
-            if t is not None:
-                return t
-    return None
+# Shapes come from primary_output: the first tensor of a call's (nested) arguments or
+# output, e.g. the sequence of an LSTM's ``(output, (h, c))``.
 
 
 def _linear(m: nn.Linear, inp: tuple, out: object) -> int:
-    return _first_tensor(out).numel() * m.in_features
+    return primary_output(out).numel() * m.in_features
 
 
 def _conv(m: nn.modules.conv._ConvNd, inp: tuple, out: object) -> int:
     per_output = (m.in_channels // m.groups) * math.prod(m.kernel_size)
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
-        return _first_tensor(inp).numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
-    return _first_tensor(out).numel() * per_output
+        return primary_output(inp).numel() * (m.out_channels // m.groups) * math.prod(m.kernel_size)
+    return primary_output(out).numel() * per_output
 
 
 def _elementwise(m: nn.Module, inp: tuple, out: object) -> int:
-    return _first_tensor(out).numel()
+    return primary_output(out).numel()
 
 
 def _rnn(m: nn.RNNBase, inp: tuple, out: object) -> int:
     gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
-    x = _first_tensor(inp)
+    x = primary_output(inp)
     steps = x.numel() // x.shape[-1]  # sequence length × batch
     dirs = 2 if m.bidirectional else 1
     total, width = 0, m.input_size
@@ -53,7 +48,7 @@ def _rnn(m: nn.RNNBase, inp: tuple, out: object) -> int:
 
 
 def _mha(m: nn.MultiheadAttention, inp: tuple, out: object) -> int:
-    q = _first_tensor(inp)
+    q = primary_output(inp)
     e = m.embed_dim
     tokens = q.numel() // e
     seq = q.shape[1] if m.batch_first else q.shape[0]
@@ -86,18 +81,28 @@ def macs(module: nn.Module, inputs: tuple, output: object) -> int | None:
     return None
 
 
-def _index_bytes(cols: int) -> int:
-    # Column indices are stored unsigned and as narrow as the width allows.
-    return 2 if cols <= 65535 else 4
+def csr_bytes(rows: int, cols: int, nnz: int) -> int:
+    """Bytes :func:`nbcompress.kernels.formats.pack_csr` stores for a float32 weight.
+
+    Per nonzero a float32 value and a column index as narrow as
+    :func:`~nbcompress.kernels.formats.index_dtype` makes it (2 B up to 65535 columns,
+    else 4 B); per row an int64 row pointer (plus one) and a float32 scale (ones for
+    float32 values: the int8 kernels share the layout).
+
+    Args:
+        rows: Output rows of the weight viewed as ``rows × cols``.
+        cols: Its columns (input features, or input channels × kernel taps).
+        nnz: Its nonzeros.
+    """
+    return nnz * (4 + index_dtype(cols).itemsize) + (rows + 1) * 8 + rows * 4
 
 
 def layer_bytes(module: nn.Module, recurse: bool = False) -> dict[str, int]:
     """Estimated storage of a layer's parameters as dense fp32, as CSR fp32 and as int8.
 
     Matrices (2-D or more, viewed as ``rows × rest``) are stored sparse / quantized; vectors
-    (biases, norms) stay fp32 in every format. CSR = values (4 B) + column indices (2 B if
-    the row width fits in uint16, else 4 B) + row pointers (4 B each). Int8 = 1 B per
-    weight + one fp32 scale per row.
+    (biases, norms) stay fp32 in every format. CSR is what the sparse modules pack
+    (:func:`csr_bytes`). Int8 = 1 B per weight + one fp32 scale per row.
     """
     dense = csr = int8 = 0
     for p in module.parameters(recurse=recurse):
@@ -109,7 +114,6 @@ def layer_bytes(module: nn.Module, recurse: bool = False) -> dict[str, int]:
             continue
         rows = p.shape[0]
         cols = p.numel() // rows
-        nnz = int(torch.count_nonzero(p.detach()))
-        csr += nnz * (4 + _index_bytes(cols)) + (rows + 1) * 4
+        csr += csr_bytes(rows, cols, int(torch.count_nonzero(p.detach())))
         int8 += p.numel() + rows * 4
     return {"dense": dense, "csr": csr, "int8": int8}

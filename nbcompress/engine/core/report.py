@@ -6,7 +6,19 @@ import html
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-__all__ = ["Table", "TableReport", "fmt_bytes", "fmt_count", "fmt_pct", "html_table", "text_table"]
+from nbcompress.timing import format_seconds
+
+__all__ = [
+    "Table",
+    "TableReport",
+    "fmt_bytes",
+    "fmt_count",
+    "fmt_pct",
+    "fmt_ratio",
+    "fmt_time",
+    "html_table",
+    "text_table",
+]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -33,6 +45,16 @@ def fmt_count(n: float | None) -> str:
 def fmt_pct(x: float | None) -> str:
     """Format a fraction as a percentage (``0.5`` → ``50.0%``)."""
     return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def fmt_ratio(x: float | None) -> str:
+    """Format a ratio such as a speed-up (``2.5`` → ``2.50×``)."""
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def fmt_time(seconds: float | None) -> str:
+    """Format a duration in seconds with a readable unit (``0.0012`` → ``1.2 ms``)."""
+    return "—" if seconds is None else format_seconds(seconds)
 
 
 Formatter = Callable[[Any], str]

@@ -1,4 +1,8 @@
-"""Per-layer model summary: parameters, sparsity, MACs, measured latency and sizes."""
+"""Per-layer model summary: parameters, sparsity, MACs, measured latency and sizes.
+
+:func:`capture_calls`, which records each layer's real call for the summary, is shared
+with ``sparsify_`` and ``quantize_`` (they measure every layer on its real input).
+"""
 
 from __future__ import annotations
 
@@ -76,7 +80,18 @@ class Summary(TableReport):
 def capture_calls(
     model: nn.Module, layers: dict[str, nn.Module], inputs: tuple
 ) -> dict[str, tuple]:
-    """Run the model once; record each layer's first call ``(args, kwargs, output)``."""
+    """Run the model once; record each layer's first call ``(args, kwargs, output)``.
+
+    Args:
+        model: The model to run (without gradients; its mode is the caller's choice).
+        layers: Qualified name → module whose call to record.
+        inputs: Positional inputs, as :func:`~nbcompress.engine.core.validation.as_inputs`
+            returns them.
+
+    Returns:
+        Name → ``(args, kwargs, output)`` for each layer the forward pass called; layers
+        it did not call are missing.
+    """
     seen: dict[str, tuple] = {}
     handles = []
     for name, module in layers.items():

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.core.report import Table, TableReport, fmt_pct
-from nbcompress.engine.speedup.sparsify import RTOL, Analysis, analyse
-from nbcompress.engine.speedup.sparsify import apply as install
+from nbcompress.engine.core.report import Table, TableReport, fmt_pct, fmt_ratio, fmt_time
+from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult
+from nbcompress.engine.speedup.sparsify import analyse, install_
 from nbcompress.kernels.threads import get_threads
-from nbcompress.timing import Timing, format_seconds
+from nbcompress.timing import Timing
 
 __all__ = ["SpeedupReport", "speedup"]
 
@@ -25,14 +24,6 @@ _PATHS = {
 }
 
 
-def _ms(value: float | None) -> str:
-    return "—" if value is None else format_seconds(value)
-
-
-def _ratio(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}×"
-
-
 def _sci(value: float | None) -> str:
     return "—" if value is None else f"{value:.1e}"
 
@@ -41,9 +32,9 @@ _COLUMNS = {
     "layer": None,
     "input": None,
     "sparsity": fmt_pct,
-    **{label: _ms for label in _PATHS.values()},
+    **{label: fmt_time for label in _PATHS.values()},
     "chosen": None,
-    "speedup": _ratio,
+    "speedup": fmt_ratio,
     "break-even (est.)": fmt_pct,
     "max |Δ|": _sci,
     "tolerance": _sci,
@@ -82,6 +73,11 @@ class SpeedupReport(TableReport):
         return self.dense.median / self.compressed.median
 
     @property
+    def paths(self) -> list[str]:
+        """Labels of the execution paths timed for some layer (table columns, in order)."""
+        return [p for p in _PATHS.values() if any(r.get(p) for r in self.rows)]
+
+    @property
     def outputs_match(self) -> bool:
         """True if the compressed model's output is within the stated tolerance."""
         return self.max_abs_diff <= self.tolerance
@@ -90,7 +86,7 @@ class SpeedupReport(TableReport):
         check = "within" if self.outputs_match else "OUTSIDE"
         lines = [
             f"end to end: dense {self.dense}  →  compressed {self.compressed}  "
-            f"({_ratio(self.speedup)})",
+            f"({fmt_ratio(self.speedup)})",
             f"output check: max |Δ| {self.max_abs_diff:.2e} {check} tolerance {self.tolerance:.2e}",
             f"{'applied' if self.applied else 'not applied'}: {self.verdict}",
         ]
@@ -102,28 +98,17 @@ class SpeedupReport(TableReport):
         return Table(self.rows, _COLUMNS, title, self._summary(), chosen)
 
     def plot(self, ax: Any = None) -> Any:
-        """Bar chart of per-layer time for each path (log scale); returns the figure."""
-        import matplotlib.pyplot as plt
-        import numpy as np
+        """Bar chart of per-layer time for each path (log scale); returns the figure.
 
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(6, 1.2 * len(self.rows) + 2), 3.5))
-        paths = [p for p in _PATHS.values() if any(r.get(p) for r in self.rows)]
-        width = 0.8 / max(1, len(paths))
-        xs = np.arange(len(self.rows))
-        for k, path in enumerate(paths):
-            values = [1e3 * (r.get(path) or 0.0) for r in self.rows]
-            ax.bar(xs + k * width, values, width, label=path)
-        ax.set_xticks(xs + width * (len(paths) - 1) / 2, [r["layer"] for r in self.rows])
-        ax.set_ylabel("time per call (ms)")
-        ax.set_yscale("log")
-        ax.set_title(f"measured per-layer time; end to end {_ratio(self.speedup)}")
-        ax.legend(fontsize=8)
-        ax.figure.tight_layout()
-        return ax.figure
+        Args:
+            ax: A matplotlib ``Axes`` to draw into; ``None`` draws a new figure.
+        """
+        from nbcompress.notebook.display.speedup import speedup_figure
+
+        return speedup_figure(self, ax=ax)
 
 
-def _row(result: Any) -> dict[str, Any]:
+def _row(result: LayerResult) -> dict[str, Any]:
     times = result.times
     chosen = result.chosen
     row: dict[str, Any] = {
@@ -167,35 +152,24 @@ def _report(analysis: Analysis, applied: bool) -> SpeedupReport:
 
 
 def speedup(
-    model: nn.Module,
-    example_inputs: Any,
-    *,
-    layers: str | Sequence[str] | None = None,
-    types: Any = None,
-    apply: bool = False,
-    allow_int8: bool = False,
-    repeats: int = 15,
-    min_gain: float = 0.05,
+    model: nn.Module, example_inputs: Any, *, apply: bool = False, **options: Any
 ) -> SpeedupReport:
     """Measure dense fp32, sparse fp32, sparse int8 and torch int8 per layer, and end to end.
 
     Args:
         model: The (pruned) model; not modified unless ``apply=True``.
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
-        layers: Glob pattern(s) on qualified layer names; ``None`` = all Linear/Conv2d.
-        types: Layer types to consider (default Linear and Conv2d).
-        apply: Install the choice in the model, as :func:`sparsify_` does (undoable).
-        allow_int8: Let the choice use sparse int8 (changes results by rounding).
-        repeats: Timed samples per candidate.
-        min_gain: Required relative speed-up for a layer to be switched.
+        apply: Install the choice in the model, as ``sparsify_`` does (undoable).
+        **options: Fields of :class:`~nbcompress.engine.speedup.analysis.SparsifyOptions`:
+            ``layers`` (glob pattern(s) on layer names; default all Linear/Conv2d),
+            ``types``, ``allow_int8`` (let the choice use sparse int8, which changes
+            results by rounding), ``allow_bsr``, ``repeats`` (timed rounds per candidate)
+            and ``min_gain`` (required relative speed-up for a layer to be switched).
 
     Returns:
         The report (``print`` it, or display it in a notebook; ``.plot()`` draws bars).
     """
-    analysis = analyse(
-        model, example_inputs, layers=layers, types=types, allow_int8=allow_int8,
-        repeats=repeats, min_gain=min_gain,
-    )  # fmt: skip
+    analysis = analyse(model, example_inputs, **options)
     if apply:
-        install(model, analysis)
+        install_(model, analysis)
     return _report(analysis, applied=apply and bool(analysis.chosen))

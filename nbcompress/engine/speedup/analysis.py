@@ -1,0 +1,139 @@
+"""What ``sparsify_`` and ``speedup`` measure and decide: options, per-layer and model results.
+
+Plain data, shared by :mod:`.sparsify` (which fills it) and :mod:`.speedup` (which reports it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.timing import Race, Timing
+
+__all__ = ["ATOL", "RTOL", "Analysis", "LayerResult", "SparsifyOptions", "tolerance"]
+
+#: Stated output tolerance per path, relative to the largest dense output magnitude:
+#: float32 kernels differ from dense only by summation order; int8 also by rounding.
+RTOL = {"csr": 1e-4, "bsr": 1e-4, "csr_int8": 2e-2}
+ATOL = 1e-5
+
+
+def tolerance(fmt: str, reference: torch.Tensor) -> float:
+    """The stated output tolerance of path ``fmt`` around the dense output ``reference``."""
+    peak = float(reference.abs().max()) if reference.numel() else 0.0
+    return RTOL[fmt] * peak + ATOL
+
+
+@dataclass(frozen=True)
+class SparsifyOptions:
+    """What ``analyse``, ``sparsify_`` and ``speedup`` consider, and how they decide.
+
+    Attributes:
+        layers: Glob pattern(s) on qualified layer names; ``None`` = all eligible.
+        types: Layer types to consider (default Linear and Conv2d).
+        allow_int8: Also consider int8 values (changes results by rounding; off by default).
+        allow_bsr: Consider block-sparse storage when weights come in 4-row blocks.
+        repeats: Timed rounds of the race between dense and the sparse candidates.
+        min_gain: Required relative speed-up, e.g. 0.05 = 5% faster than dense.
+    """
+
+    layers: str | Sequence[str] | None = None
+    types: Any = None
+    allow_int8: bool = False
+    allow_bsr: bool = True
+    repeats: int = 15
+    min_gain: float = 0.05
+
+    def __post_init__(self) -> None:
+        repeats = self.repeats
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 3:
+            raise ValueError(f"repeats: expected an integer ≥ 3, got {repeats!r}.")
+
+    @classmethod
+    def of(cls, options: SparsifyOptions | None = None, **overrides: Any) -> SparsifyOptions:
+        """``options`` (default: the defaults) with keyword ``overrides``; names checked."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(overrides) - set(names))
+        if unknown:
+            raise TypeError(
+                f"{unknown[0]}: not an option of sparsify_/speedup; the options are "
+                f"{', '.join(names)}."
+            )
+        return dataclasses.replace(options or cls(), **overrides)
+
+
+@dataclass
+class LayerResult:
+    """What was measured for one layer and what was chosen.
+
+    Attributes:
+        name: Qualified layer name.
+        module: The dense layer.
+        input_shape: Shape of its input in the example run.
+        sparsity: Fraction of exactly-zero weights.
+        times: Path → measured timing (``dense``, ``csr``, ``csr_int8``, ``bsr``, ``torch_int8``).
+        errors: Path → max |sparse − dense| output difference.
+        tolerances: Path → the tolerance that difference must stay within.
+        chosen: ``"dense"`` or the chosen sparse format.
+        reason: Why it was chosen (or why the layer stays dense).
+        break_even: Estimated sparsity at which the sparse fp32 kernel matches dense.
+        candidates: Path → built sparse module.
+        sure: Path → 25th percentile of its per-round speed-up over dense.
+        race: The race of the paths (dense the incumbent), or ``None`` if not timed.
+    """
+
+    name: str
+    module: nn.Module
+    input_shape: tuple = ()
+    sparsity: float = 0.0
+    times: dict[str, Timing] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    tolerances: dict[str, float] = field(default_factory=dict)
+    chosen: str = "dense"
+    reason: str = ""
+    break_even: float | None = None
+    candidates: dict[str, nn.Module] = field(default_factory=dict)
+    sure: dict[str, float] = field(default_factory=dict)
+    race: Race | None = None
+
+    @property
+    def replacement(self) -> nn.Module | None:
+        """The sparse module to install, or ``None`` to keep the dense layer."""
+        return self.candidates.get(self.chosen)
+
+
+@dataclass
+class Analysis:
+    """Per-layer results plus the end-to-end comparison of dense vs compressed.
+
+    Attributes:
+        layers: One result per selected layer.
+        dense: End-to-end time of the dense model.
+        compressed: End-to-end time with the chosen sparse layers.
+        max_abs_diff: Largest end-to-end output difference, compressed vs dense.
+        tolerance: The stated tolerance that difference is checked against.
+        verdict: One line: what is converted, and the end-to-end gain.
+        warnings: Backend warning (first line) → count, shown once in reports.
+        sure: 25th percentile of the per-round end-to-end speed-up.
+        race: The end-to-end race, ``dense`` (incumbent) vs ``compressed``.
+    """
+
+    layers: list[LayerResult]
+    dense: Timing | None = None
+    compressed: Timing | None = None
+    max_abs_diff: float = 0.0
+    tolerance: float = 0.0
+    verdict: str = ""
+    warnings: dict[str, int] = field(default_factory=dict)
+    sure: float = 0.0
+    race: Race | None = None
+
+    @property
+    def chosen(self) -> dict[str, LayerResult]:
+        """Layers that get a sparse module."""
+        return {r.name: r for r in self.layers if r.replacement is not None}
