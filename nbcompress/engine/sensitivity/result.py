@@ -228,7 +228,7 @@ class SensitivityResult:
         try:
             from nbcompress.notebook.display.figures import figure_html
 
-            return figure_html(self.plot()) + table
+            return figure_html(self.plot(), alt="sensitivity plot") + table
         except ImportError:  # matplotlib missing: the table alone still says everything
             return table
 

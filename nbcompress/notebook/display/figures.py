@@ -8,6 +8,7 @@ tests and in widgets without leaking open figures.
 from __future__ import annotations
 
 import base64
+import html
 import io
 import sys
 
@@ -26,12 +27,12 @@ def show_figures_in_notebooks() -> None:
         png.for_type(Figure, lambda fig: png_bytes(fig))
 
 
-def figure_html(fig: Figure, *, dpi: int = 90) -> str:
+def figure_html(fig: Figure, *, alt: str = "nbcompress figure", dpi: int = 90) -> str:
     """An ``<img>`` tag with the figure as an inline PNG (for ``_repr_html_``)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f"<img src='data:image/png;base64,{data}' alt='sensitivity plot'/>"
+    return f"<img src='data:image/png;base64,{data}' alt='{html.escape(alt, quote=True)}'/>"
 
 
 def png_bytes(fig: Figure, *, dpi: int = 90) -> bytes:

@@ -101,7 +101,11 @@ class LiveView:
             f"<progress value='{done}' max='{self.total}' style='width:30em'></progress> "
             f"{done}/{self.total} evaluations, {result.seconds:.1f} s {html.escape(where)}"
         )
-        self.handle.update(self._html(f"<div>{bar}</div>{figure_html(result.plot('auto'))}"))
+        self.handle.update(
+            self._html(
+                f"<div>{bar}</div>{figure_html(result.plot('auto'), alt='sensitivity plot')}"
+            )
+        )
         self._last = time.monotonic()
         self.updates += 1
 
