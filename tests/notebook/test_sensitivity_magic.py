@@ -183,8 +183,11 @@ def test_api_and_magic_agree(ns):
 def test_stages_apply_prunes_in_stages_and_one_undo_reverts_all(ns, capsys):
     model = ns.user_ns["model"]
     saved = snapshot(model)
-    report = run(ns, "model --eval agreement --target-sparsity 0.6 --stages 2 --apply")
+    result = run(ns, "model --eval agreement --target-sparsity 0.6 --stages 2 --apply")
+    assert isinstance(result, SensitivityResult)  # one return type, whatever the options
+    report = nc.history(model)[-1].info["report"]
     assert isinstance(report, StagedReport) and len(report.stages) == 2
+    assert report.result is result
     assert report.measured == ns.user_ns["agreement"](model)
     for name, ratio in report.ratios.items():
         assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)

@@ -44,10 +44,11 @@ def test_refine_measures_the_suggestion_and_leaves_the_model_unchanged(ns, capsy
 def test_stages_with_refine_apply_the_refined_allocation_in_one_undo_step(ns, capsys):
     model = ns.user_ns["model"]
     saved = snapshot(model)
-    report = run(
+    run(
         ns, "model --eval distance --lower-is-better --ratios 0.3,0.6,0.9 "
         "--target-sparsity 0.6 --stages 2 --refine 20 --apply",
     )  # fmt: skip
+    report = nc.history(model)[-1].info["report"]
     assert report.refinement is not None and report.measured == ns.user_ns["distance"](model)
     for name, ratio in report.ratios.items():
         assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)

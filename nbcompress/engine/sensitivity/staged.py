@@ -264,9 +264,14 @@ def prune_to_(
         else:
             run.refined(targets, refine, dict(layers=layers, types=types, granularity=granularity))
         tx.step.detail = detail + f" in {len(targets)} stage(s)" + (" + refined" if refine else "")
-        tx.info.update(suggestion=f"staged to sparsity {targets[-1]:.0%}", measured=run.last)
-    notes.append("Undo all stages at once with nbcompress.undo_(model) or %undo model.")
-    return run.report(targets[-1], notes)
+        notes.append("Undo all stages at once with nbcompress.undo_(model) or %undo model.")
+        report = run.report(targets[-1], notes)
+        # Kept with the step: `%sensitivity --stages --apply` returns the sweep result and
+        # the report stays reachable as history(model)[-1].info["report"].
+        tx.info.update(
+            suggestion=f"staged to sparsity {targets[-1]:.0%}", measured=run.last, report=report
+        )
+    return report
 
 
 @dataclass

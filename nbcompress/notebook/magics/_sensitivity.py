@@ -16,7 +16,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from nbcompress.engine.core.validation import check_amount
 from nbcompress.engine.sensitivity.evaluate import EvaluationError
 from nbcompress.engine.sensitivity.result import SensitivityResult
-from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS, StagedReport, prune_to_
+from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS, prune_to_
 from nbcompress.engine.sensitivity.suggestion import ApplyReport, Suggestion, apply_suggestion_
 from nbcompress.engine.sensitivity.sweep import sensitivity
 from nbcompress.notebook.magics._common import (
@@ -160,7 +160,7 @@ class SensitivityMagics(ModelMagics):
     @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
     @argument("--save", help="Write the result (even a partial one) to this JSON file.")
     @line_magic
-    def sensitivity(self, line: str) -> SensitivityResult | StagedReport:
+    def sensitivity(self, line: str) -> SensitivityResult:
         """L1 sensitivity sweep: prune each layer alone at each ratio, evaluate, restore.
 
         Examples: ``%sensitivity model --eval evaluate``,
@@ -174,7 +174,7 @@ class SensitivityMagics(ModelMagics):
         (undoable). ``--target-sparsity 0.9 --stages 5 --apply`` prunes in stages instead:
         sweep, suggest and apply five times, each sweep on the already pruned model (layers
         that look harmless alone can hurt together; re-measuring catches that). It returns
-        the per-stage report and ``%undo model`` reverts all stages; score it with a
+        shows the per-stage report and ``%undo model`` reverts all stages; score it with a
         continuous metric (``--eval val_loss --lower-is-better``) rather than accuracy on a
         few hundred examples, which is flat over most ratios. ``--refine 100`` checks the
         choice by measuring: the suggestion (or the stages' result) and the ratios uniform
@@ -183,8 +183,9 @@ class SensitivityMagics(ModelMagics):
         use is ``--eval val_loss --lower-is-better --target-sparsity 0.9 --stages 5
         --refine 100 --apply``. In a notebook the curves update live and the explorer
         widget follows. Returns the :class:`~nbcompress.SensitivityResult`
-        (``r = %sensitivity model --eval evaluate``); with ``--stages`` (which prunes, as
-        ``prune_to_`` does) the ``StagedReport``.
+        (``r = %sensitivity model --eval evaluate``); with ``--stages`` the last stage's
+        sweep, and the per-stage report (what ``prune_to_`` returns) is kept as
+        ``nbcompress.history(model)[-1].info["report"]``.
         """
         args = parse_argstring(self.sensitivity, line)
         _check_modes(args)
@@ -204,7 +205,7 @@ class SensitivityMagics(ModelMagics):
             self._widget(result, model, evaluate, suggestion, x, args)
         return result
 
-    def _staged(self, model: Any, evaluate: Any, x: Any, args: Any) -> StagedReport:
+    def _staged(self, model: Any, evaluate: Any, x: Any, args: Any) -> SensitivityResult:
         with engine_errors():
             try:
                 report = prune_to_(
@@ -225,7 +226,7 @@ class SensitivityMagics(ModelMagics):
         self._show(report)
         if report.refinement is not None:
             self._show(report.refinement)  # candidates and kept moves, measured
-        return report
+        return report.result
 
     def _show(self, obj: Any) -> None:
         if in_notebook(self.shell):
