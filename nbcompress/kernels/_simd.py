@@ -5,7 +5,7 @@ numba has no SIMD type, and LLVM's SLP vectorizer spilled or gathered when asked
 value of type :data:`f32x8` lives in one ymm register, :func:`vfma` is one fused
 multiply-add with a memory operand, so a kernel can keep an output tile of 8 × 8
 columns in registers while it streams the nonzeros of a row (see ``tile64`` in
-``_panels.py``). Indices are element offsets into 1-D C-contiguous arrays; nothing is
+``_generated_kernels.py``). Indices are element offsets into 1-D C-contiguous arrays; nothing is
 bounds-checked, as in the other jitted bodies.
 """
 
@@ -48,6 +48,13 @@ def _splat(builder, value):  # noqa: ANN001, ANN202 - codegen helper
     return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), mask)
 
 
+def _fma(builder, value, vec, acc):  # noqa: ANN001, ANN202 - codegen helper
+    # acc + value * vec in one fused multiply-add, the float32 value broadcast to 8 lanes.
+    fnty = ir.FunctionType(_VEC, [_VEC] * 3)
+    fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
+    return builder.call(fma, [_splat(builder, value), vec, acc])
+
+
 @intrinsic
 def vzero(typingctx):  # noqa: ANN001, ANN201 - numba intrinsic protocol
     """A vector of zeros."""
@@ -79,9 +86,7 @@ def vfma(typingctx, acc, value, ary, idx):  # noqa: ANN001, ANN201 - numba intri
         v = context.cast(builder, v, sig.args[1], types.float32)
         i = context.cast(builder, i, sig.args[3], types.uint64)
         x = builder.load(_vec_ptr(context, builder, sig.args[2], arr, i), align=4)
-        fnty = ir.FunctionType(_VEC, [_VEC] * 3)
-        fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
-        return builder.call(fma, [_splat(builder, v), x, a])
+        return _fma(builder, v, x, a)
 
     return f32x8(acc, value, ary, idx), codegen
 
@@ -92,10 +97,7 @@ def vfmav(typingctx, acc, value, vec):  # noqa: ANN001, ANN201 - numba intrinsic
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
         a, v, x = args
-        v = context.cast(builder, v, sig.args[1], types.float32)
-        fnty = ir.FunctionType(_VEC, [_VEC] * 3)
-        fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
-        return builder.call(fma, [_splat(builder, v), x, a])
+        return _fma(builder, context.cast(builder, v, sig.args[1], types.float32), x, a)
 
     return f32x8(acc, value, vec), codegen
 
