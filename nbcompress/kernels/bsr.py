@@ -19,10 +19,8 @@ from nbcompress.kernels.dispatch import (
     BSR4_TILES,
     BSR_SPMM,
     TILE,
-    as_float32,
     balanced_rows,
-    check_cols,
-    check_matrix,
+    checked_input,
     fastest,
     recorded_run,
 )
@@ -51,9 +49,7 @@ def bsr_matmul(mat: BSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
         (out,) or (batch × out); for a batch above 1 a transposed view of a
         C-contiguous (out × batch) buffer, as from :func:`csr_matmul`.
     """
-    check_matrix(mat, BSRMatrix, "pack_bsr", "csr_matmul")
-    x = as_float32(x, (1, 2), "x")
-    check_cols(mat, x.shape[-1], "x")
+    x = checked_input(mat, BSRMatrix, x, "x")
     m = mat.shape[0]
     if mat.block == (4, 1) and (x.ndim == 1 or x.shape[0] == 1):
         xv = np.ascontiguousarray(x.reshape(-1))

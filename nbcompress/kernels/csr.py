@@ -31,10 +31,8 @@ from nbcompress.kernels.dispatch import (
     TILE64,
     TRANSPOSE,
     Kernel,
-    as_float32,
     balanced_rows,
-    check_cols,
-    check_matrix,
+    checked_input,
     fastest,
     recorded_run,
 )
@@ -80,10 +78,7 @@ def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
         view of a C-contiguous (out × batch) buffer (feeding it to the next sparse layer
         then needs no copy).
     """
-    check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
-    x = as_float32(x, (1, 2), "x")
-    check_cols(mat, x.shape[-1], "x")
-    return matmul_unchecked(mat, x)
+    return matmul_unchecked(mat, checked_input(mat, CSRMatrix, x, "x"))
 
 
 def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
@@ -126,9 +121,7 @@ def csr_matmul_t(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray | None = None) 
     Returns:
         The (out × N) product, ``out`` if given.
     """
-    check_matrix(mat, CSRMatrix, "pack_csr", "bsr_matmul")
-    xt = np.ascontiguousarray(as_float32(xt, (2,), "xt"))
-    check_cols(mat, xt.shape[0], "xt")
+    xt = np.ascontiguousarray(checked_input(mat, CSRMatrix, xt, "xt", (2,), axis=0))
     m, n = mat.shape[0], xt.shape[1]
     if out is None:
         out = np.empty((m, n), dtype=np.float32)

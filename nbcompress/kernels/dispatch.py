@@ -46,6 +46,7 @@ __all__ = [
     "balanced_rows",
     "check_cols",
     "check_matrix",
+    "checked_input",
     "choose",
     "fastest",
     "kernel_choices",
@@ -173,12 +174,14 @@ def as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) ->
     return x
 
 
-def check_matrix(mat: object, kind: type, packer: str, other: str) -> None:
-    """Raise a TypeError naming ``mat`` unless it is a ``kind`` (from ``packer``)."""
+def check_matrix(mat: object, kind: type[CSRMatrix] | type[BSRMatrix]) -> None:
+    """Raise a TypeError naming ``mat`` unless it is a ``kind``, and where the other goes."""
     if not isinstance(mat, kind):
+        csr = kind is CSRMatrix
+        packer, other = ("pack_csr", "bsr_matmul") if csr else ("pack_bsr", "csr_matmul")
         raise TypeError(
             f"mat: expected a {kind.__name__} (from {packer}), got {type(mat).__name__}; "
-            f"a {'BSRMatrix' if kind is CSRMatrix else 'CSRMatrix'} goes to {other}."
+            f"a {'BSRMatrix' if csr else 'CSRMatrix'} goes to {other}."
         )
 
 
@@ -189,6 +192,30 @@ def check_cols(mat: Matrix, k: int, arg: str) -> None:
             f"{arg}: has {k} input features but the sparse weight expects {mat.shape[1]} "
             f"(weight shape {mat.shape})."
         )
+
+
+def checked_input(
+    mat: object,
+    kind: type[CSRMatrix] | type[BSRMatrix],
+    x: torch.Tensor | np.ndarray,
+    arg: str,
+    ndim: tuple[int, ...] = (1, 2),
+    axis: int = -1,
+) -> np.ndarray:
+    """``x`` as float32 numpy after checking ``mat`` (a ``kind``) and ``x`` (its features).
+
+    Args:
+        mat: The packed weight.
+        kind: The format the product takes.
+        x: The input.
+        arg: ``x``'s name in error messages.
+        ndim: Accepted ranks of ``x``.
+        axis: ``x``'s axis of input features.
+    """
+    check_matrix(mat, kind)
+    x = as_float32(x, ndim, arg)
+    check_cols(mat, x.shape[axis], arg)
+    return x
 
 
 #: A candidate replaces the incumbent (the first option: the panels, the plain SpMV, the

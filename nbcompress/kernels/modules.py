@@ -41,11 +41,7 @@ class _SparseBase(nn.Module):
     format: str
 
     def __init__(
-        self,
-        module: nn.Module,
-        *,
-        format: str = "csr",  # noqa: A002 - mirrors the public option name
-        block: tuple[int, int] = (4, 1),
+        self, module: nn.Module, *, format: str = "csr", block: tuple[int, int] = (4, 1)
     ) -> None:
         super().__init__()
         weight = self._adopt(module)
@@ -135,11 +131,7 @@ class _SparseBase(nn.Module):
 
     @classmethod
     def from_dense(
-        cls,
-        module: nn.Module,
-        *,
-        format: str = "csr",  # noqa: A002 - mirrors the public option name
-        block: tuple[int, int] = (4, 1),
+        cls, module: nn.Module, *, format: str = "csr", block: tuple[int, int] = (4, 1)
     ) -> Any:
         """Pack a dense layer's weight; the original module is not modified.
 
