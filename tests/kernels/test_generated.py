@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from numba.core.registry import CPUDispatcher
 
 from nbcompress.kernels import _generated_kernels, _numba, dispatch
-
-GENERATOR = Path(__file__).resolve().parents[2] / "tools" / "generate_kernels.py"
-
-
-def _generator():
-    spec = importlib.util.spec_from_file_location("generate_kernels", GENERATOR)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tools import generate_kernels
 
 
 def test_generated_kernels_are_up_to_date():
     # Text only, nothing is compiled: the checked-in module is what the generator writes.
-    generator = _generator()
-    assert Path(generator.TARGET) == Path(_generated_kernels.__file__).resolve()
-    assert Path(_generated_kernels.__file__).read_text() == generator.source(), (
-        "run python tools/generate_kernels.py"
+    assert Path(_generated_kernels.__file__).resolve() == generate_kernels.TARGET
+    assert generate_kernels.TARGET.read_text() == generate_kernels.source(), (
+        "run python -m tools.generate_kernels"
     )
 
 
