@@ -37,10 +37,22 @@ from nbcompress.kernels.threads import get_threads, serial
 from nbcompress.timing import Race, race
 
 __all__ = [
+    "BSR4_SPMV",
+    "BSR4_TILES",
+    "BSR_SPMM",
+    "CSR_COLS",
     "KERNELS",
     "KERNEL_MARGIN",
+    "PACK_COLS",
+    "PACK_IM2COL",
+    "PACK_ROWS",
+    "PANELS",
     "SERIAL",
+    "SPMV",
+    "SPMV8",
     "TILE",
+    "TILE64",
+    "TRANSPOSE",
     "Kernel",
     "as_float32",
     "balanced_rows",
