@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import machine, paired, write_results  # noqa: E402
 
-from nbcompress.kernels import csr  # noqa: E402
+from nbcompress.kernels.dispatch import kernel_choices, set_choices  # noqa: E402
 from nbcompress.kernels.modules import SparseConv2d  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -58,14 +58,14 @@ def run_layer(layer: tuple, sparsity: float, repeats: int) -> dict:
     key = ("conv", *x.shape, 1)
     for name in FORCED:
         forced = SparseConv2d(conv)
-        csr._CHOICE[forced.matrix()] = {key: name}
+        set_choices(forced.matrix(), {key: name})
         fns[name] = lambda m=forced: m(x)
     with torch.no_grad():
         for fn in fns.values():
             fn()  # compile / measure the choice / warm caches
             fn()
         t = paired(fns, repeats, min_sample=5e-3)
-    chosen = ",".join(csr.kernel_choices(auto.matrix()).values())
+    chosen = ",".join(kernel_choices(auto.matrix()).values())
     name = f"{cin}→{cout} {k}×{k} {side}×{side}"
     return {"layer": name, "sparsity": sparsity, "chosen": chosen} | t
 

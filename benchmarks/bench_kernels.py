@@ -28,14 +28,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nbcompress.kernels import csr, csr_matmul, csr_matmul_t, get_threads, pack_csr  # noqa: E402
+from nbcompress.kernels import csr_matmul, csr_matmul_t, get_threads, pack_csr  # noqa: E402
+from nbcompress.kernels.csr import tile_kinds  # noqa: E402
+from nbcompress.kernels.dispatch import TILE, kernel_choices, set_choices  # noqa: E402
 from nbcompress.timing import measure_interleaved  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 LINEAR = [(3072, 768), (768, 3072), (4096, 4096)]
 CONV = (256, 1152, 3136)  # out channels × (128·3·3) with 56·56 output columns
-KINDS = ("spmv", "spmv8", "panels", "tiles", "kblocks")  # kernels csr.py chooses between
+KINDS = ("spmv", "spmv8", "panels", "tiles", "kblocks")  # the CSR products choose between
 
 
 def cpu_name() -> str:
@@ -123,7 +125,7 @@ def candidates(w: np.ndarray, x: torch.Tensor, conv: bool) -> tuple[dict, object
 
 
 def forced_kernels(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
-    """The fp32 product with the kernel choice fixed to each candidate ``csr.py`` times.
+    """The fp32 product with the kernel choice fixed to each candidate the CSR products time.
 
     Batch 1: plain and padded SpMV; 64 or more columns: panels, tiles and (K > KBLOCK)
     K-blocked tiles. Other batches have one kernel, so nothing to force.
@@ -131,8 +133,8 @@ def forced_kernels(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
     batch = x.shape[0]
     if batch == 1 and not conv:
         kinds, key = ["spmv", "spmv8"], ("v", 1, get_threads())
-    elif batch >= csr.TILE:
-        kinds, key = ["panels", *csr._tile_kinds(pack_csr(w))], ("t" if conv else "x", batch)
+    elif batch >= TILE:
+        kinds, key = ["panels", *tile_kinds(pack_csr(w))], ("t" if conv else "x", batch)
         key = (*key, get_threads())
     else:
         return {}
@@ -140,7 +142,7 @@ def forced_kernels(w: np.ndarray, x: torch.Tensor, conv: bool) -> dict:
     xt = np.ascontiguousarray(x.numpy().T)
     for choice in kinds:
         mat = pack_csr(w)
-        csr._CHOICE[mat] = {key: choice}
+        set_choices(mat, {key: choice})
         fns[f"nbc {choice}"] = (
             (lambda m=mat: csr_matmul_t(m, xt)) if conv else (lambda m=mat: csr_matmul(m, x))
         )
@@ -180,7 +182,7 @@ def run_case(label, w, batch, threads, conv, repeats) -> dict:
     t = paired(fns, repeats)
     t["forced"] = [k.removeprefix("nbc ") for k in fns if k.startswith("nbc ") and k[4:] in KINDS]
     if t["forced"]:  # which kernel the measured choice picked for "nbc fp32"
-        t["chosen"] = ",".join(csr.kernel_choices(fp32).values())
+        t["chosen"] = ",".join(kernel_choices(fp32).values())
     sparsity = 1 - np.count_nonzero(w) / w.size
     row = {"weights": label, "shape": f"{w.shape[0]}×{w.shape[1]}", "batch": batch}
     return row | {"threads": threads, "sparsity": sparsity} | t

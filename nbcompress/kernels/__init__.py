@@ -1,5 +1,11 @@
 """Numba sparse kernels and the inference modules built on them.
 
+Modules: ``formats`` (CSRMatrix, BSRMatrix, packing), ``layouts`` (derived layouts of a
+packed weight), ``dispatch`` (kernel registry, measured kernel choice, input checks),
+``csr`` / ``bsr`` / ``conv`` (the validating products), ``modules`` (SparseLinear,
+SparseConv2d), ``threads``; the jitted bodies in ``_numba``, ``_simd`` and
+``_generated_kernels`` (written by ``tools/generate_kernels.py``).
+
 Importing this package configures numba's threading so that its pool and torch's do not
 spin against each other (see :mod:`nbcompress.kernels.threads`).
 """
@@ -11,14 +17,8 @@ from nbcompress.kernels.threads import configure_threading
 configure_threading()
 
 from nbcompress.kernels.bsr import bsr_matmul  # noqa: E402 - threading must be configured first
-from nbcompress.kernels.csr import (  # noqa: E402
-    BSRMatrix,
-    CSRMatrix,
-    csr_matmul,
-    csr_matmul_t,
-    pack_bsr,
-    pack_csr,
-)
+from nbcompress.kernels.csr import csr_matmul, csr_matmul_t  # noqa: E402
+from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr  # noqa: E402
 from nbcompress.kernels.threads import get_threads, set_threads  # noqa: E402
 
 __all__ = [

@@ -1,7 +1,8 @@
-"""Jitted sparse kernels on raw arrays (no validation: see :mod:`nbcompress.kernels.csr`).
+"""Jitted sparse kernels on raw arrays (no validation: see :mod:`nbcompress.kernels.dispatch`).
 
-The CSR kernels are generated into ``_panels.py`` (see ``_generate.py``); this module
-holds their shared settings and the block-sparse kernel.
+The CSR and 4 × 1 block kernels are generated into ``_generated_kernels.py`` (by
+``tools/generate_kernels.py``); this module holds their shared settings, the plain
+block-sparse loop and the packing copies.
 
 Conventions shared by every kernel:
 
@@ -80,8 +81,9 @@ def _bsr_spmm(indptr, indices, data, xt, out):  # noqa: D103
             out[i0 + r] = acc[r]
 
 
-# The pool and the serial twin (suffix _1, as in _panels.py): block shapes other than 4 × 1,
-# and the last N mod 8 columns of the 4 × 1 tiles, on the thread count the caller chose.
+# The pool and the serial twin (suffix _1, as in _generated_kernels.py): block shapes
+# other than 4 × 1, and the last N mod 8 columns of the 4 × 1 tiles, on the thread count
+# the caller chose.
 _BSR_FLAGS = {"fastmath": FASTMATH, "boundscheck": False, "cache": True, "nogil": True}
 bsr_spmm = njit(parallel=True, **_BSR_FLAGS)(_bsr_spmm)
 bsr_spmm_1 = njit(parallel=False, **_BSR_FLAGS)(_bsr_spmm)

@@ -5,7 +5,7 @@ numba has no SIMD type, and LLVM's SLP vectorizer spilled or gathered when asked
 value of type :data:`f32x8` lives in one ymm register, :func:`vfma` is one fused
 multiply-add with a memory operand, so a kernel can keep an output tile of 8 × 8
 columns in registers while it streams the nonzeros of a row (see ``tile64`` in
-``_panels.py``). Indices are element offsets into 1-D C-contiguous arrays; nothing is
+``_generated_kernels.py``). Indices are element offsets into 1-D C-contiguous arrays; nothing is
 bounds-checked, as in the other jitted bodies.
 """
 
@@ -42,10 +42,23 @@ def _vec_ptr(context, builder, aryty, ary, idx):  # noqa: ANN001, ANN202 - codeg
     return builder.bitcast(builder.gep(data, [idx], inbounds=True), _VEC.as_pointer())
 
 
+def _at(context, builder, sig, args, pos):  # noqa: ANN001, ANN202 - codegen helper
+    # Pointer to the vector at ary[idx] for the intrinsic arguments ary, idx at ``pos``.
+    i = context.cast(builder, args[pos + 1], sig.args[pos + 1], types.uint64)
+    return _vec_ptr(context, builder, sig.args[pos], args[pos], i)
+
+
 def _splat(builder, value):  # noqa: ANN001, ANN202 - codegen helper
     one = builder.insert_element(ir.Constant(_VEC, ir.Undefined), value, ir.Constant(_I32, 0))
     mask = ir.Constant(ir.VectorType(_I32, 8), [0] * 8)
     return builder.shuffle_vector(one, ir.Constant(_VEC, ir.Undefined), mask)
+
+
+def _fma(builder, value, vec, acc):  # noqa: ANN001, ANN202 - codegen helper
+    # acc + value * vec in one fused multiply-add, the float32 value broadcast to 8 lanes.
+    fnty = ir.FunctionType(_VEC, [_VEC] * 3)
+    fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
+    return builder.call(fma, [_splat(builder, value), vec, acc])
 
 
 @intrinsic
@@ -63,9 +76,7 @@ def vload(typingctx, ary, idx):  # noqa: ANN001, ANN201 - numba intrinsic protoc
     """``ary[idx : idx + 8]`` as a vector."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        arr, i = args
-        i = context.cast(builder, i, sig.args[1], types.uint64)
-        return builder.load(_vec_ptr(context, builder, sig.args[0], arr, i), align=4)
+        return builder.load(_at(context, builder, sig, args, 0), align=4)
 
     return f32x8(ary, idx), codegen
 
@@ -75,13 +86,9 @@ def vfma(typingctx, acc, value, ary, idx):  # noqa: ANN001, ANN201 - numba intri
     """``acc + value * ary[idx : idx + 8]`` (``value`` is cast to float32, e.g. from int8)."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        a, v, arr, i = args
-        v = context.cast(builder, v, sig.args[1], types.float32)
-        i = context.cast(builder, i, sig.args[3], types.uint64)
-        x = builder.load(_vec_ptr(context, builder, sig.args[2], arr, i), align=4)
-        fnty = ir.FunctionType(_VEC, [_VEC] * 3)
-        fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
-        return builder.call(fma, [_splat(builder, v), x, a])
+        v = context.cast(builder, args[1], sig.args[1], types.float32)
+        x = builder.load(_at(context, builder, sig, args, 2), align=4)
+        return _fma(builder, v, x, args[0])
 
     return f32x8(acc, value, ary, idx), codegen
 
@@ -92,10 +99,7 @@ def vfmav(typingctx, acc, value, vec):  # noqa: ANN001, ANN201 - numba intrinsic
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
         a, v, x = args
-        v = context.cast(builder, v, sig.args[1], types.float32)
-        fnty = ir.FunctionType(_VEC, [_VEC] * 3)
-        fma = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.v8f32")
-        return builder.call(fma, [_splat(builder, v), x, a])
+        return _fma(builder, context.cast(builder, v, sig.args[1], types.float32), x, a)
 
     return f32x8(acc, value, vec), codegen
 
@@ -115,11 +119,9 @@ def vstore(typingctx, ary, idx, acc, scale):  # noqa: ANN001, ANN201 - numba int
     """``ary[idx : idx + 8] = acc * scale``."""
 
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        arr, i, a, s = args
-        i = context.cast(builder, i, sig.args[1], types.uint64)
-        s = context.cast(builder, s, sig.args[3], types.float32)
-        ptr = _vec_ptr(context, builder, sig.args[0], arr, i)
-        builder.store(builder.fmul(a, _splat(builder, s)), ptr, align=4)
+        s = context.cast(builder, args[3], sig.args[3], types.float32)
+        ptr = _at(context, builder, sig, args, 0)
+        builder.store(builder.fmul(args[2], _splat(builder, s)), ptr, align=4)
         return context.get_dummy_value()
 
     return types.void(ary, idx, acc, scale), codegen

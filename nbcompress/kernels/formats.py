@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["BSRMatrix", "CSRMatrix", "index_dtype", "pack_bsr", "pack_csr"]
+__all__ = ["BSRMatrix", "CSRMatrix", "describe", "index_dtype", "pack_bsr", "pack_csr"]
 
 
 def index_dtype(n_cols: int) -> np.dtype:
@@ -92,7 +92,8 @@ class BSRMatrix:
         return out
 
 
-def _describe(x: object) -> str:
+def describe(x: object) -> str:
+    """``x`` for an error message: shape and dtype of an array or tensor, else its type."""
     if isinstance(x, (np.ndarray, torch.Tensor)):
         return f"shape {tuple(x.shape)} dtype {str(x.dtype).replace('torch.', '')}"
     return type(x).__name__
@@ -102,7 +103,7 @@ def _as_weight(weight: torch.Tensor | np.ndarray, arg: str = "weight") -> np.nda
     if isinstance(weight, torch.Tensor):
         weight = weight.detach().cpu().numpy()
     if not isinstance(weight, np.ndarray) or weight.ndim != 2:
-        raise ValueError(f"{arg}: expected a 2-D (out × in) weight, got {_describe(weight)}.")
+        raise ValueError(f"{arg}: expected a 2-D (out × in) weight, got {describe(weight)}.")
     if not np.all(np.isfinite(weight)):
         raise ValueError(f"{arg}: contains NaN or infinity; sparse packing needs finite values.")
     return np.ascontiguousarray(weight, dtype=np.float32)

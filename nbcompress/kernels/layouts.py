@@ -8,7 +8,7 @@
   the zero-padded image, for the direct convolution (stride 1, see below).
 
 Blocked rows. A 64-column tile of the input is a K × 256-byte slab; the tile kernel (``tile64`` in
-``_panels.py``) reads one 256-byte row of it per nonzero. For K = 3072–4096 the slab
+``_generated_kernels.py``) reads one 256-byte row of it per nonzero. For K = 3072–4096 the slab
 (0.8–1 MB) no longer sits in this CPU's 1 MB L2 next to the weight stream. Splitting the
 weight's columns (the input's rows) into blocks of ``kblk`` keeps one block's slab in
 L2 while every output row takes its partial sum from that block; the partial sums wait in
@@ -24,7 +24,7 @@ on 3072 × 768 at 90% (77 nonzeros per row). Rows padded to a multiple of 8 with
 zeros (column 0, value 0: they add 0 · x[0]) need no leftover loop, and eight
 accumulators halve the FMA dependency chains: 1.1–1.25× measured, for 3–5% more bytes at
 90% (4.5 padding entries per row on average, more in relative terms for very short rows;
-the measured choice in ``csr.py`` keeps the plain kernel where that loses).
+the measured choice in ``dispatch.py`` keeps the plain kernel where that loses).
 
 Tap offsets. For stride 1, output pixel (y, x) reads the zero-padded image (Hp × Wp per
 channel) at (c, y + i·dh, x + j·dw) for tap (c, i, j). Numbering the outputs with the
@@ -46,13 +46,36 @@ import numpy as np
 
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
 
-__all__ = ["Blocked", "block_rows", "pad_rows", "release", "scratch", "tap_offsets"]
+__all__ = [
+    "KBLOCK",
+    "Blocked",
+    "block_rows",
+    "kblock",
+    "pad_rows",
+    "release",
+    "scratch",
+    "tap_offsets",
+]
 
 Blocked = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # indptr, indices, data, nkb
 
 _CACHE: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKeyDictionary()
 #: Nonzeros per row of the padded layout are a multiple of this.
 PAD = 8
+#: Input rows per block for the K-blocked tiles (``kblocks``): a 64-column slab of 256 rows
+#: is 64 KB, which stays in L1/L2 beside the weight stream (160–384 measured alike here;
+#: unblocked 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64).
+KBLOCK = 256
+
+
+def kblock(k: int) -> int:
+    """Input rows per block for the K-blocked tiles of a weight with ``k`` columns.
+
+    ``k`` itself (one block) when ``k`` is at most :data:`KBLOCK`.
+    """
+    # Equal blocks of about KBLOCK rows (3072 → 12 × 256, 1152 → 5 × 231, not 4 + a stub).
+    nkb = max(1, -(-k // KBLOCK))
+    return -(-k // nkb)
 
 
 def block_rows(mat: CSRMatrix | BSRMatrix, kblk: int) -> Blocked:

@@ -15,16 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbcompress.kernels.bsr import bsr_conv_unchecked, bsr_matmul
-from nbcompress.kernels.csr import (
-    BSRMatrix,
-    CSRMatrix,
-    conv_unchecked,
-    matmul_t_unchecked,
-    matmul_unchecked,
-    pack_bsr,
-    pack_csr,
-)
+from nbcompress.kernels.bsr import bsr_matmul
+from nbcompress.kernels.conv import bsr_conv_unchecked, conv_unchecked
+from nbcompress.kernels.csr import matmul_t_unchecked, matmul_unchecked
+from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr
 
 __all__ = ["FORMATS", "SparseConv2d", "SparseLinear"]
 
@@ -45,6 +39,18 @@ class _SparseBase(nn.Module):
     """Holds a packed weight as buffers and rebuilds the matrix view on demand."""
 
     format: str
+
+    def __init__(
+        self, module: nn.Module, *, format: str = "csr", block: tuple[int, int] = (4, 1)
+    ) -> None:
+        super().__init__()
+        weight = self._adopt(module)
+        self._store(weight, format, block)
+        self._set_bias(module.bias)
+
+    def _adopt(self, module: nn.Module) -> torch.Tensor:
+        """Check ``module``, copy its hyperparameters; return its weight as (out × in)."""
+        raise NotImplementedError
 
     def _store(self, weight: torch.Tensor, fmt: str, block: tuple[int, int]) -> None:
         self.format = _check_format(fmt)
@@ -125,11 +131,7 @@ class _SparseBase(nn.Module):
 
     @classmethod
     def from_dense(
-        cls,
-        module: nn.Module,
-        *,
-        format: str = "csr",  # noqa: A002 - mirrors the public option name
-        block: tuple[int, int] = (4, 1),
+        cls, module: nn.Module, *, format: str = "csr", block: tuple[int, int] = (4, 1)
     ) -> Any:
         """Pack a dense layer's weight; the original module is not modified.
 
@@ -164,19 +166,11 @@ class SparseLinear(_SparseBase):
     for structured sparsity).
     """
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        *,
-        format: str = "csr",  # noqa: A002 - mirrors the public option name
-        block: tuple[int, int] = (4, 1),
-    ) -> None:
-        super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"module: expected nn.Linear, got {type(linear).__name__}.")
-        self.out_features, self.in_features = linear.out_features, linear.in_features
-        self._store(linear.weight.detach(), format, block)
-        self._set_bias(linear.bias)
+    def _adopt(self, module: nn.Module) -> torch.Tensor:
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module: expected nn.Linear, got {type(module).__name__}.")
+        self.out_features, self.in_features = module.out_features, module.in_features
+        return module.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to ``(..., in_features)`` input."""
@@ -212,26 +206,19 @@ class SparseConv2d(_SparseBase):
     columns), unfolded straight into the cache-sized column panels or read per image by
     the tiles. A block-sparse (4 × 1) weight runs on the unfolded input or, for stride 1,
     directly on the padded image. Which one runs is measured on first use per input shape
-    (``csr.py``). Supports stride, padding, dilation and bias; refuses ``groups > 1``,
+    (``conv.py``). Supports stride, padding, dilation and bias; refuses ``groups > 1``,
     ``padding="same"`` and non-zero padding modes.
     """
 
-    def __init__(
-        self,
-        conv: nn.Conv2d,
-        *,
-        format: str = "csr",  # noqa: A002 - mirrors the public option name
-        block: tuple[int, int] = (4, 1),
-    ) -> None:
-        super().__init__()
-        self._refuse(conv)
+    def _adopt(self, module: nn.Module) -> torch.Tensor:
+        self._refuse(module)
+        conv = module
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = tuple(conv.kernel_size)
         self.stride = tuple(conv.stride)
         self.padding = (0, 0) if conv.padding == "valid" else tuple(conv.padding)
         self.dilation = tuple(conv.dilation)
-        self._store(conv.weight.detach().reshape(conv.out_channels, -1), format, block)
-        self._set_bias(conv.bias)
+        return conv.weight.detach().reshape(conv.out_channels, -1)
 
     @staticmethod
     def _refuse(conv: Any) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbcompress.kernels import _numba, _panels, bsr_matmul, csr, pack_bsr, threads
+from nbcompress.kernels import _numba, bsr_matmul, csr, dispatch, layouts, pack_bsr, threads
 from nbcompress.kernels.layouts import block_rows
 from tests.kernels.reference import bsr_product
 
@@ -75,7 +75,7 @@ def test_bsr4_parallel_kernels_match_serial(rng, kblk):
     w = block_weight(rng, 48, 36, 0.4)
     mat = pack_bsr(w, (4, 1))
     xt = rng.standard_normal((36, 90)).astype(np.float32)
-    bounds = csr._row_bounds(mat.indptr, 4)
+    bounds = dispatch.row_bounds(mat.indptr, 4)
     assert len(bounds) > 2  # several block-row parts
     indptr, indices, data, nkb = block_rows(mat, kblk)
     data = data.reshape(-1)
@@ -83,10 +83,8 @@ def test_bsr4_parallel_kernels_match_serial(rng, kblk):
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
         for width in (16, 8):
             outs = []
-            for kernel, b in (
-                (getattr(_panels, f"bsr4_tile{width}"), bounds),
-                (getattr(_panels, f"bsr4_tile{width}_1"), bounds[[0, -1]]),
-            ):
+            tiles = dispatch.BSR4_TILES[width]
+            for kernel, b in ((tiles.parallel, bounds), (tiles.serial, bounds[[0, -1]])):
                 out = np.zeros((48, 90), dtype=np.float32)
                 ntile = 90 // width
                 kernel(indptr, indices, data, xt.reshape(-1), 90, 90, out.reshape(-1),
@@ -98,8 +96,8 @@ def test_bsr4_parallel_kernels_match_serial(rng, kblk):
             assert not outs[0][:, done:].any()  # columns past the tiles are left alone
         v = np.zeros(48, np.float32), np.zeros(48, np.float32)
         flat = mat.data.reshape(-1)
-        _panels.bsr4_spmv(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[0])
-        _panels.bsr4_spmv_1(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[1])
+        dispatch.BSR4_SPMV.parallel(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[0])
+        dispatch.BSR4_SPMV.serial(mat.indptr, mat.indices, flat, xt[:, 0].copy(), v[1])
         plain = [np.zeros((48, 5), np.float32) for _ in range(2)]
         x5 = np.ascontiguousarray(xt[:, :5])
         _numba.bsr_spmm(mat.indptr, mat.indices, mat.data, x5, plain[0])
@@ -111,7 +109,7 @@ def test_bsr4_parallel_kernels_match_serial(rng, kblk):
 
 
 def test_bsr4_k_blocked_competes_and_matches(rng, monkeypatch):
-    monkeypatch.setattr(csr, "KBLOCK", 16)  # K = 60: the K-blocked tiles compete too
+    monkeypatch.setattr(layouts, "KBLOCK", 16)  # K = 60: the K-blocked tiles compete too
     offered = []
 
     def pick(options):
@@ -120,7 +118,7 @@ def test_bsr4_k_blocked_competes_and_matches(rng, monkeypatch):
             fn()
         return "bsr4_kb"
 
-    monkeypatch.setattr(csr, "_measure", pick)
+    monkeypatch.setattr(dispatch, "choose", pick)
     w = block_weight(rng, 20, 60, 0.3)
     mat = pack_bsr(w, (4, 1))
     for batch in (70, 200):  # more than 64 columns: the next block's rows are prefetched
@@ -128,28 +126,28 @@ def test_bsr4_k_blocked_competes_and_matches(rng, monkeypatch):
         for _ in range(2):  # measured once, then the recorded choice
             np.testing.assert_allclose(bsr_matmul(mat, x), _dense(w, x), rtol=1e-5, atol=1e-4)
     assert offered == [["bsr4", "bsr4_kb"]] * 2
-    assert set(csr.kernel_choices(mat).values()) == {"bsr4_kb"}
+    assert set(dispatch.kernel_choices(mat).values()) == {"bsr4_kb"}
 
 
 def test_bsr4_with_several_threads_also_times_one_thread(rng, monkeypatch):
     # This suite's pool has one thread, so two are simulated: the choice must offer the
     # serial twin beside the pool, and the recorded pick must then compute the product.
-    monkeypatch.setattr(csr, "get_threads", lambda: 1 if threads._STATE["serial"] else 2)
+    monkeypatch.setattr(dispatch, "get_threads", lambda: 1 if threads._STATE["serial"] else 2)
     seen: list[list[str]] = []
 
     def pick(options):
         seen.append(sorted(options))
-        return "bsr4" + csr.SERIAL
+        return "bsr4" + dispatch.SERIAL
 
-    monkeypatch.setattr(csr, "_measure", pick)
+    monkeypatch.setattr(dispatch, "choose", pick)
     w = block_weight(rng, 32, 20, 0.5)
     mat = pack_bsr(w, (4, 1))
     x = rng.standard_normal((70, 20)).astype(np.float32)
     for xb in (x, x[:1]):
         bsr_matmul(mat, xb)  # first call per shape: the (spied) measurement picks
         np.testing.assert_allclose(bsr_matmul(mat, xb), _dense(w, xb), rtol=1e-5, atol=1e-4)
-    assert seen == [["bsr4", "bsr4" + csr.SERIAL]] * 2
-    assert set(csr.kernel_choices(mat)) == {("bt", 70, 2), ("b", 1, 2)}
+    assert seen == [["bsr4", "bsr4" + dispatch.SERIAL]] * 2
+    assert set(dispatch.kernel_choices(mat)) == {("bt", 70, 2), ("b", 1, 2)}
 
 
 def test_other_block_shapes_keep_the_plain_loop(rng):

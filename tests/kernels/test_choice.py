@@ -11,7 +11,7 @@ import numba
 import numpy as np
 import pytest
 
-from nbcompress.kernels import csr, csr_matmul, pack_csr, set_threads, threads
+from nbcompress.kernels import csr_matmul, dispatch, pack_csr, set_threads, threads
 from nbcompress.kernels.threads import get_threads, serial
 from tests.kernels.reference import sparse_weight
 
@@ -25,19 +25,19 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def two_threads(monkeypatch):
-    monkeypatch.setattr(csr, "get_threads", lambda: 1 if threads._STATE["serial"] else 2)
+    monkeypatch.setattr(dispatch, "get_threads", lambda: 1 if threads._STATE["serial"] else 2)
 
 
 @pytest.fixture
 def spy(monkeypatch):
     """Record the options each measurement is offered and the threads each kernel ran on."""
     seen: dict[str, list] = {"offered": [], "threads": []}
-    real_run = csr.run_kernel
+    real_run = dispatch.Kernel.run
 
-    def run(name, args, dtypes, n=None):
-        seen["threads"].append(n or csr.get_threads())
+    def run(kernel, args, dtypes=(), n=None):
+        seen["threads"].append(n or dispatch.get_threads())
         with serial():  # the process has one numba thread
-            real_run(name, args, dtypes)
+            real_run(kernel, args, dtypes)
 
     def pick(options):
         seen["offered"].append(list(options))
@@ -45,8 +45,8 @@ def spy(monkeypatch):
             fn()
         return seen["pick"] if seen.get("pick") in options else next(iter(options))
 
-    monkeypatch.setattr(csr, "run_kernel", run)
-    monkeypatch.setattr(csr, "_measure", pick)
+    monkeypatch.setattr(dispatch.Kernel, "run", run)
+    monkeypatch.setattr(dispatch, "choose", pick)
     return seen
 
 
@@ -76,7 +76,7 @@ def test_two_threads_offer_every_kernel_on_one_thread_too(rng, spy, two_threads,
     spy["pick"] = offered[-1]
     y = csr_matmul(mat, x)
     assert spy["offered"] == [offered]
-    assert csr.kernel_choices(mat) == {("v" if batch == 1 else "x", batch, 2): offered[-1]}
+    assert dispatch.kernel_choices(mat) == {("v" if batch == 1 else "x", batch, 2): offered[-1]}
     # Later calls replay the recorded serial choice: every kernel runs on one thread.
     spy["threads"].clear()
     y2 = csr_matmul(mat, x)
@@ -104,4 +104,15 @@ def test_one_thread_offers_no_twins_and_skips_measuring_a_single_kernel(rng, spy
     finally:
         set_threads(None)
     assert spy["offered"] == [["spmv", "spmv8"]]  # batch 8: one kernel, nothing to time
-    assert csr.kernel_choices(mat) == {("v", 1, 1): "spmv", ("x", 8, 1): "panels"}
+    assert dispatch.kernel_choices(mat) == {("v", 1, 1): "spmv", ("x", 8, 1): "panels"}
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 6])
+def test_the_choice_times_every_option_alike_and_runs_the_incumbent_last(count):
+    # The options share one output: the incumbent's result is what the choosing call leaves.
+    calls: list[str] = []
+    names = [f"k{i}" for i in range(count)]
+    options = {name: (lambda name=name: calls.append(name)) for name in names}
+    assert dispatch.choose(options) in names
+    assert all(calls.count(name) == 8 for name in names)  # warm-up + seven timed rounds
+    assert calls[-1] == "k0"

@@ -1,19 +1,16 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from nbcompress.kernels import (
-    _generate,
     _numba,
-    _panels,
     bsr_matmul,
     csr,
     csr_matmul,
     csr_matmul_t,
+    dispatch,
     get_threads,
     pack_bsr,
     pack_csr,
@@ -133,7 +130,7 @@ def test_parallel_variants_match_serial(rng):
     mat = pack_csr(w)
     xt = rng.standard_normal((20, 48)).astype(np.float32)
     args = (mat.indptr, mat.indices, mat.data, mat.scale, xt)
-    pack = csr._packer("pack_cols", xt, rows=20)
+    pack = csr.packer(dispatch.PACK_COLS, xt, rows=20)
     # Compiled as the wrappers compile them (SLP on): numba caches whatever compiles first.
     with _numba.slp_enabled():
         _check_parallel_variants(args, pack, w, xt)
@@ -142,7 +139,8 @@ def test_parallel_variants_match_serial(rng):
 def _check_parallel_variants(args, pack, w, xt):
     for width in (16, 8):
         outs = []
-        for kernel in (getattr(_panels, f"panel{width}"), getattr(_panels, f"panel{width}_1")):
+        panel = dispatch.PANELS[width]
+        for kernel in (panel.parallel, panel.serial):
             out = np.zeros((33, 48), dtype=np.float32)
             kernel(*args[:4], pack(0, 48 // width, width), out, 0, 48 // width, 16)
             outs.append(out)
@@ -189,8 +187,3 @@ def test_thread_count_follows_torch_unless_set():
         set_threads(None)
     with pytest.raises(ValueError, match="n: expected a positive integer"):
         set_threads(0)
-
-
-def test_generated_kernels_are_up_to_date():
-    path = Path(_generate.__file__).with_name("_panels.py")
-    assert path.read_text() == _generate.source(), "run python -m nbcompress.kernels._generate"

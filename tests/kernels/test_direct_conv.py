@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from nbcompress.kernels import csr, layouts
+from nbcompress.kernels import dispatch, get_threads, layouts
+from nbcompress.kernels.conv import channel_block
 from nbcompress.kernels.modules import SparseConv2d
 
 pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
@@ -22,11 +23,11 @@ def _pruned_conv(*args, keep: float = 0.3, **kwargs) -> nn.Conv2d:
 
 def _forced(sparse: SparseConv2d, x: torch.Tensor, choice: str) -> torch.Tensor:
     mat = sparse.matrix()
-    key = ("conv", *x.shape, csr.get_threads())
-    csr._CHOICE[mat] = {key: choice}
+    key = ("conv", *x.shape, get_threads())
+    dispatch.set_choices(mat, {key: choice})
     with torch.no_grad():
         y = sparse(x)
-    choices = csr.kernel_choices(mat)
+    choices = dispatch.kernel_choices(mat)
     assert {k: v for k, v in choices.items() if k[0] == "conv"} == {key: choice}
     assert all(k[0] in ("conv", "bt") for k in choices)  # the unfold records its product's
     return y
@@ -68,7 +69,7 @@ def offered(monkeypatch) -> list[list[str]]:
             fn()
         return next(iter(options))
 
-    monkeypatch.setattr(csr, "_measure", pick)
+    monkeypatch.setattr(dispatch, "choose", pick)
     return seen
 
 
@@ -113,7 +114,7 @@ def test_reused_buffers_keep_their_zero_border_across_calls_and_sizes():
 def test_channel_blocked_direct_matches_conv2d(kwargs):
     conv = _pruned_conv(70, 6, 3, **kwargs)  # 70 channels: blocks of 24, 23 and 23
     x = torch.randn(2, 70, 9, 70)
-    assert csr.channel_block(70, (3, 3, 1, 1, 0, 0, 1, kwargs.get("dilation", 1), 0)) < 70 * 9
+    assert channel_block(70, (3, 3, 1, 1, 0, 0, 1, kwargs.get("dilation", 1), 0)) < 70 * 9
     with torch.no_grad():
         ref = conv(x)
     blocked = _forced(SparseConv2d(conv), x, "direct_kb")
@@ -123,17 +124,17 @@ def test_channel_blocked_direct_matches_conv2d(kwargs):
 
 
 def test_channel_blocks_are_whole_channels_sized_for_l1():
-    assert csr.channel_block(128, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 26 * 9  # 5 equal blocks
-    assert csr.channel_block(8, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 8 * 9  # one block
-    assert csr.channel_block(64, (1, 1, 1, 1, 0, 0, 1, 1, 56)) == 64  # 1×1: 96 per block
+    assert channel_block(128, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 26 * 9  # 5 equal blocks
+    assert channel_block(8, (3, 3, 1, 1, 1, 1, 1, 1, 56)) == 8 * 9  # one block
+    assert channel_block(64, (1, 1, 1, 1, 0, 0, 1, 1, 56)) == 64  # 1×1: 96 per block
     mat = SparseConv2d(_pruned_conv(70, 6, 3, padding=1)).matrix()
     layouts.block_rows(mat, 24 * 9)
     layouts.tap_offsets(mat, (3, 3), (1, 1), (11, 72), 24 * 9)
-    csr._CHOICE[mat] = {("conv", 1, 70, 9, 70, 1): "direct_kb"}
-    csr._release_unused(mat)
+    dispatch.set_choices(mat, {("conv", 1, 70, 9, 70, 1): "direct_kb"})
+    dispatch.release_unused(mat)
     assert {k[0] for k in layouts._CACHE[mat]} == {"k", "taps"}
-    csr._CHOICE[mat] = {("conv", 1, 70, 9, 70, 1): "panels"}
-    csr._release_unused(mat)
+    dispatch.set_choices(mat, {("conv", 1, 70, 9, 70, 1): "panels"})
+    dispatch.release_unused(mat)
     assert not layouts._CACHE[mat]
 
 
@@ -182,6 +183,6 @@ def test_block_sparse_channel_blocked_direct_matches_conv2d():
     x = torch.randn(2, 70, 9, 9)
     with torch.no_grad():
         ref = conv(x)
-    assert csr.channel_block(70, (3, 3, 1, 1, 1, 1, 1, 1, 9)) < 70 * 9
+    assert channel_block(70, (3, 3, 1, 1, 1, 1, 1, 1, 9)) < 70 * 9
     blocked = _forced(SparseConv2d(conv, format="bsr"), x, "direct_kb")
     torch.testing.assert_close(blocked, ref, rtol=1e-5, atol=1e-4)

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from nbcompress.kernels import _numba, _panels, csr, csr_matmul, layouts, pack_csr, set_threads
+from nbcompress.kernels import (
+    _numba,
+    csr_matmul,
+    dispatch,
+    get_threads,
+    layouts,
+    pack_csr,
+    set_threads,
+)
 from nbcompress.kernels.layouts import PAD, pad_rows
 from tests.kernels.reference import csr_product, sparse_weight
 
@@ -19,9 +27,9 @@ def rng() -> np.random.Generator:
 
 
 def _forced(mat, x: np.ndarray, choice: str) -> np.ndarray:
-    csr._CHOICE[mat] = {("v", 1, csr.get_threads()): choice}
+    dispatch.set_choices(mat, {("v", 1, get_threads()): choice})
     y = csr_matmul(mat, x)
-    assert csr.kernel_choices(mat) == {("v", 1, csr.get_threads()): choice}
+    assert dispatch.kernel_choices(mat) == {("v", 1, get_threads()): choice}
     return y
 
 
@@ -73,7 +81,7 @@ def test_parallel_spmv8_matches_serial(rng):
     x = rng.standard_normal(30).astype(np.float32)
     outs = []
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
-        for kernel in (_panels.csr_spmv8, _panels.csr_spmv8_1):
+        for kernel in (dispatch.SPMV8.parallel, dispatch.SPMV8.serial):
             out = np.full(45, np.nan, dtype=np.float32)
             kernel(*pad_rows(mat), mat.scale, x, out)
             outs.append(out)
@@ -85,8 +93,8 @@ def test_batch_one_choice_is_measured_once(rng):
     mat = pack_csr(sparse_weight(rng, 20, 30, 0.3))
     x = rng.standard_normal((1, 30)).astype(np.float32)
     y = csr_matmul(mat, x)
-    ((key, choice),) = csr.kernel_choices(mat).items()
-    assert key == ("v", 1, csr.get_threads()) and choice in {"spmv", "spmv8"}
+    ((key, choice),) = dispatch.kernel_choices(mat).items()
+    assert key == ("v", 1, get_threads()) and choice in {"spmv", "spmv8"}
     np.testing.assert_array_equal(csr_matmul(mat, x), y)
 
 
@@ -107,10 +115,10 @@ def test_a_layout_that_lost_the_choice_is_released(rng, choice):
     mat = pack_csr(sparse_weight(rng, 20, 600, 0.3))
     pad_rows(mat)
     layouts.block_rows(mat, 256)
-    csr._CHOICE[mat] = {("v", 1, 1): choice, ("x", 64, 1): "tiles"}
-    csr._release_unused(mat)
+    dispatch.set_choices(mat, {("v", 1, 1): choice, ("x", 64, 1): "tiles"})
+    dispatch.release_unused(mat)
     assert set(layouts._CACHE[mat]) == ({"pad"} if choice == "spmv8" else set())
-    csr._CHOICE[mat][("x", 64, 1)] = "kblocks"
-    layouts.block_rows(mat, csr.kblock(600))
-    csr._release_unused(mat)
-    assert ("k", csr.kblock(600)) in layouts._CACHE[mat]
+    dispatch.set_choices(mat, dispatch.kernel_choices(mat) | {("x", 64, 1): "kblocks"})
+    layouts.block_rows(mat, layouts.kblock(600))
+    dispatch.release_unused(mat)
+    assert ("k", layouts.kblock(600)) in layouts._CACHE[mat]

@@ -9,7 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from nbcompress.kernels import _numba, _panels, csr, csr_matmul, csr_matmul_t, pack_csr
+from nbcompress.kernels import (
+    _generated_kernels,
+    _numba,
+    csr,
+    csr_matmul,
+    csr_matmul_t,
+    dispatch,
+    layouts,
+    pack_csr,
+)
 from nbcompress.kernels.layouts import block_rows
 from nbcompress.kernels.modules import SparseConv2d
 from tests.kernels.reference import csr_product, sparse_weight
@@ -24,7 +33,7 @@ def rng() -> np.random.Generator:
 
 def _tiles(mat, xt: np.ndarray, kblk: int | None = None) -> np.ndarray:
     out = np.full((mat.shape[0], xt.shape[1]), np.nan, dtype=np.float32)
-    csr._tiles(mat, np.ascontiguousarray(xt), out, kblk)
+    csr.run_tiles(mat, np.ascontiguousarray(xt), out, kblk)
     return out
 
 
@@ -99,7 +108,7 @@ def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng, kblk):
     w[:10] = rng.standard_normal((10, 30))  # dense rows: blocks by nonzeros, not by rows
     mat = pack_csr(w)
     xt = rng.standard_normal((30, 128)).astype(np.float32)
-    bounds = csr._row_bounds(mat.indptr, 4)
+    bounds = dispatch.row_bounds(mat.indptr, 4)
     assert bounds[0] == 0 and bounds[-1] == 45 and np.all(np.diff(bounds) > 0)
     per_block = np.diff(mat.indptr[bounds])
     assert per_block.max() <= mat.nnz / 4 + np.diff(mat.indptr).max()
@@ -108,7 +117,12 @@ def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng, kblk):
     indptr, indices, data, nkb = block_rows(mat, kblk)
     args = (indptr, indices, data, mat.scale, xt.reshape(-1), 128, 128)
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
-        for kernel, b in ((_panels.tile64, bounds), (_panels.tile64_1, bounds[[0, -1]])):
+        tile64 = dispatch.TILE64
+        assert (tile64.parallel, tile64.serial) == (
+            _generated_kernels.tile64,
+            _generated_kernels.tile64_1,
+        )
+        for kernel, b in ((tile64.parallel, bounds), (tile64.serial, bounds[[0, -1]])):
             out = np.zeros((45, 128), dtype=np.float32)
             kernel(*args, out.reshape(-1), 0, 2, b, nkb, kblk if nkb > 1 else 0)
             outs.append(out)
@@ -117,7 +131,7 @@ def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng, kblk):
 
 
 def test_public_products_choose_once_and_stay_correct(rng, monkeypatch):
-    monkeypatch.setattr(csr, "KBLOCK", 16)  # K = 60: the K-blocked tiles compete too
+    monkeypatch.setattr(layouts, "KBLOCK", 16)  # K = 60: the K-blocked tiles compete too
     w = sparse_weight(rng, 40, 60, 0.2)
     mat = pack_csr(w)
     big = rng.standard_normal((60, 150)).astype(np.float32)
@@ -127,21 +141,21 @@ def test_public_products_choose_once_and_stay_correct(rng, monkeypatch):
     for _ in range(2):  # first call measures both kernels, the second reuses the choice
         np.testing.assert_allclose(csr_matmul(mat, x), want, rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(csr_matmul_t(mat, big), _reference(mat, big), atol=1e-4)
-    choices = csr.kernel_choices(mat)
+    choices = dispatch.kernel_choices(mat)
     assert set(choices) == {("x", 75, 1), ("t", 150, 1)}
     assert set(choices.values()) <= {"panels", "tiles", "kblocks"}
-    assert csr.kernel_choices(pack_csr(w)) == {}  # per weight, not global
+    assert dispatch.kernel_choices(pack_csr(w)) == {}  # per weight, not global
 
 
 def test_a_recorded_choice_is_the_only_kernel_run(rng):
     mat = pack_csr(sparse_weight(rng, 8, 8, 0.5))
     calls: list[str] = []
     options = {"panels": lambda: calls.append("panels"), "tiles": lambda: calls.append("tiles")}
-    csr.fastest(mat, ("t", 64), options)
+    dispatch.fastest(mat, ("t", 64), options)
     assert calls.count("panels") == calls.count("tiles") == 8  # warm-up + seven timed rounds
-    chosen = csr.kernel_choices(mat)[("t", 64, 1)]
+    chosen = dispatch.kernel_choices(mat)[("t", 64, 1)]
     calls.clear()
-    csr.fastest(mat, ("t", 64), options)
+    dispatch.fastest(mat, ("t", 64), options)
     assert calls == [chosen]
 
 
@@ -149,23 +163,23 @@ def test_a_recorded_choice_is_the_only_kernel_run(rng):
 def test_the_clearly_faster_option_is_chosen(rng, slow):
     mat = pack_csr(sparse_weight(rng, 8, 8, 0.5))
     nap = lambda: time.sleep(0.002)  # noqa: E731 - ~1000× a no-op, far beyond any noise
-    csr.fastest(mat, ("x", 64), {"panels": lambda: None, "tiles": lambda: None} | {slow: nap})
-    assert csr.kernel_choices(mat) == {("x", 64, 1): "tiles" if slow == "panels" else "panels"}
+    dispatch.fastest(mat, ("x", 64), {"panels": lambda: None, "tiles": lambda: None} | {slow: nap})
+    assert dispatch.kernel_choices(mat) == {("x", 64, 1): "tiles" if slow == "panels" else "panels"}
 
 
 @pytest.mark.parametrize("choice", ["panels", "tiles", "kblocks"])
 def test_sparse_conv_matches_dense_with_each_kernel(rng, choice, monkeypatch):
-    monkeypatch.setattr(csr, "KBLOCK", 16)  # K = 54 input rows: four blocks
+    monkeypatch.setattr(layouts, "KBLOCK", 16)  # K = 54 input rows: four blocks
     conv = nn.Conv2d(6, 10, 3, stride=1, padding=1, dilation=1, bias=True)
     with torch.no_grad():
         conv.weight[torch.rand_like(conv.weight) < 0.7] = 0
     x = torch.randn(2, 6, 9, 9)  # 81 output columns: one tile + a 16-panel + leftovers
     sparse = SparseConv2d(conv)
-    csr._CHOICE[sparse.matrix()] = {("conv", 2, 6, 9, 9, 1): choice}
+    dispatch.set_choices(sparse.matrix(), {("conv", 2, 6, 9, 9, 1): choice})
     with torch.no_grad():
         want = conv(x)
         got = sparse(x)
-    assert csr.kernel_choices(sparse.matrix()) == {("conv", 2, 6, 9, 9, 1): choice}
+    assert dispatch.kernel_choices(sparse.matrix()) == {("conv", 2, 6, 9, 9, 1): choice}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -1,0 +1,178 @@
+"""Sparse convolution of N images, CSR or 4 × 1 block-sparse, by the fastest of its kernels.
+
+Every convolution can run as GEMM over the unfolded input (C·kh·kw × Ho·Wo): a CSR weight
+unfolds straight into the packed column panels or, image by image, into a matrix the
+tiles read in place; a block-sparse weight multiplies each unfolded image. A stride-1
+convolution can also run directly on the zero-padded image, each nonzero a tap offset
+(see :mod:`nbcompress.kernels.layouts`): one tile kernel call per image, no unfold, and
+over blocks of whole channels (``direct_kb``) when a tile's windows outgrow L1. Which
+runs is measured on first use per input shape (:func:`~.dispatch.fastest`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from nbcompress.kernels.bsr import BSR_PANEL, bsr_matmul_t_unchecked
+from nbcompress.kernels.csr import packer, panels_then_rest, run_tiles, tile_kinds
+from nbcompress.kernels.dispatch import (
+    BSR4_TILES,
+    PACK_IM2COL,
+    TILE,
+    TILE64,
+    balanced_rows,
+    fastest,
+)
+from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
+from nbcompress.kernels.layouts import block_rows, scratch, tap_offsets
+
+__all__ = ["bsr_conv_unchecked", "channel_block", "conv_unchecked", "over_padded_images"]
+
+Geometry = tuple[int, ...]  # kh, kw, sh, sw, ph, pw, dh, dw, wo
+#: Columns per tile of the block-sparse direct convolution (the widest 4 × 1 tile kernel).
+BSR_DIRECT_WIDTH = next(iter(BSR4_TILES))
+
+
+def conv_unchecked(
+    mat: CSRMatrix, images: np.ndarray, geom: Geometry, out: np.ndarray, unfold: Callable
+) -> None:
+    """Sparse conv of N images (N × C × H × W) into ``out`` (N × M × Ho·Wo).
+
+    The kernels compete (see the module docstring): unfolding straight into packed
+    panels, each image unfolded (C·kh·kw × Ho·Wo) and read in place by the tiles, or
+    (stride 1) the direct convolution.
+
+    Args:
+        mat: The packed (out × C·kh·kw) weight.
+        images: C-contiguous float32 images.
+        geom: ``(kh, kw, sh, sw, ph, pw, dh, dw, wo)``.
+        out: C-contiguous float32 result.
+        unfold: ``unfold(i)`` returns image i unfolded (C·kh·kw × Ho·Wo, C-contiguous);
+            called only for the tiles, one image at a time so that a large batch is never
+            unfolded whole (the unfold is kh·kw times the input).
+    """
+    geom = tuple(int(g) for g in geom)
+
+    def panels() -> None:
+        for img, o in zip(images, out, strict=True):
+            panels_then_rest(mat, packer(PACK_IM2COL, img, geom, rows=mat.shape[1]), o)
+
+    def tiles(kblk: int | None) -> None:
+        for i, o in enumerate(out):
+            run_tiles(mat, unfold(i), o, kblk)
+
+    options: dict[str, Callable[[], object]] = {"panels": panels}
+    if out.shape[2] >= TILE:
+        options |= {name: (lambda k=kblk: tiles(k)) for name, kblk in tile_kinds(mat).items()}
+    fastest(mat, ("conv", *images.shape), options | _direct_options(mat, images, geom, out))
+
+
+def bsr_conv_unchecked(
+    mat: BSRMatrix, images: np.ndarray, geom: Geometry, out: np.ndarray, unfold: Callable
+) -> None:
+    """Block-sparse conv of N images into ``out``; arguments as :func:`conv_unchecked`.
+
+    Each image unfolded and multiplied, or (4 × 1 blocks, stride 1) the direct
+    convolution on the zero-padded image, whichever measured faster.
+    """
+    geom = tuple(int(g) for g in geom)
+
+    def unfolded() -> None:
+        for i, o in enumerate(out):
+            bsr_matmul_t_unchecked(mat, unfold(i), o)
+
+    options: dict[str, Callable[[], object]] = {"unfold": unfolded}
+    if mat.block == (4, 1):
+        options |= _direct_options(mat, images, geom, out)
+    fastest(mat, ("conv", *images.shape), options)
+
+
+def _direct_options(
+    mat: CSRMatrix | BSRMatrix, images: np.ndarray, geom: Geometry, out: np.ndarray
+) -> dict[str, Callable[[], object]]:
+    # The direct convolution needs stride 1: the tap offsets are then constant.
+    if geom[2] != 1 or geom[3] != 1:
+        return {}
+    options: dict[str, Callable[[], object]] = {
+        "direct": lambda: _direct_conv(mat, images, geom, out)
+    }
+    kblk = channel_block(images.shape[1], geom)
+    if kblk < mat.shape[1]:
+        options["direct_kb"] = lambda: _direct_conv(mat, images, geom, out, kblk)
+    return options
+
+
+def channel_block(channels: int, geom: Geometry) -> int:
+    """Weight columns per block of whole channels for the channel-blocked direct conv."""
+    # Whole channels per block such that one 64-pixel tile's windows of a block (kh rows
+    # of 64 + (kw − 1)·dw floats per channel) fit ~24 KB of L1: 128 → 256 at 3 × 3 ran
+    # its kernel 1.4× faster in blocks of 16–32 channels than unblocked, 8 was slower.
+    kh, kw, dw = geom[0], geom[1], geom[7]
+    per = max(1, 24576 // (kh * (TILE + (kw - 1) * dw) * 4))
+    nblk = -(-channels // per)
+    return -(-channels // nblk) * kh * kw
+
+
+def _direct_conv(
+    mat: CSRMatrix | BSRMatrix,
+    images: np.ndarray,
+    geom: Geometry,
+    out: np.ndarray,
+    kblk: int | None = None,
+) -> None:
+    # A tile kernel over each zero-padded image, tap offsets as row indices, row stride 1
+    # (see layouts.py): tile64 for CSR, the 4 × 1 block tiles for BSR. With ``kblk``, over
+    # blocks of whole channels (partial sums wait in the output). No prefetch: successive
+    # tiles read neighbouring lines of each image row, which the hardware prefetchers
+    # follow.
+    indptr, _, data, nkb = block_rows(mat, kblk or max(1, mat.shape[1]))
+    if isinstance(mat, CSRMatrix):
+        kernel, width, dtype = TILE64, TILE, mat.data.dtype.char
+        weight: tuple = (data, mat.scale)
+        tail: tuple = (nkb, 0)
+    else:
+        kernel, width, dtype = BSR4_TILES[BSR_DIRECT_WIDTH], BSR_DIRECT_WIDTH, "bsr"
+        weight, tail = (data.reshape(-1),), (BSR_PANEL, nkb, 0)
+
+    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
+        args = (indptr, offs, *weight, padded, 1, ntile * width, flat, 0, ntile, bounds)
+        kernel.run((*args, *tail), (dtype, offs.dtype.char))
+
+    over_padded_images(mat, images, geom, out, width, kblk, run)
+
+
+def over_padded_images(
+    mat: CSRMatrix | BSRMatrix,
+    images: np.ndarray,
+    geom: Geometry,
+    out: np.ndarray,
+    width: int,
+    kblk: int | None,
+    run: Callable[..., None],
+) -> None:
+    """Zero-pad each image into a cached buffer, ``run`` a direct-conv kernel, crop.
+
+    Output rows are numbered with the padded width (``layouts.py``), in tiles of ``width``
+    columns; ``run(offsets, padded, out_flat, ntile, bounds)`` computes them.
+    """
+    kh, kw, _, _, ph, pw, dh, dw, wo = geom
+    c, h, w = images.shape[1:]
+    # Padded width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
+    # with rows of 58 floats than with 60 (or 62–96) here, the extra columns are zeros.
+    hp, wp = h + 2 * ph, -(-(w + 2 * pw) // 4) * 4
+    ho = hp - dh * (kh - 1)
+    length = ho * wp
+    ntile = -(-length // width)
+    offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp), kblk)
+    # The last tile reads up to ntile·width − length + (kw − 1)·dw floats past the image.
+    # Cached: only the interior is written below, so the zero border stays zero.
+    padded = scratch(mat, "image", c * hp * wp + ntile * width - length + (kw - 1) * dw)
+    plane = padded[: c * hp * wp].reshape(c, hp, wp)
+    flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
+    bounds = balanced_rows(mat)
+    for img, o in zip(images, out, strict=True):
+        plane[:, ph : ph + h, pw : pw + w] = img
+        run(offs, padded, flat.reshape(-1), ntile, bounds)
+        o.reshape(-1, ho, wo)[:] = flat[:, :length].reshape(-1, ho, wp)[:, :, :wo]

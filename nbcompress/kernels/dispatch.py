@@ -1,0 +1,392 @@
+"""The kernel registry, the measured kernel choice and the input checks of the products.
+
+The jitted bodies (``_generated_kernels.py``, ``_numba.py``) trust their arguments; the
+public products (:mod:`~nbcompress.kernels.csr`, :mod:`~nbcompress.kernels.bsr`,
+:mod:`~nbcompress.kernels.conv`) check shape, dtype and contiguity with the functions
+here, then run registered kernels.
+
+Registry. Each kernel is a :class:`Kernel` built once, below, from explicit references to
+the jitted functions and their serial twins, so a missing kernel fails at import. With
+more than one thread a kernel runs its ``parallel=True`` build, with one thread its
+serial twin (no thread-pool launch).
+
+Choice. Several kernels compute each product; which is faster depends on the shape, the
+density, the caches and the load, so the first call per (weight, shape, threads) times
+the candidates with :func:`nbcompress.timing.race` and keeps the fastest
+(:func:`fastest`). With more than one thread each candidate also runs on one thread (its
+serial twin), since waking the pool can cost more than the second core saves.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from nbcompress.kernels import _generated_kernels as gen
+from nbcompress.kernels import _numba
+from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, describe
+from nbcompress.kernels.layouts import kblock, release
+from nbcompress.kernels.threads import get_threads, serial
+from nbcompress.timing import Race, race
+
+__all__ = [
+    "BSR4_SPMV",
+    "BSR4_TILES",
+    "BSR_SPMM",
+    "CSR_COLS",
+    "KERNELS",
+    "KERNEL_MARGIN",
+    "PACK_COLS",
+    "PACK_IM2COL",
+    "PACK_ROWS",
+    "PANELS",
+    "SERIAL",
+    "SPMV",
+    "SPMV8",
+    "TILE",
+    "TILE64",
+    "TRANSPOSE",
+    "Kernel",
+    "as_float32",
+    "balanced_rows",
+    "check_cols",
+    "check_matrix",
+    "checked_input",
+    "choose",
+    "fastest",
+    "kernel_choices",
+    "recorded_choice",
+    "recorded_run",
+    "release_unused",
+    "row_blocks",
+    "row_bounds",
+    "set_choices",
+]
+
+Matrix = CSRMatrix | BSRMatrix
+Options = dict[str, Callable[[], object]]
+#: Columns per ``tile64`` call unit.
+TILE = gen.TILE
+#: Suffix of a recorded kernel choice that runs on one thread (its serial twin).
+SERIAL = " ×1"
+
+_COMPILED: set[tuple] = set()
+#: Depth of kernel choices being made right now (one may run another's options).
+_MEASURING = [0]
+_CHOICE: weakref.WeakKeyDictionary[Matrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
+_BOUNDS: weakref.WeakKeyDictionary[Matrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True, eq=False)
+class Kernel:
+    """A jitted kernel on raw arrays and its serial twin.
+
+    Attributes:
+        name: Name in :data:`KERNELS` and in the compile-time warning.
+        parallel: The build for more than one thread (``parallel=True``).
+        serial: The build for one thread; the same function for kernels that are serial
+            anyway (the memory-bound packing copies).
+    """
+
+    name: str
+    parallel: Callable[..., None]
+    serial: Callable[..., None]
+
+    def run(self, args: tuple, dtypes: tuple = (), n: int | None = None) -> None:
+        """Run on raw ``args``: the serial twin on one thread, else on the pool.
+
+        Args:
+            args: The kernel's arguments, unchecked.
+            dtypes: What distinguishes one compiled signature from another (for the
+                one-time note about compilation).
+            n: The thread count, if the caller has it already.
+        """
+        # Kept lean: small layers are dominated by per-call overhead (numba's own thread
+        # count is only read when the pool is used). The first call per signature compiles
+        # (with SLP vectorization on, which only matters then) or loads from disk, and says
+        # once what that cost.
+        n = n or get_threads()
+        parallel = n > 1
+        if parallel and numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        kernel = self.parallel if parallel else self.serial
+        key = (self.name, parallel, *dtypes)
+        if key in _COMPILED:
+            kernel(*args)
+            return
+        start = time.perf_counter()
+        with _numba.slp_enabled():
+            kernel(*args)
+        _COMPILED.add(key)
+        took = time.perf_counter() - start
+        if took > 1.0:
+            warnings.warn(
+                f"nbcompress: sparse kernel {self.name} took {took:.1f} s to compile or load "
+                "from numba's disk cache (once per session; later calls are fast).",
+                stacklevel=3,
+            )
+
+
+def _copy(name: str, kernel: Callable[..., None]) -> Kernel:
+    # A serial copy kernel: memory-bound, so it has no pool variant.
+    return Kernel(name, kernel, kernel)
+
+
+SPMV = Kernel("csr_spmv", gen.csr_spmv, gen.csr_spmv_1)
+SPMV8 = Kernel("csr_spmv8", gen.csr_spmv8, gen.csr_spmv8_1)
+CSR_COLS = Kernel("csr_cols", gen.csr_cols, gen.csr_cols_1)
+#: The panel kernels by width in columns, widest first.
+PANELS = {
+    16: Kernel("panel16", gen.panel16, gen.panel16_1),
+    8: Kernel("panel8", gen.panel8, gen.panel8_1),
+}
+TILE64 = Kernel("tile64", gen.tile64, gen.tile64_1)
+BSR4_SPMV = Kernel("bsr4_spmv", gen.bsr4_spmv, gen.bsr4_spmv_1)
+#: The 4 × 1 block tile kernels by width in columns, widest first.
+BSR4_TILES = {
+    16: Kernel("bsr4_tile16", gen.bsr4_tile16, gen.bsr4_tile16_1),
+    8: Kernel("bsr4_tile8", gen.bsr4_tile8, gen.bsr4_tile8_1),
+}
+BSR_SPMM = Kernel("bsr_spmm", _numba.bsr_spmm, _numba.bsr_spmm_1)
+PACK_COLS = _copy("pack_cols", _numba.pack_cols)
+PACK_ROWS = _copy("pack_rows", _numba.pack_rows)
+PACK_IM2COL = _copy("pack_im2col", _numba.pack_im2col)
+TRANSPOSE = _copy("transpose", _numba.transpose)
+
+#: Every kernel by name.
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (SPMV, SPMV8, CSR_COLS, *PANELS.values(), TILE64, BSR4_SPMV, *BSR4_TILES.values())
+    + (BSR_SPMM, PACK_COLS, PACK_ROWS, PACK_IM2COL, TRANSPOSE)
+}
+if tuple(PANELS) != gen.PANEL_WIDTHS or tuple(BSR4_TILES) != gen.BSR_WIDTHS:
+    raise ImportError("nbcompress.kernels: the registry's widths differ from the generated ones.")
+
+
+def as_float32(x: torch.Tensor | np.ndarray, ndim: tuple[int, ...], arg: str) -> np.ndarray:
+    """``x`` as a float32 numpy array of one of the ``ndim`` ranks; named errors otherwise."""
+    if isinstance(x, torch.Tensor):
+        if x.requires_grad:
+            raise RuntimeError(
+                f"{arg}: requires grad, but the sparse kernels are inference-only. Run under "
+                "torch.no_grad() / torch.inference_mode(), or undo the sparsification to train."
+            )
+        if x.device.type != "cpu":
+            raise ValueError(f"{arg}: the sparse kernels run on CPU; got a {x.device} tensor.")
+        x = x.numpy()  # requires_grad is False here, so no detach() (~1 µs per call)
+    if not isinstance(x, np.ndarray) or x.ndim not in ndim or x.dtype != np.float32:
+        raise TypeError(f"{arg}: expected a float32 array with {ndim} dims, got {describe(x)}.")
+    return x
+
+
+def check_matrix(mat: object, kind: type[CSRMatrix] | type[BSRMatrix]) -> None:
+    """Raise a TypeError naming ``mat`` unless it is a ``kind``, and where the other goes."""
+    if not isinstance(mat, kind):
+        csr = kind is CSRMatrix
+        packer, other = ("pack_csr", "bsr_matmul") if csr else ("pack_bsr", "csr_matmul")
+        raise TypeError(
+            f"mat: expected a {kind.__name__} (from {packer}), got {type(mat).__name__}; "
+            f"a {'BSRMatrix' if csr else 'CSRMatrix'} goes to {other}."
+        )
+
+
+def check_cols(mat: Matrix, k: int, arg: str) -> None:
+    """Raise a ValueError naming ``arg`` unless it has ``mat``'s number of input features."""
+    if k != mat.shape[1]:
+        raise ValueError(
+            f"{arg}: has {k} input features but the sparse weight expects {mat.shape[1]} "
+            f"(weight shape {mat.shape})."
+        )
+
+
+def checked_input(
+    mat: object,
+    kind: type[CSRMatrix] | type[BSRMatrix],
+    x: torch.Tensor | np.ndarray,
+    arg: str,
+    ndim: tuple[int, ...] = (1, 2),
+    axis: int = -1,
+) -> np.ndarray:
+    """``x`` as float32 numpy after checking ``mat`` (a ``kind``) and ``x`` (its features).
+
+    Args:
+        mat: The packed weight.
+        kind: The format the product takes.
+        x: The input.
+        arg: ``x``'s name in error messages.
+        ndim: Accepted ranks of ``x``.
+        axis: ``x``'s axis of input features.
+    """
+    check_matrix(mat, kind)
+    x = as_float32(x, ndim, arg)
+    check_cols(mat, x.shape[axis], arg)
+    return x
+
+
+#: A candidate replaces the incumbent (the first option: the panels, the plain SpMV, the
+#: unblocked tiles) only when its median paired time is at most 95% of the incumbent's.
+#: A near tie is left to the incumbent so that noise of a few percent between seven
+#: rounds does not flip the choice from run to run, and a kernel that needs a derived
+#: layout (padded rows, input-row blocks: a copy of the weight each) is kept only for a
+#: clear gain.
+KERNEL_MARGIN = 0.05
+_ROUNDS = 7
+
+
+def choose(options: Options) -> str:
+    """The name of the option to keep: the fastest if it beats the first by the margin.
+
+    The options share one output, and the call that chooses returns whatever ran last;
+    the incumbent runs last (as before ``timing.race``), so that call's result is bit for
+    bit what later calls return whenever the incumbent is kept (kernels round
+    differently).
+    """
+    # The one race rule of nbcompress.timing: each option once untimed (compile or load,
+    # warm the caches), then seven rounds judged by the median per-round ratio to the
+    # incumbent. race rotates the order every round (the measurement before timing.race
+    # alternated it forward and backward): both give each option a mix of positions.
+    # Choices nest, each settled in the warm-up call of the race around it: the block-
+    # sparse conv's "unfold" option runs a product that makes its own choice (so the
+    # outer rounds time the inner winner), and sparsify_'s race in the engine times whole
+    # modules whose first call makes their kernel choices here (before it times them).
+    names = list(options)
+    # race() starts round i with its candidate i mod n: put the incumbent where the last
+    # round ends, then judge every option against the incumbent again (the per-round
+    # ratios divided by the incumbent's). Until race() can run the incumbent last itself.
+    shift = (_ROUNDS - 2) % len(names)
+    order = names[-shift:] + names[:-shift] if shift else names
+    timed = race({n: options[n] for n in order}, rounds=_ROUNDS, warmup=1, min_sample=0.0)
+    base = timed.ratios[names[0]]
+    ratios = {n: tuple(r / max(b, 1e-300) for r, b in zip(timed.ratios[n], base, strict=True))
+              for n in names}  # fmt: skip
+    return Race(tuple(names), timed.times, ratios).winner(KERNEL_MARGIN)
+
+
+def fastest(mat: Matrix, key: tuple, options: Options) -> None:
+    """Run the option measured fastest for ``(mat, key, threads)``, measuring on first use.
+
+    With more than one thread each option's serial twin competes too (named with the
+    suffix :data:`SERIAL`): waking the worker pool can cost more than the second core
+    saves (at batch 1 it doubled the time here). A single option is run, not timed.
+    """
+    chosen = _CHOICE.setdefault(mat, {})
+    key = (*key, get_threads())
+    name = chosen.get(key)
+    if name is not None:
+        _call(options, name)
+        return
+    if key[-1] > 1:
+        options = {**options, **{n + SERIAL: _on_one_thread(run) for n, run in options.items()}}
+    _MEASURING[0] += 1
+    try:
+        if len(options) == 1:
+            name = next(iter(options))
+            options[name]()
+        else:
+            name = choose(options)
+    finally:
+        _MEASURING[0] -= 1
+    chosen[key] = name
+    if not _MEASURING[0]:  # an inner choice (the conv's unfold product) must not drop the
+        release_unused(mat)  # layouts the outer options still being timed built
+
+
+def _call(options: Options, name: str) -> None:
+    if name.endswith(SERIAL):
+        with serial():
+            options[name.removesuffix(SERIAL)]()
+    else:
+        options[name]()
+
+
+def _on_one_thread(run: Callable[[], object]) -> Callable[[], None]:
+    def one() -> None:
+        with serial():
+            run()
+
+    return one
+
+
+def release_unused(mat: Matrix) -> None:
+    """Drop the derived layouts (``layouts.py``) that no recorded choice for ``mat`` runs on."""
+    used = {n.removesuffix(SERIAL) for n in _CHOICE.get(mat, {}).values()}
+    keep: set = {"pad"} if "spmv8" in used else set()
+    if used & {"kblocks", "bsr4_kb"}:
+        keep.add(("k", kblock(mat.shape[1])))
+    if "direct" in used:
+        keep.add("taps")
+    if "direct_kb" in used:
+        keep |= {"taps", "blocks"}
+    release(mat, keep)
+
+
+def recorded_choice(mat: Matrix, key: tuple, threads: int) -> str | None:
+    """The kernel :func:`fastest` recorded for ``(mat, key)`` at ``threads``, if any.
+
+    For batch-1 hot paths: looking it up directly skips building the option callables
+    that a call through :func:`fastest` needs (14 instead of 6 µs on a tiny layer).
+    """
+    return _CHOICE.get(mat, {}).get((*key, threads))
+
+
+def recorded_run(mat: Matrix, key: tuple) -> tuple[str, int] | None:
+    """The recorded option for ``(mat, key)`` at today's thread count, and its threads.
+
+    Returns:
+        ``(option name without the serial suffix, threads to run it on)``, or ``None``
+        before the first choice.
+    """
+    n = get_threads()
+    choice = recorded_choice(mat, key, n)
+    if choice is None:
+        return None
+    if choice.endswith(SERIAL):
+        return choice.removesuffix(SERIAL), 1
+    return choice, n
+
+
+def kernel_choices(mat: Matrix) -> dict[tuple, str]:
+    """Kernels chosen so far for ``mat``: ``(kind, columns, threads) -> name``."""
+    return dict(_CHOICE.get(mat, {}))
+
+
+def set_choices(mat: Matrix, choices: dict[tuple, str]) -> None:
+    """Replace the recorded choices for ``mat``, e.g. to time or test one kernel alone.
+
+    Args:
+        mat: The packed weight.
+        choices: ``(kind, *shape, threads) -> option name``, as :func:`kernel_choices`.
+    """
+    _CHOICE[mat] = dict(choices)
+
+
+def row_blocks(mat: Matrix, parts: int) -> np.ndarray:
+    """Row bounds splitting ``mat`` into ``parts`` of about equal nonzeros (cached)."""
+    # Cached per weight: computing them (~60 µs) was 5% of a batch-64 product.
+    cached = _BOUNDS.setdefault(mat, {})
+    if parts not in cached:
+        cached[parts] = row_bounds(mat.indptr, parts)
+    return cached[parts]
+
+
+def balanced_rows(mat: Matrix) -> np.ndarray:
+    """:func:`row_blocks` for the tile kernels: one block, or four per thread."""
+    threads = get_threads()
+    return row_blocks(mat, 1 if threads == 1 else 4 * threads)
+
+
+def row_bounds(indptr: np.ndarray, parts: int) -> np.ndarray:
+    """Row bounds (from 0 to the row count) of blocks holding about equal nonzeros.
+
+    Equal nonzeros, not equal rows, so that threads given one block each finish together.
+    """
+    m = indptr.shape[0] - 1
+    cuts = np.searchsorted(indptr, np.linspace(0, indptr[-1], parts + 1)[1:-1])
+    return np.unique(np.concatenate(([0], np.clip(cuts, 0, m), [m]))).astype(np.int64)
