@@ -34,7 +34,7 @@ from nbcompress.kernels import _numba
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, describe
 from nbcompress.kernels.layouts import kblock, release
 from nbcompress.kernels.threads import get_threads, serial
-from nbcompress.timing import Race, race
+from nbcompress.timing import race
 
 __all__ = [
     "BSR4_SPMV",
@@ -241,32 +241,16 @@ _ROUNDS = 7
 
 
 def choose(options: Options) -> str:
-    """The name of the option to keep: the fastest if it beats the first by the margin.
-
-    The options share one output, and the call that chooses returns whatever ran last;
-    the incumbent runs last (as before ``timing.race``), so that call's result is bit for
-    bit what later calls return whenever the incumbent is kept (kernels round
-    differently).
-    """
+    """The name of the option to keep: the fastest if it beats the first by the margin."""
     # The one race rule of nbcompress.timing: each option once untimed (compile or load,
     # warm the caches), then seven rounds judged by the median per-round ratio to the
-    # incumbent. race rotates the order every round (the measurement before timing.race
-    # alternated it forward and backward): both give each option a mix of positions.
+    # incumbent (race rotates the order every round; the measurement before timing.race
+    # alternated it forward and backward: both give each option a mix of positions).
     # Choices nest, each settled in the warm-up call of the race around it: the block-
     # sparse conv's "unfold" option runs a product that makes its own choice (so the
     # outer rounds time the inner winner), and sparsify_'s race in the engine times whole
     # modules whose first call makes their kernel choices here (before it times them).
-    names = list(options)
-    # race() starts round i with its candidate i mod n: put the incumbent where the last
-    # round ends, then judge every option against the incumbent again (the per-round
-    # ratios divided by the incumbent's). Until race() can run the incumbent last itself.
-    shift = (_ROUNDS - 2) % len(names)
-    order = names[-shift:] + names[:-shift] if shift else names
-    timed = race({n: options[n] for n in order}, rounds=_ROUNDS, warmup=1, min_sample=0.0)
-    base = timed.ratios[names[0]]
-    ratios = {n: tuple(r / max(b, 1e-300) for r, b in zip(timed.ratios[n], base, strict=True))
-              for n in names}  # fmt: skip
-    return Race(tuple(names), timed.times, ratios).winner(KERNEL_MARGIN)
+    return race(options, rounds=_ROUNDS, warmup=1, min_sample=0.0).winner(KERNEL_MARGIN)
 
 
 def fastest(mat: Matrix, key: tuple, options: Options) -> None:
@@ -291,6 +275,10 @@ def fastest(mat: Matrix, key: tuple, options: Options) -> None:
             options[name]()
         else:
             name = choose(options)
+            # The options share one output, left by whichever ran last: run the chosen one
+            # again so that this call returns bit for bit what later calls return (kernels
+            # sum in different orders).
+            options[name]()
     finally:
         _MEASURING[0] -= 1
     chosen[key] = name
