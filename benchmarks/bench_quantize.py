@@ -33,8 +33,8 @@ from bench_kernels import machine  # noqa: E402 - same machine line as the other
 
 import nbcompress as nc  # noqa: E402
 from nbcompress.engine.core.report import fmt_bytes  # noqa: E402
+from nbcompress.engine.quantize.choice import TIE  # noqa: E402
 from nbcompress.engine.quantize.config import StaticInt8Config  # noqa: E402
-from nbcompress.engine.quantize.modes import TIE  # noqa: E402
 from nbcompress.timing import measure_interleaved  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, load_digits, train  # noqa: E402
 

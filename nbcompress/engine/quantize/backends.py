@@ -30,7 +30,15 @@ from nbcompress.engine.quantize.modules import (
     weight_kind,
 )
 
-__all__ = ["BACKENDS", "FAMILIES", "Backend", "backends_for", "quiet", "register"]
+__all__ = [
+    "BACKENDS",
+    "FAMILIES",
+    "Backend",
+    "backends_for",
+    "quantized_engine",
+    "quiet",
+    "register",
+]
 
 _RNN = (nn.LSTM, nn.GRU)
 
@@ -74,8 +82,11 @@ def quiet(seen: dict[str, int] | None = None) -> Iterator[dict[str, int]]:
 
 
 @contextlib.contextmanager
-def _engine(name: str) -> Iterator[None]:
-    # Weights are packed for the engine active at conversion; it is restored afterwards.
+def quantized_engine(name: str) -> Iterator[None]:
+    """Make ``name`` torch's active quantized engine for a while, then restore the old one.
+
+    Weights are packed for the engine active at conversion, so conversions run inside.
+    """
     old = torch.backends.quantized.engine
     torch.backends.quantized.engine = name
     try:
@@ -120,7 +131,7 @@ def _ao_dynamic(engine: str) -> Callable[[object, nn.Module], nn.Module]:
         per_channel = linear and getattr(config, "per_channel", False) is True
         mod.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
         cls = nnqd.Linear if linear else getattr(nnqd, type(layer).__name__)
-        with _engine(engine):
+        with quantized_engine(engine):
             return cls.from_float(mod)
 
     return build
