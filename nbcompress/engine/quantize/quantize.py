@@ -252,6 +252,7 @@ def _run(job: Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRep
     kept_note = _kept_float_note(model, job.selected)
     # The transaction is entered outside eval mode so that undo restores the user's flags.
     with transaction(model, "quantize", config.label) as tx, eval_mode(model):
+        job.reference = ref
         HANDLERS[type(config)](job, tx)
         report.rows = job.rows
         if not report.quantized:
