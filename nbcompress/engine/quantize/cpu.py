@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ENV_VNNI", "Int8Cpu", "forced_int8_cpu", "int8_cpu"]
+__all__ = ["ENV_VNNI", "Int8Cpu", "cpu_has_vnni", "forced_int8_cpu", "int8_cpu"]
 
 #: Environment variable overriding the detection: ``1`` (VNNI path) or ``0`` (no VNNI).
 ENV_VNNI = "NBCOMPRESS_INT8_VNNI"
@@ -50,7 +50,11 @@ class Int8Cpu:
 
 
 @functools.cache
-def _detected_vnni() -> bool:
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot products with int32 accumulation (Linux flags).
+
+    The hardware only, ignoring overrides; decisions ask :func:`int8_cpu` instead.
+    """
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -79,7 +83,7 @@ def int8_cpu() -> Int8Cpu:
     env = os.environ.get(ENV_VNNI, "").strip()
     if env in ("0", "1"):
         return Int8Cpu(env == "1", _capability(), ENV_VNNI)
-    return Int8Cpu(_detected_vnni(), _capability(), "detected")
+    return Int8Cpu(cpu_has_vnni(), _capability(), "detected")
 
 
 @contextlib.contextmanager
