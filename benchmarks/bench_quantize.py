@@ -74,10 +74,13 @@ def quantized(model: nn.Module, mode: str, x: torch.Tensor, **kw) -> tuple[nn.Mo
 VERDICTS: list[str] = []
 NOTES = [
     "- Backends measured per layer: torch.ao dynamic (fbgemm and x86 engines), "
-    "nbcompress-int8 (the same fbgemm kernel, fp32 per-row scales, full 8-bit activations "
-    "where the CPU has VNNI), numba CSR int8 from nbcompress.kernels (layers ≥ 50% zeros), "
+    "nbcompress-int8 (the same fbgemm kernel, fp32 per-row scales, full 8-bit activations; "
+    "7-bit weights where the CPU lacks VNNI, so that fbgemm's int16 pair sums cannot "
+    "saturate), numba CSR int8 from nbcompress.kernels (layers ≥ 50% zeros), "
     "torchao 0.18 (rejected: 2.5–6× slower here, and its modules cannot be pickled or "
-    "torch.save'd whole), nbcompress weight-only/half modules.",
+    "torch.save'd whole), nbcompress weight-only/half modules. Dynamic mode then checks "
+    "the output cosine on the example input against min_cosine (0.995) and moves the "
+    "least accurate layers to weight-only int8 until it holds.",
     "- torch.ao serializes a float64 scale and an int64 zero point per output channel, so "
     "per-channel static int8 of LeNet-300-100 (64-wide input rows) stays near 3.2×; "
     "`StaticInt8Config(per_channel=False)` / `--per-tensor` reaches ≥ 3.5× at equal accuracy.",
