@@ -35,6 +35,7 @@ import nbcompress as nc  # noqa: E402
 from nbcompress.engine.core.report import fmt_bytes  # noqa: E402
 from nbcompress.engine.quantize.choice import TIE  # noqa: E402
 from nbcompress.engine.quantize.config import StaticInt8Config  # noqa: E402
+from nbcompress.engine.quantize.cpu import int8_cpu  # noqa: E402
 from nbcompress.timing import measure_interleaved  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, load_digits, train  # noqa: E402
 
@@ -239,7 +240,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     repeats = 5 if args.quick else 15
-    info = machine()  # its load average is the one at start
+    cpu = int8_cpu()  # the int8 path every choice below took (VNNI or not, and why)
+    info = f"{machine()}; int8 path: {'VNNI' if cpu.vnni else 'no VNNI'} ({cpu.source})"
     acc, cases = digits_rows(args.quick, repeats)
     heavy = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
     pruned = nc.prune_(copy.deepcopy(heavy), 0.9, include_output=True)
