@@ -33,8 +33,9 @@ from bench_kernels import machine  # noqa: E402 - same machine line as the other
 
 import nbcompress as nc  # noqa: E402
 from nbcompress.engine.core.report import fmt_bytes  # noqa: E402
+from nbcompress.engine.quantize.choice import TIE  # noqa: E402
 from nbcompress.engine.quantize.config import StaticInt8Config  # noqa: E402
-from nbcompress.engine.quantize.modes import TIE  # noqa: E402
+from nbcompress.engine.quantize.cpu import int8_cpu  # noqa: E402
 from nbcompress.timing import measure_interleaved  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, load_digits, train  # noqa: E402
 
@@ -74,10 +75,13 @@ def quantized(model: nn.Module, mode: str, x: torch.Tensor, **kw) -> tuple[nn.Mo
 VERDICTS: list[str] = []
 NOTES = [
     "- Backends measured per layer: torch.ao dynamic (fbgemm and x86 engines), "
-    "nbcompress-int8 (the same fbgemm kernel, fp32 per-row scales, full 8-bit activations "
-    "where the CPU has VNNI), numba CSR int8 from nbcompress.kernels (layers ≥ 50% zeros), "
+    "nbcompress-int8 (the same fbgemm kernel, fp32 per-row scales, full 8-bit activations; "
+    "7-bit weights where the CPU lacks VNNI, so that fbgemm's int16 pair sums cannot "
+    "saturate), numba CSR int8 from nbcompress.kernels (layers ≥ 50% zeros), "
     "torchao 0.18 (rejected: 2.5–6× slower here, and its modules cannot be pickled or "
-    "torch.save'd whole), nbcompress weight-only/half modules.",
+    "torch.save'd whole), nbcompress weight-only/half modules. Dynamic mode then checks "
+    "the output cosine on the example input against min_cosine (0.995) and moves the "
+    "least accurate layers to weight-only int8 until it holds.",
     "- torch.ao serializes a float64 scale and an int64 zero point per output channel, so "
     "per-channel static int8 of LeNet-300-100 (64-wide input rows) stays near 3.2×; "
     "`StaticInt8Config(per_channel=False)` / `--per-tensor` reaches ≥ 3.5× at equal accuracy.",
@@ -236,7 +240,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     repeats = 5 if args.quick else 15
-    info = machine()  # its load average is the one at start
+    cpu = int8_cpu()  # the int8 path every choice below took (VNNI or not, and why)
+    info = f"{machine()}; int8 path: {'VNNI' if cpu.vnni else 'no VNNI'} ({cpu.source})"
     acc, cases = digits_rows(args.quick, repeats)
     heavy = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).eval()
     pruned = nc.prune_(copy.deepcopy(heavy), 0.9, include_output=True)

@@ -16,7 +16,7 @@ from nbcompress.engine.quantize.backends import backends_for
 from nbcompress.engine.quantize.config import DynamicInt8Config, StaticInt8Config
 from nbcompress.engine.quantize.report import weight_values
 from nbcompress.engine.quantize.static import StaticRegion
-from nbcompress.timing import Timing
+from nbcompress.timing import Race, Timing
 from nbcompress.zoo import SeedCNN
 from tests.helpers import assert_same_state, cnn, mlp, snapshot, zero_fraction
 
@@ -32,6 +32,18 @@ def big_mlp():
 def run(model, x):
     with torch.no_grad():
         return model(x)
+
+
+def fixed_race(seconds):
+    """A stand-in for ``race``: every candidate takes ``seconds(name)`` in each of 3 rounds."""
+
+    def fake(fns, **kw):
+        names = tuple(fns)
+        base = seconds(names[0])
+        times = {n: Timing(seconds(n), 1, 1, 3) for n in names}
+        return Race(names, times, {n: (seconds(n) / base,) * 3 for n in names})
+
+    return fake
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight", "fp16", "bf16"])
@@ -226,10 +238,8 @@ def test_model_without_quantizable_layer_and_non_module():
 
 
 def test_only_faster_keeps_layers_float_when_int8_measures_slower(monkeypatch):
-    def fake(fns, **kw):  # deterministic: every quantized candidate "slower" than float
-        return {n: Timing(1.0 if n == "float" else 2.0, 1, 1, 3) for n in fns}
-
-    monkeypatch.setattr(qmod, "measure_interleaved", fake)
+    # deterministic: every quantized candidate "slower" than float
+    monkeypatch.setattr(qmod, "race", fixed_race(lambda n: 1.0 if n == "float" else 2.0))
     model, x = big_mlp().eval(), torch.randn(2, 64)
     with pytest.raises(ValueError, match="kept float"):
         nc.quantize_(model, "dynamic", example_inputs=x, only_faster=True, **FAST)
@@ -239,11 +249,8 @@ def test_only_faster_keeps_layers_float_when_int8_measures_slower(monkeypatch):
 
 
 def test_fastest_correct_backend_is_picked_and_incorrect_ones_rejected(monkeypatch):
-    def fake(fns, **kw):
-        order = {"float": 5.0, "torch.ao[fbgemm]": 3.0, "torch.ao[x86]": 1.0}
-        return {n: Timing(order.get(n, 4.0), 1, 1, 3) for n in fns}
-
-    monkeypatch.setattr(qmod, "measure_interleaved", fake)
+    order = {"float": 5.0, "torch.ao[fbgemm]": 3.0, "torch.ao[x86]": 1.0}
+    monkeypatch.setattr(qmod, "race", fixed_race(lambda n: order.get(n, 4.0)))
     model, x = big_mlp().eval(), torch.randn(2, 64)
     nc.quantize_(model, "dynamic", example_inputs=x, backend="torch", **FAST)
     assert {r["backend"] for r in nc.quantize_report(model).rows} == {"torch.ao[x86]"}
@@ -344,14 +351,10 @@ def test_static_per_tensor_weights_are_smaller_than_per_channel():
 def test_only_faster_rolls_back_when_the_whole_model_is_slower(monkeypatch):
     from nbcompress.engine.quantize import quantize as qtop
 
-    def per_layer(fns, **kw):  # every int8 layer clearly faster in isolation...
-        return {n: Timing(1.0 if n == "float" else 0.1, 1, 1, 3) for n in fns}
-
-    def whole(fns, **kw):  # ...but the model as a whole slower
-        return {n: Timing(1.0 if n == "float" else 2.0, 1, 1, 3) for n in fns}
-
-    monkeypatch.setattr(qmod, "measure_interleaved", per_layer)
-    monkeypatch.setattr(qtop, "measure_interleaved", whole)
+    # every int8 layer clearly faster in isolation...
+    monkeypatch.setattr(qmod, "race", fixed_race(lambda n: 1.0 if n == "float" else 0.1))
+    # ...but the model as a whole slower
+    monkeypatch.setattr(qtop, "race", fixed_race(lambda n: 1.0 if n == "float" else 2.0))
     model, x = big_mlp().eval(), torch.randn(2, 64)
     saved = snapshot(model)
     with pytest.raises(ValueError, match="slower end to end"):

@@ -7,12 +7,14 @@ They are ordinary ``nn.Module`` objects with their weights in buffers, so ``stat
 from __future__ import annotations
 
 import copy
-import functools
+import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nbcompress.engine.quantize.cpu import int8_cpu
 
 __all__ = [
     "HalfCompute",
@@ -123,32 +125,27 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-@functools.cache
-def has_vnni() -> bool:
-    """Whether the CPU has AVX512-VNNI / AVX-VNNI / AMX int8 dot products (Linux flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 class Int8DynamicLinear(nn.Module):
     """Dynamic int8 Linear on torch's fbgemm/oneDNN kernel, stored compactly.
 
     torch.ao's module serializes a float64 scale and an int64 zero point per output row;
     here the weight is symmetric int8 with one float32 scale per row (zero point 0, so
     exact zeros stay zero), and the kernel's packed form is rebuilt after loading.
+
+    Activations always keep their full 8 bits. Where the CPU lacks VNNI
+    (:func:`~nbcompress.engine.quantize.cpu.int8_cpu`) the weights get 7 bits (±63) so
+    that fbgemm's int16 pair sums cannot saturate: on MiniLM here that kept the embedding
+    cosine at 0.993, where torch.ao's 7-bit activations gave 0.979.
     """
 
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
         w = layer.weight.detach().float()
+        top = int8_cpu().weight_max
         peak = w.abs().amax(dim=1)
-        scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
+        scale = torch.where(peak > 0, peak / top, torch.ones_like(peak))
         self.register_buffer(
-            "qweight", torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            "qweight", torch.round(w / scale[:, None]).clamp_(-top, top).to(torch.int8)
         )
         self.register_buffer("scale", scale)
         bias = layer.bias
@@ -156,9 +153,13 @@ class Int8DynamicLinear(nn.Module):
         self._packed: Any = None
         self._pack()
 
-    def _pack(self) -> Any:
-        import warnings
+    def _pack(self) -> tuple[Any, bool]:
+        """Pack the weight for the kernel and decide the activation range, for this CPU.
 
+        Weights wider than 7 bits (packed where the CPU had VNNI, or loaded from such a
+        model) get 7-bit activations on a CPU without VNNI, as torch.ao does: less accurate,
+        but the int16 pair sums cannot saturate.
+        """
         rows = self.qweight.shape[0]
         with warnings.catch_warnings():
             # Quantized tensors warn of their deprecation on creation; reported by quantize_.
@@ -167,7 +168,9 @@ class Int8DynamicLinear(nn.Module):
                 self.qweight, self.scale.double(), torch.zeros(rows, dtype=torch.long), 0
             )
             bias = None if self.bias is None else self.bias.detach()
-            self._packed = torch.ops.quantized.linear_prepack(qw, bias)
+            packed = torch.ops.quantized.linear_prepack(qw, bias)
+        wide = int(self.qweight.abs().max()) > 63 if self.qweight.numel() else False
+        self._packed = (packed, wide and not int8_cpu().vnni)
         return self._packed
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -184,11 +187,9 @@ class Int8DynamicLinear(nn.Module):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        packed = self._packed if self._packed is not None else self._pack()
-        # 7-bit activations (as torch.ao always uses) only where the CPU lacks VNNI: there
-        # fbgemm sums u8×s8 pairs in saturating int16; with VNNI it accumulates in int32, and
-        # full 8-bit range is ~3× more accurate (MiniLM cosine 0.979 → 0.994 here).
-        return torch.ops.quantized.linear_dynamic(x, packed, not has_vnni())
+        packed, reduce_range = self._packed if self._packed is not None else self._pack()
+        return torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
 
     def extra_repr(self) -> str:  # noqa: D102
-        return f"{self.qweight.shape[1]}→{self.qweight.shape[0]}, int8 per-row, dynamic"
+        bits = 8 if self.qweight.numel() and int(self.qweight.abs().max()) > 63 else 7
+        return f"{self.qweight.shape[1]}→{self.qweight.shape[0]}, int{bits} per-row, dynamic"

@@ -20,7 +20,13 @@ from torch import nn
 
 from nbcompress.engine.core.history import history, transaction
 from nbcompress.engine.core.layers import select_layers, weighted_layers
-from nbcompress.engine.core.validation import as_inputs, check_module, primary_output, run_forward
+from nbcompress.engine.core.validation import (
+    as_inputs,
+    check_module,
+    eval_mode,
+    primary_output,
+    run_forward,
+)
 from nbcompress.engine.quantize.backends import BACKENDS, FAMILIES, quiet
 from nbcompress.engine.quantize.config import (
     MODES,
@@ -31,15 +37,10 @@ from nbcompress.engine.quantize.config import (
     WeightInt8Config,
     resolve_mode,
 )
-from nbcompress.engine.quantize.modes import (
-    DEFAULT_TYPES,
-    HANDLERS,
-    _eval_mode,
-    _Job,
-)
+from nbcompress.engine.quantize.modes import DEFAULT_TYPES, HANDLERS, Job
 from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
 from nbcompress.engine.quantize.static import calibration_batches
-from nbcompress.timing import measure_interleaved
+from nbcompress.timing import race
 
 __all__ = [
     "HANDLERS",
@@ -114,7 +115,7 @@ def _metric(evaluate: Callable[[nn.Module], float] | None, model: nn.Module) -> 
         ) from err
 
 
-def _finish(job: _Job, report: QuantizeReport, ref: Any, float_copy: nn.Module | None) -> None:
+def _finish(job: Job, report: QuantizeReport, ref: Any, float_copy: nn.Module | None) -> None:
     """Measure the quantized model: output difference and interleaved latency."""
     model, inputs = job.model, job.inputs
     if inputs is None:
@@ -127,11 +128,14 @@ def _finish(job: _Job, report: QuantizeReport, ref: Any, float_copy: nn.Module |
         report.max_diff, report.mean_diff = float(diff.max()), float(diff.mean())
         flat_o, flat_r = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
         report.cosine = float(torch.nn.functional.cosine_similarity(flat_o, flat_r).mean())
-        times = measure_interleaved(
-            {"float": lambda: float_copy(*inputs), "quantized": lambda: model(*inputs)},
-            repeats=job.repeats,
-        )
-    report.latency_before, report.latency_after = times["float"], times["quantized"]
+        with torch.inference_mode():
+            timed = race(
+                {"float": lambda: float_copy(*inputs), "quantized": lambda: model(*inputs)},
+                rounds=job.repeats,
+                warmup=3,
+                min_sample=2e-4,
+            )
+    report.latency_before, report.latency_after = timed.times["float"], timed.times["quantized"]
     if report.speedup is not None and report.speedup < 1:
         report.notes.append(
             "The quantized model measured SLOWER than float on this input: small layers pay "
@@ -169,7 +173,8 @@ def quantize_(
     Per layer, every installed backend builds a candidate from a copy; candidates whose
     output on the layer's real input is off by more than the mode's tolerance, or that
     cannot be pickled, are rejected; of the rest, those at most 1.5× slower than the
-    fastest compete on accuracy, then speed, then size (see ``quant_modes._choose``). The
+    fastest compete on accuracy, then speed, then size
+    (:func:`~nbcompress.engine.quantize.choice.accurate_among_fast`). The
     figures (sizes, latency, metric, output difference, backend per layer, layers
     kept float and why) are in :func:`quantize_report` afterwards.
 
@@ -216,7 +221,7 @@ def _plan(
     example_inputs: Any,
     backend: str,
     only_faster: bool,
-) -> _Job:
+) -> Job:
     """Check every argument before anything is touched; return the job to run."""
     check_module(model)
     config = resolve_mode(mode)
@@ -228,17 +233,17 @@ def _plan(
     if isinstance(config, StaticInt8Config):
         # Materialised once: a generator could not be iterated a second time.
         calibrate = calibration_batches(calibrate, config.max_batches)
-        with _eval_mode(model):
+        with eval_mode(model):
             run_forward(model, calibrate[0], arg="calibrate")
         inputs = calibrate[0] if inputs is None else inputs
-    return _Job(model, config, family, selected, inputs, calibrate, only_faster, repeats=10)
+    return Job(model, config, family, selected, inputs, calibrate, only_faster, repeats=10)
 
 
-def _run(job: _Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeReport:
+def _run(job: Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeReport:
     """Measure the float model, quantize inside a transaction, measure again."""
     model, inputs, config = job.model, job.inputs, job.config
     report = QuantizeReport(mode=config.label)
-    with _eval_mode(model):
+    with eval_mode(model):
         # Cloned now: some models (sentence encoders) write their output into the input dict.
         ref = primary_output(run_forward(model, inputs)).clone() if inputs is not None else None
         report.metric_before = _metric(evaluate, model)
@@ -246,7 +251,8 @@ def _run(job: _Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRe
         float_copy = copy.deepcopy(model) if inputs is not None else None
     kept_note = _kept_float_note(model, job.selected)
     # The transaction is entered outside eval mode so that undo restores the user's flags.
-    with transaction(model, "quantize", config.label) as tx, _eval_mode(model):
+    with transaction(model, "quantize", config.label) as tx, eval_mode(model):
+        job.reference = ref
         HANDLERS[type(config)](job, tx)
         report.rows = job.rows
         if not report.quantized:

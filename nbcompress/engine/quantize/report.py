@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_pct
+from nbcompress.engine.quantize.config import QuantConfig
 from nbcompress.timing import Timing, format_seconds
 
-__all__ = ["QuantizeReport", "serialized_size", "weight_values"]
+__all__ = [
+    "QuantizeReport",
+    "fill_row",
+    "new_row",
+    "serialized_size",
+    "sparsity",
+    "weight_values",
+]
 
 
 def serialized_size(module: nn.Module | dict[str, nn.Module]) -> int:
@@ -54,6 +62,39 @@ def sparsity(module: nn.Module) -> float | None:
     """Fraction of exact zeros in the layer's weight (``None`` if it has none readable)."""
     w = weight_values(module)
     return None if w is None or w.numel() == 0 else float((w == 0).float().mean())
+
+
+def new_row(name: str, layer: nn.Module) -> dict[str, Any]:
+    """A selected layer's report row, as if kept float (:func:`fill_row` fills it in)."""
+    return {
+        "layer": name,
+        "type": type(layer).__name__,
+        "quantized as": "— (kept float)",
+        "backend": None,
+        "bits": None,
+        "sparsity": sparsity(layer),
+        "bytes before": serialized_size(layer),
+        "bytes after": None,
+        "smaller": None,
+        "time float": None,
+        "time quantized": None,
+        "note": "",
+    }
+
+
+def fill_row(row: dict[str, Any], new: nn.Module, config: QuantConfig, backend: str) -> None:
+    """Write a quantized layer's figures (mode, backend, bits, sizes) into its report row."""
+    after = serialized_size(new)
+    row.update(
+        {
+            "quantized as": config.label,
+            "backend": backend,
+            "bits": config.bits,
+            "sparsity": sparsity(new) if sparsity(new) is not None else row["sparsity"],
+            "bytes after": after,
+            "smaller": row["bytes before"] / after if after else None,
+        }
+    )
 
 
 def _time(t: Timing | None) -> str:

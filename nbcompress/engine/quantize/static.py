@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine.quantize.backends import _engine, quiet
+from nbcompress.engine.quantize.backends import quantized_engine, quiet
 from nbcompress.engine.quantize.config import StaticInt8Config
 
 __all__ = ["StaticRegion", "calibration_batches", "plan_regions", "quantize_static"]
@@ -161,7 +161,7 @@ def _build(model: nn.Module, region: Region, config: StaticInt8Config) -> Static
             region.fused[region.names[g[0]]] = [region.names[i] for i in g[1:]]
     seq.qconfig = get_default_qconfig(config.engine)
     _per_tensor_where_asked(seq, config.per_channel)
-    with _engine(config.engine):
+    with quantized_engine(config.engine):
         prepare(seq, inplace=True)
     return seq
 
@@ -207,7 +207,7 @@ def quantize_static(
         with torch.no_grad():
             for batch in batches:
                 model(*batch)
-        with _engine(config.engine):
+        with quantized_engine(config.engine):
             for region in regions:
                 convert(region.module, inplace=True)
     new = {}
