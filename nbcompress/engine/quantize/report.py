@@ -9,9 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_pct
+from nbcompress.engine.core.report import (
+    Table,
+    TableReport,
+    fmt_bytes,
+    fmt_pct,
+    fmt_ratio,
+    fmt_time,
+)
 from nbcompress.engine.quantize.config import QuantConfig
-from nbcompress.timing import Timing, format_seconds
+from nbcompress.timing import Timing
 
 __all__ = [
     "QuantizeReport",
@@ -98,11 +105,7 @@ def fill_row(row: dict[str, Any], new: nn.Module, config: QuantConfig, backend: 
 
 
 def _time(t: Timing | None) -> str:
-    return "—" if t is None else format_seconds(t.median)
-
-
-def _ratio(x: float | None) -> str:
-    return "—" if x is None else f"{x:.2f}×"
+    return fmt_time(None if t is None else t.median)
 
 
 _COLUMNS = {
@@ -114,7 +117,7 @@ _COLUMNS = {
     "sparsity": fmt_pct,
     "bytes before": fmt_bytes,
     "bytes after": fmt_bytes,
-    "smaller": _ratio,
+    "smaller": fmt_ratio,
     "time float": _time,
     "time quantized": _time,
     "note": lambda s: s or "",
@@ -182,8 +185,8 @@ class QuantizeReport(TableReport):
     def _summary(self) -> list[str]:
         lines = [
             f"model size {fmt_bytes(self.size_before)} → {fmt_bytes(self.size_after)} "
-            f"({_ratio(self.size_before / max(self.size_after, 1))} smaller; quantized layers "
-            f"{_ratio(self.layer_ratio)})"
+            f"({fmt_ratio(self.size_before / max(self.size_after, 1))} smaller; quantized layers "
+            f"{fmt_ratio(self.layer_ratio)})"
         ]
         if self.latency_before and self.latency_after:
             word = "faster" if self.speedup >= 1 else "SLOWER"
