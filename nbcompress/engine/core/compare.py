@@ -176,7 +176,7 @@ def compare_change(
     """
     measure = example_inputs is not None
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    reference = copy.deepcopy(model) if measure and size <= COPY_LIMIT_BYTES else None
+    reference = frozen_copy(model) if measure and size <= COPY_LIMIT_BYTES else None
     if before is None:
         before = summary(model, example_inputs, measure_latency=measure)
     last = history(model)[-1:]
@@ -193,6 +193,22 @@ def compare_change(
     comparison = compare(before, after, title, notes)
     comparison.result = result
     return comparison
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` as it computes now, also where ``copy.deepcopy`` refuses.
+
+    A weight computed from kept masks (``keep_masks=True`` or ``torch.nn.utils.prune``) is a
+    non-leaf tensor after a training forward pass, and ``copy.deepcopy`` refuses those. The
+    copy holds a detached clone of each such tensor instead: the value the next forward pass
+    recomputes anyway.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _steps_since(model: nn.Module, last: list[Any]) -> list[Any]:
