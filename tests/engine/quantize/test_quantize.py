@@ -381,3 +381,16 @@ def test_static_default_is_per_channel_for_convs_and_per_tensor_for_linear():
                 kind = "conv" if "Conv" in type(m).__name__ else "linear"
                 schemes.setdefault(kind, set()).add(m.weight().qscheme())
     assert schemes == {"conv": {torch.per_channel_affine}, "linear": {torch.per_tensor_affine}}
+
+
+def test_negligible_errors_are_equally_accurate_and_the_small_fast_one_wins():
+    from nbcompress.engine.quantize.choice import NEGLIGIBLE_ERROR, accurate_among_fast
+
+    seconds = {"float": 1.0, "small": 1.6, "big": 1.9}
+    race = fixed_race(seconds.__getitem__)(dict.fromkeys(seconds))
+    sizes = {"small": 100, "big": 120}
+    # Both errors negligible (LeNet-300-100 without VNNI): the smaller, faster one is kept.
+    assert accurate_among_fast(race, {"small": 0.008, "big": 0.004}, sizes) == "small"
+    # Above the floor, twice the error of another candidate is not "accurate".
+    errors = {"small": 4 * NEGLIGIBLE_ERROR, "big": 2 * NEGLIGIBLE_ERROR}
+    assert accurate_among_fast(race, errors, sizes) == "big"
