@@ -16,18 +16,19 @@ full copy; modules swapped out are kept by reference. Histories live outside the
 from __future__ import annotations
 
 import contextlib
-import time
+import itertools
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from nbcompress.engine.core.report import fmt_bytes, html_table
-from nbcompress.engine.core.snapshot import ModuleState, SavedTensor, nbytes
+from nbcompress.engine.core.interrupts import deferred_interrupts
+from nbcompress.engine.core.report import fmt_bytes
+from nbcompress.engine.core.snapshot import ModuleState, SavedTensor, held_bytes, tensors_in
+from nbcompress.engine.core.steps import History, Step
 from nbcompress.engine.core.validation import check_module
 
 __all__ = [
@@ -42,64 +43,6 @@ __all__ = [
 ]
 
 _LIMIT = {"bytes": 4 * 2**30}
-
-
-@dataclass
-class Step:
-    """One recorded, undoable operation.
-
-    Attributes:
-        name: The verb, e.g. ``"prune"``.
-        detail: One line describing what was done.
-        info: Free-form details (per-layer amounts, chosen kernels, ...).
-        nbytes: Memory the step holds to make undo possible.
-        created: Wall-clock time of the step.
-    """
-
-    name: str
-    detail: str
-    info: dict[str, Any] = field(default_factory=dict)
-    nbytes: int = 0
-    created: float = field(default_factory=time.time)
-    _modules: list[ModuleState] = field(default_factory=list, repr=False)
-    _tensors: list[SavedTensor] = field(default_factory=list, repr=False)
-
-    def _rollback(self) -> None:
-        for state in reversed(self._modules):
-            state.restore()
-        for saved in reversed(self._tensors):
-            saved.restore()
-
-
-class History(list):
-    """The steps recorded for one model, oldest first (a plain list of :class:`Step`)."""
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by all steps, in bytes."""
-        return sum(s.nbytes for s in self)
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """One plain dict per step."""
-        return [
-            {"step": i + 1, "operation": s.name, "detail": s.detail, "undo_bytes": s.nbytes}
-            for i, s in enumerate(self)
-        ]
-
-    def __str__(self) -> str:
-        if not self:
-            return "No compression steps recorded (the model is as nbcompress found it)."
-        lines = [f"{r['step']:>3}. {r['operation']:<10} {r['detail']}" for r in self.rows]
-        lines.append(f"undo memory: {fmt_bytes(self.nbytes)}")
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        return html_table(
-            self.rows,
-            {"step": None, "operation": None, "detail": None, "undo_bytes": fmt_bytes},
-            caption=f"History — undo memory {fmt_bytes(self.nbytes)}",
-        )
 
 
 _HISTORIES: weakref.WeakKeyDictionary[nn.Module, History] = weakref.WeakKeyDictionary()
@@ -164,23 +107,26 @@ class Transaction:
         return old
 
     def rollback(self) -> None:
-        """Put everything saved so far back, bit-exactly."""
-        self.step._rollback()
+        """Put everything saved so far back, bit-exactly; Ctrl-C waits until it is done."""
+        with deferred_interrupts():
+            interrupted = self.step._rollback()
+        if interrupted is not None:
+            raise interrupted
 
     def _finish(self) -> Step:
+        """Keep only what changed, as diffs where smaller, and count what the step holds."""
         step = self.step
         step._tensors = [s for s in step._tensors if s.compress()]
-        live = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
-        held = {
-            id(t): t
-            for state in step._modules
-            for m in state.held_modules()
-            if m is not None
-            for t in m.state_dict(keep_vars=True).values()
-        }
-        step.nbytes = sum(s.nbytes for s in step._tensors) + sum(
-            nbytes(t) for i, t in held.items() if i not in live
+        modules = list(self.model.modules())
+        live_modules = {id(m) for m in modules}
+        live = tensors_in(vars(m).values() for m in modules)
+        # What the step keeps alive besides its own copies: old modules (torch.ao packed
+        # parameters included), old masks and computed weights, tensors swapped out.
+        kept = itertools.chain(
+            (s.tensor for s in step._tensors),
+            *(state.referenced(live_modules) for state in step._modules),
         )
+        step.nbytes = sum(s.nbytes for s in step._tensors) + held_bytes(kept, live)
         return step
 
 
@@ -189,23 +135,41 @@ def _enforce_limit(hist: History) -> None:
     while len(hist) > 1 and hist.nbytes > _LIMIT["bytes"]:
         hist.pop(0)
         dropped += 1
+    limit = fmt_bytes(_LIMIT["bytes"])
     if dropped:
         warnings.warn(
-            f"nbcompress history exceeded {fmt_bytes(_LIMIT['bytes'])}: dropped the {dropped} "
+            f"nbcompress history exceeded {limit}: dropped the {dropped} "
             "oldest step(s); undo can no longer go back to the original model. "
             "Raise the limit with nbcompress.set_history_limit(max_bytes).",
-            stacklevel=3,
+            stacklevel=4,
+        )
+    if hist and hist[-1].nbytes > _LIMIT["bytes"]:
+        # Dropping the only step would make the edit just done impossible to undo.
+        warnings.warn(
+            f"nbcompress step '{hist[-1].name}' alone holds {fmt_bytes(hist[-1].nbytes)} for "
+            f"undo, more than the history limit of {limit}; it is kept so that it can be "
+            "undone (undo_(model) frees it). Raise the limit with "
+            "nbcompress.set_history_limit(max_bytes).",
+            stacklevel=4,
         )
 
 
 def set_history_limit(max_bytes: int) -> None:
-    """Bound the memory all histories together may hold for undo (oldest steps dropped).
+    """Bound the memory one model's history may hold for undo (oldest steps dropped).
+
+    The limit applies to each history on its own: the steps recorded on one model object
+    (a sub-module passed to a verb has a history of its own). When a new step takes a
+    history over the limit, its oldest steps are dropped with a warning; a single step
+    larger than the limit is kept (so that it can be undone), with a warning.
 
     Args:
-        max_bytes: Limit per model, in bytes.
+        max_bytes: Limit per history, in bytes (a positive integer).
     """
-    if not isinstance(max_bytes, int) or max_bytes <= 0:
-        raise ValueError(f"max_bytes: expected a positive integer, got {max_bytes!r}.")
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(
+            f"max_bytes: expected a positive number of bytes such as 2 * 2**30 (2 GiB), "
+            f"got {max_bytes!r}."
+        )
     _LIMIT["bytes"] = max_bytes
 
 
@@ -214,8 +178,10 @@ def transaction(model: nn.Module, name: str, detail: str = "") -> Iterator[Trans
     """Run an in-place edit of ``model`` all-or-nothing and record it for undo.
 
     On any exception (including ``KeyboardInterrupt``) everything saved through the
-    transaction is restored bit-exactly and the exception propagates. On success one
-    :class:`Step` is appended to ``history(model)``. Nested transactions on the same
+    transaction is restored bit-exactly and the exception propagates; recording the step
+    runs inside that guard too. Ctrl-C waits while the step is recorded or rolled back, so
+    the model is either as it was with no new step, or changed with exactly one. On success
+    one :class:`Step` is appended to ``history(model)``. Nested transactions on the same
     model fold into the outermost one.
 
     Args:
@@ -234,18 +200,22 @@ def transaction(model: nn.Module, name: str, detail: str = "") -> Iterator[Trans
         return
     tx = Transaction(model, name, detail)
     stack.append(tx)
+    recorded = False
     try:
         yield tx
+        with deferred_interrupts():
+            step = tx._finish()
+            if step._tensors or step._modules:
+                hist = _HISTORIES.setdefault(model, History())
+                hist.append(step)
+                recorded = True  # from here on the edit stands: never roll it back
+                _enforce_limit(hist)
     except BaseException:
-        tx.rollback()
+        if not recorded:
+            tx.rollback()
         raise
     finally:
         stack.pop()
-    step = tx._finish()
-    if step._tensors or step._modules:
-        hist = _HISTORIES.setdefault(model, History())
-        hist.append(step)
-        _enforce_limit(hist)
 
 
 @contextlib.contextmanager
@@ -253,7 +223,8 @@ def trial(model: nn.Module) -> Iterator[Transaction]:
     """Edit ``model`` temporarily: everything saved is rolled back on exit, always.
 
     Used by sensitivity sweeps and "evaluate without keeping" buttons. Edits made by
-    nbcompress verbs inside the block join this trial and are rolled back too.
+    nbcompress verbs inside the block join this trial and are rolled back too. Ctrl-C
+    waits until the rollback is complete.
 
     Args:
         model: The model to edit temporarily.
@@ -272,8 +243,16 @@ def trial(model: nn.Module) -> Iterator[Transaction]:
         tx.rollback()
 
 
+def _histories(model: nn.Module) -> list[tuple[str, History]]:
+    """The non-empty histories of ``model`` and its sub-modules, with qualified names."""
+    return [(n, h) for n, m in model.named_modules() if (h := _HISTORIES.get(m))]
+
+
 def history(model: nn.Module) -> History:
-    """Return the recorded compression steps of ``model``, oldest first.
+    """Return the recorded compression steps of ``model`` and its sub-modules, oldest first.
+
+    Steps recorded on a sub-module (e.g. ``prune_(model.encoder, 0.5)``) are listed too, in
+    the order they were made; ``History.where`` (and the ``module`` column) names it.
 
     Args:
         model: A model edited by nbcompress verbs.
@@ -282,17 +261,44 @@ def history(model: nn.Module) -> History:
         The steps (a copy; editing it does not change the record).
     """
     check_module(model)
-    return History(_HISTORIES.get(model, History()))
+    where = {id(s): n for n, h in _histories(model) for s in h}
+    steps = [s for _, h in _histories(model) for s in h]
+    return History(sorted(steps, key=lambda s: s._order), {k: v for k, v in where.items() if v})
+
+
+def _undo_last(model: nn.Module, force: bool, done: int) -> None:
+    """Undo the most recent step recorded on ``model`` or any of its sub-modules."""
+    _, hist = max(_histories(model), key=lambda nh: nh[1][-1]._order)
+    step = hist[-1]
+    # Checked step by step: a later step's rollback restores what it overwrote.
+    reason = step._change_since(model)
+    if reason and not force:
+        undone = f" ({done} later step(s) were undone)" if done else ""
+        raise ValueError(
+            f"model: a weight was changed after step '{step.name}' — {reason} — so undo "
+            "cannot restore it bit-exactly. Pass force=True (%undo --force) to restore the "
+            f"saved entries anyway{undone}."
+        )
+    with deferred_interrupts():  # the step is undone and dropped together, or not at all
+        interrupted = step._rollback()
+        hist.pop()
+    if interrupted is not None:
+        raise interrupted
 
 
 def undo_(model: nn.Module, *, all: bool = False, force: bool = False) -> nn.Module:  # noqa: A002
     """Revert the last compression step of ``model`` (or all of them) bit-exactly.
 
+    Steps recorded on sub-modules count as the model's own: the most recent step recorded
+    on ``model`` or any sub-module is undone first. Each step is undone completely or not
+    at all, also under Ctrl-C.
+
     Args:
         model: The model to restore in place.
         all: Revert every recorded step, back to the model nbcompress first saw.
-        force: Undo even when a weight stored as a diff was changed after the step
-            (e.g. by fine-tuning without kept masks); only the saved entries are restored.
+        force: Undo even when a saved weight was changed after the step (e.g. by
+            fine-tuning without kept masks, or ``.half()``); only the saved entries are
+            restored.
 
     Returns:
         The model.
@@ -302,33 +308,14 @@ def undo_(model: nn.Module, *, all: bool = False, force: bool = False) -> nn.Mod
             reverse exactly (and ``force`` is not set).
     """
     check_module(model)
-    hist = _HISTORIES.get(model)
-    if not hist:
-        # History is kept per object: a step on model.encoder is not model's step.
-        inner = [n for n, m in model.named_modules() if n and _HISTORIES.get(m)]
-        where = (
-            f" Steps are recorded on its sub-module(s) {', '.join(repr(n) for n in inner[:5])}: "
-            f"undo those, e.g. undo_(model.get_submodule({inner[0]!r}))."
-            if inner
-            else ""
-        )
+    found = _histories(model)
+    if not found:
         raise ValueError(
-            "model: nothing to undo — no nbcompress step is recorded for this object. "
-            "Undo works on the same object that was compressed (not a copy)." + where
+            "model: nothing to undo — no nbcompress step is recorded for this object or its "
+            "sub-modules. Undo works on the same object that was compressed (not a copy)."
         )
-    count = len(hist) if all else 1
+    count = sum(len(h) for _, h in found) if all else 1
     with torch.no_grad():
         for done in range(count):
-            step = hist[-1]
-            # Checked step by step: a later step's rollback restores what it overwrote.
-            stale = [s for s in step._tensors if s.full is None and s.modified_since()]
-            if stale and not force:
-                undone = f" ({done} later step(s) were undone)" if done else ""
-                raise ValueError(
-                    f"model: a weight was changed after step '{step.name}' (e.g. by training), "
-                    "so undo cannot restore it bit-exactly. Pass force=True (%undo --force) to "
-                    f"restore the saved entries anyway{undone}."
-                )
-            step._rollback()
-            hist.pop()
+            _undo_last(model, force, done)
     return model

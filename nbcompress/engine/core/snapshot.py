@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, ValuesView
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["ModuleState", "SavedTensor", "nbytes"]
+__all__ = ["ModuleState", "SavedTensor", "held_bytes", "nbytes", "restore_all", "tensors_in"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -20,11 +21,18 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT_OF_SIZE[t.element_size()])
 
 
+_CHUNK = 1 << 20  # elements summed at a time: the int64 copy stays small for huge weights
+
+
 def _checksum(t: torch.Tensor) -> tuple:
+    shape, dtype = tuple(t.shape), t.dtype
     if t.is_quantized:
         t = t.int_repr()
-    b = _bits(t.detach())
-    return (tuple(t.shape), t.dtype, int(b.to(torch.int64).sum()) if b.numel() else 0)
+    flat = _bits(t.detach()).reshape(-1)
+    total = sum(
+        int(flat[i : i + _CHUNK].to(torch.int64).sum()) for i in range(0, flat.numel(), _CHUNK)
+    )
+    return (shape, dtype, total)
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -69,6 +77,22 @@ class SavedTensor:
     def modified_since(self) -> bool:
         """Whether the tensor changed after the edit was recorded (e.g. by training)."""
         return self.after is not None and _checksum(self.tensor) != self.after
+
+    def change_since(self) -> str | None:
+        """How the tensor changed after the edit in a way undo cannot reverse exactly.
+
+        A pinned copy (kept for fine-tuning) may change in value, not in shape or dtype;
+        any other copy must hold the value the edit left.
+        """
+        if self.after is None:
+            return None
+        shape, dtype, _ = self.after
+        now = _checksum(self.tensor)
+        if now[:2] != (shape, dtype):
+            return f"its dtype or shape changed ({dtype} {list(shape)} -> {now[1]} {list(now[0])})"
+        if not self.pin and now != self.after:
+            return "its values changed (e.g. by training)"
+        return None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -116,3 +140,76 @@ class ModuleState:
         """The child modules the snapshot keeps alive."""
         if "_modules" in self.dicts:
             yield from self.dicts["_modules"][1].values()
+
+    def referenced(self, live_modules: set[int]) -> Iterator[torch.Tensor]:
+        """Every tensor the snapshot keeps reachable: attributes, dict contents, old children.
+
+        Children still in the model (``live_modules``, by id) are skipped; the state of the
+        others counts, including torch.ao packed parameters (through their state_dict).
+        """
+        yield from tensors_in(self.attrs.values())
+        yield from tensors_in(content.values() for _, content in self.dicts.values())
+        for child in self.held_modules():
+            if child is None or id(child) in live_modules:
+                continue
+            for sub in child.modules():
+                if id(sub) not in live_modules:
+                    yield from tensors_in(vars(sub).values())
+                    yield from tensors_in(sub.state_dict(keep_vars=True).values())
+
+
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in ``value``: a tensor, or tuples, lists, dicts and generators of them."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from tensors_in(v)
+    elif isinstance(value, (tuple, list, Iterator, ValuesView)):
+        for v in value:
+            yield from tensors_in(v)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[Any, int]:
+    """Identity and size of the memory behind ``t`` (views of one storage count once)."""
+    try:
+        storage = t.untyped_storage()
+        return ("storage", storage.data_ptr()), storage.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):  # sparse, meta, packed layouts
+        return ("tensor", id(t)), nbytes(t)
+
+
+def held_bytes(tensors: Iterable[torch.Tensor], live: Iterable[torch.Tensor]) -> int:
+    """Bytes of the memory behind ``tensors`` that none of the ``live`` tensors shares."""
+    live_keys = {_storage_key(t)[0] for t in live}
+    held: dict[Any, int] = {}
+    for t in tensors:
+        key, size = _storage_key(t)
+        if key not in live_keys:
+            held[key] = size
+    return sum(held.values())
+
+
+def restore_all(items: Iterable[Any]) -> BaseException | None:
+    """Call ``restore()`` on every item, even when one is interrupted; retry those once.
+
+    Every restore is idempotent, so retrying one that a ``KeyboardInterrupt`` cut short
+    completes it. Returns the first error met on the first pass (everything was restored
+    in the end) so that the caller re-raises it after its own bookkeeping; an error that
+    repeats on the retry is raised once every other item is restored.
+    """
+    failed: list[tuple[Any, BaseException]] = []
+    for item in items:
+        try:
+            item.restore()
+        except BaseException as err:  # noqa: BLE001 - finish restoring, then re-raise
+            failed.append((item, err))
+    persistent: BaseException | None = None
+    for item, _ in failed:
+        try:
+            item.restore()
+        except BaseException as err:  # noqa: BLE001
+            persistent = persistent or err
+    if persistent is not None:
+        raise persistent
+    return failed[0][1] if failed else None

@@ -128,11 +128,14 @@ def test_undo_without_history_explains():
         nc.undo_(mlp())
 
 
-def test_undo_on_the_parent_names_the_sub_module_that_holds_the_step():
+def test_undo_on_the_parent_undoes_the_step_recorded_on_its_sub_module():
+    # Issue 11: `%prune model.encoder 0.5` then `%undo model` said "nothing to undo".
     model = nn.Sequential(mlp(), nn.Linear(4, 2))
     saved = snapshot(model)
     nc.prune_(model[0], 0.5)
-    with pytest.raises(ValueError, match=r"sub-module\(s\) '0'.*get_submodule\('0'\)"):
-        nc.undo_(model)
-    nc.undo_(model.get_submodule("0"))
+    assert [s.name for s in nc.history(model)] == ["prune"]
+    assert nc.history(model).rows[0]["module"] == "0"
+    assert "[0]" in str(nc.history(model))
+    nc.undo_(model)
     assert_same_state(model, saved)
+    assert nc.history(model) == [] and nc.history(model[0]) == []
