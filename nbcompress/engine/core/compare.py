@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine.core.history import history
+from nbcompress.engine.core.history import history, undo_
+from nbcompress.engine.core.interrupts import deferred_interrupts
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
 from nbcompress.engine.core.summary import Summary, summary
-from nbcompress.engine.core.validation import as_inputs, eval_mode
+from nbcompress.engine.core.validation import as_inputs, call_model, eval_mode
 from nbcompress.timing import Timing, format_seconds, measure_interleaved
 
 __all__ = ["Comparison", "compare", "compare_change", "measure_pair"]
@@ -82,7 +83,7 @@ def measure_pair(
     Args:
         before: A copy of the model as it was.
         after: The model as it is now.
-        example_inputs: A tensor or tuple of tensors.
+        example_inputs: A tensor, tuple of tensors or dict of tensors.
         repeats: Timed samples of each (after warm-up).
 
     Returns:
@@ -91,7 +92,10 @@ def measure_pair(
     inputs = as_inputs(example_inputs)
     with eval_mode(before), eval_mode(after), torch.no_grad():
         t = measure_interleaved(
-            {"before": lambda: before(*inputs), "after": lambda: after(*inputs)},
+            {
+                "before": lambda: call_model(before, inputs),
+                "after": lambda: call_model(after, inputs),
+            },
             repeats=repeats,
         )
     return t["before"], t["after"]
@@ -161,9 +165,11 @@ def compare_change(
         model: The model to change.
         change: ``change(model)``, an all-or-nothing in-place edit such as
             ``lambda m: prune_(m, 0.5)`` (every nbcompress verb is one: if it raises, the
-            model is as it was, and the error propagates from here unchanged).
-        example_inputs: A tensor or tuple of tensors to time the model on; ``None``: no
-            latencies.
+            model is as it was, and the error propagates from here unchanged). If anything
+            after the change fails or is interrupted (measuring "after", Ctrl-C), the steps
+            the change recorded are undone before the error propagates: all or nothing.
+        example_inputs: A tensor, tuple of tensors or dict of tensors to time the model on;
+            ``None``: no latencies.
         title: First line of the report; ``{name}`` and ``{detail}`` stand for the steps the
             change recorded in ``history(model)`` (joined by `` + `` and ``; ``;
             ``unchanged`` and ``nothing changed`` if it recorded none).
@@ -179,20 +185,36 @@ def compare_change(
     reference = frozen_copy(model) if measure and size <= COPY_LIMIT_BYTES else None
     if before is None:
         before = summary(model, example_inputs, measure_latency=measure)
-    last = history(model)[-1:]
-    result = change(model)
-    after = summary(model, example_inputs, measure_latency=measure)
-    if reference is not None:
-        before.latency, after.latency = measure_pair(
-            reference, model, example_inputs, repeats=repeats
-        )
-    steps = _steps_since(model, last)
-    name = " + ".join(s.name for s in steps) or "unchanged"
-    detail = "; ".join(s.detail for s in steps) or "nothing changed"
-    title = title.replace("{name}", name).replace("{detail}", detail)
-    comparison = compare(before, after, title, notes)
+    earlier = {id(s) for s in history(model)}
+    try:
+        result = change(model)
+        after = summary(model, example_inputs, measure_latency=measure)
+        if reference is not None:
+            before.latency, after.latency = measure_pair(
+                reference, model, example_inputs, repeats=repeats
+            )
+        steps = [s for s in history(model) if id(s) not in earlier]
+        name = " + ".join(s.name for s in steps) or "unchanged"
+        detail = "; ".join(s.detail for s in steps) or "nothing changed"
+        title = title.replace("{name}", name).replace("{detail}", detail)
+        comparison = compare(before, after, title, notes)
+    except BaseException:
+        _undo_new_steps(model, earlier)
+        raise
     comparison.result = result
     return comparison
+
+
+def _undo_new_steps(model: nn.Module, earlier: set[int]) -> None:
+    """Undo every step recorded since ``earlier`` (ids of the steps there were), newest first.
+
+    All-or-nothing for the whole comparison: a change that committed is taken back when
+    measuring it afterwards fails or is interrupted. ``force``: measuring must not have
+    changed the model, and if it did, the saved state is what the user had.
+    """
+    with deferred_interrupts():
+        while (steps := history(model)) and id(steps[-1]) not in earlier:
+            undo_(model, force=True)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -209,14 +231,3 @@ def frozen_copy(model: nn.Module) -> nn.Module:
             if isinstance(value, torch.Tensor) and not value.is_leaf:
                 memo[id(value)] = value.detach().clone()
     return copy.deepcopy(model, memo)
-
-
-def _steps_since(model: nn.Module, last: list[Any]) -> list[Any]:
-    """The steps recorded after ``last`` (the history's last step before, if any)."""
-    steps = history(model)
-    if not last:
-        return list(steps)
-    for i in range(len(steps) - 1, -1, -1):
-        if steps[i] is last[0]:
-            return steps[i + 1 :]
-    return list(steps)  # the history limit dropped it: every step left is new

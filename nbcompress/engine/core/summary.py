@@ -17,6 +17,7 @@ from nbcompress.engine.core.layers import weighted_layers
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
 from nbcompress.engine.core.validation import (
     as_inputs,
+    call_model,
     check_module,
     describe_inputs,
     eval_mode,
@@ -85,8 +86,9 @@ def capture_calls(
     Args:
         model: The model to run (without gradients; its mode is the caller's choice).
         layers: Qualified name → module whose call to record.
-        inputs: Positional inputs, as :func:`~nbcompress.engine.core.validation.as_inputs`
-            returns them.
+        inputs: Inputs as :func:`~nbcompress.engine.core.validation.as_inputs` returns them
+            (a mapping is passed as :func:`~nbcompress.engine.core.validation.call_model`
+            decides).
 
     Returns:
         Name → ``(args, kwargs, output)`` for each layer the forward pass called; layers
@@ -174,7 +176,7 @@ def summary(
     Args:
         model: Any ``nn.Module``; it is not changed (it runs in eval mode and without
             gradients, and training flags are restored).
-        example_inputs: A tensor or tuple of tensors shaped like a real batch. Without
+        example_inputs: A tensor, tuple or dict of tensors shaped like a real batch. Without
             one, output shapes, MACs and latencies are left out.
         repeats: Timed repeats per layer and for the whole model (after warm-up).
         measure_latency: Set False to skip timing (shapes and MACs are still filled in).
@@ -197,7 +199,9 @@ def summary(
             inputs_text = describe_inputs(inputs)
             calls = capture_calls(model, layers, inputs)
             if measure_latency:
-                latency = measure(lambda: model(*inputs), warmup=3, repeats=max(repeats, 5))
+                latency = measure(
+                    lambda: call_model(model, inputs), warmup=3, repeats=max(repeats, 5)
+                )
         else:
             notes.append("No example input: pass one (--input x) for MACs and latency.")
         reps = repeats if measure_latency else 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 import numbers
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,6 +15,7 @@ from torch import nn
 
 __all__ = [
     "as_inputs",
+    "call_model",
     "check_amount",
     "check_module",
     "describe_inputs",
@@ -51,30 +54,95 @@ def check_amount(value: Any, arg: str = "amount", *, allow_zero: bool = True) ->
 
 
 def as_inputs(example_inputs: Any, arg: str = "example_inputs") -> tuple:
-    """Normalise example inputs to a tuple of positional arguments for ``model(*inputs)``."""
+    """Normalise example inputs to a tuple of positional arguments for :func:`call_model`.
+
+    A tensor becomes ``(tensor,)`` and a sequence a tuple. A mapping of names to tensors (a
+    dict, a tokenizer's ``BatchEncoding``) becomes ``(mapping,)``: :func:`call_model` then
+    passes it as the forward signature asks (one argument, or keywords). An empty batch is
+    refused.
+    """
     if example_inputs is None:
         raise ValueError(
             f"{arg}: an example input is needed to run the model. Pass a tensor (or a tuple of "
-            "tensors) shaped like a real batch; in a notebook `--input x` names it."
+            "tensors, or a dict of tensors) shaped like a real batch; in a notebook `--input x` "
+            "names it."
         )
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
-        return tuple(example_inputs)
-    if isinstance(example_inputs, dict):
+        inputs: tuple = (example_inputs,)
+    elif isinstance(example_inputs, Mapping):
+        inputs = (_check_mapping(example_inputs, arg),)
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        inputs = tuple(example_inputs)
+    else:
         raise TypeError(
-            f"{arg}: keyword inputs are not supported; pass a tensor or a tuple of tensors."
+            f"{arg}: expected a tensor, a tuple of tensors or a dict of tensors, got "
+            f"{type(example_inputs).__name__}."
         )
-    raise TypeError(
-        f"{arg}: expected a tensor or a tuple of tensors, got {type(example_inputs).__name__}."
-    )
+    for x in _tensors(inputs):
+        if x.dim() and x.shape[0] == 0:
+            raise ValueError(
+                f"{arg}: the batch is empty (an input of shape {tuple(x.shape)}); pass at "
+                "least one example shaped like a real batch."
+            )
+    return inputs
+
+
+def _check_mapping(mapping: Mapping, arg: str) -> Mapping:
+    if not all(isinstance(k, str) for k in mapping) or not any(
+        isinstance(v, torch.Tensor) for v in mapping.values()
+    ):
+        raise TypeError(
+            f"{arg}: a dict input must map argument names to tensors (e.g. a tokenizer's "
+            "output with return_tensors='pt'); got keys "
+            f"{list(mapping)[:4]!r} and no tensor value."
+        )
+    return mapping
+
+
+def _tensors(inputs: tuple) -> list[torch.Tensor]:
+    flat = [v for x in inputs for v in (x.values() if isinstance(x, Mapping) else (x,))]
+    return [x for x in flat if isinstance(x, torch.Tensor)]
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_takes_one_argument(forward_type: type, keys: frozenset[str]) -> bool:
+    try:
+        # Bind self with a placeholder: the signature as the call sees it.
+        params = inspect.signature(functools.partial(forward_type.forward, None)).parameters
+    except (TypeError, ValueError):  # no signature (e.g. a builtin): Hugging Face style
+        return False
+    positional = [
+        p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(positional) == 1 and positional[0] not in keys
+
+
+def call_model(model: nn.Module, inputs: tuple) -> Any:
+    """Call ``model`` on inputs as :func:`as_inputs` returns them.
+
+    The one place that decides how a mapping input is passed: a forward with one positional
+    parameter besides ``self`` (``nn.Sequential``, sentence-transformers modules) gets the
+    mapping as that argument, unless the parameter is named after one of its keys; any other
+    forward (Hugging Face models) gets it as keyword arguments. Each call gets a fresh copy
+    of the mapping, since sentence encoders add their outputs to the dict they are given.
+    """
+    if len(inputs) == 1 and isinstance(inputs[0], Mapping):
+        mapping = dict(inputs[0])
+        if _forward_takes_one_argument(type(model), frozenset(mapping)):
+            return model(mapping)
+        return model(**mapping)
+    return model(*inputs)
 
 
 def describe_inputs(inputs: tuple) -> str:
     """Human-readable shapes of example inputs, e.g. ``(8, 1, 28, 28) float32``."""
     parts = []
     for x in inputs:
-        if isinstance(x, torch.Tensor):
+        if isinstance(x, Mapping):
+            parts.append(
+                "{" + ", ".join(f"{k}: {describe_inputs((v,))}" for k, v in x.items()) + "}"
+            )
+        elif isinstance(x, torch.Tensor):
             parts.append(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}")
         else:
             parts.append(type(x).__name__)
@@ -98,14 +166,21 @@ def _expected_input(model: nn.Module) -> str | None:
 
 
 def run_forward(model: nn.Module, inputs: tuple, arg: str = "example_inputs") -> Any:
-    """Run ``model(*inputs)`` without gradients; explain shape errors naming ``arg``."""
+    """Run the model on ``inputs`` (:func:`call_model`) without gradients.
+
+    Any error the forward raises (a shape mismatch, a missing key, a user's assert) becomes
+    one ``ValueError`` naming ``arg`` and the input's shapes; Ctrl-C passes through.
+    """
     try:
         with torch.no_grad():
-            return model(*inputs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            return call_model(model, inputs)
+    except Exception as err:
         expected = _expected_input(model)
         hint = f" The model expects {expected}." if expected else ""
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else ""
+        if not isinstance(err, (RuntimeError, ValueError, TypeError, IndexError)) or not first:
+            first = f"{type(err).__name__}" + (f" {first}" if first else "")
         raise ValueError(
             f"{arg}: the model failed on the example input of shape {describe_inputs(inputs)}: "
             f"{first}.{hint} Pass an input shaped like a real batch."

@@ -139,3 +139,23 @@ def test_undo_on_the_parent_undoes_the_step_recorded_on_its_sub_module():
     nc.undo_(model)
     assert_same_state(model, saved)
     assert nc.history(model) == [] and nc.history(model[0]) == []
+
+
+def test_undo_on_a_parent_goes_back_most_recent_first_across_its_sub_modules():
+    model = nn.Sequential(mlp(), nn.Linear(4, 2))
+    states = [snapshot(model)]
+    nc.prune_(model[0], 0.5)  # recorded on the sub-module
+    states.append(snapshot(model))
+    nc.prune_(model, 0.7, include_output=True)  # recorded on the parent
+    states.append(snapshot(model))
+    nc.prune_(model[0], 0.8)
+    states.append(snapshot(model))
+    assert [r["module"] for r in nc.history(model).rows] == ["0", "", "0"]
+    assert nc.history(model).nbytes == sum(s.nbytes for s in nc.history(model))
+    nc.undo_(model)
+    assert_same_state(model, states[2])
+    assert len(nc.history(model)) == 2 and len(nc.history(model[0])) == 1
+    nc.undo_(model, all=True)
+    assert_same_state(model, states[0])
+    with pytest.raises(ValueError, match="nothing to undo"):
+        nc.undo_(model)
