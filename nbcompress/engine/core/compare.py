@@ -18,6 +18,7 @@ from torch import nn
 from nbcompress.engine.core.history import history, undo_
 from nbcompress.engine.core.interrupts import deferred_interrupts
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
+from nbcompress.engine.core.snapshot import nbytes, tensors_in
 from nbcompress.engine.core.summary import Summary, summary
 from nbcompress.engine.core.validation import as_inputs, call_model, eval_mode
 from nbcompress.timing import Timing, format_seconds, measure_interleaved
@@ -181,7 +182,8 @@ def compare_change(
         The comparison; what ``change`` returned is in its ``result``.
     """
     measure = example_inputs is not None
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # torch.ao layers hold tuples of packed tensors in their state_dict: count those too.
+    size = sum(nbytes(t) for t in tensors_in(model.state_dict().values()))
     reference = frozen_copy(model) if measure and size <= COPY_LIMIT_BYTES else None
     if before is None:
         before = summary(model, example_inputs, measure_latency=measure)

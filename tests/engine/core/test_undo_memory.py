@@ -8,6 +8,7 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as qdynamic
 
 import nbcompress as nc
+from nbcompress.engine.core.compare import compare_change
 from nbcompress.engine.core.history import transaction
 from tests.helpers import assert_same_state, snapshot
 
@@ -135,3 +136,14 @@ def test_the_history_limit_is_per_model():
     finally:
         nc.set_history_limit(4 * 2**30)
     assert len(nc.history(models[0])) == len(nc.history(models[1])) == 1
+
+
+def test_compare_change_measures_a_model_holding_a_torch_ao_layer():
+    # compare_change sized the model from its state_dict and met the same packed tuple.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), _dynamic_linear(nn.Linear(32, 4)))
+    comparison = compare_change(
+        model, lambda m: nc.prune_(m[0], 0.5, include_output=True), torch.randn(2, 16), repeats=2
+    )
+    assert comparison.after.latency is not None
+    assert [s.name for s in nc.history(model)] == ["prune"]
