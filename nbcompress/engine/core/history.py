@@ -141,7 +141,7 @@ def _enforce_limit(hist: History) -> None:
             f"nbcompress history exceeded {limit}: dropped the {dropped} "
             "oldest step(s); undo can no longer go back to the original model. "
             "Raise the limit with nbcompress.set_history_limit(max_bytes).",
-            stacklevel=4,
+            stacklevel=3,
         )
     if hist and hist[-1].nbytes > _LIMIT["bytes"]:
         # Dropping the only step would make the edit just done impossible to undo.
@@ -150,7 +150,7 @@ def _enforce_limit(hist: History) -> None:
             f"undo, more than the history limit of {limit}; it is kept so that it can be "
             "undone (undo_(model) frees it). Raise the limit with "
             "nbcompress.set_history_limit(max_bytes).",
-            stacklevel=4,
+            stacklevel=3,
         )
 
 

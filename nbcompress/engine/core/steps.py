@@ -48,7 +48,10 @@ class Step:
             reason = saved.change_since()
             if reason:
                 names = {id(t): n for n, t in [*model.named_parameters(), *model.named_buffers()]}
-                return f"{names.get(id(saved.tensor), 'a weight')!r}: {reason}"
+                name = names.get(id(saved.tensor))
+                return (
+                    f"{name!r}: {reason}" if name else f"a weight no longer in the model: {reason}"
+                )
         return None
 
 
