@@ -84,7 +84,9 @@ def test_real_sigints_during_prune_leave_either_no_change_or_exactly_one_step():
     rng = random.Random(11)
     outcomes = {"unchanged": 0, "recorded": 0, "finished": 0}
     for _ in range(30):
-        timer = threading.Timer(rng.uniform(0, 1.2 * duration), os.kill, (os.getpid(), 2))
+        timer = threading.Timer(
+            rng.uniform(0, 1.2 * duration), os.kill, (os.getpid(), signal.SIGINT)
+        )
         try:
             timer.start()
             nc.prune_(model, 0.3)
