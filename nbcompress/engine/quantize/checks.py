@@ -24,6 +24,7 @@ from nbcompress.engine.core.outputs import compare_outputs
 __all__ = [
     "FAST_PATH_READS",
     "candidate_problem",
+    "dense_args",
     "fast_path_problem",
     "fast_path_reader",
     "probe_args",
@@ -35,6 +36,18 @@ FAST_PATH_READS: dict[type[nn.Module], tuple[str, ...]] = {
     nn.TransformerEncoderLayer: ("linear1", "linear2"),
     nn.MultiheadAttention: ("out_proj",),
 }
+
+
+def dense_args(args: tuple) -> tuple:
+    """``args`` with nested tensors padded to ordinary ones.
+
+    ``nn.TransformerEncoder`` turns a padded batch into a nested tensor when its fused
+    fast path applies; quantized stand-ins make it decline that path, so afterwards the
+    layer sees the padded dense batch: that is the input to check candidates on.
+    """
+    return tuple(
+        a.to_padded_tensor(0.0) if isinstance(a, torch.Tensor) and a.is_nested else a for a in args
+    )
 
 
 def probe_args(layer: nn.Module) -> tuple | None:

@@ -97,11 +97,11 @@ class Coverage:
 
 #: Layer types no mode quantizes, with the reason shown in the report.
 _NO_KERNEL = {
-    "Embedding": "a lookup table: no int8 kernel here (it is memory, not compute)",
-    "EmbeddingBag": "a lookup table: no int8 kernel here (it is memory, not compute)",
-    "LayerNorm": "normalisation: kept float for accuracy (few parameters)",
-    "BatchNorm1d": "normalisation: kept float (fused into the Conv by static mode only)",
-    "BatchNorm2d": "normalisation: kept float (fused into the Conv by static mode only)",
-    "BatchNorm3d": "normalisation: kept float (fused into the Conv by static mode only)",
-    "GroupNorm": "normalisation: kept float for accuracy (few parameters)",
+    "Embedding": "a lookup table, no int8 kernel here",
+    "EmbeddingBag": "a lookup table, no int8 kernel here",
+    "LayerNorm": "normalisation, kept float for accuracy",
+    "BatchNorm1d": "normalisation, folded into its Conv by static mode only",
+    "BatchNorm2d": "normalisation, folded into its Conv by static mode only",
+    "BatchNorm3d": "normalisation, folded into its Conv by static mode only",
+    "GroupNorm": "normalisation, kept float for accuracy",
 }

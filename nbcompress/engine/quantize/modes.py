@@ -19,7 +19,12 @@ from nbcompress.engine.core.layers import PRUNABLE_TYPES, output_layer, weighted
 from nbcompress.engine.core.summary import capture_calls  # each layer's (args, kwargs, output)
 from nbcompress.engine.quantize.backends import backends_for, quiet
 from nbcompress.engine.quantize.budget import keep_within_budget
-from nbcompress.engine.quantize.checks import candidate_problem, probe_args
+from nbcompress.engine.quantize.checks import (
+    candidate_problem,
+    dense_args,
+    probe_args,
+    round_trip_problem,
+)
 from nbcompress.engine.quantize.choice import accurate_among_fast, clearly_faster
 from nbcompress.engine.quantize.config import (
     DynamicInt8Config,
@@ -183,7 +188,7 @@ def _choose(job: Job, name: str, layer: nn.Module, args: tuple | None, cache: di
 def _per_layer(job: Job, tx: Any) -> None:
     """Quantize layer by layer, picking the fastest correct backend for each."""
     calls = capture_calls(job.model, job.selected, job.inputs) if job.inputs else {}
-    captured = {name: call[0] for name, call in calls.items()}  # positional args
+    captured = {name: dense_args(call[0]) for name, call in calls.items()}  # positional
     cache: dict = {}
     for name, layer in job.selected.items():
         row = new_row(name, layer)
@@ -215,6 +220,19 @@ def _output_linear(model: nn.Module, usable: dict[str, nn.Module]) -> tuple | No
     return None
 
 
+def _check_regions_round_trip(job: Job, regions: list) -> None:
+    """Pickle, load and call every static region on its real input; refuse if one fails."""
+    calls = capture_calls(job.model, {r.names[0]: r.module for r in regions}, job.inputs)
+    for region in regions:
+        args = calls[region.names[0]][0] if region.names[0] in calls else None
+        problem = round_trip_problem(region.module, args)
+        if problem is not None:
+            raise ValueError(
+                f"model: the static int8 region at {region.names[0]!r} {problem}; rolled "
+                "back, the model is unchanged."
+            )
+
+
 @register_mode(StaticInt8Config)
 def _static(job: Job, tx: Any) -> None:
     """Static int8: fuse, wrap runs in Quant/DeQuant stubs, calibrate, convert."""
@@ -233,6 +251,7 @@ def _static(job: Job, tx: Any) -> None:
     rows = {n: new_row(n, m) for n, m in job.selected.items()}
     logits = _output_linear(job.model, usable)
     regions, new = quantize_static(job.model, tx, usable, batches, config, job.warnings)
+    _check_regions_round_trip(job, regions)
     if logits is not None:
         # Static int8 would round the logits to 8 bits too (-0.67 points on the digits
         # CNN); the output layer gets int8 weights with float output instead.
