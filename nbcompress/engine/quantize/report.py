@@ -57,7 +57,7 @@ def weight_values(module: nn.Module) -> torch.Tensor | None:
             w = w()  # torch.ao quantized modules unpack their weight through a method
         except Exception:  # noqa: BLE001 - some packed modules cannot unpack
             return None
-    if not isinstance(w, torch.Tensor):
+    if not isinstance(w, torch.Tensor) or w.is_meta:  # meta: a shape-only stand-in
         return None
     try:
         return w.detach().dequantize().float()
