@@ -177,8 +177,10 @@ def quantize_(
     """Quantize ``model`` in place, undoably, with the best measured backend per layer.
 
     Per layer, every installed backend builds a candidate from a copy; candidates whose
-    output on the layer's real input is off by more than the mode's tolerance, or that
-    cannot be pickled, are rejected; of the rest, those at most 1.5× slower than the
+    output (every floating tensor of it) on the layer's real input is off by more than the
+    mode's tolerance, that do not survive a pickle round trip (dump, load, call), or that
+    would break a parent's fused fast path (``nn.TransformerEncoderLayer``) are rejected,
+    with the reason; of the rest, those at most 1.5× slower than the
     fastest compete on accuracy, then speed, then size
     (:func:`~nbcompress.engine.quantize.choice.accurate_among_fast`). The
     figures (sizes, latency, metric, output difference, backend per layer, layers
@@ -189,7 +191,8 @@ def quantize_(
         mode: ``"dynamic"``, ``"weight"``, ``"static"``, ``"fp16"``, ``"bf16"`` or a config.
         layers: Glob pattern(s) on layer names; ``None`` = all.
         types: Layer types (names or classes); ``None`` = Linear, Conv, LSTM, GRU.
-        calibrate: Static mode: a tensor of inputs, a DataLoader or an iterable of batches.
+        calibrate: Static mode: a tensor of inputs, a DataLoader or an iterable of batches
+            (tensors, mappings of tensors such as a tokenizer's output, or ``(x, y)``).
         example_inputs: A real batch; layers' backends are chosen by timing on it.
         evaluate: ``evaluate(model) -> float`` (e.g. accuracy), run before and after.
         backend: ``"auto"`` (measure), a family (``torch``, ``torchao``, ``numba``,
@@ -201,9 +204,11 @@ def quantize_(
         The model.
 
     Raises:
-        ValueError: Unknown mode or backend, static mode without (or with wrongly shaped)
-            calibration data, a pattern matching no layer, no quantizable layer. The model
-            is left untouched.
+        ValueError: Unknown mode or backend, static mode without (or with wrongly shaped
+            or empty) calibration data, a pattern matching no layer, no quantizable layer,
+            layers already quantized (e.g. inside an fp16 ``HalfCompute``), an empty
+            example batch, an output with no floating tensor to compare. The model is
+            left untouched.
         TypeError: ``model`` is not an ``nn.Module``.
     """
     job = _plan(model, mode, layers, types, calibrate, example_inputs, backend, only_faster)
