@@ -3,7 +3,8 @@
 Each layer's backend is chosen on that layer's own error; small errors add up through a
 deep model (37 int8 layers took MiniLM's embedding cosine to 0.979 on a CPU without
 VNNI). So after the per-layer choice the model's output on the example input is compared
-with the float model's, and while the mean cosine of the output rows is below the mode's
+with the float model's, and while the mean cosine of the output rows (of the worst output
+tensor; see :func:`~nbcompress.engine.quantize.measure.output_cosine`) is below the mode's
 ``min_cosine``, the quantized layer with the largest measured error gets int8 weights with
 float activations instead (weight-only: 4× smaller still, ~5× more accurate here).
 """
@@ -14,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nbcompress.engine.core.validation import primary_output, run_forward
+from nbcompress.engine.core.validation import run_forward
 from nbcompress.engine.quantize.backends import backends_for, quiet
 from nbcompress.engine.quantize.config import WeightInt8Config
+from nbcompress.engine.quantize.measure import output_cosine
 from nbcompress.engine.quantize.modules import Int8WeightOnly, weight_kind
 from nbcompress.engine.quantize.report import fill_row
 
@@ -27,13 +29,6 @@ __all__ = ["FALLBACK", "keep_within_budget", "output_cosine"]
 
 #: The backend the budget falls back to (int8 weights, float activations).
 FALLBACK = "nbcompress-dequant"
-
-
-def output_cosine(out: Any, ref: Any) -> float:
-    """Mean cosine similarity of the output rows (one per example) to the reference's."""
-    a, b = primary_output(out).float(), primary_output(ref).float()
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    return float(torch.nn.functional.cosine_similarity(a, b).mean())
 
 
 def _may_fall_back(job: Job) -> bool:
@@ -52,8 +47,8 @@ def keep_within_budget(job: Job, tx: Any) -> None:
         return
     with torch.no_grad(), quiet(job.warnings):
         cosine = output_cosine(run_forward(job.model, job.inputs), job.reference)
-        if cosine >= budget:
-            return
+        if cosine is None or cosine >= budget:
+            return  # None: no output tensor with more than one value to take a cosine of
         before, moved = cosine, []
         order = sorted(job.errors, key=job.errors.get, reverse=True)
         order = [n for n in order if n in job.new and weight_kind(job.selected[n]) is None]
@@ -68,7 +63,7 @@ def keep_within_budget(job: Job, tx: Any) -> None:
             rows[name]["time quantized"] = None  # the raced candidate's time no longer applies
             rows[name]["note"] = "int8 weights, float activations (accuracy budget)"
             moved.append(name)
-            cosine = output_cosine(run_forward(job.model, job.inputs), job.reference)
+            cosine = output_cosine(run_forward(job.model, job.inputs), job.reference) or 1.0
     job.notes.append(
         f"Accuracy budget: output cosine {before:.4f} on the example input was below "
         f"min_cosine {budget}; {len(moved)} layer(s) with the largest error moved to int8 "

@@ -47,7 +47,9 @@ class DynamicInt8Config(QuantConfig):
         per_channel: One weight scale per output row (more accurate, 16 more bytes per row
             for torch.ao's float64 scale and int64 zero point) instead of one per tensor.
         min_cosine: Accuracy budget, checked end to end: the smallest mean cosine similarity
-            of the quantized model's output rows to the float model's on the example input.
+            of the quantized model's output rows to the float model's on the example input
+            (for every floating output tensor, the worst one counting; a tensor with one
+            value per example is compared across the batch).
             Below it, the layers with the largest measured error get int8 weights with
             float activations (weight-only), one at a time, until it holds; ``None``: no
             budget. Quantized activations are where int8 loses accuracy, and how much

@@ -8,7 +8,6 @@ accurate ones side by side and swaps in the winner through the caller's transact
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,9 +17,14 @@ from torch import nn
 
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, output_layer, weighted_layers
 from nbcompress.engine.core.summary import capture_calls  # each layer's (args, kwargs, output)
-from nbcompress.engine.core.validation import primary_output
 from nbcompress.engine.quantize.backends import backends_for, quiet
 from nbcompress.engine.quantize.budget import keep_within_budget
+from nbcompress.engine.quantize.checks import (
+    candidate_problem,
+    dense_args,
+    probe_args,
+    round_trip_problem,
+)
 from nbcompress.engine.quantize.choice import accurate_among_fast, clearly_faster
 from nbcompress.engine.quantize.config import (
     DynamicInt8Config,
@@ -29,6 +33,7 @@ from nbcompress.engine.quantize.config import (
     StaticInt8Config,
     WeightInt8Config,
 )
+from nbcompress.engine.quantize.measure import rel_errors
 from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.report import fill_row, new_row, serialized_size
 from nbcompress.engine.quantize.static import quantize_static
@@ -66,6 +71,8 @@ class Job:
     reference: Any = None
     #: Layer name → its chosen module's rms relative error on the layer's real input.
     errors: dict[str, float] = field(default_factory=dict)
+    #: Names of modules folded into a quantized layer (BatchNorm fused into its Conv).
+    absorbed: set[str] = field(default_factory=set)
 
 
 Handler = Callable[[Job, Any], None]
@@ -83,32 +90,24 @@ def register_mode(config_type: type) -> Callable[[Handler], Handler]:
     return deco
 
 
-def rel_errors(ref: Any, out: Any) -> tuple[float, float]:
-    """Relative output errors ``(peak, rms)``: max |q - f| / max |f| and ‖q - f‖ / ‖f‖.
-
-    The peak error is what the mode's tolerance bounds (int16 saturation on a CPU without
-    VNNI shows as a few clipped outputs: peak errors up to 28% on MiniLM where the rms
-    error was 10%); the rms error ranks the candidates, since it is what moves the
-    model's output cosine.
-    """
-    a, b = primary_output(ref).float(), primary_output(out).float()
-    diff = a - b
-    peak = float(diff.abs().max() / a.abs().max().clamp_min(1e-12))
-    return peak, float(diff.norm() / a.norm().clamp_min(1e-12))
-
-
-def _candidates(job: Job, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def _candidates(
+    job: Job, name: str, layer: nn.Module, args: tuple | None
+) -> tuple[dict[str, nn.Module], dict[str, str]]:
     built, why = {}, {}
+    probe = args if args is not None else probe_args(layer)
     for b in backends_for(job.config, job.family):
         reason = b.available() or b.supports(job.config, layer)
         if reason is None:
             try:
                 with quiet(job.warnings):
                     module = b.build(job.config, layer)
-                    # A compressed model must stay picklable / torch.save-able (torchao's
-                    # modules are not: their tensor subclass holds a functools.partial).
-                    pickle.dumps(module)
-                built[b.name] = module
+                    # A compressed model must stay picklable / torch.save-able and keep
+                    # its parents working (see nbcompress.engine.quantize.checks).
+                    problem = candidate_problem(job.model, name, module, probe)
+                if problem is None:
+                    built[b.name] = module
+                else:
+                    reason = f"rejected: {problem}"
             except Exception as err:  # noqa: BLE001 - a backend failing is a finding, not fatal
                 reason = f"failed ({type(err).__name__}: {str(err)[:80]})"
         if reason is not None:
@@ -116,10 +115,19 @@ def _candidates(job: Job, layer: nn.Module) -> tuple[dict[str, nn.Module], dict[
     return built, why
 
 
-def _why(why: dict[str, str]) -> str:
-    """One readable reason a layer stays float: failures first, then the first 'cannot'."""
-    failed = [f"{b}: {r}" for b, r in why.items() if r.startswith(("failed", "output error"))]
-    cannot = [r for r in why.values() if not r.startswith(("failed", "output error"))]
+_FINDINGS = ("failed", "output error", "rejected")
+
+
+def _why(why: dict[str, str], layer: nn.Module) -> str:
+    """One readable reason a layer stays float: failures first, then the first 'cannot'.
+
+    A 'cannot' that names the layer's type ("... not MultiheadAttention") is preferred to
+    one about another backend's scope.
+    """
+    failed = [f"{b}: {r}" for b, r in why.items() if r.startswith(_FINDINGS)]
+    cannot = [r for r in why.values() if not r.startswith(_FINDINGS)]
+    kind = type(layer).__name__
+    cannot.sort(key=lambda r: not (r.startswith(kind) or f"not {kind}" in r))
     return "; ".join(failed + cannot[:1]) or "no backend for this mode"
 
 
@@ -129,7 +137,12 @@ def _check(job: Job, layer: nn.Module, args: tuple, built: dict, why: dict) -> d
     with torch.no_grad(), quiet(job.warnings):
         ref = layer(*args)
         for bname in list(built):
-            peak, errors[bname] = rel_errors(ref, built[bname](*args))
+            try:
+                peak, errors[bname] = rel_errors(ref, built[bname](*args))
+            except (RuntimeError, ValueError, TypeError) as err:
+                why[bname] = f"failed ({type(err).__name__}: {str(err)[:80]})"
+                del built[bname]
+                continue
             if not peak <= job.config.tolerance:
                 why[bname] = f"output error {peak:.1%} > tolerance {job.config.tolerance:.0%}"
                 del built[bname]
@@ -151,10 +164,10 @@ def _race(job: Job, layer: nn.Module, args: tuple, built: dict[str, nn.Module]) 
 
 def _choose(job: Job, name: str, layer: nn.Module, args: tuple | None, cache: dict) -> Any:
     """Return ``(backend name, module, race or None, note)`` or ``(None, None, None, why)``."""
-    built, why = _candidates(job, layer)
+    built, why = _candidates(job, name, layer, args)
     errors = _check(job, layer, args, built, why) if args is not None else {}
     if not built:
-        return None, None, None, _why(why)
+        return None, None, None, _why(why, layer)
     if args is None:
         first = next(iter(built))
         return first, built[first], None, "backend not measured (no example input)"
@@ -175,7 +188,7 @@ def _choose(job: Job, name: str, layer: nn.Module, args: tuple | None, cache: di
 def _per_layer(job: Job, tx: Any) -> None:
     """Quantize layer by layer, picking the fastest correct backend for each."""
     calls = capture_calls(job.model, job.selected, job.inputs) if job.inputs else {}
-    captured = {name: call[0] for name, call in calls.items()}  # positional args
+    captured = {name: dense_args(call[0]) for name, call in calls.items()}  # positional
     cache: dict = {}
     for name, layer in job.selected.items():
         row = new_row(name, layer)
@@ -207,6 +220,19 @@ def _output_linear(model: nn.Module, usable: dict[str, nn.Module]) -> tuple | No
     return None
 
 
+def _check_regions_round_trip(job: Job, regions: list) -> None:
+    """Pickle, load and call every static region on its real input; refuse if one fails."""
+    calls = capture_calls(job.model, {r.names[0]: r.module for r in regions}, job.inputs)
+    for region in regions:
+        args = calls[region.names[0]][0] if region.names[0] in calls else None
+        problem = round_trip_problem(region.module, args)
+        if problem is not None:
+            raise ValueError(
+                f"model: the static int8 region at {region.names[0]!r} {problem}; rolled "
+                "back, the model is unchanged."
+            )
+
+
 @register_mode(StaticInt8Config)
 def _static(job: Job, tx: Any) -> None:
     """Static int8: fuse, wrap runs in Quant/DeQuant stubs, calibrate, convert."""
@@ -225,6 +251,7 @@ def _static(job: Job, tx: Any) -> None:
     rows = {n: new_row(n, m) for n, m in job.selected.items()}
     logits = _output_linear(job.model, usable)
     regions, new = quantize_static(job.model, tx, usable, batches, config, job.warnings)
+    _check_regions_round_trip(job, regions)
     if logits is not None:
         # Static int8 would round the logits to 8 bits too (-0.67 points on the digits
         # CNN); the output layer gets int8 weights with float output instead.
@@ -235,6 +262,7 @@ def _static(job: Job, tx: Any) -> None:
     for region in regions:
         for name, fused in region.fused.items():
             rows[name]["note"] = "fused with " + ", ".join(fused)
+            job.absorbed.update(fused)
     for name, module in new.items():
         dynamic = isinstance(module, Int8DynamicLinear)
         fill_row(

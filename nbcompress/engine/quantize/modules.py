@@ -17,14 +17,34 @@ from torch import nn
 from nbcompress.engine.quantize.cpu import int8_cpu
 
 __all__ = [
+    "OpaqueWeight",
     "HalfCompute",
     "HalfWeight",
     "Int8DynamicLinear",
     "Int8WeightOnly",
+    "opaque_weight",
     "weight_kind",
 ]
 
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+
+
+class OpaqueWeight(torch.Tensor):
+    """The shape and dtype of a weight stored in another form, without its values.
+
+    torch's fused ``nn.TransformerEncoderLayer`` fast path (and ``nn.TransformerEncoder``'s
+    nested-tensor path) reads ``linear1.weight`` and ``linear2.weight`` directly and would
+    compute with them, bypassing the quantized module. A value-less (``meta``) tensor of
+    this subclass keeps that attribute valid, and its ``__torch_function__`` (every Tensor
+    subclass has one) makes torch decline the fast path ("some Tensor argument
+    has_torch_function") and call the module, so the int8/half kernels really run. The
+    values are :meth:`dequantized_weight`'s.
+    """
+
+
+def opaque_weight(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """An :class:`OpaqueWeight` of ``shape`` (float32, on the meta device: no memory)."""
+    return torch.Tensor._make_subclass(OpaqueWeight, torch.empty(shape, device="meta"))
 
 
 def weight_kind(layer: nn.Module) -> str | None:
@@ -55,6 +75,11 @@ class _StoredWeight(nn.Module):
         bias = layer.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
         self.weight_shape = tuple(layer.weight.shape)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape-only stand-in for the float weight (see :class:`OpaqueWeight`)."""
+        return opaque_weight(self.weight_shape)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the layer computes with."""
@@ -110,6 +135,17 @@ class HalfCompute(nn.Module):
         super().__init__()
         self.dtype = dtype
         self.inner = copy.deepcopy(layer).to(dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape-only stand-in for the float weight (see :class:`OpaqueWeight`)."""
+        inner = self.inner.weight  # an AttributeError for layers without one (LSTM)
+        return opaque_weight(inner.shape)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The wrapped layer's bias (in the half dtype), read by torch's fused fast paths."""
+        return getattr(self.inner, "bias", None)
 
     def forward(self, *args: Any) -> Any:  # noqa: D102
         back = next((a.dtype for a in args if isinstance(a, torch.Tensor)), torch.float32)
@@ -172,6 +208,11 @@ class Int8DynamicLinear(nn.Module):
         wide = int(self.qweight.abs().max()) > 63 if self.qweight.numel() else False
         self._packed = (packed, wide and not int8_cpu().vnni)
         return self._packed
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape-only stand-in for the float weight (see :class:`OpaqueWeight`)."""
+        return opaque_weight(self.qweight.shape)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the kernel computes with."""

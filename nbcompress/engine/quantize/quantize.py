@@ -20,13 +20,7 @@ from torch import nn
 
 from nbcompress.engine.core.history import history, transaction
 from nbcompress.engine.core.layers import select_layers, weighted_layers
-from nbcompress.engine.core.validation import (
-    as_inputs,
-    check_module,
-    eval_mode,
-    primary_output,
-    run_forward,
-)
+from nbcompress.engine.core.validation import as_inputs, check_module, eval_mode, run_forward
 from nbcompress.engine.quantize.backends import BACKENDS, FAMILIES, quiet
 from nbcompress.engine.quantize.config import (
     MODES,
@@ -37,6 +31,8 @@ from nbcompress.engine.quantize.config import (
     WeightInt8Config,
     resolve_mode,
 )
+from nbcompress.engine.quantize.coverage import Coverage, param_owners
+from nbcompress.engine.quantize.measure import check_batch, output_error
 from nbcompress.engine.quantize.modes import DEFAULT_TYPES, HANDLERS, Job
 from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
 from nbcompress.engine.quantize.static import calibration_batches
@@ -77,7 +73,17 @@ def _select(model: nn.Module, layers: Any, types: Any) -> dict[str, nn.Module]:
             "model: the model is a single layer; wrap it (nn.Sequential(layer)) so that the "
             "layer can be swapped in place."
         )
-    return selected
+    # A float layer inside a quantized module (HalfCompute's fp16 `inner`, a static
+    # region's copy) is not the user's float layer: quantizing it again breaks the model.
+    done = [n for n, m in model.named_modules() if n and _is_quantized(m)]
+    inside = [s for s in selected if any(s.startswith(d + ".") for d in done)]
+    if inside and len(inside) == len(selected):
+        raise ValueError(
+            f"model: already quantized ({inside[0]!r} is inside the quantized module "
+            f"{next(d for d in done if inside[0].startswith(d + '.'))!r}); undo first "
+            "(undo_(model) / %undo model) to quantize it differently."
+        )
+    return {n: m for n, m in selected.items() if n not in inside}
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -122,12 +128,12 @@ def _finish(job: Job, report: QuantizeReport, ref: Any, float_copy: nn.Module | 
         report.notes.append("No example input given: latency and output difference not measured.")
         return
     with quiet(job.warnings):
-        out = primary_output(run_forward(model, inputs)).float()
-        ref = primary_output(ref).float()
-        diff = (out - ref).abs()
-        report.max_diff, report.mean_diff = float(diff.max()), float(diff.mean())
-        flat_o, flat_r = out.reshape(out.shape[0], -1), ref.reshape(ref.shape[0], -1)
-        report.cosine = float(torch.nn.functional.cosine_similarity(flat_o, flat_r).mean())
+        error = output_error(ref, run_forward(model, inputs))
+        report.max_diff, report.mean_diff, report.cosine = (
+            error.max_diff,
+            error.mean_diff,
+            error.cosine,
+        )
         with torch.inference_mode():
             timed = race(
                 {"float": lambda: float_copy(*inputs), "quantized": lambda: model(*inputs)},
@@ -171,8 +177,10 @@ def quantize_(
     """Quantize ``model`` in place, undoably, with the best measured backend per layer.
 
     Per layer, every installed backend builds a candidate from a copy; candidates whose
-    output on the layer's real input is off by more than the mode's tolerance, or that
-    cannot be pickled, are rejected; of the rest, those at most 1.5× slower than the
+    output (every floating tensor of it) on the layer's real input is off by more than the
+    mode's tolerance, that do not survive a pickle round trip (dump, load, call), or that
+    would break a parent's fused fast path (``nn.TransformerEncoderLayer``) are rejected,
+    with the reason; of the rest, those at most 1.5× slower than the
     fastest compete on accuracy, then speed, then size
     (:func:`~nbcompress.engine.quantize.choice.accurate_among_fast`). The
     figures (sizes, latency, metric, output difference, backend per layer, layers
@@ -183,7 +191,8 @@ def quantize_(
         mode: ``"dynamic"``, ``"weight"``, ``"static"``, ``"fp16"``, ``"bf16"`` or a config.
         layers: Glob pattern(s) on layer names; ``None`` = all.
         types: Layer types (names or classes); ``None`` = Linear, Conv, LSTM, GRU.
-        calibrate: Static mode: a tensor of inputs, a DataLoader or an iterable of batches.
+        calibrate: Static mode: a tensor of inputs, a DataLoader or an iterable of batches
+            (tensors, mappings of tensors such as a tokenizer's output, or ``(x, y)``).
         example_inputs: A real batch; layers' backends are chosen by timing on it.
         evaluate: ``evaluate(model) -> float`` (e.g. accuracy), run before and after.
         backend: ``"auto"`` (measure), a family (``torch``, ``torchao``, ``numba``,
@@ -195,9 +204,11 @@ def quantize_(
         The model.
 
     Raises:
-        ValueError: Unknown mode or backend, static mode without (or with wrongly shaped)
-            calibration data, a pattern matching no layer, no quantizable layer. The model
-            is left untouched.
+        ValueError: Unknown mode or backend, static mode without (or with wrongly shaped
+            or empty) calibration data, a pattern matching no layer, no quantizable layer,
+            layers already quantized (e.g. inside an fp16 ``HalfCompute``), an empty
+            example batch, an output with no floating tensor to compare. The model is
+            left untouched.
         TypeError: ``model`` is not an ``nn.Module``.
     """
     job = _plan(model, mode, layers, types, calibrate, example_inputs, backend, only_faster)
@@ -244,39 +255,24 @@ def _run(job: Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRep
     model, inputs, config = job.model, job.inputs, job.config
     report = QuantizeReport(mode=config.label)
     with eval_mode(model):
-        # Cloned now: some models (sentence encoders) write their output into the input dict.
-        ref = primary_output(run_forward(model, inputs)).clone() if inputs is not None else None
+        ref = check_batch(run_forward(model, inputs)) if inputs is not None else None
         report.metric_before = _metric(evaluate, model)
         report.size_before = serialized_size(model)
         float_copy = copy.deepcopy(model) if inputs is not None else None
     kept_note = _kept_float_note(model, job.selected)
-    # The transaction is entered outside eval mode so that undo restores the user's flags.
-    with transaction(model, "quantize", config.label) as tx, eval_mode(model):
-        job.reference = ref
-        HANDLERS[type(config)](job, tx)
-        report.rows = job.rows
-        if not report.quantized:
-            raise ValueError(
-                "model: no selected layer could be quantized in mode "
-                f"{config.label!r}: " + "; ".join(sorted(set(report.skipped.values())))
-            )
-        report.size_after = serialized_size(model)
-        done = set(report.quantized)
-        report.layers_before = serialized_size({n: job.selected[n] for n in done})
-        report.layers_after = serialized_size({n: job.new[n] for n in done})
-        _finish(job, report, ref, float_copy)
-        if job.only_faster and report.speedup is not None and report.speedup < 1:
-            # Per-layer wins do not always add up (and noise can fake one on tiny layers);
-            # the promise is about the whole model, so it must measure faster as a whole.
-            raise ValueError(
-                f"model: with only_faster, the quantized model measured slower end to end "
-                f"({report.latency_after} vs float {report.latency_before}); rolled back, "
-                "the model is unchanged."
-            )
-        report.metric_after = _metric(evaluate, model)
-        tx.step.detail = f"{config.label}: {len(done)} layer(s)"
-        tx.info["report"] = report
+    owners = param_owners(model)
+    with transaction(model, "quantize", config.label) as tx:
+        # Snapshot every module a swap may edit while the user's training flags are still
+        # set: a snapshot taken in eval mode would restore training=False on undo/rollback.
+        _save_parents(tx, model, job.selected)
+        with eval_mode(model):
+            _quantize(job, tx, report, ref, float_copy, evaluate)
+        for name, module in job.new.items():
+            module.train(job.selected[name].training)  # the float layer's flag, restored
+    coverage = Coverage.of(owners, job.rows, job.absorbed)
+    report.float_share = coverage.float_share
     report.notes = job.notes + report.notes + ([kept_note] if kept_note else [])
+    report.notes += [coverage.note()] if coverage.note() else []
     if job.warnings:
         top = sorted(job.warnings, key=job.warnings.get, reverse=True)[:2]
         report.notes.append(
@@ -284,6 +280,48 @@ def _run(job: Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRep
             f"{len(job.warnings)} distinct): " + " | ".join(top)
         )
     return report
+
+
+def _save_parents(tx: Any, model: nn.Module, selected: dict[str, nn.Module]) -> None:
+    """Snapshot the parents of the selected layers (where every swap happens)."""
+    for name in selected:
+        tx.save(model.get_submodule(name.rpartition(".")[0]))
+
+
+def _quantize(
+    job: Job,
+    tx: Any,
+    report: QuantizeReport,
+    ref: Any,
+    float_copy: nn.Module | None,
+    evaluate: Callable[[nn.Module], float] | None,
+) -> None:
+    """The transaction's body, in eval mode: swap, check, measure (any failure rolls back)."""
+    model, config = job.model, job.config
+    job.reference = ref
+    HANDLERS[type(config)](job, tx)
+    report.rows = job.rows
+    if not report.quantized:
+        raise ValueError(
+            "model: no selected layer could be quantized in mode "
+            f"{config.label!r}: " + "; ".join(sorted(set(report.skipped.values())))
+        )
+    report.size_after = serialized_size(model)
+    done = set(report.quantized)
+    report.layers_before = serialized_size({n: job.selected[n] for n in done})
+    report.layers_after = serialized_size({n: job.new[n] for n in done})
+    _finish(job, report, ref, float_copy)
+    if job.only_faster and report.speedup is not None and report.speedup < 1:
+        # Per-layer wins do not always add up (and noise can fake one on tiny layers);
+        # the promise is about the whole model, so it must measure faster as a whole.
+        raise ValueError(
+            f"model: with only_faster, the quantized model measured slower end to end "
+            f"({report.latency_after} vs float {report.latency_before}); rolled back, "
+            "the model is unchanged."
+        )
+    report.metric_after = _metric(evaluate, model)
+    tx.step.detail = f"{config.label}: {len(done)} layer(s)"
+    tx.info["report"] = report
 
 
 def quantize_report(model: nn.Module) -> QuantizeReport:

@@ -57,7 +57,7 @@ def weight_values(module: nn.Module) -> torch.Tensor | None:
             w = w()  # torch.ao quantized modules unpack their weight through a method
         except Exception:  # noqa: BLE001 - some packed modules cannot unpack
             return None
-    if not isinstance(w, torch.Tensor):
+    if not isinstance(w, torch.Tensor) or w.is_meta:  # meta: a shape-only stand-in
         return None
     try:
         return w.detach().dequantize().float()
@@ -139,9 +139,13 @@ class QuantizeReport(TableReport):
         metric_after: ``evaluate(model)`` after.
         max_diff: Largest absolute output difference vs the float model on the example input.
         mean_diff: Mean absolute output difference.
-        cosine: Mean cosine similarity of output rows vs the float model.
+        cosine: Cosine similarity to the float model's output: the mean over example rows
+            of the worst output tensor (over the whole tensor when a row is one value);
+            ``None`` when no output tensor has more than one value.
         layers_before: Serialized bytes of the quantized layers before (saved together).
         layers_after: Same after.
+        float_share: Fraction of the model's parameters left in float (a note says which
+            layers and why).
         notes: Caveats and summarised backend warnings.
     """
 
@@ -158,6 +162,7 @@ class QuantizeReport(TableReport):
     cosine: float | None = None
     layers_before: int = 0
     layers_after: int = 0
+    float_share: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -197,9 +202,10 @@ class QuantizeReport(TableReport):
         if self.metric_before is not None:
             lines.append(f"metric {self.metric_before:.4g} → {self.metric_after:.4g}")
         if self.max_diff is not None:
+            cosine = "n/a (one value)" if self.cosine is None else f"{self.cosine:.5f}"
             lines.append(
                 f"output vs float: max |diff| {self.max_diff:.3g}, mean {self.mean_diff:.3g}, "
-                f"cosine {self.cosine:.5f}"
+                f"cosine {cosine}"
             )
         return lines
 

@@ -12,7 +12,7 @@ them bit-exactly.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +21,15 @@ from torch import nn
 
 from nbcompress.engine.quantize.backends import quantized_engine, quiet
 from nbcompress.engine.quantize.config import StaticInt8Config
+from nbcompress.engine.quantize.modules import opaque_weight
 
-__all__ = ["StaticRegion", "calibration_batches", "plan_regions", "quantize_static"]
+__all__ = [
+    "StaticRegion",
+    "batch_inputs",
+    "calibration_batches",
+    "plan_regions",
+    "quantize_static",
+]
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 # Modules that run on quantized tensors, so a region may continue through them.
@@ -43,7 +50,64 @@ _CONV_BN = {nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 
 
 class StaticRegion(nn.Sequential):
-    """``QuantStub → quantized layers → DeQuantStub`` standing in for a run of layers."""
+    """``QuantStub → quantized layers → DeQuantStub`` standing in for a run of layers.
+
+    Pickling (``pickle``, ``torch.save``) works around torch's quantized convolutions,
+    whose ``__setstate__`` (torch 2.14) skips ``nn.Module.__init__``: an unpickled one has
+    no ``_modules`` or hook dicts and fails on ``.eval()`` or its first call. Each one is
+    pickled as a recipe instead (:func:`_rebuild_conv`): its class and torch's own
+    ``__getstate__`` tuple (int8 weight with its scales and zero points, bias, geometry,
+    output scale and zero point), rebuilt the way torch's ``__deepcopy__`` does.
+    """
+
+    #: Shape of the weight of the layer the region stands in for (first weighted layer).
+    weight_shape: tuple[int, ...] | None = None
+    #: Shape of that layer's bias (``None``: no bias).
+    bias_shape: tuple[int, ...] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape-only stand-in for the replaced layer's weight (torch's fused fast paths)."""
+        if self.weight_shape is None:
+            raise AttributeError("weight")
+        return opaque_weight(self.weight_shape)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """Shape-only stand-in for the replaced layer's bias."""
+        return None if self.bias_shape is None else opaque_weight(self.bias_shape)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)
+        state["_modules"] = {
+            k: _ConvRecipe(m) if _is_quantized_conv(m) else m for k, m in state["_modules"].items()
+        }
+        return state
+
+
+def _is_quantized_conv(module: Any) -> bool:
+    import torch.ao.nn.quantized as nnq
+
+    return isinstance(module, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d))
+
+
+class _ConvRecipe:
+    """Pickles a torch quantized convolution as ``_rebuild_conv(class, state)``."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.conv = conv
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_conv, (type(self.conv), self.conv.__getstate__())
+
+
+def _rebuild_conv(cls: type, state: tuple) -> nn.Module:
+    """Rebuild a quantized convolution from its ``__getstate__`` tuple (as deepcopy does)."""
+    conv = cls.__new__(cls)
+    nn.Module.__init__(conv)
+    conv.__setstate__(state)  # repacks the int8 weight for this machine's engine
+    return conv
 
 
 @dataclass
@@ -81,16 +145,40 @@ def calibration_batches(data: Any, max_batches: int) -> list[tuple]:
         items = data
     batches = []
     for item in items:
-        if isinstance(item, (tuple, list)) and item:
-            item = item[0]
-        if not isinstance(item, torch.Tensor):
-            raise TypeError(f"calibrate: a batch is a {type(item).__name__}, not a tensor. {fix}")
-        batches.append((item,))
+        batch = batch_inputs(item, fix)
+        if _empty(batch):
+            raise ValueError(f"calibrate: batch {len(batches)} is empty (no examples). {fix}")
+        batches.append(batch)
         if len(batches) >= max_batches:
             break
     if not batches:
         raise ValueError(f"calibrate: the calibration data is empty. {fix}")
     return batches
+
+
+def batch_inputs(item: Any, fix: str = "") -> tuple:
+    """The model's positional inputs for one calibration batch.
+
+    A tensor is one input; a mapping of tensors (a tokenizer's ``BatchEncoding``) is passed
+    as one positional argument, as ``model(features)`` takes it; a tuple or list
+    (``(x, y)`` from a DataLoader) contributes its first element.
+    """
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if isinstance(item, torch.Tensor) or (
+        isinstance(item, Mapping) and any(isinstance(v, torch.Tensor) for v in item.values())
+    ):
+        return (item,)
+    raise TypeError(
+        f"calibrate: a batch is a {type(item).__name__}, not a tensor or a mapping of "
+        f"tensors. {fix}".rstrip()
+    )
+
+
+def _empty(batch: tuple) -> bool:
+    tensors = [v for x in batch for v in (x.values() if isinstance(x, Mapping) else (x,))]
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(t.numel() == 0 for t in tensors)
 
 
 def _child_name(parent: str, child: str) -> str:
@@ -154,6 +242,10 @@ def _build(model: nn.Module, region: Region, config: StaticInt8Config) -> Static
 
     mods = [copy.deepcopy(model.get_submodule(n)).eval() for n in region.names]
     seq = StaticRegion(QuantStub(), *mods, DeQuantStub()).eval()
+    first = next((m for m in mods if isinstance(m, _WEIGHTED)), None)
+    if first is not None:
+        seq.weight_shape = tuple(first.weight.shape)
+        seq.bias_shape = None if first.bias is None else tuple(first.bias.shape)
     groups = _fusion_groups(mods) if config.fuse else []
     if groups:
         fuse_modules(seq, [[str(i + 1) for i in g] for g in groups], inplace=True)
