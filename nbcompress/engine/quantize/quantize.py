@@ -20,7 +20,13 @@ from torch import nn
 
 from nbcompress.engine.core.history import history, transaction
 from nbcompress.engine.core.layers import select_layers, weighted_layers
-from nbcompress.engine.core.validation import as_inputs, check_module, eval_mode, run_forward
+from nbcompress.engine.core.validation import (
+    as_inputs,
+    call_model,
+    check_module,
+    eval_mode,
+    run_forward,
+)
 from nbcompress.engine.quantize.backends import BACKENDS, FAMILIES, quiet
 from nbcompress.engine.quantize.config import (
     MODES,
@@ -136,7 +142,10 @@ def _finish(job: Job, report: QuantizeReport, ref: Any, float_copy: nn.Module | 
         )
         with torch.inference_mode():
             timed = race(
-                {"float": lambda: float_copy(*inputs), "quantized": lambda: model(*inputs)},
+                {
+                    "float": lambda: call_model(float_copy, inputs),
+                    "quantized": lambda: call_model(model, inputs),
+                },
                 rounds=job.repeats,
                 warmup=3,
                 min_sample=2e-4,

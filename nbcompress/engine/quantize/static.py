@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nbcompress.engine.core.validation import call_model
 from nbcompress.engine.quantize.backends import quantized_engine, quiet
 from nbcompress.engine.quantize.config import StaticInt8Config
 from nbcompress.engine.quantize.modules import opaque_weight
@@ -298,7 +299,7 @@ def quantize_static(
                 tx.replace(name, nn.Identity())
         with torch.no_grad():
             for batch in batches:
-                model(*batch)
+                call_model(model, batch)
         with quantized_engine(config.engine):
             for region in regions:
                 convert(region.module, inplace=True)

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine.core import history as core_history
 from tests.helpers import assert_same_state, snapshot
 from tests.real_models import BUILDERS
 
@@ -58,13 +57,8 @@ def test_static_where_it_applies(builder):
     check(builder, "static", calibrate=[x])
 
 
-def test_static_on_a_transformer_encoder(monkeypatch):
-    # Recording the step needs the core's F4 fix (history byte count skips torch.ao's
-    # packed-param tuples); stood in here until it is merged.
-    def nbytes(t):
-        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-    monkeypatch.setattr(core_history, "nbytes", nbytes, raising=False)
+def test_static_on_a_transformer_encoder():
+    # Recording the step counts torch.ao's packed-param tuples (the core's part of F4).
     model, x = BUILDERS["transformer_encoder"]()
     check("transformer_encoder", "static", calibrate=[x])
 

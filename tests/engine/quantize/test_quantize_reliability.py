@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine.core import history as core_history
 from nbcompress.engine.core.history import history
 from nbcompress.engine.quantize import modes as qmod
 from nbcompress.engine.quantize import quantize as qtop
@@ -180,13 +179,9 @@ def test_an_empty_batch_is_refused_in_one_line_and_the_model_is_untouched():
     assert not history(model)
 
 
-def test_quantize_beside_a_torch_ao_layer_records_its_own_step(monkeypatch):
-    # The history's byte count over torch.ao packed params is the core's part of F4; with
-    # it fixed (stand-in below), quantize's own paths must not touch the tuples either.
-    def nbytes(t):
-        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-    monkeypatch.setattr(core_history, "nbytes", nbytes, raising=False)
+def test_quantize_beside_a_torch_ao_layer_records_its_own_step():
+    # The history counts torch.ao's packed params (core); quantize's own paths must not
+    # treat the tuples as tensors either (F4).
     model, x = mlp().eval(), torch.randn(4, 16)
     nc.quantize_(model, "dynamic", layers="4", backend="torch", example_inputs=x, **FAST)
     first, weight, out = model[0], model[0].weight.clone(), run(model, x)
