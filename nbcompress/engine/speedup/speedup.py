@@ -9,6 +9,7 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct, fmt_ratio, fmt_time
 from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult
+from nbcompress.engine.speedup.coverage import describe
 from nbcompress.engine.speedup.sparsify import analyse, install_
 from nbcompress.kernels.threads import get_threads
 from nbcompress.timing import Timing
@@ -137,6 +138,9 @@ def _report(analysis: Analysis, applied: bool) -> SpeedupReport:
         "tolerance = rtol × max|dense output| + 1e-5 with rtol "
         + ", ".join(f"{_PATHS[k]} {v:g}" for k, v in RTOL.items()),
     ]
+    missing = describe(analysis.uncovered, analysis.total_params)
+    if missing:
+        notes.append(missing)
     for message, count in analysis.warnings.items():
         notes.append(f"torch int8 backend warned {count}× (shown once): {message}")
     return SpeedupReport(
