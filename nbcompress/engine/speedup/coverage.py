@@ -20,7 +20,10 @@ from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 __all__ = ["BUILDERS", "Uncovered", "dense_reason", "describe", "uncovered"]
 
 #: Layer type → the sparse module that can replace it.
-BUILDERS: dict[type[nn.Module], type[nn.Module]] = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+BUILDERS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: SparseLinear,
+    nn.Conv2d: SparseConv2d,
+}
 
 # Modules whose fused inference fast path reads these children's ``weight`` directly
 # (torch's TransformerEncoderLayer in eval mode without gradients): a sparse module there,
