@@ -13,7 +13,7 @@ import contextlib
 import numbers
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +24,7 @@ from nbcompress.engine.core.layers import select_layers
 from nbcompress.engine.core.outputs import compare_outputs, output_tensors
 from nbcompress.engine.core.validation import as_inputs, eval_mode, run_forward
 from nbcompress.engine.prune.masks import GRANULARITIES, zero_units
-from nbcompress.engine.sensitivity.guard import EvaluateChangedModel, restoring
-
-if TYPE_CHECKING:
-    from nbcompress.engine.sensitivity.result import SensitivityResult
+from nbcompress.engine.sensitivity.guard import EvaluateChangedModel, EvaluationError, restoring
 
 __all__ = [
     "EvaluationError",
@@ -43,18 +40,6 @@ __all__ = [
     "spent",
     "weight_sparsity",
 ]
-
-
-class EvaluationError(RuntimeError, ValueError):
-    """``evaluate`` raised during a sweep; the model is restored and ``result`` is partial.
-
-    Also a ``ValueError``, so that the magics report it as a one-line usage error naming
-    ``--eval``.
-    """
-
-    def __init__(self, message: str, result: SensitivityResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 def _as_number(value: Any, name: str) -> float:
@@ -91,8 +76,8 @@ def call_evaluate(
     try:
         with restoring(model, f"evaluate: {name}(model) ({where})") as restored:
             value = evaluate(model)
-    except EvaluateChangedModel as err:
-        raise EvaluationError(str(err)) from None
+    except EvaluateChangedModel:
+        raise
     except Exception as err:
         raise EvaluationError(
             f"evaluate: {name}(model) raised {type(err).__name__}: {err} ({where}). The model "

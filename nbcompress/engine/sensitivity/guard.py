@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from nbcompress.engine.core.snapshot import SavedTensor
 
 __all__ = [
     "EvaluateChangedModel",
+    "EvaluationError",
     "Fingerprint",
     "ModelNotRestored",
     "Restored",
@@ -106,8 +108,23 @@ class Fingerprint:
         return self.changed([*model.named_parameters(), *model.named_buffers()])
 
 
-class EvaluateChangedModel(RuntimeError, ValueError):
-    """``evaluate`` changed parameters in a way that could not be saved first."""
+class EvaluationError(RuntimeError, ValueError):
+    """``evaluate`` raised during a sweep; the model is restored and ``result`` is partial.
+
+    Also a ``ValueError``, so that the magics report it as a one-line usage error naming
+    ``--eval``.
+    """
+
+    def __init__(self, message: str, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class EvaluateChangedModel(EvaluationError):
+    """``evaluate`` changed parameters in a way that could not be saved first.
+
+    Its message names them and says they keep the change (nothing claims "restored").
+    """
 
 
 class ModelNotRestored(RuntimeError):
@@ -268,13 +285,21 @@ def verified(model: nn.Module, fingerprint: Fingerprint, what: str) -> Iterator[
     check = _Check()
     try:
         yield check
-    finally:
-        changed = fingerprint.changed_in(model)
-        if changed:
-            raise ModelNotRestored(
-                f"{what}: the model differs from before in {shown(changed)}; it could not be "
-                "restored bit-exactly (evaluate changed it without a gradient step, or "
-                "restoring was interrupted). Reload those weights.",
-                changed,
-                check.result,
-            )
+    except EvaluateChangedModel:
+        raise  # it already names what keeps evaluate's change
+    except BaseException:
+        _unchanged(model, fingerprint, what, check)
+        raise
+    _unchanged(model, fingerprint, what, check)
+
+
+def _unchanged(model: nn.Module, fingerprint: Fingerprint, what: str, check: _Check) -> None:
+    changed = fingerprint.changed_in(model)
+    if changed:
+        raise ModelNotRestored(
+            f"{what}: the model differs from before in {shown(changed)}; it could not be "
+            "restored bit-exactly (evaluate changed it without a gradient step, or "
+            "restoring was interrupted). Reload those weights.",
+            changed,
+            check.result,
+        )
