@@ -218,9 +218,13 @@ def restoring(model: nn.Module, who: str) -> Iterator[Restored]:
         )
 
 
-def _own(name: str, layer: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    tensors = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
-    return [(f"{name}.{n}" if name else n, t) for n, t in tensors]
+def _own(layers: dict[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
+    """Each layer's own parameters and buffers, by qualified name."""
+    out = []
+    for name, layer in layers.items():
+        tensors = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+        out += [(f"{name}.{n}" if name else n, t) for n, t in tensors]
+    return out
 
 
 def _settle(fingerprint: Fingerprint, now: Callable[[], list], tx: Transaction | None) -> None:
@@ -242,27 +246,26 @@ def _settle(fingerprint: Fingerprint, now: Callable[[], list], tx: Transaction |
 
 
 @contextlib.contextmanager
-def layer_trial(model: nn.Module, name: str, layer: nn.Module) -> Iterator[Transaction]:
-    """A trial of edits to ``layer`` whose restore is verified by checksum on exit.
+def layer_trial(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[Transaction]:
+    """A trial of edits to ``layers`` whose restore is verified by checksum on exit.
 
-    If the rollback was interrupted (Ctrl-C inside it), it is completed; the layer is never
-    left edited while a caller goes on to say the model is restored.
+    If the rollback was interrupted (Ctrl-C inside it), it is completed; the layers are
+    never left edited while a caller goes on to say the model is restored.
 
     Args:
         model: The model the trial is on.
-        name: The layer's qualified name (for messages).
-        layer: The layer about to be edited.
+        layers: Qualified name → layer about to be edited.
 
     Yields:
         The trial's transaction.
     """
-    before = Fingerprint(_own(name, layer))
+    before = Fingerprint(_own(layers))
     tx = None
     try:
         with trial(model) as tx:
             yield tx
     finally:
-        _settle(before, lambda: _own(name, layer), tx)
+        _settle(before, lambda: _own(layers), tx)
 
 
 @dataclass

@@ -137,11 +137,12 @@ def sensitivity(
     selected, notes = select_sweep_layers(model, layers, types, max_layers)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
+    trained: set[str] = set()
     with verified(model, fingerprint, "sensitivity") as check, measuring(model):
         proxy = Proxy(model, inputs) if evaluate is None else None
         start = time.perf_counter()
         where = "on the unpruned model"
-        baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where)
+        baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where, trained)
         if not math.isfinite(baseline):
             raise ValueError(
                 f"evaluate: returned {baseline} on the unpruned model; need a finite number."
@@ -158,15 +159,9 @@ def sensitivity(
         )  # fmt: skip
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
-        run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start)
+        run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
-    if run.trained:
-        result.notes.append(
-            f"evaluate trained {len(run.trained)} parameter tensor(s) ({shown(sorted(run.trained))}"
-            "); they were put back after every call, so each point starts from the model as it was."
-        )
-    if run.interrupted:
-        result.notes[run.interrupted - 1] += " The model is restored (verified by checksum)."
+    run.verified_notes()
     return result
 
 
@@ -184,10 +179,21 @@ class _Run:
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
 
+    def verified_notes(self) -> None:
+        """Notes that need the model checked first (the sweep is over and it matched)."""
+        res = self.result
+        if self.trained:
+            res.notes.append(
+                f"evaluate trained {len(self.trained)} parameter tensor(s) "
+                f"({shown(sorted(self.trained))}); they were put back after every call, so "
+                "each point starts from the model as it was."
+            )
+        if self.interrupted:
+            res.notes[self.interrupted - 1] += " The model is restored (verified by checksum)."
+
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
-        layer = self.selected[name]
-        with layer_trial(self.model, name, layer):
+        with layer_trial(self.model, {name: self.selected[name]}):
             prune_ratios_(self.model, {name: ratio}, granularity=self.result.granularity)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):

@@ -186,7 +186,9 @@ def test_ctrl_c_inside_a_trials_rollback_is_finished_and_verified(monkeypatch):
     model, x = mlp(), torch.randn(8, 16)
     before = snapshot(model)
     _interrupt_restore(monkeypatch, times=1)  # the first point's rollback
-    result = nc.sensitivity(model, lambda m: float(m(x).sum()), ratios=[0.5], progress=False)
+    result = nc.sensitivity(
+        model, lambda m: float(m(x).sum().detach()), ratios=[0.5], progress=False
+    )
     monkeypatch.undo()
     assert_same_state(model, before)
     assert not result.complete
@@ -197,7 +199,7 @@ def test_a_restore_that_keeps_failing_is_never_called_restored(monkeypatch):
     model, x = mlp(), torch.randn(8, 16)
     _interrupt_restore(monkeypatch, times=None)
     with pytest.raises(ModelNotRestored, match="could not be restored"):
-        nc.sensitivity(model, lambda m: float(m(x).sum()), ratios=[0.5], progress=False)
+        nc.sensitivity(model, lambda m: float(m(x).sum().detach()), ratios=[0.5], progress=False)
 
 
 def test_fingerprint_sees_nan_and_negative_zero():
@@ -222,4 +224,14 @@ def test_sensitivity_on_real_architectures(name, proxy):
     kwargs = {"example_inputs": x} if proxy else {"evaluate": evaluate}
     result = nc.sensitivity(model, ratios=[0.5, 0.9], progress=False, **kwargs)
     assert result.complete and all(None not in c for c in result.curves.values())
+    assert_same_state(model, before)
+
+
+def test_ctrl_c_inside_a_refine_rollback_still_leaves_the_model_restored(monkeypatch):
+    model, x = mlp(), torch.randn(8, 16)
+    before = snapshot(model)
+    _interrupt_restore(monkeypatch, times=1)
+    with pytest.raises(KeyboardInterrupt):
+        refine(model, lambda m: float(m(x).sum().detach()), 0.5, budget=4)
+    monkeypatch.undo()
     assert_same_state(model, before)
