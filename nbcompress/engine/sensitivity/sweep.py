@@ -102,7 +102,10 @@ def sensitivity(
 
     The model is evaluated in eval mode (each module's flag is restored afterwards) and is
     bit-exactly unchanged when the sweep ends, fails or is interrupted (Ctrl-C returns the
-    partial result with ``complete=False``).
+    partial result with ``complete=False``); that is checked by checksum before the result
+    says so. An ``evaluate`` may fine-tune briefly before it measures: parameters it changes
+    through backward and optimizer steps are put back after every call; any other write
+    to a parameter is refused.
 
     Args:
         model: The model to analyse (not changed).
@@ -129,7 +132,10 @@ def sensitivity(
     Raises:
         TypeError: ``evaluate`` is not callable or returns something other than a number.
         ValueError: Ratios outside (0, 1), an empty layer selection, or a bad option.
-        EvaluationError: ``evaluate`` raised; the partial result is on ``err.result``.
+        EvaluationError: ``evaluate`` raised, or changed a parameter without a gradient
+            step; the partial result is on ``err.result``.
+        ModelNotRestored: The model differs from before the sweep (a write no hook could
+            see, or a restore that could not finish); the message names the tensors.
     """
     check_module(model)
     ratio_list = _check_ratios_arg(ratios)

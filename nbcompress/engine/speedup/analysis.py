@@ -42,7 +42,8 @@ class SparsifyOptions:
 
     Attributes:
         layers: Glob pattern(s) on qualified layer names; ``None`` = all eligible.
-        types: Layer types to consider (default Linear and Conv2d).
+        types: Layer types to list (default every Linear / Conv type); only Linear and
+            Conv2d have sparse kernels, the others are listed with why they stay dense.
         allow_int8: Also consider int8 values (changes results by rounding; off by default).
         allow_bsr: Consider block-sparse storage when weights come in 4-row blocks.
         repeats: Timed rounds of the race between dense and the sparse candidates.

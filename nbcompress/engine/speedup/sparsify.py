@@ -326,14 +326,17 @@ def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Modul
     dense and sparse on its real input from ``example_inputs``; a layer is replaced only
     if a sparse module clearly won the race (:func:`clear_win`: at least ``min_gain``
     faster) and its output matched within the stated tolerance, and only if the whole
-    model is then faster end to end. The change is one history step (``undo_`` restores
-    the dense layers bit-exactly); a failure part-way leaves the model as it was.
+    model is then faster end to end (every floating tensor of the output compared). The
+    model is measured in eval mode and only the swapped layers change (training flags and
+    BatchNorm statistics stay as they were). The change is one history step (``undo_``
+    restores the dense layers bit-exactly); a failure part-way leaves the model as it was.
 
     Args:
         model: The (pruned) model.
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
         **options: Fields of :class:`SparsifyOptions`: ``layers`` (glob pattern(s) on
-            qualified layer names), ``types`` (default Linear and Conv2d), ``allow_int8``
+            qualified layer names), ``types`` (default every Linear / Conv type; those
+            without a sparse kernel are listed with the reason), ``allow_int8``
             (off: int8 values change results by rounding), ``allow_bsr`` (block-sparse
             when weights come in 4-row blocks; on), ``repeats`` (timed rounds, 15) and
             ``min_gain`` (required relative speed-up, 0.05 = 5% faster than dense).

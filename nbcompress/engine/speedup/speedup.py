@@ -161,11 +161,12 @@ def speedup(
     """Measure dense fp32, sparse fp32, sparse int8 and torch int8 per layer, and end to end.
 
     Args:
-        model: The (pruned) model; not modified unless ``apply=True``.
+        model: The (pruned) model; not modified unless ``apply=True`` (it is measured in
+            eval mode; training flags, parameters and buffers are left as they were).
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
         apply: Install the choice in the model, as ``sparsify_`` does (undoable).
         **options: Fields of :class:`~nbcompress.engine.speedup.analysis.SparsifyOptions`:
-            ``layers`` (glob pattern(s) on layer names; default all Linear/Conv2d),
+            ``layers`` (glob pattern(s) on layer names; default every Linear/Conv layer),
             ``types``, ``allow_int8`` (let the choice use sparse int8, which changes
             results by rounding), ``allow_bsr``, ``repeats`` (timed rounds per candidate)
             and ``min_gain`` (required relative speed-up for a layer to be switched).
