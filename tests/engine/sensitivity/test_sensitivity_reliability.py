@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine.core.snapshot import SavedTensor
+from nbcompress.engine.core.snapshot import ModuleState, SavedTensor
 from nbcompress.engine.sensitivity.evaluate import EvaluationError
 from nbcompress.engine.sensitivity.guard import Fingerprint, ModelNotRestored
 from nbcompress.engine.sensitivity.refine import refine
@@ -169,9 +169,9 @@ def test_the_proxy_refuses_an_output_without_floating_tensors():
         nc.sensitivity(Labels(), example_inputs=torch.randn(2, 4), ratios=[0.5], progress=False)
 
 
-def _interrupt_restore(monkeypatch, times: int | None):
-    """Make ``SavedTensor.restore`` raise KeyboardInterrupt (the first ``times`` calls, or all)."""
-    original, calls = SavedTensor.restore, []
+def _interrupt_restore(monkeypatch, times: int | None, cls: type = SavedTensor):
+    """Make ``cls.restore`` raise KeyboardInterrupt (the first ``times`` calls, or all)."""
+    original, calls = cls.restore, []
 
     def restore(self):
         calls.append(1)
@@ -179,13 +179,14 @@ def _interrupt_restore(monkeypatch, times: int | None):
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(SavedTensor, "restore", restore)
+    monkeypatch.setattr(cls, "restore", restore)
 
 
-def test_ctrl_c_inside_a_trials_rollback_is_finished_and_verified(monkeypatch):
+@pytest.mark.parametrize("cls", [SavedTensor, ModuleState])
+def test_ctrl_c_inside_a_trials_rollback_is_finished_and_verified(monkeypatch, cls):
     model, x = mlp(), torch.randn(8, 16)
     before = snapshot(model)
-    _interrupt_restore(monkeypatch, times=1)  # the first point's rollback
+    _interrupt_restore(monkeypatch, times=1, cls=cls)  # the first point's rollback
     result = nc.sensitivity(
         model, lambda m: float(m(x).sum().detach()), ratios=[0.5], progress=False
     )
