@@ -42,32 +42,33 @@ __all__ = [
 ]
 
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-# Elements summed at a time: bounds the int64 temporary of a checksum to 8 MiB.
-_CHUNK = 1 << 20
 
 
 def checksum(t: torch.Tensor) -> int:
-    """Sum of the integer bit patterns of ``t``'s elements (bit-exact: NaN, -0.0).
+    """Sum of the integer bit patterns of ``t``'s elements, wrapping in their own width.
+
+    Bit-exact (NaN payloads and -0.0 count) and as fast as a float sum: the bits are
+    summed as integers of the element's width, wrapping around, so no wider temporary is
+    made, and any change of a single element changes the sum.
 
     Args:
-        t: Any tensor (floating, integer, bool, complex or quantized).
+        t: Any tensor (floating, integer, bool, complex, quantized or torch.sparse).
 
     Returns:
         The checksum; equal tensors give equal checksums.
     """
     t = t.detach()
+    if t.layout != torch.strided:  # torch.sparse buffers: compare their dense values
+        t = t.to_dense()
     if t.is_quantized:
         t = t.int_repr()
     if t.is_complex():
         t = torch.view_as_real(t)
     if t.dtype == torch.bool:
         t = t.view(torch.uint8)
-    elif t.is_floating_point():
+    if t.is_floating_point():
         t = t.contiguous().view(_INT[t.element_size()])
-    flat = t.reshape(-1)
-    return sum(
-        int(flat[i : i + _CHUNK].sum(dtype=torch.int64)) for i in range(0, flat.numel(), _CHUNK)
-    )
+    return int(t.sum(dtype=t.dtype)) if t.numel() else 0
 
 
 def _signature(t: torch.Tensor) -> tuple:
