@@ -115,13 +115,20 @@ def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> floa
     return float(min(1.0, max(0.0, 1.0 - density)))
 
 
+def _zeros(module: nn.Module) -> float:
+    """Fraction of exactly-zero weights (0 for a layer without a single weight tensor)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.numel():
+        return 0.0
+    return float(weight.detach().eq(0).sum()) / weight.numel()
+
+
 def _measure_layer(
     name: str, module: nn.Module, call: tuple, opts: SparsifyOptions, seen: dict[str, int]
 ) -> LayerResult:
     args, kwargs, output = call
     x = args[0]
-    weight = module.weight.detach()
-    res = LayerResult(name, module, tuple(x.shape), float(weight.eq(0).sum()) / weight.numel())
+    res = LayerResult(name, module, tuple(x.shape), _zeros(module))
     fns = {"dense": lambda: module(*args, **kwargs)}
     for fmt in _formats(module, opts.allow_bsr):
         try:
@@ -264,10 +271,10 @@ def _measure(
     results = []
     for name, module in selected.items():
         call = calls.get(name)
-        if reasons[name] is not None:
-            results.append(LayerResult(name, module, reason=reasons[name]))
-        elif call is None or not call[0] or not isinstance(call[0][0], torch.Tensor):
-            results.append(LayerResult(name, module, reason="not called in the example run"))
+        called = call is not None and call[0] and isinstance(call[0][0], torch.Tensor)
+        if reasons[name] is not None or not called:
+            why = reasons[name] or "not called in the example run"
+            results.append(LayerResult(name, module, sparsity=_zeros(module), reason=why))
         else:
             results.append(_measure_layer(name, module, call, opts, seen))
     groups, total = uncovered(model, selected)

@@ -138,6 +138,13 @@ def _report(analysis: Analysis, applied: bool) -> SpeedupReport:
         "tolerance = rtol × max|dense output| + 1e-5 with rtol "
         + ", ".join(f"{_PATHS[k]} {v:g}" for k, v in RTOL.items()),
     ]
+    unmeasured: dict[str, list[str]] = {}
+    for r in analysis.layers:
+        if "dense" not in r.times:
+            unmeasured.setdefault(r.reason, []).append(r.name)
+    for why, names in unmeasured.items():
+        shown = ", ".join(names[:4]) + (f", … ({len(names)} layers)" if len(names) > 4 else "")
+        notes.append(f"not timed, kept dense: {shown}: {why.removesuffix('; kept dense')}")
     missing = describe(analysis.uncovered, analysis.total_params)
     if missing:
         notes.append(missing)

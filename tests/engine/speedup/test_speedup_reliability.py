@@ -152,8 +152,11 @@ def test_conv1d_and_grouped_convs_are_listed_with_why_they_stay_dense(monkeypatc
         nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Unflatten(1, (8, 1)), nn.Conv2d(8, 8, (1, 3), groups=4),
         nn.Flatten(), nn.Linear(8 * 4, 4),
     )  # fmt: skip
-    rows = {r["layer"]: r for r in nc.speedup(model, torch.randn(2, 3, 8)).rows}
+    report = nc.speedup(model, torch.randn(2, 3, 8))
+    rows = {r["layer"]: r for r in report.rows}
     assert "no sparse kernel for Conv1d" in rows["0"]["why"]
+    shown = "\n".join(report._summary())  # the reasons are printed, not only in rows
+    assert "kept dense: 0: no sparse kernel for Conv1d" in shown and "kept dense: 3: " in shown
     assert "groups" in rows["3"]["why"]  # the kernel's own refusal, not ours
     assert rows["5"]["sparse fp32"] is not None
 
