@@ -13,7 +13,7 @@ import contextlib
 import numbers
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +21,10 @@ from torch import nn
 
 from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.layers import select_layers
-from nbcompress.engine.core.validation import as_inputs, eval_mode, primary_output, run_forward
+from nbcompress.engine.core.outputs import compare_outputs, output_tensors
+from nbcompress.engine.core.validation import as_inputs, eval_mode, run_forward
 from nbcompress.engine.prune.masks import GRANULARITIES, zero_units
-
-if TYPE_CHECKING:
-    from nbcompress.engine.sensitivity.result import SensitivityResult
+from nbcompress.engine.sensitivity.guard import EvaluateChangedModel, EvaluationError, restoring
 
 __all__ = [
     "EvaluationError",
@@ -43,18 +42,6 @@ __all__ = [
 ]
 
 
-class EvaluationError(RuntimeError, ValueError):
-    """``evaluate`` raised during a sweep; the model is restored and ``result`` is partial.
-
-    Also a ``ValueError``, so that the magics report it as a one-line usage error naming
-    ``--eval``.
-    """
-
-    def __init__(self, message: str, result: SensitivityResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
-
-
 def _as_number(value: Any, name: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
@@ -67,50 +54,93 @@ def _as_number(value: Any, name: str) -> float:
     return float(value)
 
 
-def call_evaluate(evaluate: Callable[[nn.Module], Any], model: nn.Module, where: str) -> float:
-    """Run ``evaluate(model)``; one clear error naming the function if it raises or is no number."""
+def call_evaluate(
+    evaluate: Callable[[nn.Module], Any],
+    model: nn.Module,
+    where: str,
+    trained: set[str] | None = None,
+) -> float:
+    """Run ``evaluate(model)``; one clear error naming the function if it raises or is no number.
+
+    Parameters ``evaluate`` changes through gradient steps (a brief fine-tuning before it
+    measures) are put back right after the call (:func:`.guard.restoring`), so the model
+    is the same before and after; other changes are refused.
+
+    Args:
+        evaluate: The user's ``evaluate(model) -> float``.
+        model: The model to pass.
+        where: What the model is at this call, for error messages.
+        trained: If given, the names of the parameters that were restored are added.
+    """
     name = getattr(evaluate, "__name__", type(evaluate).__name__)
     try:
-        value = evaluate(model)
+        with restoring(model, f"evaluate: {name}(model) ({where})") as restored:
+            value = evaluate(model)
+    except EvaluateChangedModel:
+        raise
     except Exception as err:
         raise EvaluationError(
             f"evaluate: {name}(model) raised {type(err).__name__}: {err} ({where}). The model "
             "is restored; fix the function passed as evaluate (--eval) and rerun."
         ) from err
+    if trained is not None:
+        trained.update(restored.names)
     return _as_number(value, name)
 
 
 class Proxy:
-    """Data-free metric: fidelity of the (pruned) model's output to the dense output."""
+    """Data-free metric: fidelity of the (pruned) model's output to the dense output.
+
+    Every floating tensor of the output is compared, whatever its structure (a tensor, a
+    tuple such as an LSTM's output and state, a dict such as a sentence encoder's, a
+    dataclass): a two-dimensional tensor with several columns is read as classifier
+    logits (agreement ``exp(-KL)``), any other by cosine similarity per row; the metric
+    is the mean over the tensors. Integer tensors (token ids, masks) are not outputs.
+    """
 
     def __init__(self, model: nn.Module, inputs: tuple) -> None:
         self.inputs = inputs
         with eval_mode(model):
-            ref = primary_output(run_forward(model, inputs))
-        if ref is None or not ref.is_floating_point():
+            out = run_forward(model, inputs)
+        refs = output_tensors(out)
+        if not refs:
             raise TypeError(
                 "evaluate: without an evaluation function the proxy compares floating-point "
-                "outputs, but the model returned none; pass evaluate=fn (--eval fn)."
+                f"outputs, but the model returned none (its output is {type(out).__name__}); "
+                "pass evaluate=fn (--eval fn)."
             )
-        # Two-dimensional outputs with several columns are read as classifier logits.
-        self.kl = ref.dim() == 2 and ref.shape[1] > 1
-        self.ref = ref.detach().float()
-        self.name = "output agreement exp(-KL)" if self.kl else "output cosine similarity"
+        self.refs = [t.detach().float() for t in refs]
+        self.kl = [t.dim() == 2 and t.shape[1] > 1 for t in self.refs]
+        kinds = {"exp(-KL)" if kl else "cosine" for kl in self.kl}
+        if kinds == {"exp(-KL)"}:
+            self.name = "output agreement exp(-KL)"
+        elif kinds == {"cosine"}:
+            self.name = "output cosine similarity"
+        else:
+            self.name = "output agreement (exp(-KL) of logits, cosine of the rest)"
+        if len(self.refs) > 1:
+            self.name += f", mean over {len(self.refs)} output tensors"
 
     def __call__(self, model: nn.Module) -> float:
         """The proxy metric of ``model`` now: 1 when its output matches the reference."""
-        out = primary_output(run_forward(model, self.inputs)).detach().float()
-        if self.kl:
-            kl = F.kl_div(
-                F.log_softmax(out, 1),
-                F.log_softmax(self.ref, 1),
-                log_target=True,
-                reduction="none",
-            ).sum(1)
-            return float(torch.exp(-kl).mean())
-        rows = len(out) if out.dim() > 1 else 1
-        sim = F.cosine_similarity(out.reshape(rows, -1), self.ref.reshape(rows, -1), dim=1)
-        return float(sim.mean())
+        out = run_forward(model, self.inputs)
+        compare_outputs(self.refs, out)  # same structure and shapes, else one clear error
+        values = [
+            _agreement(ref, t.detach().float(), kl)
+            for ref, t, kl in zip(self.refs, output_tensors(out), self.kl, strict=True)
+        ]
+        return float(sum(values) / len(values))
+
+
+def _agreement(ref: torch.Tensor, out: torch.Tensor, kl: bool) -> float:
+    if kl:
+        div = F.kl_div(
+            F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none"
+        ).sum(1)
+        return float(torch.exp(-div).mean())
+    rows = len(out) if out.dim() > 1 else 1
+    sim = F.cosine_similarity(out.reshape(rows, -1), ref.reshape(rows, -1), dim=1)
+    return float(sim.mean())
 
 
 def measurer(

@@ -23,7 +23,6 @@ from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import zero_units
@@ -38,6 +37,7 @@ from nbcompress.engine.sensitivity.evaluate import (
     spent,
     weight_sparsity,
 )
+from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, verified
 
 __all__ = ["Refinement", "check_budget", "refine"]
 
@@ -168,14 +168,15 @@ def refine(
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
     selected, _ = select_sweep_layers(model, layers, types, None)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
-    named = {
-        "uniform L1": dict.fromkeys(selected, target),
-        **_global(model, selected, target, granularity),
-    }
-    named.update(search.check_candidates(candidates))
-    with measuring(model):
-        best, value, start = search.candidates(named)
-        search.run(best, value, step * (1 - target) * search.total, budget)
+    with verified(model, Fingerprint.of(model), "refine"):
+        named = {
+            "uniform L1": dict.fromkeys(selected, target),
+            **_global(model, selected, target, granularity),
+        }
+        named.update(search.check_candidates(candidates))
+        with measuring(model):
+            best, value, start = search.candidates(named)
+            search.run(best, value, step * (1 - target) * search.total, budget)
     ratios = search.ratios(search.best)
     return Refinement(
         ratios=ratios, measured=search.sign * search.value, target=target,
@@ -197,7 +198,7 @@ def check_budget(value: Any, arg: str) -> int:
 
 def _global(model: nn.Module, selected: dict[str, nn.Module], target: float, granularity: str):
     """The per-layer ratios one global L1 threshold gives (read off inside a trial)."""
-    with trial(model), warnings.catch_warnings():
+    with layer_trial(model, selected), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the min-density note: reflected in the ratios
         prune_(
             model, target, layers=list(selected), types={type(m) for m in selected.values()},
@@ -213,7 +214,7 @@ class _Search:
     def __init__(self, model, selected, evaluate, granularity, higher_is_better, target, progress):
         self.model, self.evaluate, self.granularity = model, evaluate, granularity
         self.sign = 1.0 if higher_is_better else -1.0
-        self.names = list(selected)
+        self.names, self.layers = list(selected), selected
         w = {n: m.weight for n, m in selected.items()}
         self.units = {n: zero_units(w[n], granularity).numel() for n in w}
         self.per_unit = {n: w[n].numel() / self.units[n] for n in w}
@@ -271,7 +272,7 @@ class _Search:
         """Metric of an allocation, signed so that larger is better; measured once."""
         if counts not in self.cache:
             ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
-            with trial(self.model):
+            with layer_trial(self.model, {n: self.layers[n] for n in ratios}):
                 if ratios:
                     prune_ratios_(self.model, ratios, granularity=self.granularity)
                 value = call_evaluate(self.evaluate, self.model, "while refining an allocation")

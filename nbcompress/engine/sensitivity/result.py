@@ -10,7 +10,6 @@ imported only when asked for (:meth:`SensitivityResult.plot`).
 
 from __future__ import annotations
 
-import json
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -22,11 +21,10 @@ from torch import nn
 from nbcompress.engine.core.report import fmt_count, html_table, text_table
 from nbcompress.engine.core.validation import check_amount
 from nbcompress.engine.sensitivity.allocate import Curves, drop_curves, layer_drop, suggest
+from nbcompress.engine.sensitivity.saved import FORMAT, read_result, write_result
 from nbcompress.engine.sensitivity.suggestion import Suggestion
 
 __all__ = ["SensitivityResult"]
-
-_FORMAT = "nbcompress.sensitivity/1"
 
 
 @dataclass
@@ -253,15 +251,19 @@ class SensitivityResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of every field."""
         data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        return {"format": _FORMAT, **data}
+        return {"format": FORMAT, **data}
 
     def save(self, path: str | Path) -> None:
-        """Write the result as JSON, so that a long sweep survives the kernel.
+        """Write the result as standard JSON, so that a long sweep survives the kernel.
+
+        The file is replaced atomically (a temporary file in the same folder, then
+        ``os.replace``): a crash mid-write keeps the old file. Non-finite curve points are
+        written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` and read back as floats.
 
         Args:
             path: File to write.
         """
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        write_result(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> SensitivityResult:
@@ -275,16 +277,10 @@ class SensitivityResult:
             :func:`~nbcompress.engine.sensitivity.registry.remember`).
 
         Raises:
-            ValueError: The file is not a saved sensitivity result.
+            ValueError: The file is not a saved sensitivity result, or a field is missing,
+                of the wrong kind or inconsistent (one line naming ``path`` and the field).
         """
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"path: {str(path)!r} is not JSON: {err}.") from None
-        if not isinstance(data, dict) or data.pop("format", None) != _FORMAT:
-            raise ValueError(f"path: {str(path)!r} is not a saved nbcompress sensitivity result.")
-        names = {f.name for f in fields(cls) if not f.name.startswith("_")}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**read_result(path))
 
 
 def _ratio_key(r: float) -> str:

@@ -14,13 +14,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from nbcompress.engine.core.costs import macs
-from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
 from nbcompress.engine.prune.prune import prune_ratios_
@@ -36,6 +35,7 @@ from nbcompress.engine.sensitivity.evaluate import (
     select_sweep_layers,
     weight_sparsity,
 )
+from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
 from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
@@ -102,7 +102,10 @@ def sensitivity(
 
     The model is evaluated in eval mode (each module's flag is restored afterwards) and is
     bit-exactly unchanged when the sweep ends, fails or is interrupted (Ctrl-C returns the
-    partial result with ``complete=False``).
+    partial result with ``complete=False``); that is checked by checksum before the result
+    says so. An ``evaluate`` may fine-tune briefly before it measures: parameters it changes
+    through backward and optimizer steps are put back after every call; any other write
+    to a parameter is refused.
 
     Args:
         model: The model to analyse (not changed).
@@ -129,18 +132,23 @@ def sensitivity(
     Raises:
         TypeError: ``evaluate`` is not callable or returns something other than a number.
         ValueError: Ratios outside (0, 1), an empty layer selection, or a bad option.
-        EvaluationError: ``evaluate`` raised; the partial result is on ``err.result``.
+        EvaluationError: ``evaluate`` raised, or changed a parameter without a gradient
+            step; the partial result is on ``err.result``.
+        ModelNotRestored: The model differs from before the sweep (a write no hook could
+            see, or a restore that could not finish); the message names the tensors.
     """
     check_module(model)
     ratio_list = _check_ratios_arg(ratios)
     check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)
     selected, notes = select_sweep_layers(model, layers, types, max_layers)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
-    with measuring(model):
+    fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
+    trained: set[str] = set()
+    with verified(model, fingerprint, "sensitivity") as check, measuring(model):
         proxy = Proxy(model, inputs) if evaluate is None else None
         start = time.perf_counter()
         where = "on the unpruned model"
-        baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where)
+        baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where, trained)
         if not math.isfinite(baseline):
             raise ValueError(
                 f"evaluate: returned {baseline} on the unpruned model; need a finite number."
@@ -156,8 +164,10 @@ def sensitivity(
             start={n: weight_sparsity(m.weight, granularity) for n, m in selected.items()},
         )  # fmt: skip
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
-        run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start)
+        check.result = result
+        run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
+    run.verified_notes()
     return result
 
 
@@ -172,15 +182,29 @@ class _Run:
     early_stop: float | None
     callback: Callable[[SensitivityResult, str, float], None] | None
     start: float
+    trained: set[str] = field(default_factory=set)
+    interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
+
+    def verified_notes(self) -> None:
+        """Notes that need the model checked first (the sweep is over and it matched)."""
+        res = self.result
+        if self.trained:
+            res.notes.append(
+                f"evaluate trained {len(self.trained)} parameter tensor(s) "
+                f"({shown(sorted(self.trained))}); they were put back after every call, so "
+                "each point starts from the model as it was."
+            )
+        if self.interrupted:
+            res.notes[self.interrupted - 1] += " The model is restored (verified by checksum)."
 
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
-        with trial(self.model):
+        with layer_trial(self.model, {name: self.selected[name]}):
             prune_ratios_(self.model, {name: ratio}, granularity=self.result.granularity)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):
                 return self.evaluate(self.model)
-            return call_evaluate(self.evaluate, self.model, where)
+            return call_evaluate(self.evaluate, self.model, where, self.trained)
 
     def sweep(self, progress: _Progress) -> None:
         """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured."""
@@ -190,10 +214,12 @@ class _Run:
                 self._layer(name, progress)
             res.complete = True
         except KeyboardInterrupt:
+            # "The model is restored" is added by sensitivity() once checksums confirm it.
             res.notes.append(
                 f"Interrupted after {res.evaluations} evaluations: partial result, "
-                "unevaluated points are None; the model is restored."
+                "unevaluated points are None."
             )
+            self.interrupted = len(res.notes)
         except (EvaluationError, TypeError) as err:
             res.notes.append(f"Stopped by an error: {err}")
             err.result = res  # partial results stay usable

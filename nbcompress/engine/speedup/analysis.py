@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nbcompress.engine.speedup.coverage import Uncovered
 from nbcompress.timing import Race, Timing
 
 __all__ = ["ATOL", "RTOL", "Analysis", "LayerResult", "SparsifyOptions", "tolerance"]
@@ -23,10 +24,16 @@ RTOL = {"csr": 1e-4, "bsr": 1e-4, "csr_int8": 2e-2}
 ATOL = 1e-5
 
 
-def tolerance(fmt: str, reference: torch.Tensor) -> float:
-    """The stated output tolerance of path ``fmt`` around the dense output ``reference``."""
-    peak = float(reference.abs().max()) if reference.numel() else 0.0
-    return RTOL[fmt] * peak + ATOL
+def tolerance(fmt: str, reference: torch.Tensor | float) -> float:
+    """The stated output tolerance of path ``fmt`` around the dense output ``reference``.
+
+    Args:
+        fmt: The sparse path, a key of :data:`RTOL`.
+        reference: The dense output, or its largest magnitude (``OutputDifference.peak``).
+    """
+    if isinstance(reference, torch.Tensor):
+        reference = float(reference.abs().max()) if reference.numel() else 0.0
+    return RTOL[fmt] * reference + ATOL
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,8 @@ class SparsifyOptions:
 
     Attributes:
         layers: Glob pattern(s) on qualified layer names; ``None`` = all eligible.
-        types: Layer types to consider (default Linear and Conv2d).
+        types: Layer types to list (default every Linear / Conv type); only Linear and
+            Conv2d have sparse kernels, the others are listed with why they stay dense.
         allow_int8: Also consider int8 values (changes results by rounding; off by default).
         allow_bsr: Consider block-sparse storage when weights come in 4-row blocks.
         repeats: Timed rounds of the race between dense and the sparse candidates.
@@ -121,6 +129,8 @@ class Analysis:
         warnings: Backend warning (first line) → count, shown once in reports.
         sure: 25th percentile of the per-round end-to-end speed-up.
         race: The end-to-end race, ``dense`` (incumbent) vs ``compressed``.
+        uncovered: Parameters outside the listed layers, by kind, with why.
+        total_params: The model's parameter count (shared tensors once).
     """
 
     layers: list[LayerResult]
@@ -132,6 +142,8 @@ class Analysis:
     warnings: dict[str, int] = field(default_factory=dict)
     sure: float = 0.0
     race: Race | None = None
+    uncovered: list[Uncovered] = field(default_factory=list)
+    total_params: int = 0
 
     @property
     def chosen(self) -> dict[str, LayerResult]:

@@ -11,22 +11,24 @@ modules bit-exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from nbcompress.engine.core.history import Transaction, transaction
-from nbcompress.engine.core.layers import select_layers
+from nbcompress.engine.core.history import Transaction, transaction, trial
+from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
+from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.summary import capture_calls
-from nbcompress.engine.core.validation import as_inputs, check_module, run_forward
+from nbcompress.engine.core.validation import as_inputs, check_module, eval_mode, run_forward
 from nbcompress.engine.prune.masks import BLOCK
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
-from nbcompress.kernels.modules import SparseConv2d, SparseLinear
+from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
 from nbcompress.timing import Race, measure, race
 
 __all__ = ["analyse", "clear_win", "install_", "sparsify_"]
@@ -37,7 +39,6 @@ MIN_SPARSITY = 1 / 3
 #: Each timed sample repeats a candidate for at least this long (seconds), so that timer
 #: resolution and call overhead do not decide for small layers.
 MIN_SAMPLE = 2e-4
-_BUILDERS = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
 
 
 def clear_win(race: Race, name: str, min_gain: float) -> bool:
@@ -99,7 +100,7 @@ def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> floa
     probe = copy.deepcopy(module)
     with torch.no_grad():
         probe.weight.zero_()
-    empty = _BUILDERS[type(module)].from_dense(probe)
+    empty = BUILDERS[type(module)].from_dense(probe)
     t0 = measure(lambda: empty(x), warmup=2, repeats=7).median
     nnz, t_sparse = int(weight.ne(0).sum()), result.times["csr"].median
     if nnz < 0.01 * size:
@@ -107,11 +108,19 @@ def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> floa
         with torch.no_grad():
             probe.weight.copy_(torch.randn_like(weight) * (torch.rand_like(weight) < 0.1))
         nnz = int(probe.weight.ne(0).sum())
-        dense10 = _BUILDERS[type(module)].from_dense(probe)
+        dense10 = BUILDERS[type(module)].from_dense(probe)
         t_sparse = measure(lambda: dense10(x), warmup=2, repeats=7).median
     per_nnz = max(t_sparse - t0, 1e-12) / max(nnz, 1)
     density = (result.times["dense"].median - t0) / (per_nnz * size)
     return float(min(1.0, max(0.0, 1.0 - density)))
+
+
+def _zeros(module: nn.Module) -> float:
+    """Fraction of exactly-zero weights (0 for a layer without a single weight tensor)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.numel():
+        return 0.0
+    return float(weight.detach().eq(0).sum()) / weight.numel()
 
 
 def _measure_layer(
@@ -119,18 +128,18 @@ def _measure_layer(
 ) -> LayerResult:
     args, kwargs, output = call
     x = args[0]
-    weight = module.weight.detach()
-    res = LayerResult(name, module, tuple(x.shape), float(weight.eq(0).sum()) / weight.numel())
+    res = LayerResult(name, module, tuple(x.shape), _zeros(module))
     fns = {"dense": lambda: module(*args, **kwargs)}
     for fmt in _formats(module, opts.allow_bsr):
         try:
-            cand = _BUILDERS[type(module)].from_dense(module, format=fmt)
+            cand = BUILDERS[type(module)].from_dense(module, format=fmt)
         except ValueError as err:
             res.reason = str(err).removeprefix("module: ")
             return res
         with torch.no_grad():
-            res.errors[fmt] = float((cand(x) - output).abs().max()) if output.numel() else 0.0
-        res.tolerances[fmt] = tolerance(fmt, output)
+            diff = compare_outputs(output, cand(x), arg=f"layers[{name!r}]")
+        res.errors[fmt] = diff.max_abs
+        res.tolerances[fmt] = tolerance(fmt, diff.peak)
         res.candidates[fmt] = cand
         fns[fmt] = lambda cand=cand: cand(x)
     qmod = _torch_int8(module, seen)
@@ -177,15 +186,32 @@ def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int)
     twin = _shadow(model, {n: r.replacement for n, r in chosen.items()})
     with torch.no_grad():
         ref, out = model(*inputs), twin(*inputs)
-    if isinstance(ref, torch.Tensor) and isinstance(out, torch.Tensor):
-        result.max_abs_diff = float((ref - out).abs().max()) if ref.numel() else 0.0
-        fmts = {r.chosen for r in chosen.values()} or {"csr"}
-        result.tolerance = max(tolerance(f, ref) for f in fmts)
+    # Every floating tensor of any output structure (dicts, tuples, dataclasses) is compared;
+    # an output holding none is refused rather than passing a check of nothing.
+    diff = compare_outputs(ref, out)
+    result.max_abs_diff = diff.max_abs
+    fmts = {r.chosen for r in chosen.values()} or {"csr"}
+    result.tolerance = max(tolerance(f, diff.peak) for f in fmts)
     result.race = _race(
         {"dense": lambda: model(*inputs), "compressed": lambda: twin(*inputs)}, repeats
     )
     result.dense, result.compressed = result.race.times["dense"], result.race.times["compressed"]
     result.sure = result.race.speedup_quantile("compressed", 0.25)
+
+
+@contextlib.contextmanager
+def unchanged(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` for measurement only: eval mode, then every flag and buffer as before.
+
+    In training mode a forward pass updates BatchNorm statistics and draws Dropout masks;
+    measuring must change nothing, so the model runs in eval mode (each module's own flag
+    is restored afterwards) inside a trial that restores every buffer bit-exactly, in case
+    a forward pass updates one even in eval mode.
+    """
+    with eval_mode(model), trial(model) as guard:
+        for buf in model.buffers():
+            guard.save_tensor(buf)
+        yield
 
 
 def analyse(
@@ -195,6 +221,9 @@ def analyse(
     **overrides: Any,
 ) -> Analysis:
     """Measure every eligible layer dense vs sparse and decide; the model is not changed.
+
+    The model runs in eval mode; its training flags, parameters and buffers (BatchNorm
+    statistics included) are as before when this returns or fails.
 
     Args:
         model: The (pruned) model.
@@ -208,26 +237,48 @@ def analyse(
     check_module(model)
     opts = SparsifyOptions.of(options, **overrides)
     inputs = as_inputs(example_inputs)
-    run_forward(model, inputs)
-    selected, _ = select_layers(
-        model, opts.layers, opts.types or (nn.Linear, nn.Conv2d), include_output=True
-    )
-    selected = {n: m for n, m in selected.items() if type(m) in _BUILDERS}
-    if not selected:
-        raise ValueError("types: sparse kernels exist for nn.Linear and nn.Conv2d only.")
-    calls = capture_calls(model, selected, inputs)
+    with unchanged(model):
+        ref = run_forward(model, inputs)
+        compare_outputs(ref, ref)  # refuse at once an output holding nothing to check
+        selected, _ = select_layers(
+            model, opts.layers, opts.types or PRUNABLE_TYPES, include_output=True
+        )
+        reasons = {n: dense_reason(model, n, m) for n, m in selected.items()}
+        if all(r is not None for r in reasons.values()):
+            raise ValueError(
+                "types: sparse kernels exist for nn.Linear and nn.Conv2d only (and not for "
+                "layers a fused fast path reads); "
+                + "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
+                + "."
+            )
+        analysis = _measure(model, inputs, selected, reasons, opts)
+        _end_to_end(model, inputs, analysis, opts.repeats)
+    _final_verdict(analysis, opts.min_gain)
+    return analysis
+
+
+def _measure(
+    model: nn.Module,
+    inputs: tuple,
+    selected: dict[str, nn.Module],
+    reasons: dict[str, str | None],
+    opts: SparsifyOptions,
+) -> Analysis:
+    """Each selected layer measured on its real input (or listed with why it stays dense)."""
+    eligible = {n: m for n, m in selected.items() if reasons[n] is None}
+    calls = capture_calls(model, eligible, inputs)
     seen: dict[str, int] = {}
     results = []
     for name, module in selected.items():
         call = calls.get(name)
-        if call is None or not isinstance(call[0][0], torch.Tensor):
-            results.append(LayerResult(name, module, reason="not called in the example run"))
-            continue
-        results.append(_measure_layer(name, module, call, opts, seen))
-    analysis = Analysis(results, warnings=seen)
-    _end_to_end(model, inputs, analysis, opts.repeats)
-    _final_verdict(analysis, opts.min_gain)
-    return analysis
+        called = call is not None and call[0] and isinstance(call[0][0], torch.Tensor)
+        if reasons[name] is not None or not called:
+            why = reasons[name] or "not called in the example run"
+            results.append(LayerResult(name, module, sparsity=_zeros(module), reason=why))
+        else:
+            results.append(_measure_layer(name, module, call, opts, seen))
+    groups, total = uncovered(model, selected)
+    return Analysis(results, warnings=seen, uncovered=groups, total_params=total)
 
 
 def _final_verdict(analysis: Analysis, min_gain: float) -> None:
@@ -282,14 +333,17 @@ def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Modul
     dense and sparse on its real input from ``example_inputs``; a layer is replaced only
     if a sparse module clearly won the race (:func:`clear_win`: at least ``min_gain``
     faster) and its output matched within the stated tolerance, and only if the whole
-    model is then faster end to end. The change is one history step (``undo_`` restores
-    the dense layers bit-exactly); a failure part-way leaves the model as it was.
+    model is then faster end to end (every floating tensor of the output compared). The
+    model is measured in eval mode and only the swapped layers change (training flags and
+    BatchNorm statistics stay as they were). The change is one history step (``undo_``
+    restores the dense layers bit-exactly); a failure part-way leaves the model as it was.
 
     Args:
         model: The (pruned) model.
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
         **options: Fields of :class:`SparsifyOptions`: ``layers`` (glob pattern(s) on
-            qualified layer names), ``types`` (default Linear and Conv2d), ``allow_int8``
+            qualified layer names), ``types`` (default every Linear / Conv type; those
+            without a sparse kernel are listed with the reason), ``allow_int8``
             (off: int8 values change results by rounding), ``allow_bsr`` (block-sparse
             when weights come in 4-row blocks; on), ``repeats`` (timed rounds, 15) and
             ``min_gain`` (required relative speed-up, 0.05 = 5% faster than dense).

@@ -9,6 +9,7 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct, fmt_ratio, fmt_time
 from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult
+from nbcompress.engine.speedup.coverage import describe
 from nbcompress.engine.speedup.sparsify import analyse, install_
 from nbcompress.kernels.threads import get_threads
 from nbcompress.timing import Timing
@@ -137,6 +138,16 @@ def _report(analysis: Analysis, applied: bool) -> SpeedupReport:
         "tolerance = rtol × max|dense output| + 1e-5 with rtol "
         + ", ".join(f"{_PATHS[k]} {v:g}" for k, v in RTOL.items()),
     ]
+    unmeasured: dict[str, list[str]] = {}
+    for r in analysis.layers:
+        if "dense" not in r.times:
+            unmeasured.setdefault(r.reason, []).append(r.name)
+    for why, names in unmeasured.items():
+        shown = ", ".join(names[:4]) + (f", … ({len(names)} layers)" if len(names) > 4 else "")
+        notes.append(f"not timed, kept dense: {shown}: {why.removesuffix('; kept dense')}")
+    missing = describe(analysis.uncovered, analysis.total_params)
+    if missing:
+        notes.append(missing)
     for message, count in analysis.warnings.items():
         notes.append(f"torch int8 backend warned {count}× (shown once): {message}")
     return SpeedupReport(
@@ -157,11 +168,12 @@ def speedup(
     """Measure dense fp32, sparse fp32, sparse int8 and torch int8 per layer, and end to end.
 
     Args:
-        model: The (pruned) model; not modified unless ``apply=True``.
+        model: The (pruned) model; not modified unless ``apply=True`` (it is measured in
+            eval mode; training flags, parameters and buffers are left as they were).
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
         apply: Install the choice in the model, as ``sparsify_`` does (undoable).
         **options: Fields of :class:`~nbcompress.engine.speedup.analysis.SparsifyOptions`:
-            ``layers`` (glob pattern(s) on layer names; default all Linear/Conv2d),
+            ``layers`` (glob pattern(s) on layer names; default every Linear/Conv layer),
             ``types``, ``allow_int8`` (let the choice use sparse int8, which changes
             results by rounding), ``allow_bsr``, ``repeats`` (timed rounds per candidate)
             and ``min_gain`` (required relative speed-up for a layer to be switched).
