@@ -38,6 +38,7 @@ _EXPORTS = {
     "prune_to_": "nbcompress.engine.sensitivity.staged",
     "refine": "nbcompress.engine.sensitivity.refine",
     "Refinement": "nbcompress.engine.sensitivity.refine",
+    "ModelNotRestored": "nbcompress.engine.sensitivity.guard",
     "sparsify_": "nbcompress.engine.speedup.sparsify",
     "speedup": "nbcompress.engine.speedup.speedup",
     "SpeedupReport": "nbcompress.engine.speedup.speedup",

@@ -25,7 +25,13 @@ from nbcompress.engine.core.history import Transaction, transaction, trial
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.summary import capture_calls
-from nbcompress.engine.core.validation import as_inputs, check_module, eval_mode, run_forward
+from nbcompress.engine.core.validation import (
+    as_inputs,
+    call_model,
+    check_module,
+    eval_mode,
+    run_forward,
+)
 from nbcompress.engine.prune.masks import BLOCK
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
@@ -185,7 +191,7 @@ def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int)
     chosen = result.chosen
     twin = _shadow(model, {n: r.replacement for n, r in chosen.items()})
     with torch.no_grad():
-        ref, out = model(*inputs), twin(*inputs)
+        ref, out = call_model(model, inputs), call_model(twin, inputs)
     # Every floating tensor of any output structure (dicts, tuples, dataclasses) is compared;
     # an output holding none is refused rather than passing a check of nothing.
     diff = compare_outputs(ref, out)
@@ -193,7 +199,11 @@ def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int)
     fmts = {r.chosen for r in chosen.values()} or {"csr"}
     result.tolerance = max(tolerance(f, diff.peak) for f in fmts)
     result.race = _race(
-        {"dense": lambda: model(*inputs), "compressed": lambda: twin(*inputs)}, repeats
+        {
+            "dense": lambda: call_model(model, inputs),
+            "compressed": lambda: call_model(twin, inputs),
+        },
+        repeats,
     )
     result.dense, result.compressed = result.race.times["dense"], result.race.times["compressed"]
     result.sure = result.race.speedup_quantile("compressed", 0.25)
