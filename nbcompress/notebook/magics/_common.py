@@ -9,11 +9,10 @@ arguments; this module only turns its message into one line that names the magic
 from __future__ import annotations
 
 import argparse
-import contextlib
-import re
+import math
 import shlex
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -21,14 +20,20 @@ from IPython.core.magic import Magics
 from IPython.core.magic_arguments import argument
 from torch import nn
 
+from nbcompress.notebook.display.history import recorded_steps
+from nbcompress.notebook.magics._errors import engine_errors, option_name
+
 __all__ = [
     "ModelMagics",
     "at_least",
     "checked",
+    "compressed_note",
     "engine_errors",
     "input_argument",
     "option_name",
+    "seed_type",
     "split_patterns",
+    "within",
 ]
 
 # The last example input given for each model, so that `%prune model 0.5` after
@@ -100,6 +105,36 @@ def split_patterns(text: str | None) -> list[str] | None:
     return [p for p in parts if p] or None
 
 
+def within(
+    low: float, high: float, example: str, kind: type = float, *, what: str = ""
+) -> Callable[[str], Any]:
+    """An argparse ``type``: a number in ``[low, high]``, refused at parse time otherwise.
+
+    NaN is refused (it compares false), and so is a value the engine would only reject
+    after a long run or with a message that does not name the option.
+
+    Args:
+        low: The smallest value accepted.
+        high: The largest value accepted (``math.inf``: no bound).
+        example: A sensible use shown in the message, e.g. ``"--stages 5"``.
+        kind: ``int`` for counts, ``float`` for amounts.
+        what: What the number must be, for the message (``"a 64-bit integer"``).
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            must = f"{what} {bounds}" if what else bounds
+            raise argparse.ArgumentTypeError(f"{value} must be {must}, e.g. {example}.")
+        return value
+
+    return parse
+
+
 def at_least(minimum: int, example: str, kind: type = int) -> Callable[[str], Any]:
     """An argparse ``type``: a number of at least ``minimum`` (stages, moves, a drop).
 
@@ -108,17 +143,11 @@ def at_least(minimum: int, example: str, kind: type = int) -> Callable[[str], An
         example: A sensible use shown in the message, e.g. ``"--stages 5"``.
         kind: ``int`` for counts, ``float`` for amounts.
     """
+    return within(minimum, math.inf, example, kind)
 
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}, e.g. {example}.")
-        return value
 
-    return parse
+#: ``--seed``: what ``torch.Generator.manual_seed`` takes (a signed or unsigned 64-bit int).
+seed_type = within(-(2**63), 2**64 - 1, "--seed 0", int, what="a 64-bit integer")
 
 
 def checked(check: Callable[[float], Any]) -> Callable[[str], Any]:
@@ -143,42 +172,39 @@ def checked(check: Callable[[float], Any]) -> Callable[[str], Any]:
     return parse
 
 
-# Engine keyword → the magic option that sets it; other keywords are left as they are.
-_DASHED = (
-    "layers types method scope granularity min_density seed target_sparsity max_drop objective "
-    "refine stages ratios max_layers early_stop metric repeats backend mode calibrate"
-)
-_OPTION_NAMES = {
-    **{k: "--" + k.replace("_", "-") for k in _DASHED.split()},
-    "example_inputs": "--input",
-    "evaluate": "--eval",
-    "budget": "--refine",
-    "path": "--save",
+# Steps after which the model's Linear/Conv layers are no longer float torch layers.
+_SWAPPING = {
+    "quantize": "quantized (%quantize)",
+    "sparsify": "converted to sparse kernels (%speedup --apply)",
 }
-_HEAD = re.compile(r"[a-z_]+( / [a-z_]+)*")
 
 
-def option_name(keyword: str) -> str:
-    """The magic option for an engine keyword (``target_sparsity`` → ``--target-sparsity``)."""
-    return _OPTION_NAMES.get(keyword, keyword)
+def compressed_note(model: nn.Module, expr: str, err: UsageError, why: str) -> UsageError:
+    """Say why a model has "no layer" to work on when a recorded step swapped its layers.
 
+    ``%prune`` after ``%quantize`` finds no ``Linear`` left: the engine's message is right
+    but does not say that the quantization is the reason, nor how to go back.
 
-def _translate(message: str) -> str:
-    # Only the head of the message ("target_sparsity / max_drop: ...") names arguments.
-    head, sep, rest = message.partition(": ")
-    if not sep or not _HEAD.fullmatch(head):
-        return message
-    return " / ".join(option_name(k) for k in head.split(" / ")) + sep + rest
+    Args:
+        model: The model the magic worked on.
+        expr: How the user named it (``model.encoder``), for the undo command.
+        err: The magic's one-line refusal.
+        why: What the magic needs, e.g. ``"%prune works on float layers"``.
 
-
-@contextlib.contextmanager
-def engine_errors() -> Iterator[None]:
-    """Re-raise the engine's ``ValueError``/``TypeError`` as a one-line ``UsageError``.
-
-    The message keeps the engine's wording (what is wrong and the fix) but names the
-    magic's option (``--input`` rather than ``example_inputs``).
+    Returns:
+        A new ``UsageError`` with the reason and the way back, or ``err`` itself when the
+        refusal is not about a missing layer or no recorded step swapped layers.
     """
-    try:
-        yield
-    except (ValueError, TypeError) as err:
-        raise UsageError(_translate(str(err))) from None
+    message = str(err)
+    if not message.startswith(("--types:", "--layers:")) or "no layer" not in message:
+        return err
+    swaps = [(path, step) for path, step in recorded_steps(model) if step.name in _SWAPPING]
+    if not swaps:
+        return err
+    path, step = swaps[-1]
+    where = f"{expr}.{path}" if path else expr
+    return UsageError(
+        f"{message.rstrip('.')}: {where} was {_SWAPPING[step.name]} ({step.detail}), and {why}. "
+        f"Undo it first (%undo {expr}; %undo {expr} --list shows the steps), then run this "
+        "again and re-apply it."
+    )
