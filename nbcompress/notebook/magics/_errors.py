@@ -11,7 +11,7 @@ The rule (:func:`engine_errors`), applied to any ``Exception`` a magic's engine 
    shape ``assert`` is a mistake in the input or the model, not a crash of nbcompress.
 2. **The engine refused an argument** — a ``ValueError``/``TypeError`` raised by nbcompress:
    its message already says what is wrong and the fix; the keyword it names becomes the
-   magic's option (``example_inputs`` → ``--input``).
+   magic's option (``example_inputs`` → ``--input``); the engine's error stays chained.
 3. **Anything else is nbcompress's own failure** and keeps its full traceback, so that a bug
    is never dressed up as a usage mistake.
 
@@ -206,5 +206,6 @@ def engine_errors(
         if usage is not None:
             raise usage from err
         if isinstance(err, (ValueError, TypeError)):
-            raise UsageError(_translate(str(err))) from None
+            # Chained too: the engine's error may wrap the user's (run_forward does).
+            raise UsageError(_translate(str(err))) from err
         raise
