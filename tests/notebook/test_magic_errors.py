@@ -226,3 +226,22 @@ def test_the_seed_range_is_what_torch_takes(ns):
     for seed in (-(2**63), 2**64 - 1):
         magic(ns, f"prune model 0.5 --method random --seed {seed}")
     assert len(nc.history(ns.user_ns["model"])) == 2
+
+
+class TorchRaisesModel(nn.Module):
+    """A forward that reads an attribute torch's Module does not have: torch raises it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.a.weight_fast_path.t()
+
+
+def test_an_error_raised_inside_torch_is_not_blamed_on_the_user(shell):
+    # Raised in torch's Module.__getattr__, as torch's fast paths do when a swapped layer
+    # lacks `.weight`: the user's code is on the way, but the raise is not theirs.
+    shell.user_ns.update(model=TorchRaisesModel(), x=torch.randn(4, 16))
+    with pytest.raises(AttributeError, match="weight_fast_path"):
+        magic(shell, "summary model --input x")

@@ -2,13 +2,16 @@
 
 The rule (:func:`engine_errors`), applied to any ``Exception`` a magic's engine call raises:
 
-1. **The user's code raised it** — below the innermost nbcompress frame of its traceback it
-   went through code that is neither nbcompress nor a library nbcompress calls (torch,
-   numpy, numba, IPython, matplotlib, ipywidgets, the standard library): the model's
-   ``forward``, the ``--eval`` function, the ``--calibrate`` data. It becomes one line that
-   names the option whose object ran, where it raised and the fix; the exception is chained
-   (``__cause__``) for whoever wants the frames. A ``KeyError`` on ``input_ids`` or a user's
-   shape ``assert`` is a mistake in the input or the model, not a crash of nbcompress.
+1. **The user's code raised it** — the innermost frame of its traceback (where it was
+   raised) is code that is neither nbcompress nor a library nbcompress calls (torch, numpy,
+   numba, IPython, matplotlib, ipywidgets, the standard library): the model's ``forward``,
+   the ``--eval`` function, the ``--calibrate`` data. A ``KeyError`` on ``input_ids`` or a
+   user's shape ``assert`` is a mistake in the input or the model, not a crash of
+   nbcompress. It becomes one line that names the option whose object ran (found from the
+   first frame below nbcompress's own), where it raised and the fix; the exception is
+   chained (``__cause__``) for whoever wants the frames. An exception raised inside torch,
+   even on the way through the user's forward, is not the user's: torch's own layers
+   failing on a module nbcompress swapped in is nbcompress's bug.
 2. **The engine refused an argument** — a ``ValueError``/``TypeError`` raised by nbcompress:
    its message already says what is wrong and the fix; the keyword it names becomes the
    magic's option (``example_inputs`` → ``--input``); the engine's error stays chained.
@@ -120,11 +123,10 @@ def _code(obj: Any) -> CodeType | None:
 
 def _blame(frames: list[FrameType], given: dict[str, Any], model_option: str) -> str | None:
     """The option whose object raised; ``None`` when the user's code is not on the way."""
+    if _kind(frames[-1].f_code.co_filename) != "user":
+        return None  # raised by nbcompress or by a library on its behalf
     ours = [i for i, f in enumerate(frames) if _kind(f.f_code.co_filename) == "ours"]
-    start = ours[-1] + 1 if ours else 0
-    below = frames[start:]
-    if not any(_kind(f.f_code.co_filename) == "user" for f in below):
-        return None
+    below = frames[ours[-1] + 1 if ours else 0 :]
     codes = {_code(obj): option for option, obj in given.items() if obj is not None}
     for frame in below:
         kind = _kind(frame.f_code.co_filename)
@@ -141,9 +143,8 @@ def _blame(frames: list[FrameType], given: dict[str, Any], model_option: str) ->
 
 
 def _site(frames: list[FrameType]) -> str:
-    """Where the user's code raised: its innermost frame outside nbcompress and libraries."""
-    user = [f for f in frames if _kind(f.f_code.co_filename) == "user"]
-    frame = user[-1] if user else frames[-1]
+    """Where the user's code raised: the innermost frame."""
+    frame = frames[-1]
     name = os.path.basename(frame.f_code.co_filename)
     return f"in {frame.f_code.co_name}, line {frame.f_lineno} of {name}"
 
