@@ -184,3 +184,29 @@ def test_a_plain_missing_type_is_not_blamed_on_quantization(ns):
     with pytest.raises(UsageError) as info:
         magic(ns, "prune model 0.5 --types Conv2d")
     assert str(info.value) == "--types: the model has no layer of type Conv2d."
+
+
+class FailsOncePruned(nn.Module):
+    """A model whose forward raises once any weight is zero: 'after' fails, 'before' not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((self.a.weight == 0).any()):
+            raise KeyError("input_ids")
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_an_error_in_the_after_measurement_never_leaves_a_silent_change(ns):
+    model = FailsOncePruned()
+    ns.user_ns["fragile"] = model
+    saved = snapshot(model)
+    with pytest.raises(UsageError) as info:
+        magic(ns, "prune fragile 0.5 --input x")
+    assert str(info.value).startswith("--input: the model raised KeyError: 'input_ids'")
+    if nc.history(model):  # the engine left the step: the line must say so
+        assert str(info.value).endswith("The change was recorded: %undo fragile reverts it.")
+    else:  # the core helper's compare_change rolled it back
+        assert_same_state(model, saved)

@@ -163,18 +163,21 @@ def _compare(
     model: Any, expr: str, x: Any, change: Any, done: str, notes: list[str], evaluate: Any = None
 ) -> Comparison:
     """``compare_change`` as one all-or-nothing magic: errors as one line, Ctrl-C said so."""
-    before = [id(step) for _, step in recorded_steps(model)]
+    before = _step_ids(model)
     try:
         with engine_errors({"--eval": evaluate}):
             return compare_change(
                 model, change, x, title=done + ": {detail}. Undo with %undo.", notes=notes
             )
     except UsageError as err:
+        if _step_ids(model) != before:
+            # compare_change undoes a change whose 'after' measurement fails; should a step
+            # be left all the same, the user must not take the model for untouched.
+            raise UsageError(f"{err} The change was recorded: %undo {expr} reverts it.") from err
         raise compressed_note(model, expr, err, "%prune works on float layers") from err.__cause__
     except KeyboardInterrupt:
-        # compare_change undoes the change when the 'after' measurement is interrupted;
-        # say what the user has, from the record rather than from that promise.
-        if [id(step) for _, step in recorded_steps(model)] == before:
+        # Said from the record rather than from compare_change's promise to roll back.
+        if _step_ids(model) == before:
             print("Interrupted: the model is restored (nothing was changed).", file=sys.stderr)
         else:
             print(
@@ -182,6 +185,10 @@ def _compare(
                 file=sys.stderr,
             )
         raise
+
+
+def _step_ids(model: Any) -> list[int]:
+    return [id(step) for _, step in recorded_steps(model)]
 
 
 _ALIASES = {"--structured": "channel", "--blocks": "block"}
