@@ -3,8 +3,8 @@
 The rule (:func:`engine_errors`), applied to any ``Exception`` a magic's engine call raises:
 
 1. **The user's code raised it** — the innermost frame of its traceback (where it was
-   raised) is code that is neither nbcompress nor a library nbcompress calls (torch, numpy,
-   numba, IPython, matplotlib, ipywidgets, the standard library): the model's ``forward``,
+   raised) is code that is neither nbcompress nor a library nbcompress calls (torch, torchao,
+   numpy, numba, IPython, matplotlib, the standard library, ...): the model's ``forward``,
    the ``--eval`` function, the ``--calibrate`` data. A ``KeyError`` on ``input_ids`` or a
    user's shape ``assert`` is a mistake in the input or the model, not a crash of
    nbcompress. It becomes one line that names the option whose object ran (found from the
@@ -54,7 +54,18 @@ _OPTION_NAMES = {
 _HEAD = re.compile(r"[a-z_]+( / [a-z_]+)*")
 # Libraries nbcompress itself calls: an exception raised inside them on nbcompress's behalf
 # is nbcompress's failure, not the user's code.
-_LIBRARIES = ("torch", "numpy", "numba", "llvmlite", "IPython", "matplotlib", "ipywidgets")
+_LIBRARIES = (
+    "torch",
+    "torchao",
+    "numpy",
+    "numba",
+    "llvmlite",
+    "IPython",
+    "matplotlib",
+    "ipywidgets",
+    "sklearn",
+    "PIL",
+)
 
 
 def option_name(keyword: str) -> str:
@@ -93,6 +104,8 @@ def _roots() -> dict[str, tuple[str, ...]]:
 @functools.cache
 def _kind(filename: str) -> str:
     """Who owns the code of a file: ours, library, module_call, data or user."""
+    if filename.startswith("<frozen "):
+        return "library"  # the import system, e.g. a lazy import inside nbcompress
     path = os.path.realpath(filename) if os.path.isabs(filename) else filename
     roots = _roots()
 
