@@ -245,3 +245,10 @@ def test_an_error_raised_inside_torch_is_not_blamed_on_the_user(shell):
     shell.user_ns.update(model=TorchRaisesModel(), x=torch.randn(4, 16))
     with pytest.raises(AttributeError, match="weight_fast_path"):
         magic(shell, "summary model --input x")
+
+
+def test_an_item_of_a_list_option_is_named_as_the_option(ns):
+    with pytest.raises(UsageError, match=r"^--ratios\[1\]: 1.0 is outside \(0, 1\)"):
+        magic(ns, "sensitivity model --input x --ratios 0.5,1.0 --no-widget")
+    with pytest.raises(UsageError, match=r"^--ratios\[0\]: nan is outside"):
+        magic(ns, "sensitivity model --input x --ratios nan --no-widget")

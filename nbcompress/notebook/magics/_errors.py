@@ -51,7 +51,8 @@ _OPTION_NAMES = {
     "budget": "--refine",
     "path": "--save",
 }
-_HEAD = re.compile(r"[a-z_]+( / [a-z_]+)*")
+# "target_sparsity / max_drop", or one item of a list argument: "ratios[1]".
+_HEAD = re.compile(r"[a-z_]+(\[\d+\])?( / [a-z_]+)*")
 # Libraries nbcompress itself calls: an exception raised inside them on nbcompress's behalf
 # is nbcompress's failure, not the user's code.
 _LIBRARIES = (
@@ -78,7 +79,11 @@ def _translate(message: str) -> str:
     head, sep, rest = message.partition(": ")
     if not sep or not _HEAD.fullmatch(head):
         return message
-    return " / ".join(option_name(k) for k in head.split(" / ")) + sep + rest
+    names = []
+    for keyword in head.split(" / "):
+        name, bracket, index = keyword.partition("[")
+        names.append(option_name(name) + bracket + index)
+    return " / ".join(names) + sep + rest
 
 
 @functools.cache
