@@ -45,7 +45,7 @@ class CoreMagics(ModelMagics):
         "--repeats",
         type=at_least(0, "--repeats 10"),
         default=10,
-        help="Timed repeats per layer (default 10; 0 skips latency).",
+        help="Timed repeats per layer (default 10; 0: no per-layer latency).",
     )
     @argument("--no-latency", action="store_true", help="Skip latency measurement.")
     @line_magic
