@@ -210,3 +210,24 @@ def test_an_error_in_the_after_measurement_never_leaves_a_silent_change(ns):
         assert str(info.value).endswith("The change was recorded: %undo fragile reverts it.")
     else:  # the core helper's compare_change rolled it back
         assert_same_state(model, saved)
+
+
+def test_ctrl_c_in_quantize_says_the_model_is_restored(ns, capsys):
+    model = ns.user_ns["model"].eval()
+    saved, calls = snapshot(model), []
+
+    def interrupted_after_quantizing(m):
+        calls.append(1)
+        if len(calls) == 2:  # the metric of the quantized model
+            raise KeyboardInterrupt
+        return 1.0
+
+    ns.user_ns["ev"] = interrupted_after_quantizing
+    with pytest.raises(KeyboardInterrupt):
+        magic(ns, "quantize model int8 --input x --eval ev --repeats 2")
+    assert capsys.readouterr().err.strip() == (
+        "Interrupted: the model is restored (nothing was changed)."
+    )
+    assert len(calls) == 2
+    assert_same_state(model, saved)
+    assert nc.history(model) == []

@@ -11,10 +11,12 @@ magic's option, and lets nbcompress's own failures show their traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
+import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -32,9 +34,11 @@ __all__ = [
     "compressed_note",
     "engine_errors",
     "input_argument",
+    "interrupt_note",
     "option_name",
     "seed_type",
     "split_patterns",
+    "step_ids",
     "within",
 ]
 
@@ -210,3 +214,29 @@ def compressed_note(model: nn.Module, expr: str, err: UsageError, why: str) -> U
         f"Undo it first (%undo {expr}; %undo {expr} --list shows the steps), then run this "
         "again and re-apply it."
     )
+
+
+def step_ids(model: nn.Module) -> list[int]:
+    """Identity of every step recorded on ``model`` or a sub-module, oldest first."""
+    return [id(step) for _, step in recorded_steps(model)]
+
+
+@contextlib.contextmanager
+def interrupt_note(model: nn.Module, expr: str) -> Iterator[None]:
+    """On Ctrl-C, print one line saying what the user has, then re-raise.
+
+    Every verb rolls back when interrupted, so the line is usually "restored"; it is read
+    from the record (a step recorded or not) rather than taken from that promise.
+    """
+    before = step_ids(model)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if step_ids(model) == before:
+            print("Interrupted: the model is restored (nothing was changed).", file=sys.stderr)
+        else:
+            print(
+                f"Interrupted after the change was recorded: %undo {expr} reverts it.",
+                file=sys.stderr,
+            )
+        raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -13,15 +12,16 @@ from nbcompress.engine.core.compare import Comparison, compare_change
 from nbcompress.engine.core.summary import Summary, summary
 from nbcompress.engine.prune.prune import prune_, remove_masks_
 from nbcompress.engine.sensitivity.suggestion import apply_suggestion_
-from nbcompress.notebook.display.history import recorded_steps
 from nbcompress.notebook.magics._common import (
     ModelMagics,
     at_least,
     compressed_note,
     engine_errors,
     input_argument,
+    interrupt_note,
     seed_type,
     split_patterns,
+    step_ids,
     within,
 )
 
@@ -163,32 +163,18 @@ def _compare(
     model: Any, expr: str, x: Any, change: Any, done: str, notes: list[str], evaluate: Any = None
 ) -> Comparison:
     """``compare_change`` as one all-or-nothing magic: errors as one line, Ctrl-C said so."""
-    before = _step_ids(model)
+    before = step_ids(model)
     try:
-        with engine_errors({"--eval": evaluate}):
+        with interrupt_note(model, expr), engine_errors({"--eval": evaluate}):
             return compare_change(
                 model, change, x, title=done + ": {detail}. Undo with %undo.", notes=notes
             )
     except UsageError as err:
-        if _step_ids(model) != before:
+        if step_ids(model) != before:
             # compare_change undoes a change whose 'after' measurement fails; should a step
             # be left all the same, the user must not take the model for untouched.
             raise UsageError(f"{err} The change was recorded: %undo {expr} reverts it.") from err
         raise compressed_note(model, expr, err, "%prune works on float layers") from err.__cause__
-    except KeyboardInterrupt:
-        # Said from the record rather than from compare_change's promise to roll back.
-        if _step_ids(model) == before:
-            print("Interrupted: the model is restored (nothing was changed).", file=sys.stderr)
-        else:
-            print(
-                f"Interrupted after the change was recorded: %undo {expr} reverts it.",
-                file=sys.stderr,
-            )
-        raise
-
-
-def _step_ids(model: Any) -> list[int]:
-    return [id(step) for _, step in recorded_steps(model)]
 
 
 _ALIASES = {"--structured": "channel", "--blocks": "block"}

@@ -15,6 +15,7 @@ from nbcompress.notebook.magics._common import (
     at_least,
     engine_errors,
     input_argument,
+    interrupt_note,
     split_patterns,
 )
 
@@ -82,7 +83,7 @@ class QuantizeMagics(ModelMagics):
         given = {"--eval": evaluate, "--calibrate": calibrate}
         # The model runs on --calibrate batches when no --input is given (static mode).
         inputs = "--calibrate" if x is None and calibrate is not None else "--input"
-        with engine_errors(given, model_option=inputs):
+        with interrupt_note(model, args.model), engine_errors(given, model_option=inputs):
             quantize_(
                 model,
                 mode,

@@ -13,6 +13,7 @@ from nbcompress.notebook.magics._common import (
     compressed_note,
     engine_errors,
     input_argument,
+    interrupt_note,
     split_patterns,
 )
 
@@ -60,7 +61,7 @@ class SpeedupMagics(ModelMagics):
                 "`%speedup model --input x` with x shaped like a real batch."
             )
         try:
-            with engine_errors():
+            with interrupt_note(model, args.model), engine_errors():
                 return speedup(
                     model,
                     x,
