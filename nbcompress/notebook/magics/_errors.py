@@ -160,11 +160,10 @@ def _blame(frames: list[FrameType], given: dict[str, Any], model_option: str) ->
     return None
 
 
-def _site(frames: list[FrameType]) -> str:
-    """Where the user's code raised: the innermost frame."""
-    frame = frames[-1]
+def _site(frame: FrameType, line: int) -> str:
+    """Where the user's code raised, e.g. ``in forward, line 7 of <ipython-input-3-…>``."""
     name = os.path.basename(frame.f_code.co_filename)
-    return f"in {frame.f_code.co_name}, line {frame.f_lineno} of {name}"
+    return f"in {frame.f_code.co_name}, line {line} of {name}"
 
 
 _FIXES = {
@@ -189,7 +188,8 @@ def user_error(
         The ``UsageError`` (its ``__cause__`` is ``err``), or ``None`` when ``err`` did not
         come from the user's code (rule 1 of this module).
     """
-    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    walked = list(traceback.walk_tb(err.__traceback__))
+    frames = [frame for frame, _ in walked]
     option = _blame(frames, given or {}, model_option) if frames else None
     if option is None:
         return None
@@ -200,7 +200,7 @@ def user_error(
         fix = _FIXES[option]
     else:
         who, fix = "the model", f"fix the model or pass {option} an input its forward accepts"
-    usage = UsageError(f"{option}: {who} raised {what} ({_site(frames)}); {fix}.")
+    usage = UsageError(f"{option}: {who} raised {what} ({_site(*walked[-1])}); {fix}.")
     usage.__cause__ = err
     return usage
 
