@@ -98,6 +98,8 @@ class CoreMagics(ModelMagics):
         ``%prune model 0.3 --layers "features.*" --granularity channel``,
         ``%prune model 0.9 --granularity block``, ``%prune model --suggested``.
         The final classifier layer is left alone unless --include-output is given.
+        All or nothing: on an error or Ctrl-C the model is left as it was, and one line
+        says so (or, should a step have been recorded, how to undo it).
         Always returns a :class:`~nbcompress.Comparison` of the model before and after
         (``nbcompress.compare_change``); with ``--suggested`` its ``result`` is the
         ``ApplyReport`` (predicted vs measured metric).
