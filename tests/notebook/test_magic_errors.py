@@ -206,7 +206,8 @@ def test_a_validation_error_of_the_engine_stays_one_line_naming_the_option(ns):
         ("prune model 0.5 --scope global --min-density nan", r"--min-density: nan must be in"),
         ("prune model 0.5 --scope global --min-density -1", r"--min-density: -1.0 must be in"),
         ("prune model 0.5 --scope global --min-density 1.5", r"--min-density: 1.5 must be in"),
-        ("prune model 0.5 --method random --seed 1180591620717411303424", r"--seed: .*64-bit"),
+        ("prune model 0.5 --method random --seed 1180591620717411303424", r"--seed: .*\[0, "),
+        ("prune model 0.5 --method random --seed -1", r"--seed: -1 must be an integer in \[0, "),
         ("prune model 0.5 --seed 1.5", r"--seed: invalid int value: '1.5'"),
         ("prune model 0.5 --types 42", r"^--types: '42' is not a torch.nn layer type"),
         ("quantize model int8 --repeats 0", r"--repeats: 0 must be >= 1, e.g. --repeats 10"),
@@ -225,8 +226,8 @@ def test_a_bad_number_is_refused_naming_the_option_and_an_example(ns, line, mess
     assert nc.history(model) == []
 
 
-def test_the_seed_range_is_what_torch_takes(ns):
-    for seed in (-(2**63), 2**64 - 1):
+def test_the_largest_seed_is_accepted(ns):
+    for seed in (0, 2**63 - 1):
         magic(ns, f"prune model 0.5 --method random --seed {seed}")
     assert len(nc.history(ns.user_ns["model"])) == 2
 
@@ -242,16 +243,13 @@ class TorchRaisesModel(nn.Module):
         return x @ self.a.weight_fast_path.t()
 
 
-def test_an_error_raised_inside_torch_is_not_blamed_on_the_user(shell):
+def test_an_error_raised_inside_torch_is_not_blamed_on_the_user():
     # Raised in torch's Module.__getattr__, as torch's fast paths do when a swapped layer
     # lacks `.weight`: the user's code is on the way, but the raise is not theirs.
-    shell.user_ns.update(model=TorchRaisesModel(), x=torch.randn(4, 16))
-    with pytest.raises(AttributeError, match="weight_fast_path"):
-        magic(shell, "summary model --input x")
+    model = TorchRaisesModel()
 
+    def change(m):
+        return m(torch.randn(4, 16))
 
-def test_an_item_of_a_list_option_is_named_as_the_option(ns):
-    with pytest.raises(UsageError, match=r"^--ratios\[1\]: 1.0 is outside \(0, 1\)"):
-        magic(ns, "sensitivity model --input x --ratios 0.5,1.0 --no-widget")
-    with pytest.raises(UsageError, match=r"^--ratios\[0\]: nan is outside"):
-        magic(ns, "sensitivity model --input x --ratios nan --no-widget")
+    with pytest.raises(AttributeError, match="weight_fast_path"), engine_errors():
+        compare_change(model, change)

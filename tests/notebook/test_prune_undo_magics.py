@@ -9,7 +9,6 @@ from torch import nn
 
 import nbcompress as nc
 from nbcompress.engine.core.history import History
-from nbcompress.notebook.display.history import ModelHistory, recorded_steps
 from nbcompress.notebook.magics import _core
 from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
 
@@ -98,32 +97,22 @@ def test_the_ctrl_c_line_is_read_from_the_record(ns, monkeypatch, capsys):
 # %undo on a parent: steps recorded on sub-modules count.
 
 
-def test_undo_list_shows_sub_module_steps_with_their_path(ns):
+def test_undo_list_shows_sub_module_steps_with_their_module(ns):
+    """Needs the core helper's history (sub-module steps listed, History.where)."""
     magic(ns, "prune enc.encoder 0.5")
     magic(ns, "prune enc 0.3 --layers head --include-output")
+    magic(ns, "prune enc.encoder 0.6")
     listed = magic(ns, "undo enc --list")
-    assert isinstance(listed, ModelHistory) and isinstance(listed, History)
-    assert [s.name for s in listed] == ["prune", "prune"]
-    assert [r["module"] for r in listed.rows] == ["enc.encoder", "enc"]
-    text = str(listed)
-    assert "[enc.encoder]" in text and "undo memory" in text
-    assert "<th>module</th>" in listed._repr_html_()
+    assert isinstance(listed, History)
+    assert [r["module"] for r in listed.rows] == ["encoder", "", "encoder"]
+    assert "[encoder]" in str(listed) and "undo memory" in str(listed)
 
 
-def test_undo_list_without_sub_module_steps_has_no_module_column(ns):
+def test_undo_list_shows_the_steps(ns):
     magic(ns, "prune model 0.5")
     listed = magic(ns, "undo model --list")
-    assert "module" not in listed.rows[0] and str(listed).startswith("  1. prune")
-
-
-def test_recorded_steps_are_oldest_first_and_counted_once(ns):
-    enc = ns.user_ns["enc"]
-    nc.prune_(enc.encoder, 0.5)
-    nc.prune_(enc, 0.2, layers="head", include_output=True)
-    nc.prune_(enc.encoder, 0.6)
-    steps = recorded_steps(enc)
-    assert [p for p, _ in steps] == ["encoder", "", "encoder"]
-    assert len({id(s) for _, s in steps}) == 3
+    assert isinstance(listed, History) and [s.name for s in listed] == ["prune"]
+    assert str(listed).startswith("  1. prune      50% l1")
 
 
 def test_undo_on_the_parent_reverts_a_sub_module_step(ns, capsys):
@@ -134,7 +123,7 @@ def test_undo_on_the_parent_reverts_a_sub_module_step(ns, capsys):
     assert zero_fraction(enc.encoder[0].weight) == pytest.approx(0.5, abs=0.02)
     left = magic(ns, "undo enc")
     assert "Undid 'prune' on enc.encoder; 0 step(s) remain." in capsys.readouterr().out
-    assert list(left) == [] and recorded_steps(enc) == []
+    assert list(left) == [] and nc.history(enc.encoder) == []
     assert_same_state(enc, saved)
 
 
@@ -205,7 +194,7 @@ def test_an_error_in_the_after_measurement_never_leaves_a_silent_change(ns):
     saved = snapshot(model)
     with pytest.raises(UsageError) as info:
         magic(ns, "prune fragile 0.5 --input x")
-    assert str(info.value).startswith("--input: the model raised KeyError: 'input_ids'")
+    assert str(info.value).startswith("--input: ") and "input_ids" in str(info.value)
     if nc.history(model):  # the engine left the step: the line must say so
         assert str(info.value).endswith("The change was recorded: %undo fragile reverts it.")
     else:  # the core helper's compare_change rolled it back

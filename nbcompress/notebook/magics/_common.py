@@ -24,7 +24,7 @@ from IPython.core.magic import Magics
 from IPython.core.magic_arguments import argument
 from torch import nn
 
-from nbcompress.notebook.display.history import recorded_steps
+from nbcompress.engine.core.history import History, history
 from nbcompress.notebook.magics._errors import engine_errors, option_name
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "engine_errors",
     "input_argument",
     "interrupt_note",
+    "module_name",
     "option_name",
     "seed_type",
     "split_patterns",
@@ -152,8 +153,8 @@ def at_least(minimum: int, example: str, kind: type = int) -> Callable[[str], An
     return within(minimum, math.inf, example, kind)
 
 
-#: ``--seed``: what ``torch.Generator.manual_seed`` takes (a signed or unsigned 64-bit int).
-seed_type = within(-(2**63), 2**64 - 1, "--seed 0", int, what="a 64-bit integer")
+#: ``--seed``: a non-negative 64-bit integer, as ``prune_`` takes it.
+seed_type = within(0, 2**63 - 1, "--seed 0", int, what="an integer")
 
 
 def checked(check: Callable[[float], Any]) -> Callable[[str], Any]:
@@ -204,11 +205,12 @@ def compressed_note(model: nn.Module, expr: str, err: UsageError, why: str) -> U
     message = str(err)
     if not message.startswith(("--types:", "--layers:")) or "no layer" not in message:
         return err
-    swaps = [(path, step) for path, step in recorded_steps(model) if step.name in _SWAPPING]
+    steps = history(model)
+    swaps = [step for step in steps if step.name in _SWAPPING]
     if not swaps:
         return err
-    path, step = swaps[-1]
-    where = f"{expr}.{path}" if path else expr
+    step = swaps[-1]
+    where = module_name(steps, step, expr)
     return UsageError(
         f"{message.rstrip('.')}: {where} was {_SWAPPING[step.name]} ({step.detail}), and {why}. "
         f"Undo it first (%undo {expr}; %undo {expr} --list shows the steps), then run this "
@@ -217,8 +219,19 @@ def compressed_note(model: nn.Module, expr: str, err: UsageError, why: str) -> U
 
 
 def step_ids(model: nn.Module) -> list[int]:
-    """Identity of every step recorded on ``model`` or a sub-module, oldest first."""
-    return [id(step) for _, step in recorded_steps(model)]
+    """Identity of every step recorded on ``model`` (and its sub-modules), oldest first."""
+    return [id(step) for step in history(model)]
+
+
+def module_name(steps: History, step: Any, expr: str) -> str:
+    """The module ``step`` was recorded on, as the user names it (``model.encoder``).
+
+    ``history(model)`` lists the steps of the model's sub-modules too, naming each one's
+    module in ``History.where`` (the core helper's change for issue 11); without that,
+    every step listed is the model's own.
+    """
+    path = getattr(steps, "where", {}).get(id(step), "")
+    return f"{expr}.{path}" if path else expr
 
 
 @contextlib.contextmanager

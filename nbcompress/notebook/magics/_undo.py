@@ -5,9 +5,8 @@ from __future__ import annotations
 from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from nbcompress.engine.core.history import undo_
-from nbcompress.notebook.display.history import ModelHistory, recorded_steps
-from nbcompress.notebook.magics._common import ModelMagics, engine_errors
+from nbcompress.engine.core.history import History, history, undo_
+from nbcompress.notebook.magics._common import ModelMagics, engine_errors, module_name
 
 __all__ = ["UndoMagics"]
 
@@ -22,7 +21,7 @@ class UndoMagics(ModelMagics):
     @argument("--force", action="store_true", help="Undo even if weights changed since.")
     @argument("--list", action="store_true", help="Only list the recorded steps.")
     @line_magic
-    def undo(self, line: str) -> ModelHistory:
+    def undo(self, line: str) -> History:
         """Revert the last compression step of a model bit-exactly (``--all``: every step).
 
         Steps made on a sub-module count as the model's: after ``%prune model.encoder 0.5``,
@@ -32,17 +31,17 @@ class UndoMagics(ModelMagics):
         """
         args = parse_argstring(self.undo, line)
         model = self.model(args.model)
-        before = recorded_steps(model)
+        before = history(model)
         if args.list:
-            return ModelHistory(before, args.model)
+            return before
         with engine_errors():
             undo_(model, all=args.all, force=args.force)
-        after = recorded_steps(model)
-        kept = {id(step) for _, step in after}
-        gone = ModelHistory([(p, s) for p, s in before if id(s) not in kept], args.model)
-        names = ", ".join(
-            f"'{step.name}'" + (f" on {gone.where(i)}" if gone.paths[i] else "")
-            for i, step in reversed(list(enumerate(gone)))
-        )
-        print(f"Undid {names or 'nothing'}; {len(after)} step(s) remain.")
-        return ModelHistory(after, args.model)
+        left = history(model)
+        kept = {id(step) for step in left}
+        names = []
+        for step in reversed(before):
+            if id(step) not in kept:
+                where = module_name(before, step, args.model)
+                names.append(f"'{step.name}'" + ("" if where == args.model else f" on {where}"))
+        print(f"Undid {', '.join(names) or 'nothing'}; {len(left)} step(s) remain.")
+        return left
