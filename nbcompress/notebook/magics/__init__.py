@@ -13,8 +13,9 @@ def _magic_classes() -> list[type]:
     from nbcompress.notebook.magics._quantize import QuantizeMagics
     from nbcompress.notebook.magics._sensitivity import SensitivityMagics
     from nbcompress.notebook.magics._speedup import SpeedupMagics
+    from nbcompress.notebook.magics._undo import UndoMagics
 
-    return [CoreMagics, SensitivityMagics, QuantizeMagics, SpeedupMagics]
+    return [CoreMagics, UndoMagics, SensitivityMagics, QuantizeMagics, SpeedupMagics]
 
 
 def register(ipython: Any) -> None:

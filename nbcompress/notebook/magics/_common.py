@@ -1,17 +1,20 @@
 """What every magic shares: name resolution, option types, and engine errors as UsageError.
 
 A magic parses its line (``parse_argstring``, which raises ``UsageError`` on a bad
+option; the number types here refuse out-of-range values at that point, naming the
 option), resolves names in the user namespace (:class:`ModelMagics`), calls one engine
 function inside :func:`engine_errors` and displays the result. The engine validates its
-arguments; this module only turns its message into one line that names the magic's option.
+arguments; :mod:`._errors` turns what the user can fix into one line that names the
+magic's option, and lets nbcompress's own failures show their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import re
+import math
 import shlex
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,14 +24,23 @@ from IPython.core.magic import Magics
 from IPython.core.magic_arguments import argument
 from torch import nn
 
+from nbcompress.engine.core.history import History, history
+from nbcompress.notebook.magics._errors import engine_errors, option_name
+
 __all__ = [
     "ModelMagics",
     "at_least",
     "checked",
+    "compressed_note",
     "engine_errors",
     "input_argument",
+    "interrupt_note",
+    "module_name",
     "option_name",
+    "seed_type",
     "split_patterns",
+    "step_ids",
+    "within",
 ]
 
 # The last example input given for each model, so that `%prune model 0.5` after
@@ -100,6 +112,36 @@ def split_patterns(text: str | None) -> list[str] | None:
     return [p for p in parts if p] or None
 
 
+def within(
+    low: float, high: float, example: str, kind: type = float, *, what: str = ""
+) -> Callable[[str], Any]:
+    """An argparse ``type``: a number in ``[low, high]``, refused at parse time otherwise.
+
+    NaN is refused (it compares false), and so is a value the engine would only reject
+    after a long run or with a message that does not name the option.
+
+    Args:
+        low: The smallest value accepted.
+        high: The largest value accepted (``math.inf``: no bound).
+        example: A sensible use shown in the message, e.g. ``"--stages 5"``.
+        kind: ``int`` for counts, ``float`` for amounts.
+        what: What the number must be, for the message (``"a 64-bit integer"``).
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not low <= value <= high:
+            bounds = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            must = f"{what} {bounds}" if what else bounds
+            raise argparse.ArgumentTypeError(f"{value} must be {must}, e.g. {example}.")
+        return value
+
+    return parse
+
+
 def at_least(minimum: int, example: str, kind: type = int) -> Callable[[str], Any]:
     """An argparse ``type``: a number of at least ``minimum`` (stages, moves, a drop).
 
@@ -108,17 +150,11 @@ def at_least(minimum: int, example: str, kind: type = int) -> Callable[[str], An
         example: A sensible use shown in the message, e.g. ``"--stages 5"``.
         kind: ``int`` for counts, ``float`` for amounts.
     """
+    return within(minimum, math.inf, example, kind)
 
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
-        if not value >= minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}, e.g. {example}.")
-        return value
 
-    return parse
+#: ``--seed``: a non-negative 64-bit integer, as ``prune_`` takes it.
+seed_type = within(0, 2**63 - 1, "--seed 0", int, what="an integer")
 
 
 def checked(check: Callable[[float], Any]) -> Callable[[str], Any]:
@@ -143,42 +179,77 @@ def checked(check: Callable[[float], Any]) -> Callable[[str], Any]:
     return parse
 
 
-# Engine keyword → the magic option that sets it; other keywords are left as they are.
-_DASHED = (
-    "layers types method scope granularity min_density seed target_sparsity max_drop objective "
-    "refine stages ratios max_layers early_stop metric repeats backend mode calibrate"
-)
-_OPTION_NAMES = {
-    **{k: "--" + k.replace("_", "-") for k in _DASHED.split()},
-    "example_inputs": "--input",
-    "evaluate": "--eval",
-    "budget": "--refine",
-    "path": "--save",
+# Steps after which the model's Linear/Conv layers are no longer float torch layers.
+_SWAPPING = {
+    "quantize": "quantized (%quantize)",
+    "sparsify": "converted to sparse kernels (%speedup --apply)",
 }
-_HEAD = re.compile(r"[a-z_]+( / [a-z_]+)*")
 
 
-def option_name(keyword: str) -> str:
-    """The magic option for an engine keyword (``target_sparsity`` → ``--target-sparsity``)."""
-    return _OPTION_NAMES.get(keyword, keyword)
+def compressed_note(model: nn.Module, expr: str, err: UsageError, why: str) -> UsageError:
+    """Say why a model has "no layer" to work on when a recorded step swapped its layers.
+
+    ``%prune`` after ``%quantize`` finds no ``Linear`` left: the engine's message is right
+    but does not say that the quantization is the reason, nor how to go back.
+
+    Args:
+        model: The model the magic worked on.
+        expr: How the user named it (``model.encoder``), for the undo command.
+        err: The magic's one-line refusal.
+        why: What the magic needs, e.g. ``"%prune works on float layers"``.
+
+    Returns:
+        A new ``UsageError`` with the reason and the way back, or ``err`` itself when the
+        refusal is not about a missing layer or no recorded step swapped layers.
+    """
+    message = str(err)
+    if not message.startswith(("--types:", "--layers:")) or "no layer" not in message:
+        return err
+    steps = history(model)
+    swaps = [step for step in steps if step.name in _SWAPPING]
+    if not swaps:
+        return err
+    step = swaps[-1]
+    where = module_name(steps, step, expr)
+    return UsageError(
+        f"{message.rstrip('.')}: {where} was {_SWAPPING[step.name]} ({step.detail}), and {why}. "
+        f"Undo it first (%undo {expr}; %undo {expr} --list shows the steps), then run this "
+        "again and re-apply it."
+    )
 
 
-def _translate(message: str) -> str:
-    # Only the head of the message ("target_sparsity / max_drop: ...") names arguments.
-    head, sep, rest = message.partition(": ")
-    if not sep or not _HEAD.fullmatch(head):
-        return message
-    return " / ".join(option_name(k) for k in head.split(" / ")) + sep + rest
+def step_ids(model: nn.Module) -> list[int]:
+    """Identity of every step recorded on ``model`` (and its sub-modules), oldest first."""
+    return [id(step) for step in history(model)]
+
+
+def module_name(steps: History, step: Any, expr: str) -> str:
+    """The module ``step`` was recorded on, as the user names it (``model.encoder``).
+
+    ``history(model)`` lists the steps of the model's sub-modules too, naming each one's
+    module in ``History.where`` (the core helper's change for issue 11); without that,
+    every step listed is the model's own.
+    """
+    path = getattr(steps, "where", {}).get(id(step), "")
+    return f"{expr}.{path}" if path else expr
 
 
 @contextlib.contextmanager
-def engine_errors() -> Iterator[None]:
-    """Re-raise the engine's ``ValueError``/``TypeError`` as a one-line ``UsageError``.
+def interrupt_note(model: nn.Module, expr: str) -> Iterator[None]:
+    """On Ctrl-C, print one line saying what the user has, then re-raise.
 
-    The message keeps the engine's wording (what is wrong and the fix) but names the
-    magic's option (``--input`` rather than ``example_inputs``).
+    Every verb rolls back when interrupted, so the line is usually "restored"; it is read
+    from the record (a step recorded or not) rather than taken from that promise.
     """
+    before = step_ids(model)
     try:
         yield
-    except (ValueError, TypeError) as err:
-        raise UsageError(_translate(str(err))) from None
+    except KeyboardInterrupt:
+        if step_ids(model) == before:
+            print("Interrupted: the model is restored (nothing was changed).", file=sys.stderr)
+        else:
+            print(
+                f"Interrupted after the change was recorded: %undo {expr} reverts it.",
+                file=sys.stderr,
+            )
+        raise

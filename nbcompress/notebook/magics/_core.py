@@ -1,4 +1,4 @@
-"""``%summary``, ``%prune`` and ``%undo``: thin wrappers over the engine verbs."""
+"""``%summary`` and ``%prune``: thin wrappers over the engine verbs."""
 
 from __future__ import annotations
 
@@ -9,15 +9,20 @@ from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbcompress.engine.core.compare import Comparison, compare_change
-from nbcompress.engine.core.history import History, history, undo_
 from nbcompress.engine.core.summary import Summary, summary
 from nbcompress.engine.prune.prune import prune_, remove_masks_
 from nbcompress.engine.sensitivity.suggestion import apply_suggestion_
 from nbcompress.notebook.magics._common import (
     ModelMagics,
+    at_least,
+    compressed_note,
     engine_errors,
     input_argument,
+    interrupt_note,
+    seed_type,
     split_patterns,
+    step_ids,
+    within,
 )
 
 __all__ = ["CoreMagics"]
@@ -31,12 +36,17 @@ _KEPT_MASKS = "Masks kept for fine-tuning; %prune model --remove-masks makes the
 
 @magics_class
 class CoreMagics(ModelMagics):
-    """Summary, pruning and undo magics."""
+    """Summary and pruning magics."""
 
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
     @input_argument("Example input tensor (or tuple); remembered for later magics on this model.")
-    @argument("--repeats", type=int, default=10, help="Timed repeats per layer (default 10).")
+    @argument(
+        "--repeats",
+        type=at_least(0, "--repeats 10"),
+        default=10,
+        help="Timed repeats per layer (default 10; 0: no per-layer latency).",
+    )
     @argument("--no-latency", action="store_true", help="Skip latency measurement.")
     @line_magic
     def summary(self, line: str) -> Summary:
@@ -70,10 +80,15 @@ class CoreMagics(ModelMagics):
     @argument("--include-output", action="store_true", help="Also prune the output layer.")
     @argument("--keep-masks", action="store_true", help="Keep masks for fine-tuning.")
     @argument("--remove-masks", action="store_true", help="Make kept masks permanent.")
-    @argument("--min-density", type=float, default=0.05, help="Global scope: min kept per layer.")
+    @argument(
+        "--min-density",
+        type=within(0, 1, "--min-density 0.05"),
+        default=0.05,
+        help="Global scope: min kept per layer.",
+    )
     @argument("--suggested", action="store_true", help="Apply the latest %%sensitivity suggestion.")
     @argument("--eval", dest="evaluate", help="With --suggested: metric function to measure.")
-    @argument("--seed", type=int, default=0, help="Seed of the random criterion.")
+    @argument("--seed", type=seed_type, default=0, help="Seed of the random criterion.")
     @input_argument("Example input to measure latency before/after (default: the last one given).")
     @line_magic
     def prune(self, line: str) -> Comparison:
@@ -83,6 +98,8 @@ class CoreMagics(ModelMagics):
         ``%prune model 0.3 --layers "features.*" --granularity channel``,
         ``%prune model 0.9 --granularity block``, ``%prune model --suggested``.
         The final classifier layer is left alone unless --include-output is given.
+        All or nothing: on an error or Ctrl-C the model is left as it was, and one line
+        says so (or, should a step have been recorded, how to undo it).
         Always returns a :class:`~nbcompress.Comparison` of the model before and after
         (``nbcompress.compare_change``); with ``--suggested`` its ``result`` is the
         ``ApplyReport`` (predicted vs measured metric).
@@ -91,7 +108,7 @@ class CoreMagics(ModelMagics):
         model = self.model(args.model)
         if args.remove_masks:
             x = self.example_input(model, args.input)
-            return _compare(model, x, remove_masks_, "Remove masks", [])
+            return _compare(model, args.model, x, remove_masks_, "Remove masks", [])
         if args.suggested:
             return self._apply_suggestion(model, args)
         amount = self._amount(args.amount)
@@ -108,18 +125,21 @@ class CoreMagics(ModelMagics):
         )
         x = self.example_input(model, args.input)
         notes = [_KEPT_MASKS, _NOT_FASTER] if args.keep_masks else [_NOT_FASTER]
-        return _compare(model, x, lambda m: prune_(m, amount, **options), "Pruned", notes)
+        return _compare(
+            model, args.model, x, lambda m: prune_(m, amount, **options), "Pruned", notes
+        )
 
     def _apply_suggestion(self, model: Any, args: Any) -> Comparison:
-
         evaluate = self.optional(args.evaluate, "--eval")
         x = self.example_input(model, args.input)
         report = _compare(
             model,
+            args.model,
             x,
             lambda m: apply_suggestion_(m, evaluate=evaluate, example_inputs=x),
             "Applied suggestion",
             [],
+            evaluate=evaluate,
         )
         r = report.result
         measured = "not measured" if r.measured is None else f"{r.measured:.4g}"
@@ -140,37 +160,23 @@ class CoreMagics(ModelMagics):
             # A name such as `ratios` refers to a dict (or a number) in the namespace.
             return self.value(text, "amount")
 
-    @magic_arguments()
-    @argument("model", help="The model: any expression in the namespace.")
-    @argument("--all", action="store_true", help="Undo every step, back to the original.")
-    @argument("--force", action="store_true", help="Undo even if weights changed since.")
-    @argument("--list", action="store_true", help="Only list the recorded steps.")
-    @line_magic
-    def undo(self, line: str) -> History:
-        """Revert the last compression step of a model bit-exactly (``--all``: every step).
 
-        ``%undo model --list`` shows the recorded steps and the memory undo holds.
-        Returns the :class:`History` of the steps that remain.
-        """
-        args = parse_argstring(self.undo, line)
-        model = self.model(args.model)
-        if args.list:
-            return history(model)
-        steps = history(model)
-        with engine_errors():
-            undo_(model, all=args.all, force=args.force)
-        undone = steps if args.all else steps[-1:]
-        names = ", ".join(f"'{s.name}'" for s in reversed(undone))
-        left = history(model)
-        print(f"Undid {names}; {len(left)} step(s) remain.")
-        return left
-
-
-def _compare(model: Any, x: Any, change: Any, done: str, notes: list[str]) -> Comparison:
-    with engine_errors():
-        return compare_change(
-            model, change, x, title=done + ": {detail}. Undo with %undo.", notes=notes
-        )
+def _compare(
+    model: Any, expr: str, x: Any, change: Any, done: str, notes: list[str], evaluate: Any = None
+) -> Comparison:
+    """``compare_change`` as one all-or-nothing magic: errors as one line, Ctrl-C said so."""
+    before = step_ids(model)
+    try:
+        with interrupt_note(model, expr), engine_errors({"--eval": evaluate}):
+            return compare_change(
+                model, change, x, title=done + ": {detail}. Undo with %undo.", notes=notes
+            )
+    except UsageError as err:
+        if step_ids(model) != before:
+            # compare_change undoes a change whose 'after' measurement fails; should a step
+            # be left all the same, the user must not take the model for untouched.
+            raise UsageError(f"{err} The change was recorded: %undo {expr} reverts it.") from err
+        raise compressed_note(model, expr, err, "%prune works on float layers") from err.__cause__
 
 
 _ALIASES = {"--structured": "channel", "--blocks": "block"}

@@ -12,8 +12,10 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from nbcompress.engine.quantize.quantize import MODES, QuantizeReport, quantize_, quantize_report
 from nbcompress.notebook.magics._common import (
     ModelMagics,
+    at_least,
     engine_errors,
     input_argument,
+    interrupt_note,
     split_patterns,
 )
 
@@ -52,7 +54,12 @@ class QuantizeMagics(ModelMagics):
     @argument("--backend", default="auto", help="auto (fastest measured), torch, torchao, ...")
     @argument("--per-tensor", action="store_true", help="int8: one weight scale per tensor.")
     @argument("--only-faster", action="store_true", help="Keep layers float where int8 is slower.")
-    @argument("--repeats", type=int, default=10, help="Timed samples per measurement.")
+    @argument(
+        "--repeats",
+        type=at_least(1, "--repeats 10"),
+        default=10,
+        help="Timed samples per measurement.",
+    )
     @line_magic
     def quantize(self, line: str) -> QuantizeReport:
         """Quantize a model in place (undoable with %undo) and show measured figures.
@@ -73,7 +80,10 @@ class QuantizeMagics(ModelMagics):
         x = self.example_input(model, args.input)
         calibrate = self.optional(args.calibrate, "--calibrate")
         evaluate = self.optional(args.evaluate, "--eval")
-        with engine_errors():
+        given = {"--eval": evaluate, "--calibrate": calibrate}
+        # The model runs on --calibrate batches when no --input is given (static mode).
+        inputs = "--calibrate" if x is None and calibrate is not None else "--input"
+        with interrupt_note(model, args.model), engine_errors(given, model_option=inputs):
             quantize_(
                 model,
                 mode,

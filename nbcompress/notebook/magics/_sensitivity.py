@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import html
 import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -19,6 +15,7 @@ from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS, prune_to_
 from nbcompress.engine.sensitivity.suggestion import ApplyReport, Suggestion, apply_suggestion_
 from nbcompress.engine.sensitivity.sweep import sensitivity
+from nbcompress.notebook.display.live import LiveView, closing
 from nbcompress.notebook.magics._common import (
     ModelMagics,
     at_least,
@@ -74,53 +71,6 @@ def in_notebook(shell: Any) -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
-class LiveView:
-    """Live plot and progress bar of a running sweep in one updatable display."""
-
-    def __init__(self, total: int, *, min_interval: float = 0.5) -> None:
-        from IPython.display import HTML, display
-
-        self.total, self.min_interval, self._last = total, min_interval, 0.0
-        self._html = HTML
-        self.handle = display(HTML("<i>sensitivity sweep starting…</i>"), display_id=True)
-        self.updates = 0
-
-    def __call__(self, result: SensitivityResult, layer: str, ratio: float) -> None:
-        """Callback of the sweep: redraw at most every ``min_interval`` seconds."""
-        done = result.evaluations - 1
-        if done < self.total and time.monotonic() - self._last < self.min_interval:
-            return
-        self.show(result, f"{layer} at {ratio:.0%}")
-
-    def show(self, result: SensitivityResult, where: str = "") -> None:
-        """Redraw the plot and the progress bar now."""
-        from nbcompress.notebook.display.figures import figure_html
-
-        done = result.evaluations - 1
-        bar = (
-            f"<progress value='{done}' max='{self.total}' style='width:30em'></progress> "
-            f"{done}/{self.total} evaluations, {result.seconds:.1f} s {html.escape(where)}"
-        )
-        self.handle.update(
-            self._html(
-                f"<div>{bar}</div>{figure_html(result.plot('auto'), alt='sensitivity plot')}"
-            )
-        )
-        self._last = time.monotonic()
-        self.updates += 1
-
-
-@contextlib.contextmanager
-def _closing(live: LiveView | None) -> Iterator[None]:
-    """Replace the live display by a short note if the sweep raises (no stale 'starting')."""
-    try:
-        yield
-    except BaseException:
-        if live is not None:
-            live.handle.update(live._html("<i>sensitivity sweep stopped: see the error.</i>"))
-        raise
-
-
 @magics_class
 class SensitivityMagics(ModelMagics):
     """The ``%sensitivity`` magic."""
@@ -135,8 +85,16 @@ class SensitivityMagics(ModelMagics):
     @argument("--granularity", default="element", help="element (default), block (4×1) or channel.")
     @argument("--lower-is-better", action="store_true", help="Loss, perplexity, RMSE, ...")
     @argument("--metric", help="Name of the metric shown in tables and plots.")
-    @argument("--max-layers", type=int, help="Analyse only the N largest layers.")
-    @argument("--early-stop", type=float, help="Stop a layer once the metric fell by this.")
+    @argument(
+        "--max-layers",
+        type=at_least(1, "--max-layers 10"),
+        help="Analyse only the N largest layers.",
+    )
+    @argument(
+        "--early-stop",
+        type=at_least(0, "--early-stop 0.1", float),
+        help="Stop a layer once the metric fell by this.",
+    )
     @argument(
         "--target-sparsity", type=checked(_target), help="Suggest ratios removing this fraction."
     )
@@ -206,7 +164,7 @@ class SensitivityMagics(ModelMagics):
         return result
 
     def _staged(self, model: Any, evaluate: Any, x: Any, args: Any) -> SensitivityResult:
-        with engine_errors():
+        with engine_errors({"--eval": evaluate}):
             try:
                 report = prune_to_(
                     model, evaluate, args.target_sparsity, stages=args.stages,
@@ -244,7 +202,7 @@ class SensitivityMagics(ModelMagics):
             layers = split_patterns(args.layers)
             # The total is only known after selection; an estimate suffices for the bar.
             live = LiveView(_estimate_total(model, layers, args, ratios))
-        with engine_errors(), _closing(live):
+        with engine_errors({"--eval": evaluate}), closing(live):
             try:
                 result = sensitivity(
                     model, evaluate, ratios=ratios, layers=split_patterns(args.layers),
@@ -308,7 +266,7 @@ class SensitivityMagics(ModelMagics):
 
 
 def _apply(model: Any, suggestion: Suggestion, evaluate: Any, x: Any) -> ApplyReport:
-    with engine_errors():
+    with engine_errors({"--eval": evaluate}):
         return apply_suggestion_(model, suggestion, evaluate=evaluate, example_inputs=x)
 
 

@@ -9,8 +9,11 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from nbcompress.engine.speedup.speedup import SpeedupReport, speedup
 from nbcompress.notebook.magics._common import (
     ModelMagics,
+    at_least,
+    compressed_note,
     engine_errors,
     input_argument,
+    interrupt_note,
     split_patterns,
 )
 
@@ -31,7 +34,12 @@ class SpeedupMagics(ModelMagics):
     )
     @argument("--layers", help="Glob pattern(s) on layer names, comma separated.")
     @argument("--int8", action="store_true", help="Let the choice use sparse int8 kernels.")
-    @argument("--repeats", type=int, default=15, help="Timed samples per candidate (default 15).")
+    @argument(
+        "--repeats",
+        type=at_least(3, "--repeats 15"),
+        default=15,
+        help="Timed samples per candidate (default 15).",
+    )
     @line_magic
     def speedup(self, line: str) -> SpeedupReport:
         """Measure each Linear/Conv2d layer dense vs on nbcompress's sparse kernels.
@@ -52,12 +60,16 @@ class SpeedupMagics(ModelMagics):
                 "--input: an example input is needed to time the layers, e.g. "
                 "`%speedup model --input x` with x shaped like a real batch."
             )
-        with engine_errors():
-            return speedup(
-                model,
-                x,
-                layers=split_patterns(args.layers),
-                apply=args.apply,
-                allow_int8=args.int8,
-                repeats=args.repeats,
-            )
+        try:
+            with interrupt_note(model, args.model), engine_errors():
+                return speedup(
+                    model,
+                    x,
+                    layers=split_patterns(args.layers),
+                    apply=args.apply,
+                    allow_int8=args.int8,
+                    repeats=args.repeats,
+                )
+        except UsageError as err:
+            note = "%speedup times float Linear/Conv layers against sparse kernels"
+            raise compressed_note(model, args.model, err, note) from err.__cause__
