@@ -98,6 +98,11 @@ class History(list):
         lines.append(f"undo memory: {fmt_bytes(self.nbytes)}")
         return "\n".join(lines)
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython's plain-text display (a terminal, %undo --list): the listing, not the
+        # list of Step dataclasses.
+        printer.text(str(self))
+
     def _repr_html_(self) -> str:
         return html_table(
             self.rows,

@@ -230,7 +230,7 @@ def module_name(steps: History, step: Any, expr: str) -> str:
     module in ``History.where`` (the core helper's change for issue 11); without that,
     every step listed is the model's own.
     """
-    path = getattr(steps, "where", {}).get(id(step), "")
+    path = steps.where.get(id(step), "")
     return f"{expr}.{path}" if path else expr
 
 

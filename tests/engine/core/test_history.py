@@ -159,3 +159,12 @@ def test_undo_on_a_parent_goes_back_most_recent_first_across_its_sub_modules():
     assert_same_state(model, states[0])
     with pytest.raises(ValueError, match="nothing to undo"):
         nc.undo_(model)
+
+
+def test_history_shows_its_listing_in_ipython_not_the_list_of_steps():
+    from IPython.lib.pretty import pretty
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    nc.prune_(model, 0.5, include_output=True)
+    text = pretty(nc.history(model))
+    assert text == str(nc.history(model)) and "Step(" not in text and "prune" in text
