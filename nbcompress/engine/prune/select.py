@@ -17,8 +17,8 @@ import torch
 
 __all__ = ["CHUNK", "Scores", "Threshold", "capped_counts", "keep_mask", "threshold"]
 
-#: Elements read at a time: int64 keys of a chunk take 8 MiB.
-CHUNK = 1 << 20
+#: Elements read at a time: int64 keys of a chunk take 2 MiB.
+CHUNK = 1 << 18
 _HALF = 16
 _BINS = 1 << _HALF
 

@@ -121,17 +121,17 @@ def split_multi(
     if not reason or not multi:
         return selected, {}
     why = (
-        "kept masks are not supported on attention/recurrent layers (they read their weights "
-        "directly)"
+        "kept masks unsupported: it reads its weights directly"
         if reason == "keep_masks"
-        else "channel granularity does not apply to attention/recurrent gate matrices"
+        else "no output channels in its gate matrices"
     )
-    if explicit:
+    if explicit or len(multi) == len(selected):
         kinds = sorted({type(selected[n]).__name__ for n in multi})
         fix = "keep_masks=False" if reason == "keep_masks" else "granularity='element'"
         raise ValueError(
-            f"{reason if reason == 'keep_masks' else 'granularity'}: {why} ({', '.join(kinds)} "
-            f"{', '.join(multi[:3])}); use {fix} for them, or leave them out of types=."
+            f"{'keep_masks' if reason == 'keep_masks' else 'granularity'}: "
+            f"{', '.join(kinds)} layer(s) {', '.join(map(repr, multi[:3]))} cannot be pruned "
+            f"this way ({why}); use {fix} for them, or leave them out of types=/layers=."
         )
     return {n: m for n, m in selected.items() if n not in multi}, dict.fromkeys(multi, why)
 
