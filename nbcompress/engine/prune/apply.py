@@ -11,7 +11,7 @@ from nbcompress.engine.core.history import Transaction
 from nbcompress.engine.prune.keep import add_detach_hook
 from nbcompress.engine.prune.masks import output_major
 
-__all__ = ["apply_mask", "is_masked", "zero_channel_bias"]
+__all__ = ["apply_mask", "is_masked", "set_parametrized", "zero_channel_bias"]
 
 
 def is_masked(module: nn.Module, name: str = "weight") -> bool:
@@ -38,7 +38,7 @@ def apply_mask(
     """
     tx.save(module)
     if parametrize.is_parametrized(module, name):
-        _set_parametrized(tx, module, name, mask)
+        set_parametrized(tx, module, name, mask)
         return
     if is_masked(module, name):
         # Already masked for fine-tuning: tighten the kept mask, keep the regime.
@@ -58,26 +58,35 @@ def apply_mask(
         add_detach_hook(module, name)
 
 
-def _set_parametrized(tx: Transaction, module: nn.Module, name: str, mask: torch.Tensor) -> None:
-    # The computed weight is a temporary: set it through right_inverse, then check it holds.
+def set_parametrized(
+    tx: Transaction, module: nn.Module, name: str, mask: torch.Tensor, layer: str | None = None
+) -> None:
+    """Prune a parametrized ``module.<name>`` by setting its masked value (``right_inverse``).
+
+    The computed weight is a temporary, so zeroing it changes nothing. Setting it changes
+    what really holds the values (a weight norm's ``g`` and ``v``); the result is checked,
+    and a parametrization that cannot hold the zeros is refused with one line naming
+    ``layer`` (default: the module's type).
+    """
     tx.save(module, recurse=True)
+    who = repr(layer) if layer is not None else type(module).__name__
     kinds = ", ".join(type(p).__name__ for p in module.parametrizations[name])
     target = getattr(module, name) * mask
     try:
         setattr(module, name, target)
     except Exception as err:  # noqa: BLE001 - any parametrization may refuse
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(_parametrized_refusal(module, name, kinds, first)) from err
+        raise ValueError(_parametrized_refusal(who, name, kinds, first)) from err
     now = getattr(module, name)
     if bool((now[~mask] != 0).any()) or not torch.allclose(now, target, rtol=1e-4, atol=1e-6):
         raise ValueError(
-            _parametrized_refusal(module, name, kinds, "it cannot represent the pruned weight")
+            _parametrized_refusal(who, name, kinds, "it cannot represent the pruned weight")
         )
 
 
-def _parametrized_refusal(module: nn.Module, name: str, kinds: str, why: str) -> str:
+def _parametrized_refusal(who: str, name: str, kinds: str, why: str) -> str:
     return (
-        f"layers: the {name} of {type(module).__name__} is parametrized ({kinds}) and "
+        f"layers: the {name} of {who} is parametrized ({kinds}) and "
         f"cannot be pruned: {why}. Remove the parametrization first "
         "(torch.nn.utils.parametrize.remove_parametrizations) or leave the layer out (layers=)."
     )

@@ -21,7 +21,12 @@ from nbcompress.engine.core.layers import (
     weighted_layers,
 )
 from nbcompress.engine.core.validation import check_amount, check_module
-from nbcompress.engine.prune.apply import apply_mask, is_masked, zero_channel_bias
+from nbcompress.engine.prune.apply import (
+    apply_mask,
+    is_masked,
+    set_parametrized,
+    zero_channel_bias,
+)
 from nbcompress.engine.prune.keep import remove_detach_hooks
 from nbcompress.engine.prune.masks import (
     CRITERIA,
@@ -319,7 +324,9 @@ def _prune(
         for target, mask in _masks(targets, plan):
             for i, use in enumerate(target.uses):
                 # A shared tensor is zeroed once; every user gets the mask when kept.
-                if i == 0 or plan.keep_masks:
+                if i == 0 and target.parametrized:
+                    set_parametrized(tx, use.owner, use.leaf, mask, use.layer)
+                elif i == 0 or plan.keep_masks:
                     extra = {} if use.leaf == "weight" else {"name": use.leaf}
                     apply_mask(tx, use.owner, mask, keep_masks=plan.keep_masks, **extra)
                 if plan.granularity == "channel":
