@@ -174,13 +174,14 @@ def test_kept_masks_survive_deepcopy_pickle_and_save_after_a_training_step():
     model(x).pow(2).mean().backward()
     assert bool((model[0].weight_orig.grad != 0).any())  # gradients still reach weight_orig
     opt.step()
-    with torch.no_grad():
-        expected = model(x)
+    # Copies right after the training step, before any no_grad forward.
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
     clones = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
     clones.append(torch.load(buf, weights_only=False))
+    with torch.no_grad():
+        expected = model(x)
     for clone in clones:
         with torch.no_grad():
             assert torch.equal(clone(x), expected)
