@@ -45,14 +45,15 @@ def apply_mask(
         kept, orig = getattr(module, name + "_mask"), getattr(module, name + "_orig")
         tx.save_tensor(kept)
         tx.save_tensor(orig, pin=True)
-        kept.mul_(mask.to(kept.dtype))
-        orig.mul_(mask)
+        # masked_fill_, not mul_: a bool mask would be promoted to a float copy first.
+        kept.masked_fill_(~mask, 0)
+        orig.masked_fill_(~mask, 0)
         setattr(module, name, orig * kept)
         add_detach_hook(module, name)
         return
     weight = getattr(module, name)
     tx.save_tensor(weight, pin=keep_masks)
-    weight.mul_(mask)
+    weight.masked_fill_(~mask, 0)
     if keep_masks:
         torch_prune.custom_from_mask(module, name, mask)
         add_detach_hook(module, name)
