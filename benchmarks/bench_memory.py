@@ -183,13 +183,14 @@ def main() -> None:
         f"model: {DEPTH} x Linear({WIDTH}, {WIDTH}), {first['params'] / 1e6:.1f}M parameters, "
         f"{first['model_bytes'] / MIB:.0f} MiB; peak = {first['method']}; limit 1.5x"
     )
-    print(f"{'verb':<20}{'peak extra':>12}{'changes':>12}{'peak/changes':>14}{'time':>9}  ok")
+    head = f"{'verb':<20}{'peak extra':>12}{'changes':>12}{'peak/changes':>14}{'peak/model':>12}"
+    print(f"{head}{'time':>9}  ok")
     for r in rows:
         ratio = r["peak"] / r["changed"] if r["changed"] else float("nan")
         ok = "yes" if ratio <= 1.5 else "NO"
         print(
             f"{r['verb']:<20}{r['peak'] / MIB:>8.0f} MiB{r['changed'] / MIB:>8.0f} MiB"
-            f"{ratio:>13.2f}x{r['seconds']:>8.1f}s  {ok}"
+            f"{ratio:>13.2f}x{r['peak'] / r['model_bytes']:>11.2f}x{r['seconds']:>8.1f}s  {ok}"
         )
     print(
         "changes: prune_ = the weights it zeroes (output layer left alone); sensitivity = one "

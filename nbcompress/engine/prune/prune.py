@@ -123,7 +123,9 @@ def prune_(
         scope: ``"layer"`` — the amount applies to each layer; ``"global"`` — weights are
             ranked across layers, each keeping at least ``min_density``.
         layers: Glob pattern(s) on qualified names, e.g. ``"features.*"``.
-        types: Layer types to prune (names or classes); default Linear and Conv layers.
+        types: Layer types to prune (names or classes); default Linear, Conv and
+            ConvTranspose layers and the weight matrices of MultiheadAttention (in/out
+            projections) and LSTM/GRU/RNN (gate matrices). Embeddings are opt-in.
         granularity: ``"element"`` (unstructured), ``"block"`` (4 × 1 blocks: four
             consecutive output channels / neurons at one input position are removed
             together, which the block-sparse kernels run faster, see ``sparsify_``) or
@@ -132,17 +134,25 @@ def prune_(
         include_output: Also prune the final classifier/output layer (left alone by default).
         keep_masks: Attach masks so that fine-tuning keeps pruned weights at zero.
             State-dict keys then gain ``weight_orig``/``weight_mask`` until
-            :func:`remove_masks_`.
+            :func:`remove_masks_`. Attention and recurrent layers cannot keep masks:
+            by default they are then left out (the report says so).
         min_density: Global scope only — minimum fraction of weights every layer keeps.
         seed: Seed of the random criterion.
+
+    A weight shared by several layers is pruned once (one mask). A parametrized weight
+    (``torch.nn.utils.parametrize``, ``weight_norm``) is set through its parametrization,
+    or refused if the parametrization cannot hold the zeros. The history step's detail
+    states the share of parameters left alone and why (``info["not_pruned"]``).
 
     Returns:
         The model, pruned in place.
 
     Raises:
-        TypeError: ``model`` is not a module or ``amount`` is not a number.
-        ValueError: ``amount`` outside [0, 1), unknown option, or a layer pattern that
-            matches nothing. The model is untouched in every case.
+        TypeError: ``model`` is not a module, ``amount``/``min_density``/``seed`` is not a
+            number, or ``layers``/``types`` is not a name or list of names.
+        ValueError: ``amount`` or ``min_density`` outside [0, 1), an unknown option, an
+            empty ``layers``/``types`` list, or a layer pattern that matches nothing. The
+            model is untouched in every case.
     """
     check_module(model)
     _check_options(method, scope, granularity)
