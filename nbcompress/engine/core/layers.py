@@ -66,7 +66,8 @@ def prunable_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     ``"weight"`` for Linear, Conv and Embedding layers (its computed value for a
     parametrized weight); MultiheadAttention's projections (``"in_proj_weight"`` or
     ``"q_proj_weight"``…, and ``"out_proj.weight"``, which the attention reads directly);
-    an RNN's ``"weight_ih_l0"``, ``"weight_hh_l0"``, … Biases and norms are never included.
+    an RNN's ``"weight_ih_l0"``, ``"weight_hh_l0"``, … Biases are never included; a norm
+    layer's 1-D ``weight`` only when the layer itself is asked for (``types=``).
 
     Args:
         module: A layer (as listed by :func:`weighted_layers`).
@@ -81,7 +82,7 @@ def prunable_weights(module: nn.Module) -> dict[str, torch.Tensor]:
     if isinstance(module, nn.RNNBase):
         return {n: getattr(module, n) for n in module._flat_weights_names if "weight" in n}
     w = getattr(module, "weight", None)
-    return {"weight": w} if isinstance(w, torch.Tensor) and w.dim() >= 2 else {}
+    return {"weight": w} if isinstance(w, torch.Tensor) else {}
 
 
 def resolve_types(types: Iterable[str | type] | str | type | None) -> tuple[type, ...] | None:

@@ -89,11 +89,11 @@ def resolve_amounts(
 
 
 def _check_options(method: str, scope: str, granularity: str) -> None:
-    if method not in CRITERIA:
+    if not isinstance(method, str) or method not in CRITERIA:
         raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
-    if scope not in _SCOPES:
+    if not isinstance(scope, str) or scope not in _SCOPES:
         raise ValueError(f"scope: {scope!r} is unknown; choose one of {_SCOPES}.")
-    if granularity not in GRANULARITIES:
+    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
         raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
 
 
