@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from nbcompress.engine.core.layers import prunable_weights
 from nbcompress.engine.prune.select import CHUNK, Scores, capped_counts, keep_mask
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "global_counts",
     "global_masks",
     "layer_mask",
+    "layer_units",
     "mask_of",
     "output_major",
     "score_source",
@@ -154,6 +156,20 @@ def unit_shape(weight: torch.Tensor, granularity: str) -> tuple[int, ...]:
 def units(weight: torch.Tensor, granularity: str) -> int:
     """Number of removable units of an (output-major) weight."""
     return math.prod(unit_shape(weight, granularity))
+
+
+def layer_units(module: nn.Module, granularity: str) -> tuple[int, int, int]:
+    """``(zero units, units, weights)`` over every prunable weight matrix of a layer.
+
+    The layer-level view of :func:`zero_units` for callers that size or measure a layer
+    (sensitivity sweeps): a MultiheadAttention counts its in/out projections, an LSTM its
+    gate matrices, a ConvTranspose its output channels (not dim 0).
+    """
+    zero = total = size = 0
+    for w in prunable_weights(module).values():
+        z = zero_units(output_major(w.detach(), module), granularity)
+        zero, total, size = zero + int(torch.count_nonzero(z)), total + z.numel(), size + w.numel()
+    return zero, total, size
 
 
 def _chunks(flat: torch.Tensor) -> Iterator[torch.Tensor]:

@@ -48,6 +48,7 @@ from nbcompress.engine.prune.targets import (
 )
 
 __all__ = [
+    "DEFAULT_TYPES",
     "apply_mask",
     "check_ratios",
     "is_masked",

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import nbcompress as nc
-from nbcompress.engine.prune.masks import global_masks, layer_mask
+from nbcompress.engine.prune.masks import global_masks, layer_mask, layer_units
 from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
 from tests.real_models import BUILDERS
 
@@ -304,3 +304,16 @@ def test_the_report_states_the_share_not_pruned_and_why():
     embed = model.embed.weight.numel() / sum(p.numel() for p in model.parameters())
     assert shares["embeddings (opt-in: types=['Embedding'])"] == pytest.approx(embed)
     assert f"{sum(shares.values()):.0%} of parameters not pruned" in step.detail
+
+
+def test_layer_units_count_every_matrix_and_conv_transpose_output_channels():
+    model, _ = BUILDERS["lstm"]()
+    nc.prune_(model, 0.5, types="LSTM")
+    zero, total, size = layer_units(model.lstm, "element")
+    assert (
+        total == size == sum(p.numel() for n, p in model.lstm.named_parameters() if "weight" in n)
+    )
+    assert zero == total // 2
+    conv = nn.ConvTranspose2d(3, 8, 3)
+    nc.prune_(nn.Sequential(conv), 0.5, granularity="channel", include_output=True)
+    assert layer_units(conv, "channel")[:2] == (4, 8)
