@@ -301,13 +301,18 @@ def _masks(targets: list[Target], plan: Plan) -> Iterator[tuple[Target, torch.Te
     """Each target's keep-mask in its own layout, one at a time (bounded memory)."""
     gen = torch.Generator().manual_seed(plan.seed)
     g = plan.granularity
-    views = {t.name: output_major(t.weight().detach(), t.module) for t in targets}
+    views: dict[str, torch.Tensor] = {}
     if plan.scope == "global":
+        # Pooled ranking reads every weight; layer scope makes each view when it needs it
+        # (a ConvTranspose's output-major view is a copy).
+        views = {t.name: output_major(t.weight().detach(), t.module) for t in targets}
         sources = {n: score_source(w, plan.method, g, gen) for n, w in views.items()}
         amount = targets[0].amount
         counts = global_counts(views, sources, amount, granularity=g, min_density=plan.min_density)
     for t in targets:
-        w = views.pop(t.name)
+        w = views.pop(t.name, None)
+        if w is None:
+            w = output_major(t.weight().detach(), t.module)
         if plan.scope == "global":
             source, k = sources.pop(t.name), counts[t.name]
         else:
