@@ -5,10 +5,13 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 __all__ = [
+    "MULTI_WEIGHT_TYPES",
     "PRUNABLE_TYPES",
+    "prunable_weights",
     "output_layer",
     "resolve_types",
     "select_layers",
@@ -24,6 +27,11 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d,
     nn.ConvTranspose2d,
 )
+
+#: Layers whose several weight matrices are all pruned (``prune_`` selects them by default):
+#: MultiheadAttention's ``in_proj_weight`` (or q/k/v) and ``out_proj.weight``, and every
+#: ``weight_ih_l*`` / ``weight_hh_l*`` (/ ``weight_hr_l*``) of LSTM, GRU and RNN.
+MULTI_WEIGHT_TYPES: tuple[type[nn.Module], ...] = (nn.MultiheadAttention, nn.RNNBase)
 
 #: Layer types that may be pruned when asked for by type (e.g. ``types=["Embedding"]``).
 OPT_IN_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
@@ -52,12 +60,45 @@ def weighted_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def prunable_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight matrix of a layer that pruning may zero, by attribute path.
+
+    ``"weight"`` for Linear, Conv and Embedding layers (its computed value for a
+    parametrized weight); MultiheadAttention's projections (``"in_proj_weight"`` or
+    ``"q_proj_weight"``…, and ``"out_proj.weight"``, which the attention reads directly);
+    an RNN's ``"weight_ih_l0"``, ``"weight_hh_l0"``, … Biases are never included; a norm
+    layer's 1-D ``weight`` only when the layer itself is asked for (``types=``).
+
+    Args:
+        module: A layer (as listed by :func:`weighted_layers`).
+
+    Returns:
+        Attribute path → tensor; empty when the layer has no weight matrix.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+        found = {n: getattr(module, n) for n in names if getattr(module, n, None) is not None}
+        return {**found, "out_proj.weight": module.out_proj.weight}
+    if isinstance(module, nn.RNNBase):
+        return {n: getattr(module, n) for n in module._flat_weights_names if "weight" in n}
+    w = getattr(module, "weight", None)
+    return {"weight": w} if isinstance(w, torch.Tensor) else {}
+
+
 def resolve_types(types: Iterable[str | type] | str | type | None) -> tuple[type, ...] | None:
     """Turn type names such as ``"Conv2d"`` into classes from ``torch.nn``."""
     if types is None:
         return None
     if isinstance(types, (str, type)):
         types = [types]
+    if not isinstance(types, Iterable):
+        raise TypeError(
+            f"types: expected a layer type name or class, or a list of them such as "
+            f"['Linear', 'Conv2d'], got {type(types).__name__} {types!r}."
+        )
+    types = list(types)
+    if not types:
+        raise ValueError("types: an empty list selects nothing; pass None for the default types.")
     resolved = []
     for t in types:
         if isinstance(t, type) and issubclass(t, nn.Module):
@@ -107,6 +148,16 @@ def select_layers(
         ValueError: A pattern matches no layer (the message lists the available names),
             or the selection ends up empty.
     """
+    if layers is not None and not isinstance(layers, str):
+        given = list(layers) if isinstance(layers, Iterable) else None
+        if given is None or not all(isinstance(p, str) for p in given):
+            raise TypeError(
+                "layers: expected a glob pattern or a list of them such as ['features.*'], "
+                f"got {type(layers).__name__} {layers!r}."
+            )
+        layers = given
+        if not layers:
+            raise ValueError("layers: an empty list selects nothing; pass None for every layer.")
     wanted = resolve_types(types) or PRUNABLE_TYPES
     candidates = {n: m for n, m in weighted_layers(model).items() if isinstance(m, wanted)}
     if not candidates:

@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
+
+from nbcompress.engine.core.layers import prunable_weights
+from nbcompress.engine.prune.select import CHUNK, Scores, capped_counts, keep_mask
 
 __all__ = [
     "BLOCK",
     "CRITERIA",
     "GRANULARITIES",
+    "from_output_major",
+    "global_counts",
     "global_masks",
     "layer_mask",
+    "layer_units",
+    "mask_of",
+    "output_major",
+    "score_source",
     "scores",
+    "unit_shape",
+    "units",
     "zero_units",
 ]
 
@@ -37,6 +49,8 @@ GRANULARITIES = ("element", "block", "channel")
 #: channels / neurons at one input position) that the block-sparse kernels run with each
 #: input value or row loaded once for four outputs.
 BLOCK = 4
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _blocks(t: torch.Tensor, fill: float | bool) -> torch.Tensor:
@@ -93,13 +107,6 @@ def zero_units(weight: torch.Tensor, granularity: str) -> torch.Tensor:
     return zero
 
 
-def _mask_from_scores(s: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.ones(s.numel(), dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(s.reshape(-1), k, largest=False, sorted=False).indices] = False
-    return mask.reshape(s.shape)
-
-
 def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, granularity: str) -> torch.Tensor:
     """Broadcast a per-channel or per-block mask to the weight's shape (element: as is)."""
     if granularity == "element":
@@ -108,6 +115,99 @@ def _expand(unit_mask: torch.Tensor, weight: torch.Tensor, granularity: str) -> 
         rows = unit_mask.repeat_interleave(BLOCK, dim=0)[: weight.shape[0]]
         return rows.reshape(weight.shape).clone()
     return unit_mask.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+
+
+def output_major(weight: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
+    """``weight`` with its output channels along dim 0, as the unit reductions expect.
+
+    A ConvTranspose weight is ``(in, out / groups, *kernel)``: its output channel
+    ``g * out_per_group + j`` is column ``j`` of group ``g``'s rows. Every other layer
+    already has outputs along dim 0 (returned as is).
+    """
+    if not isinstance(module, _TRANSPOSED) or module.groups is None:
+        return weight
+    g = module.groups
+    cin, per = weight.shape[0], weight.shape[1]
+    grouped = weight.reshape(g, cin // g, per, *weight.shape[2:]).transpose(1, 2)
+    return grouped.reshape(g * per, cin // g, *weight.shape[2:])
+
+
+def from_output_major(
+    mask: torch.Tensor, weight: torch.Tensor, module: nn.Module | None
+) -> torch.Tensor:
+    """Inverse of :func:`output_major` for a mask: back to ``weight``'s own layout."""
+    if not isinstance(module, _TRANSPOSED) or module.groups is None:
+        return mask
+    g = module.groups
+    cin, per = weight.shape[0], weight.shape[1]
+    grouped = mask.reshape(g, per, cin // g, *weight.shape[2:]).transpose(1, 2)
+    return grouped.reshape(weight.shape).contiguous()
+
+
+def unit_shape(weight: torch.Tensor, granularity: str) -> tuple[int, ...]:
+    """Shape of the per-unit tensors of an (output-major) weight (scores, zero units)."""
+    if granularity == "element":
+        return tuple(weight.shape)
+    if granularity == "channel":
+        return (weight.shape[0],)
+    return (-(-weight.shape[0] // BLOCK), weight.numel() // max(weight.shape[0], 1))
+
+
+def units(weight: torch.Tensor, granularity: str) -> int:
+    """Number of removable units of an (output-major) weight."""
+    return math.prod(unit_shape(weight, granularity))
+
+
+def layer_units(module: nn.Module, granularity: str) -> tuple[int, int, int]:
+    """``(zero units, units, weights)`` over every prunable weight matrix of a layer.
+
+    The layer-level view of :func:`zero_units` for callers that size or measure a layer
+    (sensitivity sweeps): a MultiheadAttention counts its in/out projections, an LSTM its
+    gate matrices, a ConvTranspose its output channels (not dim 0).
+    """
+    zero = total = size = 0
+    for w in prunable_weights(module).values():
+        z = zero_units(output_major(w.detach(), module), granularity)
+        zero, total, size = zero + int(torch.count_nonzero(z)), total + z.numel(), size + w.numel()
+    return zero, total, size
+
+
+def _chunks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
+    for i in range(0, flat.numel(), CHUNK):
+        yield flat[i : i + CHUNK]
+
+
+def score_source(
+    weight: torch.Tensor, method: str, granularity: str, gen: torch.Generator
+) -> Scores:
+    """Scores of ``weight``'s units, read in chunks as often as the selection needs.
+
+    Element scores are never held whole: L1 reads the weight's magnitudes chunk by chunk,
+    and the random criterion redraws its chunks from a seed taken from ``gen``. Existing
+    zeros score lowest (see :func:`scores`).
+    """
+    if granularity != "element":
+        s = scores(weight, method, granularity, gen).reshape(-1)
+        return lambda: _chunks(s)
+    flat = weight.detach().reshape(-1)
+    if method == "l1":
+        return lambda: (c.abs() for c in _chunks(flat))
+    if method not in CRITERIA:
+        raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+
+    def drawn() -> Iterator[torch.Tensor]:
+        local = torch.Generator().manual_seed(seed)
+        for c in _chunks(flat):
+            yield torch.where(c == 0, -1.0, torch.rand(c.shape, generator=local))
+
+    return drawn
+
+
+def mask_of(weight: torch.Tensor, k: int, source: Scores, granularity: str) -> torch.Tensor:
+    """Keep-mask of an (output-major) ``weight`` removing its ``k`` lowest-scoring units."""
+    shape = unit_shape(weight, granularity)
+    return _expand(keep_mask(source, k, shape), weight, granularity)
 
 
 def layer_mask(
@@ -121,7 +221,7 @@ def layer_mask(
     """Boolean keep-mask that makes ``amount`` of one layer's units zero.
 
     Args:
-        weight: The layer's weight.
+        weight: The layer's weight, output channels along dim 0 (see :func:`output_major`).
         amount: Target fraction of zero units afterwards (existing zeros count).
         method: A key of :data:`CRITERIA`.
         granularity: ``"element"``, ``"block"`` (4 × 1 blocks: four consecutive output
@@ -132,8 +232,49 @@ def layer_mask(
     Returns:
         A boolean tensor shaped like ``weight``; ``False`` marks removed weights.
     """
-    s = scores(weight, method, granularity, gen or torch.Generator().manual_seed(0))
-    return _expand(_mask_from_scores(s, int(round(amount * s.numel()))), weight, granularity)
+    gen = gen or torch.Generator().manual_seed(0)
+    source = score_source(weight, method, granularity, gen)
+    return mask_of(weight, int(round(amount * units(weight, granularity))), source, granularity)
+
+
+def global_counts(
+    weights: dict[str, torch.Tensor],
+    sources: dict[str, Scores],
+    amount: float,
+    *,
+    granularity: str = "element",
+    min_density: float = 0.05,
+) -> dict[str, int]:
+    """Units each weight loses when ``amount`` of all units, pooled, are removed.
+
+    Pooled magnitude ranking removes whole layers whose weights happen to be small (a
+    recommender lost every Linear weight this way because its embeddings are larger). Each
+    weight therefore keeps at least ``min_density`` of its units; the shortfall is taken
+    from the others, and a warning names every layer that hit the floor.
+    """
+    sizes = {n: units(w, granularity) for n, w in weights.items()}
+    k = int(round(amount * sum(sizes.values())))
+    caps = {n: s - math.ceil(min_density * s) for n, s in sizes.items()}
+    if k > sum(caps.values()):
+        raise ValueError(
+            f"amount: {amount} cannot be reached while every layer keeps min_density="
+            f"{min_density} of its weights; lower the amount or min_density."
+        )
+    names = list(weights)
+    counts = capped_counts([sources[n] for n in names], k, [caps[n] for n in names])
+    capped = [n for n, c in zip(names, counts) if c == caps[n] and c > 0]
+    if capped:
+        free = capped_counts([sources[n] for n in names], k, [sizes[n] for n in names])
+        starved = [n for n, c in zip(names, free) if n in capped and c > caps[n]]
+        if starved:
+            warnings.warn(
+                "global pruning would have removed (nearly) all weights of "
+                f"{', '.join(starved)}; each keeps min_density={min_density} of its weights "
+                "instead and the other layers are pruned a little more. Consider per-layer "
+                "scope or sensitivity-guided ratios.",
+                stacklevel=4,
+            )
+    return dict(zip(names, counts))
 
 
 def global_masks(
@@ -147,62 +288,20 @@ def global_masks(
 ) -> dict[str, torch.Tensor]:
     """Keep-masks that remove ``amount`` of all units pooled across layers.
 
-    Pooled magnitude ranking removes whole layers whose weights happen to be small (a
-    recommender lost every Linear weight this way because its embeddings are larger). Each
-    layer therefore keeps at least ``min_density`` of its units; the shortfall is taken from
-    the other layers, and a warning names every layer that hit the floor.
-
     Args:
-        weights: Layer name → weight.
+        weights: Layer name → weight (output channels along dim 0).
         amount: Overall fraction of units to remove.
         method: A key of :data:`CRITERIA`.
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
-        min_density: Minimum fraction of units every layer keeps.
+        min_density: Minimum fraction of units every layer keeps (see :func:`global_counts`).
         gen: Random generator for the random criterion.
 
     Returns:
         Layer name → boolean keep-mask.
     """
     gen = gen or torch.Generator().manual_seed(0)
-    per_layer = {n: scores(w, method, granularity, gen) for n, w in weights.items()}
-    total = sum(s.numel() for s in per_layer.values())
-    k = int(round(amount * total))
-    caps = {n: s.numel() - math.ceil(min_density * s.numel()) for n, s in per_layer.items()}
-    if k > sum(caps.values()):
-        raise ValueError(
-            f"amount: {amount} cannot be reached while every layer keeps min_density="
-            f"{min_density} of its weights; lower the amount or min_density."
-        )
-    # Only each layer's `cap` lowest scores are eligible; the k lowest eligible scores win.
-    eligible = [torch.sort(s.reshape(-1)).values[: caps[n]] for n, s in per_layer.items()]
-    owner = torch.cat([torch.full((len(e),), i) for i, e in enumerate(eligible)])
-    chosen = torch.topk(torch.cat(eligible), k, largest=False, sorted=False).indices
-    counts = torch.bincount(owner[chosen], minlength=len(eligible)).tolist()
-    capped = [n for (n, cap), c in zip(caps.items(), counts) if c == cap and c > 0]
-    unconstrained = _uncapped_counts(per_layer, k)
-    starved = [n for n in capped if unconstrained[n] > caps[n]]
-    if starved:
-        warnings.warn(
-            "global pruning would have removed (nearly) all weights of "
-            f"{', '.join(starved)}; each keeps min_density={min_density} of its weights "
-            "instead and the other layers are pruned a little more. Consider per-layer "
-            "scope or sensitivity-guided ratios.",
-            stacklevel=3,
-        )
-    return {
-        n: _expand(_mask_from_scores(s, c), weights[n], granularity)
-        for (n, s), c in zip(per_layer.items(), counts)
-    }
-
-
-def _uncapped_counts(per_layer: dict[str, torch.Tensor], k: int) -> dict[str, int]:
-    """Units each layer would lose under plain pooled ranking (for the warning)."""
-    flat = torch.cat([s.reshape(-1) for s in per_layer.values()])
-    owner = torch.cat([torch.full((s.numel(),), i) for i, s in enumerate(per_layer.values())])
-    chosen = (
-        torch.topk(flat, k, largest=False, sorted=False).indices
-        if k
-        else torch.tensor([], dtype=torch.long)
+    sources = {n: score_source(w, method, granularity, gen) for n, w in weights.items()}
+    counts = global_counts(
+        weights, sources, amount, granularity=granularity, min_density=min_density
     )
-    counts = torch.bincount(owner[chosen], minlength=len(per_layer)).tolist()
-    return dict(zip(per_layer, counts))
+    return {n: mask_of(w, counts[n], sources[n], granularity) for n, w in weights.items()}

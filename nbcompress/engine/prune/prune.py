@@ -3,19 +3,52 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from nbcompress.engine.core.history import Transaction, transaction
-from nbcompress.engine.core.layers import output_layer, select_layers, weighted_layers
+from nbcompress.engine.core.history import transaction
+from nbcompress.engine.core.layers import (
+    MULTI_WEIGHT_TYPES,
+    PRUNABLE_TYPES,
+    output_layer,
+    prunable_weights,
+    select_layers,
+    weighted_layers,
+)
 from nbcompress.engine.core.validation import check_amount, check_module
-from nbcompress.engine.prune.masks import CRITERIA, GRANULARITIES, global_masks, layer_mask
+from nbcompress.engine.prune.apply import (
+    apply_mask,
+    is_masked,
+    set_parametrized,
+    zero_channel_bias,
+)
+from nbcompress.engine.prune.keep import remove_detach_hooks
+from nbcompress.engine.prune.masks import (
+    CRITERIA,
+    GRANULARITIES,
+    from_output_major,
+    global_counts,
+    mask_of,
+    output_major,
+    score_source,
+    units,
+)
+from nbcompress.engine.prune.targets import (
+    Target,
+    check_min_density,
+    check_seed,
+    collect,
+    not_pruned,
+    split_multi,
+)
 
 __all__ = [
+    "DEFAULT_TYPES",
     "apply_mask",
     "check_ratios",
     "is_masked",
@@ -26,48 +59,9 @@ __all__ = [
 ]
 
 _SCOPES = ("layer", "global")
-
-
-def is_masked(module: nn.Module, name: str = "weight") -> bool:
-    """True if ``module.<name>`` is reparametrised by a kept pruning mask."""
-    return hasattr(module, name + "_orig") and hasattr(module, name + "_mask")
-
-
-@torch.no_grad()
-def apply_mask(tx: Transaction, module: nn.Module, mask: torch.Tensor, *, keep_masks: bool) -> None:
-    """Zero the weights of ``module`` where ``mask`` is False, saving them in ``tx`` first.
-
-    Without ``keep_masks`` the zeros are written into the weight and the module stays a
-    plain module. With it, a ``torch.nn.utils.prune`` mask is attached so that fine-tuning
-    cannot revive pruned weights (their gradients are zero and the mask is re-applied on
-    every forward).
-    """
-    tx.save(module)
-    if is_masked(module):
-        # Already masked for fine-tuning: tighten the kept mask, keep the regime.
-        tx.save_tensor(module.weight_mask)
-        tx.save_tensor(module.weight_orig, pin=True)
-        module.weight_mask.mul_(mask.to(module.weight_mask.dtype))
-        module.weight_orig.mul_(mask)
-        module.weight = module.weight_orig * module.weight_mask
-        return
-    if keep_masks:
-        tx.save_tensor(module.weight, pin=True)
-        module.weight.mul_(mask)
-        torch_prune.custom_from_mask(module, "weight", mask)
-    else:
-        tx.save_tensor(module.weight)
-        module.weight.mul_(mask)
-
-
-def _zero_channel_bias(tx: Transaction, module: nn.Module, mask: torch.Tensor) -> None:
-    # A removed channel must output nothing, as it would after physical removal.
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        alive = mask.reshape(mask.shape[0], -1).any(1)
-        tx.save_tensor(bias)
-        with torch.no_grad():
-            bias.mul_(alive.to(bias.dtype))
+#: Layers ``prune_`` selects when ``types`` is not given: Linear, Conv, ConvTranspose, and
+#: the weight matrices of attention and recurrent layers.
+DEFAULT_TYPES = (*PRUNABLE_TYPES, *MULTI_WEIGHT_TYPES)
 
 
 def resolve_amounts(
@@ -79,6 +73,11 @@ def resolve_amounts(
         return dict.fromkeys(selected, value)
     resolved: dict[str, float] = {}
     for pattern, value in amount.items():
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"amount: keys are layer names or globs (str), got {type(pattern).__name__} "
+                f"{pattern!r}; write {{{str(pattern)!r}: {value!r}}}."
+            )
         value = check_amount(value, f"amount[{pattern!r}]")
         hits = [n for n in selected if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not hits:
@@ -91,11 +90,11 @@ def resolve_amounts(
 
 
 def _check_options(method: str, scope: str, granularity: str) -> None:
-    if method not in CRITERIA:
+    if not isinstance(method, str) or method not in CRITERIA:
         raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
-    if scope not in _SCOPES:
+    if not isinstance(scope, str) or scope not in _SCOPES:
         raise ValueError(f"scope: {scope!r} is unknown; choose one of {_SCOPES}.")
-    if granularity not in GRANULARITIES:
+    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
         raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
 
 
@@ -125,7 +124,9 @@ def prune_(
         scope: ``"layer"`` — the amount applies to each layer; ``"global"`` — weights are
             ranked across layers, each keeping at least ``min_density``.
         layers: Glob pattern(s) on qualified names, e.g. ``"features.*"``.
-        types: Layer types to prune (names or classes); default Linear and Conv layers.
+        types: Layer types to prune (names or classes); default Linear, Conv and
+            ConvTranspose layers and the weight matrices of MultiheadAttention (in/out
+            projections) and LSTM/GRU/RNN (gate matrices). Embeddings are opt-in.
         granularity: ``"element"`` (unstructured), ``"block"`` (4 × 1 blocks: four
             consecutive output channels / neurons at one input position are removed
             together, which the block-sparse kernels run faster, see ``sparsify_``) or
@@ -134,24 +135,39 @@ def prune_(
         include_output: Also prune the final classifier/output layer (left alone by default).
         keep_masks: Attach masks so that fine-tuning keeps pruned weights at zero.
             State-dict keys then gain ``weight_orig``/``weight_mask`` until
-            :func:`remove_masks_`.
+            :func:`remove_masks_`. Attention and recurrent layers cannot keep masks:
+            by default they are then left out (the report says so).
         min_density: Global scope only — minimum fraction of weights every layer keeps.
         seed: Seed of the random criterion.
+
+    A weight shared by several layers is pruned once (one mask). A parametrized weight
+    (``torch.nn.utils.parametrize``, ``weight_norm``) is set through its parametrization,
+    or refused if the parametrization cannot hold the zeros. The history step's detail
+    states the share of parameters left alone and why (``info["not_pruned"]``).
 
     Returns:
         The model, pruned in place.
 
     Raises:
-        TypeError: ``model`` is not a module or ``amount`` is not a number.
-        ValueError: ``amount`` outside [0, 1), unknown option, or a layer pattern that
-            matches nothing. The model is untouched in every case.
+        TypeError: ``model`` is not a module, ``amount``/``min_density``/``seed`` is not a
+            number, or ``layers``/``types`` is not a name or list of names.
+        ValueError: ``amount`` or ``min_density`` outside [0, 1), an unknown option, an
+            empty ``layers``/``types`` list, or a layer pattern that matches nothing. The
+            model is untouched in every case.
     """
     check_module(model)
     _check_options(method, scope, granularity)
+    min_density, seed = check_min_density(min_density), check_seed(seed)
     per_layer = isinstance(amount, Mapping)
     # A dict naming the output layer literally is explicit intent, like a literal pattern.
     selected, excluded = select_layers(
-        model, layers, types, include_output=include_output or per_layer
+        model,
+        layers,
+        DEFAULT_TYPES if types is None else types,
+        include_output=include_output or per_layer,
+    )
+    selected, skipped = split_multi(
+        selected, keep_masks=keep_masks, granularity=granularity, explicit=types is not None
     )
     amounts = resolve_amounts(amount, selected)
     if per_layer and not include_output:
@@ -161,27 +177,17 @@ def prune_(
             excluded = out
         if not amounts:
             raise ValueError(f"amount: only the output layer {out!r} matched; name it literally.")
-    gen = torch.Generator().manual_seed(seed)
-    if scope == "global":
-        if isinstance(amount, Mapping):
-            raise ValueError("scope: per-layer amounts (a dict) need scope='layer'.")
-        weights = {n: selected[n].weight for n in amounts}
-        masks = global_masks(
-            weights,
-            amounts[next(iter(amounts))],
-            method=method,
-            granularity=granularity,
-            min_density=min_density,
-            gen=gen,
-        )
-    else:
-        masks = {
-            n: layer_mask(selected[n].weight, a, method=method, granularity=granularity, gen=gen)
-            for n, a in amounts.items()
-        }
-    detail = _describe(amount, method, scope, granularity, len(masks), excluded)
-    info = dict(amounts=amounts, method=method, scope=scope, granularity=granularity)
-    _apply_masks(model, masks, detail, info, excluded=excluded, keep_masks=keep_masks)
+    if scope == "global" and per_layer:
+        raise ValueError("scope: per-layer amounts (a dict) need scope='layer'.")
+    targets = _targets(model, amounts, keep_masks)
+    what = "per-layer amounts" if per_layer else f"{amounts[next(iter(amounts))]:.0%}"
+    _prune(
+        model,
+        targets,
+        Plan(method, scope, granularity, keep_masks, min_density, seed),
+        f"{what} {method} {granularity} ({scope} scope)",
+        dict(amounts=amounts, excluded_output=excluded, skipped=skipped),
+    )
     return model
 
 
@@ -205,10 +211,8 @@ def check_ratios(model: nn.Module, ratios: Any) -> dict[str, float]:
             f"{type(ratios).__name__}."
         )
     layers = weighted_layers(model)
-    prunable = {
-        n for n, m in layers.items() if isinstance(getattr(m, "weight", None), torch.Tensor)
-    }
-    unknown = [n for n in ratios if n not in prunable]
+    prunable = {n for n, m in layers.items() if prunable_weights(m)}
+    unknown = [n for n in ratios if not isinstance(n, str) or n not in prunable]
     if unknown:
         raise ValueError(
             f"ratios: {', '.join(map(repr, unknown))} is not a layer with a weight in this "
@@ -252,50 +256,106 @@ def prune_ratios_(
     """
     check_module(model)
     _check_options(method, "layer", granularity)
+    seed = check_seed(seed)
     amounts = check_ratios(model, ratios)
     if not amounts:
         raise ValueError("ratios: every ratio is 0, so there is nothing to prune.")
-    gen = torch.Generator().manual_seed(seed)
-    masks = {
-        n: layer_mask(
-            model.get_submodule(n).weight, a, method=method, granularity=granularity, gen=gen
-        )
-        for n, a in amounts.items()
-    }
-    detail = _describe(amounts, method, "layer", granularity, len(masks), None)
-    info = dict(amounts=amounts, method=method, scope="layer", granularity=granularity)
-    _apply_masks(model, masks, detail, info, excluded=None, keep_masks=keep_masks)
+    named = {n: model.get_submodule(n) for n in amounts}
+    split_multi(named, keep_masks=keep_masks, granularity=granularity, explicit=True)
+    _prune(
+        model,
+        _targets(model, amounts, keep_masks),
+        Plan(method, "layer", granularity, keep_masks, 0.0, seed),
+        f"per-layer amounts {method} {granularity} (layer scope)",
+        dict(amounts=amounts, excluded_output=None, skipped={}),
+    )
     return model
 
 
-def _apply_masks(
-    model: nn.Module,
-    masks: dict[str, torch.Tensor],
-    detail: str,
-    info: dict[str, Any],
-    *,
-    excluded: str | None,
-    keep_masks: bool,
+@dataclass(frozen=True)
+class Plan:
+    """How a prune step chooses and applies its masks."""
+
+    method: str
+    scope: str
+    granularity: str
+    keep_masks: bool
+    min_density: float
+    seed: int
+
+
+def _targets(model: nn.Module, amounts: dict[str, float], keep_masks: bool) -> list[Target]:
+    targets = collect(model, amounts)
+    if keep_masks:
+        bad = [t.name for t in targets if t.parametrized]
+        if bad:
+            raise ValueError(
+                f"keep_masks: the weight of {', '.join(bad[:3])} is parametrized "
+                "(torch.nn.utils.parametrize), and a kept mask cannot be attached to it; prune "
+                "it with keep_masks=False, or remove the parametrization first."
+            )
+    return targets
+
+
+def _masks(targets: list[Target], plan: Plan) -> Iterator[tuple[Target, torch.Tensor]]:
+    """Each target's keep-mask in its own layout, one at a time (bounded memory)."""
+    gen = torch.Generator().manual_seed(plan.seed)
+    g = plan.granularity
+    views: dict[str, torch.Tensor] = {}
+    if plan.scope == "global":
+        # Pooled ranking reads every weight; layer scope makes each view when it needs it
+        # (a ConvTranspose's output-major view is a copy).
+        views = {t.name: output_major(t.weight().detach(), t.module) for t in targets}
+        sources = {n: score_source(w, plan.method, g, gen) for n, w in views.items()}
+        amount = targets[0].amount
+        counts = global_counts(views, sources, amount, granularity=g, min_density=plan.min_density)
+    for t in targets:
+        w = views.pop(t.name, None)
+        if w is None:
+            w = output_major(t.weight().detach(), t.module)
+        if plan.scope == "global":
+            source, k = sources.pop(t.name), counts[t.name]
+        else:
+            source, k = score_source(w, plan.method, g, gen), round(t.amount * units(w, g))
+        yield t, from_output_major(mask_of(w, k, source, g), t.weight(), t.module)
+
+
+def _prune(
+    model: nn.Module, targets: list[Target], plan: Plan, what: str, info: dict[str, Any]
 ) -> None:
-    """Apply ``masks`` to the named layers in one transaction, recording ``info``."""
+    """Apply every target's mask in one transaction, recording ``info`` and the coverage."""
+    untouched, shares = not_pruned(model, targets, info["excluded_output"], info["skipped"])
+    layers = {u.layer for t in targets for u in t.uses}
+    detail = f"{what} on {len(layers)} layer(s)"
+    if info["excluded_output"]:
+        detail += f"; output layer {info['excluded_output']} left alone"
+    if untouched:
+        detail += f"; {untouched}"
     with transaction(model, "prune", detail) as tx:
-        if keep_masks:
+        if plan.keep_masks:
             # Fine-tuning follows and changes every parameter: keep full copies so that
             # undo returns to the model as it was before this step, not a mix.
             for tensor in [*model.parameters(), *model.buffers()]:
                 tx.save_tensor(tensor, pin=True)
-        for name, mask in masks.items():
-            module = model.get_submodule(name)
-            apply_mask(tx, module, mask, keep_masks=keep_masks)
-            if info["granularity"] == "channel":
-                _zero_channel_bias(tx, module, mask)
-        tx.info.update(info, excluded_output=excluded, keep_masks=keep_masks)
-
-
-def _describe(amount, method, scope, granularity, n, excluded) -> str:
-    what = "per-layer amounts" if isinstance(amount, Mapping) else f"{amount:.0%}"
-    text = f"{what} {method} {granularity} ({scope} scope) on {n} layer(s)"
-    return text + (f"; output layer {excluded} left alone" if excluded else "")
+        for target, mask in _masks(targets, plan):
+            for i, use in enumerate(target.uses):
+                # A shared tensor is zeroed once; every user gets the mask when kept.
+                if i == 0 and target.parametrized:
+                    set_parametrized(tx, use.owner, use.leaf, mask, use.layer)
+                elif i == 0 or plan.keep_masks:
+                    extra = {} if use.leaf == "weight" else {"name": use.leaf}
+                    apply_mask(tx, use.owner, mask, keep_masks=plan.keep_masks, **extra)
+                if plan.granularity == "channel":
+                    zero_channel_bias(tx, use.owner, mask)
+            del mask
+        tx.info.update(
+            info,
+            method=plan.method,
+            scope=plan.scope,
+            granularity=plan.granularity,
+            keep_masks=plan.keep_masks,
+            not_pruned=shares,
+        )
 
 
 def remove_masks_(model: nn.Module) -> nn.Module:
@@ -317,4 +377,5 @@ def remove_masks_(model: nn.Module) -> nn.Module:
         for module in masked:
             tx.save(module)
             torch_prune.remove(module, "weight")
+            remove_detach_hooks(module, "weight")
     return model
