@@ -65,7 +65,7 @@ class SavedTensor:
         if self.pin or cur.shape != old.shape or cur.dtype != old.dtype or cur.is_quantized:
             return True
         changed = (_bits(cur) != _bits(old)).reshape(-1)
-        n = int(changed.sum())
+        n = int(torch.count_nonzero(changed))  # a bool .sum() makes an int64 copy
         if n == 0:
             return self.pin
         if not self.pin and n * (8 + old.element_size()) < nbytes(old):

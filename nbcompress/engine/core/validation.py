@@ -42,10 +42,16 @@ def check_amount(value: Any, arg: str = "amount", *, allow_zero: bool = True) ->
             f"{arg}: expected a number in [0, 1) such as 0.5 (the fraction of weights to "
             f"remove), got {type(value).__name__} {value!r}."
         )
-    value = float(value)
+    interval = "[0, 1)" if allow_zero else "(0, 1)"
+    try:
+        value = float(value)  # Fraction, numpy scalars; 10**400 overflows
+    except (OverflowError, ValueError) as err:
+        raise ValueError(
+            f"{arg}: {value!r} is outside {interval}; it is the fraction of weights to remove, "
+            "e.g. 0.5 removes half of them."
+        ) from err
     low_ok = value >= 0 if allow_zero else value > 0
     if not (low_ok and value < 1) or math.isnan(value):
-        interval = "[0, 1)" if allow_zero else "(0, 1)"
         raise ValueError(
             f"{arg}: {value!r} is outside {interval}; it is the fraction of weights to remove, "
             "e.g. 0.5 removes half of them (1.0 would remove every weight)."
