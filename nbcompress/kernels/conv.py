@@ -167,8 +167,11 @@ def over_padded_images(
     ntile = -(-length // width)
     offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp), kblk)
     # The last tile reads up to ntile·width − length + (kw − 1)·dw floats past the image.
-    # Cached: only the interior is written below, so the zero border stays zero.
-    padded = scratch(mat, "image", c * hp * wp + ntile * width - length + (kw - 1) * dw)
+    # Cached per padded geometry: only the interior is written below, so the border stays
+    # zero only while every call with this buffer writes the same interior (c, h, w at
+    # ph, pw in rows of wp); other geometries of the same length get buffers of their own.
+    size = c * hp * wp + ntile * width - length + (kw - 1) * dw
+    padded = scratch(mat, "image", size, (c, h, w, ph, pw, wp))
     plane = padded[: c * hp * wp].reshape(c, hp, wp)
     flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
     bounds = balanced_rows(mat)
