@@ -67,7 +67,8 @@ _CACHE: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKey
 PAD = 8
 #: Input rows per block for the K-blocked tiles (``kblocks``): a 64-column slab of 256 rows
 #: is 64 KB, which stays in L1/L2 beside the weight stream (160–384 measured alike here;
-#: unblocked 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64).
+#: unblocked 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64). Sized for
+#: this CPU's caches but only a speed setting: any block size gives the same results.
 KBLOCK = 256
 #: Scratch buffers kept per weight, name and Python thread: the most recently used input
 #: geometries (a model run at a few resolutions in turn reuses its buffers; one run at
