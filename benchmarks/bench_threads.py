@@ -101,9 +101,12 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.2f}; medians of {args.rounds} processes")
     print("| layer | batch 1 (µs) | batch 64 (µs) | conv 28×28 (µs) | 4 threads × 50 b64 (ms) |")
     print("|---|---|---|---|---|")
-    for layer, rows in runs.items():
+    for rows in runs.values():
         if rows:
-            cells = [f"{statistics.median(r[k] for r in rows):.0f}" for k in ("b1", "b64", "conv", "4x50")]
+            cells = [
+                f"{statistics.median(r[k] for r in rows):.0f}"
+                for k in ("b1", "b64", "conv", "4x50")
+            ]
             print(f"| {rows[0]['layer']} | " + " | ".join(cells) + " |")
 
 
