@@ -80,8 +80,13 @@ SERIAL = " ×1"
 
 _COMPILED: set[tuple] = set()
 _FIRST_CALL = threading.Lock()
-#: Per Python thread: depth of kernel choices being made (one may run another's options).
-_MEASURING = threading.local()
+
+
+class _Measuring(threading.local):
+    depth = 0  # per Python thread: kernel choices being made (one may run another's)
+
+
+_MEASURING = _Measuring()
 _CHOICE: weakref.WeakKeyDictionary[Matrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 _BOUNDS: weakref.WeakKeyDictionary[Matrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
 
@@ -105,8 +110,7 @@ class Kernel:
         """Run on raw ``args``: the serial twin on one thread, else on the pool.
 
         The pool has one entry (:data:`~nbcompress.kernels.threads.POOL`): when another
-        Python thread holds it, the serial twin runs here instead (same arguments, same
-        result up to summation order), so concurrent callers never share the pool.
+        Python thread holds it, the serial twin runs here instead (same arguments).
 
         Args:
             args: The kernel's arguments, unchecked.
@@ -114,8 +118,7 @@ class Kernel:
                 one-time note about compilation).
             n: The thread count, if the caller has it already.
         """
-        # Kept lean: small layers are dominated by per-call overhead (numba's own thread
-        # count is only read when the pool is used, the pool's lock only taken then).
+        # Lean: small layers are mostly per-call overhead (no lock or numba call on 1 thread).
         n = n or get_threads()
         if n > 1 and POOL.acquire(blocking=False):
             try:
@@ -132,10 +135,9 @@ def _invoke(kernel: Callable[..., None], args: tuple, key: tuple) -> None:
     if key in _COMPILED:
         kernel(*args)
         return
-    # The first call per signature compiles (with SLP vectorization on, which only
-    # matters then) or loads from disk, and says once what that cost. One at a time:
-    # the SLP switch is process-wide, and a kernel compiled while another thread had
-    # switched it back would be cached on disk without it.
+    # The first call per signature compiles (SLP vectorization on, which only matters
+    # then) or loads from disk, and says once what that cost. One at a time: the SLP switch
+    # is process-wide; a kernel compiled while another thread reset it is cached without.
     with _FIRST_CALL:
         start = time.perf_counter()
         with _numba.slp_enabled():
@@ -284,7 +286,7 @@ def fastest(mat: Matrix, key: tuple, options: Options) -> None:
         return
     if key[-1] > 1:
         options = {**options, **{n + SERIAL: _on_one_thread(run) for n, run in options.items()}}
-    depth = getattr(_MEASURING, "depth", 0)
+    depth = _MEASURING.depth
     _MEASURING.depth = depth + 1
     try:
         if len(options) == 1:
