@@ -23,7 +23,8 @@ def test_four_threads_share_sparse_modules_without_abort_or_wrong_output():
     # The suite's own process has one numba thread (conftest), where the pool is never
     # entered: the concurrent calls run in a process with the default settings (one
     # numba and torch thread per core), as in a user's notebook.
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    unset = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # conftest's
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-m", "tests.kernels.concurrent_calls"],
