@@ -28,9 +28,19 @@ from nbcompress.kernels.dispatch import (
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
 from nbcompress.kernels.layouts import block_rows, scratch, tap_offsets
 
-__all__ = ["bsr_conv_unchecked", "channel_block", "conv_unchecked", "over_padded_images"]
+__all__ = [
+    "CHANNEL_BLOCK_BYTES",
+    "bsr_conv_unchecked",
+    "channel_block",
+    "conv_unchecked",
+    "over_padded_images",
+]
 
 Geometry = tuple[int, ...]  # kh, kw, sh, sw, ph, pw, dh, dw, wo
+#: Bytes of L1 data cache one tile's windows of a channel block may take (24 KB of the
+#: 32 KB L1d of the CPUs measured). Only a speed setting: any value from 1 byte up gives
+#: the same results (blocks of one channel up to one block), as tests/kernels checks.
+CHANNEL_BLOCK_BYTES = 24576
 #: Columns per tile of the block-sparse direct convolution (the widest 4 × 1 tile kernel).
 BSR_DIRECT_WIDTH = next(iter(BSR4_TILES))
 
@@ -107,10 +117,10 @@ def _direct_options(
 def channel_block(channels: int, geom: Geometry) -> int:
     """Weight columns per block of whole channels for the channel-blocked direct conv."""
     # Whole channels per block such that one 64-pixel tile's windows of a block (kh rows
-    # of 64 + (kw − 1)·dw floats per channel) fit ~24 KB of L1: 128 → 256 at 3 × 3 ran
-    # its kernel 1.4× faster in blocks of 16–32 channels than unblocked, 8 was slower.
+    # of 64 + (kw − 1)·dw floats per channel) fit CHANNEL_BLOCK_BYTES: 128 → 256 at 3 × 3
+    # ran its kernel 1.4× faster in blocks of 16–32 channels than unblocked, 8 was slower.
     kh, kw, dw = geom[0], geom[1], geom[7]
-    per = max(1, 24576 // (kh * (TILE + (kw - 1) * dw) * 4))
+    per = max(1, CHANNEL_BLOCK_BYTES // (kh * (TILE + (kw - 1) * dw) * 4))
     nblk = -(-channels // per)
     return -(-channels // nblk) * kh * kw
 
@@ -167,8 +177,11 @@ def over_padded_images(
     ntile = -(-length // width)
     offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp), kblk)
     # The last tile reads up to ntile·width − length + (kw − 1)·dw floats past the image.
-    # Cached: only the interior is written below, so the zero border stays zero.
-    padded = scratch(mat, "image", c * hp * wp + ntile * width - length + (kw - 1) * dw)
+    # Cached per padded geometry: only the interior is written below, so the border stays
+    # zero only while every call with this buffer writes the same interior (c, h, w at
+    # ph, pw in rows of wp); other geometries of the same length get buffers of their own.
+    size = c * hp * wp + ntile * width - length + (kw - 1) * dw
+    padded = scratch(mat, "image", size, (c, h, w, ph, pw, wp))
     plane = padded[: c * hp * wp].reshape(c, hp, wp)
     flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
     bounds = balanced_rows(mat)

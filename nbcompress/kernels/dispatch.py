@@ -19,6 +19,7 @@ serial twin), since waking the pool can cost more than the second core saves.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 import weakref
@@ -33,7 +34,7 @@ from nbcompress.kernels import _generated_kernels as gen
 from nbcompress.kernels import _numba
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, describe
 from nbcompress.kernels.layouts import kblock, release
-from nbcompress.kernels.threads import get_threads, serial
+from nbcompress.kernels.threads import POOL, get_threads, serial
 from nbcompress.timing import race
 
 __all__ = [
@@ -78,8 +79,14 @@ TILE = gen.TILE
 SERIAL = " ×1"
 
 _COMPILED: set[tuple] = set()
-#: Depth of kernel choices being made right now (one may run another's options).
-_MEASURING = [0]
+_FIRST_CALL = threading.Lock()
+
+
+class _Measuring(threading.local):
+    depth = 0  # per Python thread: kernel choices being made (one may run another's)
+
+
+_MEASURING = _Measuring()
 _CHOICE: weakref.WeakKeyDictionary[Matrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 _BOUNDS: weakref.WeakKeyDictionary[Matrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
 
@@ -102,36 +109,47 @@ class Kernel:
     def run(self, args: tuple, dtypes: tuple = (), n: int | None = None) -> None:
         """Run on raw ``args``: the serial twin on one thread, else on the pool.
 
+        The pool has one entry (:data:`~nbcompress.kernels.threads.POOL`): when another
+        Python thread holds it, the serial twin runs here instead (same arguments).
+
         Args:
             args: The kernel's arguments, unchecked.
             dtypes: What distinguishes one compiled signature from another (for the
                 one-time note about compilation).
             n: The thread count, if the caller has it already.
         """
-        # Kept lean: small layers are dominated by per-call overhead (numba's own thread
-        # count is only read when the pool is used). The first call per signature compiles
-        # (with SLP vectorization on, which only matters then) or loads from disk, and says
-        # once what that cost.
+        # Lean: small layers are mostly per-call overhead (no lock or numba call on 1 thread).
         n = n or get_threads()
-        parallel = n > 1
-        if parallel and numba.get_num_threads() != n:
-            numba.set_num_threads(n)
-        kernel = self.parallel if parallel else self.serial
-        key = (self.name, parallel, *dtypes)
-        if key in _COMPILED:
-            kernel(*args)
-            return
+        if n > 1 and POOL.acquire(blocking=False):
+            try:
+                if numba.get_num_threads() != n:
+                    numba.set_num_threads(n)
+                _invoke(self.parallel, args, (self.name, True, *dtypes))
+            finally:
+                POOL.release()
+        else:
+            _invoke(self.serial, args, (self.name, False, *dtypes))
+
+
+def _invoke(kernel: Callable[..., None], args: tuple, key: tuple) -> None:
+    if key in _COMPILED:
+        kernel(*args)
+        return
+    # The first call per signature compiles (SLP vectorization on, which only matters
+    # then) or loads from disk, and says once what that cost. One at a time: the SLP switch
+    # is process-wide; a kernel compiled while another thread reset it is cached without.
+    with _FIRST_CALL:
         start = time.perf_counter()
         with _numba.slp_enabled():
             kernel(*args)
         _COMPILED.add(key)
-        took = time.perf_counter() - start
-        if took > 1.0:
-            warnings.warn(
-                f"nbcompress: sparse kernel {self.name} took {took:.1f} s to compile or load "
-                "from numba's disk cache (once per session; later calls are fast).",
-                stacklevel=3,
-            )
+    took = time.perf_counter() - start
+    if took > 1.0:
+        warnings.warn(
+            f"nbcompress: sparse kernel {key[0]} took {took:.1f} s to compile or load "
+            "from numba's disk cache (once per session; later calls are fast).",
+            stacklevel=4,
+        )
 
 
 def _copy(name: str, kernel: Callable[..., None]) -> Kernel:
@@ -268,7 +286,8 @@ def fastest(mat: Matrix, key: tuple, options: Options) -> None:
         return
     if key[-1] > 1:
         options = {**options, **{n + SERIAL: _on_one_thread(run) for n, run in options.items()}}
-    _MEASURING[0] += 1
+    depth = _MEASURING.depth
+    _MEASURING.depth = depth + 1
     try:
         if len(options) == 1:
             name = next(iter(options))
@@ -280,9 +299,9 @@ def fastest(mat: Matrix, key: tuple, options: Options) -> None:
             # sum in different orders).
             options[name]()
     finally:
-        _MEASURING[0] -= 1
+        _MEASURING.depth = depth
     chosen[key] = name
-    if not _MEASURING[0]:  # an inner choice (the conv's unfold product) must not drop the
+    if not depth:  # an inner choice (the conv's unfold product) must not drop the
         release_unused(mat)  # layouts the outer options still being timed built
 
 
@@ -304,7 +323,8 @@ def _on_one_thread(run: Callable[[], object]) -> Callable[[], None]:
 
 def release_unused(mat: Matrix) -> None:
     """Drop the derived layouts (``layouts.py``) that no recorded choice for ``mat`` runs on."""
-    used = {n.removesuffix(SERIAL) for n in _CHOICE.get(mat, {}).values()}
+    # list(): a snapshot, as other Python threads may record choices meanwhile.
+    used = {n.removesuffix(SERIAL) for n in list(_CHOICE.get(mat, {}).values())}
     keep: set = {"pad"} if "spmv8" in used else set()
     if used & {"kblocks", "bsr4_kb"}:
         keep.add(("k", kblock(mat.shape[1])))

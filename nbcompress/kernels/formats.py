@@ -11,7 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["BSRMatrix", "CSRMatrix", "describe", "index_dtype", "pack_bsr", "pack_csr"]
+__all__ = [
+    "BSRMatrix",
+    "CSRMatrix",
+    "describe",
+    "index_dtype",
+    "pack_bsr",
+    "pack_csr",
+    "ungroup",
+]
 
 
 def index_dtype(n_cols: int) -> np.dtype:
@@ -166,3 +174,36 @@ def pack_bsr(weight: torch.Tensor | np.ndarray, block: tuple[int, int] = (4, 1))
         data=np.ascontiguousarray(tiles[brow, bcol]),
         shape=(int(w.shape[0]), int(w.shape[1])),
     )
+
+
+def ungroup(mat: CSRMatrix | BSRMatrix, groups: int) -> CSRMatrix | BSRMatrix:
+    """A grouped convolution's packed weight as that of the equivalent ungrouped one.
+
+    Output rows of group g read only group g's input channels. The grouped (out × K)
+    weight (K = in/groups·kh·kw, columns relative to the group) becomes (out ×
+    groups·K): each row's columns move to its group's span. The zeros between the spans
+    are never stored, so the kernels skip them and the products cost what the grouped
+    weight's nonzeros cost.
+
+    Args:
+        mat: The packed grouped weight; block-sparse blocks must each lie in one group
+            (R divides out/groups).
+        groups: The convolution's groups.
+
+    Returns:
+        The packed (out × groups·K) weight, sharing ``mat``'s values.
+    """
+    m, k = mat.shape
+    per = m // groups
+    if isinstance(mat, CSRMatrix):
+        rows = np.repeat(np.arange(m, dtype=np.int64), np.diff(mat.indptr))
+        cols = mat.indices.astype(np.int64) + rows // per * k
+        indices = cols.astype(index_dtype(groups * k))
+        return CSRMatrix(mat.indptr, indices, mat.data, mat.scale, (m, groups * k))
+    r, c = mat.block
+    if per % r:
+        raise ValueError(f"mat: blocks of {r} rows straddle groups of {per} rows.")
+    brows = np.repeat(np.arange(m // r, dtype=np.int64), np.diff(mat.indptr))
+    cols = mat.indices.astype(np.int64) + brows * r // per * (k // c)
+    indices = cols.astype(index_dtype(groups * k // c))
+    return BSRMatrix(mat.indptr, indices, mat.data, (m, groups * k))

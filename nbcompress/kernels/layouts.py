@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Hashable
 
 import numpy as np
 
@@ -53,7 +54,9 @@ __all__ = [
     "kblock",
     "pad_rows",
     "release",
+    "SCRATCH_KEEP",
     "scratch",
+    "scratch_keys",
     "tap_offsets",
 ]
 
@@ -64,8 +67,13 @@ _CACHE: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKey
 PAD = 8
 #: Input rows per block for the K-blocked tiles (``kblocks``): a 64-column slab of 256 rows
 #: is 64 KB, which stays in L1/L2 beside the weight stream (160–384 measured alike here;
-#: unblocked 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64).
+#: unblocked 0.8–1 MB slabs for K = 3072–4096 ran 1.2–1.35× slower at batch 64). Sized for
+#: this CPU's caches but only a speed setting: any block size gives the same results.
 KBLOCK = 256
+#: Scratch buffers kept per weight, name and Python thread: the most recently used input
+#: geometries (a model run at a few resolutions in turn reuses its buffers; one run at
+#: ever new sizes does not hoard one per size).
+SCRATCH_KEEP = 4
 
 
 def kblock(k: int) -> int:
@@ -162,19 +170,52 @@ def tap_offsets(
     return cached[key]
 
 
-def scratch(mat: CSRMatrix | BSRMatrix, name: str, size: int) -> np.ndarray:
-    """A zero-initialised float32 buffer of ``size`` kept for ``mat`` and this thread.
+def scratch(
+    mat: CSRMatrix | BSRMatrix, name: str, size: int, layout: Hashable = None
+) -> np.ndarray:
+    """A float32 buffer of ``size`` for ``mat``, this Python thread and ``layout``.
 
-    The direct convolution pads every image into the same buffer: its border is written
-    once (zeros) and only the interior changes, so the buffer is neither re-zeroed nor
-    re-faulted in on every call (a third of a 64-channel 56 × 56 layer's time here). One
-    buffer per Python thread, so concurrent calls never share one.
+    The direct convolution pads every image into such a buffer: its border is written
+    once (zeros, when the buffer is created) and only the interior changes, so the
+    buffer is neither re-zeroed nor re-faulted in on every call (a third of a 64-channel
+    56 × 56 layer's time here). That is only right while every call writes the same
+    interior: ``layout`` must name everything that places it (the padded geometry), so
+    that a call with another layout of the same length gets a buffer of its own, never
+    one whose border holds another image's pixels.
+
+    Buffers are per Python thread (concurrent calls never share one; a thread's buffers
+    go with it) and the :data:`SCRATCH_KEEP` most recently used per ``name`` are kept.
+
+    Args:
+        mat: The packed weight the buffer serves.
+        name: What the buffer is for (``"image"``, ``"out"``).
+        size: Floats.
+        layout: What besides ``size`` a reused buffer must agree on; ``None`` for a
+            buffer every call overwrites whole.
+
+    Returns:
+        The buffer, zero-filled when new.
     """
-    key = ("scratch", name, size, threading.get_ident())
     cached = _CACHE.setdefault(mat, {})
-    if key not in cached:
-        cached[key] = np.zeros(size, dtype=np.float32)
-    return cached[key]
+    local = cached.get(("scratch",))
+    if local is None:
+        local = cached.setdefault(("scratch",), threading.local())
+    buffers = local.__dict__.setdefault("buffers", {})
+    key = (name, size, layout)
+    buf = buffers.pop(key, None)  # re-inserted below: the dict's order is recency
+    if buf is None:
+        buf = np.zeros(size, dtype=np.float32)
+        same = [k for k in buffers if k[0] == name]
+        for old in same[: max(0, len(same) - SCRATCH_KEEP + 1)]:
+            del buffers[old]
+    buffers[key] = buf
+    return buf
+
+
+def scratch_keys(mat: CSRMatrix | BSRMatrix) -> list[tuple]:
+    """``(name, size, layout)`` of this Python thread's scratch buffers for ``mat``."""
+    local = _CACHE.get(mat, {}).get(("scratch",))
+    return list(getattr(local, "buffers", {}))
 
 
 def release(mat: CSRMatrix | BSRMatrix, keep: set) -> None:
@@ -189,5 +230,6 @@ def release(mat: CSRMatrix | BSRMatrix, keep: set) -> None:
     # on the geometry).
     kinds = {"taps": {"taps", "scratch"}, "blocks": {"k"}}
     kept = set().union(*(v for k, v in kinds.items() if k in keep))
-    for key in [k for k in cached if k not in keep and k[0] not in kept]:
-        del cached[key]
+    # list(): a snapshot, as other Python threads may add layouts meanwhile.
+    for key in [k for k in list(cached) if k not in keep and k[0] not in kept]:
+        cached.pop(key, None)

@@ -11,23 +11,43 @@ chose otherwise, importing :mod:`nbcompress.kernels`:
 
 The number of threads follows ``torch.get_num_threads()`` at every call unless fixed
 with :func:`set_threads`. With one thread the kernels' serial twins run and no pool is
-involved. The ``workqueue`` layer must not be entered by two Python threads at once;
-set ``NUMBA_THREADING_LAYER=omp`` (with ``OMP_WAIT_POLICY=PASSIVE``) before importing
-if several threads call multi-threaded sparse layers concurrently.
+involved.
+
+Concurrent callers. The ``workqueue`` pool aborts the whole process (SIGABRT) when two
+Python threads launch work on it at once. So the pool has one entry,
+:data:`POOL`: a caller that finds it busy runs the serial twin of its kernel
+on its own thread instead of waiting (the registry in ``dispatch.py`` has a serial twin
+for every parallel kernel). Any number of Python threads may then call the sparse
+modules at once, whatever the threading layer; with two cores, four Python threads
+already keep both busy without the pool. :func:`serial` is per Python thread, so one
+thread's measurement of the serial twins never changes another's thread count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 import numba
 import torch
 
-__all__ = ["configure_threading", "get_threads", "serial", "set_threads"]
+__all__ = ["POOL", "configure_threading", "get_threads", "in_serial", "serial", "set_threads"]
 
-_STATE: dict[str, int | None] = {"threads": None, "serial": 0}
+_STATE: dict[str, int | None] = {"threads": None}
+
+
+class _PerThread(threading.local):
+    # Per Python thread: depth of serial() blocks being run. A class attribute, so that a
+    # thread that never entered one reads 0 without a failed lookup (~1 µs per call).
+    depth = 0
+
+
+_LOCAL = _PerThread()
+#: Held while a kernel runs on numba's pool; taken without waiting (``POOL.acquire(False)``):
+#: a caller that finds it held runs the serial twin (see "Concurrent callers" above).
+POOL = threading.Lock()
 
 
 def configure_threading() -> None:
@@ -51,21 +71,27 @@ def set_threads(n: int | None) -> None:
 
 @contextlib.contextmanager
 def serial() -> Iterator[None]:
-    """Run the kernels called inside on one thread (their serial twins), then restore.
+    """Run the kernels this Python thread calls inside on one thread, then restore.
 
     Used by the measured kernel choice: at batch 1 waking a second worker cost more than
     it saved here (a 3072×768 SpMV at 90% took 159 µs on one thread, 349 µs on two).
+    Other Python threads are not affected.
     """
-    _STATE["serial"] = (_STATE["serial"] or 0) + 1
+    _LOCAL.depth += 1
     try:
         yield
     finally:
-        _STATE["serial"] = (_STATE["serial"] or 1) - 1
+        _LOCAL.depth -= 1
+
+
+def in_serial() -> bool:
+    """Whether this Python thread is inside a :func:`serial` block."""
+    return bool(_LOCAL.depth)
 
 
 def get_threads() -> int:
     """Number of threads the next kernel call will use."""
-    if _STATE["serial"]:
+    if _LOCAL.depth:
         return 1
     wanted = _STATE["threads"] or torch.get_num_threads()
     return max(1, min(int(wanted), numba.config.NUMBA_NUM_THREADS))

@@ -132,7 +132,7 @@ def test_bsr4_k_blocked_competes_and_matches(rng, monkeypatch):
 def test_bsr4_with_several_threads_also_times_one_thread(rng, monkeypatch):
     # This suite's pool has one thread, so two are simulated: the choice must offer the
     # serial twin beside the pool, and the recorded pick must then compute the product.
-    monkeypatch.setattr(dispatch, "get_threads", lambda: 1 if threads._STATE["serial"] else 2)
+    monkeypatch.setattr(dispatch, "get_threads", lambda: 1 if threads.in_serial() else 2)
     seen: list[list[str]] = []
 
     def pick(options):

@@ -25,7 +25,7 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture
 def two_threads(monkeypatch):
-    monkeypatch.setattr(dispatch, "get_threads", lambda: 1 if threads._STATE["serial"] else 2)
+    monkeypatch.setattr(dispatch, "get_threads", lambda: 1 if threads.in_serial() else 2)
 
 
 @pytest.fixture

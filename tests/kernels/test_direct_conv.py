@@ -106,7 +106,7 @@ def test_reused_buffers_keep_their_zero_border_across_calls_and_sizes():
             x = torch.randn(shape) * 100  # large values: a stale interior would show
             y = _forced(sparse, x, "direct")
             torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-3)
-    buffers = [k for k in layouts._CACHE[sparse.matrix()] if k[0] == "scratch"]
+    buffers = layouts.scratch_keys(sparse.matrix())
     assert len(buffers) == 4  # image and output buffers for two geometries
 
 

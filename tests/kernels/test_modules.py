@@ -97,7 +97,6 @@ def test_sparse_conv2d_with_many_columns_uses_panels():
 @pytest.mark.parametrize(
     ("conv", "match"),
     [
-        (nn.Conv2d(4, 4, 3, groups=2), "groups=1 only"),
         (nn.Conv2d(4, 4, 3, padding="same"), "zero padding"),
         (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "zero padding"),
     ],
