@@ -162,7 +162,11 @@ def test_failure_while_building_leaves_model_untouched(monkeypatch):
 
 def test_conv_model_and_refused_layers(monkeypatch):
     _fake_timer(monkeypatch, FAST)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+    )
     with torch.no_grad():
         for conv in (model[0], model[2]):
             conv.weight[conv.weight.abs() < conv.weight.abs().median()] = 0
@@ -170,7 +174,23 @@ def test_conv_model_and_refused_layers(monkeypatch):
     ref = model(x).detach()
     report = nc.speedup(model, x, apply=True)
     assert isinstance(model[0], SparseConv2d) and type(model[2]) is nn.Conv2d
-    assert "groups" in report.rows[1]["why"]
+    assert "zero padding" in report.rows[1]["why"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_and_depthwise_convs_are_sparsified(monkeypatch):
+    _fake_timer(monkeypatch, FAST)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2)
+    )
+    with torch.no_grad():
+        for conv in (model[0], model[2]):
+            conv.weight[conv.weight.abs() < conv.weight.abs().median()] = 0
+    x = torch.randn(2, 8, 10, 10)
+    ref = model(x).detach()
+    nc.speedup(model, x, apply=True)
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[2], SparseConv2d)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref, rtol=1e-5, atol=1e-5)
 

@@ -146,7 +146,7 @@ def test_an_output_without_floating_tensors_is_refused_not_passed(monkeypatch):
     assert_same_state(model, before)
 
 
-def test_conv1d_and_grouped_convs_are_listed_with_why_they_stay_dense(monkeypatch):
+def test_conv1d_is_listed_with_why_it_stays_dense_and_grouped_convs_run_sparse(monkeypatch):
     _fake_timer(monkeypatch, FAST)
     model = nn.Sequential(
         nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Unflatten(1, (8, 1)), nn.Conv2d(8, 8, (1, 3), groups=4),
@@ -156,8 +156,8 @@ def test_conv1d_and_grouped_convs_are_listed_with_why_they_stay_dense(monkeypatc
     rows = {r["layer"]: r for r in report.rows}
     assert "no sparse kernel for Conv1d" in rows["0"]["why"]
     shown = "\n".join(report._summary())  # the reasons are printed, not only in rows
-    assert "kept dense: 0: no sparse kernel for Conv1d" in shown and "kept dense: 3: " in shown
-    assert "groups" in rows["3"]["why"]  # the kernel's own refusal, not ours
+    assert "kept dense: 0: no sparse kernel for Conv1d" in shown and "kept dense: 3: " not in shown
+    assert rows["3"]["sparse fp32"] is not None  # grouped: SparseConv2d runs it
     assert rows["5"]["sparse fp32"] is not None
 
 
@@ -173,7 +173,7 @@ def test_grouped_convs_reach_the_kernel_builder(monkeypatch):
 
     monkeypatch.setattr(SparseConv2d, "from_dense", classmethod(spy))
     nc.speedup(nn.Sequential(nn.Conv2d(4, 4, 3, groups=4)), torch.randn(1, 4, 6, 6))
-    assert asked == [4]
+    assert asked and set(asked) == {4}  # once per candidate format (and the break-even probe)
 
 
 def test_report_states_the_share_of_parameters_not_considered(monkeypatch):
