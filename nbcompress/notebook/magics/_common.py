@@ -104,6 +104,12 @@ def input_argument(help: str) -> Any:  # noqa: A002 - argparse's own name
     return argument("--input", "-i", dest="input", help=help)
 
 
+def repeats_argument(minimum: int, default: int, help: str) -> Any:  # noqa: A002
+    """The ``--repeats`` option (timed samples) with its lower bound, checked when parsed."""
+    example = f"--repeats {default}"
+    return argument("--repeats", type=at_least(minimum, example), default=default, help=help)
+
+
 def split_patterns(text: str | None) -> list[str] | None:
     """Split a ``--layers`` value on commas/whitespace (quotes respected)."""
     if text is None:

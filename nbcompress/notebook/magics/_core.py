@@ -14,11 +14,11 @@ from nbcompress.engine.prune.prune import prune_, remove_masks_
 from nbcompress.engine.sensitivity.suggestion import apply_suggestion_
 from nbcompress.notebook.magics._common import (
     ModelMagics,
-    at_least,
     compressed_note,
     engine_errors,
     input_argument,
     interrupt_note,
+    repeats_argument,
     seed_type,
     split_patterns,
     step_ids,
@@ -41,12 +41,7 @@ class CoreMagics(ModelMagics):
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
     @input_argument("Example input tensor (or tuple); remembered for later magics on this model.")
-    @argument(
-        "--repeats",
-        type=at_least(0, "--repeats 10"),
-        default=10,
-        help="Timed repeats per layer (default 10; 0: no per-layer latency).",
-    )
+    @repeats_argument(0, 10, "Timed repeats per layer (default 10; 0: no per-layer latency).")
     @argument("--no-latency", action="store_true", help="Skip latency measurement.")
     @line_magic
     def summary(self, line: str) -> Summary:

@@ -12,10 +12,10 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from nbcompress.engine.quantize.quantize import MODES, QuantizeReport, quantize_, quantize_report
 from nbcompress.notebook.magics._common import (
     ModelMagics,
-    at_least,
     engine_errors,
     input_argument,
     interrupt_note,
+    repeats_argument,
     split_patterns,
 )
 
@@ -54,12 +54,7 @@ class QuantizeMagics(ModelMagics):
     @argument("--backend", default="auto", help="auto (fastest measured), torch, torchao, ...")
     @argument("--per-tensor", action="store_true", help="int8: one weight scale per tensor.")
     @argument("--only-faster", action="store_true", help="Keep layers float where int8 is slower.")
-    @argument(
-        "--repeats",
-        type=at_least(1, "--repeats 10"),
-        default=10,
-        help="Timed samples per measurement.",
-    )
+    @repeats_argument(1, 10, "Timed samples per measurement (default 10).")
     @line_magic
     def quantize(self, line: str) -> QuantizeReport:
         """Quantize a model in place (undoable with %undo) and show measured figures.

@@ -9,11 +9,11 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from nbcompress.engine.speedup.speedup import SpeedupReport, speedup
 from nbcompress.notebook.magics._common import (
     ModelMagics,
-    at_least,
     compressed_note,
     engine_errors,
     input_argument,
     interrupt_note,
+    repeats_argument,
     split_patterns,
 )
 
@@ -34,12 +34,7 @@ class SpeedupMagics(ModelMagics):
     )
     @argument("--layers", help="Glob pattern(s) on layer names, comma separated.")
     @argument("--int8", action="store_true", help="Let the choice use sparse int8 kernels.")
-    @argument(
-        "--repeats",
-        type=at_least(3, "--repeats 15"),
-        default=15,
-        help="Timed samples per candidate (default 15).",
-    )
+    @repeats_argument(3, 15, "Timed samples per candidate (default 15).")
     @line_magic
     def speedup(self, line: str) -> SpeedupReport:
         """Measure each Linear/Conv2d layer dense vs on nbcompress's sparse kernels.
