@@ -25,17 +25,17 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
-from nbcompress.engine.prune.masks import zero_units
+from nbcompress.engine.prune.masks import layer_units
 from nbcompress.engine.prune.prune import prune_, prune_ratios_
 from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
+    layer_sparsity,
     measuring,
     metric_name,
     progress_line,
     select_sweep_layers,
     spent,
-    weight_sparsity,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, verified
 
@@ -166,7 +166,7 @@ def refine(
     check_budget(budget, "budget")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
-    selected, _ = select_sweep_layers(model, layers, types, None)
+    selected, _ = select_sweep_layers(model, layers, types, None, granularity)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
     with verified(model, Fingerprint.of(model), "refine"):
         named = {
@@ -204,7 +204,7 @@ def _global(model: nn.Module, selected: dict[str, nn.Module], target: float, gra
             model, target, layers=list(selected), types={type(m) for m in selected.values()},
             include_output=True, scope="global", granularity=granularity,
         )  # fmt: skip
-        ratios = {n: weight_sparsity(m.weight, granularity) for n, m in selected.items()}
+        ratios = {n: layer_sparsity(m, granularity) for n, m in selected.items()}
         return {"global L1": ratios}
 
 
@@ -215,11 +215,11 @@ class _Search:
         self.model, self.evaluate, self.granularity = model, evaluate, granularity
         self.sign = 1.0 if higher_is_better else -1.0
         self.names, self.layers = list(selected), selected
-        w = {n: m.weight for n, m in selected.items()}
-        self.units = {n: zero_units(w[n], granularity).numel() for n in w}
-        self.per_unit = {n: w[n].numel() / self.units[n] for n in w}
-        self.floor = {n: round(weight_sparsity(w[n], granularity) * self.units[n]) for n in w}
-        self.total = sum(x.numel() for x in w.values())
+        counted = {n: layer_units(m, granularity) for n, m in selected.items()}
+        self.units = {n: units for n, (_, units, _) in counted.items()}
+        self.per_unit = {n: size / units for n, (_, units, size) in counted.items()}
+        self.floor = {n: zero for n, (zero, _, _) in counted.items()}
+        self.total = sum(size for _, _, size in counted.values())
         # Rounding each layer to whole units may fall short by half a unit per layer.
         self.need = target * self.total - 0.5 * sum(self.per_unit.values())
         self.progress, self.t0 = progress, time.perf_counter()

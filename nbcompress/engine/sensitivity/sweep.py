@@ -29,11 +29,12 @@ from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
     fmt_value,
+    layer_size,
+    layer_sparsity,
     measuring,
     metric_name,
     progress_line,
     select_sweep_layers,
-    weight_sparsity,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
 from nbcompress.engine.sensitivity.registry import remember
@@ -140,7 +141,7 @@ def sensitivity(
     check_module(model)
     ratio_list = _check_ratios_arg(ratios)
     check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)
-    selected, notes = select_sweep_layers(model, layers, types, max_layers)
+    selected, notes = select_sweep_layers(model, layers, types, max_layers, granularity)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
@@ -156,12 +157,12 @@ def sensitivity(
         result = SensitivityResult(
             layers=list(selected), ratios=ratio_list, baseline=baseline,
             curves={n: [None] * len(ratio_list) for n in selected},
-            sizes={n: m.weight.numel() for n, m in selected.items()},
+            sizes={n: layer_size(m) for n, m in selected.items()},
             macs=_layer_macs(model, selected, inputs),
             metric=metric or (proxy.name if proxy else metric_name(evaluate)),
             higher_is_better=bool(higher_is_better), proxy=proxy is not None,
             granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
-            start={n: weight_sparsity(m.weight, granularity) for n, m in selected.items()},
+            start={n: layer_sparsity(m, granularity) for n, m in selected.items()},
         )  # fmt: skip
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
