@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.core.history import trial
-from nbcompress.engine.core.layers import select_layers
+from nbcompress.engine.core.layers import prunable_weights, select_layers
 from nbcompress.engine.core.outputs import compare_outputs, output_tensors
 from nbcompress.engine.core.validation import as_inputs, eval_mode, run_forward
 from nbcompress.engine.prune.masks import GRANULARITIES, layer_units, zero_units
@@ -268,13 +268,19 @@ def layer_sparsity(module: nn.Module, granularity: str) -> float:
     MultiheadAttention's projections, an LSTM's gate matrices, a ConvTranspose's output
     channels (dim 1 of its weight).
     """
-    zero, total, _ = layer_units(module, granularity)
+    if granularity == "element":
+        # Zeros counted without a boolean copy of each weight (layer_units makes one).
+        weights = [w.detach() for w in prunable_weights(module).values()]
+        total = sum(w.numel() for w in weights)
+        zero = total - sum(int(torch.count_nonzero(w)) for w in weights)
+    else:
+        zero, total, _ = layer_units(module, granularity)
     return zero / total if total else 0.0
 
 
 def layer_size(module: nn.Module) -> int:
     """Weights in a layer's prunable weight matrices (what its sparsity is a share of)."""
-    return layer_units(module, "element")[2]
+    return sum(w.numel() for w in prunable_weights(module).values())
 
 
 def metric_name(fn: Any) -> str:

@@ -19,10 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.core.costs import macs
-from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
-from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.entries import prune_in_trial
 from nbcompress.engine.sensitivity.evaluate import (
     EvaluationError,
     Proxy,
@@ -61,6 +59,11 @@ def _check_ratios_arg(ratios: Any) -> list[float]:
 def _layer_macs(model, selected, inputs) -> dict[str, int | None]:
     if inputs is None:
         return dict.fromkeys(selected)
+    # Imported here: MAC estimates load the kernel registry (numba, ~65 MiB), which a
+    # sweep without example inputs never needs.
+    from nbcompress.engine.core.costs import macs
+    from nbcompress.engine.core.summary import capture_calls
+
     with eval_mode(model):
         calls = capture_calls(model, selected, inputs)
     return {
@@ -200,8 +203,8 @@ class _Run:
 
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
-        with layer_trial(self.model, {name: self.selected[name]}):
-            prune_ratios_(self.model, {name: ratio}, granularity=self.result.granularity)
+        with layer_trial(self.model, {name: self.selected[name]}) as trial:
+            prune_in_trial(self.model, trial, {name: ratio}, self.result.granularity)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):
                 return self.evaluate(self.model)
