@@ -25,15 +25,19 @@ from nbcompress.engine.prune.masks import (
     from_output_major,
     layer_mask,
     output_major,
-    score_source,
 )
 from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.prune.select import CHUNK, threshold
+from nbcompress.engine.prune.select import threshold
 from nbcompress.engine.prune.targets import Target, collect
 from nbcompress.engine.sensitivity.guard import LayerTrial
 
 __all__ = ["PrunedEntries", "prune_in_trial"]
 
+
+#: Elements read at a time. Smaller than prune's chunks: the selection's temporaries (int64
+#: keys of a chunk: 512 KiB) are then reused in place instead of fragmenting the heap,
+#: which kept up to a third of a 64 MiB layer resident between trials.
+_CHUNK = 1 << 16
 
 #: Bit weights of one byte of a packed mask.
 _BITS = 2 ** torch.arange(8, dtype=torch.uint8)
@@ -61,7 +65,7 @@ class PrunedEntries:
 
     Attributes:
         tensor: The weight (edited in place).
-        drops: Per chunk of ``CHUNK`` elements, the positions to zero as packed bits
+        drops: Per chunk of ``_CHUNK`` elements, the positions to zero as packed bits
             (1/32 of a float32 chunk), and how many there are.
         values: Old values of every entry to zero, chunk after chunk (one buffer: many
             small ones would fragment the heap).
@@ -77,8 +81,8 @@ class PrunedEntries:
     def of(cls, tensor: torch.Tensor, keep: torch.Tensor) -> PrunedEntries:
         """Entries of ``tensor`` that ``keep`` (boolean, same shape) marks ``False``."""
         keep, drops = keep.reshape(-1), []
-        for i in range(0, keep.numel(), CHUNK):
-            part = keep[i : i + CHUNK]
+        for i in range(0, keep.numel(), _CHUNK):
+            part = keep[i : i + _CHUNK]
             drops.append((_pack(~part), part.numel() - int(torch.count_nonzero(part))))
         return cls(tensor, drops)
 
@@ -92,7 +96,7 @@ class PrunedEntries:
         """The first ``count`` chunks: the weight's, its positions to zero, their values."""
         flat, at = self.tensor.detach().view(-1), 0
         for i, (packed, n) in enumerate(self.drops[:count]):
-            chunk = flat[i * CHUNK : (i + 1) * CHUNK]
+            chunk = flat[i * _CHUNK : (i + 1) * _CHUNK]
             yield chunk, _unpack(packed, chunk.numel()), self.values[at : at + n]
             at += n
 
@@ -176,7 +180,8 @@ def _l1_entries(weight: torch.Tensor, amount: float) -> PrunedEntries:
     """
     flat = weight.detach().view(-1)
     k = round(amount * flat.numel())
-    source = score_source(flat, "l1", "element", torch.Generator())  # L1 draws nothing
+    n = flat.numel()
+    source = lambda: (flat[i : i + _CHUNK].abs() for i in range(0, n, _CHUNK))  # noqa: E731
     cut, ties = -1, 0
     if k > 0:
         found = threshold(source, k)

@@ -26,7 +26,8 @@ from torch import nn
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import layer_units
-from nbcompress.engine.prune.prune import prune_, prune_ratios_
+from nbcompress.engine.prune.prune import prune_
+from nbcompress.engine.sensitivity.entries import prune_in_trial
 from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
@@ -272,9 +273,9 @@ class _Search:
         """Metric of an allocation, signed so that larger is better; measured once."""
         if counts not in self.cache:
             ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
-            with layer_trial(self.model, {n: self.layers[n] for n in ratios}):
+            with layer_trial(self.model, {n: self.layers[n] for n in ratios}) as t:
                 if ratios:
-                    prune_ratios_(self.model, ratios, granularity=self.granularity)
+                    prune_in_trial(self.model, t, ratios, self.granularity)
                 value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value
