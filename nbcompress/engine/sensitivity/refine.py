@@ -139,8 +139,9 @@ def refine(
             stay as they are. ``"uniform L1"`` and ``"global L1"`` are always added.
         budget: Evaluations the search may spend after measuring the candidates.
         step: First move, as a fraction of the weights kept at the target (0.2 moves a fifth).
-        layers: Glob pattern(s) of layers to allocate over; default every Linear/Conv
-            layer, the output layer included.
+        layers: Glob pattern(s) of layers to allocate over; default the layers
+            :func:`~nbcompress.engine.sensitivity.sweep.sensitivity` analyses (attention
+            projections and recurrent gates included), the output layer included.
         types: Layer types (names or classes).
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
         higher_is_better: ``False`` for losses, perplexity, RMSE.

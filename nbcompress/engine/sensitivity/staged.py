@@ -227,8 +227,9 @@ def prune_to_(
             evaluated); they must reach high enough for the target.
         objective: ``"params"`` or ``"macs"``.
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
-        layers: Glob pattern(s) of layers to prune; default every Linear/Conv layer,
-            the output layer included.
+        layers: Glob pattern(s) of layers to prune; default the layers ``sensitivity``
+            analyses (attention projections and recurrent gates included), the output
+            layer included.
         types: Layer types to prune (names or classes).
         example_inputs: Input for the proxy and for MAC estimates.
         higher_is_better: ``False`` for losses, perplexity, RMSE.

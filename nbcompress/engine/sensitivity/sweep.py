@@ -117,11 +117,15 @@ def sensitivity(
             ``higher_is_better=False``. ``None``: a data-free proxy on ``example_inputs``
             (agreement of the pruned with the dense output), labelled as a proxy.
         ratios: Fractions to prune, each in (0, 1); default 0.1, 0.2, …, 0.9.
-        layers: Glob pattern(s) of layers to analyse; default every Linear/Conv layer,
-            the output layer included.
-        types: Layer types to analyse (names or classes).
+        layers: Glob pattern(s) of layers to analyse; default every layer ``prune_``
+            prunes by default (Linear, Conv, ConvTranspose, MultiheadAttention's in/out
+            projections, LSTM/GRU/RNN gate matrices), the output layer included. The
+            result's notes state the share of parameters not analysed and why.
+        types: Layer types to analyse (names or classes); embeddings are opt-in.
         granularity: ``"element"`` (unstructured), ``"block"`` (4×1 blocks, see
-            :func:`~nbcompress.prune_`) or ``"channel"`` (whole output channels).
+            :func:`~nbcompress.prune_`) or ``"channel"`` (whole output channels; attention
+            and recurrent layers have none: left out with a note, refused if asked for
+            by ``types``, as ``prune_`` does).
         example_inputs: Input for the proxy and for MAC estimates.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
         metric: Name of the metric (default: the function's name).
