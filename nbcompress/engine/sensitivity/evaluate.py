@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.core.history import trial
-from nbcompress.engine.core.layers import select_layers
+from nbcompress.engine.core.layers import prunable_weights, select_layers
 from nbcompress.engine.core.outputs import compare_outputs, output_tensors
 from nbcompress.engine.core.validation import as_inputs, eval_mode, run_forward
-from nbcompress.engine.prune.masks import GRANULARITIES, zero_units
+from nbcompress.engine.prune.masks import GRANULARITIES, layer_units, zero_units
+from nbcompress.engine.prune.prune import DEFAULT_TYPES
+from nbcompress.engine.prune.targets import collect, not_pruned, split_multi
 from nbcompress.engine.sensitivity.guard import EvaluateChangedModel, EvaluationError, restoring
 
 __all__ = [
@@ -31,6 +33,9 @@ __all__ = [
     "Proxy",
     "call_evaluate",
     "check_sweep_options",
+    "coverage_note",
+    "layer_size",
+    "layer_sparsity",
     "measurer",
     "measuring",
     "metric_name",
@@ -195,31 +200,47 @@ def check_sweep_options(
 
 
 def select_sweep_layers(
-    model: nn.Module, layers: Any, types: Any, max_layers: int | None
+    model: nn.Module, layers: Any, types: Any, max_layers: int | None, granularity: str = "element"
 ) -> tuple[dict[str, nn.Module], list[str]]:
-    """The weighted layers a sweep analyses (output layer included), and notes on those left out."""
+    """The layers a sweep analyses (output layer included), and notes on those left out.
+
+    The same layers ``prune_`` prunes by default (:data:`~nbcompress.engine.prune.prune.
+    DEFAULT_TYPES`: Linear, Conv, ConvTranspose, the projections of MultiheadAttention and
+    the gate matrices of LSTM/GRU/RNN). Attention and recurrent layers have no output
+    channels: under ``granularity="channel"`` they are refused when asked for by type, else
+    left out with a note, exactly as ``prune_`` does.
+    """
     if layers is not None and not isinstance(layers, str) and len(layers) == 0:
         raise ValueError("layers: an empty list selects nothing; pass None to analyse every layer.")
     # Unlike pruning, the sweep analyses the output layer too: its curve is what tells
     # whether it can be pruned at all.
-    selected, _ = select_layers(model, layers, types, include_output=True)
-    no_weight = [
-        n for n, m in selected.items() if not isinstance(getattr(m, "weight", None), torch.Tensor)
-    ]
-    if no_weight:
-        raise ValueError(
-            f"types: no single `weight` to prune by L1 in {', '.join(no_weight)} (e.g. "
-            "MultiheadAttention, LSTM); select Linear, Conv or Embedding layers instead."
-        )
+    wanted = DEFAULT_TYPES if types is None else types
+    selected, _ = select_layers(model, layers, wanted, include_output=True)
+    selected, skipped = split_multi(
+        selected, keep_masks=False, granularity=granularity, explicit=types is not None
+    )
     notes = []
     if max_layers is not None and len(selected) > max_layers:
-        keep = set(sorted(selected, key=lambda n: -selected[n].weight.numel())[:max_layers])
+        largest = sorted(selected, key=lambda n: -layer_size(selected[n]))
+        keep = set(largest[:max_layers])
         notes.append(
             f"max_layers={max_layers}: analysed the {max_layers} largest of {len(selected)} "
             "layers; the others are left out of predictions and suggestions."
         )
         selected = {n: m for n, m in selected.items() if n in keep}
-    return selected, notes
+    notes.append(coverage_note(model, selected, skipped))
+    return selected, [n for n in notes if n]
+
+
+def coverage_note(model: nn.Module, selected: dict[str, nn.Module], skipped: dict[str, str]) -> str:
+    """The share of ``model``'s parameters a procedure over ``selected`` leaves alone, and why.
+
+    Prune's own line (:func:`~nbcompress.engine.prune.targets.not_pruned`), worded for an
+    analysis: ``"12% of parameters not analysed: embeddings (opt-in…) 11%, biases/norms 1%"``;
+    empty when every parameter is covered.
+    """
+    line, _ = not_pruned(model, collect(model, dict.fromkeys(selected, 0.5)), None, skipped)
+    return line.replace("not pruned", "not analysed") + ("." if line else "")
 
 
 @contextlib.contextmanager
@@ -235,9 +256,31 @@ def measuring(model: nn.Module) -> Iterator[None]:
 
 
 def weight_sparsity(weight: torch.Tensor, granularity: str) -> float:
-    """Fraction of zero weights (or of all-zero 4×1 blocks, or output channels)."""
+    """Fraction of zero weights (or of all-zero 4×1 blocks, or output channels along dim 0)."""
     zero = zero_units(weight, granularity)
-    return float(zero.float().mean()) if zero.numel() else 0.0
+    return int(torch.count_nonzero(zero)) / zero.numel() if zero.numel() else 0.0
+
+
+def layer_sparsity(module: nn.Module, granularity: str) -> float:
+    """Fraction of a layer's removable units that are zero, over all its weight matrices.
+
+    As ``prune_`` counts them (:func:`~nbcompress.engine.prune.masks.layer_units`): a
+    MultiheadAttention's projections, an LSTM's gate matrices, a ConvTranspose's output
+    channels (dim 1 of its weight).
+    """
+    if granularity == "element":
+        # Zeros counted without a boolean copy of each weight (layer_units makes one).
+        weights = [w.detach() for w in prunable_weights(module).values()]
+        total = sum(w.numel() for w in weights)
+        zero = total - sum(int(torch.count_nonzero(w)) for w in weights)
+    else:
+        zero, total, _ = layer_units(module, granularity)
+    return zero / total if total else 0.0
+
+
+def layer_size(module: nn.Module) -> int:
+    """Weights in a layer's prunable weight matrices (what its sparsity is a share of)."""
+    return sum(w.numel() for w in prunable_weights(module).values())
 
 
 def metric_name(fn: Any) -> str:

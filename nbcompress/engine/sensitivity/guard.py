@@ -26,12 +26,14 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nbcompress.engine.core.history import Transaction, trial
-from nbcompress.engine.core.snapshot import SavedTensor
+from nbcompress.engine.core.interrupts import deferred_interrupts
+from nbcompress.engine.core.snapshot import SavedTensor, restore_all
 
 __all__ = [
     "EvaluateChangedModel",
     "EvaluationError",
     "Fingerprint",
+    "LayerTrial",
     "ModelNotRestored",
     "Restored",
     "checksum",
@@ -223,19 +225,49 @@ def _own(layers: dict[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
     """Each layer's own parameters and buffers, by qualified name."""
     out = []
     for name, layer in layers.items():
-        tensors = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+        # Recursive: a MultiheadAttention's out_proj is edited with the layer.
+        tensors = [*layer.named_parameters(), *layer.named_buffers()]
         out += [(f"{name}.{n}" if name else n, t) for n, t in tensors]
     return out
 
 
-def _settle(fingerprint: Fingerprint, now: Callable[[], list], tx: Transaction | None) -> None:
+@dataclass
+class LayerTrial:
+    """What a :func:`layer_trial` restores: its transaction, and weights saved more cheaply.
+
+    Attributes:
+        tx: The trial's transaction (full copies of what ``nbcompress`` verbs save in it).
+        saved: Further snapshots with an idempotent ``restore()`` (e.g. only the entries a
+            trial zeroed, :class:`~nbcompress.engine.sensitivity.entries.PrunedEntries`),
+            restored before the transaction.
+    """
+
+    tx: Transaction
+    saved: list[Any] = field(default_factory=list)
+
+    def restore_saved(self) -> None:
+        """Restore :attr:`saved` (newest first); Ctrl-C waits until every one is back."""
+        with deferred_interrupts():
+            interrupted = restore_all(reversed(self.saved))
+        if interrupted is not None:
+            raise interrupted
+
+    def rollback(self) -> None:
+        """Restore everything: :attr:`saved`, then the transaction (both idempotent)."""
+        try:
+            self.restore_saved()
+        finally:
+            self.tx.rollback()
+
+
+def _settle(fingerprint: Fingerprint, now: Callable[[], list], state: LayerTrial | None) -> None:
     """Check the restore; if a rollback was cut short (Ctrl-C), finish it; else refuse."""
     for _ in range(3):
         changed = fingerprint.changed(now())
-        if not changed or tx is None:
+        if not changed or state is None:
             break
         with contextlib.suppress(KeyboardInterrupt):
-            tx.rollback()  # idempotent: puts the same saved values back
+            state.rollback()  # idempotent: puts the same saved values back
     else:
         changed = fingerprint.changed(now())
     if changed:
@@ -247,7 +279,7 @@ def _settle(fingerprint: Fingerprint, now: Callable[[], list], tx: Transaction |
 
 
 @contextlib.contextmanager
-def layer_trial(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[Transaction]:
+def layer_trial(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[LayerTrial]:
     """A trial of edits to ``layers`` whose restore is verified by checksum on exit.
 
     If the rollback was interrupted (Ctrl-C inside it), it is completed; the layers are
@@ -258,15 +290,20 @@ def layer_trial(model: nn.Module, layers: dict[str, nn.Module]) -> Iterator[Tran
         layers: Qualified name → layer about to be edited.
 
     Yields:
-        The trial's transaction.
+        The trial: edits by ``nbcompress`` verbs join its transaction; snapshots added to
+        its ``saved`` are restored too.
     """
     before = Fingerprint(_own(layers))
-    tx = None
+    state = None
     try:
         with trial(model) as tx:
-            yield tx
+            state = LayerTrial(tx)
+            try:
+                yield state
+            finally:
+                state.restore_saved()
     finally:
-        _settle(before, lambda: _own(layers), tx)
+        _settle(before, lambda: _own(layers), state)
 
 
 @dataclass

@@ -25,17 +25,18 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
-from nbcompress.engine.prune.masks import zero_units
-from nbcompress.engine.prune.prune import prune_, prune_ratios_
+from nbcompress.engine.prune.masks import layer_units
+from nbcompress.engine.prune.prune import prune_
+from nbcompress.engine.sensitivity.entries import prune_in_trial
 from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
+    layer_sparsity,
     measuring,
     metric_name,
     progress_line,
     select_sweep_layers,
     spent,
-    weight_sparsity,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, verified
 
@@ -138,8 +139,9 @@ def refine(
             stay as they are. ``"uniform L1"`` and ``"global L1"`` are always added.
         budget: Evaluations the search may spend after measuring the candidates.
         step: First move, as a fraction of the weights kept at the target (0.2 moves a fifth).
-        layers: Glob pattern(s) of layers to allocate over; default every Linear/Conv
-            layer, the output layer included.
+        layers: Glob pattern(s) of layers to allocate over; default the layers
+            :func:`~nbcompress.engine.sensitivity.sweep.sensitivity` analyses (attention
+            projections and recurrent gates included), the output layer included.
         types: Layer types (names or classes).
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
@@ -166,7 +168,7 @@ def refine(
     check_budget(budget, "budget")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
-    selected, _ = select_sweep_layers(model, layers, types, None)
+    selected, _ = select_sweep_layers(model, layers, types, None, granularity)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
     with verified(model, Fingerprint.of(model), "refine"):
         named = {
@@ -204,7 +206,7 @@ def _global(model: nn.Module, selected: dict[str, nn.Module], target: float, gra
             model, target, layers=list(selected), types={type(m) for m in selected.values()},
             include_output=True, scope="global", granularity=granularity,
         )  # fmt: skip
-        ratios = {n: weight_sparsity(m.weight, granularity) for n, m in selected.items()}
+        ratios = {n: layer_sparsity(m, granularity) for n, m in selected.items()}
         return {"global L1": ratios}
 
 
@@ -215,11 +217,11 @@ class _Search:
         self.model, self.evaluate, self.granularity = model, evaluate, granularity
         self.sign = 1.0 if higher_is_better else -1.0
         self.names, self.layers = list(selected), selected
-        w = {n: m.weight for n, m in selected.items()}
-        self.units = {n: zero_units(w[n], granularity).numel() for n in w}
-        self.per_unit = {n: w[n].numel() / self.units[n] for n in w}
-        self.floor = {n: round(weight_sparsity(w[n], granularity) * self.units[n]) for n in w}
-        self.total = sum(x.numel() for x in w.values())
+        counted = {n: layer_units(m, granularity) for n, m in selected.items()}
+        self.units = {n: units for n, (_, units, _) in counted.items()}
+        self.per_unit = {n: size / units for n, (_, units, size) in counted.items()}
+        self.floor = {n: zero for n, (zero, _, _) in counted.items()}
+        self.total = sum(size for _, _, size in counted.values())
         # Rounding each layer to whole units may fall short by half a unit per layer.
         self.need = target * self.total - 0.5 * sum(self.per_unit.values())
         self.progress, self.t0 = progress, time.perf_counter()
@@ -272,9 +274,9 @@ class _Search:
         """Metric of an allocation, signed so that larger is better; measured once."""
         if counts not in self.cache:
             ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
-            with layer_trial(self.model, {n: self.layers[n] for n in ratios}):
+            with layer_trial(self.model, {n: self.layers[n] for n in ratios}) as t:
                 if ratios:
-                    prune_ratios_(self.model, ratios, granularity=self.granularity)
+                    prune_in_trial(self.model, t, ratios, self.granularity)
                 value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value

@@ -37,7 +37,8 @@ class SensitivityResult:
         baseline: Metric of the unpruned model.
         curves: Layer → metric per ratio (same order as ``ratios``); ``None`` where not
             evaluated (early stop or interrupted).
-        sizes: Layer → parameters in its weight.
+        sizes: Layer → weights in its prunable weight matrices (all projections of an
+            attention, all gate matrices of an LSTM).
         macs: Layer → multiply-accumulates per call (estimated), ``None`` if unknown.
         metric: Name of the metric.
         higher_is_better: ``False`` for losses, perplexity, RMSE.

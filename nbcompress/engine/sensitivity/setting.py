@@ -21,12 +21,14 @@ from torch import nn
 
 from nbcompress.engine.core.costs import layer_bytes
 from nbcompress.engine.core.history import history, trial
+from nbcompress.engine.core.layers import MULTI_WEIGHT_TYPES
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.evaluate import measurer
 
 __all__ = [
     "Footprint",
     "SettingCosts",
+    "layer_footprint",
     "model_footprint",
     "proxy_metric",
 ]
@@ -83,6 +85,20 @@ def _own_footprint(module: nn.Module) -> Footprint:
     return Footprint(nonzero, sum(p.numel() for p in params), size["dense"], size["csr"])
 
 
+def layer_footprint(module: nn.Module) -> Footprint:
+    """Footprint of one layer as pruning sees it.
+
+    A MultiheadAttention's ``out_proj`` is a child module whose weight the attention reads
+    directly; it is pruned with the layer, so it counts with it.
+    """
+    if not isinstance(module, MULTI_WEIGHT_TYPES):
+        return _own_footprint(module)
+    total = _EMPTY
+    for sub in module.modules():
+        total = total + _own_footprint(sub)
+    return total
+
+
 def model_footprint(model: nn.Module) -> Footprint:
     """Footprint of the whole model as it is now.
 
@@ -134,7 +150,7 @@ class SettingCosts:
         """Footprint of layer ``name`` alone after pruning it to ``ratio``."""
         self._refresh()
         if name not in self._layer_now:
-            self._layer_now[name] = _own_footprint(self.model.get_submodule(name))
+            self._layer_now[name] = layer_footprint(self.model.get_submodule(name))
         key = (name, round(float(ratio), 6))
         if key not in self._cache:
             if key[1] <= 0:
@@ -142,7 +158,7 @@ class SettingCosts:
             else:
                 with trial(self.model):
                     prune_ratios_(self.model, {name: key[1]}, granularity=self.granularity)
-                    self._cache[key] = _own_footprint(self.model.get_submodule(name))
+                    self._cache[key] = layer_footprint(self.model.get_submodule(name))
         return self._cache[key]
 
     def setting(self, ratios: Mapping[str, float]) -> Footprint:

@@ -27,9 +27,9 @@ from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
     fmt_value,
+    layer_sparsity,
     progress_line,
     spent,
-    weight_sparsity,
 )
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
@@ -227,8 +227,9 @@ def prune_to_(
             evaluated); they must reach high enough for the target.
         objective: ``"params"`` or ``"macs"``.
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
-        layers: Glob pattern(s) of layers to prune; default every Linear/Conv layer,
-            the output layer included.
+        layers: Glob pattern(s) of layers to prune; default the layers ``sensitivity``
+            analyses (attention projections and recurrent gates included), the output
+            layer included.
         types: Layer types to prune (names or classes).
         example_inputs: Input for the proxy and for MAC estimates.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
@@ -304,10 +305,8 @@ class _Staged:
         with trial(self.model):
             self.stages(targets)
             names = self.result.layers
-            staged = {
-                n: weight_sparsity(self.model.get_submodule(n).weight, selection["granularity"])
-                for n in names
-            }
+            g = selection["granularity"]
+            staged = {n: layer_sparsity(self.model.get_submodule(n), g) for n in names}
         candidates = {"staged": staged}
         with contextlib.suppress(ValueError):  # the one-shot target may be out of its reach
             one_shot = self.first.suggest(targets[-1], objective=self.objective)

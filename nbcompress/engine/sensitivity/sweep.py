@@ -19,21 +19,20 @@ from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.core.costs import macs
-from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
-from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.entries import prune_in_trial
 from nbcompress.engine.sensitivity.evaluate import (
     EvaluationError,
     Proxy,
     call_evaluate,
     check_sweep_options,
     fmt_value,
+    layer_size,
+    layer_sparsity,
     measuring,
     metric_name,
     progress_line,
     select_sweep_layers,
-    weight_sparsity,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
 from nbcompress.engine.sensitivity.registry import remember
@@ -60,6 +59,11 @@ def _check_ratios_arg(ratios: Any) -> list[float]:
 def _layer_macs(model, selected, inputs) -> dict[str, int | None]:
     if inputs is None:
         return dict.fromkeys(selected)
+    # Imported here: MAC estimates load the kernel registry (numba, ~65 MiB), which a
+    # sweep without example inputs never needs.
+    from nbcompress.engine.core.costs import macs
+    from nbcompress.engine.core.summary import capture_calls
+
     with eval_mode(model):
         calls = capture_calls(model, selected, inputs)
     return {
@@ -113,11 +117,15 @@ def sensitivity(
             ``higher_is_better=False``. ``None``: a data-free proxy on ``example_inputs``
             (agreement of the pruned with the dense output), labelled as a proxy.
         ratios: Fractions to prune, each in (0, 1); default 0.1, 0.2, …, 0.9.
-        layers: Glob pattern(s) of layers to analyse; default every Linear/Conv layer,
-            the output layer included.
-        types: Layer types to analyse (names or classes).
+        layers: Glob pattern(s) of layers to analyse; default every layer ``prune_``
+            prunes by default (Linear, Conv, ConvTranspose, MultiheadAttention's in/out
+            projections, LSTM/GRU/RNN gate matrices), the output layer included. The
+            result's notes state the share of parameters not analysed and why.
+        types: Layer types to analyse (names or classes); embeddings are opt-in.
         granularity: ``"element"`` (unstructured), ``"block"`` (4×1 blocks, see
-            :func:`~nbcompress.prune_`) or ``"channel"`` (whole output channels).
+            :func:`~nbcompress.prune_`) or ``"channel"`` (whole output channels; attention
+            and recurrent layers have none: left out with a note, refused if asked for
+            by ``types``, as ``prune_`` does).
         example_inputs: Input for the proxy and for MAC estimates.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
         metric: Name of the metric (default: the function's name).
@@ -140,7 +148,7 @@ def sensitivity(
     check_module(model)
     ratio_list = _check_ratios_arg(ratios)
     check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)
-    selected, notes = select_sweep_layers(model, layers, types, max_layers)
+    selected, notes = select_sweep_layers(model, layers, types, max_layers, granularity)
     inputs = as_inputs(example_inputs) if example_inputs is not None else None
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
@@ -156,12 +164,12 @@ def sensitivity(
         result = SensitivityResult(
             layers=list(selected), ratios=ratio_list, baseline=baseline,
             curves={n: [None] * len(ratio_list) for n in selected},
-            sizes={n: m.weight.numel() for n, m in selected.items()},
+            sizes={n: layer_size(m) for n, m in selected.items()},
             macs=_layer_macs(model, selected, inputs),
             metric=metric or (proxy.name if proxy else metric_name(evaluate)),
             higher_is_better=bool(higher_is_better), proxy=proxy is not None,
             granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
-            start={n: weight_sparsity(m.weight, granularity) for n, m in selected.items()},
+            start={n: layer_sparsity(m, granularity) for n, m in selected.items()},
         )  # fmt: skip
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
@@ -199,8 +207,8 @@ class _Run:
 
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
-        with layer_trial(self.model, {name: self.selected[name]}):
-            prune_ratios_(self.model, {name: ratio}, granularity=self.result.granularity)
+        with layer_trial(self.model, {name: self.selected[name]}) as trial:
+            prune_in_trial(self.model, trial, {name: ratio}, self.result.granularity)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):
                 return self.evaluate(self.model)

@@ -220,10 +220,17 @@ def test_bad_input_gives_one_clear_error_and_leaves_model_untouched(kwargs, erro
     assert nc.history(model) == []
 
 
-def test_layers_without_a_single_weight_are_refused():
+def test_layers_with_several_weight_matrices_are_analysed_and_channels_refused():
+    # Issue 11: MultiheadAttention (no single `weight`) is analysed like prune_ prunes it;
+    # it has no output channels, so channel granularity is refused as prune_ refuses it.
     model = nn.Sequential(nn.MultiheadAttention(8, 2))
-    with pytest.raises(ValueError, match="types: no single `weight` to prune by L1 in 0"):
-        nc.sensitivity(model, lambda m: 1.0, types="MultiheadAttention", progress=False)
+    result = nc.sensitivity(model, lambda m: 1.0, types="MultiheadAttention", progress=False)
+    assert result.layers == ["0"] and result.sizes["0"] == 4 * 8 * 8
+    with pytest.raises(ValueError, match="granularity: MultiheadAttention layer.* '0' cannot be"):
+        nc.sensitivity(
+            model, lambda m: 1.0, types="MultiheadAttention", granularity="channel",
+            progress=False,
+        )  # fmt: skip
 
 
 def test_non_number_midway_names_evaluate_and_restores(lenet):

@@ -12,6 +12,7 @@ from torch import nn
 
 import nbcompress as nc
 from nbcompress.engine.core.snapshot import ModuleState, SavedTensor
+from nbcompress.engine.sensitivity.entries import PrunedEntries
 from nbcompress.engine.sensitivity.evaluate import EvaluationError
 from nbcompress.engine.sensitivity.guard import Fingerprint, ModelNotRestored
 from nbcompress.engine.sensitivity.refine import refine
@@ -182,25 +183,48 @@ def _interrupt_restore(monkeypatch, times: int | None, cls: type = SavedTensor):
     monkeypatch.setattr(cls, "restore", restore)
 
 
-@pytest.mark.parametrize("cls", [SavedTensor, ModuleState])
-def test_ctrl_c_inside_a_trials_rollback_is_finished_and_verified(monkeypatch, cls):
-    model, x = mlp(), torch.randn(8, 16)
+def _rollback_case(kind: str) -> tuple[nn.Module, str]:
+    """A model and granularity whose trials restore through ``kind``'s ``restore``.
+
+    A plain weight is restored from its zeroed entries (PrunedEntries); a removed
+    channel's bias from the trial's transaction (SavedTensor); a parametrized weight is
+    pruned by ``prune_ratios_`` inside the trial, which saves the module (ModuleState).
+    """
+    torch.manual_seed(0)
+    model = mlp()
+    if kind == "ModuleState":
+        for i in (0, 2, 4):
+            nn.utils.parametrizations.weight_norm(model[i])
+    return model, "channel" if kind == "SavedTensor" else "element"
+
+
+_CLASSES = {"PrunedEntries": PrunedEntries, "SavedTensor": SavedTensor, "ModuleState": ModuleState}
+
+
+@pytest.mark.parametrize("kind", sorted(_CLASSES))
+def test_ctrl_c_inside_a_trials_rollback_is_finished_and_verified(monkeypatch, kind):
+    (model, granularity), x = _rollback_case(kind), torch.randn(8, 16)
     before = snapshot(model)
-    _interrupt_restore(monkeypatch, times=1, cls=cls)  # the first point's rollback
+    _interrupt_restore(monkeypatch, times=1, cls=_CLASSES[kind])  # the first point's rollback
     result = nc.sensitivity(
-        model, lambda m: float(m(x).sum().detach()), ratios=[0.5], progress=False
-    )
+        model, lambda m: float(m(x).sum().detach()), ratios=[0.5], granularity=granularity,
+        progress=False,
+    )  # fmt: skip
     monkeypatch.undo()
     assert_same_state(model, before)
     assert not result.complete
     assert any("Interrupted" in n and "restored (verified by checksum)" in n for n in result.notes)
 
 
-def test_a_restore_that_keeps_failing_is_never_called_restored(monkeypatch):
-    model, x = mlp(), torch.randn(8, 16)
-    _interrupt_restore(monkeypatch, times=None)
+@pytest.mark.parametrize("kind", ["PrunedEntries", "SavedTensor"])
+def test_a_restore_that_keeps_failing_is_never_called_restored(monkeypatch, kind):
+    (model, granularity), x = _rollback_case(kind), torch.randn(8, 16)
+    _interrupt_restore(monkeypatch, times=None, cls=_CLASSES[kind])
     with pytest.raises(ModelNotRestored, match="could not be restored"):
-        nc.sensitivity(model, lambda m: float(m(x).sum().detach()), ratios=[0.5], progress=False)
+        nc.sensitivity(
+            model, lambda m: float(m(x).sum().detach()), ratios=[0.5], granularity=granularity,
+            progress=False,
+        )  # fmt: skip
 
 
 def test_fingerprint_sees_nan_and_negative_zero():
