@@ -81,7 +81,11 @@ class SensitivityMagics(ModelMagics):
     @input_argument("Example input (proxy metric, MAC estimates).")
     @argument("--ratios", help="Comma-separated fractions, default 0.1,0.2,…,0.9.")
     @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
-    @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear and Conv).")
+    @argument(
+        "--types",
+        help="Layer types, e.g. Linear,Conv2d (default: what prune_ prunes: Linear, Conv, "
+        "ConvTranspose, attention projections, LSTM/GRU/RNN gates).",
+    )
     @argument("--granularity", default="element", help="element (default), block (4×1) or channel.")
     @argument("--lower-is-better", action="store_true", help="Loss, perplexity, RMSE, ...")
     @argument("--metric", help="Name of the metric shown in tables and plots.")
