@@ -11,7 +11,6 @@ once in the report instead of being printed on every call.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import logging
 import warnings
@@ -29,6 +28,7 @@ from nbcompress.engine.quantize.modules import (
     Int8WeightOnly,
     weight_kind,
 )
+from nbcompress.engine.quantize.twin import twin
 
 __all__ = [
     "BACKENDS",
@@ -126,7 +126,7 @@ def _ao_dynamic(engine: str) -> Callable[[object, nn.Module], nn.Module]:
         import torch.ao.nn.quantized.dynamic as nnqd
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
-        mod = copy.deepcopy(layer)
+        mod = twin(layer)  # from_float reads the float weight; a copy would double it
         linear = type(layer) is nn.Linear
         per_channel = linear and getattr(config, "per_channel", False) is True
         mod.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
@@ -168,7 +168,8 @@ def _torchao(config_name: str) -> Callable[[object, nn.Module], nn.Module]:
             import torchao.quantization as tq
         finally:
             log.setLevel(level)
-        wrapper = nn.Sequential(copy.deepcopy(layer))
+        # torchao swaps the twin's weight attribute for a new tensor; the layer's stays.
+        wrapper = nn.Sequential(twin(layer))
         tq.quantize_(wrapper, getattr(tq, config_name)())
         return wrapper[0]
 

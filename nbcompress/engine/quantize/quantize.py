@@ -11,7 +11,6 @@ type through :data:`HANDLERS`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +41,7 @@ from nbcompress.engine.quantize.measure import check_batch, output_error
 from nbcompress.engine.quantize.modes import DEFAULT_TYPES, HANDLERS, Job
 from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
 from nbcompress.engine.quantize.static import calibration_batches
+from nbcompress.engine.quantize.twin import twin
 from nbcompress.timing import race
 
 __all__ = [
@@ -267,7 +267,10 @@ def _run(job: Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRep
         ref = check_batch(run_forward(model, inputs)) if inputs is not None else None
         report.metric_before = _metric(evaluate, model)
         report.size_before = serialized_size(model)
-        float_copy = copy.deepcopy(model) if inputs is not None else None
+        # The float model to time against end to end: a twin sharing every tensor (the
+        # swaps below edit the model's parents, not the twin's; no tensor is edited in
+        # place), so it costs module objects only, not a second copy of the weights.
+        float_copy = twin(model) if inputs is not None else None
     kept_note = _kept_float_note(model, job.selected)
     owners = param_owners(model)
     with transaction(model, "quantize", config.label) as tx:
