@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.quantize.config import DynamicInt8Config, HalfConfig, WeightInt8Config
+from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modules import (
     HalfCompute,
     HalfWeight,
@@ -28,7 +29,6 @@ from nbcompress.engine.quantize.modules import (
     Int8WeightOnly,
     weight_kind,
 )
-from nbcompress.engine.quantize.twin import twin
 
 __all__ = [
     "BACKENDS",

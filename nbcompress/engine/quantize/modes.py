@@ -34,6 +34,7 @@ from nbcompress.engine.quantize.config import (
     WeightInt8Config,
 )
 from nbcompress.engine.quantize.measure import rel_errors
+from nbcompress.engine.quantize.memory import release_freed_memory
 from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.report import fill_row, new_row, serialized_size
 from nbcompress.engine.quantize.static import quantize_static
@@ -197,6 +198,7 @@ def _per_layer(job: Job, tx: Any) -> None:
         if job.inputs is not None and args is None:
             row["note"] = "not run by the example input; quantized unmeasured"
         best, new, timed, note = _choose(job, name, layer, args, cache)
+        release_freed_memory()  # the losing candidates of this layer: not the next one's peak
         if best is None:
             row["note"] = note
             continue

@@ -38,10 +38,10 @@ from nbcompress.engine.quantize.config import (
 )
 from nbcompress.engine.quantize.coverage import Coverage, param_owners
 from nbcompress.engine.quantize.measure import check_batch, output_error
+from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modes import DEFAULT_TYPES, HANDLERS, Job
 from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
 from nbcompress.engine.quantize.static import calibration_batches
-from nbcompress.engine.quantize.twin import twin
 from nbcompress.timing import race
 
 __all__ = [

@@ -31,7 +31,7 @@ from nbcompress.engine.core.validation import (
     run_forward,
 )
 from nbcompress.engine.prune.masks import BLOCK
-from nbcompress.engine.quantize.twin import twin
+from nbcompress.engine.quantize.memory import release_freed_memory, twin
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
 from nbcompress.timing import Race, measure, race
@@ -304,6 +304,7 @@ def _measure(
             results.append(LayerResult(name, module, sparsity=_zeros(module), reason=why))
         else:
             results.append(_measure_layer(name, module, call, opts, seen))
+            release_freed_memory()  # this layer's freed candidates: not the next one's peak
     groups, total = uncovered(model, selected)
     return Analysis(results, warnings=seen, uncovered=groups, total_params=total)
 
