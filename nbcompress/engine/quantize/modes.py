@@ -228,6 +228,7 @@ def _check_regions_round_trip(job: Job, regions: list) -> None:
     for region in regions:
         args = calls[region.names[0]][0] if region.names[0] in calls else None
         problem = round_trip_problem(region.module, args)
+        release_freed_memory()  # the region's pickled bytes and loaded copy
         if problem is not None:
             raise ValueError(
                 f"model: the static int8 region at {region.names[0]!r} {problem}; rolled "
