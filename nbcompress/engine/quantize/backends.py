@@ -1,8 +1,10 @@
 """Quantization backends behind one interface: torch.ao, torchao, numba kernels, nbcompress.
 
 A :class:`Backend` says whether it is installed, whether it can convert a given layer
-for a given mode config (and why not), and builds the replacement module from a copy
-(the original layer is never touched, which is what makes undo bit-exact). Which backend
+for a given mode config (and why not), and builds the replacement module from the layer
+without editing it (from a :func:`~nbcompress.engine.quantize.memory.twin` where the
+backend edits module attributes: the twin shares the weights, so nothing of their size
+is copied; the original is never touched, which is what makes undo bit-exact). Which backend
 wins for a layer is decided by measurement in :mod:`nbcompress.engine.quantize.modes`.
 Deprecation warnings that backends emit are collected by :func:`quiet` and summarised
 once in the report instead of being printed on every call.
@@ -52,7 +54,7 @@ class Backend:
         family: What ``backend=`` selects: ``torch``, ``torchao``, ``numba`` or ``nbcompress``.
         config: The mode config class this backend handles.
         supports: ``(config, layer) -> None`` if it can convert ``layer``, else the reason.
-        build: ``(config, layer) -> module`` building the replacement from a copy.
+        build: ``(config, layer) -> module`` building the replacement; never edits ``layer``.
         available: ``() -> None`` if installed and working here, else the reason.
     """
 

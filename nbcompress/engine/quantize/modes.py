@@ -1,8 +1,8 @@
 """Mode handlers of ``quantize_``: per-layer backend choice by measurement, and static int8.
 
 Each mode config type maps to a handler in :data:`HANDLERS` (dispatch by type, as torchao
-does). The per-layer handler builds every installed backend's candidate from a copy of
-the layer, checks it against the float layer on the layer's real input, times the
+does). The per-layer handler builds every installed backend's candidate from the
+layer (never editing it), checks it against the float layer on the layer's real input, times the
 accurate ones side by side and swaps in the winner through the caller's transaction.
 """
 

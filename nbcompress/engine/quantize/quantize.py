@@ -2,7 +2,7 @@
 
 One verb, :func:`quantize_`, over backends that come and go (torch.ao, torchao, numba
 kernels, nbcompress's own modules). For every layer each installed backend builds a
-candidate from a copy of the layer; candidates are checked against the float layer on
+candidate from the layer (never editing it); candidates are checked against the float layer on
 the layer's real input and timed side by side; the fastest correct one is swapped in
 inside a :func:`~nbcompress.engine.core.history.transaction`, so ``undo_`` restores the float
 model bit-exactly and any failure rolls back. Modes are frozen configs dispatched by
@@ -185,7 +185,7 @@ def quantize_(
 ) -> nn.Module:
     """Quantize ``model`` in place, undoably, with the best measured backend per layer.
 
-    Per layer, every installed backend builds a candidate from a copy; candidates whose
+    Per layer, every installed backend builds a candidate from the layer; candidates whose
     output (every floating tensor of it) on the layer's real input is off by more than the
     mode's tolerance, that do not survive a pickle round trip (dump, load, call), or that
     would break a parent's fused fast path (``nn.TransformerEncoderLayer``) are rejected,

@@ -1,10 +1,11 @@
 """Measure each layer dense vs on the sparse kernels, and swap in what is really faster.
 
 The analysis runs the model once with forward hooks to capture every eligible layer's real
-input, builds the sparse candidates from copies of the weights (the model is untouched
-until the decision is made), checks their outputs against the dense layer, and races
-dense and sparse side by side (:func:`nbcompress.timing.race`, dense the incumbent);
-:func:`clear_win` is the decision policy on top of the race. :func:`sparsify_` then
+input; then, one layer at a time, it packs the sparse candidates from the weights (the
+model is untouched until the decision is made), checks their outputs against the dense
+layer, races dense and sparse side by side (:func:`nbcompress.timing.race`, dense the
+incumbent) and keeps only the chosen candidate, so one layer's candidates are alive at a
+time. :func:`clear_win` is the decision policy on top of the race. :func:`sparsify_` then
 installs the winners inside one history transaction, so ``undo_`` restores the dense
 modules bit-exactly.
 """
