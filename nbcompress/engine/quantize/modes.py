@@ -105,6 +105,7 @@ def _candidates(
                     # A compressed model must stay picklable / torch.save-able and keep
                     # its parents working (see nbcompress.engine.quantize.checks).
                     problem = candidate_problem(job.model, name, module, probe)
+                release_freed_memory()  # the round trip's bytes and loaded copy
                 if problem is None:
                     built[b.name] = module
                 else:

@@ -22,12 +22,8 @@ from tests.helpers import assert_same_state, mlp, snapshot
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
-def _inputs(mode: str, x: torch.Tensor) -> dict:
-    return {"example_inputs": x, "calibrate": x if mode == "static" else None}
-
-
-@pytest.mark.parametrize("mode", ["dynamic", "weight", "static"])
-def test_quantize_deep_copies_no_float_weight_and_undo_stays_exact(mode, monkeypatch):
+def weight_copies(monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes of the parameters deep-copied from now on (the list fills as they are)."""
     copied: list[tuple[int, ...]] = []
     real = nn.Parameter.__deepcopy__
 
@@ -36,6 +32,26 @@ def test_quantize_deep_copies_no_float_weight_and_undo_stays_exact(mode, monkeyp
         return real(self, memo)
 
     monkeypatch.setattr(nn.Parameter, "__deepcopy__", counting)
+    return copied
+
+
+def most_alive_from_another(built: list, source: object) -> int:
+    """Of the ``(source, weakref)`` pairs in ``built``, most still alive from one other source."""
+    gc.collect()  # what is still referenced, not what waits for the cycle collector
+    alive: dict[int, int] = {}
+    for other, ref in built:
+        if other is not source and ref() is not None:
+            alive[id(other)] = alive.get(id(other), 0) + 1
+    return max(alive.values(), default=0)
+
+
+def _inputs(mode: str, x: torch.Tensor) -> dict:
+    return {"example_inputs": x, "calibrate": x if mode == "static" else None}
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight", "static"])
+def test_quantize_deep_copies_no_float_weight_and_undo_stays_exact(mode, monkeypatch):
+    copied = weight_copies(monkeypatch)
     torch.manual_seed(0)
     model, x = mlp().eval(), torch.randn(8, 16)
     before = snapshot(model)
@@ -55,12 +71,7 @@ def test_quantize_keeps_at_most_the_chosen_candidate_of_each_layer_measured_befo
 
     def spy(build):
         def wrapped(config, layer):
-            gc.collect()  # what is still referenced, not what waits for the cycle collector
-            others: dict[int, int] = {}
-            for source, ref in built:
-                if source is not layer and ref() is not None:
-                    others[id(source)] = others.get(id(source), 0) + 1
-            alive_at_build.append(max(others.values(), default=0))
+            alive_at_build.append(most_alive_from_another(built, layer))
             made = build(config, layer)
             built.append((layer, weakref.ref(made)))
             return made

@@ -6,7 +6,6 @@ material); these tests pin the structure that keeps it low, deterministically.
 
 from __future__ import annotations
 
-import gc
 import weakref
 
 import pytest
@@ -17,6 +16,7 @@ import nbcompress as nc
 from nbcompress.engine.quantize.memory import release_freed_memory, twin
 from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.kernels.modules import SparseLinear
+from tests.engine.quantize.test_quantize_memory import most_alive_from_another, weight_copies
 from tests.engine.speedup.test_speedup import FAST, _fake_timer, _pruned_mlp
 
 pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
@@ -29,12 +29,7 @@ class _Spy:
         self.cls, self.built, self.alive_at_build = cls, built, alive_at_build
 
     def from_dense(self, module: nn.Module, **kwargs):
-        gc.collect()  # what is still referenced, not what waits for the cycle collector
-        others: dict[int, int] = {}
-        for source, ref in self.built:
-            if source is not module and ref() is not None:
-                others[id(source)] = others.get(id(source), 0) + 1
-        self.alive_at_build.append(max(others.values(), default=0))
+        self.alive_at_build.append(most_alive_from_another(self.built, module))
         made = self.cls.from_dense(module, **kwargs)
         self.built.append((module, weakref.ref(made)))
         return made
@@ -57,14 +52,7 @@ def test_sparsify_keeps_at_most_the_chosen_candidate_of_each_layer_measured_befo
 
 def test_sparsify_and_speedup_copy_no_weight(monkeypatch):
     _fake_timer(monkeypatch, FAST)
-    copied: list[tuple[int, ...]] = []
-    real = nn.Parameter.__deepcopy__
-
-    def counting(self, memo):
-        copied.append(tuple(self.shape))
-        return real(self, memo)
-
-    monkeypatch.setattr(nn.Parameter, "__deepcopy__", counting)
+    copied = weight_copies(monkeypatch)
     model, x = _pruned_mlp(), torch.randn(4, 32)
     nc.speedup(model, x)
     nc.sparsify_(model, x)
