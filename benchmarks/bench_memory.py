@@ -13,7 +13,12 @@ no short-lived peak is missed (a sampling thread could miss one between samples)
 ``clear_refs`` cannot be written, a thread sampling ``VmRSS`` every millisecond is used and
 the table says so.
 
-Run: ``PYTHONPATH=$PWD python benchmarks/bench_memory.py`` (about a minute or two on 2 cores).
+Verbs: ``prune_`` (layer and global scope), ``sensitivity``, ``sparsify_`` (after pruning
+to 90%) and ``quantize_`` in its dynamic, weight-only and static int8 modes (with the
+example input, so end-to-end timing and the output check run too). The table's last
+column and the two lines under it say which verbs stay within :data:`LIMIT`.
+
+Run: ``PYTHONPATH=$PWD python benchmarks/bench_memory.py`` (about two minutes on 2 cores).
 ``--verb NAME`` runs one verb only. The table goes to stdout; RESULTS.md is not written.
 """
 
