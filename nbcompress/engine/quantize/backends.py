@@ -1,8 +1,10 @@
 """Quantization backends behind one interface: torch.ao, torchao, numba kernels, nbcompress.
 
 A :class:`Backend` says whether it is installed, whether it can convert a given layer
-for a given mode config (and why not), and builds the replacement module from a copy
-(the original layer is never touched, which is what makes undo bit-exact). Which backend
+for a given mode config (and why not), and builds the replacement module from the layer
+without editing it (from a :func:`~nbcompress.engine.quantize.memory.twin` where the
+backend edits module attributes: the twin shares the weights, so nothing of their size
+is copied; the original is never touched, which is what makes undo bit-exact). Which backend
 wins for a layer is decided by measurement in :mod:`nbcompress.engine.quantize.modes`.
 Deprecation warnings that backends emit are collected by :func:`quiet` and summarised
 once in the report instead of being printed on every call.
@@ -11,7 +13,6 @@ once in the report instead of being printed on every call.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import logging
 import warnings
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.quantize.config import DynamicInt8Config, HalfConfig, WeightInt8Config
+from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modules import (
     HalfCompute,
     HalfWeight,
@@ -52,7 +54,7 @@ class Backend:
         family: What ``backend=`` selects: ``torch``, ``torchao``, ``numba`` or ``nbcompress``.
         config: The mode config class this backend handles.
         supports: ``(config, layer) -> None`` if it can convert ``layer``, else the reason.
-        build: ``(config, layer) -> module`` building the replacement from a copy.
+        build: ``(config, layer) -> module`` building the replacement; never edits ``layer``.
         available: ``() -> None`` if installed and working here, else the reason.
     """
 
@@ -126,7 +128,7 @@ def _ao_dynamic(engine: str) -> Callable[[object, nn.Module], nn.Module]:
         import torch.ao.nn.quantized.dynamic as nnqd
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
 
-        mod = copy.deepcopy(layer)
+        mod = twin(layer)  # from_float reads the float weight; a copy would double it
         linear = type(layer) is nn.Linear
         per_channel = linear and getattr(config, "per_channel", False) is True
         mod.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
@@ -168,7 +170,8 @@ def _torchao(config_name: str) -> Callable[[object, nn.Module], nn.Module]:
             import torchao.quantization as tq
         finally:
             log.setLevel(level)
-        wrapper = nn.Sequential(copy.deepcopy(layer))
+        # torchao swaps the twin's weight attribute for a new tensor; the layer's stays.
+        wrapper = nn.Sequential(twin(layer))
         tq.quantize_(wrapper, getattr(tq, config_name)())
         return wrapper[0]
 

@@ -1,8 +1,8 @@
 """Mode handlers of ``quantize_``: per-layer backend choice by measurement, and static int8.
 
 Each mode config type maps to a handler in :data:`HANDLERS` (dispatch by type, as torchao
-does). The per-layer handler builds every installed backend's candidate from a copy of
-the layer, checks it against the float layer on the layer's real input, times the
+does). The per-layer handler builds every installed backend's candidate from the
+layer (never editing it), checks it against the float layer on the layer's real input, times the
 accurate ones side by side and swaps in the winner through the caller's transaction.
 """
 
@@ -34,6 +34,7 @@ from nbcompress.engine.quantize.config import (
     WeightInt8Config,
 )
 from nbcompress.engine.quantize.measure import rel_errors
+from nbcompress.engine.quantize.memory import release_freed_memory
 from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.report import fill_row, new_row, serialized_size
 from nbcompress.engine.quantize.static import quantize_static
@@ -104,6 +105,7 @@ def _candidates(
                     # A compressed model must stay picklable / torch.save-able and keep
                     # its parents working (see nbcompress.engine.quantize.checks).
                     problem = candidate_problem(job.model, name, module, probe)
+                release_freed_memory()  # the round trip's bytes and loaded copy
                 if problem is None:
                     built[b.name] = module
                 else:
@@ -197,6 +199,7 @@ def _per_layer(job: Job, tx: Any) -> None:
         if job.inputs is not None and args is None:
             row["note"] = "not run by the example input; quantized unmeasured"
         best, new, timed, note = _choose(job, name, layer, args, cache)
+        release_freed_memory()  # the losing candidates of this layer: not the next one's peak
         if best is None:
             row["note"] = note
             continue
@@ -226,6 +229,7 @@ def _check_regions_round_trip(job: Job, regions: list) -> None:
     for region in regions:
         args = calls[region.names[0]][0] if region.names[0] in calls else None
         problem = round_trip_problem(region.module, args)
+        release_freed_memory()  # the region's pickled bytes and loaded copy
         if problem is not None:
             raise ValueError(
                 f"model: the static int8 region at {region.names[0]!r} {problem}; rolled "

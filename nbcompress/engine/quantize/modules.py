@@ -23,6 +23,7 @@ __all__ = [
     "Int8DynamicLinear",
     "Int8WeightOnly",
     "opaque_weight",
+    "per_row_int8",
     "weight_kind",
 ]
 
@@ -56,6 +57,23 @@ def weight_kind(layer: nn.Module) -> str | None:
             return f"padding_mode={layer.padding_mode!r} is not supported (only 'zeros')"
         return None
     return f"{type(layer).__name__} has no weight-only kernel (Linear and Conv1d/2d/3d do)"
+
+
+def per_row_int8(w: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of ``w``, one scale per output row: ``(qweight, scale)``.
+
+    ``scale = max|row| / top`` (1 for an all-zero row) and ``qweight = round(w / scale)``
+    clamped to ``±top``, so exact zeros stay zero. Computed with one float temporary of
+    ``w``'s size (the quotient, rounded and clamped in place) rather than four (``|w|``,
+    the quotient, its rounding): on a 100M-parameter model that was 0.4 GiB per layer
+    built, for every candidate.
+    """
+    rows = w.reshape(w.shape[0], -1)
+    peak = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg())  # max |w|, no |w| copy
+    scale = torch.where(peak > 0, peak / top, torch.ones_like(peak))
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = (w / scale.reshape(shape)).round_().clamp_(-top, top).to(torch.int8)
+    return q, scale
 
 
 class _StoredWeight(nn.Module):
@@ -104,11 +122,7 @@ class Int8WeightOnly(_StoredWeight):
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__(layer)
-        w = layer.weight.detach().float()
-        peak = w.abs().reshape(w.shape[0], -1).amax(dim=1)
-        scale = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak))
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        q = torch.round(w / scale.reshape(shape)).clamp_(-127, 127).to(torch.int8)
+        q, scale = per_row_int8(layer.weight.detach().float(), 127)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
 
@@ -176,13 +190,8 @@ class Int8DynamicLinear(nn.Module):
 
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
-        w = layer.weight.detach().float()
-        top = int8_cpu().weight_max
-        peak = w.abs().amax(dim=1)
-        scale = torch.where(peak > 0, peak / top, torch.ones_like(peak))
-        self.register_buffer(
-            "qweight", torch.round(w / scale[:, None]).clamp_(-top, top).to(torch.int8)
-        )
+        q, scale = per_row_int8(layer.weight.detach().float(), int8_cpu().weight_max)
+        self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         bias = layer.bias
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)

@@ -2,7 +2,7 @@
 
 One verb, :func:`quantize_`, over backends that come and go (torch.ao, torchao, numba
 kernels, nbcompress's own modules). For every layer each installed backend builds a
-candidate from a copy of the layer; candidates are checked against the float layer on
+candidate from the layer (never editing it); candidates are checked against the float layer on
 the layer's real input and timed side by side; the fastest correct one is swapped in
 inside a :func:`~nbcompress.engine.core.history.transaction`, so ``undo_`` restores the float
 model bit-exactly and any failure rolls back. Modes are frozen configs dispatched by
@@ -11,7 +11,6 @@ type through :data:`HANDLERS`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +38,7 @@ from nbcompress.engine.quantize.config import (
 )
 from nbcompress.engine.quantize.coverage import Coverage, param_owners
 from nbcompress.engine.quantize.measure import check_batch, output_error
+from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modes import DEFAULT_TYPES, HANDLERS, Job
 from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
 from nbcompress.engine.quantize.static import calibration_batches
@@ -185,7 +185,7 @@ def quantize_(
 ) -> nn.Module:
     """Quantize ``model`` in place, undoably, with the best measured backend per layer.
 
-    Per layer, every installed backend builds a candidate from a copy; candidates whose
+    Per layer, every installed backend builds a candidate from the layer; candidates whose
     output (every floating tensor of it) on the layer's real input is off by more than the
     mode's tolerance, that do not survive a pickle round trip (dump, load, call), or that
     would break a parent's fused fast path (``nn.TransformerEncoderLayer``) are rejected,
@@ -267,7 +267,10 @@ def _run(job: Job, evaluate: Callable[[nn.Module], float] | None) -> QuantizeRep
         ref = check_batch(run_forward(model, inputs)) if inputs is not None else None
         report.metric_before = _metric(evaluate, model)
         report.size_before = serialized_size(model)
-        float_copy = copy.deepcopy(model) if inputs is not None else None
+        # The float model to time against end to end: a twin sharing every tensor (the
+        # swaps below edit the model's parents, not the twin's; no tensor is edited in
+        # place), so it costs module objects only, not a second copy of the weights.
+        float_copy = twin(model) if inputs is not None else None
     kept_note = _kept_float_note(model, job.selected)
     owners = param_owners(model)
     with transaction(model, "quantize", config.label) as tx:

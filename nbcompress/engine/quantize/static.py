@@ -11,7 +11,6 @@ them bit-exactly.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 from nbcompress.engine.core.validation import call_model
 from nbcompress.engine.quantize.backends import quantized_engine, quiet
 from nbcompress.engine.quantize.config import StaticInt8Config
+from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modules import opaque_weight
 
 __all__ = [
@@ -241,7 +241,9 @@ def _build(model: nn.Module, region: Region, config: StaticInt8Config) -> Static
         prepare,
     )
 
-    mods = [copy.deepcopy(model.get_submodule(n)).eval() for n in region.names]
+    # Twins share the float tensors (no copy of the weights): fusing builds new modules,
+    # preparing adds observers and hooks to the twins only, converting reads the weights.
+    mods = [twin(model.get_submodule(n)).eval() for n in region.names]
     seq = StaticRegion(QuantStub(), *mods, DeQuantStub()).eval()
     first = next((m for m in mods if isinstance(m, _WEIGHTED)), None)
     if first is not None:

@@ -1,10 +1,11 @@
 """Measure each layer dense vs on the sparse kernels, and swap in what is really faster.
 
 The analysis runs the model once with forward hooks to capture every eligible layer's real
-input, builds the sparse candidates from copies of the weights (the model is untouched
-until the decision is made), checks their outputs against the dense layer, and races
-dense and sparse side by side (:func:`nbcompress.timing.race`, dense the incumbent);
-:func:`clear_win` is the decision policy on top of the race. :func:`sparsify_` then
+input; then, one layer at a time, it packs the sparse candidates from the weights (the
+model is untouched until the decision is made), checks their outputs against the dense
+layer, races dense and sparse side by side (:func:`nbcompress.timing.race`, dense the
+incumbent) and keeps only the chosen candidate, so one layer's candidates are alive at a
+time. :func:`clear_win` is the decision policy on top of the race. :func:`sparsify_` then
 installs the winners inside one history transaction, so ``undo_`` restores the dense
 modules bit-exactly.
 """
@@ -12,8 +13,6 @@ modules bit-exactly.
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,6 +32,7 @@ from nbcompress.engine.core.validation import (
     run_forward,
 )
 from nbcompress.engine.prune.masks import BLOCK
+from nbcompress.engine.quantize.memory import release_freed_memory, twin
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
 from nbcompress.timing import Race, measure, race
@@ -90,11 +90,20 @@ def _torch_int8(module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
 
     with quiet(seen):
         try:
+            # In place on a twin of the layer (quantizing reads the float weight, never
+            # writes it): a deep copy would cost the layer's float weight twice over.
             return torch.ao.quantization.quantize_dynamic(
-                nn.Sequential(copy.deepcopy(module)), {nn.Linear}, dtype=torch.qint8
+                nn.Sequential(twin(module)), {nn.Linear}, dtype=torch.qint8, inplace=True
             )
         except (RuntimeError, AttributeError, ImportError):
             return None
+
+
+def _probe(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """The sparse module of ``module`` with ``weight`` in place of its own (left untouched)."""
+    probe = twin(module)  # shares the layer's tensors: only the swapped weight is new
+    probe.weight = nn.Parameter(weight, requires_grad=False)
+    return BUILDERS[type(module)].from_dense(probe)
 
 
 def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> float | None:
@@ -103,18 +112,17 @@ def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> floa
         return None
     weight = module.weight.detach()
     size = weight.numel()
-    probe = copy.deepcopy(module)
-    with torch.no_grad():
-        probe.weight.zero_()
-    empty = BUILDERS[type(module)].from_dense(probe)
+    # An all-zero weight as one broadcast zero: no dense-sized allocation.
+    empty = _probe(module, weight.new_zeros(()).expand_as(weight))
     t0 = measure(lambda: empty(x), warmup=2, repeats=7).median
     nnz, t_sparse = int(weight.ne(0).sum()), result.times["csr"].median
     if nnz < 0.01 * size:
-        # Too few nonzeros to fit a slope: time a random 10%-dense weight of this shape.
-        with torch.no_grad():
-            probe.weight.copy_(torch.randn_like(weight) * (torch.rand_like(weight) < 0.1))
-        nnz = int(probe.weight.ne(0).sum())
-        dense10 = BUILDERS[type(module)].from_dense(probe)
+        # Too few nonzeros to fit a slope: time a random 10%-dense weight of this shape
+        # (drawn as before: the values, then the mask; multiplied in place).
+        random = torch.randn_like(weight).mul_(torch.rand_like(weight) < 0.1)
+        nnz = int(random.ne(0).sum())
+        dense10 = _probe(module, random)
+        del random
         t_sparse = measure(lambda: dense10(x), warmup=2, repeats=7).median
     per_nnz = max(t_sparse - t0, 1e-12) / max(nnz, 1)
     density = (result.times["dense"].median - t0) / (per_nnz * size)
@@ -135,28 +143,47 @@ def _measure_layer(
     args, kwargs, output = call
     x = args[0]
     res = LayerResult(name, module, tuple(x.shape), _zeros(module))
-    fns = {"dense": lambda: module(*args, **kwargs)}
+    fns = _candidates(res, module, x, output, opts)
+    if fns is None:
+        return res
+    qmod = _torch_int8(module, seen)
+    if qmod is not None:
+        fns["torch_int8"] = lambda qmod=qmod: qmod(x)
+    fns = {"dense": lambda: module(*args, **kwargs), **fns}
+    res.race = _race(fns, opts.repeats)
+    res.times = res.race.times
+    res.sure = {k: res.race.speedup_quantile(k, 0.25) for k in fns}
+    _decide(res, opts)
+    # Only the chosen candidate can be installed; the others are freed now, so that at
+    # most one layer's candidates are alive at a time (not every layer's, every format).
+    res.candidates = {f: c for f, c in res.candidates.items() if f == res.chosen}
+    del fns, qmod
+    res.break_even = _break_even(module, x, res)
+    return res
+
+
+def _candidates(
+    res: LayerResult, module: nn.Module, x: torch.Tensor, output: Any, opts: SparsifyOptions
+) -> dict[str, Callable[[], object]] | None:
+    """Build and check each sparse format of ``module`` into ``res``; their timed calls.
+
+    ``None`` (and no candidate kept) when the layer cannot be packed, with the reason.
+    """
+    fns: dict[str, Callable[[], object]] = {}
     for fmt in _formats(module, opts.allow_bsr):
         try:
             cand = BUILDERS[type(module)].from_dense(module, format=fmt)
         except ValueError as err:
             res.reason = str(err).removeprefix("module: ")
-            return res
+            res.candidates.clear()
+            return None
         with torch.no_grad():
-            diff = compare_outputs(output, cand(x), arg=f"layers[{name!r}]")
+            diff = compare_outputs(output, cand(x), arg=f"layers[{res.name!r}]")
         res.errors[fmt] = diff.max_abs
         res.tolerances[fmt] = tolerance(fmt, diff.peak)
         res.candidates[fmt] = cand
         fns[fmt] = lambda cand=cand: cand(x)
-    qmod = _torch_int8(module, seen)
-    if qmod is not None:
-        fns["torch_int8"] = lambda: qmod(x)
-    res.race = _race(fns, opts.repeats)
-    res.times = res.race.times
-    res.sure = {k: res.race.speedup_quantile(k, 0.25) for k in fns}
-    _decide(res, opts)
-    res.break_even = _break_even(module, x, res)
-    return res
+    return fns
 
 
 def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
@@ -177,21 +204,12 @@ def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
         res.reason = f"{best} measured {gain:.2f}× faster than dense"
 
 
-def _shadow(model: nn.Module, swaps: dict[str, nn.Module]) -> nn.Module:
-    """A structural copy of ``model`` sharing its tensors, with ``swaps`` installed."""
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    twin = copy.deepcopy(model, memo)
-    for name, module in swaps.items():
-        parent, _, child = name.rpartition(".")
-        setattr(twin.get_submodule(parent), child, module)
-    return twin
-
-
 def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int) -> None:
     chosen = result.chosen
-    twin = _shadow(model, {n: r.replacement for n, r in chosen.items()})
+    # The compressed model shares every dense tensor with ``model``: it costs no weights.
+    double = twin(model, {n: r.replacement for n, r in chosen.items()})
     with torch.no_grad():
-        ref, out = call_model(model, inputs), call_model(twin, inputs)
+        ref, out = call_model(model, inputs), call_model(double, inputs)
     # Every floating tensor of any output structure (dicts, tuples, dataclasses) is compared;
     # an output holding none is refused rather than passing a check of nothing.
     diff = compare_outputs(ref, out)
@@ -201,7 +219,7 @@ def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int)
     result.race = _race(
         {
             "dense": lambda: call_model(model, inputs),
-            "compressed": lambda: call_model(twin, inputs),
+            "compressed": lambda: call_model(double, inputs),
         },
         repeats,
     )
@@ -287,6 +305,7 @@ def _measure(
             results.append(LayerResult(name, module, sparsity=_zeros(module), reason=why))
         else:
             results.append(_measure_layer(name, module, call, opts, seen))
+            release_freed_memory()  # this layer's freed candidates: not the next one's peak
     groups, total = uncovered(model, selected)
     return Analysis(results, warnings=seen, uncovered=groups, total_params=total)
 

@@ -115,14 +115,15 @@ class _Drift(nn.Module):
 def test_end_to_end_check_catches_a_wrong_structured_output(monkeypatch, kind):
     _fake_timer(monkeypatch, FAST)
     model, x = _Structured(kind), torch.randn(4, 32)
-    real_shadow = sp._shadow
+    real_twin = sp.twin
 
-    def wrong(model, swaps):  # the compressed twin drifts by 1.0 on one output tensor
-        twin = real_shadow(model, swaps)
-        twin.body.head = _Drift(twin.body.head)
-        return twin
+    def wrong(model, swaps=None):  # the compressed twin drifts by 1.0 on one output tensor
+        double = real_twin(model, swaps)
+        if swaps:  # the end-to-end check's compressed model (not a layer's int8 probe)
+            double.body.head = _Drift(double.body.head)
+        return double
 
-    monkeypatch.setattr(sp, "_shadow", wrong)
+    monkeypatch.setattr(sp, "twin", wrong)
     report = nc.speedup(model, x)
     assert report.max_abs_diff >= 1.0 - 1e-3 and not report.outputs_match  # 2.0 on 2 * y
     assert "model left dense" in report.verdict
