@@ -2,7 +2,7 @@
 
 A :class:`Backend` says whether it is installed, whether it can convert a given layer
 for a given mode config (and why not), and builds the replacement module from the layer
-without editing it (from a :func:`~nbcompress.engine.quantize.memory.twin` where the
+without editing it (from a :func:`~nbcompress.engine.core.memory.twin` where the
 backend edits module attributes: the twin shares the weights, so nothing of their size
 is copied; the original is never touched, which is what makes undo bit-exact). Which backend
 wins for a layer is decided by measurement in :mod:`nbcompress.engine.quantize.modes`.
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nbcompress.engine.core.memory import twin
 from nbcompress.engine.quantize.config import DynamicInt8Config, HalfConfig, WeightInt8Config
-from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modules import (
     HalfCompute,
     HalfWeight,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, output_layer, weighted_layers
+from nbcompress.engine.core.memory import release_freed_memory
 from nbcompress.engine.core.summary import capture_calls  # each layer's (args, kwargs, output)
 from nbcompress.engine.quantize.backends import backends_for, quiet
 from nbcompress.engine.quantize.budget import keep_within_budget
@@ -34,7 +35,6 @@ from nbcompress.engine.quantize.config import (
     WeightInt8Config,
 )
 from nbcompress.engine.quantize.measure import rel_errors
-from nbcompress.engine.quantize.memory import release_freed_memory
 from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.report import fill_row, new_row, serialized_size
 from nbcompress.engine.quantize.static import quantize_static

@@ -19,6 +19,7 @@ from torch import nn
 
 from nbcompress.engine.core.history import history, transaction
 from nbcompress.engine.core.layers import select_layers, weighted_layers
+from nbcompress.engine.core.memory import twin
 from nbcompress.engine.core.validation import (
     as_inputs,
     call_model,
@@ -38,7 +39,6 @@ from nbcompress.engine.quantize.config import (
 )
 from nbcompress.engine.quantize.coverage import Coverage, param_owners
 from nbcompress.engine.quantize.measure import check_batch, output_error
-from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modes import DEFAULT_TYPES, HANDLERS, Job
 from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
 from nbcompress.engine.quantize.static import calibration_batches

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from nbcompress.engine.core.memory import twin
 from nbcompress.engine.core.validation import call_model
 from nbcompress.engine.quantize.backends import quantized_engine, quiet
 from nbcompress.engine.quantize.config import StaticInt8Config
-from nbcompress.engine.quantize.memory import twin
 from nbcompress.engine.quantize.modules import opaque_weight
 
 __all__ = [

@@ -22,6 +22,7 @@ from torch import nn
 
 from nbcompress.engine.core.history import Transaction, transaction, trial
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
+from nbcompress.engine.core.memory import release_freed_memory, twin
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import (
@@ -32,7 +33,6 @@ from nbcompress.engine.core.validation import (
     run_forward,
 )
 from nbcompress.engine.prune.masks import BLOCK
-from nbcompress.engine.quantize.memory import release_freed_memory, twin
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
 from nbcompress.timing import Race, measure, race

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine.quantize.memory import release_freed_memory, twin
+from nbcompress.engine.core.memory import release_freed_memory, twin
 from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.kernels.modules import SparseLinear
 from tests.engine.quantize.test_quantize_memory import most_alive_from_another, weight_copies
