@@ -96,3 +96,14 @@ def test_the_nested_tensor_path_with_a_padding_mask_keeps_working(mode):
         assert close(model(x, mask), ref)
     nc.undo_(model)
     assert_same_state(model, saved)
+
+
+def test_static_on_a_two_input_decoder_calibrated_with_mappings():
+    # A forward of two inputs (tgt, memory) is calibrated with mappings of its argument
+    # names: call_model passes a mapping as keywords to such a forward.
+    model, (tgt, memory) = BUILDERS["transformer_decoder"]()
+    saved, ref = snapshot(model), run(model, (tgt, memory))
+    nc.quantize_(model, "static", calibrate=[{"tgt": tgt, "memory": memory}], **FAST)
+    assert nc.quantize_report(model).quantized and close(run(model, (tgt, memory)), ref)
+    nc.undo_(model)
+    assert_same_state(model, saved)
