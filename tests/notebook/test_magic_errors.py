@@ -253,3 +253,16 @@ def test_an_error_raised_inside_torch_is_not_blamed_on_the_user():
 
     with pytest.raises(AttributeError, match="weight_fast_path"), engine_errors():
         compare_change(model, change)
+
+
+def test_a_python_error_inside_nbcompress_keeps_its_traceback():
+    from nbcompress.engine.quantize.modules import per_row_int8
+
+    # Raised inside nbcompress and naming no argument: a bug of ours, not a user's mistake.
+    with pytest.raises(TypeError, match="unsupported operand"), engine_errors():
+        per_row_int8(torch.ones(2, 2), None)
+    # An engine refusal names its argument, also after a context (the staged run's).
+    from nbcompress.notebook.magics._errors import _names_an_argument
+
+    assert _names_an_argument("stage 2 of 2: target_sparsity: 90.0% cannot be reached")
+    assert not _names_an_argument("unsupported operand type(s) for /: 'Tensor' and 'NoneType'")

@@ -211,8 +211,11 @@ def transaction(model: nn.Module, name: str, detail: str = "") -> Iterator[Trans
                 recorded = True  # from here on the edit stands: never roll it back
                 _enforce_limit(hist)
     except BaseException:
-        if not recorded:
-            tx.rollback()
+        # Deferred from the first statement: a Ctrl-C landing before rollback() entered its
+        # own deferral would skip the rollback and leave the edit with no step.
+        with deferred_interrupts():
+            if not recorded:
+                tx.rollback()
         raise
     finally:
         stack.pop()
@@ -239,8 +242,9 @@ def trial(model: nn.Module) -> Iterator[Transaction]:
     try:
         yield tx
     finally:
-        stack.pop()
-        tx.rollback()
+        with deferred_interrupts():  # as in transaction(): no Ctrl-C before the rollback
+            stack.pop()
+            tx.rollback()
 
 
 def _histories(model: nn.Module) -> list[tuple[str, History]]:

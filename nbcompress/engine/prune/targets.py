@@ -143,13 +143,17 @@ def check_min_density(value: Any) -> float:
             f"min_density: expected a fraction in [0, 1) such as 0.05 (the share of weights "
             f"every layer keeps), got {type(value).__name__} {value!r}."
         )
-    value = float(value)
-    if math.isnan(value) or not 0 <= value < 1:
+    try:
+        number = float(value)
+        shown = number
+    except OverflowError:  # 10**400: outside the range as well
+        number, shown = math.inf, value
+    if math.isnan(number) or not 0 <= number < 1:
         raise ValueError(
-            f"min_density: {value!r} is outside [0, 1); it is the share of weights every layer "
+            f"min_density: {shown!r} is outside [0, 1); it is the share of weights every layer "
             "keeps under global scope, e.g. 0.05 (0 lets a layer be pruned entirely)."
         )
-    return value
+    return number
 
 
 def check_seed(value: Any) -> int:

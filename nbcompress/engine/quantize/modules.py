@@ -182,10 +182,11 @@ class Int8DynamicLinear(nn.Module):
     here the weight is symmetric int8 with one float32 scale per row (zero point 0, so
     exact zeros stay zero), and the kernel's packed form is rebuilt after loading.
 
-    Activations always keep their full 8 bits. Where the CPU lacks VNNI
+    Activations keep their full 8 bits: where the CPU lacks VNNI
     (:func:`~nbcompress.engine.quantize.cpu.int8_cpu`) the weights get 7 bits (±63) so
     that fbgemm's int16 pair sums cannot saturate: on MiniLM here that kept the embedding
-    cosine at 0.993, where torch.ao's 7-bit activations gave 0.979.
+    cosine at 0.993, where torch.ao's 7-bit activations gave 0.979. (8-bit weights loaded
+    on such a CPU, e.g. saved on a VNNI machine, fall back to 7-bit activations instead.)
     """
 
     def __init__(self, layer: nn.Linear) -> None:

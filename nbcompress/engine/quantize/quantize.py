@@ -199,7 +199,8 @@ def quantize_(
         model: The float model (edited in place).
         mode: ``"dynamic"``, ``"weight"``, ``"static"``, ``"fp16"``, ``"bf16"`` or a config.
         layers: Glob pattern(s) on layer names; ``None`` = all.
-        types: Layer types (names or classes); ``None`` = Linear, Conv, LSTM, GRU.
+        types: Layer types (names or classes); ``None`` = Linear, Conv, ConvTranspose,
+            LSTM, GRU and MultiheadAttention (which every mode leaves float, saying why).
         calibrate: Static mode: a tensor of inputs, a DataLoader or an iterable of batches
             (tensors, mappings of tensors such as a tokenizer's output, or ``(x, y)``).
         example_inputs: A real batch; layers' backends are chosen by timing on it.

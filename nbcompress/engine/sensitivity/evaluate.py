@@ -128,7 +128,10 @@ class Proxy:
 
     def __call__(self, model: nn.Module) -> float:
         """The proxy metric of ``model`` now: 1 when its output matches the reference."""
-        out = run_forward(model, self.inputs)
+        # Eval mode, as for the reference: a train-mode forward would update BatchNorm
+        # statistics (measuring must not change the model) and make Dropout random.
+        with eval_mode(model):
+            out = run_forward(model, self.inputs)
         compare_outputs(self.refs, out)  # same structure and shapes, else one clear error
         values = [
             _agreement(ref, t.detach().float(), kl)

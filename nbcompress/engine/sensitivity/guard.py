@@ -205,13 +205,16 @@ def restoring(model: nn.Module, who: str) -> Iterator[Restored]:
         for handle in handles:
             handle.remove()
         changed = [n for n, p in params.items() if _stamp(p) != stamps[n]]
-        with torch.no_grad():
-            for saved_tensor in saved.values():
-                saved_tensor.restore()
-        for n, p in params.items():
-            if p.grad is not grads[n]:
-                p.grad = grads[n]
+        # Deferred and retried as every rollback is: a Ctrl-C here must not leave the
+        # fine-tuned values in the user's model.
+        with deferred_interrupts(), torch.no_grad():
+            interrupted = restore_all(saved.values())
+            for n, p in params.items():
+                if p.grad is not grads[n]:
+                    p.grad = grads[n]
         record.names = sorted(saved)
+        if interrupted is not None:
+            raise interrupted
     unsaved = [n for n in changed if n not in saved]
     if unsaved:
         raise EvaluateChangedModel(

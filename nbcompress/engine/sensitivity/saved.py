@@ -76,9 +76,13 @@ class _Bad(ValueError):
 def _real(value: Any, what: str, *, finite: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _Bad(f"{what} is {type(value).__name__} {value!r}, not a number")
-    if finite and not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # a 400-digit JSON integer
+        number = math.inf
+    if finite and not math.isfinite(number):
         raise _Bad(f"{what} is {value!r}, not a finite number")
-    return float(value)
+    return number
 
 
 def _count(value: Any, what: str) -> int:

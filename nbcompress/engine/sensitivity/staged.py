@@ -22,7 +22,7 @@ from torch import nn
 
 from nbcompress.engine.core.history import transaction, trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
-from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
+from nbcompress.engine.core.validation import as_inputs, check_amount, check_module
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
@@ -170,13 +170,8 @@ def _evaluation(
     if evaluate is not None or example_inputs is None:
         return evaluate, metric, []
     proxy = Proxy(model, as_inputs(example_inputs))
-
-    def agreement(m: nn.Module) -> float:
-        with eval_mode(m):
-            return proxy(m)
-
     note = f"Proxy metric ({proxy.name}) against the model before the first stage."
-    return agreement, metric or f"proxy {proxy.name}", [note]
+    return proxy, metric or f"proxy {proxy.name}", [note]
 
 
 def prune_to_(

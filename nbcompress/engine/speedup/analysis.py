@@ -61,6 +61,12 @@ class SparsifyOptions:
         repeats = self.repeats
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 3:
             raise ValueError(f"repeats: expected an integer ≥ 3, got {repeats!r}.")
+        gain = self.min_gain
+        if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not 0 <= gain < 10:
+            raise ValueError(
+                f"min_gain: expected a relative speed-up ≥ 0 such as 0.05 (5% faster than "
+                f"dense), got {gain!r}."
+            )
 
     @classmethod
     def of(cls, options: SparsifyOptions | None = None, **overrides: Any) -> SparsifyOptions:

@@ -112,7 +112,8 @@ def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> floa
         return None
     weight = module.weight.detach()
     size = weight.numel()
-    # An all-zero weight as one broadcast zero: no dense-sized allocation.
+    # An all-zero weight from one broadcast zero (from_dense still copies it once to check
+    # it; the probe is freed before the next layer).
     empty = _probe(module, weight.new_zeros(()).expand_as(weight))
     t0 = measure(lambda: empty(x), warmup=2, repeats=7).median
     nnz, t_sparse = int(weight.ne(0).sum()), result.times["csr"].median
@@ -320,7 +321,7 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
         why = "outputs differ beyond tolerance" if faster else f"{gain:.2f}×"
         for r in analysis.layers:
             if r.chosen != "dense":
-                r.reason += "; dropped: whole model not faster end to end"
+                r.reason += f"; dropped: whole model {why if faster else 'not faster'} end to end"
                 r.chosen = "dense"
         analysis.verdict = f"not faster end to end ({why}); model left dense"
         return
@@ -348,6 +349,8 @@ def install_(model: nn.Module, analysis: Analysis) -> nn.Module:
     detail = f"{len(chosen)} layer(s) on sparse kernels ({analysis.verdict.split(': ')[-1]})"
     with transaction(model, "sparsify", detail) as tx:
         for name, res in chosen.items():
+            # The replacement takes the dense layer's mode (an eval model stays all eval).
+            res.replacement.train(res.module.training)
             _install(tx, name, res.replacement)
         tx.info["chosen"] = {n: r.chosen for n, r in chosen.items()}
         tx.info["reasons"] = {r.name: r.reason for r in analysis.layers}

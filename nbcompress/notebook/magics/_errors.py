@@ -74,6 +74,16 @@ def option_name(keyword: str) -> str:
     return _OPTION_NAMES.get(keyword, keyword)
 
 
+def _names_an_argument(message: str) -> bool:
+    """Whether ``message`` is an engine refusal that names an argument (``argument: ...``).
+
+    The name may follow a context (``stage 2 of 2: target_sparsity: ...``); a Python error
+    inside nbcompress (``unsupported operand type(s) for /: ...``) names none.
+    """
+    heads = message.split(": ")[:-1]
+    return any(_HEAD.fullmatch(head) for head in heads)
+
+
 def _translate(message: str) -> str:
     # Only the head of the message ("target_sparsity / max_drop: ...") names arguments.
     head, sep, rest = message.partition(": ")
@@ -224,7 +234,7 @@ def engine_errors(
         usage = user_error(err, given, model_option)
         if usage is not None:
             raise usage from err
-        if isinstance(err, (ValueError, TypeError)):
+        if isinstance(err, (ValueError, TypeError)) and _names_an_argument(str(err)):
             # Chained too: the engine's error may wrap the user's (run_forward does).
             raise UsageError(_translate(str(err))) from err
-        raise
+        raise  # an error inside nbcompress keeps its traceback

@@ -50,7 +50,11 @@ class QuantizeMagics(ModelMagics):
     @input_argument("Example input: backends are timed on it (default: the last one given).")
     @argument("--eval", dest="evaluate", help="Metric function model -> float, run before/after.")
     @argument("--layers", help='Glob(s) on layer names, e.g. "encoder.*" (comma-separated).')
-    @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear, Conv, LSTM, GRU).")
+    @argument(
+        "--types",
+        help="Layer types, e.g. Linear,Conv2d (default Linear, Conv, ConvTranspose, LSTM, GRU, "
+        "MultiheadAttention).",
+    )
     @argument("--backend", default="auto", help="auto (fastest measured), torch, torchao, ...")
     @argument("--per-tensor", action="store_true", help="int8: one weight scale per tensor.")
     @argument("--only-faster", action="store_true", help="Keep layers float where int8 is slower.")

@@ -6,6 +6,7 @@ import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,38 @@ def test_ctrl_c_at_every_point_of_undo_all_leaves_a_consistent_model(monkeypatch
         assert_same_state(model, states[len(nc.history(model))])
         nc.undo_(model, all=True) if nc.history(model) else None
         assert_same_state(model, states[0])
+
+
+def test_a_ctrl_c_landing_on_the_trials_rollback_line_waits_for_the_rollback():
+    import sys
+
+    import nbcompress.engine.core.history as history_module
+    from nbcompress.engine.core.history import trial
+
+    model = torch.nn.Linear(4, 4)
+    before = model.weight.detach().clone()
+    source = Path(history_module.__file__).read_text().splitlines()
+    line = max(i for i, text in enumerate(source, 1) if text.strip() == "tx.rollback()")
+    fired: list[int] = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_filename == history_module.__file__ and frame.f_code.co_name == "trial":
+
+            def on_line(f, e, a):
+                if e == "line" and f.f_lineno == line and not fired:
+                    fired.append(1)
+                    signal.raise_signal(signal.SIGINT)  # the user's Ctrl-C, right there
+                return on_line
+
+            return on_line
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with pytest.raises(KeyboardInterrupt), trial(model) as tx:
+            tx.save(model)
+            with torch.no_grad():
+                model.weight.zero_()
+    finally:
+        sys.settrace(None)
+    assert fired and torch.equal(model.weight, before)

@@ -260,3 +260,20 @@ def test_ctrl_c_inside_a_refine_rollback_still_leaves_the_model_restored(monkeyp
         refine(model, lambda m: float(m(x).sum().detach()), 0.5, budget=4)
     monkeypatch.undo()
     assert_same_state(model, before)
+
+
+def test_the_proxy_never_updates_batchnorm_of_a_train_mode_model():
+    # The proxy measures after apply_suggestion_ too: in train mode that forward would move
+    # the running statistics, which the step does not save and undo cannot bring back.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 32), nn.Linear(32, 4)
+    ).train()
+    x = torch.randn(8, 16)
+    saved = snapshot(model)
+    result = nc.sensitivity(model, example_inputs=x, progress=False, ratios=[0.25, 0.5])
+    result.suggest(0.3)
+    nc.apply_suggestion_(model)
+    nc.undo_(model)
+    assert model.training and all(m.training for m in model.modules())
+    assert_same_state(model, saved)

@@ -214,3 +214,20 @@ def test_sparsify_runs_on_real_architectures_outputs_checked_and_undo_exact(monk
     nc.undo_(model)
     assert_same_state(model, before)
     assert all(type(m) not in (SparseLinear, SparseConv2d) for m in model.modules())
+
+
+def test_installed_sparse_layers_take_the_mode_of_the_layers_they_replace(monkeypatch):
+    _fake_timer(monkeypatch, FAST)
+    model = _pruned_mlp().eval()
+    nc.sparsify_(model, torch.randn(4, 32))
+    assert any(isinstance(m, SparseLinear) for m in model.modules())
+    assert not any(m.training for m in model.modules())  # an eval model stays all eval
+
+
+@pytest.mark.parametrize("bad", ["0.1", float("nan"), -5.0, True])
+def test_min_gain_is_checked_before_measuring(bad):
+    model = _pruned_mlp()
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="min_gain: expected a relative speed-up"):
+        nc.sparsify_(model, torch.randn(4, 32), min_gain=bad)
+    assert_same_state(model, saved)
