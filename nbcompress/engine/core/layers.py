@@ -8,13 +8,17 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from nbcompress.engine.core.heads import OutputLayers, find_output_layers
+
 __all__ = [
     "MULTI_WEIGHT_TYPES",
     "PRUNABLE_TYPES",
     "prunable_weights",
     "output_layer",
+    "output_layers",
     "resolve_types",
     "select_layers",
+    "weight_matrix_layers",
     "weighted_layers",
 ]
 
@@ -114,14 +118,34 @@ def resolve_types(types: Iterable[str | type] | str | type | None) -> tuple[type
     return tuple(resolved)
 
 
-def output_layer(model: nn.Module, candidates: dict[str, nn.Module]) -> str | None:
-    """Name of the model's final classifier / output layer among ``candidates``.
+def weight_matrix_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Name → layer for every layer with a weight matrix (norms and bare biases left out)."""
+    return {
+        n: m
+        for n, m in weighted_layers(model).items()
+        if any(w.dim() >= 2 for w in prunable_weights(m).values())
+    }
 
-    The last prunable layer in registration order: for the usual
-    ``features → classifier`` models this is the layer that produces the logits.
+
+def output_layers(model: nn.Module, inputs: tuple | None = None) -> OutputLayers:
+    """The model's output layer(s): weight layers whose output reaches the model's output.
+
+    Found from a forward pass when an input is given or was seen by an earlier command,
+    else from a symbolic trace, else guessed as the last prunable layer in registration
+    order (``.guessed``); see :mod:`nbcompress.engine.core.heads`.
     """
-    names = [n for n, m in candidates.items() if isinstance(m, PRUNABLE_TYPES)]
-    return names[-1] if names else None
+    candidates = weight_matrix_layers(model)
+    prunable = [n for n, m in candidates.items() if isinstance(m, PRUNABLE_TYPES)]
+    return find_output_layers(model, candidates, inputs, guess=prunable[-1] if prunable else None)
+
+
+def output_layer(model: nn.Module, candidates: dict[str, nn.Module] | None = None) -> str | None:
+    """Name of the model's (first) output layer, if it is among ``candidates``.
+
+    See :func:`output_layers`; ``candidates`` (default every weight layer) only filters.
+    """
+    names = [n for n in output_layers(model).names if candidates is None or n in candidates]
+    return names[0] if names else None
 
 
 def select_layers(
@@ -141,8 +165,9 @@ def select_layers(
             alone by default because pruning it costs the most accuracy per weight.
 
     Returns:
-        ``(selected, excluded_output)``: name → module, and the name of the output
-        layer that was left out (``None`` if none was).
+        ``(selected, excluded_output)``: name → module, and the name(s) of the output
+        layer(s) left out, comma-separated (``None`` if none was); see
+        :func:`output_layers`.
 
     Raises:
         ValueError: A pattern matches no layer (the message lists the available names),
@@ -175,13 +200,13 @@ def select_layers(
                     f"{_listing(candidates)}."
                 )
             selected.update(hits)
-    excluded = None
-    out = output_layer(model, weighted_layers(model))
     literal = {p for p in patterns if not any(c in p for c in "*?[")}
-    if not include_output and out in selected and out not in literal:
-        # Naming the output layer literally (no wildcard) is taken as intent.
-        del selected[out]
-        excluded = out
+    heads = () if include_output else output_layers(model).names
+    # Naming the output layer literally (no wildcard) is taken as intent.
+    left = [n for n in heads if n in selected and n not in literal]
+    for name in left:
+        del selected[name]
+    excluded = ", ".join(left) or None
     if not selected:
         raise ValueError(
             "layers: the selection is empty (only the output layer "

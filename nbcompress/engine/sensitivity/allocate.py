@@ -5,41 +5,21 @@ several layers costs the sum of what pruning each one alone cost. Each layer's d
 is made monotone (pruning more never helps) and clipped at zero, so that evaluation noise
 does not show up as free gains. Choosing one ratio per layer under a budget is then a
 multiple-choice knapsack, solved exactly on a discretised budget by dynamic programming
-(:func:`choose`); :func:`suggest` turns a sweep's curves into a :class:`Suggestion`,
-refined by measurement on request (:func:`~nbcompress.engine.sensitivity.refine.refine`).
-
-:class:`~nbcompress.engine.sensitivity.result.SensitivityResult` calls this module; this
-module only reads the result it is given, so it never imports the result's module.
+(:func:`choose`). :mod:`~nbcompress.engine.sensitivity.advice` turns a sweep's curves into
+a checked suggestion with it.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from torch import nn
 
-from nbcompress.engine.sensitivity.refine import Refinement, check_budget
-from nbcompress.engine.sensitivity.refine import refine as refine_allocation
-from nbcompress.engine.sensitivity.registry import remember
-from nbcompress.engine.sensitivity.suggestion import Suggestion
-
-if TYPE_CHECKING:
-    from nbcompress.engine.sensitivity.result import SensitivityResult
-
-__all__ = [
-    "Curves",
-    "choose",
-    "drop_curves",
-    "layer_drop",
-    "objective_weights",
-    "suggest",
-]
+__all__ = ["Curves", "choose", "drop_curves", "layer_drop"]
 
 #: Budget resolution of the dynamic programme (bins over the whole budget).
 _BINS = 2000
@@ -239,133 +219,3 @@ def _max_removed_within(
         picks.append((name, arg, costs))
     end = int(np.argmax(dp))  # first maximum: the least drop among equally large removals
     return _backtrack(options, picks, end)
-
-
-# --- a suggestion from a sweep -----------------------------------------------------------
-
-
-def objective_weights(result: SensitivityResult, objective: str) -> dict[str, int]:
-    """Layer → what one unit of its ratio removes: parameters or (estimated) MACs."""
-    if objective == "params":
-        return {n: result.sizes[n] for n in result.layers}
-    if objective == "macs":
-        missing = [n for n in result.layers if result.macs.get(n) is None]
-        if missing:
-            raise ValueError(
-                f"objective: MACs are unknown for {', '.join(missing)}; rerun the sweep "
-                "with example_inputs (--input) or use objective='params'."
-            )
-        return {n: int(result.macs[n]) for n in result.layers}
-    raise ValueError(f"objective: {objective!r} is unknown; choose 'params' or 'macs'.")
-
-
-def suggest(
-    result: SensitivityResult,
-    target: tuple[float | None, float | None],
-    objective: str,
-    **refinement: Any,
-) -> Suggestion:
-    """Per-layer ratios for a budget from a sweep's curves (``SensitivityResult.suggest``).
-
-    Args:
-        result: The sweep.
-        target: ``(target_sparsity, max_drop)``, exactly one of them given: remove at least
-            that fraction of the analysed weights (MACs), or as much as possible within
-            that predicted drop.
-        objective: ``"params"`` or ``"macs"``.
-        **refinement: ``evaluate`` (``evaluate(model) -> float``) and ``refine`` (number of
-            evaluations of a measured refinement), as ``SensitivityResult.suggest`` takes
-            them, including the deprecated ``refine=evaluate`` and ``budget=N``.
-
-    Returns:
-        The suggestion, remembered as the model's latest when the result has a live model.
-    """
-    target_sparsity, max_drop = target
-    evaluate, refine = _renamed(**refinement)
-    weights = objective_weights(result, objective)
-    model = result.model
-    if refine is not None or evaluate is not None:
-        _check_refine(model, target_sparsity, objective, evaluate, refine)
-    ratios = choose(
-        result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
-    )
-    refinement = None
-    if refine is not None:
-        refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
-        ratios = refinement.ratios
-    target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
-    if objective == "macs" and max_drop is None:
-        target = f"MAC reduction {target_sparsity:.0%}"
-    made = Suggestion(
-        ratios=ratios, predicted=result.predict(ratios), sparsity=result.sparsity_of(ratios),
-        removed=int(round(sum(r * weights[n] for n, r in ratios.items()))),
-        objective=objective, target=target, metric=result.metric, baseline=result.baseline,
-        granularity=result.granularity, proxy=result.proxy,
-        measured=refinement.measured if refinement else None, refinement=refinement,
-    )  # fmt: skip
-    if model is not None:
-        remember(model, suggestion=made)
-    return made
-
-
-def _renamed(evaluate: Any, refine: Any, budget: Any) -> tuple[Any, int | None]:
-    """Accept the old spelling ``refine=evaluate, budget=N`` for one release, with a warning."""
-    if callable(refine):
-        warnings.warn(
-            "suggest(refine=evaluate) is deprecated: pass the function as evaluate=... and "
-            "the number of evaluations as refine=N, e.g. suggest(0.8, evaluate=fn, refine=100).",
-            DeprecationWarning,
-            stacklevel=4,
-        )
-        if evaluate is not None:
-            raise ValueError("refine: give the function as evaluate= only, not also as refine=.")
-        return refine, (100 if budget is None else check_budget(budget, "budget"))
-    if budget is not None:
-        warnings.warn(
-            "suggest(budget=N) is deprecated: the number of evaluations is refine=N, e.g. "
-            "suggest(0.8, evaluate=fn, refine=100).",
-            DeprecationWarning,
-            stacklevel=4,
-        )
-        if refine is None:
-            return evaluate, check_budget(budget, "budget")
-    return evaluate, (None if refine is None else check_budget(refine, "refine"))
-
-
-def _check_refine(
-    model: Any, target_sparsity: Any, objective: str, evaluate: Any, refine: int | None
-) -> None:
-    if refine is None:
-        raise ValueError(
-            "evaluate: suggest() uses it only to refine the suggestion by measuring; give "
-            "refine=N too (evaluations, e.g. refine=100), or leave evaluate out."
-        )
-    if target_sparsity is None or objective != "params":
-        raise ValueError(
-            "refine: refines a target_sparsity suggestion over parameters; give "
-            "target_sparsity=... with objective='params', or leave refine out."
-        )
-    if evaluate is None:
-        raise ValueError("refine: measures real allocations; pass evaluate=fn (--eval fn) too.")
-    if model is None:
-        raise ValueError(
-            "refine: this result is not attached to a live model (loaded from JSON, or the "
-            "model is gone); attach it with remember(model, result) first."
-        )
-
-
-def _refined(
-    result: SensitivityResult,
-    model: nn.Module,
-    evaluate: Callable[[nn.Module], float],
-    target: float,
-    ratios: dict[str, float],
-    budget: int,
-) -> Refinement:
-    """The curve suggestion refined by measuring on the swept model (left unchanged)."""
-    return refine_allocation(
-        model, evaluate, target, candidates={"curve suggestion": ratios}, budget=budget,
-        layers=list(result.layers), types={type(model.get_submodule(n)) for n in result.layers},
-        granularity=result.granularity, higher_is_better=result.higher_is_better,
-        metric=result.metric, predict=result.predict,
-    )  # fmt: skip

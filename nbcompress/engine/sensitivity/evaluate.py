@@ -203,22 +203,28 @@ def check_sweep_options(
 
 
 def select_sweep_layers(
-    model: nn.Module, layers: Any, types: Any, max_layers: int | None, granularity: str = "element"
+    model: nn.Module,
+    layers: Any,
+    types: Any,
+    max_layers: int | None,
+    granularity: str = "element",
+    *,
+    include_output: bool = True,  # TODO(issue 12): flip to False with sweep.py's default
 ) -> tuple[dict[str, nn.Module], list[str]]:
-    """The layers a sweep analyses (output layer included), and notes on those left out.
+    """The layers a sweep analyses, and notes on those left out.
 
     The same layers ``prune_`` prunes by default (:data:`~nbcompress.engine.prune.prune.
     DEFAULT_TYPES`: Linear, Conv, ConvTranspose, the projections of MultiheadAttention and
-    the gate matrices of LSTM/GRU/RNN). Attention and recurrent layers have no output
-    channels: under ``granularity="channel"`` they are refused when asked for by type, else
-    left out with a note, exactly as ``prune_`` does.
+    the gate matrices of LSTM/GRU/RNN), and like ``prune_`` it leaves the model's output
+    layer alone unless ``include_output`` (or the layer is named literally): a suggestion
+    then never prunes a layer ``%prune`` would not. Attention and recurrent layers have
+    no output channels: under ``granularity="channel"`` they are refused when asked for
+    by type, else left out with a note, exactly as ``prune_`` does.
     """
     if layers is not None and not isinstance(layers, str) and len(layers) == 0:
         raise ValueError("layers: an empty list selects nothing; pass None to analyse every layer.")
-    # Unlike pruning, the sweep analyses the output layer too: its curve is what tells
-    # whether it can be pruned at all.
     wanted = DEFAULT_TYPES if types is None else types
-    selected, _ = select_layers(model, layers, wanted, include_output=True)
+    selected, excluded = select_layers(model, layers, wanted, include_output=include_output)
     selected, skipped = split_multi(
         selected, keep_masks=False, granularity=granularity, explicit=types is not None
     )
@@ -231,6 +237,11 @@ def select_sweep_layers(
             "layers; the others are left out of predictions and suggestions."
         )
         selected = {n: m for n, m in selected.items() if n in keep}
+    if excluded:
+        notes.append(
+            f"Output layer {excluded} left alone, as prune_ does: pass include_output=True "
+            "(--include-output) to analyse it."
+        )
     notes.append(coverage_note(model, selected, skipped))
     return selected, [n for n in notes if n]
 

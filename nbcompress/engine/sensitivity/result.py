@@ -20,7 +20,8 @@ from torch import nn
 
 from nbcompress.engine.core.report import fmt_count, html_table, text_table
 from nbcompress.engine.core.validation import check_amount
-from nbcompress.engine.sensitivity.allocate import Curves, drop_curves, layer_drop, suggest
+from nbcompress.engine.sensitivity.advice import suggest
+from nbcompress.engine.sensitivity.allocate import Curves, drop_curves, layer_drop
 from nbcompress.engine.sensitivity.saved import FORMAT, read_result, write_result
 from nbcompress.engine.sensitivity.suggestion import Suggestion
 
@@ -149,14 +150,18 @@ class SensitivityResult:
         evaluate: Callable[[nn.Module], float] | None = None,
         refine: int | None = None,
         budget: int | None = None,
+        check: bool | None = None,
     ) -> Suggestion:
-        """Per-layer ratios for a budget, chosen from the curves (not uniform ratios).
+        """Per-layer ratios for a budget, chosen from the curves and checked by measuring.
 
         The curves' prediction sums single-layer drops, which is optimistic when layers
-        compound. With ``evaluate=fn, refine=N`` the choice is checked by evaluation instead:
-        the curve suggestion and the ratios uniform and global L1 would give are measured on
-        the model, and a local search moves sparsity between layers while the measured metric
-        improves, for up to ``N`` more evaluations
+        compound. So a ``target_sparsity`` suggestion is checked: the curve suggestion and
+        the ratios uniform and global L1 give at the same sparsity are measured on the
+        model (three evaluations, each rolled back) and the best measured is kept; its
+        notes say which won and by how much. It measures with ``evaluate``, else the
+        sweep's own function (or the proxy on the sweep's input) while it is alive. With
+        ``refine=N`` a local search then moves sparsity between layers while the measured
+        metric improves, for up to ``N`` more evaluations
         (:func:`nbcompress.engine.sensitivity.refine.refine`; the model is left unchanged).
 
         Args:
@@ -166,16 +171,20 @@ class SensitivityResult:
                 metric falls by at most this much.
             objective: ``"params"`` or ``"macs"``: what is counted as removed.
             evaluate: ``evaluate(model) -> float`` (same direction as the sweep's metric)
-                that measures the refinement on the swept model.
+                that measures the check and the refinement on the swept model; default
+                the sweep's own.
             refine: Evaluations the measured refinement of a ``target_sparsity``
                 suggestion may spend after measuring its candidates (e.g. 100), as in
                 ``prune_to_(refine=N)``; ``None``: the curves' choice as it is. The old
                 spelling ``refine=evaluate`` still works for one release, with a
                 ``DeprecationWarning``.
             budget: Deprecated: the old name of ``refine``'s number of evaluations.
+            check: ``True``: measure against uniform and global L1 (an error if nothing
+                can measure); ``False``: the curves' choice unmeasured (cheap, e.g. while a
+                slider moves); ``None``: check whenever something can measure.
 
         Returns:
-            The suggestion (with ``measured`` and ``refinement`` when refined); also
+            The suggestion (with ``measured`` and ``refinement`` when checked); also
             remembered as the model's latest suggestion.
 
         Raises:
@@ -185,7 +194,7 @@ class SensitivityResult:
         """
         return suggest(
             self, (target_sparsity, max_drop), objective,
-            evaluate=evaluate, refine=refine, budget=budget,
+            evaluate=evaluate, refine=refine, budget=budget, check=check,
         )  # fmt: skip
 
     # --- presentation --------------------------------------------------------------------

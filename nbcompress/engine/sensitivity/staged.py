@@ -304,7 +304,7 @@ class _Staged:
             staged = {n: layer_sparsity(self.model.get_submodule(n), g) for n in names}
         candidates = {"staged": staged}
         with contextlib.suppress(ValueError):  # the one-shot target may be out of its reach
-            one_shot = self.first.suggest(targets[-1], objective=self.objective)
+            one_shot = self.first.suggest(targets[-1], objective=self.objective, check=False)
             candidates["one sweep"] = one_shot.ratios
         found = refine_allocation(
             self.model, self.evaluate, targets[-1], candidates=candidates, budget=budget,
@@ -338,7 +338,7 @@ class _Staged:
         if res.sparsity_of({}) >= target - 1e-9:
             return  # already that sparse (e.g. pruned before): nothing to do in this stage
         try:
-            suggestion = res.suggest(target, objective=self.objective)
+            suggestion = res.suggest(target, objective=self.objective, check=False)
         except ValueError as err:
             raise ValueError(f"stage {k} of {n}: {err}") from None
         applied = apply_suggestion_(self.model, suggestion, evaluate=self.evaluate)

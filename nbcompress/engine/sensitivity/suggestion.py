@@ -44,9 +44,14 @@ class Suggestion(TableReport):
         baseline: Metric of the unpruned model.
         granularity: ``"element"``, ``"block"`` or ``"channel"``, as in the sweep.
         proxy: The metric is the data-free proxy, not a user evaluation.
-        measured: Metric measured for these ratios when the suggestion was refined by
-            evaluation (``suggest(..., refine=evaluate)``), else ``None``.
-        refinement: The refinement's report (candidates, kept moves, evaluations, time).
+        measured: Metric measured for these ratios when the suggestion was checked
+            against uniform and global L1 or refined (``suggest(..., refine=N)``), else
+            ``None``.
+        refinement: The check's (and refinement's) report: candidates measured, kept
+            moves, evaluations, time.
+        higher_is_better: Direction of the metric.
+        notes: What the target is a share of, which candidate won the check and by how
+            much, or why there was no check.
     """
 
     ratios: dict[str, float]
@@ -61,6 +66,13 @@ class Suggestion(TableReport):
     proxy: bool = False
     measured: float | None = None
     refinement: Refinement | None = field(default=None, repr=False)
+    higher_is_better: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def chosen(self) -> str:
+        """Which allocation the ratios are: the curves' choice or a baseline measured better."""
+        return self.refinement.start if self.refinement is not None else "curve suggestion"
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -71,11 +83,12 @@ class Suggestion(TableReport):
         label = "predicted proxy" if self.proxy else "predicted"
         base = "" if self.baseline is None else f" (baseline {self.baseline:.4g})"
         measured = ""
-        if self.refinement is not None:
-            measured = (
-                f", measured {self.measured:.4g} (refined from {self.refinement.start}: "
-                f"{spent(self.refinement.evaluations, self.refinement.seconds)})"
-            )
+        ref = self.refinement
+        if ref is not None:
+            moved = len(ref.steps) > len(ref.candidates)
+            how = f"refined from {ref.start}" if moved else f"{ref.start}, best measured"
+            cost = spent(ref.evaluations, ref.seconds)
+            measured = f", measured {self.measured:.4g} ({how}: {cost})"
         return (
             f"Suggestion for {self.target}: sparsity {fmt_pct(self.sparsity)}, "
             f"{fmt_count(self.removed)} {self.objective} removed; "
@@ -83,7 +96,7 @@ class Suggestion(TableReport):
         )
 
     def _table(self) -> Table:
-        return Table(self.rows, _RATIO_COLUMNS, self._title())
+        return Table(self.rows, _RATIO_COLUMNS, self._title(), self.notes)
 
 
 # --- applying a suggestion ----------------------------------------------------------------
@@ -175,6 +188,7 @@ def apply_suggestion_(
             "suggestion to the model it was made for."
         )
     measure, notes = _how_to_measure(model, suggestion, evaluate, example_inputs)
+    notes = [*suggestion.notes, *notes]
     detail = f"suggested per-layer ratios ({suggestion.target}) on {len(ratios)} layer(s)"
     with transaction(model, "prune", detail) as tx:
         prune_ratios_(model, ratios, granularity=suggestion.granularity)

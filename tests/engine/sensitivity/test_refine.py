@@ -198,10 +198,15 @@ def test_suggest_refine_needs_a_target_sparsity_and_a_live_model(setup, tmp_path
         result.suggest(max_drop=0.01, evaluate=distance, refine=100)
     with pytest.raises(ValueError, match="refine: expected a number of evaluations"):
         result.suggest(0.8, evaluate=distance, refine=-3)
-    with pytest.raises(ValueError, match="evaluate: suggest.. uses it only to refine"):
-        result.suggest(0.8, evaluate=distance)
-    with pytest.raises(ValueError, match="refine: measures real allocations; pass evaluate"):
-        result.suggest(0.8, refine=10)
+    # evaluate alone checks the suggestion against uniform and global L1 (three evaluations).
+    checked = result.suggest(0.8, evaluate=distance)
+    assert checked.refinement.evaluations == 3 and len(checked.refinement.steps) == 3
+    # refine=N alone measures with the sweep's own evaluate.
+    assert result.suggest(0.8, refine=10).refinement.evaluations > 3
+    with pytest.raises(ValueError, match="check: checks a target_sparsity"):
+        result.suggest(max_drop=0.01, check=True)
+    with pytest.raises(ValueError, match="check: refine=N measures"):
+        result.suggest(0.8, refine=10, check=False)
     # The old spelling (refine=evaluate, budget=N) still works for one release, with a warning.
     old_spelling = pytest.warns(DeprecationWarning, match="evaluate=fn, refine=100")
     with old_spelling, pytest.raises(ValueError, match="refine: refines a target_sparsity"):

@@ -1,0 +1,249 @@
+"""A suggestion from a sweep's curves, checked by measurement against uniform and global L1.
+
+The curves predict an allocation's metric by summing single-layer drops; layers compound
+when pruned together, so the curves' favourite can lose to pruning every layer alike. When
+the sweep's evaluation is at hand (``evaluate`` given, or the one the sweep used, still
+alive; or the proxy's input), :func:`suggest` therefore measures the curve suggestion, the
+ratios uniform L1 and global L1 give at the same sparsity (three evaluations, the model
+rolled back after each), and keeps the best measured, saying which won and by how much.
+``refine=N`` goes on from there with a measured local search
+(:func:`~nbcompress.engine.sensitivity.refine.refine`).
+
+:class:`~nbcompress.engine.sensitivity.result.SensitivityResult` calls this module; this
+module only reads the result it is given, so it never imports the result's module.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from nbcompress.engine.core.layers import output_layers
+from nbcompress.engine.core.report import fmt_count
+from nbcompress.engine.sensitivity.allocate import choose
+from nbcompress.engine.sensitivity.refine import Refinement, check_budget
+from nbcompress.engine.sensitivity.refine import refine as refine_allocation
+from nbcompress.engine.sensitivity.registry import latest, remember, remembered
+from nbcompress.engine.sensitivity.setting import proxy_metric
+from nbcompress.engine.sensitivity.suggestion import Suggestion
+
+if TYPE_CHECKING:
+    from nbcompress.engine.sensitivity.result import SensitivityResult
+
+__all__ = ["objective_weights", "suggest"]
+
+
+def objective_weights(result: SensitivityResult, objective: str) -> dict[str, int]:
+    """Layer → what one unit of its ratio removes: parameters or (estimated) MACs."""
+    if objective == "params":
+        return {n: result.sizes[n] for n in result.layers}
+    if objective == "macs":
+        missing = [n for n in result.layers if result.macs.get(n) is None]
+        if missing:
+            raise ValueError(
+                f"objective: MACs are unknown for {', '.join(missing)}; rerun the sweep "
+                "with example_inputs (--input) or use objective='params'."
+            )
+        return {n: int(result.macs[n]) for n in result.layers}
+    raise ValueError(f"objective: {objective!r} is unknown; choose 'params' or 'macs'.")
+
+
+def suggest(
+    result: SensitivityResult,
+    target: tuple[float | None, float | None],
+    objective: str,
+    *,
+    check: bool | None = None,
+    **refinement: Any,
+) -> Suggestion:
+    """Per-layer ratios for a budget from a sweep's curves (``SensitivityResult.suggest``).
+
+    Args:
+        result: The sweep.
+        target: ``(target_sparsity, max_drop)``, exactly one of them given: remove at least
+            that fraction of the analysed weights (MACs), or as much as possible within
+            that predicted drop.
+        objective: ``"params"`` or ``"macs"``.
+        check: Measure the suggestion against uniform and global L1 at the same sparsity
+            and keep the best. ``None``: whenever something can measure (see the module).
+        **refinement: ``evaluate`` (``evaluate(model) -> float``) and ``refine`` (number of
+            evaluations of a measured refinement after the check), as
+            ``SensitivityResult.suggest`` takes them, including the deprecated
+            ``refine=evaluate`` and ``budget=N``.
+
+    Returns:
+        The suggestion, remembered as the model's latest when the result has a live model.
+    """
+    target_sparsity, max_drop = target
+    evaluate, refine = _renamed(**refinement)
+    weights = objective_weights(result, objective)
+    model = result.model
+    notes = _scope_notes(result, weights)
+    evaluate, refine = _measuring(
+        result, target_sparsity, objective, evaluate, refine, check, notes
+    )
+    ratios = choose(
+        result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
+    )
+    refinement = None
+    if refine is not None:
+        refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
+        ratios = refinement.ratios
+        notes.insert(0, _verdict(refinement))
+    target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
+    if objective == "macs" and max_drop is None:
+        target = f"MAC reduction {target_sparsity:.0%}"
+    made = Suggestion(
+        ratios=ratios, predicted=result.predict(ratios), sparsity=result.sparsity_of(ratios),
+        removed=int(round(sum(r * weights[n] for n, r in ratios.items()))),
+        objective=objective, target=target, metric=result.metric, baseline=result.baseline,
+        granularity=result.granularity, proxy=result.proxy,
+        measured=refinement.measured if refinement else None, refinement=refinement,
+        higher_is_better=result.higher_is_better, notes=notes,
+    )  # fmt: skip
+    if model is not None:
+        remember(model, suggestion=made)
+    return made
+
+
+def _scope_notes(result: SensitivityResult, weights: dict[str, int]) -> list[str]:
+    """What the target is a share of: the analysed layers, and the output layer if not."""
+    what = "weights" if weights == {n: result.sizes[n] for n in result.layers} else "MACs"
+    line = (
+        f"The target is a share of the {len(result.layers)} analysed layer(s) "
+        f"({fmt_count(sum(weights.values()))} {what})"
+    )
+    if result.model is not None:
+        heads = output_layers(result.model)
+        left = [n for n in heads.names if n not in result.layers]
+        if left:
+            guess = " (guessed from registration order)" if heads.guessed else ""
+            line += f"; output layer {', '.join(left)}{guess} is left alone"
+    return [line + "."]
+
+
+def _measuring(
+    result: SensitivityResult,
+    target_sparsity: float | None,
+    objective: str,
+    evaluate: Any,
+    refine: int | None,
+    check: bool | None,
+    notes: list[str],
+) -> tuple[Any, int | None]:
+    """The function to measure with and the refinement budget (``None``: no measuring)."""
+    if check is not None and not isinstance(check, bool):
+        raise TypeError(f"check: expected True, False or None, got {check!r}.")
+    if check is False:
+        if refine is not None:
+            raise ValueError("check: refine=N measures; drop check=False or refine.")
+        return None, None
+    asked = check is True or refine is not None or evaluate is not None
+    if evaluate is None:
+        evaluate = _sweep_evaluate(result)
+    usable = target_sparsity is not None and objective == "params" and result.model is not None
+    if asked:
+        _check_refine(result.model, target_sparsity, objective, evaluate, refine)
+        return evaluate, (0 if refine is None else refine)
+    if evaluate is None or not usable:
+        if result.model is not None:
+            why = (
+                "a max_drop budget" if target_sparsity is None
+                else "a MAC target" if objective != "params"
+                else "no evaluation at hand: pass evaluate=fn"
+            )  # fmt: skip
+            notes.append(f"Not checked against uniform and global L1 ({why}).")
+        return None, None
+    return evaluate, 0
+
+
+def _sweep_evaluate(result: SensitivityResult) -> Callable[[nn.Module], float] | None:
+    """The sweep's own measure, if it is still alive and this is the model's latest sweep."""
+    model = result.model
+    if model is None or latest(model) is not result:
+        return None
+    evaluate, inputs = remembered(model)
+    if result.proxy:
+        return proxy_metric(model, inputs) if inputs is not None else None
+    return evaluate
+
+
+def _verdict(ref: Refinement) -> str:
+    """The check's line: each candidate's measured metric, the winner and its margin."""
+    sign = 1.0 if ref.higher_is_better else -1.0
+    measured = {
+        s["step"].removeprefix("candidate: "): s["measured"]
+        for s in ref.steps
+        if s["step"].startswith("candidate: ") and s["measured"] is not None
+    }
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in measured.items())
+    line = f"Measured {ref.metric} at the same sparsity: {shown} → {ref.start}"
+    base = [v for k, v in measured.items() if k in ("uniform L1", "global L1")]
+    if base:
+        best = max(base, key=lambda v: sign * v)
+        line += f" ({sign * (ref.measured - best):+.4g} over the better of uniform and global L1)"
+    if len(ref.steps) > len(measured):
+        line += f"; refined to {ref.measured:.4g}"
+    return line + "."
+
+
+def _renamed(evaluate: Any, refine: Any, budget: Any) -> tuple[Any, int | None]:
+    """Accept the old spelling ``refine=evaluate, budget=N`` for one release, with a warning."""
+    if callable(refine):
+        warnings.warn(
+            "suggest(refine=evaluate) is deprecated: pass the function as evaluate=... and "
+            "the number of evaluations as refine=N, e.g. suggest(0.8, evaluate=fn, refine=100).",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        if evaluate is not None:
+            raise ValueError("refine: give the function as evaluate= only, not also as refine=.")
+        return refine, (100 if budget is None else check_budget(budget, "budget"))
+    if budget is not None:
+        warnings.warn(
+            "suggest(budget=N) is deprecated: the number of evaluations is refine=N, e.g. "
+            "suggest(0.8, evaluate=fn, refine=100).",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        if refine is None:
+            return evaluate, check_budget(budget, "budget")
+    return evaluate, (None if refine is None else check_budget(refine, "refine"))
+
+
+def _check_refine(
+    model: Any, target_sparsity: Any, objective: str, evaluate: Any, refine: int | None
+) -> None:
+    what = "refine" if refine else "check"
+    if target_sparsity is None or objective != "params":
+        raise ValueError(
+            f"{what}: {what}s a target_sparsity suggestion over parameters; give "
+            f"target_sparsity=... with objective='params', or leave {what} out."
+        )
+    if evaluate is None:
+        raise ValueError(f"{what}: measures real allocations; pass evaluate=fn (--eval fn).")
+    if model is None:
+        raise ValueError(
+            f"{what}: this result is not attached to a live model (loaded from JSON, or the "
+            "model is gone); attach it with remember(model, result) first."
+        )
+
+
+def _refined(
+    result: SensitivityResult,
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    target: float,
+    ratios: dict[str, float],
+    budget: int,
+) -> Refinement:
+    """The curve suggestion measured (and refined) on the swept model (left unchanged)."""
+    return refine_allocation(
+        model, evaluate, target, candidates={"curve suggestion": ratios}, budget=budget,
+        layers=list(result.layers), types={type(model.get_submodule(n)) for n in result.layers},
+        granularity=result.granularity, higher_is_better=result.higher_is_better,
+        metric=result.metric, predict=result.predict,
+    )  # fmt: skip

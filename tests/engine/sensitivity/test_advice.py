@@ -1,0 +1,124 @@
+"""A suggestion is checked by measurement against uniform and global L1, and never loses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nbcompress as nc
+from nbcompress.engine.sensitivity.registry import latest_suggestion
+from nbcompress.engine.sensitivity.result import SensitivityResult
+from tests.helpers import assert_same_state, snapshot
+
+RATIOS = [0.2, 0.4, 0.6, 0.8, 0.9, 0.95]
+
+
+def uneven() -> nn.Sequential:
+    """Three hidden layers of very different sizes, and a small head."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 8), nn.ReLU(), nn.Linear(8, 48), nn.ReLU(),
+        nn.Linear(48, 4),
+    )  # fmt: skip
+
+
+def zeros(module: nn.Module) -> float:
+    return float((module.weight == 0).float().mean())
+
+
+def worst_layer(model: nn.Module) -> float:
+    """A metric on which layers interact: only the most pruned layer counts.
+
+    Alone, a layer pruned at r costs r² (so the curves favour pruning big layers hard);
+    together, the cost is the largest r² — uniform ratios are the optimum.
+    """
+    hidden = [m for m in list(model)[:-1] if isinstance(m, nn.Linear)]
+    return 1.0 - max(zeros(m) for m in hidden) ** 2
+
+
+def test_a_suggestion_that_measures_worse_than_uniform_is_replaced_by_uniform() -> None:
+    model = uneven()
+    before = snapshot(model)
+    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"])
+    curve_only = result.suggest(0.7, check=False)
+    assert curve_only.refinement is None and curve_only.measured is None
+    assert max(curve_only.ratios.values()) > 0.75  # the curves' choice is uneven
+    checked = result.suggest(0.7)  # the sweep's own evaluate measures by default
+    assert checked.chosen == "uniform L1"
+    assert checked.ratios == pytest.approx(dict.fromkeys(["0", "2", "4"], 0.7), abs=0.02)
+    assert checked.measured == pytest.approx(worst_layer_at(model, checked.ratios))
+    text = str(checked)
+    assert "uniform L1" in text and "over the better of uniform and global L1" in text
+    assert checked.refinement.evaluations == 3
+    assert latest_suggestion(model) is checked
+    assert_same_state(model, before)  # every measurement was rolled back
+
+
+def worst_layer_at(model: nn.Module, ratios: dict[str, float]) -> float:
+    with nc.trial(model):
+        nc.prune_ratios_(model, ratios)
+        return worst_layer(model)
+
+
+def test_a_good_curve_suggestion_is_kept_and_its_margin_stated(monkeypatch) -> None:
+    model = uneven()
+    x = torch.randn(32, 64)
+    reference = model(x).detach()
+
+    def fidelity(m: nn.Module) -> float:
+        with torch.no_grad():
+            return -float(((m(x) - reference) ** 2).mean())
+
+    result = nc.sensitivity(model, fidelity, ratios=RATIOS, progress=False)
+    checked = result.suggest(0.6)
+    measured = {
+        s["step"].removeprefix("candidate: "): s["measured"] for s in checked.refinement.steps
+    }
+    assert set(measured) == {"uniform L1", "global L1", "curve suggestion"}
+    assert checked.measured == max(measured.values())  # the best measured is kept
+    assert checked.chosen in measured
+    assert checked.notes[0].startswith("Measured fidelity at the same sparsity: uniform L1")
+    assert checked.notes[1].startswith("The target is a share of the")
+
+
+def test_proxy_sweeps_are_checked_on_the_proxy_and_loaded_results_are_not() -> None:
+    model = uneven()
+    x = torch.randn(16, 64)
+    result = nc.sensitivity(model, example_inputs=x, ratios=RATIOS, progress=False)
+    checked = result.suggest(0.5)
+    assert checked.refinement is not None and 0 < checked.measured <= 1 + 1e-6
+    data = result.to_dict()
+    data.pop("format")
+    loaded = SensitivityResult(**data)  # as loaded from JSON: attached to no model
+    suggestion = loaded.suggest(0.5)
+    assert suggestion.refinement is None
+
+
+def test_what_the_target_is_a_share_of_and_unchecked_budgets_say_so() -> None:
+    model = uneven()
+    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"])
+    by_drop = result.suggest(max_drop=0.2)
+    assert by_drop.refinement is None
+    assert any("Not checked against uniform and global L1" in n for n in by_drop.notes)
+    share = result.suggest(0.5, check=False).notes[0]
+    assert "3 analysed layer(s)" in share and "output layer 6" in share
+    with pytest.raises(TypeError, match="check: expected True, False or None"):
+        result.suggest(0.5, check="yes")
+
+
+def test_an_evaluate_that_raises_during_the_check_leaves_the_model_as_it_was() -> None:
+    model = uneven()
+    before = snapshot(model)
+    calls = {"n": 0}
+
+    def flaky(m: nn.Module) -> float:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("data gone")
+        return worst_layer(m)
+
+    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"])
+    with pytest.raises(Exception, match="data gone"):
+        result.suggest(0.7, evaluate=flaky)
+    assert_same_state(model, before)
