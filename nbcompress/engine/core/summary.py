@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.costs import layer_bytes, macs
-from nbcompress.engine.core.layers import weighted_layers
+from nbcompress.engine.core.heads import remember_inputs
+from nbcompress.engine.core.layers import output_layers, weighted_layers
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
 from nbcompress.engine.core.validation import (
     as_inputs,
@@ -198,6 +199,7 @@ def summary(
             inputs = as_inputs(example_inputs)
             inputs_text = describe_inputs(inputs)
             calls = capture_calls(model, layers, inputs)
+            remember_inputs(model, inputs)  # so every command finds the same output layer
             if measure_latency:
                 latency = measure(
                     lambda: call_model(model, inputs), warmup=3, repeats=max(repeats, 5)
@@ -206,6 +208,12 @@ def summary(
             notes.append("No example input: pass one (--input x) for MACs and latency.")
         reps = repeats if measure_latency else 0
         rows = [_row(n or "(model)", m, calls.get(n), reps) for n, m in layers.items()]
+    heads = output_layers(model)
+    if heads.names:
+        notes.append(
+            f"{heads.describe().capitalize()}: left alone by %prune and %sensitivity unless "
+            "--include-output."
+        )
     unused = [r["layer"] for r in rows if example_inputs is not None and r["output"] is None]
     if unused:
         notes.append(f"Not called by forward on this input: {', '.join(unused)}.")

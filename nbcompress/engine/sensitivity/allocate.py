@@ -125,6 +125,10 @@ def choose(
     options = {n: _options(curves, n) for n in curves.xs}
     if target_sparsity is not None:
         t = _check_fraction(target_sparsity, "target_sparsity")
+        if t == 0:
+            raise ValueError(
+                "target_sparsity: 0 prunes nothing; give a fraction in (0, 1) such as 0.8."
+            )
         return _min_drop_for(options, weights, t)
     m = _check_fraction(max_drop, "max_drop", upper_open=False)
     return _max_removed_within(options, weights, m)

@@ -122,3 +122,13 @@ def test_an_evaluate_that_raises_during_the_check_leaves_the_model_as_it_was() -
     with pytest.raises(Exception, match="data gone"):
         result.suggest(0.7, evaluate=flaky)
     assert_same_state(model, before)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, 1.0, 1.5, -0.1, float("nan")])
+def test_a_target_outside_the_open_unit_interval_is_one_clear_line(bad: float) -> None:
+    model = uneven()
+    before = snapshot(model)
+    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False)
+    with pytest.raises(ValueError, match=r"target_sparsity: .*(outside|prunes nothing)"):
+        result.suggest(bad)
+    assert_same_state(model, before)
