@@ -40,7 +40,9 @@ def worst_layer(model: nn.Module) -> float:
 def test_a_suggestion_that_measures_worse_than_uniform_is_replaced_by_uniform() -> None:
     model = uneven()
     before = snapshot(model)
-    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"])
+    result = nc.sensitivity(
+        model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"]
+    )
     curve_only = result.suggest(0.7, check=False)
     assert curve_only.refinement is None and curve_only.measured is None
     assert max(curve_only.ratios.values()) > 0.75  # the curves' choice is uneven
@@ -97,7 +99,9 @@ def test_proxy_sweeps_are_checked_on_the_proxy_and_loaded_results_are_not() -> N
 
 def test_what_the_target_is_a_share_of_and_unchecked_budgets_say_so() -> None:
     model = uneven()
-    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"])
+    result = nc.sensitivity(
+        model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"]
+    )
     by_drop = result.suggest(max_drop=0.2)
     assert by_drop.refinement is None
     assert any("Not checked against uniform and global L1" in n for n in by_drop.notes)
@@ -118,7 +122,9 @@ def test_an_evaluate_that_raises_during_the_check_leaves_the_model_as_it_was() -
             raise RuntimeError("data gone")
         return worst_layer(m)
 
-    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"])
+    result = nc.sensitivity(
+        model, worst_layer, ratios=RATIOS, progress=False, layers=["0", "2", "4"]
+    )
     with pytest.raises(Exception, match="data gone"):
         result.suggest(0.7, evaluate=flaky)
     assert_same_state(model, before)
