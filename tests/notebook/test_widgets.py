@@ -341,9 +341,7 @@ def test_outside_prune_and_undo_refresh_the_model_line_without_an_interaction(
     assert "now " not in explorer._infos["fc1"].value
 
 
-def test_evaluate_after_an_outside_prune_says_its_prediction_is_the_swept_models(
-    explorer, model
-):
+def test_evaluate_after_an_outside_prune_says_its_prediction_is_the_swept_models(explorer, model):
     # The issue: 0.60 measured against a predicted 0.94, with nothing saying why.
     nbcompress.prune_(model, 0.95)
     explorer.evaluate_button.click()

@@ -186,5 +186,6 @@ def test_history_token_is_the_same_after_undo_and_new_after_another_step():
     nc.undo_(model)
     nc.prune_(model, 0.5)  # same edit, new step: not the same history
     assert history_token(model) != one
-    nc.prune_(model[0], 0.2, include_output=True)  # a step on a sub-module is part of the model's token
+    # A step on a sub-module is part of the model's token.
+    nc.prune_(model[0], 0.2, include_output=True)
     assert len(history_token(model)) == 2
