@@ -446,3 +446,20 @@ def test_changing_the_target_runs_no_evaluation(result, model, evaluate, monkeyp
     assert len(calls) == 3 and counted == []
     # Only the curves: no evaluate, refine or measured check on this path.
     assert all(set(kw) <= {"max_drop", "objective"} for kw in calls), calls
+
+
+def test_after_an_outside_prune_readouts_count_what_applying_would_really_leave(
+    explorer, model, evaluate
+):
+    # Sliders below the model's sparsity now cannot revive weights: the sparsity card and
+    # the prediction Evaluate is compared with are those of the model as it would be.
+    explorer.set_ratios({"fc1": 0.3, "fc2": 0.3})
+    nbcompress.prune_(model, 0.9)
+    real = {"fc1": 0.9, "fc2": 0.9, "fc3": 0.0}
+    assert explorer.effective(explorer.ratios) == pytest.approx(real, abs=1e-3)
+    assert f"{100 * explorer.result.sparsity_of(real):.1f}%" in explorer.readout.value
+    predicted = explorer.result.predict(explorer.effective(explorer.ratios))
+    assert f"{predicted:.5g}" in explorer.readout.value
+    explorer.evaluate_button.click()
+    assert explorer.measured == pytest.approx(evaluate(model))  # nothing more was pruned
+    assert f"(predicted {predicted:.5g} for the swept model)" in explorer.status.value

@@ -183,6 +183,20 @@ class SensitivityExplorer(w.VBox):
             self._update_info(name)
         self._refresh()
 
+    def effective(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        """The ratios the layers would really have if ``ratios`` were applied now.
+
+        Pruning never revives a weight, so a layer already sparser than its slider (pruned
+        in another cell) stays as it is; the readouts and the prediction Evaluate is
+        compared with use these.
+        """
+        out = {}
+        for name, ratio in ratios.items():
+            now = self._sparsity.get(name)
+            # A ratio is below 1 (check_amount); past the sweep the curves are extended.
+            out[name] = ratio if now is None else max(ratio, min(now, 0.9999))
+        return out
+
     @contextlib.contextmanager
     def _holding(self) -> Iterator[None]:
         # Moving many sliders at once would redraw once per slider; redraw once instead.
@@ -251,7 +265,7 @@ class SensitivityExplorer(w.VBox):
             return None
         self._show_model()  # the warning below must reflect the model as it is
         ratios = self.ratios
-        predicted = self.result.predict(ratios)
+        predicted = self.result.predict(self.effective(ratios))
         with self._busy("evaluating…"):
             try:
                 with trial(self.model):
@@ -286,8 +300,8 @@ class SensitivityExplorer(w.VBox):
         )
         if change is not None:
             self.status.value = (
-                f"applied: {fmt_pct(self.result.sparsity_of(ratios))} sparsity over the explored "
-                f"layers; {change}"
+                f"applied: {fmt_pct(self.result.sparsity_of(self.effective(ratios)))} sparsity "
+                f"over the explored layers; {change}"
             )
 
     def undo(self) -> None:
@@ -377,7 +391,7 @@ class SensitivityExplorer(w.VBox):
             setting = self._costs.setting(ratios)
         except (ValueError, TypeError, AttributeError, RuntimeError):
             setting = None  # e.g. a layer quantized since: it can no longer be pruned
-        self.readout.value = readout_html(self.result, ratios, setting, now)
+        self.readout.value = readout_html(self.result, self.effective(ratios), setting, now)
         self.model_label.value = model_text(now)
         reason = self.check.reason(sparsity)
         self.warning.value = warning_html(reason)

@@ -268,7 +268,7 @@ def layer_info_html(
     if replaced or (now is not None and abs(now - swept) > 1e-9):
         state = "replaced" if replaced else f"now {fmt_pct(now)}"
         drift = (
-            f" · <span style='color:#b00020' title='sparsity now; swept at "
+            f" · <span style='color:#b00020;white-space:nowrap' title='sparsity now; swept at "
             f"{fmt_pct(swept)}'>{state}</span>"
         )
     return (
