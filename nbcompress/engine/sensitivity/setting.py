@@ -256,6 +256,27 @@ class SweepCheck:
         start = self.result.start
         return {n: s for n, s in now.items() if s is None or abs(s - start.get(n, 0.0)) > 1e-9}
 
+    def effective(
+        self, ratios: Mapping[str, float], sparsity: Mapping[str, float | None] | None = None
+    ) -> dict[str, float]:
+        """The ratios the layers would really have if ``ratios`` were applied now.
+
+        Pruning never revives a weight, so a layer already sparser than its ratio (pruned
+        in another cell) stays as it is. While the model is the swept one this is
+        ``ratios`` (its ratios never go below ``result.start``).
+
+        Args:
+            ratios: Layer → ratio to apply.
+            sparsity: :meth:`sparsity` if the caller has it already.
+        """
+        now = self.sparsity() if sparsity is None else sparsity
+        out = {}
+        for name, ratio in ratios.items():
+            current = now.get(name)
+            # A ratio stays below 1 (check_amount); past the sweep the curves are extended.
+            out[name] = ratio if current is None else max(ratio, min(current, 0.9999))
+        return out
+
     def mark_own(self, before: tuple[int, ...]) -> None:
         """Count the steps recorded since ``before`` as the caller's own (e.g. its Apply)."""
         self.own |= set(history_token(self.model)) - set(before)

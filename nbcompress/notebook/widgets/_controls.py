@@ -6,6 +6,7 @@ explorer passes in the callbacks, so nothing here holds state of its own.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,6 +72,19 @@ class Buttons:
             description="Undo", icon="undo", tooltip="revert the model's last compression step"
         )
         self.row = w.HBox([self.evaluate, self.apply, self.undo])
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Disable every button while an action runs; each gets its own state back."""
+        buttons = (self.evaluate, self.apply, self.undo)
+        states = [b.disabled for b in buttons]
+        for b in buttons:
+            b.disabled = True
+        try:
+            yield
+        finally:
+            for b, state in zip(buttons, states, strict=True):
+                b.disabled = state
 
 
 class Sliders:

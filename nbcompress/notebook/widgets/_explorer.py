@@ -136,7 +136,7 @@ class SensitivityExplorer(w.VBox):
         self._infos: dict[str, w.HTML] = sliders.infos
         self.readout = w.HTML()
         self.readout.add_class("nbc-readout")
-        buttons = Buttons(self.evaluate is not None)
+        self._buttons = buttons = Buttons(self.evaluate is not None)
         self.evaluate_button, self.apply_button, self.undo_button = (
             buttons.evaluate,
             buttons.apply,
@@ -186,16 +186,10 @@ class SensitivityExplorer(w.VBox):
     def effective(self, ratios: Mapping[str, float]) -> dict[str, float]:
         """The ratios the layers would really have if ``ratios`` were applied now.
 
-        Pruning never revives a weight, so a layer already sparser than its slider (pruned
-        in another cell) stays as it is; the readouts and the prediction Evaluate is
-        compared with use these.
+        See :meth:`~nbcompress.engine.sensitivity.setting.SweepCheck.effective`; the
+        readouts and the prediction Evaluate is compared with use these.
         """
-        out = {}
-        for name, ratio in ratios.items():
-            now = self._sparsity.get(name)
-            # A ratio is below 1 (check_amount); past the sweep the curves are extended.
-            out[name] = ratio if now is None else max(ratio, min(now, 0.9999))
-        return out
+        return self.check.effective(ratios, self._sparsity)
 
     @contextlib.contextmanager
     def _holding(self) -> Iterator[None]:
@@ -340,18 +334,9 @@ class SensitivityExplorer(w.VBox):
         after = self._costs.now()
         return f"model now has {after.nonzero:,} nonzero parameters (was {before.nonzero:,})"
 
-    @contextlib.contextmanager
-    def _busy(self, message: str) -> Iterator[None]:
-        buttons = (self.evaluate_button, self.apply_button, self.undo_button)
-        states = [b.disabled for b in buttons]
-        for b in buttons:
-            b.disabled = True
+    def _busy(self, message: str) -> contextlib.AbstractContextManager[None]:
         self.status.value = message
-        try:
-            yield
-        finally:
-            for b, state in zip(buttons, states, strict=True):
-                b.disabled = state
+        return self._buttons.disabled()
 
     # ----------------------------------------------------------------- display
     def _on_history_change(self, change: Change) -> None:
