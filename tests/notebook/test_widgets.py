@@ -463,3 +463,25 @@ def test_after_an_outside_prune_readouts_count_what_applying_would_really_leave(
     explorer.evaluate_button.click()
     assert explorer.measured == pytest.approx(evaluate(model))  # nothing more was pruned
     assert f"(predicted {predicted:.5g} for the swept model)" in explorer.status.value
+
+
+def test_steps_inside_a_running_cell_refresh_once_when_it_ends(shell, explorer, model, monkeypatch):
+    # A loop of steps in one cell costs one refresh, after the cell, not one per step.
+    calls = []
+    show = SensitivityExplorer._show_model
+
+    def counted(self: SensitivityExplorer) -> None:
+        calls.append(1)
+        show(self)
+
+    monkeypatch.setattr(SensitivityExplorer, "_show_model", counted)
+    shell.user_ns.update(model=model, explorer=explorer, nbcompress=nbcompress)
+    shell.run_cell(
+        "for r in (0.3, 0.5, 0.7):\n"
+        "    nbcompress.prune_(model, r)\n"
+        "during = explorer.model_label.value\n"
+    )
+    assert shell.user_ns["during"].startswith("model now: 50,610 nonzero")  # not yet
+    assert len(calls) == 1  # at the end of the cell
+    assert f"model now: {nonzero(model):,} nonzero" in explorer.model_label.value
+    assert "3 prune steps in another cell" in warning(explorer)

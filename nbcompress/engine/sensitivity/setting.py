@@ -26,10 +26,10 @@ from torch import nn
 
 from nbcompress.engine.core.costs import layer_bytes
 from nbcompress.engine.core.history import history_token, steps_since, trial
-from nbcompress.engine.core.layers import MULTI_WEIGHT_TYPES
+from nbcompress.engine.core.layers import MULTI_WEIGHT_TYPES, prunable_weights
 from nbcompress.engine.core.report import fmt_pct
 from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.sensitivity.evaluate import layer_sparsity, measurer
+from nbcompress.engine.sensitivity.evaluate import layer_sparsity, measurer, weight_sparsity
 
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.result import SensitivityResult
@@ -172,13 +172,21 @@ class SettingCosts:
             self._layer_now[name] = layer_footprint(self.model.get_submodule(name))
         key = (name, round(float(ratio), 6))
         if key not in self._cache:
-            if key[1] <= 0:
+            if key[1] <= 0 or self._already(name, key[1]):
                 self._cache[key] = self._layer_now[name]
             else:
                 with trial(self.model):
                     prune_ratios_(self.model, {name: key[1]}, granularity=self.granularity)
                     self._cache[key] = layer_footprint(self.model.get_submodule(name))
         return self._cache[key]
+
+    def _already(self, name: str, ratio: float) -> bool:
+        # L1 counts existing zeros: a weight already this sparse is left as it is (exact for
+        # elements; channels and blocks may still zero a bias, so they are measured).
+        if self.granularity != "element":
+            return False
+        weights = prunable_weights(self.model.get_submodule(name)).values()
+        return all(weight_sparsity(w.detach(), "element") >= ratio for w in weights)
 
     def setting(self, ratios: Mapping[str, float]) -> Footprint:
         """Footprint of the whole model if ``ratios`` were applied now."""

@@ -7,9 +7,10 @@ drives it by setting ``slider.value`` and calling ``button.click()``; no fronten
 
 The explorer stays true to the live model: it follows the model's history
 (:func:`~nbcompress.engine.core.history.on_change`), so ``%prune`` or ``%undo`` in another
-cell refresh its model line and readouts at once, and each interaction re-reads the model
-cheaply (history token, zeros per layer) to catch edits the history cannot see. When the
-model is no longer the one the sweep measured, a warning line says so and why.
+cell refresh its model line and readouts (once, when that cell ends), and each interaction
+re-reads the model cheaply (history token, zeros per layer) to catch edits the history
+cannot see. When the model is no longer the one the sweep measured, a warning line says
+so and why.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from nbcompress.engine.core.history import Change, history, history_token, on_ch
 from nbcompress.engine.core.report import fmt_pct
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.setting import SettingCosts, SweepCheck, proxy_metric
+from nbcompress.notebook.widgets._after_cell import after_cell, follow_cells
 from nbcompress.notebook.widgets._controls import Buttons, Sliders, descendants, target_row
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
@@ -114,6 +116,7 @@ class SensitivityExplorer(w.VBox):
         self.add_class("nbc-explorer")
         # A bound method is held weakly: following the model keeps neither alive.
         self._subscription = on_change(model, self._on_history_change)
+        follow_cells()
         if suggestion is None:
             self._suggest()
         else:
@@ -340,10 +343,12 @@ class SensitivityExplorer(w.VBox):
 
     # ----------------------------------------------------------------- display
     def _on_history_change(self, change: Change) -> None:
-        # A step recorded or undone anywhere on the model (%prune, %undo in another cell).
+        # A step recorded or undone anywhere on the model (%prune, %undo in another cell):
+        # refreshed once the cell ends, so a loop of steps costs one refresh, not one each.
         if not self._acting:
             self._costs.invalidate()  # the step may be on a module containing the model
-            self._show_model()
+            if not after_cell(self._show_model):
+                self._show_model()
 
     def _sync(self) -> dict[str, float | None]:
         """Re-read the model if it changed since last seen (cheap); its layers' sparsity."""
