@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import gc
+import inspect
 import subprocess
 import sys
 import warnings
@@ -71,13 +73,20 @@ def nonzero(model: nn.Module) -> int:
     return sum(int(torch.count_nonzero(p)) for p in model.parameters())
 
 
+def curves_suggest(result: SensitivityResult, *args, **kwargs):
+    """The curves' suggestion, unmeasured: what the explorer shows while the target moves."""
+    if "check" in inspect.signature(result.suggest).parameters:
+        kwargs["check"] = False
+    return result.suggest(*args, **kwargs)
+
+
 def png(ex: SensitivityExplorer) -> bytes:
     return base64.b64decode(ex.plot.outputs[0]["data"]["image/png"])
 
 
 def test_sliders_preset_from_suggestion(result, explorer):
     assert set(explorer.sliders) == set(result.layers)
-    expected = result.suggest(0.5).ratios
+    expected = curves_suggest(result, 0.5).ratios
     for name, slider in explorer.sliders.items():
         assert slider.value == pytest.approx(expected.get(name, 0.0), abs=1e-4)
     assert "suggested" in explorer.status.value
@@ -179,7 +188,7 @@ def test_apply_all_zero_reports_instead_of_raising(explorer, model):
 def test_target_sparsity_moves_sliders_to_the_suggestion(result, explorer):
     explorer.target_value.value = 0.8
     assert explorer.ratios == pytest.approx(
-        {n: result.suggest(0.8).ratios.get(n, 0.0) for n in result.layers}, abs=1e-4
+        {n: curves_suggest(result, 0.8).ratios.get(n, 0.0) for n in result.layers}, abs=1e-4
     )
     assert result.sparsity_of(explorer.ratios) >= 0.8 - 1e-3
 
@@ -187,7 +196,7 @@ def test_target_sparsity_moves_sliders_to_the_suggestion(result, explorer):
 def test_max_drop_toggle_moves_sliders(result, explorer):
     explorer.target_kind.value = "max_drop"
     explorer.target_value.value = 0.03
-    expected = result.suggest(max_drop=0.03).ratios
+    expected = curves_suggest(result, max_drop=0.03).ratios
     assert explorer.ratios == pytest.approx(
         {n: expected.get(n, 0.0) for n in result.layers}, abs=1e-4
     )
@@ -429,23 +438,32 @@ def test_a_closed_explorer_keeps_neither_itself_nor_the_model_alive(result, eval
     assert model_ref() is None
 
 
-def test_changing_the_target_runs_no_evaluation(result, model, evaluate, monkeypatch):
+def test_changing_the_target_runs_no_evaluation(model, evaluate, monkeypatch):
+    runs: list[int] = []
+
+    def counted(m: nn.Module) -> float:
+        runs.append(1)
+        return evaluate(m)
+
+    result = sensitivity(model, counted, progress=False)  # its own function stays alive
     calls: list[dict] = []
     suggest = result.suggest
 
+    @functools.wraps(suggest)  # the same signature, as the explorer reads it
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return suggest(*args, **kwargs)
 
-    counted = []
-    ex = SensitivityExplorer(result, model, lambda m: counted.append(1) or evaluate(m))
     monkeypatch.setattr(result, "suggest", spy)
+    runs.clear()
+    ex = SensitivityExplorer(result, model, counted)
     ex.target_value.value = 0.7
     ex.target_kind.value = "max_drop"
     ex.target_value.value = 0.02
-    assert len(calls) == 3 and counted == []
-    # Only the curves: no evaluate, refine or measured check on this path.
-    assert all(set(kw) <= {"max_drop", "objective"} for kw in calls), calls
+    assert len(calls) == 4 and runs == []  # the first suggestion, then three targets
+    # Only the curves: no evaluate or refine, and a measured check turned off if offered.
+    assert all(set(kw) <= {"max_drop", "objective", "check"} for kw in calls), calls
+    assert all(kw.get("check", False) is False for kw in calls), calls
 
 
 def test_after_an_outside_prune_readouts_count_what_applying_would_really_leave(

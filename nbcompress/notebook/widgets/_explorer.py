@@ -16,6 +16,7 @@ so and why.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -234,11 +235,16 @@ class SensitivityExplorer(w.VBox):
 
     def _suggest(self) -> None:
         kind, value = self.target_kind.value, float(self.target_value.value)
+        # The curves only, while the target moves: a measured check of the suggestion
+        # (several evaluations) belongs to an explicit action, never to typing a number.
+        options: dict[str, Any] = {"objective": self.objective}
+        if "check" in inspect.signature(self.result.suggest).parameters:
+            options["check"] = False
         try:
             if kind == "sparsity":
-                s = self.result.suggest(value, objective=self.objective)
+                s = self.result.suggest(value, **options)
             else:
-                s = self.result.suggest(max_drop=value, objective=self.objective)
+                s = self.result.suggest(max_drop=value, **options)
         except ValueError as err:
             self.status.value = f"target not reachable: {err}"
             self._refresh()
