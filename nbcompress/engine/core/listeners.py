@@ -84,7 +84,8 @@ def on_change(model: nn.Module, callback: Callable[[Change], Any]) -> Subscripti
     Memory: the model is not kept alive by the subscription. A bound method
     (``widget.refresh``) is held weakly, so its object is not kept alive either and the
     subscription ends when that object is collected; any other callable is held until
-    :meth:`Subscription.remove` or until the model is collected.
+    :meth:`Subscription.remove` or until the model is collected (so a closure that refers
+    to the model keeps it alive until removed).
 
     Errors: an exception raised by the callback is reported as a ``RuntimeWarning`` and does
     not undo or break the operation that triggered it.

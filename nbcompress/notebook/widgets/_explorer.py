@@ -358,19 +358,19 @@ class SensitivityExplorer(w.VBox):
 
     def _sync(self) -> dict[str, float | None]:
         """Re-read the model if it changed since last seen (cheap); its layers' sparsity."""
-        # Zeros per analysed layer and in all parameters, plus the history token: catches
-        # edits the history cannot see (a weight zeroed by hand, torch's own pruning).
-        sparsity = self.check.sparsity()
+        # The history token and one count of nonzero parameters catch edits the history
+        # cannot see too (a weight zeroed by hand, torch's own pruning); the per-layer
+        # sparsity is counted again only when one of them moved.
         nonzero = sum(
             int(torch.count_nonzero(p.detach())) for p in self.model.parameters() if not p.is_meta
         )
-        seen = (history_token(self.model), tuple(sparsity.values()), nonzero)
+        seen = (history_token(self.model), nonzero)
         if seen != self._seen:
-            self._seen, self._sparsity = seen, sparsity
+            self._seen, self._sparsity = seen, self.check.sparsity()
             self._costs.invalidate()
             for name in self.sliders:
                 self._update_info(name)
-        return sparsity
+        return self._sparsity
 
     def _update_info(self, name: str) -> None:
         now = self._sparsity.get(name, self.result.start.get(name, 0.0))
