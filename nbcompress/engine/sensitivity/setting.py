@@ -139,6 +139,8 @@ class SettingCosts:
         self._now = _EMPTY
         self._layer_now: dict[str, Footprint] = {}
         self._cache: dict[tuple[str, float], Footprint] = {}
+        # The figures of the last few histories: an undo returns to one of them for free.
+        self._states: dict[tuple[int, ...], tuple] = {}
 
     def invalidate(self) -> None:
         """Forget every cached figure: the model changed in a way its history cannot show.
@@ -148,17 +150,24 @@ class SettingCosts:
         step on a module containing the model, or an edit outside nbcompress.
         """
         self._version = None
+        self._states.clear()
 
     def _refresh(self) -> None:
         # Any recorded step (Apply, Undo, %prune in another cell) changes the history token;
-        # undo + a new step is not "same".
+        # undo + a new step is not "same". Figures kept for a token are reused only if the
+        # model still counts the same, as a guard against a forced undo after hand edits.
         version = history_token(self.model)
         if version == self._version:
             return
         self._version = version
-        self._now = model_footprint(self.model)
-        self._layer_now = {}
-        self._cache = {}
+        now = model_footprint(self.model)
+        kept = self._states.pop(version, None)
+        if kept is None or kept[0] != now:
+            kept = (now, {}, {})
+        self._now, self._layer_now, self._cache = kept
+        self._states[version] = kept  # the same dicts: filled as figures are measured
+        while len(self._states) > 8:
+            del self._states[next(iter(self._states))]
 
     def now(self) -> Footprint:
         """Footprint of the model as it is now."""

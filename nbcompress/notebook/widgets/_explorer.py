@@ -352,7 +352,8 @@ class SensitivityExplorer(w.VBox):
         # A step recorded or undone anywhere on the model (%prune, %undo in another cell):
         # refreshed once the cell ends, so a loop of steps costs one refresh, not one each.
         if not self._acting:
-            self._costs.invalidate()  # the step may be on a module containing the model
+            if not any(m is change.module for m in self.model.modules()):
+                self._costs.invalidate()  # a step on a module containing the model
             if not after_cell(self._show_model):
                 self._show_model()
 
@@ -366,8 +367,9 @@ class SensitivityExplorer(w.VBox):
         )
         seen = (history_token(self.model), nonzero)
         if seen != self._seen:
+            if self._seen is not None and seen[0] == self._seen[0]:
+                self._costs.invalidate()  # same steps, other zeros: an edit outside them
             self._seen, self._sparsity = seen, self.check.sparsity()
-            self._costs.invalidate()
             for name in self.sliders:
                 self._update_info(name)
         return self._sparsity

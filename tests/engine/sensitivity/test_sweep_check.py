@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import nbcompress as nc
+import nbcompress.engine.sensitivity.setting as setting_module
 from nbcompress.engine.core.history import history_token
 from nbcompress.engine.sensitivity.evaluate import layer_sparsity
 from nbcompress.engine.sensitivity.setting import SettingCosts, SweepCheck, model_footprint
@@ -94,3 +95,30 @@ def test_setting_costs_are_exact_for_a_layer_already_sparser_than_its_ratio(swep
         twin = copy.deepcopy(model)
         nc.prune_(twin, ratios)
         assert costs.setting(ratios) == model_footprint(twin), ratios
+
+
+def test_setting_costs_come_back_with_an_undo_without_measuring_again(swept, monkeypatch):
+    model, _ = swept
+    measured: list[object] = []
+    real = setting_module.prune_ratios_
+
+    def counted(*args, **kwargs):
+        measured.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(setting_module, "prune_ratios_", counted)
+    costs = SettingCosts(model)
+    ratios = {"0": 0.5, "2": 0.7}
+    dense = costs.setting(ratios)
+    assert len(measured) == 2
+    nc.prune_(model, 0.3)
+    costs.setting(ratios)
+    assert len(measured) == 4  # another model: measured anew
+    nc.undo_(model)
+    assert costs.setting(ratios) == dense and len(measured) == 4  # kept for its history
+    with torch.no_grad():
+        model[0].weight[:4] = 0  # an edit no step records
+    costs.invalidate()
+    twin = copy.deepcopy(model)
+    nc.prune_(twin, ratios)
+    assert costs.setting(ratios) == model_footprint(twin) and len(measured) == 6
