@@ -38,6 +38,7 @@ from nbcompress.notebook.widgets._render import (
     model_text,
     png_output,
     readout_html,
+    target_of,
     warning_html,
 )
 
@@ -141,11 +142,8 @@ class SensitivityExplorer(w.VBox):
         self.readout = w.HTML()
         self.readout.add_class("nbc-readout")
         self._buttons = buttons = Buttons(self.evaluate is not None)
-        self.evaluate_button, self.apply_button, self.undo_button = (
-            buttons.evaluate,
-            buttons.apply,
-            buttons.undo,
-        )
+        self.evaluate_button, self.apply_button = buttons.evaluate, buttons.apply
+        self.undo_button = buttons.undo
         self.evaluate_button.on_click(lambda _: self.evaluate_setting())
         self.apply_button.on_click(lambda _: self.apply())
         self.undo_button.on_click(lambda _: self.undo())
@@ -207,16 +205,14 @@ class SensitivityExplorer(w.VBox):
     # ----------------------------------------------------------------- callbacks
     def _show_target_of(self, suggestion: Suggestion) -> None:
         # Make the target box agree with a suggestion made elsewhere (e.g. by %sensitivity
-        # --max-drop), without re-running it. Its target reads "max drop 0.01" or
-        # "sparsity 80%"; anything else keeps the defaults.
+        # --max-drop), without re-running it.
         self.objective = suggestion.objective
-        words = suggestion.target.split()
+        kind, value = target_of(suggestion.target)
         with self._holding():
-            if words[:2] == ["max", "drop"]:
-                self.target_kind.value = "max_drop"
-                self.target_value.value = float(words[-1])
-            elif words[:1] == ["sparsity"] or words[:2] == ["MAC", "reduction"]:
-                self.target_value.value = round(float(words[-1].rstrip("%")) / 100, 4)
+            if kind is not None:
+                self.target_kind.value = kind
+            if value is not None:
+                self.target_value.value = value
 
     def _on_slider(self, name: str) -> None:
         if self._hold:

@@ -31,6 +31,7 @@ __all__ = [
     "model_text",
     "readout_html",
     "render",
+    "target_of",
     "warning_html",
 ]
 
@@ -277,6 +278,20 @@ def layer_info_html(
         "pruned'>"
         f"{fmt_count(result.sizes[name])} w · Δ {change:+.2g}</span>{drift}"
     )
+
+
+def target_of(target: str) -> tuple[str | None, float | None]:
+    """The target row's kind and value for a suggestion's ``target`` text.
+
+    It reads ``"max drop 0.01"``, ``"sparsity 80%"`` or ``"MAC reduction 50%"``; anything
+    else gives ``(None, None)`` (the row keeps its defaults).
+    """
+    words = target.split()
+    if words[:2] == ["max", "drop"]:
+        return "max_drop", float(words[-1])
+    if words[:1] == ["sparsity"] or words[:2] == ["MAC", "reduction"]:
+        return None, round(float(words[-1].rstrip("%")) / 100, 4)
+    return None, None
 
 
 def warning_html(reason: str | None) -> str:
