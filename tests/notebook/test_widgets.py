@@ -23,6 +23,7 @@ from torch import nn
 
 import nbcompress
 from nbcompress import zoo
+from nbcompress.engine.core.history import history_token
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.setting import model_footprint
@@ -503,3 +504,15 @@ def test_steps_inside_a_running_cell_refresh_once_when_it_ends(shell, explorer, 
     assert len(calls) == 1  # at the end of the cell
     assert f"model now: {nonzero(model):,} nonzero" in explorer.model_label.value
     assert "3 prune steps in another cell" in warning(explorer)
+
+
+def test_a_result_carrying_its_sweeps_history_token_shows_steps_taken_before(
+    result, model, evaluate
+):
+    assert result.model is model
+    nbcompress.prune_(model, {"fc1": 1e-5})  # a step that zeroes no weight
+    assert warning(SensitivityExplorer(result, model, evaluate)) == ""  # unseen without it
+    nbcompress.undo_(model)
+    result.history_token = history_token(model)  # as a sweep may record it (see the report)
+    nbcompress.prune_(model, {"fc1": 1e-5})
+    assert "(a prune step in another cell)" in warning(SensitivityExplorer(result, model, evaluate))

@@ -95,9 +95,10 @@ class SensitivityExplorer(w.VBox):
         self.evaluate = evaluate
         self.objective = objective
         self.measured: float | None = None
-        # A result that carries the history token of its sweep lets the check see steps
-        # taken between the sweep and this explorer; otherwise it starts from now.
-        self.check = SweepCheck(result, model, getattr(result, "history_token", None))
+        # A result that carries the history token of its sweep (of this very model) lets the
+        # check see steps taken between the sweep and this explorer; else it starts now.
+        token = getattr(result, "history_token", None) if result.model is model else None
+        self.check = SweepCheck(result, model, token)
         self._costs = SettingCosts(model, result.granularity)
         self._figure = MarkedFigure(result)
         self._hold = False
