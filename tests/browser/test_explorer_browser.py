@@ -1,4 +1,5 @@
-"""The sensitivity explorer in a real JupyterLab: slider, Apply and Undo reach the kernel.
+"""The sensitivity explorer in a real JupyterLab: slider, Apply and Undo reach the kernel,
+and ``%prune`` / ``%undo`` run in other cells reach the explorer.
 
 Every assertion reads text the *kernel* wrote into a widget (the model label counts the
 live model's nonzero parameters), so a frontend that merely renders widgets cannot pass.
@@ -18,6 +19,7 @@ except ImportError:  # the `browser` fixture skips, or fails under REQUIRE_BROWS
 pytestmark = pytest.mark.browser
 
 NOTEBOOK = "explorer.ipynb"
+OUTSIDE = "explorer_outside.ipynb"  # setup, explorer, `%prune model 0.9`, `%undo model`
 
 
 def _nonzero(text: str) -> int:
@@ -37,7 +39,7 @@ def _wait_kernel_connected(page, frames: list) -> None:
     pytest.fail("the kernel's websocket never delivered a message")
 
 
-def _open_and_run(page, lab) -> None:
+def _open(page, lab, name: str) -> None:
     frames: list[object] = []
 
     def watch(ws) -> None:
@@ -45,7 +47,7 @@ def _open_and_run(page, lab) -> None:
             ws.on("framereceived", lambda payload: frames.append(payload))
 
     page.on("websocket", watch)
-    page.goto(lab.notebook_url(NOTEBOOK))
+    page.goto(lab.notebook_url(name))
     page.wait_for_selector(".jp-NotebookPanel .jp-Cell")
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
     _wait_kernel_connected(page, frames)
@@ -53,12 +55,15 @@ def _open_and_run(page, lab) -> None:
     accept = page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept")
     if accept.count():
         accept.first.click()
-    # "Run All" sent before the kernel's websocket is connected is silently dropped, and the
+
+
+def _run_from_menu(page, item: str) -> None:
+    # A run sent before the kernel's websocket is connected is silently dropped, and the
     # idle indicator shows before that; retry until the first code cell has started.
     prompt = page.locator(".jp-CodeCell .jp-InputPrompt").first
     for _ in range(6):
         page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-        page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+        page.locator(".lm-Menu-item", has_text=item).first.click()
         try:
             page.wait_for_function(
                 "el => /\\[[0-9*]+\\]/.test(el.innerText)",
@@ -68,7 +73,12 @@ def _open_and_run(page, lab) -> None:
             return
         except PlaywrightTimeout:
             continue
-    pytest.fail("Run All Cells never started the notebook")
+    pytest.fail(f"Run → {item} never started the notebook")
+
+
+def _open_and_run(page, lab) -> None:
+    _open(page, lab, NOTEBOOK)
+    _run_from_menu(page, "Run All Cells")
 
 
 def test_slider_apply_undo_change_the_kernel_model(page, lab, shot) -> None:
@@ -108,3 +118,49 @@ def test_slider_apply_undo_change_the_kernel_model(page, lab, shot) -> None:
     page.wait_for_function("el => el.innerText.startsWith('undone')", arg=status.element_handle())
     assert _nonzero(label.inner_text()) == dense
     shot("explorer-undone.png")
+
+
+def _run_cell(page, index: int) -> None:
+    """Run code cell ``index`` as a user does: select it, then Shift+Enter."""
+    cell = page.locator(".jp-Notebook .jp-CodeCell").nth(index)
+    cell.locator(".jp-InputPrompt").click()  # selects the cell, in command mode
+    page.keyboard.press("Shift+Enter")
+    page.wait_for_function(
+        "el => /\\[[0-9]+\\]/.test(el.innerText)",
+        arg=cell.locator(".jp-InputPrompt").element_handle(),
+        timeout=60_000,
+    )
+
+
+def test_prune_and_undo_in_other_cells_reach_the_explorer(page, lab, shot) -> None:
+    _open(page, lab, OUTSIDE)
+    # Select the `%prune` cell, then run the setup and explorer cells above it.
+    page.locator(".jp-Notebook .jp-CodeCell").nth(2).locator(".jp-InputPrompt").click()
+    _run_from_menu(page, "Run All Above Selected Cell")
+    label = page.locator(".nbc-model")
+    label.wait_for(timeout=60_000)
+    warning = page.locator(".nbc-warning")
+    dense = _nonzero(label.inner_text())
+    assert warning.is_hidden()  # the model is the swept one
+
+    _run_cell(page, 2)  # %prune model 0.9
+    page.wait_for_function(
+        "([el, dense]) => !el.innerText.includes(dense)",
+        arg=[label.element_handle(), f"model now: {dense:,} nonzero"],
+    )
+    pruned = _nonzero(label.inner_text())
+    assert pruned < dense, (dense, pruned)
+    warning.wait_for(state="visible")
+    text = warning.inner_text()
+    assert "the model changed since the sweep (a prune step in another cell" in text, text
+    assert "predictions are for the swept model; re-run %sensitivity" in text, text
+    assert "now 90.0%" in page.locator(".nbc-explorer").inner_text()
+    shot("explorer-outside-prune.png", page.locator(".nbc-explorer"))
+
+    _run_cell(page, 3)  # %undo model
+    page.wait_for_function(
+        "([el, dense]) => el.innerText.includes(dense)",
+        arg=[label.element_handle(), f"model now: {dense:,} nonzero"],
+    )
+    warning.wait_for(state="hidden")
+    shot("explorer-outside-undo.png", page.locator(".nbc-explorer"))

@@ -11,6 +11,11 @@ parameter and buffer values), so that
 Only tensors that really changed are kept, as a sparse diff when that is smaller than a
 full copy; modules swapped out are kept by reference. Histories live outside the model
 (a weak-keyed registry), so the model stays an ordinary ``nn.Module``.
+
+Listeners registered with :func:`on_change` (see :mod:`nbcompress.engine.core.listeners`)
+are called after every step recorded or undone, so that a display of the model stays true
+when it is changed elsewhere; :func:`history_token` tells whether the steps in place are
+still those seen earlier.
 """
 
 from __future__ import annotations
@@ -26,17 +31,23 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.interrupts import deferred_interrupts
+from nbcompress.engine.core.listeners import Change, Subscription, notify, on_change
 from nbcompress.engine.core.report import fmt_bytes
 from nbcompress.engine.core.snapshot import ModuleState, SavedTensor, held_bytes, tensors_in
 from nbcompress.engine.core.steps import History, Step
 from nbcompress.engine.core.validation import check_module
 
 __all__ = [
+    "Change",
     "History",
     "Step",
+    "Subscription",
     "Transaction",
     "history",
+    "history_token",
+    "on_change",
     "set_history_limit",
+    "steps_since",
     "transaction",
     "trial",
     "undo_",
@@ -219,6 +230,8 @@ def transaction(model: nn.Module, name: str, detail: str = "") -> Iterator[Trans
         raise
     finally:
         stack.pop()
+    if recorded:
+        notify(model, "recorded", (step,))
 
 
 @contextlib.contextmanager
@@ -270,22 +283,56 @@ def history(model: nn.Module) -> History:
     return History(sorted(steps, key=lambda s: s._order), {k: v for k, v in where.items() if v})
 
 
-def _undo_last(model: nn.Module, force: bool, done: int) -> None:
-    """Undo the most recent step recorded on ``model`` or any of its sub-modules."""
+def history_token(model: nn.Module) -> tuple[int, ...]:
+    """Identify the steps in place on ``model`` and its sub-modules, to compare later.
+
+    Two tokens are equal exactly when the same recorded steps are in place: a step undone
+    and a new one recorded give a different token, a step recorded and then undone gives
+    the same one. Steps recorded on a module that contains ``model`` are not seen (follow
+    those with :func:`on_change`).
+
+    Args:
+        model: A model (possibly never edited: its token is ``()``).
+
+    Returns:
+        An opaque, hashable token.
+    """
+    check_module(model)
+    return tuple(sorted(s._order for _, h in _histories(model) for s in h))
+
+
+def steps_since(model: nn.Module, token: tuple[int, ...]) -> list[Step]:
+    """The steps in place on ``model`` now that were not when ``token`` was taken.
+
+    Args:
+        model: The model.
+        token: An earlier :func:`history_token` of ``model`` (or a union of several).
+
+    Returns:
+        The new steps, oldest first (steps of the token since undone are not listed:
+        compare ``history_token(model)`` with ``token`` for those).
+    """
+    seen = set(token)
+    return [s for s in history(model) if s._order not in seen]
+
+
+def _undo_last(model: nn.Module, force: bool, undone: list[Step]) -> None:
+    """Undo the most recent step recorded on ``model`` or its sub-modules; add it to ``undone``."""
     _, hist = max(_histories(model), key=lambda nh: nh[1][-1]._order)
     step = hist[-1]
     # Checked step by step: a later step's rollback restores what it overwrote.
     reason = step._change_since(model)
     if reason and not force:
-        undone = f" ({done} later step(s) were undone)" if done else ""
+        later = f" ({len(undone)} later step(s) were undone)" if undone else ""
         raise ValueError(
             f"model: a weight was changed after step '{step.name}' — {reason} — so undo "
             "cannot restore it bit-exactly. Pass force=True (%undo --force) to restore the "
-            f"saved entries anyway{undone}."
+            f"saved entries anyway{later}."
         )
     with deferred_interrupts():  # the step is undone and dropped together, or not at all
         interrupted = step._rollback()
         hist.pop()
+        undone.append(step)  # before a deferred Ctrl-C is raised: the step is undone
     if interrupted is not None:
         raise interrupted
 
@@ -319,7 +366,13 @@ def undo_(model: nn.Module, *, all: bool = False, force: bool = False) -> nn.Mod
             "sub-modules. Undo works on the same object that was compressed (not a copy)."
         )
     count = sum(len(h) for _, h in found) if all else 1
-    with torch.no_grad():
-        for done in range(count):
-            _undo_last(model, force, done)
+    undone: list[Step] = []
+    try:
+        with torch.no_grad():
+            for _ in range(count):
+                _undo_last(model, force, undone)
+    finally:
+        # Steps undone before a refusal or a Ctrl-C stay undone: the listeners hear of them.
+        if undone:
+            notify(model, "undone", tuple(undone))
     return model

@@ -2,32 +2,44 @@
 
 Like ``tqdm.notebook``, the widget only adds a display: every number it shows comes from
 the engine (``SensitivityResult.predict/suggest/sparsity_of``, ``prune_ratios_``, ``undo_``,
-``trial``). Callbacks run synchronously when a trait changes, so plain pytest drives it by
-setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
+``trial``, ``SweepCheck``). Callbacks run synchronously when a trait changes, so plain pytest
+drives it by setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
+
+The explorer stays true to the live model: it follows the model's history
+(:func:`~nbcompress.engine.core.history.on_change`), so ``%prune`` or ``%undo`` in another
+cell refresh its model line and readouts (once, when that cell ends), and each interaction
+re-reads the model cheaply (history token, zeros per layer) to catch edits the history
+cannot see. When the model is no longer the one the sweep measured, a warning line says
+so and why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
+import torch
 from torch import nn
 
-from nbcompress.engine.core.history import history, trial, undo_
+from nbcompress.engine.core.history import Change, history, history_token, on_change, trial, undo_
 from nbcompress.engine.core.report import fmt_pct
 from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.sensitivity.setting import SettingCosts, proxy_metric
+from nbcompress.engine.sensitivity.setting import SettingCosts, SweepCheck, proxy_metric
+from nbcompress.notebook.widgets._after_cell import after_cell, follow_cells
+from nbcompress.notebook.widgets._controls import Buttons, Sliders, descendants, target_row
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
     fmt_metric,
-    group_layers,
     header_html,
     layer_info_html,
     model_text,
     png_output,
     readout_html,
+    target_of,
+    warning_html,
 )
 
 if TYPE_CHECKING:
@@ -35,9 +47,6 @@ if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.suggestion import Suggestion
 
 __all__ = ["SensitivityExplorer"]
-
-#: More layers than this are grouped in an accordion by module prefix.
-_GROUP_ABOVE = 12
 
 
 class SensitivityExplorer(w.VBox):
@@ -47,7 +56,8 @@ class SensitivityExplorer(w.VBox):
     readouts (sparsity, parameters left, estimated size, *predicted* metric), a target
     control that re-runs :meth:`SensitivityResult.suggest`, and buttons to measure the
     real metric of the setting (model left unchanged), apply it in place (recorded in the
-    history) and undo the last step.
+    history) and undo the last step. The model line and readouts follow the live model
+    when it changes elsewhere, and a warning shows when it is no longer the swept model.
 
     Args:
         result: A ``SensitivityResult`` from :func:`nbcompress.sensitivity`.
@@ -63,6 +73,8 @@ class SensitivityExplorer(w.VBox):
         sliders: Layer name → its ratio slider.
         status: Label with the outcome of the last action.
         model_label: Label describing the live model (nonzero parameters, size).
+        warning: HTML line saying why predictions no longer fit the model (empty if they do).
+        check: The :class:`~nbcompress.engine.sensitivity.setting.SweepCheck` behind it.
         measured: Metric measured by the last "Evaluate" click, or ``None``.
     """
 
@@ -83,15 +95,31 @@ class SensitivityExplorer(w.VBox):
         self.evaluate = evaluate
         self.objective = objective
         self.measured: float | None = None
+        # A result that carries the history token of its sweep (of this very model) lets the
+        # check see steps taken between the sweep and this explorer; else it starts now.
+        token = getattr(result, "history_token", None) if result.model is model else None
+        self.check = SweepCheck(result, model, token)
         self._costs = SettingCosts(model, result.granularity)
         self._figure = MarkedFigure(result)
         self._hold = False
+        self._acting = False  # during Apply/Undo: the action refreshes once afterwards
+        self._seen: tuple | None = None
+        self._sparsity: dict[str, float | None] = {}
         self._build()
         super().__init__(
-            [self.header, w.HBox([self.plot, self.controls]), self.model_label, self.status],
+            [
+                self.header,
+                self.warning,
+                w.HBox([self.plot, self.controls]),
+                self.model_label,
+                self.status,
+            ],
             layout=w.Layout(width="100%"),
         )
         self.add_class("nbc-explorer")
+        # A bound method is held weakly: following the model keeps neither alive.
+        self._subscription = on_change(model, self._on_history_change)
+        follow_cells()
         if suggestion is None:
             self._suggest()
         else:
@@ -101,16 +129,28 @@ class SensitivityExplorer(w.VBox):
     # ----------------------------------------------------------------- construction
     def _build(self) -> None:
         self.header = w.HTML(header_html(self.result))
+        self.warning = w.HTML(layout=w.Layout(display="none"))
+        self.warning.add_class("nbc-warning")
         self.plot = w.Output(
             layout=w.Layout(width="52%", min_width="320px", max_height="560px", overflow="auto")
         )
-        self.sliders: dict[str, w.FloatSlider] = {}
-        self._infos: dict[str, w.HTML] = {}
+        self.target_kind, self.target_value, target = target_row(self.result.metric)
+        self.target_kind.observe(self._on_kind, names="value")
+        self.target_value.observe(self._on_target, names="value")
+        sliders = Sliders(self.result, self._on_slider)
+        self.sliders: dict[str, w.FloatSlider] = sliders.sliders
+        self._infos: dict[str, w.HTML] = sliders.infos
         self.readout = w.HTML()
         self.readout.add_class("nbc-readout")
-        self.buttons = self._button_row()
+        self._buttons = buttons = Buttons(self.evaluate is not None)
+        self.evaluate_button, self.apply_button = buttons.evaluate, buttons.apply
+        self.undo_button = buttons.undo
+        self.evaluate_button.on_click(lambda _: self.evaluate_setting())
+        self.apply_button.on_click(lambda _: self.apply())
+        self.undo_button.on_click(lambda _: self.undo())
+        self.buttons = buttons.row
         self.controls = w.VBox(
-            [self._target_row(), self._slider_box(), self.readout, self.buttons],
+            [target, sliders.box, self.readout, self.buttons],
             layout=w.Layout(width="48%", padding="0 0 0 8px"),
         )
         self.model_label = w.Label()
@@ -118,109 +158,17 @@ class SensitivityExplorer(w.VBox):
         self.status = w.Label()
         self.status.add_class("nbc-status")
 
-    def _target_row(self) -> w.HBox:
-        self.target_kind = w.ToggleButtons(
-            options=[("sparsity", "sparsity"), ("max drop", "max_drop")],
-            value="sparsity",
-            tooltips=[
-                "fraction of the explored weights to remove",
-                f"largest allowed drop of {self.result.metric}",
-            ],
-            style={"button_width": "92px"},
-        )
-        # Unbounded on purpose: a max drop of a loss can exceed 1; the engine validates
-        # and an out-of-range target becomes a status message.
-        self.target_value = w.FloatText(
-            value=0.5,
-            step=0.01,
-            description="target",
-            style={"description_width": "45px"},
-            layout=w.Layout(width="130px"),
-        )
-        self.target_kind.observe(self._on_kind, names="value")
-        self.target_value.observe(self._on_target, names="value")
-        return w.HBox(
-            [self.target_kind, self.target_value],
-            layout=w.Layout(flex_flow="row wrap", align_items="center"),
-        )
-
-    def _button_row(self) -> w.HBox:
-        self.evaluate_button = w.Button(
-            description="Evaluate",
-            icon="flask",
-            disabled=self.evaluate is None,
-            tooltip=(
-                "measure the real metric of this setting; the model is left unchanged"
-                if self.evaluate
-                else "pass evaluate=… to measure the real metric"
-            ),
-        )
-        self.apply_button = w.Button(
-            description="Apply",
-            icon="check",
-            button_style="primary",
-            tooltip="prune the model in place (undoable)",
-        )
-        self.undo_button = w.Button(
-            description="Undo", icon="undo", tooltip="revert the model's last compression step"
-        )
-        self.evaluate_button.on_click(lambda _: self.evaluate_setting())
-        self.apply_button.on_click(lambda _: self.apply())
-        self.undo_button.on_click(lambda _: self.undo())
-        return w.HBox([self.evaluate_button, self.apply_button, self.undo_button])
-
-    def _slider_box(self) -> w.Widget:
-        layers = self.result.layers
-        groups = group_layers(layers) if len(layers) > _GROUP_ABOVE else {"": layers}
-        if len(groups) <= 1:
-            groups = {"": layers}
-        # Inside a group the prefix is in the title, so slider labels drop it.
-        labels = {
-            n: n[len(prefix) + 1 :] if prefix else n
-            for prefix, names in groups.items()
-            for n in names
-        }
-        # ~7 px per character of the longest label, bounded; longer ones end in "…".
-        width = min(max(7 * max(map(len, labels.values())) + 12, 40), 200)
-        box = w.Layout(max_height="340px", overflow="auto", width="100%")
-        if len(groups) == 1:
-            return w.VBox([self._slider_row(n, labels[n], width) for n in layers], layout=box)
-        pages = [
-            w.VBox([self._slider_row(n, labels[n], width) for n in names])
-            for names in groups.values()
-        ]
-        titles = [f"{p or '(top level)'} — {len(names)} layer(s)" for p, names in groups.items()]
-        accordion = w.Accordion(
-            pages, titles=titles, selected_index=0, layout=w.Layout(width="100%")
-        )
-        return w.Box([accordion], layout=box)
-
-    def _slider_row(self, name: str, label: str, label_width: int) -> w.HBox:
-        # Below its sparsity at sweep time a layer cannot go (pruning never revives), and
-        # beyond the sweep the curves are only extrapolated.
-        low = round(self.result.start.get(name, 0.0), 4)
-        slider = w.FloatSlider(
-            value=low,
-            min=low,
-            max=max(max(self.result.ratios), low),
-            step=0.01,
-            description=label,
-            tooltip=name,
-            readout_format=".0%",
-            continuous_update=False,
-            style={"description_width": f"{label_width}px"},
-            layout=w.Layout(width="100%"),
-        )
-        slider.observe(lambda change: self._on_slider(name), names="value")
-        info = w.HTML(layout=w.Layout(flex="0 0 130px"))
-        self.sliders[name] = slider
-        self._infos[name] = info
-        return w.HBox([slider, info], layout=w.Layout(width="100%"))
-
     def __repr__(self) -> str:
         # The text/plain fallback (terminals, static renderers) says what is set, briefly.
         setting = ", ".join(f"{n}={r:.0%}" for n, r in self.ratios.items())
         return f"<SensitivityExplorer of {self.result.metric}: {setting}>"
+
+    def close(self) -> None:
+        """Close the explorer and every widget in it; it stops following the model."""
+        self._subscription.remove()
+        for widget in list(descendants(self)):
+            widget.close()
+        super().close()
 
     # ----------------------------------------------------------------- state
     @property
@@ -238,6 +186,14 @@ class SensitivityExplorer(w.VBox):
             self._update_info(name)
         self._refresh()
 
+    def effective(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        """The ratios the layers would really have if ``ratios`` were applied now.
+
+        See :meth:`~nbcompress.engine.sensitivity.setting.SweepCheck.effective`; the
+        readouts and the prediction Evaluate is compared with use these.
+        """
+        return self.check.effective(ratios, self._sparsity)
+
     @contextlib.contextmanager
     def _holding(self) -> Iterator[None]:
         # Moving many sliders at once would redraw once per slider; redraw once instead.
@@ -250,16 +206,14 @@ class SensitivityExplorer(w.VBox):
     # ----------------------------------------------------------------- callbacks
     def _show_target_of(self, suggestion: Suggestion) -> None:
         # Make the target box agree with a suggestion made elsewhere (e.g. by %sensitivity
-        # --max-drop), without re-running it. Its target reads "max drop 0.01" or
-        # "sparsity 80%"; anything else keeps the defaults.
+        # --max-drop), without re-running it.
         self.objective = suggestion.objective
-        words = suggestion.target.split()
+        kind, value = target_of(suggestion.target)
         with self._holding():
-            if words[:2] == ["max", "drop"]:
-                self.target_kind.value = "max_drop"
-                self.target_value.value = float(words[-1])
-            elif words[:1] == ["sparsity"] or words[:2] == ["MAC", "reduction"]:
-                self.target_value.value = round(float(words[-1].rstrip("%")) / 100, 4)
+            if kind is not None:
+                self.target_kind.value = kind
+            if value is not None:
+                self.target_value.value = value
 
     def _on_slider(self, name: str) -> None:
         if self._hold:
@@ -278,11 +232,16 @@ class SensitivityExplorer(w.VBox):
 
     def _suggest(self) -> None:
         kind, value = self.target_kind.value, float(self.target_value.value)
+        # The curves only, while the target moves: a measured check of the suggestion
+        # (several evaluations) belongs to an explicit action, never to typing a number.
+        options: dict[str, Any] = {"objective": self.objective}
+        if "check" in inspect.signature(self.result.suggest).parameters:
+            options["check"] = False
         try:
             if kind == "sparsity":
-                s = self.result.suggest(value, objective=self.objective)
+                s = self.result.suggest(value, **options)
             else:
-                s = self.result.suggest(max_drop=value, objective=self.objective)
+                s = self.result.suggest(max_drop=value, **options)
         except ValueError as err:
             self.status.value = f"target not reachable: {err}"
             self._refresh()
@@ -304,8 +263,9 @@ class SensitivityExplorer(w.VBox):
         if self.evaluate is None:
             self.status.value = "no evaluate function: pass evaluate=… to measure the real metric"
             return None
+        self._show_model()  # the warning below must reflect the model as it is
         ratios = self.ratios
-        predicted = self.result.predict(ratios)
+        predicted = self.result.predict(self.effective(ratios))
         with self._busy("evaluating…"):
             try:
                 with trial(self.model):
@@ -318,9 +278,11 @@ class SensitivityExplorer(w.VBox):
                 )
                 return None
         self.measured = value
+        # The prediction is the swept model's; say so when the model has changed since.
+        swept = " for the swept model" if self.check.reason(self._sparsity) else ""
         self.status.value = (
             f"measured {self.result.metric} {fmt_metric(value)} at this setting (predicted "
-            f"{fmt_metric(predicted)}); model left unchanged"
+            f"{fmt_metric(predicted)}{swept}); model left unchanged"
         )
         return value
 
@@ -331,13 +293,15 @@ class SensitivityExplorer(w.VBox):
         change = self._change_model(
             "applying…",
             lambda: prune_ratios_(self.model, ratios, granularity=granularity),
-            (ValueError, TypeError),
+            # RuntimeError: e.g. a layer quantized since the sweep cannot be pruned; the
+            # transaction has put the model back.
+            (ValueError, TypeError, RuntimeError),
             "not applied",
         )
         if change is not None:
             self.status.value = (
-                f"applied: {fmt_pct(self.result.sparsity_of(ratios))} sparsity over the explored "
-                f"layers; {change}"
+                f"applied: {fmt_pct(self.result.sparsity_of(self.effective(ratios)))} sparsity "
+                f"over the explored layers; {change}"
             )
 
     def undo(self) -> None:
@@ -360,41 +324,76 @@ class SensitivityExplorer(w.VBox):
 
         On one of ``errors`` the status says ``failed`` and why, and ``None`` is returned.
         """
-        before = self._costs.now()
+        self._sync()
+        before, token = self._costs.now(), history_token(self.model)
         with self._busy(message):
+            self._acting = True
             try:
                 action()
             except errors as err:
                 self.status.value = f"{failed}: {err}"
                 return None
+            finally:
+                self._acting = False
+        self.check.mark_own(token)
         self._refresh()
         after = self._costs.now()
         return f"model now has {after.nonzero:,} nonzero parameters (was {before.nonzero:,})"
 
-    @contextlib.contextmanager
-    def _busy(self, message: str) -> Iterator[None]:
-        buttons = (self.evaluate_button, self.apply_button, self.undo_button)
-        states = [b.disabled for b in buttons]
-        for b in buttons:
-            b.disabled = True
+    def _busy(self, message: str) -> contextlib.AbstractContextManager[None]:
         self.status.value = message
-        try:
-            yield
-        finally:
-            for b, state in zip(buttons, states, strict=True):
-                b.disabled = state
+        return self._buttons.disabled()
 
     # ----------------------------------------------------------------- display
-    def _update_info(self, name: str) -> None:
-        self._infos[name].value = layer_info_html(self.result, name, self.sliders[name].value)
+    def _on_history_change(self, change: Change) -> None:
+        # A step recorded or undone anywhere on the model (%prune, %undo in another cell):
+        # refreshed once the cell ends, so a loop of steps costs one refresh, not one each.
+        if not self._acting:
+            if not any(m is change.module for m in self.model.modules()):
+                self._costs.invalidate()  # a step on a module containing the model
+            if not after_cell(self._show_model):
+                self._show_model()
 
-    def _refresh(self) -> None:
-        # The model may also have changed outside the widget (%prune, %undo in another
-        # cell); every refresh re-reads it, cheaply, as the costs are keyed on its history.
+    def _sync(self) -> dict[str, float | None]:
+        """Re-read the model if it changed since last seen (cheap); its layers' sparsity."""
+        # The history token and one count of nonzero parameters catch edits the history
+        # cannot see too (a weight zeroed by hand, torch's own pruning); the per-layer
+        # sparsity is counted again only when one of them moved.
+        nonzero = sum(
+            int(torch.count_nonzero(p.detach())) for p in self.model.parameters() if not p.is_meta
+        )
+        seen = (history_token(self.model), nonzero)
+        if seen != self._seen:
+            if self._seen is not None and seen[0] == self._seen[0]:
+                self._costs.invalidate()  # same steps, other zeros: an edit outside them
+            self._seen, self._sparsity = seen, self.check.sparsity()
+            for name in self.sliders:
+                self._update_info(name)
+        return self._sparsity
+
+    def _update_info(self, name: str) -> None:
+        now = self._sparsity.get(name, self.result.start.get(name, 0.0))
+        self._infos[name].value = layer_info_html(
+            self.result, name, self.sliders[name].value, now, replaced=now is None
+        )
+
+    def _show_model(self) -> None:
+        """Model line, readouts and warning from the model as it is now."""
+        sparsity = self._sync()
         ratios = self.ratios
         now = self._costs.now()
-        self.readout.value = readout_html(self.result, ratios, self._costs.setting(ratios), now)
+        try:
+            setting = self._costs.setting(ratios)
+        except (ValueError, TypeError, AttributeError, RuntimeError):
+            setting = None  # e.g. a layer quantized since: it can no longer be pruned
+        self.readout.value = readout_html(self.result, self.effective(ratios), setting, now)
         self.model_label.value = model_text(now)
+        reason = self.check.reason(sparsity)
+        self.warning.value = warning_html(reason)
+        self.warning.layout.display = None if reason else "none"
+
+    def _refresh(self) -> None:
+        self._show_model()
         # One assignment (not clear + append) so the frontend redraws once, and no
         # Output capture context is needed: the same path works in pytest.
-        self.plot.outputs = (png_output(self._figure.png(ratios)),)
+        self.plot.outputs = (png_output(self._figure.png(self.ratios)),)

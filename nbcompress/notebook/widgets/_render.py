@@ -31,6 +31,8 @@ __all__ = [
     "model_text",
     "readout_html",
     "render",
+    "target_of",
+    "warning_html",
 ]
 
 
@@ -178,14 +180,15 @@ def group_layers(names: list[str], max_groups: int = 12) -> dict[str, list[str]]
 
 
 def readout_html(
-    result: Any, ratios: Mapping[str, float], setting: Footprint, now: Footprint
+    result: Any, ratios: Mapping[str, float], setting: Footprint | None, now: Footprint
 ) -> str:
     """The readout row: sparsity, parameters, size and predicted metric of a setting.
 
     Args:
         result: The ``SensitivityResult`` (curves, baseline, metric name).
         ratios: The slider setting.
-        setting: Footprint of the model if the setting were applied.
+        setting: Footprint of the model if the setting were applied; ``None`` if it cannot
+            be applied to the model as it is (e.g. a layer quantized since the sweep).
         now: Footprint of the model as it is.
 
     Returns:
@@ -196,6 +199,7 @@ def readout_html(
     worse = change < 0 if result.higher_is_better else change > 0
     colour = "#b00020" if worse and abs(change) > 1e-12 else "#1b5e20"
     metric = html.escape(result.metric) + (" (proxy)" if result.proxy else "")
+    left, size = ("—", "—") if setting is None else (f"{setting.nonzero:,}", fmt_bytes(setting.csr))
     cards = [
         (
             "sparsity",
@@ -204,13 +208,13 @@ def readout_html(
         ),
         (
             "parameters left",
-            f"{setting.nonzero:,}",
-            f"nonzero of {setting.total:,} (now {now.nonzero:,})",
+            left,
+            f"nonzero of {now.total:,} (now {now.nonzero:,})",
         ),
         (
             "size (est.)",
-            f"{fmt_bytes(setting.csr)} CSR",
-            f"vs {fmt_bytes(setting.dense)} dense fp32",
+            f"{size} CSR",
+            f"vs {fmt_bytes(now.dense)} dense fp32",
         ),
         (
             f"predicted {metric}",
@@ -246,14 +250,63 @@ def header_html(result: Any) -> str:
     )
 
 
-def layer_info_html(result: Any, name: str, ratio: float) -> str:
-    """The note beside a layer's slider: its weights and predicted change when pruned alone."""
+def layer_info_html(
+    result: Any, name: str, ratio: float, now: float | None = None, *, replaced: bool = False
+) -> str:
+    """The note beside a layer's slider: its weights and predicted change when pruned alone.
+
+    Args:
+        result: The ``SensitivityResult``.
+        name: The layer.
+        ratio: Its slider's ratio.
+        now: Its sparsity now, shown in red when it differs from its sparsity at sweep time
+            (``None``: not known, not shown).
+        replaced: The layer was removed or replaced (e.g. quantized) since the sweep.
+    """
     change = result.predict({name: ratio}) - result.baseline
+    swept = result.start.get(name, 0.0)
+    drift = ""
+    if replaced or (now is not None and abs(now - swept) > 1e-9):
+        state = "replaced" if replaced else f"now {fmt_pct(now)}"
+        drift = (
+            f" · <span style='color:#b00020;white-space:nowrap' title='sparsity now; swept at "
+            f"{fmt_pct(swept)}'>{state}</span>"
+        )
     return (
         f"<span style='font-size:85%;color:#555;white-space:nowrap' title='weights in "
         f"the layer; predicted change of {html.escape(result.metric)} when only it is "
         "pruned'>"
-        f"{fmt_count(result.sizes[name])} w · Δ {change:+.2g}</span>"
+        f"{fmt_count(result.sizes[name])} w · Δ {change:+.2g}</span>{drift}"
+    )
+
+
+def target_of(target: str) -> tuple[str | None, float | None]:
+    """The target row's kind and value for a suggestion's ``target`` text.
+
+    It reads ``"max drop 0.01"``, ``"sparsity 80%"`` or ``"MAC reduction 50%"``; anything
+    else gives ``(None, None)`` (the row keeps its defaults).
+    """
+    words = target.split()
+    if words[:2] == ["max", "drop"]:
+        return "max_drop", float(words[-1])
+    if words[:1] == ["sparsity"] or words[:2] == ["MAC", "reduction"]:
+        return None, round(float(words[-1].rstrip("%")) / 100, 4)
+    return None, None
+
+
+def warning_html(reason: str | None) -> str:
+    """The warning line when the model is no longer the swept one (empty when it is).
+
+    Args:
+        reason: What changed, from ``SweepCheck.reason``, or ``None``.
+    """
+    if not reason:
+        return ""
+    return (
+        "<div style='color:#8a4b00;background:#fff4e5;border-left:3px solid #ef6c00;"
+        "padding:3px 8px'>⚠ the model changed since the sweep "
+        f"({html.escape(reason)}): predictions are for the swept model; re-run %sensitivity"
+        "</div>"
     )
 
 
