@@ -16,6 +16,9 @@ from nbcompress._version import __version__
 # Public name → module that defines it (imported on first attribute access).
 _EXPORTS = {
     "summary": "nbcompress.engine.core.summary",
+    "on_change": "nbcompress.engine.core.history",
+    "history_token": "nbcompress.engine.core.history",
+    "output_layers": "nbcompress.engine.core.layers",
     "Summary": "nbcompress.engine.core.summary",
     "prune_": "nbcompress.engine.prune.prune",
     "quantize_": "nbcompress.engine.quantize.quantize",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, ValuesView
 from dataclasses import dataclass
 from typing import Any
@@ -113,15 +114,26 @@ class ModuleState:
     """Shallow snapshot of one module's attribute dicts (params, buffers, children, hooks)."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
+        # Weak: a step that saves the model itself must not keep the model (the key of its
+        # own weakly keyed history) alive. A child that a step removes from the model is
+        # held by the snapshot of its parent, so nothing that undo needs can die.
+        self._module = weakref.ref(module)
         self.attrs = dict(module.__dict__)
         # Dicts are mutated in place by register_*/hooks; keep a copy of their contents and
         # restore into the same dict objects so existing hook handles stay valid.
         self.dicts = {k: (v, v.copy()) for k, v in self.attrs.items() if isinstance(v, dict)}
 
+    @property
+    def module(self) -> nn.Module | None:
+        """The module the snapshot is of (``None`` once it was garbage-collected)."""
+        return self._module()
+
     def restore(self) -> None:
         """Put the module's attributes back into the same dict objects."""
-        d = self.module.__dict__
+        module = self.module
+        if module is None:
+            return  # gone: nothing can see it any more
+        d = module.__dict__
         for key in [k for k in d if k not in self.attrs]:
             del d[key]
         d.update(self.attrs)

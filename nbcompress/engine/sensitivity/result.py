@@ -20,6 +20,7 @@ from torch import nn
 
 from nbcompress.engine.core.report import fmt_count, html_table, text_table
 from nbcompress.engine.core.validation import check_amount
+from nbcompress.engine.core.history import history_token
 from nbcompress.engine.sensitivity.advice import suggest
 from nbcompress.engine.sensitivity.allocate import Curves, drop_curves, layer_drop
 from nbcompress.engine.sensitivity.saved import FORMAT, read_result, write_result
@@ -69,6 +70,8 @@ class SensitivityResult:
     notes: list[str] = field(default_factory=list)
     start: dict[str, float] = field(default_factory=dict)
     _model: Callable[[], nn.Module | None] | None = field(default=None, repr=False, compare=False)
+    # The swept model's history when attached: not saved (tokens mean nothing elsewhere).
+    _history_token: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     # --- the model it was measured on -------------------------------------------------------
 
@@ -84,6 +87,16 @@ class SensitivityResult:
             model: The model the curves were measured on.
         """
         self._model = weakref.ref(model)
+        self._history_token = history_token(model)
+
+    @property
+    def history_token(self) -> tuple[int, ...] | None:
+        """``history_token(model)`` when the result was attached to its model, else ``None``.
+
+        The explorer compares it with the model's token now to tell whether the model is
+        still the one that was swept.
+        """
+        return self._history_token
 
     # --- prediction and suggestion -------------------------------------------------------
 
