@@ -441,8 +441,14 @@ def run(args) -> dict:
             results[f"{model} | {dataset}"] = [
                 one_seed(model, dataset, seed, targets, args.extras, log) for seed in range(seeds)
             ]
-    flags = "".join([" --quick" if args.quick else f" --seeds {seeds}",
-                     " --extras" if args.extras else ""])  # fmt: skip
+    flags = "".join([
+        " --quick" if args.quick else f" --seeds {seeds}",
+        f" --targets {' '.join(f'{t:g}' for t in args.targets)}" if args.targets else "",
+        "" if args.datasets == list(DATASETS) else f" --datasets {' '.join(args.datasets)}",
+        "" if args.models == list(MODELS) else " --models " + " ".join(
+            f"'{m}'" for m in args.models),
+        " --extras" if args.extras else "",
+    ])  # fmt: skip
     command = (
         f"Command: `python benchmarks/bench_sensitivity.py{flags} --write` "
         f"({time.perf_counter() - start:.0f} s on {cpu_name()}, torch {torch.__version__}, "

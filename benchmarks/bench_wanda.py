@@ -215,6 +215,7 @@ def main(argv=None) -> None:
         "--minilm-l1-reconstruct", action="store_true", help="Also L1 + reconstruct on MiniLM."
     )
     args = parser.parse_args(argv)
+    flags = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.seeds, args.eval_sentences, args.probe_sentences = 1, 256, 500
     torch.set_num_threads(1)
@@ -230,7 +231,7 @@ def main(argv=None) -> None:
     lines += [] if args.skip_minilm else minilm(args, log)
     lines += lenet(args, log)
     lines.append(
-        f"Command: `python benchmarks/bench_wanda.py{' --quick' if args.quick else ''}` "
+        f"Command: `{' '.join(['python benchmarks/bench_wanda.py', *flags])}` "
         f"({time.perf_counter() - start:.0f} s on {cpu_name()}, torch {torch.__version__}, "
         f"1 thread, Python {platform.python_version()}; load average {load:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at end; prune seconds are one run each, other processes "
