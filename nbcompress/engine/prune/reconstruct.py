@@ -45,18 +45,22 @@ def reconstruct_rows(
 
     Returns:
         ``(rows, d)`` float64: the pruned weights (zero where not kept), kept weights
-        re-fitted in rows that lost weights, others unchanged.
+        re-fitted in rows that lost weights, others unchanged; weights on inputs that were
+        always zero keep their values.
 
     Raises:
         ValueError: A solve gave non-finite weights (non-finite calibration inputs).
     """
     w = weight.detach().double()
-    support = keep & (w != 0)
-    new = torch.where(support, w, 0.0)
+    new = torch.where(keep, w, 0.0)
     lost = ((w != 0) & ~keep).any(1)
     per_group = w.shape[0] // gram.shape[0]
     diag = torch.diagonal(gram, dim1=1, dim2=2)
     lam = (damping * diag.mean(1)).clamp_min(1e-12)
+    # Inputs that were zero on every calibration example do not constrain their weights:
+    # those keep their values (the damping alone would zero them) and stay out of the solve.
+    live = (diag > 0).repeat_interleave(per_group, dim=0)
+    support = keep & (w != 0) & live
     grouped = w.reshape(gram.shape[0], per_group, -1)
     target = torch.bmm(grouped, gram).reshape(w.shape)  # rows of W H (H symmetric)
     counts = support.sum(1)
