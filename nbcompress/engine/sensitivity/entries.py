@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.prune.apply import is_masked, zero_channel_bias
+from nbcompress.engine.prune.calibrate import SUPPORTED, ActivationStats
 from nbcompress.engine.prune.masks import (
     from_output_major,
     layer_mask,
@@ -29,6 +30,7 @@ from nbcompress.engine.prune.masks import (
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.prune.select import threshold
 from nbcompress.engine.prune.targets import Target, collect
+from nbcompress.engine.prune.wanda import wanda_mask
 from nbcompress.engine.sensitivity.guard import LayerTrial
 
 __all__ = ["PrunedEntries", "prune_in_trial"]
@@ -134,9 +136,15 @@ def _in_place(target: Target) -> bool:
 
 
 def prune_in_trial(
-    model: nn.Module, trial: LayerTrial, ratios: dict[str, float], granularity: str
+    model: nn.Module,
+    trial: LayerTrial,
+    ratios: dict[str, float],
+    granularity: str,
+    *,
+    method: str = "l1",
+    stats: ActivationStats | None = None,
 ) -> None:
-    """Prune each named layer to its ratio by L1, as ``prune_ratios_`` would, inside ``trial``.
+    """Prune each named layer to its ratio, as ``prune_ratios_`` would, inside ``trial``.
 
     Each weight's zeroed entries are added to ``trial.saved`` before they are zeroed; biases
     of removed channels are saved in the trial's transaction. If some weight cannot be
@@ -147,18 +155,38 @@ def prune_in_trial(
         trial: The open :func:`~nbcompress.engine.sensitivity.guard.layer_trial`.
         ratios: Layer name → fraction in (0, 1), layers already validated.
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
+        method: ``"l1"`` or ``"wanda"`` (then ``stats`` is required).
+        stats: Input statistics from :func:`~nbcompress.engine.prune.calibrate.collect_stats`,
+            collected once on the dense model, so that each trial only re-scores its layer.
+            A layer without statistics (attention, recurrent) is scored by L1, as
+            ``prune_`` does.
+
+    Raises:
+        ValueError: ``method="wanda"`` without ``stats``.
     """
+    if method == "wanda" and stats is None:
+        raise ValueError(
+            "stats: method='wanda' in a trial needs the input statistics collected once on "
+            "the dense model (nbcompress.engine.prune.calibrate.collect_stats)."
+        )
     targets = collect(model, ratios)
     if not all(_in_place(t) for t in targets):
-        prune_ratios_(model, ratios, granularity=granularity)
+        options = dict(method=method, example_inputs=stats) if method == "wanda" else {}
+        prune_ratios_(model, ratios, granularity=granularity, **options)
         return
     for t in targets:
         w = t.weight()
-        if granularity == "element" and w.dtype == torch.float32:
+        found = stats.layers.get(t.first.layer) if method == "wanda" else None
+        if found is not None and not isinstance(t.module, SUPPORTED):
+            found = None
+        if found is None and granularity == "element" and w.dtype == torch.float32:
             entries = _l1_entries(w, t.amount)
         else:
             view = output_major(w.detach(), t.module)
-            mask = layer_mask(view, t.amount, granularity=granularity)
+            if found is not None:
+                mask = wanda_mask(view, t.amount, found, granularity)
+            else:
+                mask = layer_mask(view, t.amount, granularity=granularity)
             mask = from_output_major(mask, w, t.module)
             entries = PrunedEntries.of(w, mask)
             if granularity == "channel":

@@ -25,8 +25,9 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
+from nbcompress.engine.prune.calibrate import calibration_inputs, collect_stats
 from nbcompress.engine.prune.masks import layer_units
-from nbcompress.engine.prune.prune import prune_
+from nbcompress.engine.prune.prune import prune_, prune_ratios_
 from nbcompress.engine.sensitivity.entries import prune_in_trial
 from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
@@ -120,6 +121,9 @@ def refine(
     metric: str | None = None,
     predict: Callable[[dict[str, float]], float] | None = None,
     progress: bool = False,
+    method: str = "l1",
+    example_inputs: Any = None,
+    reconstruct: bool = False,
 ) -> Refinement:
     """Find per-layer ratios at an overall sparsity by measuring, without changing the model.
 
@@ -149,6 +153,11 @@ def refine(
         predict: Optional ``predict(ratios) -> float`` (e.g. ``SensitivityResult.predict``)
             to report the curves' prediction next to the measurement.
         progress: Print one line per kept move to stderr.
+        method: How each measured allocation prunes a layer: ``"l1"`` or ``"wanda"``
+            (statistics collected once on ``example_inputs``).
+        example_inputs: Calibration inputs for ``"wanda"`` and ``reconstruct``.
+        reconstruct: Re-fit kept weights by least squares in each measured allocation
+            (see :func:`~nbcompress.prune_`; slower: every layer is re-measured).
 
     Returns:
         The best allocation measured, with each candidate and kept move.
@@ -170,6 +179,7 @@ def refine(
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
     selected, _ = select_sweep_layers(model, layers, types, None, granularity)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
+    search.pruning = trial_pruning(model, selected, method, example_inputs, reconstruct)
     with verified(model, Fingerprint.of(model), "refine"):
         named = {
             "uniform L1": dict.fromkeys(selected, target),
@@ -189,6 +199,42 @@ def refine(
         predicted=predict(ratios) if predict is not None else None, notes=search.notes,
         candidates={k: search.ratios(search.counts(a)) for k, a in named.items()},
     )  # fmt: skip
+
+
+def trial_pruning(
+    model: nn.Module,
+    selected: dict[str, nn.Module],
+    method: str,
+    example_inputs: Any,
+    reconstruct: bool,
+) -> dict[str, Any]:
+    """How each measured allocation is pruned: keyword arguments for the trial's pruning.
+
+    L1: nothing (the default). Wanda: statistics collected once here, on the model as it
+    is, for every trial (``prune_in_trial(method=, stats=)``). Reconstruct: the calibration
+    inputs, for ``prune_ratios_`` (each layer is re-measured after the earlier ones).
+
+    Raises:
+        ValueError: An unknown method, or wanda / reconstruct without ``example_inputs``
+            (one line naming the argument and the fix).
+    """
+    if method not in ("l1", "wanda") or not isinstance(reconstruct, bool):
+        raise ValueError(
+            f"method / reconstruct: expected method 'l1' or 'wanda' and reconstruct True or "
+            f"False, got {method!r} / {reconstruct!r}."
+        )
+    if method == "l1" and not reconstruct:
+        return {}
+    if example_inputs is None:
+        who = "reconstruct=True" if reconstruct else "method='wanda'"
+        raise ValueError(
+            f"example_inputs: {who} needs calibration inputs: pass example_inputs=x (--input x "
+            "in a notebook), a list of batches or a DataLoader."
+        )
+    if reconstruct:
+        return dict(method=method, example_inputs=example_inputs, reconstruct=True)
+    stats = collect_stats(model, calibration_inputs(example_inputs), selected)
+    return dict(method=method, stats=stats)
 
 
 def check_budget(value: Any, arg: str) -> int:
@@ -231,6 +277,7 @@ class _Search:
         self.evaluations = 0
         self.best: tuple[int, ...] = ()
         self.value = -math.inf
+        self.pruning: dict[str, Any] = {}
 
     def check_candidates(self, candidates: Any) -> dict[str, dict[str, float]]:
         if candidates is None:
@@ -275,8 +322,10 @@ class _Search:
         if counts not in self.cache:
             ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
             with layer_trial(self.model, {n: self.layers[n] for n in ratios}) as t:
-                if ratios:
-                    prune_in_trial(self.model, t, ratios, self.granularity)
+                if ratios and self.pruning.get("reconstruct"):
+                    prune_ratios_(self.model, ratios, granularity=self.granularity, **self.pruning)
+                elif ratios:
+                    prune_in_trial(self.model, t, ratios, self.granularity, **self.pruning)
                 value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value
