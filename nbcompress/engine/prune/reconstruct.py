@@ -1,10 +1,12 @@
 """Reconstruction after pruning: the kept weights of each row re-fit by least squares.
 
-For an output row ``w`` whose kept inputs are ``S``, the kept weights minimise
-``‖w_S X_S − w X‖²`` over the calibration inputs ``X`` (the OBS / SparseGPT idea, Frantar &
-Alistarh 2023): ``(H_SS + λI) w_S = (H w)_S`` with ``H = X Xᵀ`` and damping ``λ`` = 1% of the
-mean of ``diag(H)``. Rows with the same number of kept inputs are solved together, in
-chunks of bounded size.
+For an output row ``w`` whose kept inputs are ``S``, the new kept weights ``v`` minimise
+``‖v X_S − w X‖² + λ‖v − w_S‖²`` over the calibration inputs ``X`` (the OBS / SparseGPT
+idea, Frantar & Alistarh 2023): ``(H_SS + λI) v = (H w)_S + λ w_S`` with ``H = X Xᵀ`` and
+damping ``λ`` = 1% of the mean of ``diag(H)``. The damping pulls towards the old weights,
+not towards zero, as OBS with a damped ``H`` does: with fewer calibration vectors than
+inputs the system is underdetermined, and the old weights are the prior. Rows with the
+same number of kept inputs are solved together, in chunks of bounded size.
 """
 
 from __future__ import annotations
@@ -21,9 +23,14 @@ _SYSTEM = 1 << 22
 
 
 def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve ``a x = b`` for a batch of symmetric systems; least squares where not PD."""
-    chol, info = torch.linalg.cholesky_ex(a)
-    x = torch.cholesky_solve(b.unsqueeze(-1), chol).squeeze(-1)
+    """Solve ``a x = b`` for a batch of systems; least squares where ``a`` is singular.
+
+    LU (``solve_ex``) in float32, not Cholesky: batched ``cholesky_ex`` measured 13x
+    slower on this CPU build (2.6 s against 0.2 s for 113 systems of 192 unknowns), and the
+    damped systems are well enough conditioned for float32 (half the time of float64).
+    """
+    x, info = torch.linalg.solve_ex(a.float(), b.float())
+    x = x.double()
     bad = info != 0
     if bool(bad.any()):
         x[bad] = torch.linalg.lstsq(a[bad], b[bad].unsqueeze(-1)).solution.squeeze(-1)
@@ -58,7 +65,7 @@ def reconstruct_rows(
     diag = torch.diagonal(gram, dim1=1, dim2=2)
     lam = (damping * diag.mean(1)).clamp_min(1e-12)
     # Inputs that were zero on every calibration example do not constrain their weights:
-    # those keep their values (the damping alone would zero them) and stay out of the solve.
+    # those keep their values and stay out of the solve (smaller systems).
     live = (diag > 0).repeat_interleave(per_group, dim=0)
     support = keep & (w != 0) & live
     grouped = w.reshape(gram.shape[0], per_group, -1)
@@ -73,7 +80,9 @@ def reconstruct_rows(
             grp = chunk // per_group
             a = gram[grp[:, None, None], idx[:, :, None], idx[:, None, :]]
             a.diagonal(dim1=1, dim2=2).add_(lam[grp].unsqueeze(1))
-            new[chunk.unsqueeze(1), idx] = _solve(a, target[chunk.unsqueeze(1), idx])
+            at = (chunk.unsqueeze(1), idx)
+            rhs = target[at] + lam[grp].unsqueeze(1) * w[at]
+            new[at] = _solve(a, rhs)
     if not bool(torch.isfinite(new).all()):
         raise ValueError(
             "reconstruct: the least-squares solve gave non-finite weights (the calibration "
