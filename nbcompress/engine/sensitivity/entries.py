@@ -16,12 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from nbcompress.engine.prune.apply import is_masked, zero_channel_bias
-from nbcompress.engine.prune.calibrate import SUPPORTED, ActivationStats
+from nbcompress.engine.prune.calibrate import (
+    SUPPORTED,
+    ActivationStats,
+    calibration_inputs,
+    collect_stats,
+)
 from nbcompress.engine.prune.masks import (
     from_output_major,
     layer_mask,
@@ -33,7 +39,7 @@ from nbcompress.engine.prune.targets import Target, collect
 from nbcompress.engine.prune.wanda import wanda_mask
 from nbcompress.engine.sensitivity.guard import LayerTrial
 
-__all__ = ["PrunedEntries", "prune_in_trial"]
+__all__ = ["PrunedEntries", "check_pruning", "prune_in_trial", "trial_pruning"]
 
 
 #: Elements read at a time. Smaller than prune's chunks: the selection's temporaries (int64
@@ -224,3 +230,50 @@ def _l1_entries(weight: torch.Tensor, amount: float) -> PrunedEntries:
             ties -= len(at)
         drops.append((_pack(drop), int(torch.count_nonzero(drop))))
     return PrunedEntries(weight, drops)
+
+
+def check_pruning(method: Any, example_inputs: Any, reconstruct: Any) -> bool:
+    """Check ``method`` / ``reconstruct`` and their calibration inputs; True if not plain L1.
+
+    Raises:
+        ValueError: An unknown method, or wanda / reconstruct without ``example_inputs``
+            (one line naming the argument and the fix).
+    """
+    if method not in ("l1", "wanda") or not isinstance(reconstruct, bool):
+        raise ValueError(
+            f"method / reconstruct: expected method 'l1' or 'wanda' and reconstruct True or "
+            f"False, got {method!r} / {reconstruct!r}."
+        )
+    if method == "l1" and not reconstruct:
+        return False
+    if example_inputs is None:
+        who = "reconstruct=True" if reconstruct else "method='wanda'"
+        raise ValueError(
+            f"example_inputs: {who} needs calibration inputs: pass example_inputs=x (--input x "
+            "in a notebook), a list of batches or a DataLoader."
+        )
+    return True
+
+
+def trial_pruning(
+    model: nn.Module,
+    selected: dict[str, nn.Module],
+    method: str,
+    example_inputs: Any,
+    reconstruct: bool,
+) -> dict[str, Any]:
+    """How each measured allocation is pruned: keyword arguments for the trial's pruning.
+
+    L1: nothing (the default). Wanda: statistics collected once here, on the model as it
+    is, for every trial (``prune_in_trial(method=, stats=)``). Reconstruct: the calibration
+    inputs, for ``prune_ratios_`` (each layer is re-measured after the earlier ones).
+
+    Raises:
+        ValueError: As :func:`check_pruning`, or the model fails on ``example_inputs``.
+    """
+    if not check_pruning(method, example_inputs, reconstruct):
+        return {}
+    if reconstruct:
+        return dict(method=method, example_inputs=example_inputs, reconstruct=True)
+    stats = collect_stats(model, calibration_inputs(example_inputs), selected)
+    return dict(method=method, stats=stats)

@@ -25,10 +25,9 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
-from nbcompress.engine.prune.calibrate import calibration_inputs, collect_stats
 from nbcompress.engine.prune.masks import layer_units
 from nbcompress.engine.prune.prune import prune_, prune_ratios_
-from nbcompress.engine.sensitivity.entries import prune_in_trial
+from nbcompress.engine.sensitivity.entries import prune_in_trial, trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
@@ -199,42 +198,6 @@ def refine(
         predicted=predict(ratios) if predict is not None else None, notes=search.notes,
         candidates={k: search.ratios(search.counts(a)) for k, a in named.items()},
     )  # fmt: skip
-
-
-def trial_pruning(
-    model: nn.Module,
-    selected: dict[str, nn.Module],
-    method: str,
-    example_inputs: Any,
-    reconstruct: bool,
-) -> dict[str, Any]:
-    """How each measured allocation is pruned: keyword arguments for the trial's pruning.
-
-    L1: nothing (the default). Wanda: statistics collected once here, on the model as it
-    is, for every trial (``prune_in_trial(method=, stats=)``). Reconstruct: the calibration
-    inputs, for ``prune_ratios_`` (each layer is re-measured after the earlier ones).
-
-    Raises:
-        ValueError: An unknown method, or wanda / reconstruct without ``example_inputs``
-            (one line naming the argument and the fix).
-    """
-    if method not in ("l1", "wanda") or not isinstance(reconstruct, bool):
-        raise ValueError(
-            f"method / reconstruct: expected method 'l1' or 'wanda' and reconstruct True or "
-            f"False, got {method!r} / {reconstruct!r}."
-        )
-    if method == "l1" and not reconstruct:
-        return {}
-    if example_inputs is None:
-        who = "reconstruct=True" if reconstruct else "method='wanda'"
-        raise ValueError(
-            f"example_inputs: {who} needs calibration inputs: pass example_inputs=x (--input x "
-            "in a notebook), a list of batches or a DataLoader."
-        )
-    if reconstruct:
-        return dict(method=method, example_inputs=example_inputs, reconstruct=True)
-    stats = collect_stats(model, calibration_inputs(example_inputs), selected)
-    return dict(method=method, stats=stats)
 
 
 def check_budget(value: Any, arg: str) -> int:

@@ -24,6 +24,7 @@ from nbcompress.engine.core.history import transaction, trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module
 from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.entries import check_pruning
 from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
     call_evaluate,
@@ -32,7 +33,7 @@ from nbcompress.engine.sensitivity.evaluate import (
     progress_line,
     spent,
 )
-from nbcompress.engine.sensitivity.refine import Refinement, check_budget, trial_pruning
+from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
 from nbcompress.engine.sensitivity.registry import keep_latest
 from nbcompress.engine.sensitivity.result import SensitivityResult
@@ -252,9 +253,9 @@ def prune_to_(
     targets = stage_targets(target_sparsity, stages)
     if refine is not None:
         check_budget(refine, "refine")
-    pruning = trial_pruning(model, {}, method, example_inputs, reconstruct) and dict(
-        method=method, example_inputs=example_inputs, reconstruct=reconstruct
-    )
+    pruning = {}
+    if check_pruning(method, example_inputs, reconstruct):
+        pruning = dict(method=method, example_inputs=example_inputs, reconstruct=reconstruct)
     measure, metric, notes = _evaluation(model, evaluate, example_inputs, metric)
     sweep_options = dict(
         ratios=ratios, layers=layers, types=types, granularity=granularity,
