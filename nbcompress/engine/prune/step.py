@@ -9,7 +9,7 @@ re-fitted (so errors do not compound), then masked and re-fitted itself.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -249,16 +249,7 @@ def run_step(
         notes = calib.summary()
         if notes:
             tx.step.detail += "; " + "; ".join(notes)
-        tx.info.update(
-            info,
-            method=plan.method,
-            scope=plan.scope,
-            granularity=plan.granularity,
-            keep_masks=plan.keep_masks,
-            reconstruct=plan.reconstruct,
-            notes=notes,
-            not_pruned=shares,
-        )
+        tx.info.update(info, **asdict(plan), notes=notes, not_pruned=shares)
 
 
 def _prior_stats(t: Target, calib: Calibration) -> LayerStats | None:
