@@ -64,7 +64,9 @@ class Calibration:
     Attributes:
         batches: Calibration batches (needed for ``reconstruct``), or ``None``.
         stats: Statistics collected before the step (Wanda without reconstruction).
-        notes: Layers scored by L1 or left un-refitted, and why.
+        notes: Further notes for the step's detail.
+        fallback: Target → why Wanda scored it by L1.
+        kept_as_masked: Target → why ``reconstruct`` left it as masked.
     """
 
     batches: list[tuple] | None = None
@@ -92,7 +94,10 @@ class Calibration:
 def _unscorable(target: Target) -> str | None:
     """Why the inputs of ``target`` cannot be measured (None if they can)."""
     if not isinstance(target.module, SUPPORTED):
-        return f"{type(target.module).__name__} has no single input matrix"
+        return (
+            f"the inputs of {type(target.module).__name__} layers are not measured (Linear, "
+            "Conv1d and Conv2d only)"
+        )
     return None
 
 

@@ -218,7 +218,7 @@ def test_layers_wanda_cannot_score_fall_back_to_l1_with_a_note():
     prune_(net, 0.5, method="wanda", example_inputs=x, reconstruct=True)
     step = nc.history(net)[-1]
     assert "wanda: scored by L1 instead for rnn.weight_ih_l0" in step.detail
-    assert "GRU has no single input matrix" in step.detail
+    assert "the inputs of GRU layers are not measured" in step.detail
     assert "reconstruct: not re-fitted" in step.detail
     assert (net.rnn.weight_ih_l0 == 0).float().mean() == 0.5
 
@@ -323,3 +323,18 @@ def test_conv_reconstruct_lowers_the_layer_output_error_with_the_same_mask(group
     assert ((refit[0].weight == 0).reshape(8, -1).sum(1) == 18 // groups).all()
     with torch.no_grad():
         assert (refit(x) - ref).norm() < 0.9 * (masked(x) - ref).norm()
+
+
+def test_reconstruct_with_kept_masks_refits_the_original_and_keeps_the_mask():
+    torch.manual_seed(9)
+    model, twin = mlp(), mlp()
+    twin.load_state_dict(model.state_dict())
+    before = snapshot(model)
+    x = torch.randn(64, 4) @ torch.randn(4, 16)
+    prune_(model, 0.5, example_inputs=x, reconstruct=True, keep_masks=True)
+    prune_(twin, 0.5, example_inputs=x, reconstruct=True)
+    layer = model[0]
+    assert torch.equal(layer.weight, layer.weight_orig * layer.weight_mask)
+    assert torch.equal(layer.weight, twin[0].weight)  # the same re-fit as without masks
+    nc.undo_(model)
+    assert_same_state(model, before)
