@@ -30,7 +30,9 @@ __all__ = [
     "output_major",
     "score_source",
     "scores",
+    "unit_scores",
     "unit_shape",
+    "unit_source",
     "units",
     "zero_units",
 ]
@@ -74,10 +76,24 @@ def scores(
         raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
-    s = CRITERIA[method](weight, gen)
+    return unit_scores(CRITERIA[method](weight, gen), weight, granularity, summed=method == "l1")
+
+
+def unit_scores(
+    s: torch.Tensor, weight: torch.Tensor, granularity: str, *, summed: bool = True
+) -> torch.Tensor:
+    """Element scores ``s`` of ``weight`` reduced to its units; zero units score -1.
+
+    Args:
+        s: Non-negative scores shaped like the (output-major) weight.
+        weight: The weight (its zeros mark units already removed).
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
+        summed: Sum the scores of a unit (magnitude-like criteria); else take its first
+            score (the random criterion).
+    """
     if granularity == "channel":
-        s = s.reshape(s.shape[0], -1).sum(1) if method == "l1" else s.reshape(s.shape[0], -1)[:, 0]
-    elif granularity == "block" and method == "l1":
+        s = s.reshape(s.shape[0], -1).sum(1) if summed else s.reshape(s.shape[0], -1)[:, 0]
+    elif granularity == "block" and summed:
         # Mean over the block's real rows × BLOCK: a last block of fewer rows (out_features
         # not a multiple of 4) must not look small for lack of rows.
         real = _blocks(torch.ones(s.shape[0], 1), 0.0).sum(1)
@@ -85,6 +101,12 @@ def scores(
     elif granularity == "block":
         s = _blocks(s, 0.0)[:, 0]
     return torch.where(zero_units(weight, granularity), torch.full_like(s, -1.0), s)
+
+
+def unit_source(s: torch.Tensor) -> Scores:
+    """A score source over precomputed unit scores (read in chunks, flat order)."""
+    flat = s.reshape(-1)
+    return lambda: _chunks(flat)
 
 
 def zero_units(weight: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -187,8 +209,7 @@ def score_source(
     zeros score lowest (see :func:`scores`).
     """
     if granularity != "element":
-        s = scores(weight, method, granularity, gen).reshape(-1)
-        return lambda: _chunks(s)
+        return unit_source(scores(weight, method, granularity, gen))
     flat = weight.detach().reshape(-1)
     if method == "l1":
         return lambda: (c.abs() for c in _chunks(flat))

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -21,29 +19,15 @@ from nbcompress.engine.core.layers import (
     weighted_layers,
 )
 from nbcompress.engine.core.validation import check_amount, check_module
-from nbcompress.engine.prune.apply import (
-    apply_mask,
-    is_masked,
-    set_parametrized,
-    zero_channel_bias,
-)
+from nbcompress.engine.prune.apply import apply_mask, is_masked
 from nbcompress.engine.prune.keep import remove_detach_hooks
-from nbcompress.engine.prune.masks import (
-    CRITERIA,
-    GRANULARITIES,
-    from_output_major,
-    global_counts,
-    mask_of,
-    output_major,
-    score_source,
-    units,
-)
+from nbcompress.engine.prune.masks import GRANULARITIES
+from nbcompress.engine.prune.step import METHODS, Plan, calibration, run_step
 from nbcompress.engine.prune.targets import (
     Target,
     check_min_density,
     check_seed,
     collect,
-    not_pruned,
     split_multi,
 )
 
@@ -89,9 +73,16 @@ def resolve_amounts(
     return resolved
 
 
-def _check_options(method: str, scope: str, granularity: str) -> None:
-    if not isinstance(method, str) or method not in CRITERIA:
-        raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(CRITERIA)}.")
+def _check_options(method: str, scope: str, granularity: str, reconstruct: Any = False) -> None:
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: {method!r} is unknown; choose one of {sorted(METHODS)}.")
+    if not isinstance(reconstruct, bool):
+        raise TypeError(f"reconstruct: expected True or False, got {reconstruct!r}.")
+    if method == "wanda" and scope == "global":
+        raise ValueError(
+            "scope: method='wanda' compares weights within each output row, and its scores are "
+            "not comparable across layers; use scope='layer' (or method='l1' for global)."
+        )
     if not isinstance(scope, str) or scope not in _SCOPES:
         raise ValueError(f"scope: {scope!r} is unknown; choose one of {_SCOPES}.")
     if not isinstance(granularity, str) or granularity not in GRANULARITIES:
@@ -111,6 +102,8 @@ def prune_(
     keep_masks: bool = False,
     min_density: float = 0.05,
     seed: int = 0,
+    example_inputs: Any = None,
+    reconstruct: bool = False,
 ) -> nn.Module:
     """Prune ``model`` in place and record the step for :func:`~nbcompress.undo_`.
 
@@ -120,7 +113,11 @@ def prune_(
             (``scope="layer"``) or across all of them (``scope="global"``); or a dict of
             layer name/glob → fraction for per-layer amounts (exact per-layer ratios, such
             as a suggestion's, are applied with :func:`prune_ratios_`).
-        method: ``"l1"`` (smallest magnitudes) or ``"random"`` (the baseline).
+        method: ``"l1"`` (smallest magnitudes), ``"random"`` (the baseline) or
+            ``"wanda"`` (``|W_ij| · ‖X_j‖₂`` over ``example_inputs``, compared within each
+            output row, so every row loses the same share; Sun et al., ICLR 2024; layer
+            scope only). Layers whose inputs cannot be measured (attention, recurrent,
+            ConvTranspose) are scored by L1 and the step's detail says so.
         scope: ``"layer"`` — the amount applies to each layer; ``"global"`` — weights are
             ranked across layers, each keeping at least ``min_density``.
         layers: Glob pattern(s) on qualified names, e.g. ``"features.*"``.
@@ -139,6 +136,17 @@ def prune_(
             by default they are then left out (the report says so).
         min_density: Global scope only — minimum fraction of weights every layer keeps.
         seed: Seed of the random criterion.
+        example_inputs: Calibration inputs for ``method="wanda"`` and ``reconstruct``: one
+            input (tensor, tuple of positional arguments, dict of tensors), a list of such
+            batches, or a ``DataLoader`` (a batch that is a tuple or list, such as
+            ``(x, y)``, contributes its first element); or, for Wanda without
+            reconstruction, ``ActivationStats`` collected earlier. Only sums of the
+            activations are kept, never the activations of all batches.
+        reconstruct: After choosing each mask, re-fit the layer's kept weights by least
+            squares so its output on the calibration inputs changes least (SparseGPT's
+            idea; Linear, Conv1d, Conv2d). Layers are processed in forward order, each
+            measured with the earlier ones already pruned and re-fitted. Layers it cannot
+            handle are only masked, with a note; with channel granularity nothing is re-fitted.
 
     A weight shared by several layers is pruned once (one mask). A parametrized weight
     (``torch.nn.utils.parametrize``, ``weight_norm``) is set through its parametrization,
@@ -156,7 +164,7 @@ def prune_(
             model is untouched in every case.
     """
     check_module(model)
-    _check_options(method, scope, granularity)
+    _check_options(method, scope, granularity, reconstruct)
     min_density, seed = check_min_density(min_density), check_seed(seed)
     per_layer = isinstance(amount, Mapping)
     # A dict naming the output layer literally is explicit intent, like a literal pattern.
@@ -181,14 +189,20 @@ def prune_(
         raise ValueError("scope: per-layer amounts (a dict) need scope='layer'.")
     targets = _targets(model, amounts, keep_masks)
     what = "per-layer amounts" if per_layer else f"{amounts[next(iter(amounts))]:.0%}"
-    _prune(
+    plan = Plan(method, scope, granularity, keep_masks, min_density, seed, reconstruct)
+    run_step(
         model,
         targets,
-        Plan(method, scope, granularity, keep_masks, min_density, seed),
-        f"{what} {method} {granularity} ({scope} scope)",
+        plan,
+        f"{what} {_named(plan)} ({scope} scope)",
         dict(amounts=amounts, excluded_output=excluded, skipped=skipped),
+        calibration(model, targets, plan, example_inputs),
     )
     return model
+
+
+def _named(plan: Plan) -> str:
+    return f"{plan.method}{' + reconstruct' if plan.reconstruct else ''} {plan.granularity}"
 
 
 def check_ratios(model: nn.Module, ratios: Any) -> dict[str, float]:
@@ -230,6 +244,8 @@ def prune_ratios_(
     granularity: str = "element",
     keep_masks: bool = False,
     seed: int = 0,
+    example_inputs: Any = None,
+    reconstruct: bool = False,
 ) -> nn.Module:
     """Prune each named layer of ``model`` in place to its own ratio, as one undoable step.
 
@@ -241,10 +257,13 @@ def prune_ratios_(
         model: The model to prune (recorded in its history; inside a ``trial`` or an outer
             ``transaction`` the edit joins it).
         ratios: Layer name → fraction of its weights that are zero afterwards, in [0, 1).
-        method: ``"l1"`` (smallest magnitudes) or ``"random"``.
+        method: ``"l1"`` (smallest magnitudes), ``"random"`` or ``"wanda"`` (needs
+            ``example_inputs``), as in :func:`prune_`.
         granularity: ``"element"``, ``"block"`` or ``"channel"``, as in :func:`prune_`.
         keep_masks: Attach masks so that fine-tuning keeps pruned weights at zero.
         seed: Seed of the random criterion.
+        example_inputs: Calibration inputs (or ``ActivationStats``), as in :func:`prune_`.
+        reconstruct: Re-fit kept weights by least squares, as in :func:`prune_`.
 
     Returns:
         The model, pruned in place.
@@ -255,33 +274,24 @@ def prune_ratios_(
             every ratio 0 (nothing to prune). The model is untouched in every case.
     """
     check_module(model)
-    _check_options(method, "layer", granularity)
+    _check_options(method, "layer", granularity, reconstruct)
     seed = check_seed(seed)
     amounts = check_ratios(model, ratios)
     if not amounts:
         raise ValueError("ratios: every ratio is 0, so there is nothing to prune.")
     named = {n: model.get_submodule(n) for n in amounts}
     split_multi(named, keep_masks=keep_masks, granularity=granularity, explicit=True)
-    _prune(
+    targets = _targets(model, amounts, keep_masks)
+    plan = Plan(method, "layer", granularity, keep_masks, 0.0, seed, reconstruct)
+    run_step(
         model,
-        _targets(model, amounts, keep_masks),
-        Plan(method, "layer", granularity, keep_masks, 0.0, seed),
-        f"per-layer amounts {method} {granularity} (layer scope)",
+        targets,
+        plan,
+        f"per-layer amounts {_named(plan)} (layer scope)",
         dict(amounts=amounts, excluded_output=None, skipped={}),
+        calibration(model, targets, plan, example_inputs),
     )
     return model
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a prune step chooses and applies its masks."""
-
-    method: str
-    scope: str
-    granularity: str
-    keep_masks: bool
-    min_density: float
-    seed: int
 
 
 def _targets(model: nn.Module, amounts: dict[str, float], keep_masks: bool) -> list[Target]:
@@ -295,67 +305,6 @@ def _targets(model: nn.Module, amounts: dict[str, float], keep_masks: bool) -> l
                 "it with keep_masks=False, or remove the parametrization first."
             )
     return targets
-
-
-def _masks(targets: list[Target], plan: Plan) -> Iterator[tuple[Target, torch.Tensor]]:
-    """Each target's keep-mask in its own layout, one at a time (bounded memory)."""
-    gen = torch.Generator().manual_seed(plan.seed)
-    g = plan.granularity
-    views: dict[str, torch.Tensor] = {}
-    if plan.scope == "global":
-        # Pooled ranking reads every weight; layer scope makes each view when it needs it
-        # (a ConvTranspose's output-major view is a copy).
-        views = {t.name: output_major(t.weight().detach(), t.module) for t in targets}
-        sources = {n: score_source(w, plan.method, g, gen) for n, w in views.items()}
-        amount = targets[0].amount
-        counts = global_counts(views, sources, amount, granularity=g, min_density=plan.min_density)
-    for t in targets:
-        w = views.pop(t.name, None)
-        if w is None:
-            w = output_major(t.weight().detach(), t.module)
-        if plan.scope == "global":
-            source, k = sources.pop(t.name), counts[t.name]
-        else:
-            source, k = score_source(w, plan.method, g, gen), round(t.amount * units(w, g))
-        yield t, from_output_major(mask_of(w, k, source, g), t.weight(), t.module)
-
-
-def _prune(
-    model: nn.Module, targets: list[Target], plan: Plan, what: str, info: dict[str, Any]
-) -> None:
-    """Apply every target's mask in one transaction, recording ``info`` and the coverage."""
-    untouched, shares = not_pruned(model, targets, info["excluded_output"], info["skipped"])
-    layers = {u.layer for t in targets for u in t.uses}
-    detail = f"{what} on {len(layers)} layer(s)"
-    if info["excluded_output"]:
-        detail += f"; output layer {info['excluded_output']} left alone"
-    if untouched:
-        detail += f"; {untouched}"
-    with transaction(model, "prune", detail) as tx:
-        if plan.keep_masks:
-            # Fine-tuning follows and changes every parameter: keep full copies so that
-            # undo returns to the model as it was before this step, not a mix.
-            for tensor in [*model.parameters(), *model.buffers()]:
-                tx.save_tensor(tensor, pin=True)
-        for target, mask in _masks(targets, plan):
-            for i, use in enumerate(target.uses):
-                # A shared tensor is zeroed once; every user gets the mask when kept.
-                if i == 0 and target.parametrized:
-                    set_parametrized(tx, use.owner, use.leaf, mask, use.layer)
-                elif i == 0 or plan.keep_masks:
-                    extra = {} if use.leaf == "weight" else {"name": use.leaf}
-                    apply_mask(tx, use.owner, mask, keep_masks=plan.keep_masks, **extra)
-                if plan.granularity == "channel":
-                    zero_channel_bias(tx, use.owner, mask)
-            del mask
-        tx.info.update(
-            info,
-            method=plan.method,
-            scope=plan.scope,
-            granularity=plan.granularity,
-            keep_masks=plan.keep_masks,
-            not_pruned=shares,
-        )
 
 
 def remove_masks_(model: nn.Module) -> nn.Module:

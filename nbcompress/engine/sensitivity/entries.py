@@ -16,11 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from nbcompress.engine.prune.apply import is_masked, zero_channel_bias
+from nbcompress.engine.prune.calibrate import (
+    SUPPORTED,
+    ActivationStats,
+    calibration_inputs,
+    collect_stats,
+)
 from nbcompress.engine.prune.masks import (
     from_output_major,
     layer_mask,
@@ -29,9 +36,10 @@ from nbcompress.engine.prune.masks import (
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.prune.select import threshold
 from nbcompress.engine.prune.targets import Target, collect
+from nbcompress.engine.prune.wanda import wanda_mask
 from nbcompress.engine.sensitivity.guard import LayerTrial
 
-__all__ = ["PrunedEntries", "prune_in_trial"]
+__all__ = ["PrunedEntries", "check_pruning", "prune_in_trial", "trial_pruning"]
 
 
 #: Elements read at a time. Smaller than prune's chunks: the selection's temporaries (int64
@@ -134,9 +142,15 @@ def _in_place(target: Target) -> bool:
 
 
 def prune_in_trial(
-    model: nn.Module, trial: LayerTrial, ratios: dict[str, float], granularity: str
+    model: nn.Module,
+    trial: LayerTrial,
+    ratios: dict[str, float],
+    granularity: str,
+    *,
+    method: str = "l1",
+    stats: ActivationStats | None = None,
 ) -> None:
-    """Prune each named layer to its ratio by L1, as ``prune_ratios_`` would, inside ``trial``.
+    """Prune each named layer to its ratio, as ``prune_ratios_`` would, inside ``trial``.
 
     Each weight's zeroed entries are added to ``trial.saved`` before they are zeroed; biases
     of removed channels are saved in the trial's transaction. If some weight cannot be
@@ -147,18 +161,38 @@ def prune_in_trial(
         trial: The open :func:`~nbcompress.engine.sensitivity.guard.layer_trial`.
         ratios: Layer name → fraction in (0, 1), layers already validated.
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
+        method: ``"l1"`` or ``"wanda"`` (then ``stats`` is required).
+        stats: Input statistics from :func:`~nbcompress.engine.prune.calibrate.collect_stats`,
+            collected once on the dense model, so that each trial only re-scores its layer.
+            A layer without statistics (attention, recurrent) is scored by L1, as
+            ``prune_`` does.
+
+    Raises:
+        ValueError: ``method="wanda"`` without ``stats``.
     """
+    if method == "wanda" and stats is None:
+        raise ValueError(
+            "stats: method='wanda' in a trial needs the input statistics collected once on "
+            "the dense model (nbcompress.engine.prune.calibrate.collect_stats)."
+        )
     targets = collect(model, ratios)
     if not all(_in_place(t) for t in targets):
-        prune_ratios_(model, ratios, granularity=granularity)
+        options = dict(method=method, example_inputs=stats) if method == "wanda" else {}
+        prune_ratios_(model, ratios, granularity=granularity, **options)
         return
     for t in targets:
         w = t.weight()
-        if granularity == "element" and w.dtype == torch.float32:
+        found = stats.layers.get(t.first.layer) if method == "wanda" else None
+        if found is not None and not isinstance(t.module, SUPPORTED):
+            found = None
+        if found is None and granularity == "element" and w.dtype == torch.float32:
             entries = _l1_entries(w, t.amount)
         else:
             view = output_major(w.detach(), t.module)
-            mask = layer_mask(view, t.amount, granularity=granularity)
+            if found is not None:
+                mask = wanda_mask(view, t.amount, found, granularity)
+            else:
+                mask = layer_mask(view, t.amount, granularity=granularity)
             mask = from_output_major(mask, w, t.module)
             entries = PrunedEntries.of(w, mask)
             if granularity == "channel":
@@ -196,3 +230,50 @@ def _l1_entries(weight: torch.Tensor, amount: float) -> PrunedEntries:
             ties -= len(at)
         drops.append((_pack(drop), int(torch.count_nonzero(drop))))
     return PrunedEntries(weight, drops)
+
+
+def check_pruning(method: Any, example_inputs: Any, reconstruct: Any) -> bool:
+    """Check ``method`` / ``reconstruct`` and their calibration inputs; True if not plain L1.
+
+    Raises:
+        ValueError: An unknown method, or wanda / reconstruct without ``example_inputs``
+            (one line naming the argument and the fix).
+    """
+    if method not in ("l1", "wanda") or not isinstance(reconstruct, bool):
+        raise ValueError(
+            f"method / reconstruct: expected method 'l1' or 'wanda' and reconstruct True or "
+            f"False, got {method!r} / {reconstruct!r}."
+        )
+    if method == "l1" and not reconstruct:
+        return False
+    if example_inputs is None:
+        who = "reconstruct=True" if reconstruct else "method='wanda'"
+        raise ValueError(
+            f"example_inputs: {who} needs calibration inputs: pass example_inputs=x (--input x "
+            "in a notebook), a list of batches or a DataLoader."
+        )
+    return True
+
+
+def trial_pruning(
+    model: nn.Module,
+    selected: dict[str, nn.Module],
+    method: str,
+    example_inputs: Any,
+    reconstruct: bool,
+) -> dict[str, Any]:
+    """How each measured allocation is pruned: keyword arguments for the trial's pruning.
+
+    L1: nothing (the default). Wanda: statistics collected once here, on the model as it
+    is, for every trial (``prune_in_trial(method=, stats=)``). Reconstruct: the calibration
+    inputs, for ``prune_ratios_`` (each layer is re-measured after the earlier ones).
+
+    Raises:
+        ValueError: As :func:`check_pruning`, or the model fails on ``example_inputs``.
+    """
+    if not check_pruning(method, example_inputs, reconstruct):
+        return {}
+    if reconstruct:
+        return dict(method=method, example_inputs=example_inputs, reconstruct=True)
+    stats = collect_stats(model, calibration_inputs(example_inputs), selected)
+    return dict(method=method, stats=stats)

@@ -26,8 +26,8 @@ from torch import nn
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import layer_units
-from nbcompress.engine.prune.prune import prune_
-from nbcompress.engine.sensitivity.entries import prune_in_trial
+from nbcompress.engine.prune.prune import prune_, prune_ratios_
+from nbcompress.engine.sensitivity.entries import prune_in_trial, trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     check_sweep_options,
@@ -120,6 +120,9 @@ def refine(
     metric: str | None = None,
     predict: Callable[[dict[str, float]], float] | None = None,
     progress: bool = False,
+    method: str = "l1",
+    example_inputs: Any = None,
+    reconstruct: bool = False,
 ) -> Refinement:
     """Find per-layer ratios at an overall sparsity by measuring, without changing the model.
 
@@ -149,6 +152,11 @@ def refine(
         predict: Optional ``predict(ratios) -> float`` (e.g. ``SensitivityResult.predict``)
             to report the curves' prediction next to the measurement.
         progress: Print one line per kept move to stderr.
+        method: How each measured allocation prunes a layer: ``"l1"`` or ``"wanda"``
+            (statistics collected once on ``example_inputs``).
+        example_inputs: Calibration inputs for ``"wanda"`` and ``reconstruct``.
+        reconstruct: Re-fit kept weights by least squares in each measured allocation
+            (see :func:`~nbcompress.prune_`; slower: every layer is re-measured).
 
     Returns:
         The best allocation measured, with each candidate and kept move.
@@ -170,6 +178,7 @@ def refine(
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
     selected, _ = select_sweep_layers(model, layers, types, None, granularity)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
+    search.pruning = trial_pruning(model, selected, method, example_inputs, reconstruct)
     with verified(model, Fingerprint.of(model), "refine"):
         named = {
             "uniform L1": dict.fromkeys(selected, target),
@@ -231,6 +240,7 @@ class _Search:
         self.evaluations = 0
         self.best: tuple[int, ...] = ()
         self.value = -math.inf
+        self.pruning: dict[str, Any] = {}
 
     def check_candidates(self, candidates: Any) -> dict[str, dict[str, float]]:
         if candidates is None:
@@ -275,8 +285,10 @@ class _Search:
         if counts not in self.cache:
             ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
             with layer_trial(self.model, {n: self.layers[n] for n in ratios}) as t:
-                if ratios:
-                    prune_in_trial(self.model, t, ratios, self.granularity)
+                if ratios and self.pruning.get("reconstruct"):
+                    prune_ratios_(self.model, ratios, granularity=self.granularity, **self.pruning)
+                elif ratios:
+                    prune_in_trial(self.model, t, ratios, self.granularity, **self.pruning)
                 value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value

@@ -24,8 +24,10 @@ from nbcompress.engine.core.history import transaction, trial
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module
 from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.entries import check_pruning
 from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
+    call_evaluate,
     fmt_value,
     layer_sparsity,
     progress_line,
@@ -190,6 +192,8 @@ def prune_to_(
     metric: str | None = None,
     refine: int | None = None,
     progress: bool = True,
+    method: str = "l1",
+    reconstruct: bool = False,
 ) -> StagedReport:
     """Prune ``model`` in place to an overall sparsity in stages guided by sensitivity.
 
@@ -232,6 +236,9 @@ def prune_to_(
         refine: Evaluations for a measured refinement after the stages (e.g. 100);
             ``None``: apply the last stage's suggestion as it is.
         progress: Print one line per stage to stderr.
+        method: ``"l1"`` or ``"wanda"``: how the sweeps score and the stages prune (Wanda
+            needs ``example_inputs`` as calibration inputs, see :func:`~nbcompress.prune_`).
+        reconstruct: Re-fit the kept weights by least squares whenever a stage prunes.
 
     Returns:
         The report: per stage the target, achieved sparsity, predicted and measured metric.
@@ -246,19 +253,26 @@ def prune_to_(
     targets = stage_targets(target_sparsity, stages)
     if refine is not None:
         check_budget(refine, "refine")
+    pruning = {}
+    if check_pruning(method, example_inputs, reconstruct):
+        pruning = dict(method=method, example_inputs=example_inputs, reconstruct=reconstruct)
     measure, metric, notes = _evaluation(model, evaluate, example_inputs, metric)
     sweep_options = dict(
         ratios=ratios, layers=layers, types=types, granularity=granularity,
         example_inputs=example_inputs, higher_is_better=higher_is_better, metric=metric,
         progress=False,
+        # Passed only when asked for: the sweep forwards them to each layer's trial.
+        **{k: v for k, v in pruning.items() if k != "example_inputs"},
     )  # fmt: skip
     run = _Staged(model, measure, sweep_options, objective, progress, time.perf_counter())
+    run.pruning = pruning
     detail = f"staged sensitivity pruning to sparsity {fmt_pct(targets[-1])}"
     with keep_latest(model), transaction(model, "prune", detail) as tx:
         if refine is None:
             run.stages(targets)
         else:
-            run.refined(targets, refine, dict(layers=layers, types=types, granularity=granularity))
+            selection = dict(layers=layers, types=types, granularity=granularity)
+            run.refined(targets, refine, selection)
         tx.step.detail = detail + f" in {len(targets)} stage(s)" + (" + refined" if refine else "")
         notes.append("Undo all stages at once with nbcompress.undo_(model) or %undo model.")
         report = run.report(targets[-1], notes)
@@ -289,6 +303,8 @@ class _Staged:
     last: float | None = None
     refinement: Refinement | None = None
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # method / example_inputs / reconstruct when not plain L1 (else empty).
+    pruning: dict[str, Any] = field(default_factory=dict)
 
     def stages(self, targets: list[float]) -> None:
         """Run every stage on the model."""
@@ -309,10 +325,12 @@ class _Staged:
         found = refine_allocation(
             self.model, self.evaluate, targets[-1], candidates=candidates, budget=budget,
             higher_is_better=self.result.higher_is_better, metric=self.result.metric,
-            predict=self.first.predict, **selection,
+            predict=self.first.predict, **selection, **self.pruning,
         )  # fmt: skip
         self.evaluations += found.evaluations
-        prune_ratios_(self.model, found.ratios, granularity=selection["granularity"])
+        prune_ratios_(
+            self.model, found.ratios, granularity=selection["granularity"], **self.pruning
+        )
         self.refinement, self.last = found, found.measured
         self.rows.append({
             "stage": f"refined (from {found.start})", "target": targets[-1],
@@ -341,19 +359,30 @@ class _Staged:
             suggestion = res.suggest(target, objective=self.objective, check=False)
         except ValueError as err:
             raise ValueError(f"stage {k} of {n}: {err}") from None
-        applied = apply_suggestion_(self.model, suggestion, evaluate=self.evaluate)
-        self.evaluations += applied.measured is not None
-        self.suggestion, self.last = suggestion, applied.measured
+        measured = self._apply(suggestion)
+        self.evaluations += measured is not None
+        self.suggestion, self.last = suggestion, measured
         self.rows.append({
             "stage": k, "target": target, "sparsity": suggestion.sparsity,
-            "predicted": suggestion.predicted, "measured": applied.measured,
+            "predicted": suggestion.predicted, "measured": measured,
         })  # fmt: skip
         if self.progress:
             progress_line(
                 f"prune_to_ [stage {k}/{n}, {time.perf_counter() - self.start:.1f} s] sparsity "
                 f"{suggestion.sparsity:.1%}: predicted {suggestion.predicted:.4g}, measured "
-                + fmt_value(applied.measured)
+                + fmt_value(measured)
             )
+
+    def _apply(self, suggestion: Suggestion) -> float | None:
+        """Apply a stage's suggestion (L1 as suggested, or with this run's method); measure."""
+        if not self.pruning:
+            return apply_suggestion_(self.model, suggestion, evaluate=self.evaluate).measured
+        ratios = {n: r for n, r in suggestion.ratios.items() if r > 0}
+        g = self.options["granularity"]
+        prune_ratios_(self.model, ratios, granularity=g, **self.pruning)
+        if self.evaluate is None:
+            return None
+        return call_evaluate(self.evaluate, self.model, "after a stage")
 
     def report(self, target: float, notes: list[str]) -> StagedReport:
         """The report of the finished run."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from IPython.core.error import UsageError
 from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
@@ -60,7 +62,18 @@ class CoreMagics(ModelMagics):
     @magic_arguments()
     @argument("model", help="The model: any expression in the namespace.")
     @argument("amount", nargs="?", help="Fraction of weights to remove, e.g. 0.5, or a dict name.")
-    @argument("--method", default="l1", help="l1 (smallest magnitudes, default) or random.")
+    @argument(
+        "--method",
+        default="l1",
+        help="l1 (smallest magnitudes, default), random, or wanda (|weight| × input norm over "
+        "the --input calibration batch, compared within each output row).",
+    )
+    @argument(
+        "--reconstruct",
+        action="store_true",
+        help="After masking, re-fit each layer's kept weights by least squares on the --input "
+        "calibration batch (Linear, Conv1d, Conv2d; layer by layer in forward order).",
+    )
     @argument("--scope", default="layer", help="layer (amount per layer, default) or global.")
     @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
     @argument("--types", help="Layer types, e.g. Linear,Conv2d (default Linear and Conv).")
@@ -84,14 +97,19 @@ class CoreMagics(ModelMagics):
     @argument("--suggested", action="store_true", help="Apply the latest %%sensitivity suggestion.")
     @argument("--eval", dest="evaluate", help="With --suggested: metric function to measure.")
     @argument("--seed", type=seed_type, default=0, help="Seed of the random criterion.")
-    @input_argument("Example input to measure latency before/after (default: the last one given).")
+    @input_argument(
+        "Example input: latency before/after, and the calibration batch of --method wanda and "
+        "--reconstruct (default: the last one given)."
+    )
     @line_magic
     def prune(self, line: str) -> Comparison:
         """Prune a model in place (undoable with %undo) and show before/after figures.
 
         Examples: ``%prune model 0.5``, ``%prune model 0.8 --scope global``,
         ``%prune model 0.3 --layers "features.*" --granularity channel``,
-        ``%prune model 0.9 --granularity block``, ``%prune model --suggested``.
+        ``%prune model 0.9 --granularity block``, ``%prune model --suggested``,
+        ``%prune model 0.5 --method wanda --input x --reconstruct`` (activation-aware: the
+        input is the calibration batch; a list of batches or a DataLoader works too).
         The final classifier layer is left alone unless --include-output is given.
         All or nothing: on an error or Ctrl-C the model is left as it was, and one line
         says so (or, should a step have been recorded, how to undo it).
@@ -117,11 +135,16 @@ class CoreMagics(ModelMagics):
             keep_masks=args.keep_masks,
             min_density=args.min_density,
             seed=args.seed,
+            reconstruct=args.reconstruct,
         )
         x = self.example_input(model, args.input)
+        if args.method == "wanda" or args.reconstruct:
+            options["example_inputs"] = x
         notes = [_KEPT_MASKS, _NOT_FASTER] if args.keep_masks else [_NOT_FASTER]
+        # A list of batches or a DataLoader calibrates; latency is timed on one input only.
+        timed = x if x is None or isinstance(x, (torch.Tensor, tuple, Mapping)) else None
         return _compare(
-            model, args.model, x, lambda m: prune_(m, amount, **options), "Pruned", notes
+            model, args.model, timed, lambda m: prune_(m, amount, **options), "Pruned", notes
         )
 
     def _apply_suggestion(self, model: Any, args: Any) -> Comparison:
