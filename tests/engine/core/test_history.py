@@ -4,7 +4,7 @@ from torch import nn
 
 import nbcompress as nc
 from nbcompress.engine.core.history import transaction, trial
-from nbcompress.engine.prune import prune as prune_module
+from nbcompress.engine.prune import step as prune_module
 from tests.helpers import assert_same_state, cnn, mlp, snapshot
 
 
