@@ -92,7 +92,7 @@ def suggest(
     if refine is not None:
         refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
         ratios = refinement.ratios
-        notes.insert(0, _verdict(refinement))
+        notes[:0] = [_verdict(refinement), *refinement.notes]
     target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
     if objective == "macs" and max_drop is None:
         target = f"MAC reduction {target_sparsity:.0%}"
@@ -181,10 +181,11 @@ def _verdict(ref: Refinement) -> str:
     }
     shown = ", ".join(f"{k} {v:.4g}" for k, v in measured.items())
     line = f"Measured {ref.metric} at the same sparsity: {shown} → {ref.start}"
-    base = [v for k, v in measured.items() if k in ("uniform L1", "global L1")]
+    base = {k: v for k, v in measured.items() if k in ("uniform L1", "global L1")}
     if base:
-        best = max(base, key=lambda v: sign * v)
-        line += f" ({sign * (ref.measured - best):+.4g} over the better of uniform and global L1)"
+        best = max(base.values(), key=lambda v: sign * v)
+        than = "the better of uniform and global L1" if len(base) == 2 else next(iter(base))
+        line += f" ({sign * (ref.measured - best):+.4g} over {than})"
     if len(ref.steps) > len(measured):
         line += f"; refined to {ref.measured:.4g}"
     return line + "."

@@ -182,7 +182,7 @@ def refine(
     with verified(model, Fingerprint.of(model), "refine"):
         named = {
             "uniform L1": dict.fromkeys(selected, target),
-            **_global(model, selected, target, granularity),
+            **_global(model, selected, target, granularity, search.notes),
         }
         named.update(search.check_candidates(candidates))
         with measuring(model):
@@ -207,14 +207,28 @@ def check_budget(value: Any, arg: str) -> int:
     return value
 
 
-def _global(model: nn.Module, selected: dict[str, nn.Module], target: float, granularity: str):
-    """The per-layer ratios one global L1 threshold gives (read off inside a trial)."""
+def _global(
+    model: nn.Module,
+    selected: dict[str, nn.Module],
+    target: float,
+    granularity: str,
+    notes: list[str],
+) -> dict[str, dict[str, float]]:
+    """The per-layer ratios one global L1 threshold gives (read off inside a trial).
+
+    Empty, with a note, when global L1 cannot reach the target (every layer keeps
+    ``prune_``'s default ``min_density`` of its weights, e.g. 5% caps it at 95%).
+    """
     with layer_trial(model, selected), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the min-density note: reflected in the ratios
-        prune_(
-            model, target, layers=list(selected), types={type(m) for m in selected.values()},
-            include_output=True, scope="global", granularity=granularity,
-        )  # fmt: skip
+        try:
+            prune_(
+                model, target, layers=list(selected), types={type(m) for m in selected.values()},
+                include_output=True, scope="global", granularity=granularity,
+            )  # fmt: skip
+        except ValueError as err:
+            notes.append(f"No global L1 candidate: {err}")
+            return {}
         ratios = {n: layer_sparsity(m, granularity) for n, m in selected.items()}
         return {"global L1": ratios}
 

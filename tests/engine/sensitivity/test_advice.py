@@ -138,3 +138,13 @@ def test_a_target_outside_the_open_unit_interval_is_one_clear_line(bad: float) -
     with pytest.raises(ValueError, match=r"target_sparsity: .*(outside|prunes nothing)"):
         result.suggest(bad)
     assert_same_state(model, before)
+
+
+def test_a_target_global_l1_cannot_reach_is_checked_against_uniform_alone() -> None:
+    """Global L1 keeps 5% of every layer: at 96% it refuses, and the check goes on without it."""
+    model = uneven()
+    result = nc.sensitivity(model, worst_layer, ratios=[*RATIOS, 0.98, 0.99], progress=False)
+    checked = result.suggest(0.96)
+    names = [s["step"] for s in checked.refinement.steps]
+    assert names == ["candidate: uniform L1", "candidate: curve suggestion"]
+    assert any("No global L1 candidate" in n for n in checked.refinement.notes)
