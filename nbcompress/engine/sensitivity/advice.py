@@ -26,6 +26,12 @@ from nbcompress.engine.core.report import fmt_count
 from nbcompress.engine.sensitivity.allocate import choose
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
+from nbcompress.engine.sensitivity.refit import (
+    MAX_REFIT_FLOPS,
+    Refit,
+    refit_candidates,
+    refit_cost,
+)
 from nbcompress.engine.sensitivity.registry import latest, remember, remembered
 from nbcompress.engine.sensitivity.setting import proxy_metric
 from nbcompress.engine.sensitivity.suggestion import Suggestion
@@ -57,6 +63,7 @@ def suggest(
     objective: str,
     *,
     check: bool | None = None,
+    reconstruct: bool | None = None,
     **refinement: Any,
 ) -> Suggestion:
     """Per-layer ratios for a budget from a sweep's curves (``SensitivityResult.suggest``).
@@ -69,6 +76,11 @@ def suggest(
         objective: ``"params"`` or ``"macs"``.
         check: Measure the suggestion against uniform and global L1 at the same sparsity
             and keep the best. ``None``: whenever something can measure (see the module).
+        reconstruct: Also measure each checked candidate with its kept weights re-fitted
+            by least squares on the batches the sweep's evaluation fed the model
+            (:mod:`~nbcompress.engine.sensitivity.refit`), keeping a re-fitted one if it
+            measures better. ``None``: when those batches are known and the re-fit is
+            cheap; ``False``: never.
         **refinement: ``evaluate`` (``evaluate(model) -> float``) and ``refine`` (number of
             evaluations of a measured refinement after the check), as
             ``SensitivityResult.suggest`` takes them, including the deprecated
@@ -88,11 +100,13 @@ def suggest(
     ratios = choose(
         result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
     )
-    refinement = None
+    refinement = refit = None
     if refine is not None:
         refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
         ratios = refinement.ratios
         notes[:0] = [_verdict(refinement), *refinement.notes]
+        refit = _refitted(result, evaluate, refinement, reconstruct, notes)
+        ratios = refit.ratios if refit is not None else ratios
     target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
     if objective == "macs" and max_drop is None:
         target = f"MAC reduction {target_sparsity:.0%}"
@@ -101,12 +115,55 @@ def suggest(
         removed=int(round(sum(r * weights[n] for n, r in ratios.items()))),
         objective=objective, target=target, metric=result.metric, baseline=result.baseline,
         granularity=result.granularity, proxy=result.proxy,
-        measured=refinement.measured if refinement else None, refinement=refinement,
-        higher_is_better=result.higher_is_better, notes=notes,
+        measured=refit.measured if refit else refinement.measured if refinement else None,
+        refinement=refinement, higher_is_better=result.higher_is_better, notes=notes,
+        reconstruct=refit is not None, calibration=result.calibration if refit else None,
     )  # fmt: skip
     if model is not None:
         remember(model, suggestion=made)
     return made
+
+
+def _refitted(
+    result: SensitivityResult,
+    evaluate: Callable[[nn.Module], float],
+    ref: Refinement,
+    reconstruct: bool | None,
+    notes: list[str],
+) -> Refit | None:
+    """The best re-fitted candidate if it measures better than the best plain one."""
+    if reconstruct is False:
+        return None
+    model, calibration = result.model, result.calibration
+    candidates = dict(ref.candidates)
+    if len(ref.steps) > len(ref.candidates):
+        candidates["refined"] = ref.ratios
+    why = (
+        "no inputs recorded from the evaluation" if calibration is None
+        else "channel granularity removes whole rows" if result.granularity == "channel"
+        else None
+    )  # fmt: skip
+    cost = max(refit_cost(model, c) for c in candidates.values())
+    if why is None and reconstruct is None and cost > MAX_REFIT_FLOPS:
+        why = f"the solves would take ~{cost:.1e} multiply-adds; reconstruct=True forces it"
+    if why is not None:
+        if reconstruct:
+            raise ValueError(f"reconstruct: cannot re-fit here ({why}).")
+        return None
+    refit = refit_candidates(
+        model, evaluate, candidates, granularity=result.granularity, calibration=calibration,
+        higher_is_better=result.higher_is_better,
+    )  # fmt: skip
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in refit.all.items())
+    sign = 1.0 if result.higher_is_better else -1.0
+    better = sign * refit.measured > sign * ref.measured
+    notes.insert(
+        1,
+        f"Re-fitted by least squares on the evaluation's inputs: {shown} → "
+        + (f"{refit.name}, re-fitted ({sign * (refit.measured - ref.measured):+.4g})."
+           if better else f"not better than {ref.start} as it is; not re-fitted."),
+    )  # fmt: skip
+    return refit if better else None
 
 
 def _scope_notes(result: SensitivityResult, weights: dict[str, int]) -> list[str]:

@@ -18,9 +18,9 @@ from typing import Any
 
 from torch import nn
 
+from nbcompress.engine.core.history import history_token
 from nbcompress.engine.core.report import fmt_count, html_table, text_table
 from nbcompress.engine.core.validation import check_amount
-from nbcompress.engine.core.history import history_token
 from nbcompress.engine.sensitivity.advice import suggest
 from nbcompress.engine.sensitivity.allocate import Curves, drop_curves, layer_drop
 from nbcompress.engine.sensitivity.saved import FORMAT, read_result, write_result
@@ -72,6 +72,7 @@ class SensitivityResult:
     _model: Callable[[], nn.Module | None] | None = field(default=None, repr=False, compare=False)
     # The swept model's history when attached: not saved (tokens mean nothing elsewhere).
     _history_token: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    _calibration: Any = field(default=None, repr=False, compare=False)
 
     # --- the model it was measured on -------------------------------------------------------
 
@@ -88,6 +89,19 @@ class SensitivityResult:
         """
         self._model = weakref.ref(model)
         self._history_token = history_token(model)
+
+    @property
+    def calibration(self) -> Any:
+        """Batches the sweep's evaluation fed the model (references, never saved), or ``None``.
+
+        The suggestion check re-fits kept weights on them
+        (:mod:`~nbcompress.engine.sensitivity.refit`).
+        """
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, batches: Any) -> None:
+        self._calibration = batches
 
     @property
     def history_token(self) -> tuple[int, ...] | None:
@@ -164,6 +178,7 @@ class SensitivityResult:
         refine: int | None = None,
         budget: int | None = None,
         check: bool | None = None,
+        reconstruct: bool | None = None,
     ) -> Suggestion:
         """Per-layer ratios for a budget, chosen from the curves and checked by measuring.
 
@@ -195,6 +210,10 @@ class SensitivityResult:
             check: ``True``: measure against uniform and global L1 (an error if nothing
                 can measure); ``False``: the curves' choice unmeasured (cheap, e.g. while a
                 slider moves); ``None``: check whenever something can measure.
+            reconstruct: Also measure the checked candidates with kept weights re-fitted
+                by least squares on the batches the sweep's evaluation fed the model, and
+                keep a re-fitted one if it measures better (applying then re-fits too).
+                ``None``: when those batches are known and the re-fit is cheap.
 
         Returns:
             The suggestion (with ``measured`` and ``refinement`` when checked); also
@@ -208,6 +227,7 @@ class SensitivityResult:
         return suggest(
             self, (target_sparsity, max_drop), objective,
             evaluate=evaluate, refine=refine, budget=budget, check=check,
+            reconstruct=reconstruct,
         )  # fmt: skip
 
     # --- presentation --------------------------------------------------------------------

@@ -52,6 +52,9 @@ class Suggestion(TableReport):
         higher_is_better: Direction of the metric.
         notes: What the target is a share of, which candidate won the check and by how
             much, or why there was no check.
+        reconstruct: Applying re-fits the kept weights by least squares on
+            ``calibration`` (a re-fitted candidate measured best in the check).
+        calibration: The inputs the re-fit uses (recorded from the sweep's evaluation).
     """
 
     ratios: dict[str, float]
@@ -68,6 +71,8 @@ class Suggestion(TableReport):
     refinement: Refinement | None = field(default=None, repr=False)
     higher_is_better: bool = True
     notes: list[str] = field(default_factory=list)
+    reconstruct: bool = False
+    calibration: Any = field(default=None, repr=False, compare=False)
 
     @property
     def chosen(self) -> str:
@@ -191,7 +196,10 @@ def apply_suggestion_(
     notes = [*suggestion.notes, *notes]
     detail = f"suggested per-layer ratios ({suggestion.target}) on {len(ratios)} layer(s)"
     with transaction(model, "prune", detail) as tx:
-        prune_ratios_(model, ratios, granularity=suggestion.granularity)
+        prune_ratios_(
+            model, ratios, granularity=suggestion.granularity,
+            reconstruct=suggestion.reconstruct, example_inputs=suggestion.calibration,
+        )  # fmt: skip
         measured = measure() if measure else None  # an error here rolls the pruning back
         tx.step.detail = detail + f", sparsity {fmt_pct(suggestion.sparsity)}"
         tx.info.update(suggestion=suggestion.target, measured=measured)
