@@ -35,10 +35,15 @@ from nbcompress.engine.sensitivity.evaluate import (
     select_sweep_layers,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
+from nbcompress.engine.sensitivity.prefix import Prefix
 from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
-__all__ = ["sensitivity"]
+__all__ = ["DEFAULT_RATIOS", "sensitivity"]
+
+#: The default grid: tenths, then the high end a 90-99% target needs measured rather than
+#: extrapolated (so a suggestion need not push every layer to the end of the grid).
+DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 # --- the sweep -------------------------------------------------------------------------------
@@ -46,7 +51,7 @@ __all__ = ["sensitivity"]
 
 def _check_ratios_arg(ratios: Any) -> list[float]:
     if ratios is None:
-        return [round(0.1 * i, 10) for i in range(1, 10)]
+        return list(DEFAULT_RATIOS)
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
         raise TypeError(
             f"ratios: expected a non-empty list of fractions in (0, 1) such as [0.1, 0.5, 0.9], "
@@ -153,7 +158,8 @@ def sensitivity(
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
     with verified(model, fingerprint, "sensitivity") as check, measuring(model):
-        proxy = Proxy(model, inputs) if evaluate is None else None
+        prefix = Prefix(model, inputs, selected) if evaluate is None else None
+        proxy = Proxy(model, inputs, prefix.output) if prefix else None
         start = time.perf_counter()
         where = "on the unpruned model"
         baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where, trained)
@@ -174,6 +180,7 @@ def sensitivity(
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
+        run.prefix = prefix
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
     run.verified_notes()
     return result
@@ -192,6 +199,7 @@ class _Run:
     start: float
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
+    prefix: Prefix | None = None
 
     def verified_notes(self) -> None:
         """Notes that need the model checked first (the sweep is over and it matched)."""
@@ -236,6 +244,13 @@ class _Run:
             res.seconds = time.perf_counter() - self.start
 
     def _layer(self, name: str, progress: _Progress) -> None:
+        if self.prefix is None:
+            self._ratios(name, progress)
+            return
+        with self.prefix.replaying(name):
+            self._ratios(name, progress)
+
+    def _ratios(self, name: str, progress: _Progress) -> None:
         res = self.result
         sign = 1.0 if res.higher_is_better else -1.0
         for i, ratio in enumerate(res.ratios):
