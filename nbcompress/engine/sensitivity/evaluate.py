@@ -34,6 +34,7 @@ __all__ = [
     "call_evaluate",
     "check_sweep_options",
     "coverage_note",
+    "eta_status",
     "layer_size",
     "layer_sparsity",
     "measurer",
@@ -302,6 +303,27 @@ def spent(evaluations: int, seconds: float) -> str:
 def fmt_value(value: float | None) -> str:
     """A metric value in progress lines and tables; ``—`` where nothing was measured."""
     return "—" if value is None else f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def eta_status(done: int, total: int, elapsed: float, measured: int | None = None) -> str:
+    """``"24/252 evaluations, 10 s elapsed, ETA 1 min 35 s"``: where a procedure stands.
+
+    Args:
+        done: Points done (evaluated or filled without evaluating).
+        total: Points in all.
+        elapsed: Seconds since the procedure started.
+        measured: Points actually evaluated (default ``done``); the ETA is their mean
+            time times the points left, and ``ETA —`` until one was measured.
+    """
+    measured = done if measured is None else measured
+    left = max(0, total - done)
+    eta = "—" if measured <= 0 else _duration(elapsed / measured * left)
+    return f"{done}/{total} evaluations, {_duration(elapsed)} elapsed, ETA {eta}"
 
 
 def progress_line(text: str) -> None:

@@ -26,6 +26,7 @@ from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
     call_evaluate,
     check_sweep_options,
+    eta_status,
     fmt_value,
     layer_size,
     layer_sparsity,
@@ -77,18 +78,27 @@ def _layer_macs(model, selected, inputs) -> dict[str, int | None]:
 
 
 class _Progress:
-    """Plain-text progress on stderr: one line per finished layer."""
+    """Plain-text progress on stderr: a line per finished layer, and one every ``every`` s.
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.done = enabled, total, 0
+    Each line says the points done of all, the time elapsed and the ETA (mean time of the
+    evaluated points times the points left; ``ETA —`` until one was measured).
+    """
 
-    def step(self, result: SensitivityResult, layer: str, finished: bool) -> None:
+    def __init__(self, enabled: bool, total: int, every: float = 10.0) -> None:
+        self.enabled, self.total, self.every = enabled, total, every
+        self.done = self.measured = 0
+        self.start = self.last = time.perf_counter()
+
+    def step(self, result: SensitivityResult, layer: str, finished: bool, evaluated: bool) -> None:
+        """One point of ``layer`` is done (``evaluated``: measured, not filled in)."""
         self.done += 1
-        if self.enabled and finished:
+        self.measured += evaluated
+        now = time.perf_counter()
+        if self.enabled and (finished or now - self.last >= self.every):
+            self.last = now
             values = " ".join(fmt_value(v) for v in result.curves[layer])
-            progress_line(
-                f"sensitivity [{self.done}/{self.total}, {result.seconds:.1f} s] {layer}: {values}"
-            )
+            status = eta_status(self.done, self.total, now - self.start, self.measured)
+            progress_line(f"sensitivity [{status}] {layer}: {values}")
 
 
 def sensitivity(
@@ -165,7 +175,10 @@ def sensitivity(
         baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where, trained)
         if not math.isfinite(baseline):
             raise ValueError(
-                f"evaluate: returned {baseline} on the unpruned model; need a finite number."
+                f"evaluate: returned {baseline} on the unpruned model "
+                f"({metric_name(evaluate) if evaluate else 'the proxy'}); it must return a finite "
+                "number there (check for an empty data set or a division by zero). A NaN at a "
+                "pruned point is fine: it is recorded as a collapsed layer."
             )
         result = SensitivityResult(
             layers=list(selected), ratios=ratio_list, baseline=baseline,
@@ -200,6 +213,7 @@ class _Run:
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
     prefix: Prefix | None = None
+    filled: dict[str, list[int]] = field(default_factory=dict)  # layer → indices not evaluated
 
     def verified_notes(self) -> None:
         """Notes that need the model checked first (the sweep is over and it matched)."""
@@ -253,22 +267,55 @@ class _Run:
     def _ratios(self, name: str, progress: _Progress) -> None:
         res = self.result
         sign = 1.0 if res.higher_is_better else -1.0
+        floor = getattr(self.evaluate, "floor", None)  # the proxy's input-blind level
         for i, ratio in enumerate(res.ratios):
-            if ratio <= res.start.get(name, 0.0) + 1e-9:
-                # Already that sparse: pruning would change nothing, so nothing to evaluate.
-                value = res.baseline
-            else:
-                value = self.evaluate_at(name, ratio)
-                res.evaluations += 1
+            evaluated = ratio > res.start.get(name, 0.0) + 1e-9
+            # Already that sparse: pruning would change nothing, so nothing to evaluate.
+            value = self.evaluate_at(name, ratio) if evaluated else res.baseline
+            res.evaluations += evaluated
             res.curves[name][i] = value
             res.seconds = time.perf_counter() - self.start
             stop = self.early_stop is not None and sign * (res.baseline - value) > self.early_stop
-            last = stop or i == len(res.ratios) - 1
-            progress.step(res, name, last)
+            collapsed = evaluated and _collapsed(value, floor, res.baseline)
+            last = stop or collapsed or i == len(res.ratios) - 1
+            if collapsed and not stop and i < len(res.ratios) - 1:
+                self._fill(name, i, value, floor)
+                progress.total -= len(res.ratios) - 1 - i
+            progress.step(res, name, last, evaluated)
             if self.callback is not None:
                 self.callback(res, name, ratio)
             if stop:
                 res.notes.append(
                     f"{name}: early stop after ratio {ratio:g} (drop above {self.early_stop:g})."
                 )
+            if last:
                 break
+        nan = [f"{r:g}" for r, v in zip(res.ratios, res.curves[name], strict=True) if v != v]
+        if nan:
+            res.notes.append(
+                f"{name}: evaluate returned NaN at ratio {', '.join(nan)} (recorded as measured; "
+                "suggestions treat the layer as collapsed there)."
+            )
+
+    def _fill(self, name: str, i: int, value: float, floor: float) -> None:
+        """Fill the ratios above ``i`` with ``value``: the layer collapsed, more cannot help."""
+        res = self.result
+        rest = res.ratios[i + 1 :]
+        for j in range(i + 1, len(res.ratios)):
+            res.curves[name][j] = value
+        self.filled[name] = list(range(i + 1, len(res.ratios)))
+        res.notes.append(
+            f"{name}: collapsed at ratio {res.ratios[i]:g} ({res.metric} {fmt_value(value)}, at "
+            f"the level of an output that ignores the input, {fmt_value(floor)}); ratios "
+            f"{rest[0]:g}–{rest[-1]:g} are filled with that value, not evaluated."
+        )
+
+
+def _collapsed(value: float, floor: float | None, baseline: float) -> bool:
+    """Whether a proxy value is down at the level of an input-blind output (or NaN)."""
+    if floor is None:
+        return False
+    if value != value:
+        return True
+    # Within 2% of the way from that level up to the dense model's: lower is noise.
+    return value <= floor + 0.02 * (baseline - floor)
