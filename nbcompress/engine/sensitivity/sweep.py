@@ -20,7 +20,6 @@ from typing import Any
 from torch import nn
 
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
-from nbcompress.engine.sensitivity.entries import prune_in_trial
 from nbcompress.engine.sensitivity.evaluate import (
     EvaluationError,
     Proxy,
@@ -36,6 +35,7 @@ from nbcompress.engine.sensitivity.evaluate import (
     select_sweep_layers,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
+from nbcompress.engine.sensitivity.ladder import Ladder
 from nbcompress.engine.sensitivity.prefix import Prefix
 from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
@@ -190,6 +190,8 @@ def sensitivity(
             granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
             start={n: layer_sparsity(m, granularity) for n, m in selected.items()},
         )  # fmt: skip
+        if proxy is not None and proxy.note:
+            result.notes.append(proxy.note)
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
@@ -215,6 +217,9 @@ class _Run:
     prefix: Prefix | None = None
     filled: dict[str, list[int]] = field(default_factory=dict)  # layer → indices not evaluated
 
+    def __post_init__(self) -> None:
+        self.ladder = Ladder(self.model, self.result.granularity)
+
     def verified_notes(self) -> None:
         """Notes that need the model checked first (the sweep is over and it matched)."""
         res = self.result
@@ -230,10 +235,10 @@ class _Run:
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
         with layer_trial(self.model, {name: self.selected[name]}) as trial:
-            prune_in_trial(self.model, trial, {name: ratio}, self.result.granularity)
+            self.ladder.prune(trial, name, ratio)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):
-                return self.evaluate(self.model)
+                return self.evaluate.at_layer(self.model, name)
             return call_evaluate(self.evaluate, self.model, where, self.trained)
 
     def sweep(self, progress: _Progress) -> None:
@@ -258,16 +263,20 @@ class _Run:
             res.seconds = time.perf_counter() - self.start
 
     def _layer(self, name: str, progress: _Progress) -> None:
-        if self.prefix is None:
-            self._ratios(name, progress)
-            return
-        with self.prefix.replaying(name):
-            self._ratios(name, progress)
+        try:
+            if self.prefix is None:
+                self._ratios(name, progress)
+                return
+            with self.prefix.replaying(name):
+                self._ratios(name, progress)
+        finally:
+            self.ladder.forget()
 
     def _ratios(self, name: str, progress: _Progress) -> None:
         res = self.result
         sign = 1.0 if res.higher_is_better else -1.0
-        floor = getattr(self.evaluate, "floor", None)  # the proxy's input-blind level
+        # The proxy's input-blind level: a layer down there has collapsed.
+        floor = self.evaluate.floor_at(name) if isinstance(self.evaluate, Proxy) else None
         for i, ratio in enumerate(res.ratios):
             evaluated = ratio > res.start.get(name, 0.0) + 1e-9
             # Already that sparse: pruning would change nothing, so nothing to evaluate.
