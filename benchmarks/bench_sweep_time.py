@@ -61,6 +61,7 @@ def run(tree: Path, model_name: str, explicit_grid: bool) -> dict:
     out = subprocess.run(args, env=env, check=True, capture_output=True, text=True, timeout=3600)
     found = json.loads(out.stdout.strip().splitlines()[-1])
     found["load"] = (load + os.getloadavg()[0]) / 2
+    print(f"{model_name} {tree}: {found}", file=sys.stderr, flush=True)
     return found
 
 

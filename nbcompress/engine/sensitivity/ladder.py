@@ -56,16 +56,12 @@ class SortedEntries:
 
 
 def _sortable(target: Target) -> bool:
+    """A plain float32 weight of at most MAX_ELEMENTS, zeroed in place by pruning."""
     w = target.weight()
-    return (
-        not target.parametrized
-        and not any(is_masked(u.owner, u.leaf) for u in target.uses)
-        and isinstance(w, nn.Parameter)
-        and w.layout == torch.strided
-        and w.dtype == torch.float32
-        and w.is_contiguous()
-        and w.numel() <= MAX_ELEMENTS
-    )
+    plain = isinstance(w, nn.Parameter) and w.layout == torch.strided and w.is_contiguous()
+    if target.parametrized or not plain or w.dtype != torch.float32 or w.numel() > MAX_ELEMENTS:
+        return False
+    return not any(is_masked(u.owner, u.leaf) for u in target.uses)  # kept masks: prune_'s
 
 
 class Ladder:

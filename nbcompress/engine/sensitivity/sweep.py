@@ -215,7 +215,6 @@ class _Run:
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
     prefix: Prefix | None = None
-    filled: dict[str, list[int]] = field(default_factory=dict)  # layer → indices not evaluated
 
     def __post_init__(self) -> None:
         self.ladder = Ladder(self.model, self.result.granularity)
@@ -312,11 +311,15 @@ class _Run:
         rest = res.ratios[i + 1 :]
         for j in range(i + 1, len(res.ratios)):
             res.curves[name][j] = value
-        self.filled[name] = list(range(i + 1, len(res.ratios)))
         res.notes.append(
             f"{name}: collapsed at ratio {res.ratios[i]:g} ({res.metric} {fmt_value(value)}, at "
-            f"the level of an output that ignores the input, {fmt_value(floor)}); ratios "
-            f"{rest[0]:g}–{rest[-1]:g} are filled with that value, not evaluated."
+            f"the level of an output that ignores the input, {fmt_value(floor)}); "
+            + (
+                f"ratio {rest[0]:g} is"
+                if len(rest) == 1
+                else f"ratios {rest[0]:g}–{rest[-1]:g} are"
+            )
+            + " filled with that value, not evaluated."
         )
 
 
