@@ -2,9 +2,9 @@
 
 The pieces every procedure of the subsystem shares (the sweep, the measured refinement,
 applying a suggestion, staged pruning): calling the user's ``evaluate`` with one clear error,
-the data-free proxy metric, evaluating inside a trial that restores the model bit-exactly,
-the layer selection and the option checks. Nothing here imports another module of the
-subsystem.
+the data-free proxy metric (defined in :mod:`.proxy`), evaluating inside a trial that
+restores the model bit-exactly, the layer selection, the option checks and progress lines.
+Of the subsystem, only :mod:`.guard` and :mod:`.proxy` are imported here.
 """
 
 from __future__ import annotations

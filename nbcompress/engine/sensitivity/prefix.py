@@ -107,9 +107,12 @@ class Prefix:
 
     def __init__(self, model: nn.Module, inputs: tuple, layers: dict[str, nn.Module]) -> None:
         self.model, self.inputs = model, inputs
-        calls = self._record(model, inputs, set(map(id, layers.values())))
         self.plans: dict[str, dict[nn.Module, list]] = {}
         self.checks: dict[str, list[tuple]] = {}
+        if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+            self.output = run_forward(model, inputs)  # no hooks in TorchScript: full forwards
+            return
+        calls = self._record(model, inputs, set(map(id, layers.values())))
         for name, layer in layers.items():
             first = next((c for c in calls if c.module is layer), None)
             if first is not None and not _tied(layer, calls, first):
