@@ -160,6 +160,7 @@ def test_in_a_notebook_the_plot_updates_live_and_the_explorer_is_shown(ns, monke
     result = run(ns, "model --eval agreement --ratios 0.5,0.9 --target-sparsity 0.4")
     assert len(updates) >= 2 and "<progress value='6' max='6'" in updates[-1].data
     assert "<img" in updates[-1].data
+    assert " elapsed, ETA 0 s" in updates[-1].data and "ETA" in updates[0].data
     assert "Suggestion" in [type(o).__name__ for o in shown]
     explorer = [o for o in shown if type(o).__name__ == "SensitivityExplorer"]
     assert len(explorer) == 1 and explorer[0].result is result

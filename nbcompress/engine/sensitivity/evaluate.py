@@ -2,9 +2,9 @@
 
 The pieces every procedure of the subsystem shares (the sweep, the measured refinement,
 applying a suggestion, staged pruning): calling the user's ``evaluate`` with one clear error,
-the data-free proxy metric, evaluating inside a trial that restores the model bit-exactly,
-the layer selection and the option checks. Nothing here imports another module of the
-subsystem.
+the data-free proxy metric (defined in :mod:`.proxy`), evaluating inside a trial that
+restores the model bit-exactly, the layer selection, the option checks and progress lines.
+Of the subsystem, only :mod:`.guard` and :mod:`.proxy` are imported here.
 """
 
 from __future__ import annotations
@@ -16,17 +16,16 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.layers import prunable_weights, select_layers
-from nbcompress.engine.core.outputs import compare_outputs, output_tensors
-from nbcompress.engine.core.validation import as_inputs, eval_mode, run_forward
+from nbcompress.engine.core.validation import as_inputs, eval_mode
 from nbcompress.engine.prune.masks import GRANULARITIES, layer_units, zero_units
 from nbcompress.engine.prune.prune import DEFAULT_TYPES
 from nbcompress.engine.prune.targets import collect, not_pruned, split_multi
 from nbcompress.engine.sensitivity.guard import EvaluateChangedModel, EvaluationError, restoring
+from nbcompress.engine.sensitivity.proxy import Proxy
 
 __all__ = [
     "EvaluationError",
@@ -34,6 +33,7 @@ __all__ = [
     "call_evaluate",
     "check_sweep_options",
     "coverage_note",
+    "eta_status",
     "layer_size",
     "layer_sparsity",
     "measurer",
@@ -91,64 +91,6 @@ def call_evaluate(
     if trained is not None:
         trained.update(restored.names)
     return _as_number(value, name)
-
-
-class Proxy:
-    """Data-free metric: fidelity of the (pruned) model's output to the dense output.
-
-    Every floating tensor of the output is compared, whatever its structure (a tensor, a
-    tuple such as an LSTM's output and state, a dict such as a sentence encoder's, a
-    dataclass): a two-dimensional tensor with several columns is read as classifier
-    logits (agreement ``exp(-KL)``), any other by cosine similarity per row; the metric
-    is the mean over the tensors. Integer tensors (token ids, masks) are not outputs.
-    """
-
-    def __init__(self, model: nn.Module, inputs: tuple) -> None:
-        self.inputs = inputs
-        with eval_mode(model):
-            out = run_forward(model, inputs)
-        refs = output_tensors(out)
-        if not refs:
-            raise TypeError(
-                "evaluate: without an evaluation function the proxy compares floating-point "
-                f"outputs, but the model returned none (its output is {type(out).__name__}); "
-                "pass evaluate=fn (--eval fn)."
-            )
-        self.refs = [t.detach().float() for t in refs]
-        self.kl = [t.dim() == 2 and t.shape[1] > 1 for t in self.refs]
-        kinds = {"exp(-KL)" if kl else "cosine" for kl in self.kl}
-        if kinds == {"exp(-KL)"}:
-            self.name = "output agreement exp(-KL)"
-        elif kinds == {"cosine"}:
-            self.name = "output cosine similarity"
-        else:
-            self.name = "output agreement (exp(-KL) of logits, cosine of the rest)"
-        if len(self.refs) > 1:
-            self.name += f", mean over {len(self.refs)} output tensors"
-
-    def __call__(self, model: nn.Module) -> float:
-        """The proxy metric of ``model`` now: 1 when its output matches the reference."""
-        # Eval mode, as for the reference: a train-mode forward would update BatchNorm
-        # statistics (measuring must not change the model) and make Dropout random.
-        with eval_mode(model):
-            out = run_forward(model, self.inputs)
-        compare_outputs(self.refs, out)  # same structure and shapes, else one clear error
-        values = [
-            _agreement(ref, t.detach().float(), kl)
-            for ref, t, kl in zip(self.refs, output_tensors(out), self.kl, strict=True)
-        ]
-        return float(sum(values) / len(values))
-
-
-def _agreement(ref: torch.Tensor, out: torch.Tensor, kl: bool) -> float:
-    if kl:
-        div = F.kl_div(
-            F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="none"
-        ).sum(1)
-        return float(torch.exp(-div).mean())
-    rows = len(out) if out.dim() > 1 else 1
-    sim = F.cosine_similarity(out.reshape(rows, -1), ref.reshape(rows, -1), dim=1)
-    return float(sim.mean())
 
 
 def measurer(
@@ -311,6 +253,27 @@ def spent(evaluations: int, seconds: float) -> str:
 def fmt_value(value: float | None) -> str:
     """A metric value in progress lines and tables; ``—`` where nothing was measured."""
     return "—" if value is None else f"{value:.4g}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds} s" if seconds < 60 else f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+def eta_status(done: int, total: int, elapsed: float, measured: int | None = None) -> str:
+    """``"24/252 evaluations, 10 s elapsed, ETA 1 min 35 s"``: where a procedure stands.
+
+    Args:
+        done: Points done (evaluated or filled without evaluating).
+        total: Points in all.
+        elapsed: Seconds since the procedure started.
+        measured: Points actually evaluated (default ``done``); the ETA is their mean
+            time times the points left, and ``ETA —`` until one was measured.
+    """
+    measured = done if measured is None else measured
+    left = max(0, total - done)
+    eta = "—" if measured <= 0 else _duration(elapsed / measured * left)
+    return f"{done}/{total} evaluations, {_duration(elapsed)} elapsed, ETA {eta}"
 
 
 def progress_line(text: str) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 from torch import nn
 
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
-from nbcompress.engine.sensitivity.entries import prune_in_trial
 from nbcompress.engine.sensitivity.evaluate import (
     EvaluationError,
     Proxy,
     call_evaluate,
     check_sweep_options,
+    eta_status,
     fmt_value,
     layer_size,
     layer_sparsity,
@@ -35,10 +35,16 @@ from nbcompress.engine.sensitivity.evaluate import (
     select_sweep_layers,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
+from nbcompress.engine.sensitivity.ladder import Ladder
+from nbcompress.engine.sensitivity.prefix import Prefix
 from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
-__all__ = ["sensitivity"]
+__all__ = ["DEFAULT_RATIOS", "sensitivity"]
+
+#: The default grid: tenths, then the high end a 90-99% target needs measured rather than
+#: extrapolated (so a suggestion need not push every layer to the end of the grid).
+DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 # --- the sweep -------------------------------------------------------------------------------
@@ -46,7 +52,7 @@ __all__ = ["sensitivity"]
 
 def _check_ratios_arg(ratios: Any) -> list[float]:
     if ratios is None:
-        return [round(0.1 * i, 10) for i in range(1, 10)]
+        return list(DEFAULT_RATIOS)
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
         raise TypeError(
             f"ratios: expected a non-empty list of fractions in (0, 1) such as [0.1, 0.5, 0.9], "
@@ -72,18 +78,27 @@ def _layer_macs(model, selected, inputs) -> dict[str, int | None]:
 
 
 class _Progress:
-    """Plain-text progress on stderr: one line per finished layer."""
+    """Plain-text progress on stderr: a line per finished layer, and one every ``every`` s.
 
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total, self.done = enabled, total, 0
+    Each line says the points done of all, the time elapsed and the ETA (mean time of the
+    evaluated points times the points left; ``ETA —`` until one was measured).
+    """
 
-    def step(self, result: SensitivityResult, layer: str, finished: bool) -> None:
+    def __init__(self, enabled: bool, total: int, every: float = 10.0) -> None:
+        self.enabled, self.total, self.every = enabled, total, every
+        self.done = self.measured = 0
+        self.start = self.last = time.perf_counter()
+
+    def step(self, result: SensitivityResult, layer: str, finished: bool, evaluated: bool) -> None:
+        """One point of ``layer`` is done (``evaluated``: measured, not filled in)."""
         self.done += 1
-        if self.enabled and finished:
+        self.measured += evaluated
+        now = time.perf_counter()
+        if self.enabled and (finished or now - self.last >= self.every):
+            self.last = now
             values = " ".join(fmt_value(v) for v in result.curves[layer])
-            progress_line(
-                f"sensitivity [{self.done}/{self.total}, {result.seconds:.1f} s] {layer}: {values}"
-            )
+            status = eta_status(self.done, self.total, now - self.start, self.measured)
+            progress_line(f"sensitivity [{status}] {layer}: {values}")
 
 
 def sensitivity(
@@ -153,13 +168,17 @@ def sensitivity(
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
     with verified(model, fingerprint, "sensitivity") as check, measuring(model):
-        proxy = Proxy(model, inputs) if evaluate is None else None
+        prefix = Prefix(model, inputs, selected) if evaluate is None else None
+        proxy = Proxy(model, inputs, prefix.output) if prefix else None
         start = time.perf_counter()
         where = "on the unpruned model"
         baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where, trained)
         if not math.isfinite(baseline):
             raise ValueError(
-                f"evaluate: returned {baseline} on the unpruned model; need a finite number."
+                f"evaluate: returned {baseline} on the unpruned model "
+                f"({metric_name(evaluate) if evaluate else 'the proxy'}); it must return a finite "
+                "number there (check for an empty data set or a division by zero). A NaN at a "
+                "pruned point is fine: it is recorded as a collapsed layer."
             )
         result = SensitivityResult(
             layers=list(selected), ratios=ratio_list, baseline=baseline,
@@ -171,9 +190,12 @@ def sensitivity(
             granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
             start={n: layer_sparsity(m, granularity) for n, m in selected.items()},
         )  # fmt: skip
+        if proxy is not None and proxy.note:
+            result.notes.append(proxy.note)
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
+        run.prefix = prefix
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
     run.verified_notes()
     return result
@@ -192,6 +214,10 @@ class _Run:
     start: float
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
+    prefix: Prefix | None = None
+
+    def __post_init__(self) -> None:
+        self.ladder = Ladder(self.model, self.result.granularity)
 
     def verified_notes(self) -> None:
         """Notes that need the model checked first (the sweep is over and it matched)."""
@@ -208,10 +234,10 @@ class _Run:
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
         with layer_trial(self.model, {name: self.selected[name]}) as trial:
-            prune_in_trial(self.model, trial, {name: ratio}, self.result.granularity)
+            self.ladder.prune(trial, name, ratio)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):
-                return self.evaluate(self.model)
+                return self.evaluate.at_layer(self.model, name)
             return call_evaluate(self.evaluate, self.model, where, self.trained)
 
     def sweep(self, progress: _Progress) -> None:
@@ -236,24 +262,72 @@ class _Run:
             res.seconds = time.perf_counter() - self.start
 
     def _layer(self, name: str, progress: _Progress) -> None:
+        try:
+            if self.prefix is None:
+                self._ratios(name, progress)
+                return
+            with self.prefix.replaying(name):
+                self._ratios(name, progress)
+        finally:
+            self.ladder.forget()
+
+    def _ratios(self, name: str, progress: _Progress) -> None:
         res = self.result
         sign = 1.0 if res.higher_is_better else -1.0
+        # The proxy's input-blind level: a layer down there has collapsed.
+        floor = self.evaluate.floor_at(name) if isinstance(self.evaluate, Proxy) else None
         for i, ratio in enumerate(res.ratios):
-            if ratio <= res.start.get(name, 0.0) + 1e-9:
-                # Already that sparse: pruning would change nothing, so nothing to evaluate.
-                value = res.baseline
-            else:
-                value = self.evaluate_at(name, ratio)
-                res.evaluations += 1
+            evaluated = ratio > res.start.get(name, 0.0) + 1e-9
+            # Already that sparse: pruning would change nothing, so nothing to evaluate.
+            value = self.evaluate_at(name, ratio) if evaluated else res.baseline
+            res.evaluations += evaluated
             res.curves[name][i] = value
             res.seconds = time.perf_counter() - self.start
             stop = self.early_stop is not None and sign * (res.baseline - value) > self.early_stop
-            last = stop or i == len(res.ratios) - 1
-            progress.step(res, name, last)
+            collapsed = evaluated and _collapsed(value, floor, res.baseline)
+            last = stop or collapsed or i == len(res.ratios) - 1
+            if collapsed and not stop and i < len(res.ratios) - 1:
+                self._fill(name, i, value, floor)
+                progress.total -= len(res.ratios) - 1 - i
+            progress.step(res, name, last, evaluated)
             if self.callback is not None:
                 self.callback(res, name, ratio)
             if stop:
                 res.notes.append(
                     f"{name}: early stop after ratio {ratio:g} (drop above {self.early_stop:g})."
                 )
+            if last:
                 break
+        nan = [f"{r:g}" for r, v in zip(res.ratios, res.curves[name], strict=True) if v != v]
+        if nan:
+            res.notes.append(
+                f"{name}: evaluate returned NaN at ratio {', '.join(nan)} (recorded as measured; "
+                "suggestions treat the layer as collapsed there)."
+            )
+
+    def _fill(self, name: str, i: int, value: float, floor: float) -> None:
+        """Fill the ratios above ``i`` with ``value``: the layer collapsed, more cannot help."""
+        res = self.result
+        rest = res.ratios[i + 1 :]
+        for j in range(i + 1, len(res.ratios)):
+            res.curves[name][j] = value
+        res.notes.append(
+            f"{name}: collapsed at ratio {res.ratios[i]:g} ({res.metric} {fmt_value(value)}, at "
+            f"the level of an output that ignores the input, {fmt_value(floor)}); "
+            + (
+                f"ratio {rest[0]:g} is"
+                if len(rest) == 1
+                else f"ratios {rest[0]:g}–{rest[-1]:g} are"
+            )
+            + " filled with that value, not evaluated."
+        )
+
+
+def _collapsed(value: float, floor: float | None, baseline: float) -> bool:
+    """Whether a proxy value is down at the level of an input-blind output (or NaN)."""
+    if floor is None:
+        return False
+    if value != value:
+        return True
+    # Within 2% of the way from that level up to the dense model's: lower is noise.
+    return value <= floor + 0.02 * (baseline - floor)

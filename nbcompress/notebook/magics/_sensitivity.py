@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -10,10 +11,11 @@ from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from nbcompress.engine.core.validation import check_amount
-from nbcompress.engine.sensitivity.evaluate import EvaluationError
+from nbcompress.engine.sensitivity.evaluate import EvaluationError, eta_status
 from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.staged import DEFAULT_RATIOS, prune_to_
 from nbcompress.engine.sensitivity.suggestion import ApplyReport, Suggestion, apply_suggestion_
+from nbcompress.engine.sensitivity.sweep import DEFAULT_RATIOS as SWEEP_RATIOS
 from nbcompress.engine.sensitivity.sweep import sensitivity
 from nbcompress.notebook.display.live import LiveView, closing
 from nbcompress.notebook.magics._common import (
@@ -79,7 +81,7 @@ class SensitivityMagics(ModelMagics):
     @argument("model", help="The model: any expression in the namespace, e.g. `model.encoder`.")
     @argument("--eval", dest="evaluate", help="Metric function evaluate(model) -> float.")
     @input_argument("Example input (proxy metric, MAC estimates).")
-    @argument("--ratios", help="Comma-separated fractions, default 0.1,0.2,…,0.9.")
+    @argument("--ratios", help="Comma-separated fractions, default 0.1,0.2,…,0.9,0.95,0.98,0.99.")
     @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
     @argument(
         "--types",
@@ -205,7 +207,7 @@ class SensitivityMagics(ModelMagics):
         if notebook:
             layers = split_patterns(args.layers)
             # The total is only known after selection; an estimate suffices for the bar.
-            live = LiveView(_estimate_total(model, layers, args, ratios))
+            live = _Live(_estimate_total(model, layers, args, ratios))
         with engine_errors({"--eval": evaluate}), closing(live):
             try:
                 result = sensitivity(
@@ -282,4 +284,18 @@ def _estimate_total(model: Any, layers: Any, args: Any, ratios: list[float] | No
     except (ValueError, TypeError):
         return 1  # the sweep itself reports the bad selection
     n = len(selected) if args.max_layers is None else min(args.max_layers, len(selected))
-    return max(1, n * len(set(ratios) if ratios else range(9)))
+    return max(1, n * len(set(ratios) if ratios else SWEEP_RATIOS))
+
+
+class _Live(LiveView):
+    """The live view, its status also saying the time elapsed and the ETA."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
+        self.start = time.perf_counter()
+
+    def show(self, result: SensitivityResult, where: str = "") -> None:
+        """Redraw now; the status ends with the time elapsed and the ETA."""
+        status = eta_status(result.evaluations - 1, self.total, time.perf_counter() - self.start)
+        elapsed_eta = status.split(", ", 1)[1]  # the bar already shows done/total
+        super().show(result, f"{where} · {elapsed_eta}" if where else elapsed_eta)

@@ -12,9 +12,11 @@ from torch import nn
 
 import nbcompress as nc
 from nbcompress.engine.core.snapshot import ModuleState, SavedTensor
+from nbcompress.engine.sensitivity import ladder
 from nbcompress.engine.sensitivity.entries import PrunedEntries
 from nbcompress.engine.sensitivity.evaluate import EvaluationError
 from nbcompress.engine.sensitivity.guard import Fingerprint, ModelNotRestored
+from nbcompress.engine.sensitivity.ladder import SortedEntries
 from nbcompress.engine.sensitivity.refine import refine
 from tests.helpers import assert_same_state, cnn, mlp, snapshot
 from tests.real_models import BUILDERS
@@ -183,27 +185,35 @@ def _interrupt_restore(monkeypatch, times: int | None, cls: type = SavedTensor):
     monkeypatch.setattr(cls, "restore", restore)
 
 
-def _rollback_case(kind: str) -> tuple[nn.Module, str]:
+def _rollback_case(kind: str, monkeypatch=None) -> tuple[nn.Module, str]:
     """A model and granularity whose trials restore through ``kind``'s ``restore``.
 
-    A plain weight is restored from its zeroed entries (PrunedEntries); a removed
+    A plain weight is restored from its zeroed entries: a prefix of its L1 order
+    (SortedEntries), or found chunk by chunk when no order is kept (PrunedEntries); a removed
     channel's bias from the trial's transaction (SavedTensor); a parametrized weight is
     pruned by ``prune_ratios_`` inside the trial, which saves the module (ModuleState).
     """
     torch.manual_seed(0)
     model = mlp()
+    if kind == "PrunedEntries":
+        monkeypatch.setattr(ladder, "MAX_ELEMENTS", 0)  # too large to keep an order
     if kind == "ModuleState":
         for i in (0, 2, 4):
             nn.utils.parametrizations.weight_norm(model[i])
     return model, "channel" if kind == "SavedTensor" else "element"
 
 
-_CLASSES = {"PrunedEntries": PrunedEntries, "SavedTensor": SavedTensor, "ModuleState": ModuleState}
+_CLASSES = {
+    "PrunedEntries": PrunedEntries,
+    "SavedTensor": SavedTensor,
+    "ModuleState": ModuleState,
+    "SortedEntries": SortedEntries,
+}
 
 
 @pytest.mark.parametrize("kind", sorted(_CLASSES))
 def test_ctrl_c_inside_a_trials_rollback_is_finished_and_verified(monkeypatch, kind):
-    (model, granularity), x = _rollback_case(kind), torch.randn(8, 16)
+    (model, granularity), x = _rollback_case(kind, monkeypatch), torch.randn(8, 16)
     before = snapshot(model)
     _interrupt_restore(monkeypatch, times=1, cls=_CLASSES[kind])  # the first point's rollback
     result = nc.sensitivity(
@@ -216,9 +226,9 @@ def test_ctrl_c_inside_a_trials_rollback_is_finished_and_verified(monkeypatch, k
     assert any("Interrupted" in n and "restored (verified by checksum)" in n for n in result.notes)
 
 
-@pytest.mark.parametrize("kind", ["PrunedEntries", "SavedTensor"])
+@pytest.mark.parametrize("kind", ["PrunedEntries", "SavedTensor", "SortedEntries"])
 def test_a_restore_that_keeps_failing_is_never_called_restored(monkeypatch, kind):
-    (model, granularity), x = _rollback_case(kind), torch.randn(8, 16)
+    (model, granularity), x = _rollback_case(kind, monkeypatch), torch.randn(8, 16)
     _interrupt_restore(monkeypatch, times=None, cls=_CLASSES[kind])
     with pytest.raises(ModelNotRestored, match="could not be restored"):
         nc.sensitivity(
