@@ -200,9 +200,23 @@ def _walk(outputs: list[torch.Tensor], leaves: dict[int, str]) -> set[str]:
 # --- from a symbolic trace ---------------------------------------------------------------
 
 
+class _LayerTracer(torch.fx.Tracer):
+    """A tracer that stops at every candidate (a quantized or sparse layer included)."""
+
+    def __init__(self, candidates: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.candidates = candidates
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """Candidates are called, not traced into; other modules as torch.fx decides."""
+        return module_qualified_name in self.candidates or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
 def _symbolic(model: nn.Module, candidates: Mapping[str, nn.Module]) -> tuple:
     """Walk a ``torch.fx`` graph back from its output to the nearest candidate calls."""
-    tracer = torch.fx.Tracer()
+    tracer = _LayerTracer(candidates)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

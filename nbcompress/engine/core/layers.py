@@ -127,16 +127,38 @@ def weight_matrix_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+def _layer_like(model: nn.Module, weighted: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Weight layers, plus modules standing in for one (quantized, sparse replacements).
+
+    A module with ``in_features``/``out_features`` or ``in_channels``/``out_channels`` that
+    contains no weight layer of its own (a quantized or sparse Linear/Conv) is a layer too:
+    the model's output may come from it once it replaced the original head.
+    """
+    found = dict(weighted)
+    for name, module in model.named_modules():
+        if name in found or not name or any(name.startswith(w + ".") for w in weighted):
+            continue  # a weight layer's own parts (MultiheadAttention's out_proj) are not
+        shaped = all(hasattr(module, a) for a in ("in_features", "out_features")) or all(
+            hasattr(module, a) for a in ("in_channels", "out_channels")
+        )
+        if shaped and not any(n.startswith(name + ".") for n in weighted):
+            found[name] = module
+    return {n: m for n, m in model.named_modules() if n in found}
+
+
 def output_layers(model: nn.Module, inputs: tuple | None = None) -> OutputLayers:
     """The model's output layer(s): weight layers whose output reaches the model's output.
 
-    Found from a forward pass when an input is given or was seen by an earlier command,
-    else from a symbolic trace, else guessed as the last prunable layer in registration
-    order (``.guessed``); see :mod:`nbcompress.engine.core.heads`.
+    Found from a symbolic trace, else from a forward pass when an input is given or was
+    seen by an earlier command, else guessed as the last prunable layer in registration
+    order (``.guessed``); see :mod:`nbcompress.engine.core.heads`. Quantized and sparse
+    replacements of a layer count as layers (they may be the head now).
     """
-    candidates = weight_matrix_layers(model)
-    prunable = [n for n, m in candidates.items() if isinstance(m, PRUNABLE_TYPES)]
-    return find_output_layers(model, candidates, inputs, guess=prunable[-1] if prunable else None)
+    weighted = weight_matrix_layers(model)
+    prunable = [n for n, m in weighted.items() if isinstance(m, PRUNABLE_TYPES)]
+    return find_output_layers(
+        model, _layer_like(model, weighted), inputs, guess=prunable[-1] if prunable else None
+    )
 
 
 def output_layer(model: nn.Module, candidates: dict[str, nn.Module] | None = None) -> str | None:

@@ -6,9 +6,10 @@ output that barely varies across the batch or a softmax so flat that an output i
 the input would still score about 1 (a zero-initialised head, random-init mobilenet or
 ConvNeXt logits), and a one-column output (a regressor, a binary logit), whose per-row
 cosine is only a sign. The proxy then compares the features entering the output layer
-(the last weighted layer the forward runs) instead, centred on their dense batch mean, so
-that features which no longer depend on the input score 0. The output layer's own curve
-still compares the output (its input does not change when it alone is pruned).
+(found from the forward pass, :mod:`nbcompress.engine.core.heads`) instead, centred on
+their dense batch mean, so that features which no longer depend on the input score 0.
+The output layer's own curve still compares the output (its input does not change when
+it alone is pruned).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbcompress.engine.core.layers import output_layers as find_output_layers
 from nbcompress.engine.core.outputs import compare_outputs, output_tensors
 from nbcompress.engine.core.validation import eval_mode, run_forward
 
@@ -29,37 +31,16 @@ NULL_LEVEL = 0.99
 
 
 def output_layers(model: nn.Module, inputs: tuple) -> list[str]:
-    """The layer(s) producing the output: the last weighted layer the forward runs.
-
-    Found with forward hooks in execution order (the last registered layer may be an
-    unused pooler, or a head registered first).
+    """The layer(s) producing the output (:func:`nbcompress.engine.core.layers.output_layers`).
 
     Args:
-        model: The model (run once, without gradients).
-        inputs: Its inputs, as ``as_inputs`` returns them.
+        model: The model.
+        inputs: Its inputs, as ``as_inputs`` returns them (used if a trace is needed).
 
     Returns:
-        Qualified names (empty if no layer with a weight matrix ran).
+        Qualified names (empty if none was found).
     """
-    order: list[str] = []
-    names = {  # layers with a weight matrix (the root's own tokens or embeddings are not)
-        m: n
-        for n, m in model.named_modules()
-        if n
-        and any(k.endswith("weight") and p.dim() >= 2 for k, p in m.named_parameters("", False))
-    }
-    handles = [m.register_forward_hook(lambda m, a, o: order.append(names[m])) for m in names]
-    try:
-        run_forward(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order[-1:]
-
-
-def _weighted(module: nn.Module) -> bool:
-    own = module.named_parameters(recurse=False)
-    return any(k.endswith("weight") and p.dim() >= 2 for k, p in own)
+    return list(find_output_layers(model, inputs).names)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
