@@ -52,6 +52,9 @@ class SensitivityResult:
         notes: Explanations shown with the result.
         start: Layer → its sparsity when swept (already pruned layers); suggestions never
             go below it and ratios up to it were not evaluated (they change nothing).
+        method: How each point pruned its layer (``"l1"`` or ``"wanda"``); suggestions
+            are measured and applied the same way.
+        reconstruct: Each point re-fitted its layer's kept weights by least squares.
     """
 
     layers: list[str]
@@ -69,6 +72,8 @@ class SensitivityResult:
     complete: bool
     notes: list[str] = field(default_factory=list)
     start: dict[str, float] = field(default_factory=dict)
+    method: str = "l1"
+    reconstruct: bool = False
     _model: Callable[[], nn.Module | None] | None = field(default=None, repr=False, compare=False)
     # The swept model's history when attached: not saved (tokens mean nothing elsewhere).
     _history_token: tuple[int, ...] | None = field(default=None, repr=False, compare=False)

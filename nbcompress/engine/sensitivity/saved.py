@@ -158,6 +158,12 @@ def _fields(data: dict) -> dict[str, Any]:
     if granularity not in GRANULARITIES:
         raise _Bad(f"granularity {granularity!r} is not one of {GRANULARITIES}")
     seconds = _real(_typed(data, "seconds", numbers.Real, "a number"), "seconds")
+    method = data.get("method", "l1")  # files from before wanda have no method: L1
+    if method not in ("l1", "wanda"):
+        raise _Bad(f"method {method!r} is not 'l1' or 'wanda'")
+    reconstruct = data.get("reconstruct", False)
+    if not isinstance(reconstruct, bool):
+        raise _Bad("reconstruct must be true or false")
     return {
         "layers": layers, "ratios": ratios,
         "baseline": _real(_typed(data, "baseline", numbers.Real, "a number"), "baseline"),
@@ -172,6 +178,7 @@ def _fields(data: dict) -> dict[str, Any]:
         "seconds": max(seconds, 0.0), "complete": _typed(data, "complete", bool, "true or false"),
         "notes": list(notes),
         "start": {n: _real(v, f"start[{n!r}]") for n, v in start.items()},
+        "method": method, "reconstruct": reconstruct,
     }  # fmt: skip
 
 

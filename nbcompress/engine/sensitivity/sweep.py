@@ -19,7 +19,12 @@ from typing import Any
 
 from torch import nn
 
+from nbcompress.engine.core.capture import captured_inputs
+from nbcompress.engine.core.heads import remember_inputs
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
+from nbcompress.engine.prune.calibrate import calibration_inputs
+from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.sensitivity.entries import check_pruning, prune_in_trial, trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
     EvaluationError,
     Proxy,
@@ -116,6 +121,9 @@ def sensitivity(
     early_stop: float | None = None,
     progress: bool = True,
     callback: Callable[[SensitivityResult, str, float], None] | None = None,
+    include_output: bool = False,
+    method: str = "l1",
+    reconstruct: bool = False,
 ) -> SensitivityResult:
     """Prune each layer alone by L1 at each ratio, evaluate, and restore it bit-exactly.
 
@@ -131,11 +139,12 @@ def sensitivity(
         evaluate: ``evaluate(model) -> float``; higher is better unless
             ``higher_is_better=False``. ``None``: a data-free proxy on ``example_inputs``
             (agreement of the pruned with the dense output), labelled as a proxy.
-        ratios: Fractions to prune, each in (0, 1); default 0.1, 0.2, …, 0.9.
+        ratios: Fractions to prune, each in (0, 1); default 0.1, 0.2, …, 0.9, 0.95, 0.98,
+            0.99 (:data:`DEFAULT_RATIOS`).
         layers: Glob pattern(s) of layers to analyse; default every layer ``prune_``
             prunes by default (Linear, Conv, ConvTranspose, MultiheadAttention's in/out
-            projections, LSTM/GRU/RNN gate matrices), the output layer included. The
-            result's notes state the share of parameters not analysed and why.
+            projections, LSTM/GRU/RNN gate matrices). The result's notes state the share
+            of parameters not analysed and why.
         types: Layer types to analyse (names or classes); embeddings are opt-in.
         granularity: ``"element"`` (unstructured), ``"block"`` (4×1 blocks, see
             :func:`~nbcompress.prune_`) or ``"channel"`` (whole output channels; attention
@@ -148,6 +157,18 @@ def sensitivity(
         early_stop: Stop a layer's sweep once its metric fell by more than this.
         progress: Print plain-text progress to stderr.
         callback: ``callback(result_so_far, layer, ratio)`` after each evaluation.
+        include_output: Analyse the output layer too. By default it is left alone, as
+            ``prune_`` and ``%prune`` leave it (found from the forward pass, see
+            :func:`~nbcompress.engine.core.layers.output_layers`), so that a suggestion
+            prunes exactly the layers ``%prune`` would and its sparsity is over them.
+        method: How each point prunes its layer: ``"l1"`` or ``"wanda"`` (input norms
+            collected once on the dense model; see :func:`~nbcompress.prune_`).
+        reconstruct: Re-fit the kept weights of each point's layer by least squares on
+            the calibration inputs (slow: a solve per point).
+
+    Calibration inputs of ``"wanda"`` and ``reconstruct`` are ``example_inputs``, else
+    the batches ``evaluate`` feeds the model on the unpruned model (recorded, not copied;
+    ``result.calibration`` keeps them for the suggestion's re-fitted candidates).
 
     Returns:
         The result, also remembered as the model's latest (see :func:`latest`).
@@ -163,23 +184,28 @@ def sensitivity(
     check_module(model)
     ratio_list = _check_ratios_arg(ratios)
     check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)
-    selected, notes = select_sweep_layers(model, layers, types, max_layers, granularity)
-    inputs = as_inputs(example_inputs) if example_inputs is not None else None
+    # With evaluate, calibration may come from its calls: checked once they are recorded.
+    plain = not check_pruning(method, example_inputs if evaluate is None else (), reconstruct)
+    selected, notes = select_sweep_layers(
+        model, layers, types, max_layers, granularity, include_output=include_output
+    )
+    inputs = None
+    if example_inputs is not None:
+        # A list is positional arguments to the proxy, but batches to calibrate on.
+        inputs = as_inputs(example_inputs) if plain else calibration_inputs(example_inputs)[0]
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
     with verified(model, fingerprint, "sensitivity") as check, measuring(model):
         prefix = Prefix(model, inputs, selected) if evaluate is None else None
         proxy = Proxy(model, inputs, prefix.output) if prefix else None
         start = time.perf_counter()
-        where = "on the unpruned model"
-        baseline = proxy(model) if proxy else call_evaluate(evaluate, model, where, trained)
-        if not math.isfinite(baseline):
-            raise ValueError(
-                f"evaluate: returned {baseline} on the unpruned model "
-                f"({metric_name(evaluate) if evaluate else 'the proxy'}); it must return a finite "
-                "number there (check for an empty data set or a division by zero). A NaN at a "
-                "pruned point is fine: it is recorded as a collapsed layer."
-            )
+        with captured_inputs(model) as seen:
+            baseline = proxy(model) if proxy else call_evaluate(evaluate, model, BASE, trained)
+        _check_baseline(baseline, evaluate)
+        given = example_inputs is not None and not plain
+        calibration = example_inputs if given else _replayable([inputs] if inputs else seen)
+        if inputs is not None or seen:
+            remember_inputs(model, inputs if inputs is not None else seen[0])
         result = SensitivityResult(
             layers=list(selected), ratios=ratio_list, baseline=baseline,
             curves={n: [None] * len(ratio_list) for n in selected},
@@ -189,16 +215,39 @@ def sensitivity(
             higher_is_better=bool(higher_is_better), proxy=proxy is not None,
             granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
             start={n: layer_sparsity(m, granularity) for n, m in selected.items()},
+            method=method, reconstruct=bool(reconstruct),
         )  # fmt: skip
+        result.calibration = calibration
         if proxy is not None and proxy.note:
             result.notes.append(proxy.note)
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
         run.prefix = prefix
+        run.pruning = trial_pruning(model, selected, method, calibration, reconstruct)
         run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
     run.verified_notes()
     return result
+
+
+#: Where the first evaluation runs, as errors name it.
+BASE = "on the unpruned model"
+
+
+def _check_baseline(baseline: float, evaluate: Any) -> None:
+    if not math.isfinite(baseline):
+        raise ValueError(
+            f"evaluate: returned {baseline} on the unpruned model "
+            f"({metric_name(evaluate) if evaluate else 'the proxy'}); it must return a finite "
+            "number there (check for an empty data set or a division by zero). A NaN at a "
+            "pruned point is fine: it is recorded as a collapsed layer."
+        )
+
+
+def _replayable(seen: list[tuple]) -> list[Any] | None:
+    """Recorded one-argument calls as calibration batches (a tensor or a mapping each)."""
+    batches = [b[0] for b in seen if len(b) == 1]
+    return batches or None
 
 
 @dataclass
@@ -215,6 +264,7 @@ class _Run:
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
     prefix: Prefix | None = None
+    pruning: dict[str, Any] = field(default_factory=dict)  # method/stats, from trial_pruning
 
     def __post_init__(self) -> None:
         self.ladder = Ladder(self.model, self.result.granularity)
@@ -233,8 +283,15 @@ class _Run:
 
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
+        g = self.result.granularity
         with layer_trial(self.model, {name: self.selected[name]}) as trial:
-            self.ladder.prune(trial, name, ratio)
+            if self.pruning.get("reconstruct"):
+                # Re-fitting needs the layer's inputs: prune_ratios_ measures them (in the trial).
+                prune_ratios_(self.model, {name: ratio}, granularity=g, **self.pruning)
+            elif self.pruning:
+                prune_in_trial(self.model, trial, {name: ratio}, g, **self.pruning)
+            else:
+                self.ladder.prune(trial, name, ratio)
             where = f"with layer {name} pruned at {ratio:g}"
             if isinstance(self.evaluate, Proxy):
                 return self.evaluate.at_layer(self.model, name)
