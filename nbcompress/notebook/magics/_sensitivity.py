@@ -89,6 +89,28 @@ class SensitivityMagics(ModelMagics):
         "ConvTranspose, attention projections, LSTM/GRU/RNN gates).",
     )
     @argument("--granularity", default="element", help="element (default), block (4×1) or channel.")
+    @argument(
+        "--include-output",
+        action="store_true",
+        help="Analyse the output layer too (left alone by default, as %%prune leaves it).",
+    )
+    @argument(
+        "--method",
+        default="l1",
+        choices=("l1", "wanda"),
+        help="How each point prunes: l1 (default) or wanda (|W|·‖X‖, calibrated on --input "
+        "or on the batches --eval feeds the model).",
+    )
+    @argument(
+        "--reconstruct",
+        action="store_true",
+        help="Re-fit each point's kept weights by least squares on the calibration inputs.",
+    )
+    @argument(
+        "--no-check",
+        action="store_true",
+        help="Suggest from the curves alone, without measuring against uniform/global L1.",
+    )
     @argument("--lower-is-better", action="store_true", help="Loss, perplexity, RMSE, ...")
     @argument("--metric", help="Name of the metric shown in tables and plots.")
     @argument(
@@ -133,9 +155,12 @@ class SensitivityMagics(ModelMagics):
         agreement of the pruned with the dense output, labelled as such).
 
         The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
-        partial result). With --target-sparsity or --max-drop a per-layer suggestion is
-        made from the curves; ``%prune model --suggested`` or ``--apply`` applies it
-        (undoable). ``--target-sparsity 0.9 --stages 5 --apply`` prunes in stages instead:
+        partial result). The output layer is left alone unless ``--include-output``, as
+        ``%prune`` leaves it. With --target-sparsity or --max-drop a per-layer suggestion is
+        made from the curves and, for a sparsity target, checked by measuring it against
+        uniform and global L1 at the same sparsity (the best measured is kept; ``--no-check``
+        skips that); ``%prune model --suggested`` or ``--apply`` applies it (undoable).
+        ``--target-sparsity 0.9 --stages 5 --apply`` prunes in stages instead:
         sweep, suggest and apply five times, each sweep on the already pruned model (layers
         that look harmless alone can hurt together; re-measuring catches that). It returns
         shows the per-stage report and ``%undo model`` reverts all stages; score it with a
@@ -178,7 +203,7 @@ class SensitivityMagics(ModelMagics):
                     granularity=args.granularity, layers=split_patterns(args.layers),
                     types=split_patterns(args.types), example_inputs=x,
                     higher_is_better=not args.lower_is_better, metric=args.metric,
-                    refine=args.refine,
+                    refine=args.refine, method=args.method, reconstruct=args.reconstruct,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 print(
@@ -215,7 +240,8 @@ class SensitivityMagics(ModelMagics):
                     types=split_patterns(args.types), granularity=args.granularity,
                     example_inputs=x, higher_is_better=not args.lower_is_better,
                     metric=args.metric, max_layers=args.max_layers, early_stop=args.early_stop,
-                    progress=not notebook, callback=live,
+                    progress=not notebook, callback=live, include_output=args.include_output,
+                    method=args.method, reconstruct=args.reconstruct,
                 )  # fmt: skip
             except (EvaluationError, TypeError) as err:
                 partial = getattr(err, "result", None)
@@ -238,6 +264,8 @@ class SensitivityMagics(ModelMagics):
         if args.target_sparsity is None and args.max_drop is None:
             return None
         options = {} if args.refine is None else {"evaluate": evaluate, "refine": args.refine}
+        if args.no_check:
+            options["check"] = False
         try:
             suggestion = result.suggest(
                 args.target_sparsity, max_drop=args.max_drop, objective=args.objective, **options
@@ -280,7 +308,9 @@ def _estimate_total(model: Any, layers: Any, args: Any, ratios: list[float] | No
     from nbcompress.engine.core.layers import select_layers
 
     try:
-        selected, _ = select_layers(model, layers, split_patterns(args.types), include_output=True)
+        selected, _ = select_layers(
+            model, layers, split_patterns(args.types), include_output=args.include_output
+        )
     except (ValueError, TypeError):
         return 1  # the sweep itself reports the bad selection
     n = len(selected) if args.max_layers is None else min(args.max_layers, len(selected))

@@ -45,7 +45,7 @@ def target_row(metric: str) -> tuple[w.ToggleButtons, w.FloatText, w.HBox]:
 
 
 class Buttons:
-    """The Evaluate, Apply and Undo buttons and their row.
+    """The Check, Evaluate, Apply and Undo buttons and their row.
 
     Args:
         can_evaluate: Whether an evaluate function (or proxy) is available.
@@ -62,6 +62,13 @@ class Buttons:
                 else "pass evaluate=… to measure the real metric"
             ),
         )
+        self.check = w.Button(
+            description="Check",
+            icon="balance-scale",
+            disabled=not can_evaluate,
+            tooltip="measure the sparsity target's suggestion against uniform and global L1 at "
+            "the same sparsity and keep the best measured (a few evaluations)",
+        )
         self.apply = w.Button(
             description="Apply",
             icon="check",
@@ -71,12 +78,12 @@ class Buttons:
         self.undo = w.Button(
             description="Undo", icon="undo", tooltip="revert the model's last compression step"
         )
-        self.row = w.HBox([self.evaluate, self.apply, self.undo])
+        self.row = w.HBox([self.check, self.evaluate, self.apply, self.undo])
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Disable every button while an action runs; each gets its own state back."""
-        buttons = (self.evaluate, self.apply, self.undo)
+        buttons = (self.check, self.evaluate, self.apply, self.undo)
         states = [b.disabled for b in buttons]
         for b in buttons:
             b.disabled = True

@@ -5,18 +5,15 @@ the engine (``SensitivityResult.predict/suggest/sparsity_of``, ``prune_ratios_``
 ``trial``, ``SweepCheck``). Callbacks run synchronously when a trait changes, so plain pytest
 drives it by setting ``slider.value`` and calling ``button.click()``; no frontend is needed.
 
-The explorer stays true to the live model: it follows the model's history
-(:func:`~nbcompress.engine.core.history.on_change`), so ``%prune`` or ``%undo`` in another
-cell refresh its model line and readouts (once, when that cell ends), and each interaction
-re-reads the model cheaply (history token, zeros per layer) to catch edits the history
-cannot see. When the model is no longer the one the sweep measured, a warning line says
-so and why.
+It follows the model's history (:func:`~nbcompress.engine.core.history.on_change`):
+``%prune``/``%undo`` in another cell refresh it when that cell ends, each interaction
+re-reads the model cheaply, and a warning says when it is no longer the swept model.
+Check (:mod:`~nbcompress.notebook.widgets._checking`) measures a suggestion.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +26,7 @@ from nbcompress.engine.core.report import fmt_pct
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.setting import SettingCosts, SweepCheck, proxy_metric
 from nbcompress.notebook.widgets._after_cell import after_cell, follow_cells
+from nbcompress.notebook.widgets._checking import prune_options, run_check
 from nbcompress.notebook.widgets._controls import Buttons, Sliders, descendants, target_row
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
@@ -95,13 +93,13 @@ class SensitivityExplorer(w.VBox):
         self.evaluate = evaluate
         self.objective = objective
         self.measured: float | None = None
-        # A result that carries the history token of its sweep (of this very model) lets the
-        # check see steps taken between the sweep and this explorer; else it starts now.
+        # The sweep's history token (of this very model) shows steps taken since the sweep.
         token = getattr(result, "history_token", None) if result.model is model else None
         self.check = SweepCheck(result, model, token)
         self._costs = SettingCosts(model, result.granularity)
         self._figure = MarkedFigure(result)
         self._hold = False
+        self._refit = False  # Check picked a re-fitted candidate: Apply re-fits too
         self._acting = False  # during Apply/Undo: the action refreshes once afterwards
         self._seen: tuple | None = None
         self._sparsity: dict[str, float | None] = {}
@@ -145,6 +143,8 @@ class SensitivityExplorer(w.VBox):
         self._buttons = buttons = Buttons(self.evaluate is not None)
         self.evaluate_button, self.apply_button = buttons.evaluate, buttons.apply
         self.undo_button = buttons.undo
+        self.check_button = buttons.check
+        self.check_button.on_click(lambda _: setattr(self, "_refit", run_check(self)))
         self.evaluate_button.on_click(lambda _: self.evaluate_setting())
         self.apply_button.on_click(lambda _: self.apply())
         self.undo_button.on_click(lambda _: self.undo())
@@ -215,9 +215,13 @@ class SensitivityExplorer(w.VBox):
             if value is not None:
                 self.target_value.value = value
 
+    def _options(self) -> dict[str, Any]:
+        return prune_options(self.result, self._refit)
+
     def _on_slider(self, name: str) -> None:
         if self._hold:
             return
+        self._refit = False  # a Check's re-fitted winner no longer describes this setting
         self._update_info(name)
         self._refresh()
 
@@ -233,10 +237,9 @@ class SensitivityExplorer(w.VBox):
     def _suggest(self) -> None:
         kind, value = self.target_kind.value, float(self.target_value.value)
         # The curves only, while the target moves: a measured check of the suggestion
-        # (several evaluations) belongs to an explicit action, never to typing a number.
-        options: dict[str, Any] = {"objective": self.objective}
-        if "check" in inspect.signature(self.result.suggest).parameters:
-            options["check"] = False
+        # (several evaluations) belongs to the Check button, never to typing a number.
+        options: dict[str, Any] = {"objective": self.objective, "check": False}
+        self._refit = False
         try:
             if kind == "sparsity":
                 s = self.result.suggest(value, **options)
@@ -270,7 +273,7 @@ class SensitivityExplorer(w.VBox):
             try:
                 with trial(self.model):
                     if any(r > 0 for r in ratios.values()):
-                        prune_ratios_(self.model, ratios, granularity=self.result.granularity)
+                        prune_ratios_(self.model, ratios, **self._options())
                     value = float(self.evaluate(self.model))
             except Exception as err:  # noqa: BLE001 - the user's function; report, don't raise
                 self.status.value = (
@@ -288,13 +291,11 @@ class SensitivityExplorer(w.VBox):
 
     def apply(self) -> None:
         """Prune the live model in place with the current setting (recorded, undoable)."""
-        ratios = self.ratios
-        granularity = self.result.granularity
+        ratios, options = self.ratios, self._options()
         change = self._change_model(
             "applying…",
-            lambda: prune_ratios_(self.model, ratios, granularity=granularity),
-            # RuntimeError: e.g. a layer quantized since the sweep cannot be pruned; the
-            # transaction has put the model back.
+            lambda: prune_ratios_(self.model, ratios, **options),
+            # RuntimeError: e.g. a layer quantized since the sweep (the model is put back).
             (ValueError, TypeError, RuntimeError),
             "not applied",
         )
@@ -356,9 +357,8 @@ class SensitivityExplorer(w.VBox):
 
     def _sync(self) -> dict[str, float | None]:
         """Re-read the model if it changed since last seen (cheap); its layers' sparsity."""
-        # The history token and one count of nonzero parameters catch edits the history
-        # cannot see too (a weight zeroed by hand, torch's own pruning); the per-layer
-        # sparsity is counted again only when one of them moved.
+        # The history token and one nonzero count catch edits the history cannot see too
+        # (a weight zeroed by hand); per-layer sparsity is recounted only when one moved.
         nonzero = sum(
             int(torch.count_nonzero(p.detach())) for p in self.model.parameters() if not p.is_meta
         )

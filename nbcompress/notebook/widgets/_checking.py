@@ -1,0 +1,58 @@
+"""The explorer's Check button and how its Evaluate and Apply prune.
+
+Typing a target re-runs the curves' suggestion only (no evaluation). Check is the explicit,
+measured action: the suggestion for the sparsity target is measured against uniform and
+global L1 at the same sparsity (and re-fitted candidates where cheap, see
+:mod:`nbcompress.engine.sensitivity.refit`), the best measured goes onto the sliders, and
+the status line says which won and by how much.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from nbcompress.engine.sensitivity.evaluate import EvaluationError
+
+if TYPE_CHECKING:
+    from nbcompress.engine.sensitivity.result import SensitivityResult
+    from nbcompress.notebook.widgets._explorer import SensitivityExplorer
+
+__all__ = ["prune_options", "run_check"]
+
+
+def prune_options(result: SensitivityResult, refit: bool) -> dict[str, Any]:
+    """Keyword arguments of ``prune_ratios_`` for a setting of this sweep.
+
+    The sweep's granularity and method; its calibration batches when the method needs
+    them (wanda) or the weights are re-fitted (a re-fitted candidate won Check, or every
+    point of the sweep was re-fitted).
+    """
+    options: dict[str, Any] = {"granularity": result.granularity}
+    if result.method != "l1":
+        options.update(method=result.method, example_inputs=result.calibration)
+    if refit or result.reconstruct:
+        options.update(reconstruct=True, example_inputs=result.calibration)
+    return options
+
+
+def run_check(explorer: SensitivityExplorer) -> bool:
+    """Measure the target's suggestion against uniform and global L1; show the best measured.
+
+    Returns:
+        Whether a re-fitted candidate won (Apply then re-fits too).
+    """
+    if explorer.target_kind.value != "sparsity":
+        explorer.status.value = "Check measures a sparsity target: switch the target to sparsity"
+        return False
+    value = float(explorer.target_value.value)
+    with explorer._busy(f"checking sparsity {value:g} against uniform and global L1…"):
+        try:
+            suggestion = explorer.result.suggest(
+                value, objective=explorer.objective, evaluate=explorer.evaluate, check=True
+            )
+        except (ValueError, TypeError, EvaluationError) as err:
+            explorer.status.value = f"not checked: {err}"
+            return False
+    explorer.set_ratios(suggestion.ratios)
+    explorer.status.value = suggestion.notes[0]
+    return suggestion.reconstruct
