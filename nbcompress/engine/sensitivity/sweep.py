@@ -21,6 +21,7 @@ from torch import nn
 
 from nbcompress.engine.core.capture import captured_inputs
 from nbcompress.engine.core.heads import remember_inputs
+from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
 from nbcompress.engine.prune.calibrate import calibration_inputs
 from nbcompress.engine.prune.prune import prune_ratios_
@@ -186,13 +187,19 @@ def sensitivity(
     check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)
     # With evaluate, calibration may come from its calls: checked once they are recorded.
     plain = not check_pruning(method, example_inputs if evaluate is None else (), reconstruct)
-    selected, notes = select_sweep_layers(
-        model, layers, types, max_layers, granularity, include_output=include_output
-    )
     inputs = None
     if example_inputs is not None:
         # A list is positional arguments to the proxy, but batches to calibrate on.
         inputs = as_inputs(example_inputs) if plain else calibration_inputs(example_inputs)[0]
+        remember_inputs(model, inputs)
+
+    def select() -> tuple[dict[str, nn.Module], list[str]]:
+        return select_sweep_layers(
+            model, layers, types, max_layers, granularity, include_output=include_output
+        )
+
+    selected, notes = select()
+    guessed = not include_output and output_layers(model).guessed
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
     with verified(model, fingerprint, "sensitivity") as check, measuring(model):
@@ -204,8 +211,10 @@ def sensitivity(
         _check_baseline(baseline, evaluate)
         given = example_inputs is not None and not plain
         calibration = example_inputs if given else _replayable([inputs] if inputs else seen)
-        if inputs is not None or seen:
-            remember_inputs(model, inputs if inputs is not None else seen[0])
+        if inputs is None and seen:
+            remember_inputs(model, seen[0])
+            if guessed:  # the forward pass evaluate ran shows the real output layer now
+                selected, notes = select()
         result = SensitivityResult(
             layers=list(selected), ratios=ratio_list, baseline=baseline,
             curves={n: [None] * len(ratio_list) for n in selected},
