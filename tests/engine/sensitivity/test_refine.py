@@ -195,7 +195,8 @@ def test_suggest_with_refine_reports_predicted_and_measured(setup):
     assert_same_state(model, saved)
     assert latest_suggestion(model) is refined
     with pytest.warns(DeprecationWarning, match=r"suggest\(refine=evaluate\) is deprecated"):
-        old = result.suggest(0.8, refine=distance, budget=30, reconstruct=False)  # the old spelling, one release
+        # The old spelling, one release.
+        old = result.suggest(0.8, refine=distance, budget=30, reconstruct=False)
     assert old.ratios == refined.ratios and old.measured == refined.measured
 
 

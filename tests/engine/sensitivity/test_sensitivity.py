@@ -164,7 +164,11 @@ def test_proxy_for_non_classifier_uses_cosine_similarity():
 
 def test_early_stop_skips_the_rest_of_a_layer(lenet, evaluate):
     result = nc.sensitivity(
-        lenet, evaluate, ratios=[0.5, 0.9, 0.95, 0.99], early_stop=0.05, include_output=True,
+        lenet,
+        evaluate,
+        ratios=[0.5, 0.9, 0.95, 0.99],
+        early_stop=0.05,
+        include_output=True,
         progress=False,
     )
     fc3 = result.curves["fc3"]
