@@ -94,6 +94,17 @@ def test_sliders_preset_from_suggestion(result, explorer):
     assert "suggested" in explorer.status.value
 
 
+def test_a_default_sweep_gives_the_output_layer_no_slider_and_apply_leaves_it(model, evaluate):
+    res = sensitivity(model, evaluate, ratios=[0.5, 0.9], progress=False)
+    ex = SensitivityExplorer(res, model, evaluate)
+    assert set(ex.sliders) == {"fc1", "fc2"}  # fc3, the output layer, is left alone by default
+    ex.set_ratios({"fc1": 0.5, "fc2": 0.5})
+    ex.apply()
+    assert int(torch.count_nonzero(model.fc3.weight)) == model.fc3.weight.numel()
+    assert int(torch.count_nonzero(model.fc2.weight)) < model.fc2.weight.numel()
+    nbcompress.undo_(model)
+
+
 def test_text_fallback_is_short_and_states_the_setting(explorer):
     explorer.set_ratios({"fc1": 0.25})
     assert repr(explorer) == "<SensitivityExplorer of accuracy: fc1=25%, fc2=0%, fc3=0%>"
