@@ -66,6 +66,32 @@ def test_curves_cover_every_layer_including_the_output_layer(lenet, evaluate):
     assert result.curves["fc3"][2] < result.curves["fc3"][0]
 
 
+def test_by_default_the_output_layer_is_left_alone_with_a_note(lenet, evaluate):
+    result = nc.sensitivity(lenet, evaluate, ratios=RATIOS, progress=False)
+    assert result.layers == ["fc1", "fc2"] and result.evaluations == 1 + 2 * 3
+    assert any("Output layer fc3 left alone" in n for n in result.notes)
+    assert "fc3" not in result.suggest(0.5, check=False).ratios
+    # Named literally, it is analysed: naming it is taken as intent.
+    alone = nc.sensitivity(lenet, evaluate, ratios=[0.5], layers="fc3", progress=False)
+    assert alone.layers == ["fc3"]
+
+
+def test_the_output_layer_is_found_from_the_forward_not_registration_order():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)  # registered first, used last
+            self.body = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    result = nc.sensitivity(HeadFirst(), lambda m: 1.0, ratios=[0.5], progress=False)
+    assert result.layers == ["body"]
+    assert any("Output layer head left alone" in n for n in result.notes)
+
+
 @pytest.mark.parametrize("granularity", ["element", "block", "channel"])
 def test_each_point_is_the_metric_with_only_that_layer_pruned(lenet, evaluate, granularity):
     result = nc.sensitivity(lenet, evaluate, ratios=RATIOS, granularity=granularity, progress=False)
