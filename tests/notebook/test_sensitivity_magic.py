@@ -158,7 +158,9 @@ def test_in_a_notebook_the_plot_updates_live_and_the_explorer_is_shown(ns, monke
     monkeypatch.setattr(_sensitivity, "in_notebook", lambda shell: True)
     monkeypatch.setattr("IPython.display.display", fake_display)
     result = run(ns, "model --eval agreement --ratios 0.5,0.9 --target-sparsity 0.4")
-    assert len(updates) >= 2 and "<progress value='6' max='6'" in updates[-1].data
+    # 2 layers × 2 ratios: the output layer is left alone by default, from the first update on.
+    assert len(updates) >= 2 and "<progress value='4' max='4'" in updates[-1].data
+    assert all("max='4'" in u.data for u in updates)
     assert "<img" in updates[-1].data
     assert " elapsed, ETA 0 s" in updates[-1].data and "ETA" in updates[0].data
     assert "Suggestion" in [type(o).__name__ for o in shown]

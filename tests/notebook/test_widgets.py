@@ -62,7 +62,8 @@ def evaluate(digits):
 
 @pytest.fixture
 def result(model, evaluate) -> SensitivityResult:
-    return sensitivity(model, evaluate, progress=False)
+    # The output layer analysed too: these tests are about the explorer's handling of layers.
+    return sensitivity(model, evaluate, include_output=True, progress=False)
 
 
 @pytest.fixture
@@ -91,6 +92,17 @@ def test_sliders_preset_from_suggestion(result, explorer):
     for name, slider in explorer.sliders.items():
         assert slider.value == pytest.approx(expected.get(name, 0.0), abs=1e-4)
     assert "suggested" in explorer.status.value
+
+
+def test_a_default_sweep_gives_the_output_layer_no_slider_and_apply_leaves_it(model, evaluate):
+    res = sensitivity(model, evaluate, ratios=[0.5, 0.9], progress=False)
+    ex = SensitivityExplorer(res, model, evaluate)
+    assert set(ex.sliders) == {"fc1", "fc2"}  # fc3, the output layer, is left alone by default
+    ex.set_ratios({"fc1": 0.5, "fc2": 0.5})
+    ex.apply()
+    assert int(torch.count_nonzero(model.fc3.weight)) == model.fc3.weight.numel()
+    assert int(torch.count_nonzero(model.fc2.weight)) < model.fc2.weight.numel()
+    nbcompress.undo_(model)
 
 
 def test_text_fallback_is_short_and_states_the_setting(explorer):
@@ -232,7 +244,7 @@ def test_without_evaluate_the_button_is_disabled(result, model):
 
 def test_proxy_sweep_evaluates_the_proxy_on_example_inputs(model, digits):
     x = digits.x_test[:64]
-    res = sensitivity(model, example_inputs=x, progress=False)
+    res = sensitivity(model, example_inputs=x, include_output=True, progress=False)
     assert res.proxy
     ex = SensitivityExplorer(res, model, example_inputs=x)
     assert not ex.evaluate_button.disabled
@@ -264,7 +276,9 @@ def test_many_layers_grouped_in_accordion_with_scroll(evaluate):
     blocks = [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(8)]
     deep = nn.Sequential(*blocks, nn.Linear(8, 2))
     x = torch.randn(16, 8)
-    res = sensitivity(deep, example_inputs=x, ratios=[0.3, 0.6], progress=False)
+    res = sensitivity(
+        deep, example_inputs=x, ratios=[0.3, 0.6], include_output=True, progress=False
+    )
     ex = SensitivityExplorer(res, deep)
     box = ex.controls.children[1]
     assert len(ex.sliders) == 17
@@ -507,12 +521,18 @@ def test_steps_inside_a_running_cell_refresh_once_when_it_ends(shell, explorer, 
 
 
 def test_a_result_carrying_its_sweeps_history_token_shows_steps_taken_before(
-    result, model, evaluate
+    result, model, evaluate, tmp_path
 ):
     assert result.model is model
+    # A result without the token (loaded from disk) cannot see a step that zeroes no weight.
+    result.save(tmp_path / "sweep.json")
+    loaded = SensitivityResult.load(tmp_path / "sweep.json")
+    assert loaded.history_token is None
     nbcompress.prune_(model, {"fc1": 1e-5})  # a step that zeroes no weight
-    assert warning(SensitivityExplorer(result, model, evaluate)) == ""  # unseen without it
+    assert warning(SensitivityExplorer(loaded, model, evaluate)) == ""  # unseen without it
     nbcompress.undo_(model)
-    result.history_token = history_token(model)  # as a sweep may record it (see the report)
+    # The sweep records the token as it attaches its result to the model (see the report).
+    assert result.history_token == history_token(model)
+    assert warning(SensitivityExplorer(result, model, evaluate)) == ""
     nbcompress.prune_(model, {"fc1": 1e-5})
     assert "(a prune step in another cell)" in warning(SensitivityExplorer(result, model, evaluate))

@@ -52,7 +52,9 @@ def test_sweep_leaves_model_bit_exactly_unchanged_and_records_no_history(lenet, 
 
 
 def test_curves_cover_every_layer_including_the_output_layer(lenet, evaluate):
-    result = nc.sensitivity(lenet, evaluate, ratios=[0.9, 0.3, 0.6, 0.3], progress=False)
+    result = nc.sensitivity(
+        lenet, evaluate, ratios=[0.9, 0.3, 0.6, 0.3], include_output=True, progress=False
+    )
     assert result.layers == ["fc1", "fc2", "fc3"]
     assert result.ratios == RATIOS  # sorted, duplicates dropped
     assert result.baseline == evaluate(lenet)
@@ -62,6 +64,32 @@ def test_curves_cover_every_layer_including_the_output_layer(lenet, evaluate):
     assert result.seconds > 0 and not result.proxy
     # Pruning 90% of the output layer hurts more than 30% of it.
     assert result.curves["fc3"][2] < result.curves["fc3"][0]
+
+
+def test_by_default_the_output_layer_is_left_alone_with_a_note(lenet, evaluate):
+    result = nc.sensitivity(lenet, evaluate, ratios=RATIOS, progress=False)
+    assert result.layers == ["fc1", "fc2"] and result.evaluations == 1 + 2 * 3
+    assert any("Output layer fc3 left alone" in n for n in result.notes)
+    assert "fc3" not in result.suggest(0.5, check=False).ratios
+    # Named literally, it is analysed: naming it is taken as intent.
+    alone = nc.sensitivity(lenet, evaluate, ratios=[0.5], layers="fc3", progress=False)
+    assert alone.layers == ["fc3"]
+
+
+def test_the_output_layer_is_found_from_the_forward_not_registration_order():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 3)  # registered first, used last
+            self.body = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    result = nc.sensitivity(HeadFirst(), lambda m: 1.0, ratios=[0.5], progress=False)
+    assert result.layers == ["body"]
+    assert any("Output layer head left alone" in n for n in result.notes)
 
 
 @pytest.mark.parametrize("granularity", ["element", "block", "channel"])
@@ -86,7 +114,7 @@ def test_evaluate_raising_midway_restores_model_and_keeps_partial_result(lenet, 
         return evaluate(model)
 
     with pytest.raises(EvaluationError, match=r"evaluate: flaky\(model\) raised ZeroDivisionError"):
-        nc.sensitivity(lenet, flaky, ratios=RATIOS, progress=False)
+        nc.sensitivity(lenet, flaky, ratios=RATIOS, include_output=True, progress=False)
     assert_same_state(lenet, saved)
     partial = latest(lenet)
     assert not partial.complete
@@ -134,7 +162,9 @@ def test_lower_is_better_metric(lenet, digits):
         with torch.no_grad():
             return float(F.cross_entropy(m(digits.x_test), digits.y_test))
 
-    result = nc.sensitivity(lenet, loss, ratios=RATIOS, higher_is_better=False, progress=False)
+    result = nc.sensitivity(
+        lenet, loss, ratios=RATIOS, higher_is_better=False, include_output=True, progress=False
+    )
     assert result.metric == "loss" and not result.higher_is_better
     assert result.curves["fc3"][2] > result.baseline
     assert result.predict({"fc3": 0.9}) == pytest.approx(result.curves["fc3"][2])
@@ -142,7 +172,10 @@ def test_lower_is_better_metric(lenet, digits):
 
 
 def test_proxy_without_evaluate_is_labelled_and_compares_to_dense_output(lenet, digits):
-    result = nc.sensitivity(lenet, example_inputs=digits.x_test[:32], ratios=RATIOS, progress=False)
+    result = nc.sensitivity(
+        lenet, example_inputs=digits.x_test[:32], ratios=RATIOS, include_output=True,
+        progress=False,
+    )  # fmt: skip
     assert result.proxy and "KL" in result.metric and result.baseline == pytest.approx(1.0)
     assert all(0 < v <= 1 + 1e-6 for c in result.curves.values() for v in c)
     assert result.macs == {"fc1": 32 * 64 * 300, "fc2": 32 * 300 * 100, "fc3": 32 * 100 * 10}
@@ -157,7 +190,12 @@ def test_proxy_for_non_classifier_uses_cosine_similarity():
 
 def test_early_stop_skips_the_rest_of_a_layer(lenet, evaluate):
     result = nc.sensitivity(
-        lenet, evaluate, ratios=[0.5, 0.9, 0.95, 0.99], early_stop=0.05, progress=False
+        lenet,
+        evaluate,
+        ratios=[0.5, 0.9, 0.95, 0.99],
+        early_stop=0.05,
+        include_output=True,
+        progress=False,
     )
     fc3 = result.curves["fc3"]
     stopped = next(i for i, v in enumerate(fc3) if result.baseline - v > 0.05)
@@ -167,7 +205,9 @@ def test_early_stop_skips_the_rest_of_a_layer(lenet, evaluate):
 
 
 def test_max_layers_keeps_the_largest(lenet, evaluate):
-    result = nc.sensitivity(lenet, evaluate, ratios=[0.5], max_layers=2, progress=False)
+    result = nc.sensitivity(
+        lenet, evaluate, ratios=[0.5], max_layers=2, include_output=True, progress=False
+    )
     assert result.layers == ["fc1", "fc2"]
     assert any("max_layers=2" in n for n in result.notes)
 
@@ -178,6 +218,7 @@ def test_callback_sees_each_evaluation_and_progress_goes_to_stderr(lenet, evalua
         lenet,
         evaluate,
         ratios=[0.5, 0.9],
+        include_output=True,
         callback=lambda r, layer, q: seen.append((layer, q, r.evaluations)),
     )
     assert seen == [("fc1", 0.5, 2), ("fc1", 0.9, 3), ("fc2", 0.5, 4), ("fc2", 0.9, 5),
@@ -224,12 +265,14 @@ def test_layers_with_several_weight_matrices_are_analysed_and_channels_refused()
     # Issue 11: MultiheadAttention (no single `weight`) is analysed like prune_ prunes it;
     # it has no output channels, so channel granularity is refused as prune_ refuses it.
     model = nn.Sequential(nn.MultiheadAttention(8, 2))
-    result = nc.sensitivity(model, lambda m: 1.0, types="MultiheadAttention", progress=False)
+    result = nc.sensitivity(
+        model, lambda m: 1.0, types="MultiheadAttention", include_output=True, progress=False
+    )
     assert result.layers == ["0"] and result.sizes["0"] == 4 * 8 * 8
     with pytest.raises(ValueError, match="granularity: MultiheadAttention layer.* '0' cannot be"):
         nc.sensitivity(
             model, lambda m: 1.0, types="MultiheadAttention", granularity="channel",
-            progress=False,
+            include_output=True, progress=False,
         )  # fmt: skip
 
 
@@ -251,7 +294,7 @@ def test_tensor_results_are_accepted(lenet, digits):
 
 def test_already_pruned_layers_start_at_their_sparsity(lenet, evaluate):
     nc.prune_(lenet, {"fc1": 0.5}, layers="fc1")
-    result = nc.sensitivity(lenet, evaluate, ratios=RATIOS, progress=False)
+    result = nc.sensitivity(lenet, evaluate, ratios=RATIOS, include_output=True, progress=False)
     assert result.start["fc1"] == pytest.approx(0.5, abs=1e-3) and result.start["fc2"] == 0.0
     assert result.curves["fc1"][0] == result.baseline  # 30% < 50%: nothing to evaluate
     assert result.evaluations == 1 + 3 * 3 - 1

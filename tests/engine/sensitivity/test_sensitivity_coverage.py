@@ -97,8 +97,9 @@ def test_prune_to_on_an_lstm_prunes_its_gates_and_undoes():
 def test_channel_granularity_leaves_gate_matrices_out_with_a_note(name):
     model, x = BUILDERS[name]()
     result = nc.sensitivity(
-        model, example_inputs=x, ratios=[0.5], granularity="channel", progress=False
-    )
+        model, example_inputs=x, ratios=[0.5], granularity="channel", include_output=True,
+        progress=False,
+    )  # fmt: skip
     assert not _multi(model, result.layers)
     line = next(n for n in result.notes if "of parameters not analysed" in n)
     assert "no output channels in its gate matrices" in line

@@ -49,7 +49,8 @@ def test_a_trial_zeroes_exactly_what_prune_ratios_zeroes_and_restores(name, gran
     torch.manual_seed(0)
     model = _MODELS[name]()
     twin, before = copy.deepcopy(model), snapshot(model)
-    layers, _ = select_sweep_layers(model, None, None, None, granularity)
+    # Every layer, the output layer too (its trial must match prune_ratios_ as well).
+    layers, _ = select_sweep_layers(model, None, None, None, granularity, include_output=True)
     for layer in layers:
         for ratio in (0.3, 0.75):
             with layer_trial(model, {layer: layers[layer]}) as t:

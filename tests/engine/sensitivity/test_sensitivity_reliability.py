@@ -54,7 +54,9 @@ def test_each_point_starts_from_the_model_as_it_was():
     torch.manual_seed(0)
     model, x = mlp(), torch.randn(8, 16)
     twin = copy.deepcopy(model)
-    every = nc.sensitivity(model, _trainer(model, x, momentum=0), ratios=[0.5], progress=False)
+    every = nc.sensitivity(
+        model, _trainer(model, x, momentum=0), ratios=[0.5], include_output=True, progress=False
+    )
     alone = nc.sensitivity(
         twin, _trainer(twin, x, momentum=0), ratios=[0.5], layers="4", progress=False
     )
@@ -169,7 +171,10 @@ def test_the_proxy_refuses_an_output_without_floating_tensors():
             return {"label": self.fc(x).argmax(1)}
 
     with pytest.raises(TypeError, match="the model returned none .*dict.*--eval"):
-        nc.sensitivity(Labels(), example_inputs=torch.randn(2, 4), ratios=[0.5], progress=False)
+        nc.sensitivity(
+            Labels(), example_inputs=torch.randn(2, 4), ratios=[0.5], include_output=True,
+            progress=False,
+        )  # fmt: skip
 
 
 def _interrupt_restore(monkeypatch, times: int | None, cls: type = SavedTensor):

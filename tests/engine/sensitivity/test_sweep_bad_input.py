@@ -41,7 +41,7 @@ def test_nan_at_a_pruned_point_is_recorded_as_collapsed():
         zeros = int((m[2].weight == 0).sum()) - int((dense == 0).sum())
         return float("nan") if zeros > 12 else 0.9
 
-    r = nc.sensitivity(model, accuracy, ratios=[0.3, 0.9], progress=False)
+    r = nc.sensitivity(model, accuracy, ratios=[0.3, 0.9], include_output=True, progress=False)
     assert r.curves["2"][0] == 0.9 and r.curves["2"][1] != r.curves["2"][1]
     assert any("2: evaluate returned NaN at ratio 0.9" in n for n in r.notes)
     assert r.complete and not fingerprint.changed_in(model)

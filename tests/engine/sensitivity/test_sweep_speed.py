@@ -39,7 +39,8 @@ def test_default_grid_reaches_the_target_region():
     torch.manual_seed(0)
     r = _sweep(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(6, 4))
     assert r.ratios == list(DEFAULT_RATIOS)
-    assert _sweep(nn.Linear(4, 3), torch.randn(6, 4), ratios=[0.5]).ratios == [0.5]
+    one = _sweep(nn.Linear(4, 3), torch.randn(6, 4), ratios=[0.5], include_output=True)
+    assert one.ratios == [0.5]
 
 
 def test_replayed_prefixes_give_the_curves_of_full_forwards(monkeypatch):
@@ -137,7 +138,7 @@ def test_progress_says_evaluations_elapsed_and_eta(capsys):
     assert eta_status(5, 100, 30.0, measured=3).endswith("ETA 15 min 50 s")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    nc.sensitivity(model, example_inputs=torch.randn(6, 4), ratios=[0.2, 0.5])
+    nc.sensitivity(model, example_inputs=torch.randn(6, 4), ratios=[0.2, 0.5], include_output=True)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2  # one per layer
     assert lines[0].startswith("sensitivity [2/4 evaluations, ") and "ETA " in lines[0]
