@@ -228,7 +228,8 @@ def select_layers(
     left = [n for n in heads if n in selected and n not in literal]
     for name in left:
         del selected[name]
-    excluded = ", ".join(left) or None
+    # The whole model may be its own output layer (a bare nn.Linear): its name is "".
+    excluded = ", ".join(n or "(the model itself)" for n in left) or None
     if not selected:
         raise ValueError(
             "layers: the selection is empty (only the output layer "

@@ -184,8 +184,9 @@ def _reason(owner, p, excluded, skipped) -> str:
     layer, module, pname = owner
     if p.dim() < 2 or "bias" in pname:
         return "biases/norms"
-    if layer == excluded:
-        return f"output layer {layer} (include_output=True)"
+    # ``excluded`` names every output layer left alone, comma-separated (see select_layers).
+    if excluded and (layer or "(the model itself)") in excluded.split(", "):
+        return f"output layer {layer or '(the model itself)'} (include_output=True)"
     if layer in skipped:
         return f"{type(module).__name__} ({skipped[layer]})"
     if isinstance(module, OPT_IN_TYPES):

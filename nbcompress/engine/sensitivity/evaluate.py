@@ -151,7 +151,7 @@ def select_sweep_layers(
     max_layers: int | None,
     granularity: str = "element",
     *,
-    include_output: bool = True,  # TODO(issue 12): flip to False with sweep.py's default
+    include_output: bool = False,
 ) -> tuple[dict[str, nn.Module], list[str]]:
     """The layers a sweep analyses, and notes on those left out.
 

@@ -144,3 +144,21 @@ def test_tracing_inside_no_grad_and_inference_mode(grad: bool) -> None:
     with ctx:
         found = output_layers(model, as_inputs(torch.randn(2, 8)))
     assert found.names == ("head",) and found.how == "traced forward pass"
+
+
+def test_every_output_layer_left_alone_is_named_in_the_prune_report() -> None:
+    import nbcompress as nc
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    nc.prune_(model, 0.5)
+    detail = nc.history(model)[-1].detail
+    assert "output layer a (include_output=True)" in detail
+    assert "output layer b (include_output=True)" in detail
+
+
+def test_a_model_that_is_its_own_output_layer_says_so() -> None:
+    import nbcompress as nc
+
+    with pytest.raises(ValueError, match=r"only the output layer '\(the model itself\)'"):
+        nc.sensitivity(nn.Linear(4, 3), example_inputs=torch.randn(6, 4), ratios=[0.5])
