@@ -101,12 +101,14 @@ def suggest(
         result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
     )
     refinement = refit = None
+    better = False
     if refine is not None:
         refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
         ratios = refinement.ratios
         notes[:0] = [_verdict(refinement), *refinement.notes]
         refit = _refitted(result, evaluate, refinement, reconstruct, notes)
-        ratios = refit.ratios if refit is not None else ratios
+        better = refit is not None and _better(result, refit.measured, refinement.measured)
+        ratios = refit.ratios if better else ratios
     target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
     if objective == "macs" and max_drop is None:
         target = f"MAC reduction {target_sparsity:.0%}"
@@ -115,9 +117,12 @@ def suggest(
         removed=int(round(sum(r * weights[n] for n, r in ratios.items()))),
         objective=objective, target=target, metric=result.metric, baseline=result.baseline,
         granularity=result.granularity, proxy=result.proxy,
-        measured=refit.measured if refit else refinement.measured if refinement else None,
+        measured=refit.measured if better else refinement.measured if refinement else None,
         refinement=refinement, higher_is_better=result.higher_is_better, notes=notes,
-        reconstruct=refit is not None, calibration=result.calibration if refit else None,
+        reconstruct=better, calibration=result.calibration if better else None,
+        chosen=_chosen(refinement, refit if better else None),
+        evaluations=sum(r.evaluations for r in (refinement, refit) if r is not None),
+        seconds=sum(r.seconds for r in (refinement, refit) if r is not None),
     )  # fmt: skip
     if model is not None:
         remember(model, suggestion=made)
@@ -131,7 +136,7 @@ def _refitted(
     reconstruct: bool | None,
     notes: list[str],
 ) -> Refit | None:
-    """The best re-fitted candidate if it measures better than the best plain one."""
+    """The best re-fitted candidate measured (``None`` when re-fits are not tried)."""
     if reconstruct is False:
         return None
     model, calibration = result.model, result.calibration
@@ -156,14 +161,27 @@ def _refitted(
     )  # fmt: skip
     shown = ", ".join(f"{k} {v:.4g}" for k, v in refit.all.items())
     sign = 1.0 if result.higher_is_better else -1.0
-    better = sign * refit.measured > sign * ref.measured
+    better = _better(result, refit.measured, ref.measured)
     notes.insert(
         1,
         f"Re-fitted by least squares on the evaluation's inputs: {shown} → "
         + (f"{refit.name}, re-fitted ({sign * (refit.measured - ref.measured):+.4g})."
            if better else f"not better than {ref.start} as it is; not re-fitted."),
     )  # fmt: skip
-    return refit if better else None
+    return refit
+
+
+def _better(result: SensitivityResult, value: float, than: float) -> bool:
+    return value > than if result.higher_is_better else value < than
+
+
+def _chosen(ref: Refinement | None, refit: Refit | None) -> str:
+    """What the suggestion's ratios are, as its report names them."""
+    if refit is not None:
+        return f"{refit.name}, re-fitted"
+    if ref is None:
+        return "curve suggestion"
+    return f"refined from {ref.start}" if len(ref.steps) > len(ref.candidates) else ref.start
 
 
 def _scope_notes(result: SensitivityResult, weights: dict[str, int]) -> list[str]:

@@ -11,6 +11,7 @@ allocation re-fitted as well, and keeps a re-fitted one only if it measures bett
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +38,16 @@ class Refit:
         ratios: Its per-layer ratios.
         measured: The metric with those ratios and re-fitted weights.
         all: Candidate name → measured metric, for the report.
+        evaluations: Evaluations run (candidates with the same ratios are measured once).
+        seconds: Wall-clock time of the re-fits and evaluations.
     """
 
     name: str
     ratios: dict[str, float]
     measured: float
     all: dict[str, float]
+    evaluations: int
+    seconds: float
 
 
 def refit_cost(model: nn.Module, ratios: Mapping[str, float]) -> float:
@@ -85,15 +90,22 @@ def refit_candidates(
     """
     sign = 1.0 if higher_is_better else -1.0
     measured: dict[str, float] = {}
+    seen: dict[tuple, float] = {}
+    start = time.perf_counter()
     with measuring(model):
         for name, ratios in candidates.items():
             nonzero = {n: r for n, r in ratios.items() if r > 0}
+            key = tuple(sorted((n, round(r, 9)) for n, r in nonzero.items()))
+            if key in seen:  # e.g. uniform and global L1 agree: one re-fit, one evaluation
+                measured[name] = seen[key]
+                continue
             with trial(model):
                 prune_ratios_(
                     model, nonzero, granularity=granularity, example_inputs=calibration,
                     reconstruct=True,
                 )  # fmt: skip
                 value = call_evaluate(evaluate, model, f"with {name} re-fitted")
-            measured[name] = -math.inf * sign if math.isnan(value) else value
+            measured[name] = seen[key] = -math.inf * sign if math.isnan(value) else value
     best = max(measured, key=lambda n: sign * measured[n])
-    return Refit(best, dict(candidates[best]), measured[best], measured)
+    seconds = time.perf_counter() - start
+    return Refit(best, dict(candidates[best]), measured[best], measured, len(seen), seconds)

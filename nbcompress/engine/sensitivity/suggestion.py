@@ -55,6 +55,10 @@ class Suggestion(TableReport):
         reconstruct: Applying re-fits the kept weights by least squares on
             ``calibration`` (a re-fitted candidate measured best in the check).
         calibration: The inputs the re-fit uses (recorded from the sweep's evaluation).
+        chosen: What the ratios are: ``"curve suggestion"``, ``"uniform L1"``, ``"global L1"``,
+            ``"… , re-fitted"`` or ``"refined from …"`` (the best measured).
+        evaluations: Evaluations the check (re-fits and refinement included) ran.
+        seconds: Their wall-clock time.
     """
 
     ratios: dict[str, float]
@@ -73,11 +77,9 @@ class Suggestion(TableReport):
     notes: list[str] = field(default_factory=list)
     reconstruct: bool = False
     calibration: Any = field(default=None, repr=False, compare=False)
-
-    @property
-    def chosen(self) -> str:
-        """Which allocation the ratios are: the curves' choice or a baseline measured better."""
-        return self.refinement.start if self.refinement is not None else "curve suggestion"
+    chosen: str = "curve suggestion"
+    evaluations: int = 0
+    seconds: float = 0.0
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -88,12 +90,9 @@ class Suggestion(TableReport):
         label = "predicted proxy" if self.proxy else "predicted"
         base = "" if self.baseline is None else f" (baseline {self.baseline:.4g})"
         measured = ""
-        ref = self.refinement
-        if ref is not None:
-            moved = len(ref.steps) > len(ref.candidates)
-            how = f"refined from {ref.start}" if moved else f"{ref.start}, best measured"
-            cost = spent(ref.evaluations, ref.seconds)
-            measured = f", measured {self.measured:.4g} ({how}: {cost})"
+        if self.measured is not None:
+            cost = spent(self.evaluations, self.seconds)
+            measured = f", measured {self.measured:.4g} ({self.chosen}, best measured: {cost})"
         return (
             f"Suggestion for {self.target}: sparsity {fmt_pct(self.sparsity)}, "
             f"{fmt_count(self.removed)} {self.objective} removed; "

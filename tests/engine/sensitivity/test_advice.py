@@ -78,7 +78,7 @@ def test_a_good_curve_suggestion_is_kept_and_its_margin_stated(monkeypatch) -> N
         s["step"].removeprefix("candidate: "): s["measured"] for s in checked.refinement.steps
     }
     assert set(measured) == {"uniform L1", "global L1", "curve suggestion"}
-    assert checked.chosen in measured
+    assert checked.chosen.removesuffix(", re-fitted") in measured
     assert checked.notes[0].startswith("Measured fidelity at the same sparsity: uniform L1")
     # The sweep recorded the batches fidelity() fed the model: re-fitted candidates are
     # measured too (LeNet-sized layers are cheap), and one is kept only if it is better.
@@ -86,8 +86,10 @@ def test_a_good_curve_suggestion_is_kept_and_its_margin_stated(monkeypatch) -> N
     assert checked.reconstruct and checked.measured > max(measured.values())
     assert checked.calibration is not None
     assert any(n.startswith("The target is a share of the") for n in checked.notes)
+    assert f"{checked.chosen}, best measured: 6 evaluations" in str(checked)  # 3 plain + 3 re-fit
     plain = result.suggest(0.6, reconstruct=False)
     assert not plain.reconstruct and plain.measured == max(measured.values())
+    assert plain.chosen in measured and plain.evaluations == 3
 
 
 def test_proxy_sweeps_are_checked_on_the_proxy_and_loaded_results_are_not() -> None:
