@@ -19,6 +19,20 @@ from nbcompress.engine.core.snapshot import ModuleState, SavedTensor
 from tests.helpers import assert_same_state, mlp, snapshot
 
 
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """Ctrl-C raises KeyboardInterrupt here even when the runner ignores SIGINT.
+
+    A background job of a non-interactive shell (``cmd &``) starts with SIGINT ignored, and
+    Python then installs no handler; these tests send real SIGINTs and expect the default.
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _same(model: nn.Module, saved: dict) -> bool:
     state = model.state_dict()
     return state.keys() == saved.keys() and all(
