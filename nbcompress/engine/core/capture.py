@@ -2,8 +2,9 @@
 
 A sweep calls ``evaluate(model)``, and that function runs the model on real data: the
 batches it passes are the best example input and calibration data there is, and the user
-never has to name them. :func:`captured_inputs` records them (references, not copies) in
-the form :func:`~nbcompress.engine.core.validation.as_inputs` gives, up to a byte budget.
+never has to name them. :func:`captured_inputs` records copies of them (an evaluate may
+reuse one input buffer for every batch) in the form
+:func:`~nbcompress.engine.core.validation.as_inputs` gives, up to a byte budget.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def input_bytes(inputs: tuple) -> int:
     return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
 
 
+def _copied(value: Any) -> Any:
+    """A detached copy of the tensors in ``value`` (mappings, lists and tuples walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
 @contextlib.contextmanager
 def captured_inputs(model: nn.Module, max_bytes: int = MAX_BYTES) -> Iterator[list[tuple]]:
     """Record the inputs of ``model``'s top-level calls inside the block.
@@ -38,7 +50,8 @@ def captured_inputs(model: nn.Module, max_bytes: int = MAX_BYTES) -> Iterator[li
 
     Yields:
         A list that fills with one input tuple per call (positional arguments, or a
-        single mapping of keyword arguments); calls mixing both are skipped.
+        single mapping of keyword arguments; tensors copied); calls mixing both are
+        skipped.
     """
     seen: list[tuple] = []
     held = [0]
@@ -51,6 +64,7 @@ def captured_inputs(model: nn.Module, max_bytes: int = MAX_BYTES) -> Iterator[li
         inputs = (dict(kwargs),) if kwargs else tuple(args)
         if not inputs:
             return
+        inputs = tuple(_copied(x) for x in inputs)
         seen.append(inputs)
         held[0] += input_bytes(inputs)
 

@@ -19,9 +19,10 @@ model and layer structure.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,9 +66,25 @@ class OutputLayers:
 
 
 _INPUTS: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
-_FOUND: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, OutputLayers]] = (
+_FOUND: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, OutputLayers, Any]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module's plain attributes back after a trace ran its Python ``forward``.
+
+    A forward may count its calls or cache a feature on ``self``; a trace must not leave a
+    counter advanced or a ``torch.fx`` Proxy behind (tensors are never written by a trace).
+    """
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attrs in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attrs)
 
 
 def remember_inputs(model: nn.Module, inputs: tuple) -> None:
@@ -107,14 +124,17 @@ def find_output_layers(
         return known
     found = None
     if known is None:  # a guess means the symbolic trace failed before
-        names = _symbolic(model, candidates)
+        with _attributes_kept(model):
+            names = _symbolic(model, candidates)
         found = OutputLayers(names, SYMBOLIC) if names else None
-    if found is None and inputs is not None:
-        # A real forward pass is the fallback: it costs a forward with autograd.
-        names = _traced(model, candidates, inputs)
+    if found is None and inputs is not None and (cached is None or cached[2] is not inputs):
+        # A real forward pass is the fallback: it costs a forward with autograd (tried
+        # once per input: a trace that found nothing on it finds nothing again).
+        with _attributes_kept(model):
+            names = _traced(model, candidates, inputs)
         found = OutputLayers(names, TRACED) if names else None
     found = found or known or _guessed(candidates, guess)
-    _FOUND[model] = (key, found)
+    _FOUND[model] = (key, found, inputs)
     return found
 
 

@@ -135,13 +135,19 @@ def _layer_like(model: nn.Module, weighted: dict[str, nn.Module]) -> dict[str, n
     the model's output may come from it once it replaced the original head.
     """
     found = dict(weighted)
+    # Ancestors of weight layers (containers): a shaped module among them holds a weight layer.
+    ancestors = {n.rsplit(".", i)[0] for n in weighted for i in range(1, n.count(".") + 1)}
+    ancestors.update({""} if weighted else set())
     for name, module in model.named_modules():
-        if name in found or not name or any(name.startswith(w + ".") for w in weighted):
+        if name in found or not name or name in ancestors:
+            continue
+        parents = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}
+        if parents & weighted.keys():
             continue  # a weight layer's own parts (MultiheadAttention's out_proj) are not
         shaped = all(hasattr(module, a) for a in ("in_features", "out_features")) or all(
             hasattr(module, a) for a in ("in_channels", "out_channels")
         )
-        if shaped and not any(n.startswith(name + ".") for n in weighted):
+        if shaped:
             found[name] = module
     return {n: m for n, m in model.named_modules() if n in found}
 

@@ -13,7 +13,7 @@ from nbcompress.engine.core.history import transaction
 from nbcompress.engine.core.layers import (
     MULTI_WEIGHT_TYPES,
     PRUNABLE_TYPES,
-    output_layer,
+    output_layers,
     prunable_weights,
     select_layers,
     weighted_layers,
@@ -179,12 +179,15 @@ def prune_(
     )
     amounts = resolve_amounts(amount, selected)
     if per_layer and not include_output:
-        out = output_layer(model, weighted_layers(model))
-        if out in amounts and out not in amount:
-            del amounts[out]
-            excluded = out
+        # Every output layer a glob reached is left alone; one named literally is intent.
+        heads = [n for n in output_layers(model).names if n in amounts and n not in amount]
+        for name in heads:
+            del amounts[name]
+        excluded = ", ".join(heads) or excluded
         if not amounts:
-            raise ValueError(f"amount: only the output layer {out!r} matched; name it literally.")
+            raise ValueError(
+                f"amount: only the output layer {excluded!r} matched; name it literally."
+            )
     if scope == "global" and per_layer:
         raise ValueError("scope: per-layer amounts (a dict) need scope='layer'.")
     targets = _targets(model, amounts, keep_masks)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from nbcompress.engine.core.history import history_token
 from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.report import fmt_count
 from nbcompress.engine.sensitivity.allocate import choose
@@ -94,6 +95,11 @@ def suggest(
     weights = objective_weights(result, objective)
     model = result.model
     notes = _scope_notes(result, weights)
+    if model is not None and result.history_token not in (None, history_token(model)):
+        notes.append(
+            "The model changed since the sweep (a step was recorded or undone): predictions "
+            "are the swept model's; the check measured the model as it is now."
+        )
     evaluate, refine = _measuring(
         result, target_sparsity, objective, evaluate, refine, check, notes
     )
@@ -106,6 +112,7 @@ def suggest(
         refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
         ratios = refinement.ratios
         notes[:0] = [_verdict(refinement), *refinement.notes]
+        notes[1:1] = [n for n in [_pruned_as(result)] if n]
         refit = _refitted(result, evaluate, refinement, reconstruct, notes)
         better = refit is not None and _better(result, refit.measured, refinement.measured)
         ratios = refit.ratios if better else ratios
@@ -119,7 +126,8 @@ def suggest(
         granularity=result.granularity, proxy=result.proxy,
         measured=refit.measured if better else refinement.measured if refinement else None,
         refinement=refinement, higher_is_better=result.higher_is_better, notes=notes,
-        reconstruct=better, calibration=result.calibration if better else None,
+        reconstruct=better or result.reconstruct, method=result.method,
+        calibration=result.calibration if better or _pruning(result) else None,
         chosen=_chosen(refinement, refit if better else None),
         evaluations=sum(r.evaluations for r in (refinement, refit) if r is not None),
         seconds=sum(r.seconds for r in (refinement, refit) if r is not None),
@@ -137,8 +145,8 @@ def _refitted(
     notes: list[str],
 ) -> Refit | None:
     """The best re-fitted candidate measured (``None`` when re-fits are not tried)."""
-    if reconstruct is False:
-        return None
+    if reconstruct is False or result.reconstruct:
+        return None  # a sweep that re-fitted every point: its candidates are re-fitted already
     model, calibration = result.model, result.calibration
     candidates = dict(ref.candidates)
     if len(ref.steps) > len(ref.candidates):
@@ -157,7 +165,7 @@ def _refitted(
         return None
     refit = refit_candidates(
         model, evaluate, candidates, granularity=result.granularity, calibration=calibration,
-        higher_is_better=result.higher_is_better,
+        higher_is_better=result.higher_is_better, method=result.method,
     )  # fmt: skip
     shown = ", ".join(f"{k} {v:.4g}" for k, v in refit.all.items())
     sign = 1.0 if result.higher_is_better else -1.0
@@ -169,6 +177,21 @@ def _refitted(
            if better else f"not better than {ref.start} as it is; not re-fitted."),
     )  # fmt: skip
     return refit
+
+
+def _pruning(result: SensitivityResult) -> dict[str, Any]:
+    """How the check prunes its candidates: the way the sweep pruned each point."""
+    if result.method == "l1" and not result.reconstruct:
+        return {}
+    if result.calibration is None:
+        how = result.method + (" + reconstruct" if result.reconstruct else "")
+        raise ValueError(
+            f"method: the sweep pruned with {how}, which needs its calibration inputs, and this "
+            "result has none (a saved result keeps none): re-run the sweep, or check=False."
+        )
+    return dict(
+        method=result.method, example_inputs=result.calibration, reconstruct=result.reconstruct
+    )
 
 
 def _better(result: SensitivityResult, value: float, than: float) -> bool:
@@ -266,6 +289,17 @@ def _verdict(ref: Refinement) -> str:
     return line + "."
 
 
+def _pruned_as(result: SensitivityResult) -> str:
+    """For a wanda / re-fitted sweep: how every candidate was pruned, said once."""
+    if result.method == "l1" and not result.reconstruct:
+        return ""
+    how = result.method + (" + reconstruct" if result.reconstruct else "")
+    return (
+        f"Every candidate was pruned with {how}, as the sweep was ('uniform L1' and 'global "
+        "L1' name their per-layer ratios)."
+    )
+
+
 def _renamed(evaluate: Any, refine: Any, budget: Any) -> tuple[Any, int | None]:
     """Accept the old spelling ``refine=evaluate, budget=N`` for one release, with a warning."""
     if callable(refine):
@@ -321,5 +355,5 @@ def _refined(
         model, evaluate, target, candidates={"curve suggestion": ratios}, budget=budget,
         layers=list(result.layers), types={type(model.get_submodule(n)) for n in result.layers},
         granularity=result.granularity, higher_is_better=result.higher_is_better,
-        metric=result.metric, predict=result.predict,
+        metric=result.metric, predict=result.predict, **_pruning(result),
     )  # fmt: skip

@@ -74,6 +74,7 @@ def refit_candidates(
     granularity: str,
     calibration: Any,
     higher_is_better: bool,
+    method: str = "l1",
 ) -> Refit:
     """Measure each candidate pruned and re-fitted; the model is rolled back after each.
 
@@ -84,6 +85,7 @@ def refit_candidates(
         granularity: Pruning granularity of the sweep.
         calibration: Inputs for the re-fit (as ``prune_ratios_`` takes ``example_inputs``).
         higher_is_better: Direction of the metric.
+        method: How the masks are chosen (the sweep's method).
 
     Returns:
         The best re-fitted candidate (first on ties) and every measurement.
@@ -102,7 +104,7 @@ def refit_candidates(
             with trial(model):
                 prune_ratios_(
                     model, nonzero, granularity=granularity, example_inputs=calibration,
-                    reconstruct=True,
+                    reconstruct=True, method=method,
                 )  # fmt: skip
                 value = call_evaluate(evaluate, model, f"with {name} re-fitted")
             measured[name] = seen[key] = -math.inf * sign if math.isnan(value) else value

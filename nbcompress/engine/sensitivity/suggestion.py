@@ -57,6 +57,7 @@ class Suggestion(TableReport):
         calibration: The inputs the re-fit uses (recorded from the sweep's evaluation).
         chosen: What the ratios are: ``"curve suggestion"``, ``"uniform L1"``, ``"global L1"``,
             ``"… , re-fitted"`` or ``"refined from …"`` (the best measured).
+        method: How applying chooses the masks (the sweep's method).
         evaluations: Evaluations the check (re-fits and refinement included) ran.
         seconds: Their wall-clock time.
     """
@@ -78,6 +79,7 @@ class Suggestion(TableReport):
     reconstruct: bool = False
     calibration: Any = field(default=None, repr=False, compare=False)
     chosen: str = "curve suggestion"
+    method: str = "l1"
     evaluations: int = 0
     seconds: float = 0.0
 
@@ -196,7 +198,7 @@ def apply_suggestion_(
     detail = f"suggested per-layer ratios ({suggestion.target}) on {len(ratios)} layer(s)"
     with transaction(model, "prune", detail) as tx:
         prune_ratios_(
-            model, ratios, granularity=suggestion.granularity,
+            model, ratios, granularity=suggestion.granularity, method=suggestion.method,
             reconstruct=suggestion.reconstruct, example_inputs=suggestion.calibration,
         )  # fmt: skip
         measured = measure() if measure else None  # an error here rolls the pruning back

@@ -54,5 +54,9 @@ def run_check(explorer: SensitivityExplorer) -> bool:
             explorer.status.value = f"not checked: {err}"
             return False
     explorer.set_ratios(suggestion.ratios)
-    explorer.status.value = suggestion.notes[0]
+    # The winner first (it may be a re-fitted candidate, which Apply then re-fits too).
+    lines = suggestion.notes[: 3 if suggestion.reconstruct else 1]
+    explorer.status.value = f"{suggestion.chosen}: measured {suggestion.measured:.4g}. " + " ".join(
+        lines
+    )
     return suggestion.reconstruct

@@ -18,14 +18,17 @@ class Keywords(nn.Module):
         return self.fc(input_ids * mask)
 
 
-def test_top_level_calls_are_recorded_by_reference_up_to_the_budget() -> None:
+def test_top_level_calls_are_recorded_as_copies_up_to_the_budget() -> None:
     model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     x = torch.randn(10, 4)
     with captured_inputs(model, max_bytes=2 * 4 * 4 * 4) as seen:
         for i in range(0, 10, 4):  # batches of 4 rows: 64 bytes each
             model(x[i : i + 4])
     assert len(seen) == 2  # the budget holds two batches; nested calls are not recorded
-    assert seen[0][0].data_ptr() == x.data_ptr()  # a reference, not a copy
+    # A copy: an evaluate that reuses one input buffer must not change what was recorded.
+    assert torch.equal(seen[0][0], x[:4]) and seen[0][0].data_ptr() != x.data_ptr()
+    x.zero_()
+    assert seen[0][0].abs().sum() > 0
     assert input_bytes(seen[0]) == 64
     model(x)  # after the block nothing is recorded
     assert len(seen) == 2 and not model._forward_pre_hooks

@@ -162,3 +162,43 @@ def test_a_model_that_is_its_own_output_layer_says_so() -> None:
 
     with pytest.raises(ValueError, match=r"only the output layer '\(the model itself\)'"):
         nc.sensitivity(nn.Linear(4, 3), example_inputs=torch.randn(6, 4), ratios=[0.5])
+
+
+class Stateful(nn.Module):
+    """Counts its calls and keeps its last features on ``self``, as real models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.calls, self.last = 0, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.last = torch.relu(self.body(x))
+        if self.last.sum() > -1e9:  # data-dependent: torch.fx fails, the forward pass runs
+            return self.head(self.last)
+        return self.last
+
+
+@pytest.mark.parametrize("with_input", [False, True])
+def test_finding_the_head_leaves_plain_attributes_as_they_were(with_input: bool) -> None:
+    torch.manual_seed(0)
+    model = Stateful()
+    model(torch.randn(2, 8))
+    last = model.last
+    inputs = as_inputs(torch.randn(2, 8)) if with_input else None
+    found = output_layers(model, inputs)
+    assert found.names == ("head",) and found.how == (
+        "traced forward pass" if with_input else "registration order"
+    )
+    assert model.calls == 1 and model.last is last
+
+
+def test_a_glob_of_per_layer_amounts_leaves_every_head_alone() -> None:
+    import nbcompress as nc
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    nc.prune_(model, {"*": 0.5})
+    assert float((model.body.weight == 0).float().mean()) == 0.5
+    assert not (model.a.weight == 0).any() and not (model.b.weight == 0).any()

@@ -156,3 +156,36 @@ def test_a_target_global_l1_cannot_reach_is_checked_against_uniform_alone() -> N
     names = [s["step"] for s in checked.refinement.steps]
     assert names == ["candidate: uniform L1", "candidate: curve suggestion"]
     assert any("No global L1 candidate" in n for n in checked.refinement.notes)
+
+
+def test_a_wanda_sweep_is_checked_and_applied_with_wanda_masks() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(256, 20) * torch.linspace(0.05, 5, 20)  # uneven input norms: wanda != L1
+    model = nn.Sequential(
+        nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)
+    )
+    reference = model(x).detach()
+
+    def fidelity(m: nn.Module) -> float:
+        with torch.no_grad():
+            return -float(((m(x) - reference) ** 2).mean())
+
+    result = nc.sensitivity(model, fidelity, ratios=RATIOS, progress=False, method="wanda")
+    suggestion = result.suggest(0.8, reconstruct=False)
+    assert suggestion.method == "wanda"
+    assert any("pruned with wanda" in n for n in suggestion.notes)
+    report = nc.apply_suggestion_(model, suggestion)
+    assert report.measured == pytest.approx(suggestion.measured)
+    applied = {n: model.get_submodule(n).weight == 0 for n in ("0", "2")}
+    nc.undo_(model)
+    ratios = {n: r for n, r in suggestion.ratios.items() if r > 0}
+    nc.prune_ratios_(model, ratios, method="wanda", example_inputs=[x])
+    assert all(torch.equal(applied[n], model.get_submodule(n).weight == 0) for n in ratios)
+
+
+def test_a_suggestion_says_when_the_model_changed_since_the_sweep() -> None:
+    model = uneven()
+    result = nc.sensitivity(model, worst_layer, ratios=RATIOS, progress=False)
+    nc.prune_(model, 0.3)
+    notes = result.suggest(0.7).notes
+    assert any("The model changed since the sweep" in n for n in notes)
