@@ -144,7 +144,8 @@ def refine(
         step: First move, as a fraction of the weights kept at the target (0.2 moves a fifth).
         layers: Glob pattern(s) of layers to allocate over; default the layers
             :func:`~nbcompress.engine.sensitivity.sweep.sensitivity` analyses (attention
-            projections and recurrent gates included), the output layer included.
+            projections and recurrent gates included), the output layer left alone
+            (as the sweep and ``prune_`` leave it) unless named.
         types: Layer types (names or classes).
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
         higher_is_better: ``False`` for losses, perplexity, RMSE.
