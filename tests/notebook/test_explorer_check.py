@@ -58,3 +58,17 @@ def test_check_needs_a_sparsity_target(setup):
     explorer.target_kind.value = "max_drop"
     explorer.check_button.click()
     assert "switch the target to sparsity" in explorer.status.value
+
+
+def test_check_works_on_a_loaded_result_with_the_explorers_model(setup, tmp_path):
+    model, accuracy = setup
+    result = nbcompress.sensitivity(model, accuracy, ratios=RATIOS, progress=False)
+    path = tmp_path / "sweep.json"
+    result.save(path)
+    loaded = nbcompress.SensitivityResult.load(path)  # attached to no model
+    explorer = SensitivityExplorer(loaded, model, accuracy)
+    before = snapshot(model)
+    explorer.target_value.value = 0.8
+    explorer.check_button.click()
+    assert "Measured accuracy at the same sparsity" in explorer.status.value
+    assert_same_state(model, before)

@@ -65,6 +65,7 @@ def suggest(
     *,
     check: bool | None = None,
     reconstruct: bool | None = None,
+    model: nn.Module | None = None,
     **refinement: Any,
 ) -> Suggestion:
     """Per-layer ratios for a budget from a sweep's curves (``SensitivityResult.suggest``).
@@ -82,6 +83,7 @@ def suggest(
             (:mod:`~nbcompress.engine.sensitivity.refit`), keeping a re-fitted one if it
             measures better. ``None``: when those batches are known and the re-fit is
             cheap; ``False``: never.
+        model: Measure on this model (e.g. the explorer's) instead of the swept one.
         **refinement: ``evaluate`` (``evaluate(model) -> float``) and ``refine`` (number of
             evaluations of a measured refinement after the check), as
             ``SensitivityResult.suggest`` takes them, including the deprecated
@@ -93,15 +95,16 @@ def suggest(
     target_sparsity, max_drop = target
     evaluate, refine = _renamed(**refinement)
     weights = objective_weights(result, objective)
-    model = result.model
-    notes = _scope_notes(result, weights)
-    if model is not None and result.history_token not in (None, history_token(model)):
+    swept = model is None or model is result.model
+    model = result.model if model is None else model
+    notes = _scope_notes(result, weights, model)
+    if swept and model is not None and result.history_token not in (None, history_token(model)):
         notes.append(
             "The model changed since the sweep (a step was recorded or undone): predictions "
             "are the swept model's; the check measured the model as it is now."
         )
     evaluate, refine = _measuring(
-        result, target_sparsity, objective, evaluate, refine, check, notes
+        result, model, target_sparsity, objective, evaluate, refine, check, notes
     )
     ratios = choose(
         result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
@@ -113,7 +116,7 @@ def suggest(
         ratios = refinement.ratios
         notes[:0] = [_verdict(refinement), *refinement.notes]
         notes[1:1] = [n for n in [_pruned_as(result)] if n]
-        refit = _refitted(result, evaluate, refinement, reconstruct, notes)
+        refit = _refitted(result, model, evaluate, refinement, reconstruct, notes)
         better = refit is not None and _better(result, refit.measured, refinement.measured)
         ratios = refit.ratios if better else ratios
     target = f"sparsity {target_sparsity:.0%}" if max_drop is None else f"max drop {max_drop:g}"
@@ -139,6 +142,7 @@ def suggest(
 
 def _refitted(
     result: SensitivityResult,
+    model: nn.Module,
     evaluate: Callable[[nn.Module], float],
     ref: Refinement,
     reconstruct: bool | None,
@@ -147,7 +151,7 @@ def _refitted(
     """The best re-fitted candidate measured (``None`` when re-fits are not tried)."""
     if reconstruct is False or result.reconstruct:
         return None  # a sweep that re-fitted every point: its candidates are re-fitted already
-    model, calibration = result.model, result.calibration
+    calibration = result.calibration
     candidates = dict(ref.candidates)
     if len(ref.steps) > len(ref.candidates):
         candidates["refined"] = ref.ratios
@@ -207,15 +211,17 @@ def _chosen(ref: Refinement | None, refit: Refit | None) -> str:
     return f"refined from {ref.start}" if len(ref.steps) > len(ref.candidates) else ref.start
 
 
-def _scope_notes(result: SensitivityResult, weights: dict[str, int]) -> list[str]:
+def _scope_notes(
+    result: SensitivityResult, weights: dict[str, int], model: nn.Module | None
+) -> list[str]:
     """What the target is a share of: the analysed layers, and the output layer if not."""
     what = "weights" if weights == {n: result.sizes[n] for n in result.layers} else "MACs"
     line = (
         f"The target is a share of the {len(result.layers)} analysed layer(s) "
         f"({fmt_count(sum(weights.values()))} {what})"
     )
-    if result.model is not None:
-        heads = output_layers(result.model)
+    if model is not None:
+        heads = output_layers(model)
         left = [n for n in heads.names if n not in result.layers]
         if left:
             guess = " (guessed from registration order)" if heads.guessed else ""
@@ -225,6 +231,7 @@ def _scope_notes(result: SensitivityResult, weights: dict[str, int]) -> list[str
 
 def _measuring(
     result: SensitivityResult,
+    model: nn.Module | None,
     target_sparsity: float | None,
     objective: str,
     evaluate: Any,
@@ -241,13 +248,13 @@ def _measuring(
         return None, None
     asked = check is True or refine is not None or evaluate is not None
     if evaluate is None:
-        evaluate = _sweep_evaluate(result)
-    usable = target_sparsity is not None and objective == "params" and result.model is not None
+        evaluate = _sweep_evaluate(result) if model is result.model else None
+    usable = target_sparsity is not None and objective == "params" and model is not None
     if asked:
-        _check_refine(result.model, target_sparsity, objective, evaluate, refine)
+        _check_refine(model, target_sparsity, objective, evaluate, refine)
         return evaluate, (0 if refine is None else refine)
     if evaluate is None or not usable:
-        if result.model is not None:
+        if model is not None:
             why = (
                 "a max_drop budget" if target_sparsity is None
                 else "a MAC target" if objective != "params"

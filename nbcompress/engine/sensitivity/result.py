@@ -184,6 +184,7 @@ class SensitivityResult:
         budget: int | None = None,
         check: bool | None = None,
         reconstruct: bool | None = None,
+        model: nn.Module | None = None,
     ) -> Suggestion:
         """Per-layer ratios for a budget, chosen from the curves and checked by measuring.
 
@@ -219,6 +220,8 @@ class SensitivityResult:
                 by least squares on the batches the sweep's evaluation fed the model, and
                 keep a re-fitted one if it measures better (applying then re-fits too).
                 ``None``: when those batches are known and the re-fit is cheap.
+            model: Measure on this model instead of the swept one (e.g. a loaded result
+                attached to nothing, checked on a live model; give ``evaluate`` too).
 
         Returns:
             The suggestion (with ``measured`` and ``refinement`` when checked); also
@@ -232,7 +235,7 @@ class SensitivityResult:
         return suggest(
             self, (target_sparsity, max_drop), objective,
             evaluate=evaluate, refine=refine, budget=budget, check=check,
-            reconstruct=reconstruct,
+            reconstruct=reconstruct, model=model,
         )  # fmt: skip
 
     # --- presentation --------------------------------------------------------------------

@@ -48,8 +48,9 @@ def run_check(explorer: SensitivityExplorer) -> bool:
     with explorer._busy(f"checking sparsity {value:g} against uniform and global L1…"):
         try:
             suggestion = explorer.result.suggest(
-                value, objective=explorer.objective, evaluate=explorer.evaluate, check=True
-            )
+                value, objective=explorer.objective, evaluate=explorer.evaluate, check=True,
+                model=explorer.model,
+            )  # fmt: skip
         except (ValueError, TypeError, EvaluationError) as err:
             explorer.status.value = f"not checked: {err}"
             return False
