@@ -175,7 +175,8 @@ def _traced(model: nn.Module, candidates: Mapping[str, nn.Module], inputs: tuple
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = call_model(model, _normal(inputs))
-            return _ordered(candidates, _walk(output_tensors(out), leaves))
+            found = _walk(output_tensors(out), leaves, _weights(candidates))
+            return _ordered(candidates, found)
     except Exception:  # noqa: BLE001 - any failure means "not found this way"
         return ()
     finally:
@@ -194,8 +195,13 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def _walk(outputs: list[torch.Tensor], leaves: dict[int, str]) -> set[str]:
-    """Names of the cut layers that the outputs' autograd graph reaches."""
+def _walk(outputs: list[torch.Tensor], leaves: dict[int, str], params: dict[int, str]) -> set[str]:
+    """Names of the cut layers that the outputs' autograd graph reaches.
+
+    An operation that uses a layer's weight directly (a head tied to the embedding,
+    ``F.linear(h, emb.weight)``) is that layer: the walk stops there too, rather than
+    running on through the residual stream to every block.
+    """
     hits: set[str] = set()
     seen: set[int] = set()
     stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
@@ -213,8 +219,32 @@ def _walk(outputs: list[torch.Tensor], leaves: dict[int, str]) -> set[str]:
             if id(variable) in leaves:
                 hits.add(leaves[id(variable)])
             continue
-        stack.extend(nxt for nxt, _ in node.next_functions)
+        nexts = [nxt for nxt, _ in node.next_functions]
+        tied = {params[p] for n in nexts if (p := _weight_behind(n)) in params}
+        if tied:
+            hits |= tied
+            continue
+        stack.extend(nexts)
     return hits
+
+
+def _weight_behind(node: Any, depth: int = 3) -> int | None:
+    """The ``id`` of the parameter a node reads, through up to ``depth`` one-input views."""
+    for _ in range(depth):
+        if node is None:
+            return None
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            return id(variable)
+        if len(node.next_functions) != 1:
+            return None
+        node = node.next_functions[0][0]
+    return None
+
+
+def _weights(candidates: Mapping[str, nn.Module]) -> dict[int, str]:
+    """id(weight matrix) → the candidate owning it."""
+    return {id(p): n for n, m in candidates.items() for p in m.parameters() if p.dim() >= 2}
 
 
 # --- from a symbolic trace ---------------------------------------------------------------
@@ -244,6 +274,12 @@ def _symbolic(model: nn.Module, candidates: Mapping[str, nn.Module]) -> tuple:
     except Exception:  # noqa: BLE001 - models with data-dependent control flow do not trace
         tracer.__dict__.clear()
         return ()
+    owners = {
+        f"{n}.{p}" if n else p: n
+        for n, m in candidates.items()
+        for p, w in m.named_parameters()
+        if w.dim() >= 2
+    }
     hits: set[str] = set()
     seen: set[torch.fx.Node] = set()
     stack = [n for n in graph.nodes if n.op == "output"]
@@ -254,6 +290,12 @@ def _symbolic(model: nn.Module, candidates: Mapping[str, nn.Module]) -> tuple:
         seen.add(node)
         if node.op == "call_module" and node.target in candidates:
             hits.add(str(node.target))
+            continue
+        # An operation on a layer's weight (a tied head) is that layer: stop there too.
+        tied = {owners[a.target] for a in node.all_input_nodes if a.op == "get_attr"
+                and a.target in owners}  # fmt: skip
+        if tied:
+            hits |= tied
             continue
         stack.extend(node.all_input_nodes)
     # The tracer and graph form reference cycles through the model: break them, so that a

@@ -202,3 +202,31 @@ def test_a_glob_of_per_layer_amounts_leaves_every_head_alone() -> None:
     nc.prune_(model, {"*": 0.5})
     assert float((model.body.weight == 0).float().mean()) == 0.5
     assert not (model.a.weight == 0).any() and not (model.b.weight == 0).any()
+
+
+class TiedLM(nn.Module):
+    """Logits through the tied embedding (no head Linear), residual blocks before it."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, branchy: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.fc1 = nn.ModuleList(nn.Linear(width, width) for _ in range(2))
+        self.branchy = branchy
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for fc in self.fc1:
+            h = h + torch.relu(fc(h))
+        if self.branchy and h.sum() > -1e9:  # data-dependent: only the forward pass sees it
+            h = h * 1.0
+        return torch.nn.functional.linear(h, self.emb.weight)
+
+
+@pytest.mark.parametrize("branchy", [False, True])
+def test_a_head_tied_to_the_embedding_is_the_output_layer_not_every_block(branchy: bool) -> None:
+    torch.manual_seed(0)
+    model = TiedLM(branchy=branchy)
+    found = output_layers(model, as_inputs(torch.randint(0, 50, (2, 5))))
+    assert found.names == ("emb",)
+    selected, excluded = select_layers(model)
+    assert set(selected) == {"fc1.0", "fc1.1"} and excluded is None
