@@ -228,7 +228,18 @@ def check_ratios(model: nn.Module, ratios: Any) -> dict[str, float]:
             f"{type(ratios).__name__}."
         )
     layers = weighted_layers(model)
-    prunable = {n for n, m in layers.items() if prunable_weights(m)}
+    weights = {n: prunable_weights(m) for n, m in layers.items()}
+    prunable = {n for n, w in weights.items() if w}
+    # A quantized replacement keeps a ``weight`` (int8, or a meta placeholder of its shape)
+    # that cannot be pruned.
+    frozen = [n for n in ratios if n in prunable and not all(
+        w.is_floating_point() and not w.is_meta for w in weights[n].values())]  # fmt: skip
+    if frozen:
+        kinds = ", ".join(f"{n!r} ({type(layers[n]).__name__})" for n in frozen)
+        raise ValueError(
+            f"ratios: layer(s) {kinds} are quantized, with no float weights left to prune; "
+            "undo the quantization first (undo_(model) / %undo model) or leave them out."
+        )
     unknown = [n for n in ratios if not isinstance(n, str) or n not in prunable]
     if unknown:
         raise ValueError(
