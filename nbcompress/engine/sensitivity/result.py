@@ -55,6 +55,8 @@ class SensitivityResult:
         method: How each point pruned its layer (``"l1"`` or ``"wanda"``); suggestions
             are measured and applied the same way.
         reconstruct: Each point re-fitted its layer's kept weights by least squares.
+        filled: Layer → indices into ``ratios`` of points filled in after the layer
+            collapsed, not evaluated (plots draw them hollow).
     """
 
     layers: list[str]
@@ -74,6 +76,7 @@ class SensitivityResult:
     start: dict[str, float] = field(default_factory=dict)
     method: str = "l1"
     reconstruct: bool = False
+    filled: dict[str, list[int]] = field(default_factory=dict)
     _model: Callable[[], nn.Module | None] | None = field(default=None, repr=False, compare=False)
     # The swept model's history when attached: not saved (tokens mean nothing elsewhere).
     _history_token: tuple[int, ...] | None = field(default=None, repr=False, compare=False)

@@ -161,6 +161,13 @@ def _fields(data: dict) -> dict[str, Any]:
     method = data.get("method", "l1")  # files from before wanda have no method: L1
     if method not in ("l1", "wanda"):
         raise _Bad(f"method {method!r} is not 'l1' or 'wanda'")
+    filled = data.get("filled", {})
+    if not isinstance(filled, dict) or not all(
+        n in layers and isinstance(v, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(ratios) for i in v)
+        for n, v in filled.items()
+    ):  # fmt: skip
+        raise _Bad("filled must map analysed layers to lists of ratio indices")
     reconstruct = data.get("reconstruct", False)
     if not isinstance(reconstruct, bool):
         raise _Bad("reconstruct must be true or false")
@@ -178,7 +185,7 @@ def _fields(data: dict) -> dict[str, Any]:
         "seconds": max(seconds, 0.0), "complete": _typed(data, "complete", bool, "true or false"),
         "notes": list(notes),
         "start": {n: _real(v, f"start[{n!r}]") for n, v in start.items()},
-        "method": method, "reconstruct": reconstruct,
+        "method": method, "reconstruct": reconstruct, "filled": filled,
     }  # fmt: skip
 
 

@@ -377,6 +377,7 @@ class _Run:
         rest = res.ratios[i + 1 :]
         for j in range(i + 1, len(res.ratios)):
             res.curves[name][j] = value
+            res.filled.setdefault(name, []).append(j)
         res.notes.append(
             f"{name}: collapsed at ratio {res.ratios[i]:g} ({res.metric} {fmt_value(value)}, at "
             f"the level of an output that ignores the input, {fmt_value(floor)}); "

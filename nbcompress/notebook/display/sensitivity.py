@@ -62,6 +62,12 @@ def curves_figure(
         (line,) = ax.plot(
             x, y, marker="o", markersize=3, linewidth=1.4, label=layer, color=f"C{i % 10}"
         )
+        filled = set(result.filled.get(layer, ()))
+        hollow = [(r, v) for j, (r, v) in enumerate(zip(result.ratios, result.curves[layer]))
+                  if j in filled and v is not None]  # fmt: skip
+        if hollow:  # filled in after the layer collapsed, not evaluated: drawn hollow
+            hx, hy = zip(*hollow, strict=True)
+            ax.plot(hx, hy, "o", markersize=5, markerfacecolor="white", color=line.get_color())
         if highlight and highlight.get(layer):
             r = highlight[layer]
             ax.plot([r], [np.interp(r, x, y)], "o", markersize=8, color=line.get_color(), alpha=0.5)

@@ -130,6 +130,21 @@ def test_a_collapsed_layer_fills_its_larger_ratios_without_evaluating():
     assert r.curves["0"][2:] == [r.curves["0"][1]] * 2
     assert r.evaluations == 1 + 2
     assert any("0: collapsed at ratio 0.97" in n and "not evaluated" in n for n in r.notes)
+    assert r.filled == {"0": [2, 3]}  # which points were filled in, kept and saved
+
+
+def test_filled_points_survive_save_and_load_and_are_drawn_hollow(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.01)
+    r = _sweep(model, torch.randn(16, 4), ratios=[0.3, 0.97, 0.98, 0.99], layers=["0"])
+    path = tmp_path / "r.json"
+    r.save(path)
+    assert nc.SensitivityResult.load(path).filled == {"0": [2, 3]}
+    fig = r.plot("curves")
+    hollow = [ln for ln in fig.axes[0].lines if ln.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.98, 0.99]
 
 
 def test_progress_says_evaluations_elapsed_and_eta(capsys):
