@@ -154,9 +154,12 @@ def _traced(model: nn.Module, candidates: Mapping[str, nn.Module], inputs: tuple
     """Run the model once with each layer's output cut into a fresh leaf; walk back."""
     leaves: dict[int, str] = {}
     keep: list[torch.Tensor] = []  # the leaves must outlive the walk (ids are the keys)
+    preds: dict[str, set[str]] = {}  # layer → the cut layers its output was computed from
 
     def cut(value: Any, name: str) -> Any:
         if isinstance(value, torch.Tensor) and value.is_floating_point():
+            before = _walk([value], leaves, {}) if value.grad_fn is not None else set()
+            preds.setdefault(name, set()).update(before - {name})
             leaf = value.detach().requires_grad_(True)
             leaves[id(leaf)] = name
             keep.append(leaf)
@@ -175,8 +178,8 @@ def _traced(model: nn.Module, candidates: Mapping[str, nn.Module], inputs: tuple
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = call_model(model, _normal(inputs))
-            found = _walk(output_tensors(out), leaves, _weights(candidates))
-            return _ordered(candidates, found)
+            found = _walk(output_tensors(out), leaves, _weights(candidates), preds)
+            return _ordered(candidates, _innermost(found, preds))
     except Exception:  # noqa: BLE001 - any failure means "not found this way"
         return ()
     finally:
@@ -195,16 +198,25 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def _walk(outputs: list[torch.Tensor], leaves: dict[int, str], params: dict[int, str]) -> set[str]:
+def _walk(
+    outputs: list[torch.Tensor],
+    leaves: dict[int, str],
+    params: dict[int, str],
+    preds: dict[str, set[str]] | None = None,
+    *,
+    start: tuple[Any, ...] = (),
+) -> set[str]:
     """Names of the cut layers that the outputs' autograd graph reaches.
 
     An operation that uses a layer's weight directly (a head tied to the embedding,
     ``F.linear(h, emb.weight)``) is that layer: the walk stops there too, rather than
-    running on through the residual stream to every block.
+    running on through the residual stream to every block. ``preds`` collects, for such
+    a tied operation, the cut layers its other inputs came from; ``start`` adds graph
+    nodes to walk from.
     """
     hits: set[str] = set()
     seen: set[int] = set()
-    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None] + list(start)
     stack += [t for t in outputs if t.grad_fn is None and id(t) in leaves]
     while stack:
         node = stack.pop()
@@ -223,9 +235,34 @@ def _walk(outputs: list[torch.Tensor], leaves: dict[int, str], params: dict[int,
         tied = {params[p] for n in nexts if (p := _weight_behind(n)) in params}
         if tied:
             hits |= tied
+            if preds is not None:  # what the tied operation's other input came from
+                before = _walk([], leaves, {}, None, start=tuple(nexts))
+                for name in tied:
+                    preds.setdefault(name, set()).update(before - {name})
             continue
         stack.extend(nexts)
     return hits
+
+
+def _innermost(hits: set[str], preds: Mapping[str, set[str]]) -> set[str]:
+    """The hits no other hit was computed from.
+
+    In a residual network every block's last layer reaches the output through the skip
+    connections; the head is the one whose output no other reaching layer consumed (the
+    last block's projection of a sentence encoder, ``head`` in ``head(h) + h``).
+    """
+    ancestors: dict[str, set[str]] = {}
+
+    def above(name: str) -> set[str]:
+        if name not in ancestors:
+            ancestors[name] = set()  # a cycle (a layer called twice) ends here
+            found: set[str] = set()
+            for p in preds.get(name, ()):
+                found |= {p} | above(p)
+            ancestors[name] = found - {name}
+        return ancestors[name]
+
+    return {h for h in hits if not any(h in above(other) for other in hits if other != h)}
 
 
 def _weight_behind(node: Any, depth: int = 3) -> int | None:
@@ -280,7 +317,7 @@ def _symbolic(model: nn.Module, candidates: Mapping[str, nn.Module]) -> tuple:
         for p, w in m.named_parameters()
         if w.dim() >= 2
     }
-    hits: set[str] = set()
+    hits: dict[str, list[torch.fx.Node]] = {}
     seen: set[torch.fx.Node] = set()
     stack = [n for n in graph.nodes if n.op == "output"]
     while stack:
@@ -289,18 +326,41 @@ def _symbolic(model: nn.Module, candidates: Mapping[str, nn.Module]) -> tuple:
             continue
         seen.add(node)
         if node.op == "call_module" and node.target in candidates:
-            hits.add(str(node.target))
+            hits.setdefault(str(node.target), []).append(node)
             continue
         # An operation on a layer's weight (a tied head) is that layer: stop there too.
         tied = {owners[a.target] for a in node.all_input_nodes if a.op == "get_attr"
                 and a.target in owners}  # fmt: skip
         if tied:
-            hits |= tied
+            for name in tied:
+                hits.setdefault(name, []).append(node)
             continue
         stack.extend(node.all_input_nodes)
+    preds = {h: _fx_before(nodes, candidates, owners) - {h} for h, nodes in hits.items()}
+    found = _innermost(set(hits), preds)
     # The tracer and graph form reference cycles through the model: break them, so that a
     # deleted model is freed at once rather than at the next garbage collection.
-    del stack, seen
+    del stack, seen, hits
     tracer.__dict__.clear()
     graph.__dict__.clear()
-    return _ordered(candidates, hits)
+    return _ordered(candidates, found)
+
+
+def _fx_before(
+    nodes: list[torch.fx.Node], candidates: Mapping[str, nn.Module], owners: dict[str, str]
+) -> set[str]:
+    """Every candidate whose output (or weight) the given nodes were computed from."""
+    found: set[str] = set()
+    seen: set[torch.fx.Node] = set()
+    stack = [a for n in nodes for a in n.all_input_nodes]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and node.target in candidates:
+            found.add(str(node.target))
+        elif node.op == "get_attr" and node.target in owners:
+            found.add(owners[node.target])
+        stack.extend(node.all_input_nodes)
+    return found

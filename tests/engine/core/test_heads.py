@@ -230,3 +230,32 @@ def test_a_head_tied_to_the_embedding_is_the_output_layer_not_every_block(branch
     assert found.names == ("emb",)
     selected, excluded = select_layers(model)
     assert set(selected) == {"fc1.0", "fc1.1"} and excluded is None
+
+
+class ResidualStream(nn.Module):
+    """A sentence-encoder-like stack: every block writes into the residual stream, no head."""
+
+    def __init__(self, width: int = 8, blocks: int = 3, branchy: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, width)
+        self.fc = nn.ModuleList(nn.Linear(width, width) for _ in range(blocks))
+        self.norm = nn.LayerNorm(width)
+        self.branchy = branchy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for fc in self.fc:
+            h = h + torch.relu(fc(h))
+        if self.branchy and h.sum() > -1e9:
+            h = h * 1.0
+        return self.norm(h).mean(0)
+
+
+@pytest.mark.parametrize("branchy", [False, True])
+def test_in_a_residual_stream_the_last_writer_is_the_output_layer(branchy: bool) -> None:
+    """Every block reaches the output through the skips; only the last is the head."""
+    torch.manual_seed(0)
+    model = ResidualStream(branchy=branchy)
+    found = output_layers(model, as_inputs(torch.randn(3, 4)))
+    assert found.names == ("fc.2",)
+    assert found.how == ("traced forward pass" if branchy else "symbolic trace")
