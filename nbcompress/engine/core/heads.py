@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,32 +318,40 @@ def _symbolic(model: nn.Module, candidates: Mapping[str, nn.Module]) -> tuple:
         if w.dim() >= 2
     }
     hits: dict[str, list[torch.fx.Node]] = {}
+
+    def reached(node: torch.fx.Node) -> bool:
+        if node.op == "call_module" and node.target in candidates:
+            hits.setdefault(str(node.target), []).append(node)
+            return True
+        # An operation on a layer's weight (a tied head) is that layer: stop there too.
+        tied = {owners[a.target] for a in node.all_input_nodes if a.op == "get_attr"
+                and a.target in owners}  # fmt: skip
+        for name in tied:
+            hits.setdefault(name, []).append(node)
+        return bool(tied)
+
+    _fx_back([n for n in graph.nodes if n.op == "output"], reached)
+    preds = {h: _fx_before(nodes, candidates, owners) - {h} for h, nodes in hits.items()}
+    found = _innermost(set(hits), preds)
+    # The tracer and graph form reference cycles through the model: break them, so that a
+    # deleted model is freed at once rather than at the next garbage collection.
+    hits.clear()
+    tracer.__dict__.clear()
+    graph.__dict__.clear()
+    return _ordered(candidates, found)
+
+
+def _fx_back(start: list[torch.fx.Node], stop: Callable[[torch.fx.Node], bool]) -> None:
+    """Visit every node the ``start`` nodes were computed from, not past a node ``stop`` takes."""
     seen: set[torch.fx.Node] = set()
-    stack = [n for n in graph.nodes if n.op == "output"]
+    stack = list(start)
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
-        if node.op == "call_module" and node.target in candidates:
-            hits.setdefault(str(node.target), []).append(node)
-            continue
-        # An operation on a layer's weight (a tied head) is that layer: stop there too.
-        tied = {owners[a.target] for a in node.all_input_nodes if a.op == "get_attr"
-                and a.target in owners}  # fmt: skip
-        if tied:
-            for name in tied:
-                hits.setdefault(name, []).append(node)
-            continue
-        stack.extend(node.all_input_nodes)
-    preds = {h: _fx_before(nodes, candidates, owners) - {h} for h, nodes in hits.items()}
-    found = _innermost(set(hits), preds)
-    # The tracer and graph form reference cycles through the model: break them, so that a
-    # deleted model is freed at once rather than at the next garbage collection.
-    del stack, seen, hits
-    tracer.__dict__.clear()
-    graph.__dict__.clear()
-    return _ordered(candidates, found)
+        if not stop(node):
+            stack.extend(node.all_input_nodes)
 
 
 def _fx_before(
@@ -351,16 +359,13 @@ def _fx_before(
 ) -> set[str]:
     """Every candidate whose output (or weight) the given nodes were computed from."""
     found: set[str] = set()
-    seen: set[torch.fx.Node] = set()
-    stack = [a for n in nodes for a in n.all_input_nodes]
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+
+    def note(node: torch.fx.Node) -> bool:
         if node.op == "call_module" and node.target in candidates:
             found.add(str(node.target))
         elif node.op == "get_attr" and node.target in owners:
             found.add(owners[node.target])
-        stack.extend(node.all_input_nodes)
+        return False  # walk on: every layer above counts
+
+    _fx_back([a for n in nodes for a in n.all_input_nodes], note)
     return found
