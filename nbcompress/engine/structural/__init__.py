@@ -1,0 +1,1 @@
+"""Structural removal: channels, neurons and heads physically removed (Torch-Pruning underneath)."""
