@@ -80,20 +80,30 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
+def _put(module: nn.Module, raw: dict[str, Any], contents: dict[str, Any]) -> None:
+    """Set a module's attributes: the same dict objects, holding ``contents``."""
+    d = vars(module)
+    d.clear()
+    d.update(raw)
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            value.clear()
+            value.update(contents[key])
+
+
 def _after_apply(model: nn.Module, tx: Transaction) -> list[str]:
     """Run the compat fixes, saving first every module they change (for exact undo)."""
-    before = {m: _attrs(m) for m in model.modules()}
+    before = {m: (dict(vars(m)), _attrs(m)) for m in model.modules()}
     notes = compat_mod.after_apply(model)
-    for mod, old in before.items():
+    for mod, (raw, old) in before.items():
         now = _attrs(mod)
         if _same(now, old):
             continue
         # Put the old attributes back for a moment so that the snapshot holds them.
-        vars(mod).clear()
-        vars(mod).update(old)
+        new_raw = dict(vars(mod))
+        _put(mod, raw, old)
         tx.save(mod)
-        vars(mod).clear()
-        vars(mod).update(now)
+        _put(mod, new_raw, now)
     return notes
 
 

@@ -68,7 +68,9 @@ def _child_main(fn: Callable, args: tuple, memory: int, conn: Any) -> None:
     except MemoryError:
         conn.send(("memory", ""))
     except BaseException as err:  # noqa: BLE001 - every failure goes back as one line
-        conn.send(("error", _one_line(err)))
+        # torch's allocator reports the address-space ceiling as a RuntimeError.
+        out_of_memory = "can't allocate memory" in str(err) or "out of memory" in str(err)
+        conn.send(("memory", "") if out_of_memory else ("error", _one_line(err)))
     finally:
         conn.close()
 

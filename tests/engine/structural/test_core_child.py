@@ -78,3 +78,14 @@ def test_ctrl_c_kills_the_child_and_is_reraised():
     finally:
         timer.cancel()
     assert not multiprocessing.active_children()
+
+
+def _torch_hog():
+    chunks = []
+    while True:
+        chunks.append(torch.empty(4 << 20))  # untouched: only the address-space ceiling stops it
+
+
+def test_torch_allocation_failure_is_reported_as_memory():
+    with pytest.raises(ValueError, match=r"more than .* of extra memory"):
+        run_bounded(_torch_hog, memory=200 << 20, timeout=60)

@@ -162,3 +162,18 @@ def test_memory_runaway_in_the_graph_build_is_refused_cleanly():
         remove_(model, 0.5, example_inputs=torch.randn(1, 3, 8, 8), memory=200 << 20)
     assert "\n" not in str(info.value)
     assert same_state(model, saved) and not history(model)
+
+
+def test_vision_transformer_width_attribute_follows_and_undoes():
+    vit = pytest.importorskip("torchvision.models.vision_transformer")
+    model = vit.VisionTransformer(32, 8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64)
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    saved, y0 = state(model), model(x)
+    remove_(model, 0.3, example_inputs=x)
+    width = model.conv_proj.out_channels
+    assert width < 32 and width % 4 == 0 and model.hidden_dim == width
+    assert model.encoder.layers[0].self_attention.embed_dim == width
+    assert model(x).shape == y0.shape
+    undo_(model)
+    assert model.hidden_dim == 32 and same_state(model, saved) and torch.equal(model(x), y0)
