@@ -8,10 +8,11 @@ plain, picklable :class:`~nbcompress.engine.structural.plan.Group` records.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,7 +154,6 @@ def _groups_in_child(model: nn.Module, inputs: tuple, options: _Options) -> list
     if options.importance == "wanda":
         norms = input_norms(model, lambda: call_model(model, inputs))
     ctx = {"model": model, "compat": compat, "options": options, "heads": heads, "norms": norms}
-    groups: list[Group] = []
     with compat.patches(), torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(
             model,
@@ -164,24 +164,50 @@ def _groups_in_child(model: nn.Module, inputs: tuple, options: _Options) -> list
             ignored_layers=compat.ignored_layers or None,
             verbose=False,
         )
-        visited: set[int] = set()
-        ignored = {id(m) for m in compat.ignored_layers}
-        roots = (nn.modules.conv._ConvNd, nn.Linear)
-        for module in list(dg.module2node):
-            if not isinstance(module, roots) or id(module) in visited | ignored:
-                continue
-            name = dg._module2name.get(module)
-            if name is None or (options.layers is not None and not _matches(name, options.layers)):
-                continue
-            pruner = dg.get_pruner_of_module(module)
-            width = pruner.get_out_channels(module) if pruner is not None else None
-            if not width:
-                continue
-            group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
-            for it in group:
-                if dg.is_out_channel_pruning_fn(it.dep.handler):
-                    visited.add(id(it.dep.target.module))
-            groups.append(_convert(dg, group, name, width, ctx))
+        with _mappings_frozen():
+            groups = _enumerate(dg, compat, options, ctx)
+    return groups
+
+
+@contextlib.contextmanager
+def _mappings_frozen() -> Iterator[None]:
+    """Skip Torch-Pruning's index-mapping refresh per group: nothing is pruned in the child.
+
+    ``get_pruning_group`` recomputes every concat/reshape mapping of the whole graph each
+    time (measured: 45 of 48 s on densenet201); the graph build already computed them.
+    """
+    from torch_pruning.dependency import graph as tp_graph
+
+    module = tp_graph.index_mapping
+    refresh = module.update_index_mapping
+    module.update_index_mapping = lambda graph: None
+    try:
+        yield
+    finally:
+        module.update_index_mapping = refresh
+
+
+def _enumerate(dg: Any, compat: Any, options: _Options, ctx: dict) -> list[Group]:
+    """Every Conv/Linear-rooted group of the built graph, converted and scored."""
+    groups: list[Group] = []
+    visited: set[int] = set()
+    ignored = {id(m) for m in compat.ignored_layers}
+    roots = (nn.modules.conv._ConvNd, nn.Linear)
+    for module in list(dg.module2node):
+        if not isinstance(module, roots) or id(module) in visited or id(module) in ignored:
+            continue
+        name = dg._module2name.get(module)
+        if name is None or (options.layers is not None and not _matches(name, options.layers)):
+            continue
+        pruner = dg.get_pruner_of_module(module)
+        width = pruner.get_out_channels(module) if pruner is not None else None
+        if not width:
+            continue
+        group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+        for it in group:
+            if dg.is_out_channel_pruning_fn(it.dep.handler):
+                visited.add(id(it.dep.target.module))
+        groups.append(_convert(dg, group, name, width, ctx))
     return groups
 
 
