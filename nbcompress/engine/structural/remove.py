@@ -100,15 +100,15 @@ def _first(out: Any) -> torch.Tensor | None:
     return out if isinstance(out, torch.Tensor) else None
 
 
-def _channels(model: nn.Module) -> int:
-    """Output channels / neurons of every Conv and Linear."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            total += m.out_channels
-        elif isinstance(m, nn.Linear):
-            total += m.out_features
-    return total
+def _channels(groups: list, plan: Plan) -> str:
+    """``"N of M channels in K groups"`` for the channel plan (empty if none ran)."""
+    prunable = [g for g in groups if g.reason is None]
+    removed = [len(plan.get((g.root, "out"), ())) for g in prunable]
+    if not any(removed):
+        return ""
+    total = sum(g.width for g in prunable)
+    touched = sum(1 for n in removed if n)
+    return f"{sum(removed):,} of {total:,} channels removed in {touched} group(s), "
 
 
 def _params(model: nn.Module) -> int:
@@ -236,6 +236,7 @@ def remove_(
     _check_plain(model)
     ref, macs0 = _forward_costs_checked(model, inputs)
     plan: Plan = {}
+    groups: list = []
     if amount:
         groups = channel_groups(
             model,
@@ -255,14 +256,14 @@ def remove_(
     attention = {"heads": heads, "ffn": ffn, "importance": importance, "layers": layers}
     if round_to is not None:
         attention["round_to"] = round_to
-    before = (_channels(model), _params(model), macs0)
+    before = (_params(model), macs0)
     with transaction(model, "remove") as tx:
         notes = _fold(model, plan, example_inputs, tx) if plan else []
         notes += apply_plan(model, plan, tx) if plan else []
         notes += _attention(model, tx, attention)
         macs1 = _verify(model, inputs, ref)
-        after = (_channels(model), _params(model), macs1)
-        tx.step.detail = _detail(before, after)
+        after = (_params(model), macs1)
+        tx.step.detail = _channels(groups, plan) + _detail(before, after)
         tx.info.update(plan=plan, notes=[*notes, REBUILD], before=before, after=after)
     return model
 
@@ -273,7 +274,7 @@ def _forward_costs_checked(model: nn.Module, inputs: tuple) -> tuple[torch.Tenso
     return _first(out), total
 
 
-def _detail(before: tuple[int, int, int], after: tuple[int, int, int]) -> str:
-    (c0, p0, m0), (c1, p1, m1) = before, after
+def _detail(before: tuple[int, int], after: tuple[int, int]) -> str:
+    (p0, m0), (p1, m1) = before, after
     mac = f", MACs {m0:,} → {m1:,} (est.)" if m0 else ""
-    return f"channels {c0:,} → {c1:,}, params {p0:,} → {p1:,}{mac}; {REBUILD}"
+    return f"params {p0:,} → {p1:,}{mac}; {REBUILD}"

@@ -27,7 +27,8 @@ def test_remove_shrinks_keeps_outputs_and_undoes_exactly():
     assert all(m.out_channels % 4 == 0 for m in convs)
     (step,) = history(model)
     assert step.name == "remove"
-    assert "params" in step.detail and "MACs" in step.detail and "optimizer" in step.detail
+    assert "channels removed in" in step.detail and "MACs" in step.detail
+    assert "params" in step.detail and "rebuild any optimizer" in step.detail
     undo_(model)
     assert same_state(model, saved) and torch.equal(model(x), y0)
     assert not history(model)
@@ -81,6 +82,16 @@ def test_prune_delegates_channel_removal():
         k: v.shape for k, v in twin.state_dict().items()
     }
     assert history(model)[-1].name == "remove"
+
+
+def test_prune_wanda_removal_differs_from_l1():
+    model, x = tiny()
+    twin, _ = tiny()
+    prune_(model, 0.5, granularity="channel", remove=True, method="wanda", example_inputs=x)
+    remove_(twin, 0.5, example_inputs=x)
+    assert model(x).shape == (2, 10)
+    kept = [model.stem.weight, twin.stem.weight]
+    assert kept[0].shape == kept[1].shape and not torch.equal(kept[0], kept[1])
 
 
 @pytest.mark.parametrize(
