@@ -126,12 +126,25 @@ def run_bounded(
         ValueError: One line naming what happened (an error in ``fn``, memory, time, a
             crash) and the fix.
     """
+    if "fork" not in multiprocessing.get_all_start_methods():
+        # No fork (Windows): the model's classes may live in __main__, which a spawned
+        # child cannot import; run here, unbounded, rather than not at all.
+        warnings.warn(
+            f"{label}: this platform cannot fork, so it runs in this process without the "
+            "time and memory bounds.",
+            stacklevel=2,
+        )
+        return fn(*args)
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     base_kb = _status_kb("self", "VmRSS") or 0
     proc = ctx.Process(target=_child_main, args=(fn, args, int(memory), send), daemon=True)
     try:
-        proc.start()
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns on fork with threads alive (a Jupyter kernel has some):
+            # the child only runs torch single-threaded and Python, never those threads.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            proc.start()
         send.close()  # the child holds the sending end; EOF tells us it died
         status, payload = _wait(proc, recv, timeout, int(memory), base_kb)
     finally:

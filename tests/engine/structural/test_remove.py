@@ -188,3 +188,21 @@ def test_vision_transformer_width_attribute_follows_and_undoes():
     assert model(x).shape == y0.shape
     undo_(model)
     assert model.hidden_dim == 32 and same_state(model, saved) and torch.equal(model(x), y0)
+
+
+def test_a_removed_model_survives_deepcopy_pickle_and_torch_save(tmp_path):
+    import copy
+    import pickle
+
+    model, x = tiny()
+    remove_(model, 0.5, example_inputs=x)
+    y = model(x)
+    path = tmp_path / "m.pt"
+    torch.save(model, path)
+    for twin in (
+        copy.deepcopy(model),
+        pickle.loads(pickle.dumps(model)),
+        torch.load(path, weights_only=False),
+    ):
+        assert twin.stem.out_channels == model.stem.out_channels
+        assert torch.equal(twin(x), y)
