@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import traceback
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -155,18 +156,33 @@ def _groups_in_child(model: nn.Module, inputs: tuple, options: _Options) -> list
         norms = input_norms(model, lambda: call_model(model, inputs))
     ctx = {"model": model, "compat": compat, "options": options, "heads": heads, "norms": norms}
     with compat.patches(), torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(
-            model,
-            example_inputs=inputs,
-            forward_fn=lambda m, x: call_model(m, x),  # exactly one forward
-            customized_pruners=compat.customized_pruners or None,
-            unwrapped_parameters=compat.unwrapped_parameters or None,
-            ignored_layers=compat.ignored_layers or None,
-            verbose=False,
-        )
+        try:
+            dg = tp.DependencyGraph().build_dependency(
+                model,
+                example_inputs=inputs,
+                forward_fn=lambda m, x: call_model(m, x),  # exactly one forward
+                customized_pruners=compat.customized_pruners or None,
+                unwrapped_parameters=compat.unwrapped_parameters or None,
+                ignored_layers=compat.ignored_layers or None,
+                verbose=False,
+            )
+        except Exception as err:
+            raise _explained(err) from err
         with _mappings_frozen():
             groups = _enumerate(dg, compat, options, ctx)
     return groups
+
+
+def _explained(err: Exception) -> Exception:
+    """Name the construct when Torch-Pruning fails inside its index mappings."""
+    frames = traceback.extract_tb(err.__traceback__)
+    if frames and frames[-1].filename.endswith("index_mapping.py"):
+        return RuntimeError(
+            "a reshape, concat or split that the dependency graph cannot map (such as a "
+            f"channel shuffle or windowed attention; {type(err).__name__}: {err} in "
+            f"{frames[-1].name})"
+        )
+    return err
 
 
 @contextlib.contextmanager

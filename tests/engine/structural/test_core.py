@@ -166,3 +166,29 @@ def test_torchvision_models_shrink_and_undo(name):
     assert convs and all(m.out_channels % 8 == 0 for m in convs if m.groups == 1)
     undo_(model)
     assert same_state(model, saved) and torch.equal(model(x), y0)
+
+
+def test_a_construct_the_graph_cannot_map_is_named_in_one_line(monkeypatch):
+    torchvision = pytest.importorskip("torchvision")
+    from nbcompress.engine.structural import compat
+
+    # Without the family fixes, ShuffleNetV2's channel shuffle breaks the graph build.
+    monkeypatch.setattr(compat, "prepare", lambda model: compat.Compat())
+    model = torchvision.models.shufflenet_v2_x0_5().eval()
+    saved = state(model)
+    with pytest.raises(ValueError, match="cannot map .*channel shuffle") as info:
+        channel_groups(model, torch.randn(1, 3, 64, 64))
+    assert "\n" not in str(info.value) and "layers=" in str(info.value)
+    assert same_state(model, saved)
+
+
+def test_importing_the_core_loads_neither_torch_pruning_nor_torchvision():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nbcompress.engine.structural.remove, nbcompress.engine.prune.prune; "
+        "print('torch_pruning' in sys.modules, 'torchvision' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
