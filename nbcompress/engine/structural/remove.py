@@ -213,7 +213,8 @@ def remove_(
         ignore: Glob pattern(s) of modules never touched.
         heads: Fraction of attention heads to remove per attention layer.
         ffn: Fraction of FFN hidden neurons to remove per transformer block.
-        include_output: Also remove output channels of the output layer(s).
+        include_output: Also let the output layer(s) lose output channels; the output
+            shape must still be unchanged, else the step is rolled back.
         timeout: Seconds the dependency-graph build may take (in a child process).
         memory: Bytes of extra memory it may use.
 

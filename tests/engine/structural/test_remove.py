@@ -206,3 +206,15 @@ def test_a_removed_model_survives_deepcopy_pickle_and_torch_save(tmp_path):
     ):
         assert twin.stem.out_channels == model.stem.out_channels
         assert torch.equal(twin(x), y)
+
+
+def test_per_root_amounts_and_include_output():
+    model, x = tiny()
+    remove_(model, {"fc1": 0.5}, example_inputs=x)
+    assert model.fc1.out_features == 16 and model.stem.out_channels == 16
+    head, _ = tiny()
+    saved = state(head)
+    # fc2's outputs are the model's outputs: removing them changes its shape, so it is undone.
+    with pytest.raises(ValueError, match=r"output shape changed .*\(2, 10\) -> \(2, 5\)"):
+        remove_(head, {"fc2": 0.5}, example_inputs=x, include_output=True)
+    assert same_state(head, saved) and not history(head)
