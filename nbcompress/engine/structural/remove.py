@@ -121,7 +121,8 @@ def _fold(model: nn.Module, plan: Plan, example_inputs: Any, tx: Transaction) ->
         from nbcompress.engine.structural.fold import fold_constants
     except ImportError:  # the folding module is not part of this build
         return []
-    return fold_constants(model, plan, example_inputs, tx)
+    with eval_mode(model):  # measured as the model is used; BatchNorm statistics untouched
+        return fold_constants(model, plan, example_inputs, tx)
 
 
 def _attention(model: nn.Module, tx: Transaction, options: dict[str, Any]) -> list[str]:
