@@ -112,10 +112,7 @@ def _consumers(model: nn.Module, plan: Plan) -> list[_Consumer]:
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
+    return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
 
 
 def _recorder(c: _Consumer) -> Any:
@@ -297,9 +294,8 @@ def _notes(model: nn.Module, inputs: tuple, ref: Any, consumers: list[_Consumer]
     if norms:
         delta = _delta(model, inputs, ref, [_renormer(c) for c in norms], post=True)
         notes.append(
-            f"{_names(norms)}: {len(norms)} normalisation layer(s) now normalise over the "
-            f"kept channels only (not foldable); this changes the model output by max |Δ| "
-            f"{delta:.3g}."
+            f"{_names(norms)}: {len(norms)} normalisation layer(s) now normalise over the kept "
+            f"channels only (not foldable): the model output changes by max |Δ| {delta:.3g}."
         )
     other = [c for c in consumers if c.kind == "other"]
     if other:
@@ -319,21 +315,20 @@ def _notes(model: nn.Module, inputs: tuple, ref: Any, consumers: list[_Consumer]
 
 def _bias_delta(module: nn.Module, fold: dict[int, float]) -> torch.Tensor:
     """``W[:, c] · const`` summed over the folded channels (conv: over the kernel, per group)."""
-    with torch.no_grad():
-        weight = module.weight.detach().double()
-        idx = torch.tensor(list(fold), device=weight.device)
-        values = torch.tensor(list(fold.values()), dtype=torch.float64, device=weight.device)
-        if isinstance(module, nn.Linear):
-            return weight.index_select(1, idx) @ values
-        per_in = module.in_channels // module.groups
-        per_out = module.out_channels // module.groups
-        summed = weight.flatten(2).sum(2)  # (out, in/groups): a constant input sees all taps
-        delta = torch.zeros(module.out_channels, dtype=torch.float64, device=weight.device)
-        for channel, value in fold.items():
-            group, local = divmod(channel, per_in)
-            rows = slice(group * per_out, (group + 1) * per_out)
-            delta[rows] += summed[rows, local] * value
-        return delta
+    weight = module.weight.detach().double()
+    idx = torch.tensor(list(fold), device=weight.device)
+    values = torch.tensor(list(fold.values()), dtype=torch.float64, device=weight.device)
+    if isinstance(module, nn.Linear):
+        return weight.index_select(1, idx) @ values
+    per_in = module.in_channels // module.groups
+    per_out = module.out_channels // module.groups
+    summed = weight.flatten(2).sum(2)  # (out, in/groups): a constant input sees all taps
+    delta = torch.zeros(module.out_channels, dtype=torch.float64, device=weight.device)
+    for channel, value in fold.items():
+        group, local = divmod(channel, per_in)
+        rows = slice(group * per_out, (group + 1) * per_out)
+        delta[rows] += summed[rows, local] * value
+    return delta
 
 
 def _fold(consumers: list[_Consumer], tx: Transaction) -> list[str]:
