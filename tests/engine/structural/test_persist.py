@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.structural.persist import FORMAT, load, save
+from nbcompress.kernels.modules import SparseLinear
 
 
 class Net(nn.Module):
@@ -177,6 +178,7 @@ def test_a_removed_model_survives_deepcopy_pickle_and_torch_save(tmp_path) -> No
     assert torch.equal(torch.load(tmp_path / "whole.pt", weights_only=False)(X), expected)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's quantize_dynamic
 def test_replaced_modules_are_stored_whole(tmp_path) -> None:
     model = _remove(_trained())
     model.bn1 = nn.Identity()  # as fusion leaves it
@@ -246,3 +248,15 @@ def test_tied_weights_stay_tied(tmp_path) -> None:
     assert fresh[0].weight is fresh[1].weight and fresh[0].weight.shape == (10, 5)
     ids = torch.tensor([[1, 2, 3]])
     assert torch.equal(fresh(ids), model(ids))
+
+
+def test_a_sparse_module_is_stored_whole(tmp_path) -> None:
+    model = _remove(_trained())
+    with torch.no_grad():
+        model.fc.weight[model.fc.weight.abs() < 0.1] = 0
+    model.fc = SparseLinear.from_dense(model.fc)
+    save(model, tmp_path / "s.pt")
+    fresh = load(tmp_path / "s.pt", Net()).eval()
+    assert isinstance(fresh.fc, SparseLinear)
+    with torch.no_grad():  # SparseLinear is inference-only
+        assert torch.equal(fresh(X), model(X))
