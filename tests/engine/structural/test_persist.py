@@ -178,7 +178,9 @@ def test_a_removed_model_survives_deepcopy_pickle_and_torch_save(tmp_path) -> No
     assert torch.equal(torch.load(tmp_path / "whole.pt", weights_only=False)(X), expected)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.ao's quantize_dynamic
+X
+
+
 def test_replaced_modules_are_stored_whole(tmp_path) -> None:
     model = _remove(_trained())
     model.bn1 = nn.Identity()  # as fusion leaves it
