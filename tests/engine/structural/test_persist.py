@@ -178,7 +178,8 @@ def test_a_removed_model_survives_deepcopy_pickle_and_torch_save(tmp_path) -> No
     assert torch.equal(torch.load(tmp_path / "whole.pt", weights_only=False)(X), expected)
 
 
-X
+# torch.ao's quantize_dynamic and quantized tensors are deprecated (and warn).
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
 def test_replaced_modules_are_stored_whole(tmp_path) -> None:
