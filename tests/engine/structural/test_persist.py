@@ -180,8 +180,6 @@ def test_a_removed_model_survives_deepcopy_pickle_and_torch_save(tmp_path) -> No
 
 # torch.ao's quantize_dynamic and quantized tensors are deprecated (and warn).
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-
-
 def test_replaced_modules_are_stored_whole(tmp_path) -> None:
     model = _remove(_trained())
     model.bn1 = nn.Identity()  # as fusion leaves it
