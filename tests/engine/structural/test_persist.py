@@ -261,3 +261,44 @@ def test_a_sparse_module_is_stored_whole(tmp_path) -> None:
     assert isinstance(fresh.fc, SparseLinear)
     with torch.no_grad():  # SparseLinear is inference-only
         assert torch.equal(fresh(X), model(X))
+
+
+def _bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    return transformers.BertModel(config).eval()
+
+
+def test_hugging_face_heads_and_ffn_neurons_removed_load_into_a_fresh_bert(tmp_path) -> None:
+    model = _bert()
+    attention = model.encoder.layer[0].attention
+    keep = [i for i in range(32) if i // 8 not in (0, 2)]  # heads 0 and 2 of 4 (head size 8)
+    with torch.no_grad():
+        for lin in (attention.self.query, attention.self.key, attention.self.value):
+            lin.weight = nn.Parameter(lin.weight[keep])
+            lin.bias = nn.Parameter(lin.bias[keep])
+            lin.out_features = len(keep)
+        dense = attention.output.dense
+        dense.weight, dense.in_features = nn.Parameter(dense.weight[:, keep]), len(keep)
+        ffn_in, ffn_out = (
+            model.encoder.layer[1].intermediate.dense,
+            model.encoder.layer[1].output.dense,
+        )
+        ffn_in.weight, ffn_in.bias = (
+            nn.Parameter(ffn_in.weight[:40]),
+            nn.Parameter(ffn_in.bias[:40]),
+        )
+        ffn_out.weight = nn.Parameter(ffn_out.weight[:, :40])
+        ffn_in.out_features = ffn_out.in_features = 40
+    attention.self.num_attention_heads, attention.self.all_head_size = 2, 16
+    ids = torch.randint(0, 50, (2, 7))
+    save(model, tmp_path / "bert.pt")
+    fresh = load(tmp_path / "bert.pt", _bert())
+    assert fresh.encoder.layer[0].attention.self.num_attention_heads == 2
+    assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
