@@ -16,153 +16,29 @@ update, the random number generators and the training flags are left as they wer
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
-from torch.nn.modules.instancenorm import _InstanceNorm
-from torch.nn.utils import parametrize
 
 from nbcompress.engine.core.history import Transaction
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.validation import as_inputs, run_forward
+from nbcompress.engine.structural.consumers import (
+    Consumer,
+    Plan,
+    channel_dim,
+    classify,
+    find_consumers,
+    first_tensor,
+    recorder,
+)
 
 __all__ = ["fold_constants"]
 
-Plan = Mapping[tuple[str, str], frozenset[int]]
-
-_RTOL = 1e-5  # a channel is constant when its spread is below this share of the input's peak
 _MAX_MEASURED = 8  # consumers measured one by one; the rest share one measurement
 _SEED = 0x5EED  # the same dropout masks in every measuring forward
-_PER_CHANNEL = (_BatchNorm, _InstanceNorm, nn.PReLU)  # removing a channel touches no other
-_NORMS = (nn.LayerNorm, *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()))
-
-
-@dataclass
-class _Consumer:
-    """A module whose input channels are cut, and what was seen there."""
-
-    name: str
-    module: nn.Module
-    kind: str  # "fold" (Linear, unpadded conv) | "zero" (removal = zeroing) | "norm" | "other"
-    idxs: list[int]
-    why: str = ""  # for "zero": why a constant cannot be folded exactly
-    lo: torch.Tensor | None = None
-    hi: torch.Tensor | None = None
-    total: torch.Tensor | None = None
-    count: int = 0  # values seen per channel
-    scale: float = 0.0  # largest |value| of the whole input
-    fold: dict[int, float] = field(default_factory=dict)
-    stuck: list[int] = field(default_factory=list)  # constant, non-zero, not foldable
-    varying: list[int] = field(default_factory=list)
-
-
-def _channel_dim(module: nn.Module, x: torch.Tensor) -> int:
-    if isinstance(module, _ConvNd):
-        return x.dim() - len(module.kernel_size) - 1
-    return x.dim() - 1
-
-
-def _zero_padded(conv: _ConvNd) -> bool:
-    """Whether the convolution reads padding zeros (its borders then see no constant)."""
-    if conv.padding_mode != "zeros":
-        return False  # reflect/replicate/circular padding repeats the constant itself
-    if isinstance(conv.padding, str):
-        return conv.padding == "same" and any(
-            d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
-        )
-    return any(conv.padding)
-
-
-def _kind(module: nn.Module) -> tuple[str, str]:
-    """How removing this module's input channels can be made exact, and why not if not."""
-    if isinstance(module, (nn.Linear, _ConvNd)):
-        if "bias_orig" in module._parameters or parametrize.is_parametrized(module, "bias"):
-            return "zero", "its bias is masked or parametrized"
-        if isinstance(module, _ConvNd) and module.transposed:
-            return "zero", "it is a transposed convolution (its output borders differ)"
-        if isinstance(module, _ConvNd) and _zero_padded(module):
-            k = "×".join(map(str, module.kernel_size))
-            return "zero", f"its {k} kernel is zero-padded (the borders see the padding zeros)"
-        return "fold", ""
-    if isinstance(module, _NORMS) and len(module.normalized_shape) == 1:
-        return "norm", ""
-    return "other", ""
-
-
-def _consumers(model: nn.Module, plan: Plan) -> list[_Consumer]:
-    """Modules whose inputs are cut ("in"), plus LayerNorms cut under any handler."""
-    cut: dict[str, set[int]] = {}
-    for (name, handler), idxs in plan.items():
-        module = model.get_submodule(name)
-        if handler == "in" or (handler in ("out", "depthwise_out") and isinstance(module, _NORMS)):
-            cut.setdefault(name, set()).update(idxs)
-    found = []
-    for name, idxs in cut.items():
-        module = model.get_submodule(name)
-        if isinstance(module, _PER_CHANNEL) or not idxs:
-            continue  # a per-channel layer: the removed channels touch no kept one
-        kind, why = _kind(module)
-        found.append(_Consumer(name, module, kind, sorted(idxs), why))
-    return found
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    return next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
-
-
-def _recorder(c: _Consumer) -> Any:
-    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = _first_tensor(args, kwargs)
-        if x is None or not x.is_floating_point():
-            return
-        dim = _channel_dim(module, x)
-        idx = torch.tensor(c.idxs, device=x.device)
-        sel = x.detach().index_select(dim, idx).movedim(dim, 0).reshape(len(c.idxs), -1)
-        sel = sel.double()
-        lo, hi, total = sel.min(1).values, sel.max(1).values, sel.sum(1)
-        if c.count == 0:
-            c.lo, c.hi, c.total = lo, hi, total
-        else:
-            c.lo, c.hi, c.total = torch.minimum(c.lo, lo), torch.maximum(c.hi, hi), c.total + total
-        c.count += sel.shape[1]
-        c.scale = max(c.scale, float(x.detach().abs().max()))
-
-    return record
-
-
-def _affected_outputs_removed(c: _Consumer, plan: Plan, channel: int) -> bool:
-    """Whether every output that input ``channel`` feeds is removed too (depthwise convs)."""
-    if not isinstance(c.module, _ConvNd) or c.module.groups == 1:
-        return False
-    removed = plan.get((c.name, "out"), frozenset()) | plan.get((c.name, "depthwise_out"), set())
-    per_in = c.module.in_channels // c.module.groups
-    per_out = c.module.out_channels // c.module.groups
-    group = channel // per_in
-    return all(o in removed for o in range(group * per_out, (group + 1) * per_out))
-
-
-def _classify(c: _Consumer, plan: Plan) -> None:
-    """Split the consumer's removed channels into folded, stuck (constant) and varying."""
-    if c.kind == "norm" or c.count == 0:
-        return
-    tol = _RTOL * c.scale
-    spread = (c.hi - c.lo).tolist()
-    means = (c.total / c.count).tolist()
-    for channel, width, value in zip(c.idxs, spread, means, strict=True):
-        if _affected_outputs_removed(c, plan, channel):
-            continue
-        constant = c.count >= 2 and width <= tol
-        if not constant:
-            c.varying.append(channel)
-        elif c.kind == "fold" and value != 0.0:
-            c.fold[channel] = value
-        elif abs(value) > tol:
-            c.stuck.append(channel)
 
 
 @contextlib.contextmanager
@@ -196,23 +72,36 @@ def _hooked(pairs: list[tuple[nn.Module, Any]], *, post: bool = False) -> Iterat
 
 
 def _zeroer(module: nn.Module, channels: list[int]) -> Any:
-    """``(module, pre-hook)`` zeroing ``channels`` of its input: their removal, for conv/linear."""
+    """``(module, pre-hook)`` zeroing ``channels`` of its input: their removal, for conv/linear.
+
+    Attention reads its channels from query, key and value: all three are zeroed.
+    """
+    count = 3 if isinstance(module, nn.MultiheadAttention) else 1
 
     def zero(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        x = _first_tensor(args, kwargs)
-        if x is None:
+        first = first_tensor(args, kwargs)
+        if first is None:
             return args, kwargs
-        idx = torch.tensor(channels, device=x.device)
-        y = x.index_fill(_channel_dim(mod, x), idx, 0.0)
-        if args and args[0] is x:
-            return (y, *args[1:]), kwargs
-        key = next(k for k, v in kwargs.items() if v is x)
-        return args, {**kwargs, key: y}
+        idx = torch.tensor(channels, device=first.device)
+        dim = channel_dim(mod, first)
+        done: dict[int, torch.Tensor] = {}  # self-attention passes one tensor three times
+
+        def zeroed(value: Any) -> Any:
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                return value
+            if id(value) not in done:
+                done[id(value)] = value.index_fill(dim, idx, 0.0)
+            return done[id(value)]
+
+        names = ("query", "key", "value", "input")
+        args = (*(zeroed(a) for a in args[:count]), *args[count:])
+        kwargs = {k: zeroed(v) if k in names else v for k, v in kwargs.items()}
+        return args, kwargs
 
     return module, zero
 
 
-def _renormer(c: _Consumer) -> Any:
+def _renormer(c: Consumer) -> Any:
     """``(module, post-hook)`` normalising over the kept channels only, as after removal."""
     removed = set(c.idxs)
     keep = [i for i in range(c.module.normalized_shape[0]) if i not in removed]
@@ -241,12 +130,12 @@ def _delta(model: nn.Module, inputs: tuple, ref: Any, hooks: list, post: bool = 
         return compare_outputs(ref, _run(model, inputs)).max_abs
 
 
-def _names(consumers: list[_Consumer]) -> str:
+def _names(consumers: list[Consumer]) -> str:
     shown = ", ".join(c.name for c in consumers[:3])
     return shown + (f" +{len(consumers) - 3} more" if len(consumers) > 3 else "")
 
 
-def _stuck_notes(model: nn.Module, inputs: tuple, ref: Any, stuck: list[_Consumer]) -> list[str]:
+def _stuck_notes(model: nn.Module, inputs: tuple, ref: Any, stuck: list[Consumer]) -> list[str]:
     notes = []
     for c in stuck[:_MAX_MEASURED]:
         peak = max(abs(float(c.total[c.idxs.index(i)]) / c.count) for i in c.stuck)
@@ -267,7 +156,7 @@ def _stuck_notes(model: nn.Module, inputs: tuple, ref: Any, stuck: list[_Consume
     return notes
 
 
-def _varying_note(model: nn.Module, inputs: tuple, ref: Any, cons: list[_Consumer]) -> str:
+def _varying_note(model: nn.Module, inputs: tuple, ref: Any, cons: list[Consumer]) -> str:
     n = sum(len(c.varying) for c in cons)
     delta = _delta(model, inputs, ref, [_zeroer(c.module, c.varying) for c in cons])
     single = [c for c in cons if c.count == 1]
@@ -284,7 +173,7 @@ def _varying_note(model: nn.Module, inputs: tuple, ref: Any, cons: list[_Consume
     )
 
 
-def _notes(model: nn.Module, inputs: tuple, ref: Any, consumers: list[_Consumer]) -> list[str]:
+def _notes(model: nn.Module, inputs: tuple, ref: Any, consumers: list[Consumer]) -> list[str]:
     """One line per case that removal cannot keep exact, with the measured output change."""
     notes = _stuck_notes(model, inputs, ref, [c for c in consumers if c.stuck])
     varying = [c for c in consumers if c.varying]
@@ -331,7 +220,7 @@ def _bias_delta(module: nn.Module, fold: dict[int, float]) -> torch.Tensor:
     return delta
 
 
-def _fold(consumers: list[_Consumer], tx: Transaction) -> list[str]:
+def _fold(consumers: list[Consumer], tx: Transaction) -> list[str]:
     """Add each folded constant's contribution to its consumer's bias (saved first)."""
     folded = [c for c in consumers if c.fold]
     created = []
@@ -385,15 +274,15 @@ def fold_constants(model: nn.Module, plan: Plan, example_inputs: Any, tx: Transa
     Returns:
         One line per fold done and per case that removal does not keep exact.
     """
-    consumers = _consumers(model, plan)
+    consumers = find_consumers(model, plan)
     if not consumers:
         return []
     inputs = as_inputs(example_inputs)
     watched = [c for c in consumers if c.kind in ("fold", "zero")]
     with _measuring(model):
-        with _hooked([(c.module, _recorder(c)) for c in watched]):
+        with _hooked([(c.module, recorder(c)) for c in watched]):
             reference = _run(model, inputs)
         for c in watched:
-            _classify(c, plan)
+            classify(c, plan)
         notes = _notes(model, inputs, reference, consumers)
     return _fold(consumers, tx) + notes
