@@ -61,7 +61,8 @@ _REPLACING = (
     "torch.nn.intrinsic",
     "torch.nn.qat",
     "torch.nn.quantizable",
-    "nbcompress.",
+    "nbcompress.engine.",
+    "nbcompress.kernels.",
 )
 # Replaced modules found by load, so that saving the loaded model again keeps them whole.
 _LOADED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()

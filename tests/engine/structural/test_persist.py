@@ -9,6 +9,7 @@ import pickle
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from nbcompress.engine.structural.persist import FORMAT, load, save
 from nbcompress.kernels.modules import SparseLinear
@@ -302,3 +303,20 @@ def test_hugging_face_heads_and_ffn_neurons_removed_load_into_a_fresh_bert(tmp_p
     fresh = load(tmp_path / "bert.pt", _bert())
     assert fresh.encoder.layer[0].attention.self.num_attention_heads == 2
     assert torch.equal(fresh(ids).last_hidden_state, model(ids).last_hidden_state)
+
+
+def test_a_model_with_kept_pruning_masks_is_refused_in_one_line(tmp_path) -> None:
+    model = _trained()
+    torch_prune.l1_unstructured(model.fc, "weight", 0.5)
+    with pytest.raises(ValueError, match="'fc' still holds pruning masks") as err:
+        save(model, tmp_path / "m.pt")
+    assert "\n" not in str(err.value) and "remove_masks_" in str(err.value)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_newer_format_is_refused_in_one_line(tmp_path) -> None:
+    save(_trained(), tmp_path / "m.pt")
+    data = torch.load(tmp_path / "m.pt", weights_only=True)
+    torch.save({**data, "format": "nbcompress/9"}, tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="'nbcompress/9'; this nbcompress reads 'nbcompress/1'"):
+        load(tmp_path / "m.pt", Net())
