@@ -320,3 +320,19 @@ def test_a_newer_format_is_refused_in_one_line(tmp_path) -> None:
     torch.save({**data, "format": "nbcompress/9"}, tmp_path / "m.pt")
     with pytest.raises(ValueError, match="'nbcompress/9'; this nbcompress reads 'nbcompress/1'"):
         load(tmp_path / "m.pt", Net())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+def test_a_statically_quantized_model_loads_into_a_fresh_float_model(tmp_path) -> None:
+    from nbcompress.engine.quantize.quantize import quantize_
+
+    def build() -> nn.Sequential:
+        layers = [nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(288, 4)]
+        return nn.Sequential(*layers).eval()
+
+    model, x = build(), torch.randn(8, 3, 8, 8)
+    quantize_(model, "static", calibrate=x, example_inputs=x, repeats=2)
+    save(model, tmp_path / "q.pt")
+    fresh = load(tmp_path / "q.pt", build())
+    assert [type(m) for m in fresh] == [type(m) for m in model]  # regions, fused Identity
+    assert torch.equal(fresh(x), model(x))
