@@ -256,14 +256,17 @@ def fold_constants(model: nn.Module, plan: Plan, example_inputs: Any, tx: Transa
     seen). Its contribution is added to the consumer's bias (a zero bias is created where
     there is none) when that is exact: a ``Linear``, or a convolution that reads no padding
     zeros (no padding, or reflect/replicate/circular padding; groups respected). Where it is
-    not exact — a zero-padded k×k conv, LayerNorm (its statistics change), a channel that
-    varies — nothing is folded and a one-line note gives the measured max |Δ| of the model
-    output that removing those channels causes (by zeroing them at the consumer, which
-    equals their removal for a conv or linear).
+    not exact — a zero-padded k×k conv, attention's input projections, LayerNorm (its
+    statistics change), a channel that varies — nothing is folded and a one-line note gives
+    the measured max |Δ| of the model output that removing those channels causes (by zeroing
+    them at the consumer, which equals their removal for a conv or linear; for LayerNorm by
+    normalising over the kept channels). Other consumer types are named, not measured.
 
-    Cuts on other handlers are not consumers: an output cut removes what the consumer's
-    input cut measures, per-channel layers (BatchNorm, PReLU) touch no kept channel, and a
-    depthwise conv's removed inputs feed only its removed outputs (measured downstream).
+    Other cuts are not consumers: an output cut removes what the next layer's input cut
+    measures, per-channel layers (BatchNorm, PReLU) touch no kept channel, a depthwise
+    conv's removed inputs feed only its removed outputs (measured downstream), and
+    ``param:`` cuts (ViT's class token) are not read by a layer's weights. The forwards
+    leave running statistics, training flags and random number generators as they were.
 
     Args:
         model: The model, not yet shrunk (the plan uses its original coordinates).
