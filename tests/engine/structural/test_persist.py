@@ -266,13 +266,8 @@ def test_a_sparse_module_is_stored_whole(tmp_path) -> None:
 
 def _bert():
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-    )
+    sizes = dict(vocab_size=50, hidden_size=32, intermediate_size=64)
+    config = transformers.BertConfig(**sizes, num_hidden_layers=2, num_attention_heads=4)
     return transformers.BertModel(config).eval()
 
 
