@@ -266,3 +266,39 @@ def test_attention_inputs_are_measured_not_folded() -> None:
     assert "attention" in stuck and _max_delta(stuck) > 0
     [varying] = [n for n in notes if "varying" in n]
     assert "1 removed channel(s) feeding 1 carry" in varying and _max_delta(varying) > 0
+
+
+def test_a_depthwise_consumer_whose_outputs_go_too_needs_nothing() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    ).eval()
+    _randomize_bn(model[1])
+    _zero_out(model[0], [2, 5])
+    s = frozenset({2, 5})
+    plan = {**_plan([2, 5]), ("3", "out"): s}  # its inputs and its outputs 2 and 5 go
+    with transaction(model, "remove") as tx:
+        assert fold_constants(model, plan, torch.randn(2, 3, 5, 5), tx) == []
+    # Only the outputs kept: the padded depthwise conv reads the constant, so it is reported.
+    with transaction(model, "remove") as tx:
+        notes = fold_constants(model, _plan([2, 5]), torch.randn(2, 3, 5, 5), tx)
+    assert notes and "zero-padded" in notes[0]
+
+
+def test_unhandled_and_unseen_consumers_are_named() -> None:
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(5, 8)
+            self.rnn = nn.GRU(8, 4, batch_first=True)
+            self.unused = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(self.lin(x))[0]
+
+    model = Branches().eval()
+    s = frozenset({1})
+    plan = {("lin", "out"): s, ("rnn", "in"): s, ("unused", "in"): s}
+    with transaction(model, "remove") as tx:
+        notes = fold_constants(model, plan, torch.randn(2, 3, 5), tx)
+    assert any(n.startswith("rnn: removed input channels of GRU are not checked") for n in notes)
+    assert any(n.startswith("unused: not run by the example inputs") for n in notes)
