@@ -1,4 +1,4 @@
-"""Remove whole attention heads and feed-forward neurons: a narrower transformer, same outputs' shape.
+"""Remove whole attention heads and feed-forward neurons: a narrower transformer, same shapes out.
 
 :func:`attention_plan` scores the heads of every supported attention layer and the hidden
 neurons of every feed-forward pair (see :mod:`nbcompress.engine.structural.sites`) and picks
@@ -247,10 +247,14 @@ def _apply_torch_heads(model: nn.Module, cut: HeadCut, tx: Transaction) -> None:
     # nn.TransformerEncoder would turn padded batches into nested tensors for the fused
     # path, which the replacement does not take: keep its inputs ordinary tensors.
     for name, m in model.named_modules():
-        if isinstance(m, nn.TransformerEncoder) and cut.site.module.startswith(_prefix(name)):
-            if getattr(m, "use_nested_tensor", False):
-                tx.save(m)
-                m.use_nested_tensor = False
+        inside = cut.site.module.startswith(_prefix(name))
+        if (
+            isinstance(m, nn.TransformerEncoder)
+            and inside
+            and getattr(m, "use_nested_tensor", False)
+        ):
+            tx.save(m)
+            m.use_nested_tensor = False
 
 
 def _prefix(name: str) -> str:

@@ -94,7 +94,9 @@ class PrunedMultiheadAttention(nn.Module):
             nn.init.xavier_uniform_(w)
 
     @classmethod
-    def from_module(cls, mha: nn.Module, keep: list[int] | tuple[int, ...]) -> PrunedMultiheadAttention:
+    def from_module(
+        cls, mha: nn.Module, keep: list[int] | tuple[int, ...]
+    ) -> PrunedMultiheadAttention:
         """A module computing ``mha``'s kept heads ``keep`` (indices in ``mha``'s own heads).
 
         The new parameters are copies of the kept slices; ``mha`` is not modified.
@@ -133,6 +135,7 @@ class PrunedMultiheadAttention(nn.Module):
         return new
 
     def extra_repr(self) -> str:
+        """Widths and kept heads, shown in the module's repr."""
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads} (of {self.original_heads}), "
             f"head_dim={self.head_dim}, batch_first={self.batch_first}"

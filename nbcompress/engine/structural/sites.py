@@ -83,8 +83,8 @@ def _is_bert_attention(module: nn.Module) -> bool:
     if sa is None or out is None or not isinstance(getattr(out, "dense", None), nn.Linear):
         return False
     linears = all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value"))
-    sizes = all(isinstance(getattr(sa, n, None), int)
-                for n in ("num_attention_heads", "attention_head_size", "all_head_size"))  # fmt: skip
+    widths = ("num_attention_heads", "attention_head_size", "all_head_size")
+    sizes = all(isinstance(getattr(sa, n, None), int) for n in widths)
     return linears and sizes and out.dense.in_features == sa.all_head_size
 
 

@@ -244,7 +244,9 @@ def test_failure_part_way_rolls_back():
     model = encoder(True)
     saved = snapshot(model)
     plan = attention_plan(model, heads=0.5, ffn=0.5)
-    bad = type(plan)(plan.heads, plan.ffn + (type(plan.ffn[0])(plan.ffn[0].site, tuple(range(64))),))
+    bad = type(plan)(
+        plan.heads, plan.ffn + (type(plan.ffn[0])(plan.ffn[0].site, tuple(range(64))),)
+    )
     with pytest.raises(ValueError, match="^plan: "), transaction(model, "remove") as tx:
         apply_attention(model, bad, tx)
     assert_same_state(model, saved)

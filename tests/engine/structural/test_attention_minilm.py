@@ -52,8 +52,12 @@ def test_minilm_heads_and_ffn_removed_and_undone(encoder):
         layer = encoder[0].auto_model.encoder.layer[0]
         sa = layer.attention.self
         assert (sa.num_attention_heads, sa.attention_head_size, sa.all_head_size) == (9, 32, 288)
-        assert sa.query.weight.shape == (288, 384) and layer.attention.output.dense.in_features == 288
-        assert layer.intermediate.dense.out_features == 768 and layer.output.dense.in_features == 768
+        assert (
+            sa.query.weight.shape == (288, 384) and layer.attention.output.dense.in_features == 288
+        )
+        assert (
+            layer.intermediate.dense.out_features == 768 and layer.output.dense.in_features == 768
+        )
         per_layer = 3 * (96 * 384 + 96) + 384 * 96 + 768 * (384 + 1 + 384)
         assert before - sum(p.numel() for p in encoder.parameters()) == 6 * per_layer
         emb = embed(encoder)
