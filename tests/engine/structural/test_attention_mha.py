@@ -277,3 +277,36 @@ def test_training_and_gradients_flow_through_pruned_attention():
     model(x).sum().backward()
     attn = model.layers[0].self_attn
     assert attn.q_proj_weight.grad is not None and attn.out_proj.weight.grad is not None
+
+
+def test_estimate_macs_counts_kept_heads():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    full = PrunedMultiheadAttention.from_module(mha, range(4)).estimate_macs((x, x, x))
+    half = PrunedMultiheadAttention.from_module(mha, [0, 3]).estimate_macs((x, x, x))
+    # 10 tokens × 16 inner × (4 × 16) projections + 2 matmuls of 10 × 5 × 16.
+    assert full == 10 * 16 * 64 + 2 * 10 * 5 * 16
+    assert half * 2 == full
+
+
+def test_torch_pruning_removes_model_width_around_pruned_attention():
+    tp = pytest.importorskip("torch_pruning")
+    from nbcompress.engine.structural.mha_pruner import mha_pruner
+
+    model = encoder(True)
+    remove(model, heads=0.5)
+    x = torch.randn(3, 6, 32)
+    graph = tp.DependencyGraph().build_dependency(
+        model, (x,), customized_pruners={PrunedMultiheadAttention: mha_pruner()}
+    )
+    group = graph.get_pruning_group(
+        model.layers[0].linear2, tp.prune_linear_out_channels, idxs=[0, 5, 9, 31]
+    )
+    group.prune()
+    attn = model.layers[1].self_attn
+    assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (28, 2, 8)
+    assert attn.q_proj_weight.shape == (16, 28) and attn.out_proj.weight.shape == (28, 16)
+    with torch.no_grad():
+        out = model(torch.randn(3, 6, 28))
+    assert out.shape == (3, 6, 28) and torch.isfinite(out).all()
