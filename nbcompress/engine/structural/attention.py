@@ -34,32 +34,19 @@ from nbcompress.engine.structural.sites import (
     head_sites,
 )
 
-__all__ = ["AttentionPlan", "FfnCut", "HeadCut", "apply_attention", "attention_plan"]
+__all__ = ["AttentionPlan", "SiteCut", "apply_attention", "attention_plan"]
 
 
 @dataclass(frozen=True)
-class HeadCut:
-    """Heads removed from one attention layer (indices in its current numbering of heads).
+class SiteCut:
+    """Heads of one attention layer, or neurons of one feed-forward pair, to remove.
 
     Attributes:
-        site: The attention layer (name, family, heads, head width, scores).
-        removed: Heads removed, sorted.
+        site: The attention layer (:class:`HeadSite`) or feed-forward pair (:class:`FfnSite`).
+        removed: Heads or neurons removed, sorted, in the site's current numbering.
     """
 
-    site: HeadSite
-    removed: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class FfnCut:
-    """Hidden neurons removed from one feed-forward pair (current indices).
-
-    Attributes:
-        site: The pair (``fc1``, ``fc2``, width, scores).
-        removed: Neurons removed, sorted.
-    """
-
-    site: FfnSite
+    site: HeadSite | FfnSite
     removed: tuple[int, ...]
 
 
@@ -72,8 +59,8 @@ class AttentionPlan:
         ffn: One entry per feed-forward pair that loses neurons.
     """
 
-    heads: tuple[HeadCut, ...] = ()
-    ffn: tuple[FfnCut, ...] = ()
+    heads: tuple[SiteCut, ...] = ()
+    ffn: tuple[SiteCut, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.heads or self.ffn)
@@ -201,13 +188,13 @@ def attention_plan(
     for s in chosen if heads else ():
         removed = _lowest(s.scores, min(int(heads * s.num_heads + 1e-9), s.num_heads - 1))
         if removed:
-            head_cuts.append(HeadCut(s, removed))
+            head_cuts.append(SiteCut(s, removed))
     ffn_cuts = []
     for f in ffn_sites(model, sites) if ffn else ():
         if _selected([f.fc1, f.fc2], patterns):
             removed = _lowest(f.scores, _ffn_count(f.width, ffn, round_to))
             if removed:
-                ffn_cuts.append(FfnCut(f, removed))
+                ffn_cuts.append(SiteCut(f, removed))
     return AttentionPlan(tuple(head_cuts), tuple(ffn_cuts))
 
 
@@ -240,7 +227,7 @@ def _shrink(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
         linear.in_features = len(keep)
 
 
-def _apply_torch_heads(model: nn.Module, cut: HeadCut, tx: Transaction) -> None:
+def _apply_torch_heads(model: nn.Module, cut: SiteCut, tx: Transaction) -> None:
     mha = model.get_submodule(cut.site.module)
     keep = _keep(mha.num_heads, cut.removed)
     tx.replace(cut.site.module, PrunedMultiheadAttention.from_module(mha, keep))
@@ -261,7 +248,7 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _apply_bert_heads(model: nn.Module, cut: HeadCut, tx: Transaction) -> None:
+def _apply_bert_heads(model: nn.Module, cut: SiteCut, tx: Transaction) -> None:
     sa, qkv, out = bert_parts(model.get_submodule(cut.site.module))
     keep = _keep(sa.num_attention_heads, cut.removed)
     d = sa.attention_head_size
@@ -275,7 +262,7 @@ def _apply_bert_heads(model: nn.Module, cut: HeadCut, tx: Transaction) -> None:
     sa.all_head_size = len(keep) * d
 
 
-def _apply_ffn(model: nn.Module, cut: FfnCut, tx: Transaction) -> None:
+def _apply_ffn(model: nn.Module, cut: SiteCut, tx: Transaction) -> None:
     fc1, fc2 = model.get_submodule(cut.site.fc1), model.get_submodule(cut.site.fc2)
     keep = torch.tensor(_keep(fc1.out_features, cut.removed), device=fc1.weight.device)
     tx.save(fc1)

@@ -1,8 +1,6 @@
 """Heads and FFN neurons of nn.MultiheadAttention / nn.TransformerEncoder removed, undo exact."""
 
 import copy
-import io
-import pickle
 
 import pytest
 import torch
@@ -11,15 +9,8 @@ from torch import nn
 from nbcompress.engine.core.history import transaction, undo_
 from nbcompress.engine.structural.attention import apply_attention, attention_plan
 from nbcompress.engine.structural.mha import PrunedMultiheadAttention
+from tests.engine.structural.attention_support import remove, removed_then_undone, round_trips
 from tests.helpers import assert_same_state, snapshot
-
-
-def remove(model, **kw):
-    """Plan and apply in one undoable step, as remove_ does."""
-    plan = attention_plan(model, **kw)
-    with transaction(model, "remove") as tx:
-        notes = apply_attention(model, plan, tx)
-    return plan, notes
 
 
 def inputs(batch_first, kdim=16, vdim=16, seed=0):
@@ -122,26 +113,19 @@ def encoder(batch_first, layers=2):
 def test_encoder_heads_and_ffn_removed_shapes_params_and_undo(batch_first):
     model = encoder(batch_first)
     x = torch.randn(3, 6, 32) if batch_first else torch.randn(6, 3, 32)
-    saved, ids = snapshot(model), [id(p) for p in model.parameters()]
-    before = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        ref = model(x)
-    plan, notes = remove(model, heads=0.5, ffn=0.5)
+    plan, notes = remove(copy.deepcopy(model), heads=0.5, ffn=0.5)
     assert plan.removed_heads == 4 and plan.removed_neurons == 64
     assert any(n.startswith("heads: 4 of 8") for n in notes)
-    for layer in model.layers:
-        assert isinstance(layer.self_attn, PrunedMultiheadAttention)
-        assert layer.self_attn.num_heads == 2 and layer.self_attn.head_dim == 8
-        assert layer.linear1.out_features == 32 and layer.linear2.in_features == 32
-    assert sum(p.numel() for p in model.parameters()) < before
-    with torch.no_grad():
-        out = model(x)
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    undo_(model)
-    assert_same_state(model, saved)
-    assert [id(p) for p in model.parameters()] == ids
-    with torch.no_grad():
-        assert torch.equal(model(x), ref)
+
+    def check():
+        for layer in model.layers:
+            assert isinstance(layer.self_attn, PrunedMultiheadAttention)
+            assert layer.self_attn.num_heads == 2 and layer.self_attn.head_dim == 8
+            assert layer.linear1.out_features == 32 and layer.linear2.in_features == 32
+
+    # Per layer: half the q/k/v rows and out columns (4 * 16 * 32 + 48), half the FFN.
+    gone = removed_then_undone(model, lambda: model(x), check, heads=0.5, ffn=0.5)
+    assert gone == 2 * (4 * 16 * 32 + 48 + 32 * (32 + 1 + 32))
 
 
 def test_encoder_fast_path_with_padding_mask_still_works():
@@ -259,12 +243,7 @@ def test_removed_encoder_survives_deepcopy_pickle_and_torch_save():
     x = torch.randn(6, 3, 32)
     with torch.no_grad():
         ref = model(x)
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
-              torch.load(buf, weights_only=False)]  # fmt: skip
-    for other in copies:
+    for other in round_trips(model):
         assert isinstance(other.layers[1].self_attn, PrunedMultiheadAttention)
         with torch.no_grad():
             assert torch.equal(other(x), ref)

@@ -1,15 +1,17 @@
 """torchvision VisionTransformer: heads and MLP neurons removed, forward kept, undo exact."""
 
-import copy
-import io
-import pickle
-
 import pytest
 import torch
 
-from nbcompress.engine.core.history import transaction, undo_
-from nbcompress.engine.structural.attention import apply_attention, attention_plan
+from nbcompress.engine.core.history import undo_
+from nbcompress.engine.structural.attention import attention_plan
 from nbcompress.engine.structural.mha import PrunedMultiheadAttention
+from tests.engine.structural.attention_support import (
+    remove,
+    removed_then_undone,
+    round_trips,
+    with_heads_zeroed,
+)
 from tests.helpers import assert_same_state, snapshot
 
 torchvision = pytest.importorskip("torchvision")
@@ -20,13 +22,6 @@ def small_vit():
     return torchvision.models.VisionTransformer(
         image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32, mlp_dim=64
     ).eval()
-
-
-def remove(model, **kw):
-    plan = attention_plan(model, **kw)
-    with transaction(model, "remove") as tx:
-        apply_attention(model, plan, tx)
-    return plan
 
 
 def test_sites_are_the_encoder_attention_and_mlp():
@@ -43,38 +38,24 @@ def test_sites_are_the_encoder_attention_and_mlp():
 def test_heads_and_mlp_removed_forward_params_undo():
     model = small_vit()
     x = torch.randn(2, 3, 32, 32)
-    saved, ids = snapshot(model), [id(p) for p in model.parameters()]
-    before = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        ref = model(x)
-    remove(model, heads=0.25, ffn=0.5)
-    for block in model.encoder.layers:
-        attn = block.self_attention
-        assert isinstance(attn, PrunedMultiheadAttention)
-        assert (attn.num_heads, attn.head_dim, attn.embed_dim) == (3, 8, 32)
-        assert block.mlp[0].out_features == 32 and block.mlp[3].in_features == 32
-    assert model.hidden_dim == 32  # the residual stream keeps its width
+
+    def check():
+        for block in model.encoder.layers:
+            attn = block.self_attention
+            assert isinstance(attn, PrunedMultiheadAttention)
+            assert (attn.num_heads, attn.head_dim, attn.embed_dim) == (3, 8, 32)
+            assert block.mlp[0].out_features == 32 and block.mlp[3].in_features == 32
+        assert model.hidden_dim == 32  # the residual stream keeps its width
+
+    gone = removed_then_undone(model, lambda: model(x), check, heads=0.25, ffn=0.5)
     # Heads: 3 * 32 * 8 q/k/v weights + 24 biases + 8 * 32 out columns; MLP 32 * (32 + 1 + 32).
-    assert before - sum(p.numel() for p in model.parameters()) == 2 * (1048 + 2080)
-    with torch.no_grad():
-        out = model(x)
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    undo_(model)
-    assert_same_state(model, saved)
-    assert [id(p) for p in model.parameters()] == ids
-    with torch.no_grad():
-        assert torch.equal(model(x), ref)
+    assert gone == 2 * (1048 + 2080)
 
 
 def test_removed_heads_match_the_model_with_those_heads_zeroed():
     model = small_vit()
     plan = attention_plan(model, heads=0.5)
-    zeroed = copy.deepcopy(model)
-    with torch.no_grad():
-        for cut in plan.heads:
-            out = zeroed.get_submodule(cut.site.module).out_proj.weight
-            for h in cut.removed:
-                out[:, h * 8 : (h + 1) * 8] = 0
+    zeroed = with_heads_zeroed(model, plan, lambda attn: attn.out_proj.weight)
     remove(model, heads=0.5)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -87,11 +68,7 @@ def test_removed_vit_survives_deepcopy_pickle_and_torch_save():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-    buf = io.BytesIO()
-    torch.save(model, buf)
-    buf.seek(0)
-    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
-                  torch.load(buf, weights_only=False)):  # fmt: skip
+    for other in round_trips(model):
         with torch.no_grad():
             assert torch.equal(other(x), ref)
 
@@ -101,7 +78,7 @@ def test_second_removal_works_on_pruned_attention_and_undoes_in_order():
     saved = snapshot(model)
     remove(model, heads=0.25)
     middle = snapshot(model)
-    plan = remove(model, heads=0.5)
+    plan, _ = remove(model, heads=0.5)
     assert [c.site.num_heads for c in plan.heads] == [3, 3]
     assert model.encoder.layers[0].self_attention.num_heads == 2
     with torch.no_grad():
