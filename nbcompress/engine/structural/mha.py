@@ -144,15 +144,16 @@ class PrunedMultiheadAttention(nn.Module):
     def estimate_macs(self, inputs: tuple, output: object = None) -> int:
         """Multiply-accumulates of one call with ``inputs`` ``(query[, key, value])``.
 
-        Projections (q, k, v, out) at the kept inner width plus the two attention matmuls;
-        an estimate from shapes, like ``nbcompress.engine.core.costs.macs``.
+        The q, k and v projections at the kept inner width and the two attention matmuls;
+        ``out_proj`` is a Linear submodule, counted on its own by per-module hooks. An
+        estimate from shapes, like ``nbcompress.engine.core.costs.macs``.
         """
         q = inputs[0]
         k = inputs[1] if len(inputs) > 1 else q
         inner = self.num_heads * self.head_dim
         queries, keys = q.numel() // self.embed_dim, k.numel() // self.kdim
         seq = k.shape[1] if k.dim() == 3 and self.batch_first else k.shape[0]
-        projections = 2 * queries * inner * self.embed_dim + keys * inner * (self.kdim + self.vdim)
+        projections = queries * inner * self.embed_dim + keys * inner * (self.kdim + self.vdim)
         return projections + 2 * queries * seq * inner
 
     def forward(

@@ -264,8 +264,8 @@ def test_estimate_macs_counts_kept_heads():
     x = torch.randn(2, 5, 16)
     full = PrunedMultiheadAttention.from_module(mha, range(4)).estimate_macs((x, x, x))
     half = PrunedMultiheadAttention.from_module(mha, [0, 3]).estimate_macs((x, x, x))
-    # 10 tokens × 16 inner × (4 × 16) projections + 2 matmuls of 10 × 5 × 16.
-    assert full == 10 * 16 * 64 + 2 * 10 * 5 * 16
+    # 10 tokens × 16 inner × (3 × 16) q/k/v projections + 2 matmuls of 10 × 5 × 16.
+    assert full == 10 * 16 * 48 + 2 * 10 * 5 * 16
     assert half * 2 == full
 
 

@@ -87,3 +87,31 @@ def test_second_removal_works_on_pruned_attention_and_undoes_in_order():
     assert_same_state(model, middle)
     undo_(model)
     assert_same_state(model, saved)
+
+
+def test_torch_pruning_narrows_the_vit_stream_after_head_removal():
+    # The heads' inner width is independent of the model width, so a width that no head
+    # count divides (27) is fine once the attention is a PrunedMultiheadAttention.
+    tp = pytest.importorskip("torch_pruning")
+    from nbcompress.engine.structural.mha_pruner import mha_pruner
+
+    model = small_vit()
+    remove(model, heads=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    graph = tp.DependencyGraph().build_dependency(
+        model,
+        (x,),
+        customized_pruners={PrunedMultiheadAttention: mha_pruner()},
+        unwrapped_parameters=[(model.class_token, 2), (model.encoder.pos_embedding, 2)],
+        verbose=False,
+    )
+    graph.get_pruning_group(
+        model.conv_proj, tp.prune_conv_out_channels, idxs=[0, 3, 7, 11, 20]
+    ).prune()
+    model.hidden_dim = model.conv_proj.out_channels
+    attn = model.encoder.layers[1].self_attention
+    assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (27, 2, 8)
+    assert attn.q_proj_weight.shape == (16, 27) and attn.out_proj.weight.shape == (27, 16)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
