@@ -40,7 +40,9 @@ class PrunedMultiheadAttention(nn.Module):
     attention weights are those of the kept heads (their average when
     ``average_attn_weights``). The fused fast path of ``nn.MultiheadAttention`` /
     ``nn.TransformerEncoderLayer`` is not taken (``_qkv_same_embed_dim`` is False); the
-    attention itself runs through ``F.scaled_dot_product_attention``.
+    projections are ordinary ``nn.Linear`` submodules (``q_proj``, ``k_proj``, ``v_proj``,
+    ``out_proj``, so per-layer tools see them) and the attention runs through
+    ``F.scaled_dot_product_attention``.
 
     Attributes:
         embed_dim: Width of the query input and of the output (unchanged by removal).
@@ -50,8 +52,10 @@ class PrunedMultiheadAttention(nn.Module):
         original_heads: Number of heads of the module removal started from.
     """
 
-    _qkv_same_embed_dim = False  # keeps torch's fused encoder fast paths away from this module
+    # Torch's fused encoder paths test these before using the module's fused weights.
+    _qkv_same_embed_dim = False
     in_proj_weight = None
+    in_proj_bias = None
 
     def __init__(
         self,
@@ -80,18 +84,15 @@ class PrunedMultiheadAttention(nn.Module):
         self.dropout, self.batch_first, self.add_zero_attn = dropout, batch_first, add_zero_attn
         self.kept_heads = tuple(range(num_heads)) if kept_heads is None else tuple(kept_heads)
         self.original_heads = num_heads if original_heads is None else original_heads
-        self.q_proj_weight = nn.Parameter(torch.empty(inner, embed_dim, **kw))
-        self.k_proj_weight = nn.Parameter(torch.empty(inner, self.kdim, **kw))
-        self.v_proj_weight = nn.Parameter(torch.empty(inner, self.vdim, **kw))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * inner, **kw)) if bias else None
+        self.q_proj = nn.Linear(embed_dim, inner, bias=bias, **kw)
+        self.k_proj = nn.Linear(self.kdim, inner, bias=bias, **kw)
+        self.v_proj = nn.Linear(self.vdim, inner, bias=bias, **kw)
         self.out_proj = nn.Linear(inner, embed_dim, bias=bias, **kw)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.zeros(1, 1, inner, **kw))
             self.bias_v = nn.Parameter(torch.zeros(1, 1, inner, **kw))
         else:
             self.bias_k = self.bias_v = None
-        for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
-            nn.init.xavier_uniform_(w)
 
     @classmethod
     def from_module(
@@ -106,33 +107,43 @@ class PrunedMultiheadAttention(nn.Module):
             raise ValueError(f"keep: expected 1 to {mha.num_heads} head indices, got {keep}.")
         d = mha.head_dim
         rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in keep])
-        q, k, v = _projections(mha)
+        sources = _projections(mha)
         kept_before = getattr(mha, "kept_heads", tuple(range(mha.num_heads)))
         new = cls(
             mha.embed_dim, len(keep), d, kdim=mha.kdim, vdim=mha.vdim,
-            bias=mha.in_proj_bias is not None, add_bias_kv=mha.bias_k is not None,
+            bias=sources[0][1] is not None, add_bias_kv=mha.bias_k is not None,
             add_zero_attn=mha.add_zero_attn, dropout=mha.dropout, batch_first=mha.batch_first,
             kept_heads=tuple(kept_before[h] for h in keep),
             original_heads=getattr(mha, "original_heads", mha.num_heads),
-            device=q.device, dtype=q.dtype,
+            device=sources[0][0].device, dtype=sources[0][0].dtype,
         )  # fmt: skip
+        targets = [new.q_proj, new.k_proj, new.v_proj]
         with torch.no_grad():
-            new.q_proj_weight.copy_(q[rows])
-            new.k_proj_weight.copy_(k[rows])
-            new.v_proj_weight.copy_(v[rows])
-            new.out_proj.weight.copy_(mha.out_proj.weight[:, rows])
-            if mha.in_proj_bias is not None:
-                inner = mha.num_heads * d
-                parts = mha.in_proj_bias.view(3, inner)[:, rows]
-                new.in_proj_bias.copy_(parts.reshape(-1))
-                new.out_proj.bias.copy_(mha.out_proj.bias)
+            for linear, (weight, bias) in zip(targets, sources, strict=True):
+                _fill(linear.weight, weight, rows, 0)
+                if bias is not None:
+                    _fill(linear.bias, bias, rows, 0)
+            _fill(new.out_proj.weight, mha.out_proj.weight, rows, 1)
+            if mha.out_proj.bias is not None:
+                _fill(new.out_proj.bias, mha.out_proj.bias, None, 0)
             if mha.bias_k is not None:
-                new.bias_k.copy_(mha.bias_k[..., rows])
-                new.bias_v.copy_(mha.bias_v[..., rows])
-        new.train(mha.training)
-        for name, p in new.named_parameters():
-            p.requires_grad_(_requires_grad(mha, name))
-        return new
+                _fill(new.bias_k, mha.bias_k, rows, 2)
+                _fill(new.bias_v, mha.bias_v, rows, 2)
+        return new.train(mha.training)
+
+    def init_kwargs(self) -> dict[str, object]:
+        """Constructor arguments that rebuild this module's shapes (for a state_dict route).
+
+        ``PrunedMultiheadAttention(**m.init_kwargs())`` has the same parameter shapes as
+        ``m``, so ``load_state_dict`` fills it exactly.
+        """
+        return {
+            "embed_dim": self.embed_dim, "num_heads": self.num_heads, "head_dim": self.head_dim,
+            "kdim": self.kdim, "vdim": self.vdim, "bias": self.q_proj.bias is not None,
+            "add_bias_kv": self.bias_k is not None, "add_zero_attn": self.add_zero_attn,
+            "dropout": self.dropout, "batch_first": self.batch_first,
+            "kept_heads": self.kept_heads, "original_heads": self.original_heads,
+        }  # fmt: skip
 
     def extra_repr(self) -> str:
         """Widths and kept heads, shown in the module's repr."""
@@ -142,19 +153,16 @@ class PrunedMultiheadAttention(nn.Module):
         )
 
     def estimate_macs(self, inputs: tuple, output: object = None) -> int:
-        """Multiply-accumulates of one call with ``inputs`` ``(query[, key, value])``.
+        """Multiply-accumulates of the two attention matmuls of one call with ``inputs``.
 
-        The q, k and v projections at the kept inner width and the two attention matmuls;
-        ``out_proj`` is a Linear submodule, counted on its own by per-module hooks. An
-        estimate from shapes, like ``nbcompress.engine.core.costs.macs``.
+        The projections are ``nn.Linear`` submodules, counted on their own by per-module
+        hooks (as ``nbcompress.engine.core.costs.macs`` does). An estimate from shapes.
         """
         q = inputs[0]
         k = inputs[1] if len(inputs) > 1 else q
-        inner = self.num_heads * self.head_dim
-        queries, keys = q.numel() // self.embed_dim, k.numel() // self.kdim
         seq = k.shape[1] if k.dim() == 3 and self.batch_first else k.shape[0]
-        projections = queries * inner * self.embed_dim + keys * inner * (self.kdim + self.vdim)
-        return projections + 2 * queries * seq * inner
+        seq += int(self.bias_k is not None) + int(self.add_zero_attn)
+        return 2 * (q.numel() // self.embed_dim) * seq * self.num_heads * self.head_dim
 
     def forward(
         self,
@@ -201,12 +209,7 @@ class PrunedMultiheadAttention(nn.Module):
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to ``(N, heads, length, head_dim)`` with bias_k/v and zero attention added."""
-        bq = bk = bv = None
-        if self.in_proj_bias is not None:
-            bq, bk, bv = self.in_proj_bias.chunk(3)
-        q = F.linear(query, self.q_proj_weight, bq)
-        k = F.linear(key, self.k_proj_weight, bk)
-        v = F.linear(value, self.v_proj_weight, bv)
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         n = q.shape[0]
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(n, 1, -1)], dim=1)
@@ -241,15 +244,19 @@ class PrunedMultiheadAttention(nn.Module):
         return mask if kpm is None else mask + kpm
 
 
-def _projections(mha: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-    """The query, key and value projection weights of an (original or pruned) attention."""
-    if getattr(mha, "in_proj_weight", None) is not None:
-        return mha.in_proj_weight.detach().chunk(3)
-    return mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach()
+def _fill(new: nn.Parameter, old: Tensor, rows: Tensor | None, dim: int) -> None:
+    """Copy ``old`` (its ``rows`` along ``dim``) into ``new``; keep ``requires_grad``."""
+    new.copy_(old if rows is None else old.index_select(dim, rows.to(old.device)))
+    new.requires_grad_(old.requires_grad)
 
 
-def _requires_grad(mha: nn.Module, name: str) -> bool:
-    """Whether the original parameter behind ``name`` of the new module required grad."""
-    if name.endswith("_proj_weight") and getattr(mha, "in_proj_weight", None) is not None:
-        return mha.in_proj_weight.requires_grad
-    return mha.get_parameter(name).requires_grad
+def _projections(mha: nn.Module) -> list[tuple[Tensor, Tensor | None]]:
+    """Query, key and value projection (weight, bias) of an original or pruned attention."""
+    if isinstance(mha, PrunedMultiheadAttention):
+        return [(lin.weight, lin.bias) for lin in (mha.q_proj, mha.k_proj, mha.v_proj)]
+    if mha.in_proj_weight is not None:
+        weights = list(mha.in_proj_weight.chunk(3))
+    else:
+        weights = [mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]
+    biases = [None] * 3 if mha.in_proj_bias is None else list(mha.in_proj_bias.chunk(3))
+    return list(zip(weights, biases, strict=True))

@@ -38,13 +38,16 @@ def shrink_embed_dim(layer: PrunedMultiheadAttention, idxs: list[int]) -> Pruned
     """
     gone = set(idxs)
     keep = torch.tensor([i for i in range(layer.embed_dim) if i not in gone], dtype=torch.long)
-    layer.q_proj_weight = _select(layer.q_proj_weight, keep, 1)
+    inputs = [layer.q_proj]
     if layer.kdim == layer.embed_dim:
-        layer.k_proj_weight = _select(layer.k_proj_weight, keep, 1)
+        inputs.append(layer.k_proj)
         layer.kdim = len(keep)
     if layer.vdim == layer.embed_dim:
-        layer.v_proj_weight = _select(layer.v_proj_weight, keep, 1)
+        inputs.append(layer.v_proj)
         layer.vdim = len(keep)
+    for linear in inputs:
+        linear.weight = _select(linear.weight, keep, 1)
+        linear.in_features = len(keep)
     out = layer.out_proj
     out.weight = _select(out.weight, keep, 0)
     if out.bias is not None:

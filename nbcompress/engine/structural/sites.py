@@ -107,7 +107,9 @@ def head_sites(model: nn.Module) -> list[HeadSite]:
     sites = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)):
-            if m.in_proj_weight is not None:
+            if isinstance(m, PrunedMultiheadAttention):
+                qkv = [m.q_proj.weight, m.k_proj.weight, m.v_proj.weight]
+            elif m.in_proj_weight is not None:
                 qkv = list(m.in_proj_weight.chunk(3))
             else:
                 qkv = [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]

@@ -255,18 +255,36 @@ def test_training_and_gradients_flow_through_pruned_attention():
     x = torch.randn(3, 6, 32)
     model(x).sum().backward()
     attn = model.layers[0].self_attn
-    assert attn.q_proj_weight.grad is not None and attn.out_proj.weight.grad is not None
+    assert attn.q_proj.weight.grad is not None and attn.out_proj.weight.grad is not None
 
 
-def test_estimate_macs_counts_kept_heads():
+def hooked_macs(module, *args):
+    """MACs as per-module hooks count them: costs.macs, or the module's own estimate."""
+    from nbcompress.engine.core.costs import macs
+
+    total = []
+
+    def hook(m, inp, out):
+        own = getattr(m, "estimate_macs", None)
+        total.append(own(inp, out) if callable(own) else macs(m, inp, out) or 0)
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    with torch.no_grad():
+        module(*args)
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+def test_estimate_macs_with_linear_children_equals_multiheadattention_count():
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(16, 4, batch_first=True)
     x = torch.randn(2, 5, 16)
-    full = PrunedMultiheadAttention.from_module(mha, range(4)).estimate_macs((x, x, x))
-    half = PrunedMultiheadAttention.from_module(mha, [0, 3]).estimate_macs((x, x, x))
-    # 10 tokens × 16 inner × (3 × 16) q/k/v projections + 2 matmuls of 10 × 5 × 16.
-    assert full == 10 * 16 * 48 + 2 * 10 * 5 * 16
-    assert half * 2 == full
+    full = PrunedMultiheadAttention.from_module(mha, range(4))
+    half = PrunedMultiheadAttention.from_module(mha, [0, 3])
+    assert full.estimate_macs((x, x, x)) == 2 * 10 * 5 * 16  # the two attention matmuls
+    assert hooked_macs(full, x, x, x) == hooked_macs(mha, x, x, x) == 10 * 4 * 256 + 1600
+    assert hooked_macs(half, x, x, x) * 2 == hooked_macs(full, x, x, x)
 
 
 def test_torch_pruning_removes_model_width_around_pruned_attention():
@@ -285,7 +303,37 @@ def test_torch_pruning_removes_model_width_around_pruned_attention():
     group.prune()
     attn = model.layers[1].self_attn
     assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (28, 2, 8)
-    assert attn.q_proj_weight.shape == (16, 28) and attn.out_proj.weight.shape == (28, 16)
+    assert attn.q_proj.weight.shape == (16, 28) and attn.out_proj.weight.shape == (28, 16)
     with torch.no_grad():
         out = model(torch.randn(3, 6, 28))
     assert out.shape == (3, 6, 28) and torch.isfinite(out).all()
+
+
+def test_init_kwargs_rebuild_the_shapes_for_load_state_dict():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, kdim=6, vdim=5, add_bias_kv=True, batch_first=True)
+    pruned = PrunedMultiheadAttention.from_module(mha, [1, 3]).eval()
+    rebuilt = PrunedMultiheadAttention(**pruned.init_kwargs()).eval()
+    rebuilt.load_state_dict(pruned.state_dict())
+    q, k, v = inputs(True, 6, 5)
+    mask = torch.randn(8, 5, 7)
+    for got, want in zip(rebuilt(q, k, v, attn_mask=mask), pruned(q, k, v, attn_mask=mask),
+                         strict=True):  # fmt: skip
+        assert torch.equal(got, want)
+
+
+def test_full_transformer_decoder_self_and_cross_attention():
+    torch.manual_seed(0)
+    model = nn.Transformer(32, 4, 1, 2, dim_feedforward=64, dropout=0.0, batch_first=True)
+    model.eval()
+    src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    plan, _ = remove(copy.deepcopy(model), heads=0.5, ffn=0.5)
+    assert len(plan.heads) == 1 + 2 * 2 and len(plan.ffn) == 3  # decoder: self + cross
+
+    def check():
+        layer = model.decoder.layers[1]
+        assert layer.self_attn.num_heads == layer.multihead_attn.num_heads == 2
+
+    run = lambda: model(src, tgt, tgt_mask=mask, tgt_is_causal=True)  # noqa: E731
+    assert removed_then_undone(model, run, check, heads=0.5, ffn=0.5) > 0

@@ -111,7 +111,7 @@ def test_torch_pruning_narrows_the_vit_stream_after_head_removal():
     model.hidden_dim = model.conv_proj.out_channels
     attn = model.encoder.layers[1].self_attention
     assert (attn.embed_dim, attn.num_heads, attn.head_dim) == (27, 2, 8)
-    assert attn.q_proj_weight.shape == (16, 27) and attn.out_proj.weight.shape == (27, 16)
+    assert attn.q_proj.weight.shape == (16, 27) and attn.out_proj.weight.shape == (27, 16)
     with torch.no_grad():
         out = model(x)
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
