@@ -32,6 +32,7 @@ from nbcompress.engine.structural.sites import (
     bert_parts,
     ffn_sites,
     head_sites,
+    unsupported_attention,
 )
 
 __all__ = ["AttentionPlan", "SiteCut", "apply_attention", "attention_plan"]
@@ -57,10 +58,12 @@ class AttentionPlan:
     Attributes:
         heads: One entry per attention layer that loses heads.
         ffn: One entry per feed-forward pair that loses neurons.
+        skipped: Attention-like modules of an unsupported type whose heads stay.
     """
 
     heads: tuple[SiteCut, ...] = ()
     ffn: tuple[SiteCut, ...] = ()
+    skipped: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.heads or self.ffn)
@@ -86,6 +89,10 @@ class AttentionPlan:
             total = sum(c.site.width for c in self.ffn)
             lines.append(f"ffn: {self.removed_neurons} of {total} neurons removed in "
                          f"{len(self.ffn)} feed-forward block(s)")  # fmt: skip
+        if self.skipped:
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            lines.append(f"heads: left alone in {len(self.skipped)} attention module(s) of an "
+                         f"unsupported type: {', '.join(self.skipped[:3])}{more}")  # fmt: skip
         return lines
 
 
@@ -175,8 +182,7 @@ def attention_plan(
     patterns = _patterns(layers)
     if heads is None and ffn is None:
         return AttentionPlan()
-    sites = head_sites(model)
-    _require(bool(sites), heads, ffn, "the model has no supported attention layer")
+    sites = _sites_or_refuse(model, heads, ffn)
     chosen = [s for s in sites if _selected([s.module], patterns)]
     _require(bool(chosen), heads, ffn, f"layers={layers!r} selects no attention layer")
     if heads is not None and any(s.module == "" and s.family == "torch" for s in chosen):
@@ -195,7 +201,18 @@ def attention_plan(
             removed = _lowest(f.scores, _ffn_count(f.width, ffn, round_to))
             if removed:
                 ffn_cuts.append(SiteCut(f, removed))
-    return AttentionPlan(tuple(head_cuts), tuple(ffn_cuts))
+    skipped = tuple(unsupported_attention(model, sites)) if heads else ()
+    return AttentionPlan(tuple(head_cuts), tuple(ffn_cuts), skipped)
+
+
+def _sites_or_refuse(model: nn.Module, heads: float | None, ffn: float | None) -> list[HeadSite]:
+    sites = head_sites(model)
+    if not sites:
+        others = unsupported_attention(model, [])
+        kind = type(model.get_submodule(others[0])).__name__ if others else ""
+        seen = f" (found {kind} at {others[0] or 'the model itself'})" if others else ""
+        _require(False, heads, ffn, f"the model has no supported attention layer{seen}")
+    return sites
 
 
 def _require(ok: bool, heads: float | None, ffn: float | None, why: str) -> None:

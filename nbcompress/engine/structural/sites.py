@@ -24,7 +24,7 @@ from torch import nn
 
 from nbcompress.engine.structural.mha import PrunedMultiheadAttention
 
-__all__ = ["FfnSite", "HeadSite", "SUPPORTED", "ffn_sites", "head_sites"]
+__all__ = ["SUPPORTED", "FfnSite", "HeadSite", "ffn_sites", "head_sites", "unsupported_attention"]
 
 SUPPORTED = (
     "nn.MultiheadAttention (also inside nn.TransformerEncoderLayer and torchvision ViT) and "
@@ -173,3 +173,26 @@ def ffn_sites(model: nn.Module, heads: list[HeadSite] | None = None) -> list[Ffn
             s = w1.detach().abs().double().sum(1) + w2.detach().abs().double().sum(0)
         sites.append(FfnSite(fc1, fc2, w1.shape[0], tuple(float(v) for v in s)))
     return sites
+
+
+def unsupported_attention(model: nn.Module, sites: list[HeadSite]) -> list[str]:
+    """Modules that look like attention but are not supported: their heads are left alone.
+
+    "Look like": a class named ``*Attention`` or an integer ``num_heads``; a site, a module
+    inside one and a module holding one are not counted.
+    """
+    names = [s.module for s in sites]
+    found = []
+    for name, m in model.named_modules():
+        related = any(_related(name, n) for n in names)
+        looks = type(m).__name__.endswith("Attention") or isinstance(
+            getattr(m, "num_heads", None), int
+        )
+        if looks and not related:
+            found.append(name)
+    return found
+
+
+def _related(a: str, b: str) -> bool:
+    """Whether one of two qualified module names contains the other (or is the other)."""
+    return a == b or not a or not b or a.startswith(f"{b}.") or b.startswith(f"{a}.")

@@ -337,3 +337,25 @@ def test_full_transformer_decoder_self_and_cross_attention():
 
     run = lambda: model(src, tgt, tgt_mask=mask, tgt_is_causal=True)  # noqa: E731
     assert removed_then_undone(model, run, check, heads=0.5, ffn=0.5) > 0
+
+
+class WindowAttention(nn.Module):
+    """Stands in for an attention type the removal does not know (e.g. Swin's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.num_heads = 2
+        self.qkv = nn.Linear(32, 96)
+
+    def forward(self, x):
+        return x + self.qkv(x)[..., :32]
+
+
+def test_unsupported_attention_is_named_in_the_refusal_and_in_the_notes():
+    with pytest.raises(ValueError, match=r"found WindowAttention at 0\)") as err:
+        attention_plan(nn.Sequential(WindowAttention()), heads=0.5)
+    assert "\n" not in str(err.value)
+    model = nn.Sequential(encoder(True), WindowAttention())
+    plan, notes = remove(model, heads=0.5)
+    assert plan.skipped == ("1",) and plan.removed_heads == 4
+    assert notes[-2].startswith("heads: left alone in 1 attention module(s) of an unsupported")
