@@ -359,3 +359,10 @@ def test_unsupported_attention_is_named_in_the_refusal_and_in_the_notes():
     plan, notes = remove(model, heads=0.5)
     assert plan.skipped == ("1",) and plan.removed_heads == 4
     assert notes[-2].startswith("heads: left alone in 1 attention module(s) of an unsupported")
+
+
+def test_layers_list_and_bad_type():
+    plan = attention_plan(encoder(True), ffn=0.5, layers=["layers.0.*", "layers.1.linear1"])
+    assert [c.site.fc1 for c in plan.ffn] == ["layers.0.linear1", "layers.1.linear1"]
+    with pytest.raises(TypeError, match=r"^layers: "):
+        attention_plan(encoder(True), heads=0.5, layers=3)
