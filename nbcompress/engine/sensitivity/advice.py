@@ -25,6 +25,7 @@ from nbcompress.engine.core.history import history_token
 from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.report import fmt_count
 from nbcompress.engine.sensitivity.allocate import choose
+from nbcompress.engine.sensitivity.groupcheck import check_groups
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
 from nbcompress.engine.sensitivity.refit import (
@@ -109,9 +110,12 @@ def suggest(
     ratios = choose(
         result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
     )
-    refinement = refit = None
+    refinement = refit = groups = None
     better = False
-    if refine is not None:
+    if refine is not None and result.remove:
+        groups = check_groups(result, model, evaluate, ratios, refine)
+        ratios, notes[:0] = groups.ratios, groups.notes
+    elif refine is not None:
         refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
         ratios = refinement.ratios
         notes[:0] = [_verdict(refinement), *refinement.notes]
@@ -132,9 +136,12 @@ def suggest(
         reconstruct=better or result.reconstruct, method=result.method,
         calibration=result.calibration if better or _pruning(result) else None,
         chosen=_chosen(refinement, refit if better else None),
-        evaluations=sum(r.evaluations for r in (refinement, refit) if r is not None),
-        seconds=sum(r.seconds for r in (refinement, refit) if r is not None),
+        evaluations=sum(r.evaluations for r in (refinement, refit, groups) if r is not None),
+        seconds=sum(r.seconds for r in (refinement, refit, groups) if r is not None),
+        remove=result.remove,
     )  # fmt: skip
+    if groups is not None:
+        made.measured, made.chosen = groups.measured, groups.chosen
     if model is not None:
         remember(model, suggestion=made)
     return made
@@ -260,7 +267,8 @@ def _measuring(
                 else "a MAC target" if objective != "params"
                 else "no evaluation at hand: pass evaluate=fn"
             )  # fmt: skip
-            notes.append(f"Not checked against uniform and global L1 ({why}).")
+            against = "uniform removal" if result.remove else "uniform and global L1"
+            notes.append(f"Not checked against {against} ({why}).")
         return None, None
     return evaluate, 0
 
