@@ -1,0 +1,176 @@
+"""What structural removal removes: coupled channel groups, and a plan in original coordinates.
+
+A :class:`Group` is one coupled set of tensor dimensions (a conv's output channels, the
+BatchNorm after it, the inputs of every consumer, residual partners, concatenation slices,
+a flatten into a Linear): removing root channel ``i`` removes, in every item, the indices
+mapped from ``i``. Groups are computed once (in a bounded child process, see
+:mod:`nbcompress.engine.structural.graph`) with full indices in the model's original
+coordinates, so a :data:`Plan` is order-independent: every ``(module, handler)`` is shrunk
+once, with the union of its indices over the groups that reach it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Cut", "Group", "GroupItem", "Plan", "amount_for", "plan_channels", "removal_plan"]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One tensor dimension of one module to shrink.
+
+    Attributes:
+        module: Qualified module name in the model (``""`` = the model itself).
+        handler: ``"out"``, ``"in"``, ``"depthwise_out"`` (a depthwise conv: in, out and
+            groups shrink together) or ``"param:<attr>:<dim>"`` (a bare parameter of the
+            module, e.g. ViT's ``class_token`` along dim 2).
+        idxs: Indices to remove, in the original (unpruned) coordinates of that dimension.
+    """
+
+    module: str
+    handler: str
+    idxs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GroupItem:
+    """One member of a coupled group, with all its indices and the root channel of each.
+
+    Attributes:
+        module: Qualified module name.
+        handler: As :attr:`Cut.handler`.
+        idxs: Every index of this dimension that the group couples (original coordinates).
+        root_idxs: For each entry of ``idxs``, the root channel it follows (a flatten into a
+            Linear maps one root channel to many inputs; a concatenation offsets them).
+    """
+
+    module: str
+    handler: str
+    idxs: tuple[int, ...]
+    root_idxs: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Group:
+    """A coupled set of dimensions, rooted at the output channels of a Conv/Linear.
+
+    Attributes:
+        root: Qualified name of the root layer.
+        width: Number of root channels.
+        items: Every coupled dimension (the root's own ``"out"`` item included).
+        scores: Importance per root channel (group-aware L1 by default); low = removed first.
+        step: Channels are removed in multiples of this (attention heads, channel groups).
+        reason: Why the group is not prunable (``None`` = prunable).
+        blocks: The root channels form this many equal blocks that must keep equal widths
+            (grouped convolutions, GroupNorm): the same positions are removed in each block.
+    """
+
+    root: str
+    width: int
+    items: tuple[GroupItem, ...]
+    scores: tuple[float, ...]
+    step: int = 1
+    reason: str | None = None
+    blocks: int = 1
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Names of the modules the group touches, in order, without repeats."""
+        return tuple(dict.fromkeys(item.module for item in self.items))
+
+
+#: ``(module, handler)`` → original indices to remove.
+Plan = dict[tuple[str, str], frozenset[int]]
+
+
+def amount_for(root: str, amount: float | Mapping[str, float]) -> float:
+    """The fraction asked for the group rooted at ``root`` (the first matching glob wins)."""
+    if not isinstance(amount, Mapping):
+        return float(amount)
+    for pattern, value in amount.items():
+        if pattern == root or fnmatch.fnmatchcase(root, pattern):
+            return float(value)
+    return 0.0
+
+
+def _count(width: int, amount: float, step: int, round_to: int | None, blocks: int) -> int:
+    """How many root channels to remove: about ``amount``, a multiple of ``step``.
+
+    With ``round_to`` the remaining width is rounded down to a multiple of it (as
+    Torch-Pruning does); never every channel.
+    """
+    unit = math.lcm(step, blocks)
+    r = round_to or 1
+    target = int(amount * width)
+    if target <= 0:
+        return 0
+    for n in range(target, width):
+        if n % unit == 0 and (width - n) % r == 0:
+            return n
+    for n in range(target - 1, 0, -1):
+        if n % unit == 0 and (width - n) % r == 0:
+            return n
+    return 0
+
+
+def plan_channels(group: Group, amount: float, round_to: int | None = None) -> tuple[int, ...]:
+    """The root channels of ``group`` to remove for ``amount`` (lowest scores first)."""
+    if group.reason is not None or amount <= 0:
+        return ()
+    n = _count(group.width, amount, group.step, round_to, group.blocks)
+    if n == 0:
+        return ()
+    blocks = group.blocks if group.width % group.blocks == 0 else 1
+    size = group.width // blocks
+    # Positions within a block are scored by their mean over the blocks.
+    per_pos = [sum(group.scores[b * size + p] for b in range(blocks)) / blocks for p in range(size)]
+    chosen = sorted(range(size), key=lambda p: (per_pos[p], p))[: n // blocks]
+    return tuple(sorted(b * size + p for b in range(blocks) for p in chosen))
+
+
+def _check_amounts(amount: float | Mapping[str, float]) -> None:
+    values = amount.values() if isinstance(amount, Mapping) else [amount]
+    for value in values:
+        bad = isinstance(value, bool) or not isinstance(value, numbers.Real)
+        if bad or not 0 <= float(value) < 1:
+            raise ValueError(
+                f"amount: {value!r} is not a fraction in [0, 1); it is the share of each "
+                "group's channels to remove, e.g. 0.3 (1.0 would remove every channel)."
+            )
+
+
+def removal_plan(
+    groups: Sequence[Group],
+    amount: float | Mapping[str, float],
+    round_to: int | None = None,
+) -> Plan:
+    """Choose the channels to remove in every prunable group and merge them into one plan.
+
+    Args:
+        groups: Groups from :func:`~nbcompress.engine.structural.graph.channel_groups`.
+        amount: Fraction of each group's root channels to remove, or a mapping from root
+            name (or glob) to fraction; roots matched by no key keep their channels.
+        round_to: Keep channel counts that are multiples of this (fast on real kernels).
+
+    Returns:
+        ``(module, handler)`` → original indices to remove (union over the groups).
+    """
+    _check_amounts(amount)
+    if round_to is not None and (
+        isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1
+    ):
+        raise ValueError(f"round_to: expected a positive integer such as 8, got {round_to!r}.")
+    merged: dict[tuple[str, str], set[int]] = {}
+    for group in groups:
+        chosen = set(plan_channels(group, amount_for(group.root, amount), round_to))
+        if not chosen:
+            continue
+        for item in group.items:
+            idxs = {i for i, r in zip(item.idxs, item.root_idxs) if r in chosen}
+            merged.setdefault((item.module, item.handler), set()).update(idxs)
+    return {key: frozenset(v) for key, v in merged.items() if v}
