@@ -227,6 +227,15 @@ def _scope_notes(
         f"The target is a share of the {len(result.layers)} analysed layer(s) "
         f"({fmt_count(sum(weights.values()))} {what})"
     )
+    if result.remove:
+        # A layer between two groups counts in both (outputs and inputs): the shares add up
+        # to less than what the model loses, since removing both shrinks it twice.
+        line = (
+            f"The target is a share of what the {len(result.layers)} swept group(s) take "
+            f"({fmt_count(sum(weights.values()))} {what}, est.; a layer counts in the group of "
+            "its outputs and in that of its inputs, so the model loses more than this share: "
+            "%prune's report measures it)"
+        )
     if model is not None:
         heads = output_layers(model)
         left = [n for n in heads.names if n not in result.layers]

@@ -151,5 +151,8 @@ def remove_notes(report: Comparison, model: nn.Module) -> Comparison:
     """Put the removal's lines first: sizes before → after, the step's notes, the optimizer."""
     steps = [s for s in history(model) if s.name == REMOVE_STEP]
     step_notes = list(steps[-1].info.get("notes", [])) if steps else []
-    report.notes[:0] = [size_change(report.before, report.after), *step_notes, NEW_PARAMETERS]
+    # The engine's own notes may already say it; the optimizer line is shown once.
+    told = any("optimizer" in note for note in step_notes)
+    extra = [] if told else [NEW_PARAMETERS]
+    report.notes[:0] = [size_change(report.before, report.after), *step_notes, *extra]
     return report

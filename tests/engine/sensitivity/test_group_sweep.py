@@ -37,7 +37,7 @@ def test_a_group_sweep_has_one_entry_per_coupled_group_and_leaves_the_model_bit_
     result = sweep(model, x, evaluate)
     assert result.remove and result.complete
     # One entry per group named by its root; the classifier's outputs are never swept.
-    assert {"stem", "conv1", "conv3"} <= set(result.layers)
+    assert {"conv1", "conv2", "conv3"} <= set(result.layers)
     assert "head" not in result.layers
     assert all(v is not None for curve in result.curves.values() for v in curve)
     assert all(result.sizes[n] > 0 for n in result.layers)
@@ -50,7 +50,7 @@ def test_a_group_sweep_has_one_entry_per_coupled_group_and_leaves_the_model_bit_
 def test_each_point_is_the_metric_of_the_model_with_that_group_physically_removed(setup):
     model, x, evaluate = setup
     result = sweep(model, x, evaluate)
-    for root in ("stem", "conv1"):
+    for root in ("conv2", "conv1"):
         for i, ratio in enumerate(RATIOS):
             removed = copy.deepcopy(model)
             remove_(removed, {root: ratio}, example_inputs=x)
@@ -60,11 +60,12 @@ def test_each_point_is_the_metric_of_the_model_with_that_group_physically_remove
             assert result.curves[root][i] == evaluate(removed)
 
 
-def test_removing_more_of_the_shared_stem_group_takes_more_parameters_than_conv1(setup):
-    # The stem's group couples the residual, its BN, and the inputs of conv1 and conv3.
+def test_the_residual_group_takes_more_parameters_than_conv1s(setup):
+    # The residual group (rooted at conv2) couples the stem, both residual operands and
+    # their BNs, and the inputs of conv1 and conv3.
     model, x, evaluate = setup
     result = sweep(model, x, evaluate)
-    assert result.sizes["stem"] > result.sizes["conv1"]
+    assert result.sizes["conv2"] > result.sizes["conv1"]
 
 
 def test_remove_needs_an_example_input_and_channel_granularity(setup):
@@ -115,7 +116,7 @@ def test_a_proxy_group_sweep_runs_without_an_evaluate_function(setup):
     saved = snapshot(model)
     result = sweep(model, x, None)
     assert result.proxy and result.remove
-    assert all(v is not None and v <= result.baseline + 1e-6 for v in result.curves["stem"])
+    assert all(v is not None and v <= result.baseline + 1e-6 for v in result.curves["conv2"])
     assert_same_state(model, saved)
 
 
