@@ -98,38 +98,69 @@ def amount_for(root: str, amount: float | Mapping[str, float]) -> float:
     return 0.0
 
 
-def _count(width: int, amount: float, step: int, round_to: int | None, blocks: int) -> int:
-    """How many root channels to remove: about ``amount``, a multiple of ``step``.
+def _count(width: int, amount: float, unit: int, round_to: int | None, limit: int) -> int:
+    """How many root channels to remove: about ``amount``, a multiple of ``unit``, ≤ ``limit``.
 
     With ``round_to`` the remaining width is rounded down to a multiple of it (as
-    Torch-Pruning does); never every channel.
+    Torch-Pruning does: a little more is removed); never every channel.
     """
-    unit = math.lcm(step, blocks)
     r = round_to or 1
     target = int(amount * width)
     if target <= 0:
         return 0
-    for n in range(target, width):
+    limit = min(limit, width - 1)
+    for n in range(target, limit + 1):
         if n % unit == 0 and (width - n) % r == 0:
             return n
-    for n in range(target - 1, 0, -1):
+    for n in range(min(target, limit + 1) - 1, 0, -1):
         if n % unit == 0 and (width - n) % r == 0:
             return n
     return 0
 
 
+def _valid_positions(group: Group, order: list[int], size: int, blocks: int) -> list[int]:
+    """``order`` without the positions that would empty some item's dimension.
+
+    A concatenation consumer or a small branch may hold only a few of the root channels:
+    removing all of them would leave a layer with zero channels.
+    """
+    counts = []
+    for item in group.items:
+        per_root: dict[int, int] = {}
+        for r in item.root_idxs:
+            per_root[r] = per_root.get(r, 0) + 1
+        counts.append((per_root, len(item.idxs)))
+    removed = [0] * len(counts)
+    kept = []
+    for p in order:
+        roots = [b * size + p for b in range(blocks)]
+        add = [sum(per_root.get(r, 0) for r in roots) for per_root, _ in counts]
+        if any(removed[i] + a >= total for i, (a, (_, total)) in enumerate(zip(add, counts))):
+            continue
+        removed = [x + a for x, a in zip(removed, add)]
+        kept.append(p)
+    return kept
+
+
 def plan_channels(group: Group, amount: float, round_to: int | None = None) -> tuple[int, ...]:
-    """The root channels of ``group`` to remove for ``amount`` (lowest scores first)."""
+    """The root channels of ``group`` to remove for ``amount`` (lowest scores first).
+
+    The count is about ``amount`` of the width, a multiple of the group's step, leaving a
+    multiple of ``round_to``; no member of the group loses every one of its channels.
+    """
     if group.reason is not None or amount <= 0:
-        return ()
-    n = _count(group.width, amount, group.step, round_to, group.blocks)
-    if n == 0:
         return ()
     blocks = group.blocks if group.width % group.blocks == 0 else 1
     size = group.width // blocks
     # Positions within a block are scored by their mean over the blocks.
-    per_pos = [sum(group.scores[b * size + p] for b in range(blocks)) / blocks for p in range(size)]
-    chosen = sorted(range(size), key=lambda p: (per_pos[p], p))[: n // blocks]
+    per_pos = [
+        sum(group.scores[b * size + p] for b in range(blocks)) / blocks for p in range(size)
+    ]
+    order = sorted(range(size), key=lambda p: (per_pos[p], p))
+    valid = _valid_positions(group, order, size, blocks)
+    unit = math.lcm(group.step, blocks)
+    n = _count(group.width, amount, unit, round_to, len(valid) * blocks)
+    chosen = valid[: n // blocks]
     return tuple(sorted(b * size + p for b in range(blocks) for p in chosen))
 
 
