@@ -153,9 +153,7 @@ def plan_channels(group: Group, amount: float, round_to: int | None = None) -> t
     blocks = group.blocks if group.width % group.blocks == 0 else 1
     size = group.width // blocks
     # Positions within a block are scored by their mean over the blocks.
-    per_pos = [
-        sum(group.scores[b * size + p] for b in range(blocks)) / blocks for p in range(size)
-    ]
+    per_pos = [sum(group.scores[b * size + p] for b in range(blocks)) / blocks for p in range(size)]
     order = sorted(range(size), key=lambda p: (per_pos[p], p))
     valid = _valid_positions(group, order, size, blocks)
     unit = math.lcm(group.step, blocks)
