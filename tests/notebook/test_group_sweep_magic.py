@@ -12,24 +12,24 @@ import nbcompress as nc
 from nbcompress.engine.sensitivity.registry import latest, latest_suggestion
 from nbcompress.engine.structural.remove import remove_
 from nbcompress.notebook.widgets import SensitivityExplorer
-from tests.engine.sensitivity.group_models import batch, fidelity, param_ids, res_cnn
+from tests.engine.sensitivity.group_models import (
+    batch,
+    fidelity,
+    n_params,
+    param_ids,
+    res_cnn,
+    run_magic,
+    with_model,
+)
 from tests.helpers import assert_same_state, snapshot
 
 
 @pytest.fixture
 def ns(shell):
-    model, x = res_cnn(), batch()
-    shell.user_ns.update(model=model, x=x, fid=fidelity(model, x))
-    return shell
+    return with_model(shell)
 
 
-def magic(shell, line):
-    name, _, rest = line.partition(" ")
-    return shell.run_line_magic(name, rest)
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
+magic = run_magic
 
 
 def test_sensitivity_remove_sweeps_groups_then_prune_suggested_removes_then_undo(ns, capsys):
@@ -65,10 +65,8 @@ def test_remove_implies_channel_granularity(ns):
 def test_sensitivity_apply_with_remove_applies_by_removal(ns):
     model = ns.user_ns["model"]
     before = n_params(model)
-    magic(
-        ns, "sensitivity model --eval fid --remove --input x --ratios 0.25,0.5 "
-        "--target-sparsity 0.3 --apply",
-    )  # fmt: skip
+    line = "sensitivity model --eval fid --remove --input x --ratios 0.25,0.5"
+    magic(ns, f"{line} --target-sparsity 0.3 --apply")
     assert nc.history(model)[-1].name == "remove"
     assert n_params(model) < before
 
@@ -87,12 +85,11 @@ def test_sensitivity_apply_with_remove_applies_by_removal(ns):
     ],
 )
 def test_bad_group_sweep_options_are_one_line_and_leave_the_model_alone(ns, options, message):
-    model = ns.user_ns["model"]
-    saved = snapshot(model)
+    saved = snapshot(ns.user_ns["model"])
     with pytest.raises(UsageError, match=message):
         magic(ns, f"sensitivity model {options}")
-    assert_same_state(model, saved)
-    assert latest(model) is None
+    assert latest(ns.user_ns["model"]) is None  # no sweep ran
+    assert_same_state(ns.user_ns["model"], saved)
 
 
 def test_explorer_applies_a_group_setting_by_removal_and_undoes_it():

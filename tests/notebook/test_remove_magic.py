@@ -8,23 +8,16 @@ from IPython.core.error import UsageError
 
 import nbcompress as nc
 from nbcompress.engine.core.compare import Comparison
-from tests.engine.sensitivity.group_models import batch, param_ids, res_cnn
+from tests.engine.sensitivity.group_models import n_params, param_ids, run_magic, with_model
 from tests.helpers import assert_same_state, snapshot
 
 
 @pytest.fixture
 def ns(shell):
-    shell.user_ns.update(model=res_cnn(), x=batch())
-    return shell
+    return with_model(shell)
 
 
-def magic(shell, line):
-    name, _, rest = line.partition(" ")
-    return shell.run_line_magic(name, rest)
-
-
-def n_params(model):
-    return sum(p.numel() for p in model.parameters())
+magic = run_magic
 
 
 def test_prune_remove_gives_a_smaller_dense_model_and_reports_params_macs_latency(ns):

@@ -25,14 +25,13 @@ from nbcompress.engine.core.heads import remember_inputs
 from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.validation import as_inputs, check_module
 from nbcompress.engine.sensitivity.evaluate import (
-    EvaluationError,
     Proxy,
     call_evaluate,
     measuring,
     metric_name,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, verified
-from nbcompress.engine.sensitivity.progress import BASE, Progress, check_baseline
+from nbcompress.engine.sensitivity.progress import BASE, Progress, check_baseline, run_all
 from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.removal import model_macs, remove_groups
 from nbcompress.engine.sensitivity.result import SensitivityResult
@@ -147,7 +146,9 @@ def group_sensitivity(
         remember(model, result, evaluate=evaluate, example_inputs=options.example_inputs)
         check.result = result
         run = _GroupRun(model, result, measure, options, {g.root: g for g in groups}, inputs)
-        run.sweep(Progress(options.progress, len(groups) * len(ratios)))
+        interrupted = run.sweep(Progress(options.progress, len(groups) * len(ratios)))
+    if interrupted:  # checked by checksum on leaving the block above
+        result.notes[interrupted - 1] += " The model is restored (verified by checksum)."
     return result
 
 
@@ -171,24 +172,14 @@ class _GroupRun:
     inputs: tuple
     start: float = field(default_factory=time.perf_counter)
 
-    def sweep(self, progress: Progress) -> None:
-        """Every group × ratio; on Ctrl-C or an evaluate error keep what was measured."""
-        res = self.result
-        try:
-            for root in res.layers:
-                self._group(root, progress)
-            res.complete = True
-        except KeyboardInterrupt:
-            res.notes.append(
-                f"Interrupted after {res.evaluations} evaluations: partial result, "
-                "unevaluated points are None. The model is restored."
-            )
-        except EvaluationError as err:
-            res.notes.append(f"Stopped by an error: {err}")
-            err.result = res
-            raise
-        finally:
-            res.seconds = time.perf_counter() - self.start
+    def sweep(self, progress: Progress) -> int:
+        """Every group × ratio; on Ctrl-C or an evaluate error keep what was measured.
+
+        Returns:
+            1 + the index of the interruption's note, or 0.
+        """
+        each = lambda root: self._group(root, progress)  # noqa: E731
+        return run_all(self.result, self.result.layers, each, self.start)
 
     def _group(self, root: str, progress: Progress) -> None:
         # Imported here: the plan module belongs to the structural engine (Torch-Pruning).

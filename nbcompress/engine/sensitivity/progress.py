@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from nbcompress.engine.core.validation import check_amount, eval_mode
-from nbcompress.engine.sensitivity.evaluate import eta_status, fmt_value, metric_name, progress_line
+from nbcompress.engine.sensitivity.evaluate import (
+    EvaluationError,
+    eta_status,
+    fmt_value,
+    metric_name,
+    progress_line,
+)
 
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.result import SensitivityResult
 
-__all__ = ["BASE", "Progress", "check_baseline", "check_ratios", "layer_macs"]
+__all__ = ["BASE", "Progress", "check_baseline", "check_ratios", "layer_macs", "run_all"]
 
 #: Where the first evaluation runs, as errors name it.
 BASE = "on the unpruned model"
@@ -89,3 +95,34 @@ class Progress:
             values = " ".join(fmt_value(v) for v in result.curves[layer])
             status = eta_status(self.done, self.total, now - self.start, self.measured)
             progress_line(f"sensitivity [{status}] {layer}: {values}")
+
+
+def run_all(
+    result: SensitivityResult, names: Sequence[str], each: Callable[[str], None], start: float
+) -> int:
+    """Run ``each(name)`` for every entry; the partial result survives Ctrl-C and errors.
+
+    On Ctrl-C a note says how far the sweep got (the caller adds "restored" once checksums
+    confirm it); an ``EvaluationError``/``TypeError`` is noted, carries the partial result
+    as ``err.result`` and propagates.
+
+    Returns:
+        1 + the index of the interruption's note, or 0 if the sweep was not interrupted.
+    """
+    try:
+        for name in names:
+            each(name)
+        result.complete = True
+    except KeyboardInterrupt:
+        result.notes.append(
+            f"Interrupted after {result.evaluations} evaluations: partial result, "
+            "unevaluated points are None."
+        )
+        return len(result.notes)
+    except (EvaluationError, TypeError) as err:
+        result.notes.append(f"Stopped by an error: {err}")
+        err.result = result  # partial results stay usable
+        raise
+    finally:
+        result.seconds = time.perf_counter() - start
+    return 0

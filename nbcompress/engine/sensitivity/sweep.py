@@ -26,7 +26,6 @@ from nbcompress.engine.prune.calibrate import calibration_inputs
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.entries import check_pruning, prune_in_trial, trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
-    EvaluationError,
     Proxy,
     call_evaluate,
     check_sweep_options,
@@ -47,6 +46,7 @@ from nbcompress.engine.sensitivity.progress import (
     check_baseline,
     check_ratios,
     layer_macs,
+    run_all,
 )
 from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
@@ -271,24 +271,8 @@ class _Run:
 
     def sweep(self, progress: Progress) -> None:
         """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured."""
-        res = self.result
-        try:
-            for name in res.layers:
-                self._layer(name, progress)
-            res.complete = True
-        except KeyboardInterrupt:
-            # "The model is restored" is added by sensitivity() once checksums confirm it.
-            res.notes.append(
-                f"Interrupted after {res.evaluations} evaluations: partial result, "
-                "unevaluated points are None."
-            )
-            self.interrupted = len(res.notes)
-        except (EvaluationError, TypeError) as err:
-            res.notes.append(f"Stopped by an error: {err}")
-            err.result = res  # partial results stay usable
-            raise
-        finally:
-            res.seconds = time.perf_counter() - self.start
+        each = lambda name: self._layer(name, progress)  # noqa: E731
+        self.interrupted = run_all(self.result, self.result.layers, each, self.start)
 
     def _layer(self, name: str, progress: Progress) -> None:
         try:

@@ -67,3 +67,21 @@ def fidelity(model: nn.Module, x: torch.Tensor) -> callable:
 def param_ids(model: nn.Module) -> dict[str, int]:
     """Identity of every parameter by name (undo must restore the very objects)."""
     return {n: id(p) for n, p in model.named_parameters()}
+
+
+def n_params(model: nn.Module) -> int:
+    """Parameters of ``model`` (removal makes it smaller)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def with_model(shell):  # noqa: ANN001, ANN201 - an IPython shell, returned for the fixture
+    """Put a seeded ResCNN ``model``, its batch ``x`` and ``fid`` (evaluate) in the namespace."""
+    model, x = res_cnn(), batch()
+    shell.user_ns.update(model=model, x=x, fid=fidelity(model, x))
+    return shell
+
+
+def run_magic(shell, line: str):  # noqa: ANN001, ANN201
+    """``run_magic(shell, "prune model 0.5")``: a line magic by its full line."""
+    name, _, rest = line.partition(" ")
+    return shell.run_line_magic(name, rest)
