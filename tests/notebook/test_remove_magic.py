@@ -140,10 +140,20 @@ def test_summary_after_removal_counts_the_new_shapes_and_says_channels_were_remo
 
 
 def test_speedup_after_removal_measures_the_dense_smaller_model_and_says_so(ns):
-    model, x = ns.user_ns["model"], ns.user_ns["x"]
+    model = ns.user_ns["model"]
     magic(ns, "prune model 0.5 --remove --input x")
-    report = nc.speedup(model, x, repeats=3)
+    assert model.stem.out_channels == 8  # timed as the smaller model it is now
+    report = magic(ns, "speedup model --input x --repeats 3")
     assert report.notes[0].startswith("Channels were physically removed")
     assert "sparse kernels can only speed up zeros left inside it" in report.notes[0]
     assert all(r["sparsity"] < 0.5 for r in report.rows)  # removed, not zeroed
     assert torch.isfinite(torch.tensor(report.dense.median))
+
+
+def test_suggested_with_remove_needs_a_group_suggestion(ns):
+    model = ns.user_ns["model"]
+    nc.sensitivity(model, ns.user_ns["fid"], ratios=[0.5], progress=False).suggest(0.3, check=False)
+    saved = snapshot(model)
+    with pytest.raises(UsageError, match=r"^--remove: the latest suggestion is per-layer"):
+        magic(ns, "prune model --suggested --remove --input x")
+    assert_same_state(model, saved)

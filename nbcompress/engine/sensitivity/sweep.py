@@ -142,6 +142,7 @@ def sensitivity(
     """
     check_module(model)
     if remove:
+        # locals() here are exactly sensitivity()'s arguments by name (nothing else is bound yet).
         return _group_sweep(model, evaluate, ratios, locals())
     ratio_list = check_ratios(ratios, DEFAULT_RATIOS)
     check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)

@@ -27,6 +27,7 @@ from nbcompress.notebook.magics._common import (
     within,
 )
 from nbcompress.notebook.magics._remove import (
+    check_group_suggestion,
     check_remove,
     needs_input,
     remove_amount,
@@ -175,8 +176,8 @@ class CoreMagics(ModelMagics):
     def _apply_suggestion(self, model: Any, args: Any) -> Comparison:
         evaluate = self.optional(args.evaluate, "--eval")
         x = self.example_input(model, args.input)
-        if args.remove and x is None:
-            raise needs_input(args.model)
+        if args.remove:
+            check_group_suggestion(model, args.model, x)
         report = _compare(
             model,
             args.model,

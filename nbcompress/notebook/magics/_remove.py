@@ -18,9 +18,19 @@ from torch import nn
 from nbcompress.engine.core.compare import Comparison
 from nbcompress.engine.core.history import history
 from nbcompress.engine.core.summary import REMOVE_STEP, size_change
+from nbcompress.engine.sensitivity.registry import latest_suggestion
 from nbcompress.notebook.magics._common import at_least, split_patterns, within
 
-__all__ = ["NEW_PARAMETERS", "check_remove", "remove_arguments", "remove_change", "remove_notes"]
+__all__ = [
+    "NEW_PARAMETERS",
+    "check_group_suggestion",
+    "check_remove",
+    "needs_input",
+    "remove_amount",
+    "remove_arguments",
+    "remove_change",
+    "remove_notes",
+]
 
 #: Told after every removal: an optimizer built before it holds the old tensors.
 NEW_PARAMETERS = (
@@ -120,6 +130,19 @@ def needs_input(expr: str) -> UsageError:
         "--input: --remove traces the model on an example input to find the coupled "
         f"channels; pass one, e.g. %prune {expr} 0.3 --remove --input x."
     )
+
+
+def check_group_suggestion(model: nn.Module, expr: str, x: Any) -> None:
+    """``--suggested --remove``: the latest suggestion must be a group sweep's, with an input."""
+    suggestion = latest_suggestion(model)
+    if suggestion is not None and not suggestion.remove:
+        raise UsageError(
+            "--remove: the latest suggestion is per-layer (its sweep zeroed single layers); "
+            f"sweep coupled groups first: %sensitivity {expr} --eval f --remove --input x "
+            "--target-sparsity 0.3, or drop --remove to apply it as zeros."
+        )
+    if x is None:
+        raise needs_input(expr)
 
 
 def remove_amount(args: Any, amount: Any) -> Any:
