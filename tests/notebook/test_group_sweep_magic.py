@@ -106,7 +106,10 @@ def test_explorer_applies_a_group_setting_by_removal_and_undoes_it():
     expected = copy.deepcopy(model)
     remove_(expected, {"conv2": 0.5, "conv1": 0.25}, example_inputs=x)
     assert measured == evaluate(expected)
-    assert_same_state(model, saved)  # Evaluate leaves the model as it was
+    # The readout counts the setting removed as a whole (coupled groups do not add up).
+    assert f"{n_params(expected):,}" in explorer.readout.value
+    assert "swept group(s)" in explorer.readout.value
+    assert_same_state(model, saved)  # Evaluate and the readout leave the model as it was
     explorer.apply()
     assert "applied" in explorer.status.value
     assert nc.history(model)[-1].name == "remove"

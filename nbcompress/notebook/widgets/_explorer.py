@@ -23,7 +23,8 @@ from torch import nn
 
 from nbcompress.engine.core.history import Change, history, history_token, on_change, trial, undo_
 from nbcompress.engine.core.report import fmt_pct
-from nbcompress.engine.sensitivity.setting import SettingCosts, SweepCheck, proxy_metric
+from nbcompress.engine.sensitivity.groupcosts import setting_costs
+from nbcompress.engine.sensitivity.setting import SweepCheck, proxy_metric
 from nbcompress.notebook.widgets._after_cell import after_cell, follow_cells
 from nbcompress.notebook.widgets._checking import apply_setting, run_check
 from nbcompress.notebook.widgets._controls import Buttons, Sliders, descendants, target_row
@@ -95,7 +96,7 @@ class SensitivityExplorer(w.VBox):
         # The sweep's history token (of this very model) shows steps taken since the sweep.
         token = getattr(result, "history_token", None) if result.model is model else None
         self.check = SweepCheck(result, model, token)
-        self._costs = SettingCosts(model, result.granularity)
+        self._costs = setting_costs(result, model, example_inputs)  # group sweeps: removal
         self._figure = MarkedFigure(result)
         self._hold = False
         self._refit = False  # Check picked a re-fitted candidate: Apply re-fits too

@@ -199,30 +199,18 @@ def readout_html(
     worse = change < 0 if result.higher_is_better else change > 0
     colour = "#b00020" if worse and abs(change) > 1e-12 else "#1b5e20"
     metric = html.escape(result.metric) + (" (proxy)" if result.proxy else "")
-    left, size = ("—", "—") if setting is None else (f"{setting.nonzero:,}", fmt_bytes(setting.csr))
-    cards = [
-        (
-            "sparsity",
-            fmt_pct(result.sparsity_of(dict(ratios))),
-            f"of the weights in {len(result.layers)} explored layer(s)",
-        ),
-        (
-            "parameters left",
-            left,
-            f"nonzero of {now.total:,} (now {now.nonzero:,})",
-        ),
-        (
-            "size (est.)",
-            f"{size} CSR",
-            f"vs {fmt_bytes(now.dense)} dense fp32",
-        ),
+    if getattr(result, "remove", False):
+        cards = _removal_cards(result, ratios, setting, now)
+    else:
+        cards = _pruning_cards(result, ratios, setting, now)
+    cards.append(
         (
             f"predicted {metric}",
             fmt_metric(predicted),
             f"<span style='color:{colour}'>{change:+.3g}</span> vs baseline "
             f"{fmt_metric(result.baseline)}",
-        ),
-    ]
+        )
+    )
     cells = "".join(
         "<div style='flex:1;min-width:150px;padding:4px 10px;border-left:3px solid #90a4ae'>"
         f"<div style='font-size:85%;color:#555'>{title}</div>"
@@ -317,3 +305,35 @@ def model_text(now: Footprint) -> str:
         f"({fmt_pct(now.sparsity)} zero); {fmt_bytes(now.dense)} dense, "
         f"{fmt_bytes(now.csr)} as CSR (est.)"
     )
+
+
+def _pruning_cards(
+    result: Any, ratios: Mapping[str, float], setting: Footprint | None, now: Footprint
+) -> list[tuple[str, str, str]]:
+    """Sparsity, nonzeros left and CSR size of a per-layer setting (zeros in place)."""
+    left, size = ("—", "—") if setting is None else (f"{setting.nonzero:,}", fmt_bytes(setting.csr))
+    return [
+        (
+            "sparsity",
+            fmt_pct(result.sparsity_of(dict(ratios))),
+            f"of the weights in {len(result.layers)} explored layer(s)",
+        ),
+        ("parameters left", left, f"nonzero of {now.total:,} (now {now.nonzero:,})"),
+        ("size (est.)", f"{size} CSR", f"vs {fmt_bytes(now.dense)} dense fp32"),
+    ]
+
+
+def _removal_cards(
+    result: Any, ratios: Mapping[str, float], setting: Footprint | None, now: Footprint
+) -> list[tuple[str, str, str]]:
+    """Share removed, parameters left and dense size of a group setting (channels removed)."""
+    left, size = ("—", "—") if setting is None else (f"{setting.total:,}", fmt_bytes(setting.dense))
+    return [
+        (
+            "removed",
+            fmt_pct(result.sparsity_of(dict(ratios))),
+            f"of what the {len(result.layers)} swept group(s) take (est.)",
+        ),
+        ("parameters left", left, f"of {now.total:,} now (channels removed)"),
+        ("size (est.)", f"{size} dense fp32", f"vs {fmt_bytes(now.dense)} now"),
+    ]
