@@ -199,10 +199,7 @@ def readout_html(
     worse = change < 0 if result.higher_is_better else change > 0
     colour = "#b00020" if worse and abs(change) > 1e-12 else "#1b5e20"
     metric = html.escape(result.metric) + (" (proxy)" if result.proxy else "")
-    if getattr(result, "remove", False):
-        cards = _removal_cards(result, ratios, setting, now)
-    else:
-        cards = _pruning_cards(result, ratios, setting, now)
+    cards = _cards(result, ratios, setting, now)
     cards.append(
         (
             f"predicted {metric}",
@@ -307,33 +304,38 @@ def model_text(now: Footprint) -> str:
     )
 
 
-def _pruning_cards(
-    result: Any, ratios: Mapping[str, float], setting: Footprint | None, now: Footprint
-) -> list[tuple[str, str, str]]:
-    """Sparsity, nonzeros left and CSR size of a per-layer setting (zeros in place)."""
-    left, size = ("—", "—") if setting is None else (f"{setting.nonzero:,}", fmt_bytes(setting.csr))
-    return [
-        (
-            "sparsity",
-            fmt_pct(result.sparsity_of(dict(ratios))),
-            f"of the weights in {len(result.layers)} explored layer(s)",
-        ),
-        ("parameters left", left, f"nonzero of {now.total:,} (now {now.nonzero:,})"),
-        ("size (est.)", f"{size} CSR", f"vs {fmt_bytes(now.dense)} dense fp32"),
-    ]
+# The readout's words: per-layer settings zero weights in place; group settings remove.
+_PRUNING_WORDS = (
+    "sparsity",
+    "of the weights in {n} explored layer(s)",
+    "nonzero of {total:,} (now {nonzero:,})",
+    "CSR",
+    "vs {dense} dense fp32",
+)
+_REMOVAL_WORDS = (
+    "removed",
+    "of what the {n} swept group(s) take (est.)",
+    "of {total:,} now (channels removed)",
+    "dense fp32",
+    "vs {dense} now",
+)
 
 
-def _removal_cards(
+def _cards(
     result: Any, ratios: Mapping[str, float], setting: Footprint | None, now: Footprint
 ) -> list[tuple[str, str, str]]:
-    """Share removed, parameters left and dense size of a group setting (channels removed)."""
-    left, size = ("—", "—") if setting is None else (f"{setting.total:,}", fmt_bytes(setting.dense))
+    """Share, parameters left and size of a setting: zeros in place, or channels removed."""
+    removal = getattr(result, "remove", False)  # a group sweep: layers get smaller
+    if setting is None:
+        left = size = "—"
+    elif removal:
+        left, size = f"{setting.total:,}", fmt_bytes(setting.dense)
+    else:
+        left, size = f"{setting.nonzero:,}", fmt_bytes(setting.csr)
+    share, n = fmt_pct(result.sparsity_of(dict(ratios))), len(result.layers)
+    title, of, kept, stored, versus = _REMOVAL_WORDS if removal else _PRUNING_WORDS
     return [
-        (
-            "removed",
-            fmt_pct(result.sparsity_of(dict(ratios))),
-            f"of what the {len(result.layers)} swept group(s) take (est.)",
-        ),
-        ("parameters left", left, f"of {now.total:,} now (channels removed)"),
-        ("size (est.)", f"{size} dense fp32", f"vs {fmt_bytes(now.dense)} now"),
+        (title, share, of.format(n=n)),
+        ("parameters left", left, kept.format(total=now.total, nonzero=now.nonzero)),
+        ("size (est.)", f"{size} {stored}", versus.format(dense=fmt_bytes(now.dense))),
     ]
