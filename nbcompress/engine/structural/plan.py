@@ -142,6 +142,19 @@ def _valid_positions(group: Group, order: list[int], size: int, blocks: int) -> 
     return kept
 
 
+def _segments(group: Group) -> list[list[int]] | None:
+    """The root channels split by concatenated producers (each rounded on its own)."""
+    parts = {
+        tuple(sorted(set(item.root_idxs)))
+        for item in group.items
+        if item.handler == "out" and len(set(item.root_idxs)) < group.width
+    }
+    covered = sorted(r for part in parts for r in part)
+    if len(parts) < 2 or covered != list(range(group.width)):
+        return None
+    return [list(part) for part in sorted(parts)]
+
+
 def plan_channels(group: Group, amount: float, round_to: int | None = None) -> tuple[int, ...]:
     """The root channels of ``group`` to remove for ``amount`` (lowest scores first).
 
@@ -156,6 +169,14 @@ def plan_channels(group: Group, amount: float, round_to: int | None = None) -> t
     per_pos = [sum(group.scores[b * size + p] for b in range(blocks)) / blocks for p in range(size)]
     order = sorted(range(size), key=lambda p: (per_pos[p], p))
     valid = _valid_positions(group, order, size, blocks)
+    segments = _segments(group) if round_to and blocks == 1 and group.step == 1 else None
+    if segments:
+        # A concatenation: each producer keeps a multiple of round_to channels.
+        chosen = []
+        for part in segments:
+            mine = [p for p in valid if p in set(part)]
+            chosen += mine[: _count(len(part), amount, 1, round_to, len(mine))]
+        return tuple(sorted(chosen))
     unit = math.lcm(group.step, blocks)
     n = _count(group.width, amount, unit, round_to, len(valid) * blocks)
     chosen = valid[: n // blocks]
