@@ -213,13 +213,16 @@ def apply_suggestion_(
     with transaction(model, REMOVE_STEP if suggestion.remove else "prune", detail) as tx:
         if suggestion.remove:
             remove_groups(model, ratios, x, suggestion.method)
+            # remove_ wrote channels, params and MACs before → after: keep them.
+            detail = f"{detail}: {tx.step.detail}".rstrip(": ")
         else:
             prune_ratios_(
                 model, ratios, granularity=suggestion.granularity, method=suggestion.method,
                 reconstruct=suggestion.reconstruct, example_inputs=suggestion.calibration,
             )  # fmt: skip
         measured = measure() if measure else None  # an error here rolls the pruning back
-        tx.step.detail = detail + f", sparsity {fmt_pct(suggestion.sparsity)}"
+        share = "" if suggestion.remove else f", sparsity {fmt_pct(suggestion.sparsity)}"
+        tx.step.detail = detail + share
         tx.info.update(suggestion=suggestion.target, measured=measured)
     notes.append("Undo with nbcompress.undo_(model) or %undo model.")
     return ApplyReport(

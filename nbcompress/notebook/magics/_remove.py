@@ -173,9 +173,10 @@ def remove_change(args: Any, amount: Any, x: Any) -> Callable[[nn.Module], Any]:
 def remove_notes(report: Comparison, model: nn.Module) -> Comparison:
     """Put the removal's lines first: sizes before → after, the step's notes, the optimizer."""
     steps = [s for s in history(model) if s.name == REMOVE_STEP]
-    step_notes = list(steps[-1].info.get("notes", [])) if steps else []
-    # The engine's own notes may already say it; the optimizer line is shown once.
-    told = any("optimizer" in note for note in step_notes)
+    # A note the title (the step's detail) already says is not repeated under the table.
+    notes = steps[-1].info.get("notes", []) if steps else []
+    step_notes = [n for n in notes if n.rstrip(".") not in report.title]
+    told = any("optimizer" in text for text in [report.title, *step_notes])
     extra = [] if told else [NEW_PARAMETERS]
     report.notes[:0] = [size_change(report.before, report.after), *step_notes, *extra]
     return report
