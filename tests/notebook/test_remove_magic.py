@@ -157,3 +157,31 @@ def test_suggested_with_remove_needs_a_group_suggestion(ns):
     with pytest.raises(UsageError, match=r"^--remove: the latest suggestion is per-layer"):
         magic(ns, "prune model --suggested --remove --input x")
     assert_same_state(model, saved)
+
+
+def test_layers_restricts_removal_to_the_groups_rooted_there(ns):
+    model = ns.user_ns["model"]
+    magic(ns, 'prune model 0.5 --remove --input x --layers "conv1"')
+    assert model.conv1.out_channels == 8 and model.conv2.in_channels == 8
+    assert model.stem.out_channels == 16 and model.conv3.out_channels == 24
+
+
+def test_every_removal_option_reaches_remove_(ns, monkeypatch):
+    from nbcompress.engine.structural import remove
+
+    seen = {}
+
+    def fake(model, amount, **options):
+        seen.update(options, amount=amount)
+        return model
+
+    monkeypatch.setattr(remove, "remove_", fake)
+    magic(
+        ns, 'prune model --remove --input x --heads 0.25 --ffn 0.5 --round-to 8 '
+        '--ignore "bn1,conv3" --layers "conv*" --include-output --method wanda',
+    )  # fmt: skip
+    assert seen["amount"] == 0.0  # heads/ffn alone: no channel amount
+    assert seen["example_inputs"] is ns.user_ns["x"]
+    assert (seen["heads"], seen["ffn"], seen["round_to"]) == (0.25, 0.5, 8)
+    assert seen["ignore"] == ["bn1", "conv3"] and seen["layers"] == ["conv*"]
+    assert seen["include_output"] is True and seen["importance"] == "wanda"

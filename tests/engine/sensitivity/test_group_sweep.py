@@ -126,6 +126,9 @@ def test_a_saved_group_sweep_loads_as_a_group_sweep(setup, tmp_path):
     loaded = SensitivityResult.load(tmp_path / "r.json")
     assert loaded.remove is True
     assert "removing coupled channel groups" in str(loaded)
+    axes = loaded.plot().axes[0]
+    assert axes.get_xlabel() == "fraction of the group's channels removed"
+    assert axes.get_title() == "Sensitivity to removing coupled channel groups"
 
 
 def test_the_ratio_grid_rounds_to_the_group_step_and_repeats_are_evaluated_once(setup):
