@@ -25,7 +25,7 @@ from nbcompress.engine.core.history import history_token
 from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.report import fmt_count
 from nbcompress.engine.sensitivity.allocate import choose
-from nbcompress.engine.sensitivity.groupcheck import check_groups
+from nbcompress.engine.sensitivity.groupcheck import check_groups, measured_removal
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
 from nbcompress.engine.sensitivity.refit import (
@@ -142,6 +142,11 @@ def suggest(
     )  # fmt: skip
     if groups is not None:
         made.measured, made.chosen = groups.measured, groups.chosen
+    # Cheap, but not free: not while a slider or target box moves (check=False).
+    real = measured_removal(result, model, ratios) if result.remove and check is not False else None
+    if real is not None and objective == "params":
+        made.removed = real[0]  # what the model loses, not the groups' estimated share
+        notes.append(real[1])
     if model is not None:
         remember(model, suggestion=made)
     return made

@@ -29,7 +29,7 @@ from nbcompress.engine.sensitivity.removal import remove_groups
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.result import SensitivityResult
 
-__all__ = ["GroupCheck", "check_groups", "group_inputs"]
+__all__ = ["GroupCheck", "check_groups", "group_inputs", "measured_removal"]
 
 
 @dataclass
@@ -118,4 +118,30 @@ def check_groups(
     )
     return GroupCheck(
         candidates[best], measured[best], best, [line], len(measured), time.perf_counter() - start
+    )
+
+
+def measured_removal(
+    result: SensitivityResult, model: nn.Module | None, ratios: dict[str, float]
+) -> tuple[int, str] | None:
+    """Parameters the model really loses with ``ratios`` removed, and a note saying so.
+
+    A group's size counts every layer it touches, and a layer between two groups counts in
+    both, so the suggestion's share of the groups' parameters is not the model's: this
+    removes the setting in a trial (rolled back) and counts. ``None`` when there is no
+    live model or input to do it on.
+    """
+    kept = {n: r for n, r in ratios.items() if r > 0}
+    x = None if model is None else remembered(model)[1]
+    if not kept or x is None:
+        return None
+    before = sum(p.numel() for p in model.parameters())
+    with trial(model):
+        remove_groups(model, kept, x, result.method)
+        after = sum(p.numel() for p in model.parameters())
+    removed = before - after
+    return removed, (
+        f"Applying removes {removed:,} of the model's {before:,} parameters "
+        f"({removed / before:.0%}, measured by removing the channels in a trial and rolling "
+        "back): a layer between two groups loses both inputs and outputs."
     )

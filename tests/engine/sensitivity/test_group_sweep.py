@@ -94,7 +94,9 @@ def test_the_suggestion_is_checked_against_uniform_removal_and_applied_by_remova
     assert_same_state(model, saved)  # the check rolled its removals back
     report = apply_suggestion_(model, evaluate=evaluate)
     assert nc.history(model)[-1].name == "remove"
-    assert sum(p.numel() for p in model.parameters()) < before
+    # The suggestion's count is what the model really lost, measured before applying.
+    assert suggestion.removed == before - sum(p.numel() for p in model.parameters()) > 0
+    assert any(n.startswith(f"Applying removes {suggestion.removed:,} of") for n in report.notes)
     assert model(x).shape == (8, 10)
     # The check measured exactly what applying keeps.
     assert report.measured == pytest.approx(suggestion.measured, abs=0, rel=0)
