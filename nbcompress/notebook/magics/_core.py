@@ -76,7 +76,7 @@ class CoreMagics(ModelMagics):
         default="l1",
         help="l1 (smallest magnitudes, default), random, or wanda (|weight| × input norm over "
         "the --input calibration batch, compared within each output row). With --remove: "
-        "how channels are scored (l1, group-aware).",
+        "how channels are scored (l1, group-aware; or wanda).",
     )
     @argument(
         "--reconstruct",

@@ -175,7 +175,12 @@ class SensitivityMagics(ModelMagics):
         Examples: ``%sensitivity model --eval evaluate``,
         ``%sensitivity model --eval val_loss --lower-is-better --target-sparsity 0.8``,
         ``%sensitivity model --input x`` (no eval function: a data-free proxy, the
-        agreement of the pruned with the dense output, labelled as such).
+        agreement of the pruned with the dense output, labelled as such),
+        ``%sensitivity model --eval f --remove --input x --target-sparsity 0.3`` (sweeps
+        coupled channel groups, one entry per group named by its root layer, each point
+        physically removing that group's lowest-L1 channels and rolling back; the
+        suggestion is checked against uniform removal, and ``%prune model --suggested``
+        applies it by removal).
 
         The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
         partial result). The output layer is left alone unless ``--include-output``, as

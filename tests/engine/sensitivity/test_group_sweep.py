@@ -173,39 +173,34 @@ def test_a_group_sweep_builds_the_dependency_graph_once(setup, monkeypatch):
     assert len(builds) == 1
 
 
-def test_an_evaluate_error_mid_sweep_keeps_the_partial_result_and_restores_the_model(setup):
+def raising_at_third_call(evaluate, error: BaseException):
+    """``evaluate`` that raises ``error`` at its third call (two points in)."""
+    calls = []
+
+    def wrapped(m):
+        calls.append(1)
+        if len(calls) == 3:
+            raise error
+        return evaluate(m)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("error", [RuntimeError("validation data gone"), KeyboardInterrupt()])
+def test_a_failure_mid_sweep_keeps_the_partial_result_and_restores_the_model(setup, error):
     from nbcompress.engine.sensitivity.evaluate import EvaluationError
 
     model, x, evaluate = setup
-    saved, ids, calls = snapshot(model), param_ids(model), []
-
-    def fails_at_the_third_call(m):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("validation data gone")
-        return evaluate(m)
-
-    with pytest.raises(EvaluationError, match="validation data gone") as err:
-        sweep(model, x, fails_at_the_third_call)
-    partial = err.value.result
+    saved, ids = snapshot(model), param_ids(model)
+    failing = raising_at_third_call(evaluate, error)
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C returns the partial result
+        partial = sweep(model, x, failing)
+        assert any("The model is restored (verified by checksum)." in n for n in partial.notes)
+    else:
+        with pytest.raises(EvaluationError, match="validation data gone") as err:
+            sweep(model, x, failing)
+        partial = err.value.result
     assert partial.remove and not partial.complete
     assert partial.curves[partial.layers[0]][0] is not None
-    assert_same_state(model, saved)
-    assert param_ids(model) == ids
-
-
-def test_ctrl_c_mid_sweep_returns_the_partial_result_with_the_model_restored(setup):
-    model, x, evaluate = setup
-    saved, ids, calls = snapshot(model), param_ids(model), []
-
-    def interrupted_at_the_third_call(m):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return evaluate(m)
-
-    result = sweep(model, x, interrupted_at_the_third_call)
-    assert not result.complete
-    assert any("The model is restored (verified by checksum)." in n for n in result.notes)
     assert_same_state(model, saved)
     assert param_ids(model) == ids
