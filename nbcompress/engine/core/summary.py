@@ -14,6 +14,7 @@ from torch import nn
 
 from nbcompress.engine.core.costs import layer_bytes, macs
 from nbcompress.engine.core.heads import remember_inputs
+from nbcompress.engine.core.history import history
 from nbcompress.engine.core.layers import output_layers, weighted_layers
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
 from nbcompress.engine.core.validation import (
@@ -26,7 +27,10 @@ from nbcompress.engine.core.validation import (
 )
 from nbcompress.timing import Timing, format_seconds, measure
 
-__all__ = ["Summary", "capture_calls", "summary"]
+__all__ = ["REMOVE_STEP", "Summary", "capture_calls", "removal_note", "size_change", "summary"]
+
+#: Name of the history step that physically removes channels (``remove_``).
+REMOVE_STEP = "remove"
 
 _COLUMNS = {
     "layer": None,
@@ -217,4 +221,46 @@ def summary(
     unused = [r["layer"] for r in rows if example_inputs is not None and r["output"] is None]
     if unused:
         notes.append(f"Not called by forward on this input: {', '.join(unused)}.")
+    removed = removal_note(model)
+    if removed:
+        notes.append(removed)
     return Summary(rows, _totals(rows), latency, inputs_text, notes)
+
+
+def removal_note(model: nn.Module) -> str:
+    """One line if channels were physically removed from ``model`` (a ``remove`` step), else ``""``.
+
+    After removal the layers are smaller dense layers: their parameter counts and MACs
+    are those of the new shapes, and sparsity says nothing about what was removed.
+    """
+    steps = [s for s in history(model) if s.name == REMOVE_STEP]
+    if not steps:
+        return ""
+    what = "; ".join(s.detail for s in steps if s.detail) or "channels removed"
+    return (
+        f"Channels were physically removed ({what}): the layers are smaller dense layers, and "
+        "params and MACs are those of the new shapes; %undo restores the original."
+    )
+
+
+def size_change(before: Summary, after: Summary) -> str:
+    """One line: parameters and estimated MACs before → after, with the ratio of each.
+
+    Args:
+        before: Summary of the model before a change.
+        after: Summary of it after the change.
+
+    Returns:
+        E.g. ``"Parameters 11.7M → 5.9M (1.98× fewer); MACs (est.) 1.8G → 0.6G (2.9×
+        fewer)."``; MACs are left out when either summary has none (no example input).
+    """
+
+    def part(label: str, key: str) -> str | None:
+        b, a = before.totals.get(key), after.totals.get(key)
+        if b is None or a is None:
+            return None
+        ratio = f"{b / a:.2f}× fewer" if a else "all removed"
+        return f"{label} {fmt_count(b)} → {fmt_count(a)} ({ratio})"
+
+    parts = [p for p in (part("Parameters", "params"), part("MACs (est.)", "MACs (est.)")) if p]
+    return "; ".join(parts) + "."

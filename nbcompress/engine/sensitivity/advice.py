@@ -25,6 +25,7 @@ from nbcompress.engine.core.history import history_token
 from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.report import fmt_count
 from nbcompress.engine.sensitivity.allocate import choose
+from nbcompress.engine.sensitivity.groupcheck import check_groups, measured_removal
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
 from nbcompress.engine.sensitivity.refit import (
@@ -109,9 +110,12 @@ def suggest(
     ratios = choose(
         result.drop_curves(), weights, target_sparsity=target_sparsity, max_drop=max_drop
     )
-    refinement = refit = None
+    refinement = refit = groups = None
     better = False
-    if refine is not None:
+    if refine is not None and result.remove:
+        groups = check_groups(result, model, evaluate, ratios, refine)
+        ratios, notes[:0] = groups.ratios, groups.notes
+    elif refine is not None:
         refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
         ratios = refinement.ratios
         notes[:0] = [_verdict(refinement), *refinement.notes]
@@ -132,9 +136,17 @@ def suggest(
         reconstruct=better or result.reconstruct, method=result.method,
         calibration=result.calibration if better or _pruning(result) else None,
         chosen=_chosen(refinement, refit if better else None),
-        evaluations=sum(r.evaluations for r in (refinement, refit) if r is not None),
-        seconds=sum(r.seconds for r in (refinement, refit) if r is not None),
+        evaluations=sum(r.evaluations for r in (refinement, refit, groups) if r is not None),
+        seconds=sum(r.seconds for r in (refinement, refit, groups) if r is not None),
+        remove=result.remove,
     )  # fmt: skip
+    if groups is not None:
+        made.measured, made.chosen = groups.measured, groups.chosen
+    # Cheap, but not free: not while a slider or target box moves (check=False).
+    real = measured_removal(result, model, ratios) if result.remove and check is not False else None
+    if real is not None and objective == "params":
+        made.removed = real[0]  # what the model loses, not the groups' estimated share
+        notes.append(real[1])
     if model is not None:
         remember(model, suggestion=made)
     return made
@@ -220,6 +232,15 @@ def _scope_notes(
         f"The target is a share of the {len(result.layers)} analysed layer(s) "
         f"({fmt_count(sum(weights.values()))} {what})"
     )
+    if result.remove:
+        # A layer between two groups counts in both (outputs and inputs): the shares add up
+        # to less than what the model loses, since removing both shrinks it twice.
+        line = (
+            f"The target is a share of what the {len(result.layers)} swept group(s) take "
+            f"({fmt_count(sum(weights.values()))} {what}, est.; a layer counts in the group of "
+            "its outputs and in that of its inputs, so the model loses more than this share: "
+            "%prune's report measures it)"
+        )
     if model is not None:
         heads = output_layers(model)
         left = [n for n in heads.names if n not in result.layers]
@@ -260,7 +281,8 @@ def _measuring(
                 else "a MAC target" if objective != "params"
                 else "no evaluation at hand: pass evaluate=fn"
             )  # fmt: skip
-            notes.append(f"Not checked against uniform and global L1 ({why}).")
+            against = "uniform removal" if result.remove else "uniform and global L1"
+            notes.append(f"Not checked against {against} ({why}).")
         return None, None
     return evaluate, 0
 

@@ -57,6 +57,10 @@ class SensitivityResult:
         reconstruct: Each point re-fitted its layer's kept weights by least squares.
         filled: Layer → indices into ``ratios`` of points filled in after the layer
             collapsed, not evaluated (plots draw them hollow).
+        remove: A sweep over coupled channel groups by physical removal
+            (``sensitivity(remove=True)``): each entry is a group named by its root layer,
+            ``sizes``/``macs`` are what removing the whole group takes, and a suggestion
+            is applied by removing channels (``remove_``).
     """
 
     layers: list[str]
@@ -77,6 +81,7 @@ class SensitivityResult:
     method: str = "l1"
     reconstruct: bool = False
     filled: dict[str, list[int]] = field(default_factory=dict)
+    remove: bool = False
     _model: Callable[[], nn.Module | None] | None = field(default=None, repr=False, compare=False)
     # The swept model's history when attached: not saved (tokens mean nothing elsewhere).
     _history_token: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
@@ -257,8 +262,11 @@ class SensitivityResult:
         kind = "proxy " if self.proxy else ""
         order = "higher is better" if self.higher_is_better else "lower is better"
         state = "" if self.complete else " — INCOMPLETE"
+        what = (
+            "removing coupled channel groups" if self.remove else f"{self.granularity} L1 pruning"
+        )
         return (
-            f"Sensitivity of {kind}{self.metric} ({order}) to {self.granularity} L1 pruning, "
+            f"Sensitivity of {kind}{self.metric} ({order}) to {what}, "
             f"baseline {self.baseline:.4g}; {self.evaluations} evaluations in "
             f"{self.seconds:.1f} s{state}"
         )

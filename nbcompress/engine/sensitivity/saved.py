@@ -171,6 +171,9 @@ def _fields(data: dict) -> dict[str, Any]:
     reconstruct = data.get("reconstruct", False)
     if not isinstance(reconstruct, bool):
         raise _Bad("reconstruct must be true or false")
+    remove = data.get("remove", False)  # files from before group sweeps: per-layer
+    if not isinstance(remove, bool):
+        raise _Bad("remove must be true or false")
     return {
         "layers": layers, "ratios": ratios,
         "baseline": _real(_typed(data, "baseline", numbers.Real, "a number"), "baseline"),
@@ -185,7 +188,7 @@ def _fields(data: dict) -> dict[str, Any]:
         "seconds": max(seconds, 0.0), "complete": _typed(data, "complete", bool, "true or false"),
         "notes": list(notes),
         "start": {n: _real(v, f"start[{n!r}]") for n, v in start.items()},
-        "method": method, "reconstruct": reconstruct, "filled": filled,
+        "method": method, "reconstruct": reconstruct, "filled": filled, "remove": remove,
     }  # fmt: skip
 
 

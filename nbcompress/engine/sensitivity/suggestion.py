@@ -16,10 +16,13 @@ from torch import nn
 
 from nbcompress.engine.core.history import transaction
 from nbcompress.engine.core.report import Table, TableReport, fmt_count, fmt_pct
+from nbcompress.engine.core.summary import REMOVE_STEP
 from nbcompress.engine.core.validation import check_module
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.evaluate import measurer, spent
+from nbcompress.engine.sensitivity.groupcheck import group_inputs
 from nbcompress.engine.sensitivity.registry import latest_suggestion, remembered
+from nbcompress.engine.sensitivity.removal import remove_groups
 
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.refine import Refinement
@@ -60,6 +63,8 @@ class Suggestion(TableReport):
         method: How applying chooses the masks (the sweep's method).
         evaluations: Evaluations the check (re-fits and refinement included) ran.
         seconds: Their wall-clock time.
+        remove: Ratios of coupled channel groups (a group sweep): applying removes the
+            channels physically (``remove_``) instead of zeroing them.
     """
 
     ratios: dict[str, float]
@@ -82,6 +87,7 @@ class Suggestion(TableReport):
     method: str = "l1"
     evaluations: int = 0
     seconds: float = 0.0
+    remove: bool = False
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -139,9 +145,14 @@ class ApplyReport(TableReport):
         kind = "proxy " if self.proxy else ""
         measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
         base = "" if self.baseline is None else f"; baseline {self.baseline:.4g}"
+        share = (
+            "of the swept groups' parameters removed"
+            if self.suggestion.remove
+            else ("of the analysed weights zero")
+        )
         return (
             f"Applied suggestion for {self.suggestion.target} ("
-            f"{fmt_pct(self.suggestion.sparsity)} of the analysed weights zero): "
+            f"{fmt_pct(self.suggestion.sparsity)} {share}): "
             f"{kind}{self.metric} predicted "
             f"{self.predicted:.4g}, measured {measured}{base}"
         )
@@ -196,13 +207,22 @@ def apply_suggestion_(
     measure, notes = _how_to_measure(model, suggestion, evaluate, example_inputs)
     notes = [*suggestion.notes, *notes]
     detail = f"suggested per-layer ratios ({suggestion.target}) on {len(ratios)} layer(s)"
-    with transaction(model, "prune", detail) as tx:
-        prune_ratios_(
-            model, ratios, granularity=suggestion.granularity, method=suggestion.method,
-            reconstruct=suggestion.reconstruct, example_inputs=suggestion.calibration,
-        )  # fmt: skip
+    if suggestion.remove:
+        x = group_inputs(model, example_inputs)
+        detail = f"suggested per-group ratios ({suggestion.target}) on {len(ratios)} group(s)"
+    with transaction(model, REMOVE_STEP if suggestion.remove else "prune", detail) as tx:
+        if suggestion.remove:
+            remove_groups(model, ratios, x, suggestion.method)
+            # remove_ wrote channels, params and MACs before → after: keep them.
+            detail = f"{detail}: {tx.step.detail}".rstrip(": ")
+        else:
+            prune_ratios_(
+                model, ratios, granularity=suggestion.granularity, method=suggestion.method,
+                reconstruct=suggestion.reconstruct, example_inputs=suggestion.calibration,
+            )  # fmt: skip
         measured = measure() if measure else None  # an error here rolls the pruning back
-        tx.step.detail = detail + f", sparsity {fmt_pct(suggestion.sparsity)}"
+        share = "" if suggestion.remove else f", sparsity {fmt_pct(suggestion.sparsity)}"
+        tx.step.detail = detail + share
         tx.info.update(suggestion=suggestion.target, measured=measured)
     notes.append("Undo with nbcompress.undo_(model) or %undo model.")
     return ApplyReport(

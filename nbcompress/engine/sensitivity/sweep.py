@@ -11,7 +11,6 @@ model are kept in :mod:`nbcompress.engine.sensitivity.registry` so that
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,27 +21,33 @@ from torch import nn
 from nbcompress.engine.core.capture import captured_inputs
 from nbcompress.engine.core.heads import remember_inputs
 from nbcompress.engine.core.layers import output_layers
-from nbcompress.engine.core.validation import as_inputs, check_amount, check_module, eval_mode
+from nbcompress.engine.core.validation import as_inputs, check_module
 from nbcompress.engine.prune.calibrate import calibration_inputs
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.entries import check_pruning, prune_in_trial, trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
-    EvaluationError,
     Proxy,
     call_evaluate,
     check_sweep_options,
-    eta_status,
     fmt_value,
     layer_size,
     layer_sparsity,
     measuring,
     metric_name,
-    progress_line,
     select_sweep_layers,
 )
+from nbcompress.engine.sensitivity.groups import GROUP_RATIOS, GroupSweep, group_sensitivity
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
 from nbcompress.engine.sensitivity.ladder import Ladder
 from nbcompress.engine.sensitivity.prefix import Prefix
+from nbcompress.engine.sensitivity.progress import (
+    BASE,
+    Progress,
+    check_baseline,
+    check_ratios,
+    layer_macs,
+    run_all,
+)
 from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
@@ -54,57 +59,6 @@ DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99)
 
 
 # --- the sweep -------------------------------------------------------------------------------
-
-
-def _check_ratios_arg(ratios: Any) -> list[float]:
-    if ratios is None:
-        return list(DEFAULT_RATIOS)
-    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not ratios:
-        raise TypeError(
-            f"ratios: expected a non-empty list of fractions in (0, 1) such as [0.1, 0.5, 0.9], "
-            f"got {ratios!r}."
-        )
-    checked = [check_amount(r, f"ratios[{i}]", allow_zero=False) for i, r in enumerate(ratios)]
-    return sorted(set(checked))
-
-
-def _layer_macs(model, selected, inputs) -> dict[str, int | None]:
-    if inputs is None:
-        return dict.fromkeys(selected)
-    # Imported here: MAC estimates load the kernel registry (numba, ~65 MiB), which a
-    # sweep without example inputs never needs.
-    from nbcompress.engine.core.costs import macs
-    from nbcompress.engine.core.summary import capture_calls
-
-    with eval_mode(model):
-        calls = capture_calls(model, selected, inputs)
-    return {
-        n: (macs(selected[n], calls[n][0], calls[n][2]) if n in calls else None) for n in selected
-    }
-
-
-class _Progress:
-    """Plain-text progress on stderr: a line per finished layer, and one every ``every`` s.
-
-    Each line says the points done of all, the time elapsed and the ETA (mean time of the
-    evaluated points times the points left; ``ETA —`` until one was measured).
-    """
-
-    def __init__(self, enabled: bool, total: int, every: float = 10.0) -> None:
-        self.enabled, self.total, self.every = enabled, total, every
-        self.done = self.measured = 0
-        self.start = self.last = time.perf_counter()
-
-    def step(self, result: SensitivityResult, layer: str, finished: bool, evaluated: bool) -> None:
-        """One point of ``layer`` is done (``evaluated``: measured, not filled in)."""
-        self.done += 1
-        self.measured += evaluated
-        now = time.perf_counter()
-        if self.enabled and (finished or now - self.last >= self.every):
-            self.last = now
-            values = " ".join(fmt_value(v) for v in result.curves[layer])
-            status = eta_status(self.done, self.total, now - self.start, self.measured)
-            progress_line(f"sensitivity [{status}] {layer}: {values}")
 
 
 def sensitivity(
@@ -125,6 +79,7 @@ def sensitivity(
     include_output: bool = False,
     method: str = "l1",
     reconstruct: bool = False,
+    remove: bool = False,
 ) -> SensitivityResult:
     """Prune each layer alone by L1 at each ratio, evaluate, and restore it bit-exactly.
 
@@ -166,6 +121,9 @@ def sensitivity(
             collected once on the dense model; see :func:`~nbcompress.prune_`).
         reconstruct: Re-fit the kept weights of each point's layer by least squares on
             the calibration inputs (slow: a solve per point).
+        remove: Sweep coupled channel groups by physical removal instead of layers
+            (``granularity="channel"`` and ``example_inputs`` required; default ratios
+            0.1-0.9): see :mod:`~nbcompress.engine.sensitivity.groups`.
 
     Calibration inputs of ``"wanda"`` and ``reconstruct`` are ``example_inputs``, else
     the batches ``evaluate`` feeds the model on the unpruned model (recorded, not copied;
@@ -183,7 +141,10 @@ def sensitivity(
             see, or a restore that could not finish); the message names the tensors.
     """
     check_module(model)
-    ratio_list = _check_ratios_arg(ratios)
+    if remove:
+        # locals() here are exactly sensitivity()'s arguments by name (nothing else is bound yet).
+        return _group_sweep(model, evaluate, ratios, locals())
+    ratio_list = check_ratios(ratios, DEFAULT_RATIOS)
     check_sweep_options(evaluate, example_inputs, max_layers, early_stop, granularity)
     # With evaluate, calibration may come from its calls: checked once they are recorded.
     plain = not check_pruning(method, example_inputs if evaluate is None else (), reconstruct)
@@ -208,7 +169,7 @@ def sensitivity(
         start = time.perf_counter()
         with captured_inputs(model) as seen:
             baseline = proxy(model) if proxy else call_evaluate(evaluate, model, BASE, trained)
-        _check_baseline(baseline, evaluate)
+        check_baseline(baseline, evaluate)
         given = example_inputs is not None and not plain
         calibration = example_inputs if given else _replayable([inputs] if inputs else seen)
         if inputs is None and seen:
@@ -219,7 +180,7 @@ def sensitivity(
             layers=list(selected), ratios=ratio_list, baseline=baseline,
             curves={n: [None] * len(ratio_list) for n in selected},
             sizes={n: layer_size(m) for n, m in selected.items()},
-            macs=_layer_macs(model, selected, inputs),
+            macs=layer_macs(model, selected, inputs),
             metric=metric or (proxy.name if proxy else metric_name(evaluate)),
             higher_is_better=bool(higher_is_better), proxy=proxy is not None,
             granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
@@ -234,23 +195,26 @@ def sensitivity(
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
         run.prefix = prefix
         run.pruning = trial_pruning(model, selected, method, calibration, reconstruct)
-        run.sweep(_Progress(progress, len(selected) * len(ratio_list)))
+        run.sweep(Progress(progress, len(selected) * len(ratio_list)))
     run.verified_notes()
     return result
 
 
-#: Where the first evaluation runs, as errors name it.
-BASE = "on the unpruned model"
-
-
-def _check_baseline(baseline: float, evaluate: Any) -> None:
-    if not math.isfinite(baseline):
+def _group_sweep(model: nn.Module, evaluate: Any, ratios: Any, given: dict) -> SensitivityResult:
+    """``sensitivity(remove=True)``: the options checked, then the sweep over groups."""
+    if given["granularity"] != "channel" or given["types"] is not None:
         raise ValueError(
-            f"evaluate: returned {baseline} on the unpruned model "
-            f"({metric_name(evaluate) if evaluate else 'the proxy'}); it must return a finite "
-            "number there (check for an empty data set or a division by zero). A NaN at a "
-            "pruned point is fine: it is recorded as a collapsed layer."
+            "remove: removal takes whole coupled channel groups; pass granularity='channel' "
+            "(--granularity channel) and no types."
         )
+    if given["reconstruct"] or given["max_layers"] is not None:
+        raise ValueError("remove: reconstruct and max_layers are per-layer options; drop them.")
+    check_sweep_options(evaluate, given["example_inputs"], None, given["early_stop"], "channel")
+    keys = "example_inputs layers include_output method higher_is_better metric early_stop"
+    options = {k: given[k] for k in (*keys.split(), "progress", "callback")}
+    return group_sensitivity(
+        model, evaluate, check_ratios(ratios, GROUP_RATIOS), GroupSweep(**options)
+    )
 
 
 def _replayable(seen: list[tuple]) -> list[Any] | None:
@@ -306,28 +270,12 @@ class _Run:
                 return self.evaluate.at_layer(self.model, name)
             return call_evaluate(self.evaluate, self.model, where, self.trained)
 
-    def sweep(self, progress: _Progress) -> None:
+    def sweep(self, progress: Progress) -> None:
         """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured."""
-        res = self.result
-        try:
-            for name in res.layers:
-                self._layer(name, progress)
-            res.complete = True
-        except KeyboardInterrupt:
-            # "The model is restored" is added by sensitivity() once checksums confirm it.
-            res.notes.append(
-                f"Interrupted after {res.evaluations} evaluations: partial result, "
-                "unevaluated points are None."
-            )
-            self.interrupted = len(res.notes)
-        except (EvaluationError, TypeError) as err:
-            res.notes.append(f"Stopped by an error: {err}")
-            err.result = res  # partial results stay usable
-            raise
-        finally:
-            res.seconds = time.perf_counter() - self.start
+        each = lambda name: self._layer(name, progress)  # noqa: E731
+        self.interrupted = run_all(self.result, self.result.layers, each, self.start)
 
-    def _layer(self, name: str, progress: _Progress) -> None:
+    def _layer(self, name: str, progress: Progress) -> None:
         try:
             if self.prefix is None:
                 self._ratios(name, progress)
@@ -337,7 +285,7 @@ class _Run:
         finally:
             self.ladder.forget()
 
-    def _ratios(self, name: str, progress: _Progress) -> None:
+    def _ratios(self, name: str, progress: Progress) -> None:
         res = self.result
         sign = 1.0 if res.higher_is_better else -1.0
         # The proxy's input-blind level: a layer down there has collapsed.

@@ -25,8 +25,16 @@ def _ylabel(result: SensitivityResult) -> str:
     return label + ("" if result.higher_is_better else " — lower is better")
 
 
+def _xlabel(result: SensitivityResult) -> str:
+    if result.remove:
+        return "fraction of the group's channels removed"
+    return "fraction of the layer's weights pruned"
+
+
 def _title(result: SensitivityResult) -> str:
     state = "" if result.complete else " (incomplete)"
+    if result.remove:
+        return f"Sensitivity to removing coupled channel groups{state}"
     return f"Sensitivity to {result.granularity} L1 pruning{state}"
 
 
@@ -71,7 +79,7 @@ def curves_figure(
         if highlight and highlight.get(layer):
             r = highlight[layer]
             ax.plot([r], [np.interp(r, x, y)], "o", markersize=8, color=line.get_color(), alpha=0.5)
-    ax.set_xlabel("fraction of the layer's weights pruned")
+    ax.set_xlabel(_xlabel(result))
     ax.set_ylabel(_ylabel(result))
     ax.set_xlim(0, 1)
     ax.set_title(_title(result))
@@ -104,7 +112,7 @@ def heatmap_figure(result: SensitivityResult, *, width: float = 7.0) -> Figure:
     image = ax.imshow(np.ma.masked_invalid(drop), aspect="auto", cmap="magma_r", vmin=0)
     ax.set_xticks(range(len(result.ratios)), [f"{r:.0%}" for r in result.ratios])
     ax.set_yticks(range(len(result.layers)), result.layers, fontsize="small")
-    ax.set_xlabel("fraction of the layer's weights pruned")
+    ax.set_xlabel(_xlabel(result))
     ax.set_title(_title(result))
     bar = fig.colorbar(image, ax=ax)
     bar.set_label(f"drop in {_ylabel(result)}")

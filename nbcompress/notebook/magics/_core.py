@@ -26,6 +26,15 @@ from nbcompress.notebook.magics._common import (
     step_ids,
     within,
 )
+from nbcompress.notebook.magics._remove import (
+    check_group_suggestion,
+    check_remove,
+    needs_input,
+    remove_amount,
+    remove_arguments,
+    remove_change,
+    remove_notes,
+)
 
 __all__ = ["CoreMagics"]
 
@@ -66,7 +75,8 @@ class CoreMagics(ModelMagics):
         "--method",
         default="l1",
         help="l1 (smallest magnitudes, default), random, or wanda (|weight| × input norm over "
-        "the --input calibration batch, compared within each output row).",
+        "the --input calibration batch, compared within each output row). With --remove: "
+        "how channels are scored (l1, group-aware; or wanda).",
     )
     @argument(
         "--reconstruct",
@@ -101,6 +111,7 @@ class CoreMagics(ModelMagics):
         "Example input: latency before/after, and the calibration batch of --method wanda and "
         "--reconstruct (default: the last one given)."
     )
+    @remove_arguments
     @line_magic
     def prune(self, line: str) -> Comparison:
         """Prune a model in place (undoable with %undo) and show before/after figures.
@@ -108,6 +119,10 @@ class CoreMagics(ModelMagics):
         Examples: ``%prune model 0.5``, ``%prune model 0.8 --scope global``,
         ``%prune model 0.3 --layers "features.*" --granularity channel``,
         ``%prune model 0.9 --granularity block``, ``%prune model --suggested``,
+        ``%prune model 0.3 --remove --input x --round-to 8`` (physically removes the
+        lowest-L1 channels and every dimension coupled to them: a smaller dense model;
+        ``--heads 0.25 --ffn 0.5`` for transformers; the report shows params, MACs and
+        measured dense latency before → after),
         ``%prune model 0.5 --method wanda --input x --reconstruct`` (activation-aware: the
         input is the calibration batch; a list of batches or a DataLoader works too).
         The final classifier layer is left alone unless --include-output is given.
@@ -118,7 +133,10 @@ class CoreMagics(ModelMagics):
         ``ApplyReport`` (predicted vs measured metric).
         """
         args = parse_argstring(self.prune, line)
+        check_remove(args, _granularity(args, given_only=True))
         model = self.model(args.model)
+        if args.remove and not args.suggested:
+            return self._remove(model, args)
         if args.remove_masks:
             x = self.example_input(model, args.input)
             return _compare(model, args.model, x, remove_masks_, "Remove masks", [])
@@ -147,9 +165,19 @@ class CoreMagics(ModelMagics):
             model, args.model, timed, lambda m: prune_(m, amount, **options), "Pruned", notes
         )
 
+    def _remove(self, model: Any, args: Any) -> Comparison:
+        amount = self._amount(remove_amount(args, args.amount))
+        x = self.example_input(model, args.input)
+        if x is None:
+            raise needs_input(args.model)
+        report = _compare(model, args.model, x, remove_change(args, amount, x), "Removed", [])
+        return remove_notes(report, model)
+
     def _apply_suggestion(self, model: Any, args: Any) -> Comparison:
         evaluate = self.optional(args.evaluate, "--eval")
         x = self.example_input(model, args.input)
+        if args.remove:
+            check_group_suggestion(model, args.model, x)
         report = _compare(
             model,
             args.model,
@@ -164,9 +192,13 @@ class CoreMagics(ModelMagics):
         # The apply report's own notes say how the metric was measured (proxy or evaluate).
         metric = f"{r.metric}: predicted {r.predicted:.4g}, measured {measured}."
         report.notes[:0] = [metric, *r.notes]
+        if r.suggestion.remove:
+            return remove_notes(report, model)
         return report
 
-    def _amount(self, text: str | None) -> Any:
+    def _amount(self, text: Any) -> Any:
+        if isinstance(text, float):
+            return text
         if text is None:
             raise UsageError(
                 "amount: missing; give a fraction in [0, 1) such as `%prune model 0.5`, a dict "
@@ -200,7 +232,7 @@ def _compare(
 _ALIASES = {"--structured": "channel", "--blocks": "block"}
 
 
-def _granularity(args: Any) -> str:
+def _granularity(args: Any, given_only: bool = False) -> str | None:
     given = {"--structured": args.structured, "--blocks": args.blocks}
     chosen = [o for o, on in given.items() if on]
     if args.granularity is not None:
@@ -212,4 +244,5 @@ def _granularity(args: Any) -> str:
         )
     if args.granularity is not None:
         return args.granularity
-    return next((_ALIASES[o] for o, on in given.items() if on), "element")
+    default = None if given_only else "element"
+    return next((_ALIASES[o] for o, on in given.items() if on), default)

@@ -42,7 +42,8 @@ __all__ = ["engine_errors", "option_name", "user_error"]
 # Engine keyword → the magic option that sets it; other keywords are left as they are.
 _DASHED = (
     "layers types method scope granularity min_density seed target_sparsity max_drop objective "
-    "refine stages ratios max_layers early_stop metric repeats backend mode calibrate"
+    "refine stages ratios max_layers early_stop metric repeats backend mode calibrate round_to "
+    "ignore heads ffn include_output remove"
 )
 _OPTION_NAMES = {
     **{k: "--" + k.replace("_", "-") for k in _DASHED.split()},
@@ -50,6 +51,7 @@ _OPTION_NAMES = {
     "evaluate": "--eval",
     "budget": "--refine",
     "path": "--save",
+    "importance": "--method",
 }
 # "target_sparsity / max_drop", or one item of a list argument: "ratios[1]".
 _HEAD = re.compile(r"[a-z_]+(\[\d+\])?( / [a-z_]+)*")
@@ -57,6 +59,7 @@ _HEAD = re.compile(r"[a-z_]+(\[\d+\])?( / [a-z_]+)*")
 # is nbcompress's failure, not the user's code.
 _LIBRARIES = (
     "torch",
+    "torch_pruning",
     "torchao",
     "numpy",
     "numba",

@@ -60,6 +60,20 @@ def _check_modes(args: Any) -> None:
             )
         if args.evaluate is None and args.stages is None:
             raise UsageError("--refine: measures real allocations; give --eval fn.")
+    if args.remove:
+        if args.granularity not in (None, "channel"):
+            raise UsageError(
+                f"--granularity {args.granularity}: --remove sweeps whole channel groups; drop "
+                "--granularity or give --granularity channel."
+            )
+        for option in ("stages", "refine", "types", "max_layers"):
+            if getattr(args, option) is not None:
+                name = "--" + option.replace("_", "-")
+                raise UsageError(f"{name}: not available with --remove (a group sweep); drop it.")
+        if args.reconstruct:
+            raise UsageError("--reconstruct: not available with --remove (nothing is re-fitted).")
+    if args.granularity is None:
+        args.granularity = "channel" if args.remove else "element"
     if args.stages is not None and (target is None or not args.apply):
         # Staged pruning changes the model, so it is only done when asked explicitly.
         raise UsageError(
@@ -88,7 +102,16 @@ class SensitivityMagics(ModelMagics):
         help="Layer types, e.g. Linear,Conv2d (default: what prune_ prunes: Linear, Conv, "
         "ConvTranspose, attention projections, LSTM/GRU/RNN gates).",
     )
-    @argument("--granularity", default="element", help="element (default), block (4×1) or channel.")
+    @argument(
+        "--granularity",
+        help="element (default; channel with --remove), block (4×1) or channel.",
+    )
+    @argument(
+        "--remove",
+        action="store_true",
+        help="Sweep coupled channel groups by physically removing channels (needs --input; "
+        "the suggestion is applied with removal).",
+    )
     @argument(
         "--include-output",
         action="store_true",
@@ -152,7 +175,12 @@ class SensitivityMagics(ModelMagics):
         Examples: ``%sensitivity model --eval evaluate``,
         ``%sensitivity model --eval val_loss --lower-is-better --target-sparsity 0.8``,
         ``%sensitivity model --input x`` (no eval function: a data-free proxy, the
-        agreement of the pruned with the dense output, labelled as such).
+        agreement of the pruned with the dense output, labelled as such),
+        ``%sensitivity model --eval f --remove --input x --target-sparsity 0.3`` (sweeps
+        coupled channel groups, one entry per group named by its root layer, each point
+        physically removing that group's lowest-L1 channels and rolling back; the
+        suggestion is checked against uniform removal, and ``%prune model --suggested``
+        applies it by removal).
 
         The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
         partial result). The output layer is left alone unless ``--include-output``, as
@@ -181,6 +209,11 @@ class SensitivityMagics(ModelMagics):
         model = self.model(args.model)
         evaluate = self.optional(args.evaluate, "--eval")
         x = self.example_input(model, args.input)
+        if args.remove and x is None:
+            raise UsageError(
+                "--input: --remove traces the model on an example input to find its coupled "
+                f"channel groups; pass one, e.g. %sensitivity {args.model} --remove --input x."
+            )
         if args.stages is not None:
             return self._staged(model, evaluate, x, args)
         result = self._sweep(model, evaluate, x, args)
@@ -241,7 +274,7 @@ class SensitivityMagics(ModelMagics):
                     example_inputs=x, higher_is_better=not args.lower_is_better,
                     metric=args.metric, max_layers=args.max_layers, early_stop=args.early_stop,
                     progress=not notebook, callback=live, include_output=args.include_output,
-                    method=args.method, reconstruct=args.reconstruct,
+                    method=args.method, reconstruct=args.reconstruct, remove=args.remove,
                 )  # fmt: skip
             except (EvaluationError, TypeError) as err:
                 partial = getattr(err, "result", None)

@@ -4,20 +4,25 @@ Typing a target re-runs the curves' suggestion only (no evaluation). Check is th
 measured action: the suggestion for the sparsity target is measured against uniform and
 global L1 at the same sparsity (and re-fitted candidates where cheap, see
 :mod:`nbcompress.engine.sensitivity.refit`), the best measured goes onto the sliders, and
-the status line says which won and by how much.
+the status line says which won and by how much. For a group sweep (``remove=True``) the
+check is against uniform removal, and Evaluate and Apply remove channels physically
+(:func:`apply_setting`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.evaluate import EvaluationError
+from nbcompress.engine.sensitivity.groupcheck import group_inputs
+from nbcompress.engine.sensitivity.removal import remove_groups
 
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.result import SensitivityResult
     from nbcompress.notebook.widgets._explorer import SensitivityExplorer
 
-__all__ = ["prune_options", "run_check"]
+__all__ = ["apply_setting", "prune_options", "run_check"]
 
 
 def prune_options(result: SensitivityResult, refit: bool) -> dict[str, Any]:
@@ -35,6 +40,24 @@ def prune_options(result: SensitivityResult, refit: bool) -> dict[str, Any]:
     return options
 
 
+def apply_setting(explorer: SensitivityExplorer, ratios: dict[str, float]) -> None:
+    """Prune the explorer's model with ``ratios`` as the sweep pruned, in place.
+
+    A group sweep's setting removes the channels physically (``remove_``, one undoable
+    step, traced on the explorer's example input or the sweep's); any other is pruned with
+    ``prune_ratios_`` at the sweep's granularity and method.
+    """
+    result, model = explorer.result, explorer.model
+    if result.remove:
+        x = group_inputs(model, explorer.example_inputs)
+        kept = {n: r for n, r in ratios.items() if r > 0}
+        if not kept:
+            raise ValueError("ratios: every ratio is 0, so there is nothing to remove.")
+        remove_groups(model, kept, x, result.method)
+    else:
+        prune_ratios_(model, ratios, **prune_options(result, explorer._refit))
+
+
 def run_check(explorer: SensitivityExplorer) -> bool:
     """Measure the target's suggestion against uniform and global L1; show the best measured.
 
@@ -45,7 +68,8 @@ def run_check(explorer: SensitivityExplorer) -> bool:
         explorer.status.value = "Check measures a sparsity target: switch the target to sparsity"
         return False
     value = float(explorer.target_value.value)
-    with explorer._busy(f"checking sparsity {value:g} against uniform and global L1…"):
+    against = "uniform removal" if explorer.result.remove else "uniform and global L1"
+    with explorer._busy(f"checking sparsity {value:g} against {against}…"):
         try:
             suggestion = explorer.result.suggest(
                 value, objective=explorer.objective, evaluate=explorer.evaluate, check=True,

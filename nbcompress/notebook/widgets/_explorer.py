@@ -23,10 +23,10 @@ from torch import nn
 
 from nbcompress.engine.core.history import Change, history, history_token, on_change, trial, undo_
 from nbcompress.engine.core.report import fmt_pct
-from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.sensitivity.setting import SettingCosts, SweepCheck, proxy_metric
+from nbcompress.engine.sensitivity.groupcosts import setting_costs
+from nbcompress.engine.sensitivity.setting import SweepCheck, proxy_metric
 from nbcompress.notebook.widgets._after_cell import after_cell, follow_cells
-from nbcompress.notebook.widgets._checking import prune_options, run_check
+from nbcompress.notebook.widgets._checking import apply_setting, run_check
 from nbcompress.notebook.widgets._controls import Buttons, Sliders, descendants, target_row
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
@@ -90,13 +90,13 @@ class SensitivityExplorer(w.VBox):
         self.model = model
         if evaluate is None and result.proxy and example_inputs is not None:
             evaluate = proxy_metric(model, example_inputs)
-        self.evaluate = evaluate
+        self.evaluate, self.example_inputs = evaluate, example_inputs
         self.objective = objective
         self.measured: float | None = None
         # The sweep's history token (of this very model) shows steps taken since the sweep.
         token = getattr(result, "history_token", None) if result.model is model else None
         self.check = SweepCheck(result, model, token)
-        self._costs = SettingCosts(model, result.granularity)
+        self._costs = setting_costs(result, model, example_inputs)  # group sweeps: removal
         self._figure = MarkedFigure(result)
         self._hold = False
         self._refit = False  # Check picked a re-fitted candidate: Apply re-fits too
@@ -215,9 +215,6 @@ class SensitivityExplorer(w.VBox):
             if value is not None:
                 self.target_value.value = value
 
-    def _options(self) -> dict[str, Any]:
-        return prune_options(self.result, self._refit)
-
     def _on_slider(self, name: str) -> None:
         if self._hold:
             return
@@ -273,7 +270,7 @@ class SensitivityExplorer(w.VBox):
             try:
                 with trial(self.model):
                     if any(r > 0 for r in ratios.values()):
-                        prune_ratios_(self.model, ratios, **self._options())
+                        apply_setting(self, ratios)
                     value = float(self.evaluate(self.model))
             except Exception as err:  # noqa: BLE001 - the user's function; report, don't raise
                 self.status.value = (
@@ -290,11 +287,14 @@ class SensitivityExplorer(w.VBox):
         return value
 
     def apply(self) -> None:
-        """Prune the live model in place with the current setting (recorded, undoable)."""
-        ratios, options = self.ratios, self._options()
+        """Prune the live model in place with the current setting (recorded, undoable).
+
+        For a group sweep (``result.remove``) the channels are removed physically.
+        """
+        ratios = self.ratios
         change = self._change_model(
             "applying…",
-            lambda: prune_ratios_(self.model, ratios, **options),
+            lambda: apply_setting(self, ratios),
             # RuntimeError: e.g. a layer quantized since the sweep (the model is put back).
             (ValueError, TypeError, RuntimeError),
             "not applied",

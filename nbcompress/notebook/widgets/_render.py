@@ -199,30 +199,15 @@ def readout_html(
     worse = change < 0 if result.higher_is_better else change > 0
     colour = "#b00020" if worse and abs(change) > 1e-12 else "#1b5e20"
     metric = html.escape(result.metric) + (" (proxy)" if result.proxy else "")
-    left, size = ("—", "—") if setting is None else (f"{setting.nonzero:,}", fmt_bytes(setting.csr))
-    cards = [
-        (
-            "sparsity",
-            fmt_pct(result.sparsity_of(dict(ratios))),
-            f"of the weights in {len(result.layers)} explored layer(s)",
-        ),
-        (
-            "parameters left",
-            left,
-            f"nonzero of {now.total:,} (now {now.nonzero:,})",
-        ),
-        (
-            "size (est.)",
-            f"{size} CSR",
-            f"vs {fmt_bytes(now.dense)} dense fp32",
-        ),
+    cards = _cards(result, ratios, setting, now)
+    cards.append(
         (
             f"predicted {metric}",
             fmt_metric(predicted),
             f"<span style='color:{colour}'>{change:+.3g}</span> vs baseline "
             f"{fmt_metric(result.baseline)}",
-        ),
-    ]
+        )
+    )
     cells = "".join(
         "<div style='flex:1;min-width:150px;padding:4px 10px;border-left:3px solid #90a4ae'>"
         f"<div style='font-size:85%;color:#555'>{title}</div>"
@@ -317,3 +302,40 @@ def model_text(now: Footprint) -> str:
         f"({fmt_pct(now.sparsity)} zero); {fmt_bytes(now.dense)} dense, "
         f"{fmt_bytes(now.csr)} as CSR (est.)"
     )
+
+
+# The readout's words: per-layer settings zero weights in place; group settings remove.
+_PRUNING_WORDS = (
+    "sparsity",
+    "of the weights in {n} explored layer(s)",
+    "nonzero of {total:,} (now {nonzero:,})",
+    "CSR",
+    "vs {dense} dense fp32",
+)
+_REMOVAL_WORDS = (
+    "removed",
+    "of what the {n} swept group(s) take (est.)",
+    "of {total:,} now (channels removed)",
+    "dense fp32",
+    "vs {dense} now",
+)
+
+
+def _cards(
+    result: Any, ratios: Mapping[str, float], setting: Footprint | None, now: Footprint
+) -> list[tuple[str, str, str]]:
+    """Share, parameters left and size of a setting: zeros in place, or channels removed."""
+    removal = getattr(result, "remove", False)  # a group sweep: layers get smaller
+    if setting is None:
+        left = size = "—"
+    elif removal:
+        left, size = f"{setting.total:,}", fmt_bytes(setting.dense)
+    else:
+        left, size = f"{setting.nonzero:,}", fmt_bytes(setting.csr)
+    share, n = fmt_pct(result.sparsity_of(dict(ratios))), len(result.layers)
+    title, of, kept, stored, versus = _REMOVAL_WORDS if removal else _PRUNING_WORDS
+    return [
+        (title, share, of.format(n=n)),
+        ("parameters left", left, kept.format(total=now.total, nonzero=now.nonzero)),
+        ("size (est.)", f"{size} {stored}", versus.format(dense=fmt_bytes(now.dense))),
+    ]
