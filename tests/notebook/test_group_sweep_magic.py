@@ -51,7 +51,7 @@ def test_sensitivity_remove_sweeps_groups_then_prune_suggested_removes_then_undo
     assert n_params(model) < before
     assert report.notes[0].startswith("Parameters ")  # sizes before → after first
     assert any(n.startswith("evaluate: predicted") for n in report.notes)
-    assert "channels 82 → " in report.title  # remove_'s before → after kept in the step
+    assert " of 56 channels removed in " in report.title  # remove_'s detail kept in the step
     assert sum("rebuild any optimizer" in n for n in [report.title, *report.notes]) == 1
     magic(ns, "undo model")
     assert_same_state(model, saved)

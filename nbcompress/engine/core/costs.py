@@ -71,7 +71,14 @@ _MACS: dict[type, Callable[[nn.Module, tuple, object], int]] = {
 
 
 def macs(module: nn.Module, inputs: tuple, output: object) -> int | None:
-    """Multiply-accumulates of one call, estimated from the real input/output shapes."""
+    """Multiply-accumulates of one call, estimated from the real input/output shapes.
+
+    A module that knows its own cost (an ``estimate_macs(inputs, output)`` method, such as
+    a head-pruned attention layer) is asked first.
+    """
+    own = getattr(module, "estimate_macs", None)
+    if callable(own):
+        return int(own(inputs, output))
     for cls in type(module).__mro__:
         if cls in _MACS:
             try:

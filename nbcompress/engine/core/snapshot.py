@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ModuleState", "SavedTensor", "held_bytes", "nbytes", "restore_all", "tensors_in"]
+__all__ = [
+    "ModuleState",
+    "SavedTensor",
+    "checksum",
+    "held_bytes",
+    "nbytes",
+    "restore_all",
+    "tensors_in",
+]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -22,18 +30,35 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT_OF_SIZE[t.element_size()])
 
 
-_CHUNK = 1 << 20  # elements summed at a time: the int64 copy stays small for huge weights
+def checksum(t: torch.Tensor) -> int:
+    """Sum of the integer bit patterns of ``t``'s elements, wrapping in their own width.
 
+    Bit-exact (NaN payloads and -0.0 count) and as fast as a float sum: the bits are
+    summed as integers of the element's width, wrapping around, so no wider temporary is
+    made, and any change of a single element changes the sum.
 
-def _checksum(t: torch.Tensor) -> tuple:
-    shape, dtype = tuple(t.shape), t.dtype
+    Args:
+        t: Any tensor (floating, integer, bool, complex, quantized or torch.sparse).
+
+    Returns:
+        The checksum; equal tensors give equal checksums.
+    """
+    t = t.detach()
+    if t.layout != torch.strided:  # torch.sparse buffers: compare their dense values
+        t = t.to_dense()
     if t.is_quantized:
         t = t.int_repr()
-    flat = _bits(t.detach()).reshape(-1)
-    total = sum(
-        int(flat[i : i + _CHUNK].to(torch.int64).sum()) for i in range(0, flat.numel(), _CHUNK)
-    )
-    return (shape, dtype, total)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    if t.is_floating_point():
+        t = t.contiguous().view(_INT_OF_SIZE[t.element_size()])
+    return int(t.sum(dtype=t.dtype)) if t.numel() else 0
+
+
+def _sig(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, checksum(t))
 
 
 def nbytes(t: torch.Tensor) -> int:
@@ -62,7 +87,7 @@ class SavedTensor:
     def compress(self) -> bool:
         """Replace the full copy by a diff when smaller; return False when unchanged."""
         cur, old = self.tensor.detach(), self.full
-        self.after = _checksum(cur)
+        self.after = _sig(cur)
         if self.pin or cur.shape != old.shape or cur.dtype != old.dtype or cur.is_quantized:
             return True
         changed = (_bits(cur) != _bits(old)).reshape(-1)
@@ -77,7 +102,7 @@ class SavedTensor:
 
     def modified_since(self) -> bool:
         """Whether the tensor changed after the edit was recorded (e.g. by training)."""
-        return self.after is not None and _checksum(self.tensor) != self.after
+        return self.after is not None and _sig(self.tensor) != self.after
 
     def change_since(self) -> str | None:
         """How the tensor changed after the edit in a way undo cannot reverse exactly.
@@ -88,7 +113,7 @@ class SavedTensor:
         if self.after is None:
             return None
         shape, dtype, _ = self.after
-        now = _checksum(self.tensor)
+        now = _sig(self.tensor)
         if now[:2] != (shape, dtype):
             return f"its dtype or shape changed ({dtype} {list(shape)} -> {now[1]} {list(now[0])})"
         if not self.pin and now != self.after:

@@ -27,7 +27,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from nbcompress.engine.core.history import Transaction, trial
 from nbcompress.engine.core.interrupts import deferred_interrupts
-from nbcompress.engine.core.snapshot import SavedTensor, restore_all
+from nbcompress.engine.core.snapshot import SavedTensor, checksum, restore_all
 
 __all__ = [
     "EvaluateChangedModel",
@@ -42,35 +42,6 @@ __all__ = [
     "shown",
     "verified",
 ]
-
-_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def checksum(t: torch.Tensor) -> int:
-    """Sum of the integer bit patterns of ``t``'s elements, wrapping in their own width.
-
-    Bit-exact (NaN payloads and -0.0 count) and as fast as a float sum: the bits are
-    summed as integers of the element's width, wrapping around, so no wider temporary is
-    made, and any change of a single element changes the sum.
-
-    Args:
-        t: Any tensor (floating, integer, bool, complex, quantized or torch.sparse).
-
-    Returns:
-        The checksum; equal tensors give equal checksums.
-    """
-    t = t.detach()
-    if t.layout != torch.strided:  # torch.sparse buffers: compare their dense values
-        t = t.to_dense()
-    if t.is_quantized:
-        t = t.int_repr()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    if t.dtype == torch.bool:
-        t = t.view(torch.uint8)
-    if t.is_floating_point():
-        t = t.contiguous().view(_INT[t.element_size()])
-    return int(t.sum(dtype=t.dtype)) if t.numel() else 0
 
 
 def _signature(t: torch.Tensor) -> tuple:

@@ -8,7 +8,6 @@ not) and varying. Used by :mod:`nbcompress.engine.structural.fold`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,18 +18,17 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 from torch.nn.utils import parametrize
 
+from nbcompress.engine.structural.plan import Plan
+
 __all__ = [
     "NORMS",
     "Consumer",
-    "Plan",
     "channel_dim",
     "classify",
     "find_consumers",
     "first_tensor",
     "recorder",
 ]
-
-Plan = Mapping[tuple[str, str], frozenset[int]]
 
 _RTOL = 1e-5  # a channel is constant when its spread is below this share of the input's peak
 _PER_CHANNEL = (_BatchNorm, _InstanceNorm, nn.PReLU)  # removing a channel touches no other

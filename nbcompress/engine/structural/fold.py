@@ -27,13 +27,13 @@ from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.validation import as_inputs, run_forward
 from nbcompress.engine.structural.consumers import (
     Consumer,
-    Plan,
     channel_dim,
     classify,
     find_consumers,
     first_tensor,
     recorder,
 )
+from nbcompress.engine.structural.plan import Plan
 
 __all__ = ["fold_constants"]
 

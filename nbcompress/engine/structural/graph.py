@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.layers import output_layers, select_layers
+from nbcompress.engine.core.snapshot import checksum
 from nbcompress.engine.core.validation import as_inputs, call_model, check_module
 from nbcompress.engine.structural import compat as compat_mod
 from nbcompress.engine.structural.child import run_bounded
@@ -228,9 +229,9 @@ def _enumerate(dg: Any, compat: Any, options: _Options, ctx: dict) -> list[Group
 
 
 def _describe(x: Any) -> Any:
-    """A hashable identity of one input: shapes, dtypes, objects and in-place versions."""
+    """A hashable identity of one input: shapes, dtypes and values (checksums)."""
     if isinstance(x, torch.Tensor):
-        return (tuple(x.shape), x.dtype, id(x), x._version)
+        return (tuple(x.shape), x.dtype, checksum(x))
     if isinstance(x, Mapping):
         return tuple((k, _describe(v)) for k, v in x.items())
     if isinstance(x, (tuple, list)):
@@ -239,8 +240,9 @@ def _describe(x: Any) -> Any:
 
 
 def _cache_key(model: nn.Module, inputs: tuple, options: _Options) -> tuple:
-    # Weights changed in place (training) bump ._version; removal/undo swap the objects.
-    params = tuple((n, tuple(p.shape), id(p), p._version) for n, p in model.named_parameters())
+    # Values, not ._version: a trial's rollback restores values in place (bumping the
+    # version), and a sweep must not rebuild the graph after every point.
+    params = tuple((n, tuple(p.shape), checksum(p)) for n, p in model.named_parameters())
     structure = tuple((n, type(m).__name__) for n, m in model.named_modules())
     return (params, structure, _describe(inputs), options)
 

@@ -117,10 +117,8 @@ def _params(model: nn.Module) -> int:
 
 def _fold(model: nn.Module, plan: Plan, example_inputs: Any, tx: Transaction) -> list[str]:
     """Fold constants carried by removed channels into the next bias (when available)."""
-    try:
-        from nbcompress.engine.structural.fold import fold_constants
-    except ImportError:  # the folding module is not part of this build
-        return []
+    from nbcompress.engine.structural.fold import fold_constants
+
     with eval_mode(model):  # measured as the model is used; BatchNorm statistics untouched
         return fold_constants(model, plan, example_inputs, tx)
 
@@ -129,13 +127,8 @@ def _attention(model: nn.Module, tx: Transaction, options: dict[str, Any]) -> li
     """Remove attention heads / FFN neurons (``heads=`` / ``ffn=``)."""
     if options["heads"] is None and options["ffn"] is None:
         return []
-    try:
-        from nbcompress.engine.structural.attention import apply_attention, attention_plan
-    except ImportError as err:
-        raise ValueError(
-            "heads=/ffn=: attention head and FFN removal is not available in this build; "
-            "remove channels with amount= instead."
-        ) from err
+    from nbcompress.engine.structural.attention import apply_attention, attention_plan
+
     plan = attention_plan(model, **options)
     return apply_attention(model, plan, tx)
 
@@ -255,7 +248,9 @@ def remove_(
         plan = removal_plan(groups, amount, round_to)
         if not plan and heads is None and ffn is None:
             raise _nothing(groups, amount)
-    attention = {"heads": heads, "ffn": ffn, "importance": importance, "layers": layers}
+    # Heads and FFN neurons are scored by L1 whatever ranks the channels (wanda needs a
+    # per-channel input norm that a head does not have).
+    attention = {"heads": heads, "ffn": ffn, "importance": "l1", "layers": layers}
     if round_to is not None:
         attention["round_to"] = round_to
     before = (_params(model), macs0)

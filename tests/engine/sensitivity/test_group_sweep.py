@@ -151,12 +151,6 @@ def test_the_ratio_grid_rounds_to_the_group_step_and_repeats_are_evaluated_once(
     assert result.evaluations == 2 == len(calls)  # baseline + one point
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="request to H1: channel_groups' cache key holds each parameter's _version, which "
-    "every trial's rollback bumps (values are restored in place), so each point rebuilds the "
-    "graph in a child; key on the values (e.g. a checksum) instead",
-)
 def test_a_group_sweep_builds_the_dependency_graph_once(setup, monkeypatch):
     from nbcompress.engine.structural import graph
 
