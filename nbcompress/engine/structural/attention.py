@@ -244,10 +244,40 @@ def _shrink(linear: nn.Linear, keep: torch.Tensor, dim: int) -> None:
         linear.in_features = len(keep)
 
 
-def _apply_torch_heads(model: nn.Module, cut: SiteCut, tx: Transaction) -> None:
+#: ``nn.Module``'s hook tables (ordered dicts keyed by handle id), and its per-hook flags.
+_HOOK_TABLES = (
+    "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+    "_state_dict_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)  # fmt: skip
+_HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called")  # fmt: skip
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> int:
+    """Register ``old``'s own hooks on ``new`` (same functions, order, flags); return how many.
+
+    The replacement is a fresh module: without this a user's forward hook on the attention
+    layer would silently stop firing. ``old`` keeps its hooks (undo puts it back as it was).
+    """
+    carried = 0
+    for table in (*_HOOK_TABLES, *_HOOK_FLAGS):
+        source, target = getattr(old, table, None), getattr(new, table, None)
+        if source and target is not None:
+            target.update(source)
+            carried += len(source) if table in _HOOK_TABLES else 0
+    if old._backward_hooks:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    return carried
+
+
+def _apply_torch_heads(model: nn.Module, cut: SiteCut, tx: Transaction) -> int:
+    """Replace one ``nn.MultiheadAttention``; return the number of its hooks carried over."""
     mha = model.get_submodule(cut.site.module)
     keep = _keep(mha.num_heads, cut.removed)
-    tx.replace(cut.site.module, PrunedMultiheadAttention.from_module(mha, keep))
+    new = PrunedMultiheadAttention.from_module(mha, keep)
+    carried = _carry_hooks(mha, new)
+    tx.replace(cut.site.module, new)
     # nn.TransformerEncoder would turn padded batches into nested tensors for the fused
     # path, which the replacement does not take: keep its inputs ordinary tensors.
     for name, m in model.named_modules():
@@ -259,6 +289,7 @@ def _apply_torch_heads(model: nn.Module, cut: SiteCut, tx: Transaction) -> None:
         ):
             tx.save(m)
             m.use_nested_tensor = False
+    return carried
 
 
 def _prefix(name: str) -> str:
@@ -302,9 +333,10 @@ def apply_attention(model: nn.Module, plan: AttentionPlan, tx: Transaction) -> l
     Returns:
         Notes for the report (what was removed, which modules were replaced).
     """
+    carried = 0
     for cut in plan.heads:
         if cut.site.family == "torch":
-            _apply_torch_heads(model, cut, tx)
+            carried += _apply_torch_heads(model, cut, tx)
         else:
             _apply_bert_heads(model, cut, tx)
     for cut in plan.ffn:
@@ -313,4 +345,10 @@ def apply_attention(model: nn.Module, plan: AttentionPlan, tx: Transaction) -> l
     if any(c.site.family == "torch" for c in plan.heads):
         notes.append("nn.MultiheadAttention layers with heads removed were replaced by "
                      "PrunedMultiheadAttention (same call signature)")  # fmt: skip
+    if carried:
+        notes.append(
+            f"{carried} hook(s) of the replaced attention layer(s) were carried over to the "
+            "replacements (same functions, same order); a handle returned before removes its "
+            "hook from the original module only, which undo puts back"
+        )
     return notes
