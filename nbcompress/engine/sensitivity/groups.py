@@ -33,7 +33,7 @@ from nbcompress.engine.sensitivity.evaluate import (
 from nbcompress.engine.sensitivity.guard import Fingerprint, verified
 from nbcompress.engine.sensitivity.progress import BASE, Progress, check_baseline, run_all
 from nbcompress.engine.sensitivity.registry import remember
-from nbcompress.engine.sensitivity.removal import model_macs, remove_groups
+from nbcompress.engine.sensitivity.removal import remove_groups, whole_group_cost
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
 __all__ = ["GROUP_RATIOS", "GroupSweep", "group_sensitivity"]
@@ -156,7 +156,8 @@ _GRID_NOTE = (
     "Group sweep: each point physically removed that group's lowest-score channels (and every "
     "dimension coupled to them) and was rolled back; ratios are rounded to the group's step as "
     "remove_ rounds them; params and MACs per entry are what removing the whole group "
-    "would take, estimated from the first point (est.)."
+    "would take (est.): every tensor dimension the first point shrank, extrapolated to the "
+    "whole group, so a layer with inputs and outputs in the group counts quadratically."
 )
 
 
@@ -210,21 +211,17 @@ class _GroupRun:
         """The metric with ``count`` channels of ``group`` removed (rolled back on exit)."""
         res = self.result
         first = res.macs.get(group.root) is None  # the group's size is not known yet
+        x = self.options.example_inputs
         with trial(self.model):
-            before = _params(self.model) if first else 0
-            macs_before = model_macs(self.model, self.inputs) if first else 0
-            x = self.options.example_inputs
-            remove_groups(self.model, {group.root: ratio}, x, res.method)
             if first:
-                scale = group.width / count
-                res.sizes[group.root] = round((before - _params(self.model)) * scale)
-                removed = macs_before - model_macs(self.model, self.inputs)
-                res.macs[group.root] = max(round(removed * scale), 0)
+                res.sizes[group.root], res.macs[group.root] = whole_group_cost(
+                    self.model, self.inputs,
+                    lambda: remove_groups(self.model, {group.root: ratio}, x, res.method),
+                    group.width, count,
+                )  # fmt: skip
+            else:
+                remove_groups(self.model, {group.root: ratio}, x, res.method)
             where = f"with {count} of {group.width} channels of group {group.root} removed"
             if isinstance(self.measure, Proxy):
                 return self.measure(self.model)
             return call_evaluate(self.measure, self.model, where, self.options.trained)
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
