@@ -185,3 +185,16 @@ def test_every_removal_option_reaches_remove_(ns, monkeypatch):
     assert (seen["heads"], seen["ffn"], seen["round_to"]) == (0.25, 0.5, 8)
     assert seen["ignore"] == ["bn1", "conv3"] and seen["layers"] == ["conv*"]
     assert seen["include_output"] is True and seen["importance"] == "wanda"
+
+
+def test_suggested_with_remove_after_a_sweep_without_budget_names_the_group_sweep(ns):
+    model = ns.user_ns["model"]
+    magic(ns, "sensitivity model --eval fid --remove --input x --ratios 0.5 --no-widget")
+    saved = snapshot(model)
+    with pytest.raises(UsageError) as err:
+        magic(ns, "prune model --suggested --remove --input x")
+    message = str(err.value)
+    assert message.startswith("--suggested: no suggestion recorded for this model")
+    assert "%sensitivity model --eval f --remove --input x --target-sparsity 0.3" in message
+    assert_same_state(model, saved)
+    assert nc.history(model) == []

@@ -135,7 +135,13 @@ def needs_input(expr: str) -> UsageError:
 def check_group_suggestion(model: nn.Module, expr: str, x: Any) -> None:
     """``--suggested --remove``: the latest suggestion must be a group sweep's, with an input."""
     suggestion = latest_suggestion(model)
-    if suggestion is not None and not suggestion.remove:
+    if suggestion is None:
+        raise UsageError(
+            "--suggested: no suggestion recorded for this model (a sweep records one only with "
+            f"a budget); sweep coupled groups with one first: %sensitivity {expr} --eval f "
+            "--remove --input x --target-sparsity 0.3 (or --max-drop 0.01)."
+        )
+    if not suggestion.remove:
         raise UsageError(
             "--remove: the latest suggestion is per-layer (its sweep zeroed single layers); "
             f"sweep coupled groups first: %sensitivity {expr} --eval f --remove --input x "
