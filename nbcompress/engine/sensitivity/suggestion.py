@@ -190,9 +190,11 @@ def apply_suggestion_(
     suggestion = suggestion if suggestion is not None else latest_suggestion(model)
     if suggestion is None:
         raise ValueError(
-            "suggestion: none recorded for this model. Run a sweep and ask for one first, "
-            "e.g. `r = nbcompress.sensitivity(model, evaluate); r.suggest(0.8)` or "
-            "`%sensitivity model --eval evaluate --target-sparsity 0.8`."
+            "suggestion: none recorded for this model (a sweep records one only with a "
+            "budget). Run a sweep with one first, e.g. `r = nbcompress.sensitivity(model, "
+            "evaluate); r.suggest(0.8)`, `%sensitivity model --eval evaluate --target-sparsity "
+            "0.8`, or for removed channels `%sensitivity model --eval evaluate --remove --input "
+            "x --target-sparsity 0.3` (or --max-drop 0.01)."
         )
     ratios = {n: r for n, r in suggestion.ratios.items() if r > 0}
     if not ratios:
