@@ -68,12 +68,15 @@ def _joined(fn: Callable[..., Any], on_node: Callable[[Any], None]) -> Callable[
 
 
 @functools.cache
-def _attention_pruner_class() -> type:
-    """A Torch-Pruning pruner for window attention whose in and out are the residual stream."""
+def _attention_pruner_class(qkv: str, proj: str) -> type:
+    """A Torch-Pruning pruner for attention whose in and out are the residual stream.
+
+    ``qkv`` and ``proj`` name the module's fused q/k/v projection and output projection.
+    """
     import torch_pruning as tp
 
     class WindowAttentionPruner(tp.pruner.BasePruningFunc):
-        """Shrinks ``qkv`` (inputs, and q/k/v rows alike) and ``proj`` (in and out) together.
+        """Shrinks the q/k/v projection (inputs, q/k/v rows alike) and the output projection.
 
         The attention's functional forward reshapes by its input width, so q, k, v and the
         projection must follow the residual width; the head count stays (the core removes
@@ -81,22 +84,23 @@ def _attention_pruner_class() -> type:
         """
 
         def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
-            width = layer.qkv.in_features
+            fused, out = getattr(layer, qkv), getattr(layer, proj)
+            width = fused.in_features
             idxs = sorted(int(i) for i in idxs)
             rows = idxs + [i + width for i in idxs] + [i + 2 * width for i in idxs]
-            tp.prune_linear_in_channels(layer.qkv, idxs)
-            tp.prune_linear_out_channels(layer.qkv, rows)
-            tp.prune_linear_in_channels(layer.proj, idxs)
-            tp.prune_linear_out_channels(layer.proj, idxs)
+            tp.prune_linear_in_channels(fused, idxs)
+            tp.prune_linear_out_channels(fused, rows)
+            tp.prune_linear_in_channels(out, idxs)
+            tp.prune_linear_out_channels(out, idxs)
             return layer
 
         prune_in_channels = prune_out_channels  # in and out are one dimension
 
         def get_out_channels(self, layer: nn.Module) -> int:
-            return layer.proj.out_features
+            return getattr(layer, proj).out_features
 
         def get_in_channels(self, layer: nn.Module) -> int:
-            return layer.qkv.in_features
+            return getattr(layer, qkv).in_features
 
     return WindowAttentionPruner
 
@@ -281,7 +285,7 @@ def _swin(model: nn.Module, compat: Compat) -> None:
     )
     pruner = None
     for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
-        pruner = pruner or _attention_pruner_class()()
+        pruner = pruner or _attention_pruner_class("qkv", "proj")()
         compat.customized_pruners[type(mod)] = pruner
         compat.opaque[mod] = None
         compat.num_heads[mod] = mod.num_heads
@@ -310,12 +314,16 @@ def _merge_pad_as_concat(merge_pad: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _maxvit(model: nn.Module, compat: Compat) -> None:
-    # torchvision MaxViT: the attention reshapes its output to the input width with a stored
-    # head count and head size, so the residual stream through it keeps its width; the
-    # MBConv blocks and MLP neurons are still removable.
+    # torchvision MaxViT: the attention's head split (stored n_heads x head_dim) is read by
+    # the graph as reshapes of the residual stream: run it as one op, shrink to_qkv/merge with
+    # the stream (in multiples of the head count) and refresh head_dim afterwards.
     kinds = _types("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")
+    pruner = None
     for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
-        compat.opaque[mod] = "MaxViT attention (stored head size) keeps the residual width"
+        pruner = pruner or _attention_pruner_class("to_qkv", "merge")()
+        compat.customized_pruners[type(mod)] = pruner
+        compat.opaque[mod] = None
+        compat.num_heads[mod] = mod.n_heads
 
 
 def _shufflenet(model: nn.Module, compat: Compat) -> None:
@@ -343,7 +351,11 @@ def prepare(model: nn.Module) -> Compat:
 
 
 def after_apply(model: nn.Module) -> list[str]:
-    """Refresh widths that models store as attributes (torchvision ViT's ``hidden_dim``)."""
+    """Refresh widths that models store as attributes; return notes for the report.
+
+    torchvision ViT's ``hidden_dim`` (reused by its input reshape) follows ``conv_proj``;
+    MaxViT attention's ``head_dim`` follows its shrunk ``to_qkv``.
+    """
     notes = []
     vits = _types("torchvision.models.vision_transformer", "VisionTransformer")
     for vit in (m for m in model.modules() if vits and isinstance(m, vits)):
@@ -351,4 +363,14 @@ def after_apply(model: nn.Module) -> list[str]:
         if vit.hidden_dim != width:
             notes.append(f"VisionTransformer.hidden_dim {vit.hidden_dim} -> {width}")
             vit.hidden_dim = width
+    changed: dict[tuple[int, int], int] = {}
+    kinds = _types("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")
+    for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
+        head_dim = mod.to_qkv.out_features // 3 // mod.n_heads
+        if mod.head_dim != head_dim:
+            key = (mod.head_dim, head_dim)
+            changed[key] = changed.get(key, 0) + 1
+            mod.head_dim = head_dim
+    for (old, new), count in changed.items():
+        notes.append(f"MaxViT attention head_dim {old} -> {new} ({count} modules)")
     return notes
