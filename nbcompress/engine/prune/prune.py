@@ -104,6 +104,8 @@ def prune_(
     seed: int = 0,
     example_inputs: Any = None,
     reconstruct: bool = False,
+    remove: bool = False,
+    round_to: int | None = None,
 ) -> nn.Module:
     """Prune ``model`` in place and record the step for :func:`~nbcompress.undo_`.
 
@@ -147,6 +149,12 @@ def prune_(
             idea; Linear, Conv1d, Conv2d). Layers are processed in forward order, each
             measured with the earlier ones already pruned and re-fitted. Layers it cannot
             handle are only masked, with a note; with channel granularity nothing is re-fitted.
+        remove: With ``granularity="channel"``: physically remove the channels (and every
+            dimension coupled to them) instead of zeroing them — a smaller dense model;
+            ``example_inputs`` is then required. Delegates to
+            :func:`~nbcompress.engine.structural.remove.remove_` (``method`` ``"l1"`` or
+            ``"wanda"`` is its importance; ``amount`` is the share of each coupled group).
+        round_to: With ``remove``: keep channel counts that are multiples of this (e.g. 8).
 
     A weight shared by several layers is pruned once (one mask). A parametrized weight
     (``torch.nn.utils.parametrize``, ``weight_norm``) is set through its parametrization,
@@ -165,6 +173,8 @@ def prune_(
     """
     check_module(model)
     _check_options(method, scope, granularity, reconstruct)
+    if remove or round_to is not None:
+        return _remove(model, amount, remove, round_to, locals())
     min_density, seed = check_min_density(min_density), check_seed(seed)
     per_layer = isinstance(amount, Mapping)
     # A dict naming the output layer literally is explicit intent, like a literal pattern.
@@ -202,6 +212,37 @@ def prune_(
         calibration(model, targets, plan, example_inputs),
     )
     return model
+
+
+def _remove(model: nn.Module, amount: Any, remove: bool, round_to: Any, opts: dict) -> nn.Module:
+    """``prune_(..., granularity="channel", remove=True)``: physical removal (one step)."""
+    if not remove:
+        raise ValueError("round_to: applies to physical removal only; pass remove=True too.")
+    refused = {
+        "granularity": (opts["granularity"] != "channel", "pass granularity='channel'"),
+        "method": (opts["method"] not in ("l1", "wanda"), "use method='l1' or 'wanda'"),
+        "scope": (opts["scope"] != "layer", "every coupled group loses the same share"),
+        "keep_masks": (opts["keep_masks"], "removed channels leave no mask to keep"),
+        "reconstruct": (opts["reconstruct"], "re-fitting is not done with removal"),
+        "types": (opts["types"] is not None, "removal roots are every Conv and Linear"),
+    }
+    for arg, (bad, fix) in refused.items():
+        if bad:
+            raise ValueError(
+                f"{arg}: {opts[arg]!r} does not go with remove=True (whole channels are "
+                f"physically removed); {fix}."
+            )
+    from nbcompress.engine.structural.remove import remove_
+
+    return remove_(
+        model,
+        amount,
+        example_inputs=opts["example_inputs"],
+        importance=opts["method"],
+        round_to=round_to,
+        layers=opts["layers"],
+        include_output=opts["include_output"],
+    )
 
 
 def _named(plan: Plan) -> str:

@@ -1,0 +1,258 @@
+"""Coupled channel groups of a model, from Torch-Pruning's dependency graph (built in a child).
+
+The graph build runs ``model.eval()``, needs gradients enabled and can run away in memory
+on some models, so it only ever runs in a bounded child process
+(:func:`~nbcompress.engine.structural.child.run_bounded`); what comes back is a list of
+plain, picklable :class:`~nbcompress.engine.structural.plan.Group` records.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nbcompress.engine.core.layers import output_layers, select_layers
+from nbcompress.engine.core.validation import as_inputs, call_model, check_module
+from nbcompress.engine.structural import compat as compat_mod
+from nbcompress.engine.structural.child import run_bounded
+from nbcompress.engine.structural.plan import Group, GroupItem
+from nbcompress.engine.structural.scores import IMPORTANCES, input_norms
+
+__all__ = ["channel_groups", "clear_cache"]
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, list[Group]]] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class _Options:
+    layers: tuple[str, ...] | None
+    ignore: tuple[str, ...]
+    include_output: bool
+    importance: str
+
+
+def _patterns(value: str | Sequence[str] | None, arg: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) for p in value):
+        raise TypeError(
+            f"{arg}: expected a glob pattern or a list of them such as ['features.*'], "
+            f"got {type(value).__name__} {value!r}."
+        )
+    return tuple(value)
+
+
+def _check_ignore(model: nn.Module, ignore: tuple[str, ...]) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    for pattern in ignore:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            more = f", … ({len(names)} in all)" if len(names) > 20 else ""
+            shown = ", ".join(names[:20]) + more
+            raise ValueError(f"ignore: pattern {pattern!r} matches no module. Available: {shown}.")
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    # A pattern naming a module also covers its submodules.
+    return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
+
+
+def _item(dg: Any, dep: Any, idxs: Sequence[int], root_idxs: Sequence[int]) -> GroupItem | None:
+    """A Torch-Pruning group item as a plain record (``None`` for ops holding no tensor)."""
+    from torch_pruning import ops
+
+    target = dep.target
+    roots = tuple(int(r) for r in root_idxs)
+    if target.type == ops.OPTYPE.PARAMETER:
+        owner, _, attr = dg._param_to_name[target.module].rpartition(".")
+        handler = f"param:{attr}:{target.pruning_dim}"
+        return GroupItem(owner, handler, tuple(int(i) for i in idxs), roots)
+    module = target.module
+    pruner = getattr(dep.handler, "__self__", None)
+    if not isinstance(module, nn.Module) or module not in dg._module2name:
+        return None
+    if pruner is None or isinstance(pruner, ops.DummyPruner):
+        return None
+    # Pruners whose input and output are one dimension (norms, depthwise convs, attention)
+    # are shrunk once, as "out".
+    same = type(pruner).prune_in_channels is type(pruner).prune_out_channels
+    handler = "out" if same or dg.is_out_channel_pruning_fn(dep.handler) else "in"
+    return GroupItem(dg._module2name[module], handler, tuple(int(i) for i in idxs), roots)
+
+
+def _blocks_and_step(model: nn.Module, items: Sequence[GroupItem], width: int, compat: Any):
+    """Equal-width blocks (grouped convs, GroupNorm) and the removal step (attention heads)."""
+    blocks, step, reason = 1, 1, None
+    for item in items:
+        mod = model.get_submodule(item.module)
+        heads = compat.num_heads.get(mod) or getattr(mod, "num_heads", None)
+        if isinstance(mod, nn.MultiheadAttention) or mod in compat.num_heads:
+            step = math.lcm(step, int(heads), compat.round_to or 1)
+        g = mod.num_groups if isinstance(mod, nn.GroupNorm) else 1
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            depthwise = mod.groups == mod.in_channels == mod.out_channels
+            g = 1 if depthwise else mod.groups
+        if g > 1:
+            if list(item.idxs) != list(range(width)) or item.root_idxs != item.idxs:
+                reason = f"{item.module}: channel groups (groups={g}) behind a concat or reshape"
+            blocks = math.lcm(blocks, g)
+    if width % blocks:
+        reason = reason or f"{width} channels do not split into {blocks} equal blocks"
+    return blocks, step, reason
+
+
+def _reason(group_items: Sequence[GroupItem], root: str, width: int, ctx: dict) -> str | None:
+    """Why a group must keep its channels (``None`` if it may lose some)."""
+    opts: _Options = ctx["options"]
+    if opts.layers is not None and not _matches(root, opts.layers):
+        return "not selected by layers="
+    for item in group_items:
+        if item.handler == "out" and item.module in ctx["heads"]:
+            return f"keeps the outputs of the output layer {item.module or '(model)'}"
+        if opts.ignore and _matches(item.module, opts.ignore):
+            return f"touches {item.module}, left alone by ignore="
+    if width < 2:
+        return "has a single channel"
+    return None
+
+
+def _convert(dg: Any, group: Any, root: str, width: int, ctx: dict) -> Group:
+    items = [_item(dg, it.dep, it.idxs, it.root_idxs) for it in group]
+    items = [i for i in items if i is not None]
+    blocks, step, reason = _blocks_and_step(ctx["model"], items, width, ctx["compat"])
+    reason = _reason(items, root, width, ctx) or reason
+    scores = IMPORTANCES[ctx["options"].importance](group, width, ctx["norms"])
+    return Group(
+        root=root,
+        width=width,
+        items=tuple(items),
+        scores=tuple(float(s) for s in scores.tolist()),
+        step=step,
+        reason=reason,
+        blocks=blocks,
+    )
+
+
+def _groups_in_child(model: nn.Module, inputs: tuple, options: _Options) -> list[Group]:
+    """Child side: build the graph once and list every Conv/Linear-rooted group."""
+    import torch_pruning as tp
+
+    compat = compat_mod.prepare(model)
+    heads = set() if options.include_output else set(output_layers(model, inputs).names)
+    norms = {}
+    if options.importance == "wanda":
+        norms = input_norms(model, lambda: call_model(model, inputs))
+    ctx = {"model": model, "compat": compat, "options": options, "heads": heads, "norms": norms}
+    groups: list[Group] = []
+    with compat.patches(), torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(
+            model,
+            example_inputs=inputs,
+            forward_fn=lambda m, x: call_model(m, x),  # exactly one forward
+            customized_pruners=compat.customized_pruners or None,
+            unwrapped_parameters=compat.unwrapped_parameters or None,
+            ignored_layers=compat.ignored_layers or None,
+            verbose=False,
+        )
+        visited: set[int] = set()
+        ignored = {id(m) for m in compat.ignored_layers}
+        roots = (nn.modules.conv._ConvNd, nn.Linear)
+        for module in list(dg.module2node):
+            if not isinstance(module, roots) or id(module) in visited | ignored:
+                continue
+            name = dg._module2name.get(module)
+            if name is None or (options.layers is not None and not _matches(name, options.layers)):
+                continue
+            pruner = dg.get_pruner_of_module(module)
+            width = pruner.get_out_channels(module) if pruner is not None else None
+            if not width:
+                continue
+            group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+            for it in group:
+                if dg.is_out_channel_pruning_fn(it.dep.handler):
+                    visited.add(id(it.dep.target.module))
+            groups.append(_convert(dg, group, name, width, ctx))
+    return groups
+
+
+def _cache_key(model: nn.Module, inputs: tuple, options: _Options) -> tuple:
+    # Weights changed in place (training) bump ._version; removal/undo swap the objects.
+    params = tuple((n, tuple(p.shape), id(p), p._version) for n, p in model.named_parameters())
+    structure = tuple((n, type(m).__name__) for n, m in model.named_modules())
+    shapes = tuple(
+        (tuple(x.shape), x.dtype, id(x), x._version) if isinstance(x, torch.Tensor) else repr(x)
+        for x in inputs
+    )
+    return (params, structure, shapes, options)
+
+
+def clear_cache(model: nn.Module | None = None) -> None:
+    """Forget cached groups (of ``model``, or of every model)."""
+    if model is None:
+        _CACHE.clear()
+    else:
+        _CACHE.pop(model, None)
+
+
+def channel_groups(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    layers: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+    include_output: bool = False,
+    importance: str = "l1",
+    timeout: float = 120.0,
+    memory: int = 4 << 30,
+) -> list[Group]:
+    """The model's coupled channel groups, each rooted at a Conv/Linear's output channels.
+
+    The dependency graph is built in a forked child process bounded in time and memory
+    (the model is never changed); results are cached per model, weights, structure and
+    input shapes, so a sweep builds it once.
+
+    Args:
+        model: The model.
+        example_inputs: One batch (tensor, tuple or dict) the model runs on.
+        layers: Glob pattern(s) of the root layers that may lose channels (others are
+            returned with a ``reason``; their groups are not even expanded).
+        ignore: Glob pattern(s) of modules never touched: groups reaching them keep
+            their channels.
+        include_output: Also allow the output layer(s)' outputs to be removed.
+        importance: ``"l1"`` (group-aware L1) or ``"wanda"`` (|W| · ‖X‖ on the input).
+        timeout: Seconds the child may take.
+        memory: Bytes of extra memory the child may use.
+
+    Returns:
+        The groups (prunable ones have ``reason is None``).
+
+    Raises:
+        ValueError: Bad argument, or the graph could not be built (one line with the fix).
+    """
+    check_module(model)
+    inputs = as_inputs(example_inputs)
+    if importance not in IMPORTANCES:
+        raise ValueError(
+            f"importance: {importance!r} is unknown; choose one of {list(IMPORTANCES)}."
+        )
+    layer_patterns = _patterns(layers, "layers")
+    if layer_patterns is not None:
+        select_layers(model, list(layer_patterns), include_output=True)  # unknown pattern → error
+    ignore_patterns = _patterns(ignore, "ignore") or ()
+    _check_ignore(model, ignore_patterns)
+    options = _Options(layer_patterns, ignore_patterns, bool(include_output), importance)
+    key = _cache_key(model, inputs, options)
+    cached = _CACHE.get(model, {})
+    if key in cached:
+        return cached[key]
+    groups = run_bounded(_groups_in_child, model, inputs, options, timeout=timeout, memory=memory)
+    _CACHE[model] = {key: groups}  # one entry per model: a sweep reuses it, an edit replaces it
+    return groups
