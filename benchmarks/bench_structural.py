@@ -33,7 +33,8 @@ Run (2 shared cores: the full run takes long, start it in the background)::
     PYTHONPATH=$PWD python benchmarks/bench_structural.py --models 'swin*,shufflenet*'
 
 Writes ``<out>.json`` (one record per model and method, appended as they finish, so a
-partial run keeps its rows) and ``<out>.md`` (the table).
+partial run keeps its rows) and ``<out>.md`` (the table). ``--render a.json b.json --out X``
+rebuilds the table from earlier runs (e.g. one run per method).
 """
 
 from __future__ import annotations
@@ -385,12 +386,18 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--memory", type=int, default=4 << 30, help="bytes of extra memory")
     p.add_argument("--out", default="benchmarks/results/structural", help="path without suffix")
+    p.add_argument("--render", nargs="+", help="only write the table from these JSON files")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--base-file", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
+        return
+    if args.render:
+        records = [r for path in args.render for r in json.loads(Path(path).read_text())]
+        Path(args.out).with_suffix(".md").write_text(markdown(records, args))
+        print(markdown(records, args))
         return
     names = _select(args.models, args.quick)
     methods = [m for m in args.methods.split(",") if m in METHODS]
