@@ -81,7 +81,7 @@ def _reset_peak() -> None:
         pass
 
 
-def _count_macs(model, x) -> int:
+def count_macs(model, x) -> int:
     import torch
 
     from nbcompress.engine.core.costs import macs
@@ -172,7 +172,7 @@ def worker(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         ref = model(x)
     rec["params_before"] = sum(p.numel() for p in model.parameters())
-    rec["macs_before"] = _count_macs(model, x)
+    rec["macs_before"] = count_macs(model, x)
     base = _rss_kb()
     Path(args.base_file).write_text(str(base))
     _reset_peak()
@@ -205,7 +205,7 @@ def _check(model, x, ref, params_before: int) -> dict:
     try:
         with torch.no_grad():
             y = model(x)
-        out["macs_after"] = _count_macs(model, x)
+        out["macs_after"] = count_macs(model, x)
     except Exception as err:  # noqa: BLE001
         return {**out, "status": "broken", "reason": "forward fails: " + _one_line(err)}
     if y.shape != ref.shape:

@@ -30,26 +30,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 
-from nbcompress.engine.core.costs import macs  # noqa: E402
 from nbcompress.engine.structural.remove import remove_  # noqa: E402
 from nbcompress.timing import race  # noqa: E402
 
-
-def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Hook estimate of the multiply-accumulates of one forward (theoretical)."""
-    total = [0]
-
-    def hook(module, inputs, output):
-        total[0] += macs(module, inputs, output) or 0
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total[0]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_structural import count_macs  # noqa: E402
 
 
 def params(model: torch.nn.Module) -> int:

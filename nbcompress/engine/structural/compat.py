@@ -276,20 +276,31 @@ def _vit(model: nn.Module, compat: Compat) -> None:
             compat.round_to = max(heads.values())
 
 
+def _fused_attention(
+    model: nn.Module, compat: Compat, kinds: tuple[type, ...], names: tuple
+) -> bool:
+    """Register attention modules run as one op and shrunk with the residual stream.
+
+    ``names`` = (fused q/k/v projection, output projection, head-count attribute). Returns
+    whether the model has any.
+    """
+    qkv, proj, heads = names
+    pruner = None
+    for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
+        pruner = pruner or _attention_pruner_class(qkv, proj)()
+        compat.customized_pruners[type(mod)] = pruner
+        compat.opaque[mod] = None
+        compat.num_heads[mod] = getattr(mod, heads)
+    return pruner is not None
+
+
 def _swin(model: nn.Module, compat: Compat) -> None:
     # torchvision Swin / Swin-V2: the window attention calls F.linear on qkv/proj weights
     # (the graph never sees those layers) and reshapes windows (index lists explode): run it
     # as one op shrunk by a pruner that keeps q/k/v and the projection at the residual width.
-    kinds = _types(
-        "torchvision.models.swin_transformer", "ShiftedWindowAttention", "ShiftedWindowAttentionV2"
-    )
-    pruner = None
-    for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
-        pruner = pruner or _attention_pruner_class("qkv", "proj")()
-        compat.customized_pruners[type(mod)] = pruner
-        compat.opaque[mod] = None
-        compat.num_heads[mod] = mod.num_heads
-    if pruner is not None:
+    path = "torchvision.models.swin_transformer"
+    kinds = _types(path, "ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+    if _fused_attention(model, compat, kinds, ("qkv", "proj", "num_heads")):
         # Patch merging slices H and W of an (N, H, W, C) tensor; the graph takes a 4-D
         # slice on dim 1 for a channel slice and halves the channel indices.
         import torchvision.models.swin_transformer as swin
@@ -318,12 +329,7 @@ def _maxvit(model: nn.Module, compat: Compat) -> None:
     # the graph as reshapes of the residual stream: run it as one op, shrink to_qkv/merge with
     # the stream (in multiples of the head count) and refresh head_dim afterwards.
     kinds = _types("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")
-    pruner = None
-    for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
-        pruner = pruner or _attention_pruner_class("to_qkv", "merge")()
-        compat.customized_pruners[type(mod)] = pruner
-        compat.opaque[mod] = None
-        compat.num_heads[mod] = mod.n_heads
+    _fused_attention(model, compat, kinds, ("to_qkv", "merge", "n_heads"))
 
 
 def _shufflenet(model: nn.Module, compat: Compat) -> None:

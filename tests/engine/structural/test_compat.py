@@ -159,14 +159,16 @@ def test_groups_crossing_a_channel_shuffle_keep_their_channels():
     assert reasons["4.branch2.0"] is None and reasons["3.branch2.0"] is None
 
 
-def test_shuffle_block_loses_channels_and_runs():
-    model, x = shuffle_net(), inputs()
+@pytest.mark.parametrize("make", [shuffle_net, max_vit])
+def test_shuffle_and_maxvit_blocks_lose_channels_and_run(make):
+    model, x = make(), inputs()
     before = params(model)
     remove_(model, 0.3, example_inputs=x)
     with torch.no_grad():
         assert model(x).shape == (2, 10)
     assert params(model) < before
-    assert model[4].branch2[0].out_channels < 16  # a branch-internal group shrank
+    if make is shuffle_net:
+        assert model[4].branch2[0].out_channels < 16  # a branch-internal group shrank
 
 
 def test_without_the_shuffle_fix_removal_is_refused(monkeypatch):
@@ -242,15 +244,6 @@ def test_after_apply_refreshes_maxvit_head_dim():
     assert attn.head_dim == 3
     assert any("head_dim 4 -> 3" in n for n in notes)
     assert compat.after_apply(model) == []  # nothing left to refresh
-
-
-def test_maxvit_loses_channels_and_runs():
-    model, x = max_vit(), inputs()
-    before = params(model)
-    remove_(model, 0.3, example_inputs=x)
-    with torch.no_grad():
-        assert model(x).shape == (2, 10)
-    assert params(model) < before
 
 
 # ------------------------------------------------------------------ index guard
