@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,7 +128,9 @@ def _convert(dg: Any, group: Any, root: str, width: int, ctx: dict) -> Group:
     items = [_item(dg, it.dep, it.idxs, it.root_idxs) for it in group]
     items = [i for i in items if i is not None]
     blocks, step, reason = _blocks_and_step(ctx["model"], items, width, ctx["compat"])
-    reason = _reason(items, root, width, ctx) or reason
+    # Compat may stop a group it knows the graph gets wrong (channel shuffle, windows).
+    stopped = getattr(ctx["compat"], "group_reason", None)
+    reason = _reason(items, root, width, ctx) or (stopped(group) if stopped else None) or reason
     scores = IMPORTANCES[ctx["options"].importance](group, width, ctx["norms"])
     return Group(
         root=root,
@@ -183,15 +185,32 @@ def _groups_in_child(model: nn.Module, inputs: tuple, options: _Options) -> list
     return groups
 
 
+def _describe(x: Any) -> Any:
+    """A hashable identity of one input: shapes, dtypes, objects and in-place versions."""
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.dtype, id(x), x._version)
+    if isinstance(x, Mapping):
+        return tuple((k, _describe(v)) for k, v in x.items())
+    if isinstance(x, (tuple, list)):
+        return tuple(_describe(v) for v in x)
+    return (type(x).__name__, id(x))
+
+
 def _cache_key(model: nn.Module, inputs: tuple, options: _Options) -> tuple:
     # Weights changed in place (training) bump ._version; removal/undo swap the objects.
     params = tuple((n, tuple(p.shape), id(p), p._version) for n, p in model.named_parameters())
     structure = tuple((n, type(m).__name__) for n, m in model.named_modules())
-    shapes = tuple(
-        (tuple(x.shape), x.dtype, id(x), x._version) if isinstance(x, torch.Tensor) else repr(x)
-        for x in inputs
-    )
-    return (params, structure, shapes, options)
+    return (params, structure, _describe(inputs), options)
+
+
+def _check_device(model: nn.Module) -> None:
+    devices = {p.device.type for p in model.parameters()} - {"cpu"}
+    if devices:
+        raise ValueError(
+            f"model: its parameters are on {', '.join(sorted(devices))}; the dependency graph "
+            "is built in a forked process, which runs on the CPU only. Move the model to the "
+            "CPU first (model.cpu()), remove channels, then move it back."
+        )
 
 
 def clear_cache(model: nn.Module | None = None) -> None:
@@ -238,6 +257,7 @@ def channel_groups(
         ValueError: Bad argument, or the graph could not be built (one line with the fix).
     """
     check_module(model)
+    _check_device(model)
     inputs = as_inputs(example_inputs)
     if importance not in IMPORTANCES:
         raise ValueError(
