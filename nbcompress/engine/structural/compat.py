@@ -71,10 +71,13 @@ def _joined(fn: Callable[..., Any], on_node: Callable[[Any], None]) -> Callable[
 
 
 @functools.cache
-def _attention_pruner_class(qkv: str, proj: str) -> type:
+def _attention_pruner_class(qkv: str, proj: str, heads: str, head_dim: str | None) -> type:
     """A Torch-Pruning pruner for attention whose in and out are the residual stream.
 
-    ``qkv`` and ``proj`` name the module's fused q/k/v projection and output projection.
+    ``qkv`` and ``proj`` name the module's fused q/k/v projection and output projection,
+    ``heads`` its head count; ``head_dim`` (if given) names a stored head size that the
+    forward reshapes by, refreshed here with the width (the module is saved for undo as a
+    whole, so undo restores it too).
     """
     import torch_pruning as tp
 
@@ -95,6 +98,8 @@ def _attention_pruner_class(qkv: str, proj: str) -> type:
             tp.prune_linear_out_channels(fused, rows)
             tp.prune_linear_in_channels(out, idxs)
             tp.prune_linear_out_channels(out, idxs)
+            if head_dim is not None:
+                setattr(layer, head_dim, fused.out_features // 3 // getattr(layer, heads))
             return layer
 
         prune_in_channels = prune_out_channels  # in and out are one dimension
@@ -284,13 +289,13 @@ def _fused_attention(
 ) -> bool:
     """Register attention modules run as one op and shrunk with the residual stream.
 
-    ``names`` = (fused q/k/v projection, output projection, head-count attribute). Returns
-    whether the model has any.
+    ``names`` = (fused q/k/v projection, output projection, head-count attribute, stored
+    head-size attribute or None). Returns whether the model has any.
     """
-    qkv, proj, heads = names
+    qkv, proj, heads, head_dim = names
     pruner = None
     for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
-        pruner = pruner or _attention_pruner_class(qkv, proj)()
+        pruner = pruner or _attention_pruner_class(qkv, proj, heads, head_dim)()
         compat.customized_pruners[type(mod)] = pruner
         compat.opaque[mod] = None
         compat.num_heads[mod] = getattr(mod, heads)
@@ -303,7 +308,7 @@ def _swin(model: nn.Module, compat: Compat) -> None:
     # as one op shrunk by a pruner that keeps q/k/v and the projection at the residual width.
     path = "torchvision.models.swin_transformer"
     kinds = _types(path, "ShiftedWindowAttention", "ShiftedWindowAttentionV2")
-    if _fused_attention(model, compat, kinds, ("qkv", "proj", "num_heads")):
+    if _fused_attention(model, compat, kinds, ("qkv", "proj", "num_heads", None)):
         # Patch merging slices H and W of an (N, H, W, C) tensor; the graph takes a 4-D
         # slice on dim 1 for a channel slice and halves the channel indices.
         import torchvision.models.swin_transformer as swin
@@ -330,9 +335,9 @@ def _merge_pad_as_concat(merge_pad: Callable[..., Any]) -> Callable[..., Any]:
 def _maxvit(model: nn.Module, compat: Compat) -> None:
     # torchvision MaxViT: the attention's head split (stored n_heads x head_dim) is read by
     # the graph as reshapes of the residual stream: run it as one op, shrink to_qkv/merge with
-    # the stream (in multiples of the head count) and refresh head_dim afterwards.
+    # the stream (in multiples of the head count), head_dim refreshed by the same pruner.
     kinds = _types("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")
-    _fused_attention(model, compat, kinds, ("to_qkv", "merge", "n_heads"))
+    _fused_attention(model, compat, kinds, ("to_qkv", "merge", "n_heads", "head_dim"))
 
 
 def _shufflenet(model: nn.Module, compat: Compat) -> None:
@@ -362,8 +367,9 @@ def prepare(model: nn.Module) -> Compat:
 def after_apply(model: nn.Module) -> list[str]:
     """Refresh widths that models store as attributes; return notes for the report.
 
-    torchvision ViT's ``hidden_dim`` (reused by its input reshape) follows ``conv_proj``;
-    MaxViT attention's ``head_dim`` follows its shrunk ``to_qkv``.
+    torchvision ViT's ``hidden_dim`` (reused by its input reshape) follows ``conv_proj``.
+    (Widths stored on a module the plan shrinks, such as MaxViT attention's ``head_dim``,
+    are refreshed by its pruner instead.)
     """
     notes = []
     vits = _types("torchvision.models.vision_transformer", "VisionTransformer")
@@ -372,14 +378,4 @@ def after_apply(model: nn.Module) -> list[str]:
         if vit.hidden_dim != width:
             notes.append(f"VisionTransformer.hidden_dim {vit.hidden_dim} -> {width}")
             vit.hidden_dim = width
-    changed: dict[tuple[int, int], int] = {}
-    kinds = _types("torchvision.models.maxvit", "RelativePositionalMultiHeadAttention")
-    for mod in (m for m in model.modules() if kinds and isinstance(m, kinds)):
-        head_dim = mod.to_qkv.out_features // 3 // mod.n_heads
-        if mod.head_dim != head_dim:
-            key = (mod.head_dim, head_dim)
-            changed[key] = changed.get(key, 0) + 1
-            mod.head_dim = head_dim
-    for (old, new), count in changed.items():
-        notes.append(f"MaxViT attention head_dim {old} -> {new} ({count} modules)")
     return notes
