@@ -7,6 +7,7 @@ width as ``hidden_dim``), plus a flatten whose index list the guard stops. Seede
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -269,3 +270,19 @@ def test_guard_turns_a_failing_index_mapping_into_a_reason(monkeypatch):
         group = dg.get_pruning_group(model[0], tp.prune_conv_out_channels, [0, 1, 2, 3])
     assert "could not map its indices (IndexError" in fixes.group_reason(group)
     assert len(group) == 1  # only the root: nothing else is touched
+
+
+def test_index_mappings_are_computed_once_per_graph_with_the_same_groups(monkeypatch):
+    model, x = shuffle_net(), inputs()
+    fixes = compat.prepare(model)
+    calls = []
+    update = index_mapping.update_index_mapping
+    monkeypatch.setattr(
+        index_mapping, "update_index_mapping", lambda g: calls.append(1) or update(g)
+    )
+    with_memo = tp_groups(model, x, fixes)
+    assert len(calls) == 1  # build_dependency's; none per group
+    monkeypatch.setattr(compat, "_index_mappings_once", contextlib.nullcontext)
+    calls.clear()
+    assert tp_groups(model, x, fixes) == with_memo
+    assert len(calls) > 1
