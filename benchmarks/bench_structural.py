@@ -332,8 +332,9 @@ def _cell(rec: dict | None) -> tuple[str, str, str]:
 def markdown(records: list[dict], args: argparse.Namespace) -> str:
     """The results table (one row per model) and the totals."""
     by: dict[str, dict[str, dict]] = {}
-    for rec in records:
+    for rec in records:  # a later record of a model and method replaces an earlier one
         by.setdefault(rec["model"], {})[rec["method"]] = rec
+    records = [rec for recs in by.values() for rec in recs.values()]
     lines = [
         f"Structural removal, {args.ratio:.0%} of channels, random init, "
         f"1x3x{args.size}x{args.size}, 1 thread, one process per model and method "
