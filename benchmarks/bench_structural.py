@@ -148,12 +148,12 @@ def _remove_tp(model, x, ratio: float, memory: int) -> str:
     return "BasePruner"
 
 
-class _Alarm(Exception):
+class _TimeLimit(Exception):
     pass
 
 
 def _on_alarm(signum, frame):
-    raise _Alarm("did not finish within the time limit")
+    raise _TimeLimit("did not finish within the time limit")
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -185,7 +185,7 @@ def worker(args: argparse.Namespace) -> dict:
         else:
             rec["path"] = _remove_tp(model, x, args.ratio, args.memory)
         rec["status"] = "works"
-    except (Exception, _Alarm) as err:  # noqa: BLE001 - every failure is one table cell
+    except (Exception, _TimeLimit) as err:  # noqa: BLE001 - every failure is one table cell
         rec["status"], rec["reason"] = "refused", _one_line(err)
     finally:
         signal.alarm(0)
