@@ -18,9 +18,9 @@ Generic mechanisms (measured on torchvision's 80 classifiers, issue 13):
   during the trace and joined to its input by one autograd node, so the graph sees one op.
   With a customized pruner (Swin and MaxViT attention) it is shrunk as a whole; with a
   reason instead it is a *barrier*: every group reaching it keeps its channels.
-* **Barrier functions and rewrites.** The same for a module-level function, patched only
-  while the graph is built: a barrier (ShuffleNetV2's ``channel_shuffle``) or a replacement
-  computing the same values with ops the graph reads correctly (Swin's patch merging).
+* **Barrier functions and rewrites.** The same for a module-level function while the graph
+  is built: a barrier (ShuffleNetV2's ``channel_shuffle``) or the same values in ops the
+  graph reads correctly (Swin's patch merging).
 
 Family-specific entries (each names why) are in :func:`_families`.
 """
@@ -53,8 +53,11 @@ class _Join(torch.autograd.Function):
         return None, None
 
 
-def _joined(fn: Callable[..., Any], on_node: Callable[[Any], None]) -> Callable[..., Any]:
-    """``fn`` run without autograd, its output joined to its first argument (the graph's view)."""
+def _joined(fn: Callable[..., Any], barriers: dict, reason: str | None) -> Callable[..., Any]:
+    """``fn`` run without autograd, its output joined to its first argument (the graph's view).
+
+    With a reason, the joining node is recorded in ``barriers`` (groups reaching it stop).
+    """
 
     def run(x: Any, *args: Any, **kwargs: Any) -> Any:
         if not (isinstance(x, torch.Tensor) and x.requires_grad):
@@ -64,7 +67,8 @@ def _joined(fn: Callable[..., Any], on_node: Callable[[Any], None]) -> Callable[
         if not isinstance(y, torch.Tensor):
             return y
         out = _Join.apply(x, y)
-        on_node(out.grad_fn)
+        if reason:
+            barriers[out.grad_fn] = reason
         return out
 
     return run
@@ -121,18 +125,16 @@ class Compat:
         customized_pruners: ``{layer type or instance: tp.pruner.BasePruningFunc}``.
         unwrapped_parameters: ``[(parameter, pruning_dim)]`` not owned by a known layer.
         ignored_layers: Modules skipped during tracing.
-        num_heads: ``{attention module: heads}``; groups through it lose channels in
-            multiples of its head count.
+        num_heads: ``{attention module: heads}``: groups through it shrink by multiples.
         round_to: A rounding hint for groups touching attention (e.g. ViT's head count).
         opaque: ``{module: reason or None}`` run as one op during the trace; ``None`` means
             a customized pruner shrinks it, a reason makes it a barrier.
-        barrier_functions: ``[(module object, function name, reason)]`` replaced by
-            barriers during the trace (e.g. ShuffleNetV2's ``channel_shuffle``).
-        rewrites: ``[(module object, function name, replacement)]`` active during the
-            trace: the same values, in ops the graph reads correctly.
-        index_limit: Longest index list a group may carry (0 = no limit). Whatever the
-            limit, a group whose index mapping fails keeps its channels (with a reason)
-            instead of failing the whole build.
+        barrier_functions: ``[(module object, function name, reason)]`` made barriers
+            during the trace (ShuffleNetV2's ``channel_shuffle``).
+        rewrites: ``[(module object, function name, replacement)]`` during the trace: the
+            same values, in ops the graph reads correctly.
+        index_limit: Longest index list a group may carry (0 = no limit); a group whose
+            mapping fails anyway keeps its channels, with a reason.
     """
 
     customized_pruners: dict[Any, Any] = field(default_factory=dict)
@@ -144,7 +146,6 @@ class Compat:
     barrier_functions: list[tuple[Any, str, str]] = field(default_factory=list)
     rewrites: list[tuple[Any, str, Callable[..., Any]]] = field(default_factory=list)
     index_limit: int = 0
-    notes: list[str] = field(default_factory=list)
     _barriers: dict[Any, str] = field(default_factory=dict, repr=False)
 
     @contextlib.contextmanager
@@ -155,11 +156,11 @@ class Compat:
             stack.enter_context(_index_mappings_once())
             for module, reason in self.opaque.items():
                 stack.enter_context(self._opaque(module, reason))
-            for owner, name, reason in self.barrier_functions:
-                stack.enter_context(
-                    self._replaced(owner, name, _joined(getattr(owner, name), self._record(reason)))
-                )
-            for owner, name, replacement in self.rewrites:
+            barriers = [
+                (owner, name, _joined(getattr(owner, name), self._barriers, reason))
+                for owner, name, reason in self.barrier_functions
+            ]
+            for owner, name, replacement in barriers + self.rewrites:
                 stack.enter_context(self._replaced(owner, name, replacement))
             yield
 
@@ -174,18 +175,11 @@ class Compat:
                 return reason
         return None
 
-    def _record(self, reason: str | None) -> Callable[[Any], None]:
-        def on_node(grad_fn: Any) -> None:
-            if reason:
-                self._barriers[grad_fn] = reason
-
-        return on_node
-
     @contextlib.contextmanager
     def _opaque(self, module: nn.Module, reason: str | None) -> Iterator[None]:
         had = "forward" in vars(module)
         old = vars(module).get("forward")
-        module.forward = _joined(type(module).forward.__get__(module), self._record(reason))
+        module.forward = _joined(type(module).forward.__get__(module), self._barriers, reason)
         try:
             yield
         finally:
@@ -249,21 +243,17 @@ def _group_guard(limit: int) -> Iterator[None]:
 def _index_mappings_once() -> Iterator[None]:
     """Compute a graph's index mappings once, not again for every group.
 
-    Torch-Pruning's ``get_pruning_group`` re-derives every concat/split/reshape mapping of
-    the whole graph before each group (groups x graph work: 69 of 104 s of densenet121's
-    enumeration, profiled). The child never prunes, so the graph and its mappings stay as
-    ``build_dependency`` left them; the first computation per graph is kept.
+    ``get_pruning_group`` re-derives every mapping of the whole graph before each group
+    (69 of 104 s of densenet121's enumeration, profiled); the child never prunes, so the
+    mappings ``build_dependency`` computed stay valid.
     """
     from torch_pruning.dependency import index_mapping
 
-    update = index_mapping.update_index_mapping
-    done: set[int] = set()
-    graphs: list[Any] = []  # keeps ids unique while the context lives
+    update, graphs = index_mapping.update_index_mapping, []
 
     def once(graph: Any) -> None:
-        if id(graph) not in done:
+        if not any(g is graph for g in graphs):
             update(graph)
-            done.add(id(graph))
             graphs.append(graph)
 
     index_mapping.update_index_mapping = once
