@@ -23,7 +23,7 @@ from typing import Any
 
 from nbcompress.engine.core.report import fmt_bytes
 
-__all__ = ["run_bounded"]
+__all__ = ["check_bounds", "run_bounded"]
 
 _POLL = 0.05  # seconds between RSS checks of the child
 
@@ -94,6 +94,18 @@ def _wait(proc: Any, conn: Any, timeout: float, memory: int, base_kb: int) -> tu
             return ("timeout", "")
 
 
+def check_bounds(timeout: Any, memory: Any) -> None:
+    """Refuse a ``timeout`` or ``memory`` that is not a positive number (one line each)."""
+    for arg, value, example in (
+        ("timeout", timeout, "120 (seconds)"),
+        ("memory", memory, "4 << 30 (4 GiB, in bytes)"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{arg}: expected a number such as {example}, got {value!r}.")
+        if not value > 0 or (arg == "memory" and value == float("inf")):
+            raise ValueError(f"{arg}: expected a number > 0 such as {example}, got {value!r}.")
+
+
 def run_bounded(
     fn: Callable[..., Any],
     *args: Any,
@@ -123,9 +135,11 @@ def run_bounded(
         ``fn``'s result, sent back through a pipe.
 
     Raises:
-        ValueError: One line naming what happened (an error in ``fn``, memory, time, a
-            crash) and the fix.
+        TypeError: ``timeout`` or ``memory`` is not a number.
+        ValueError: ``timeout`` or ``memory`` is not positive, or one line naming what
+            happened (an error in ``fn``, memory, time, a crash) and the fix.
     """
+    check_bounds(timeout, memory)
     if "fork" not in multiprocessing.get_all_start_methods():
         # No fork (Windows): the model's classes may live in __main__, which a spawned
         # child cannot import; run here, unbounded, rather than not at all.
@@ -153,6 +167,8 @@ def run_bounded(
             proc.kill()
         proc.join()
         recv.close()
+    if status == "died":
+        payload = proc.exitcode  # read after join(): before, it may still be None
     if status == "ok":
         return payload
     if status == "error":
