@@ -189,11 +189,9 @@ def test_rollback_after_folding_keeps_training_flags_exact(monkeypatch):
 class _Tied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.emb = nn.Embedding(50, 16)
-        self.mid = nn.Linear(16, 32)
-        self.back = nn.Linear(32, 16)
-        self.head = nn.Linear(16, 50, bias=False)
-        self.head.weight = self.emb.weight
+        self.emb, self.mid = nn.Embedding(50, 16), nn.Linear(16, 32)
+        self.back, self.head = nn.Linear(32, 16), nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied, as an LM head to its embedding
 
     def forward(self, x):
         return self.head(self.back(self.mid(self.emb(x)).relu()))
