@@ -1,7 +1,9 @@
 """Coupled channel groups of a model, from Torch-Pruning's dependency graph (built in a child).
 
-The graph build runs ``model.eval()``, needs gradients enabled and can run away in memory
-on some models, so it only ever runs in a bounded child process
+The graph build follows ``grad_fn`` (every parameter must require grad), runs the forward
+that calls the most modules (a training-only auxiliary head must be seen: see
+:mod:`~nbcompress.engine.structural.modes`) and can run away in memory on some models, so
+it only ever runs in a bounded child process
 (:func:`~nbcompress.engine.structural.child.run_bounded`); what comes back is a list of
 plain, picklable :class:`~nbcompress.engine.structural.plan.Group` records.
 """
@@ -263,21 +265,36 @@ def _describe(x: Any) -> Any:
 _PLAIN = (bool, int, float, str, type(None))
 
 
+def _plain(obj: Any, where: str) -> list[tuple]:
+    """``obj``'s attributes that are plain values (or tuples/lists of them), with ``where``."""
+    out = []
+    for key, value in vars(obj).items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if all(isinstance(v, _PLAIN) for v in items):
+            out.append((where, key, type(value).__name__, repr(value)))
+    return out
+
+
 def _attributes(model: nn.Module) -> tuple:
     """Every module's plain Python attributes and training flag, as one hashable value.
 
     A forward may branch on them (``if self.skip: x = x + h``, ``if self.training``): a
     graph built before such an attribute changed can mis-wire the model, so they are part
-    of the cache key. Plain values only (numbers, strings, ``None``, tuples/lists of them);
-    an attribute that changes on every forward (a call counter) costs a rebuild, never a
+    of the cache key. Plain values only (numbers, strings, ``None``, tuples/lists of them),
+    also one level into other objects that modules hold (a Hugging Face ``config``); an
+    attribute that changes on every forward (a call counter) costs a rebuild, never a
     stale graph.
     """
-    out = []
+    out: list[tuple] = []
+    held: dict[int, Any] = {}
     for name, module in model.named_modules():
-        for key, value in vars(module).items():
-            items = value if isinstance(value, (tuple, list)) else (value,)
-            if all(isinstance(v, _PLAIN) for v in items):
-                out.append((name, key, type(value).__name__, repr(value)))
+        out += _plain(module, name)
+        for value in vars(module).values():
+            if hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor)):
+                held.setdefault(id(value), (f"{name}.<{type(value).__name__}>", value))
+    for where, value in held.values():
+        with contextlib.suppress(TypeError):
+            out += _plain(value, where)
     return tuple(out)
 
 

@@ -300,8 +300,12 @@ def remove_(
         The model.
 
     Raises:
-        ValueError: Bad input, a graph that cannot be built, or a model that no longer
-            runs after removal — one line; the model is left exactly as it was.
+        TypeError: ``timeout`` or ``memory`` is not a number.
+        ValueError: Bad input, quantized or sparse layers (remove first), a plan that
+            would untie a tied parameter, a graph that cannot be built, or a model that no
+            longer runs after removal — in eval mode or in training mode (its own flags,
+            or ``model.train()`` for a model in eval mode; that check leaves no trace) —
+            one line; the model is left exactly as it was.
     """
     check_module(model)
     check_bounds(timeout, memory)

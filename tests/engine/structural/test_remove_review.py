@@ -75,6 +75,11 @@ def test_a_training_forward_that_breaks_after_removal_rolls_back():
     assert {n: m.training for n, m in model.named_modules()} == flags
 
 
+class _Config:
+    def __init__(self) -> None:
+        self.skip = False
+
+
 class _Skip(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -82,16 +87,18 @@ class _Skip(nn.Module):
         self.c2 = nn.Conv2d(16, 16, 3, padding=1)
         self.fc = nn.Linear(16, 2)
         self.skip = False
+        self.config = _Config()  # as Hugging Face modules hold theirs
 
     def forward(self, x):
         h = self.c1(x).relu()
         g = self.c2(h).relu()
-        if self.skip:
+        if self.skip or self.config.skip:
             g = g + h
         return self.fc(g.mean((2, 3)))
 
 
-def test_the_graph_cache_sees_a_python_attribute_that_changes_the_forward(monkeypatch):
+@pytest.mark.parametrize("flag", ["module", "config"])
+def test_the_graph_cache_sees_a_python_attribute_that_changes_the_forward(monkeypatch, flag):
     torch.manual_seed(0)
     model, x = _Skip().eval(), _x()
     builds = []
@@ -102,7 +109,7 @@ def test_the_graph_cache_sees_a_python_attribute_that_changes_the_forward(monkey
     remove_(model, 0.5, example_inputs=x)  # same model, same attributes: cached
     undo_(model)
     assert len(builds) == 1
-    model.skip = True
+    setattr(model if flag == "module" else model.config, "skip", True)
     remove_(model, 0.5, example_inputs=x)
     assert len(builds) == 2
     plan = history(model)[-1].info["plan"]
