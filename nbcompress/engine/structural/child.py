@@ -11,7 +11,9 @@ address-space limit, a parent-side RSS poll and a timeout turns every such failu
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
+import numbers
 import os
 import resource
 import signal
@@ -100,10 +102,13 @@ def check_bounds(timeout: Any, memory: Any) -> None:
         ("timeout", timeout, "120 (seconds)"),
         ("memory", memory, "4 << 30 (4 GiB, in bytes)"),
     ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{arg}: expected a number such as {example}, got {value!r}.")
-        if not value > 0 or (arg == "memory" and value == float("inf")):
-            raise ValueError(f"{arg}: expected a number > 0 such as {example}, got {value!r}.")
+        if not value > 0 or (arg == "memory" and not math.isfinite(value)):
+            finite = "finite " if arg == "memory" else ""
+            raise ValueError(
+                f"{arg}: expected a {finite}number > 0 such as {example}, got {value!r}."
+            )
 
 
 def run_bounded(

@@ -109,7 +109,7 @@ def test_the_graph_cache_sees_a_python_attribute_that_changes_the_forward(monkey
     remove_(model, 0.5, example_inputs=x)  # same model, same attributes: cached
     undo_(model)
     assert len(builds) == 1
-    setattr(model if flag == "module" else model.config, "skip", True)
+    (model if flag == "module" else model.config).skip = True
     remove_(model, 0.5, example_inputs=x)
     assert len(builds) == 2
     plan = history(model)[-1].info["plan"]
@@ -231,7 +231,8 @@ def test_removal_after_quantization_says_to_remove_first():
     [
         ({"timeout": 0}, ValueError, "timeout: expected a number > 0"),
         ({"timeout": -1}, ValueError, "timeout: expected a number > 0"),
-        ({"memory": -5}, ValueError, "memory: expected a number > 0"),
+        ({"memory": -5}, ValueError, "memory: expected a finite number > 0"),
+        ({"memory": float("inf")}, ValueError, "memory: expected a finite number > 0"),
         ({"memory": "4G"}, TypeError, r"memory: expected a number such as 4 << 30"),
         ({"timeout": True}, TypeError, "timeout: expected a number"),
     ],
