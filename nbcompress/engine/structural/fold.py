@@ -110,8 +110,12 @@ def _run(model: nn.Module, inputs: tuple) -> Any:
 
 
 def _delta(model: nn.Module, inputs: tuple, ref: Any, hooks: list, post: bool = False) -> float:
-    with _hooked(hooks, post=post):
-        return compare_outputs(ref, _run(model, inputs)).max_abs
+    """Max |Δ| of the output with ``hooks`` on (``nan`` if that forward fails: a report only)."""
+    try:
+        with _hooked(hooks, post=post):
+            return compare_outputs(ref, _run(model, inputs)).max_abs
+    except Exception:  # noqa: BLE001 - the measurement is a note; removal is checked later
+        return float("nan")
 
 
 def _names(consumers: list[Consumer]) -> str:

@@ -258,3 +258,23 @@ def test_round_to_too_large_names_round_to():
     model, x = _seq(), _x()
     with pytest.raises(ValueError, match=r"round_to: 64 leaves no channel.*lower round_to"):
         remove_(model, 0.3, example_inputs=x, round_to=64)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm: its own forward normalises dimension 1."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_a_channels_first_layernorm_subclass_is_named_not_mismeasured():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3), _LayerNorm2d(16), nn.Conv2d(16, 16, 1), nn.Flatten(), nn.LazyLinear(4)
+    )
+    x = _x(2, 8)
+    model(x)
+    model.eval()
+    remove_(model, 0.5, example_inputs=x)
+    assert model[1].normalized_shape == (8,) and model(x).shape == (2, 4)
+    assert any("not checked" in n and "_LayerNorm2d" in n for n in history(model)[-1].info["notes"])
