@@ -82,7 +82,7 @@ def _wait(proc: Any, conn: Any, timeout: float, memory: int, base_kb: int) -> tu
     deadline = time.monotonic() + timeout
     limit_kb = base_kb + memory // 1024
     while True:
-        if conn.poll(_POLL):
+        if conn.poll(max(0.0, min(_POLL, deadline - time.monotonic()))):
             try:
                 return conn.recv()
             except (EOFError, OSError):
