@@ -11,7 +11,9 @@ address-space limit, a parent-side RSS poll and a timeout turns every such failu
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
+import numbers
 import os
 import resource
 import signal
@@ -23,7 +25,7 @@ from typing import Any
 
 from nbcompress.engine.core.report import fmt_bytes
 
-__all__ = ["run_bounded"]
+__all__ = ["check_bounds", "run_bounded"]
 
 _POLL = 0.05  # seconds between RSS checks of the child
 
@@ -80,7 +82,7 @@ def _wait(proc: Any, conn: Any, timeout: float, memory: int, base_kb: int) -> tu
     deadline = time.monotonic() + timeout
     limit_kb = base_kb + memory // 1024
     while True:
-        if conn.poll(_POLL):
+        if conn.poll(max(0.0, min(_POLL, deadline - time.monotonic()))):
             try:
                 return conn.recv()
             except (EOFError, OSError):
@@ -92,6 +94,21 @@ def _wait(proc: Any, conn: Any, timeout: float, memory: int, base_kb: int) -> tu
             return ("memory", "")
         if time.monotonic() > deadline:
             return ("timeout", "")
+
+
+def check_bounds(timeout: Any, memory: Any) -> None:
+    """Refuse a ``timeout`` or ``memory`` that is not a positive number (one line each)."""
+    for arg, value, example in (
+        ("timeout", timeout, "120 (seconds)"),
+        ("memory", memory, "4 << 30 (4 GiB, in bytes)"),
+    ):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{arg}: expected a number such as {example}, got {value!r}.")
+        if not value > 0 or (arg == "memory" and not math.isfinite(value)):
+            finite = "finite " if arg == "memory" else ""
+            raise ValueError(
+                f"{arg}: expected a {finite}number > 0 such as {example}, got {value!r}."
+            )
 
 
 def run_bounded(
@@ -123,9 +140,11 @@ def run_bounded(
         ``fn``'s result, sent back through a pipe.
 
     Raises:
-        ValueError: One line naming what happened (an error in ``fn``, memory, time, a
-            crash) and the fix.
+        TypeError: ``timeout`` or ``memory`` is not a number.
+        ValueError: ``timeout`` or ``memory`` is not positive, or one line naming what
+            happened (an error in ``fn``, memory, time, a crash) and the fix.
     """
+    check_bounds(timeout, memory)
     if "fork" not in multiprocessing.get_all_start_methods():
         # No fork (Windows): the model's classes may live in __main__, which a spawned
         # child cannot import; run here, unbounded, rather than not at all.
@@ -153,6 +172,8 @@ def run_bounded(
             proc.kill()
         proc.join()
         recv.close()
+    if status == "died":
+        payload = proc.exitcode  # read after join(): before, it may still be None
     if status == "ok":
         return payload
     if status == "error":

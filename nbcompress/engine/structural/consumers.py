@@ -85,7 +85,10 @@ def _kind(module: nn.Module) -> tuple[str, str]:
             return "zero", f"its {k} kernel is zero-padded (the borders see the padding zeros)"
         return "fold", ""
     if isinstance(module, NORMS) and len(module.normalized_shape) == 1:
-        return "norm", ""
+        # A subclass with its own forward (ConvNeXt's LayerNorm2d permutes channels-first
+        # input) normalises another dimension than the last: not measured, only named.
+        own = type(module).forward is next(t.forward for t in NORMS if isinstance(module, t))
+        return ("norm", "") if own else ("other", "")
     if isinstance(module, nn.MultiheadAttention):
         return "zero", "nbcompress does not fold into attention's input projections"
     return "other", ""

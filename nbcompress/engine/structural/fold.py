@@ -33,29 +33,13 @@ from nbcompress.engine.structural.consumers import (
     first_tensor,
     recorder,
 )
+from nbcompress.engine.structural.modes import traceless
 from nbcompress.engine.structural.plan import Plan
 
 __all__ = ["fold_constants"]
 
 _MAX_MEASURED = 8  # consumers measured one by one; the rest share one measurement
 _SEED = 0x5EED  # the same dropout masks in every measuring forward
-
-
-@contextlib.contextmanager
-def _measuring(model: nn.Module) -> Iterator[None]:
-    """Forwards that leave no trace: buffers, training flags and RNG states come back."""
-    flags = {m: m.training for m in model.modules()}
-    buffers = [(b, b.clone()) for m in model.modules() if m.training for b in m.buffers(False)]
-    devices = sorted({t.device.index or 0 for t in model.parameters() if t.is_cuda})
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            yield
-    finally:
-        with torch.no_grad():
-            for buf, saved in buffers:
-                buf.copy_(saved)
-        for m, flag in flags.items():
-            m.training = flag
 
 
 @contextlib.contextmanager
@@ -126,8 +110,12 @@ def _run(model: nn.Module, inputs: tuple) -> Any:
 
 
 def _delta(model: nn.Module, inputs: tuple, ref: Any, hooks: list, post: bool = False) -> float:
-    with _hooked(hooks, post=post):
-        return compare_outputs(ref, _run(model, inputs)).max_abs
+    """Max |Δ| of the output with ``hooks`` on (``nan`` if that forward fails: a report only)."""
+    try:
+        with _hooked(hooks, post=post):
+            return compare_outputs(ref, _run(model, inputs)).max_abs
+    except Exception:  # noqa: BLE001 - the measurement is a note; removal is checked later
+        return float("nan")
 
 
 def _names(consumers: list[Consumer]) -> str:
@@ -282,7 +270,7 @@ def fold_constants(model: nn.Module, plan: Plan, example_inputs: Any, tx: Transa
         return []
     inputs = as_inputs(example_inputs)
     watched = [c for c in consumers if c.kind in ("fold", "zero")]
-    with _measuring(model):
+    with traceless(model):
         with _hooked([(c.module, recorder(c)) for c in watched]):
             reference = _run(model, inputs)
         for c in watched:

@@ -1,7 +1,9 @@
 """Coupled channel groups of a model, from Torch-Pruning's dependency graph (built in a child).
 
-The graph build runs ``model.eval()``, needs gradients enabled and can run away in memory
-on some models, so it only ever runs in a bounded child process
+The graph build follows ``grad_fn`` (every parameter must require grad), runs the forward
+that calls the most modules (a training-only auxiliary head must be seen: see
+:mod:`~nbcompress.engine.structural.modes`) and can run away in memory on some models, so
+it only ever runs in a bounded child process
 (:func:`~nbcompress.engine.structural.child.run_bounded`); what comes back is a list of
 plain, picklable :class:`~nbcompress.engine.structural.plan.Group` records.
 """
@@ -24,7 +26,8 @@ from nbcompress.engine.core.layers import output_layers, select_layers
 from nbcompress.engine.core.snapshot import checksum
 from nbcompress.engine.core.validation import as_inputs, call_model, check_module
 from nbcompress.engine.structural import compat as compat_mod
-from nbcompress.engine.structural.child import run_bounded
+from nbcompress.engine.structural.child import check_bounds, run_bounded
+from nbcompress.engine.structural.modes import build_flags, returned_layers, set_flags
 from nbcompress.engine.structural.plan import Group, GroupItem
 from nbcompress.engine.structural.scores import IMPORTANCES, input_norms
 
@@ -147,21 +150,41 @@ def _convert(dg: Any, group: Any, root: str, width: int, ctx: dict) -> Group:
 
 
 def _groups_in_child(model: nn.Module, inputs: tuple, options: _Options) -> list[Group]:
-    """Child side: build the graph once and list every Conv/Linear-rooted group."""
+    """Child side: build the graph once and list every Conv/Linear-rooted group.
+
+    The child holds a copy-on-write image of the model, so it may change it freely: every
+    parameter requires grad (Torch-Pruning follows ``grad_fn``: frozen layers would be
+    invisible) and the training flags are those of
+    :func:`~nbcompress.engine.structural.modes.build_flags` (BatchNorm statistics and
+    dropout in a training forward are harmless here).
+    """
     import torch_pruning as tp
 
+    for p in model.parameters():
+        p.requires_grad_(True)
+    flags = build_flags(model, lambda: call_model(model, inputs))
+    set_flags(flags)
     compat = compat_mod.prepare(model)
-    heads = set() if options.include_output else set(output_layers(model, inputs).names)
+    heads = set()
+    if not options.include_output:
+        heads = set(output_layers(model, inputs).names)
+        if any(flags.values()):
+            heads |= returned_layers(model, lambda: call_model(model, inputs))
     norms = {}
     if options.importance == "wanda":
         norms = input_norms(model, lambda: call_model(model, inputs))
     ctx = {"model": model, "compat": compat, "options": options, "heads": heads, "norms": norms}
+
+    def forward(m: nn.Module, x: tuple) -> Any:
+        set_flags(flags)  # Torch-Pruning's trace calls model.eval() first
+        return call_model(m, x)  # exactly one forward
+
     with compat.patches(), torch.enable_grad():
         try:
             dg = tp.DependencyGraph().build_dependency(
                 model,
                 example_inputs=inputs,
-                forward_fn=lambda m, x: call_model(m, x),  # exactly one forward
+                forward_fn=forward,
                 customized_pruners=compat.customized_pruners or None,
                 unwrapped_parameters=compat.unwrapped_parameters or None,
                 ignored_layers=compat.ignored_layers or None,
@@ -239,12 +262,49 @@ def _describe(x: Any) -> Any:
     return (type(x).__name__, id(x))
 
 
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _plain(obj: Any, where: str) -> list[tuple]:
+    """``obj``'s attributes that are plain values (or tuples/lists of them), with ``where``."""
+    out = []
+    for key, value in vars(obj).items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        if all(isinstance(v, _PLAIN) for v in items):
+            out.append((where, key, type(value).__name__, repr(value)))
+    return out
+
+
+def _attributes(model: nn.Module) -> tuple:
+    """Every module's plain Python attributes and training flag, as one hashable value.
+
+    A forward may branch on them (``if self.skip: x = x + h``, ``if self.training``): a
+    graph built before such an attribute changed can mis-wire the model, so they are part
+    of the cache key. Plain values only (numbers, strings, ``None``, tuples/lists of them),
+    also one level into other objects that modules hold (a Hugging Face ``config``); an
+    attribute that changes on every forward (a call counter) costs a rebuild, never a
+    stale graph.
+    """
+    out: list[tuple] = []
+    held: dict[int, Any] = {}
+    for name, module in model.named_modules():
+        out += _plain(module, name)
+        for value in vars(module).values():
+            if hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.Tensor)):
+                held.setdefault(id(value), (f"{name}.<{type(value).__name__}>", value))
+    for where, value in held.values():
+        with contextlib.suppress(TypeError):
+            out += _plain(value, where)
+    return tuple(out)
+
+
 def _cache_key(model: nn.Module, inputs: tuple, options: _Options) -> tuple:
     # Values, not ._version: a trial's rollback restores values in place (bumping the
-    # version), and a sweep must not rebuild the graph after every point.
+    # version), and a sweep must not rebuild the graph after every point. Attributes and
+    # training flags too: the forward may depend on them (see _attributes).
     params = tuple((n, tuple(p.shape), checksum(p)) for n, p in model.named_parameters())
     structure = tuple((n, type(m).__name__) for n, m in model.named_modules())
-    return (params, structure, _describe(inputs), options)
+    return (params, structure, _attributes(model), _describe(inputs), options)
 
 
 def _check_device(model: nn.Module) -> None:
@@ -279,8 +339,8 @@ def channel_groups(
     """The model's coupled channel groups, each rooted at a Conv/Linear's output channels.
 
     The dependency graph is built in a forked child process bounded in time and memory
-    (the model is never changed); results are cached per model, weights, structure and
-    input shapes, so a sweep builds it once.
+    (the model is never changed); results are cached per model, weights, structure, plain
+    module attributes, training flags and inputs, so a sweep builds it once.
 
     Args:
         model: The model.
@@ -301,6 +361,7 @@ def channel_groups(
         ValueError: Bad argument, or the graph could not be built (one line with the fix).
     """
     check_module(model)
+    check_bounds(timeout, memory)
     _check_device(model)
     inputs = as_inputs(example_inputs)
     if importance not in IMPORTANCES:

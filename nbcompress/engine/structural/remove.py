@@ -25,8 +25,10 @@ from nbcompress.engine.core.validation import (
     eval_mode,
     run_forward,
 )
-from nbcompress.engine.structural.apply import apply_plan
+from nbcompress.engine.structural.apply import apply_plan, plan_modules
+from nbcompress.engine.structural.child import check_bounds
 from nbcompress.engine.structural.graph import channel_groups
+from nbcompress.engine.structural.modes import tensor_shapes, traceless, training_flags
 from nbcompress.engine.structural.plan import Plan, removal_plan
 
 __all__ = ["remove_"]
@@ -59,9 +61,29 @@ def _check_round_to(round_to: Any) -> int | None:
     return round_to
 
 
+_REPLACED = {
+    "nbcompress.engine.quantize.": "quantized (quantize_)",
+    "torch.ao.nn.quantized": "quantized",
+    "torch.nn.quantized": "quantized",
+    "nbcompress.kernels.": "replaced by a sparse kernel layer",
+}
+
+
 def _check_plain(model: nn.Module) -> None:
-    """Refuse models whose weights are parametrized (kept pruning masks, weight norm)."""
+    """Refuse models whose weights are parametrized (kept pruning masks, weight norm).
+
+    Quantized and sparse replacements of a layer have no Torch-Pruning pruner either: the
+    graph would see no layer there and silently remove nothing.
+    """
     for name, module in model.named_modules():
+        kind = type(module).__module__ + "."
+        what = next((v for k, v in _REPLACED.items() if kind.startswith(k)), None)
+        if what is not None:
+            raise ValueError(
+                f"model: {name or 'the model'} ({type(module).__name__}) is {what}; structural "
+                "removal needs the dense layers, so remove channels first and quantize or "
+                "sparsify afterwards (undo it first with undo_(model) / %undo model)."
+            )
         params = dict(module.named_parameters(recurse=False))
         if hasattr(module, "parametrizations") or any(n.endswith("_orig") for n in params):
             raise ValueError(
@@ -117,8 +139,11 @@ def _params(model: nn.Module) -> int:
 
 def _fold(model: nn.Module, plan: Plan, example_inputs: Any, tx: Transaction) -> list[str]:
     """Fold constants carried by removed channels into the next bias (when available)."""
+    from nbcompress.engine.structural.consumers import find_consumers
     from nbcompress.engine.structural.fold import fold_constants
 
+    for consumer in find_consumers(model, plan):
+        tx.save(consumer.module)  # before eval_mode: the snapshot keeps the training flag
     with eval_mode(model):  # measured as the model is used; BatchNorm statistics untouched
         return fold_constants(model, plan, example_inputs, tx)
 
@@ -133,16 +158,39 @@ def _attention(model: nn.Module, tx: Transaction, options: dict[str, Any]) -> li
     return apply_attention(model, plan, tx)
 
 
-def _verify(model: nn.Module, inputs: tuple, ref: torch.Tensor | None) -> int:
-    """Re-run the forward after removal; raise one line if it fails or the output changed."""
+def _train_reference(model: nn.Module, inputs: tuple) -> tuple[dict, list] | None:
+    """The training forward's flags and output shapes, if it runs (leaving no trace).
+
+    ``None`` when it fails on the example input even before removal (BatchNorm on one
+    value per channel): then only the eval forward can be checked.
+    """
+    flags = training_flags(model)
+    try:
+        with traceless(model, flags):
+            return flags, tensor_shapes(call_model(model, inputs))
+    except Exception:  # noqa: BLE001 - not checkable on this input
+        return None
+
+
+def _fails(err: Exception, mode: str, fix: str) -> ValueError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return ValueError(
+        f"model: the forward{mode} fails after removal ({type(err).__name__}: "
+        f"{first[:200]}); {fix}."
+    )
+
+
+def _verify(model: nn.Module, inputs: tuple, ref: torch.Tensor | None, train: Any) -> int:
+    """Re-run the forward after removal; raise one line if it fails or the output changed.
+
+    Also in training mode (``train`` from :func:`_train_reference`): a branch that only runs
+    there (an auxiliary classifier) must still fit. That forward leaves no trace.
+    """
     fix = "the model was rolled back. Leave the failing part out with ignore= or layers="
     try:
         out, total = _forward_costs(model, inputs)
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(
-            f"model: the forward fails after removal ({type(err).__name__}: {first[:200]}); {fix}."
-        ) from err
+        raise _fails(err, "", fix) from err
     new = _first(out)
     if ref is not None and (new is None or new.shape != ref.shape):
         shape = None if new is None else tuple(new.shape)
@@ -151,12 +199,48 @@ def _verify(model: nn.Module, inputs: tuple, ref: torch.Tensor | None) -> int:
         )
     if new is not None and new.is_floating_point() and not bool(torch.isfinite(new).all()):
         raise ValueError(f"model: the output is not finite after removal; {fix}.")
+    if train is not None:
+        flags, shapes = train
+        try:
+            with traceless(model, flags):
+                now = tensor_shapes(call_model(model, inputs))
+        except Exception as err:  # noqa: BLE001 - any failure of the user's forward
+            raise _fails(err, " in training mode", fix) from err
+        if now != shapes:
+            raise ValueError(
+                f"model: the output shapes in training mode changed after removal ({shapes} "
+                f"-> {now}); {fix}."
+            )
     return total
 
 
-def _nothing(groups: list, amount: Any) -> ValueError:
+def _check_ties(model: nn.Module, plan: Plan) -> None:
+    """Refuse a plan that would shrink one side of a tied parameter (and so untie it)."""
+    touched = set(plan_modules(plan))
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for names in owners.values():
+        modules = [n.rpartition(".")[0] for n in names]
+        if len(names) > 1 and touched & set(modules):
+            shown = " and ".join(names)
+            ignore = [m or "(model)" for m in dict.fromkeys(modules)]
+            raise ValueError(
+                f"model: {shown} are one tied parameter, which removal would untie (and grow "
+                f"the model); leave them out with ignore={ignore}."
+            )
+
+
+def _nothing(groups: list, amount: Any, round_to: int | None) -> ValueError:
     reasons = sorted({g.reason for g in groups if g.reason})
     why = f" ({'; '.join(reasons[:3])})" if reasons else ""
+    if round_to and removal_plan(groups, amount, None):
+        widths = sorted({g.width for g in groups if g.reason is None})
+        return ValueError(
+            f"round_to: {round_to} leaves no channel to remove at amount={amount!r} (groups of "
+            f"{', '.join(map(str, widths[:6]))} channels cannot keep a multiple of {round_to}); "
+            "lower round_to (or drop it)."
+        )
     return ValueError(
         f"amount: {amount!r} removes no channel — every group is too small for it or not "
         f"prunable{why}. Raise amount, lower round_to, or check layers=/ignore=."
@@ -216,10 +300,15 @@ def remove_(
         The model.
 
     Raises:
-        ValueError: Bad input, a graph that cannot be built, or a model that no longer
-            runs after removal — one line; the model is left exactly as it was.
+        TypeError: ``timeout`` or ``memory`` is not a number.
+        ValueError: Bad input, quantized or sparse layers (remove first), a plan that
+            would untie a tied parameter, a graph that cannot be built, or a model that no
+            longer runs after removal — in eval mode or in training mode (its own flags,
+            or ``model.train()`` for a model in eval mode; that check leaves no trace) —
+            one line; the model is left exactly as it was.
     """
     check_module(model)
+    check_bounds(timeout, memory)
     inputs = as_inputs(example_inputs)
     amount = _check_amount(amount)
     round_to = _check_round_to(round_to)
@@ -230,6 +319,7 @@ def remove_(
         raise ValueError("amount: 0 removes nothing; pass a fraction such as 0.3 (or heads=/ffn=).")
     _check_plain(model)
     ref, macs0 = _forward_costs_checked(model, inputs)
+    train = _train_reference(model, inputs)
     plan: Plan = {}
     groups: list = []
     if amount:
@@ -247,7 +337,8 @@ def remove_(
             _unmatched(groups, amount)
         plan = removal_plan(groups, amount, round_to)
         if not plan and heads is None and ffn is None:
-            raise _nothing(groups, amount)
+            raise _nothing(groups, amount, round_to)
+        _check_ties(model, plan)
     # Heads and FFN neurons are scored by L1 whatever ranks the channels (wanda needs a
     # per-channel input norm that a head does not have).
     attention = {"heads": heads, "ffn": ffn, "importance": "l1", "layers": layers}
@@ -258,7 +349,7 @@ def remove_(
         notes = _fold(model, plan, example_inputs, tx) if plan else []
         notes += apply_plan(model, plan, tx) if plan else []
         notes += _attention(model, tx, attention)
-        macs1 = _verify(model, inputs, ref)
+        macs1 = _verify(model, inputs, ref, train)
         after = (_params(model), macs1)
         tx.step.detail = _channels(groups, plan) + _detail(before, after)
         tx.info.update(plan=plan, notes=[*notes, REBUILD], before=before, after=after)
