@@ -24,82 +24,18 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.history import Transaction, history_token, transaction
-from nbcompress.engine.core.layers import select_layers
 from nbcompress.engine.core.validation import check_module
 from nbcompress.engine.prune.apply import apply_mask, is_masked
-from nbcompress.engine.prune.masks import (
-    CRITERIA,
-    GRANULARITIES,
-    from_output_major,
-    global_masks,
-    layer_mask,
-    output_major,
+from nbcompress.engine.prune.masks import from_output_major, global_masks, layer_mask, output_major
+from nbcompress.engine.prune.targets import Target, check_min_density, collect
+from nbcompress.engine.schedule.options import (
+    check_options,
+    check_schedule,
+    current_weight,
+    layer_shares,
 )
-from nbcompress.engine.prune.prune import DEFAULT_TYPES, check_ratios
-from nbcompress.engine.prune.targets import Target, check_min_density, collect, split_multi
 
 __all__ = ["GradualPruner"]
-
-_SCOPES = ("layer", "global")
-
-
-def _check_schedule(schedule: Any) -> float:
-    """The schedule's final sparsity; refuse what is not a schedule or lowers sparsity."""
-    final = getattr(schedule, "final", None)
-    if not callable(schedule) or not isinstance(final, float):
-        raise TypeError(
-            f"schedule: expected a sparsity schedule such as PolynomialDecay(0.5, 0.9, "
-            f"begin_step=0, end_step=1000), got {type(schedule).__name__}."
-        )
-    initial = getattr(schedule, "initial_sparsity", final)
-    if initial > final:
-        raise ValueError(
-            f"schedule: sparsity falls from {initial} to {final}, but gradual pruning only "
-            "removes weights; give initial_sparsity <= final_sparsity (e.g. 0.5 -> 0.9)."
-        )
-    return final
-
-
-def _check_options(method: Any, scope: Any, granularity: Any) -> None:
-    if not isinstance(method, str) or method not in CRITERIA:
-        raise ValueError(
-            f"method: {method!r} is not available for gradual pruning; choose one of "
-            f"{sorted(CRITERIA)}."
-        )
-    if not isinstance(scope, str) or scope not in _SCOPES:
-        raise ValueError(f"scope: {scope!r} is unknown; choose one of {_SCOPES}.")
-    if not isinstance(granularity, str) or granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
-
-
-def _shares(
-    model: nn.Module, final: float, ratios: Any, layers: Any, include_output: bool
-) -> dict[str, float]:
-    """Layer → factor on the scheduled sparsity (1 without ratios, ratio / final with them)."""
-    if ratios is None:
-        selected, _ = select_layers(model, layers, DEFAULT_TYPES, include_output=include_output)
-        selected, _ = split_multi(selected, keep_masks=True, granularity="element", explicit=False)
-        return dict.fromkeys(selected, 1.0)
-    if layers is not None:
-        raise ValueError("layers: ratios already name the layers; pass ratios or layers, not both.")
-    found = check_ratios(model, getattr(ratios, "ratios", ratios))
-    if not found:
-        raise ValueError("ratios: every ratio is 0, so there is nothing to prune.")
-    if final == 0:
-        raise ValueError(
-            "schedule: its final sparsity is 0, so per-layer ratios (each layer's sparsity = "
-            "its ratio × scheduled / final) are undefined; give a final sparsity above 0."
-        )
-    named = {n: model.get_submodule(n) for n in found}
-    split_multi(named, keep_masks=True, granularity="element", explicit=True)
-    return {n: r / final for n, r in found.items()}
-
-
-def _current(owner: nn.Module, leaf: str) -> torch.Tensor:
-    """The weight as the next forward pass computes it (not the one left by the last)."""
-    if is_masked(owner, leaf):
-        return getattr(owner, leaf + "_orig").detach() * getattr(owner, leaf + "_mask")
-    return getattr(owner, leaf).detach()
 
 
 class GradualPruner:
@@ -157,14 +93,14 @@ class GradualPruner:
         seed: int = 0,
     ) -> None:
         check_module(model)
-        final = _check_schedule(schedule)
-        _check_options(method, scope, granularity)
+        final = check_schedule(schedule)
+        check_options(method, scope, granularity)
         if scope == "global" and ratios is not None:
             raise ValueError("scope: per-layer ratios need scope='layer'.")
         self.model, self.schedule = model, schedule
         self.method, self.scope, self.granularity = method, scope, granularity
         self.min_density = check_min_density(min_density)
-        shares = _shares(model, final, ratios, layers, include_output)
+        shares = layer_shares(model, final, ratios, layers, include_output)
         self._targets: list[Target] = collect(model, shares)
         bad = [t.name for t in self._targets if t.parametrized]
         if bad:
@@ -211,7 +147,7 @@ class GradualPruner:
         """Measured fraction of zero weights over the pruned layers' weights, now."""
         zeros = total = 0
         for t in self._targets:
-            w = _current(t.first.owner, t.first.leaf)
+            w = current_weight(t.first.owner, t.first.leaf)
             zeros += int(torch.count_nonzero(w == 0))
             total += w.numel()
         return zeros / max(total, 1)
@@ -286,7 +222,7 @@ class GradualPruner:
             self._start()
         tx = self._tx
         views = {
-            t.name: output_major(_current(t.first.owner, t.first.leaf), t.module)
+            t.name: output_major(current_weight(t.first.owner, t.first.leaf), t.module)
             for t in self._targets
         }
         if self.scope == "global":
@@ -348,7 +284,7 @@ class GradualPruner:
             for leaf in ("weight", "bias"):
                 if is_masked(owner, leaf):
                     orig = getattr(owner, leaf + "_orig")
-                    values[id(orig)] = (orig, _current(owner, leaf).clone())
+                    values[id(orig)] = (orig, current_weight(owner, leaf).clone())
         masks = {
             id(b) for o in owners for n, b in o.named_buffers(recurse=False) if n.endswith("_mask")
         }
