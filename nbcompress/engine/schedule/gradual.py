@@ -296,8 +296,8 @@ class GradualPruner:
     def _check_model(self) -> None:
         """Refuse to go on when the model was changed outside the pruner."""
         fix = (
-            "this pruner cannot go on: make its masks permanent with remove_masks_(model) "
-            "or start a new GradualPruner on the model as it is now."
+            "this pruner cannot go on: start a new GradualPruner on the model as it is now "
+            "(masks it left stay until remove_masks_(model))."
         )
         if self._done:
             raise ValueError(
