@@ -311,3 +311,46 @@ def test_step_after_dtype_change_and_after_finish():
     assert len(history(model)) == 1
     with pytest.raises(ValueError, match=r"^pruner: finish\(\) was called already"):
         pruner.step()
+
+
+def test_torch_compile_trains_with_the_masks():
+    # Dynamo with the eager backend (about 2 s here): the masks' forward pre-hooks are traced,
+    # in-place mask updates reach the compiled graph, and finish() recompiles on the plain
+    # layers. The inductor backend works the same but takes about 20 s here, so it is not
+    # run in the suite.
+    model = mlp()
+    compiled = torch.compile(model, backend="eager")
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    pruner = GradualPruner(model, PolynomialDecay(0.3, 0.75, 0, 10, frequency=5))
+    for _ in range(15):
+        loss = nn.functional.cross_entropy(compiled(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step()
+    assert pruner.sparsity == 0.75
+    assert torch.allclose(compiled(x), model(x), atol=1e-6)
+    pruner.finish()
+    assert torch.allclose(compiled(x), model(x), atol=1e-6)
+    assert float((model[0].weight == 0).float().mean()) == 0.75
+
+
+def test_gradual_pruning_on_digits_keeps_the_classifier_working():
+    from nbcompress.zoo import LeNet300, accuracy, load_digits
+
+    data = load_digits(size=8)
+    model = LeNet300()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = PolynomialDecay(0.5, 0.9, begin_step=0, end_step=150, frequency=10)
+    with GradualPruner(model, sched) as pruner:
+        for step in range(200):
+            i = (step * 64) % (len(data.y_train) - 64)
+            xb, yb = data.x_train[i : i + 64], data.y_train[i : i + 64]
+            loss = nn.functional.cross_entropy(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            pruner.step()
+    assert pruner.sparsity == pytest.approx(0.9, abs=1e-3)
+    assert accuracy(model, data.x_test, data.y_test) > 0.85
