@@ -92,17 +92,23 @@ def test_pruned_weights_stay_zero_and_get_zero_gradients(optim):
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
-    pruner = GradualPruner(model, ConstantSparsity(0.8, begin_step=0, end_step=0 + 1, frequency=1))
+    # Re-applied every 10 steps: importance is recomputed on the masked weights each time.
+    pruner = GradualPruner(model, ConstantSparsity(0.8, begin_step=0, end_step=-1, frequency=10))
+    first = [layer.weight_mask.clone() for layer in (model[0], model[2])]
 
     def check():
         for layer in (model[0], model[2]):
             pruned = ~layer.weight_mask.bool()
             assert torch.all(layer.weight_orig.grad[pruned] == 0)
 
-    _train(model, pruner, 50, opt, x, y, check=check)
-    for layer in (model[0], model[2]):
-        effective = layer.weight_orig * layer.weight_mask
-        assert float((effective == 0).float().mean()) == pytest.approx(0.8, abs=1 / 512)
+    _train(model, pruner, 55, opt, x, y, check=check)
+    for layer, mask in zip((model[0], model[2]), first):
+        pruned = ~mask.bool()
+        # The optimizer's state did move the hidden originals (the test can fail) ...
+        assert bool((layer.weight_orig[pruned] != 0).any())
+        # ... but no pruned weight came back, in the forward pass or in the masks.
+        assert torch.equal(layer.weight_mask, mask)
+        assert torch.all((layer.weight_orig * layer.weight_mask)[pruned] == 0)
         assert torch.equal(layer.weight == 0, layer.weight_mask == 0)
     pruner.finish()
     zeros = _zeros(model, ["0", "2"])
