@@ -55,6 +55,15 @@ class GradualPruner:
     are computed after ``t`` optimizer steps (at construction for ``t = 0``, if it is an
     update step), so the final sparsity is in place after ``end_step`` calls of :meth:`step`.
 
+    Undo: :meth:`finish` records the run as one step, ``"gradual-prune"``. ``undo_(model)``
+    then restores every parameter and buffer (of all layers, not only the pruned ones) to its
+    value at the first mask update, bit-exactly, and the layers to plain, unmasked modules:
+    the training done during the run is undone with the pruning, as for
+    ``prune_(keep_masks=True)``. Training after :meth:`finish` changes the recorded weights,
+    so undo then refuses without ``force=True``. Until :meth:`finish` nothing is recorded:
+    the model carries kept masks (``weight_orig`` / ``weight_mask``), and any other
+    compression step (or undo) on it in the meantime stops the pruner.
+
     Args:
         model: The model (edited in place; masks are kept until :meth:`finish`).
         schedule: A :class:`~nbcompress.engine.schedule.schedules.PolynomialDecay` or
@@ -100,6 +109,12 @@ class GradualPruner:
         self.model, self.schedule = model, schedule
         self.method, self.scope, self.granularity = method, scope, granularity
         self.min_density = check_min_density(min_density)
+        if scope == "global" and final > 1 - self.min_density:
+            raise ValueError(
+                f"min_density: every layer keeps {self.min_density} of its weights with "
+                f"scope='global', so the final sparsity {final} cannot be reached; lower "
+                f"min_density below {1 - final:.3g} or the final sparsity."
+            )
         shares = layer_shares(model, final, ratios, layers, include_output)
         self._targets: list[Target] = collect(model, shares)
         bad = [t.name for t in self._targets if t.parametrized]
@@ -218,33 +233,10 @@ class GradualPruner:
 
     def _update(self, sparsity: float) -> None:
         """Recompute importance on the current weights and tighten every mask."""
+        masks = self._masks(sparsity)  # all chosen before anything changes
         if self._tx is None:
             self._start()
         tx = self._tx
-        views = {
-            t.name: output_major(current_weight(t.first.owner, t.first.leaf), t.module)
-            for t in self._targets
-        }
-        if self.scope == "global":
-            masks = global_masks(
-                views,
-                sparsity,
-                method=self.method,
-                granularity=self.granularity,
-                min_density=self.min_density,
-                gen=self._gen,
-            )
-        else:
-            masks = {
-                t.name: layer_mask(
-                    views[t.name],
-                    t.amount * sparsity,
-                    method=self.method,
-                    granularity=self.granularity,
-                    gen=self._gen,
-                )
-                for t in self._targets
-            }
         for t in self._targets:
             mask = from_output_major(masks[t.name], t.weight(), t.module)
             for use in t.uses:
@@ -252,12 +244,39 @@ class GradualPruner:
                 if self.granularity == "channel":
                     self._mask_bias(tx, use.owner, masks[t.name])
         sizes = {t.name: t.weight().numel() for t in self._targets}
-        self._target = sum(sizes[t.name] * t.amount * sparsity for t in self._targets) / max(
-            sum(sizes.values()), 1
+        total = max(sum(sizes.values()), 1)
+        self._target = (
+            sparsity
+            if self.scope == "global"
+            else sum(sizes[t.name] * t.amount * sparsity for t in self._targets) / total
         )
-        if self.scope == "global":
-            self._target = sparsity
         self.history.append((self.step_count, self.sparsity))
+
+    def _masks(self, sparsity: float) -> dict[str, torch.Tensor]:
+        """Each target's keep-mask (output-major) at ``sparsity``, from the masked weights."""
+        views = {
+            t.name: output_major(current_weight(t.first.owner, t.first.leaf), t.module)
+            for t in self._targets
+        }
+        if self.scope == "global":
+            return global_masks(
+                views,
+                sparsity,
+                method=self.method,
+                granularity=self.granularity,
+                min_density=self.min_density,
+                gen=self._gen,
+            )
+        return {
+            t.name: layer_mask(
+                views[t.name],
+                t.amount * sparsity,
+                method=self.method,
+                granularity=self.granularity,
+                gen=self._gen,
+            )
+            for t in self._targets
+        }
 
     def _start(self) -> None:
         """Keep every parameter and buffer as it is before the first update (for undo)."""

@@ -250,6 +250,7 @@ def test_bf16_autocast_trains_with_masks_on_fp32_weights():
         (dict(ratios={"0": 0.5}, layers="0"), ValueError, "layers"),
         (dict(layers="nope*"), ValueError, "layers"),
         (dict(min_density=1.5), ValueError, "min_density"),
+        (dict(scope="global", min_density=0.2), ValueError, "min_density"),
     ],
 )
 def test_bad_options_name_the_argument_and_leave_the_model_alone(kwargs, error, named):
