@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine.core.history import Transaction, history_token, transaction
+from nbcompress.engine.core.history import Change, Transaction, on_change, transaction
 from nbcompress.engine.core.validation import check_module
 from nbcompress.engine.prune.apply import apply_mask, is_masked
 from nbcompress.engine.prune.masks import from_output_major, global_masks, layer_mask, output_major
@@ -36,6 +36,14 @@ from nbcompress.engine.schedule.options import (
 )
 
 __all__ = ["GradualPruner"]
+
+
+def _child(model: nn.Module, name: str) -> nn.Module | None:
+    """``model.get_submodule(name)``, or ``None`` if gone (a fast lookup, no checks)."""
+    module: nn.Module | None = model
+    for part in name.split(".") if name else ():
+        module = module._modules.get(part) if module is not None else None
+    return module
 
 
 class GradualPruner:
@@ -128,7 +136,9 @@ class GradualPruner:
             u.layer: model.get_submodule(u.layer) for t in self._targets for u in t.uses
         }
         self._gen = torch.Generator().manual_seed(seed)
-        self._token = history_token(model)
+        # Told of any step recorded on or undone from the model (no per-step cost).
+        self._changed: str | None = None
+        self._subscription = on_change(model, self._heard)
         self._tx: Transaction | None = None
         self._dtypes: dict[int, torch.dtype] = {}
         self._done = False
@@ -190,6 +200,7 @@ class GradualPruner:
             return self.model
         owners = {id(u.owner): u.owner for t in self._targets for u in t.uses}
         final = self._final_values(owners.values())
+        self._subscription.remove()  # the step recorded here is the pruner's own
         # Back to the model at the first update (module dicts and values), then record the
         # step from there to the trained, pruned values: undo returns exactly there.
         self._tx.rollback()
@@ -288,6 +299,9 @@ class GradualPruner:
                 self._tx.save(use.owner)
                 self._dtypes[id(use.owner)] = getattr(use.owner, use.leaf).dtype
 
+    def _heard(self, change: Change) -> None:
+        self._changed = change.kind
+
     @staticmethod
     def _mask_bias(tx: Transaction, owner: nn.Module, unit_mask: torch.Tensor) -> None:
         """Mask the bias of every output channel removed entirely (it must output nothing)."""
@@ -322,17 +336,13 @@ class GradualPruner:
             raise ValueError(
                 "pruner: finish() was called already; start a new GradualPruner to prune more."
             )
-        if history_token(self.model) != self._token:
+        if self._changed is not None:
             raise ValueError(
                 "model: a compression step was recorded or undone on it since the "
                 f"GradualPruner started (e.g. quantize_, remove_, undo_); {fix}"
             )
         for name, module in self._layers.items():
-            try:
-                now = self.model.get_submodule(name)
-            except AttributeError:
-                now = None
-            if now is not module:
+            if _child(self.model, name) is not module:
                 raise ValueError(
                     f"model: layer {name!r} was removed or replaced since the GradualPruner "
                     f"started (e.g. quantized or removed); {fix}"
@@ -341,13 +351,15 @@ class GradualPruner:
             return
         for t in self._targets:
             for use in t.uses:
-                if not is_masked(use.owner, use.leaf):
+                # The dicts directly: called after every optimizer step, kept cheap.
+                orig = use.owner._parameters.get(use.leaf + "_orig")
+                if orig is None or use.leaf + "_mask" not in use.owner._buffers:
                     raise ValueError(
                         f"model: the pruning mask of layer {use.layer!r} was removed outside "
                         "the pruner (remove_masks_ or torch.nn.utils.prune.remove); start a "
                         "new GradualPruner on the model as it is now."
                     )
-                if getattr(use.owner, use.leaf + "_orig").dtype != self._dtypes[id(use.owner)]:
+                if orig.dtype != self._dtypes[id(use.owner)]:
                     raise ValueError(
                         f"model: the weight of layer {use.layer!r} changed dtype (e.g. .half()) "
                         "since the GradualPruner started; keep the dtype while pruning "
