@@ -361,3 +361,67 @@ def test_gradual_pruning_on_digits_keeps_the_classifier_working():
             pruner.step()
     assert pruner.sparsity == pytest.approx(0.9, abs=1e-3)
     assert accuracy(model, data.x_test, data.y_test) > 0.85
+
+
+def test_model_copies_and_saves_during_the_run():
+    import copy
+    import io
+    import pickle
+
+    model = mlp()
+    pruner = GradualPruner(model, PolynomialDecay(0.2, 0.6, 0, 10, frequency=5))
+    _train(model, pruner, 3)
+    clone = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    pickle.dumps(model)
+    x, _ = _data()
+    assert torch.equal(clone(x), model(x))
+    _train(model, pruner, 7)
+    assert pruner.sparsity == 0.6
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+def test_tied_weights_get_one_mask_and_undo_keeps_them_tied():
+    model = _Tied()
+    before = snapshot(model)
+    x, y = _data((8,))
+    with GradualPruner(model, PolynomialDecay(0.25, 0.5, 0, 4, frequency=2)) as pruner:
+        _train(model, pruner, 6, x=x, y=y)
+    assert model.a.weight is model.b.weight
+    assert float((model.a.weight == 0).float().mean()) == 0.5
+    undo_(model)
+    assert_same_state(model, before)
+    assert model.a.weight is model.b.weight
+
+
+def test_channel_granularity_on_conv_transpose_masks_biases_too():
+    from nbcompress.engine.prune.masks import output_major
+
+    model = nn.Sequential(
+        nn.ConvTranspose2d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten()
+    )
+    before = snapshot(model)
+    x = torch.randn(4, 4, 8, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    sched = PolynomialDecay(0.25, 0.5, 0, 4, frequency=2)
+    with GradualPruner(model, sched, granularity="channel", include_output=True) as pruner:
+        for _ in range(6):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            pruner.step()
+    for layer, outputs in ((model[0], 8), (model[2], 4)):
+        dead = (output_major(layer.weight, layer) == 0).reshape(outputs, -1).all(1)
+        assert int(dead.sum()) == outputs // 2
+        assert torch.all(layer.bias[dead] == 0)
+    undo_(model)
+    assert_same_state(model, before)
