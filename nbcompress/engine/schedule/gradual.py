@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.history import Change, Transaction, on_change, transaction
+from nbcompress.engine.core.interrupts import deferred_interrupts
 from nbcompress.engine.core.validation import check_module
 from nbcompress.engine.prune.apply import apply_mask, is_masked
 from nbcompress.engine.prune.masks import from_output_major, global_masks, layer_mask, output_major
@@ -190,7 +191,8 @@ class GradualPruner:
 
         Returns:
             The model: plain ``weight`` parameters again (the same objects, so an optimizer
-            still holds them), pruned weights zero, no hooks.
+            still holds them), pruned weights zero, no hooks. Without masks, training after
+            this can make pruned weights non-zero again.
         """
         if self._done:
             return self.model
@@ -199,27 +201,29 @@ class GradualPruner:
         if self._tx is None:
             return self.model
         owners = {id(u.owner): u.owner for t in self._targets for u in t.uses}
-        final = self._final_values(owners.values())
-        self._subscription.remove()  # the step recorded here is the pruner's own
-        # Back to the model at the first update (module dicts and values), then record the
-        # step from there to the trained, pruned values: undo returns exactly there.
-        self._tx.rollback()
         detail = (
             f"to {self._target:.0%} {self.method} {self.granularity} ({self.scope} scope) over "
             f"{self.step_count} steps, {len(self.history)} updates, on {len(self._layers)} "
             "layer(s)"
         )
-        with transaction(self.model, "gradual-prune", detail) as tx:
-            for tensor in [*self.model.parameters(), *self.model.buffers()]:
-                tx.save_tensor(tensor)
-            for owner in owners.values():
-                tx.save(owner)
-            with torch.no_grad():
-                for tensor, value in final:
-                    tensor.copy_(value)
-            tx.info.update(
-                schedule=self.schedule, history=list(self.history), sparsity=self.sparsity
-            )
+        # Ctrl-C waits: between the rollback and the recording the model is the old one.
+        with deferred_interrupts():
+            final = self._final_values(owners.values())
+            self._subscription.remove()  # the step recorded here is the pruner's own
+            # Back to the model at the first update (module dicts and values), then record
+            # the step from there to the trained, pruned values: undo returns exactly there.
+            self._tx.rollback()
+            with transaction(self.model, "gradual-prune", detail) as tx:
+                for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                    tx.save_tensor(tensor)
+                for owner in owners.values():
+                    tx.save(owner)
+                with torch.no_grad():
+                    for tensor, value in final:
+                        tensor.copy_(value)
+                tx.info.update(
+                    schedule=self.schedule, history=list(self.history), sparsity=self.sparsity
+                )
         self._tx = None
         return self.model
 
@@ -248,12 +252,13 @@ class GradualPruner:
         if self._tx is None:
             self._start()
         tx = self._tx
-        for t in self._targets:
-            mask = from_output_major(masks[t.name], t.weight(), t.module)
-            for use in t.uses:
-                apply_mask(tx, use.owner, mask, keep_masks=True, name=use.leaf)
-                if self.granularity == "channel":
-                    self._mask_bias(tx, use.owner, masks[t.name])
+        with deferred_interrupts():  # every mask at the new sparsity, or none (Ctrl-C waits)
+            for t in self._targets:
+                mask = from_output_major(masks[t.name], t.weight(), t.module)
+                for use in t.uses:
+                    apply_mask(tx, use.owner, mask, keep_masks=True, name=use.leaf)
+                    if self.granularity == "channel":
+                        self._mask_bias(tx, use.owner, masks[t.name])
         sizes = {t.name: t.weight().numel() for t in self._targets}
         total = max(sum(sizes.values()), 1)
         self._target = (
