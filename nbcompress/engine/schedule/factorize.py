@@ -19,7 +19,13 @@ from torch import nn
 
 from nbcompress.engine.core.history import transaction
 from nbcompress.engine.core.layers import select_layers
-from nbcompress.engine.core.validation import as_inputs, check_module, eval_mode, run_forward
+from nbcompress.engine.core.validation import (
+    as_inputs,
+    check_module,
+    eval_mode,
+    primary_output,
+    run_forward,
+)
 from nbcompress.engine.schedule.lowrank import (
     LowRankConv2d,
     LowRankLinear,
@@ -163,9 +169,13 @@ def _plan(
     name: str, layer: nn.Module, rule: tuple, x: torch.Tensor | None, opts: dict[str, Any]
 ) -> tuple[dict[str, Any], nn.Module | None]:
     """Decide one layer: its report row and the replacement (``None`` if skipped)."""
-    if getattr(layer, "groups", 1) != 1:
-        row = _row(name, layer, None, None)
-        row["result"] = f"skipped: grouped conv (groups={layer.groups}) is not factorised"
+    if getattr(layer, "groups", 1) != 1 or not name:
+        row = _row(name or "(the model itself)", layer, None, None)
+        row["result"] = (
+            f"skipped: grouped conv (groups={layer.groups}) is not factorised"
+            if name
+            else "skipped: the model is the layer itself; wrap it in nn.Sequential to replace it"
+        )
         return row, None
     sigma = singular_values(layer)
     rank = choose_rank(sigma, rank=rule[0], energy=rule[1])
@@ -184,6 +194,15 @@ def _plan(
         row["result"] = "factorised"
     row.pop("ratio", None)
     return row, new if row["result"] == "factorised" else None
+
+
+def _model_error(model: nn.Module, inputs: tuple, reference: torch.Tensor) -> float:
+    """Relative error ‖y′ − y‖ / ‖y‖ of the model's output on the example after the change."""
+    with eval_mode(model):
+        out = primary_output(run_forward(model, inputs)).detach()
+    return float(
+        (out.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-30)
+    )
 
 
 def factorize_(
@@ -237,9 +256,10 @@ def factorize_(
     selected, excluded = _candidates(model, layers, include_output)
     _check_full_rank(selected, rule[0])
     seen: dict[str, torch.Tensor] = {}
+    reference = None
     if inputs is not None:
         with eval_mode(model), _layer_inputs(selected) as seen:
-            run_forward(model, inputs)
+            reference = primary_output(run_forward(model, inputs)).detach().clone()
     report = FactorizeReport(rule=rule[2], excluded_output=excluded)
     opts = {"repeats": repeats, "only_faster": only_faster, "example": inputs is not None}
     plans = []
@@ -254,5 +274,7 @@ def factorize_(
             for name, new in chosen:
                 tx.replace(name, new)
             tx.info["report"] = report
+            if reference is not None:
+                report.output_error = _model_error(model, inputs, reference)
     remember_report(model, report)
     return model

@@ -42,11 +42,14 @@ class FactorizeReport(TableReport):
             real input), ``output error`` (‖y′ − y‖ / ‖y‖ of the layer on that input) and
             ``result`` (``"factorised"`` or the reason it was skipped).
         excluded_output: The output layer left alone by default, if any.
+        output_error: Relative error ‖y′ − y‖ / ‖y‖ of the whole model's output on the
+            example input after the replacements (``None`` without an example or change).
     """
 
     rule: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     excluded_output: str | None = None
+    output_error: float | None = None
 
     @property
     def factorised(self) -> list[str]:
@@ -75,6 +78,8 @@ class FactorizeReport(TableReport):
             "(a layer is replaced only if smaller and measured ≥ 5% faster, unless "
             "only_faster=False). Undo with undo_(model) / %undo.",
         ]
+        if self.output_error is not None:
+            notes.append(f"Model output error on the example: {fmt_pct(self.output_error)}.")
         if self.excluded_output:
             notes.append(
                 f"Output layer {self.excluded_output} left alone (include_output=True to "

@@ -159,3 +159,43 @@ def test_bad_input_is_one_line_and_leaves_the_model_untouched(kwargs, error, mat
 def test_a_non_module_is_refused():
     with pytest.raises(TypeError, match="^model: expected a torch.nn.Module"):
         factorize_([1, 2], only_faster=False)
+
+
+def test_model_output_error_is_reported():
+    model = mlp()
+    factorize_(model, rank=24, only_faster=False, example_inputs=torch.randn(4, 64), repeats=2)
+    report = factorize_report(model)
+    assert report.factorised == ["0", "2"] and 0 < report.output_error < 1
+    assert "Model output error on the example" in str(report)
+
+
+def test_a_bare_layer_is_skipped_not_replaced():
+    layer = nn.Linear(32, 32)
+    saved = snapshot(layer)
+    factorize_(layer, rank=2, only_faster=False, include_output=True)
+    assert factorize_report(layer).skipped == {
+        "(the model itself)": "skipped: the model is the layer itself; wrap it in "
+        "nn.Sequential to replace it"
+    }
+    assert_same_state(layer, saved)
+
+
+def test_failure_part_way_rolls_every_replacement_back(monkeypatch):
+    from nbcompress.engine.core.history import Transaction
+
+    model = mlp()
+    saved, modules = snapshot(model), list(model)
+    real = Transaction.replace
+    calls = []
+
+    def failing(self, name, new):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, name, new)
+
+    monkeypatch.setattr(Transaction, "replace", failing)
+    with pytest.raises(KeyboardInterrupt):
+        factorize_(model, rank=4, only_faster=False)
+    assert calls == ["0", "2"] and list(model) == modules and not history(model)
+    assert_same_state(model, saved)
