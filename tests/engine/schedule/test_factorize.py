@@ -199,3 +199,25 @@ def test_failure_part_way_rolls_every_replacement_back(monkeypatch):
         factorize_(model, rank=4, only_faster=False)
     assert calls == ["0", "2"] and list(model) == modules and not history(model)
     assert_same_state(model, saved)
+
+
+def test_conv_model_macs_match_costs_and_undo_is_bit_exact():
+    from nbcompress.engine.core.costs import macs
+    from tests.helpers import cnn
+
+    model = cnn().eval()
+    saved, originals = snapshot(model), list(model)
+    x = torch.randn(2, 1, 8, 8)
+    factorize_(model, rank=2, layers="3", only_faster=False, example_inputs=x, repeats=2)
+    row = factorize_report(model).rows[0]
+    assert isinstance(model[3], LowRankConv2d) and row["rank"] == 2
+    hidden = originals[2](originals[1](originals[0](x)))
+    assert row["MACs before"] == macs(originals[3], (hidden,), originals[3](hidden))
+    pair = model[3]
+    mid = pair.first(hidden)
+    assert row["MACs after"] == macs(pair.first, (hidden,), mid) + macs(
+        pair.second, (mid,), pair.second(mid)
+    )
+    undo_(model)
+    assert list(model) == originals
+    assert_same_state(model, saved)
