@@ -43,7 +43,7 @@ __all__ = ["engine_errors", "option_name", "user_error"]
 _DASHED = (
     "layers types method scope granularity min_density seed target_sparsity max_drop objective "
     "refine stages ratios max_layers early_stop metric repeats backend mode calibrate round_to "
-    "ignore heads ffn include_output remove"
+    "ignore heads ffn include_output remove rank energy"
 )
 _OPTION_NAMES = {
     **{k: "--" + k.replace("_", "-") for k in _DASHED.split()},

@@ -1,0 +1,126 @@
+"""Gradual pruning during fine-tuning vs one-shot pruning with the same fine-tuning budget.
+
+Issue 14's targets: gradual (PolynomialDecay to the target over the fine-tuning budget) ≥
+one-shot + the same fine-tuning budget at 90% and 95% sparsity, on LeNet-300-100 and the seed
+CNN; LeNet-300-100 ≥ 95% sparse within 0.5 point of dense, the seed CNN ≥ 90% within 1 point.
+
+Per model, data set and seed: train dense (``zoo.train``), then from copies of that model
+* **one-shot**: ``prune_(m, s, keep_masks=True)`` then ``finetune`` for the budget (masks
+  keep pruned weights at zero), masks made permanent;
+* **gradual**: ``finetune`` for the same budget with a ``GradualPruner`` whose
+  ``PolynomialDecay`` rises from 0 to ``s`` over the first 75% of the steps (the rest
+  recovers at the final sparsity, as Zhu & Gupta recommend).
+Test accuracy of each (layer scope, L1, output layer left alone). sklearn digits is the tuning
+set; real MNIST-5000 is held out (reported only).
+
+Usage::
+
+    python benchmarks/bench_training.py            # 3 seeds, digits + MNIST
+    python benchmarks/bench_training.py --quick    # 1 seed, digits, LeNet only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _datasets import Split, digits, mnist  # noqa: E402
+
+from nbcompress import (  # noqa: E402
+    GradualPruner,
+    PolynomialDecay,
+    finetune,
+    prune_,
+    remove_masks_,
+)
+from nbcompress.zoo import LeNet300, SeedCNN, accuracy, train  # noqa: E402
+
+BATCH = 64
+
+
+def _sparsity(model: torch.nn.Module) -> float:
+    weights = [
+        m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    total = sum(w.numel() for w in weights[:-1])  # output layer left alone
+    zeros = sum(int((w == 0).sum()) for w in weights[:-1])
+    return zeros / total
+
+
+def one_shot(dense: torch.nn.Module, split: Split, s: float, epochs: int, seed: int) -> tuple:
+    """Prune to ``s`` at once, then fine-tune ``epochs`` with kept masks."""
+    model = copy.deepcopy(dense)
+    prune_(model, s, keep_masks=True)
+    finetune(model, (split.x_train, split.y_train), epochs, batch_size=BATCH, seed=seed,
+             progress=False)  # fmt: skip
+    remove_masks_(model)
+    return accuracy(model, split.x_test, split.y_test), _sparsity(model)
+
+
+def gradual(dense: torch.nn.Module, split: Split, s: float, epochs: int, seed: int) -> tuple:
+    """Fine-tune ``epochs`` while the sparsity rises 0 → ``s`` over the first 75% of steps."""
+    model = copy.deepcopy(dense)
+    steps = epochs * -(-len(split.y_train) // BATCH)
+    end = int(0.75 * steps)
+    schedule = PolynomialDecay(0.0, s, 0, end, frequency=max(1, end // 20))
+    pruner = GradualPruner(model, schedule)
+    finetune(model, (split.x_train, split.y_train), epochs, pruner=pruner, batch_size=BATCH,
+             seed=seed, progress=False)  # fmt: skip
+    pruner.finish()
+    return accuracy(model, split.x_test, split.y_test), _sparsity(model)
+
+
+def main() -> None:
+    """Print one row per model, data set, sparsity and seed, then the means."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--epochs", type=int, default=10, help="dense training epochs")
+    parser.add_argument("--budget", type=int, default=5, help="fine-tuning epochs")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seeds = [0] if args.quick else [0, 1, 2]
+    models = {"LeNet-300-100": (LeNet300, 8)} if args.quick else {
+        "LeNet-300-100": (LeNet300, 8), "seed CNN": (SeedCNN, 28)}  # fmt: skip
+    print(f"fine-tuning budget {args.budget} epochs; accuracy on the test split")
+    print(
+        "| model | data | sparsity | seed | dense | one-shot + ft | gradual | gradual − one-shot |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for label, (cls, size) in models.items():
+        sets = [("digits", lambda s, z=size: digits(z, seed=s), size)]
+        if not args.quick:
+            sets.append(("MNIST", lambda s: mnist(seed=s), 28))
+        for data, make, side in sets:
+            for target in (0.9, 0.95):
+                diffs, gaps = [], []
+                for seed in seeds:
+                    split = make(seed)
+                    torch.manual_seed(seed)
+                    base = LeNet300(side * side) if cls is LeNet300 else cls()
+                    dense = train(base, split.x_train, split.y_train, epochs=args.epochs, seed=seed)
+                    acc = accuracy(dense, split.x_test, split.y_test)
+                    a1, _ = one_shot(dense, split, target, args.budget, seed)
+                    a2, s2 = gradual(dense, split, target, args.budget, seed)
+                    diffs.append(100 * (a2 - a1))
+                    gaps.append(100 * (acc - max(a1, a2)))
+                    print(
+                        f"| {label} | {data} | {target:.0%} ({s2:.1%}) | {seed} | {acc:.3f} | "
+                        f"{a1:.3f} | {a2:.3f} | {100 * (a2 - a1):+.1f} |",
+                        flush=True,
+                    )
+                print(
+                    f"| {label} | {data} | {target:.0%} | mean | | | | "
+                    f"{statistics.mean(diffs):+.1f} (best below dense by "
+                    f"{statistics.mean(gaps):.1f}) |"
+                )
+
+
+if __name__ == "__main__":
+    main()
