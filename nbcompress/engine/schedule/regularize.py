@@ -81,6 +81,7 @@ class L1Penalty:
             default (Linear and Conv weights, attention projections, RNN gates), with the
             output layer left alone.
         group: Group lasso over output channels/neurons (Σ_c ‖W_c‖₂) instead of Σ|wᵢ|.
+        arg: The name of ``weight`` in error messages (``finetune`` passes ``"l1"``).
 
     Raises:
         ValueError: ``weight`` < 0 (or not finite), or a pattern matching no layer.
@@ -93,11 +94,12 @@ class L1Penalty:
         *,
         layers: str | Sequence[str] | None = None,
         group: bool = False,
+        arg: str = "weight",
     ) -> None:
         if not callable(weight):
-            _check_number(weight, "weight")
+            _check_number(weight, arg)
         selected, _ = select_layers(model, layers)
-        self.weight, self.group = weight, bool(group)
+        self.weight, self.group, self.arg = weight, bool(group), arg
         self.modules = [(m, _transposed(m)) for m in selected.values() if prunable_weights(m)]
         self.layers = [n for n, m in selected.items() if prunable_weights(m)]
 
@@ -108,7 +110,7 @@ class L1Penalty:
                 "step: the penalty weight is a schedule; pass the optimizer step, e.g. "
                 "penalty(step) or l1_penalty(model, schedule, step=step)."
             )
-        return schedule_value(self.weight, step or 0, "weight")
+        return schedule_value(self.weight, step or 0, self.arg)
 
     def __call__(self, step: int | None = None) -> torch.Tensor:
         """λ(step) · Σ|wᵢ| (or λ · Σ_c ‖W_c‖₂), a scalar tensor to add to the loss."""
