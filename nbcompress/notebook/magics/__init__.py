@@ -10,12 +10,20 @@ __all__ = ["register"]
 def _magic_classes() -> list[type]:
     # Imported here so that `import nbcompress` never imports IPython.
     from nbcompress.notebook.magics._core import CoreMagics
+    from nbcompress.notebook.magics._finetune import FinetuneMagics
     from nbcompress.notebook.magics._quantize import QuantizeMagics
     from nbcompress.notebook.magics._sensitivity import SensitivityMagics
     from nbcompress.notebook.magics._speedup import SpeedupMagics
     from nbcompress.notebook.magics._undo import UndoMagics
 
-    return [CoreMagics, UndoMagics, SensitivityMagics, QuantizeMagics, SpeedupMagics]
+    return [
+        CoreMagics,
+        UndoMagics,
+        SensitivityMagics,
+        QuantizeMagics,
+        SpeedupMagics,
+        FinetuneMagics,
+    ]
 
 
 def register(ipython: Any) -> None:
