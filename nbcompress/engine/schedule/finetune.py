@@ -29,8 +29,8 @@ from nbcompress.engine.schedule.trainingdata import Batches, batches, check_val
 
 __all__ = ["FinetuneResult", "finetune"]
 
-#: Progress updates per epoch (each reads the loss back once).
-UPDATES_PER_EPOCH = 20
+#: Seconds between progress updates (each reads the loss back once, a host sync).
+UPDATE_INTERVAL = 0.2
 
 
 def _positive_int(value: Any, arg: str, example: str) -> int:
@@ -91,16 +91,18 @@ def _callbacks(callback: Any, plot: bool | None) -> list[Callable[[FinetuneResul
 class _Run:
     """The state of one run: the step, the buffers of the last finished step, the bar."""
 
-    def __init__(self, model: nn.Module, result: FinetuneResult, pruner: Any, every: int) -> None:
-        self.model, self.result, self.pruner, self.every = model, result, pruner, every
+    def __init__(self, model: nn.Module, result: FinetuneResult, pruner: Any) -> None:
+        self.model, self.result, self.pruner = model, result, pruner
         self.buffers = [b for b in model.buffers() if b is not None]
         # Running statistics of the last finished step: a step cut short (an error, Ctrl-C
         # in the forward) must not leave its batch in BatchNorm's statistics.
         self.saved = [b.detach().clone() for b in self.buffers]
         self.bar: Any = None
         self.callbacks: list[Callable[[FinetuneResult], None]] = []
-        self.pending = torch.zeros(())  # loss summed since the last progress update
-        self.pending_steps = 0
+        # The epoch's losses stay on the device until read: no sync per step.
+        self.losses: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+        self.shown, self.last = 0, time.perf_counter()
 
     def finished_step(self, optimizer: Any) -> None:
         """The optimizer and pruner steps, which Ctrl-C may not cut in half."""
@@ -119,18 +121,19 @@ class _Run:
             for kept, buf in zip(self.saved, self.buffers, strict=True):
                 buf.copy_(kept)
 
-    def progress(self, loss: torch.Tensor, metric: float | None) -> None:
-        """Count a step's loss; every ``every`` steps read it back and update the bar."""
-        self.pending = self.pending + loss
-        self.pending_steps += 1
-        if self.pending_steps >= self.every:
+    def progress(self, loss: torch.Tensor, rows: int, metric: float | None) -> None:
+        """Keep a step's loss; every ``UPDATE_INTERVAL`` seconds update the bar with them."""
+        self.losses.append(loss)
+        self.sizes.append(rows)
+        if time.perf_counter() - self.last >= UPDATE_INTERVAL:
             self.update(metric)
 
     def update(self, metric: float | None) -> None:
         """Update the bar, the curve and the callbacks now (one host sync)."""
-        if not self.pending_steps:
+        steps = len(self.losses) - self.shown
+        if not steps:
             return
-        mean = float(self.pending) / self.pending_steps
+        mean = float(torch.stack(self.losses[self.shown :]).mean())
         sparsity = pruner_sparsity(self.pruner) if self.pruner is not None else None
         self.result.curve.append((self.result.steps, mean, sparsity))
         if self.bar is not None:
@@ -140,26 +143,26 @@ class _Run:
             if metric is not None:
                 shown[self.result.metric_name] = f"{metric:.4f}"
             self.bar.set_postfix(shown, refresh=False)
-            self.bar.update(self.pending_steps)
-        self.pending, self.pending_steps = torch.zeros(()), 0
+            self.bar.update(steps)
+        self.shown, self.last = len(self.losses), time.perf_counter()
         for callback in self.callbacks:
             callback(self.result)
 
 
-def _epoch(run: _Run, data: Iterator[Any], step_fn: Callable, optimizer: Any) -> tuple[float, int]:
-    """One pass over the data; returns the mean loss and the number of rows seen."""
-    total, rows = torch.zeros(()), 0
+def _epoch(run: _Run, data: Iterator[Any], step_fn: Callable, optimizer: Any) -> float:
+    """One pass over the data; returns the mean loss per row."""
+    run.losses, run.sizes, run.shown = [], [], 0
     metric = run.result.metric[-1] if run.result.metric else None
     for batch in data:
         x, y = batch[0], batch[1]
         loss = step_fn(x, y, run.result.steps)
         run.finished_step(optimizer)
-        n = len(y)
-        total = total + loss * n
-        rows += n
-        run.progress(loss, metric)
+        run.progress(loss, len(y), metric)
     run.update(metric)
-    return float(total) / max(rows, 1), rows
+    if not run.losses:
+        raise ValueError("train: the data gave no batch; pass a non-empty DataLoader.")
+    sizes = torch.tensor(run.sizes, dtype=run.losses[0].dtype)
+    return float(torch.stack(run.losses).to(sizes.device) @ sizes) / sum(run.sizes)
 
 
 def _step_function(model, loss_fn, optimizer, penalty) -> Callable:
@@ -264,8 +267,7 @@ def finetune(
     metric_fn, metric_name = check_val(val)
     epoch_batches, per_epoch = batches(train, batch_size, seed)
     result = FinetuneResult(epochs=epochs, metric_name=metric_name)
-    every = max(1, (per_epoch or 200) // UPDATES_PER_EPOCH)
-    run = _Run(model, result, pruner, every)
+    run = _Run(model, result, pruner)
     run.callbacks = _callbacks(callback, plot)
     step_fn = _step_function(model, loss_fn, optimizer, penalty)
     flags = {m: m.training for m in model.modules()}
@@ -300,7 +302,7 @@ def _epochs(
     for _ in range(result.epochs):
         run.model.train()
         start = time.perf_counter()
-        mean, _rows = _epoch(run, epoch_batches(), step_fn, optimizer)
+        mean = _epoch(run, epoch_batches(), step_fn, optimizer)
         seconds = time.perf_counter() - start
         metric = None
         if metric_fn is not None:
