@@ -96,7 +96,7 @@ def main():
     rows = [bench(m, args.rounds, args.batch_size) for m in args.models.split(",")]
     print(f"\n1 thread, {args.rounds} interleaved rounds, load average {load:.1f} -> "
           f"{os.getloadavg()[0]:.1f}", file=sys.stderr)  # fmt: skip
-    print("| model | steps/epoch | hand loop s/epoch | finetune s/epoch | overhead (median ratio) |")
+    print("| model | steps/epoch | hand loop s/epoch | finetune s/epoch | overhead (median) |")
     print("|---|---|---|---|---|")
     for row in rows:
         print(

@@ -140,3 +140,32 @@ def test_a_model_that_raises_is_named_with_the_data_option(ns):
     )
     with pytest.raises(UsageError, match=r"^--data: the model raised KeyError: 'input_ids'"):
         magic(ns, "bad --data train")
+
+
+def test_live_plot_redraws_at_each_epoch_end_and_draws_the_pruner_sparsity(shell, monkeypatch):
+    import IPython.display
+
+    from nbcompress.notebook.display.training import LiveTrainingPlot
+
+    shown = []
+
+    class Handle:
+        def update(self, obj):
+            shown.append(obj)
+
+    def display(obj, display_id=False):
+        shown.append(obj)
+        return Handle()
+
+    monkeypatch.setattr(IPython.display, "display", display)
+    live = LiveTrainingPlot(min_interval=1e9)  # only epoch ends redraw
+    result = FinetuneResult(epochs=2, curve=[(1, 2.0, 0.5), (2, 1.5, 0.6)])
+    live(result)  # no epoch finished yet, but nothing shown so far either
+    live(result)
+    assert live.updates == 1
+    result.loss.append(1.7), result.metric.append(None)
+    result.sparsity.append(0.6), result.seconds.append(0.1)
+    live(result)
+    assert live.updates == 2 and len(shown) == 2
+    fig = result.plot()
+    assert len(fig.axes) == 2 and list(fig.axes[1].lines[0].get_ydata()) == [0.5, 0.6]

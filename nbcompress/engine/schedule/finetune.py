@@ -25,6 +25,7 @@ from nbcompress.engine.core.layers import PRUNABLE_TYPES, prunable_weights, weig
 from nbcompress.engine.core.validation import check_module, eval_mode, primary_output
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
 from nbcompress.engine.schedule.regularize import L1Penalty
+from nbcompress.engine.schedule.stepguard import StepGuard
 from nbcompress.engine.schedule.trainingdata import Batches, batches, check_val
 
 __all__ = ["FinetuneResult", "finetune"]
@@ -93,11 +94,12 @@ class _Run:
 
     def __init__(self, model: nn.Module, result: FinetuneResult, pruner: Any) -> None:
         self.model, self.result, self.pruner = model, result, pruner
-        self.buffers = [b for b in model.buffers() if b is not None]
+        self.buffers = [b for b in model.buffers() if b is not None and not b.requires_grad]
         # Running statistics of the last finished step: a step cut short (an error, Ctrl-C
         # in the forward) must not leave its batch in BatchNorm's statistics.
         self.saved = [b.detach().clone() for b in self.buffers]
         self.bar: Any = None
+        self.guard = StepGuard()
         self.callbacks: list[Callable[[FinetuneResult], None]] = []
         # The epoch's losses stay on the device until read: no sync per step.
         self.losses: list[torch.Tensor] = []
@@ -106,13 +108,12 @@ class _Run:
 
     def finished_step(self, optimizer: Any) -> None:
         """The optimizer and pruner steps, which Ctrl-C may not cut in half."""
-        with deferred_interrupts():
+        with self.guard.step():
             optimizer.step()
             if self.pruner is not None:
                 self.pruner.step()
-            with torch.no_grad():
-                for kept, buf in zip(self.saved, self.buffers, strict=True):
-                    kept.copy_(buf)
+            for kept, buf in zip(self.saved, self.buffers):  # buffers need no grad
+                kept.copy_(buf)
             self.result.steps += 1
 
     def restore_buffers(self) -> None:
@@ -273,9 +274,11 @@ def finetune(
     flags = {m: m.training for m in model.modules()}
     run.bar = progress_bar(per_epoch * epochs if per_epoch else None, progress)
     try:
-        _epochs(run, epoch_batches, step_fn, optimizer, metric_fn)
+        with run.guard:
+            _epochs(run, epoch_batches, step_fn, optimizer, metric_fn)
         if finish and pruner is not None and callable(getattr(pruner, "finish", None)):
-            pruner.finish()
+            with deferred_interrupts():
+                pruner.finish()
     except KeyboardInterrupt:
         run.restore_buffers()
         result.interrupted = True

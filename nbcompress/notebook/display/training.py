@@ -40,9 +40,9 @@ class LiveTrainingPlot:
         self._epochs = 0
 
     def __call__(self, result: FinetuneResult) -> None:
-        """Redraw if ``min_interval`` passed, and always at an epoch's end."""
-        epoch_end = self._epochs != len(result.loss)
-        if not epoch_end and time.monotonic() - self._last < self.min_interval:
+        """Redraw if ``min_interval`` passed, and always first and at an epoch's end."""
+        due = self.handle is None or self._epochs != len(result.loss)
+        if not due and time.monotonic() - self._last < self.min_interval:
             return
         self.show(result)
 
