@@ -202,3 +202,13 @@ def test_result_prints_a_table_and_plots():
     assert "accuracy" in text and "<table>" in result._repr_html_()
     fig = result.plot()
     assert fig.axes and len(fig.axes[0].lines[0].get_xdata()) == len(result.curve)
+
+
+def test_the_sigint_handler_is_put_back_after_a_run_and_after_an_interrupt():
+    before = signal.getsignal(signal.SIGINT)
+    finetune(mlp(), _data(), 1, progress=False)
+    assert signal.getsignal(signal.SIGINT) is before
+    model = mlp()
+    model[0].register_forward_pre_hook(lambda *a: signal.raise_signal(signal.SIGINT))
+    assert finetune(model, _data(), 1, progress=False).interrupted
+    assert signal.getsignal(signal.SIGINT) is before
