@@ -140,7 +140,9 @@ class _Run:
         if self.bar is not None:
             shown = {"loss": f"{mean:.4f}"}
             if sparsity is not None:
-                shown["sparsity"] = f"{sparsity:.1%}"
+                target = getattr(self.pruner, "target", None)
+                aim = f"→{target:.0%}" if isinstance(target, numbers.Real) else ""
+                shown["sparsity"] = f"{sparsity:.1%}{aim}"
             if metric is not None:
                 shown[self.result.metric_name] = f"{metric:.4f}"
             self.bar.set_postfix(shown, refresh=False)
@@ -242,7 +244,8 @@ def finetune(
             ignored when an optimizer is given).
         loss: ``f(output, y) -> tensor``; default cross-entropy on the (first) output.
         pruner: Any object with ``.step()`` (e.g. a ``GradualPruner``), called after each
-            optimizer step; its ``sparsity`` (and ``target``) are shown if it has them.
+            optimizer step; its ``sparsity`` (a number or a method) and ``target`` are shown
+            in the bar if it has them.
         l1: Weight of :func:`~nbcompress.engine.schedule.regularize.l1_penalty` added to
             the loss (0 = off), or a schedule ``f(step) -> float``.
         val: A metric ``f(model) -> float`` or ``(x, y)`` tensors (top-1 accuracy).

@@ -191,7 +191,7 @@ def test_progress_bar_shows_loss_and_sparsity(capsys):
     model = mlp()
     finetune(model, (x, y), 1, pruner=FakePruner(model), batch_size=16)
     err = capsys.readouterr().err
-    assert "finetune" in err and "16/16" in err and "loss=" in err and "sparsity=50.0%" in err
+    assert "finetune" in err and "16/16" in err and "loss=" in err and "sparsity=50.0%→50%" in err
 
 
 def test_result_prints_a_table_and_plots():
