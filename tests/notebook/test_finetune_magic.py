@@ -169,3 +169,23 @@ def test_live_plot_redraws_at_each_epoch_end_and_draws_the_pruner_sparsity(shell
     assert live.updates == 2 and len(shown) == 2
     fig = result.plot()
     assert len(fig.axes) == 2 and list(fig.axes[1].lines[0].get_ydata()) == [0.5, 0.6]
+
+
+def test_ctrl_c_during_gradual_finetune_keeps_the_steps_and_records_the_pruning(
+    ns, fake_gradual, capsys
+):
+    import signal
+
+    class Stopping(FakePruner):
+        def step(self):
+            super().step()
+            if self.steps == 3:  # arrives inside the step: delivered once it finished
+                signal.raise_signal(signal.SIGINT)
+
+    sys.modules["nbcompress.engine.schedule.gradual"].GradualPruner = Stopping
+    result = magic(ns, "model --data train --epochs 2 --gradual 0.5:0.9")
+    (pruner,) = FakePruner.made
+    assert result.interrupted and result.steps == pruner.steps == 3
+    assert pruner.finished == 1  # the pruning done so far is recorded, undoable
+    captured = capsys.readouterr()
+    assert "Interrupted: the model is as after optimizer step 3" in captured.err
