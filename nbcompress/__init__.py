@@ -54,6 +54,7 @@ _EXPORTS = {
     "finetune": "nbcompress.engine.schedule.finetune",
     "FinetuneResult": "nbcompress.engine.schedule.finetune_result",
     "l1_penalty": "nbcompress.engine.schedule.regularize",
+    "L1Penalty": "nbcompress.engine.schedule.regularize",
     "factorize_": "nbcompress.engine.schedule.factorize",
     "factorize_report": "nbcompress.engine.schedule.lowrank_report",
     "FactorizeReport": "nbcompress.engine.schedule.factorize",

@@ -11,6 +11,7 @@ def _magic_classes() -> list[type]:
     # Imported here so that `import nbcompress` never imports IPython.
     from nbcompress.notebook.magics._core import CoreMagics
     from nbcompress.notebook.magics._factorize import FactorizeMagics
+    from nbcompress.notebook.magics._finetune import FinetuneMagics
     from nbcompress.notebook.magics._quantize import QuantizeMagics
     from nbcompress.notebook.magics._sensitivity import SensitivityMagics
     from nbcompress.notebook.magics._speedup import SpeedupMagics
@@ -23,6 +24,7 @@ def _magic_classes() -> list[type]:
         QuantizeMagics,
         SpeedupMagics,
         FactorizeMagics,
+        FinetuneMagics,
     ]
 
 

@@ -1,0 +1,91 @@
+"""What a fine-tuning run returns: per-epoch loss, metric, sparsity and time, and its curve."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["FinetuneResult"]
+
+
+def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+@dataclass
+class FinetuneResult:
+    """The history of one :func:`~nbcompress.engine.schedule.finetune.finetune` run.
+
+    Attributes:
+        loss: Mean training loss of each finished epoch (the data loss, without the L1 term).
+        metric: Validation metric after each finished epoch (``None`` without ``val``).
+        sparsity: Fraction of zero weights of the prunable layers after each epoch (measured).
+        seconds: Wall time of each epoch's training (validation not included).
+        steps: Optimizer steps finished (the model is as after the last of them).
+        epochs: Epochs asked for.
+        interrupted: Ctrl-C stopped the run early.
+        metric_name: What ``metric`` measures (``"accuracy"`` for ``val=(x, y)``).
+        curve: ``(step, loss, sparsity)`` points at each progress update: the loss is the
+            mean over the steps since the previous point; the sparsity the pruner's
+            (``None`` without one).
+    """
+
+    loss: list[float] = field(default_factory=list)
+    metric: list[float | None] = field(default_factory=list)
+    sparsity: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    steps: int = 0
+    epochs: int = 0
+    interrupted: bool = False
+    metric_name: str = "metric"
+    curve: list[tuple[int, float, float | None]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per finished epoch: epoch, loss, metric, sparsity, seconds."""
+        return [
+            {
+                "epoch": i + 1,
+                "loss": self.loss[i],
+                self.metric_name: self.metric[i],
+                "sparsity": self.sparsity[i],
+                "seconds": self.seconds[i],
+            }
+            for i in range(len(self.loss))
+        ]
+
+    def _status(self) -> str:
+        done = len(self.loss)
+        stop = f", interrupted after step {self.steps}" if self.interrupted else ""
+        return f"finetune: {done}/{self.epochs} epochs, {self.steps} steps{stop}"
+
+    def __str__(self) -> str:
+        lines = [self._status()]
+        lines.append(f"{'epoch':>5} {'loss':>9} {self.metric_name:>10} {'sparsity':>9} {'s':>7}")
+        for r in self.rows:
+            lines.append(
+                f"{r['epoch']:>5} {r['loss']:>9.4f} {_fmt(r[self.metric_name]):>10} "
+                f"{r['sparsity']:>9.1%} {r['seconds']:>7.2f}"
+            )
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        head = "".join(
+            f"<th>{html.escape(h)}</th>"
+            for h in ("epoch", "loss", self.metric_name, "sparsity", "seconds")
+        )
+        body = "".join(
+            f"<tr><td>{r['epoch']}</td><td>{r['loss']:.4f}</td>"
+            f"<td>{_fmt(r[self.metric_name])}</td><td>{r['sparsity']:.1%}</td>"
+            f"<td>{r['seconds']:.2f}</td></tr>"
+            for r in self.rows
+        )
+        status = html.escape(self._status())
+        return f"<div><b>{status}</b><table><tr>{head}</tr>{body}</table></div>"
+
+    def plot(self) -> Any:
+        """A matplotlib Figure of the loss and sparsity curves over the steps."""
+        from nbcompress.notebook.display.training import training_figure
+
+        return training_figure(self)

@@ -1,0 +1,155 @@
+"""``%finetune``: a thin wrapper over :func:`nbcompress.engine.schedule.finetune.finetune`."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from nbcompress.engine.schedule.finetune import finetune, in_kernel
+from nbcompress.engine.schedule.finetune_result import FinetuneResult
+from nbcompress.engine.schedule.trainingdata import is_pair
+from nbcompress.notebook.magics._common import (
+    ModelMagics,
+    at_least,
+    engine_errors,
+    seed_type,
+    within,
+)
+
+__all__ = ["FinetuneMagics"]
+
+# finetune's keywords → the options of %finetune that set them.
+_OPTIONS = {
+    "train": "--data",
+    "val": "--val",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "l1": "--l1",
+    "batch_size": "--batch-size",
+}
+#: Progress points of a --gradual schedule over the run (TF-MOT's frequency).
+SCHEDULE_UPDATES = 20
+
+
+@contextlib.contextmanager
+def _named_options() -> Iterator[None]:
+    """Refusals of ``finetune`` (``train: ...``) as one UsageError line naming the option."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        head, sep, rest = str(err).partition(": ")
+        if not sep or head not in _OPTIONS:
+            raise
+        raise UsageError(f"{_OPTIONS[head]}: {rest}") from err
+
+
+def _span(text: str) -> tuple[float, float]:
+    """``--gradual a:b``: initial and final sparsity, 0 <= a <= b < 1."""
+    first, sep, last = text.partition(":")
+    try:
+        a, b = float(first), float(last)
+    except ValueError:
+        a = b = math.nan
+    if not sep or not (0 <= a <= b < 1):
+        raise UsageError(
+            f"--gradual: {text!r} is not initial:final sparsity with 0 <= initial <= final < 1; "
+            "e.g. --gradual 0.5:0.9 rises from 50% to 90% over the run."
+        )
+    return a, b
+
+
+def _steps(data: Any, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of the whole run, which a --gradual schedule spans."""
+    if is_pair(data):
+        return math.ceil(len(data[1]) / batch_size) * epochs
+    if hasattr(data, "__len__"):
+        return len(data) * epochs
+    raise UsageError(
+        "--gradual: the schedule spans the run, whose length is unknown for this --data; pass "
+        "(x, y) tensors or a DataLoader with a length."
+    )
+
+
+def gradual_pruner(model: Any, text: str, total: int) -> Any:
+    """A GradualPruner whose PolynomialDecay rises from a to b over ``total`` steps."""
+    initial, final = _span(text)
+    try:
+        from nbcompress.engine.schedule.gradual import GradualPruner
+        from nbcompress.engine.schedule.schedules import PolynomialDecay
+    except ImportError:
+        raise UsageError(
+            "--gradual: gradual pruning is not available in this version of nbcompress "
+            "(nbcompress.engine.schedule.gradual is missing); drop --gradual."
+        ) from None
+    schedule = PolynomialDecay(
+        initial_sparsity=initial,
+        final_sparsity=final,
+        begin_step=0,
+        end_step=total,
+        frequency=max(1, total // SCHEDULE_UPDATES),
+    )
+    return GradualPruner(model, schedule)
+
+
+@magics_class
+class FinetuneMagics(ModelMagics):
+    """The ``%finetune`` magic."""
+
+    @magic_arguments()
+    @argument("model", help="The model: any expression in the namespace, e.g. `model`.")
+    @argument("--data", "-d", help="Training data: (x, y) tensors or a DataLoader (a name).")
+    @argument("--epochs", "-e", type=at_least(1, "--epochs 3"), default=1, help="Default 1.")
+    @argument("--gradual", help="Prune gradually from a to b sparsity over the run, e.g. 0.5:0.9.")
+    @argument("--lr", type=within(1e-12, 10.0, "--lr 1e-3"), default=1e-3, help="Adam's rate.")
+    @argument("--l1", type=at_least(0, "--l1 1e-4", float), default=0.0, help="L1 weight.")
+    @argument("--val", help="Validation: (x, y) tensors (accuracy) or f(model) -> float.")
+    @argument("--batch-size", type=at_least(1, "--batch-size 64"), default=64, help="Rows.")
+    @argument("--seed", type=seed_type, default=0, help="Seed of the shuffling of (x, y).")
+    @line_magic
+    def finetune(self, line: str) -> FinetuneResult:
+        """Fine-tune a model in place for a few epochs (Adam, cross-entropy), with a live bar.
+
+        Examples: ``%finetune model --data train --epochs 3 --val val``,
+        ``%finetune model --data train --epochs 3 --gradual 0.5:0.9`` (prunes gradually
+        while training: the sparsity rises from 50% to 90% along TF-MOT's polynomial
+        schedule over the whole run; the pruning is recorded, ``%undo model`` reverts it),
+        ``%finetune model --data train --l1 1e-4`` (adds the L1 penalty λ·Σ|w| of the
+        prunable layers, so that small weights can be pruned afterwards).
+
+        ``--data`` and ``--val`` name ``(x, y)`` tensors or a ``DataLoader`` of ``(x, y)``
+        batches; ``--val`` may also name a function ``f(model) -> float``. A progress bar
+        shows the loss, the sparsity, the validation metric and the ETA; in a notebook the
+        loss and sparsity curves update live. Ctrl-C stops at the last finished optimizer
+        step (never half-way through one), says so, and returns the history so far (with
+        ``--gradual`` the pruning done until then is recorded). Returns the
+        :class:`~nbcompress.engine.schedule.finetune_result.FinetuneResult`.
+        """
+        args = parse_argstring(self.finetune, line)
+        model = self.model(args.model)
+        data = self.value(args.data, "--data")
+        val = self.optional(args.val, "--val")
+        pruner = None
+        if args.gradual is not None:
+            total = _steps(data, args.batch_size, args.epochs)
+            with engine_errors(), _named_options():
+                pruner = gradual_pruner(model, args.gradual, total)
+        with engine_errors({"--data": data, "--val": val}, model_option="--data"):
+            with _named_options():
+                result = finetune(
+                    model, data, args.epochs, pruner=pruner, l1=args.l1, val=val, lr=args.lr,
+                    batch_size=args.batch_size, seed=args.seed, plot=in_kernel(),
+                )  # fmt: skip
+            if pruner is not None and callable(getattr(pruner, "finish", None)):
+                pruner.finish()  # also after Ctrl-C: the pruner is not the user's to finish
+        if pruner is not None:
+            print(f"Pruned gradually while training; %undo {args.model} reverts it.")
+        if result.interrupted and not in_kernel():
+            print(result, file=sys.stderr)
+        return result

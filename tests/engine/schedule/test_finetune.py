@@ -1,0 +1,214 @@
+import copy
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from nbcompress.engine.schedule.finetune import FinetuneResult, finetune
+from tests.helpers import assert_same_state, cnn, mlp, snapshot
+
+
+def _data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    return x, x[:, :4].argmax(1)
+
+
+def _hand_loop(model, x, y, epochs, lr=1e-3, batch_size=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = order[i : i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
+def test_finetune_matches_a_hand_written_loop_bit_for_bit():
+    x, y = _data()
+    torch.manual_seed(0)
+    a = mlp()
+    b = copy.deepcopy(a)
+    result = finetune(a, (x, y), 3, progress=False)
+    _hand_loop(b, x, y, 3)
+    assert_same_state(a, snapshot(b))
+    assert isinstance(result, FinetuneResult)
+    assert result.steps == 12 and len(result.loss) == 3 and not result.interrupted
+    assert result.loss[-1] < result.loss[0]
+    assert len(result.seconds) == 3 and all(s > 0 for s in result.seconds)
+
+
+def test_dataloader_val_metric_and_training_flags_restored():
+    x, y = _data()
+    model = mlp().eval()
+    model[1].train()  # a mixed state comes back as it was
+    loader = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+    result = finetune(model, loader, 2, val=(x, y), progress=False)
+    assert result.metric_name == "accuracy" and len(result.metric) == 2
+    assert result.steps == 16
+    assert [m.training for m in model.modules()] == [False, False, True, False, False, False]
+    with torch.no_grad():  # the metric of the last epoch is the trained model's accuracy
+        assert result.metric[1] == float((model(x).argmax(1) == y).float().mean())
+
+    def score(m):
+        assert not m.training  # evaluated in eval mode
+        return 0.5
+
+    assert finetune(model, loader, 1, val=score, progress=False).metric == [0.5]
+
+
+class FakePruner:
+    """Zeroes the smallest weights of layer 0 to a growing fraction at each step."""
+
+    def __init__(self, model, target=0.5, steps=8):
+        self.model, self.target, self.steps, self.calls, self.finished = model, target, steps, 0, 0
+
+    @property
+    def sparsity(self):
+        return self.target * min(1.0, self.calls / self.steps)
+
+    def step(self):
+        self.calls += 1
+        w = self.model[0].weight
+        k = int(self.sparsity * w.numel())
+        if k:
+            with torch.no_grad():
+                w.view(-1)[w.abs().flatten().argsort()[:k]] = 0
+
+    def finish(self):
+        self.finished += 1
+
+
+def test_pruner_is_stepped_after_each_optimizer_step_and_finished_only_when_asked():
+    x, y = _data()
+    model = mlp()
+    pruner = FakePruner(model)
+    seen = []
+    result = finetune(model, (x, y), 2, pruner=pruner, progress=False, callback=seen.append)
+    assert pruner.calls == result.steps == 8 and pruner.finished == 0
+    assert result.sparsity[-1] == pytest.approx(0.5 * 512 / (512 + 768 + 96), abs=1e-3)
+    assert result.curve[-1] == (8, pytest.approx(result.curve[-1][1]), 0.5)
+    assert seen and seen[-1] is result
+    finetune(model, (x, y), 1, pruner=pruner, finish=True, progress=False)
+    assert pruner.finished == 1
+
+
+def test_l1_term_is_added_and_scheduled_by_step():
+    x, y = _data()
+    torch.manual_seed(0)
+    plain, with_l1 = mlp(), mlp()
+    with_l1.load_state_dict(plain.state_dict())
+    finetune(plain, (x, y), 2, progress=False)
+    steps = []
+    finetune(with_l1, (x, y), 2, l1=lambda s: steps.append(s) or 1e-2, progress=False)
+    assert steps == list(range(8))
+    assert with_l1[0].weight.abs().sum() < plain[0].weight.abs().sum()
+
+
+def test_ctrl_c_keeps_the_last_finished_step_and_returns_the_history(capsys):
+    model = cnn()
+    xs = torch.randn(64, 1, 8, 8)
+    ys = torch.randint(0, 10, (64,))
+    states = []
+
+    class Interrupting:
+        """Records the state after each step; at step 5 Ctrl-C arrives in the next forward."""
+
+        calls = 0
+
+        def step(self):
+            self.calls += 1
+            states.append(snapshot(model))
+            if self.calls == 5:
+                model[0].register_forward_pre_hook(lambda *a: signal.raise_signal(signal.SIGINT))
+
+    result = finetune(model, (xs, ys), 10, pruner=Interrupting(), batch_size=8, progress=False)
+    assert result.interrupted and result.steps == 5 and result.loss == []
+    assert_same_state(model, states[-1])  # BatchNorm statistics of the cut step put back
+    err = capsys.readouterr().err
+    assert "Interrupted: the model is as after optimizer step 5 (0 of 10 epochs" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_during_the_optimizer_step_is_deferred_until_it_finished():
+    x, y = _data()
+    model = mlp()
+    before = snapshot(model)
+
+    class Optim(torch.optim.Adam):
+        def step(self, closure=None):
+            signal.raise_signal(signal.SIGINT)  # arrives mid-step: held back until it ends
+            return super().step(closure)
+
+    result = finetune(model, (x, y), 3, optimizer=Optim(model.parameters()), progress=False)
+    assert result.interrupted and result.steps == 1
+    assert not torch.equal(model[0].weight, before["0.weight"])  # the step was finished
+
+
+def test_an_error_before_the_first_step_leaves_the_model_exactly_as_it_was():
+    model = cnn()
+    before = snapshot(model)
+    xs = torch.randn(16, 1, 8, 8)
+    with pytest.raises(IndexError):
+        finetune(model, (xs, torch.full((16,), 99)), 1, progress=False)  # label out of range
+    assert_same_state(model, before)
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"epochs": 0}, ValueError, r"^epochs: 0 is not a whole number >= 1"),
+        ({"batch_size": 2.5}, ValueError, r"^batch_size: 2\.5 is not a whole number"),
+        ({"lr": -1}, ValueError, r"^lr: -1 is not a number > 0"),
+        ({"l1": -1e-4}, ValueError, r"^l1: -0\.0001 is not a finite number >= 0"),
+        ({"l1": "x"}, TypeError, r"^l1: expected a number >= 0"),
+        ({"train": (torch.randn(4, 16), torch.zeros(3))}, ValueError, r"^train: x has 4 rows"),
+        ({"train": iter([])}, TypeError, r"^train: a one-shot iterator runs out"),
+        ({"train": 3}, TypeError, r"^train: expected \(x, y\) tensors"),
+        ({"val": 3}, TypeError, r"^val: expected a metric function"),
+        ({"pruner": object()}, TypeError, r"^pruner: expected an object with a \.step\(\)"),
+        ({"optimizer": "adam"}, TypeError, r"^optimizer: expected a torch\.optim optimizer"),
+        ({"loss": 1}, TypeError, r"^loss: expected f\(output, y\)"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_argument_and_the_model_is_untouched(kwargs, error, match):
+    model = mlp()
+    before = snapshot(model)
+    args = {"train": _data(), "epochs": 1, **kwargs}
+    with pytest.raises(error, match=match) as info:
+        finetune(model, args.pop("train"), args.pop("epochs"), progress=False, **args)
+    assert "\n" not in str(info.value)
+    assert_same_state(model, before)
+
+
+def test_progress_bar_shows_loss_and_sparsity(capsys):
+    x, y = _data()
+    model = mlp()
+    finetune(model, (x, y), 1, pruner=FakePruner(model), batch_size=16)
+    err = capsys.readouterr().err
+    assert "finetune" in err and "16/16" in err and "loss=" in err and "sparsity=50.0%→50%" in err
+
+
+def test_result_prints_a_table_and_plots():
+    x, y = _data()
+    result = finetune(mlp(), (x, y), 2, val=(x, y), progress=False)
+    text = str(result)
+    assert text.splitlines()[0] == "finetune: 2/2 epochs, 8 steps"
+    assert "accuracy" in text and "<table>" in result._repr_html_()
+    fig = result.plot()
+    assert fig.axes and len(fig.axes[0].lines[0].get_xdata()) == len(result.curve)
+
+
+def test_the_sigint_handler_is_put_back_after_a_run_and_after_an_interrupt():
+    before = signal.getsignal(signal.SIGINT)
+    finetune(mlp(), _data(), 1, progress=False)
+    assert signal.getsignal(signal.SIGINT) is before
+    model = mlp()
+    model[0].register_forward_pre_hook(lambda *a: signal.raise_signal(signal.SIGINT))
+    assert finetune(model, _data(), 1, progress=False).interrupted
+    assert signal.getsignal(signal.SIGINT) is before
