@@ -107,7 +107,9 @@ def test_gradual_without_the_gradual_module_says_it_is_not_available(ns, monkeyp
         ("model --data train --gradual 0.9:0.5", r"^--gradual: '0\.9:0\.5' is not initial:final"),
         ("model --data train --gradual 0.5", r"^--gradual: '0\.5' is not initial:final"),
         ("model --data train --epochs 0", r"--epochs 3"),
-        ("model --data train --l1 -1", r"--l1 1e-4"),
+        ("model --data train --l1 -1", r"^--l1: '-1' is not a penalty weight >= 0"),
+        ("model --data train --l1 1e-4:x", r"^--l1: '1e-4:x' is not a penalty weight"),
+        ("model --data train --l1-group", r"^--l1-group: needs a penalty weight; add e\.g\. --l1"),
         ("model --data train --lr 0", r"--lr 1e-3"),
         ("torch --data train", r"^model: 'torch' is a module, not a torch\.nn\.Module"),
     ],
@@ -118,6 +120,44 @@ def test_bad_options_are_one_usage_error_line_and_the_model_is_untouched(ns, lin
         magic(ns, line)
     assert "\n" not in str(info.value)
     assert_same_state(ns.user_ns["model"], before)
+
+
+def _l1_run(ns, line, l1):
+    """The model after ``%finetune line`` and a copy after ``finetune(l1=l1)``."""
+    from nbcompress.engine.schedule.finetune import finetune
+
+    model = ns.user_ns["model"]
+    twin = mlp()
+    twin.load_state_dict(model.state_dict())
+    magic(ns, line)
+    finetune(twin, ns.user_ns["train"], 2, l1=l1(twin), progress=False, plot=False)
+    return model, twin
+
+
+def test_l1_ramp_rises_linearly_over_the_run(ns):
+    seen = []
+
+    def ramp(twin):
+        # 200 rows / 64 = 4 steps per epoch, 8 in all: 0 → 1e-2 linearly.
+        return lambda step: seen.append(step) or 1e-2 * min(1.0, step / 8)
+
+    model, twin = _l1_run(ns, "model --data train --epochs 2 --l1 0:1e-2", ramp)
+    assert seen == list(range(8))
+    assert_same_state(model, snapshot(twin))
+
+
+def test_l1_group_is_the_group_lasso_of_the_hidden_layers(ns):
+    from nbcompress.engine.schedule.regularize import L1Penalty
+
+    def lasso(twin):
+        return L1Penalty(twin, 1e-2, group=True)
+
+    plain = mlp()
+    plain.load_state_dict(ns.user_ns["model"].state_dict())
+    model, twin = _l1_run(ns, "model --data train --epochs 2 --l1 1e-2 --l1-group", lasso)
+    assert_same_state(model, snapshot(twin))
+    magic(ns.user_ns.update(model=plain) or ns, "model --data train --epochs 2")
+    assert not torch.equal(model[0].weight, plain[0].weight)  # the penalty did something
 
 
 def test_gradual_on_data_of_unknown_length_is_refused(ns, fake_gradual):

@@ -204,8 +204,21 @@ def _check_parts(model, optimizer, loss, pruner, l1, lr) -> tuple[Any, Callable,
             f"pruner: expected an object with a .step() method (a GradualPruner), got "
             f"{type(pruner).__name__}."
         )
-    penalty = None if l1 == 0 and not callable(l1) else L1Penalty(model, l1, arg="l1")
-    return optimizer, loss or _default_loss, penalty
+    return optimizer, loss or _default_loss, _penalty(model, l1)
+
+
+def _penalty(model: nn.Module, l1: Any) -> L1Penalty | None:
+    """The L1 term: none, a weight or schedule over the default layers, or a given penalty."""
+    if isinstance(l1, L1Penalty):
+        # Checked here, since an L1Penalty is itself callable and would pass for a schedule.
+        ours = {id(m) for m in model.modules()}
+        if not all(id(m) in ours for m, _ in l1.modules):
+            raise ValueError(
+                "l1: this L1Penalty was built for another model; build it on the model being "
+                "trained, e.g. l1=L1Penalty(model, 1e-4, group=True)."
+            )
+        return l1
+    return None if l1 == 0 and not callable(l1) else L1Penalty(model, l1, arg="l1")
 
 
 def finetune(
@@ -216,7 +229,7 @@ def finetune(
     optimizer: torch.optim.Optimizer | None = None,
     loss: Callable[[Any, Any], torch.Tensor] | None = None,
     pruner: Any = None,
-    l1: float | Callable[[int], float] = 0.0,
+    l1: float | Callable[[int], float] | L1Penalty = 0.0,
     val: Any = None,
     lr: float = 1e-3,
     batch_size: int = 64,
@@ -247,7 +260,9 @@ def finetune(
             optimizer step; its ``sparsity`` (a number or a method) and ``target`` are shown
             in the bar if it has them.
         l1: Weight of :func:`~nbcompress.engine.schedule.regularize.l1_penalty` added to
-            the loss (0 = off), or a schedule ``f(step) -> float``.
+            the loss (0 = off), or a schedule ``f(step) -> float``, or an
+            :class:`~nbcompress.engine.schedule.regularize.L1Penalty` of this model (group
+            lasso, chosen layers), evaluated at each optimizer step.
         val: A metric ``f(model) -> float`` or ``(x, y)`` tensors (top-1 accuracy).
         lr: Learning rate of the default optimizer.
         batch_size: Rows per batch of ``(x, y)`` tensors.

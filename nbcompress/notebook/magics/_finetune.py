@@ -65,16 +65,61 @@ def _span(text: str) -> tuple[float, float]:
     return a, b
 
 
-def _steps(data: Any, batch_size: int, epochs: int) -> int:
-    """Optimizer steps of the whole run, which a --gradual schedule spans."""
+def _steps(data: Any, batch_size: int, epochs: int, option: str) -> int:
+    """Optimizer steps of the whole run, which a schedule given with ``option`` spans."""
     if is_pair(data):
         return math.ceil(len(data[1]) / batch_size) * epochs
     if hasattr(data, "__len__"):
         return len(data) * epochs
     raise UsageError(
-        "--gradual: the schedule spans the run, whose length is unknown for this --data; pass "
+        f"{option}: the schedule spans the run, whose length is unknown for this --data; pass "
         "(x, y) tensors or a DataLoader with a length."
     )
+
+
+def _l1_span(text: str) -> tuple[float, float]:
+    """``--l1 λ`` or ``--l1 a:b`` (a ramp from a to b): both finite and >= 0."""
+    first, sep, last = text.partition(":")
+    try:
+        a, b = float(first), float(last if sep else first)
+    except ValueError:
+        a = b = math.nan
+    if not (math.isfinite(a) and math.isfinite(b) and a >= 0 and b >= 0):
+        raise UsageError(
+            f"--l1: {text!r} is not a penalty weight >= 0 (e.g. --l1 1e-4) or a ramp start:end "
+            "of two such weights (e.g. --l1 0:1e-4 rises linearly over the run)."
+        )
+    return a, b
+
+
+class LinearRamp:
+    """A penalty weight rising (or falling) linearly from ``start`` to ``end`` over ``steps``."""
+
+    def __init__(self, start: float, end: float, steps: int) -> None:
+        self.start, self.end, self.steps = start, end, max(1, steps)
+
+    def __call__(self, step: int) -> float:
+        """The weight at optimizer ``step`` (held at ``end`` after the last step)."""
+        return self.start + (self.end - self.start) * min(1.0, step / self.steps)
+
+    def __repr__(self) -> str:
+        return f"LinearRamp({self.start:g} -> {self.end:g} over {self.steps} steps)"
+
+
+def l1_term(model: Any, args: Any, data: Any) -> Any:
+    """``finetune``'s ``l1`` from ``--l1`` and ``--l1-group``: a number or an ``L1Penalty``."""
+    start, end = _l1_span(args.l1)
+    weight: Any = start
+    if start != end:
+        weight = LinearRamp(start, end, _steps(data, args.batch_size, args.epochs, "--l1"))
+    if not args.l1_group:
+        return weight
+    if start == end == 0:
+        raise UsageError("--l1-group: needs a penalty weight; add e.g. --l1 1e-4.")
+    from nbcompress.engine.schedule.regularize import L1Penalty
+
+    with _named_options():
+        return L1Penalty(model, weight, group=True, arg="l1")
 
 
 def gradual_pruner(model: Any, text: str, total: int) -> Any:
@@ -108,7 +153,8 @@ class FinetuneMagics(ModelMagics):
     @argument("--epochs", "-e", type=at_least(1, "--epochs 3"), default=1, help="Default 1.")
     @argument("--gradual", help="Prune gradually from a to b sparsity over the run, e.g. 0.5:0.9.")
     @argument("--lr", type=within(1e-12, 10.0, "--lr 1e-3"), default=1e-3, help="Adam's rate.")
-    @argument("--l1", type=at_least(0, "--l1 1e-4", float), default=0.0, help="L1 weight.")
+    @argument("--l1", default="0", help="L1 weight λ, or a ramp a:b over the run, e.g. 0:1e-4.")
+    @argument("--l1-group", action="store_true", help="Group lasso over output channels.")
     @argument("--val", help="Validation: (x, y) tensors (accuracy) or f(model) -> float.")
     @argument("--batch-size", type=at_least(1, "--batch-size 64"), default=64, help="Rows.")
     @argument("--seed", type=seed_type, default=0, help="Seed of the shuffling of (x, y).")
@@ -121,7 +167,10 @@ class FinetuneMagics(ModelMagics):
         while training: the sparsity rises from 50% to 90% along TF-MOT's polynomial
         schedule over the whole run; the pruning is recorded, ``%undo model`` reverts it),
         ``%finetune model --data train --l1 1e-4`` (adds the L1 penalty λ·Σ|w| of the
-        prunable layers, so that small weights can be pruned afterwards).
+        prunable layers, so that small weights can be pruned afterwards; ``--l1 0:1e-4``
+        raises λ linearly from 0 to 1e-4 over the run; ``--l1-group`` penalises each output
+        channel's norm instead, the group lasso, so that whole channels go to zero for
+        ``%prune model 0.3 --remove``).
 
         ``--data`` and ``--val`` name ``(x, y)`` tensors or a ``DataLoader`` of ``(x, y)``
         batches; ``--val`` may also name a function ``f(model) -> float``. A progress bar
@@ -135,15 +184,16 @@ class FinetuneMagics(ModelMagics):
         model = self.model(args.model)
         data = self.value(args.data, "--data")
         val = self.optional(args.val, "--val")
+        l1 = l1_term(model, args, data)
         pruner = None
         if args.gradual is not None:
-            total = _steps(data, args.batch_size, args.epochs)
+            total = _steps(data, args.batch_size, args.epochs, "--gradual")
             with engine_errors(), _named_options():
                 pruner = gradual_pruner(model, args.gradual, total)
         with engine_errors({"--data": data, "--val": val}, model_option="--data"):
             with _named_options():
                 result = finetune(
-                    model, data, args.epochs, pruner=pruner, l1=args.l1, val=val, lr=args.lr,
+                    model, data, args.epochs, pruner=pruner, l1=l1, val=val, lr=args.lr,
                     batch_size=args.batch_size, seed=args.seed, plot=in_kernel(),
                 )  # fmt: skip
             if pruner is not None and callable(getattr(pruner, "finish", None)):

@@ -109,6 +109,38 @@ def test_l1_term_is_added_and_scheduled_by_step():
     assert with_l1[0].weight.abs().sum() < plain[0].weight.abs().sum()
 
 
+def test_an_l1_penalty_object_is_used_as_given_not_taken_for_a_schedule():
+    from nbcompress.engine.schedule.regularize import L1Penalty
+
+    x, y = _data()
+    torch.manual_seed(0)
+    lasso, hand = mlp(), mlp()
+    hand.load_state_dict(lasso.state_dict())
+    finetune(lasso, (x, y), 1, l1=L1Penalty(lasso, 1e-2, group=True), progress=False)
+    # The same run by hand: cross-entropy + 1e-2 · Σ_rows ‖W_row‖₂ of the hidden layers
+    # (the output layer is left alone, as prune_ leaves it).
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
+    order = torch.randperm(len(y), generator=gen)
+    for i in range(0, len(y), 64):
+        idx = order[i : i + 64]
+        opt.zero_grad(set_to_none=True)
+        rows = sum(torch.linalg.vector_norm(hand[i].weight, dim=1).sum() for i in (0, 2))
+        (F.cross_entropy(hand(x[idx]), y[idx]) + rows * 1e-2).backward()
+        opt.step()
+    assert_same_state(lasso, snapshot(hand))
+
+
+def test_an_l1_penalty_of_another_model_is_refused():
+    from nbcompress.engine.schedule.regularize import L1Penalty
+
+    model, other = mlp(), mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^l1: this L1Penalty was built for another model"):
+        finetune(model, _data(), 1, l1=L1Penalty(other, 1e-4), progress=False)
+    assert_same_state(model, before)
+
+
 def test_ctrl_c_keeps_the_last_finished_step_and_returns_the_history(capsys):
     model = cnn()
     xs = torch.randn(64, 1, 8, 8)
