@@ -8,7 +8,9 @@ of each arm and the mean paired difference. Levers:
 * ``end``: share of the budget over which the sparsity rises (the rest recovers);
 * ``start``: initial sparsity of the ``PolynomialDecay`` (0 as Zhu & Gupta, 0.5 as the seed);
 * ``updates``: number of mask updates while rising;
-* ``lr``: ``const`` Adam(1e-3), or ``cos`` (cosine decay to 0 over the budget, both arms).
+* ``lr``: ``const`` Adam(1e-3), or ``cos`` (cosine decay to 0 over the budget, both arms);
+* ``scope``: ``layer`` (uniform) or ``global`` (one threshold, each layer keeps >= 1%);
+* ``l1``: an L1 penalty weight in both arms.
 
 Usage::
 
@@ -49,7 +51,7 @@ class _Steps:
             self.scheduler.step()
 
 
-def _arm(dense, split, s, budget, seed, lr, cfg, scope="layer"):
+def _arm(dense, split, s, budget, seed, lr, cfg, scope="layer", l1=0.0):
     """Fine-tune a copy of ``dense`` in one arm; ``cfg`` None = one-shot, else gradual."""
     model = copy.deepcopy(dense)
     steps = budget * -(-len(split.y_train) // BATCH)
@@ -64,7 +66,8 @@ def _arm(dense, split, s, budget, seed, lr, cfg, scope="layer"):
         schedule = PolynomialDecay(start, s, 0, end, frequency=max(1, end // updates))
         pruner = GradualPruner(model, schedule, scope=scope, min_density=0.01)
     finetune(model, (split.x_train, split.y_train), budget, optimizer=opt,
-             pruner=_Steps(sched, pruner), batch_size=BATCH, seed=seed, progress=False)  # fmt: skip
+             pruner=_Steps(sched, pruner), batch_size=BATCH, seed=seed, progress=False,
+             l1=l1)  # fmt: skip
     if pruner is not None:
         pruner.finish()
     else:
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("--lrs", default="const,cos")
     parser.add_argument("--scopes", default="layer", help="layer and/or global (min density 1%%)")
     parser.add_argument("--sparsities", default="0.9,0.95")
+    parser.add_argument("--l1", type=float, default=0.0, help="L1 weight in both arms")
     args = parser.parse_args()
     torch.set_num_threads(1)
     side = 8 if args.model == "lenet" else 28
@@ -106,12 +110,12 @@ def main() -> None:
     runs = itertools.product([float(v) for v in args.sparsities.split(",")],
                              args.scopes.split(","), args.lrs.split(","))  # fmt: skip
     for s, scope, lr in runs:
-        base = {seed: _arm(d, sp, s, args.budget, seed, lr, None, scope)
+        base = {seed: _arm(d, sp, s, args.budget, seed, lr, None, scope, args.l1)
                     for seed, (sp, d, _) in dense_models.items()}  # fmt: skip
         for cfg in grid:
             diffs, accs = [], []
             for seed, (sp, d, _) in dense_models.items():
-                acc = _arm(d, sp, s, args.budget, seed, lr, cfg, scope)
+                acc = _arm(d, sp, s, args.budget, seed, lr, cfg, scope, args.l1)
                 accs.append(acc)
                 diffs.append(100 * (acc - base[seed]))
             print(

@@ -62,6 +62,23 @@ def schedule_value(schedule: Any, step: int, arg: str) -> float:
     return _check_number(value, arg, f" (the schedule's value at step {step})")
 
 
+def _live(module: nn.Module, path: str, value: torch.Tensor) -> torch.Tensor:
+    """The weight at ``path`` as a tensor that gradients flow through.
+
+    A kept pruning mask (``torch.nn.utils.prune``: ``weight_orig`` · ``weight_mask``) leaves
+    a detached copy of the product on the module between forward passes (see
+    :mod:`nbcompress.engine.prune.keep`), so a penalty on ``module.weight`` would have no
+    gradient; the product is recomputed from the parameter instead.
+    """
+    owner_path, _, name = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    orig = getattr(owner, f"{name}_orig", None)
+    mask = getattr(owner, f"{name}_mask", None)
+    if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
+        return orig * mask
+    return value
+
+
 def _transposed(module: nn.Module) -> bool:
     # A transposed convolution stores its weight as (in, out, ...): outputs are dim 1.
     return isinstance(module, nn.modules.conv._ConvTransposeNd)
@@ -117,7 +134,8 @@ class L1Penalty:
         lam = self.value(step)
         terms = []
         for module, transposed in self.modules:
-            for w in prunable_weights(module).values():  # re-read: parametrized weights
+            for path, w in prunable_weights(module).items():  # re-read: parametrized weights
+                w = _live(module, path, w)
                 if self.group:
                     rows = w.transpose(0, 1) if transposed and w.dim() > 1 else w
                     terms.append(torch.linalg.vector_norm(rows.reshape(rows.shape[0], -1), dim=1))

@@ -24,6 +24,31 @@ def test_l1_gradient_is_weight_times_sign_and_biases_get_none():
     assert model[4].weight.grad is None
 
 
+@pytest.mark.parametrize("group", [False, True])
+def test_the_penalty_reaches_weights_under_kept_masks_after_a_forward_pass(group):
+    # Kept masks leave a detached copy of weight_orig · mask on the module after each forward
+    # pass; a penalty on that copy would silently have no gradient (gradual pruning + L1).
+    from nbcompress import GradualPruner, PolynomialDecay, prune_
+
+    for keep in ("prune_", "gradual"):
+        model = mlp()
+        if keep == "prune_":
+            prune_(model, 0.5, keep_masks=True)
+        else:
+            pruner = GradualPruner(model, PolynomialDecay(0.5, 0.6, 0, 2, frequency=1))
+            pruner.step()
+        model(torch.randn(4, 16))
+        l1_penalty(model, 0.25, group=group).backward()
+        orig, mask = model[0].weight_orig, model[0].weight_mask
+        assert orig.grad is not None, keep
+        if group:
+            live = orig.detach() * mask
+            rows = live / torch.linalg.vector_norm(live, dim=1, keepdim=True)
+            assert torch.allclose(orig.grad, 0.25 * rows * mask), keep
+        else:
+            assert torch.equal(orig.grad, 0.25 * torch.sign(orig.detach() * mask) * mask), keep
+
+
 def test_group_lasso_sums_row_norms_and_its_gradient_is_the_unit_row():
     model = mlp()
     w = model[0].weight
