@@ -47,16 +47,24 @@ class FakeSchedule:
 class FakePruner:
     made = []
 
-    def __init__(self, model, schedule):
+    def __init__(self, model, schedule, include_output=False):
         self.model, self.schedule, self.steps, self.finished = model, schedule, 0, 0
+        self.include_output, self.aborted = include_output, 0
         FakePruner.made.append(self)
 
     @property
     def sparsity(self):
         return 0.5
 
+    @property
+    def step_count(self):
+        return self.steps
+
     def step(self):
         self.steps += 1
+
+    def abort(self):
+        self.aborted += 1
 
     def finish(self):
         self.finished += 1
@@ -88,12 +96,45 @@ def test_gradual_builds_a_polynomial_schedule_over_the_whole_run(ns, fake_gradua
     assert "%undo model reverts it" in capsys.readouterr().out
 
 
-def test_gradual_without_the_gradual_module_says_it_is_not_available(ns, monkeypatch):
-    monkeypatch.setitem(sys.modules, "nbcompress.engine.schedule.gradual", None)
-    before = snapshot(ns.user_ns["model"])
-    with pytest.raises(UsageError, match=r"^--gradual: gradual pruning is not available"):
-        magic(ns, "model --data train --gradual 0.5:0.9")
-    assert_same_state(ns.user_ns["model"], before)
+def test_a_refused_option_after_the_pruner_was_built_leaves_the_model_untouched(ns):
+    # The pruner applies its first masks when built (0.5 at step 0); --val is refused after
+    # that, before any optimizer step: the masks come off and nothing is recorded.
+    from nbcompress import history
+
+    ns.user_ns["notval"] = "hello"
+    model = ns.user_ns["model"]
+    before = snapshot(model)
+    with pytest.raises(UsageError, match=r"^--val: expected a metric function"):
+        magic(ns, "model --data train --gradual 0.5:0.9 --val notval")
+    assert_same_state(model, before)
+    assert not hasattr(model[0], "weight_mask") and len(history(model)) == 0
+
+
+def test_an_error_after_training_started_records_the_pruning_so_far(ns):
+    from nbcompress import history
+
+    calls = []
+
+    def val(m):
+        calls.append(1)
+        raise RuntimeError("val boom")
+
+    ns.user_ns["bad_val"] = val
+    model = ns.user_ns["model"]
+    before = snapshot(model)
+    with pytest.raises(UsageError, match=r"^--val: the function raised RuntimeError: val boom"):
+        magic(ns, "model --data train --epochs 2 --gradual 0.5:0.9 --val bad_val")
+    assert calls == [1] and not hasattr(model[0], "weight_mask")
+    assert [s.name for s in history(model)] == ["gradual-prune"]
+    assert float((model[0].weight == 0).float().mean()) >= 0.5
+    ns.run_line_magic("undo", "model")
+    assert_same_state(model, before)
+
+
+def test_include_output_reaches_the_pruner(ns, fake_gradual):
+    magic(ns, "model --data train --gradual 0.5:0.9 --include-output")
+    magic(ns, "model --data train --gradual 0.5:0.9")
+    assert [p.include_output for p in FakePruner.made] == [True, False]
 
 
 @pytest.mark.parametrize(

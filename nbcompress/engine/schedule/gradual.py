@@ -227,6 +227,26 @@ class GradualPruner:
         self._tx = None
         return self.model
 
+    def abort(self) -> nn.Module:
+        """Put the model back as it was before the first update and stop; nothing is recorded.
+
+        For a run that failed before it trained (a refused argument, an error in the first
+        batch): the masks come off and every parameter and buffer returns, bit-exactly, to
+        its value at the first update. A finished or already aborted pruner is left alone.
+
+        Returns:
+            The model.
+        """
+        if self._done:
+            return self.model
+        self._done = True
+        with deferred_interrupts():
+            self._subscription.remove()
+            if self._tx is not None:
+                self._tx.rollback()
+        self._tx = None
+        return self.model
+
     def __enter__(self) -> GradualPruner:
         return self
 

@@ -169,7 +169,7 @@ def _blame(frames: list[FrameType], given: dict[str, Any], model_option: str) ->
         if kind == "data" and "--calibrate" in codes.values():
             return "--calibrate"
         if kind == "user":
-            named = [o for o in ("--eval", "--calibrate") if given.get(o) is not None]
+            named = [o for o in ("--eval", "--val", "--calibrate") if given.get(o) is not None]
             return named[0] if named else model_option
     return None
 
@@ -182,6 +182,7 @@ def _site(frame: FrameType, line: int) -> str:
 
 _FIXES = {
     "--eval": "fix the function passed as --eval (it takes the model and returns a number)",
+    "--val": "fix the function passed as --val (it takes the model and returns a number)",
     "--calibrate": "pass calibration batches the model accepts (a tensor, a DataLoader or an "
     "iterable of batches)",
 }
@@ -210,7 +211,7 @@ def user_error(
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     what = f"{type(err).__name__}: {first}" if first else type(err).__name__
     if option in _FIXES:
-        who = "the function" if option == "--eval" else "the calibration data"
+        who = "the calibration data" if option == "--calibrate" else "the function"
         fix = _FIXES[option]
     else:
         who, fix = "the model", f"fix the model or pass {option} an input its forward accepts"

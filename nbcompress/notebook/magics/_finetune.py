@@ -14,7 +14,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from nbcompress.engine.schedule.finetune import finetune, in_kernel
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
-from nbcompress.engine.schedule.trainingdata import is_pair
+from nbcompress.engine.schedule.trainingdata import batches
 from nbcompress.notebook.magics._common import (
     ModelMagics,
     at_least,
@@ -67,14 +67,14 @@ def _span(text: str) -> tuple[float, float]:
 
 def _steps(data: Any, batch_size: int, epochs: int, option: str) -> int:
     """Optimizer steps of the whole run, which a schedule given with ``option`` spans."""
-    if is_pair(data):
-        return math.ceil(len(data[1]) / batch_size) * epochs
-    if hasattr(data, "__len__"):
-        return len(data) * epochs
-    raise UsageError(
-        f"{option}: the schedule spans the run, whose length is unknown for this --data; pass "
-        "(x, y) tensors or a DataLoader with a length."
-    )
+    with _named_options():
+        per_epoch = batches(data, batch_size, 0)[1]
+    if per_epoch is None:
+        raise UsageError(
+            f"{option}: the schedule spans the run, whose length is unknown for this --data; "
+            "pass (x, y) tensors or a DataLoader with a length."
+        )
+    return per_epoch * epochs
 
 
 def _l1_span(text: str) -> tuple[float, float]:
@@ -122,17 +122,13 @@ def l1_term(model: Any, args: Any, data: Any) -> Any:
         return L1Penalty(model, weight, group=True, arg="l1")
 
 
-def gradual_pruner(model: Any, text: str, total: int) -> Any:
+def gradual_pruner(model: Any, text: str, total: int, include_output: bool) -> Any:
     """A GradualPruner whose PolynomialDecay rises from a to b over ``total`` steps."""
     initial, final = _span(text)
-    try:
-        from nbcompress.engine.schedule.gradual import GradualPruner
-        from nbcompress.engine.schedule.schedules import PolynomialDecay
-    except ImportError:
-        raise UsageError(
-            "--gradual: gradual pruning is not available in this version of nbcompress "
-            "(nbcompress.engine.schedule.gradual is missing); drop --gradual."
-        ) from None
+    # Imported here, where it is used: the magic module loads without torch's heavier parts.
+    from nbcompress.engine.schedule.gradual import GradualPruner
+    from nbcompress.engine.schedule.schedules import PolynomialDecay
+
     schedule = PolynomialDecay(
         initial_sparsity=initial,
         final_sparsity=final,
@@ -140,7 +136,24 @@ def gradual_pruner(model: Any, text: str, total: int) -> Any:
         end_step=total,
         frequency=max(1, total // SCHEDULE_UPDATES),
     )
-    return GradualPruner(model, schedule)
+    return GradualPruner(model, schedule, include_output=include_output)
+
+
+@contextlib.contextmanager
+def _settled(pruner: Any) -> Iterator[None]:
+    """Record the pruning once training took a step, however the run ends; else undo it.
+
+    A refused argument or an error before the first optimizer step leaves the model exactly
+    as it was; after a step, the pruning done so far is one undoable step, as after Ctrl-C.
+    """
+    try:
+        yield
+    finally:
+        if pruner is not None:
+            if pruner.step_count > 0:
+                pruner.finish()  # the pruner is the magic's, not the user's, to finish
+            else:
+                pruner.abort()
 
 
 @magics_class
@@ -152,6 +165,7 @@ class FinetuneMagics(ModelMagics):
     @argument("--data", "-d", help="Training data: (x, y) tensors or a DataLoader (a name).")
     @argument("--epochs", "-e", type=at_least(1, "--epochs 3"), default=1, help="Default 1.")
     @argument("--gradual", help="Prune gradually from a to b sparsity over the run, e.g. 0.5:0.9.")
+    @argument("--include-output", action="store_true", help="--gradual prunes the output too.")
     @argument("--lr", type=within(1e-12, 10.0, "--lr 1e-3"), default=1e-3, help="Adam's rate.")
     @argument("--l1", default="0", help="L1 weight λ, or a ramp a:b over the run, e.g. 0:1e-4.")
     @argument("--l1-group", action="store_true", help="Group lasso over output channels.")
@@ -189,16 +203,14 @@ class FinetuneMagics(ModelMagics):
         if args.gradual is not None:
             total = _steps(data, args.batch_size, args.epochs, "--gradual")
             with engine_errors(), _named_options():
-                pruner = gradual_pruner(model, args.gradual, total)
-        with engine_errors({"--data": data, "--val": val}, model_option="--data"):
-            with _named_options():
-                result = finetune(
-                    model, data, args.epochs, pruner=pruner, l1=l1, val=val, lr=args.lr,
-                    batch_size=args.batch_size, seed=args.seed, plot=in_kernel(),
-                )  # fmt: skip
-            if pruner is not None and callable(getattr(pruner, "finish", None)):
-                pruner.finish()  # also after Ctrl-C: the pruner is not the user's to finish
-        if pruner is not None:
+                pruner = gradual_pruner(model, args.gradual, total, args.include_output)
+        errors = engine_errors({"--data": data, "--val": val}, model_option="--data")
+        with errors, _named_options(), _settled(pruner):
+            result = finetune(
+                model, data, args.epochs, pruner=pruner, l1=l1, val=val, lr=args.lr,
+                batch_size=args.batch_size, seed=args.seed, plot=in_kernel(),
+            )  # fmt: skip
+        if pruner is not None and pruner.step_count > 0:
             print(f"Pruned gradually while training; %undo {args.model} reverts it.")
         if result.interrupted and not in_kernel():
             print(result, file=sys.stderr)
