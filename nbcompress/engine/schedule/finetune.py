@@ -107,14 +107,19 @@ class _Run:
         self.shown, self.last = 0, time.perf_counter()
 
     def finished_step(self, optimizer: Any) -> None:
-        """The optimizer and pruner steps, which Ctrl-C may not cut in half."""
+        """The optimizer and pruner steps, which Ctrl-C may not cut in half.
+
+        The step counts as finished once ``optimizer.step()`` returned: an error in
+        ``pruner.step()`` then leaves the weights, the BatchNorm statistics and
+        ``result.steps`` of that same step, not the weights of one and the rest of the last.
+        """
         with self.guard.step():
             optimizer.step()
-            if self.pruner is not None:
-                self.pruner.step()
             for kept, buf in zip(self.saved, self.buffers):  # buffers need no grad
                 kept.copy_(buf)
             self.result.steps += 1
+            if self.pruner is not None:
+                self.pruner.step()
 
     def restore_buffers(self) -> None:
         """Put back the buffers as after the last finished step."""
