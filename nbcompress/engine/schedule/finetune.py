@@ -23,6 +23,11 @@ from torch import nn
 from nbcompress.engine.core.interrupts import deferred_interrupts
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, prunable_weights, weighted_layers
 from nbcompress.engine.core.validation import check_module, eval_mode, primary_output
+from nbcompress.engine.schedule.finetune_checks import (
+    batch_error,
+    data_error,
+    metric_value,
+)
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
 from nbcompress.engine.schedule.regularize import L1Penalty
 from nbcompress.engine.schedule.stepguard import StepGuard
@@ -32,6 +37,9 @@ __all__ = ["FinetuneResult", "finetune"]
 
 #: Seconds between progress updates (each reads the loss back once, a host sync).
 UPDATE_INTERVAL = 0.2
+
+#: The fix for a first batch the default cross-entropy cannot take.
+DEFAULT_LOSS_HINT = " (y int64 class indices for the default cross-entropy)"
 
 
 def _positive_int(value: Any, arg: str, example: str) -> int:
@@ -173,11 +181,25 @@ def _epoch(run: _Run, data: Iterator[Any], step_fn: Callable, optimizer: Any) ->
     return float(torch.stack(run.losses).to(sizes.device) @ sizes) / sum(run.sizes)
 
 
-def _step_function(model, loss_fn, optimizer, penalty) -> Callable:
+def _first_loss(model: nn.Module, loss_fn: Callable, x: Any, y: Any, hint: str) -> torch.Tensor:
+    """The first batch's loss; an error in the forward or the loss names ``train`` and the fix.
+
+    Only the first batch: before any optimizer step a failure is about the data's shape or
+    dtype and the model is still untouched (its BatchNorm statistics are put back).
+    """
+    try:
+        return loss_fn(model(x), y)
+    except Exception as err:
+        if not data_error(err):
+            raise
+        raise batch_error("train", x, y, err, hint) from err
+
+
+def _step_function(model, loss_fn, optimizer, penalty, hint: str) -> Callable:
     """Forward, loss (+ L1), backward: everything of a step before the optimizer's."""
 
     def step(x: Any, y: Any, index: int) -> torch.Tensor:
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x), y) if index else _first_loss(model, loss_fn, x, y, hint)
         total = loss + penalty(index) if penalty is not None else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -250,8 +272,10 @@ def finetune(
     ``pruner.step()``. After each epoch ``val`` is evaluated in eval mode. Ctrl-C keeps the
     model as after the last finished optimizer (and pruner) step, never half-way through
     one (BatchNorm statistics included), prints one line and returns the history so far;
-    any other error leaves it at that step too and is raised. Every module's training flag
-    is restored at the end.
+    any other error leaves it at that step too and is raised. A step counts as finished
+    once ``optimizer.step()`` returned: an error in ``pruner.step()`` leaves the model (and
+    ``steps``) as after that optimizer step. Every module's training flag is restored at
+    the end.
 
     Args:
         model: The model, trained in place.
@@ -282,7 +306,10 @@ def finetune(
         A :class:`FinetuneResult`: per-epoch loss, metric, sparsity and seconds.
 
     Raises:
-        ValueError / TypeError: A bad argument (one line naming it), before any step.
+        ValueError / TypeError: A bad argument (one line naming it), before any step; a
+            first batch of ``train`` (or of ``val`` tensors) the model or the loss fails on
+            (one line with its shapes, raised from the original error); a ``val`` metric
+            that returns no number.
     """
     check_module(model)
     epochs = _positive_int(epochs, "epochs", "epochs=3")
@@ -293,7 +320,8 @@ def finetune(
     result = FinetuneResult(epochs=epochs, metric_name=metric_name)
     run = _Run(model, result, pruner)
     run.callbacks = _callbacks(callback, plot)
-    step_fn = _step_function(model, loss_fn, optimizer, penalty)
+    hint = "" if loss is not None else DEFAULT_LOSS_HINT
+    step_fn = _step_function(model, loss_fn, optimizer, penalty, hint)
     flags = {m: m.training for m in model.modules()}
     run.bar = progress_bar(per_epoch * epochs if per_epoch else None, progress)
     try:
@@ -333,7 +361,7 @@ def _epochs(
         metric = None
         if metric_fn is not None:
             with eval_mode(run.model):
-                metric = float(metric_fn(run.model))
+                metric = metric_value(metric_fn(run.model))
         result.loss.append(mean)
         result.metric.append(metric)
         result.sparsity.append(zero_fraction(run.model))

@@ -185,8 +185,10 @@ def test_an_error_before_the_first_step_leaves_the_model_exactly_as_it_was():
     model = cnn()
     before = snapshot(model)
     xs = torch.randn(16, 1, 8, 8)
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match=r"^train: the model failed on the first batch") as info:
         finetune(model, (xs, torch.full((16,), 99)), 1, progress=False)  # label out of range
+    assert isinstance(info.value.__cause__, IndexError)  # the loss's own error, chained
+    assert "IndexError: Target 99 is out of bounds; pass (x, y)" in str(info.value)
     assert_same_state(model, before)
     assert model.training
 
@@ -418,3 +420,26 @@ def test_finetune_does_not_warn_with_kept_masks_a_dense_model_or_a_pruner(case, 
     pruner = FakePruner(model) if case == "pruner" else None
     finetune(model, (x, y), 1, pruner=pruner, progress=False)
     assert not [w for w in recwarn if "prunable weights" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("CUDA out of memory"), KeyError("input_ids"), AssertionError()]
+)
+def test_first_batch_errors_that_are_not_about_the_data_are_raised_as_they_are(error):
+    # Out of memory is about the batch's size; a KeyError is placed in the user's code by
+    # %finetune (it names the line of the forward that raised).
+    def loss(out, y):
+        raise error
+
+    model = cnn()
+    before = snapshot(model)
+    with pytest.raises(type(error)) as info:
+        finetune(
+            model,
+            (torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)),
+            1,
+            loss=loss,
+            progress=False,
+        )
+    assert info.value is error
+    assert_same_state(model, before)
