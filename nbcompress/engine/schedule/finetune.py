@@ -107,6 +107,8 @@ class _Run:
         # in the forward) must not leave its batch in BatchNorm's statistics.
         self.saved = [b.detach().clone() for b in self.buffers]
         self.bar: Any = None
+        # Without a pruner the bar shows the measured sparsity (at the start, each epoch).
+        self.measured: float | None = None
         self.guard = StepGuard()
         self.callbacks: list[Callable[[FinetuneResult], None]] = []
         # The epoch's losses stay on the device until read: no sync per step.
@@ -135,6 +137,18 @@ class _Run:
             for kept, buf in zip(self.saved, self.buffers, strict=True):
                 buf.copy_(kept)
 
+    def postfix(self, loss: float, metric: float | None, sparsity: float | None) -> dict[str, str]:
+        """The bar's postfix: loss, sparsity (→ the pruner's target) and metric, if known."""
+        shown = {"loss": f"{loss:.4f}"}
+        sparsity = self.measured if sparsity is None else sparsity
+        if sparsity is not None:
+            target = getattr(self.pruner, "target", None)
+            aim = f"→{target:.0%}" if isinstance(target, numbers.Real) else ""
+            shown["sparsity"] = f"{sparsity:.1%}{aim}"
+        if metric is not None:
+            shown[self.result.metric_name] = f"{metric:.4f}"
+        return shown
+
     def progress(self, loss: torch.Tensor, rows: int, metric: float | None) -> None:
         """Keep a step's loss; every ``UPDATE_INTERVAL`` seconds update the bar with them."""
         self.losses.append(loss)
@@ -151,14 +165,7 @@ class _Run:
         sparsity = pruner_sparsity(self.pruner) if self.pruner is not None else None
         self.result.curve.append((self.result.steps, mean, sparsity))
         if self.bar is not None:
-            shown = {"loss": f"{mean:.4f}"}
-            if sparsity is not None:
-                target = getattr(self.pruner, "target", None)
-                aim = f"→{target:.0%}" if isinstance(target, numbers.Real) else ""
-                shown["sparsity"] = f"{sparsity:.1%}{aim}"
-            if metric is not None:
-                shown[self.result.metric_name] = f"{metric:.4f}"
-            self.bar.set_postfix(shown, refresh=False)
+            self.bar.set_postfix(self.postfix(mean, metric, sparsity), refresh=False)
             self.bar.update(steps)
         self.shown, self.last = len(self.losses), time.perf_counter()
         for callback in self.callbacks:
@@ -296,7 +303,9 @@ def finetune(
         lr: Learning rate of the default optimizer.
         batch_size: Rows per batch of ``(x, y)`` tensors.
         seed: Seed of the shuffling of ``(x, y)`` tensors.
-        progress: Show a ``tqdm`` bar (a widget in Jupyter) with loss, sparsity, metric, ETA.
+        progress: Show a ``tqdm`` bar (a widget in Jupyter) with loss, sparsity, metric, ETA;
+            the sparsity is the pruner's (→ its target), without one the measured fraction
+            of zero weights at the start and after each epoch.
         finish: Call ``pruner.finish()`` once all epochs ran (not after Ctrl-C): only when
             asked, since finishing usually makes the pruner's masks final.
         plot: A live loss/sparsity plot; ``None`` = only when running in a Jupyter kernel.
@@ -322,6 +331,7 @@ def finetune(
     run.callbacks = _callbacks(callback, plot)
     hint = "" if loss is not None else DEFAULT_LOSS_HINT
     step_fn = _step_function(model, loss_fn, optimizer, penalty, hint)
+    run.measured = zero_fraction(model) if progress and pruner is None else None
     flags = {m: m.training for m in model.modules()}
     run.bar = progress_bar(per_epoch * epochs if per_epoch else None, progress)
     try:
@@ -366,7 +376,9 @@ def _epochs(
         result.metric.append(metric)
         result.sparsity.append(zero_fraction(run.model))
         result.seconds.append(seconds)
-        if run.bar is not None and metric is not None:
-            run.bar.set_postfix({"loss": f"{mean:.4f}", result.metric_name: f"{metric:.4f}"})
+        if run.bar is not None:
+            run.measured = result.sparsity[-1]
+            sparsity = pruner_sparsity(run.pruner) if run.pruner is not None else None
+            run.bar.set_postfix(run.postfix(mean, metric, sparsity))
         for callback in run.callbacks:
             callback(result)
