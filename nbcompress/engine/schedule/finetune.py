@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.core.interrupts import deferred_interrupts
-from nbcompress.engine.core.layers import PRUNABLE_TYPES, prunable_weights, weighted_layers
 from nbcompress.engine.core.validation import check_module, eval_mode, primary_output
 from nbcompress.engine.schedule.finetune_checks import (
     batch_error,
     data_error,
     metric_value,
+    warn_unmasked_zeros,
+    zero_fraction,
 )
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
 from nbcompress.engine.schedule.regularize import L1Penalty
@@ -46,18 +47,6 @@ def _positive_int(value: Any, arg: str, example: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{arg}: {value!r} is not a whole number >= 1; pass one, e.g. {example}.")
     return int(value)
-
-
-def zero_fraction(model: nn.Module) -> float:
-    """Fraction of zero weights over the model's Linear/Conv weights (0.0 without any)."""
-    zeros, total = 0, 0
-    with torch.no_grad():
-        for module in weighted_layers(model).values():
-            if isinstance(module, PRUNABLE_TYPES):
-                for w in prunable_weights(module).values():
-                    zeros += int((w == 0).sum())
-                    total += w.numel()
-    return zeros / total if total else 0.0
 
 
 def pruner_sparsity(pruner: Any) -> float | None:
@@ -319,6 +308,10 @@ def finetune(
             first batch of ``train`` (or of ``val`` tensors) the model or the loss fails on
             (one line with its shapes, raised from the original error); a ``val`` metric
             that returns no number.
+
+    Warns:
+        UserWarning: Without a pruner, when over 10% of the prunable weights are zero
+            without a kept mask (a one-shot prune that training would undo).
     """
     check_module(model)
     epochs = _positive_int(epochs, "epochs", "epochs=3")
@@ -326,6 +319,8 @@ def finetune(
     optimizer, loss_fn, penalty = _check_parts(model, optimizer, loss, pruner, l1, lr)
     metric_fn, metric_name = check_val(val)
     epoch_batches, per_epoch = batches(train, batch_size, seed)
+    if pruner is None:
+        warn_unmasked_zeros(model, stacklevel=2)
     result = FinetuneResult(epochs=epochs, metric_name=metric_name)
     run = _Run(model, result, pruner)
     run.callbacks = _callbacks(callback, plot)
