@@ -321,14 +321,22 @@ def finetune(
     epoch_batches, per_epoch = batches(train, batch_size, seed)
     if pruner is None:
         warn_unmasked_zeros(model, stacklevel=2)
-    result = FinetuneResult(epochs=epochs, metric_name=metric_name)
-    run = _Run(model, result, pruner)
+    run = _Run(model, FinetuneResult(epochs=epochs, metric_name=metric_name), pruner)
     run.callbacks = _callbacks(callback, plot)
     hint = "" if loss is not None else DEFAULT_LOSS_HINT
     step_fn = _step_function(model, loss_fn, optimizer, penalty, hint)
     run.measured = zero_fraction(model) if progress and pruner is None else None
-    flags = {m: m.training for m in model.modules()}
     run.bar = progress_bar(per_epoch * epochs if per_epoch else None, progress)
+    _train(run, epoch_batches, step_fn, optimizer, metric_fn, finish)
+    return run.result
+
+
+def _train(
+    run: _Run, epoch_batches: Batches, step_fn: Callable, optimizer: Any, metric_fn, finish: bool
+) -> None:
+    """The epochs and ``pruner.finish()``: Ctrl-C stops, any other error is raised."""
+    result, pruner = run.result, run.pruner
+    flags = {m: m.training for m in run.model.modules()}
     try:
         with run.guard:
             _epochs(run, epoch_batches, step_fn, optimizer, metric_fn)
@@ -340,7 +348,8 @@ def finetune(
         result.interrupted = True
         print(
             f"Interrupted: the model is as after optimizer step {result.steps} "
-            f"({len(result.loss)} of {epochs} epochs finished); the history so far is returned.",
+            f"({len(result.loss)} of {result.epochs} epochs finished); the history so far is "
+            "returned.",
             file=sys.stderr,
         )
     except BaseException:
@@ -351,7 +360,6 @@ def finetune(
             m.training = flag
         if run.bar is not None:
             run.bar.close()
-    return result
 
 
 def _epochs(
