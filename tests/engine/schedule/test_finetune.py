@@ -401,7 +401,9 @@ def test_finetune_warns_once_when_a_one_shot_prune_without_masks_would_be_undone
     prune_(model, 0.9)
     with pytest.warns(UserWarning) as record:
         finetune(model, (x, y), 1, progress=False)
-    texts = [str(w.message) for w in record if "prunable weights" in str(w.message)]
+    ours = [w for w in record if "prunable weights" in str(w.message)]
+    assert [w.filename for w in ours] == [__file__]  # points at the call of finetune
+    texts = [str(w.message) for w in ours]
     assert texts == [
         "train: 90% of the prunable weights are zero but not masked, and training will make "
         "them non-zero; prune with keep_masks=True (%prune ... --keep-masks) or pass a "
