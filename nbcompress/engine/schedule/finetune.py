@@ -21,8 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.core.interrupts import deferred_interrupts
-from nbcompress.engine.core.layers import PRUNABLE_TYPES, prunable_weights, weighted_layers
 from nbcompress.engine.core.validation import check_module, eval_mode, primary_output
+from nbcompress.engine.schedule.finetune_checks import (
+    batch_error,
+    data_error,
+    metric_value,
+    warn_unmasked_zeros,
+    zero_fraction,
+)
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
 from nbcompress.engine.schedule.regularize import L1Penalty
 from nbcompress.engine.schedule.stepguard import StepGuard
@@ -33,23 +39,14 @@ __all__ = ["FinetuneResult", "finetune"]
 #: Seconds between progress updates (each reads the loss back once, a host sync).
 UPDATE_INTERVAL = 0.2
 
+#: The fix for a first batch the default cross-entropy cannot take.
+DEFAULT_LOSS_HINT = " (y int64 class indices for the default cross-entropy)"
+
 
 def _positive_int(value: Any, arg: str, example: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{arg}: {value!r} is not a whole number >= 1; pass one, e.g. {example}.")
     return int(value)
-
-
-def zero_fraction(model: nn.Module) -> float:
-    """Fraction of zero weights over the model's Linear/Conv weights (0.0 without any)."""
-    zeros, total = 0, 0
-    with torch.no_grad():
-        for module in weighted_layers(model).values():
-            if isinstance(module, PRUNABLE_TYPES):
-                for w in prunable_weights(module).values():
-                    zeros += int((w == 0).sum())
-                    total += w.numel()
-    return zeros / total if total else 0.0
 
 
 def pruner_sparsity(pruner: Any) -> float | None:
@@ -99,6 +96,8 @@ class _Run:
         # in the forward) must not leave its batch in BatchNorm's statistics.
         self.saved = [b.detach().clone() for b in self.buffers]
         self.bar: Any = None
+        # Without a pruner the bar shows the measured sparsity (at the start, each epoch).
+        self.measured: float | None = None
         self.guard = StepGuard()
         self.callbacks: list[Callable[[FinetuneResult], None]] = []
         # The epoch's losses stay on the device until read: no sync per step.
@@ -107,20 +106,37 @@ class _Run:
         self.shown, self.last = 0, time.perf_counter()
 
     def finished_step(self, optimizer: Any) -> None:
-        """The optimizer and pruner steps, which Ctrl-C may not cut in half."""
+        """The optimizer and pruner steps, which Ctrl-C may not cut in half.
+
+        The step counts as finished once ``optimizer.step()`` returned: an error in
+        ``pruner.step()`` then leaves the weights, the BatchNorm statistics and
+        ``result.steps`` of that same step, not the weights of one and the rest of the last.
+        """
         with self.guard.step():
             optimizer.step()
-            if self.pruner is not None:
-                self.pruner.step()
             for kept, buf in zip(self.saved, self.buffers):  # buffers need no grad
                 kept.copy_(buf)
             self.result.steps += 1
+            if self.pruner is not None:
+                self.pruner.step()
 
     def restore_buffers(self) -> None:
         """Put back the buffers as after the last finished step."""
         with torch.no_grad():
             for kept, buf in zip(self.saved, self.buffers, strict=True):
                 buf.copy_(kept)
+
+    def postfix(self, loss: float, metric: float | None, sparsity: float | None) -> dict[str, str]:
+        """The bar's postfix: loss, sparsity (→ the pruner's target) and metric, if known."""
+        shown = {"loss": f"{loss:.4f}"}
+        sparsity = self.measured if sparsity is None else sparsity
+        if sparsity is not None:
+            target = getattr(self.pruner, "target", None)
+            aim = f"→{target:.0%}" if isinstance(target, numbers.Real) else ""
+            shown["sparsity"] = f"{sparsity:.1%}{aim}"
+        if metric is not None:
+            shown[self.result.metric_name] = f"{metric:.4f}"
+        return shown
 
     def progress(self, loss: torch.Tensor, rows: int, metric: float | None) -> None:
         """Keep a step's loss; every ``UPDATE_INTERVAL`` seconds update the bar with them."""
@@ -138,14 +154,7 @@ class _Run:
         sparsity = pruner_sparsity(self.pruner) if self.pruner is not None else None
         self.result.curve.append((self.result.steps, mean, sparsity))
         if self.bar is not None:
-            shown = {"loss": f"{mean:.4f}"}
-            if sparsity is not None:
-                target = getattr(self.pruner, "target", None)
-                aim = f"→{target:.0%}" if isinstance(target, numbers.Real) else ""
-                shown["sparsity"] = f"{sparsity:.1%}{aim}"
-            if metric is not None:
-                shown[self.result.metric_name] = f"{metric:.4f}"
-            self.bar.set_postfix(shown, refresh=False)
+            self.bar.set_postfix(self.postfix(mean, metric, sparsity), refresh=False)
             self.bar.update(steps)
         self.shown, self.last = len(self.losses), time.perf_counter()
         for callback in self.callbacks:
@@ -168,11 +177,25 @@ def _epoch(run: _Run, data: Iterator[Any], step_fn: Callable, optimizer: Any) ->
     return float(torch.stack(run.losses).to(sizes.device) @ sizes) / sum(run.sizes)
 
 
-def _step_function(model, loss_fn, optimizer, penalty) -> Callable:
+def _first_loss(model: nn.Module, loss_fn: Callable, x: Any, y: Any, hint: str) -> torch.Tensor:
+    """The first batch's loss; an error in the forward or the loss names ``train`` and the fix.
+
+    Only the first batch: before any optimizer step a failure is about the data's shape or
+    dtype and the model is still untouched (its BatchNorm statistics are put back).
+    """
+    try:
+        return loss_fn(model(x), y)
+    except Exception as err:
+        if not data_error(err):
+            raise
+        raise batch_error("train", x, y, err, hint) from err
+
+
+def _step_function(model, loss_fn, optimizer, penalty, hint: str) -> Callable:
     """Forward, loss (+ L1), backward: everything of a step before the optimizer's."""
 
     def step(x: Any, y: Any, index: int) -> torch.Tensor:
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x), y) if index else _first_loss(model, loss_fn, x, y, hint)
         total = loss + penalty(index) if penalty is not None else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -245,8 +268,10 @@ def finetune(
     ``pruner.step()``. After each epoch ``val`` is evaluated in eval mode. Ctrl-C keeps the
     model as after the last finished optimizer (and pruner) step, never half-way through
     one (BatchNorm statistics included), prints one line and returns the history so far;
-    any other error leaves it at that step too and is raised. Every module's training flag
-    is restored at the end.
+    any other error leaves it at that step too and is raised. A step counts as finished
+    once ``optimizer.step()`` returned: an error in ``pruner.step()`` leaves the model (and
+    ``steps``) as after that optimizer step. Every module's training flag is restored at
+    the end.
 
     Args:
         model: The model, trained in place.
@@ -267,7 +292,9 @@ def finetune(
         lr: Learning rate of the default optimizer.
         batch_size: Rows per batch of ``(x, y)`` tensors.
         seed: Seed of the shuffling of ``(x, y)`` tensors.
-        progress: Show a ``tqdm`` bar (a widget in Jupyter) with loss, sparsity, metric, ETA.
+        progress: Show a ``tqdm`` bar (a widget in Jupyter) with loss, sparsity, metric, ETA;
+            the sparsity is the pruner's (→ its target), without one the measured fraction
+            of zero weights at the start and after each epoch.
         finish: Call ``pruner.finish()`` once all epochs ran (not after Ctrl-C): only when
             asked, since finishing usually makes the pruner's masks final.
         plot: A live loss/sparsity plot; ``None`` = only when running in a Jupyter kernel.
@@ -277,7 +304,14 @@ def finetune(
         A :class:`FinetuneResult`: per-epoch loss, metric, sparsity and seconds.
 
     Raises:
-        ValueError / TypeError: A bad argument (one line naming it), before any step.
+        ValueError / TypeError: A bad argument (one line naming it), before any step; a
+            first batch of ``train`` (or of ``val`` tensors) the model or the loss fails on
+            (one line with its shapes, raised from the original error); a ``val`` metric
+            that returns no number.
+
+    Warns:
+        UserWarning: Without a pruner, when over 10% of the prunable weights are zero
+            without a kept mask (a one-shot prune that training would undo).
     """
     check_module(model)
     epochs = _positive_int(epochs, "epochs", "epochs=3")
@@ -285,12 +319,24 @@ def finetune(
     optimizer, loss_fn, penalty = _check_parts(model, optimizer, loss, pruner, l1, lr)
     metric_fn, metric_name = check_val(val)
     epoch_batches, per_epoch = batches(train, batch_size, seed)
-    result = FinetuneResult(epochs=epochs, metric_name=metric_name)
-    run = _Run(model, result, pruner)
+    if pruner is None:
+        warn_unmasked_zeros(model, stacklevel=2)
+    run = _Run(model, FinetuneResult(epochs=epochs, metric_name=metric_name), pruner)
     run.callbacks = _callbacks(callback, plot)
-    step_fn = _step_function(model, loss_fn, optimizer, penalty)
-    flags = {m: m.training for m in model.modules()}
+    hint = "" if loss is not None else DEFAULT_LOSS_HINT
+    step_fn = _step_function(model, loss_fn, optimizer, penalty, hint)
+    run.measured = zero_fraction(model) if progress and pruner is None else None
     run.bar = progress_bar(per_epoch * epochs if per_epoch else None, progress)
+    _train(run, epoch_batches, step_fn, optimizer, metric_fn, finish)
+    return run.result
+
+
+def _train(
+    run: _Run, epoch_batches: Batches, step_fn: Callable, optimizer: Any, metric_fn, finish: bool
+) -> None:
+    """The epochs and ``pruner.finish()``: Ctrl-C stops, any other error is raised."""
+    result, pruner = run.result, run.pruner
+    flags = {m: m.training for m in run.model.modules()}
     try:
         with run.guard:
             _epochs(run, epoch_batches, step_fn, optimizer, metric_fn)
@@ -302,7 +348,8 @@ def finetune(
         result.interrupted = True
         print(
             f"Interrupted: the model is as after optimizer step {result.steps} "
-            f"({len(result.loss)} of {epochs} epochs finished); the history so far is returned.",
+            f"({len(result.loss)} of {result.epochs} epochs finished); the history so far is "
+            "returned.",
             file=sys.stderr,
         )
     except BaseException:
@@ -313,7 +360,6 @@ def finetune(
             m.training = flag
         if run.bar is not None:
             run.bar.close()
-    return result
 
 
 def _epochs(
@@ -328,12 +374,14 @@ def _epochs(
         metric = None
         if metric_fn is not None:
             with eval_mode(run.model):
-                metric = float(metric_fn(run.model))
+                metric = metric_value(metric_fn(run.model))
         result.loss.append(mean)
         result.metric.append(metric)
         result.sparsity.append(zero_fraction(run.model))
         result.seconds.append(seconds)
-        if run.bar is not None and metric is not None:
-            run.bar.set_postfix({"loss": f"{mean:.4f}", result.metric_name: f"{metric:.4f}"})
+        if run.bar is not None:
+            run.measured = result.sparsity[-1]
+            sparsity = pruner_sparsity(run.pruner) if run.pruner is not None else None
+            run.bar.set_postfix(run.postfix(mean, metric, sparsity))
         for callback in run.callbacks:
             callback(result)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.validation import primary_output
+from nbcompress.engine.schedule.finetune_checks import batch_error, data_error
 
 __all__ = ["Batches", "accuracy_metric", "batches", "check_val", "is_pair"]
 
@@ -66,14 +67,23 @@ def batches(train: Any, batch_size: int, seed: int) -> tuple[Batches, int | None
 
 
 def accuracy_metric(x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> Callable:
-    """A metric ``f(model) -> float``: top-1 accuracy on ``(x, y)``, in eval mode, no grad."""
+    """A metric ``f(model) -> float``: top-1 accuracy on ``(x, y)``, in eval mode, no grad.
+
+    An error of the model on the first batch is one ``ValueError`` naming ``val``, the
+    batch's shape and the fix (:func:`~nbcompress.engine.schedule.finetune_checks.batch_error`).
+    """
 
     @torch.no_grad()
     def accuracy(model: nn.Module) -> float:
         correct = 0
         for i in range(0, len(y), batch_size):
-            out = primary_output(model(x[i : i + batch_size]))
-            correct += int((out.argmax(1) == y[i : i + batch_size]).sum())
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            try:
+                correct += int((primary_output(model(xb)).argmax(1) == yb).sum())
+            except Exception as err:
+                if i or not data_error(err):  # past the first batch: not the data's shape
+                    raise
+                raise batch_error("val", xb, yb, err, " (y int64 class indices)") from err
         return correct / len(y)
 
     return accuracy

@@ -185,8 +185,10 @@ def test_an_error_before_the_first_step_leaves_the_model_exactly_as_it_was():
     model = cnn()
     before = snapshot(model)
     xs = torch.randn(16, 1, 8, 8)
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match=r"^train: the model failed on the first batch") as info:
         finetune(model, (xs, torch.full((16,), 99)), 1, progress=False)  # label out of range
+    assert isinstance(info.value.__cause__, IndexError)  # the loss's own error, chained
+    assert "IndexError: Target 99 is out of bounds; pass (x, y)" in str(info.value)
     assert_same_state(model, before)
     assert model.training
 
@@ -244,3 +246,202 @@ def test_the_sigint_handler_is_put_back_after_a_run_and_after_an_interrupt():
     model[0].register_forward_pre_hook(lambda *a: signal.raise_signal(signal.SIGINT))
     assert finetune(model, _data(), 1, progress=False).interrupted
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def _first_batch_cases():
+    x, y = _data()
+    return [
+        ((torch.randn(64, 5), y[:64]), r"\(x of shape \(64, 5\), y int64\): RuntimeError: mat1"),
+        ((x, y.float()), r"\(x of shape \(64, 16\), y float32\): RuntimeError: expected target"),
+    ]
+
+
+@pytest.mark.parametrize("train, detail", _first_batch_cases())
+def test_a_first_batch_the_model_fails_on_is_one_line_naming_train_and_the_fix(train, detail):
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^train: the model failed on the first batch " + detail):
+        finetune(model, train, 1, progress=False)
+    assert_same_state(model, before)
+
+
+def test_a_first_batch_error_after_the_forward_puts_batchnorm_back():
+    model = cnn()
+    before = snapshot(model)
+    xs, ys = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,)).float()
+    with pytest.raises(ValueError) as info:
+        finetune(model, (xs, ys), 1, batch_size=8, progress=False)
+    text = str(info.value)
+    assert text.startswith("train: the model failed on the first batch (x of shape (8, 1, 8, 8)")
+    assert text.endswith(
+        "; pass (x, y) shaped like a real batch (y int64 class indices for the default "
+        "cross-entropy)."
+    )
+    assert "\n" not in text and isinstance(info.value.__cause__, RuntimeError)
+    assert_same_state(model, before)  # the forward's BatchNorm update is undone
+    assert model.training
+
+
+def test_a_long_multiline_first_batch_error_is_collapsed_and_shortened():
+    def loss(out, y):
+        raise RuntimeError("line one\n  line two " + "x" * 1000)
+
+    with pytest.raises(ValueError) as info:
+        finetune(mlp(), _data(), 1, loss=loss, progress=False)
+    text = str(info.value)
+    assert "RuntimeError: line one line two xxx" in text and "\n" not in text
+    assert len(text) < 400 and text.endswith("; pass (x, y) shaped like a real batch.")
+
+
+def test_errors_after_the_first_step_propagate_unchanged():
+    calls = []
+
+    def loss(out, y):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(RuntimeError, match=r"^boom$"):
+        finetune(mlp(), _data(), 1, loss=loss, progress=False)
+
+
+def _trained_one_epoch(model, x, y):
+    twin = copy.deepcopy(model)
+    finetune(twin, (x, y), 1, progress=False)
+    return snapshot(twin)
+
+
+def test_a_val_pair_the_model_fails_on_is_one_line_naming_val():
+    x, y = _data()
+    model = mlp()
+    expected = _trained_one_epoch(model, x, y)
+    with pytest.raises(ValueError) as info:
+        finetune(model, (x, y), 2, val=(torch.randn(10, 5), y[:10]), progress=False)
+    text = str(info.value)
+    assert text.startswith(
+        "val: the model failed on the first batch (x of shape (10, 5), y int64): "
+        "RuntimeError: mat1 and mat2 shapes cannot be multiplied"
+    )
+    assert "\n" not in text and isinstance(info.value.__cause__, RuntimeError)
+    assert_same_state(model, expected)  # as after the last finished step
+
+
+@pytest.mark.parametrize("value, name", [(None, "NoneType"), ("0.9", "str"), ([1], "list")])
+def test_a_metric_returning_a_non_number_is_one_line(value, name):
+    x, y = _data()
+    model = mlp()
+    expected = _trained_one_epoch(model, x, y)
+    with pytest.raises(TypeError) as info:
+        finetune(model, (x, y), 2, val=lambda m: value, progress=False)
+    assert str(info.value) == (
+        f"val: the metric returned {name}; return a number (e.g. accuracy as a float)."
+    )
+    assert_same_state(model, expected)
+
+
+def test_a_metric_may_return_a_one_element_tensor():
+    x, y = _data()
+    result = finetune(mlp(), (x, y), 1, val=lambda m: torch.tensor(0.25), progress=False)
+    assert result.metric == [0.25]
+
+
+def _last_postfix(err):
+    return err.replace("\n", "\r").rstrip("\r").split("\r")[-1]
+
+
+def test_progress_bar_keeps_loss_sparsity_and_metric_after_each_epoch(capsys):
+    x, y = _data()
+    model = mlp()
+    finetune(model, (x, y), 2, pruner=FakePruner(model), val=(x, y), batch_size=16)
+    last = _last_postfix(capsys.readouterr().err)
+    assert "32/32" in last and "loss=" in last and "accuracy=" in last
+    assert "sparsity=50.0%→50%" in last
+    finetune(mlp(), (x, y), 1, val=(x, y), batch_size=16)  # no pruner: the measured sparsity
+    last = _last_postfix(capsys.readouterr().err)
+    assert "loss=" in last and "sparsity=0.0%" in last and "accuracy=" in last
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_pruner_error_leaves_the_optimizer_step_counted_with_its_statistics(error, capsys):
+    model = cnn()
+    xs, ys = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    states = []
+
+    class Optim(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            states.append(snapshot(model))
+
+    class Failing:
+        calls = 0
+
+        def step(self):
+            self.calls += 1
+            if self.calls == 2:
+                raise error("pruner broke")
+
+    optimizer = Optim(model.parameters(), lr=0.1)
+    if error is KeyboardInterrupt:
+        result = finetune(model, (xs, ys), 1, optimizer=optimizer, pruner=Failing(), batch_size=8)
+        assert result.interrupted and result.steps == 2
+        assert "as after optimizer step 2" in capsys.readouterr().err
+    else:
+        with pytest.raises(RuntimeError, match="^pruner broke$"):
+            finetune(model, (xs, ys), 1, optimizer=optimizer, pruner=Failing(), batch_size=8)
+    assert len(states) == 2 and int(model[1].num_batches_tracked) == 2
+    assert_same_state(model, states[-1])
+
+
+def test_finetune_warns_once_when_a_one_shot_prune_without_masks_would_be_undone():
+    from nbcompress.engine.prune.prune import prune_
+
+    x, y = _data()
+    model = mlp()
+    prune_(model, 0.9)
+    with pytest.warns(UserWarning) as record:
+        finetune(model, (x, y), 1, progress=False)
+    ours = [w for w in record if "prunable weights" in str(w.message)]
+    assert [w.filename for w in ours] == [__file__]  # points at the call of finetune
+    texts = [str(w.message) for w in ours]
+    assert texts == [
+        "train: 90% of the prunable weights are zero but not masked, and training will make "
+        "them non-zero; prune with keep_masks=True (%prune ... --keep-masks) or pass a "
+        "GradualPruner to keep them at zero."
+    ]
+
+
+@pytest.mark.parametrize("case", ["kept masks", "dense", "pruner"])
+def test_finetune_does_not_warn_with_kept_masks_a_dense_model_or_a_pruner(case, recwarn):
+    from nbcompress.engine.prune.prune import prune_
+
+    x, y = _data()
+    model = mlp()
+    if case != "dense":
+        prune_(model, 0.9, keep_masks=case == "kept masks")
+    pruner = FakePruner(model) if case == "pruner" else None
+    finetune(model, (x, y), 1, pruner=pruner, progress=False)
+    assert not [w for w in recwarn if "prunable weights" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "error", [torch.OutOfMemoryError("CUDA out of memory"), KeyError("input_ids"), AssertionError()]
+)
+def test_first_batch_errors_that_are_not_about_the_data_are_raised_as_they_are(error):
+    # Out of memory is about the batch's size; a KeyError is placed in the user's code by
+    # %finetune (it names the line of the forward that raised).
+    def loss(out, y):
+        raise error
+
+    model = cnn()
+    before = snapshot(model)
+    with pytest.raises(type(error)) as info:
+        finetune(
+            model,
+            (torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)),
+            1,
+            loss=loss,
+            progress=False,
+        )
+    assert info.value is error
+    assert_same_state(model, before)
