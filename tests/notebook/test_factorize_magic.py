@@ -66,7 +66,7 @@ def test_default_times_every_layer(ns):
     ("rest", "match"),
     [
         ("model --rank 64 --input x", r"^--rank: 64 is not below min\(in, out\) = 64"),
-        ("model --rank 0 --input x", "^--rank: 0 is below 1"),
+        ("model --rank 0 --input x", r"^--rank: 0 is below 1; pass a rank such as 16\.$"),
         ("model --rank big --input x", "--rank"),
         ("model --energy 1.5 --input x", "--energy"),
         ("model --energy 0.9 --rank 4 --input x", "^--rank / --energy: give one"),

@@ -222,3 +222,10 @@ def primary_output(out: Any) -> torch.Tensor:
         key = next((k for k in ("sentence_embedding", "logits") if k in floats), None)
         out = floats[key] if key else next(iter(floats.values()))
     return out
+
+
+def positive_int(value: Any, arg: str, example: str) -> int:
+    """``value`` as an int >= 1, else one line naming ``arg`` with an ``example`` fix."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{arg}: {value!r} is not a whole number >= 1; pass one, e.g. {example}.")
+    return int(value)

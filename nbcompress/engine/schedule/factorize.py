@@ -23,6 +23,7 @@ from nbcompress.engine.core.validation import (
     as_inputs,
     check_module,
     eval_mode,
+    positive_int,
     primary_output,
     run_forward,
 )
@@ -47,17 +48,17 @@ MARGIN = 0.05
 def _check_rank(rank: Any) -> int | float:
     if isinstance(rank, bool) or not isinstance(rank, numbers.Real):
         raise TypeError(
-            f"rank: expected a positive int (e.g. rank=16) or a fraction of min(in, out) in "
+            f"rank: expected a positive int (e.g. 16) or a fraction of min(in, out) in "
             f"(0, 1) such as 0.25, got {type(rank).__name__} {rank!r}."
         )
     if isinstance(rank, numbers.Integral):
         if rank < 1:
-            raise ValueError(f"rank: {rank} is below 1; pass a rank such as rank=16.")
+            raise ValueError(f"rank: {rank} is below 1; pass a rank such as 16.")
         return int(rank)
     value = float(rank)
     if not 0 < value < 1:
         raise ValueError(
-            f"rank: {rank!r} is not a fraction in (0, 1); pass an int (rank=16) or a fraction "
+            f"rank: {rank!r} is not a fraction in (0, 1); pass an int (16) or a fraction "
             "of min(in, out) such as rank=0.25."
         )
     return value
@@ -97,7 +98,7 @@ def _check_full_rank(selected: dict[str, nn.Module], rank: int | float | None) -
         if rank >= full:
             raise ValueError(
                 f"rank: {rank} is not below min(in, out) = {full} of layer {name!r}; the "
-                f"maximum is rank={full - 1} (or select layers= that are larger)."
+                f"maximum is {full - 1} (or select larger layers, or give a fraction such as 0.5)."
             )
 
 
@@ -252,6 +253,7 @@ def factorize_(
             "example_inputs: needed to time each layer (only_faster=True); pass "
             "example_inputs=x shaped like a real batch, or only_faster=False."
         )
+    repeats = positive_int(repeats, "repeats", "repeats=15")
     inputs = None if example_inputs is None else as_inputs(example_inputs)
     selected, excluded = _candidates(model, layers, include_output)
     _check_full_rank(selected, rule[0])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.core.interrupts import deferred_interrupts
-from nbcompress.engine.core.validation import check_module, eval_mode, primary_output
+from nbcompress.engine.core.validation import check_module, eval_mode, positive_int, primary_output
 from nbcompress.engine.schedule.finetune_checks import (
     batch_error,
     data_error,
@@ -41,12 +41,6 @@ UPDATE_INTERVAL = 0.2
 
 #: The fix for a first batch the default cross-entropy cannot take.
 DEFAULT_LOSS_HINT = " (y int64 class indices for the default cross-entropy)"
-
-
-def _positive_int(value: Any, arg: str, example: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{arg}: {value!r} is not a whole number >= 1; pass one, e.g. {example}.")
-    return int(value)
 
 
 def pruner_sparsity(pruner: Any) -> float | None:
@@ -235,7 +229,7 @@ def _penalty(model: nn.Module, l1: Any) -> L1Penalty | None:
     if isinstance(l1, L1Penalty):
         # Checked here, since an L1Penalty is itself callable and would pass for a schedule.
         ours = {id(m) for m in model.modules()}
-        if not all(id(m) in ours for m, _ in l1.modules):
+        if not all(id(m) in ours for m in l1.modules):
             raise ValueError(
                 "l1: this L1Penalty was built for another model; build it on the model being "
                 "trained, e.g. l1=L1Penalty(model, 1e-4, group=True)."
@@ -314,8 +308,8 @@ def finetune(
             without a kept mask (a one-shot prune that training would undo).
     """
     check_module(model)
-    epochs = _positive_int(epochs, "epochs", "epochs=3")
-    batch_size = _positive_int(batch_size, "batch_size", "batch_size=64")
+    epochs = positive_int(epochs, "epochs", "epochs=3")
+    batch_size = positive_int(batch_size, "batch_size", "batch_size=64")
     optimizer, loss_fn, penalty = _check_parts(model, optimizer, loss, pruner, l1, lr)
     metric_fn, metric_name = check_val(val)
     epoch_batches, per_epoch = batches(train, batch_size, seed)

@@ -124,7 +124,10 @@ class GradualPruner:
                 f"scope='global', so the final sparsity {final} cannot be reached; lower "
                 f"min_density below {1 - final:.3g} or the final sparsity."
             )
-        shares = layer_shares(model, final, ratios, layers, include_output)
+        shares, skipped = layer_shares(model, final, ratios, layers, include_output)
+        #: Layer → why it is not pruned (attention / recurrent layers read their weights
+        #: directly, so a kept mask would not apply to them).
+        self.skipped: dict[str, str] = skipped
         self._targets: list[Target] = collect(model, shares)
         bad = [t.name for t in self._targets if t.parametrized]
         if bad:
@@ -206,6 +209,8 @@ class GradualPruner:
             f"{self.step_count} steps, {len(self.history)} updates, on {len(self._layers)} "
             "layer(s)"
         )
+        if self.skipped:
+            detail += f"; left out (they read their weights directly): {', '.join(self.skipped)}"
         # Ctrl-C waits: between the rollback and the recording the model is the old one.
         with deferred_interrupts():
             final = self._final_values(owners.values())

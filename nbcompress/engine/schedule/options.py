@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine.core.layers import select_layers
+from nbcompress.engine.core.layers import MULTI_WEIGHT_TYPES, select_layers
 from nbcompress.engine.prune.apply import is_masked
 from nbcompress.engine.prune.masks import CRITERIA, GRANULARITIES
 from nbcompress.engine.prune.prune import DEFAULT_TYPES, check_ratios
@@ -48,14 +48,31 @@ def check_options(method: Any, scope: Any, granularity: Any) -> None:
         raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
 
 
+def _without_multi(selected: dict[str, nn.Module], explicit: bool, arg: str) -> tuple[dict, dict]:
+    """``split_multi`` for a pruner, whose refusal cannot name ``keep_masks=False``."""
+    try:
+        return split_multi(selected, keep_masks=True, granularity="element", explicit=explicit)
+    except ValueError as err:
+        multi = [n for n, m in selected.items() if isinstance(m, MULTI_WEIGHT_TYPES)]
+        raise ValueError(
+            f"{arg}: attention/recurrent layer(s) {', '.join(map(repr, multi[:3]))} read their "
+            "weights directly, so a mask kept during gradual pruning would not apply; leave "
+            f"them out of {arg}= (prune them once with prune_ after training)."
+        ) from err
+
+
 def layer_shares(
     model: nn.Module, final: float, ratios: Any, layers: Any, include_output: bool
-) -> dict[str, float]:
-    """Layer → factor on the scheduled sparsity (1 without ratios, ratio / final with them)."""
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Layer → factor on the scheduled sparsity (1 without ratios, ratio / final with them).
+
+    Returns:
+        The shares, and layer name → why it is left out (attention and recurrent layers).
+    """
     if ratios is None:
         selected, _ = select_layers(model, layers, DEFAULT_TYPES, include_output=include_output)
-        selected, _ = split_multi(selected, keep_masks=True, granularity="element", explicit=False)
-        return dict.fromkeys(selected, 1.0)
+        selected, skipped = _without_multi(selected, False, "layers")
+        return dict.fromkeys(selected, 1.0), skipped
     if layers is not None:
         raise ValueError("layers: ratios already name the layers; pass ratios or layers, not both.")
     found = check_ratios(model, getattr(ratios, "ratios", ratios))
@@ -67,8 +84,8 @@ def layer_shares(
             "its ratio × scheduled / final) are undefined; give a final sparsity above 0."
         )
     named = {n: model.get_submodule(n) for n in found}
-    split_multi(named, keep_masks=True, granularity="element", explicit=True)
-    return {n: r / final for n, r in found.items()}
+    _without_multi(named, True, "ratios")
+    return {n: r / final for n, r in found.items()}, {}
 
 
 def current_weight(owner: nn.Module, leaf: str) -> torch.Tensor:

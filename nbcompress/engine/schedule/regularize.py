@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.layers import prunable_weights, select_layers
+from nbcompress.engine.prune.masks import output_major
 
 __all__ = ["L1Penalty", "l1_penalty", "schedule_value"]
 
@@ -79,11 +80,6 @@ def _live(module: nn.Module, path: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _transposed(module: nn.Module) -> bool:
-    # A transposed convolution stores its weight as (in, out, ...): outputs are dim 1.
-    return isinstance(module, nn.modules.conv._ConvTransposeNd)
-
-
 class L1Penalty:
     """The L1 (or group-lasso) penalty of a model's layers, resolved once, evaluated per step.
 
@@ -117,7 +113,7 @@ class L1Penalty:
             _check_number(weight, arg)
         selected, _ = select_layers(model, layers)
         self.weight, self.group, self.arg = weight, bool(group), arg
-        self.modules = [(m, _transposed(m)) for m in selected.values() if prunable_weights(m)]
+        self.modules = [m for m in selected.values() if prunable_weights(m)]
         self.layers = [n for n, m in selected.items() if prunable_weights(m)]
 
     def value(self, step: int | None = None) -> float:
@@ -133,11 +129,12 @@ class L1Penalty:
         """λ(step) · Σ|wᵢ| (or λ · Σ_c ‖W_c‖₂), a scalar tensor to add to the loss."""
         lam = self.value(step)
         terms = []
-        for module, transposed in self.modules:
+        for module in self.modules:
             for path, w in prunable_weights(module).items():  # re-read: parametrized weights
                 w = _live(module, path, w)
                 if self.group:
-                    rows = w.transpose(0, 1) if transposed and w.dim() > 1 else w
+                    # A (grouped) ConvTranspose keeps outputs along dim 1, per group.
+                    rows = output_major(w, module) if w.dim() > 1 else w
                     terms.append(torch.linalg.vector_norm(rows.reshape(rows.shape[0], -1), dim=1))
                 else:
                     terms.append(w.abs())

@@ -134,8 +134,8 @@ def test_training_mode_and_dtype_are_kept():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"rank": 64}, ValueError, r"^rank: 64 is not below min\(in, out\) = 64 .*rank=63"),
-        ({"rank": 0}, ValueError, "^rank: 0 is below 1"),
+        ({"rank": 64}, ValueError, r"^rank: 64 is not below min\(in, out\) = 64 .*maximum is 63"),
+        ({"rank": 0}, ValueError, "^rank: 0 is below 1; pass a rank such as 16"),
         ({"rank": 1.5}, ValueError, r"^rank: 1.5 is not a fraction in \(0, 1\)"),
         ({"rank": "8"}, TypeError, "^rank: expected a positive int"),
         ({"energy": 0}, ValueError, r"^energy: 0 is outside \(0, 1\]"),
@@ -143,6 +143,8 @@ def test_training_mode_and_dtype_are_kept():
         ({"rank": 4, "energy": 0.9}, ValueError, "^rank / energy: give one"),
         ({"layers": "nope*"}, ValueError, "^layers: pattern 'nope\\*' matches no layer"),
         ({"only_faster": True}, ValueError, "^example_inputs: needed to time each layer"),
+        ({"repeats": 0}, ValueError, "^repeats: 0 is not a whole number >= 1.*repeats=15"),
+        ({"repeats": 2.5}, ValueError, "^repeats: 2.5 is not a whole number >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_the_model_untouched(kwargs, error, match):

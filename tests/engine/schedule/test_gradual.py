@@ -263,6 +263,30 @@ def test_bad_options_name_the_argument_and_leave_the_model_alone(kwargs, error, 
     assert not hasattr(model[0], "weight_mask")
 
 
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.att, self.out = nn.Linear(8, 8), nn.MultiheadAttention(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return self.out(self.att(h, h, h)[0])
+
+
+def test_attention_layers_are_left_out_by_default_and_said_so_and_refused_when_named():
+    # A kept mask would never apply to MultiheadAttention (it reads its weights directly).
+    model = _Attention()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"^ratios: attention/recurrent layer\(s\) 'att' read"):
+        GradualPruner(model, ConstantSparsity(0.5, 0, frequency=1), ratios={"inp": 0.5, "att": 0.3})
+    assert_same_state(model, before)
+    pruner = GradualPruner(model, ConstantSparsity(0.5, 0, frequency=1))
+    assert list(pruner.skipped) == ["att"]
+    model(torch.randn(4, 2, 8))
+    pruner.finish()
+    assert "left out (they read their weights directly): att" in history(model)[-1].detail
+
+
 def test_bad_schedule():
     model = mlp()
     with pytest.raises(TypeError, match="^schedule: "):

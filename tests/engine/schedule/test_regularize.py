@@ -71,6 +71,12 @@ def test_group_lasso_groups_output_channels_of_convs_and_transposed_convs():
     w = model[0].weight.detach()  # (in=3, out=5, 2, 2)
     got = l1_penalty(model, 1.0, layers="0", group=True)
     assert torch.allclose(got, w.transpose(0, 1).reshape(5, -1).norm(dim=1).sum())
+    # Grouped: output channel g·4 + j is column j of group g's rows (4 outputs per group).
+    grouped = nn.Sequential(nn.ConvTranspose2d(4, 8, 3, groups=2), nn.Conv2d(8, 2, 1))
+    w = grouped[0].weight.detach()  # (in=4, out/groups=4, 3, 3)
+    channels = [w[2 * g : 2 * g + 2, j] for g in range(2) for j in range(4)]
+    expected = sum(c.norm() for c in channels)
+    assert torch.allclose(l1_penalty(grouped, 1.0, layers="0", group=True), expected)
 
 
 def test_scheduled_weight_is_read_at_the_step():
