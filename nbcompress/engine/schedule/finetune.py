@@ -313,13 +313,12 @@ def finetune(
     optimizer, loss_fn, penalty = _check_parts(model, optimizer, loss, pruner, l1, lr)
     metric_fn, metric_name = check_val(val)
     epoch_batches, per_epoch = batches(train, batch_size, seed)
-    if pruner is None:
-        warn_unmasked_zeros(model, stacklevel=2)
+    sparsity = warn_unmasked_zeros(model, stacklevel=2) if pruner is None else None
     run = _Run(model, FinetuneResult(epochs=epochs, metric_name=metric_name), pruner)
     run.callbacks = _callbacks(callback, plot)
     hint = "" if loss is not None else DEFAULT_LOSS_HINT
     step_fn = _step_function(model, loss_fn, optimizer, penalty, hint)
-    run.measured = zero_fraction(model) if progress and pruner is None else None
+    run.measured = sparsity if progress else None
     run.bar = progress_bar(per_epoch * epochs if per_epoch else None, progress)
     _train(run, epoch_batches, step_fn, optimizer, metric_fn, finish)
     return run.result

@@ -21,7 +21,6 @@ from torch import nn
 from nbcompress.engine.core.layers import (
     PRUNABLE_TYPES,
     prunable_weights,
-    select_layers,
     weighted_layers,
 )
 from nbcompress.engine.core.validation import describe_inputs
@@ -32,9 +31,9 @@ __all__ = [
     "data_error",
     "describe_batch",
     "metric_value",
-    "unmasked_zero_fraction",
     "warn_unmasked_zeros",
     "zero_fraction",
+    "zero_fractions",
 ]
 
 #: Characters of the original error's message kept in :func:`batch_error`'s one line.
@@ -117,16 +116,26 @@ def metric_value(value: Any) -> float:
     )
 
 
-def zero_fraction(model: nn.Module) -> float:
-    """Fraction of zero weights over the model's Linear/Conv weights (0.0 without any)."""
-    zeros, total = 0, 0
+def zero_fractions(model: nn.Module) -> tuple[float, float]:
+    """Zero weights over the Linear/Conv weights: all of them, and those without a kept mask.
+
+    One pass (a training loop calls it per epoch, so it stays cheap): the first fraction is
+    the model's sparsity; the second counts only zeros a training step would revive.
+    """
+    zeros = loose = total = 0
     with torch.no_grad():
         for module in weighted_layers(model).values():
             if isinstance(module, PRUNABLE_TYPES):
-                for w in prunable_weights(module).values():
-                    zeros += int((w == 0).sum())
-                    total += w.numel()
-    return zeros / total if total else 0.0
+                for path, w in prunable_weights(module).items():
+                    n = w.numel() - int(torch.count_nonzero(w))
+                    zeros, total = zeros + n, total + w.numel()
+                    loose += 0 if _masked(module, path) else n
+    return (zeros / total, loose / total) if total else (0.0, 0.0)
+
+
+def zero_fraction(model: nn.Module) -> float:
+    """Fraction of zero weights over the model's Linear/Conv weights (0.0 without any)."""
+    return zero_fractions(model)[0]
 
 
 def _masked(module: nn.Module, path: str) -> bool:
@@ -135,30 +144,19 @@ def _masked(module: nn.Module, path: str) -> bool:
     return hasattr(holder, f"{leaf}_mask")  # torch.nn.utils.prune's kept mask
 
 
-def unmasked_zero_fraction(model: nn.Module) -> float:
-    """Fraction of the default-pruned layers' weights that are zero without a kept mask."""
-    try:
-        selected, _ = select_layers(model, None)
-    except ValueError:  # no Linear/Conv layer besides the output: nothing prune_ would prune
-        return 0.0
-    zeros, total = 0, 0
-    with torch.no_grad():
-        for module in selected.values():
-            for path, w in prunable_weights(module).items():
-                total += w.numel()
-                if not _masked(module, path):
-                    zeros += int((w == 0).sum())
-    return zeros / total if total else 0.0
+def warn_unmasked_zeros(model: nn.Module, stacklevel: int = 2) -> float:
+    """Warn once when training would revive a one-shot prune that kept no masks.
 
-
-def warn_unmasked_zeros(model: nn.Module, stacklevel: int = 2) -> None:
-    """Warn once when training would revive a one-shot prune that kept no masks."""
-    fraction = unmasked_zero_fraction(model)
+    Returns:
+        The model's zero fraction (all weights), which the caller shows as the sparsity.
+    """
+    sparsity, fraction = zero_fractions(model)
     if fraction > UNMASKED_ZEROS:
         warnings.warn(
-            f"train: {fraction:.0%} of the prunable weights are zero but not masked, and "
+            f"train: {fraction:.0%} of the Linear/Conv weights are zero but not masked, and "
             "training will make them non-zero; prune with keep_masks=True (%prune ... "
             "--keep-masks) or pass a GradualPruner to keep them at zero.",
             UserWarning,
             stacklevel=stacklevel + 1,
         )
+    return sparsity

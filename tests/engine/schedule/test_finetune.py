@@ -401,11 +401,11 @@ def test_finetune_warns_once_when_a_one_shot_prune_without_masks_would_be_undone
     prune_(model, 0.9)
     with pytest.warns(UserWarning) as record:
         finetune(model, (x, y), 1, progress=False)
-    ours = [w for w in record if "prunable weights" in str(w.message)]
+    ours = [w for w in record if "zero but not masked" in str(w.message)]
     assert [w.filename for w in ours] == [__file__]  # points at the call of finetune
     texts = [str(w.message) for w in ours]
     assert texts == [
-        "train: 90% of the prunable weights are zero but not masked, and training will make "
+        "train: 84% of the Linear/Conv weights are zero but not masked, and training will make "
         "them non-zero; prune with keep_masks=True (%prune ... --keep-masks) or pass a "
         "GradualPruner to keep them at zero."
     ]
@@ -421,7 +421,7 @@ def test_finetune_does_not_warn_with_kept_masks_a_dense_model_or_a_pruner(case, 
         prune_(model, 0.9, keep_masks=case == "kept masks")
     pruner = FakePruner(model) if case == "pruner" else None
     finetune(model, (x, y), 1, pruner=pruner, progress=False)
-    assert not [w for w in recwarn if "prunable weights" in str(w.message)]
+    assert not [w for w in recwarn if "zero but not masked" in str(w.message)]
 
 
 @pytest.mark.parametrize(
