@@ -47,9 +47,9 @@ class FakeSchedule:
 class FakePruner:
     made = []
 
-    def __init__(self, model, schedule, include_output=False):
+    def __init__(self, model, schedule, layers=None, include_output=False):
         self.model, self.schedule, self.steps, self.finished = model, schedule, 0, 0
-        self.include_output, self.aborted = include_output, 0
+        self.layers, self.include_output, self.aborted = layers, include_output, 0
         FakePruner.made.append(self)
 
     @property
@@ -131,6 +131,23 @@ def test_an_error_after_training_started_records_the_pruning_so_far(ns):
     assert_same_state(model, before)
 
 
+def test_layers_choose_what_gradual_prunes_and_what_l1_penalises(ns):
+    from nbcompress.engine.schedule.regularize import L1Penalty
+
+    model = ns.user_ns["model"]
+    magic(ns, "model --data train --epochs 1 --gradual 0.5:0.8 --layers 2")
+    assert float((model[0].weight == 0).float().mean()) == 0.0
+    assert float((model[2].weight == 0).float().mean()) == pytest.approx(0.8, abs=0.01)
+
+    def only_first(twin):
+        return L1Penalty(twin, 1e-2, layers=["0"])
+
+    ns.user_ns["model"] = mlp()  # dense again: no pruned zeros to warn about
+
+    model, twin = _l1_run(ns, "model --data train --epochs 2 --l1 1e-2 --layers 0", only_first)
+    assert_same_state(model, snapshot(twin))
+
+
 def test_include_output_reaches_the_pruner(ns, fake_gradual):
     magic(ns, "model --data train --gradual 0.5:0.9 --include-output")
     magic(ns, "model --data train --gradual 0.5:0.9")
@@ -152,6 +169,9 @@ def test_include_output_reaches_the_pruner(ns, fake_gradual):
         ("model --data train --l1 1e-4:x", r"^--l1: '1e-4:x' is not a penalty weight"),
         ("model --data train --l1-group", r"^--l1-group: needs a penalty weight; add e\.g\. --l1"),
         ("model --data train --lr 0", r"--lr 1e-3"),
+        ("model --data train --layers 0", r"^--layers: chooses the layers of --gradual and --l1"),
+        ("model --data train --gradual 0.5:0.9 --layers nope", r"^--layers: pattern 'nope'"),
+        ("model --data train --l1 1e-4 --layers nope", r"^--layers: pattern 'nope'"),
         ("torch --data train", r"^model: 'torch' is a module, not a torch\.nn\.Module"),
     ],
 )

@@ -20,6 +20,7 @@ from nbcompress.notebook.magics._common import (
     at_least,
     engine_errors,
     seed_type,
+    split_patterns,
     within,
 )
 
@@ -33,6 +34,7 @@ _OPTIONS = {
     "lr": "--lr",
     "l1": "--l1",
     "batch_size": "--batch-size",
+    "layers": "--layers",
 }
 #: Progress points of a --gradual schedule over the run (TF-MOT's frequency).
 SCHEDULE_UPDATES = 20
@@ -107,22 +109,30 @@ class LinearRamp:
 
 
 def l1_term(model: Any, args: Any, data: Any) -> Any:
-    """``finetune``'s ``l1`` from ``--l1`` and ``--l1-group``: a number or an ``L1Penalty``."""
+    """``finetune``'s ``l1`` from ``--l1``, ``--l1-group`` and ``--layers``: a weight or penalty."""
     start, end = _l1_span(args.l1)
     weight: Any = start
     if start != end:
         weight = LinearRamp(start, end, _steps(data, args.batch_size, args.epochs, "--l1"))
-    if not args.l1_group:
-        return weight
     if start == end == 0:
-        raise UsageError("--l1-group: needs a penalty weight; add e.g. --l1 1e-4.")
+        if args.l1_group:
+            raise UsageError("--l1-group: needs a penalty weight; add e.g. --l1 1e-4.")
+        if args.layers is not None and args.gradual is None:
+            raise UsageError(
+                "--layers: chooses the layers of --gradual and --l1; add one of them, e.g. "
+                "--gradual 0.5:0.9."
+            )
+        return 0.0
+    if not args.l1_group and args.layers is None:
+        return weight
     from nbcompress.engine.schedule.regularize import L1Penalty
 
+    layers = split_patterns(args.layers)
     with _named_options():
-        return L1Penalty(model, weight, group=True, arg="l1")
+        return L1Penalty(model, weight, layers=layers, group=args.l1_group, arg="l1")
 
 
-def gradual_pruner(model: Any, text: str, total: int, include_output: bool) -> Any:
+def gradual_pruner(model: Any, text: str, total: int, args: Any) -> Any:
     """A GradualPruner whose PolynomialDecay rises from a to b over ``total`` steps."""
     initial, final = _span(text)
     # Imported here, where it is used: the magic module loads without torch's heavier parts.
@@ -136,7 +146,8 @@ def gradual_pruner(model: Any, text: str, total: int, include_output: bool) -> A
         end_step=total,
         frequency=max(1, total // SCHEDULE_UPDATES),
     )
-    return GradualPruner(model, schedule, include_output=include_output)
+    layers = split_patterns(args.layers)
+    return GradualPruner(model, schedule, layers=layers, include_output=args.include_output)
 
 
 @contextlib.contextmanager
@@ -166,6 +177,7 @@ class FinetuneMagics(ModelMagics):
     @argument("--epochs", "-e", type=at_least(1, "--epochs 3"), default=1, help="Default 1.")
     @argument("--gradual", help="Prune gradually from a to b sparsity over the run, e.g. 0.5:0.9.")
     @argument("--include-output", action="store_true", help="--gradual prunes the output too.")
+    @argument("--layers", help='Glob(s) for --gradual and --l1, e.g. "features.*" (commas).')
     @argument("--lr", type=within(1e-12, 10.0, "--lr 1e-3"), default=1e-3, help="Adam's rate.")
     @argument("--l1", default="0", help="L1 weight λ, or a ramp a:b over the run, e.g. 0:1e-4.")
     @argument("--l1-group", action="store_true", help="Group lasso over output channels.")
@@ -203,7 +215,7 @@ class FinetuneMagics(ModelMagics):
         if args.gradual is not None:
             total = _steps(data, args.batch_size, args.epochs, "--gradual")
             with engine_errors(), _named_options():
-                pruner = gradual_pruner(model, args.gradual, total, args.include_output)
+                pruner = gradual_pruner(model, args.gradual, total, args)
         errors = engine_errors({"--data": data, "--val": val}, model_option="--data")
         with errors, _named_options(), _settled(pruner):
             result = finetune(
