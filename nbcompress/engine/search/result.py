@@ -64,6 +64,7 @@ class SearchResult:
         granularity: Pruning granularity the ratios were applied with.
         interrupted: The search was stopped by Ctrl-C; the finished trials are kept.
         study_name: The optuna study's name (to find it in a storage).
+        notes: Lines printed under the table.
     """
 
     trials: list[SearchTrial]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from nbcompress.engine.core.history import trial as temporary
@@ -80,14 +82,9 @@ class Runner:
                 value = self.evaluate(self.model)
         except Exception as err:  # noqa: BLE001 - a failing trial is recorded, not fatal
             raise _Failed(f"{type(err).__name__}: {err}".splitlines()[0]) from err
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise _Failed(f"evaluate returned {value!r}; return a finite float")
-        self.memo[key] = float(value)
-        return float(value), False
+        metric = _as_metric(value)
+        self.memo[key] = metric
+        return metric, False
 
     def values(self, metric: float, sparsity: float) -> list[float]:
         """The objective values told to the study, in ``objectives`` order."""
@@ -123,6 +120,16 @@ class Runner:
         self.first_error = self.first_error or error
         optuna_trial.set_user_attr("error", error)
         _tell_failed(study, optuna_trial)
+
+
+def _as_metric(value: Any) -> float:
+    """A number (Python, NumPy or a one-element tensor) as a finite float, else a failure."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if real and math.isfinite(value):
+        return float(value)
+    raise _Failed(f"evaluate returned {value!r}; return a finite float")
 
 
 def _tell_failed(study: Any, optuna_trial: Any) -> None:

@@ -70,7 +70,14 @@ def open_study(storage: str | Path | None, model_sig: str, config_sig: str, **kw
     if storage is None:
         return optuna.create_study(study_name=name, **kw)
     url = storage_url(storage)
-    names = optuna.study.get_all_study_names(storage=url)
+    try:
+        names = optuna.study.get_all_study_names(storage=url)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy's errors, shown in one line
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(
+            f"storage: {str(storage)!r} cannot be opened as an optuna storage ({first}); "
+            "pass a SQLite file name in an existing folder, e.g. 'search.db'."
+        ) from None
     ours = [n for n in names if n.startswith(f"{_PREFIX}-")]
     if ours and not any(n.startswith(f"{_PREFIX}-{model_sig}-") for n in ours):
         raise ValueError(

@@ -57,7 +57,7 @@ def _check_objectives(objectives: Any, target: float | None) -> tuple[str, ...]:
 
 
 def _check_options(evaluate: Any, sampler: Any, n_trials: Any, method: Any, granularity: Any,
-                   seed: Any) -> None:  # fmt: skip
+                   seed: Any, storage: Any) -> None:  # fmt: skip
     if not callable(evaluate):
         raise TypeError(
             f"evaluate: expected a function model -> float (higher is better), got "
@@ -76,6 +76,10 @@ def _check_options(evaluate: Any, sampler: Any, n_trials: Any, method: Any, gran
         raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed: expected an integer or None, got {seed!r}.")
+    if storage is not None and not isinstance(storage, str | Path):
+        raise TypeError(
+            f"storage: expected a SQLite file name such as 'search.db', got {storage!r}."
+        )
 
 
 @contextlib.contextmanager
@@ -151,7 +155,7 @@ def search(
             untouched. ValueError also when every trial failed (naming ``evaluate``).
     """
     check_module(model)
-    _check_options(evaluate, sampler, n_trials, method, granularity, seed)
+    _check_options(evaluate, sampler, n_trials, method, granularity, seed, storage)
     target = _check_target(target_sparsity)
     objs = _check_objectives(objectives, target)
     space = Space.of(model, layers, granularity)

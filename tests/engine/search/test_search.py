@@ -108,7 +108,7 @@ def test_a_repeated_allocation_is_not_evaluated_again() -> None:
     assert len(result.completed()) == 5 and len(result.pareto()) == 1
 
 
-@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "nsga2", "random"])
 def test_the_same_seed_gives_the_same_trials(sampler: str) -> None:
     runs = []
     for _ in range(2):
@@ -202,6 +202,8 @@ def test_cmaes_refuses_two_objectives() -> None:
         (dict(method="wanda"), ValueError, r"^method: 'wanda'"),
         (dict(granularity="row"), ValueError, r"^granularity: 'row' is unknown"),
         (dict(seed=1.5), TypeError, r"^seed: "),
+        (dict(storage=3), TypeError, r"^storage: expected a SQLite file name"),
+        (dict(storage="/no/such/dir/s.db"), ValueError, r"^storage: '/no/such/dir/s.db' cannot"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_argument(kwargs, error, match) -> None:
@@ -222,3 +224,21 @@ def test_without_optuna_the_error_names_the_extra(monkeypatch) -> None:
     model, evaluate = _mlp()
     with pytest.raises(ImportError, match=r'pip install "nbcompress\[search\]"'):
         search(model, evaluate, n_trials=2, progress=False)
+
+
+def test_nsga2_population_is_sized_for_the_budget() -> None:
+    from nbcompress.engine.search.samplers import make_sampler
+
+    sizes = [make_sampler("nsga2", n, 0, 2)._population_size for n in (12, 60, 90, 300)]
+    assert sizes == [10, 10, 15, 20]
+
+
+def test_numpy_and_tensor_metrics_are_accepted() -> None:
+    import numpy as np
+
+    model, fidelity = _mlp()
+    for wrap in (np.float32, torch.tensor):
+        result = search(model, lambda m, w=wrap: w(fidelity(m)), target_sparsity=0.5,
+                        n_trials=3, seed=0, progress=False)  # fmt: skip
+        assert len(result.completed()) == 3
+        assert isinstance(result.trials[0].metric, float)
