@@ -196,6 +196,10 @@ class SearchResult:
             tail = ""
         return f"<SearchResult {self.title()}{tail}; print() it for the table>"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        # IPython's plain-text display: the table, not the one-line repr.
+        printer.text(str(self))
+
     def plot(self) -> Any:
         """Metric vs sparsity of every completed trial, the Pareto front highlighted.
 

@@ -215,6 +215,8 @@ def _run(runner: Runner, study: Any, n_trials: int, progress: bool) -> bool:
         for _ in range(n_trials):
             runner.step(study)
             if bar is not None:
+                best = max(runner.memo.values(), default=None)
+                bar.set_postfix_str("" if best is None else f"best metric {best:.4g}")
                 bar.update(1)
     except KeyboardInterrupt:
         return True

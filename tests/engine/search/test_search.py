@@ -16,8 +16,6 @@ from nbcompress.engine.search.space import MAX_RATIO, Space, project
 from tests.engine.search.search_helpers import Fidelity
 from tests.helpers import assert_same_state, cnn, mlp, snapshot
 
-torch.set_num_threads(1)
-
 
 def _mlp() -> tuple[torch.nn.Module, Fidelity]:
     torch.manual_seed(0)

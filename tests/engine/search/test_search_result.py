@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import matplotlib
+import pytest
+import torch
 
-matplotlib.use("Agg")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from nbcompress.engine.core.history import history, undo_  # noqa: E402
-from nbcompress.engine.search.result import SearchResult, SearchTrial  # noqa: E402
-from nbcompress.engine.search.search import search  # noqa: E402
-from tests.engine.search.search_helpers import Fidelity  # noqa: E402
-from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction  # noqa: E402
-
-torch.set_num_threads(1)
+from nbcompress.engine.core.history import history, undo_
+from nbcompress.engine.search.result import SearchResult, SearchTrial
+from nbcompress.engine.search.search import search
+from tests.engine.search.search_helpers import Fidelity
+from tests.helpers import assert_same_state, mlp, snapshot, zero_fraction
 
 
 def _trial(number: int, metric: float | None, sparsity: float, state: str = "complete"):
@@ -110,3 +104,14 @@ def test_table_and_repr_are_readable() -> None:
     assert text.splitlines()[0] == "search (tpe, metric vs sparsity): 6/7 trials complete"
     assert "fail" in text and "—" in text
     assert "best metric 0.9000 at sparsity 0.500 (#0)" in repr(result)
+    printed = []
+    result._repr_pretty_(type("P", (), {"text": lambda self, t: printed.append(t)})(), False)
+    assert printed == [text]
+
+
+def test_the_progress_bar_counts_the_trials(capsys) -> None:
+    torch.manual_seed(0)
+    model = mlp()
+    search(model, Fidelity(model, (16,)), target_sparsity=0.5, n_trials=4, seed=0)
+    err = capsys.readouterr().err
+    assert "search" in err and "4/4" in err and "best metric" in err
