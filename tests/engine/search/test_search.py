@@ -240,3 +240,37 @@ def test_numpy_and_tensor_metrics_are_accepted() -> None:
                         n_trials=3, seed=0, progress=False)  # fmt: skip
         assert len(result.completed()) == 3
         assert isinstance(result.trials[0].metric, float)
+
+
+_RESUME = """
+import json, sys, torch
+from nbcompress.engine.search.search import search
+from tests.engine.search.search_helpers import Fidelity
+from tests.helpers import mlp
+torch.manual_seed(0)
+model = mlp()
+result = search(model, Fidelity(model, (16,)), target_sparsity=0.6, n_trials=int(sys.argv[2]),
+                storage=sys.argv[1], seed=int(sys.argv[2]), progress=False)
+print(json.dumps([t.ratios for t in result.trials]))
+"""
+
+
+def test_storage_resumes_in_a_new_process(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    path = str(tmp_path / "search.db")
+
+    def run(n: int) -> list:
+        out = subprocess.run([sys.executable, "-c", _RESUME, path, str(n)], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run(3)
+    second = run(2)
+    assert len(first) == 3 and len(second) == 5 and second[:3] == first
