@@ -24,8 +24,15 @@ class _Failed(Exception):
 
 
 @contextlib.contextmanager
-def quiet_threads() -> Iterator[None]:
-    """One BLAS/OpenMP thread around the sampler: GP otherwise oversubscribes the cores."""
+def quiet_threads(enabled: bool = True) -> Iterator[None]:
+    """One BLAS/OpenMP thread around the sampler: GP otherwise oversubscribes the cores.
+
+    Setting the limit costs about 0.7 ms (threadpoolctl looks up the loaded libraries), so
+    it is only worth it around a sampler that does linear algebra (GP: 20-60 ms a trial).
+    """
+    if not enabled:
+        yield
+        return
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # threadpoolctl missing: samplers run with their default threads
@@ -52,6 +59,7 @@ class Runner:
         self.memo: dict[tuple[float, ...], float] = {}
         self.first_error: str | None = None
         self.completed = self.failed = 0
+        self.limit_threads = False
 
     def propose(self, trial: Any) -> list[float]:
         """The trial's ratios: projected scores with a target, direct ratios without."""
@@ -94,7 +102,7 @@ class Runner:
         """Ask, measure and tell one trial; a Ctrl-C marks it failed and propagates."""
         optuna_trial = None
         try:
-            with quiet_threads():
+            with quiet_threads(self.limit_threads):
                 optuna_trial = study.ask()
                 ratios = self.propose(optuna_trial)
             sparsity = self.space.sparsity(ratios)
@@ -106,7 +114,7 @@ class Runner:
                 return self._fail(study, optuna_trial, str(err))
             optuna_trial.set_user_attr("metric", metric)
             optuna_trial.set_user_attr("memo", hit)
-            with quiet_threads():
+            with quiet_threads(self.limit_threads):
                 study.tell(optuna_trial, self.values(metric, sparsity))
         except KeyboardInterrupt:
             if optuna_trial is not None:

@@ -170,6 +170,7 @@ def search(
         )
         runner = Runner(model, evaluate, space, target, objs, dict(method=method,
                         granularity=granularity))  # fmt: skip
+        runner.limit_threads = sampler == "gp"
         runner.remember(study)
         if warm_start and target is not None and not study.trials:
             _enqueue_warm_start(study, model, space, target)
