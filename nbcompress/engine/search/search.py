@@ -127,7 +127,9 @@ def search(
     Args:
         model: The model; left as it was.
         evaluate: ``evaluate(model) -> float``, higher is better (e.g. validation accuracy).
-            A trial where it raises or returns a non-finite value is marked failed.
+            A trial where it raises or returns a non-finite value is marked failed. It runs
+            in the mode the model is in; everything it changes (fine-tuning, BatchNorm
+            statistics) is restored after the trial.
         target_sparsity: Overall sparsity of the searched layers, in (0, 0.99].
         objectives: Without a target: ``("metric", "sparsity")`` (the Pareto front),
             ``("metric",)`` or ``("sparsity",)``.
@@ -140,10 +142,11 @@ def search(
         granularity: ``"element"``, ``"block"`` or ``"channel"``.
         method: ``"l1"`` or ``"random"``.
         storage: A SQLite file (or an optuna RDB URL): trials are stored as they finish and
-            a later call with the same model and settings resumes the study.
+            a later call with the same model and settings resumes the study (other
+            settings start another study in the same file; another model is refused).
         seed: Seed of the sampler; the same seed gives the same trials.
         warm_start: Enqueue the uniform and global-L1 allocations first (with a target).
-        progress: Show optuna's progress bar.
+        progress: Show a progress bar (``tqdm``) with the best metric so far.
 
     Returns:
         The trials; ``.interrupted`` is set if Ctrl-C stopped the search (finished trials
