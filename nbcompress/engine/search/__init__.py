@@ -1,0 +1,1 @@
+"""Search of per-layer pruning ratios: whole allocations measured by optuna samplers."""

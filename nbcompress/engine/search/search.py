@@ -1,0 +1,230 @@
+"""``search``: per-layer pruning ratios chosen by measuring whole allocations (optuna)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nbcompress.engine.core.validation import check_module
+from nbcompress.engine.prune.masks import GRANULARITIES
+from nbcompress.engine.search.result import SearchResult
+from nbcompress.engine.search.run import Runner, collect
+from nbcompress.engine.search.samplers import SAMPLERS, load_optuna, make_sampler, open_study
+from nbcompress.engine.search.space import MAX_RATIO, Space
+
+__all__ = ["OBJECTIVES", "search"]
+
+#: What a search may maximise: ``evaluate``'s metric and the sparsity of the allocation.
+OBJECTIVES = ("metric", "sparsity")
+_METHODS = ("l1", "random")
+
+
+def _check_target(target: Any) -> float | None:
+    if target is None:
+        return None
+    if isinstance(target, bool) or not isinstance(target, numbers.Real):
+        raise TypeError(f"target_sparsity: expected a number such as 0.9, got {target!r}.")
+    if not 0.0 < target <= MAX_RATIO:
+        raise ValueError(
+            f"target_sparsity: {target!r} is outside (0, {MAX_RATIO}] (every layer keeps at "
+            "least 1% of its weights); pass a fraction such as 0.9."
+        )
+    return float(target)
+
+
+def _check_objectives(objectives: Any, target: float | None) -> tuple[str, ...]:
+    given = (objectives,) if isinstance(objectives, str) else tuple(objectives)
+    unknown = [o for o in given if o not in OBJECTIVES]
+    if unknown or not given or len(set(given)) != len(given):
+        raise ValueError(
+            f"objectives: {objectives!r} is not a list of distinct names from {OBJECTIVES}; "
+            "pass e.g. ('metric', 'sparsity')."
+        )
+    if target is not None:
+        if "metric" not in given:
+            raise ValueError(
+                "objectives: with target_sparsity every trial has the same sparsity; include "
+                "'metric'."
+            )
+        return ("metric",)  # the sparsity is fixed by the budget
+    return given
+
+
+def _check_options(evaluate: Any, sampler: Any, n_trials: Any, method: Any, granularity: Any,
+                   seed: Any, storage: Any) -> None:  # fmt: skip
+    if not callable(evaluate):
+        raise TypeError(
+            f"evaluate: expected a function model -> float (higher is better), got "
+            f"{type(evaluate).__name__}."
+        )
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: {sampler!r} is unknown; choose one of {SAMPLERS}.")
+    if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
+        raise ValueError(f"n_trials: expected a whole number of trials >= 1, got {n_trials!r}.")
+    if method not in _METHODS:
+        raise ValueError(
+            f"method: {method!r} is not available to search (it takes no calibration inputs); "
+            f"choose one of {_METHODS}."
+        )
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed: expected an integer or None, got {seed!r}.")
+    if storage is not None and not isinstance(storage, str | Path):
+        raise TypeError(
+            f"storage: expected a SQLite file name such as 'search.db', got {storage!r}."
+        )
+
+
+@contextlib.contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Keep optuna from logging every trial; the progress bar and the result say what matters."""
+    logging = load_optuna().logging
+    before = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(before)
+
+
+def search(
+    model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    *,
+    target_sparsity: float | None = None,
+    objectives: Sequence[str] = OBJECTIVES,
+    sampler: str = "tpe",
+    n_trials: int = 60,
+    layers: str | Sequence[str] | None = None,
+    granularity: str = "element",
+    method: str = "l1",
+    storage: str | Path | None = None,
+    seed: int | None = None,
+    warm_start: bool = True,
+    progress: bool = True,
+) -> SearchResult:
+    """Search per-layer pruning ratios by measuring whole allocations.
+
+    Each trial prunes the model to one allocation with :func:`prune_ratios_`, calls
+    ``evaluate(model)`` and restores the model bit-exactly, so nothing leaks between
+    trials and the model is as it was afterwards. Apply a chosen allocation with
+    :meth:`SearchResult.apply_`.
+
+    With ``target_sparsity``, the sampler proposes one score per layer and the scores are
+    projected onto the budget (``keep_i = clip(c * s_i, 0.01, 1)``, ``c`` by bisection), so
+    every trial has exactly that sparsity (weighted by weight count over the searched
+    layers) and the metric is the one objective; the first two trials are the uniform
+    allocation and one global magnitude threshold (``warm_start``), enqueued as scores.
+    Without it, ratios in [0, 0.99] are proposed directly and ``objectives`` are maximised.
+
+    Args:
+        model: The model; left as it was.
+        evaluate: ``evaluate(model) -> float``, higher is better (e.g. validation accuracy).
+            A trial where it raises or returns a non-finite value is marked failed. It runs
+            in the mode the model is in; everything it changes (fine-tuning, BatchNorm
+            statistics) is restored after the trial.
+        target_sparsity: Overall sparsity of the searched layers, in (0, 0.99].
+        objectives: Without a target: ``("metric", "sparsity")`` (the Pareto front),
+            ``("metric",)`` or ``("sparsity",)``.
+        sampler: ``"tpe"`` (multivariate), ``"gp"`` (Bayesian optimisation), ``"nsga2"``
+            (genetic algorithm, population ``max(10, min(20, n_trials // 6))``),
+            ``"random"`` or ``"cmaes"`` (one objective; needs ``cmaes``).
+        n_trials: Trials to run in this call (the warm-start trials included).
+        layers: Glob pattern(s) of the layers to search, as in ``prune_``; the output layer
+            is left alone.
+        granularity: ``"element"``, ``"block"`` or ``"channel"``.
+        method: ``"l1"`` or ``"random"``.
+        storage: A SQLite file (or an optuna RDB URL): trials are stored as they finish and
+            a later call with the same model and settings resumes the study (other
+            settings start another study in the same file; another model is refused).
+        seed: Seed of the sampler; the same seed gives the same trials.
+        warm_start: Enqueue the uniform and global-L1 allocations first (with a target).
+        progress: Show a progress bar (``tqdm``) with the best metric so far.
+
+    Returns:
+        The trials; ``.interrupted`` is set if Ctrl-C stopped the search (finished trials
+        are kept, the model is restored).
+
+    Raises:
+        ImportError: optuna is not installed (the ``search`` extra).
+        TypeError, ValueError: Bad input (one line naming the argument); the model is
+            untouched. ValueError also when every trial failed (naming ``evaluate``).
+    """
+    check_module(model)
+    _check_options(evaluate, sampler, n_trials, method, granularity, seed, storage)
+    target = _check_target(target_sparsity)
+    objs = _check_objectives(objectives, target)
+    space = Space.of(model, layers, granularity)
+    config = json.dumps([target, objs, method, granularity])
+    with _optuna_quiet():
+        study = open_study(
+            storage,
+            space.signature(),
+            _short_hash(config),
+            sampler=make_sampler(sampler, n_trials, seed, len(objs)),
+            directions=["maximize"] * len(objs),
+        )
+        runner = Runner(model, evaluate, space, target, objs, dict(method=method,
+                        granularity=granularity))  # fmt: skip
+        runner.limit_threads = sampler == "gp"
+        runner.remember(study)
+        if warm_start and target is not None and not study.trials:
+            _enqueue_warm_start(study, model, space, target)
+        interrupted = _run(runner, study, n_trials, progress)
+    if not interrupted and runner.failed and not runner.completed:
+        raise ValueError(
+            f"evaluate: failed on every trial ({runner.failed}); the first error was "
+            f"{runner.first_error}. Fix evaluate (try evaluate(model) on its own)."
+        )
+    return SearchResult(
+        trials=collect(study, space),
+        target_sparsity=target,
+        sampler=sampler,
+        method=method,
+        granularity=granularity,
+        interrupted=interrupted,
+        study_name=study.study_name,
+    )
+
+
+def _short_hash(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _enqueue_warm_start(study: Any, model: nn.Module, space: Space, target: float) -> None:
+    """Uniform and global-L1 allocations as scores: their projection is themselves (c = 1)."""
+    uniform = dict.fromkeys(space.names, 1.0 - target)
+    global_l1 = {n: 1.0 - r for n, r in zip(space.names, space.global_l1(model, target))}
+    for params in (uniform, global_l1):
+        study.enqueue_trial(params, skip_if_exists=True)
+
+
+def _run(runner: Runner, study: Any, n_trials: int, progress: bool) -> bool:
+    """Run ``n_trials`` trials; True if Ctrl-C stopped them."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_trials, desc="search")
+    try:
+        for _ in range(n_trials):
+            runner.step(study)
+            if bar is not None:
+                best = max(runner.memo.values(), default=None)
+                bar.set_postfix_str("" if best is None else f"best metric {best:.4g}")
+                bar.update(1)
+    except KeyboardInterrupt:
+        return True
+    finally:
+        if bar is not None:
+            bar.close()
+    return False
