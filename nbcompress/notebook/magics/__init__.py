@@ -13,6 +13,7 @@ def _magic_classes() -> list[type]:
     from nbcompress.notebook.magics._factorize import FactorizeMagics
     from nbcompress.notebook.magics._finetune import FinetuneMagics
     from nbcompress.notebook.magics._quantize import QuantizeMagics
+    from nbcompress.notebook.magics._search import SearchMagics
     from nbcompress.notebook.magics._sensitivity import SensitivityMagics
     from nbcompress.notebook.magics._speedup import SpeedupMagics
     from nbcompress.notebook.magics._undo import UndoMagics
@@ -25,6 +26,7 @@ def _magic_classes() -> list[type]:
         SpeedupMagics,
         FactorizeMagics,
         FinetuneMagics,
+        SearchMagics,
     ]
 
 

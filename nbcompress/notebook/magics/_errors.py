@@ -43,7 +43,8 @@ __all__ = ["engine_errors", "option_name", "user_error"]
 _DASHED = (
     "layers types method scope granularity min_density seed target_sparsity max_drop objective "
     "refine stages ratios max_layers early_stop metric repeats backend mode calibrate round_to "
-    "ignore heads ffn include_output remove rank energy val l1 lr epochs batch_size"
+    "ignore heads ffn include_output remove rank energy val l1 lr epochs batch_size sampler "
+    "storage objectives warm_start"
 )
 _OPTION_NAMES = {
     **{k: "--" + k.replace("_", "-") for k in _DASHED.split()},
@@ -53,6 +54,7 @@ _OPTION_NAMES = {
     "path": "--save",
     "importance": "--method",
     "train": "--data",
+    "n_trials": "--trials",
 }
 # "target_sparsity / max_drop", or one item of a list argument: "ratios[1]".
 _HEAD = re.compile(r"[a-z_]+(\[\d+\])?( / [a-z_]+)*")
@@ -70,6 +72,7 @@ _LIBRARIES = (
     "ipywidgets",
     "sklearn",
     "PIL",
+    "optuna",
 )
 
 

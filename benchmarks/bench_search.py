@@ -1,0 +1,133 @@
+"""Search of per-layer ratios at 90% one-shot vs uniform, global L1 and the sensitivity default.
+
+Issue 15's first target: LeNet-300-100 and the seed CNN on sklearn digits at 90% one-shot —
+``gp`` and ``tpe`` with 60 trials ≥ the sensitivity default path and ≥ global L1, and within
+0.5 point of the best of 1,000 random projected trials. Per seed: train dense (Adam 1e-3,
+LeNet 30 epochs, CNN 20), then on copies of it
+
+* **uniform**: ``prune_(m, 0.9)``; **global L1**: ``prune_(m, 0.9, scope="global")``;
+* **sensitivity default**: ``r = sensitivity(m, val_accuracy)``, then
+  ``apply_suggestion_(m, r.suggest(target_sparsity=0.9))``;
+* **tpe / gp**: ``search(m, val_accuracy, target_sparsity=0.9, sampler=…, n_trials=60,
+  seed=seed)`` (its first two trials are uniform and global L1), best by validation;
+* **random ×1000**: ``search(…, sampler="random", n_trials=1000, warm_start=False)``.
+
+Every choice is made on the validation split; the table reports the TEST accuracy of what
+was chosen (mean ± sd over seeds) and the measured sparsity of the searched layers (output
+layer excluded, as by default everywhere). Digits is the tuning set; nothing here is tuned.
+
+Usage::
+
+    python benchmarks/bench_search.py [--seeds 5] [--models lenet,cnn] [--random 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _datasets import digits  # noqa: E402
+
+import nbcompress as nc  # noqa: E402
+from nbcompress.zoo import LeNet300, SeedCNN, accuracy, train  # noqa: E402
+
+TARGET = 0.9
+MODELS = {"lenet": ("LeNet-300-100", 8, 30), "cnn": ("seed CNN", 28, 20)}
+
+
+def _sparsity(model: torch.nn.Module) -> float:
+    weights = [
+        m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    zeros = sum(int((w == 0).sum()) for w in weights[:-1])  # output layer left alone
+    return zeros / sum(w.numel() for w in weights[:-1])
+
+
+def _arms(dense, val, random_trials: int, seed: int) -> dict:
+    """Each method's pruned copy of ``dense`` (or the error that stopped it), and its seconds."""
+    out = {}
+
+    def run(name, fn):
+        start = time.perf_counter()
+        model = copy.deepcopy(dense)
+        try:
+            fn(model)
+            out[name] = (model, time.perf_counter() - start)
+        except (ValueError, RuntimeError) as err:
+            out[name] = (None, f"{type(err).__name__}: {str(err).splitlines()[0][:80]}")
+
+    run("uniform", lambda m: nc.prune_(m, TARGET))
+    run("global L1", lambda m: nc.prune_(m, TARGET, scope="global"))
+
+    def default(m):
+        sweep = nc.sensitivity(m, val, progress=False)
+        nc.apply_suggestion_(m, sweep.suggest(target_sparsity=TARGET))
+
+    run("sensitivity default", default)
+
+    def searched(sampler, trials, warm):
+        def fn(m):
+            result = nc.search(m, val, target_sparsity=TARGET, sampler=sampler, n_trials=trials,
+                               seed=seed, warm_start=warm, progress=False)  # fmt: skip
+            result.apply_(m, result.best())
+
+        return fn
+
+    run("tpe ×60", searched("tpe", 60, True))
+    run("gp ×60", searched("gp", 60, True))
+    run(f"random ×{random_trials}", searched("random", random_trials, False))
+    return out
+
+
+def main() -> None:
+    """Print per-seed rows, then the summary table (test accuracy of val-chosen models)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--models", default="lenet,cnn")
+    parser.add_argument("--random", type=int, default=1000, help="random projected trials")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for key in args.models.split(","):
+        label, side, epochs = MODELS[key]
+        tests: dict[str, list[float]] = {}
+        facts: dict[str, list] = {}
+        for seed in range(args.seeds):
+            split = digits(side, seed=seed)
+            torch.manual_seed(seed)
+            base = LeNet300(side * side) if key == "lenet" else SeedCNN()
+            dense = train(base, split.x_train, split.y_train, epochs=epochs, seed=seed)
+            val = lambda m, s=split: accuracy(m, s.x_val, s.y_val)  # noqa: E731
+            dense_test = accuracy(dense, split.x_test, split.y_test)
+            tests.setdefault("dense", []).append(dense_test)
+            for name, (model, seconds) in _arms(dense, val, args.random, seed).items():
+                if model is None:
+                    print(f"{label} seed {seed} {name}: failed ({seconds})", flush=True)
+                    facts.setdefault(name, []).append("failed")
+                    continue
+                acc = accuracy(model, split.x_test, split.y_test)
+                tests.setdefault(name, []).append(acc)
+                facts.setdefault(name, []).append((_sparsity(model), seconds))
+                print(f"{label} seed {seed} {name}: test {acc:.3f} val {val(model):.3f} "
+                      f"sparsity {_sparsity(model):.3f} {seconds:.1f} s", flush=True)  # fmt: skip
+        print(f"\n| {label}, digits, {TARGET:.0%} one-shot | test accuracy (mean ± sd, "
+              f"{args.seeds} seeds) | sparsity | seconds |\n|---|---|---|---|")  # fmt: skip
+        for name, accs in tests.items():
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            ok = [f for f in facts.get(name, []) if f != "failed"]
+            sp = f"{statistics.mean(f[0] for f in ok):.3f}" if ok else ""
+            sec = f"{statistics.median(f[1] for f in ok):.1f}" if ok else ""
+            failed = len(facts.get(name, [])) - len(ok)
+            note = f" ({failed} failed)" if failed else ""
+            print(f"| {name} | {statistics.mean(accs):.3f} ± {sd:.3f}{note} | {sp} | {sec} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""``%search``: a thin wrapper over :func:`nbcompress.engine.search.search.search`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from IPython.core.error import UsageError
+from IPython.core.magic import line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from nbcompress.engine.search.result import SearchResult
+from nbcompress.engine.search.search import search
+from nbcompress.notebook.magics._common import (
+    ModelMagics,
+    at_least,
+    engine_errors,
+    seed_type,
+    split_patterns,
+)
+
+__all__ = ["SearchMagics"]
+
+
+@contextlib.contextmanager
+def _extra_needed() -> Iterator[None]:
+    """A missing optional dependency (optuna) as one UsageError line saying what to install."""
+    try:
+        yield
+    except ImportError as err:
+        if "nbcompress[search]" not in str(err):
+            raise
+        raise UsageError(f"%search: {err}") from None
+
+
+@magics_class
+class SearchMagics(ModelMagics):
+    """The ``%search`` magic."""
+
+    @magic_arguments()
+    @argument("model", help="The model: any expression in the namespace, e.g. `model`.")
+    @argument("--eval", "-e", dest="evaluate", help="evaluate(model) -> float, higher is better.")
+    @argument("--target-sparsity", "-t", type=float, help="Overall sparsity every trial meets.")
+    @argument("--trials", "-n", type=at_least(1, "--trials 60"), default=60, help="Default 60.")
+    @argument(
+        "--sampler",
+        default="tpe",
+        help="tpe (default), gp (Bayesian optimisation), nsga2 (genetic), random, cmaes.",
+    )
+    @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
+    @argument("--granularity", default="element", help="element (default), block or channel.")
+    @argument("--method", default="l1", help="Importance within a layer: l1 (default), random.")
+    @argument("--storage", help="A SQLite file (search.db): trials are kept; a rerun resumes.")
+    @argument("--seed", type=seed_type, help="Seed of the sampler (same seed, same trials).")
+    @argument("--no-warm-start", action="store_true", help="Skip uniform and global L1 first.")
+    @line_magic
+    def search(self, line: str) -> SearchResult:
+        """Search per-layer pruning ratios by measuring whole allocations (optuna).
+
+        Examples: ``%search model --eval evaluate --target-sparsity 0.9 --trials 60``
+        (every trial prunes to exactly 90% overall and is measured with ``evaluate``; the
+        uniform and global-L1 allocations are tried first), ``--sampler gp`` (Bayesian
+        optimisation, for expensive evaluations), ``%search model --eval evaluate --sampler
+        nsga2 --trials 200`` (no target: the Pareto front of metric vs sparsity, by a genetic
+        algorithm). Every trial runs on a restored model: the model is left as it was.
+        Ctrl-C keeps the finished trials; ``--storage search.db`` resumes them in a new
+        kernel. Returns the :class:`~nbcompress.engine.search.result.SearchResult`:
+        ``result.apply_(model, result.best())`` applies the best allocation (``%undo model``
+        reverts it).
+        """
+        args = parse_argstring(self.search, line)
+        model = self.model(args.model)
+        evaluate = self.value(args.evaluate, "--eval")
+        with engine_errors({"--eval": evaluate}), _extra_needed():
+            result = search(
+                model, evaluate, target_sparsity=args.target_sparsity, sampler=args.sampler,
+                n_trials=args.trials, layers=split_patterns(args.layers),
+                granularity=args.granularity, method=args.method, storage=args.storage,
+                seed=args.seed, warm_start=not args.no_warm_start,
+            )  # fmt: skip
+        print(result)
+        return result
