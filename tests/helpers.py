@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,3 +52,15 @@ def cnn() -> nn.Sequential:
 
 def zero_fraction(t: torch.Tensor) -> float:
     return float((t == 0).float().mean())
+
+
+def assert_refused(shell: Any, magic: str, line: str, match: str, model: str = "model") -> None:
+    """``%magic line`` raises one UsageError line matching ``match``; the model is untouched."""
+    import pytest
+    from IPython.core.error import UsageError
+
+    before = snapshot(shell.user_ns[model])
+    with pytest.raises(UsageError, match=match) as info:
+        shell.run_line_magic(magic, line)
+    assert "\n" not in str(info.value)
+    assert_same_state(shell.user_ns[model], before)

@@ -7,7 +7,7 @@ from IPython.core.error import UsageError
 from torch.utils.data import DataLoader, TensorDataset
 
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
-from tests.helpers import assert_same_state, mlp, snapshot
+from tests.helpers import assert_refused, assert_same_state, mlp, snapshot
 
 
 @pytest.fixture
@@ -176,11 +176,7 @@ def test_include_output_reaches_the_pruner(ns, fake_gradual):
     ],
 )
 def test_bad_options_are_one_usage_error_line_and_the_model_is_untouched(ns, line, match):
-    before = snapshot(ns.user_ns["model"])
-    with pytest.raises(UsageError, match=match) as info:
-        magic(ns, line)
-    assert "\n" not in str(info.value)
-    assert_same_state(ns.user_ns["model"], before)
+    assert_refused(ns, "finetune", line, match)
 
 
 def _l1_run(ns, line, l1):

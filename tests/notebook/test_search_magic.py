@@ -7,7 +7,7 @@ from IPython.core.error import UsageError
 from nbcompress import history
 from nbcompress.engine.search.result import SearchResult
 from tests.engine.search.search_helpers import Fidelity
-from tests.helpers import assert_same_state, mlp, snapshot
+from tests.helpers import assert_refused, assert_same_state, mlp, snapshot
 
 
 @pytest.fixture
@@ -64,11 +64,7 @@ def test_best_allocation_is_applied_and_undone(ns):
     ],
 )
 def test_bad_options_are_one_usage_error_line_and_the_model_is_untouched(ns, line, match):
-    before = snapshot(ns.user_ns["model"])
-    with pytest.raises(UsageError, match=match) as info:
-        magic(ns, line)
-    assert "\n" not in str(info.value)
-    assert_same_state(ns.user_ns["model"], before)
+    assert_refused(ns, "search", line, match)
 
 
 def test_an_evaluate_that_always_raises_is_named(ns):
