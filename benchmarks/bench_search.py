@@ -10,7 +10,10 @@ LeNet 30 epochs, CNN 20), then on copies of it
   ``apply_suggestion_(m, r.suggest(target_sparsity=0.9))``;
 * **tpe / gp**: ``search(m, val_accuracy, target_sparsity=0.9, sampler=…, n_trials=60,
   seed=seed)`` (its first two trials are uniform and global L1), best by validation;
-* **random ×1000**: ``search(…, sampler="random", n_trials=1000, warm_start=False)``.
+* **random ×1000**: ``search(…, sampler="random", n_trials=1000, warm_start=False)``;
+* **tpe / gp re-fit**: the same searches with ``reconstruct=True, example_inputs=`` the first
+  128 training rows: every trial re-fits the kept weights by least squares, as the sensitivity
+  default path does (which re-fits on the evaluation's own inputs, i.e. validation).
 
 Every choice is made on the validation split; the table reports the TEST accuracy of what
 was chosen (mean ± sd over seeds) and the measured sparsity of the searched layers (output
@@ -51,11 +54,13 @@ def _sparsity(model: torch.nn.Module) -> float:
     return zeros / sum(w.numel() for w in weights[:-1])
 
 
-def _arms(dense, val, random_trials: int, seed: int) -> dict:
+def _arms(dense, val, calibration, random_trials: int, seed: int, only) -> dict:
     """Each method's pruned copy of ``dense`` (or the error that stopped it), and its seconds."""
     out = {}
 
     def run(name, fn):
+        if only and not any(name.startswith(o) for o in only):
+            return
         start = time.perf_counter()
         model = copy.deepcopy(dense)
         try:
@@ -73,17 +78,21 @@ def _arms(dense, val, random_trials: int, seed: int) -> dict:
 
     run("sensitivity default", default)
 
-    def searched(sampler, trials, warm):
+    def searched(sampler, trials, warm, x=None):
+        refit = dict(example_inputs=x, reconstruct=True) if x is not None else {}
+
         def fn(m):
             result = nc.search(m, val, target_sparsity=TARGET, sampler=sampler, n_trials=trials,
-                               seed=seed, warm_start=warm, progress=False)  # fmt: skip
-            result.apply_(m, result.best())
+                               seed=seed, warm_start=warm, progress=False, **refit)  # fmt: skip
+            result.apply_(m, result.best(), example_inputs=x)
 
         return fn
 
     run("tpe ×60", searched("tpe", 60, True))
     run("gp ×60", searched("gp", 60, True))
     run(f"random ×{random_trials}", searched("random", random_trials, False))
+    run("tpe ×60 re-fit", searched("tpe", 60, True, calibration))
+    run("gp ×60 re-fit", searched("gp", 60, True, calibration))
     return out
 
 
@@ -93,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--models", default="lenet,cnn")
     parser.add_argument("--random", type=int, default=1000, help="random projected trials")
+    parser.add_argument("--only", type=lambda t: t.split(","), help="arm name prefixes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for key in args.models.split(","):
@@ -107,7 +117,9 @@ def main() -> None:
             val = lambda m, s=split: accuracy(m, s.x_val, s.y_val)  # noqa: E731
             dense_test = accuracy(dense, split.x_test, split.y_test)
             tests.setdefault("dense", []).append(dense_test)
-            for name, (model, seconds) in _arms(dense, val, args.random, seed).items():
+            calibration = split.calibration(128)  # training rows, never the evaluated ones
+            arms = _arms(dense, val, calibration, args.random, seed, args.only)
+            for name, (model, seconds) in arms.items():
                 if model is None:
                     print(f"{label} seed {seed} {name}: failed ({seconds})", flush=True)
                     facts.setdefault(name, []).append("failed")

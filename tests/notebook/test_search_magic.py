@@ -60,6 +60,8 @@ def test_best_allocation_is_applied_and_undone(ns):
         ("model --eval evaluate --target-sparsity 1.5", r"^--target-sparsity: "),
         ("model --eval evaluate --trials 0", r"--trials 60"),
         ("model --eval evaluate --layers nope", r"^--layers: pattern 'nope'"),
+        ("model --eval evaluate --reconstruct", r"^--input: method='wanda' and reconstruct"),
+        ("model --eval evaluate --method wanda", r"^--input: method='wanda' and reconstruct"),
         ("torch --eval evaluate", r"^model: 'torch' is a module, not a torch\.nn\.Module"),
     ],
 )
@@ -82,3 +84,17 @@ def test_without_optuna_the_magic_says_which_extra_to_install(ns, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(UsageError, match=r'^%search: .*pip install "nbcompress\[search\]"'):
         magic(ns, "model --eval evaluate --target-sparsity 0.5 --trials 2")
+
+
+def test_reconstruct_with_calibration_inputs_reaches_every_trial(ns):
+    from nbcompress.engine.prune.prune import prune_ratios_
+
+    model = ns.user_ns["model"]
+    ns.user_ns["xcal"] = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    before = snapshot(model)
+    result = magic(ns, "model --eval evaluate --target-sparsity 0.8 --trials 3 --seed 0 "
+                   "--reconstruct --input xcal")  # fmt: skip
+    assert result.reconstruct and len(result.trials) == 3
+    assert_same_state(model, before)
+    prune_ratios_(model, result.best().ratios, example_inputs=ns.user_ns["xcal"], reconstruct=True)
+    assert result.best().metric == ns.user_ns["evaluate"](model)

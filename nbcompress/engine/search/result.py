@@ -62,6 +62,7 @@ class SearchResult:
         sampler: Name of the sampler.
         method: Pruning criterion the ratios were applied with.
         granularity: Pruning granularity the ratios were applied with.
+        reconstruct: Kept weights were re-fitted on calibration inputs in every trial.
         interrupted: The search was stopped by Ctrl-C; the finished trials are kept.
         study_name: The optuna study's name (to find it in a storage).
         notes: Lines printed under the table.
@@ -72,6 +73,7 @@ class SearchResult:
     sampler: str = "tpe"
     method: str = "l1"
     granularity: str = "element"
+    reconstruct: bool = False
     interrupted: bool = False
     study_name: str = ""
     notes: list[str] = field(default_factory=list)
@@ -119,13 +121,18 @@ class SearchResult:
         return max(done, key=lambda t: (t.metric, t.sparsity, -t.number))
 
     def apply_(
-        self, model: nn.Module, choice: int | Mapping[str, float] | SearchTrial
+        self,
+        model: nn.Module,
+        choice: int | Mapping[str, float] | SearchTrial,
+        example_inputs: Any = None,
     ) -> nn.Module:
         """Prune ``model`` to a trial's allocation, as one undoable step (``prune_ratios_``).
 
         Args:
             model: The model searched (or one with the same layer names).
             choice: A trial number, a :class:`SearchTrial`, or layer name → ratio.
+            example_inputs: The calibration inputs of the search, when it used
+                ``method="wanda"`` or ``reconstruct`` (the pruning must be the one measured).
 
         Returns:
             The model, pruned in place.
@@ -147,11 +154,18 @@ class SearchResult:
                 "choice: expected a trial number, a SearchTrial or a dict layer → ratio, got "
                 f"{type(choice).__name__}."
             )
+        if (self.reconstruct or self.method == "wanda") and example_inputs is None:
+            raise ValueError(
+                "example_inputs: this search pruned with calibration inputs (wanda or re-fit); "
+                "pass the same example_inputs=x to apply what was measured."
+            )
         return prune_ratios_(
             model,
             {n: r for n, r in ratios.items() if r > 0},
             method=self.method,
             granularity=self.granularity,
+            example_inputs=example_inputs,
+            reconstruct=self.reconstruct,
         )
 
     # --- display ---------------------------------------------------------------------------

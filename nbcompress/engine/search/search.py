@@ -22,7 +22,7 @@ __all__ = ["OBJECTIVES", "search"]
 
 #: What a search may maximise: ``evaluate``'s metric and the sparsity of the allocation.
 OBJECTIVES = ("metric", "sparsity")
-_METHODS = ("l1", "random")
+_METHODS = ("l1", "random", "wanda")
 
 
 def _check_target(target: Any) -> float | None:
@@ -56,6 +56,14 @@ def _check_objectives(objectives: Any, target: float | None) -> tuple[str, ...]:
     return given
 
 
+def _check_calibration(method: Any, reconstruct: Any, example_inputs: Any) -> None:
+    if (method == "wanda" or reconstruct) and example_inputs is None:
+        raise ValueError(
+            "example_inputs: method='wanda' and reconstruct=True prune with calibration inputs; "
+            "pass example_inputs=x (a few training batches), as the sensitivity default does."
+        )
+
+
 def _check_options(evaluate: Any, sampler: Any, n_trials: Any, method: Any, granularity: Any,
                    seed: Any, storage: Any) -> None:  # fmt: skip
     if not callable(evaluate):
@@ -68,10 +76,7 @@ def _check_options(evaluate: Any, sampler: Any, n_trials: Any, method: Any, gran
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"n_trials: expected a whole number of trials >= 1, got {n_trials!r}.")
     if method not in _METHODS:
-        raise ValueError(
-            f"method: {method!r} is not available to search (it takes no calibration inputs); "
-            f"choose one of {_METHODS}."
-        )
+        raise ValueError(f"method: {method!r} is unknown; choose one of {_METHODS}.")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity: {granularity!r} is unknown; choose one of {GRANULARITIES}.")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -109,6 +114,8 @@ def search(
     seed: int | None = None,
     warm_start: bool = True,
     progress: bool = True,
+    example_inputs: Any = None,
+    reconstruct: bool = False,
 ) -> SearchResult:
     """Search per-layer pruning ratios by measuring whole allocations.
 
@@ -147,6 +154,10 @@ def search(
         seed: Seed of the sampler; the same seed gives the same trials.
         warm_start: Enqueue the uniform and global-L1 allocations first (with a target).
         progress: Show a progress bar (``tqdm``) with the best metric so far.
+        example_inputs: Calibration inputs for ``method="wanda"`` and ``reconstruct``
+            (training batches, never the evaluation data), as in :func:`prune_`.
+        reconstruct: Re-fit each trial's kept weights by least squares on
+            ``example_inputs`` (what the sensitivity default path applies).
 
     Returns:
         The trials; ``.interrupted`` is set if Ctrl-C stopped the search (finished trials
@@ -159,10 +170,11 @@ def search(
     """
     check_module(model)
     _check_options(evaluate, sampler, n_trials, method, granularity, seed, storage)
+    _check_calibration(method, reconstruct, example_inputs)
     target = _check_target(target_sparsity)
     objs = _check_objectives(objectives, target)
     space = Space.of(model, layers, granularity)
-    config = json.dumps([target, objs, method, granularity])
+    config = json.dumps([target, objs, method, granularity, bool(reconstruct)])
     with _optuna_quiet():
         study = open_study(
             storage,
@@ -171,8 +183,9 @@ def search(
             sampler=make_sampler(sampler, n_trials, seed, len(objs)),
             directions=["maximize"] * len(objs),
         )
-        runner = Runner(model, evaluate, space, target, objs, dict(method=method,
-                        granularity=granularity))  # fmt: skip
+        opts = dict(method=method, granularity=granularity, example_inputs=example_inputs,
+                    reconstruct=bool(reconstruct))  # fmt: skip
+        runner = Runner(model, evaluate, space, target, objs, opts)
         runner.limit_threads = sampler == "gp"
         runner.remember(study)
         if warm_start and target is not None and not study.trials:
@@ -189,6 +202,7 @@ def search(
         sampler=sampler,
         method=method,
         granularity=granularity,
+        reconstruct=bool(reconstruct),
         interrupted=interrupted,
         study_name=study.study_name,
     )

@@ -15,6 +15,7 @@ from nbcompress.notebook.magics._common import (
     ModelMagics,
     at_least,
     engine_errors,
+    input_argument,
     seed_type,
     split_patterns,
 )
@@ -49,7 +50,9 @@ class SearchMagics(ModelMagics):
     )
     @argument("--layers", help='Glob(s) on layer names, e.g. "features.*" (comma-separated).')
     @argument("--granularity", default="element", help="element (default), block or channel.")
-    @argument("--method", default="l1", help="Importance within a layer: l1 (default), random.")
+    @argument("--method", default="l1", help="Importance within a layer: l1, random, wanda.")
+    @argument("--reconstruct", action="store_true", help="Re-fit kept weights in every trial.")
+    @input_argument("Calibration inputs for --method wanda and --reconstruct (training rows).")
     @argument("--storage", help="A SQLite file (search.db): trials are kept; a rerun resumes.")
     @argument("--seed", type=seed_type, help="Seed of the sampler (same seed, same trials).")
     @argument("--no-warm-start", action="store_true", help="Skip uniform and global L1 first.")
@@ -62,7 +65,10 @@ class SearchMagics(ModelMagics):
         uniform and global-L1 allocations are tried first), ``--sampler gp`` (Bayesian
         optimisation, for expensive evaluations), ``%search model --eval evaluate --sampler
         nsga2 --trials 200`` (no target: the Pareto front of metric vs sparsity, by a genetic
-        algorithm). Every trial runs on a restored model: the model is left as it was.
+        algorithm), ``--reconstruct --input xcal`` (every trial re-fits the kept weights on
+        calibration rows, as the sensitivity default path does; ``result.apply_(model,
+        result.best(), example_inputs=xcal)``). Every trial runs on a restored model: the
+        model is left as it was.
         Ctrl-C keeps the finished trials; ``--storage search.db`` resumes them in a new
         kernel. Returns the :class:`~nbcompress.engine.search.result.SearchResult`:
         ``result.apply_(model, result.best())`` applies the best allocation (``%undo model``
@@ -71,12 +77,14 @@ class SearchMagics(ModelMagics):
         args = parse_argstring(self.search, line)
         model = self.model(args.model)
         evaluate = self.value(args.evaluate, "--eval")
+        calibration = self.optional(args.input, "--input")
         with engine_errors({"--eval": evaluate}), _extra_needed():
             result = search(
                 model, evaluate, target_sparsity=args.target_sparsity, sampler=args.sampler,
                 n_trials=args.trials, layers=split_patterns(args.layers),
                 granularity=args.granularity, method=args.method, storage=args.storage,
-                seed=args.seed, warm_start=not args.no_warm_start,
+                seed=args.seed, warm_start=not args.no_warm_start, example_inputs=calibration,
+                reconstruct=args.reconstruct,
             )  # fmt: skip
         print(result)
         return result

@@ -197,7 +197,9 @@ def test_cmaes_refuses_two_objectives() -> None:
         (dict(objectives=("sparsity",), target_sparsity=0.5), ValueError, r"^objectives: "),
         (dict(layers="nope*"), ValueError, r"^layers: pattern 'nope\*' matches no layer"),
         (dict(sampler="bayes"), ValueError, r"^sampler: 'bayes' is unknown; choose one of"),
-        (dict(method="wanda"), ValueError, r"^method: 'wanda'"),
+        (dict(method="wanda"), ValueError, r"^example_inputs: method='wanda' and reconstruct"),
+        (dict(reconstruct=True), ValueError, r"^example_inputs: method='wanda' and reconstruct"),
+        (dict(method="magnitude"), ValueError, r"^method: 'magnitude' is unknown"),
         (dict(granularity="row"), ValueError, r"^granularity: 'row' is unknown"),
         (dict(seed=1.5), TypeError, r"^seed: "),
         (dict(storage=3), TypeError, r"^storage: expected a SQLite file name"),
@@ -274,3 +276,31 @@ def test_storage_resumes_in_a_new_process(tmp_path) -> None:
     first = run(3)
     second = run(2)
     assert len(first) == 3 and len(second) == 5 and second[:3] == first
+
+
+@pytest.mark.parametrize("kwargs", [dict(reconstruct=True), dict(method="wanda")])
+def test_trials_prune_with_calibration_inputs_as_applied_and_leave_the_model(kwargs) -> None:
+    from nbcompress.engine.core.history import undo_
+    from nbcompress.engine.prune.prune import prune_ratios_
+
+    model, evaluate = _mlp()
+    before = snapshot(model)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(1))
+    result = search(model, evaluate, target_sparsity=0.8, n_trials=4, seed=0, progress=False,
+                    example_inputs=x, **kwargs)  # fmt: skip
+    assert_same_state(model, before)
+    best = result.best()
+    # The metric of a trial is that of the calibrated pruning, not of plain L1.
+    twin = copy.deepcopy(model)
+    prune_ratios_(twin, best.ratios, example_inputs=x, **kwargs)
+    assert best.metric == evaluate(twin)
+    plain = copy.deepcopy(model)
+    prune_ratios_(plain, best.ratios)
+    assert evaluate(plain) != best.metric
+    with pytest.raises(ValueError, match=r"^example_inputs: this search pruned with calibration"):
+        result.apply_(model, best)
+    assert_same_state(model, before)
+    result.apply_(model, best, example_inputs=x)
+    assert_same_state(model, snapshot(twin))
+    undo_(model)
+    assert_same_state(model, before)
