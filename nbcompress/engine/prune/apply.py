@@ -11,12 +11,27 @@ from nbcompress.engine.core.history import Transaction
 from nbcompress.engine.prune.keep import add_detach_hook
 from nbcompress.engine.prune.masks import output_major
 
-__all__ = ["apply_mask", "is_masked", "set_parametrized", "zero_channel_bias"]
+__all__ = ["apply_mask", "is_masked", "live_weight", "set_parametrized", "zero_channel_bias"]
 
 
 def is_masked(module: nn.Module, name: str = "weight") -> bool:
     """True if ``module.<name>`` is reparametrised by a kept pruning mask."""
     return hasattr(module, name + "_orig") and hasattr(module, name + "_mask")
+
+
+def live_weight(module: nn.Module, path: str = "weight") -> torch.Tensor:
+    """The weight at ``path`` as the next forward pass computes it, gradients flowing.
+
+    Under a kept mask the attribute holds a detached copy of ``<name>_orig`` · ``<name>_mask``
+    left by the last forward pass (see :mod:`nbcompress.engine.prune.keep`), so the product
+    is recomputed from the parameter; otherwise the attribute itself. ``path`` may name a
+    submodule's weight (``"out_proj.weight"``).
+    """
+    owner_path, _, name = path.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    if is_masked(owner, name):
+        return getattr(owner, name + "_orig") * getattr(owner, name + "_mask")
+    return getattr(owner, name)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from nbcompress.engine.core.layers import (
     weighted_layers,
 )
 from nbcompress.engine.core.validation import describe_inputs
+from nbcompress.engine.prune.apply import is_masked
 
 __all__ = [
     "UNMASKED_ZEROS",
@@ -129,19 +130,15 @@ def zero_fractions(model: nn.Module) -> tuple[float, float]:
                 for path, w in prunable_weights(module).items():
                     n = w.numel() - int(torch.count_nonzero(w))
                     zeros, total = zeros + n, total + w.numel()
-                    loose += 0 if _masked(module, path) else n
+                    owner, _, leaf = path.rpartition(".")
+                    kept = is_masked(module.get_submodule(owner) if owner else module, leaf)
+                    loose += 0 if kept else n
     return (zeros / total, loose / total) if total else (0.0, 0.0)
 
 
 def zero_fraction(model: nn.Module) -> float:
     """Fraction of zero weights over the model's Linear/Conv weights (0.0 without any)."""
     return zero_fractions(model)[0]
-
-
-def _masked(module: nn.Module, path: str) -> bool:
-    owner, _, leaf = path.rpartition(".")
-    holder = module.get_submodule(owner) if owner else module
-    return hasattr(holder, f"{leaf}_mask")  # torch.nn.utils.prune's kept mask
 
 
 def warn_unmasked_zeros(model: nn.Module, stacklevel: int = 2) -> float:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.layers import MULTI_WEIGHT_TYPES, select_layers
-from nbcompress.engine.prune.apply import is_masked
+from nbcompress.engine.prune.apply import live_weight
 from nbcompress.engine.prune.masks import CRITERIA, GRANULARITIES
 from nbcompress.engine.prune.prune import DEFAULT_TYPES, check_ratios
 from nbcompress.engine.prune.targets import split_multi
@@ -90,6 +90,4 @@ def layer_shares(
 
 def current_weight(owner: nn.Module, leaf: str) -> torch.Tensor:
     """The weight as the next forward pass computes it (not the one left by the last)."""
-    if is_masked(owner, leaf):
-        return getattr(owner, leaf + "_orig").detach() * getattr(owner, leaf + "_mask")
-    return getattr(owner, leaf).detach()
+    return live_weight(owner, leaf).detach()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.layers import prunable_weights, select_layers
+from nbcompress.engine.prune.apply import live_weight
 from nbcompress.engine.prune.masks import output_major
 
 __all__ = ["L1Penalty", "l1_penalty", "schedule_value"]
@@ -61,23 +62,6 @@ def schedule_value(schedule: Any, step: int, arg: str) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     return _check_number(value, arg, f" (the schedule's value at step {step})")
-
-
-def _live(module: nn.Module, path: str, value: torch.Tensor) -> torch.Tensor:
-    """The weight at ``path`` as a tensor that gradients flow through.
-
-    A kept pruning mask (``torch.nn.utils.prune``: ``weight_orig`` · ``weight_mask``) leaves
-    a detached copy of the product on the module between forward passes (see
-    :mod:`nbcompress.engine.prune.keep`), so a penalty on ``module.weight`` would have no
-    gradient; the product is recomputed from the parameter instead.
-    """
-    owner_path, _, name = path.rpartition(".")
-    owner = module.get_submodule(owner_path) if owner_path else module
-    orig = getattr(owner, f"{name}_orig", None)
-    mask = getattr(owner, f"{name}_mask", None)
-    if isinstance(orig, torch.Tensor) and isinstance(mask, torch.Tensor):
-        return orig * mask
-    return value
 
 
 class L1Penalty:
@@ -130,8 +114,9 @@ class L1Penalty:
         lam = self.value(step)
         terms = []
         for module in self.modules:
-            for path, w in prunable_weights(module).items():  # re-read: parametrized weights
-                w = _live(module, path, w)
+            for path in prunable_weights(module):  # re-read: parametrized weights
+                # Not the attribute: under a kept mask it is a detached copy (no gradient).
+                w = live_weight(module, path)
                 if self.group:
                     # A (grouped) ConvTranspose keeps outputs along dim 1, per group.
                     rows = output_major(w, module) if w.dim() > 1 else w
