@@ -98,7 +98,7 @@ class Runner:
         """The objective values told to the study, in ``objectives`` order."""
         return [metric if o == "metric" else sparsity for o in self.objectives]
 
-    def step(self, study: Any) -> SearchTrial | None:
+    def step(self, study: Any) -> SearchTrial:
         """Ask, measure and tell one trial; a Ctrl-C marks it failed and propagates."""
         optuna_trial = None
         try:
@@ -111,7 +111,7 @@ class Runner:
             try:
                 metric, hit = self.measure(ratios)
             except _Failed as err:
-                return self._fail(study, optuna_trial, str(err))
+                return self._fail(study, optuna_trial, ratios, sparsity, str(err))
             optuna_trial.set_user_attr("metric", metric)
             optuna_trial.set_user_attr("memo", hit)
             with quiet_threads(self.limit_threads):
@@ -121,13 +121,27 @@ class Runner:
                 _tell_failed(study, optuna_trial)
             raise
         self.completed += 1
-        return None
+        return self.record(optuna_trial.number, ratios, sparsity, metric)
 
-    def _fail(self, study: Any, optuna_trial: Any, error: str) -> None:
+    def record(self, number: int, ratios: list[float], sparsity: float, metric: float | None,
+               error: str | None = None) -> SearchTrial:  # fmt: skip
+        """One finished trial as the :class:`SearchTrial` the result will hold."""
+        return SearchTrial(
+            number=number,
+            ratios=dict(zip(self.space.names, ratios)),
+            metric=metric,
+            sparsity=sparsity,
+            state="complete" if error is None else "fail",
+            error=error,
+        )
+
+    def _fail(self, study: Any, optuna_trial: Any, ratios: list[float], sparsity: float,
+              error: str) -> SearchTrial:  # fmt: skip
         self.failed += 1
         self.first_error = self.first_error or error
         optuna_trial.set_user_attr("error", error)
         _tell_failed(study, optuna_trial)
+        return self.record(optuna_trial.number, ratios, sparsity, None, error)
 
 
 def _as_metric(value: Any) -> float:

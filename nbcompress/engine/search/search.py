@@ -13,7 +13,7 @@ from torch import nn
 
 from nbcompress.engine.core.validation import check_module
 from nbcompress.engine.prune.masks import GRANULARITIES
-from nbcompress.engine.search.result import SearchResult
+from nbcompress.engine.search.result import SearchResult, SearchTrial
 from nbcompress.engine.search.run import Runner, collect
 from nbcompress.engine.search.samplers import SAMPLERS, load_optuna, make_sampler, open_study
 from nbcompress.engine.search.space import MAX_RATIO, Space
@@ -116,6 +116,7 @@ def search(
     progress: bool = True,
     example_inputs: Any = None,
     reconstruct: bool = False,
+    callback: Callable[[SearchTrial, int, int], None] | None = None,
 ) -> SearchResult:
     """Search per-layer pruning ratios by measuring whole allocations.
 
@@ -158,6 +159,10 @@ def search(
             (training batches, never the evaluation data), as in :func:`prune_`.
         reconstruct: Re-fit each trial's kept weights by least squares on
             ``example_inputs`` (what the sensitivity default path applies).
+        callback: Called in this process after every finished trial (completed or
+            failed) as ``callback(trial, done, total)`` with this call's count of finished
+            trials and ``n_trials`` — a live view draws from it. What it raises stops the
+            search (the finished trials are kept in the storage; the model is restored).
 
     Returns:
         The trials; ``.interrupted`` is set if Ctrl-C stopped the search (finished trials
@@ -171,6 +176,11 @@ def search(
     check_module(model)
     _check_options(evaluate, sampler, n_trials, method, granularity, seed, storage)
     _check_calibration(method, reconstruct, example_inputs)
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback: expected a function (trial, done, total) -> None, got "
+            f"{type(callback).__name__}."
+        )
     target = _check_target(target_sparsity)
     objs = _check_objectives(objectives, target)
     space = Space.of(model, layers, granularity)
@@ -190,7 +200,7 @@ def search(
         runner.remember(study)
         if warm_start and target is not None and not study.trials:
             _enqueue_warm_start(study, model, space, target)
-        interrupted = _run(runner, study, n_trials, progress)
+        interrupted = _run(runner, study, n_trials, progress, callback)
     if not interrupted and runner.failed and not runner.completed:
         raise ValueError(
             f"evaluate: failed on every trial ({runner.failed}); the first error was "
@@ -222,7 +232,8 @@ def _enqueue_warm_start(study: Any, model: nn.Module, space: Space, target: floa
         study.enqueue_trial(params, skip_if_exists=True)
 
 
-def _run(runner: Runner, study: Any, n_trials: int, progress: bool) -> bool:
+def _run(runner: Runner, study: Any, n_trials: int, progress: bool,
+         callback: Callable[[SearchTrial, int, int], None] | None = None) -> bool:  # fmt: skip
     """Run ``n_trials`` trials; True if Ctrl-C stopped them."""
     bar = None
     if progress:
@@ -230,8 +241,10 @@ def _run(runner: Runner, study: Any, n_trials: int, progress: bool) -> bool:
 
         bar = tqdm(total=n_trials, desc="search")
     try:
-        for _ in range(n_trials):
-            runner.step(study)
+        for done in range(1, n_trials + 1):
+            finished = runner.step(study)
+            if callback is not None:
+                callback(finished, done, n_trials)
             if bar is not None:
                 best = max(runner.memo.values(), default=None)
                 bar.set_postfix_str("" if best is None else f"best metric {best:.4g}")
