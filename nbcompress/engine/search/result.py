@@ -90,15 +90,18 @@ class SearchResult:
         """
         front: dict[tuple[float, float], SearchTrial] = {}
         done = self.completed()
+        # Sparsities are compared to 1e-6: projected trials meet a target to the bisection's
+        # rounding (~1e-9), and two such points are the same sparsity, not a trade-off.
+        sp = {t.number: round(t.sparsity, 6) for t in done}
         for t in done:
             dominated = any(
                 o.metric >= t.metric  # type: ignore[operator]
-                and o.sparsity >= t.sparsity
-                and (o.metric > t.metric or o.sparsity > t.sparsity)  # type: ignore[operator]
+                and sp[o.number] >= sp[t.number]
+                and (o.metric > t.metric or sp[o.number] > sp[t.number])  # type: ignore[operator]
                 for o in done
             )
             if not dominated:
-                front.setdefault((t.metric, round(t.sparsity, 9)), t)  # type: ignore[arg-type]
+                front.setdefault((t.metric, sp[t.number]), t)  # type: ignore[arg-type]
         return sorted(front.values(), key=lambda t: (t.sparsity, t.number))
 
     def best(self, min_sparsity: float | None = None) -> SearchTrial:

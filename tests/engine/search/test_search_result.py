@@ -115,3 +115,13 @@ def test_the_progress_bar_counts_the_trials(capsys) -> None:
     search(model, Fidelity(model, (16,)), target_sparsity=0.5, n_trials=4, seed=0)
     err = capsys.readouterr().err
     assert "search" in err and "4/4" in err and "best metric" in err
+
+
+def test_pareto_treats_sparsities_equal_to_rounding_as_one_sparsity() -> None:
+    trials = [
+        SearchTrial(0, {"a": 0.8}, 0.90, 0.8 + 1e-10),
+        SearchTrial(1, {"a": 0.8}, 0.95, 0.8 - 1e-10),
+        SearchTrial(2, {"a": 0.5}, 0.97, 0.5),
+    ]
+    front = SearchResult(trials=trials).pareto()
+    assert [t.number for t in front] == [2, 1]
