@@ -19,6 +19,7 @@ from nbcompress.notebook.magics._common import (
     seed_type,
     split_patterns,
 )
+from nbcompress.notebook.magics._sensitivity import in_notebook
 
 __all__ = ["SearchMagics"]
 
@@ -78,6 +79,13 @@ class SearchMagics(ModelMagics):
         model = self.model(args.model)
         evaluate = self.value(args.evaluate, "--eval")
         calibration = self.optional(args.input, "--input")
+        view = None
+        if in_notebook(self.shell):  # a widget frontend: the live view instead of the table
+            from nbcompress.notebook.display.search_live import SearchView
+
+            view = SearchView(model, args.trials, name=args.model, example_inputs=calibration,
+                              target_sparsity=args.target_sparsity, sampler=args.sampler,
+                              show=True)  # fmt: skip
         with engine_errors({"--eval": evaluate}), _extra_needed():
             result = search(
                 model, evaluate, target_sparsity=args.target_sparsity, sampler=args.sampler,
@@ -85,6 +93,10 @@ class SearchMagics(ModelMagics):
                 granularity=args.granularity, method=args.method, storage=args.storage,
                 seed=args.seed, warm_start=not args.no_warm_start, example_inputs=calibration,
                 reconstruct=args.reconstruct,
+                progress=view is None, callback=None if view is None else view.update,
             )  # fmt: skip
-        print(result)
+        if view is None:
+            print(result)
+        else:
+            view.finish(result)
         return result
