@@ -162,7 +162,7 @@ def test_apply_records_one_step_undo_restores_bit_exactly_and_apply_twice_is_ref
     prune_ratios_(expected, {n: r for n, r in chosen.ratios.items() if r > 0})
     assert_same_state(model, snapshot(expected))  # exactly the chosen allocation
     status = view.status.value
-    assert status.startswith(f"applied trial #{chosen.number} (sparsity 70.0% · metric "), status
+    assert status.startswith(f"applied trial #{chosen.number} (sparsity 70.0%, metric "), status
     assert status.endswith("Undo or %undo model reverts it"), status
 
     view.apply_button.click()  # once more: refused, the model keeps one step
@@ -171,7 +171,7 @@ def test_apply_records_one_step_undo_restores_bit_exactly_and_apply_twice_is_ref
     assert_same_state(model, snapshot(pruned))
 
     view.undo_button.click()
-    assert view.status.value.startswith("undone: prune ")
+    assert view.status.value.startswith("undone: the last prune step; 1,436 nonzero")
     assert_same_state(model, before)
     assert len(history(model)) == 0
     view.choice.value = view.choice.options[-1][1]
@@ -185,8 +185,8 @@ def test_apply_is_refused_when_the_model_changed_elsewhere(model, searched):
     after = snapshot(model)
     view.apply_button.click()
     assert view.status.value.startswith(
-        "not applied: the model has compression steps in place (or undone) that the search "
-        "did not see; %undo model"
+        "not applied: the model has steps the search did not see; %undo model back to the "
+        "searched model first"
     ), view.status.value
     assert_same_state(model, after)
     assert len(history(model)) == 1

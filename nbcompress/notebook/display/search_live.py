@@ -242,8 +242,8 @@ class SearchView(w.VBox):
             return
         self._applied = (trial.number, history_token(self.model))
         self.status.value = (
-            f"applied trial #{trial.number} ({_point(trial).rsplit(' · ', 1)[0]} as "
-            f"measured): model now has {_nonzero(self.model):,} nonzero parameters (was "
+            f"applied trial #{trial.number} (sparsity {fmt_pct(trial.sparsity)}, metric "
+            f"{fmt_metric(trial.metric)}): {_nonzero(self.model):,} nonzero parameters (was "
             f"{before:,}); Undo or %undo {self.name} reverts it"
         )
 
@@ -257,8 +257,8 @@ class SearchView(w.VBox):
             self.status.value = f"nothing undone: {err}"
             return
         self.status.value = (
-            f"undone: {steps[-1].name} ({steps[-1].detail}); model now has "
-            f"{_nonzero(self.model):,} nonzero parameters (was {before:,})"
+            f"undone: the last {steps[-1].name} step; {_nonzero(self.model):,} nonzero "
+            f"parameters (was {before:,})"
         )
 
     def _model_state(self) -> tuple[Any, int]:
@@ -277,8 +277,8 @@ class SearchView(w.VBox):
             )
         if state[0] != self._searched[0]:  # type: ignore[index]
             return (
-                "the model has compression steps in place (or undone) that the search did not "
-                f"see; %undo {self.name} back to the searched model first"
+                f"the model has steps the search did not see; %undo {self.name} back to the "
+                "searched model first"
             )
         return "the model's weights changed since the search; re-run %search"
 
