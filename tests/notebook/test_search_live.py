@@ -65,9 +65,10 @@ def test_updates_move_the_bar_count_failed_trials_and_draw(model):
     view = SearchView(model, 4, clock=clock)
     assert view.apply_button.disabled and view.undo_button.disabled and view.choice.disabled
     view.update(trial(0, 0.9, 0.5), 1, 4)
-    assert bytes(view.plot.value).startswith(PNG)  # the first trial is drawn at once
+    assert view.draws == []  # 0 s since the start: not yet
     clock.now += 10
     view.update(trial(1, None, 0.6), 2, 4)
+    assert bytes(view.plot.value).startswith(PNG) and len(view.draws) == 1
     clock.now += 10
     view.update(trial(2, 0.8, 0.7), 3, 4)
     assert (view.bar.value, view.bar.max) == (3, 4)
@@ -85,10 +86,10 @@ def test_updates_move_the_bar_count_failed_trials_and_draw(model):
 def test_redraws_are_throttled_by_interval_and_by_their_cost(model, monkeypatch):
     clock = Clock()
     view = SearchView(model, 100, clock=clock, min_interval=0.5, budget=0.1)
-    for i, step in enumerate([0.0, 0.2, 0.2, 0.2, 0.2], start=1):
+    for i, step in enumerate([0.3] * 5, start=1):
         clock.now += step
         view.update(trial(i, 0.5, 0.5), i, 100)
-    assert len(view.draws) == 2  # at 0 s and at 0.8 s (≥ 0.5 s after the first)
+    assert len(view.draws) == 2  # at 0.6 s and 1.2 s after the start (every ≥ 0.5 s)
 
     # A redraw that takes 0.2 s waits 0.2 / 0.1 = 2 s before the next.
     def slow(*args, **kwargs):
@@ -105,8 +106,10 @@ def test_redraws_are_throttled_by_interval_and_by_their_cost(model, monkeypatch)
     clock.now += 1.5  # 2.5 s after the slow redraw
     view.update(trial(8, 0.5, 0.5), 8, 100)
     assert len(view.draws) == 4
-    view.update(trial(9, 0.5, 0.5), 100, 100)  # the last trial is always drawn
-    assert len(view.draws) == 5
+    view.update(trial(9, 0.5, 0.5), 100, 100)  # the last update is not due either...
+    assert len(view.draws) == 4
+    view.finish(SearchResult(trials=[trial(0, 0.5, 0.5)]))  # ...finish() draws the end
+    assert len(view.draws) == 5 and view.bar.value == 100
 
 
 def test_the_selector_lists_the_deduplicated_front_best_first(model):

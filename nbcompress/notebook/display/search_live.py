@@ -7,9 +7,11 @@ so a click could not run before anyway). Every number shown comes from the engin
 (``SearchResult.pareto/best/apply_``, ``undo_``); callbacks run synchronously, so plain pytest
 drives the view by calling ``update``, setting ``choice.value`` and calling ``button.click()``.
 
-Drawing a figure costs ~80 ms (Agg, 90 dpi), so redraws are throttled: at most every
-``min_interval`` seconds and never more than ``budget`` of the time, plus one at the end. The
-progress bar and its line are updated after every trial (one small message each).
+Drawing the figure costs 0.1-0.25 s (Agg, 90 dpi, constrained layout; see
+``benchmarks/bench_search_live.py``), so redraws during the search are throttled: at most every
+``min_interval`` seconds and never more than ``budget`` of the time (the wait grows with the
+measured cost of the last redraw); :meth:`SearchView.finish` draws the end. The progress bar and
+its line are updated after every trial (one small message each, ~0.1 ms).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class SearchView(w.VBox):
         self.draws: list[float] = []
         # The trials finished so far, drawn by the same function as SearchResult.plot().
         self._live = SearchResult(trials=[], target_sparsity=target_sparsity, sampler=sampler)
-        self._show, self._start, self._last = show, clock(), -float("inf")
+        self._show, self._start = show, clock()
+        self._last = self._start  # the first redraw too waits min_interval
         self._searched: tuple[Any, int] | None = None  # the model as the search left it
         self._applied: tuple[int, Any] | None = None  # trial number, history token after it
         self._build(total)
@@ -155,7 +158,11 @@ class SearchView(w.VBox):
 
     # ----------------------------------------------------------------- during the search
     def update(self, trial: SearchTrial, done: int, total: int) -> None:
-        """The search's callback: record ``trial``, move the bar, redraw when due."""
+        """The search's callback: record ``trial``, move the bar, redraw when due.
+
+        Due: ``min_interval`` seconds since the start or the last redraw, and at least
+        ``cost / budget`` seconds when the last redraw took ``cost``.
+        """
         self._display_once()
         self._live.trials.append(trial)
         self.bar.max, self.bar.value = max(total, 1), done
@@ -164,7 +171,7 @@ class SearchView(w.VBox):
         )
         # The wait grows with the cost so that drawing stays a small share of the search.
         wait = max(self.min_interval, (self.draws[-1] / self.budget) if self.draws else 0.0)
-        if done >= total or self.clock() - self._last >= wait:
+        if self.clock() - self._last >= wait:  # the end is drawn by finish()
             self.redraw()
 
     def redraw(self) -> None:
