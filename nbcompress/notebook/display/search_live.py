@@ -9,7 +9,7 @@ drives the view by calling ``update``, setting ``choice.value`` and calling ``bu
 
 Drawing the figure costs 0.1-0.25 s (Agg, 90 dpi, constrained layout; see
 ``benchmarks/bench_search_live.py``), so redraws during the search are throttled: at most every
-``min_interval`` seconds and never more than ``budget`` of the time (the wait grows with the
+``min_interval`` seconds and never more than ``budget`` (5%) of the time (the wait grows with the
 measured cost of the last redraw); :meth:`SearchView.finish` draws the end. The progress bar and
 its line are updated after every trial (one small message each, ~0.1 ms).
 """
@@ -104,7 +104,7 @@ class SearchView(w.VBox):
         sampler: str = "tpe",
         show: bool = False,
         min_interval: float = 0.5,
-        budget: float = 0.1,
+        budget: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.model, self.name, self.example_inputs = model, name, example_inputs
