@@ -262,3 +262,18 @@ def test_a_refused_search_leaves_no_empty_view(shell, monkeypatch):
     with pytest.raises(UsageError, match="^--sampler: "):
         shell.run_line_magic("search", "model --eval evaluate --sampler anneal")
     assert shown == []
+
+
+def test_in_a_terminal_search_prints_the_table_as_before_and_shows_no_view(shell, monkeypatch,
+                                                                           capsys):  # fmt: skip
+    import IPython.display
+
+    torch.manual_seed(0)
+    model = mlp()
+    shell.user_ns.update(model=model, evaluate=Fidelity(model, (16,)))
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    assert getattr(shell, "kernel", None) is None  # the test shell is a terminal one
+    result = shell.run_line_magic("search", "model --eval evaluate -t 0.8 --trials 3 --seed 0")
+    assert shown == []
+    assert str(result) in capsys.readouterr().out
