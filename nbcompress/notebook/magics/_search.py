@@ -19,6 +19,7 @@ from nbcompress.notebook.magics._common import (
     seed_type,
     split_patterns,
 )
+from nbcompress.notebook.magics._sensitivity import in_notebook
 
 __all__ = ["SearchMagics"]
 
@@ -79,12 +80,23 @@ class SearchMagics(ModelMagics):
         evaluate = self.value(args.evaluate, "--eval")
         calibration = self.optional(args.input, "--input")
         with engine_errors({"--eval": evaluate}), _extra_needed():
+            view = None
+            if in_notebook(self.shell):  # a widget frontend: the live view, not the table
+                from nbcompress.notebook.display.search_live import SearchView
+
+                view = SearchView(model, args.trials, name=args.model, example_inputs=calibration,
+                                  target_sparsity=args.target_sparsity, sampler=args.sampler,
+                                  show=True)  # fmt: skip
             result = search(
                 model, evaluate, target_sparsity=args.target_sparsity, sampler=args.sampler,
+                progress=view is None, callback=None if view is None else view.update,
                 n_trials=args.trials, layers=split_patterns(args.layers),
                 granularity=args.granularity, method=args.method, storage=args.storage,
                 seed=args.seed, warm_start=not args.no_warm_start, example_inputs=calibration,
                 reconstruct=args.reconstruct,
             )  # fmt: skip
-        print(result)
+        if view is None:
+            print(result)
+        else:
+            view.finish(result)
         return result
