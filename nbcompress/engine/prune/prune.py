@@ -12,6 +12,7 @@ from torch.nn.utils import prune as torch_prune
 from nbcompress.engine.core.history import transaction
 from nbcompress.engine.core.layers import (
     MULTI_WEIGHT_TYPES,
+    OPT_IN_TYPES,
     PRUNABLE_TYPES,
     output_layers,
     prunable_weights,
@@ -130,7 +131,9 @@ def prune_(
             consecutive output channels / neurons at one input position are removed
             together, which the block-sparse kernels run faster, see ``sparsify_``) or
             ``"channel"`` (whole output channels / neurons are zeroed with their bias;
-            physical removal is a separate step).
+            physical removal is a separate step); ``"row"``: whole rows of the embedding
+            tables by L2 norm, stored compactly (see
+            :func:`~nbcompress.engine.prune.embedding_rows.prune_embeddings_`).
         include_output: Also prune the final classifier/output layer (left alone by default).
         keep_masks: Attach masks so that fine-tuning keeps pruned weights at zero.
             State-dict keys then gain ``weight_orig``/``weight_mask`` until
@@ -172,6 +175,10 @@ def prune_(
             model is untouched in every case.
     """
     check_module(model)
+    if granularity == "row":  # whole rows of embedding tables, stored compactly
+        from nbcompress.engine.prune.embedding_rows import rows_from_prune
+
+        return rows_from_prune(model, amount, locals())
     _check_options(method, scope, granularity, reconstruct)
     if remove or round_to is not None:
         return _remove(model, amount, remove, round_to, locals())
@@ -187,6 +194,7 @@ def prune_(
     selected, skipped = split_multi(
         selected, keep_masks=keep_masks, granularity=granularity, explicit=types is not None
     )
+    _check_global_tables(scope, selected)
     amounts = resolve_amounts(amount, selected)
     if per_layer and not include_output:
         # Every output layer a glob reached is left alone; one named literally is intent.
@@ -243,6 +251,21 @@ def _remove(model: nn.Module, amount: Any, remove: bool, round_to: Any, opts: di
         layers=opts["layers"],
         include_output=opts["include_output"],
     )
+
+
+def _check_global_tables(scope: str, selected: dict[str, nn.Module]) -> None:
+    """Refuse ranking embedding tables together with other layers (global scope).
+
+    Table entries are larger than Linear weights: a global ranking removed every Linear
+    weight of a recommender here and collapsed it to a constant prediction.
+    """
+    tables = [n for n, m in selected.items() if isinstance(m, OPT_IN_TYPES)]
+    if scope == "global" and tables and len(tables) < len(selected):
+        raise ValueError(
+            f"scope: global ranking across embedding tables ({tables[0]!r}) and other layers "
+            "prunes whichever has the smaller magnitudes entirely; use scope='layer', or "
+            "prune the tables separately (granularity='row' / prune_embeddings_)."
+        )
 
 
 def _named(plan: Plan) -> str:
