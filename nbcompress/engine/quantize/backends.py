@@ -24,6 +24,7 @@ from torch import nn
 
 from nbcompress.engine.core.memory import twin
 from nbcompress.engine.quantize.config import DynamicInt8Config, HalfConfig, WeightInt8Config
+from nbcompress.engine.quantize.embedding_int8 import int8_table, table_supports
 from nbcompress.engine.quantize.modules import (
     HalfCompute,
     HalfWeight,
@@ -240,6 +241,9 @@ def _register_all() -> None:
          lambda c, m: Int8WeightOnly(m), None),
         ("torchao", "torchao", WeightInt8Config, _torchao_supports,
          _torchao("Int8WeightOnlyConfig"), _torchao_available),
+        # A lookup has no activations to quantize: both int8 modes store the rows in int8.
+        *[("nbcompress-int8-rows", "nbcompress", c, table_supports, int8_table, None)
+          for c in (DynamicInt8Config, WeightInt8Config)],
         ("half-compute", "torch", HalfConfig, _half_compute_supports,
          lambda c, m: HalfCompute(m, c.dtype), None),
         ("half-storage", "nbcompress", HalfConfig, _weight_only_supports,
