@@ -57,8 +57,7 @@ def _tables(model: nn.Module, layers: Any) -> dict[str, nn.Module]:
     return selected
 
 
-def _as_counts(value: Any, name: str, rows: int) -> torch.Tensor:
-    arg = "counts" if name is None else f"counts[{name!r}]"
+def _as_counts(value: Any, name: str, rows: int, arg: str) -> torch.Tensor:
     try:
         counts = torch.as_tensor(np.asarray(value, dtype=np.float64))
     except (TypeError, ValueError):
@@ -87,7 +86,8 @@ def _counts(counts: Any, by: str, tables: dict[str, nn.Module]) -> dict[str, tor
             "counts: by='frequency' needs the number of occurrences of each id, e.g. "
             "counts=torch.bincount(train_item_ids, minlength=num_items)."
         )
-    if not isinstance(counts, Mapping):
+    single = not isinstance(counts, Mapping)
+    if single:
         if len(tables) != 1:
             raise ValueError(
                 f"counts: {len(tables)} tables are selected ({', '.join(tables)}); pass a "
@@ -102,7 +102,12 @@ def _counts(counts: Any, by: str, tables: dict[str, nn.Module]) -> dict[str, tor
             + (f"unknown {unknown}" if unknown else f"missing {missing}")
             + "."
         )
-    return {n: _as_counts(counts[n], n, tables[n].num_embeddings) for n in tables}
+    return {
+        n: _as_counts(
+            counts[n], n, tables[n].num_embeddings, "counts" if single else f"counts[{n!r}]"
+        )
+        for n in tables
+    }
 
 
 def row_keep(layer: nn.Module, amount: float, score: torch.Tensor) -> torch.Tensor:
