@@ -48,7 +48,8 @@ def test_embedding_lookup_equals_the_dequantized_table(kernel):
 @pytest.mark.parametrize("last", [False, True])
 def test_bag_equals_the_dequantized_table_in_every_mode(kernel, mode, padding_idx, last):
     torch.manual_seed(2)
-    float_bag = nn.EmbeddingBag(80, 12, mode=mode, padding_idx=padding_idx, include_last_offset=last)
+    options = dict(mode=mode, padding_idx=padding_idx, include_last_offset=last)
+    float_bag = nn.EmbeddingBag(80, 12, **options)
     bag = Int8EmbeddingBag(float_bag, kernel)
     ids = torch.randint(0, 80, (40,))
     ids[:5] = 5
