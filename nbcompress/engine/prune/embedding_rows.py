@@ -8,9 +8,10 @@ lowest ``amount`` of them and swaps the table for a
 :class:`~nbcompress.engine.prune.row_tables.RowPrunedEmbedding` (or ``…Bag``) that
 stores only the kept rows, all in one undoable history step.
 
-Each table is ranked on its own: ranking rows of several tables together with Linear
-weights (global magnitude pruning) removed every Linear weight of a recommender here and
-collapsed it to a constant prediction, so tables never compete with anything else.
+Each table is ranked on its own and never against other layers: ranking table entries
+together with Linear weights (global magnitude pruning) removed every Linear weight of a
+recommender here and collapsed it to a constant prediction (``prune_``'s global scope
+guards against that with ``min_density``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from torch.nn.utils import prune as torch_prune
 from nbcompress.engine.core.history import transaction
 from nbcompress.engine.core.layers import (
     MULTI_WEIGHT_TYPES,
-    OPT_IN_TYPES,
     PRUNABLE_TYPES,
     output_layers,
     prunable_weights,
@@ -194,7 +193,6 @@ def prune_(
     selected, skipped = split_multi(
         selected, keep_masks=keep_masks, granularity=granularity, explicit=types is not None
     )
-    _check_global_tables(scope, selected)
     amounts = resolve_amounts(amount, selected)
     if per_layer and not include_output:
         # Every output layer a glob reached is left alone; one named literally is intent.
@@ -251,21 +249,6 @@ def _remove(model: nn.Module, amount: Any, remove: bool, round_to: Any, opts: di
         layers=opts["layers"],
         include_output=opts["include_output"],
     )
-
-
-def _check_global_tables(scope: str, selected: dict[str, nn.Module]) -> None:
-    """Refuse ranking embedding tables together with other layers (global scope).
-
-    Table entries are larger than Linear weights: a global ranking removed every Linear
-    weight of a recommender here and collapsed it to a constant prediction.
-    """
-    tables = [n for n, m in selected.items() if isinstance(m, OPT_IN_TYPES)]
-    if scope == "global" and tables and len(tables) < len(selected):
-        raise ValueError(
-            f"scope: global ranking across embedding tables ({tables[0]!r}) and other layers "
-            "prunes whichever has the smaller magnitudes entirely; use scope='layer', or "
-            "prune the tables separately (granularity='row' / prune_embeddings_)."
-        )
 
 
 def _named(plan: Plan) -> str:

@@ -40,6 +40,7 @@ KERNELS = ("auto", "numba", "fbgemm")
 _MODES = {"sum": 0, "mean": 1}
 _EMPTY = np.empty(0, np.float32)
 _NO_ROWS = np.empty(0, np.int32)
+_BAD_OFFSETS = "offsets: must start at 0, not decrease and stay within the input."
 _TABLES = (nn.Embedding, nn.EmbeddingBag, RowPrunedEmbedding, RowPrunedEmbeddingBag)
 
 
@@ -127,42 +128,57 @@ class _Int8Table(nn.Module):
         return input.reshape(-1).long().contiguous()
 
     def _check(self, bad: int, ids: torch.Tensor) -> None:
+        if bad == -2:
+            raise ValueError(_BAD_OFFSETS)
         if bad >= 0:  # the message nn.Embedding gives, with the id
             raise IndexError(f"index out of range in self (id {int(ids[bad])})")
 
-    def _fbgemm(self, ids, bounds, psw, mean: bool) -> torch.Tensor:
+    def _checked_rows(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """Ids and offsets checked in torch (the kernels check their own); stored rows."""
+        n = ids.numel()
+        if starts.numel() and (int(starts[0]) != 0 or int(starts[-1]) > n):
+            raise ValueError(_BAD_OFFSETS)
+        if starts.numel() > 1 and bool((starts.diff() < 0).any()):
+            raise ValueError(_BAD_OFFSETS)
+        outside = (ids < 0) | (ids >= self.num_embeddings)
+        if bool(outside.any()):
+            self._check(int(torch.nonzero(outside)[0]), ids)
+        return ids if self.rows is None else self.rows[ids].long()
+
+    def _fbgemm(self, ids, starts, psw, mean: bool) -> torch.Tensor:
         """The fbgemm 8-bit rowwise bag of torch (sum; a mean is divided here)."""
-        low, high = torch.aminmax(ids) if ids.numel() else (ids.new_zeros(()),) * 2
-        if int(low) < 0 or int(high) >= self.num_embeddings:
-            self._check(int(torch.nonzero((ids < 0) | (ids >= self.num_embeddings))[0]), ids)
-        stored = ids if self.rows is None else self.rows[ids].long()
+        stored = self._checked_rows(ids, starts)
         # Summed, then divided here: fbgemm's own mean left garbage in empty bags.
         total = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
-            self.packed, stored, bounds[:-1], False, 0, False, psw
+            self.packed, stored, starts, False, 0, False, psw
         )
-        return total / bounds.diff().clamp_min(1)[:, None] if mean else total
+        if not mean:
+            return total
+        sizes = torch.diff(starts, append=starts.new_tensor([ids.numel()]))
+        return total / sizes.clamp_min(1)[:, None]
 
-    def _lookup(self, ids, bounds, psw, pad: int, mean: bool) -> torch.Tensor:
-        """Bags ``ids[bounds[b]:bounds[b+1]]`` reduced (sum or mean), by the chosen kernel."""
-        out = torch.empty(bounds.numel() - 1, self.embedding_dim)
+    def _lookup(self, ids, starts, psw, pad: int, mean: bool) -> torch.Tensor:
+        """Bags starting at ``starts`` (the last ends at ``len(ids)``), sum or mean."""
+        out = torch.empty(starts.numel(), self.embedding_dim)
         w = _EMPTY if psw is None else psw.reshape(-1).float().contiguous().numpy()
-        args = (*self._arrays(), ids.numpy(), bounds.numpy())
+        args = (*self._arrays(), ids.numpy(), starts.numpy())
 
         def numba_run() -> torch.Tensor:
             self._check(bag_int8(*args, w, pad, mean, out.numpy()), ids)
             return out
 
         def fbgemm_run() -> torch.Tensor:
-            return self._fbgemm(ids, bounds, psw, mean)
+            return self._fbgemm(ids, starts, psw, mean)
 
         name = self.kernel
         if pad >= 0 or name == "numba":
             name = "numba"
         elif name == "auto":
-            key = (int(ids.numel()).bit_length(), int(bounds.numel()).bit_length(), psw is None)
+            key = (int(ids.numel()).bit_length(), int(starts.numel()).bit_length(), psw is None)
             if key not in self._choice:
+                # Paired per-round ratios; numba (the incumbent) keeps ties.
                 timed = race({"numba": numba_run, "fbgemm": fbgemm_run}, rounds=6, warmup=1)
-                self._choice[key] = min(timed.times, key=lambda n: timed.times[n].median)
+                self._choice[key] = timed.fastest()
             name = self._choice[key]
         return numba_run() if name == "numba" else fbgemm_run()
 
@@ -189,22 +205,24 @@ class Int8EmbeddingBag(_Int8Table):
         super().__init__(layer, kernel)
         self.mode, self.include_last_offset = layer.mode, layer.include_last_offset
 
-    def _bounds(self, input: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
-        """Bag boundaries (bags + 1 of them), as ``nn.EmbeddingBag`` reads its arguments."""
+    def _starts(self, input: torch.Tensor, offsets: torch.Tensor | None) -> tuple:
+        """``(ids, bag starts)`` as ``nn.EmbeddingBag`` reads its arguments.
+
+        With ``include_last_offset`` the ids past the last offset belong to no bag: cut off.
+        """
         if input.dim() == 2:
             if offsets is not None:
                 raise ValueError("offsets: must be None when input is 2D (one bag per row).")
             bags, size = input.shape
-            return torch.arange(bags + 1) * size
+            return input, torch.arange(bags) * size
         if input.dim() != 1 or offsets is None or offsets.dim() != 1:
             raise ValueError("offsets: a 1D input needs 1D offsets (the start of each bag).")
-        offsets = offsets.long()
-        if not self.include_last_offset:
-            offsets = torch.cat([offsets, offsets.new_tensor([input.numel()])])
-        bad = offsets.numel() and (offsets[0] != 0 or bool((offsets.diff() < 0).any()))
-        if bad or (offsets.numel() and int(offsets[-1]) > input.numel()):
-            raise ValueError("offsets: must start at 0, not decrease and stay within the input.")
-        return offsets.contiguous()
+        starts = offsets.long().contiguous()
+        if self.include_last_offset:
+            if not starts.numel() or int(starts[-1]) > input.numel():
+                raise ValueError(_BAD_OFFSETS)
+            input, starts = input[: int(starts[-1])], starts[:-1]
+        return input, starts
 
     def forward(  # noqa: D102
         self,
@@ -212,7 +230,6 @@ class Int8EmbeddingBag(_Int8Table):
         offsets: torch.Tensor | None = None,
         per_sample_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        bounds = self._bounds(input, offsets)
         if per_sample_weights is not None:
             if self.mode != "sum":
                 raise ValueError(
@@ -220,17 +237,17 @@ class Int8EmbeddingBag(_Int8Table):
                 )
             if per_sample_weights.shape != input.shape:
                 raise ValueError("per_sample_weights: must have the shape of input.")
+        input, starts = self._starts(input, offsets)
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)[: input.numel()]
         ids = self._ids(input)
         if self.mode == "max":
-            return self._max(ids, bounds)
-        return self._lookup(ids, bounds, per_sample_weights, self._pad(), self.mode == "mean")
+            return self._max(ids, starts)
+        return self._lookup(ids, starts, per_sample_weights, self._pad(), self.mode == "mean")
 
-    def _max(self, ids: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    def _max(self, ids: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """Max bags: the gathered rows dequantized, reduced by torch (padding skipped)."""
-        outside = (ids < 0) | (ids >= self.num_embeddings)
-        if bool(outside.any()):
-            self._check(int(torch.nonzero(outside)[0]), ids)
-        packed = self.packed[ids if self.rows is None else self.rows[ids].long()]
+        packed = self.packed[self._checked_rows(ids, starts)]
         codes = packed[:, : self.embedding_dim].float()
         tail = packed[:, self.embedding_dim :].contiguous().view(torch.float32)
         rows = codes * tail[:, :1] + tail[:, 1:]
@@ -239,7 +256,7 @@ class Int8EmbeddingBag(_Int8Table):
         if pad >= 0:
             local = torch.where(ids == pad, ids.numel(), local)  # → the extra padding row
         return F.embedding_bag(
-            local, rows, bounds[:-1], mode="max", padding_idx=ids.numel() if pad >= 0 else None
+            local, rows, starts, mode="max", padding_idx=ids.numel() if pad >= 0 else None
         )
 
     def extra_repr(self) -> str:  # noqa: D102

@@ -64,6 +64,17 @@ def test_bag_equals_the_dequantized_table_in_every_mode(kernel, mode, padding_id
     assert (bag(ids, offsets, psw) - float_bag(ids, offsets, psw)).abs().max() < 0.05
 
 
+def test_ids_after_the_last_offset_belong_to_no_bag():
+    float_bag = nn.EmbeddingBag(30, 4, mode="sum", include_last_offset=True)
+    ids, offsets = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 2, 4])
+    bag = Int8EmbeddingBag(float_bag, "numba")
+    ref = F.embedding_bag(
+        ids, bag.dequantized_weight(), offsets, mode="sum", include_last_offset=True
+    )
+    assert bag(ids, offsets).shape == (2, 4)
+    torch.testing.assert_close(bag(ids, offsets), ref, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
 def test_bag_with_2d_input(mode):
     torch.manual_seed(3)
@@ -124,6 +135,12 @@ def test_bad_ids_and_options_raise_one_line():
         bag(torch.tensor([1, 2]), torch.tensor([0]), torch.ones(2))
     with pytest.raises(ValueError, match="^offsets: a 1D input needs 1D offsets"):
         bag(torch.tensor([1, 2]))
+    for offsets in ([1, 2], [0, 3, 1], [0, 5]):
+        for kernel in ("numba", "fbgemm"):
+            with pytest.raises(ValueError, match="^offsets: must start at 0, not decrease"):
+                Int8EmbeddingBag(nn.EmbeddingBag(10, 4), kernel)(
+                    torch.tensor([1, 2, 3]), torch.tensor(offsets)
+                )
     with pytest.raises(TypeError, match="^input: expected integer ids"):
         bag(torch.ones(2, 2))
     with pytest.raises(ValueError, match="^kernel: 'cuda' is unknown"):

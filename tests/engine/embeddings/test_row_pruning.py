@@ -123,15 +123,6 @@ def test_prune_granularity_row_routes_to_row_pruning():
     assert model.user.kept == 150 and type(model.mlp[0]) is nn.Linear
 
 
-def test_global_scope_across_tables_and_linear_layers_is_refused():
-    model = TwoTower()
-    saved = snapshot(model)
-    with pytest.raises(ValueError, match="^scope: global ranking across embedding tables"):
-        nbcompress.prune_(model, 0.5, types=["Embedding", "Linear"], scope="global")
-    assert_same_state(model, saved)
-    assert not history(model)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "start"),
     [
