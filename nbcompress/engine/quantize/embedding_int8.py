@@ -34,6 +34,7 @@ __all__ = [
     "int8_table",
     "pack_rows_int8",
     "table_supports",
+    "tied_problem",
 ]
 
 KERNELS = ("auto", "numba", "fbgemm")
@@ -277,6 +278,21 @@ def table_supports(config: object, layer: nn.Module) -> str | None:
         return "per-row int8 tables handle Embedding and EmbeddingBag"
     if layer.max_norm is not None:
         return "max_norm renormalises rows on lookup; int8 rows cannot (set max_norm=None)"
+    return None
+
+
+def tied_problem(model: nn.Module, name: str) -> str | None:
+    """Why table ``name`` may not be replaced: its weight is another module's too (tied).
+
+    A language model's output layer often shares the token table's weight: replacing the
+    table would keep the float weight for that layer and add an int8 copy, a bigger model.
+    """
+    layer = model.get_submodule(name)
+    if not isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+        return None
+    for other, module in model.named_modules():
+        if module is not layer and any(p is layer.weight for p in module.parameters(False)):
+            return f"its weight is tied to {other!r}'s: int8 rows would store the table twice"
     return None
 
 

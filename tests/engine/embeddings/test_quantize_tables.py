@@ -67,3 +67,24 @@ def test_magics_prune_rows_and_quantize_a_two_tower_model(shell):
     shell.run_line_magic("undo", "model")
     shell.run_line_magic("undo", "model")
     assert_same_state(model, saved)
+
+
+def test_a_table_tied_to_the_output_layer_stays_float_with_the_reason():
+    torch.manual_seed(4)
+
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(40, 16)
+            self.mid = nn.Linear(16, 16)
+            self.out = nn.Linear(16, 40, bias=False)
+            self.out.weight = self.embed.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.mid(self.embed(tokens))))
+
+    model = TiedLM().eval()
+    nbcompress.quantize_(model, "weight", example_inputs=torch.randint(0, 40, (4, 5)), repeats=2)
+    report = nbcompress.quantize_report(model)
+    assert type(model.embed) is nn.Embedding
+    assert "tied to 'out'" in report.skipped["embed"]
