@@ -215,9 +215,9 @@ def _weight_only_supports(config: object, layer: nn.Module) -> str | None:
 
 
 def _half_compute_supports(config: object, layer: nn.Module) -> str | None:
-    if weight_kind(layer) is None or type(layer) in _RNN:
+    if weight_kind(layer) is None or type(layer) in _RNN or table_supports(config, layer) is None:
         return None
-    return f"{type(layer).__name__} is not cast (Linear, Conv, LSTM and GRU are)"
+    return f"{type(layer).__name__} is not cast (Linear, Conv, LSTM, GRU and embeddings are)"
 
 
 def _linear_only(config: object, layer: nn.Module) -> str | None:

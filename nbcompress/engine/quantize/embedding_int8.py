@@ -77,12 +77,12 @@ class _Int8Table(nn.Module):
     def _reset(self) -> None:
         # The kernels' arrays (packed rows, scale, bias, id map), built on first use: a
         # tensor's .numpy() costs ~1.4 µs, a quarter of a small lookup.
-        self._tail: tuple[np.ndarray, ...] | None = None
+        self._np: tuple[np.ndarray, ...] | None = None
         self._choice: dict[tuple, str] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_tail"], state["_choice"] = None, {}  # views / this machine's timings
+        state["_np"], state["_choice"] = None, {}  # views / this machine's timings
         return state
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -101,12 +101,12 @@ class _Int8Table(nn.Module):
 
     def _arrays(self) -> tuple[np.ndarray, ...]:
         """``(packed rows, scale, bias, id map)`` as the kernels take them."""
-        if self._tail is None:
+        if self._np is None:
             tail = self.packed[:, self.embedding_dim :].contiguous().view(torch.float32)
             rows = _NO_ROWS if self.rows is None else self.rows.numpy()
             scale, bias = tail[:, 0].contiguous().numpy(), tail[:, 1].contiguous().numpy()
-            self._tail = (self.packed.numpy(), scale, bias, rows)
-        return self._tail
+            self._np = (self.packed.numpy(), scale, bias, rows)
+        return self._np
 
     def dequantized_rows(self) -> torch.Tensor:
         """The stored rows in float32 (``q · scale + bias``)."""

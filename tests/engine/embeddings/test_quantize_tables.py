@@ -88,3 +88,20 @@ def test_a_table_tied_to_the_output_layer_stays_float_with_the_reason():
     report = nbcompress.quantize_report(model)
     assert type(model.embed) is nn.Embedding
     assert "tied to 'out'" in report.skipped["embed"]
+
+
+def test_half_modes_store_the_tables_in_half_precision():
+    torch.manual_seed(5)
+    for model, x in (
+        (TwoTower().eval(), None),
+        (BagModel().eval(), (torch.randint(0, 100, (8,)), torch.randint(0, 200, (8, 4)))),
+    ):
+        x = x or pair_batch(model)
+        ref = model(*x)
+        nbcompress.quantize_(model, "fp16", example_inputs=x, repeats=2)
+        report = nbcompress.quantize_report(model)
+        tables = [r for r in report.rows if "Embedding" in r["type"]]
+        assert tables and all(r["backend"] == "half-compute" for r in tables)
+        out = model(*x)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=0, atol=0.01)
