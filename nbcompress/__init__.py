@@ -29,6 +29,7 @@ _EXPORTS = {
     "compare_change": "nbcompress.engine.core.compare",
     "remove_masks_": "nbcompress.engine.prune.prune",
     "prune_ratios_": "nbcompress.engine.prune.prune",
+    "prune_embeddings_": "nbcompress.engine.prune.embedding_rows",
     "undo_": "nbcompress.engine.core.history",
     "history": "nbcompress.engine.core.history",
     "set_history_limit": "nbcompress.engine.core.history",

@@ -130,7 +130,9 @@ def prune_(
             consecutive output channels / neurons at one input position are removed
             together, which the block-sparse kernels run faster, see ``sparsify_``) or
             ``"channel"`` (whole output channels / neurons are zeroed with their bias;
-            physical removal is a separate step).
+            physical removal is a separate step); ``"row"``: whole rows of the embedding
+            tables by L2 norm, stored compactly (see
+            :func:`~nbcompress.engine.prune.embedding_rows.prune_embeddings_`).
         include_output: Also prune the final classifier/output layer (left alone by default).
         keep_masks: Attach masks so that fine-tuning keeps pruned weights at zero.
             State-dict keys then gain ``weight_orig``/``weight_mask`` until
@@ -172,6 +174,10 @@ def prune_(
             model is untouched in every case.
     """
     check_module(model)
+    if granularity == "row":  # whole rows of embedding tables, stored compactly
+        from nbcompress.engine.prune.embedding_rows import rows_from_prune
+
+        return rows_from_prune(model, amount, locals())
     _check_options(method, scope, granularity, reconstruct)
     if remove or round_to is not None:
         return _remove(model, amount, remove, round_to, locals())

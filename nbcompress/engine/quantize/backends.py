@@ -24,6 +24,7 @@ from torch import nn
 
 from nbcompress.engine.core.memory import twin
 from nbcompress.engine.quantize.config import DynamicInt8Config, HalfConfig, WeightInt8Config
+from nbcompress.engine.quantize.embedding_int8 import int8_table, table_supports
 from nbcompress.engine.quantize.modules import (
     HalfCompute,
     HalfWeight,
@@ -214,9 +215,9 @@ def _weight_only_supports(config: object, layer: nn.Module) -> str | None:
 
 
 def _half_compute_supports(config: object, layer: nn.Module) -> str | None:
-    if weight_kind(layer) is None or type(layer) in _RNN:
+    if weight_kind(layer) is None or type(layer) in _RNN or table_supports(config, layer) is None:
         return None
-    return f"{type(layer).__name__} is not cast (Linear, Conv, LSTM and GRU are)"
+    return f"{type(layer).__name__} is not cast (Linear, Conv, LSTM, GRU and embeddings are)"
 
 
 def _linear_only(config: object, layer: nn.Module) -> str | None:
@@ -240,6 +241,9 @@ def _register_all() -> None:
          lambda c, m: Int8WeightOnly(m), None),
         ("torchao", "torchao", WeightInt8Config, _torchao_supports,
          _torchao("Int8WeightOnlyConfig"), _torchao_available),
+        # A lookup has no activations to quantize: both int8 modes store the rows in int8.
+        *[("nbcompress-int8-rows", "nbcompress", c, table_supports, int8_table, None)
+          for c in (DynamicInt8Config, WeightInt8Config)],
         ("half-compute", "torch", HalfConfig, _half_compute_supports,
          lambda c, m: HalfCompute(m, c.dtype), None),
         ("half-storage", "nbcompress", HalfConfig, _weight_only_supports,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.outputs import compare_outputs
+from nbcompress.engine.quantize.embedding_int8 import tied_problem
 
 __all__ = [
     "FAST_PATH_READS",
@@ -106,6 +107,9 @@ def fast_path_problem(module: nn.Module, reader: str, child: str) -> str | None:
 
 def candidate_problem(model: nn.Module, name: str, module: Any, args: tuple | None) -> str | None:
     """The first reason ``module`` may not replace layer ``name``, or ``None``."""
+    tied = tied_problem(model, name)
+    if tied is not None:
+        return tied
     reader = fast_path_reader(model, name)
     if reader is not None:
         problem = fast_path_problem(module, reader, name.rpartition(".")[2])

@@ -97,8 +97,6 @@ class Coverage:
 
 #: Layer types no mode quantizes, with the reason shown in the report.
 _NO_KERNEL = {
-    "Embedding": "a lookup table, no int8 kernel here",
-    "EmbeddingBag": "a lookup table, no int8 kernel here",
     "LayerNorm": "normalisation, kept float for accuracy",
     "BatchNorm1d": "normalisation, folded into its Conv by static mode only",
     "BatchNorm2d": "normalisation, folded into its Conv by static mode only",

@@ -44,7 +44,14 @@ __all__ = ["DEFAULT_TYPES", "HANDLERS", "Job", "register_mode", "rel_errors"]
 
 #: Layer types considered when ``types`` is not given (those a mode cannot handle are
 #: listed in the report with the reason, never dropped silently).
-DEFAULT_TYPES = (*PRUNABLE_TYPES, nn.LSTM, nn.GRU, nn.MultiheadAttention)
+DEFAULT_TYPES = (
+    *PRUNABLE_TYPES,
+    nn.LSTM,
+    nn.GRU,
+    nn.MultiheadAttention,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
 
 
 @dataclass

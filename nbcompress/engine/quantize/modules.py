@@ -162,7 +162,9 @@ class HalfCompute(nn.Module):
         return getattr(self.inner, "bias", None)
 
     def forward(self, *args: Any) -> Any:  # noqa: D102
-        back = next((a.dtype for a in args if isinstance(a, torch.Tensor)), torch.float32)
+        # The first floating input's dtype (ids of an embedding table are no guide).
+        floats = (a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
+        back = next(floats, torch.float32)
         out = self.inner(*[_cast(a, self.dtype) for a in args])
         return _cast(out, back)
 

@@ -96,6 +96,7 @@ def _is_quantized(module: nn.Module) -> bool:
     kind = type(module)
     return kind.__module__.startswith(("torch.ao.nn.quantized", "torchao")) or kind.__module__ in (
         "nbcompress.engine.quantize.modules",
+        "nbcompress.engine.quantize.embedding_int8",
         "nbcompress.engine.quantize.static",
         "nbcompress.kernels.modules",
     )
@@ -200,7 +201,8 @@ def quantize_(
         mode: ``"dynamic"``, ``"weight"``, ``"static"``, ``"fp16"``, ``"bf16"`` or a config.
         layers: Glob pattern(s) on layer names; ``None`` = all.
         types: Layer types (names or classes); ``None`` = Linear, Conv, ConvTranspose,
-            LSTM, GRU and MultiheadAttention (which every mode leaves float, saying why).
+            LSTM, GRU, MultiheadAttention (which every mode leaves float, saying why),
+            Embedding and EmbeddingBag (int8 rows in the int8 modes, row-pruned ones too).
         calibrate: Static mode: a tensor of inputs, a DataLoader or an iterable of batches
             (tensors, mappings of tensors such as a tokenizer's output, or ``(x, y)``).
         example_inputs: A real batch; layers' backends are chosen by timing on it.
