@@ -157,10 +157,11 @@ def int8(
             log.say(f"{name:<13} stays on its sparse kernel ({module.format})")
     for row in report.rows:
         log.say(f"{row['layer']:<13} {row.get('backend') or 'float'}  {row.get('note') or ''}")
+    speed = "not timed" if report.speedup is None else f"{report.speedup:.2f}× as fast as float"
+    cosine = "" if report.cosine is None else f"; output cosine to float {report.cosine:.5f}"
     log.say(
-        f"serialized {fmt_bytes(report.size_before)} → {fmt_bytes(report.size_after)}; "
-        f"{report.speedup:.2f}× the float time on the example batch; validation accuracy "
-        f"{report.metric_before:.2%} → {report.metric_after:.2%}; output cosine to float "
-        f"{report.cosine:.5f}"
+        f"serialized {fmt_bytes(report.size_before)} → {fmt_bytes(report.size_after)}; {speed} "
+        f"on the example batch; validation accuracy {report.metric_before:.2%} → "
+        f"{report.metric_after:.2%}{cosine}"
     )
     return report
