@@ -127,7 +127,9 @@ def sparse_kernels(log: StepLog, model: nn.Module, x: torch.Tensor) -> SpeedupRe
     with warnings.catch_warnings():
         # "left dense" is a result here, printed below, not a warning to the user.
         warnings.filterwarnings("ignore", message="sparsify_:", category=UserWarning)
-        report = speedup(model, x, apply=True, allow_int8=True)
+        # Pruned element-wise, so no 4×1 blocks for the block-sparse kernels to use: not
+        # timing them saves their compilation (~10 s on a cold numba cache).
+        report = speedup(model, x, apply=True, allow_int8=True, allow_bsr=False)
     for row in report.rows:
         log.say(f"{row['layer']:<13} {fmt_pct(row['sparsity']):>6} zeros: {row['why']}")
     log.say(f"{'applied' if report.applied else 'not applied'}: {report.verdict}")
