@@ -176,7 +176,7 @@ def _verdict(table: FinalTable, batch: int, sparse: bool) -> str:
         f"Compressed: {table.smaller:.2f}× smaller, {speed}, test accuracy {kept} "
         f"{MAX_LOSS_POINTS:g} point of dense ({table.accuracy_change:+.1f})."
     )
-    if table.speedup.get(1, 2.0) < 1 <= table.speedup.get(batch, 0.0):
+    if table.speedup.get(1, 2.0) < 0.9 and table.speedup.get(batch, 0.0) >= 1:
         line += (
             " At batch 1 it is slower: on one 28×28 image the fixed cost of each int8 call "
             "outweighs what it saves; serve this model batched."
