@@ -31,7 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--batch", type=int, default=None, help="Batch size to choose kernels on (default 64)."
     )
-    demo.add_argument("--threads", type=int, default=None, help="Torch threads (default: all).")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="Torch threads (default 1: steadier on a busy machine; e.g. 2 for two cores).",
+    )
     demo.add_argument("--quick", action="store_true", help="Small settings (a few seconds).")
     args = parser.parse_args(argv)
     if args.command == "demo":
