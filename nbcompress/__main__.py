@@ -40,27 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="Small settings (a few seconds).")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        _check(parser, args)
-        from nbcompress.demo import run_demo
+        from nbcompress.demo import DemoInputError, run_demo
 
-        run_demo(
-            epochs=args.epochs,
-            threads=args.threads,
-            target=args.target,
-            batch=args.batch,
-            quick=args.quick,
-        )
+        try:
+            run_demo(
+                epochs=args.epochs,
+                threads=args.threads,
+                target=args.target,
+                batch=args.batch,
+                quick=args.quick,
+            )
+        except DemoInputError as err:
+            # Raised before anything runs; the message names the argument (other errors keep
+            # their traceback).
+            parser.error(f"--{err}")
     return 0
-
-
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """One line naming the option and the fix, before anything is trained."""
-    if args.target is not None and not 0 < args.target < 1:
-        parser.error(f"--target: expected a sparsity in (0, 1) such as 0.9, got {args.target}.")
-    for name in ("epochs", "batch", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name}: expected a positive integer, got {value}.")
 
 
 if __name__ == "__main__":

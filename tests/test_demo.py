@@ -89,15 +89,31 @@ def test_suggestion_is_pruned_to_the_target_and_undo_returns_the_dense_model(dem
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
 
 
-def test_cli_refuses_a_bad_target_in_one_line():
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "1.5"], "--target: expected a sparsity in (0, 1) such as 0.9, got 1.5."),
+        (["--epochs", "0"], "--epochs: expected a positive integer, got 0."),
+        (["--batch", "1000"], "--batch: at most 449 (the test images it is timed on), got 1000."),
+        (["--threads", "0"], "--threads: expected a positive integer such as 1, got 0."),
+    ],
+)
+def test_cli_refuses_a_bad_option_in_one_line_before_training(args, message):
     out = subprocess.run(
-        [sys.executable, "-m", "nbcompress", "demo", "--target", "1.5"],
+        [sys.executable, "-m", "nbcompress", "demo", *args],
         capture_output=True,
         text=True,
     )
     assert out.returncode == 2
-    assert "--target: expected a sparsity in (0, 1) such as 0.9, got 1.5." in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(message)
+    assert "Traceback" not in out.stderr and "Train the seed CNN" not in out.stdout
+
+
+def test_api_names_the_bad_argument():
+    with pytest.raises(ValueError, match=r"^target: expected a sparsity in \(0, 1\)"):
+        run_demo(target=0)
+    with pytest.raises(ValueError, match=r"^batch: expected a positive integer, got 0\.$"):
+        run_demo(batch=0)
 
 
 def test_cli_help_lists_the_demo_options():

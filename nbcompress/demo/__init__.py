@@ -6,6 +6,6 @@ sparse kernels where faster → int8 → dense vs compressed accuracy, size and 
 
 from __future__ import annotations
 
-from nbcompress.demo.arc import DemoSettings, run_demo
+from nbcompress.demo.arc import DemoInputError, DemoSettings, run_demo
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["DemoInputError", "DemoSettings", "run_demo"]

@@ -31,10 +31,14 @@ from nbcompress.engine.core.report import fmt_bytes
 from nbcompress.engine.quantize.report import serialized_size
 from nbcompress.zoo import accuracy, load_digits
 
-__all__ = ["DemoSettings", "run_demo"]
+__all__ = ["DemoInputError", "DemoSettings", "run_demo"]
 
 #: Accuracy the compressed model may lose against dense, in points (issue 16's target).
 MAX_LOSS_POINTS = 1.0
+
+
+class DemoInputError(ValueError):
+    """A bad argument of the demo, found before anything runs (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,18 @@ class DemoSettings:
     rounds: int = 15
     calibration: int = 256
     validation: int = 270
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target < 1:
+            raise DemoInputError(
+                f"target: expected a sparsity in (0, 1) such as 0.9, got {self.target}."
+            )
+        for name in ("epochs", "finetune_epochs", "batch", "calibration", "validation"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DemoInputError(f"{name}: expected a positive integer, got {value!r}.")
+        if self.rounds < 3:
+            raise DemoInputError(f"rounds: expected at least 3 timed rounds, got {self.rounds}.")
 
     @classmethod
     def quick(cls) -> DemoSettings:
@@ -109,6 +125,10 @@ def run_demo(
     settings = DemoSettings.quick() if quick else DemoSettings()
     overrides = {"epochs": epochs, "target": target, "batch": batch}
     settings = replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise DemoInputError(f"threads: expected a positive integer such as 1, got {threads!r}.")
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -119,8 +139,12 @@ def run_demo(
 
 
 def _arc(s: DemoSettings) -> dict[str, Any]:
-    log = StepLog(total=7)
     data = _split(s.validation)
+    if s.batch > len(data.y_test):
+        raise DemoInputError(
+            f"batch: at most {len(data.y_test)} (the test images it is timed on), got {s.batch}."
+        )
+    log = StepLog(total=7)
     log.say(
         f"Data: scikit-learn's handwritten digits at 28×28 — {len(data.y_train)} train, "
         f"{len(data.y_val)} validation (choose ratios), {len(data.y_test)} test (report).",
