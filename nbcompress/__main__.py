@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="Torch threads (default 1: steadier on a busy machine; e.g. 2 for two cores).",
     )
-    demo.add_argument("--quick", action="store_true", help="Small settings (a few seconds).")
+    demo.add_argument(
+        "--quick", action="store_true", help="Small settings: the same steps, shorter (for tests)."
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from nbcompress.demo import DemoInputError, run_demo

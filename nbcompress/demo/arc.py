@@ -79,7 +79,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        """A few seconds' run with the same steps (for tests)."""
+        """The same steps with fewer epochs, ratios and timed rounds (for tests)."""
         return cls(epochs=3, finetune_epochs=1, ratios=(0.5, 0.8, 0.9, 0.95), rounds=5)
 
 
