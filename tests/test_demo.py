@@ -1,14 +1,127 @@
+import io
+import re
+import subprocess
+import sys
+
 import pytest
+import torch
 
+import nbcompress
 from nbcompress.demo import run_demo
+from nbcompress.demo.arc import MAX_LOSS_POINTS
+from nbcompress.zoo import accuracy, load_digits
+
+STEPS = [
+    "Train the seed CNN",
+    "Sensitivity sweep and its suggestion for 90% sparsity",
+    "Prune to the suggestion, masks kept",
+    "Fine-tune",
+    "Sparse kernels where measured faster at batch 64",
+    "int8: quantize_(mode='static')",
+    "Measure dense vs compressed",
+]
 
 
-def test_demo_prunes_half_and_reports_measured_figures(capsys):
-    figures = run_demo(epochs=2, amount=0.5, threads=1)
-    out = capsys.readouterr().out
-    assert figures["sparsity"] == pytest.approx(0.495, abs=0.01)  # classifier left dense
-    assert figures["csr_bytes_after"] < 0.6 * figures["csr_bytes_before"]
-    assert figures["accuracy_dense"] > 0.5  # learned something from real digits
-    assert figures["accuracy_finetuned"] >= figures["accuracy_pruned"] - 0.05
-    assert figures["latency_before"] > 0 and figures["latency_after"] > 0
-    assert "Test accuracy: dense" in out and "Model summary" in out
+@pytest.fixture(scope="module")
+def demo():
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", out)
+        figures = run_demo(quick=True, threads=1)
+    return figures, out.getvalue()
+
+
+def _saved_bytes(model):
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.tell()
+
+
+def test_every_step_is_announced_in_order_with_its_elapsed_time(demo):
+    _, out = demo
+    headings = re.findall(r"^\[(\d)/7 · [\d.]+ s\] (.*) …$", out, flags=re.M)
+    assert [int(n) for n, _ in headings] == list(range(1, 8))
+    for (_, title), expected in zip(headings, STEPS, strict=True):
+        assert title.startswith(expected), (title, expected)
+    assert len(re.findall(r"^  \([\d.]+ s\)$", out, flags=re.M)) == 7  # each step's duration
+
+
+def test_final_table_has_accuracy_size_and_latency_rows_with_ratios(demo):
+    _, out = demo
+    table = out[out.index("Dense vs compressed (every figure measured") :]
+    assert re.search(
+        r"^test accuracy +\d+\.\d\d% +\d+\.\d\d% +[\d.]+ points? (lost|gained)", table, re.M
+    )
+    assert re.search(r"^size \(torch\.save\) +[\d.]+ KiB +[\d.]+ KiB +[\d.]+× smaller", table, re.M)
+    for batch in (64, 1):
+        assert re.search(rf"^latency, batch {batch} +\S+ \S+ +\S+ \S+ +[\d.]+× ", table, re.M)
+    assert "Compressed: " in table and "× smaller" in table
+
+
+def test_compressed_model_is_smaller_by_serialized_bytes_and_accurate_within_the_bound(demo):
+    figures, _ = demo
+    model, dense = figures["model"], figures["dense"]
+    # Measured again here, independently of the demo's own helpers.
+    assert _saved_bytes(model) < _saved_bytes(dense) / 2
+    assert figures["bytes_compressed"] < figures["bytes_dense"] / 2
+    assert figures["speedup_report"].rows  # the sparse-kernel step measured every layer
+    assert figures["quantize_report"].quantized  # int8 converted some layers
+    data = load_digits(28)
+    acc = accuracy(model, data.x_test, data.y_test)
+    assert acc == figures["accuracy_compressed"]
+    assert 100 * (figures["accuracy_dense"] - acc) <= MAX_LOSS_POINTS
+    assert figures["accuracy_dense"] > 0.7  # the dense model learned the real digits
+    for batch in (64, 1):
+        assert figures["speedup"][batch] > 0
+        assert all(t.median > 0 for t in figures["latency"][batch])
+
+
+def test_suggestion_is_pruned_to_the_target_and_undo_returns_the_dense_model(demo):
+    figures, _ = demo
+    ratios = figures["ratios"]
+    sizes = {n: m.weight.numel() for n, m in figures["dense"].named_modules() if n in ratios}
+    pruned = sum(ratios[n] * sizes[n] for n in ratios) / sum(sizes.values())
+    assert pruned == pytest.approx(0.9, abs=0.01)
+    model = figures["model"]
+    nbcompress.undo_(model, all=True)
+    dense = figures["dense"].state_dict()
+    assert model.state_dict().keys() == dense.keys()
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--target", "1.5"], "--target: expected a sparsity in (0, 1) such as 0.9, got 1.5."),
+        (["--epochs", "0"], "--epochs: expected a positive integer, got 0."),
+        (["--batch", "1000"], "--batch: at most 449 (the test images it is timed on), got 1000."),
+        (["--threads", "0"], "--threads: expected a positive integer such as 1, got 0."),
+    ],
+)
+def test_cli_refuses_a_bad_option_in_one_line_before_training(args, message):
+    out = subprocess.run(
+        [sys.executable, "-m", "nbcompress", "demo", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].endswith(message)
+    assert "Traceback" not in out.stderr and "Train the seed CNN" not in out.stdout
+
+
+def test_api_names_the_bad_argument():
+    with pytest.raises(ValueError, match=r"^target: expected a sparsity in \(0, 1\)"):
+        run_demo(target=0)
+    with pytest.raises(ValueError, match=r"^batch: expected a positive integer, got 0\.$"):
+        run_demo(batch=0)
+
+
+def test_cli_help_lists_the_demo_options():
+    out = subprocess.run(
+        [sys.executable, "-m", "nbcompress", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for option in ("--epochs", "--target", "--batch", "--threads", "--quick"):
+        assert option in out.stdout
