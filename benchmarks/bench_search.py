@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=1000, help="random projected trials")
     parser.add_argument("--only", type=lambda t: t.split(","), help="arm name prefixes")
     parser.add_argument("--finetune", type=int, default=0, metavar="EPOCHS",
-                        help="masked fine-tune epochs inside every evaluation (0 = one-shot)")  # fmt: skip
+                        help="masked fine-tune epochs per evaluation (0: one-shot)")  # fmt: skip
     args = parser.parse_args()
     mode = f"{args.finetune} epochs masked fine-tune per trial" if args.finetune else "one-shot"
     torch.set_num_threads(1)
