@@ -154,7 +154,7 @@ def main() -> None:
 
             else:
                 evaluate = lambda m, s=split: accuracy(m, s.x_val, s.y_val)  # noqa: E731
-            trials = args.trials if mode != "finetune" or key == "lenet" else args.trials // 2
+            trials = args.trials
             for sampler in args.samplers.split(","):
                 for setting in SETTINGS:
                     if sampler == "gp" and setting is SETTINGS[1]:
