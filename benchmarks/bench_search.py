@@ -121,6 +121,7 @@ def main() -> None:
     """Print per-seed rows, then the summary table (test accuracy of val-chosen models)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first … first+seeds-1")
     parser.add_argument("--models", default="lenet,cnn")
     parser.add_argument("--random", type=int, default=1000, help="random projected trials")
     parser.add_argument("--only", type=lambda t: t.split(","), help="arm name prefixes")
@@ -133,7 +134,7 @@ def main() -> None:
         label, side, epochs = MODELS[key]
         tests: dict[str, list[float]] = {}
         facts: dict[str, list] = {}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             split = digits(side, seed=seed)
             torch.manual_seed(seed)
             base = LeNet300(side * side) if key == "lenet" else SeedCNN()
