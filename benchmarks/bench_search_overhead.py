@@ -16,8 +16,9 @@ Each configuration runs with three thread settings: limited around GP only with
 (``run.quiet_threads``), and around every sampler with ``samplers.one_thread`` (one kept
 threadpoolctl controller; swapped in for ``run.quiet_threads`` by the bench). A warm-up
 search runs first; the figures are medians over ``--repeats`` searches of the total sampler
-time / total evaluation time and of the per-trial sampler milliseconds (trials whose
-proposal was memoised count: they cost the sampler the same).
+time / total evaluation time, of the per-trial sampler milliseconds and of the median
+sampler time / median evaluation time per trial (robust to a busy machine's preemptions;
+trials whose proposal was memoised count: they cost the sampler the same).
 
 Usage::
 
@@ -105,7 +106,7 @@ def _timed_search(model, evaluate, sampler: str, trials: int, seed: int, limit_a
     opts = dict(method="l1", granularity="element", example_inputs=None, reconstruct=False)
     runner = _TimedRunner(model, timed_evaluate, space, TARGET, ("metric",), opts)
     runner.limit_threads = limit_all or sampler == "gp"  # search() limits GP only
-    per_trial = []
+    per_trial, per_eval = [], []
     total = 0.0
     for _ in range(trials):
         before = runner.measured
@@ -113,13 +114,15 @@ def _timed_search(model, evaluate, sampler: str, trials: int, seed: int, limit_a
         runner.step(study)
         step = time.perf_counter() - start
         total += step
-        per_trial.append(step - (runner.measured - before))
+        per_eval.append(runner.measured - before)
+        per_trial.append(step - per_eval[-1])
     sampler_s = total - runner.measured
     return {
         "sampler": sampler_s,
         "measure": runner.measured,
         "evaluate": timed["evaluate"],
         "per_trial_ms": 1e3 * statistics.median(per_trial),
+        "median_share": statistics.median(per_trial) / statistics.median(per_eval),
     }
 
 
@@ -136,8 +139,8 @@ def main() -> None:
     torch.set_num_threads(1)
     print(
         "| model | evaluation | sampler | threads limited | sampler ms/trial (median) | "
-        "evaluation ms/trial | evaluate ms/trial | sampler / evaluation |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "evaluation ms/trial | evaluate ms/trial | sampler / evaluation (totals) | "
+        "(medians) |\n|---|---|---|---|---|---|---|---|---|"
     )
     for key in args.models.split(","):
         label, side, epochs = MODELS[key]
@@ -169,7 +172,8 @@ def main() -> None:
                     meas = statistics.median(1e3 * r["measure"] / trials for r in runs)
                     ev = statistics.median(1e3 * r["evaluate"] / trials for r in runs)
                     limited = setting[0]
-                    row = f"{ms:.2f} | {meas:.1f} | {ev:.1f} | {share:.1%}"
+                    mid = statistics.median(r["median_share"] for r in runs)
+                    row = f"{ms:.2f} | {meas:.1f} | {ev:.1f} | {share:.1%} | {mid:.1%}"
                     print(f"| {label} | {mode} ({trials} trials) | {sampler} | {limited} | {row} |",
                           flush=True)  # fmt: skip
 
