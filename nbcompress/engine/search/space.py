@@ -90,11 +90,13 @@ def suggest_ratios(trial: Any, space: Space, target: float | None) -> list[float
 
     With a target: one score per layer in [0.01, 1], projected onto the budget. Without
     one: the share each layer keeps, on a log scale over [0.01, 1] (ratio = 1 - keep).
-    Sampled uniformly, ratios put most trials near half sparsity, where every allocation
-    is nearly as good as dense; on a log scale of what is kept, the trials spread out
-    where the front bends (90% and above). Measured on LeNet-300-100/digits, it lifts a
-    60-trial NSGA-II front from 0.94 to 0.98 of a 300-trial reference
-    (``benchmarks/bench_search_front.py``).
+    Uniform ratios put most trials near half sparsity, where every allocation is nearly
+    as good as dense; on a log scale of what is kept, trials spread out where the front
+    bends (90% and above). Measured with :func:`front_seeds` as the first generation
+    (``benchmarks/sweep_nsga_front.py``): alone, the log scale lost on the held-out CNN
+    (a tiny first conv is often pruned hard); together they lift a 60-trial NSGA-II front
+    from 0.93 to 0.99 of a 300-trial reference on LeNet-300-100 and from 0.92 to 0.97 on
+    the CNN (``benchmarks/bench_search_front.py``).
     """
     if target is None:
         return [1.0 - trial.suggest_float(n, MIN_KEEP, 1.0, log=True) for n in space.names]
@@ -108,7 +110,8 @@ def front_seeds(model: nn.Module, space: Space, n: int, *, low: float = 0.3,
 
     Global-L1 and uniform allocations at evenly spaced sparsities, alternating (global L1
     first), as trial parameters without a target (the share each layer keeps, see
-    :func:`suggest_ratios`), ready for ``study.enqueue_trial``.
+    :func:`suggest_ratios`), ready for ``study.enqueue_trial``: a front search enqueues
+    one NSGA-II population of them, so that its first generation already spans the front.
 
     Returns:
         One ``{layer name: keep}`` per allocation, in order of increasing sparsity.
