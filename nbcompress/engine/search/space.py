@@ -95,7 +95,7 @@ def suggest_ratios(trial: Any, space: Space, target: float | None) -> list[float
     bends (90% and above). Measured with :func:`front_seeds` as the first generation
     (``benchmarks/sweep_nsga_front.py``): alone, the log scale lost on the held-out CNN
     (a tiny first conv is often pruned hard); together they lift a 60-trial NSGA-II front
-    from 0.93 to 0.99 of a 300-trial reference on LeNet-300-100 and from 0.92 to 0.97 on
+    from 0.93 to 0.99 of a 300-trial reference on LeNet-300-100 and from 0.92 to 0.969 on
     the CNN (``benchmarks/bench_search_front.py``).
     """
     if target is None:
