@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SAMPLERS", "load_optuna", "make_sampler", "open_study"]
+__all__ = ["SAMPLERS", "load_optuna", "make_sampler", "one_thread", "open_study", "population"]
 
 #: Sampler names: Bayesian optimisation (``tpe``, ``gp``), a genetic algorithm
 #: (``nsga2``), random proposals (the baseline) and CMA-ES (needs ``cmaes``).
@@ -23,11 +26,20 @@ def load_optuna() -> Any:
     return optuna
 
 
+def population(n_trials: int) -> int:
+    """NSGA-II's population for a budget: ``max(10, min(20, n_trials // 6))``.
+
+    optuna's default of 50 is too large for budgets of tens of trials (measured, see the
+    search notes); a front search without a target seeds its first generation with this
+    many allocations (:func:`~nbcompress.engine.search.space.front_seeds`).
+    """
+    return max(10, min(20, n_trials // 6))
+
+
 def make_sampler(name: str, n_trials: int, seed: int | None, n_objectives: int) -> Any:
     """The optuna sampler called ``name``, seeded, sized for the budget.
 
-    NSGA-II's population is ``max(10, min(20, n_trials // 6))``: optuna's default of 50 is
-    too large for budgets of tens of trials (measured, see the search notes).
+    NSGA-II's population is :func:`population` of the budget.
     """
     optuna = load_optuna()
     samplers = optuna.samplers
@@ -36,8 +48,7 @@ def make_sampler(name: str, n_trials: int, seed: int | None, n_objectives: int) 
     if name == "gp":
         return samplers.GPSampler(seed=seed)
     if name == "nsga2":
-        population = max(10, min(20, n_trials // 6))
-        return samplers.NSGAIISampler(population_size=population, seed=seed)
+        return samplers.NSGAIISampler(population_size=population(n_trials), seed=seed)
     if name == "random":
         return samplers.RandomSampler(seed=seed)
     if n_objectives > 1:
@@ -50,6 +61,37 @@ def make_sampler(name: str, n_trials: int, seed: int | None, n_objectives: int) 
     except ImportError:
         raise ImportError('sampler="cmaes" needs cmaes: pip install "nbcompress[search]"') from None
     return samplers.CmaEsSampler(seed=seed)
+
+
+class _Controller:
+    """threadpoolctl's view of the loaded BLAS/OpenMP libraries, kept between uses.
+
+    Looked up again only when modules were imported since: an import can load a library.
+    """
+
+    controller: Any = None
+    modules = -1
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One BLAS/OpenMP thread inside (nothing changes without ``threadpoolctl``).
+
+    GP oversubscribes the cores without it (0.56 s a trial instead of 0.06, see the search
+    notes). ``threadpool_limits(1)`` looks the libraries up on every use, 0.7-3 ms, as much
+    as a TPE trial; a kept controller costs about 0.01 ms, so every sampler can run under
+    it (``benchmarks/bench_search_overhead.py``).
+    """
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # threadpoolctl missing: samplers run with their default threads
+        yield
+        return
+    if _Controller.controller is None or _Controller.modules != len(sys.modules):
+        _Controller.controller = ThreadpoolController()
+        _Controller.modules = len(sys.modules)
+    with _Controller.controller.limit(limits=1):
+        yield
 
 
 def storage_url(storage: str | Path) -> str:
