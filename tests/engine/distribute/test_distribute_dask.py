@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 
-import psutil
 import pytest
 import torch
 
@@ -13,7 +13,8 @@ from nbcompress.engine.core.distribute import Dispatch, resolve_executor
 from tests.engine.distribute import distribute_helpers as h
 from tests.helpers import bits, mlp
 
-distributed = pytest.importorskip("distributed")
+if os.environ.get("REQUIRE_DASK") != "1":  # CI (.ci/run) sets it: a missing dask fails there
+    pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,8 @@ def _free_port() -> int:
 
 
 def test_the_local_cluster_listens_on_127_0_0_1_only(dask_executor) -> None:
+    import psutil  # installed with distributed
+
     client = dask_executor._client
     assert client.scheduler.address.startswith("tcp://127.0.0.1:")
     workers = client.scheduler_info()["workers"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -44,7 +45,8 @@ def _fails_when_first_layer_is_sparse(model: torch.nn.Module) -> float:
 
 
 def test_serial_pool_and_dask_give_bit_identical_trials_and_leave_the_model() -> None:
-    pytest.importorskip("distributed")
+    if os.environ.get("REQUIRE_DASK") != "1":  # CI sets it: there a missing dask fails
+        pytest.importorskip("distributed")
     model, evaluate = _mlp()
     saved, token = snapshot(model), history_token(model)
     kw = dict(target_sparsity=0.7, n_trials=8, seed=0, progress=False, batch=2)
