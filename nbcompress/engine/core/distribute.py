@@ -5,7 +5,8 @@ here, in order, on the live state. With one, the state is pickled once (cloudpic
 that classes and functions defined in a notebook travel by value) and sent once per worker
 process, not once per item: each task carries a token, a worker keeps the states it has
 unpickled by token, and a worker that lacks the token answers "missing" and gets the item
-again with the state. Only the first ``workers`` tasks carry it.
+again with the state. Only the first ``workers`` tasks carry it (on dask, a reference to
+the bytes, which are scattered to every worker once).
 
 A worker process that dies is reported in one line and its item retried once; what ``fn``
 raises on a worker comes back as the same exception, yielded with the item's index.
@@ -160,6 +161,12 @@ class Dispatch:
         self.workers = parallelism(executor)
         self.token = uuid.uuid4().hex
         self.payload = None if executor is None else _dumps(state, what)
+        self.shipped: Any = self.payload  # what a task carries to stand for the payload
+        client = getattr(executor, "_client", None)
+        if client is not None:
+            # dask: the bytes go to every worker once, and tasks carry a reference (a task
+            # carrying megabytes would make the graph large, and dask warns on every send).
+            self.shipped = client.scatter(self.payload, broadcast=True, hash=False)
         self._local: Any = None  # an unpickled copy, if a broken pool leaves us alone
         self._closed = False
 
@@ -205,7 +212,7 @@ class Dispatch:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.run(_forget, self.token)
-        self.payload = self._local = None
+        self.payload = self.shipped = self._local = None
 
     def __enter__(self) -> Dispatch:
         return self
@@ -238,7 +245,7 @@ class _Run:
             future: cf.Future = cf.Future()
             future.set_result(d.run_here(self.fn, self.items[index]))
         else:
-            args = (d.token, d.payload if ship else None, self.fn, self.items[index])
+            args = (d.token, d.shipped if ship else None, self.fn, self.items[index])
             future = d.executor.submit(run_task, *args, os.getpid(), self.deaths[index])
         self.pending[future] = (index, generation)
 
