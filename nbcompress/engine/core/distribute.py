@@ -171,12 +171,17 @@ class Dispatch:
         self._closed = False
 
     def run(
-        self, fn: Callable[[Any, T], R], items: Sequence[T]
+        self,
+        fn: Callable[[Any, T], R],
+        items: Sequence[T],
+        *,
+        labels: Sequence[str] | None = None,
     ) -> Iterator[tuple[int, R | Exception]]:
         """Yield ``(index, fn(state, item))`` as each finishes (the exception if ``fn`` raised).
 
         ``fn`` must be importable (a module-level function). Closing the iterator (or a
-        Ctrl-C) cancels the evaluations not yet finished.
+        Ctrl-C) cancels the evaluations not yet finished. ``labels`` name the items in
+        messages (``"trial 7"``; default ``"item <index>"``).
 
         Raises:
             RuntimeError: a worker died twice during the same item, or an evaluation could
@@ -191,7 +196,7 @@ class Dispatch:
                     result = err
                 yield index, result
             return
-        yield from _Run(self, fn, items)
+        yield from _Run(self, fn, items, labels)
 
     def run_here(self, fn: Callable, item: Any) -> Any:
         """One item in this process on a copy of the state (when the pool is gone)."""
@@ -224,8 +229,10 @@ class Dispatch:
 class _Run:
     """One :meth:`Dispatch.run` over an executor: a window of tasks, retries, results."""
 
-    def __init__(self, dispatch: Dispatch, fn: Callable, items: list) -> None:
+    def __init__(self, dispatch: Dispatch, fn: Callable, items: list,
+                 labels: Sequence[str] | None) -> None:  # fmt: skip
         self.d, self.fn, self.items = dispatch, fn, items
+        self.labels = list(labels) if labels is not None else None
         self.pending: dict[cf.Future, tuple[int, int]] = {}
         self.deaths: collections.Counter[int] = collections.Counter()
         self.sent_payloads = 0
@@ -235,6 +242,9 @@ class _Run:
         executor = dispatch.executor
         pool = isinstance(executor, OwnedPool | cf.ProcessPoolExecutor)
         self.window = dispatch.workers * (1 if pool else 2)
+
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels else f"item {index}"
 
     def submit(self, index: int, payload: bool = False) -> None:
         d = self.d
@@ -272,7 +282,7 @@ class _Run:
         except Exception as err:  # noqa: BLE001 - the worker, not fn (fn's errors are values)
             if not _died(err):
                 raise RuntimeError(
-                    f"{self.d.what}: item {index} could not be run on the executor "
+                    f"{self.d.what}: {self.label(index)} could not be run on the executor "
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
                 ) from err
             self.retry(index, generation, err)
@@ -286,10 +296,10 @@ class _Run:
         self.deaths[index] += 1
         if self.deaths[index] > 1:
             raise RuntimeError(
-                f"{self.d.what}: a worker died twice during item {index} "
-                f"({type(err).__name__}); run that item without an executor to see why."
+                f"{self.d.what}: a worker died twice during {self.label(index)} "
+                f"({type(err).__name__}); run it without an executor to see why."
             )
-        say(f"{self.d.what}: a worker died during item {index}; retrying it once")
+        say(f"{self.d.what}: a worker died during {self.label(index)}; retrying it once")
         executor = self.d.executor
         if isinstance(err, cf.BrokenExecutor):
             if isinstance(executor, OwnedPool):
