@@ -111,7 +111,7 @@ def _scaled_arm(name, starter, dense, evaluate, kw, repeats):
 
 
 def scale_out(dense, evaluate, args) -> float:
-    """The arms table; returns the serial (1 thread) seconds per evaluation."""
+    """The arms table, a row as each arm ends; returns the serial seconds per evaluation."""
     kw = dict(target_sparsity=TARGET, sampler="tpe", n_trials=args.trials, seed=0,
               batch=args.workers, progress=False)  # fmt: skip
     threads = torch.get_num_threads()
@@ -119,30 +119,34 @@ def scale_out(dense, evaluate, args) -> float:
     serial1, reference = _timed_searches(dense, evaluate, kw, args.repeats)
     evaluations = len({tuple(t.ratios.values()) for t in reference.trials})
     per_eval = serial1 / evaluations
-    torch.set_num_threads(os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
     serial_n, threaded = _timed_searches(dense, evaluate, kw, args.repeats)
     torch.set_num_threads(1)
-    rows = [("serial, 1 thread", 0.0, 0.0, serial1, reference)]
-    rows.append((f"serial, {os.cpu_count()} threads", 0.0, 0.0, serial_n, threaded))
-    n = args.workers
-    rows.append(_scaled_arm(f"dask {n} workers", lambda: resolve_executor(None, n), dense,
-                            evaluate, kw, args.repeats))  # fmt: skip
-    rows.append(_scaled_arm(f"process pool {n}", lambda: process_pool(n), dense, evaluate, kw,
-                            args.repeats))  # fmt: skip
-    torch.set_num_threads(threads)
-    best_serial = min(serial1, serial_n)
+    best = min(serial1, serial_n)
     print(f"\n{args.trials} trials, {evaluations} distinct evaluations, {per_eval:.2f} s each "
           f"(serial, 1 thread); load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
     print(
         "| arm | start s | warm-up s | search s (median) | speedup vs serial 1 thread | "
         "vs best serial | with start + warm-up | identical to serial 1 thread |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, started, warm, wall, result in rows:
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+
+    def row(name, started, warm, wall, result) -> None:
         total = wall + started + warm
         print(f"| {name} | {started:.1f} | {warm:.1f} | {wall:.1f} | {serial1 / wall:.2f}x | "
-              f"{best_serial / wall:.2f}x | {best_serial / total:.2f}x | "
-              f"{'yes' if _key(result) == _key(reference) else 'no'} |")  # fmt: skip
+              f"{best / wall:.2f}x | {best / total:.2f}x | "
+              f"{'yes' if _key(result) == _key(reference) else 'no'} |", flush=True)  # fmt: skip
+
+    row("serial, 1 thread", 0.0, 0.0, serial1, reference)
+    row(f"serial, {cores} threads", 0.0, 0.0, serial_n, threaded)
+    n = args.workers
+    row(*_scaled_arm(f"dask {n} workers", lambda: resolve_executor(None, n), dense, evaluate,
+                     kw, args.repeats))  # fmt: skip
+    row(*_scaled_arm(f"process pool {n}", lambda: process_pool(n), dense, evaluate, kw,
+                     args.repeats))  # fmt: skip
+    print(f"(load average at the end {os.getloadavg()[0]:.1f})", flush=True)
+    torch.set_num_threads(threads)
     return per_eval
 
 
