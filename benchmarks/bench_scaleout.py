@@ -120,9 +120,11 @@ def scale_out(dense, evaluate, args) -> float:
     evaluations = len({tuple(t.ratios.values()) for t in reference.trials})
     per_eval = serial1 / evaluations
     cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
-    serial_n, threaded = _timed_searches(dense, evaluate, kw, args.repeats)
-    torch.set_num_threads(1)
+    serial_n, threaded = serial1, reference
+    if not args.no_threaded:
+        torch.set_num_threads(cores)
+        serial_n, threaded = _timed_searches(dense, evaluate, kw, args.repeats)
+        torch.set_num_threads(1)
     best = min(serial1, serial_n)
     print(f"\n{args.trials} trials, {evaluations} distinct evaluations, {per_eval:.2f} s each "
           f"(serial, 1 thread); load average {os.getloadavg()[0]:.1f}\n")  # fmt: skip
@@ -139,7 +141,8 @@ def scale_out(dense, evaluate, args) -> float:
               f"{'yes' if _key(result) == _key(reference) else 'no'} |", flush=True)  # fmt: skip
 
     row("serial, 1 thread", 0.0, 0.0, serial1, reference)
-    row(f"serial, {cores} threads", 0.0, 0.0, serial_n, threaded)
+    if not args.no_threaded:
+        row(f"serial, {cores} threads", 0.0, 0.0, serial_n, threaded)
     n = args.workers
     row(*_scaled_arm(f"dask {n} workers", lambda: resolve_executor(None, n), dense, evaluate,
                      kw, args.repeats))  # fmt: skip
@@ -189,6 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--samplers", default="tpe,gp,nsga2,random")
+    parser.add_argument("--no-threaded", action="store_true", help="skip serial at N threads")
     args = parser.parse_args()
     torch.set_num_threads(1)
     split = digits(28, seed=0)
