@@ -23,8 +23,7 @@ from nbcompress.engine.core.heads import remember_inputs
 from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.validation import as_inputs, check_module
 from nbcompress.engine.prune.calibrate import calibration_inputs
-from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.sensitivity.entries import check_pruning, prune_in_trial, trial_pruning
+from nbcompress.engine.sensitivity.entries import check_pruning, trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
     call_evaluate,
@@ -37,8 +36,8 @@ from nbcompress.engine.sensitivity.evaluate import (
     select_sweep_layers,
 )
 from nbcompress.engine.sensitivity.groups import GROUP_RATIOS, GroupSweep, group_sensitivity
-from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
-from nbcompress.engine.sensitivity.ladder import Ladder
+from nbcompress.engine.sensitivity.guard import Fingerprint, shown, verified
+from nbcompress.engine.sensitivity.measure import Measure
 from nbcompress.engine.sensitivity.prefix import Prefix
 from nbcompress.engine.sensitivity.progress import (
     BASE,
@@ -52,6 +51,9 @@ from nbcompress.engine.sensitivity.registry import remember
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
 __all__ = ["DEFAULT_RATIOS", "sensitivity"]
+
+#: ``value_of(layer, i, ratio)``: the metric of one point of the sweep.
+ValueOf = Callable[[str, int, float], float]
 
 #: The default grid: tenths, then the high end a 90-99% target needs measured rather than
 #: extrapolated (so a suggestion need not push every layer to the end of the grid).
@@ -194,7 +196,8 @@ def sensitivity(
         check.result = result
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
         run.prefix = prefix
-        run.pruning = trial_pruning(model, selected, method, calibration, reconstruct)
+        pruning = trial_pruning(model, selected, method, calibration, reconstruct)
+        run.measure = Measure(model, selected, granularity, run.evaluate, pruning, sorted_l1=True)
         run.sweep(Progress(progress, len(selected) * len(ratio_list)))
     run.verified_notes()
     return result
@@ -237,10 +240,7 @@ class _Run:
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
     prefix: Prefix | None = None
-    pruning: dict[str, Any] = field(default_factory=dict)  # method/stats, from trial_pruning
-
-    def __post_init__(self) -> None:
-        self.ladder = Ladder(self.model, self.result.granularity)
+    measure: Measure | None = None  # how a point is pruned and evaluated
 
     def verified_notes(self) -> None:
         """Notes that need the model checked first (the sweep is over and it matched)."""
@@ -256,61 +256,42 @@ class _Run:
 
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
-        g = self.result.granularity
-        with layer_trial(self.model, {name: self.selected[name]}) as trial:
-            if self.pruning.get("reconstruct"):
-                # Re-fitting needs the layer's inputs: prune_ratios_ measures them (in the trial).
-                prune_ratios_(self.model, {name: ratio}, granularity=g, **self.pruning)
-            elif self.pruning:
-                prune_in_trial(self.model, trial, {name: ratio}, g, **self.pruning)
-            else:
-                self.ladder.prune(trial, name, ratio)
-            where = f"with layer {name} pruned at {ratio:g}"
-            if isinstance(self.evaluate, Proxy):
-                return self.evaluate.at_layer(self.model, name)
-            return call_evaluate(self.evaluate, self.model, where, self.trained)
+        return self.measure({name: ratio}, self.trained)
 
-    def sweep(self, progress: Progress) -> None:
-        """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured."""
-        each = lambda name: self._layer(name, progress)  # noqa: E731
+    def sweep(self, progress: Progress, value_of: ValueOf | None = None) -> None:
+        """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured.
+
+        Args:
+            progress: The progress lines.
+            value_of: Where a point's value comes from: ``value_of(layer, i, ratio)``
+                (an executor's results, :mod:`.remote`); default: evaluated here.
+        """
+        local = lambda name, i, ratio: self.evaluate_at(name, ratio)  # noqa: E731
+        each = lambda name: self._layer(name, progress, value_of or local)  # noqa: E731
         self.interrupted = run_all(self.result, self.result.layers, each, self.start)
 
-    def _layer(self, name: str, progress: Progress) -> None:
+    def evaluated(self, name: str, ratio: float) -> bool:
+        """Whether the point is evaluated (a layer already that sparse is not: no change)."""
+        return ratio > self.result.start.get(name, 0.0) + 1e-9
+
+    def _layer(self, name: str, progress: Progress, value_of: ValueOf) -> None:
         try:
             if self.prefix is None:
-                self._ratios(name, progress)
+                self._ratios(name, progress, value_of)
                 return
             with self.prefix.replaying(name):
-                self._ratios(name, progress)
+                self._ratios(name, progress, value_of)
         finally:
-            self.ladder.forget()
+            self.measure.forget()
 
-    def _ratios(self, name: str, progress: Progress) -> None:
+    def _ratios(self, name: str, progress: Progress, value_of: ValueOf) -> None:
         res = self.result
-        sign = 1.0 if res.higher_is_better else -1.0
         # The proxy's input-blind level: a layer down there has collapsed.
         floor = self.evaluate.floor_at(name) if isinstance(self.evaluate, Proxy) else None
         for i, ratio in enumerate(res.ratios):
-            evaluated = ratio > res.start.get(name, 0.0) + 1e-9
-            # Already that sparse: pruning would change nothing, so nothing to evaluate.
-            value = self.evaluate_at(name, ratio) if evaluated else res.baseline
-            res.evaluations += evaluated
-            res.curves[name][i] = value
-            res.seconds = time.perf_counter() - self.start
-            stop = self.early_stop is not None and sign * (res.baseline - value) > self.early_stop
-            collapsed = evaluated and _collapsed(value, floor, res.baseline)
-            last = stop or collapsed or i == len(res.ratios) - 1
-            if collapsed and not stop and i < len(res.ratios) - 1:
-                self._fill(name, i, value, floor)
-                progress.total -= len(res.ratios) - 1 - i
-            progress.step(res, name, last, evaluated)
-            if self.callback is not None:
-                self.callback(res, name, ratio)
-            if stop:
-                res.notes.append(
-                    f"{name}: early stop after ratio {ratio:g} (drop above {self.early_stop:g})."
-                )
-            if last:
+            evaluated = self.evaluated(name, ratio)
+            value = value_of(name, i, ratio) if evaluated else res.baseline
+            if self._record(name, i, value, evaluated, floor, progress):
                 break
         nan = [f"{r:g}" for r, v in zip(res.ratios, res.curves[name], strict=True) if v != v]
         if nan:
@@ -318,6 +299,30 @@ class _Run:
                 f"{name}: evaluate returned NaN at ratio {', '.join(nan)} (recorded as measured; "
                 "suggestions treat the layer as collapsed there)."
             )
+
+    def _record(
+        self, name: str, i: int, value: float, evaluated: bool, floor: float | None, progress: Any
+    ) -> bool:
+        """Record point ``i`` of layer ``name``; whether it is the layer's last."""
+        res, ratio = self.result, self.result.ratios[i]
+        sign = 1.0 if res.higher_is_better else -1.0
+        res.evaluations += evaluated
+        res.curves[name][i] = value
+        res.seconds = time.perf_counter() - self.start
+        stop = self.early_stop is not None and sign * (res.baseline - value) > self.early_stop
+        collapsed = evaluated and _collapsed(value, floor, res.baseline)
+        last = stop or collapsed or i == len(res.ratios) - 1
+        if collapsed and not stop and i < len(res.ratios) - 1:
+            self._fill(name, i, value, floor)
+            progress.total -= len(res.ratios) - 1 - i
+        progress.step(res, name, last, evaluated)
+        if self.callback is not None:
+            self.callback(res, name, ratio)
+        if stop:
+            res.notes.append(
+                f"{name}: early stop after ratio {ratio:g} (drop above {self.early_stop:g})."
+            )
+        return last
 
     def _fill(self, name: str, i: int, value: float, floor: float) -> None:
         """Fill the ratios above ``i`` with ``value``: the layer collapsed, more cannot help."""
