@@ -26,10 +26,9 @@ from torch import nn
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import layer_units
-from nbcompress.engine.prune.prune import prune_, prune_ratios_
-from nbcompress.engine.sensitivity.entries import prune_in_trial, trial_pruning
+from nbcompress.engine.prune.prune import prune_
+from nbcompress.engine.sensitivity.entries import trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
-    call_evaluate,
     check_sweep_options,
     layer_sparsity,
     measuring,
@@ -39,6 +38,7 @@ from nbcompress.engine.sensitivity.evaluate import (
     spent,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, verified
+from nbcompress.engine.sensitivity.measure import Measure
 
 __all__ = ["Refinement", "check_budget", "refine"]
 
@@ -179,7 +179,9 @@ def refine(
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
     selected, _ = select_sweep_layers(model, layers, types, None, granularity)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
-    search.pruning = trial_pruning(model, selected, method, example_inputs, reconstruct)
+    pruning = trial_pruning(model, selected, method, example_inputs, reconstruct)
+    where = "while refining an allocation"
+    search.measured = Measure(model, selected, granularity, evaluate, pruning, where=where)
     with verified(model, Fingerprint.of(model), "refine"):
         named = {
             "uniform L1": dict.fromkeys(selected, target),
@@ -255,7 +257,10 @@ class _Search:
         self.evaluations = 0
         self.best: tuple[int, ...] = ()
         self.value = -math.inf
-        self.pruning: dict[str, Any] = {}
+        self.measured: Measure | None = None  # how one allocation is pruned and evaluated
+        # Values measured ahead on an executor's workers (raw), used when the search asks.
+        self.prefetched: dict[tuple[int, ...], float] = {}
+        self.remote: Any = None
 
     def check_candidates(self, candidates: Any) -> dict[str, dict[str, float]]:
         if candidates is None:
@@ -298,16 +303,16 @@ class _Search:
     def measure(self, counts: tuple[int, ...]) -> float:
         """Metric of an allocation, signed so that larger is better; measured once."""
         if counts not in self.cache:
-            ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
-            with layer_trial(self.model, {n: self.layers[n] for n in ratios}) as t:
-                if ratios and self.pruning.get("reconstruct"):
-                    prune_ratios_(self.model, ratios, granularity=self.granularity, **self.pruning)
-                elif ratios:
-                    prune_in_trial(self.model, t, ratios, self.granularity, **self.pruning)
-                value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
+            value = self.prefetched.pop(counts, None)
+            if value is None:
+                value = self.measured(self.pruned(counts))
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value
         return self.cache[counts]
+
+    def pruned(self, counts: tuple[int, ...]) -> dict[str, float]:
+        """The layers an allocation prunes, and their fractions."""
+        return {n: r for n, r in self.ratios(counts).items() if r > 0}
 
     def candidates(self, named: dict[str, dict[str, float]]) -> tuple[tuple[int, ...], float, str]:
         """Measure every feasible candidate; the best one (first on ties) and its name."""
