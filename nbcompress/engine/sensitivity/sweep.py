@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from nbcompress.engine.core.capture import captured_inputs
+from nbcompress.engine.core.distribute import resolve_executor
 from nbcompress.engine.core.heads import remember_inputs
 from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.validation import as_inputs, check_module
@@ -48,6 +50,7 @@ from nbcompress.engine.sensitivity.progress import (
     run_all,
 )
 from nbcompress.engine.sensitivity.registry import remember
+from nbcompress.engine.sensitivity.remote import refuse_remote, sweep_on_executor
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
 __all__ = ["DEFAULT_RATIOS", "sensitivity"]
@@ -82,6 +85,8 @@ def sensitivity(
     method: str = "l1",
     reconstruct: bool = False,
     remove: bool = False,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
 ) -> SensitivityResult:
     """Prune each layer alone by L1 at each ratio, evaluate, and restore it bit-exactly.
 
@@ -125,7 +130,20 @@ def sensitivity(
             the calibration inputs (slow: a solve per point).
         remove: Sweep coupled channel groups by physical removal instead of layers
             (``granularity="channel"`` and ``example_inputs`` required; default ratios
-            0.1-0.9): see :mod:`~nbcompress.engine.sensitivity.groups`.
+            0.1-0.9): see :mod:`~nbcompress.engine.sensitivity.groups`. Runs serially.
+        executor: Evaluate the points on this :class:`concurrent.futures.Executor`'s
+            workers (a dask ``Client(...).get_executor()``, a ``ProcessPoolExecutor``) or
+            on the dask scheduler at this address (``"tcp://host:8786"``). The model,
+            ``evaluate`` and the pruning settings are shipped once per worker; each worker
+            prunes its own copy, the live model is never touched. The result is identical
+            to the serial sweep's (same points, values, order and notes, plus one note
+            saying where it ran): points come back in any order and are recorded in the
+            serial order, so ``callback`` and progress lines follow that order as points
+            complete, and with ``early_stop`` (or the proxy's collapse) a layer's later
+            points evaluated ahead are dropped. ``evaluate`` must depend on the model only
+            (seed any randomness inside it). The baseline and the calibration run here.
+        workers: Start a local dask cluster of this many worker processes on 127.0.0.1
+            for the call (a process pool without dask) and close it after; 1: serial.
 
     Calibration inputs of ``"wanda"`` and ``reconstruct`` are ``example_inputs``, else
     the batches ``evaluate`` feeds the model on the unpruned model (recorded, not copied;
@@ -144,6 +162,7 @@ def sensitivity(
     """
     check_module(model)
     if remove:
+        refuse_remote(executor, workers, "remove=True (the sweep over channel groups)")
         # locals() here are exactly sensitivity()'s arguments by name (nothing else is bound yet).
         return _group_sweep(model, evaluate, ratios, locals())
     ratio_list = check_ratios(ratios, DEFAULT_RATIOS)
@@ -165,9 +184,12 @@ def sensitivity(
     guessed = not include_output and output_layers(model).guessed
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
-    with verified(model, fingerprint, "sensitivity") as check, measuring(model):
-        prefix = Prefix(model, inputs, selected) if evaluate is None else None
-        proxy = Proxy(model, inputs, prefix.output) if prefix else None
+    with (
+        resolve_executor(executor, workers) as pool,  # None: here; a cluster of ours closes
+        verified(model, fingerprint, "sensitivity") as check,
+        measuring(model),
+    ):
+        prefix, proxy = _proxy(model, inputs, selected, evaluate, pool)
         start = time.perf_counter()
         with captured_inputs(model) as seen:
             baseline = proxy(model) if proxy else call_evaluate(evaluate, model, BASE, trained)
@@ -185,22 +207,32 @@ def sensitivity(
             macs=layer_macs(model, selected, inputs),
             metric=metric or (proxy.name if proxy else metric_name(evaluate)),
             higher_is_better=bool(higher_is_better), proxy=proxy is not None,
-            granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
+            granularity=granularity, evaluations=1, seconds=0.0, complete=False,
+            notes=notes + ([proxy.note] if proxy is not None and proxy.note else []),
             start={n: layer_sparsity(m, granularity) for n, m in selected.items()},
             method=method, reconstruct=bool(reconstruct),
         )  # fmt: skip
         result.calibration = calibration
-        if proxy is not None and proxy.note:
-            result.notes.append(proxy.note)
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
-        run.prefix = prefix
         pruning = trial_pruning(model, selected, method, calibration, reconstruct)
-        run.measure = Measure(model, selected, granularity, run.evaluate, pruning, sorted_l1=True)
-        run.sweep(Progress(progress, len(selected) * len(ratio_list)))
+        run.sweep_on(pool, prefix, pruning, progress)
     run.verified_notes()
     return result
+
+
+def _proxy(
+    model: nn.Module, inputs: Any, selected: dict[str, nn.Module], evaluate: Any, pool: Any
+) -> tuple[Prefix | None, Proxy | None]:
+    """The replay of forwards and the proxy metric (both ``None`` with an ``evaluate``).
+
+    On an executor there is no replay: the workers run full forwards (the same values).
+    """
+    if evaluate is not None:
+        return None, None
+    prefix = Prefix(model, inputs, selected) if pool is None else None
+    return prefix, Proxy(model, inputs, prefix.output if prefix else None)
 
 
 def _group_sweep(model: nn.Module, evaluate: Any, ratios: Any, given: dict) -> SensitivityResult:
@@ -253,6 +285,21 @@ class _Run:
             )
         if self.interrupted:
             res.notes[self.interrupted - 1] += " The model is restored (verified by checksum)."
+
+    def sweep_on(
+        self, executor: Executor | None, prefix: Prefix | None, pruning: dict, progress: bool
+    ) -> None:
+        """Sweep here (with ``prefix``'s replay) or on ``executor``'s workers.
+
+        ``pruning``: how each point prunes (from ``trial_pruning``).
+        """
+        g, res, self.prefix = self.result.granularity, self.result, prefix
+        self.measure = Measure(self.model, self.selected, g, self.evaluate, pruning, sorted_l1=True)
+        lines = Progress(progress, len(res.layers) * len(res.ratios))
+        if executor is None:
+            self.sweep(lines)
+        else:
+            sweep_on_executor(self, executor, lines)
 
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
