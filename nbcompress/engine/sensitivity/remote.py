@@ -192,7 +192,7 @@ def sweep_on_executor(run: Any, executor: Executor, progress: Any) -> None:
         finally:
             feeder.close_batch()
             run.trained |= feeder.trained
-    res.notes.append(ran_on(dispatch, feeder.extra, feeder.buffers))
+    run.last_notes.append(ran_on(dispatch, feeder.extra, feeder.buffers))
 
 
 def _outcome(out: Any, what: str, buffers: set[str]) -> float | BaseException:

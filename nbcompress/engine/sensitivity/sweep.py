@@ -273,6 +273,7 @@ class _Run:
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
     prefix: Prefix | None = None
     measure: Measure | None = None  # how a point is pruned and evaluated
+    last_notes: list[str] = field(default_factory=list)  # e.g. where the points ran
 
     def verified_notes(self) -> None:
         """Notes that need the model checked first (the sweep is over and it matched)."""
@@ -285,6 +286,7 @@ class _Run:
             )
         if self.interrupted:
             res.notes[self.interrupted - 1] += " The model is restored (verified by checksum)."
+        res.notes.extend(self.last_notes)
 
     def sweep_on(
         self, executor: Executor | None, prefix: Prefix | None, pruning: dict, progress: bool
@@ -308,10 +310,7 @@ class _Run:
     def sweep(self, progress: Progress, value_of: ValueOf | None = None) -> None:
         """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured.
 
-        Args:
-            progress: The progress lines.
-            value_of: Where a point's value comes from: ``value_of(layer, i, ratio)``
-                (an executor's results, :mod:`.remote`); default: evaluated here.
+        ``value_of(layer, i, ratio)``: where values come from (default: evaluated here).
         """
         local = lambda name, i, ratio: self.evaluate_at(name, ratio)  # noqa: E731
         each = lambda name: self._layer(name, progress, value_of or local)  # noqa: E731
