@@ -98,3 +98,63 @@ def test_reconstruct_with_calibration_inputs_reaches_every_trial(ns):
     assert_same_state(model, before)
     prune_ratios_(model, result.best().ratios, example_inputs=ns.user_ns["xcal"], reconstruct=True)
     assert result.best().metric == ns.user_ns["evaluate"](model)
+
+
+def test_executor_names_a_pool_in_the_namespace_and_the_model_is_left(ns):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    model, evaluate = ns.user_ns["model"], ns.user_ns["evaluate"]
+    before = snapshot(model)
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        ns.user_ns["pool"] = pool
+        result = magic(ns, "model --eval evaluate --target-sparsity 0.7 --trials 4 --seed 0 "
+                       "--executor pool")  # fmt: skip
+    assert len(result.completed()) == 4
+    assert evaluate.calls == 0  # measured on the workers' copies
+    assert_same_state(model, before)
+
+
+def test_workers_starts_a_cluster_for_the_call_and_says_so(ns, monkeypatch, capsys):
+    from nbcompress.engine.core import cluster
+
+    monkeypatch.setattr(cluster, "_dask", lambda: None)  # the no-dask fallback: a process pool
+    model = ns.user_ns["model"]
+    before = snapshot(model)
+    result = magic(ns, "model --eval evaluate --target-sparsity 0.7 --trials 4 --workers 2")
+    assert len(result.completed()) == 4 and ns.user_ns["evaluate"].calls == 0
+    assert "using a pool of 2 processes" in capsys.readouterr().err
+    assert_same_state(model, before)
+
+
+def _free_address() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "option, match",
+    [
+        ("--workers 0", r"--workers 2"),
+        ("--workers two", r"--workers: invalid int value"),
+        ("--executor nope", r"^--executor: 'nope' is not defined"),
+        ("--executor evaluate", r"^--executor: expected a concurrent\.futures\.Executor"),
+        ("--executor pool --workers 2", r"^--workers: pass either"),
+    ],
+)
+def test_bad_scale_out_options_are_one_usage_error_line(ns, option, match):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        ns.user_ns["pool"] = pool
+        assert_refused(ns, "search", f"model --eval evaluate --target-sparsity 0.5 {option}", match)
+
+
+def test_an_executor_address_that_does_not_answer_is_one_usage_error_line(ns):
+    pytest.importorskip("distributed")
+    address = _free_address()
+    line = f"model --eval evaluate --target-sparsity 0.5 --executor {address}"
+    assert_refused(ns, "search", line, f"^--executor: no dask scheduler answers at {address}")

@@ -166,8 +166,9 @@ def resolve_executor(
 
     Args:
         executor: ``None`` (a local cluster if ``workers`` > 1, else this process), any
-            :class:`concurrent.futures.Executor` (used as given, not closed), or the
-            address of a running dask scheduler such as ``"tcp://10.0.0.5:8786"``.
+            :class:`concurrent.futures.Executor` or dask ``Client`` (used as given, not
+            closed), or the address of a running dask scheduler such as
+            ``"tcp://10.0.0.5:8786"``.
         workers: Worker processes of a local cluster (dask ``LocalCluster``, or a process
             pool when dask is not installed); 1 or ``None`` runs in this process.
 
@@ -195,6 +196,9 @@ def resolve_executor(
         )
     if isinstance(executor, Executor):
         yield executor
+        return
+    if callable(getattr(executor, "get_executor", None)):  # a dask Client
+        yield executor.get_executor(pure=False)
         return
     if not isinstance(executor, str):
         raise TypeError(

@@ -1,22 +1,29 @@
-"""One search: ask the sampler, prune on a restored model, measure, tell; memoised."""
+"""One search: ask the sampler, prune on a restored model, measure, tell; memoised.
+
+Trials are asked in batches and measured here or on an executor's workers
+(:class:`~nbcompress.engine.core.distribute.Dispatch`); the same batches give the same study.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from nbcompress.engine.core.distribute import Dispatch
 from nbcompress.engine.core.history import trial as temporary
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.search.result import SearchTrial
 from nbcompress.engine.search.space import MAX_RATIO, MIN_KEEP, Space, project
 
-__all__ = ["Runner", "quiet_threads"]
+__all__ = ["Bench", "Runner", "measure", "quiet_threads"]
 
 
 class _Failed(Exception):
@@ -42,8 +49,54 @@ def quiet_threads(enabled: bool = True) -> Iterator[None]:
         yield
 
 
+@dataclass
+class Bench:
+    """What every trial needs besides its ratios; shipped once to each worker."""
+
+    model: nn.Module
+    evaluate: Callable[[nn.Module], float]
+    names: tuple[str, ...]
+    prune_opts: dict[str, Any]
+
+
+def measure(bench: Bench, ratios: list[float]) -> float:
+    """``evaluate`` on the model pruned to ``ratios``, then restored bit-exactly.
+
+    The one measuring step of a search, run here or on a worker (on its copy of the
+    model). A failure of ``evaluate`` (or a non-finite metric) raises ``_Failed`` with one line.
+    """
+    named = {n: r for n, r in zip(bench.names, ratios) if r > 0}
+    try:
+        with temporary(bench.model) as guard:
+            # Everything, not only the pruned weights: evaluate may fine-tune or update
+            # BatchNorm statistics, and nothing may leak into the next trial.
+            guard.save(bench.model, recurse=True)
+            if named:
+                prune_ratios_(bench.model, named, **bench.prune_opts)
+            value = bench.evaluate(bench.model)
+    except Exception as err:  # noqa: BLE001 - a failing trial is recorded, not fatal
+        raise _Failed(f"{type(err).__name__}: {err}".splitlines()[0]) from err
+    return _as_metric(value)
+
+
+@dataclass
+class _Asked:
+    """A trial asked in a batch, until it is told."""
+
+    trial: Any
+    ratios: list[float]
+    sparsity: float
+    key: tuple[float, ...]
+    hit: bool = True  # measured earlier (memo or the same batch), not for this trial
+
+
 class Runner:
-    """Runs the trials of one study on one model; every trial on a restored model."""
+    """Runs the trials of one study on one model; every trial on a restored model.
+
+    Trials are asked in batches, measured through ``dispatch`` (in this process on the
+    live model, or on workers' copies) and told in trial order, so a batch gives the same
+    study whether it is measured here or on an executor.
+    """
 
     def __init__(
         self,
@@ -54,8 +107,9 @@ class Runner:
         objectives: tuple[str, ...],
         prune_opts: dict[str, Any],
     ) -> None:
-        self.model, self.evaluate, self.space = model, evaluate, space
-        self.target, self.objectives, self.prune_opts = target, objectives, prune_opts
+        self.space, self.target, self.objectives = space, target, objectives
+        self.bench = Bench(model, evaluate, space.names, prune_opts)
+        self.dispatch = Dispatch(None, self.bench)
         self.memo: dict[tuple[float, ...], float] = {}
         self.first_error: str | None = None
         self.completed = self.failed = 0
@@ -74,54 +128,81 @@ class Runner:
             if t.state.name == "COMPLETE" and "ratios" in t.user_attrs:
                 self.memo[_key(t.user_attrs["ratios"])] = t.user_attrs["metric"]
 
-    def measure(self, ratios: list[float]) -> tuple[float, bool]:
-        """``evaluate`` on the model pruned to ``ratios``, then restored; (metric, memo hit)."""
-        key = _key(ratios)
-        if key in self.memo:
-            return self.memo[key], True
-        named = {n: r for n, r in zip(self.space.names, ratios) if r > 0}
-        try:
-            with temporary(self.model) as guard:
-                # Everything, not only the pruned weights: evaluate may fine-tune or update
-                # BatchNorm statistics, and nothing may leak into the next trial.
-                guard.save(self.model, recurse=True)
-                if named:
-                    prune_ratios_(self.model, named, **self.prune_opts)
-                value = self.evaluate(self.model)
-        except Exception as err:  # noqa: BLE001 - a failing trial is recorded, not fatal
-            raise _Failed(f"{type(err).__name__}: {err}".splitlines()[0]) from err
-        metric = _as_metric(value)
-        self.memo[key] = metric
-        return metric, False
-
     def values(self, metric: float, sparsity: float) -> list[float]:
         """The objective values told to the study, in ``objectives`` order."""
         return [metric if o == "metric" else sparsity for o in self.objectives]
 
-    def step(self, study: Any) -> SearchTrial:
-        """Ask, measure and tell one trial; a Ctrl-C marks it failed and propagates."""
-        optuna_trial = None
+    def ask(self, study: Any, count: int) -> list[_Asked]:
+        """Ask ``count`` trials and propose their ratios (nothing is told in between)."""
+        trials: list[Any] = []
+        proposals: list[list[float]] = []
         try:
             with quiet_threads(self.limit_threads):
-                optuna_trial = study.ask()
-                ratios = self.propose(optuna_trial)
-            sparsity = self.space.sparsity(ratios)
-            optuna_trial.set_user_attr("ratios", ratios)
-            optuna_trial.set_user_attr("sparsity", sparsity)
-            try:
-                metric, hit = self.measure(ratios)
-            except _Failed as err:
-                return self._fail(study, optuna_trial, ratios, sparsity, str(err))
-            optuna_trial.set_user_attr("metric", metric)
-            optuna_trial.set_user_attr("memo", hit)
-            with quiet_threads(self.limit_threads):
-                study.tell(optuna_trial, self.values(metric, sparsity))
-        except KeyboardInterrupt:
-            if optuna_trial is not None:
-                _tell_failed(study, optuna_trial)
+                for _ in range(count):
+                    trials.append(study.ask())
+                    proposals.append(self.propose(trials[-1]))
+        except BaseException:
+            for trial in trials:
+                _tell_failed(study, trial)
             raise
+        asked = []
+        for trial, ratios in zip(trials, proposals):
+            asked.append(_Asked(trial, ratios, self.space.sparsity(ratios), _key(ratios)))
+            trial.set_user_attr("ratios", ratios)
+            trial.set_user_attr("sparsity", asked[-1].sparsity)
+        return asked
+
+    def batch(self, study: Any, count: int) -> Iterator[SearchTrial]:
+        """Ask ``count`` trials, measure the new allocations, tell each trial in order.
+
+        Yields each finished trial as soon as it and every trial before it are measured.
+        A Ctrl-C (or closing the iterator) tells the measured trials and fails the others.
+        """
+        asked = self.ask(study, count)
+        found: dict[tuple[float, ...], Any] = {}
+        todo: dict[tuple[float, ...], list[float]] = {}
+        for a in asked:
+            if a.key in self.memo:
+                found[a.key] = self.memo[a.key]
+            elif a.key not in todo:  # a duplicate in the batch is measured once
+                todo[a.key], a.hit = a.ratios, False
+        keys, told = list(todo), 0
+        try:
+            with contextlib.closing(self.dispatch.run(measure, list(todo.values()))) as runs:
+                # A last pass with no result tells trials that need none (memo hits).
+                for index, outcome in itertools.chain(runs, [(None, None)]):
+                    if index is not None:
+                        found[keys[index]] = outcome
+                    while told < len(asked) and asked[told].key in found:
+                        finished = self.tell(study, asked[told], found[asked[told].key])
+                        told += 1
+                        yield finished
+        except BaseException:
+            for a in asked[told:]:
+                with contextlib.suppress(Exception):  # already told (Ctrl-C inside tell)
+                    if a.key in found:
+                        self.tell(study, a, found[a.key])
+                    else:
+                        _tell_failed(study, a.trial)
+            raise
+
+    def tell(self, study: Any, asked: _Asked, outcome: Any) -> SearchTrial:
+        """Tell one trial its metric (or its failure) and record it."""
+        trial, ratios, sparsity = asked.trial, asked.ratios, asked.sparsity
+        if isinstance(outcome, BaseException):
+            error = str(outcome) if isinstance(outcome, _Failed) else _one_line(outcome)
+            self.failed += 1
+            self.first_error = self.first_error or error
+            trial.set_user_attr("error", error)
+            _tell_failed(study, trial)
+            return self.record(trial.number, ratios, sparsity, None, error)
+        self.memo[asked.key] = outcome
+        trial.set_user_attr("metric", outcome)
+        trial.set_user_attr("memo", asked.hit)
+        with quiet_threads(self.limit_threads):
+            study.tell(trial, self.values(outcome, sparsity))
         self.completed += 1
-        return self.record(optuna_trial.number, ratios, sparsity, metric)
+        return self.record(trial.number, ratios, sparsity, outcome)
 
     def record(self, number: int, ratios: list[float], sparsity: float, metric: float | None,
                error: str | None = None) -> SearchTrial:  # fmt: skip
@@ -135,13 +216,9 @@ class Runner:
             error=error,
         )
 
-    def _fail(self, study: Any, optuna_trial: Any, ratios: list[float], sparsity: float,
-              error: str) -> SearchTrial:  # fmt: skip
-        self.failed += 1
-        self.first_error = self.first_error or error
-        optuna_trial.set_user_attr("error", error)
-        _tell_failed(study, optuna_trial)
-        return self.record(optuna_trial.number, ratios, sparsity, None, error)
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".splitlines()[0]
 
 
 def _as_metric(value: Any) -> float:

@@ -6,12 +6,14 @@ import contextlib
 import json
 import numbers
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.core.validation import check_module
+from nbcompress.engine.core.distribute import Dispatch, check_workers, resolve_executor
+from nbcompress.engine.core.validation import check_module, positive_int
 from nbcompress.engine.prune.masks import GRANULARITIES
 from nbcompress.engine.search.result import SearchResult, SearchTrial
 from nbcompress.engine.search.run import Runner, collect
@@ -117,6 +119,9 @@ def search(
     example_inputs: Any = None,
     reconstruct: bool = False,
     callback: Callable[[SearchTrial, int, int], None] | None = None,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
+    batch: int | None = None,
 ) -> SearchResult:
     """Search per-layer pruning ratios by measuring whole allocations.
 
@@ -163,6 +168,18 @@ def search(
             failed) as ``callback(trial, done, total)`` with this call's count of finished
             trials and ``n_trials`` — a live view draws from it. What it raises stops the
             search (the finished trials are kept in the storage; the model is restored).
+        executor: Where trials are measured: a ``concurrent.futures.Executor`` (e.g. a
+            dask ``Client(...).get_executor()`` or a ``ProcessPoolExecutor``) or a dask
+            scheduler address (``"tcp://host:8786"``). The model, ``evaluate`` and the
+            calibration inputs are pickled once (cloudpickle: notebook functions travel) and
+            sent once per worker; each worker prunes its own copy, so the model here is
+            never touched. The sampler stays in this process.
+        workers: Start a local dask cluster of this many processes on 127.0.0.1 for the
+            call and close it after (a process pool if dask is not installed); 1 or
+            ``None`` measures here.
+        batch: Trials asked before any is told, measured at once on the workers (default:
+            the number of workers; 1 without executor). The same seed and ``batch`` give
+            the same trials with or without an executor.
 
     Returns:
         The trials; ``.interrupted`` is set if Ctrl-C stopped the search (finished trials
@@ -171,16 +188,14 @@ def search(
     Raises:
         ImportError: optuna is not installed (the ``search`` extra).
         TypeError, ValueError: Bad input (one line naming the argument); the model is
-            untouched. ValueError also when every trial failed (naming ``evaluate``).
+            untouched. ValueError also when every trial failed (naming ``evaluate``), or
+            when no dask scheduler answers at ``executor``.
+        RuntimeError: A worker died twice while measuring the same trial.
     """
     check_module(model)
     _check_options(evaluate, sampler, n_trials, method, granularity, seed, storage)
     _check_calibration(method, reconstruct, example_inputs)
-    if callback is not None and not callable(callback):
-        raise TypeError(
-            f"callback: expected a function (trial, done, total) -> None, got "
-            f"{type(callback).__name__}."
-        )
+    _check_scale_out(callback, workers, batch)
     target = _check_target(target_sparsity)
     objs = _check_objectives(objectives, target)
     space = Space.of(model, layers, granularity)
@@ -200,7 +215,10 @@ def search(
         runner.remember(study)
         if warm_start and target is not None and not study.trials:
             _enqueue_warm_start(study, model, space, target)
-        interrupted = _run(runner, study, n_trials, progress, callback)
+        with resolve_executor(executor, workers) as where, Dispatch(where, runner.bench) as on:
+            runner.dispatch = on
+            size = on.workers if batch is None else batch
+            interrupted = _run(runner, study, n_trials, size, progress, callback)
     if not interrupted and runner.failed and not runner.completed:
         raise ValueError(
             f"evaluate: failed on every trial ({runner.failed}); the first error was "
@@ -218,6 +236,17 @@ def search(
     )
 
 
+def _check_scale_out(callback: Any, workers: Any, batch: Any) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"callback: expected a function (trial, done, total) -> None, got "
+            f"{type(callback).__name__}."
+        )
+    check_workers(workers)
+    if batch is not None:
+        positive_int(batch, "batch", "batch=2 (trials measured at once)")
+
+
 def _short_hash(text: str) -> str:
     import hashlib
 
@@ -232,23 +261,26 @@ def _enqueue_warm_start(study: Any, model: nn.Module, space: Space, target: floa
         study.enqueue_trial(params, skip_if_exists=True)
 
 
-def _run(runner: Runner, study: Any, n_trials: int, progress: bool,
+def _run(runner: Runner, study: Any, n_trials: int, batch: int, progress: bool,
          callback: Callable[[SearchTrial, int, int], None] | None = None) -> bool:  # fmt: skip
-    """Run ``n_trials`` trials; True if Ctrl-C stopped them."""
+    """Run ``n_trials`` trials, ``batch`` at a time; True if Ctrl-C stopped them."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_trials, desc="search")
+    done = 0
     try:
-        for done in range(1, n_trials + 1):
-            finished = runner.step(study)
-            if callback is not None:
-                callback(finished, done, n_trials)
-            if bar is not None:
-                best = max(runner.memo.values(), default=None)
-                bar.set_postfix_str("" if best is None else f"best metric {best:.4g}")
-                bar.update(1)
+        while done < n_trials:
+            with contextlib.closing(runner.batch(study, min(batch, n_trials - done))) as told:
+                for finished in told:
+                    done += 1
+                    if callback is not None:
+                        callback(finished, done, n_trials)
+                    if bar is not None:
+                        best = max(runner.memo.values(), default=None)
+                        bar.set_postfix_str("" if best is None else f"best metric {best:.4g}")
+                        bar.update(1)
     except KeyboardInterrupt:
         return True
     finally:

@@ -44,7 +44,7 @@ _DASHED = (
     "layers types method scope granularity min_density seed target_sparsity max_drop objective "
     "refine stages ratios max_layers early_stop metric repeats backend mode calibrate round_to "
     "ignore heads ffn include_output remove rank energy val l1 lr epochs batch_size sampler "
-    "storage objectives warm_start"
+    "storage objectives warm_start executor workers"
 )
 _OPTION_NAMES = {
     **{k: "--" + k.replace("_", "-") for k in _DASHED.split()},

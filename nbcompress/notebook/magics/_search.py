@@ -29,7 +29,7 @@ def _extra_needed() -> Iterator[None]:
     try:
         yield
     except ImportError as err:
-        if "nbcompress[search]" not in str(err):
+        if "nbcompress[" not in str(err):  # the search or the dask extra
             raise
         raise UsageError(f"%search: {err}") from None
 
@@ -56,6 +56,8 @@ class SearchMagics(ModelMagics):
     @argument("--storage", help="A SQLite file (search.db): trials are kept; a rerun resumes.")
     @argument("--seed", type=seed_type, help="Seed of the sampler (same seed, same trials).")
     @argument("--no-warm-start", action="store_true", help="Skip uniform and global L1 first.")
+    @argument("--workers", type=at_least(1, "--workers 2"), help="Local dask cluster for the call.")
+    @argument("--executor", help="A dask scheduler address (tcp://host:8786) or an Executor.")
     @line_magic
     def search(self, line: str) -> SearchResult:
         """Search per-layer pruning ratios by measuring whole allocations (optuna).
@@ -68,7 +70,9 @@ class SearchMagics(ModelMagics):
         algorithm), ``--reconstruct --input xcal`` (every trial re-fits the kept weights on
         calibration rows, as the sensitivity default path does; ``result.apply_(model,
         result.best(), example_inputs=xcal)``). Every trial runs on a restored model: the
-        model is left as it was.
+        model is left as it was. ``--workers 2`` measures trials on a local dask cluster of
+        two processes started for the call (closed after); ``--executor tcp://host:8786`` on
+        a running scheduler (or ``--executor pool``, an Executor or dask Client).
         Ctrl-C keeps the finished trials; ``--storage search.db`` resumes them in a new
         kernel. Returns the :class:`~nbcompress.engine.search.result.SearchResult`:
         ``result.apply_(model, result.best())`` applies the best allocation (``%undo model``
@@ -78,13 +82,15 @@ class SearchMagics(ModelMagics):
         model = self.model(args.model)
         evaluate = self.value(args.evaluate, "--eval")
         calibration = self.optional(args.input, "--input")
+        where = args.executor  # an address, or an Executor / dask Client in the namespace
+        where = where if where is None or ":" in where else self.value(where, "--executor")
         with engine_errors({"--eval": evaluate}), _extra_needed():
             result = search(
                 model, evaluate, target_sparsity=args.target_sparsity, sampler=args.sampler,
                 n_trials=args.trials, layers=split_patterns(args.layers),
                 granularity=args.granularity, method=args.method, storage=args.storage,
                 seed=args.seed, warm_start=not args.no_warm_start, example_inputs=calibration,
-                reconstruct=args.reconstruct,
+                reconstruct=args.reconstruct, executor=where, workers=args.workers,
             )  # fmt: skip
         print(result)
         return result
