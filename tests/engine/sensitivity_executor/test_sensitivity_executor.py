@@ -235,3 +235,14 @@ def test_staged_pruning_on_a_pool_prunes_as_the_serial_stages(pool):
     nc.undo_(twin)
     nc.undo_(model)
     assert_same_state(twin, snapshot(model))
+
+
+def test_suggest_checks_and_refines_on_a_pool_as_serially(pool):
+    model, x, closeness = mlp_setup()
+    result = nc.sensitivity(model, closeness, progress=False, ratios=[0.3, 0.6, 0.9])
+    serial = result.suggest(0.6, evaluate=closeness, refine=8)
+    remote = result.suggest(0.6, evaluate=closeness, refine=8, executor=pool)
+    assert remote.ratios == serial.ratios and remote.measured == serial.measured
+    assert remote.refinement.steps == serial.refinement.steps
+    assert [n for n in remote.notes if not n.startswith(WHERE)] == serial.notes
+    assert any(n.startswith(WHERE) for n in remote.notes)
