@@ -26,7 +26,13 @@ WHERE = "Evaluated on 2 worker(s)"
 
 @pytest.fixture(scope="module")
 def pool():
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as p:
+    context = multiprocessing.get_context("forkserver")
+    # Workers fork from a server that imported torch once (not ~4 s of imports each), and
+    # torch._dynamo, which a first optimizer step imports (~3 s).
+    context.set_forkserver_preload(
+        ["torch", "torch._dynamo", "nbcompress.engine.sensitivity.remote"]
+    )
+    with ProcessPoolExecutor(2, mp_context=context) as p:
         yield p
 
 
