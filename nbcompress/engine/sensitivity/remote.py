@@ -125,10 +125,11 @@ class PointFeeder:
     def __init__(self, dispatch: Dispatch, points: list[tuple[str, int, float]]) -> None:
         self.dispatch = dispatch
         self.order = [(n, i) for n, i, _ in points]
+        self.position = {key: k for k, key in enumerate(self.order)}
         self.ratios = {(n, i): r for n, i, r in points}
         self.received: dict[tuple[str, int], Any] = {}
         self.used: set[tuple[str, int]] = set()
-        self.out: list[tuple[str, int]] = []  # sent in the current batch
+        self.out: list[tuple[str, int]] = []  # sent in the current batch, in its order
         self.batch: Iterator[tuple[int, Any]] | None = None
         self.trained: set[str] = set()
         self.buffers: set[str] = set()
@@ -136,8 +137,9 @@ class PointFeeder:
     def value_of(self, layer: str, i: int, ratio: float) -> float:
         """The metric of the sweep's point ``i`` of ``layer`` (waits for it)."""
         key = (layer, i)
+        at = self.position[key]
         if key not in self.received:
-            behind = [k for k in self.order[: self.order.index(key)] if self._awaited(k)]
+            behind = [k for k in self.out if self.position[k] < at and k not in self.received]
             if len(behind) > self.dispatch.workers:
                 self._send(key)  # not yet running: cancelled, and not sent again
         while key not in self.received:
@@ -154,12 +156,9 @@ class PointFeeder:
         self.trained.update(trained)
         return value
 
-    def _awaited(self, key: tuple[str, int]) -> bool:
-        return key in self.out and key not in self.received
-
     def _send(self, key: tuple[str, int]) -> None:
         self.close_batch()
-        self.out = [k for k in self.order[self.order.index(key) :] if k not in self.received]
+        self.out = [k for k in self.order[self.position[key] :] if k not in self.received]
         items = [{n: self.ratios[(n, i)]} for n, i in self.out]
         self.batch = _batches(self.dispatch, items)
 
@@ -208,7 +207,7 @@ class Ahead:
 
     Args:
         dispatch: The shipped :class:`~.measure.Measure`.
-        what: What an allocation is, for an error (e.g. ``"a refined allocation"``).
+        what: What an allocation is, for an error (``"an allocation measured ahead"``).
 
     Attributes:
         values: Key → value (or the error the serial search raises when it asks for it).
@@ -276,6 +275,6 @@ def measured_ahead(
             yield None
             return
         with Dispatch(pool, measure, what="evaluate") as dispatch:
-            ahead = Ahead(dispatch, measure.where)
+            ahead = Ahead(dispatch, "an allocation measured ahead")
             yield ahead
         notes.append(ahead.note())
