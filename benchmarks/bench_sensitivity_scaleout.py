@@ -12,15 +12,18 @@ value depends on the model alone (the condition for identical results on workers
 is the two hidden layers x 20 ratios = 40 evaluations (+ the baseline, measured in the
 notebook process either way).
 
-Arms, each a median of ``--repeats`` after one warm-up evaluation:
+Arms, after one warm-up evaluation, in ``--repeats`` interleaved rounds (this machine is
+shared: load hits every arm of a round alike), ratios as the median of the paired rounds:
 
-* **serial, 1 thread** and **serial, 2 threads** (torch's default here): ``sensitivity(m, f)``;
+* **serial, 1 thread** (and with ``--threads 1,2`` also 2 threads, torch's default here):
+  ``sensitivity(m, f)``;
 * **dask, 2 workers**: a ``LocalCluster`` of 2 single-threaded processes on 127.0.0.1
   (``resolve_executor(None, workers=2)``, what ``workers=2`` and ``%sensitivity --workers 2``
   start). Its start and close are timed apart; the first sweep (model and data shipped,
   worker-side first imports) is shown apart from the warm ones.
 
-Every arm's curves are checked bit for bit against the first serial sweep.
+Every sweep's curves are checked bit for bit against a first serial sweep. The load average
+is printed at start and end: figures taken under load are not this machine's best.
 
 Usage::
 
@@ -95,9 +98,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--copies", type=int, default=4)
-    parser.add_argument("--threads", default="1,2", help="Serial arms' torch threads.")
+    parser.add_argument("--threads", default="1", help="Serial arms' torch threads, e.g. 1,2.")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} (2 cores)")
+    threads_arms = [int(t) for t in args.threads.split(",")]
 
     torch.set_num_threads(1)
     split = digits(8, seed=0)
@@ -112,39 +116,43 @@ def main() -> None:
     per_eval = statistics.median(times)
     print(f"one evaluation: {per_eval:.3f} s (1 thread, median of 3)")
 
-    rows, reference = {}, None
-    threads_arms = [int(t) for t in args.threads.split(",")]
-    for threads in threads_arms:
-        torch.set_num_threads(threads)
-        runs = [sweep(model, evaluate) for _ in range(args.repeats)]
-        reference = reference or runs[0][0]
-        assert all(same(r, reference) for r, _ in runs), "serial sweeps differ"
-        rows[f"serial, {threads} thread(s)"] = statistics.median(t for _, t in runs)
-        print(f"serial, {threads} thread(s): {[round(t, 2) for _, t in runs]} s")
-    torch.set_num_threads(1)  # the notebook process only records, the workers evaluate
-
+    reference = sweep(model, evaluate)[0]  # serial, 1 thread: what every arm must match
     start = time.perf_counter()
     with resolve_executor(None, workers=2) as pool:
         started = time.perf_counter() - start
-        runs = [sweep(model, evaluate, pool) for _ in range(args.repeats + 1)]
+        result, first = sweep(model, evaluate, pool)  # ships the model and data
+        identical = same(result, reference)
+        times: dict[str, list[float]] = {}
+        # Interleaved rounds: the machine's load (shared here) hits every arm alike.
+        for _ in range(args.repeats):
+            for threads in threads_arms:
+                torch.set_num_threads(threads)
+                result, seconds = sweep(model, evaluate)
+                identical &= same(result, reference)
+                times.setdefault(f"serial, {threads} thread(s)", []).append(seconds)
+            torch.set_num_threads(1)  # the notebook process only records; workers evaluate
+            result, seconds = sweep(model, evaluate, pool)
+            identical &= same(result, reference)
+            times.setdefault("dask 2 workers, warm", []).append(seconds)
         closing = time.perf_counter()
     closed = time.perf_counter() - closing
-    identical = all(same(r, reference) for r, _ in runs)
-    print(f"dask, 2 workers: {[round(t, 2) for _, t in runs]} s (first ships the state)")
+    for name, values in times.items():
+        print(f"{name}: {[round(t, 2) for t in values]} s")
     print(f"evaluations per sweep: {reference.evaluations - 1} (+ the baseline)")
-    first, warm = runs[0][1], statistics.median(t for _, t in runs[1:])
-    serial = rows[f"serial, {threads_arms[0]} thread(s)"]
-    other = rows[f"serial, {threads_arms[-1]} thread(s)"]
+    dask = times["dask 2 workers, warm"]
+    rows = {name: statistics.median(values) for name, values in times.items()}
+    rows["dask 2 workers, first sweep"] = first
+    rows["dask 2 workers, start + first sweep + close"] = started + first + closed
     print()
-    first_arm, last_arm = threads_arms[0], threads_arms[-1]
-    print(f"| arm | sweep (s) | vs serial {first_arm} thr | vs serial {last_arm} thr |")
-    print("|---|---|---|---|")
-    for name, value in [*rows.items(), ("dask 2 workers, warm", warm),
-                        ("dask 2 workers, first sweep", first),
-                        ("dask 2 workers, start + first sweep + close",
-                         started + first + closed)]:  # fmt: skip
-        print(f"| {name} | {value:.2f} | {serial / value:.2f}x | {other / value:.2f}x |")
+    print("| arm | sweep (s, median) | serial / arm (median of paired rounds) |")
+    print("|---|---|---|")
+    serial = times[f"serial, {threads_arms[0]} thread(s)"]
+    for name, value in rows.items():
+        paired = times.get(name, [value] * len(serial))
+        ratio = statistics.median(s / v for s, v in zip(serial, paired, strict=True))
+        print(f"| {name} | {value:.2f} | {ratio:.2f}x |")
     print(f"\ncluster start {started:.2f} s, close {closed:.2f} s; per evaluation {per_eval:.3f} s")
+    print(f"dask warm sweeps: {[round(t, 2) for t in dask]} s")
     print(f"results identical to serial (curves, baseline, evaluations): {identical}")
     print(f"load average at end: {os.getloadavg()[0]:.1f} (2 cores)")
 
