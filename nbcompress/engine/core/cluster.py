@@ -11,9 +11,10 @@ import contextlib
 import logging
 import multiprocessing
 import numbers
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any
 
@@ -103,6 +104,45 @@ def _dask() -> Any:
     return distributed
 
 
+def _environ_keeper() -> Callable[[], None]:
+    """Restores this process's environment as it is now (call it after dask's nannies ran).
+
+    They write ``OMP_NUM_THREADS=1`` and ``MALLOC_TRIM_THRESHOLD_`` into ``os.environ``
+    itself to spawn a worker, where every process started later (a process pool, a
+    compiler) would inherit them.
+    """
+    saved = dict(os.environ)
+
+    def restore() -> None:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+    return restore
+
+
+def _start_cluster(distributed: Any, workers: int) -> Any:
+    import dask
+
+    # dask's default MALLOC_TRIM_THRESHOLD_=65536 makes glibc hand memory back after every
+    # step: a fine-tuning evaluation then costs twice the CPU (measured, bench_scaleout.py).
+    untrimmed = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+    with dask.config.set(untrimmed):
+        return distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            # The scheduler serves HTTP (health, metrics) even without a dashboard, by
+            # default on 8787 of every interface: a free port on 127.0.0.1 lets notebooks
+            # run side by side. No retries by the scheduler: a worker that dies is
+            # reported and retried here, once.
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0", "allowed_failures": 0},
+            silence_logs=logging.CRITICAL,  # a death is reported here, in one line
+        )
+
+
 @contextlib.contextmanager
 def _local_cluster(workers: int) -> Iterator[Executor]:
     """A dask LocalCluster of ``workers`` single-threaded processes on 127.0.0.1."""
@@ -112,19 +152,11 @@ def _local_cluster(workers: int) -> Iterator[Executor]:
         with process_pool(workers) as pool:
             yield pool
         return
-    start = time.perf_counter()
-    cluster = distributed.LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        # The scheduler serves HTTP (health, metrics) even without a dashboard, by default
-        # on 8787 of every interface: a free port on 127.0.0.1 lets notebooks run side by side.
-        # No retries by the scheduler: a worker that dies is reported and retried here, once.
-        scheduler_kwargs={"dashboard_address": "127.0.0.1:0", "allowed_failures": 0},
-        silence_logs=logging.CRITICAL,  # a death is reported here, in one line
-    )
+    start, restore = time.perf_counter(), _environ_keeper()
+    try:
+        cluster = _start_cluster(distributed, workers)
+    finally:
+        restore()
     try:
         client = distributed.Client(cluster)
         say(
@@ -137,6 +169,7 @@ def _local_cluster(workers: int) -> Iterator[Executor]:
             client.close()
     finally:
         cluster.close()
+        restore()  # a nanny that restarted a worker wrote them again
 
 
 @contextlib.contextmanager

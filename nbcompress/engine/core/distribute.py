@@ -5,7 +5,8 @@ here, in order, on the live state. With one, the state is pickled once (cloudpic
 that classes and functions defined in a notebook travel by value) and sent once per worker
 process, not once per item: each task carries a token, a worker keeps the states it has
 unpickled by token, and a worker that lacks the token answers "missing" and gets the item
-again with the state. Only the first ``workers`` tasks carry it.
+again with the state. Only the first ``workers`` tasks carry it (on dask, a reference to
+the bytes, which are scattered to every worker once).
 
 A worker process that dies is reported in one line and its item retried once; what ``fn``
 raises on a worker comes back as the same exception, yielded with the item's index.
@@ -160,16 +161,27 @@ class Dispatch:
         self.workers = parallelism(executor)
         self.token = uuid.uuid4().hex
         self.payload = None if executor is None else _dumps(state, what)
+        self.shipped: Any = self.payload  # what a task carries to stand for the payload
+        client = getattr(executor, "_client", None)
+        if client is not None:
+            # dask: the bytes go to every worker once, and tasks carry a reference (a task
+            # carrying megabytes would make the graph large, and dask warns on every send).
+            self.shipped = client.scatter(self.payload, broadcast=True, hash=False)
         self._local: Any = None  # an unpickled copy, if a broken pool leaves us alone
         self._closed = False
 
     def run(
-        self, fn: Callable[[Any, T], R], items: Sequence[T]
+        self,
+        fn: Callable[[Any, T], R],
+        items: Sequence[T],
+        *,
+        labels: Sequence[str] | None = None,
     ) -> Iterator[tuple[int, R | Exception]]:
         """Yield ``(index, fn(state, item))`` as each finishes (the exception if ``fn`` raised).
 
         ``fn`` must be importable (a module-level function). Closing the iterator (or a
-        Ctrl-C) cancels the evaluations not yet finished.
+        Ctrl-C) cancels the evaluations not yet finished. ``labels`` name the items in
+        messages (``"trial 7"``; default ``"item <index>"``).
 
         Raises:
             RuntimeError: a worker died twice during the same item, or an evaluation could
@@ -184,7 +196,7 @@ class Dispatch:
                     result = err
                 yield index, result
             return
-        yield from _Run(self, fn, items)
+        yield from _Run(self, fn, items, labels)
 
     def run_here(self, fn: Callable, item: Any) -> Any:
         """One item in this process on a copy of the state (when the pool is gone)."""
@@ -205,7 +217,7 @@ class Dispatch:
         if client is not None:
             with contextlib.suppress(Exception):
                 client.run(_forget, self.token)
-        self.payload = self._local = None
+        self.payload = self.shipped = self._local = None
 
     def __enter__(self) -> Dispatch:
         return self
@@ -217,8 +229,10 @@ class Dispatch:
 class _Run:
     """One :meth:`Dispatch.run` over an executor: a window of tasks, retries, results."""
 
-    def __init__(self, dispatch: Dispatch, fn: Callable, items: list) -> None:
+    def __init__(self, dispatch: Dispatch, fn: Callable, items: list,
+                 labels: Sequence[str] | None) -> None:  # fmt: skip
         self.d, self.fn, self.items = dispatch, fn, items
+        self.labels = list(labels) if labels is not None else None
         self.pending: dict[cf.Future, tuple[int, int]] = {}
         self.deaths: collections.Counter[int] = collections.Counter()
         self.sent_payloads = 0
@@ -229,6 +243,9 @@ class _Run:
         pool = isinstance(executor, OwnedPool | cf.ProcessPoolExecutor)
         self.window = dispatch.workers * (1 if pool else 2)
 
+    def label(self, index: int) -> str:
+        return self.labels[index] if self.labels else f"item {index}"
+
     def submit(self, index: int, payload: bool = False) -> None:
         d = self.d
         ship = payload or self.sent_payloads < d.workers
@@ -238,7 +255,7 @@ class _Run:
             future: cf.Future = cf.Future()
             future.set_result(d.run_here(self.fn, self.items[index]))
         else:
-            args = (d.token, d.payload if ship else None, self.fn, self.items[index])
+            args = (d.token, d.shipped if ship else None, self.fn, self.items[index])
             future = d.executor.submit(run_task, *args, os.getpid(), self.deaths[index])
         self.pending[future] = (index, generation)
 
@@ -265,7 +282,7 @@ class _Run:
         except Exception as err:  # noqa: BLE001 - the worker, not fn (fn's errors are values)
             if not _died(err):
                 raise RuntimeError(
-                    f"{self.d.what}: item {index} could not be run on the executor "
+                    f"{self.d.what}: {self.label(index)} could not be run on the executor "
                     f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})."
                 ) from err
             self.retry(index, generation, err)
@@ -279,10 +296,10 @@ class _Run:
         self.deaths[index] += 1
         if self.deaths[index] > 1:
             raise RuntimeError(
-                f"{self.d.what}: a worker died twice during item {index} "
-                f"({type(err).__name__}); run that item without an executor to see why."
+                f"{self.d.what}: a worker died twice during {self.label(index)} "
+                f"({type(err).__name__}); run it without an executor to see why."
             )
-        say(f"{self.d.what}: a worker died during item {index}; retrying it once")
+        say(f"{self.d.what}: a worker died during {self.label(index)}; retrying it once")
         executor = self.d.executor
         if isinstance(err, cf.BrokenExecutor):
             if isinstance(executor, OwnedPool):

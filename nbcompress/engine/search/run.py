@@ -160,15 +160,17 @@ class Runner:
         """
         asked = self.ask(study, count)
         found: dict[tuple[float, ...], Any] = {}
-        todo: dict[tuple[float, ...], list[float]] = {}
+        todo: dict[tuple[float, ...], _Asked] = {}
         for a in asked:
             if a.key in self.memo:
                 found[a.key] = self.memo[a.key]
             elif a.key not in todo:  # a duplicate in the batch is measured once
-                todo[a.key], a.hit = a.ratios, False
+                todo[a.key], a.hit = a, False
         keys, told = list(todo), 0
         try:
-            with contextlib.closing(self.dispatch.run(measure, list(todo.values()))) as runs:
+            ratios = [a.ratios for a in todo.values()]
+            labels = [f"trial {a.trial.number}" for a in todo.values()]
+            with contextlib.closing(self.dispatch.run(measure, ratios, labels=labels)) as runs:
                 # A last pass with no result tells trials that need none (memo hits).
                 for index, outcome in itertools.chain(runs, [(None, None)]):
                     if index is not None:

@@ -62,3 +62,8 @@ def append_item(state: list, item: int) -> int:
     """Changes the state it is given: shows whether the caller's own object was used."""
     state.append(item)
     return len(state)
+
+
+def environment(state: Any, item: str) -> str | None:
+    """An environment variable as the worker process sees it."""
+    return os.environ.get(item)

@@ -51,6 +51,14 @@ def test_the_local_cluster_listens_on_127_0_0_1_only(dask_executor) -> None:
     assert 8787 not in {a.port for a in listening}  # the scheduler's HTTP on a free port
 
 
+def test_dask_settings_do_not_leak_into_this_process_or_slow_the_workers(dask_executor) -> None:
+    # The nannies write these into os.environ to spawn workers; the cluster puts it back.
+    assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    with Dispatch(dask_executor, None) as dispatch:
+        # Trimming after every free doubles the CPU of a fine-tuning evaluation.
+        assert _results(dispatch, h.environment, ["MALLOC_TRIM_THRESHOLD_"]) == [None]
+
+
 def test_results_are_bit_identical_to_serial_and_the_state_ships_once(dask_executor) -> None:
     model, x = mlp(), torch.randn(16, 16)
     serial = _results(Dispatch(None, (model, x)), h.forward, range(6))

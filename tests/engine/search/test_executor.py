@@ -153,3 +153,23 @@ def test_workers_one_runs_here_on_the_live_model() -> None:
     result = search(model, evaluate, target_sparsity=0.5, n_trials=3, seed=0, progress=False,
                     workers=1)  # fmt: skip
     assert evaluate.calls == 3 and len(result.completed()) == 3
+
+
+def test_a_worker_that_dies_is_named_by_its_trial_and_retried_once(tmp_path, capsys) -> None:
+    from nbcompress.engine.core.distribute import process_pool
+
+    model, fidelity = _mlp()
+    marker = tmp_path / "died"
+
+    def dies_once(m: torch.nn.Module) -> float:
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)  # the worker process dies in the middle of trial 0 (or 1)
+        return fidelity(m)
+
+    kw = dict(target_sparsity=0.5, n_trials=4, seed=0, progress=False, batch=2)
+    with process_pool(2) as executor:
+        result = search(model, dies_once, executor=executor, **kw)
+    _same(result, search(model, fidelity, **kw))
+    assert marker.exists()
+    assert "evaluate: a worker died during trial " in capsys.readouterr().err
