@@ -27,7 +27,7 @@ is printed at start and end: figures taken under load are not this machine's bes
 
 Usage::
 
-    python benchmarks/bench_sensitivity_scaleout.py [--repeats 3] [--copies 4] [--threads 1,2]
+    python benchmarks/bench_sensitivity_scaleout.py [--repeats 3] [--copies 6] [--threads 1,2]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def same(a, b) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--copies", type=int, default=6)
     parser.add_argument("--threads", default="1", help="Serial arms' torch threads, e.g. 1,2.")
     args = parser.parse_args()
     print(f"load average at start: {os.getloadavg()[0]:.1f} (2 cores)")

@@ -93,9 +93,11 @@ def _value(out: Any, what: str, buffers: set[str]) -> tuple[float, list[str]]:
     return value, trained
 
 
-def _batches(dispatch: Dispatch, items: list[dict[str, float]]) -> Iterator[tuple[int, Any]]:
+def _batches(
+    dispatch: Dispatch, items: list[dict[str, float]], labels: list[str]
+) -> Iterator[tuple[int, Any]]:
     """``dispatch.run`` of the worker function; its own failures as an EvaluationError."""
-    batch = dispatch.run(measure_on_worker, items)
+    batch = dispatch.run(measure_on_worker, items, labels=labels)
     try:
         while True:
             try:
@@ -160,7 +162,8 @@ class PointFeeder:
         self.close_batch()
         self.out = [k for k in self.order[self.position[key] :] if k not in self.received]
         items = [{n: self.ratios[(n, i)]} for n, i in self.out]
-        self.batch = _batches(self.dispatch, items)
+        labels = [f"layer {n} at ratio {self.ratios[(n, i)]:g}" for n, i in self.out]
+        self.batch = _batches(self.dispatch, items, labels)
 
     def close_batch(self) -> None:
         """Cancel the evaluations still out (the sweep is over, or restarts the batch)."""
@@ -222,7 +225,8 @@ class Ahead:
     def fetch(self, allocations: dict[Any, dict[str, float]]) -> None:
         """Measure these allocations (key → layer → fraction) at once on the workers."""
         todo = {k: a for k, a in allocations.items() if k not in self.values}
-        found: dict[int, Any] = dict(_batches(self.dispatch, list(todo.values())))
+        labels = [self.what] * len(todo)
+        found: dict[int, Any] = dict(_batches(self.dispatch, list(todo.values()), labels))
         for index, key in enumerate(todo):
             self.values[key] = _outcome(found[index], self.what, self.buffers)
         self.sent += len(todo)
