@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from IPython.core.error import UsageError
 
 import nbcompress as nc
@@ -11,7 +12,7 @@ from nbcompress.engine.sensitivity.registry import latest, latest_suggestion
 from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.staged import StagedReport
 from nbcompress.notebook.magics import _sensitivity
-from tests.helpers import assert_same_state, snapshot, zero_fraction
+from tests.helpers import assert_refused, assert_same_state, snapshot, zero_fraction
 from tests.sensitivity_helpers import mlp_with_agreement
 
 
@@ -235,3 +236,50 @@ def test_proxy_explorer_gets_the_input_so_evaluate_works(ns, monkeypatch):
     # Without the input the explorer has nothing to measure a proxy setting with.
     assert explorer.evaluate is not None
     assert explorer.evaluate(ns.user_ns["model"]) == pytest.approx(1.0)
+
+
+def test_workers_2_runs_the_sweep_and_its_refinement_on_a_local_dask_cluster(ns, capsys):
+    pytest.importorskip("distributed")
+    model = ns.user_ns["model"]
+    x = ns.user_ns["x"]
+    reference = model(x).detach()
+
+    def closeness(m):  # continuous, so that early stops and refinement moves happen
+        with torch.no_grad():
+            return -float(((m(x) - reference) ** 2).mean())
+
+    ns.user_ns["closeness"] = closeness
+    saved = snapshot(model)
+    line = "model --eval closeness --early-stop 0.001 --target-sparsity 0.45 --refine 6"
+    serial = run(ns, line)
+    serial_suggestion = latest_suggestion(model)
+    assert "No suggestion" not in capsys.readouterr().err
+    remote = run(ns, line + " --workers 2")  # the one LocalCluster of the test suite
+    err = capsys.readouterr().err
+    assert "dask: started a local cluster of 2 worker processes on 127.0.0.1" in err, err
+    assert_same_state(model, saved)
+    assert any("early stop" in n for n in serial.notes)
+    assert remote.curves == serial.curves and remote.evaluations == serial.evaluations
+    assert remote.notes[:-1] == serial.notes
+    assert remote.notes[-1].startswith("Evaluated on 2 worker(s) (ClientExecutor)")
+    suggestion = latest_suggestion(model)
+    assert suggestion.ratios == serial_suggestion.ratios
+    assert suggestion.measured == serial_suggestion.measured
+    assert suggestion.refinement.steps == serial_suggestion.refinement.steps
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        ("model --eval agreement --workers 0", "--workers: 0 must be >= 1"),
+        (
+            "model --eval agreement --workers 2 --remove --input x",
+            "^--workers / --executor: --remove",
+        ),
+        ("model --eval agreement --executor three", "^--executor: expected a concurrent.futures"),
+        ("model --eval agreement --executor tcp://127.0.0.1:9", "^--executor: no dask scheduler"),
+    ],
+    ids=["workers-0", "remove", "not-an-executor", "no-scheduler"],
+)
+def test_bad_workers_or_executor_is_one_usage_error(ns, line, match):
+    assert_refused(ns, "sensitivity", line, match)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -35,6 +36,7 @@ from nbcompress.engine.sensitivity.refit import (
     refit_cost,
 )
 from nbcompress.engine.sensitivity.registry import latest, remember, remembered
+from nbcompress.engine.sensitivity.remote import refuse_remote
 from nbcompress.engine.sensitivity.setting import proxy_metric
 from nbcompress.engine.sensitivity.suggestion import Suggestion
 
@@ -67,6 +69,7 @@ def suggest(
     check: bool | None = None,
     reconstruct: bool | None = None,
     model: nn.Module | None = None,
+    executor: Executor | str | None = None,
     **refinement: Any,
 ) -> Suggestion:
     """Per-layer ratios for a budget from a sweep's curves (``SensitivityResult.suggest``).
@@ -85,6 +88,8 @@ def suggest(
             measures better. ``None``: when those batches are known and the re-fit is
             cheap; ``False``: never.
         model: Measure on this model (e.g. the explorer's) instead of the swept one.
+        executor: Measure the check and the refinement on this executor's workers
+            (:func:`~.refine.refine`; the same result). Re-fitted candidates are measured here.
         **refinement: ``evaluate`` (``evaluate(model) -> float``) and ``refine`` (number of
             evaluations of a measured refinement after the check), as
             ``SensitivityResult.suggest`` takes them, including the deprecated
@@ -113,10 +118,11 @@ def suggest(
     refinement = refit = groups = None
     better = False
     if refine is not None and result.remove:
+        refuse_remote(executor, None, "the check of a group sweep's suggestion")
         groups = check_groups(result, model, evaluate, ratios, refine)
         ratios, notes[:0] = groups.ratios, groups.notes
     elif refine is not None:
-        refinement = _refined(result, model, evaluate, target_sparsity, ratios, refine)
+        refinement = _refined(result, model, evaluate, (target_sparsity, refine), ratios, executor)
         ratios = refinement.ratios
         notes[:0] = [_verdict(refinement), *refinement.notes]
         notes[1:1] = [n for n in [_pruned_as(result)] if n]
@@ -375,13 +381,14 @@ def _refined(
     result: SensitivityResult,
     model: nn.Module,
     evaluate: Callable[[nn.Module], float],
-    target: float,
+    target: tuple[float, int],
     ratios: dict[str, float],
-    budget: int,
+    executor: Any,
 ) -> Refinement:
     """The curve suggestion measured (and refined) on the swept model (left unchanged)."""
     return refine_allocation(
-        model, evaluate, target, candidates={"curve suggestion": ratios}, budget=budget,
+        model, evaluate, target[0], candidates={"curve suggestion": ratios}, budget=target[1],
+        executor=executor,
         layers=list(result.layers), types={type(model.get_submodule(n)) for n in result.layers},
         granularity=result.granularity, higher_is_better=result.higher_is_better,
         metric=result.metric, predict=result.predict, **_pruning(result),

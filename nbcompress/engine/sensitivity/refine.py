@@ -18,6 +18,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,10 +27,9 @@ from torch import nn
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 from nbcompress.engine.core.validation import check_amount, check_module
 from nbcompress.engine.prune.masks import layer_units
-from nbcompress.engine.prune.prune import prune_, prune_ratios_
-from nbcompress.engine.sensitivity.entries import prune_in_trial, trial_pruning
+from nbcompress.engine.prune.prune import prune_
+from nbcompress.engine.sensitivity.entries import trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
-    call_evaluate,
     check_sweep_options,
     layer_sparsity,
     measuring,
@@ -39,6 +39,8 @@ from nbcompress.engine.sensitivity.evaluate import (
     spent,
 )
 from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, verified
+from nbcompress.engine.sensitivity.measure import Measure
+from nbcompress.engine.sensitivity.remote import Ahead, measured_ahead
 
 __all__ = ["Refinement", "check_budget", "refine"]
 
@@ -123,6 +125,8 @@ def refine(
     method: str = "l1",
     example_inputs: Any = None,
     reconstruct: bool = False,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
 ) -> Refinement:
     """Find per-layer ratios at an overall sparsity by measuring, without changing the model.
 
@@ -158,6 +162,12 @@ def refine(
         example_inputs: Calibration inputs for ``"wanda"`` and ``reconstruct``.
         reconstruct: Re-fit kept weights by least squares in each measured allocation
             (see :func:`~nbcompress.prune_`; slower: every layer is re-measured).
+        executor: Measure on this executor's workers (as ``sensitivity`` does): the
+            candidates at once, then the next moves, as many at a time as there are
+            workers. The search is sequential (each move starts from the best so far), so
+            moves measured after one that improves are dropped: steps, values and result
+            are the serial search's.
+        workers: A local dask cluster of this many processes for the call (1: serial).
 
     Returns:
         The best allocation measured, with each candidate and kept move.
@@ -179,14 +189,17 @@ def refine(
         raise ValueError(f"step: expected a fraction of the kept weights in (0, 1], got {step!r}.")
     selected, _ = select_sweep_layers(model, layers, types, None, granularity)
     search = _Search(model, selected, evaluate, granularity, higher_is_better, target, progress)
-    search.pruning = trial_pruning(model, selected, method, example_inputs, reconstruct)
+    pruning = trial_pruning(model, selected, method, example_inputs, reconstruct)
+    where = "while refining an allocation"
+    search.measured = Measure(model, selected, granularity, evaluate, pruning, where=where)
+    ahead = measured_ahead(executor, workers, search.measured, search.notes)
     with verified(model, Fingerprint.of(model), "refine"):
         named = {
             "uniform L1": dict.fromkeys(selected, target),
             **_global(model, selected, target, granularity, search.notes),
         }
         named.update(search.check_candidates(candidates))
-        with measuring(model):
+        with measuring(model), ahead as search.ahead:
             best, value, start = search.candidates(named)
             search.run(best, value, step * (1 - target) * search.total, budget)
     ratios = search.ratios(search.best)
@@ -255,7 +268,8 @@ class _Search:
         self.evaluations = 0
         self.best: tuple[int, ...] = ()
         self.value = -math.inf
-        self.pruning: dict[str, Any] = {}
+        self.measured: Measure | None = None  # how one allocation is pruned and evaluated
+        self.ahead: Ahead | None = None  # values measured ahead on an executor's workers
 
     def check_candidates(self, candidates: Any) -> dict[str, dict[str, float]]:
         if candidates is None:
@@ -298,20 +312,24 @@ class _Search:
     def measure(self, counts: tuple[int, ...]) -> float:
         """Metric of an allocation, signed so that larger is better; measured once."""
         if counts not in self.cache:
-            ratios = {n: r for n, r in self.ratios(counts).items() if r > 0}
-            with layer_trial(self.model, {n: self.layers[n] for n in ratios}) as t:
-                if ratios and self.pruning.get("reconstruct"):
-                    prune_ratios_(self.model, ratios, granularity=self.granularity, **self.pruning)
-                elif ratios:
-                    prune_in_trial(self.model, t, ratios, self.granularity, **self.pruning)
-                value = call_evaluate(self.evaluate, self.model, "while refining an allocation")
+            value = self.ahead.take(counts) if self.ahead is not None else None
+            if value is None:
+                value = self.measured(self.pruned(counts))
             self.evaluations += 1
             self.cache[counts] = -math.inf if math.isnan(value) else self.sign * value
         return self.cache[counts]
 
+    def pruned(self, counts: tuple[int, ...]) -> dict[str, float]:
+        """The layers an allocation prunes, and their fractions."""
+        return {n: r for n, r in self.ratios(counts).items() if r > 0}
+
     def candidates(self, named: dict[str, dict[str, float]]) -> tuple[tuple[int, ...], float, str]:
         """Measure every feasible candidate; the best one (first on ties) and its name."""
         best = None
+        if self.ahead is not None:
+            counts = [self.counts(a) for a in named.values()]
+            feasible = [c for c in counts if self.removed(c) >= self.need - 1e-9]
+            self.ahead.fetch({c: self.pruned(c) for c in feasible if c not in self.cache})
         for name, alloc in named.items():
             counts = self.counts(alloc)
             ok = self.removed(counts) >= self.need - 1e-9
@@ -336,12 +354,14 @@ class _Search:
         stop = self.evaluations + budget
         while move >= smallest and self.evaluations < stop:
             improved = False
-            for src, dst in pairs:
+            for i, (src, dst) in enumerate(pairs):
                 if self.evaluations >= stop:
                     break
-                moved = self._move(self.best, src, dst, move)
+                moved = self.moved(self.best, src, dst, move)
                 if moved is None or moved in self.cache:
                     continue  # measured before and not kept: it was no better
+                if self.ahead is not None and moved not in self.ahead.values:
+                    self.ahead.fetch_moves(self, pairs[i:], move, stop - self.evaluations)
                 v = self.measure(moved)
                 if v > self.value:
                     self.best, self.value, improved = moved, v, True
@@ -349,7 +369,7 @@ class _Search:
             if not improved:
                 move /= 2
 
-    def _move(self, counts: tuple[int, ...], src: int, dst: int, amount: float):
+    def moved(self, counts: tuple[int, ...], src: int, dst: int, amount: float):
         """Un-prune about ``amount`` weights of layer ``src`` and prune as many in ``dst``."""
         a, b = self.names[src], self.names[dst]
         pa, pb = self.per_unit[a], self.per_unit[b]

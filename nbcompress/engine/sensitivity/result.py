@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,7 @@ class SensitivityResult:
         check: bool | None = None,
         reconstruct: bool | None = None,
         model: nn.Module | None = None,
+        executor: Executor | str | None = None,
     ) -> Suggestion:
         """Per-layer ratios for a budget, chosen from the curves and checked by measuring.
 
@@ -230,6 +232,8 @@ class SensitivityResult:
                 ``None``: when those batches are known and the re-fit is cheap.
             model: Measure on this model instead of the swept one (e.g. a loaded result
                 attached to nothing, checked on a live model; give ``evaluate`` too).
+            executor: Measure the check and the refinement on this executor's workers (an
+                Executor or a dask scheduler address; the same suggestion as serially).
 
         Returns:
             The suggestion (with ``measured`` and ``refinement`` when checked); also
@@ -243,7 +247,7 @@ class SensitivityResult:
         return suggest(
             self, (target_sparsity, max_drop), objective,
             evaluate=evaluate, refine=refine, budget=budget, check=check,
-            reconstruct=reconstruct, model=model,
+            reconstruct=reconstruct, model=model, executor=executor,
         )  # fmt: skip
 
     # --- presentation --------------------------------------------------------------------

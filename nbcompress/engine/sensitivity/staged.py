@@ -15,13 +15,15 @@ import math
 import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from nbcompress.engine.core.distribute import resolve_executor
 from nbcompress.engine.core.history import transaction, trial
-from nbcompress.engine.core.report import Table, TableReport, fmt_pct
+from nbcompress.engine.core.report import fmt_pct
 from nbcompress.engine.core.validation import as_inputs, check_amount, check_module
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.entries import check_pruning
@@ -31,12 +33,12 @@ from nbcompress.engine.sensitivity.evaluate import (
     fmt_value,
     layer_sparsity,
     progress_line,
-    spent,
 )
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
 from nbcompress.engine.sensitivity.registry import keep_latest
 from nbcompress.engine.sensitivity.result import SensitivityResult
+from nbcompress.engine.sensitivity.stagereport import StagedReport
 from nbcompress.engine.sensitivity.suggestion import Suggestion, apply_suggestion_
 from nbcompress.engine.sensitivity.sweep import sensitivity
 
@@ -50,75 +52,6 @@ DEFAULT_RATIOS = (
 
 #: Sparsity of the first stage of a schedule given as a number of stages.
 _FIRST = 0.5
-
-
-@dataclass(repr=False)
-class StagedReport(TableReport):
-    """What :func:`prune_to_` did: one row per stage, predicted vs measured metric.
-
-    Attributes:
-        target: Overall sparsity asked for.
-        stages: One dict per stage: stage, target, sparsity, predicted, measured.
-        baseline: Metric of the model before the first stage.
-        metric: Name of the metric.
-        higher_is_better: ``False`` for losses, perplexity, RMSE.
-        evaluations: Evaluations over all sweeps and measurements.
-        seconds: Wall-clock time of the whole procedure.
-        suggestion: The last stage's suggestion.
-        result: The last stage's sweep (curves of the model before the last stage).
-        notes: Explanations shown with the report.
-        refinement: With ``refine``: the measured search (its candidates and kept moves);
-            the last row of ``stages`` is its result.
-    """
-
-    target: float
-    stages: list[dict[str, Any]]
-    baseline: float
-    metric: str
-    higher_is_better: bool
-    evaluations: int
-    seconds: float
-    suggestion: Suggestion | None = None
-    result: SensitivityResult | None = None
-    notes: list[str] = field(default_factory=list)
-    refinement: Refinement | None = None
-
-    @property
-    def measured(self) -> float | None:
-        """Metric measured after the last stage."""
-        return self.stages[-1]["measured"] if self.stages else None
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """One plain dict per stage."""
-        return [dict(s) for s in self.stages]
-
-    @property
-    def ratios(self) -> dict[str, float]:
-        """Per-layer ratios in place after the last stage (or the refinement)."""
-        if self.refinement is not None:
-            return dict(self.refinement.ratios)
-        return dict(self.suggestion.ratios) if self.suggestion else {}
-
-    def _title(self) -> str:
-        measured = "not measured" if self.measured is None else f"{self.measured:.4g}"
-        n = sum(isinstance(s["stage"], int) for s in self.stages)
-        refined = " + measured refinement" if self.refinement is not None else ""
-        what = f"Staged sensitivity pruning to sparsity {fmt_pct(self.target)} in {n} stage(s)"
-        return (
-            f"{what}{refined}: {self.metric} {measured} (baseline {self.baseline:.4g}); "
-            + spent(self.evaluations, self.seconds)
-        )
-
-    def _columns(self) -> dict[str, Any]:
-        num = "{:.4g}".format
-        return {
-            "stage": None, "target": fmt_pct, "sparsity": fmt_pct,
-            "predicted": num, "measured": fmt_value,
-        }  # fmt: skip
-
-    def _table(self) -> Table:
-        return Table(self.rows, self._columns(), self._title(), self.notes)
 
 
 def stage_targets(target_sparsity: float, stages: int | Sequence[float]) -> list[float]:
@@ -194,6 +127,8 @@ def prune_to_(
     progress: bool = True,
     method: str = "l1",
     reconstruct: bool = False,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
 ) -> StagedReport:
     """Prune ``model`` in place to an overall sparsity in stages guided by sensitivity.
 
@@ -239,6 +174,11 @@ def prune_to_(
         method: ``"l1"`` or ``"wanda"``: how the sweeps score and the stages prune (Wanda
             needs ``example_inputs`` as calibration inputs, see :func:`~nbcompress.prune_`).
         reconstruct: Re-fit the kept weights by least squares whenever a stage prunes.
+        executor: Evaluate each stage's sweep and the refinement on this executor's
+            workers (see :func:`sensitivity` and :func:`~.refine.refine`; same results as
+            serially). The stages themselves run one after another: each sweeps the model
+            the previous one pruned.
+        workers: A local dask cluster of this many processes for the whole call (1: serial).
 
     Returns:
         The report: per stage the target, achieved sparsity, predicted and measured metric.
@@ -267,7 +207,11 @@ def prune_to_(
     run = _Staged(model, measure, sweep_options, objective, progress, time.perf_counter())
     run.pruning = pruning
     detail = f"staged sensitivity pruning to sparsity {fmt_pct(targets[-1])}"
-    with keep_latest(model), transaction(model, "prune", detail) as tx:
+    with (
+        resolve_executor(executor, workers) as sweep_options["executor"],  # one for all stages
+        keep_latest(model),
+        transaction(model, "prune", detail) as tx,
+    ):
         if refine is None:
             run.stages(targets)
         else:
@@ -325,7 +269,8 @@ class _Staged:
         found = refine_allocation(
             self.model, self.evaluate, targets[-1], candidates=candidates, budget=budget,
             higher_is_better=self.result.higher_is_better, metric=self.result.metric,
-            predict=self.first.predict, **selection, **self.pruning,
+            predict=self.first.predict, executor=self.options["executor"], **selection,
+            **self.pruning,
         )  # fmt: skip
         self.evaluations += found.evaluations
         prune_ratios_(

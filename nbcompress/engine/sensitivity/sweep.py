@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from nbcompress.engine.core.capture import captured_inputs
+from nbcompress.engine.core.distribute import resolve_executor
 from nbcompress.engine.core.heads import remember_inputs
 from nbcompress.engine.core.layers import output_layers
 from nbcompress.engine.core.validation import as_inputs, check_module
 from nbcompress.engine.prune.calibrate import calibration_inputs
-from nbcompress.engine.prune.prune import prune_ratios_
-from nbcompress.engine.sensitivity.entries import check_pruning, prune_in_trial, trial_pruning
+from nbcompress.engine.sensitivity.entries import check_pruning, trial_pruning
 from nbcompress.engine.sensitivity.evaluate import (
     Proxy,
     call_evaluate,
@@ -37,8 +38,8 @@ from nbcompress.engine.sensitivity.evaluate import (
     select_sweep_layers,
 )
 from nbcompress.engine.sensitivity.groups import GROUP_RATIOS, GroupSweep, group_sensitivity
-from nbcompress.engine.sensitivity.guard import Fingerprint, layer_trial, shown, verified
-from nbcompress.engine.sensitivity.ladder import Ladder
+from nbcompress.engine.sensitivity.guard import Fingerprint, shown, verified
+from nbcompress.engine.sensitivity.measure import Measure
 from nbcompress.engine.sensitivity.prefix import Prefix
 from nbcompress.engine.sensitivity.progress import (
     BASE,
@@ -49,9 +50,13 @@ from nbcompress.engine.sensitivity.progress import (
     run_all,
 )
 from nbcompress.engine.sensitivity.registry import remember
+from nbcompress.engine.sensitivity.remote import refuse_remote, sweep_on_executor
 from nbcompress.engine.sensitivity.result import SensitivityResult
 
 __all__ = ["DEFAULT_RATIOS", "sensitivity"]
+
+#: ``value_of(layer, i, ratio)``: the metric of one point of the sweep.
+ValueOf = Callable[[str, int, float], float]
 
 #: The default grid: tenths, then the high end a 90-99% target needs measured rather than
 #: extrapolated (so a suggestion need not push every layer to the end of the grid).
@@ -80,6 +85,8 @@ def sensitivity(
     method: str = "l1",
     reconstruct: bool = False,
     remove: bool = False,
+    executor: Executor | str | None = None,
+    workers: int | None = None,
 ) -> SensitivityResult:
     """Prune each layer alone by L1 at each ratio, evaluate, and restore it bit-exactly.
 
@@ -123,7 +130,20 @@ def sensitivity(
             the calibration inputs (slow: a solve per point).
         remove: Sweep coupled channel groups by physical removal instead of layers
             (``granularity="channel"`` and ``example_inputs`` required; default ratios
-            0.1-0.9): see :mod:`~nbcompress.engine.sensitivity.groups`.
+            0.1-0.9): see :mod:`~nbcompress.engine.sensitivity.groups`. Runs serially.
+        executor: Evaluate the points on this :class:`concurrent.futures.Executor`'s
+            workers (a dask ``Client(...).get_executor()``, a ``ProcessPoolExecutor``) or
+            on the dask scheduler at this address (``"tcp://host:8786"``). The model,
+            ``evaluate`` and the pruning settings are shipped once per worker; each worker
+            prunes its own copy, the live model is never touched. The result is identical
+            to the serial sweep's (same points, values, order and notes, plus one note
+            saying where it ran): points come back in any order and are recorded in the
+            serial order, so ``callback`` and progress lines follow that order as points
+            complete, and with ``early_stop`` (or the proxy's collapse) a layer's later
+            points evaluated ahead are dropped. ``evaluate`` must depend on the model only
+            (seed any randomness inside it). The baseline and the calibration run here.
+        workers: Start a local dask cluster of this many worker processes on 127.0.0.1
+            for the call (a process pool without dask) and close it after; 1: serial.
 
     Calibration inputs of ``"wanda"`` and ``reconstruct`` are ``example_inputs``, else
     the batches ``evaluate`` feeds the model on the unpruned model (recorded, not copied;
@@ -142,6 +162,7 @@ def sensitivity(
     """
     check_module(model)
     if remove:
+        refuse_remote(executor, workers, "remove=True (the sweep over channel groups)")
         # locals() here are exactly sensitivity()'s arguments by name (nothing else is bound yet).
         return _group_sweep(model, evaluate, ratios, locals())
     ratio_list = check_ratios(ratios, DEFAULT_RATIOS)
@@ -163,9 +184,12 @@ def sensitivity(
     guessed = not include_output and output_layers(model).guessed
     fingerprint = Fingerprint.of(model)  # "restored" is claimed only once checked against it
     trained: set[str] = set()
-    with verified(model, fingerprint, "sensitivity") as check, measuring(model):
-        prefix = Prefix(model, inputs, selected) if evaluate is None else None
-        proxy = Proxy(model, inputs, prefix.output) if prefix else None
+    with (
+        resolve_executor(executor, workers) as pool,  # None: here; a cluster of ours closes
+        verified(model, fingerprint, "sensitivity") as check,
+        measuring(model),
+    ):
+        prefix, proxy = _proxy(model, inputs, selected, evaluate, pool)
         start = time.perf_counter()
         with captured_inputs(model) as seen:
             baseline = proxy(model) if proxy else call_evaluate(evaluate, model, BASE, trained)
@@ -183,21 +207,32 @@ def sensitivity(
             macs=layer_macs(model, selected, inputs),
             metric=metric or (proxy.name if proxy else metric_name(evaluate)),
             higher_is_better=bool(higher_is_better), proxy=proxy is not None,
-            granularity=granularity, evaluations=1, seconds=0.0, complete=False, notes=notes,
+            granularity=granularity, evaluations=1, seconds=0.0, complete=False,
+            notes=notes + ([proxy.note] if proxy is not None and proxy.note else []),
             start={n: layer_sparsity(m, granularity) for n, m in selected.items()},
             method=method, reconstruct=bool(reconstruct),
         )  # fmt: skip
         result.calibration = calibration
-        if proxy is not None and proxy.note:
-            result.notes.append(proxy.note)
         remember(model, result, evaluate=evaluate, example_inputs=example_inputs)
         check.result = result
         run = _Run(model, selected, result, proxy or evaluate, early_stop, callback, start, trained)
-        run.prefix = prefix
-        run.pruning = trial_pruning(model, selected, method, calibration, reconstruct)
-        run.sweep(Progress(progress, len(selected) * len(ratio_list)))
+        pruning = trial_pruning(model, selected, method, calibration, reconstruct)
+        run.sweep_on(pool, prefix, pruning, progress)
     run.verified_notes()
     return result
+
+
+def _proxy(
+    model: nn.Module, inputs: Any, selected: dict[str, nn.Module], evaluate: Any, pool: Any
+) -> tuple[Prefix | None, Proxy | None]:
+    """The replay of forwards and the proxy metric (both ``None`` with an ``evaluate``).
+
+    On an executor there is no replay: the workers run full forwards (the same values).
+    """
+    if evaluate is not None:
+        return None, None
+    prefix = Prefix(model, inputs, selected) if pool is None else None
+    return prefix, Proxy(model, inputs, prefix.output if prefix else None)
 
 
 def _group_sweep(model: nn.Module, evaluate: Any, ratios: Any, given: dict) -> SensitivityResult:
@@ -237,10 +272,8 @@ class _Run:
     trained: set[str] = field(default_factory=set)
     interrupted: int = 0  # 1 + index of the note on an interruption, 0 if none
     prefix: Prefix | None = None
-    pruning: dict[str, Any] = field(default_factory=dict)  # method/stats, from trial_pruning
-
-    def __post_init__(self) -> None:
-        self.ladder = Ladder(self.model, self.result.granularity)
+    measure: Measure | None = None  # how a point is pruned and evaluated
+    last_notes: list[str] = field(default_factory=list)  # e.g. where the points ran
 
     def verified_notes(self) -> None:
         """Notes that need the model checked first (the sweep is over and it matched)."""
@@ -253,64 +286,58 @@ class _Run:
             )
         if self.interrupted:
             res.notes[self.interrupted - 1] += " The model is restored (verified by checksum)."
+        res.notes.extend(self.last_notes)
+
+    def sweep_on(
+        self, executor: Executor | None, prefix: Prefix | None, pruning: dict, progress: bool
+    ) -> None:
+        """Sweep here (with ``prefix``'s replay) or on ``executor``'s workers.
+
+        ``pruning``: how each point prunes (from ``trial_pruning``).
+        """
+        g, res, self.prefix = self.result.granularity, self.result, prefix
+        self.measure = Measure(self.model, self.selected, g, self.evaluate, pruning, sorted_l1=True)
+        lines = Progress(progress, len(res.layers) * len(res.ratios))
+        if executor is None:
+            self.sweep(lines)
+        else:
+            sweep_on_executor(self, executor, lines)
 
     def evaluate_at(self, name: str, ratio: float) -> float:
         """Metric with only ``name`` pruned at ``ratio``; the layer is restored on exit."""
-        g = self.result.granularity
-        with layer_trial(self.model, {name: self.selected[name]}) as trial:
-            if self.pruning.get("reconstruct"):
-                # Re-fitting needs the layer's inputs: prune_ratios_ measures them (in the trial).
-                prune_ratios_(self.model, {name: ratio}, granularity=g, **self.pruning)
-            elif self.pruning:
-                prune_in_trial(self.model, trial, {name: ratio}, g, **self.pruning)
-            else:
-                self.ladder.prune(trial, name, ratio)
-            where = f"with layer {name} pruned at {ratio:g}"
-            if isinstance(self.evaluate, Proxy):
-                return self.evaluate.at_layer(self.model, name)
-            return call_evaluate(self.evaluate, self.model, where, self.trained)
+        return self.measure({name: ratio}, self.trained)
 
-    def sweep(self, progress: Progress) -> None:
-        """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured."""
-        each = lambda name: self._layer(name, progress)  # noqa: E731
+    def sweep(self, progress: Progress, value_of: ValueOf | None = None) -> None:
+        """Evaluate every layer × ratio; on error or Ctrl-C keep what was measured.
+
+        ``value_of(layer, i, ratio)``: where values come from (default: evaluated here).
+        """
+        local = lambda name, i, ratio: self.evaluate_at(name, ratio)  # noqa: E731
+        each = lambda name: self._layer(name, progress, value_of or local)  # noqa: E731
         self.interrupted = run_all(self.result, self.result.layers, each, self.start)
 
-    def _layer(self, name: str, progress: Progress) -> None:
+    def evaluated(self, name: str, ratio: float) -> bool:
+        """Whether the point is evaluated (a layer already that sparse is not: no change)."""
+        return ratio > self.result.start.get(name, 0.0) + 1e-9
+
+    def _layer(self, name: str, progress: Progress, value_of: ValueOf) -> None:
         try:
             if self.prefix is None:
-                self._ratios(name, progress)
+                self._ratios(name, progress, value_of)
                 return
             with self.prefix.replaying(name):
-                self._ratios(name, progress)
+                self._ratios(name, progress, value_of)
         finally:
-            self.ladder.forget()
+            self.measure.forget()
 
-    def _ratios(self, name: str, progress: Progress) -> None:
+    def _ratios(self, name: str, progress: Progress, value_of: ValueOf) -> None:
         res = self.result
-        sign = 1.0 if res.higher_is_better else -1.0
         # The proxy's input-blind level: a layer down there has collapsed.
         floor = self.evaluate.floor_at(name) if isinstance(self.evaluate, Proxy) else None
         for i, ratio in enumerate(res.ratios):
-            evaluated = ratio > res.start.get(name, 0.0) + 1e-9
-            # Already that sparse: pruning would change nothing, so nothing to evaluate.
-            value = self.evaluate_at(name, ratio) if evaluated else res.baseline
-            res.evaluations += evaluated
-            res.curves[name][i] = value
-            res.seconds = time.perf_counter() - self.start
-            stop = self.early_stop is not None and sign * (res.baseline - value) > self.early_stop
-            collapsed = evaluated and _collapsed(value, floor, res.baseline)
-            last = stop or collapsed or i == len(res.ratios) - 1
-            if collapsed and not stop and i < len(res.ratios) - 1:
-                self._fill(name, i, value, floor)
-                progress.total -= len(res.ratios) - 1 - i
-            progress.step(res, name, last, evaluated)
-            if self.callback is not None:
-                self.callback(res, name, ratio)
-            if stop:
-                res.notes.append(
-                    f"{name}: early stop after ratio {ratio:g} (drop above {self.early_stop:g})."
-                )
-            if last:
+            evaluated = self.evaluated(name, ratio)
+            value = value_of(name, i, ratio) if evaluated else res.baseline
+            if self._record(name, i, value, evaluated, floor, progress):
                 break
         nan = [f"{r:g}" for r, v in zip(res.ratios, res.curves[name], strict=True) if v != v]
         if nan:
@@ -318,6 +345,30 @@ class _Run:
                 f"{name}: evaluate returned NaN at ratio {', '.join(nan)} (recorded as measured; "
                 "suggestions treat the layer as collapsed there)."
             )
+
+    def _record(
+        self, name: str, i: int, value: float, evaluated: bool, floor: float | None, progress: Any
+    ) -> bool:
+        """Record point ``i`` of layer ``name``; whether it is the layer's last."""
+        res, ratio = self.result, self.result.ratios[i]
+        sign = 1.0 if res.higher_is_better else -1.0
+        res.evaluations += evaluated
+        res.curves[name][i] = value
+        res.seconds = time.perf_counter() - self.start
+        stop = self.early_stop is not None and sign * (res.baseline - value) > self.early_stop
+        collapsed = evaluated and _collapsed(value, floor, res.baseline)
+        last = stop or collapsed or i == len(res.ratios) - 1
+        if collapsed and not stop and i < len(res.ratios) - 1:
+            self._fill(name, i, value, floor)
+            progress.total -= len(res.ratios) - 1 - i
+        progress.step(res, name, last, evaluated)
+        if self.callback is not None:
+            self.callback(res, name, ratio)
+        if stop:
+            res.notes.append(
+                f"{name}: early stop after ratio {ratio:g} (drop above {self.early_stop:g})."
+            )
+        return last
 
     def _fill(self, name: str, i: int, value: float, floor: float) -> None:
         """Fill the ratios above ``i`` with ``value``: the layer collapsed, more cannot help."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from nbcompress.engine.core.distribute import resolve_executor
 from nbcompress.engine.core.validation import check_amount
 from nbcompress.engine.sensitivity.evaluate import EvaluationError, eta_status
 from nbcompress.engine.sensitivity.result import SensitivityResult
@@ -61,6 +63,11 @@ def _check_modes(args: Any) -> None:
         if args.evaluate is None and args.stages is None:
             raise UsageError("--refine: measures real allocations; give --eval fn.")
     if args.remove:
+        if args.workers is not None or args.executor is not None:
+            raise UsageError(
+                "--workers / --executor: --remove (a sweep over channel groups) runs serially; "
+                "drop them."
+            )
         if args.granularity not in (None, "channel"):
             raise UsageError(
                 f"--granularity {args.granularity}: --remove sweeps whole channel groups; drop "
@@ -166,6 +173,13 @@ class SensitivityMagics(ModelMagics):
         type=at_least(0, "--refine 100"),
         help="Refine the suggestion by up to N measured moves.",
     )
+    @argument(
+        "--workers",
+        type=at_least(1, "--workers 2"),
+        help="Evaluate on a local dask cluster of N processes (started for the call, closed "
+        "after; the result is the serial one).",
+    )
+    @argument("--executor", help="A dask scheduler address (tcp://host:8786) or an Executor.")
     @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
     @argument("--save", help="Write the result (even a partial one) to this JSON file.")
     @line_magic
@@ -183,9 +197,13 @@ class SensitivityMagics(ModelMagics):
         applies it by removal).
 
         The model is unchanged afterwards (also on errors or Ctrl-C, which keeps the
-        partial result). The output layer is left alone unless ``--include-output``, as
-        ``%prune`` leaves it. With --target-sparsity or --max-drop a per-layer suggestion is
-        made from the curves and, for a sparsity target, checked by measuring it against
+        partial result). ``--workers 2`` evaluates on a local dask cluster of two processes
+        started for the call and closed after (``--executor tcp://host:8786``: a running
+        scheduler; ``--executor pool``: an Executor or dask Client in the namespace); the
+        result is the serial one, with a note saying where it ran. The output layer is left
+        alone unless ``--include-output``, as ``%prune`` leaves it. With --target-sparsity or
+        --max-drop a per-layer suggestion is made from the curves and, for a sparsity
+        target, checked by measuring it against
         uniform and global L1 at the same sparsity (the best measured is kept; ``--no-check``
         skips that); ``%prune model --suggested`` or ``--apply`` applies it (undoable).
         ``--target-sparsity 0.9 --stages 5 --apply`` prunes in stages instead:
@@ -214,10 +232,15 @@ class SensitivityMagics(ModelMagics):
                 "--input: --remove traces the model on an example input to find its coupled "
                 f"channel groups; pass one, e.g. %sensitivity {args.model} --remove --input x."
             )
-        if args.stages is not None:
-            return self._staged(model, evaluate, x, args)
-        result = self._sweep(model, evaluate, x, args)
-        suggestion = self._suggest(result, args, evaluate)
+        where = args.executor  # an address, or an Executor / dask Client in the namespace
+        where = where if where is None or ":" in where else self.value(where, "--executor")
+        with contextlib.ExitStack() as stack:
+            with engine_errors({"--executor": where}):
+                pool = stack.enter_context(resolve_executor(where, args.workers))
+            if args.stages is not None:
+                return self._staged(model, evaluate, x, args, pool)
+            result = self._sweep(model, evaluate, x, args, pool)
+            suggestion = self._suggest(result, args, evaluate, pool)
         if args.save:
             result.save(args.save)
         if suggestion is not None and args.apply:
@@ -227,7 +250,7 @@ class SensitivityMagics(ModelMagics):
             self._widget(result, model, evaluate, suggestion, x, args)
         return result
 
-    def _staged(self, model: Any, evaluate: Any, x: Any, args: Any) -> SensitivityResult:
+    def _staged(self, model: Any, evaluate: Any, x: Any, args: Any, pool: Any) -> SensitivityResult:
         with engine_errors({"--eval": evaluate}):
             try:
                 report = prune_to_(
@@ -237,6 +260,7 @@ class SensitivityMagics(ModelMagics):
                     types=split_patterns(args.types), example_inputs=x,
                     higher_is_better=not args.lower_is_better, metric=args.metric,
                     refine=args.refine, method=args.method, reconstruct=args.reconstruct,
+                    executor=pool,
                 )  # fmt: skip
             except KeyboardInterrupt:
                 print(
@@ -258,7 +282,7 @@ class SensitivityMagics(ModelMagics):
         else:
             print(obj)
 
-    def _sweep(self, model: Any, evaluate: Any, x: Any, args: Any) -> SensitivityResult:
+    def _sweep(self, model: Any, evaluate: Any, x: Any, args: Any, pool: Any) -> SensitivityResult:
         notebook = in_notebook(self.shell)
         ratios = _ratios(args.ratios)
         live = None
@@ -275,6 +299,7 @@ class SensitivityMagics(ModelMagics):
                     metric=args.metric, max_layers=args.max_layers, early_stop=args.early_stop,
                     progress=not notebook, callback=live, include_output=args.include_output,
                     method=args.method, reconstruct=args.reconstruct, remove=args.remove,
+                    executor=pool,
                 )  # fmt: skip
             except (EvaluationError, TypeError) as err:
                 partial = getattr(err, "result", None)
@@ -293,10 +318,14 @@ class SensitivityMagics(ModelMagics):
             print(note, file=sys.stderr)
         return result
 
-    def _suggest(self, result: SensitivityResult, args: Any, evaluate: Any) -> Suggestion | None:
+    def _suggest(
+        self, result: SensitivityResult, args: Any, evaluate: Any, pool: Any
+    ) -> Suggestion | None:
         if args.target_sparsity is None and args.max_drop is None:
             return None
         options = {} if args.refine is None else {"evaluate": evaluate, "refine": args.refine}
+        if pool is not None:
+            options["executor"] = pool  # the check and the refinement measure there too
         if args.no_check:
             options["check"] = False
         try:
