@@ -4,10 +4,10 @@ Issue 15's target: the sampler's time per trial is ≤ 5% of the evaluation time
 limited around the samplers. LeNet-300-100 and the seed CNN on digits at 90% (target
 sparsity: every sampler, CMA-ES included, sees one objective), one-shot and with 3 epochs
 of masked fine-tuning per trial (as ``bench_search.py --finetune 3``). One search runs
-exactly as ``search()`` runs it (``Runner.step``: ask, project, prune on a restored model,
+exactly as ``search()`` runs it (``Runner.batch`` of one: ask, project, prune on a restored model,
 evaluate, restore, tell); the bench only times the parts:
 
-* **sampler** = ``step`` minus ``measure`` (ask, projection, user attributes, tell and the
+* **sampler** = the trial minus ``measure`` (ask, projection, user attributes, tell and the
   thread limit around them);
 * **evaluation** = ``measure`` (prune, ``evaluate``, restore); ``evaluate`` alone is shown too.
 
@@ -50,24 +50,26 @@ from nbcompress.engine.search.space import Space  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, train  # noqa: E402
 
 
-class _TimedRunner(Runner):
-    """A Runner that adds up the time spent in ``measure`` (prune, evaluate, restore)."""
+class _TimedMeasure:
+    """``run.measure`` (prune, evaluate, restore) with the seconds spent in it added up."""
 
-    measured = 0.0
+    def __init__(self) -> None:
+        self.measured = 0.0
+        self.original = run.measure
 
-    def measure(self, ratios: list[float]) -> tuple[float, bool]:
+    def __call__(self, bench, ratios):
         start = time.perf_counter()
         try:
-            return super().measure(ratios)
+            return self.original(bench, ratios)
         finally:
             self.measured += time.perf_counter() - start
 
 
 #: Thread settings: (label, limit every sampler, kept controller).
 SETTINGS = (
-    ("GP only (search() now)", False, False),
+    ("GP only, threadpool_limits (before)", False, False),
     ("all, threadpool_limits", True, False),
-    ("all, one_thread", True, True),
+    ("all, one_thread (search() now)", True, True),
 )
 
 
@@ -77,11 +79,20 @@ def _kept(enabled: bool = True):
         yield
 
 
+@contextlib.contextmanager
+def _looked_up(enabled: bool = True):
+    """threadpoolctl's ``threadpool_limits(1)``: looks the libraries up on every use."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1) if enabled else contextlib.nullcontext():
+        yield
+
+
 def _search(model, evaluate, sampler: str, trials: int, seed: int, setting: tuple) -> dict:
     """One search of ``trials`` trials; seconds in the sampler, in measure and in evaluate."""
     _, limit_all, kept = setting
     original = run.quiet_threads
-    run.quiet_threads = _kept if kept else original
+    run.quiet_threads = _kept if kept else _looked_up
     try:
         return _timed_search(model, evaluate, sampler, trials, seed, limit_all)
     finally:
@@ -104,22 +115,28 @@ def _timed_search(model, evaluate, sampler: str, trials: int, seed: int, limit_a
     study = optuna.create_study(sampler=make_sampler(sampler, trials, seed, 1),
                                 directions=["maximize"])  # fmt: skip
     opts = dict(method="l1", granularity="element", example_inputs=None, reconstruct=False)
-    runner = _TimedRunner(model, timed_evaluate, space, TARGET, ("metric",), opts)
-    runner.limit_threads = limit_all or sampler == "gp"  # search() limits GP only
+    runner = Runner(model, timed_evaluate, space, TARGET, ("metric",), opts)
+    runner.limit_threads = limit_all or sampler == "gp"  # before: GP only
+    timer = _TimedMeasure()
+    run.measure = timer
     per_trial, per_eval = [], []
     total = 0.0
-    for _ in range(trials):
-        before = runner.measured
-        start = time.perf_counter()
-        runner.step(study)
-        step = time.perf_counter() - start
-        total += step
-        per_eval.append(runner.measured - before)
-        per_trial.append(step - per_eval[-1])
-    sampler_s = total - runner.measured
+    try:
+        for _ in range(trials):
+            before = timer.measured
+            start = time.perf_counter()
+            for _ in runner.batch(study, 1):  # ask, measure, tell one trial as search() does
+                pass
+            step = time.perf_counter() - start
+            total += step
+            per_eval.append(timer.measured - before)
+            per_trial.append(step - per_eval[-1])
+    finally:
+        run.measure = timer.original
+    sampler_s = total - timer.measured
     return {
         "sampler": sampler_s,
-        "measure": runner.measured,
+        "measure": timer.measured,
         "evaluate": timed["evaluate"],
         "per_trial_ms": 1e3 * statistics.median(per_trial),
         "median_share": statistics.median(per_trial) / statistics.median(per_eval),

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.core.report import text_table
+from nbcompress.engine.core.report import fmt_bytes, fmt_time, text_table
 from nbcompress.engine.prune.prune import prune_ratios_
 
 __all__ = ["FORMAT", "SearchResult", "SearchTrial"]
@@ -37,6 +37,8 @@ class SearchTrial:
         sparsity: Share of the searched weights the ratios zero.
         state: ``"complete"``, ``"fail"`` or another optuna trial state, lower case.
         error: The failure of ``evaluate``, one line (failed trials only).
+        size: Stored bytes of the pruned model (CSR where smaller), when an objective.
+        latency: Measured seconds per call as ``sparsify_`` would leave it, when an objective.
     """
 
     number: int
@@ -45,6 +47,8 @@ class SearchTrial:
     sparsity: float
     state: str = "complete"
     error: str | None = None
+    size: float | None = None
+    latency: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -173,6 +177,11 @@ class SearchResult:
 
     # --- display ---------------------------------------------------------------------------
 
+    def _extras(self) -> list[str]:
+        """The measured objectives besides metric and sparsity present in the trials."""
+        present = ("size", "latency")
+        return [k for k in present if any(getattr(t, k) is not None for t in self.trials)]
+
     def _rows(self, trials: list[SearchTrial]) -> list[dict[str, Any]]:
         front = {t.number for t in self.pareto()}
         return [
@@ -180,6 +189,7 @@ class SearchResult:
                 "#": t.number,
                 "metric": t.metric,
                 "sparsity": t.sparsity,
+                **{k: getattr(t, k) for k in self._extras()},
                 "front": "*" if t.number in front else "",
                 "state": t.state,
                 "ratios": " ".join(f"{r:.2f}" for r in t.ratios.values()),
@@ -199,8 +209,11 @@ class SearchResult:
         return f"search ({self.sampler}, {budget}): {done}/{len(self.trials)} trials complete{stop}"
 
     def __str__(self) -> str:
-        columns = dict.fromkeys(("#", "metric", "sparsity", "front", "state", "ratios"))
+        extras = self._extras()
+        columns = dict.fromkeys(("#", "metric", "sparsity", *extras, "front", "state", "ratios"))
         columns.update(metric=_fixed(4), sparsity=_fixed(3))
+        units = {"size": fmt_bytes, "latency": fmt_time}
+        columns.update({k: units[k] for k in extras})
         return text_table(self._rows(self.trials), columns, title=self.title(), notes=self.notes)
 
     def __repr__(self) -> str:

@@ -20,8 +20,10 @@ from torch import nn
 from nbcompress.engine.core.distribute import Dispatch
 from nbcompress.engine.core.history import trial as temporary
 from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.search.objectives import MEASURED, measure_extras
 from nbcompress.engine.search.result import SearchTrial
-from nbcompress.engine.search.space import MAX_RATIO, MIN_KEEP, Space, project
+from nbcompress.engine.search.samplers import one_thread
+from nbcompress.engine.search.space import Space, suggest_ratios
 
 __all__ = ["Bench", "Runner", "measure", "quiet_threads"]
 
@@ -34,18 +36,14 @@ class _Failed(Exception):
 def quiet_threads(enabled: bool = True) -> Iterator[None]:
     """One BLAS/OpenMP thread around the sampler: GP otherwise oversubscribes the cores.
 
-    Setting the limit costs about 0.7 ms (threadpoolctl looks up the loaded libraries), so
-    it is only worth it around a sampler that does linear algebra (GP: 20-60 ms a trial).
+    A kept threadpoolctl controller (:func:`~nbcompress.engine.search.samplers.one_thread`)
+    costs about 0.01 ms, so every sampler runs under it (``threadpool_limits`` looked the
+    libraries up on every use: 0.7-3 ms, as much as a TPE trial).
     """
     if not enabled:
         yield
         return
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # threadpoolctl missing: samplers run with their default threads
-        yield
-        return
-    with threadpool_limits(1):
+    with one_thread():
         yield
 
 
@@ -57,13 +55,22 @@ class Bench:
     evaluate: Callable[[nn.Module], float]
     names: tuple[str, ...]
     prune_opts: dict[str, Any]
+    #: Objectives measured on the pruned model besides the metric (``size``, ``latency``).
+    extras: tuple[str, ...] = ()
+    #: A batch shaped like real input, for the ``latency`` objective.
+    inputs: Any = None
 
 
-def measure(bench: Bench, ratios: list[float]) -> float:
+def measure(bench: Bench, ratios: list[float]) -> dict[str, float]:
     """``evaluate`` on the model pruned to ``ratios``, then restored bit-exactly.
 
     The one measuring step of a search, run here or on a worker (on its copy of the
-    model). A failure of ``evaluate`` (or a non-finite metric) raises ``_Failed`` with one line.
+    model). The ``size``/``latency`` objectives are measured on the pruned model before
+    ``evaluate`` runs (it may fine-tune). A failure of ``evaluate`` (or a non-finite
+    metric) raises ``_Failed`` with one line.
+
+    Returns:
+        ``{"metric": …}`` and each of ``bench.extras``.
     """
     named = {n: r for n, r in zip(bench.names, ratios) if r > 0}
     try:
@@ -73,10 +80,11 @@ def measure(bench: Bench, ratios: list[float]) -> float:
             guard.save(bench.model, recurse=True)
             if named:
                 prune_ratios_(bench.model, named, **bench.prune_opts)
+            found = measure_extras(bench.model, bench.extras, bench.names, bench.inputs)
             value = bench.evaluate(bench.model)
     except Exception as err:  # noqa: BLE001 - a failing trial is recorded, not fatal
         raise _Failed(f"{type(err).__name__}: {err}".splitlines()[0]) from err
-    return _as_metric(value)
+    return {"metric": _as_metric(value), **found}
 
 
 @dataclass
@@ -110,27 +118,30 @@ class Runner:
         self.space, self.target, self.objectives = space, target, objectives
         self.bench = Bench(model, evaluate, space.names, prune_opts)
         self.dispatch = Dispatch(None, self.bench)
-        self.memo: dict[tuple[float, ...], float] = {}
+        self.memo: dict[tuple[float, ...], dict[str, float]] = {}
         self.first_error: str | None = None
         self.completed = self.failed = 0
         self.limit_threads = False
 
     def propose(self, trial: Any) -> list[float]:
-        """The trial's ratios: projected scores with a target, direct ratios without."""
-        if self.target is None:
-            return [trial.suggest_float(n, 0.0, MAX_RATIO) for n in self.space.names]
-        scores = [trial.suggest_float(n, MIN_KEEP, 1.0) for n in self.space.names]
-        return project(scores, self.space.counts, self.target)
+        """The trial's ratios (:func:`~nbcompress.engine.search.space.suggest_ratios`)."""
+        return suggest_ratios(trial, self.space, self.target)
 
     def remember(self, study: Any) -> None:
         """Fill the memo from a resumed study's completed trials."""
         for t in study.trials:
-            if t.state.name == "COMPLETE" and "ratios" in t.user_attrs:
-                self.memo[_key(t.user_attrs["ratios"])] = t.user_attrs["metric"]
+            attrs = t.user_attrs
+            if t.state.name == "COMPLETE" and "ratios" in attrs:
+                keys = ("metric", *self.bench.extras)
+                self.memo[_key(attrs["ratios"])] = {k: attrs[k] for k in keys if k in attrs}
 
-    def values(self, metric: float, sparsity: float) -> list[float]:
+    def best_metric(self) -> float | None:
+        """The highest metric measured so far (for the progress bar)."""
+        return max((v["metric"] for v in self.memo.values()), default=None)
+
+    def values(self, outcome: dict[str, float], sparsity: float) -> list[float]:
         """The objective values told to the study, in ``objectives`` order."""
-        return [metric if o == "metric" else sparsity for o in self.objectives]
+        return [sparsity if o == "sparsity" else outcome[o] for o in self.objectives]
 
     def ask(self, study: Any, count: int) -> list[_Asked]:
         """Ask ``count`` trials and propose their ratios (nothing is told in between)."""
@@ -199,23 +210,32 @@ class Runner:
             _tell_failed(study, trial)
             return self.record(trial.number, ratios, sparsity, None, error)
         self.memo[asked.key] = outcome
-        trial.set_user_attr("metric", outcome)
+        for name, value in outcome.items():
+            trial.set_user_attr(name, value)
         trial.set_user_attr("memo", asked.hit)
         with quiet_threads(self.limit_threads):
             study.tell(trial, self.values(outcome, sparsity))
         self.completed += 1
         return self.record(trial.number, ratios, sparsity, outcome)
 
-    def record(self, number: int, ratios: list[float], sparsity: float, metric: float | None,
-               error: str | None = None) -> SearchTrial:  # fmt: skip
+    def record(
+        self,
+        number: int,
+        ratios: list[float],
+        sparsity: float,
+        outcome: dict[str, float] | None,
+        error: str | None = None,
+    ) -> SearchTrial:
         """One finished trial as the :class:`SearchTrial` the result will hold."""
+        got = outcome or {}
         return SearchTrial(
             number=number,
             ratios=dict(zip(self.space.names, ratios)),
-            metric=metric,
+            metric=got.get("metric"),
             sparsity=sparsity,
             state="complete" if error is None else "fail",
             error=error,
+            **{k: got.get(k) for k in MEASURED},
         )
 
 
@@ -260,6 +280,7 @@ def collect(study: Any, space: Space) -> list[SearchTrial]:
                 sparsity=attrs["sparsity"],
                 state=t.state.name.lower(),
                 error=attrs.get("error"),
+                **{k: attrs.get(k) for k in MEASURED},
             )
         )
     return found

@@ -62,6 +62,20 @@ class Space:
             shapes=tuple(tuple(tuple(t.shape) for t in w.values()) for w in weights.values()),
         )
 
+    def reachable(self, granularity: str) -> float:
+        """The highest overall sparsity ratios can give: every layer keeps one unit.
+
+        A unit is a weight (``MIN_KEEP`` of it, in fact), an output channel or a 4×1 block.
+        """
+        if granularity == "element":
+            return MAX_RATIO
+        kept = 0.0
+        for count, shapes in zip(self.counts, self.shapes):
+            rows = shapes[0][0]
+            units = rows if granularity == "channel" else max(1, count // 4)
+            kept += max(count / units, MIN_KEEP * count)
+        return 1.0 - kept / sum(self.counts)
+
     def signature(self) -> str:
         """A short hash of the layer names and shapes, naming the model in a storage."""
         text = json.dumps([self.names, self.shapes])
