@@ -25,8 +25,8 @@ _DASK_EXTRA = 'pip install "nbcompress[dask]"'
 _CONNECT_TIMEOUT = 3
 
 
-def say(text: str) -> None:
-    """One progress line on stderr, at once (as the sensitivity sweep prints its own)."""
+def progress_line(text: str) -> None:
+    """Print one line of plain-text progress to stderr, at once (not buffered)."""
     print(text, file=sys.stderr, flush=True)
 
 
@@ -148,7 +148,7 @@ def _local_cluster(workers: int) -> Iterator[Executor]:
     """A dask LocalCluster of ``workers`` single-threaded processes on 127.0.0.1."""
     distributed = _dask()
     if distributed is None:
-        say(f"dask is not installed ({_DASK_EXTRA}): using a pool of {workers} processes")
+        progress_line(f"dask is not installed ({_DASK_EXTRA}): using a pool of {workers} processes")
         with process_pool(workers) as pool:
             yield pool
         return
@@ -159,7 +159,7 @@ def _local_cluster(workers: int) -> Iterator[Executor]:
         restore()
     try:
         client = distributed.Client(cluster)
-        say(
+        progress_line(
             f"dask: started a local cluster of {workers} worker processes on 127.0.0.1 in "
             f"{time.perf_counter() - start:.1f} s (closed after this call)"
         )

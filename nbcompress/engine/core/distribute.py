@@ -30,8 +30,8 @@ from nbcompress.engine.core.cluster import (
     check_workers,
     parallelism,
     process_pool,
+    progress_line,
     resolve_executor,
-    say,
 )
 
 __all__ = [
@@ -299,7 +299,7 @@ class _Run:
                 f"{self.d.what}: a worker died twice during {self.label(index)} "
                 f"({type(err).__name__}); run it without an executor to see why."
             )
-        say(f"{self.d.what}: a worker died during {self.label(index)}; retrying it once")
+        progress_line(f"{self.d.what}: a worker died during {self.label(index)}; retrying it once")
         executor = self.d.executor
         if isinstance(err, cf.BrokenExecutor):
             if isinstance(executor, OwnedPool):

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from nbcompress.engine.core.cluster import progress_line
 from nbcompress.engine.core.history import trial
 from nbcompress.engine.core.layers import prunable_weights, select_layers
 from nbcompress.engine.core.validation import as_inputs, eval_mode
@@ -274,8 +274,3 @@ def eta_status(done: int, total: int, elapsed: float, measured: int | None = Non
     left = max(0, total - done)
     eta = "—" if measured <= 0 else _duration(elapsed / measured * left)
     return f"{done}/{total} evaluations, {_duration(elapsed)} elapsed, ETA {eta}"
-
-
-def progress_line(text: str) -> None:
-    """Print one line of plain-text progress to stderr, at once (not buffered)."""
-    print(text, file=sys.stderr, flush=True)
