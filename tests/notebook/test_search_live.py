@@ -268,6 +268,25 @@ def test_a_refused_search_leaves_no_empty_view(shell, monkeypatch):
     assert shown == []
 
 
+def test_a_search_whose_every_trial_failed_says_so_in_the_view(shell, monkeypatch):
+    import IPython.display
+    from IPython.core.error import UsageError
+
+    def evaluate(m):
+        raise RuntimeError("no data")
+
+    shell.user_ns.update(model=mlp(), evaluate=evaluate)
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    monkeypatch.setattr(shell, "kernel", object(), raising=False)
+    with pytest.raises(UsageError, match="evaluate"):
+        shell.run_line_magic("search", "model --eval evaluate -t 0.8 --trials 3 --seed 0")
+    (view,) = shown
+    assert view.status.value.startswith("search stopped: ") and "no data" in view.status.value
+    assert view.bar.bar_style == "danger" and view.apply_button.disabled
+    view.close()
+
+
 def test_in_a_terminal_search_prints_the_table_as_before_and_shows_no_view(shell, monkeypatch,
                                                                            capsys):  # fmt: skip
     import IPython.display

@@ -211,6 +211,13 @@ class SearchView(w.VBox):
             else "no trial completed, nothing to apply"
         )
 
+    def fail(self, error: BaseException) -> None:
+        """The search stopped with ``error`` before it returned: say so (nothing to apply)."""
+        self.bar.bar_style = "danger"
+        self.status.value = (
+            f"search stopped: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        )
+
     def _display_once(self) -> None:
         if self._show:
             self._show = False

@@ -93,14 +93,20 @@ class SearchMagics(ModelMagics):
                 view = SearchView(model, args.trials, name=args.model, example_inputs=calibration,
                                   target_sparsity=args.target_sparsity, sampler=args.sampler,
                                   show=True)  # fmt: skip
-            result = search(
-                model, evaluate, target_sparsity=args.target_sparsity, sampler=args.sampler,
-                progress=view is None, callback=None if view is None else view.update,
-                n_trials=args.trials, layers=split_patterns(args.layers),
-                granularity=args.granularity, method=args.method, storage=args.storage,
-                seed=args.seed, warm_start=not args.no_warm_start, example_inputs=calibration,
-                reconstruct=args.reconstruct, executor=where, workers=args.workers,
-            )  # fmt: skip
+            try:
+                result = search(
+                    model, evaluate, target_sparsity=args.target_sparsity, sampler=args.sampler,
+                    progress=view is None, callback=None if view is None else view.update,
+                    n_trials=args.trials, layers=split_patterns(args.layers),
+                    granularity=args.granularity, method=args.method, storage=args.storage,
+                    seed=args.seed, warm_start=not args.no_warm_start,
+                    example_inputs=calibration, reconstruct=args.reconstruct, executor=where,
+                    workers=args.workers,
+                )  # fmt: skip
+            except Exception as err:
+                if view is not None:  # e.g. every trial failed: the view must not say "searching…"
+                    view.fail(err)
+                raise
         if view is None:
             print(result)
         else:
