@@ -16,6 +16,7 @@ from torch import nn
 
 from nbcompress.engine.core.report import fmt_bytes, fmt_time, text_table
 from nbcompress.engine.prune.prune import prune_ratios_
+from nbcompress.engine.search.objectives import MEASURED
 
 __all__ = ["FORMAT", "SearchResult", "SearchTrial"]
 
@@ -179,8 +180,7 @@ class SearchResult:
 
     def _extras(self) -> list[str]:
         """The measured objectives besides metric and sparsity present in the trials."""
-        present = ("size", "latency")
-        return [k for k in present if any(getattr(t, k) is not None for t in self.trials)]
+        return [k for k in MEASURED if any(getattr(t, k) is not None for t in self.trials)]
 
     def _rows(self, trials: list[SearchTrial]) -> list[dict[str, Any]]:
         front = {t.number for t in self.pareto()}

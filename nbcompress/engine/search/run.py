@@ -116,12 +116,14 @@ class Runner:
         prune_opts: dict[str, Any],
     ) -> None:
         self.space, self.target, self.objectives = space, target, objectives
-        self.bench = Bench(model, evaluate, space.names, prune_opts)
+        extras = tuple(o for o in objectives if o in MEASURED)
+        inputs = prune_opts.get("example_inputs")
+        self.bench = Bench(model, evaluate, space.names, prune_opts, extras, inputs)
         self.dispatch = Dispatch(None, self.bench)
         self.memo: dict[tuple[float, ...], dict[str, float]] = {}
         self.first_error: str | None = None
         self.completed = self.failed = 0
-        self.limit_threads = False
+        self.limit_threads = True  # cheap with a kept controller; GP needs it
 
     def propose(self, trial: Any) -> list[float]:
         """The trial's ratios (:func:`~nbcompress.engine.search.space.suggest_ratios`)."""

@@ -252,9 +252,6 @@ def search(
         opts = dict(method=method, granularity=granularity, example_inputs=example_inputs,
                     reconstruct=bool(reconstruct))  # fmt: skip
         runner = Runner(model, evaluate, space, target, objs, opts)
-        runner.bench.extras = tuple(o for o in objs if o in ("size", "latency"))
-        runner.bench.inputs = example_inputs
-        runner.limit_threads = True  # cheap with a kept controller; GP needs it
         runner.remember(study)
         if warm_start is not False and not study.trials:
             notes += _enqueue_warm_start(study, model, space, target, n_trials, sweep)

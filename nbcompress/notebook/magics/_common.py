@@ -80,6 +80,10 @@ class ModelMagics(Magics):
         """Like :meth:`value`, but ``None`` when the option was not given."""
         return None if expr is None else self.value(expr, arg)
 
+    def executor(self, expr: str | None) -> Any:
+        """``--executor``: an address (``tcp://…``) as text, else an Executor / dask Client."""
+        return expr if expr is None or ":" in expr else self.value(expr, "--executor")
+
     def model(self, expr: str, arg: str = "model") -> nn.Module:
         """Evaluate ``expr`` and check that it is an ``nn.Module``."""
         obj = self.value(expr, arg)
@@ -102,6 +106,19 @@ class ModelMagics(Magics):
 def input_argument(help: str) -> Any:  # noqa: A002 - argparse's own name
     """The ``--input``/``-i`` option every magic shares, with a magic-specific help line."""
     return argument("--input", "-i", dest="input", help=help)
+
+
+def scale_out_arguments(func: Any) -> Any:
+    """The ``--workers``/``--executor`` options of the verbs that measure on an executor."""
+    func = argument(
+        "--executor", help="A dask scheduler address (tcp://host:8786) or an Executor."
+    )(func)
+    return argument(
+        "--workers",
+        type=at_least(1, "--workers 2"),
+        help="Evaluate on a local dask cluster of N processes (started for the call, closed "
+        "after; the result is the serial one).",
+    )(func)
 
 
 def repeats_argument(minimum: int, default: int, help: str) -> Any:  # noqa: A002

@@ -16,6 +16,7 @@ from nbcompress.notebook.magics._common import (
     at_least,
     engine_errors,
     input_argument,
+    scale_out_arguments,
     seed_type,
     split_patterns,
 )
@@ -57,8 +58,7 @@ class SearchMagics(ModelMagics):
     @argument("--storage", help="A SQLite file (search.db): trials are kept; a rerun resumes.")
     @argument("--seed", type=seed_type, help="Seed of the sampler (same seed, same trials).")
     @argument("--no-warm-start", action="store_true", help="Skip uniform and global L1 first.")
-    @argument("--workers", type=at_least(1, "--workers 2"), help="Local dask cluster for the call.")
-    @argument("--executor", help="A dask scheduler address (tcp://host:8786) or an Executor.")
+    @scale_out_arguments
     @line_magic
     def search(self, line: str) -> SearchResult:
         """Search per-layer pruning ratios by measuring whole allocations (optuna).
@@ -83,8 +83,7 @@ class SearchMagics(ModelMagics):
         model = self.model(args.model)
         evaluate = self.value(args.evaluate, "--eval")
         calibration = self.optional(args.input, "--input")
-        where = args.executor  # an address, or an Executor / dask Client in the namespace
-        where = where if where is None or ":" in where else self.value(where, "--executor")
+        where = self.executor(args.executor)
         with engine_errors({"--eval": evaluate}), _extra_needed():
             view = None
             if in_notebook(self.shell):  # a widget frontend: the live view, not the table

@@ -26,6 +26,7 @@ from nbcompress.notebook.magics._common import (
     checked,
     engine_errors,
     input_argument,
+    scale_out_arguments,
     split_patterns,
 )
 
@@ -173,13 +174,7 @@ class SensitivityMagics(ModelMagics):
         type=at_least(0, "--refine 100"),
         help="Refine the suggestion by up to N measured moves.",
     )
-    @argument(
-        "--workers",
-        type=at_least(1, "--workers 2"),
-        help="Evaluate on a local dask cluster of N processes (started for the call, closed "
-        "after; the result is the serial one).",
-    )
-    @argument("--executor", help="A dask scheduler address (tcp://host:8786) or an Executor.")
+    @scale_out_arguments
     @argument("--no-widget", action="store_true", help="Do not show the explorer widget.")
     @argument("--save", help="Write the result (even a partial one) to this JSON file.")
     @line_magic
@@ -232,8 +227,7 @@ class SensitivityMagics(ModelMagics):
                 "--input: --remove traces the model on an example input to find its coupled "
                 f"channel groups; pass one, e.g. %sensitivity {args.model} --remove --input x."
             )
-        where = args.executor  # an address, or an Executor / dask Client in the namespace
-        where = where if where is None or ":" in where else self.value(where, "--executor")
+        where = self.executor(args.executor)
         with contextlib.ExitStack() as stack:
             with engine_errors({"--executor": where}):
                 pool = stack.enter_context(resolve_executor(where, args.workers))
