@@ -45,9 +45,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _datasets import mnist  # noqa: E402
-
 from nbcompress import zoo  # noqa: E402
+from nbcompress.datasets import mnist  # noqa: E402
 from nbcompress.engine.prune.prune import prune_ratios_  # noqa: E402
 from nbcompress.engine.schedule.factorize import factorize_  # noqa: E402
 from nbcompress.engine.schedule.lowrank_report import factorize_report  # noqa: E402

@@ -46,8 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import digits  # noqa: E402
-
+from nbcompress.datasets import digits  # noqa: E402
 from nbcompress.engine.core.distribute import process_pool, resolve_executor  # noqa: E402
 from nbcompress.engine.search import run as search_run  # noqa: E402
 from nbcompress.engine.search.search import search  # noqa: E402

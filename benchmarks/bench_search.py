@@ -37,9 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import digits  # noqa: E402
-
 import nbcompress as nc  # noqa: E402
+from nbcompress.datasets import digits  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, train  # noqa: E402
 
 TARGET = 0.9

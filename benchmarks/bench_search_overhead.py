@@ -40,9 +40,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import digits  # noqa: E402
 from bench_search import MODELS, TARGET, _masked_finetune  # noqa: E402
 
+from nbcompress.datasets import digits  # noqa: E402
 from nbcompress.engine.search import run  # noqa: E402
 from nbcompress.engine.search.run import Runner  # noqa: E402
 from nbcompress.engine.search.samplers import load_optuna, make_sampler, one_thread  # noqa: E402

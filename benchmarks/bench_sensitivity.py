@@ -52,8 +52,9 @@ import nbcompress as nc  # noqa: E402
 from nbcompress import zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _datasets  # noqa: E402
 from bench_kernels import cpu_name  # noqa: E402 - one CPU probe for every bench
+
+import nbcompress.datasets as _datasets  # noqa: E402
 
 TARGETS = (0.5, 0.7, 0.8, 0.9, 0.95)
 QUICK_TARGETS = (0.7, 0.9)

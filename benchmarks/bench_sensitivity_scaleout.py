@@ -44,9 +44,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import digits  # noqa: E402
-
 import nbcompress as nc  # noqa: E402
+from nbcompress.datasets import digits  # noqa: E402
 from nbcompress.engine.core.distribute import resolve_executor  # noqa: E402
 from nbcompress.zoo import LeNet300, train  # noqa: E402
 

@@ -25,9 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import Split, digits, mnist  # noqa: E402
-
 from nbcompress import summary  # noqa: E402
+from nbcompress.datasets import Split, digits, mnist  # noqa: E402
 from nbcompress.engine.structural.remove import remove_  # noqa: E402
 from nbcompress.zoo import SeedCNN, accuracy, train  # noqa: E402
 

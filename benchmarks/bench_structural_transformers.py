@@ -39,7 +39,7 @@ from nbcompress.engine.structural.attention import apply_attention, attention_pl
 from nbcompress.timing import race  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _datasets  # noqa: E402
+import nbcompress.datasets as _datasets  # noqa: E402
 
 
 def removed(model: torch.nn.Module, **kw) -> tuple[torch.nn.Module, list[str]]:

@@ -36,8 +36,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import Split, digits, mnist  # noqa: E402
-
 from nbcompress import (  # noqa: E402
     GradualPruner,
     PolynomialDecay,
@@ -45,6 +43,7 @@ from nbcompress import (  # noqa: E402
     prune_,
     remove_masks_,
 )
+from nbcompress.datasets import Split, digits, mnist  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, train  # noqa: E402
 
 BATCH = 64

