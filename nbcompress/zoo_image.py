@@ -4,9 +4,10 @@ For notebook 06 and its second data set. The pipeline is the issue's order: trai
 CNN → sensitivity sweep on the validation split and its suggestion at a high sparsity →
 prune to it with masks kept → fine-tune with the masks → remove whole channels (a smaller
 dense model) → fine-tune → static int8 calibrated on training images. A snapshot of the
-model is kept after each step, and :func:`measure_steps` measures each one against the
-dense model with the demo's own measurement (:func:`nbcompress.demo.final.measure_final`:
-test accuracy, ``torch.save`` bytes, interleaved latency after warm-up, medians).
+model is kept after each step, and :func:`measure_steps` measures them all side by side as
+the demo's final table does: test accuracy, the bytes ``torch.save`` writes for the state
+dict (:func:`~nbcompress.engine.quantize.report.serialized_size`), and latency interleaved
+after warm-up, medians (:func:`nbcompress.timing.measure_interleaved`).
 
 Ratios are chosen on the validation split; the test split only reports.
 """
@@ -32,7 +33,7 @@ from nbcompress.engine.schedule.finetune import finetune
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
 from nbcompress.engine.sensitivity.suggestion import Suggestion
 from nbcompress.engine.sensitivity.sweep import sensitivity
-from nbcompress.timing import Timing, format_seconds, race
+from nbcompress.timing import Timing, format_seconds, measure_interleaved
 from nbcompress.zoo import SeedCNN, accuracy, train
 
 __all__ = [
@@ -318,11 +319,16 @@ def _word(ratio: float, noise: float, better: str, worse: str) -> str:
     return f"unchanged ({ratio:.2f}×)"
 
 
-@torch.inference_mode()
 def _race(models: list[nn.Module], x: torch.Tensor, rounds: int) -> list[Timing]:
-    """The models timed in interleaved rounds after warm-up, as the demo's final table times."""
-    candidates = {str(i): (lambda m=m: m(x)) for i, m in enumerate(models)}
-    times = race(candidates, rounds=rounds, warmup=3, min_sample=2e-3).times
+    """The models timed in interleaved rounds after warm-up (medians), short samples.
+
+    Samples of ~0.2 ms (``measure_interleaved``'s default; one call of these models): on
+    a machine shared by more processes than cores, samples of several calls lasting ~2 ms
+    fell into step with the scheduler's time slices here, and one model of a race came out
+    3–5× slower at batch 1 in one race and not in the next; single calls (~0.3 ms) did not.
+    """
+    fns = {str(i): (lambda m=m: m(x)) for i, m in enumerate(models)}
+    times = measure_interleaved(fns, warmup=3, repeats=rounds)
     return [times[str(i)] for i in range(len(models))]
 
 
