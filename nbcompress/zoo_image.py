@@ -15,6 +15,7 @@ Ratios are chosen on the validation split; the test split only reports.
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -288,12 +289,13 @@ class StepTable(TableReport):
     def _table(self) -> Table:
         return Table(self.rows, None, f"{self.dataset}: each step vs dense", self.notes)
 
-    def changes(self, noise: float = 0.1) -> list[str]:
+    def changes(self, noise: float = 0.25) -> list[str]:
         """What each step changed against the step before it, in words, from the figures.
 
         Args:
             noise: Relative change in size or speed below which a step is said to make no
-                measurable difference (timings on a shared machine move by ~10%).
+                measurable difference (on 2 shared cores at load ~9, the same model's
+                median moved by up to ~25% between races here).
 
         Returns:
             One line per step after the first.
@@ -317,6 +319,18 @@ def _word(ratio: float, noise: float, better: str, worse: str) -> str:
     if ratio <= 1 / (1 + noise):
         return f"{1 / ratio:.2f}× {worse}"
     return f"unchanged ({ratio:.2f}×)"
+
+
+def _machine() -> str:
+    """Cores and load while measuring: the context every time in the table depends on."""
+    cores = os.cpu_count() or 1
+    line = f"Machine: {cores} cores"
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        line += f", load average {load:.1f}"
+        if load > cores:
+            line += " (more runnable processes than cores: times are noisier)"
+    return line + "."
 
 
 def _race(models: list[nn.Module], x: torch.Tensor, rounds: int) -> list[Timing]:
@@ -360,6 +374,7 @@ def measure_steps(
         f"Accuracy on the {len(data.y_test)} test images; size = bytes torch.save writes for "
         f"the state dict; latency = median of {rounds} interleaved rounds after warm-up "
         f"({torch.get_num_threads()} torch thread(s)); speed = dense median / step median.",
+        _machine(),
     ]
     return StepTable(
         data.name,

@@ -119,6 +119,7 @@ def test_compress_runs_every_step_and_each_is_measured():
     assert table.steps == list(steps) and table.size[0] == table.size[1]  # zeros still stored
     assert table.size[3] < table.size[2] < table.size[1]
     assert len(table.latency[1]) == 4 and table.latency[1][0].repeats == 4  # 3 → 4 rounds
+    assert table.notes[-1].startswith("Machine: ")  # the load every time depends on
     # Every step is one undoable history entry of the last model: undo gives dense back.
     nc.undo_(int8, all=True)
     pairs = zip(int8.state_dict().values(), dense.state_dict().values(), strict=True)
