@@ -54,6 +54,7 @@ __all__ = [
     "configure",
     "cpu_key",
     "density_bucket",
+    "layer_key",
     "lookup",
     "matrix_key",
     "remember",
@@ -342,6 +343,39 @@ def matrix_key(mat: object) -> tuple:
     nnz = int(np.prod(data.shape))
     pattern = f"bsr{block[0]}x{block[1]}" if block is not None else f"csr-{data.dtype.name}"
     return (pattern, mat.indices.dtype.name, rows, cols, density_bucket(nnz / max(1, rows * cols)))  # type: ignore[attr-defined]
+
+
+def layer_key(weight: object, input_shape: tuple[int, ...], threads: int, *extra: object) -> tuple:
+    """A key for a measured decision about one layer (e.g. ``sparsify_``'s dense vs sparse).
+
+    Args:
+        weight: The layer's weight (a CPU tensor without grad, or an array), out × anything.
+        input_shape: The layer's input shape; bucketed by :func:`shape_bucket`.
+        threads: The thread count the decision was measured at.
+        extra: Whatever else decides it (layer type, allowed formats, the required gain).
+
+    Returns:
+        ``(rows, cols, density %, 4-row block fill %, *input bucket, *extra, threads)``.
+    """
+    w = np.asarray(weight)
+    w = w.reshape(w.shape[0], -1)
+    rows, cols = w.shape
+    nz = w != 0
+    nnz = int(nz.sum())
+    fill = 0
+    if rows % 4 == 0 and nnz:  # how well the nonzeros fill 4 × 1 blocks (bsr pays or not)
+        blocks = int(nz.reshape(rows // 4, 4, cols).any(axis=1).sum())
+        fill = density_bucket(nnz / (4 * blocks))
+    dims = shape_bucket(("in", *input_shape))[1:]
+    return (
+        rows,
+        cols,
+        density_bucket(nnz / max(1, w.size)),
+        fill,
+        *dims,
+        *map(str, extra),
+        threads,
+    )
 
 
 def shape_bucket(key: tuple) -> tuple:

@@ -109,7 +109,7 @@ def test_a_sparse_layer_called_directly_gets_its_own_session(capsys, monkeypatch
     real = notices.record
 
     def spy(seconds: float, compiled: bool) -> None:
-        seen.append(notices._LOCAL.depth)
+        seen.append(notices.depth())
         real(seconds, compiled)
 
     monkeypatch.setattr(notices, "record", spy)

@@ -231,3 +231,11 @@ def test_processes_writing_at_once_lose_no_entry(tmp_path):
     record = tuning.active()
     assert all(record.get("test", (f"p{p}", i)) for p in range(4) for i in range(20))
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_layer_key_names_pattern_block_fill_and_input_bucket():
+    w = np.zeros((8, 6), dtype=np.float32)
+    w[0:4, 1] = 1.0  # one full 4 × 1 block: 4 of 48 nonzero, block fill 100%
+    assert tuning.layer_key(w, (2, 37, 6), 2, "Linear") == (8, 6, 10, 100, 2, 64, 8, "Linear", 2)
+    w[4, 2] = 1.0  # a second block holding one nonzero: fill 5 / 8
+    assert tuning.layer_key(w, (3, 6), 1)[2:4] == (10, 60)
