@@ -14,7 +14,13 @@ Choice. Several kernels compute each product; which is faster depends on the sha
 density, the caches and the load, so the first call per (weight, shape, threads) times
 the candidates with :func:`nbcompress.timing.race` and keeps the fastest
 (:func:`fastest`). With more than one thread each candidate also runs on one thread (its
-serial twin), since waking the pool can cost more than the second core saves.
+serial twin), since waking the pool can cost more than the second core saves. A choice
+is recorded per weight pattern and input shape bucket (:mod:`~nbcompress.kernels.tuning`,
+on disk per CPU), so later shapes in the bucket and later processes reuse it unmeasured.
+
+First calls. The first call of each compiled signature compiles it or loads it from
+numba's disk cache; its time goes into the caller's one-line notice
+(:mod:`~nbcompress.kernels.notices`).
 """
 
 from __future__ import annotations
