@@ -1,4 +1,4 @@
-"""Command line: ``python -m nbcompress demo``."""
+"""Command line: ``python -m nbcompress demo`` and ``python -m nbcompress warmup``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,12 @@ _DEMO = (
     "Train a CNN on real digits, then prune 90%% by a checked sensitivity suggestion, "
     "fine-tune, run sparse kernels where faster and int8; report accuracy, size and "
     "latency, dense vs compressed."
+)
+
+
+_WARMUP = (
+    "Compile (or load from numba's disk cache) the common sparse kernels now, e.g. once "
+    "after installing, so that the first sparse call in a notebook does not wait for it."
 )
 
 
@@ -40,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--quick", action="store_true", help="Small settings: the same steps, shorter (for tests)."
     )
+    sub.add_parser("warmup", help=_WARMUP, description=_WARMUP)
     args = parser.parse_args(argv)
+    if args.command == "warmup":
+        from nbcompress.kernels import warmup
+
+        result = warmup(quiet=True)
+        print(result.line())
+        return 1 if result.error else 0
     if args.command == "demo":
         from nbcompress.demo import DemoInputError, run_demo
 

@@ -3,8 +3,10 @@
 Modules: ``formats`` (CSRMatrix, BSRMatrix, packing), ``layouts`` (derived layouts of a
 packed weight), ``dispatch`` (kernel registry, measured kernel choice, input checks),
 ``csr`` / ``bsr`` / ``conv`` (the validating products), ``modules`` (SparseLinear,
-SparseConv2d), ``threads``; the jitted bodies in ``_numba``, ``_simd`` and
-``_generated_kernels`` (written by ``tools/generate_kernels.py``).
+SparseConv2d), ``threads``, ``tuning`` (the persistent record of measured choices),
+``notices`` (one line about compilation per call), ``precompile`` (:func:`warmup`);
+the jitted bodies in ``_numba``, ``_simd`` and ``_generated_kernels`` (written by
+``tools/generate_kernels.py``).
 
 Importing this package configures numba's threading so that its pool and torch's do not
 spin against each other (see :mod:`nbcompress.kernels.threads`).
@@ -19,11 +21,15 @@ configure_threading()
 from nbcompress.kernels.bsr import bsr_matmul  # noqa: E402 - threading must be configured first
 from nbcompress.kernels.csr import csr_matmul, csr_matmul_t  # noqa: E402
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr  # noqa: E402
+from nbcompress.kernels.notices import COMPILE_NOTICE  # noqa: E402
+from nbcompress.kernels.precompile import WarmUp, warmup  # noqa: E402
 from nbcompress.kernels.threads import get_threads, set_threads  # noqa: E402
 
 __all__ = [
     "BSRMatrix",
+    "COMPILE_NOTICE",
     "CSRMatrix",
+    "WarmUp",
     "bsr_matmul",
     "csr_matmul",
     "csr_matmul_t",
@@ -31,4 +37,5 @@ __all__ = [
     "pack_bsr",
     "pack_csr",
     "set_threads",
+    "warmup",
 ]

@@ -76,7 +76,8 @@ def conv_unchecked(
     options: dict[str, Callable[[], object]] = {"panels": panels}
     if out.shape[2] >= TILE:
         options |= {name: (lambda k=kblk: tiles(k)) for name, kblk in tile_kinds(mat).items()}
-    fastest(mat, ("conv", *images.shape), options | _direct_options(mat, images, geom, out))
+    options |= _direct_options(mat, images, geom, out)
+    fastest(mat, ("conv", *images.shape), options, geom[:8])  # geometry: for the record
 
 
 def bsr_conv_unchecked(
@@ -96,7 +97,7 @@ def bsr_conv_unchecked(
     options: dict[str, Callable[[], object]] = {"unfold": unfolded}
     if mat.block == (4, 1):
         options |= _direct_options(mat, images, geom, out)
-    fastest(mat, ("conv", *images.shape), options)
+    fastest(mat, ("conv", *images.shape), options, geom[:8])
 
 
 def _direct_options(

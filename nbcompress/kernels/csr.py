@@ -251,5 +251,8 @@ def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
 def transposed(x: np.ndarray) -> np.ndarray:
     """``x`` (N × K, any strides) as a C-contiguous K × N copy (a serial numba kernel)."""
     xt = np.empty((x.shape[1], x.shape[0]), dtype=np.float32)
-    TRANSPOSE.run((x, xt), (), 1)  # a serial kernel: no pool to size
+    # x's layout is part of numba's signature (a transposed view of the previous sparse
+    # layer's output is F-ordered): each is a first call of its own.
+    layout = "C" if x.flags.c_contiguous else "F" if x.flags.f_contiguous else "A"
+    TRANSPOSE.run((x, xt), (layout,), 1)  # a serial kernel: no pool to size
     return xt

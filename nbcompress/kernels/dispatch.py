@@ -14,16 +14,22 @@ Choice. Several kernels compute each product; which is faster depends on the sha
 density, the caches and the load, so the first call per (weight, shape, threads) times
 the candidates with :func:`nbcompress.timing.race` and keeps the fastest
 (:func:`fastest`). With more than one thread each candidate also runs on one thread (its
-serial twin), since waking the pool can cost more than the second core saves.
+serial twin), since waking the pool can cost more than the second core saves. A choice
+is recorded per weight pattern and input shape bucket (:mod:`~nbcompress.kernels.tuning`,
+on disk per CPU), so later shapes in the bucket and later processes reuse it unmeasured.
+
+First calls. The first call of each compiled signature compiles it or loads it from
+numba's disk cache; its time goes into the caller's one-line notice
+(:mod:`~nbcompress.kernels.notices`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numba
@@ -31,7 +37,7 @@ import numpy as np
 import torch
 
 from nbcompress.kernels import _generated_kernels as gen
-from nbcompress.kernels import _numba
+from nbcompress.kernels import _numba, notices, tuning
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, describe
 from nbcompress.kernels.layouts import kblock, release
 from nbcompress.kernels.threads import POOL, get_threads, serial
@@ -69,6 +75,8 @@ __all__ = [
     "row_blocks",
     "row_bounds",
     "set_choices",
+    "tuning_stats",
+    "warming",
 ]
 
 Matrix = CSRMatrix | BSRMatrix
@@ -84,11 +92,15 @@ _FIRST_CALL = threading.Lock()
 
 class _Measuring(threading.local):
     depth = 0  # per Python thread: kernel choices being made (one may run another's)
+    warming = False  # per Python thread: run every option once, choose nothing (warm-up)
+    margin = 0.0  # the last race's margin of the winner over the runner-up
 
 
 _MEASURING = _Measuring()
 _CHOICE: weakref.WeakKeyDictionary[Matrix, dict[tuple, str]] = weakref.WeakKeyDictionary()
 _BOUNDS: weakref.WeakKeyDictionary[Matrix, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
+_STATS = {"races": 0, "seconds": 0.0, "reused": 0}
+_STATS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,20 +148,22 @@ def _invoke(kernel: Callable[..., None], args: tuple, key: tuple) -> None:
         kernel(*args)
         return
     # The first call per signature compiles (SLP vectorization on, which only matters
-    # then) or loads from disk, and says once what that cost. One at a time: the SLP switch
-    # is process-wide; a kernel compiled while another thread reset it is cached without.
+    # then) or loads from disk; the time (waiting for another thread's compilation
+    # included: the user waits all the same) goes into the caller's one-line notice
+    # (notices.py). One at a time: the SLP switch is process-wide; a kernel compiled while
+    # another thread reset it is cached without.
+    start = time.perf_counter()
+    compiled = False
     with _FIRST_CALL:
-        start = time.perf_counter()
-        with _numba.slp_enabled():
+        if key in _COMPILED:  # compiled meanwhile, e.g. by the background warm-up
             kernel(*args)
-        _COMPILED.add(key)
-    took = time.perf_counter() - start
-    if took > 1.0:
-        warnings.warn(
-            f"nbcompress: sparse kernel {key[0]} took {took:.1f} s to compile or load "
-            "from numba's disk cache (once per session; later calls are fast).",
-            stacklevel=4,
-        )
+        else:
+            misses = notices.cache_misses(kernel)
+            with _numba.slp_enabled():
+                kernel(*args)
+            _COMPILED.add(key)
+            compiled = notices.cache_misses(kernel) > misses
+    notices.record(time.perf_counter() - start, compiled)
 
 
 def _copy(name: str, kernel: Callable[..., None]) -> Kernel:
@@ -268,15 +282,29 @@ def choose(options: Options) -> str:
     # sparse conv's "unfold" option runs a product that makes its own choice (so the
     # outer rounds time the inner winner), and sparsify_'s race in the engine times whole
     # modules whose first call makes their kernel choices here (before it times them).
-    return race(options, rounds=_ROUNDS, warmup=1, min_sample=0.0).winner(KERNEL_MARGIN)
+    result = race(options, rounds=_ROUNDS, warmup=1, min_sample=0.0)
+    name = result.winner(KERNEL_MARGIN)
+    others = [result.ratio(n) for n in result.names if n != name]
+    # Kept for the tuning record: how far the runner-up was behind (negative when a
+    # near tie was left to the incumbent).
+    _MEASURING.margin = min(others) / max(result.ratio(name), 1e-300) - 1 if others else 0.0
+    return name
 
 
-def fastest(mat: Matrix, key: tuple, options: Options) -> None:
+def fastest(mat: Matrix, key: tuple, options: Options, detail: tuple = ()) -> None:
     """Run the option measured fastest for ``(mat, key, threads)``, measuring on first use.
 
     With more than one thread each option's serial twin competes too (named with the
     suffix :data:`SERIAL`): waking the worker pool can cost more than the second core
     saves (at batch 1 it doubled the time here). A single option is run, not timed.
+    A choice recorded for the same weight pattern and shape bucket (in this process or
+    an earlier one, :mod:`~nbcompress.kernels.tuning`) is reused without measuring.
+
+    Args:
+        mat: The packed weight.
+        key: ``(kind, *input extents)``; the thread count is appended.
+        options: Name → zero-argument callable; the first is the incumbent.
+        detail: What else decides the choice for the tuning record (a conv's geometry).
     """
     chosen = _CHOICE.setdefault(mat, {})
     key = (*key, get_threads())
@@ -286,23 +314,68 @@ def fastest(mat: Matrix, key: tuple, options: Options) -> None:
         return
     if key[-1] > 1:
         options = {**options, **{n + SERIAL: _on_one_thread(run) for n, run in options.items()}}
+    if _MEASURING.warming:  # compile or load every option's kernels; nothing is chosen
+        for run in options.values():
+            run()
+        return
     depth = _MEASURING.depth
     _MEASURING.depth = depth + 1
     try:
-        if len(options) == 1:
-            name = next(iter(options))
-            options[name]()
-        else:
-            name = choose(options)
-            # The options share one output, left by whichever ran last: run the chosen one
-            # again so that this call returns bit for bit what later calls return (kernels
-            # sum in different orders).
-            options[name]()
+        name = next(iter(options)) if len(options) == 1 else _tuned(mat, key, detail, options)
+        # With several options they share one output, left by whichever ran last: run the
+        # chosen one again so that this call returns bit for bit what later calls return
+        # (kernels sum in different orders).
+        options[name]()
     finally:
         _MEASURING.depth = depth
     chosen[key] = name
     if not depth:  # an inner choice (the conv's unfold product) must not drop the
         release_unused(mat)  # layouts the outer options still being timed built
+
+
+def _tuned(mat: Matrix, key: tuple, detail: tuple, options: Options) -> str:
+    """The choice recorded for ``key``'s shape bucket, else measured now (and recorded)."""
+    record = tuning.active()
+    if record is None:
+        return _raced(options)
+    rkey = (*tuning.matrix_key(mat), *tuning.shape_bucket(key[:-1]), *detail, key[-1])
+    entry = record.get("kernel", rkey)
+    if entry is not None and entry.choice in options:
+        if not record.stale("kernel", rkey):
+            with _STATS_LOCK:
+                _STATS["reused"] += 1
+            return entry.choice
+        # Re-measured on request: the recorded choice is the incumbent, kept on near ties.
+        options = {entry.choice: options[entry.choice], **options}
+    name = _raced(options)
+    record.put("kernel", rkey, tuning.Entry(name, _MEASURING.margin), replace=record.refresh)
+    return name
+
+
+def _raced(options: Options) -> str:
+    start = time.perf_counter()
+    name = choose(options)
+    with _STATS_LOCK:
+        _STATS["races"] += 1
+        _STATS["seconds"] += time.perf_counter() - start
+    return name
+
+
+def tuning_stats() -> dict[str, float]:
+    """Kernel choices in this process: ``races`` run, their ``seconds``, choices ``reused``."""
+    with _STATS_LOCK:
+        return dict(_STATS)
+
+
+@contextlib.contextmanager
+def warming() -> Iterator[None]:
+    """In this Python thread, run every kernel option once and choose (or record) nothing."""
+    old = _MEASURING.warming
+    _MEASURING.warming = True
+    try:
+        yield
+    finally:
+        _MEASURING.warming = old
 
 
 def _call(options: Options, name: str) -> None:

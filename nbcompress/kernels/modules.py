@@ -20,6 +20,7 @@ from nbcompress.kernels.bsr import bsr_matmul
 from nbcompress.kernels.conv import bsr_conv_unchecked, conv_unchecked
 from nbcompress.kernels.csr import matmul_t_unchecked, matmul_unchecked
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr, ungroup
+from nbcompress.kernels.notices import COMPILE_NOTICE
 
 __all__ = ["FORMATS", "SparseConv2d", "SparseLinear"]
 
@@ -196,6 +197,10 @@ class SparseLinear(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to ``(..., in_features)`` input."""
+        with COMPILE_NOTICE:  # one line if this call compiles kernels (notices.py)
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x, "(..., in)")
         if x.shape[-1] != self.in_features:
             raise ValueError(
@@ -297,6 +302,10 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the convolution to ``(N, C, H, W)`` input."""
+        with COMPILE_NOTICE:  # one line if this call compiles kernels (notices.py)
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._check_input(x, "(N, C, H, W)")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(

@@ -33,7 +33,15 @@ from collections.abc import Iterator
 import numba
 import torch
 
-__all__ = ["POOL", "configure_threading", "get_threads", "in_serial", "serial", "set_threads"]
+__all__ = [
+    "POOL",
+    "configure_threading",
+    "get_threads",
+    "in_serial",
+    "serial",
+    "set_threads",
+    "using",
+]
 
 _STATE: dict[str, int | None] = {"threads": None}
 
@@ -42,6 +50,7 @@ class _PerThread(threading.local):
     # Per Python thread: depth of serial() blocks being run. A class attribute, so that a
     # thread that never entered one reads 0 without a failed lookup (~1 µs per call).
     depth = 0
+    threads = 0  # fixed for this Python thread by using() (0: not fixed)
 
 
 _LOCAL = _PerThread()
@@ -84,6 +93,21 @@ def serial() -> Iterator[None]:
         _LOCAL.depth -= 1
 
 
+@contextlib.contextmanager
+def using(n: int) -> Iterator[None]:
+    """Run the kernels this Python thread calls inside on ``n`` threads, then restore.
+
+    Like :func:`set_threads` but for one Python thread only (the background warm-up
+    builds the parallel kernels without changing what the user's threads run on).
+    """
+    old = _LOCAL.threads
+    _LOCAL.threads = max(1, int(n))
+    try:
+        yield
+    finally:
+        _LOCAL.threads = old
+
+
 def in_serial() -> bool:
     """Whether this Python thread is inside a :func:`serial` block."""
     return bool(_LOCAL.depth)
@@ -93,5 +117,5 @@ def get_threads() -> int:
     """Number of threads the next kernel call will use."""
     if _LOCAL.depth:
         return 1
-    wanted = _STATE["threads"] or torch.get_num_threads()
+    wanted = _LOCAL.threads or _STATE["threads"] or torch.get_num_threads()
     return max(1, min(int(wanted), numba.config.NUMBA_NUM_THREADS))

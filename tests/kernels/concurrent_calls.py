@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import threading
-import warnings
 
 import torch
 from torch import nn
@@ -66,7 +65,6 @@ def _references(cases: list) -> list[list[torch.Tensor]]:
 
 def main() -> None:
     """Run every module from four threads at once, 50 calls each; print the outcome."""
-    warnings.simplefilter("ignore")  # the one-time compile notes
     torch.manual_seed(0)
     cases = _cases()
     refs = _references(cases)

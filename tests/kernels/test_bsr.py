@@ -10,8 +10,6 @@ from nbcompress.kernels import _numba, bsr_matmul, csr, dispatch, layouts, pack_
 from nbcompress.kernels.layouts import block_rows
 from tests.kernels.reference import bsr_product
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 @pytest.fixture
 def rng() -> np.random.Generator:

@@ -17,8 +17,6 @@ from torch import nn
 from nbcompress.kernels import conv, dispatch, layouts
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 @pytest.fixture
 def prefer(monkeypatch):

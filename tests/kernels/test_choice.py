@@ -15,8 +15,6 @@ from nbcompress.kernels import csr_matmul, dispatch, pack_csr, set_threads, thre
 from nbcompress.kernels.threads import get_threads, serial
 from tests.kernels.reference import sparse_weight
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 @pytest.fixture
 def rng() -> np.random.Generator:

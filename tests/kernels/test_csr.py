@@ -18,8 +18,6 @@ from nbcompress.kernels import (
 )
 from tests.kernels.reference import bsr_product, csr_product, sparse_weight
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 @pytest.fixture
 def rng() -> np.random.Generator:

@@ -11,8 +11,6 @@ from nbcompress.kernels import dispatch, get_threads, layouts
 from nbcompress.kernels.conv import channel_block
 from nbcompress.kernels.modules import SparseConv2d
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 def _pruned_conv(*args, keep: float = 0.3, **kwargs) -> nn.Conv2d:
     conv = nn.Conv2d(*args, **kwargs)

@@ -15,8 +15,6 @@ from nbcompress.kernels import dispatch, pack_bsr, pack_csr
 from nbcompress.kernels.formats import ungroup
 from nbcompress.kernels.modules import SparseConv2d
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 #: (in, out, kernel, stride, padding, dilation, groups)
 CONVS = [
     (8, 8, 3, 1, 1, 1, 8),  # depthwise

@@ -10,8 +10,6 @@ from torch import nn
 
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 def _prune(module: nn.Module, keep: float = 0.3) -> nn.Module:
     # Magnitude pruning by hand: keep the largest `keep` fraction of weights.

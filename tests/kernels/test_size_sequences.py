@@ -18,8 +18,6 @@ from torch import nn
 from nbcompress.kernels import dispatch, threads
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 #: Kernels by format (``measured``: the real measured choice; the others forced).
 CONV_KERNELS = {
     "csr": ["measured", "panels", "tiles", "kblocks", "direct", "direct_kb"],

@@ -18,8 +18,6 @@ from nbcompress.kernels import (
 from nbcompress.kernels.layouts import PAD, pad_rows
 from tests.kernels.reference import csr_product, sparse_weight
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 @pytest.fixture
 def rng() -> np.random.Generator:

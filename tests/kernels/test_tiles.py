@@ -23,8 +23,6 @@ from nbcompress.kernels.layouts import block_rows
 from nbcompress.kernels.modules import SparseConv2d
 from tests.kernels.reference import csr_product, sparse_weight
 
-pytestmark = pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel")
-
 
 @pytest.fixture
 def rng() -> np.random.Generator:
