@@ -10,6 +10,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("NUMBA_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Kernel choices are raced in every test (and never written to ~/.cache/nbcompress); the
+# tuning record's own tests switch it on with a temporary directory.
+os.environ.setdefault("NBCOMPRESS_TUNING", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
