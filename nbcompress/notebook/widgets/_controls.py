@@ -79,7 +79,10 @@ class Buttons:
         self.undo = w.Button(
             description="Undo", icon="undo", tooltip="revert the model's last compression step"
         )
-        self.row = w.HBox([self.check, self.evaluate, self.apply, self.undo])
+        self.row = w.HBox(
+            [self.check, self.evaluate, self.apply, self.undo],
+            layout=w.Layout(flex_flow="row wrap"),
+        )
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

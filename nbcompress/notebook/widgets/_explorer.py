@@ -113,7 +113,9 @@ class SensitivityExplorer(w.VBox):
                 w.HTML(STYLE),
                 self.header,
                 self.warning,
-                w.HBox([self.plot, self.controls]),
+                # Side by side when there is room; on a narrow page the controls go below
+                # the plot at full width rather than squeezing the sliders to nothing.
+                w.HBox([self.plot, self.controls], layout=w.Layout(flex_flow="row wrap")),
                 self.model_label,
                 self.status,
             ],
@@ -157,7 +159,7 @@ class SensitivityExplorer(w.VBox):
         self.buttons = buttons.row
         self.controls = w.VBox(
             [target, sliders.box, self.readout, self.buttons],
-            layout=w.Layout(width="48%", padding="0 0 0 8px"),
+            layout=w.Layout(flex="1 1 400px", min_width="400px", padding="0 0 0 8px"),
         )
         self.model_label = w.Label()
         self.model_label.add_class("nbc-model")
