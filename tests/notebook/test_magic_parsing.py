@@ -94,6 +94,14 @@ def test_per_layer_amounts_with_spaces_work(ns):
     assert zero_fraction(model[2].weight) == pytest.approx(0.25, abs=0.02)
 
 
+def test_an_expression_with_spaces_in_brackets_is_one_value(ns):
+    ns.user_ns["acc"] = lambda m: 0.75
+    result = magic(ns, "sensitivity model --eval (lambda m: acc(m)) --ratios 0.5 --no-widget")
+    assert result.baseline == 0.75
+    with pytest.raises(UsageError, match=r"brackets around an expression, e\.g\. --eval \("):
+        magic(ns, "sensitivity model --eval lambda m: acc(m)")
+
+
 def test_an_unclosed_bracket_is_one_line_about_the_expression(ns):
     saved = snapshot(ns.user_ns["conv"])
     with pytest.raises(UsageError, match=r"^--input: evaluating 'torch.randn\(2, 1,' failed"):

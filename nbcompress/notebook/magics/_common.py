@@ -1,11 +1,13 @@
 """What every magic shares: name resolution, option types, and engine errors as UsageError.
 
-A magic parses its line (``parse_argstring``, which raises ``UsageError`` on a bad
-option; the number types here refuse out-of-range values at that point, naming the
-option), resolves names in the user namespace (:class:`ModelMagics`), calls one engine
-function inside :func:`engine_errors` and displays the result. The engine validates its
-arguments; :mod:`._errors` turns what the user can fix into one line that names the
-magic's option, and lets nbcompress's own failures show their traceback.
+A magic parses its line (``parse_argstring``, through the shared parser of
+:mod:`._parsing`, which raises a one-line ``UsageError`` on a bad option; the number types
+here refuse out-of-range values at that point, naming the option), resolves names in the
+user namespace (:class:`ModelMagics`), calls one engine function inside
+:func:`engine_errors` and returns the result; a magic that recorded a step prints one line
+saying so, so that it shows even when the magic is not the cell's last line. The engine
+validates its arguments; :mod:`._errors` turns what the user can fix into one line that
+names the magic's option, and lets nbcompress's own failures show their traceback.
 """
 
 from __future__ import annotations

@@ -257,7 +257,8 @@ class MagicParser(MagicArgumentParser):
             raise UsageError(f"{flag}: %{self.prog} has no such option; {hint}{self._see[1:]}.")
         raise UsageError(
             f"{first!r}: an extra argument %{self.prog} does not take (usage: "
-            f"{_usage(self)}); quote a value that has spaces; {self._see}."
+            f"{_usage(self)}); a value with spaces needs quotes, or brackets around an "
+            f"expression, e.g. --eval (lambda m: acc(m)); {self._see}."
         )
 
     def _explain(self, message: str) -> str:
