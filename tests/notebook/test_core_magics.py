@@ -116,7 +116,7 @@ def test_prune_magic_options_and_expressions(ns):
         ("prune model 0.5 --granularity planet", "--granularity: 'planet' is unknown; choose"),
         ("undo model", "nothing to undo"),
         ("summary model --repeats x", "--repeats: invalid int value: 'x'"),
-        ("prune model 0.5 --bogus", "unrecognized arguments|could not parse"),
+        ("prune model 0.5 --bogus", r"--bogus: %prune has no such option; see %prune\?"),
     ],
 )
 def test_bad_input_gives_one_usage_error_and_leaves_the_model(ns, line, message):
@@ -149,7 +149,7 @@ def test_help_is_the_docstring(ns):
 def test_an_unknown_option_is_a_usage_error_from_the_parser(ns, name):
     # IPython's magic_arguments parser raises UsageError itself (no SystemExit to catch).
     saved = snapshot(ns.user_ns["model"])
-    with pytest.raises(UsageError, match="unrecognized arguments: --bogus"):
+    with pytest.raises(UsageError, match="--bogus: %[a-z]+ has no such option"):
         magic(ns, f"{name} model --bogus")
     assert_same_state(ns.user_ns["model"], saved)
 

@@ -202,7 +202,7 @@ def test_a_validation_error_of_the_engine_stays_one_line_naming_the_option(ns):
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("summary model --repeats -5", r"argument --repeats: -5 must be >= 0, e.g. --repeats 10"),
+        ("summary model --repeats -5", r"^--repeats: -5 must be >= 0, e.g. --repeats 10"),
         ("prune model 0.5 --scope global --min-density nan", r"--min-density: nan must be in"),
         ("prune model 0.5 --scope global --min-density -1", r"--min-density: -1.0 must be in"),
         ("prune model 0.5 --scope global --min-density 1.5", r"--min-density: 1.5 must be in"),

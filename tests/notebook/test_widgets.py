@@ -17,6 +17,7 @@ import sys
 import warnings
 import weakref
 
+import ipywidgets as w
 import pytest
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.setting import model_footprint
 from nbcompress.engine.sensitivity.sweep import sensitivity
 from nbcompress.notebook.widgets import SensitivityExplorer, render
+from nbcompress.notebook.widgets._controls import descendants
 from nbcompress.notebook.widgets._render import MarkedFigure, group_layers
 from tests.helpers import assert_same_state, snapshot
 
@@ -124,7 +126,7 @@ def test_slider_move_updates_readout_and_plot(result, explorer):
     explorer.sliders["fc2"].value = 0.9
     ratios = explorer.ratios
     assert explorer.readout.value != readout
-    assert f"{result.predict(ratios):.5g}" in explorer.readout.value
+    assert f"{100 * result.predict(ratios):.2f}%" in explorer.readout.value  # an accuracy
     assert f"{100 * result.sparsity_of(ratios):.1f}%" in explorer.readout.value
     assert png(explorer) != picture and png(explorer).startswith(b"\x89PNG")
 
@@ -146,7 +148,7 @@ def test_evaluate_measures_setting_and_leaves_model_unchanged(explorer, model, e
     nbcompress.prune_(twin, ratios, include_output=True)
     assert explorer.measured == pytest.approx(evaluate(twin))
     assert explorer.measured != pytest.approx(evaluate(model))  # pruning this much costs
-    assert f"{explorer.measured:.5g}" in explorer.status.value
+    assert f"measured accuracy {100 * explorer.measured:.2f}% at this" in explorer.status.value
     assert_same_state(model, saved)
     assert len(nbcompress.history(model)) == steps
 
@@ -272,7 +274,10 @@ def test_marked_figure_moves_markers_without_leaving_old_ones(result):
     assert len(fig._marks) == 1
 
 
-def test_many_layers_grouped_in_accordion_with_scroll(evaluate):
+def test_many_layers_are_all_on_the_page_under_headings_with_a_filter(evaluate):
+    # Issue 16 (ux item 15): an accordion in a 340 px scroll box showed one group at a time
+    # and made the user scroll inside the widget; every slider is now reachable by
+    # scrolling the page, and a filter narrows the list.
     blocks = [nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) for _ in range(8)]
     deep = nn.Sequential(*blocks, nn.Linear(8, 2))
     x = torch.randn(16, 8)
@@ -280,14 +285,35 @@ def test_many_layers_grouped_in_accordion_with_scroll(evaluate):
         deep, example_inputs=x, ratios=[0.3, 0.6], include_output=True, progress=False
     )
     ex = SensitivityExplorer(res, deep)
-    box = ex.controls.children[1]
     assert len(ex.sliders) == 17
-    assert box.layout.max_height and box.layout.overflow == "auto"
-    accordion = box.children[0]
-    assert len(accordion.children) == len(group_layers(res.layers)) > 1
-    assert ex.sliders["3.2"].description == "2"  # the group title carries the prefix
+    boxes = [ex.controls, *descendants(ex.controls)]
+    assert not any(isinstance(b, w.Accordion) for b in boxes)
+    assert not any(b.layout.max_height or b.layout.overflow for b in boxes if hasattr(b, "layout"))
+    shown = [s for s in ex.sliders.values() if visible(ex.controls, s)]
+    assert len(shown) == 17
+    headings = [b.value for b in boxes if "nbc-group" in getattr(b, "_dom_classes", ())]
+    assert len(headings) == len(group_layers(res.layers)) > 1 and "3 — 2 layer(s)" in headings
+    assert ex.sliders["3.2"].description == "2"  # the heading carries the prefix
+    ex.layer_filter.value = "3."
+    assert [n for n, s in ex.sliders.items() if visible(ex.controls, s)] == ["3.0", "3.2"]
+    ex.layer_filter.value = ""
+    assert all(visible(ex.controls, s) for s in ex.sliders.values())
     ex.sliders["3.2"].value = 0.5
     assert "0." in ex.readout.value
+
+
+def test_few_layers_need_no_filter(explorer):
+    assert explorer.layer_filter is None
+
+
+def visible(root, widget) -> bool:
+    """Whether ``widget`` and every box above it inside ``root`` are displayed."""
+    if widget is root:
+        return root.layout.display != "none"
+    for child in getattr(root, "children", ()):
+        if child is widget or widget in descendants(child):
+            return root.layout.display != "none" and visible(child, widget)
+    return False
 
 
 def test_group_layers_by_block():
@@ -492,10 +518,10 @@ def test_after_an_outside_prune_readouts_count_what_applying_would_really_leave(
     assert explorer.effective(explorer.ratios) == pytest.approx(real, abs=1e-3)
     assert f"{100 * explorer.result.sparsity_of(real):.1f}%" in explorer.readout.value
     predicted = explorer.result.predict(explorer.effective(explorer.ratios))
-    assert f"{predicted:.5g}" in explorer.readout.value
+    assert f"{100 * predicted:.2f}%" in explorer.readout.value
     explorer.evaluate_button.click()
     assert explorer.measured == pytest.approx(evaluate(model))  # nothing more was pruned
-    assert f"(predicted {predicted:.5g} for the swept model)" in explorer.status.value
+    assert f"(predicted {100 * predicted:.2f}% for the swept model)" in explorer.status.value
 
 
 def test_steps_inside_a_running_cell_refresh_once_when_it_ends(shell, explorer, model, monkeypatch):

@@ -1,17 +1,20 @@
 """What every magic shares: name resolution, option types, and engine errors as UsageError.
 
-A magic parses its line (``parse_argstring``, which raises ``UsageError`` on a bad
-option; the number types here refuse out-of-range values at that point, naming the
-option), resolves names in the user namespace (:class:`ModelMagics`), calls one engine
-function inside :func:`engine_errors` and displays the result. The engine validates its
-arguments; :mod:`._errors` turns what the user can fix into one line that names the
-magic's option, and lets nbcompress's own failures show their traceback.
+A magic parses its line (``parse_argstring``, through the shared parser of
+:mod:`._parsing`, which raises a one-line ``UsageError`` on a bad option; the number types
+here refuse out-of-range values at that point, naming the option), resolves names in the
+user namespace (:class:`ModelMagics`), calls one engine function inside
+:func:`engine_errors` and returns the result; a magic that recorded a step prints one line
+saying so, so that it shows even when the magic is not the cell's last line. The engine
+validates its arguments; :mod:`._errors` turns what the user can fix into one line that
+names the magic's option, and lets nbcompress's own failures show their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import shlex
 import sys
@@ -26,6 +29,7 @@ from torch import nn
 
 from nbcompress.engine.core.history import History, history
 from nbcompress.notebook.magics._errors import engine_errors, option_name
+from nbcompress.notebook.magics._parsing import rebuild
 
 __all__ = [
     "ModelMagics",
@@ -49,7 +53,33 @@ _LAST_INPUT: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictiona
 
 
 class ModelMagics(Magics):
-    """Base of the nbcompress magic classes: resolves names in the user namespace."""
+    """Base of the nbcompress magic classes: resolves names in the user namespace.
+
+    Every magic of a subclass gets the shared parser (:mod:`._parsing`): bracketed
+    expressions kept whole, argparse's complaints as one line with the fix, plain-text help.
+    """
+
+    _touched: list[tuple[nn.Module, str, list[int]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, func in list(vars(cls).items()):
+            if getattr(func, "parser", None) is not None:
+                rebuild(func)
+                setattr(cls, name, _announcing(func))
+
+    def _announce(self) -> None:
+        """Print one line per model a magic changed: the steps it recorded, and the undo.
+
+        The rich report is displayed only when the magic is the cell's last line; this
+        line shows even mid-cell (``%prune`` then ``%speedup`` in one cell).
+        """
+        for model, expr, before in self._touched:
+            known = set(before)
+            steps = [step for step in history(model) if id(step) not in known]
+            if steps:
+                done = "; ".join(f"{step.name} {step.detail}" for step in steps)
+                print(f"{expr}: {done} (%undo {expr} reverts it)")
 
     def value(self, expr: str | None, arg: str) -> Any:
         """Evaluate ``expr`` in the user namespace (``model.encoder`` works).
@@ -92,6 +122,8 @@ class ModelMagics(Magics):
                 f"{arg}: {expr!r} is a {type(obj).__name__}, not a torch.nn.Module; name the "
                 "model object (e.g. `model` or `model.encoder`)."
             )
+        if hasattr(self, "_touched"):
+            self._touched.append((obj, expr, step_ids(obj)))
         return obj
 
     def example_input(self, model: nn.Module, expr: str | None) -> Any:
@@ -101,6 +133,22 @@ class ModelMagics(Magics):
             _LAST_INPUT[model] = value
             return value
         return _LAST_INPUT.get(model)
+
+
+def _announcing(magic: Callable[..., Any]) -> Callable[..., Any]:
+    """``magic``, printing one line for each step it recorded (see ``_announce``)."""
+
+    @functools.wraps(magic)
+    def run(self: ModelMagics, *args: Any, **kwargs: Any) -> Any:
+        self._touched = []
+        try:
+            result = magic(self, *args, **kwargs)
+            self._announce()
+            return result
+        finally:
+            del self._touched
+
+    return run
 
 
 def input_argument(help: str) -> Any:  # noqa: A002 - argparse's own name

@@ -81,7 +81,6 @@ def run_check(explorer: SensitivityExplorer) -> bool:
     explorer.set_ratios(suggestion.ratios)
     # The winner first (it may be a re-fitted candidate, which Apply then re-fits too).
     lines = suggestion.notes[: 3 if suggestion.reconstruct else 1]
-    explorer.status.value = f"{suggestion.chosen}: measured {suggestion.measured:.4g}. " + " ".join(
-        lines
-    )
+    measured = explorer.text.value(suggestion.measured)
+    explorer.status.value = f"{suggestion.chosen}: measured {measured}. " + " ".join(lines)
     return suggestion.reconstruct

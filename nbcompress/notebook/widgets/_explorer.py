@@ -30,7 +30,6 @@ from nbcompress.notebook.widgets._checking import apply_setting, run_check
 from nbcompress.notebook.widgets._controls import Buttons, Sliders, descendants, target_row
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
-    fmt_metric,
     header_html,
     layer_info_html,
     model_text,
@@ -39,6 +38,7 @@ from nbcompress.notebook.widgets._render import (
     target_of,
     warning_html,
 )
+from nbcompress.notebook.widgets._text import STYLE, metric_text
 
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.result import SensitivityResult
@@ -69,6 +69,8 @@ class SensitivityExplorer(w.VBox):
 
     Attributes:
         sliders: Layer name → its ratio slider.
+        layer_filter: Text box that shows only the sliders of matching layers (many layers
+            only, else ``None``).
         status: Label with the outcome of the last action.
         model_label: Label describing the live model (nonzero parameters, size).
         warning: HTML line saying why predictions no longer fit the model (empty if they do).
@@ -103,12 +105,17 @@ class SensitivityExplorer(w.VBox):
         self._acting = False  # during Apply/Undo: the action refreshes once afterwards
         self._seen: tuple | None = None
         self._sparsity: dict[str, float | None] = {}
+        self._moved: dict[str, float] = {}  # sliders the user set: layer → ratio
+        self.text = metric_text(result)
         self._build()
         super().__init__(
             [
+                w.HTML(STYLE),
                 self.header,
                 self.warning,
-                w.HBox([self.plot, self.controls]),
+                # Side by side when there is room; on a narrow page the controls go below
+                # the plot at full width rather than squeezing the sliders to nothing.
+                w.HBox([self.plot, self.controls], layout=w.Layout(flex_flow="row wrap")),
                 self.model_label,
                 self.status,
             ],
@@ -138,6 +145,7 @@ class SensitivityExplorer(w.VBox):
         sliders = Sliders(self.result, self._on_slider)
         self.sliders: dict[str, w.FloatSlider] = sliders.sliders
         self._infos: dict[str, w.HTML] = sliders.infos
+        self.layer_filter = sliders.filter
         self.readout = w.HTML()
         self.readout.add_class("nbc-readout")
         self._buttons = buttons = Buttons(self.evaluate is not None)
@@ -151,7 +159,7 @@ class SensitivityExplorer(w.VBox):
         self.buttons = buttons.row
         self.controls = w.VBox(
             [target, sliders.box, self.readout, self.buttons],
-            layout=w.Layout(width="48%", padding="0 0 0 8px"),
+            layout=w.Layout(flex="1 1 400px", min_width="400px", padding="0 0 0 8px"),
         )
         self.model_label = w.Label()
         self.model_label.add_class("nbc-model")
@@ -178,6 +186,7 @@ class SensitivityExplorer(w.VBox):
 
     def set_ratios(self, ratios: Mapping[str, float]) -> None:
         """Move the sliders (layers not named go to 0) and refresh everything once."""
+        self._moved = {}  # the user's settings are replaced (a suggestion says so)
         with self._holding():
             for name, slider in self.sliders.items():
                 value = min(max(float(ratios.get(name, 0.0)), slider.min), slider.max)
@@ -219,6 +228,7 @@ class SensitivityExplorer(w.VBox):
         if self._hold:
             return
         self._refit = False  # a Check's re-fitted winner no longer describes this setting
+        self._moved[name] = float(self.sliders[name].value)
         self._update_info(name)
         self._refresh()
 
@@ -246,11 +256,25 @@ class SensitivityExplorer(w.VBox):
             self.status.value = f"target not reachable: {err}"
             self._refresh()
             return
+        replaced = self._replaced(s.ratios)
         self.set_ratios(s.ratios)
         self.status.value = (
             f"suggested for {kind.replace('_', ' ')} {value:g}: {fmt_pct(s.sparsity)} sparsity, "
-            f"predicted {self.result.metric} {fmt_metric(s.predicted)}"
+            f"predicted {self.result.metric} {self.text.value(s.predicted)}{replaced}"
         )
+
+    def _replaced(self, ratios: Mapping[str, float]) -> str:
+        """What a new suggestion overwrites of the sliders the user set ('' if nothing)."""
+        moved, self._moved = self._moved, {}
+        lost = [
+            f"{name} {fmt_pct(ratio)}"
+            for name, ratio in moved.items()
+            if abs(float(ratios.get(name, 0.0)) - ratio) > 5e-3
+        ]
+        if not lost:
+            return ""
+        shown = ", ".join(lost[:3]) + (f" and {len(lost) - 3} more" if len(lost) > 3 else "")
+        return f". It replaced the slider(s) you had set: {shown}"
 
     # ----------------------------------------------------------------- actions
     def evaluate_setting(self) -> float | None:
@@ -281,8 +305,8 @@ class SensitivityExplorer(w.VBox):
         # The prediction is the swept model's; say so when the model has changed since.
         swept = " for the swept model" if self.check.reason(self._sparsity) else ""
         self.status.value = (
-            f"measured {self.result.metric} {fmt_metric(value)} at this setting (predicted "
-            f"{fmt_metric(predicted)}{swept}); model left unchanged"
+            f"measured {self.result.metric} {self.text.value(value)} at this setting (predicted "
+            f"{self.text.value(predicted)}{swept}); model left unchanged"
         )
         return value
 

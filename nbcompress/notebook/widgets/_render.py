@@ -20,6 +20,7 @@ from PIL import Image
 from nbcompress.engine.core.report import fmt_bytes, fmt_count, fmt_pct
 from nbcompress.engine.sensitivity.setting import Footprint
 from nbcompress.notebook.display import sensitivity as plots
+from nbcompress.notebook.widgets._text import CAPTION, ERROR, SUCCESS, metric_text
 
 __all__ = [
     "MarkedFigure",
@@ -154,7 +155,7 @@ def png_output(png: bytes) -> dict[str, Any]:
 
 
 def group_layers(names: list[str], max_groups: int = 12) -> dict[str, list[str]]:
-    """Group qualified layer names by a shared module prefix, for an accordion.
+    """Group qualified layer names by a shared module prefix, for headings over sliders.
 
     The deepest prefix length that still gives at most ``max_groups`` groups is used, so
     a transformer groups by block (``encoder.layer.3``) rather than by top-level module.
@@ -197,22 +198,23 @@ def readout_html(
     predicted = result.predict(dict(ratios))
     change = predicted - result.baseline
     worse = change < 0 if result.higher_is_better else change > 0
-    colour = "#b00020" if worse and abs(change) > 1e-12 else "#1b5e20"
+    colour = ERROR if worse and abs(change) > 1e-12 else SUCCESS
     metric = html.escape(result.metric) + (" (proxy)" if result.proxy else "")
+    text = metric_text(result)
     cards = _cards(result, ratios, setting, now)
     cards.append(
         (
             f"predicted {metric}",
-            fmt_metric(predicted),
-            f"<span style='color:{colour}'>{change:+.3g}</span> vs baseline "
-            f"{fmt_metric(result.baseline)}",
+            text.value(predicted),
+            f"<span style='color:{colour}'>{text.change(change)}</span> vs baseline "
+            f"{text.value(result.baseline)}",
         )
     )
     cells = "".join(
         "<div style='flex:1;min-width:150px;padding:4px 10px;border-left:3px solid #90a4ae'>"
-        f"<div style='font-size:85%;color:#555'>{title}</div>"
+        f"<div style='font-size:85%;color:{CAPTION}'>{title}</div>"
         f"<div style='font-size:130%;font-weight:600'>{value}</div>"
-        f"<div style='font-size:80%;color:#666'>{note}</div></div>"
+        f"<div style='font-size:80%;color:{CAPTION}'>{note}</div></div>"
         for title, value, note in cards
     )
     return f"<div style='display:flex;flex-wrap:wrap;gap:6px'>{cells}</div>"
@@ -222,14 +224,14 @@ def header_html(result: Any) -> str:
     """The explorer's title line: metric, direction, baseline, size and cost of the sweep."""
     direction = "higher is better" if result.higher_is_better else "lower is better"
     proxy = (
-        " <span style='color:#b00020'>· proxy metric (no evaluate function was given)</span>"
+        f" <span style='color:{ERROR}'>· proxy metric (no evaluate function was given)</span>"
         if result.proxy
         else ""
     )
-    partial = " <span style='color:#b00020'>· partial sweep</span>" if not result.complete else ""
+    partial = f" <span style='color:{ERROR}'>· partial sweep</span>" if not result.complete else ""
     return (
         f"<b>Sensitivity explorer</b> — {html.escape(result.metric)} ({direction}), baseline "
-        f"{fmt_metric(result.baseline)} · {len(result.layers)} layer(s) × "
+        f"{metric_text(result).value(result.baseline)} · {len(result.layers)} layer(s) × "
         f"{len(result.ratios)} ratios, {result.evaluations} evaluations in "
         f"{result.seconds:.1f} s{proxy}{partial}"
     )
@@ -254,14 +256,15 @@ def layer_info_html(
     if replaced or (now is not None and abs(now - swept) > 1e-9):
         state = "replaced" if replaced else f"now {fmt_pct(now)}"
         drift = (
-            f" · <span style='color:#b00020;white-space:nowrap' title='sparsity now; swept at "
+            f" · <span style='color:{ERROR};white-space:nowrap' title='sparsity now; swept at "
             f"{fmt_pct(swept)}'>{state}</span>"
         )
     return (
-        f"<span style='font-size:85%;color:#555;white-space:nowrap' title='weights in "
+        f"<span style='font-size:85%;color:{CAPTION};white-space:nowrap' title='weights in "
         f"the layer; predicted change of {html.escape(result.metric)} when only it is "
         "pruned'>"
-        f"{fmt_count(result.sizes[name])} w · Δ {change:+.2g}</span>{drift}"
+        f"{fmt_count(result.sizes[name])} w · Δ {metric_text(result).change(change)}</span>"
+        f"{drift}"
     )
 
 
