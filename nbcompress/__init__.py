@@ -9,6 +9,8 @@ imports IPython.
 from __future__ import annotations
 
 import importlib
+import os
+import threading
 from typing import Any
 
 from nbcompress._version import __version__
@@ -90,6 +92,26 @@ def load_ipython_extension(ipython: Any) -> None:
     from nbcompress.notebook.magics import register
 
     register(ipython)
+    start_background_warmup()
+
+
+def start_background_warmup() -> bool:
+    """Start loading (or compiling) the sparse kernels in a daemon thread; say whether it started.
+
+    From numba's disk cache that takes ~2 s, a first compile much longer; started at
+    ``%load_ext`` it is done before most notebooks reach their first sparse call. The import
+    itself runs in the thread, since importing numba alone takes seconds.
+    ``NBCOMPRESS_WARMUP=0`` (or ``off``) turns it off.
+    """
+    if os.environ.get("NBCOMPRESS_WARMUP", "1").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    thread = threading.Thread(
+        target=lambda: importlib.import_module("nbcompress.kernels").warmup(background=True),
+        name="nbcompress-warmup-start",
+        daemon=True,
+    )
+    thread.start()
+    return True
 
 
 def unload_ipython_extension(ipython: Any) -> None:

@@ -13,6 +13,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # Kernel choices are raced in every test (and never written to ~/.cache/nbcompress); the
 # tuning record's own tests switch it on with a temporary directory.
 os.environ.setdefault("NBCOMPRESS_TUNING", "off")
+# No background kernel warm-up at %load_ext in tests (one test turns it on): it would
+# compete for the two cores with the tests themselves.
+os.environ.setdefault("NBCOMPRESS_WARMUP", "off")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
