@@ -174,7 +174,7 @@ def html_table(
 
 
 def footnote_repeats(
-    rows: Sequence[dict[str, Any]], column: str, *, at_least: int = 3
+    rows: Sequence[dict[str, Any]], column: str, *, at_least: int = 3, notes: Sequence[str] = ()
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Show a text repeated on many rows once: the rows point to a numbered note.
 
@@ -182,6 +182,8 @@ def footnote_repeats(
         rows: The table's rows (not changed).
         column: The text column whose repeats are folded (e.g. ``"note"``).
         at_least: A text is folded when this many rows carry it.
+        notes: Notes already shown under the table: a repeated text one of them contains
+            becomes ``"see the notes"``, without a numbered note saying it again.
 
     Returns:
         Copies of the rows, a repeated text replaced by ``"see note 1"``, and the notes
@@ -193,13 +195,11 @@ def footnote_repeats(
         if isinstance(text, str) and text:
             counts[text] = counts.get(text, 0) + 1
     repeated = [t for t, n in counts.items() if n >= at_least]
-    numbers = {t: i + 1 for i, t in enumerate(repeated)}
-    out = [
-        {**r, column: f"see note {numbers[r[column]]}"} if r.get(column) in numbers else dict(r)
-        for r in rows
-    ]
-    notes = [f"Note {numbers[t]} ({counts[t]} rows): {t}" for t in repeated]
-    return out, notes
+    said = {t: "see the notes" for t in repeated if any(t in note for note in notes)}
+    new = [t for t in repeated if t not in said]
+    marks = {**said, **{t: f"see note {i + 1}" for i, t in enumerate(new)}}
+    out = [{**r, column: marks[r[column]]} if r.get(column) in marks else dict(r) for r in rows]
+    return out, [f"Note {i + 1} ({counts[t]} rows): {t}" for i, t in enumerate(new)]
 
 
 class Table(NamedTuple):

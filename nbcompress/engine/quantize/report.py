@@ -235,5 +235,5 @@ class QuantizeReport(TableReport):
 
     def _table(self) -> Table:
         # A reason shared by many layers (dynamic int8 on every Conv) is shown once, counted.
-        rows, repeated = footnote_repeats(self.rows, "note")
+        rows, repeated = footnote_repeats(self.rows, "note", notes=self.notes)
         return Table(rows, _COLUMNS, self.title, self._summary() + repeated + self.notes)
