@@ -87,6 +87,9 @@ class SensitivityResult:
     # The swept model's history when attached: not saved (tokens mean nothing elsewhere).
     _history_token: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
     _calibration: Any = field(default=None, repr=False, compare=False)
+    # True while the curves are already on screen (see shown_elsewhere): the HTML repr
+    # then leaves the plot out.
+    _plot_shown: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
     # --- the model it was measured on -------------------------------------------------------
 
@@ -287,8 +290,25 @@ class SensitivityResult:
         # IPython's plain-text display (terminals, text/plain): the table, not the repr.
         printer.text(str(self))
 
+    def shown_elsewhere(self, while_: Callable[[], bool]) -> None:
+        """Leave the plot out of the HTML display while ``while_()`` is true.
+
+        ``%sensitivity`` draws the curves live and in its explorer; the result it returns
+        then shows only its table in that cell instead of the same plot again (in a later
+        cell, ``r`` shows the plot as usual).
+
+        Args:
+            while_: Tells whether the plot is still on screen, e.g. "still the same cell".
+        """
+        self._plot_shown = while_
+
     def _repr_html_(self) -> str:
-        table = html_table(self.rows, self._columns(), caption=self._title(), notes=self.notes)
+        notes = list(self.notes)
+        if self._plot_shown is not None and self._plot_shown():
+            notes.append("The curves are plotted above; .plot() draws them again.")
+        table = html_table(self.rows, self._columns(), caption=self._title(), notes=notes)
+        if len(notes) > len(self.notes):
+            return table
         try:
             from nbcompress.notebook.display.figures import figure_html
 
