@@ -274,14 +274,27 @@ class SensitivityResult:
         )
         return (
             f"Sensitivity of {kind}{self.metric} ({order}) to {what}, "
-            f"baseline {self.baseline:.4g}; {self.evaluations} evaluations in "
+            f"baseline {self._value_format()(self.baseline)}; {self.evaluations} evaluations in "
             f"{self.seconds:.1f} s{state}"
         )
 
     def _columns(self) -> dict[str, Any]:
         cols: dict[str, Any] = {"layer": None, "params": fmt_count, "MACs": fmt_count}
-        cols.update(dict.fromkeys(map(_ratio_key, self.ratios)))
+        cols.update(dict.fromkeys(map(_ratio_key, self.ratios), self._value_format()))
         return cols
+
+    def _value_format(self) -> Callable[[float | None], str]:
+        """A metric format with digits enough to tell every measured value from the baseline.
+
+        Four significant digits show a proxy of 0.99998 on an untrained model as ``1``,
+        the baseline's own value; up to eight are used until they differ.
+        """
+        values = [v for c in self.curves.values() for v in c if v is not None]
+        for digits in range(4, 9):
+            text = f"{{:.{digits}g}}".format
+            if all(text(v) != text(self.baseline) for v in values if v != self.baseline):
+                break
+        return lambda v: "—" if v is None else text(v)
 
     def __str__(self) -> str:
         return text_table(self.rows, self._columns(), title=self._title(), notes=self.notes)
