@@ -148,3 +148,17 @@ def test_history_header_is_in_words_and_the_terminal_listing_is_a_table(shell, c
     assert lines[header + 2].split()[:2] == ["1", "prune"]
     page = html_of(shell, shell.run_line_magic("undo", "model --list"))
     assert "<th>undo memory</th>" in page and "undo_bytes" not in page
+
+
+def test_finetune_result_renders_as_the_shared_table():
+    from IPython.lib.pretty import pretty
+
+    from nbcompress.engine.schedule.finetune_result import FinetuneResult
+
+    r = FinetuneResult(
+        loss=[0.5], metric=[0.9], sparsity=[0.5], seconds=[1.2], steps=4, epochs=1,
+        metric_name="accuracy",
+    )  # fmt: skip
+    page = r._repr_html_()
+    assert "nbcompress-caption" in page and "overflow-x:auto" in page
+    assert pretty(r) == str(r) and str(r).splitlines()[0] == "finetune: 1/1 epochs, 4 steps"
