@@ -105,14 +105,18 @@ def test_undo_list_shows_sub_module_steps_with_their_module(ns):
     listed = magic(ns, "undo enc --list")
     assert isinstance(listed, History)
     assert [r["module"] for r in listed.rows] == ["encoder", "", "encoder"]
-    assert "[encoder]" in str(listed) and "undo memory" in str(listed)
+    text = str(listed).splitlines()
+    assert text[1].split()[:3] == ["step", "module", "operation"] and "undo memory" in text[1]
+    assert [line.split()[1] for line in text[3:]] == ["encoder", "prune", "encoder"]
 
 
 def test_undo_list_shows_the_steps(ns):
     magic(ns, "prune model 0.5")
     listed = magic(ns, "undo model --list")
     assert isinstance(listed, History) and [s.name for s in listed] == ["prune"]
-    assert str(listed).startswith("  1. prune      50% l1")
+    title, header, rule, row = str(listed).splitlines()
+    assert title.startswith("History: 1 step(s), undo memory")
+    assert row.split()[:2] == ["1", "prune"] and "50% l1" in row
 
 
 def test_undo_on_the_parent_reverts_a_sub_module_step(ns, capsys):

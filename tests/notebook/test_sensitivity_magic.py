@@ -135,7 +135,7 @@ def test_bad_input_is_one_usage_error_and_the_model_untouched(ns, line, match):
 def test_unreachable_target_keeps_the_sweep(ns, capsys):
     result = run(ns, "model --eval agreement --ratios 0.3 --target-sparsity 0.9")
     assert isinstance(result, SensitivityResult)
-    assert "No suggestion: target_sparsity: 90.0% cannot be reached" in capsys.readouterr().err
+    assert "No suggestion: target_sparsity: 90.0% cannot be reached" in capsys.readouterr().out
     assert latest_suggestion(ns.user_ns["model"]) is None
 
 
@@ -162,7 +162,8 @@ def test_in_a_notebook_the_plot_updates_live_and_the_explorer_is_shown(ns, monke
     # 2 layers × 2 ratios: the output layer is left alone by default, from the first update on.
     assert len(updates) >= 2 and "<progress value='4' max='4'" in updates[-1].data
     assert all("max='4'" in u.data for u in updates)
-    assert "<img" in updates[-1].data
+    assert "<img" in updates[0].data  # live; the end gives way to the explorer's plot
+    assert "<img" not in updates[-1].data
     assert " elapsed, ETA 0 s" in updates[-1].data and "ETA" in updates[0].data
     assert "Suggestion" in [type(o).__name__ for o in shown]
     explorer = [o for o in shown if type(o).__name__ == "SensitivityExplorer"]
@@ -173,7 +174,8 @@ def test_in_a_notebook_the_plot_updates_live_and_the_explorer_is_shown(ns, monke
     assert not [o for o in shown if type(o).__name__ == "SensitivityExplorer"]
     with pytest.raises(UsageError, match=r"--eval: boom"):
         run(ns, "model --eval boom --ratios 0.5")
-    assert "stopped" in updates[-1].data  # no stale "starting…" display
+    # No stale "starting…" display, and no extra line when no point was evaluated.
+    assert updates[-1].data == ""
 
 
 def test_api_and_magic_agree(ns):

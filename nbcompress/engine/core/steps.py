@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -9,10 +10,16 @@ from typing import Any
 
 from torch import nn
 
-from nbcompress.engine.core.report import fmt_bytes, html_table
+from nbcompress.engine.core.report import fmt_bytes, html_table, text_table
 from nbcompress.engine.core.snapshot import ModuleState, SavedTensor, restore_all
 
 __all__ = ["History", "Step"]
+
+#: What an empty history says, in a terminal and in a notebook.
+EMPTY = (
+    "History: nothing to undo (no compression step is recorded; the model is as nbcompress "
+    "found it)."
+)
 
 _ORDER = itertools.count()  # orders steps across the histories of a model's sub-modules
 
@@ -74,44 +81,37 @@ class History(list):
 
     @property
     def rows(self) -> list[dict[str, Any]]:
-        """One plain dict per step."""
+        """One plain dict per step (``"undo memory"``: bytes held to undo it)."""
         return [
             {
                 "step": i + 1,
                 "module": self.where.get(id(s), ""),
                 "operation": s.name,
+                "undo memory": s.nbytes,
                 "detail": s.detail,
-                "undo_bytes": s.nbytes,
             }
             for i, s in enumerate(self)
         ]
 
+    def _columns(self) -> dict[str, Any]:
+        module = {"module": None} if self.where else {}
+        # The detail last: a long line then trails the table instead of widening every row.
+        return {"step": None, **module, "operation": None, "undo memory": fmt_bytes, "detail": None}
+
+    def _caption(self) -> str:
+        return f"History: {len(self)} step(s), undo memory {fmt_bytes(self.nbytes)}"
+
     def __str__(self) -> str:
         if not self:
-            return "No compression steps recorded (the model is as nbcompress found it)."
-        lines = [
-            f"{r['step']:>3}. {r['operation']:<10} "
-            + (f"[{r['module']}] " if r["module"] else "")
-            + r["detail"]
-            for r in self.rows
-        ]
-        lines.append(f"undo memory: {fmt_bytes(self.nbytes)}")
-        return "\n".join(lines)
+            return EMPTY
+        return text_table(self.rows, self._columns(), title=self._caption())
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
-        # IPython's plain-text display (a terminal, %undo --list): the listing, not the
+        # IPython's plain-text display (a terminal, %undo --list): the table, not the
         # list of Step dataclasses.
         printer.text(str(self))
 
     def _repr_html_(self) -> str:
-        return html_table(
-            self.rows,
-            {
-                "step": None,
-                **({"module": None} if self.where else {}),
-                "operation": None,
-                "detail": None,
-                "undo_bytes": fmt_bytes,
-            },
-            caption=f"History — undo memory {fmt_bytes(self.nbytes)}",
-        )
+        if not self:
+            return f"<div class='nbcompress'>{html.escape(EMPTY)}</div>"
+        return html_table(self.rows, self._columns(), caption=self._caption())

@@ -17,15 +17,15 @@ from nbcompress.engine.core.heads import remember_inputs
 from nbcompress.engine.core.history import history
 from nbcompress.engine.core.layers import output_layers, weighted_layers
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes, fmt_count, fmt_pct
+from nbcompress.engine.core.summary_timing import time_rows
 from nbcompress.engine.core.validation import (
     as_inputs,
-    call_model,
     check_module,
     describe_inputs,
     eval_mode,
     run_forward,
 )
-from nbcompress.timing import Timing, format_seconds, measure
+from nbcompress.timing import Timing, format_seconds
 
 __all__ = ["REMOVE_STEP", "Summary", "capture_calls", "removal_note", "size_change", "summary"]
 
@@ -115,7 +115,29 @@ def capture_calls(
     return seen
 
 
-def _row(name: str, module: nn.Module, call: tuple | None, repeats: int) -> dict[str, Any]:
+#: Normalisation layers: their shift (bias) starts at zero, which is not pruning.
+_NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _containers(names: list[str]) -> set[str]:
+    """Rows whose module holds other rows' modules (``""`` is the model itself)."""
+    return {n for n in names if any(o != n and (not n or o.startswith(n + ".")) for o in names)}
+
+
+def _sparsity(module: nn.Module, nnz: int, n: int) -> float:
+    if isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+        w = module.weight.detach()  # the scale only: a zero shift is where norms start
+        return 1 - int(torch.count_nonzero(w)) / w.numel() if w.numel() else 0.0
+    return 1 - nnz / n if n else 0.0
+
+
+def _row(name: str, module: nn.Module, call: tuple | None) -> dict[str, Any]:
     atomic = not any(True for _ in module.parameters(recurse=False)) or isinstance(
         module, (nn.MultiheadAttention, nn.RNNBase)
     )
@@ -129,7 +151,7 @@ def _row(name: str, module: nn.Module, call: tuple | None, repeats: int) -> dict
         "output": None,
         "params": n,
         "nonzeros": nnz,
-        "sparsity": 1 - nnz / n if n else 0.0,
+        "sparsity": _sparsity(module, nnz, n),
         "MACs (est.)": None,
         "latency": None,
         "fp32 (est.)": sizes["dense"],
@@ -141,14 +163,10 @@ def _row(name: str, module: nn.Module, call: tuple | None, repeats: int) -> dict
         out = output[0] if isinstance(output, (tuple, list)) else output
         row["output"] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         row["MACs (est.)"] = macs(module, args, output)
-        if repeats:
-            row["latency"] = measure(
-                lambda: module(*args, **kwargs), warmup=2, repeats=repeats
-            ).median
     return row
 
 
-def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _totals(rows: list[dict[str, Any]], latency: Timing | None) -> dict[str, Any]:
     def total(key: str) -> Any:
         values = [r[key] for r in rows if r[key] is not None]
         return sum(values) if values else None
@@ -162,7 +180,9 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "nonzeros": nnz,
         "sparsity": 1 - nnz / params if params else 0.0,
         "MACs (est.)": total("MACs (est.)"),
-        "latency": total("latency"),
+        # The whole model measured end to end: summing rows would count a container's
+        # children twice and miss the layers that hold no weights.
+        "latency": None if latency is None else latency.median,
         "fp32 (est.)": total("fp32 (est.)"),
         "CSR (est.)": total("CSR (est.)"),
         "int8 (est.)": total("int8 (est.)"),
@@ -183,7 +203,10 @@ def summary(
             gradients, and training flags are restored).
         example_inputs: A tensor, tuple or dict of tensors shaped like a real batch. Without
             one, output shapes, MACs and latencies are left out.
-        repeats: Timed repeats per layer and for the whole model (after warm-up).
+        repeats: Timed repeats per layer and for the whole model, at most: a slow call is
+            repeated only while it fits a small time budget (at least 3 times). Layers
+            that contain other rows (e.g. a ViT's encoder holding the position embedding)
+            are not timed alone; the total latency is the whole model measured end to end.
         measure_latency: Set False to skip timing (shapes and MACs are still filled in).
 
     Returns:
@@ -204,14 +227,16 @@ def summary(
             inputs_text = describe_inputs(inputs)
             calls = capture_calls(model, layers, inputs)
             remember_inputs(model, inputs)  # so every command finds the same output layer
-            if measure_latency:
-                latency = measure(
-                    lambda: call_model(model, inputs), warmup=3, repeats=max(repeats, 5)
-                )
         else:
             notes.append("No example input: pass one (--input x) for MACs and latency.")
-        reps = repeats if measure_latency else 0
-        rows = [_row(n or "(model)", m, calls.get(n), reps) for n, m in layers.items()]
+        rows = [_row(n or "(model)", m, calls.get(n)) for n, m in layers.items()]
+        nested = _containers(list(layers))
+        if example_inputs is not None and measure_latency:
+            timed = {n: m for n, m in layers.items() if n not in nested}
+            latency, times = time_rows(model, inputs, timed, calls, repeats)
+            for row, name in zip(rows, layers, strict=True):
+                row["latency"] = times.get(name)
+    notes.extend(_notes(any(isinstance(m, _NORMS) for m in layers.values()), nested, latency))
     heads = output_layers(model)
     if heads.names:
         notes.append(
@@ -224,7 +249,29 @@ def summary(
     removed = removal_note(model)
     if removed:
         notes.append(removed)
-    return Summary(rows, _totals(rows), latency, inputs_text, notes)
+    return Summary(rows, _totals(rows, latency), latency, inputs_text, notes)
+
+
+def _notes(norms: bool, nested: set[str], latency: Timing | None) -> list[str]:
+    """What the latency total and the sparsity of norm layers mean, when it matters."""
+    notes = []
+    if latency is not None:
+        notes.append(
+            "Total latency: the whole model measured end to end (layers without weights "
+            "included), not a sum of the rows."
+        )
+    if latency is not None and nested:
+        names = ", ".join(n or "(model)" for n in sorted(nested))
+        notes.append(
+            f"Not timed alone: {names} (they hold weights of their own and contain other rows; "
+            "their time would count those rows twice)."
+        )
+    if norms:
+        notes.append(
+            "Sparsity of normalisation layers counts their scale only: a zero-initialised "
+            "shift (bias) is not pruning."
+        )
+    return notes
 
 
 def removal_note(model: nn.Module) -> str:

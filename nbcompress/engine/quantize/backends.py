@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import textwrap
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -80,7 +81,8 @@ def quiet(seen: dict[str, int] | None = None) -> Iterator[dict[str, int]]:
         warnings.simplefilter("always")
         yield seen
     for w in caught:
-        first = str(w.message).strip().splitlines()[0][:160]
+        # One line, cut at a word (never mid-word) and marked as cut.
+        first = textwrap.shorten(str(w.message).strip().splitlines()[0], 160, placeholder=" …")
         seen[first] = seen.get(first, 0) + 1
 
 

@@ -15,6 +15,7 @@ from nbcompress.engine.core.report import (
     fmt_pct,
     fmt_ratio,
     fmt_time,
+    footnote_repeats,
 )
 from nbcompress.engine.quantize.config import QuantConfig
 from nbcompress.timing import Timing
@@ -233,4 +234,6 @@ class QuantizeReport(TableReport):
         return f"quantize ({self.mode}): {n} of {k} selected layers quantized"
 
     def _table(self) -> Table:
-        return Table(self.rows, _COLUMNS, self.title, self._summary() + self.notes)
+        # A reason shared by many layers (dynamic int8 on every Conv) is shown once, counted.
+        rows, repeated = footnote_repeats(self.rows, "note", notes=self.notes)
+        return Table(rows, _COLUMNS, self.title, self._summary() + repeated + self.notes)

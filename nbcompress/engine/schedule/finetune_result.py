@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass, field
 from typing import Any
+
+from nbcompress.engine.core.report import Table, TableReport, fmt_pct
 
 __all__ = ["FinetuneResult"]
 
@@ -13,9 +14,11 @@ def _fmt(value: float | None, pattern: str = "{:.4f}") -> str:
     return "—" if value is None else pattern.format(value)
 
 
-@dataclass
-class FinetuneResult:
+@dataclass(repr=False)
+class FinetuneResult(TableReport):
     """The history of one :func:`~nbcompress.engine.schedule.finetune.finetune` run.
+
+    Shown as the shared result table (text in a terminal, HTML in a notebook).
 
     Attributes:
         loss: Mean training loss of each finished epoch (the data loss, without the L1 term).
@@ -60,29 +63,15 @@ class FinetuneResult:
         stop = f", interrupted after step {self.steps}" if self.interrupted else ""
         return f"finetune: {done}/{self.epochs} epochs, {self.steps} steps{stop}"
 
-    def __str__(self) -> str:
-        lines = [self._status()]
-        lines.append(f"{'epoch':>5} {'loss':>9} {self.metric_name:>10} {'sparsity':>9} {'s':>7}")
-        for r in self.rows:
-            lines.append(
-                f"{r['epoch']:>5} {r['loss']:>9.4f} {_fmt(r[self.metric_name]):>10} "
-                f"{r['sparsity']:>9.1%} {r['seconds']:>7.2f}"
-            )
-        return "\n".join(lines)
-
-    def _repr_html_(self) -> str:
-        head = "".join(
-            f"<th>{html.escape(h)}</th>"
-            for h in ("epoch", "loss", self.metric_name, "sparsity", "seconds")
-        )
-        body = "".join(
-            f"<tr><td>{r['epoch']}</td><td>{r['loss']:.4f}</td>"
-            f"<td>{_fmt(r[self.metric_name])}</td><td>{r['sparsity']:.1%}</td>"
-            f"<td>{r['seconds']:.2f}</td></tr>"
-            for r in self.rows
-        )
-        status = html.escape(self._status())
-        return f"<div><b>{status}</b><table><tr>{head}</tr>{body}</table></div>"
+    def _table(self) -> Table:
+        columns = {
+            "epoch": None,
+            "loss": "{:.4f}".format,
+            self.metric_name: _fmt,
+            "sparsity": fmt_pct,
+            "seconds": "{:.2f}".format,
+        }
+        return Table(self.rows, columns, self._status())
 
     def plot(self) -> Any:
         """A matplotlib Figure of the loss and sparsity curves over the steps."""

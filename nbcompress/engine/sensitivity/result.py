@@ -87,6 +87,9 @@ class SensitivityResult:
     # The swept model's history when attached: not saved (tokens mean nothing elsewhere).
     _history_token: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
     _calibration: Any = field(default=None, repr=False, compare=False)
+    # True while the curves are already on screen (see shown_elsewhere): the HTML repr
+    # then leaves the plot out.
+    _plot_shown: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
     # --- the model it was measured on -------------------------------------------------------
 
@@ -271,14 +274,27 @@ class SensitivityResult:
         )
         return (
             f"Sensitivity of {kind}{self.metric} ({order}) to {what}, "
-            f"baseline {self.baseline:.4g}; {self.evaluations} evaluations in "
+            f"baseline {self._value_format()(self.baseline)}; {self.evaluations} evaluations in "
             f"{self.seconds:.1f} s{state}"
         )
 
     def _columns(self) -> dict[str, Any]:
         cols: dict[str, Any] = {"layer": None, "params": fmt_count, "MACs": fmt_count}
-        cols.update(dict.fromkeys(map(_ratio_key, self.ratios)))
+        cols.update(dict.fromkeys(map(_ratio_key, self.ratios), self._value_format()))
         return cols
+
+    def _value_format(self) -> Callable[[float | None], str]:
+        """A metric format with digits enough to tell every measured value from the baseline.
+
+        Four significant digits show a proxy of 0.99998 on an untrained model as ``1``,
+        the baseline's own value; up to eight are used until they differ.
+        """
+        values = [v for c in self.curves.values() for v in c if v is not None]
+        for digits in range(4, 9):
+            text = f"{{:.{digits}g}}".format
+            if all(text(v) != text(self.baseline) for v in values if v != self.baseline):
+                break
+        return lambda v: "—" if v is None else text(v)
 
     def __str__(self) -> str:
         return text_table(self.rows, self._columns(), title=self._title(), notes=self.notes)
@@ -287,8 +303,25 @@ class SensitivityResult:
         # IPython's plain-text display (terminals, text/plain): the table, not the repr.
         printer.text(str(self))
 
+    def shown_elsewhere(self, while_: Callable[[], bool]) -> None:
+        """Leave the plot out of the HTML display while ``while_()`` is true.
+
+        ``%sensitivity`` draws the curves live and in its explorer; the result it returns
+        then shows only its table in that cell instead of the same plot again (in a later
+        cell, ``r`` shows the plot as usual).
+
+        Args:
+            while_: Tells whether the plot is still on screen, e.g. "still the same cell".
+        """
+        self._plot_shown = while_
+
     def _repr_html_(self) -> str:
-        table = html_table(self.rows, self._columns(), caption=self._title(), notes=self.notes)
+        notes = list(self.notes)
+        if self._plot_shown is not None and self._plot_shown():
+            notes.append("The curves are plotted above; .plot() draws them again.")
+        table = html_table(self.rows, self._columns(), caption=self._title(), notes=notes)
+        if len(notes) > len(self.notes):
+            return table
         try:
             from nbcompress.notebook.display.figures import figure_html
 

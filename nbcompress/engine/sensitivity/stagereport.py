@@ -83,5 +83,36 @@ class StagedReport(TableReport):
             "predicted": num, "measured": fmt_value,
         }  # fmt: skip
 
+    def _prediction_note(self) -> str:
+        """Why a row's measured metric differs from its prediction (the refined row's often)."""
+        off = [
+            s for s in self.stages
+            if s.get("predicted") is not None and s.get("measured") is not None
+            and f"{s['predicted']:.4g}" != f"{s['measured']:.4g}"
+        ]  # fmt: skip
+        if not off:
+            return ""
+        sign = 1 if self.higher_is_better else -1
+        better = [s for s in off if sign * (s["measured"] - s["predicted"]) > 0]
+        what = (
+            "measured better than predicted: pruned together, these layers hurt less than "
+            "their single-layer drops added up"
+            if len(better) == len(off)
+            else "measured worse than predicted: pruned together, the layers hurt more than "
+            "their single-layer drops added up"
+            if not better
+            else "measured and predicted differ both ways"
+        )
+        refined = (
+            " The refined row is predicted from the first sweep's curves (the model before any "
+            "stage), so it is only a rough guide there; the refinement keeps what measures best."
+            if self.refinement is not None
+            else ""
+        )
+        return f"Predicted: from the curves (single-layer drops added up); {what}.{refined}"
+
     def _table(self) -> Table:
-        return Table(self.rows, self._columns(), self._title(), self.notes)
+        note = self._prediction_note()
+        return Table(
+            self.rows, self._columns(), self._title(), [*self.notes, *([note] if note else [])]
+        )

@@ -32,8 +32,12 @@ class LiveView:
             return
         self.show(result, f"{layer} at {ratio:.0%}")
 
-    def show(self, result: SensitivityResult, where: str = "") -> None:
-        """Redraw the plot and the progress bar now."""
+    def show(self, result: SensitivityResult, where: str = "", *, plot: bool = True) -> None:
+        """Redraw the progress bar, and the plot unless ``plot=False``.
+
+        The last redraw of a sweep whose explorer follows leaves the plot out: the explorer
+        draws the same curves, and a notebook should show them once.
+        """
         from nbcompress.notebook.display.figures import figure_html
 
         done = result.evaluations - 1
@@ -41,17 +45,19 @@ class LiveView:
             f"<progress value='{done}' max='{self.total}' style='width:30em'></progress> "
             f"{done}/{self.total} evaluations, {result.seconds:.1f} s {html.escape(where)}"
         )
-        self.handle.update(
-            self._html(
-                f"<div>{bar}</div>{figure_html(result.plot('auto'), alt='sensitivity plot')}"
-            )
-        )
+        figure = figure_html(result.plot("auto"), alt="sensitivity plot") if plot else ""
+        self.handle.update(self._html(f"<div>{bar}</div>{figure}"))
         self._last = time.monotonic()
         self.updates += 1
 
     def stopped(self) -> None:
-        """Replace the display by a short note: the sweep raised (no stale 'starting…')."""
-        self.handle.update(self._html("<i>sensitivity sweep stopped: see the error.</i>"))
+        """The sweep raised: say so under what it drew; before any point, show nothing.
+
+        A sweep refused before its first evaluation (no --eval, a bad layer pattern) has
+        only the error to show: a second line about it would be noise.
+        """
+        text = "<i>sensitivity sweep stopped: see the error.</i>" if self.updates else ""
+        self.handle.update(self._html(text))
 
 
 @contextlib.contextmanager

@@ -6,7 +6,9 @@ import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from nbcompress.notebook.display.figures import show_figures_in_notebooks
 
@@ -81,11 +83,34 @@ def curves_figure(
             ax.plot([r], [np.interp(r, x, y)], "o", markersize=8, color=line.get_color(), alpha=0.5)
     ax.set_xlabel(_xlabel(result))
     ax.set_ylabel(_ylabel(result))
-    ax.set_xlim(0, 1)
+    # The axis ends where the measurements end (a sweep up to 90% leaves no blank to 100%).
+    ax.set_xlim(0, max(result.ratios, default=1.0) + 0.01)
+    _readable_y(ax, result)
     ax.set_title(_title(result))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small", loc="lower left" if result.higher_is_better else "upper left")
     return fig
+
+
+#: A y axis spans at least this fraction of the baseline: curves within a hair of it (the
+#: proxy on an untrained model: 0.99998) read as flat, not as a dramatic fall.
+MIN_SPAN = 0.01
+
+
+def _readable_y(ax: Axes, result: SensitivityResult) -> None:
+    """Plain tick labels (no ``+9.999e−1`` offset) and a y range not narrower than MIN_SPAN."""
+    ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+    values = [result.baseline] + [
+        v for curve in result.curves.values() for v in curve if v is not None and math.isfinite(v)
+    ]
+    low, high = min(values), max(values)
+    span = MIN_SPAN * max(abs(result.baseline), 1e-12) if result.baseline else MIN_SPAN
+    if high - low < span:
+        # Anchored at the unpruned end, so the (small) drops still read as drops.
+        if result.higher_is_better:
+            ax.set_ylim(high - span, high + 0.05 * span)
+        else:
+            ax.set_ylim(low - 0.05 * span, low + span)
 
 
 def heatmap_figure(result: SensitivityResult, *, width: float = 7.0) -> Figure:
@@ -109,12 +134,18 @@ def heatmap_figure(result: SensitivityResult, *, width: float = 7.0) -> Figure:
     height = min(2.0 + 0.22 * len(result.layers), 40.0)
     fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(drop), aspect="auto", cmap="magma_r", vmin=0)
+    # As the curves' y range: drops far below MIN_SPAN of the baseline stay pale.
+    floor = MIN_SPAN * (abs(result.baseline) or 1.0)
+    top = max(float(np.nanmax(drop)) if np.isfinite(drop).any() else 0.0, floor)
+    image = ax.imshow(np.ma.masked_invalid(drop), aspect="auto", cmap="magma_r", vmin=0, vmax=top)
     ax.set_xticks(range(len(result.ratios)), [f"{r:.0%}" for r in result.ratios])
     ax.set_yticks(range(len(result.layers)), result.layers, fontsize="small")
     ax.set_xlabel(_xlabel(result))
     ax.set_title(_title(result))
     bar = fig.colorbar(image, ax=ax)
+    bar.formatter = ScalarFormatter(useOffset=False)  # tiny drops: plain numbers
+    bar.formatter.set_scientific(False)
+    bar.update_ticks()
     bar.set_label(f"drop in {_ylabel(result)}")
     return fig
 

@@ -233,19 +233,28 @@ class SensitivityMagics(ModelMagics):
                 pool = stack.enter_context(resolve_executor(where, args.workers))
             if args.stages is not None:
                 return self._staged(model, evaluate, x, args, pool)
-            result = self._sweep(model, evaluate, x, args, pool)
+            # No explorer after --apply: its sliders would start from the unpruned model.
+            explorer = None if args.no_widget or args.apply else self._explorer_class()
+            result = self._sweep(model, evaluate, x, args, pool, explorer is not None)
             suggestion = self._suggest(result, args, evaluate, pool)
         if args.save:
             result.save(args.save)
         if suggestion is not None and args.apply:
-            # No explorer: its sliders would start from the model before this pruning.
             self._show(_apply(model, suggestion, evaluate, x))
-        else:
-            self._widget(result, model, evaluate, suggestion, x, args)
+        elif explorer is not None:
+            # The input lets Evaluate measure the proxy after `%sensitivity model --input x`.
+            self._show(explorer(result, model, evaluate, suggestion=suggestion, example_inputs=x))
+        if in_notebook(self.shell):
+            # Plotted live (or in the explorer): in this cell the returned result shows its
+            # table only, not the same curves again.
+            cell = self.shell.execution_count
+            result.shown_elsewhere(lambda: self.shell.execution_count == cell)
         return result
 
     def _staged(self, model: Any, evaluate: Any, x: Any, args: Any, pool: Any) -> SensitivityResult:
-        with engine_errors({"--eval": evaluate}):
+        # Per-stage progress lines go to the notebook's normal output, not the error box.
+        progress = contextlib.redirect_stderr(sys.stdout) if in_notebook(self.shell) else None
+        with engine_errors({"--eval": evaluate}), progress or contextlib.nullcontext():
             try:
                 report = prune_to_(
                     model, evaluate, args.target_sparsity, stages=args.stages,
@@ -257,9 +266,7 @@ class SensitivityMagics(ModelMagics):
                     executor=pool,
                 )  # fmt: skip
             except KeyboardInterrupt:
-                print(
-                    "Interrupted: every stage rolled back, the model is unchanged.", file=sys.stderr
-                )
+                print("Interrupted: every stage rolled back, the model is unchanged.")
                 raise
         if args.save and report.result is not None:
             report.result.save(args.save)
@@ -276,7 +283,19 @@ class SensitivityMagics(ModelMagics):
         else:
             print(obj)
 
-    def _sweep(self, model: Any, evaluate: Any, x: Any, args: Any, pool: Any) -> SensitivityResult:
+    def _explorer_class(self) -> Any:
+        """The explorer widget's class, or ``None`` in a terminal or without ipywidgets."""
+        if not in_notebook(self.shell):
+            return None
+        try:
+            from nbcompress.notebook.widgets import SensitivityExplorer
+        except ImportError:  # the explorer is optional; the result is shown anyway
+            return None
+        return SensitivityExplorer
+
+    def _sweep(
+        self, model: Any, evaluate: Any, x: Any, args: Any, pool: Any, explorer: bool
+    ) -> SensitivityResult:
         notebook = in_notebook(self.shell)
         ratios = _ratios(args.ratios)
         live = None
@@ -307,9 +326,12 @@ class SensitivityMagics(ModelMagics):
                 ) from None
         if live is not None:
             live.total = result.evaluations - 1
-            live.show(result, "done" if result.complete else "interrupted")
+            state = "done" if result.complete else "interrupted"
+            # The explorer below draws the same curves: the live plot gives way to it.
+            where = f"{state}, curves in the explorer below" if explorer else state
+            live.show(result, where, plot=not explorer)
         for note in result.notes:
-            print(note, file=sys.stderr)
+            print(note)  # explanations, not errors: the notebook's normal output
         return result
 
     def _suggest(
@@ -327,11 +349,11 @@ class SensitivityMagics(ModelMagics):
                 args.target_sparsity, max_drop=args.max_drop, objective=args.objective, **options
             )
         except KeyboardInterrupt:
-            print("Refinement interrupted: no suggestion; the model is unchanged.", file=sys.stderr)
+            print("Refinement interrupted: no suggestion; the model is unchanged.")
             return None
         except (ValueError, TypeError) as err:
             # The sweep may have taken long: report, and keep the result.
-            print(f"No suggestion: {err}", file=sys.stderr)
+            print(f"No suggestion: {err}")
             return None
         self._show(suggestion)
         if suggestion.refinement is not None:
@@ -339,20 +361,6 @@ class SensitivityMagics(ModelMagics):
         if not args.apply:
             print(f"Apply it with: %prune {args.model} --suggested  (undo: %undo {args.model})")
         return suggestion
-
-    def _widget(self, result, model, evaluate, suggestion, x, args) -> None:
-        if args.no_widget or not in_notebook(self.shell):
-            return
-        try:
-            from nbcompress.notebook.widgets import SensitivityExplorer
-        except ImportError:  # the explorer is optional; the result is shown anyway
-            return
-        from IPython.display import display
-
-        # The input lets Evaluate measure the proxy after `%sensitivity model --input x`.
-        display(
-            SensitivityExplorer(result, model, evaluate, suggestion=suggestion, example_inputs=x)
-        )
 
 
 def _apply(model: Any, suggestion: Suggestion, evaluate: Any, x: Any) -> ApplyReport:
@@ -380,8 +388,8 @@ class _Live(LiveView):
         super().__init__(total)
         self.start = time.perf_counter()
 
-    def show(self, result: SensitivityResult, where: str = "") -> None:
+    def show(self, result: SensitivityResult, where: str = "", *, plot: bool = True) -> None:
         """Redraw now; the status ends with the time elapsed and the ETA."""
         status = eta_status(result.evaluations - 1, self.total, time.perf_counter() - self.start)
         elapsed_eta = status.split(", ", 1)[1]  # the bar already shows done/total
-        super().show(result, f"{where} · {elapsed_eta}" if where else elapsed_eta)
+        super().show(result, f"{where} · {elapsed_eta}" if where else elapsed_eta, plot=plot)

@@ -3,7 +3,7 @@ import torch
 
 import nbcompress as nc
 from nbcompress import timing
-from nbcompress.engine.core import summary as profile
+from nbcompress.engine.core import summary_timing as profile
 from nbcompress.engine.core.validation import as_inputs, check_amount, run_forward
 from tests.helpers import mlp
 
