@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nbcompress.kernels import dispatch, notices
+from nbcompress.kernels import dispatch, notices, registry
 from nbcompress.kernels.modules import SparseLinear
 
 LINE = re.compile(
@@ -95,7 +95,7 @@ def test_waiting_for_another_threads_compilation_counts_as_loading(capsys):
 
 
 def _hold_lock(started: threading.Event) -> None:
-    with dispatch._FIRST_CALL:
+    with registry._FIRST_CALL:
         started.set()
         time.sleep(0.8)
 
@@ -113,7 +113,7 @@ def test_a_sparse_layer_called_directly_gets_its_own_session(capsys, monkeypatch
         real(seconds, compiled)
 
     monkeypatch.setattr(notices, "record", spy)
-    monkeypatch.setattr(dispatch, "_COMPILED", set())  # every signature is a first call
+    monkeypatch.setattr(registry, "_COMPILED", set())  # every signature is a first call
     x = torch.randn(3, 30)
     with torch.no_grad():
         got, want = sparse(x), lin(x)

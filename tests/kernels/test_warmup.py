@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nbcompress.kernels import dispatch, precompile, tuning, warmup
+from nbcompress.kernels import dispatch, precompile, registry, tuning, warmup
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -27,12 +27,12 @@ def _env() -> dict[str, str]:
 
 def test_warmup_runs_every_registered_kernel_and_records_no_choice(tmp_path, monkeypatch, capsys):
     tuning.configure(enabled=True, cache_dir=tmp_path, cpu="test-cpu")
-    monkeypatch.setattr(dispatch, "_COMPILED", set())  # every signature a first call again
+    monkeypatch.setattr(registry, "_COMPILED", set())  # every signature a first call again
     before = dispatch.tuning_stats()
     result = warmup(quiet=True)
     assert result.error is None and result.done.is_set()
-    assert result.kernels == len(dispatch._COMPILED)
-    ran = {key[0] for key in dispatch._COMPILED}
+    assert result.kernels == len(registry._COMPILED)
+    ran = {key[0] for key in registry._COMPILED}
     assert ran == set(dispatch.KERNELS)  # the suite's one thread: the serial builds
     assert dispatch.tuning_stats() == before  # nothing raced, nothing reused
     assert not list(tmp_path.iterdir())  # nothing recorded for the toy weights

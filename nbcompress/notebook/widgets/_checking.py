@@ -1,4 +1,4 @@
-"""The explorer's Check button and how its Evaluate and Apply prune.
+"""The explorer's Check and Evaluate buttons and how its Evaluate and Apply prune.
 
 Typing a target re-runs the curves' suggestion only (no evaluation). Check is the explicit,
 measured action: the suggestion for the sparsity target is measured against uniform and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from nbcompress.engine.core.history import trial
 from nbcompress.engine.prune.prune import prune_ratios_
 from nbcompress.engine.sensitivity.evaluate import EvaluationError
 from nbcompress.engine.sensitivity.groupcheck import group_inputs
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.result import SensitivityResult
     from nbcompress.notebook.widgets._explorer import SensitivityExplorer
 
-__all__ = ["apply_setting", "prune_options", "run_check"]
+__all__ = ["apply_setting", "evaluate_setting", "prune_options", "run_check"]
 
 
 def prune_options(result: SensitivityResult, refit: bool) -> dict[str, Any]:
@@ -84,3 +85,38 @@ def run_check(explorer: SensitivityExplorer) -> bool:
     measured = explorer.text.value(suggestion.measured)
     explorer.status.value = f"{suggestion.chosen}: measured {measured}. " + " ".join(lines)
     return suggestion.reconstruct
+
+
+def evaluate_setting(explorer: SensitivityExplorer) -> float | None:
+    """Measure the real metric of the explorer's setting on its model, left unchanged.
+
+    Returns:
+        The measured value, or ``None`` if there is no evaluate function or it failed
+        (the reason is written to the explorer's status).
+    """
+    if explorer.evaluate is None:
+        explorer.status.value = "no evaluate function: pass evaluate=… to measure the real metric"
+        return None
+    explorer._show_model()  # the warning below must reflect the model as it is
+    ratios = explorer.ratios
+    predicted = explorer.result.predict(explorer.effective(ratios))
+    with explorer._busy("evaluating…"):
+        try:
+            with trial(explorer.model):
+                if any(r > 0 for r in ratios.values()):
+                    apply_setting(explorer, ratios)
+                value = float(explorer.evaluate(explorer.model))
+        except Exception as err:  # noqa: BLE001 - the user's function; report, don't raise
+            explorer.status.value = (
+                f"evaluate failed ({type(err).__name__}: {err}); model left unchanged"
+            )
+            return None
+    explorer.measured = value
+    # The prediction is the swept model's; say so when the model has changed since.
+    swept = " for the swept model" if explorer.check.reason(explorer._sparsity) else ""
+    text = explorer.text
+    explorer.status.value = (
+        f"measured {explorer.result.metric} {text.value(value)} at this setting (predicted "
+        f"{text.value(predicted)}{swept}); model left unchanged"
+    )
+    return value

@@ -21,12 +21,12 @@ import ipywidgets as w
 import torch
 from torch import nn
 
-from nbcompress.engine.core.history import Change, history, history_token, on_change, trial, undo_
+from nbcompress.engine.core.history import Change, history, history_token, on_change, undo_
 from nbcompress.engine.core.report import fmt_pct
 from nbcompress.engine.sensitivity.groupcosts import setting_costs
 from nbcompress.engine.sensitivity.setting import SweepCheck, proxy_metric
 from nbcompress.notebook.widgets._after_cell import after_cell, follow_cells
-from nbcompress.notebook.widgets._checking import apply_setting, run_check
+from nbcompress.notebook.widgets._checking import apply_setting, evaluate_setting, run_check
 from nbcompress.notebook.widgets._controls import Buttons, Sliders, descendants, target_row
 from nbcompress.notebook.widgets._render import (
     MarkedFigure,
@@ -284,31 +284,7 @@ class SensitivityExplorer(w.VBox):
             The measured value, or ``None`` if there is no evaluate function or it failed
             (the reason is written to :attr:`status`).
         """
-        if self.evaluate is None:
-            self.status.value = "no evaluate function: pass evaluate=… to measure the real metric"
-            return None
-        self._show_model()  # the warning below must reflect the model as it is
-        ratios = self.ratios
-        predicted = self.result.predict(self.effective(ratios))
-        with self._busy("evaluating…"):
-            try:
-                with trial(self.model):
-                    if any(r > 0 for r in ratios.values()):
-                        apply_setting(self, ratios)
-                    value = float(self.evaluate(self.model))
-            except Exception as err:  # noqa: BLE001 - the user's function; report, don't raise
-                self.status.value = (
-                    f"evaluate failed ({type(err).__name__}: {err}); model left unchanged"
-                )
-                return None
-        self.measured = value
-        # The prediction is the swept model's; say so when the model has changed since.
-        swept = " for the swept model" if self.check.reason(self._sparsity) else ""
-        self.status.value = (
-            f"measured {self.result.metric} {self.text.value(value)} at this setting (predicted "
-            f"{self.text.value(predicted)}{swept}); model left unchanged"
-        )
-        return value
+        return evaluate_setting(self)
 
     def apply(self) -> None:
         """Prune the live model in place with the current setting (recorded, undoable).
