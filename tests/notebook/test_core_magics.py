@@ -222,3 +222,12 @@ def test_prune_times_before_and_after_interleaved(ns, monkeypatch):
     report = magic(ns, "prune conv 0.5 --input xc")
     assert calls == [["after", "before"]]
     assert report.before.latency.repeats == report.after.latency.repeats == 15
+
+
+def test_a_refused_input_is_not_remembered_for_the_next_magic(ns):
+    ns.user_ns["flat"] = torch.randn(2, 28, 28)  # not (N, 1, H, W)
+    magic(ns, "summary conv --input xc --repeats 2 --no-latency")
+    with pytest.raises(UsageError):
+        magic(ns, "summary conv --input flat --repeats 2")
+    report = magic(ns, "prune conv 0.5")  # recalls xc, not the refused flat
+    assert report.after.inputs == "(2, 1, 8, 8) float32"

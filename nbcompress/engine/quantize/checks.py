@@ -21,6 +21,7 @@ from torch import nn
 
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.quantize.embedding_int8 import tied_problem
+from nbcompress.engine.quantize.report import storage_quiet
 
 __all__ = [
     "FAST_PATH_READS",
@@ -70,7 +71,8 @@ def round_trip_problem(module: nn.Module, args: tuple | None) -> str | None:
     numba modules re-measure their kernel choice after loading).
     """
     try:
-        loaded = pickle.loads(pickle.dumps(module))
+        with storage_quiet():
+            loaded = pickle.loads(pickle.dumps(module))
         if args is None:
             return None
         with torch.no_grad():

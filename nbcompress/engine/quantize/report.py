@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,21 @@ class _ByteCounter:
         """Nothing is buffered."""
 
 
+@contextlib.contextmanager
+def storage_quiet() -> Iterator[None]:
+    """Silence torch's own "TypedStorage is deprecated" warning while we pickle or save.
+
+    torch.ao's quantized modules pickle their packed weights through the old storage API,
+    so measuring their size or checking they survive pickling would print torch's internal
+    warning, with a source line, into the user's notebook as stderr.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="TypedStorage is deprecated", category=UserWarning
+        )
+        yield
+
+
 def serialized_size(module: nn.Module | dict[str, nn.Module]) -> int:
     """Bytes of ``torch.save(module.state_dict())`` — the real size on disk.
 
@@ -53,10 +71,11 @@ def serialized_size(module: nn.Module | dict[str, nn.Module]) -> int:
     parameter model into memory would cost its whole size again.
     """
     out = _ByteCounter()
-    if isinstance(module, dict):
-        torch.save({k: m.state_dict() for k, m in module.items()}, out)
-    else:
-        torch.save(module.state_dict(), out)
+    with storage_quiet():
+        if isinstance(module, dict):
+            torch.save({k: m.state_dict() for k, m in module.items()}, out)
+        else:
+            torch.save(module.state_dict(), out)
     return out.size
 
 

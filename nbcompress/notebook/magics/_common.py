@@ -60,6 +60,7 @@ class ModelMagics(Magics):
     """
 
     _touched: list[tuple[nn.Module, str, list[int]]]
+    _inputs: list[tuple[nn.Module, Any]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -127,10 +128,17 @@ class ModelMagics(Magics):
         return obj
 
     def example_input(self, model: nn.Module, expr: str | None) -> Any:
-        """Resolve ``--input`` (and remember it for ``model``), or recall the last one given."""
+        """Resolve ``--input`` (remembered for ``model`` once the magic succeeds), or recall it.
+
+        An input the magic refused (a wrong shape) is not remembered: the next magic that
+        recalls it would fail with this one's error.
+        """
         if expr:
             value = self.value(expr, "--input")
-            _LAST_INPUT[model] = value
+            if hasattr(self, "_inputs"):
+                self._inputs.append((model, value))
+            else:
+                _LAST_INPUT[model] = value
             return value
         return _LAST_INPUT.get(model)
 
@@ -140,13 +148,15 @@ def _announcing(magic: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(magic)
     def run(self: ModelMagics, *args: Any, **kwargs: Any) -> Any:
-        self._touched = []
+        self._touched, self._inputs = [], []
         try:
             result = magic(self, *args, **kwargs)
+            for model, value in self._inputs:
+                _LAST_INPUT[model] = value
             self._announce()
             return result
         finally:
-            del self._touched
+            del self._touched, self._inputs
 
     return run
 
