@@ -197,7 +197,7 @@ def test_stages_apply_prunes_in_stages_and_one_undo_reverts_all(ns, capsys):
         assert zero_fraction(model.get_submodule(name).weight) == pytest.approx(ratio, abs=0.01)
     captured = capsys.readouterr()
     assert "Staged sensitivity pruning to sparsity 60.0% in 2 stage(s)" in captured.out
-    assert "prune_to_ [stage 2/2" in captured.err
+    assert "stage 2/2: sparsity" in captured.out  # progress: stdout, never stderr
     assert len(nc.history(model)) == 1
     ns.run_line_magic("undo", "model")
     assert_same_state(model, saved)
