@@ -8,6 +8,7 @@ after warm-up, with the speed-up the median of the per-round ratios.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,9 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes
 from nbcompress.engine.quantize.report import serialized_size
-from nbcompress.timing import Timing, format_seconds, race
+from nbcompress.timing import Race, Timing, format_seconds, race
 
-__all__ = ["FinalTable", "measure_final"]
+__all__ = ["FinalTable", "measure_final", "quiet_size", "race_pair"]
 
 
 @dataclass(repr=False)
@@ -91,10 +92,24 @@ def _times(ratio: float) -> str:
 
 
 @torch.inference_mode()
-def _race(dense: nn.Module, compressed: nn.Module, x: torch.Tensor, rounds: int) -> dict:
-    """Both models timed in interleaved rounds after warm-up (name → timing)."""
+def race_pair(dense: nn.Module, compressed: nn.Module, x: torch.Tensor, rounds: int) -> Race:
+    """Both models timed in interleaved rounds after warm-up (``dense`` the incumbent)."""
     candidates = {"dense": lambda: dense(x), "compressed": lambda: compressed(x)}
-    return race(candidates, rounds=rounds, warmup=3, min_sample=2e-3).times
+    return race(candidates, rounds=rounds, warmup=3, min_sample=2e-3)
+
+
+def quiet_size(model: nn.Module) -> int:
+    """:func:`serialized_size` without torch's own deprecation noise.
+
+    ``torch.save`` of torch.ao's quantized modules goes through ``TypedStorage`` and warns
+    that it is deprecated, with a source line, on stderr: torch's internals, nothing the
+    user did or can change, and not about the bytes written.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="TypedStorage is deprecated", category=UserWarning
+        )
+        return serialized_size(model)
 
 
 def measure_final(
@@ -106,11 +121,11 @@ def measure_final(
     rounds: int,
 ) -> FinalTable:
     """Size both models, and time them interleaved on the first ``batch`` test images."""
-    size = (serialized_size(dense), serialized_size(compressed))
+    size = (quiet_size(dense), quiet_size(compressed))
     latency, speedup, spread = {}, {}, []
     for batch in batches:
-        timed = _race(dense, compressed, x_test[:batch], rounds)
-        latency[batch] = dense_time, compressed_time = timed["dense"], timed["compressed"]
+        times = race_pair(dense, compressed, x_test[:batch], rounds).times
+        latency[batch] = dense_time, compressed_time = times["dense"], times["compressed"]
         # The ratio of the medians the table shows, so that its columns agree.
         speedup[batch] = dense_time.median / compressed_time.median
         spread.append(f"batch {batch}: dense {dense_time}, compressed {compressed_time}")

@@ -261,9 +261,9 @@ def analyse(
         model: The (pruned) model.
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
         options: What to consider and how to decide (default :class:`SparsifyOptions`).
-        progress: Called as ``progress(done, total, name)`` after each layer is measured
-            and after the end-to-end race (``name`` ``"end to end"``); ``total`` counts
-            the selected layers plus that race.
+        progress: Called as ``progress(done, total, name)`` after each of the ``total``
+            selected layers is measured, then once more (``done == total``) as the
+            end-to-end race of the whole model starts.
         **overrides: Fields of :class:`SparsifyOptions` to change, e.g. ``repeats=5``.
 
     Returns:
@@ -288,8 +288,8 @@ def analyse(
             )
         step = progress or (lambda done, total, name: None)
         analysis = _measure(model, inputs, selected, reasons, opts, step)
+        step(len(selected), len(selected), "timing the whole model")
         _end_to_end(model, inputs, analysis, opts.repeats)
-        step(len(selected) + 1, len(selected) + 1, "end to end")
     _final_verdict(analysis, opts.min_gain)
     return analysis
 
@@ -316,7 +316,7 @@ def _measure(
         else:
             results.append(_measure_layer(name, module, call, opts, seen))
             release_freed_memory()  # this layer's freed candidates: not the next one's peak
-        step(len(results), len(selected) + 1, name)
+        step(len(results), len(selected), name)
     groups, total = uncovered(model, selected)
     return Analysis(results, warnings=seen, uncovered=groups, total_params=total)
 

@@ -236,7 +236,7 @@ def _reporter(
 
         def step(done: int, total: int, name: str) -> None:
             bar.total = total
-            bar.update(done - bar.done, note=f"timed {name}")
+            bar.update(done - bar.done, note=name if done == total else f"timed {name}")
 
         yield step
 
