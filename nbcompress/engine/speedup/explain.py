@@ -55,9 +55,9 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
     if gain < 1:
         return f"dense: best sparse {gain:.2f}×"
     if gain < 1 + min_gain:
-        return f"dense: within noise of {PATHS[best]} ({gain:.2f}×, ±{min_gain:.0%})"
+        return f"dense: {PATHS[best]} {gain:.2f}×, within noise (±{min_gain:.0%})"
     # Faster by the median but not in 3 rounds of 4 (clear_win): a lucky stretch, not a win.
-    return f"dense: {PATHS[best]} {gain:.2f}× but slower in >1 round of 4"
+    return f"dense: {PATHS[best]} {gain:.2f}×, not in 3 of 4 rounds"
 
 
 def passed_over(layers: list[LayerResult]) -> list[str]:

@@ -30,16 +30,16 @@ def _sci(value: float | None) -> str:
     return "—" if value is None else f"{value:.1e}"
 
 
+# Shown columns (rows keep every figure): the chosen cell already carries the gain over
+# dense, and the output error sits with its tolerance, so the table stays narrow.
 _COLUMNS = {
     "layer": None,
     "input": None,
     "sparsity": fmt_pct,
     **{label: fmt_time for label in _PATHS.values()},
     "chosen": None,
-    "speedup": fmt_ratio,
     "break-even (est.)": fmt_pct,
-    "max |Δ|": _sci,
-    "tolerance": _sci,
+    "max |Δ| (tol.)": None,
 }
 
 
@@ -106,7 +106,9 @@ class SpeedupReport(TableReport):
     def _table(self) -> Table:
         chosen = [i for i, r in enumerate(self.rows) if r["path"] != "dense fp32"]  # bold
         title = "Speedup (measured on this machine)"
-        return Table(self.rows, _COLUMNS, title, self._summary(), chosen)
+        timed = set(self.paths)  # a path timed on no layer gets no column of dashes
+        columns = {k: f for k, f in _COLUMNS.items() if k not in _PATHS.values() or k in timed}
+        return Table(self.rows, columns, title, self._summary(), chosen)
 
     def plot(self, ax: Any = None) -> Any:
         """Bar chart of per-layer time for each path (log scale); returns the figure.
@@ -139,6 +141,9 @@ def _row(result: LayerResult, min_gain: float) -> dict[str, Any]:
     shown = chosen if chosen != "dense" else "csr"
     row["max |Δ|"] = result.errors.get(shown)
     row["tolerance"] = result.tolerances.get(shown)
+    row["max |Δ| (tol.)"] = (
+        "—" if row["max |Δ|"] is None else f"{_sci(row['max |Δ|'])} ({_sci(row['tolerance'])})"
+    )
     row["why"] = result.reason
     return row
 
@@ -169,8 +174,8 @@ def _report(analysis: Analysis, applied: bool, min_gain: float) -> SpeedupReport
         notes.append(missing)
     notes += passed_over(analysis.layers)
     for message, count in analysis.warnings.items():
-        times = f"{count} times" if count > 1 else "once"
-        notes.append(f"torch int8 backend warned {times} (shown once): {_whole(message)}")
+        times = f" {count} times (shown once)" if count > 1 else ""
+        notes.append(f"torch int8 backend warned{times}: {_whole(message)}")
     return SpeedupReport(
         rows=[_row(r, min_gain) for r in analysis.layers],
         dense=analysis.dense,

@@ -110,7 +110,7 @@ def test_a_noisy_win_is_not_a_win(monkeypatch):
     assert report.rows[0]["sparse fp32"] == pytest.approx(0.4)
     assert all(r["path"] == "dense fp32" for r in report.rows)
     assert report.rows[0]["chosen"].startswith("dense: sparse ")
-    assert report.rows[0]["chosen"].endswith("× but slower in >1 round of 4")
+    assert report.rows[0]["chosen"].endswith("×, not in 3 of 4 rounds")
 
 
 def test_not_faster_end_to_end_keeps_dense(monkeypatch):
