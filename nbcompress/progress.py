@@ -175,6 +175,18 @@ class Progress:
         self._last = self._timer()
         self._render(self.status())
 
+    def html(self, text: str | None = None) -> str:
+        """The bar and ``text`` (default :meth:`status`) as HTML, for a caller's own display.
+
+        A live view that redraws more than progress (the sensitivity sweep's plot) can
+        put this above its content and keep one display.
+        """
+        text = self.status() if text is None else text
+        total = self.total if self.total else max(self.done, 1)
+        value = min(self.done, total)
+        bar = f"<progress value='{value}' max='{total}' style='width:20em'></progress> "
+        return f"<div class='nbcompress-progress'>{bar}{html.escape(text)}</div>"
+
     def _render(self, text: str) -> None:
         self.shown += 1
         if not self._html:
@@ -182,10 +194,7 @@ class Progress:
             return
         from IPython.display import HTML, display  # only reached inside a running kernel
 
-        total = self.total if self.total else max(self.done, 1)
-        value = min(self.done, total)
-        bar = f"<progress value='{value}' max='{total}' style='width:20em'></progress> "
-        body = HTML(f"<div class='nbcompress-progress'>{bar}{html.escape(text)}</div>")
+        body = HTML(self.html(text))
         if self._handle is None:
             self._handle = display(body, display_id=True)
         else:
