@@ -10,7 +10,7 @@ import torch
 import nbcompress
 from nbcompress.demo import run_demo
 from nbcompress.demo.arc import MAX_LOSS_POINTS, _verdict
-from nbcompress.demo.engines import EngineTrial, pick
+from nbcompress.demo.engines import EngineTrial, pick, tradeoff
 from nbcompress.demo.final import FinalTable
 from nbcompress.zoo import accuracy, load_digits
 
@@ -153,6 +153,11 @@ def test_the_engine_not_slower_at_any_batch_wins_else_the_fastest_at_the_serving
     assert pick([fast_big, even], 64) is even
     slow_both = EngineTrial("fbgemm", {64: 2.7, 1: 0.80})
     assert pick([fast_big, slow_both], 64) is fast_big
+    assert tradeoff([fast_big, even], even, 64) == (
+        "The x86 int8 engine measured 7.90× at batch 64 but 0.71× at batch 1; fbgemm was kept "
+        "because it is not slower than dense at any batch."
+    )
+    assert tradeoff([fast_big, slow_both], fast_big, 64) is None
 
 
 def _table(speed_at_1: float) -> FinalTable:

@@ -24,7 +24,7 @@ from nbcompress.demo.final import race_pair
 from nbcompress.engine.core.history import undo_
 from nbcompress.engine.quantize.config import StaticInt8Config
 
-__all__ = ["NOISE", "EngineTrial", "choose_engine", "pick"]
+__all__ = ["NOISE", "EngineTrial", "choose_engine", "pick", "tradeoff"]
 
 #: A compressed model timed within this fraction of dense counts as "not slower".
 NOISE = 0.05
@@ -53,6 +53,20 @@ def pick(trials: Sequence[EngineTrial], batch: int) -> EngineTrial:
     return max(fair or trials, key=lambda t: t.speedup[batch])
 
 
+def tradeoff(trials: Sequence[EngineTrial], chosen: EngineTrial, batch: int) -> str | None:
+    """What keeping ``chosen`` cost at the serving ``batch``, in words (``None``: nothing)."""
+    faster = [t for t in trials if t.speedup[batch] > chosen.speedup[batch]]
+    if not faster:
+        return None
+    best = max(faster, key=lambda t: t.speedup[batch])
+    worst = min(best.speedup, key=best.speedup.get)
+    return (
+        f"The {best.engine} int8 engine measured {best.speedup[batch]:.2f}× at batch {batch} "
+        f"but {best.speedup[worst]:.2f}× at batch {worst}; {chosen.engine} was kept because "
+        "it is not slower than dense at any batch."
+    )
+
+
 def choose_engine(
     model: nn.Module,
     dense: nn.Module,
@@ -61,7 +75,7 @@ def choose_engine(
     engines: Sequence[str],
     rounds: int,
     say: Callable[[str], None],
-) -> EngineTrial:
+) -> tuple[EngineTrial, list[EngineTrial]]:
     """Quantize ``model`` for each engine, time it, and leave it quantized for the best.
 
     Args:
@@ -74,7 +88,7 @@ def choose_engine(
         say: Where each trial's line goes.
 
     Returns:
-        The chosen trial; ``model`` is quantized for its engine.
+        The chosen trial and every trial; ``model`` is quantized for the chosen engine.
     """
     # A decision, not a figure shown as latency: with one torch thread the work runs on
     # this thread, and its CPU time stays steady when other processes take the cores.
@@ -104,4 +118,4 @@ def choose_engine(
         else f"fastest at batch {serving}; every engine was slower than dense at some batch"
     )
     say(f"→ {best.engine}: {why}")
-    return best
+    return best, trials

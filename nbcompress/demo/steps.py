@@ -163,7 +163,7 @@ def int8(
     evaluate: Callable[[nn.Module], float],
     calibration: int,
     timing: EngineTiming,
-) -> tuple[QuantizeReport, EngineTrial]:
+) -> tuple[QuantizeReport, EngineTrial, list[EngineTrial]]:
     """Static int8 (Conv+ReLU fused, activations int8 between layers), calibrated on train.
 
     Packed for each engine of ``timing`` in turn and timed against dense at each batch
@@ -184,7 +184,7 @@ def int8(
                 evaluate=evaluate,
             )
 
-    chosen = choose_engine(
+    chosen, trials = choose_engine(
         model, timing.dense, quantize, timing.inputs, timing.engines, timing.rounds, log.say
     )
     report = quantize_report(model)
@@ -199,4 +199,4 @@ def int8(
         f"serialized {fmt_bytes(report.size_before)} → {fmt_bytes(report.size_after)}; "
         f"validation accuracy {report.metric_before:.2%} → {report.metric_after:.2%}{cosine}"
     )
-    return report, chosen
+    return report, chosen, trials
