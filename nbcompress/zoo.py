@@ -7,13 +7,14 @@ LeNet-300-100 for flattened 8×8 input.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nbcompress.progress import Progress
 
 __all__ = [
     "Digits",
@@ -120,7 +121,7 @@ def train(
     lr: float = 1e-3,
     batch_size: int = 64,
     seed: int = 0,
-    progress: bool | Callable[[int, float], None] = False,
+    progress: bool | Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` with Adam and cross-entropy; return it (in eval mode).
 
@@ -132,27 +133,36 @@ def train(
         lr: Adam learning rate.
         batch_size: Mini-batch size.
         seed: Seed for the mini-batch order.
-        progress: ``True`` prints one line per epoch; a callable gets ``(epoch, loss)``.
+        progress: ``None`` (default) shows progress (batches, rate, ETA, the last epoch's
+            loss) once training has run for 2 s: a live bar in a notebook, a line every
+            few seconds on stdout elsewhere. ``True`` shows it from the start, ``False``
+            never; a callable gets ``(epoch, loss)`` after each epoch instead.
 
     Returns:
         The trained model.
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    per_epoch = -(-len(y) // batch_size)
+    shown = progress is not False and not callable(progress)
+    bar = Progress(
+        epochs * per_epoch, "train", "batch", delay=0 if progress else 2.0, enabled=shown
+    )
     model.train()
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(y), generator=gen)
-        total = 0.0
-        for i in range(0, len(y), batch_size):
-            idx = order[i : i + batch_size]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        if callable(progress):
-            progress(epoch, total / len(y))
-        elif progress:
-            print(f"  epoch {epoch}/{epochs}  loss {total / len(y):.4f}", file=sys.stderr)
+    with bar:
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(len(y), generator=gen)
+            total = 0.0
+            for i in range(0, len(y), batch_size):
+                idx = order[i : i + batch_size]
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+                bar.update()
+            if callable(progress):
+                progress(epoch, total / len(y))
+            bar.note = f"epoch {epoch}/{epochs}, loss {total / len(y):.4f}"
     model.eval()
     return model

@@ -2,13 +2,16 @@ import io
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import nbcompress
 from nbcompress.demo import run_demo
-from nbcompress.demo.arc import MAX_LOSS_POINTS
+from nbcompress.demo.arc import MAX_LOSS_POINTS, _verdict
+from nbcompress.demo.engines import EngineTrial, pick, tradeoff
+from nbcompress.demo.final import FinalTable
 from nbcompress.zoo import accuracy, load_digits
 
 STEPS = [
@@ -17,7 +20,7 @@ STEPS = [
     "Prune to the suggestion, masks kept",
     "Fine-tune",
     "Sparse kernels where measured faster at batch 64",
-    "int8: quantize_(mode='static')",
+    "int8: quantize_ static, engine (",
     "Measure dense vs compressed",
 ]
 
@@ -25,9 +28,11 @@ STEPS = [
 @pytest.fixture(scope="module")
 def demo():
     out = io.StringIO()
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         mp.setattr(sys, "stdout", out)
         figures = run_demo(quick=True, threads=1)
+    figures["warnings"] = [str(w.message) for w in seen]
     return figures, out.getvalue()
 
 
@@ -125,3 +130,50 @@ def test_cli_help_lists_the_demo_options():
     )
     for option in ("--epochs", "--target", "--batch", "--threads", "--quick"):
         assert option in out.stdout
+
+
+def test_torch_internal_deprecation_warnings_do_not_reach_the_user(demo):
+    figures, _ = demo
+    # torch.save of torch.ao modules warns "TypedStorage is deprecated" (torch internals).
+    assert not [w for w in figures["warnings"] if "TypedStorage" in w]
+
+
+def test_int8_engine_is_timed_at_both_batches_and_the_choice_is_printed(demo):
+    figures, out = demo
+    chosen = figures["engine"]
+    assert set(chosen.speedup) == {64, 1} and all(g > 0 for g in chosen.speedup.values())
+    assert re.search(r"^  timed \w+: [\d.]+× at batch 64, [\d.]+× at batch 1$", out, re.M)
+    assert f"  → {chosen.engine}: " in out
+    assert f"torch.ao[{chosen.engine}]" in out  # the layers are packed for the chosen engine
+
+
+def test_the_engine_not_slower_at_any_batch_wins_else_the_fastest_at_the_serving_batch():
+    fast_big = EngineTrial("x86", {64: 7.9, 1: 0.71})
+    even = EngineTrial("fbgemm", {64: 2.7, 1: 0.97})  # within 5% of dense at batch 1
+    assert pick([fast_big, even], 64) is even
+    slow_both = EngineTrial("fbgemm", {64: 2.7, 1: 0.80})
+    assert pick([fast_big, slow_both], 64) is fast_big
+    assert tradeoff([fast_big, even], even, 64) == (
+        "The x86 int8 engine measured 7.90× at batch 64 but 0.71× at batch 1; fbgemm was kept "
+        "because it is not slower than dense at any batch."
+    )
+    assert tradeoff([fast_big, slow_both], fast_big, 64) is None
+
+
+def _table(speed_at_1: float) -> FinalTable:
+    return FinalTable((0.93, 0.94), (377_000, 106_000), {}, {64: 5.0, 1: speed_at_1}, 449)
+
+
+@pytest.mark.parametrize(
+    ("speed", "said"),
+    [
+        (0.7, "At batch 1 it is SLOWER than dense (0.70×)"),
+        (0.97, "At batch 1 it is about as fast as dense (0.97×, within noise)."),
+        (1.02, None),
+    ],
+)
+def test_the_verdict_says_plainly_how_batch_1_compares(speed, said):
+    line = _verdict(_table(speed), 64, sparse=False)
+    assert "1.02× the speed at batch 1" in line if said is None else said in line
+    if said is None:
+        assert "At batch 1" not in line

@@ -8,6 +8,8 @@ after warm-up, with the speed-up the median of the per-round ratios.
 
 from __future__ import annotations
 
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +19,12 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes
 from nbcompress.engine.quantize.report import serialized_size
-from nbcompress.timing import Timing, format_seconds, race
+from nbcompress.timing import Clock, Race, Timing, format_seconds, race
 
-__all__ = ["FinalTable", "measure_final"]
+__all__ = ["NOISY_SPREAD", "FinalTable", "measure_final", "quiet_size", "race_pair"]
+
+#: A timing whose p90 exceeds this multiple of its p10 was taken on a busy machine.
+NOISY_SPREAD = 3.0
 
 
 @dataclass(repr=False)
@@ -91,10 +96,30 @@ def _times(ratio: float) -> str:
 
 
 @torch.inference_mode()
-def _race(dense: nn.Module, compressed: nn.Module, x: torch.Tensor, rounds: int) -> dict:
-    """Both models timed in interleaved rounds after warm-up (name → timing)."""
+def race_pair(
+    dense: nn.Module,
+    compressed: nn.Module,
+    x: torch.Tensor,
+    rounds: int,
+    clock: Clock = time.perf_counter,
+) -> Race:
+    """Both models timed in interleaved rounds after warm-up (``dense`` the incumbent)."""
     candidates = {"dense": lambda: dense(x), "compressed": lambda: compressed(x)}
-    return race(candidates, rounds=rounds, warmup=3, min_sample=2e-3).times
+    return race(candidates, rounds=rounds, warmup=3, min_sample=2e-3, clock=clock)
+
+
+def quiet_size(model: nn.Module) -> int:
+    """:func:`serialized_size` without torch's own deprecation noise.
+
+    ``torch.save`` of torch.ao's quantized modules goes through ``TypedStorage`` and warns
+    that it is deprecated, with a source line, on stderr: torch's internals, nothing the
+    user did or can change, and not about the bytes written.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="TypedStorage is deprecated", category=UserWarning
+        )
+        return serialized_size(model)
 
 
 def measure_final(
@@ -106,15 +131,26 @@ def measure_final(
     rounds: int,
 ) -> FinalTable:
     """Size both models, and time them interleaved on the first ``batch`` test images."""
-    size = (serialized_size(dense), serialized_size(compressed))
+    size = (quiet_size(dense), quiet_size(compressed))
     latency, speedup, spread = {}, {}, []
     for batch in batches:
-        timed = _race(dense, compressed, x_test[:batch], rounds)
-        latency[batch] = dense_time, compressed_time = timed["dense"], timed["compressed"]
+        times = race_pair(dense, compressed, x_test[:batch], rounds).times
+        latency[batch] = dense_time, compressed_time = times["dense"], times["compressed"]
         # The ratio of the medians the table shows, so that its columns agree.
         speedup[batch] = dense_time.median / compressed_time.median
         spread.append(f"batch {batch}: dense {dense_time}, compressed {compressed_time}")
+    noisy = [b for b, pair in latency.items() if any(t.p90 > NOISY_SPREAD * t.p10 for t in pair)]
+    busy = (
+        [
+            f"Timings at batch {', '.join(map(str, noisy))} are noisy (p90 over "
+            f"{NOISY_SPREAD:g}× p10): other processes took the cores mid-measurement, so these "
+            "latencies and ratios are distorted; rerun on an idle machine to check them."
+        ]
+        if noisy
+        else []
+    )
     notes = [
+        *busy,
         f"Accuracy on {len(x_test)} held-out test images; size = bytes torch.save writes for "
         f"the state dict; latency = median of {rounds} interleaved rounds after warm-up "
         f"({torch.get_num_threads()} torch thread(s)); p10–p90 spread:",

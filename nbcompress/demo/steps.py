@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nbcompress.demo.engines import EngineTrial, choose_engine
 from nbcompress.demo.log import StepLog
 from nbcompress.engine.core.report import fmt_bytes, fmt_pct
 from nbcompress.engine.prune.prune import prune_ratios_, remove_masks_
+from nbcompress.engine.quantize.config import StaticInt8Config
 from nbcompress.engine.quantize.quantize import QuantizeReport, quantize_, quantize_report
 from nbcompress.engine.schedule.finetune import finetune
 from nbcompress.engine.sensitivity.suggestion import Suggestion
@@ -25,6 +27,7 @@ from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 from nbcompress.zoo import SeedCNN, accuracy, train
 
 __all__ = [
+    "EngineTiming",
     "Split",
     "fine_tune",
     "int8",
@@ -34,6 +37,23 @@ __all__ = [
     "train_dense",
     "zero_share",
 ]
+
+
+@dataclass(frozen=True)
+class EngineTiming:
+    """How the int8 step times its engines: against ``dense``, on each batch of ``inputs``.
+
+    Attributes:
+        dense: The trained dense model (the reference).
+        inputs: Batch size → test batch; the first is the serving batch.
+        engines: torch quantized engines to try, in order.
+        rounds: Interleaved timed rounds per batch.
+    """
+
+    dense: nn.Module
+    inputs: dict[int, torch.Tensor]
+    engines: tuple[str, ...]
+    rounds: int
 
 
 @dataclass(frozen=True)
@@ -132,7 +152,7 @@ def sparse_kernels(log: StepLog, model: nn.Module, x: torch.Tensor) -> SpeedupRe
         report = speedup(model, x, apply=True, allow_int8=True, allow_bsr=False)
     for row in report.rows:
         log.say(f"{row['layer']:<13} {fmt_pct(row['sparsity']):>6} zeros: {row['why']}")
-    log.say(f"{'applied' if report.applied else 'not applied'}: {report.verdict}")
+    log.say(report.outcome)
     return report
 
 
@@ -140,17 +160,32 @@ def int8(
     log: StepLog,
     model: nn.Module,
     data: Split,
-    x: torch.Tensor,
     evaluate: Callable[[nn.Module], float],
     calibration: int,
-) -> QuantizeReport:
-    """Static int8 (Conv+ReLU fused, activations int8 between layers), calibrated on train."""
-    quantize_(
-        model,
-        "static",
-        calibrate=data.x_train[:calibration],
-        example_inputs=x,
-        evaluate=evaluate,
+    timing: EngineTiming,
+) -> tuple[QuantizeReport, EngineTrial, list[EngineTrial]]:
+    """Static int8 (Conv+ReLU fused, activations int8 between layers), calibrated on train.
+
+    Packed for each engine of ``timing`` in turn and timed against dense at each batch
+    (:func:`~nbcompress.demo.engines.choose_engine`); the model keeps the one chosen.
+    """
+    serving = next(iter(timing.inputs.values()))
+
+    def quantize(config: StaticInt8Config) -> None:
+        with warnings.catch_warnings():
+            # torch.save of torch.ao's modules (the size, the pickle check) warns that
+            # TypedStorage is deprecated: torch's internals, not the user's to act on.
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+            quantize_(
+                model,
+                config,
+                calibrate=data.x_train[:calibration],
+                example_inputs=serving,
+                evaluate=evaluate,
+            )
+
+    chosen, trials = choose_engine(
+        model, timing.dense, quantize, timing.inputs, timing.engines, timing.rounds, log.say
     )
     report = quantize_report(model)
     log.say(report.title)
@@ -159,11 +194,9 @@ def int8(
             log.say(f"{name:<13} stays on its sparse kernel ({module.format})")
     for row in report.rows:
         log.say(f"{row['layer']:<13} {row.get('backend') or 'float'}  {row.get('note') or ''}")
-    speed = "not timed" if report.speedup is None else f"{report.speedup:.2f}× as fast as float"
     cosine = "" if report.cosine is None else f"; output cosine to float {report.cosine:.5f}"
     log.say(
-        f"serialized {fmt_bytes(report.size_before)} → {fmt_bytes(report.size_after)}; {speed} "
-        f"on the example batch; validation accuracy {report.metric_before:.2%} → "
-        f"{report.metric_after:.2%}{cosine}"
+        f"serialized {fmt_bytes(report.size_before)} → {fmt_bytes(report.size_after)}; "
+        f"validation accuracy {report.metric_before:.2%} → {report.metric_after:.2%}{cosine}"
     )
-    return report
+    return report, chosen, trials

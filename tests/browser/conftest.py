@@ -92,6 +92,11 @@ def _lab_env(home: Path) -> dict[str, str]:
     # tests/conftest.py sets MPLBACKEND=Agg for pytest; the kernel should use its own inline one.
     env.pop("MPLBACKEND", None)
     env["OMP_NUM_THREADS"] = "1"
+    # A cold numba cache, as on a first install: the kernels compile in this session, so a
+    # test sees the notices a new user sees (the default cache sits in the checkout).
+    cache = home / "numba-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    env["NUMBA_CACHE_DIR"] = str(cache)
     return env
 
 

@@ -285,4 +285,4 @@ def test_ctrl_c_during_gradual_finetune_keeps_the_steps_and_records_the_pruning(
     assert result.interrupted and result.steps == pruner.steps == 3
     assert pruner.finished == 1  # the pruning done so far is recorded, undoable
     captured = capsys.readouterr()
-    assert "Interrupted: the model is as after optimizer step 3" in captured.err
+    assert "Interrupted: the model is as after optimizer step 3" in captured.out

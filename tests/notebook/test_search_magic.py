@@ -123,7 +123,7 @@ def test_workers_starts_a_cluster_for_the_call_and_says_so(ns, monkeypatch, caps
     before = snapshot(model)
     result = magic(ns, "model --eval evaluate --target-sparsity 0.7 --trials 4 --workers 2")
     assert len(result.completed()) == 4 and ns.user_ns["evaluate"].calls == 0
-    assert "using a pool of 2 processes" in capsys.readouterr().err
+    assert "using a pool of 2 processes" in capsys.readouterr().out
     assert_same_state(model, before)
 
 

@@ -81,3 +81,12 @@ def test_mistakes_become_one_line_usage_errors(ns, line, match):
 def test_help_is_the_docstring(ns):
     doc = ns.find_line_magic("speedup").__doc__
     assert "--apply" in doc and "break-even" in doc
+
+
+def test_progress_is_shown_from_the_start_on_stdout(ns, capsys):
+    run(ns, "model --input x --repeats 3")
+    out = capsys.readouterr()
+    lines = out.out.strip().splitlines()
+    assert lines[0] == "speedup: 0 layers, 0.0 s elapsed"  # before the first layer is timed
+    assert lines[-1].startswith("speedup: 2 layers in ") and "(done)" in lines[-1]
+    assert "speedup:" not in out.err

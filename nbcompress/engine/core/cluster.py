@@ -12,7 +12,6 @@ import logging
 import multiprocessing
 import numbers
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -26,8 +25,11 @@ _CONNECT_TIMEOUT = 3
 
 
 def progress_line(text: str) -> None:
-    """Print one line of plain-text progress to stderr, at once (not buffered)."""
-    print(text, file=sys.stderr, flush=True)
+    """Print one line of plain-text progress to stdout, at once (not buffered).
+
+    Progress is normal output: on stderr a notebook would show it in its error box.
+    """
+    print(text, flush=True)
 
 
 def check_workers(workers: Any) -> int | None:

@@ -1,7 +1,8 @@
 """A small training loop for the notebook: progress bar, pruning schedule, L1, Ctrl-C safe.
 
 :func:`finetune` is the loop people write by hand after pruning (forward, loss, backward,
-optimizer step), plus what a notebook wants: a ``tqdm`` bar with the loss, the sparsity, the
+optimizer step), plus what a notebook wants: a progress bar (:class:`~nbcompress.progress.Progress`:
+a live bar in a notebook, lines on stdout elsewhere) with the loss, the sparsity, the
 validation metric and the ETA; a live loss/sparsity plot in Jupyter; a pruner stepped after
 each optimizer step; an L1 term; and Ctrl-C that stops cleanly at the last finished step.
 Per step it adds no host synchronisation: the loss is read back only when the bar updates.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,6 +33,7 @@ from nbcompress.engine.schedule.finetune_result import FinetuneResult
 from nbcompress.engine.schedule.regularize import L1Penalty
 from nbcompress.engine.schedule.stepguard import StepGuard
 from nbcompress.engine.schedule.trainingdata import Batches, batches, check_val
+from nbcompress.progress import Progress, in_notebook
 
 __all__ = ["FinetuneResult", "finetune"]
 
@@ -50,22 +51,18 @@ def pruner_sparsity(pruner: Any) -> float | None:
     return float(value) if isinstance(value, numbers.Real) else None
 
 
-def progress_bar(total: int | None, enabled: bool) -> Any:
-    """A tqdm bar (a widget under IPython, text elsewhere), or ``None`` when disabled."""
-    if not enabled:
-        return None
-    if "IPython" in sys.modules:  # tqdm.auto looks for a notebook frontend through IPython
-        from tqdm.auto import tqdm
-    else:
-        from tqdm import tqdm
-    return tqdm(total=total, desc="finetune", unit="step", leave=True)
+def progress_bar(total: int | None, enabled: bool) -> Progress | None:
+    """The run's progress (a live bar in a notebook, stdout lines elsewhere), or ``None``."""
+    return Progress(total, "finetune", "step") if enabled else None
 
 
-def in_kernel() -> bool:
-    """Whether this runs in a Jupyter kernel (rich output can be shown), IPython not imported."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
-    return getattr(shell, "kernel", None) is not None
+def postfix_text(shown: dict[str, str]) -> str:
+    """``{"loss": "0.1", "sparsity": "50.0%"}`` → ``"loss=0.1, sparsity=50.0%"``."""
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+#: Whether this runs in a Jupyter kernel (kept here: ``%finetune`` imports it from this module).
+in_kernel = in_notebook
 
 
 def _callbacks(callback: Any, plot: bool | None) -> list[Callable[[FinetuneResult], None]]:
@@ -89,7 +86,7 @@ class _Run:
         # Running statistics of the last finished step: a step cut short (an error, Ctrl-C
         # in the forward) must not leave its batch in BatchNorm's statistics.
         self.saved = [b.detach().clone() for b in self.buffers]
-        self.bar: Any = None
+        self.bar: Progress | None = None
         # Without a pruner the bar shows the measured sparsity (at the start, each epoch).
         self.measured: float | None = None
         self.guard = StepGuard()
@@ -148,8 +145,7 @@ class _Run:
         sparsity = pruner_sparsity(self.pruner) if self.pruner is not None else None
         self.result.curve.append((self.result.steps, mean, sparsity))
         if self.bar is not None:
-            self.bar.set_postfix(self.postfix(mean, metric, sparsity), refresh=False)
-            self.bar.update(steps)
+            self.bar.update(steps, note=postfix_text(self.postfix(mean, metric, sparsity)))
         self.shown, self.last = len(self.losses), time.perf_counter()
         for callback in self.callbacks:
             callback(self.result)
@@ -286,7 +282,8 @@ def finetune(
         lr: Learning rate of the default optimizer.
         batch_size: Rows per batch of ``(x, y)`` tensors.
         seed: Seed of the shuffling of ``(x, y)`` tensors.
-        progress: Show a ``tqdm`` bar (a widget in Jupyter) with loss, sparsity, metric, ETA;
+        progress: Show progress with loss, sparsity, metric and ETA (a live bar in Jupyter,
+            a line every few seconds on stdout elsewhere, then the total time);
             the sparsity is the pruner's (→ its target), without one the measured fraction
             of zero weights at the start and after each epoch.
         finish: Call ``pruner.finish()`` once all epochs ran (not after Ctrl-C): only when
@@ -339,11 +336,12 @@ def _train(
     except KeyboardInterrupt:
         run.restore_buffers()
         result.interrupted = True
+        # What the user asked for (Ctrl-C), so normal output: the last progress line.
         print(
             f"Interrupted: the model is as after optimizer step {result.steps} "
             f"({len(result.loss)} of {result.epochs} epochs finished); the history so far is "
             "returned.",
-            file=sys.stderr,
+            flush=True,
         )
     except BaseException:
         run.restore_buffers()
@@ -375,6 +373,6 @@ def _epochs(
         if run.bar is not None:
             run.measured = result.sparsity[-1]
             sparsity = pruner_sparsity(run.pruner) if run.pruner is not None else None
-            run.bar.set_postfix(run.postfix(mean, metric, sparsity))
+            run.bar.note = postfix_text(run.postfix(mean, metric, sparsity))
         for callback in run.callbacks:
             callback(result)

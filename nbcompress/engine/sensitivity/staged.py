@@ -32,7 +32,6 @@ from nbcompress.engine.sensitivity.evaluate import (
     call_evaluate,
     fmt_value,
     layer_sparsity,
-    progress_line,
 )
 from nbcompress.engine.sensitivity.refine import Refinement, check_budget
 from nbcompress.engine.sensitivity.refine import refine as refine_allocation
@@ -41,6 +40,7 @@ from nbcompress.engine.sensitivity.result import SensitivityResult
 from nbcompress.engine.sensitivity.stagereport import StagedReport
 from nbcompress.engine.sensitivity.suggestion import Suggestion, apply_suggestion_
 from nbcompress.engine.sensitivity.sweep import sensitivity
+from nbcompress.progress import Progress
 
 __all__ = ["DEFAULT_RATIOS", "StagedReport", "prune_to_", "stage_targets"]
 
@@ -170,7 +170,9 @@ def prune_to_(
         metric: Name of the metric.
         refine: Evaluations for a measured refinement after the stages (e.g. 100);
             ``None``: apply the last stage's suggestion as it is.
-        progress: Print one line per stage to stderr.
+        progress: Show where the run stands after each stage (stages done, elapsed, ETA,
+            the stage's sparsity and metric): a live bar in a notebook, a line on stdout
+            elsewhere (:class:`~nbcompress.progress.Progress`).
         method: ``"l1"`` or ``"wanda"``: how the sweeps score and the stages prune (Wanda
             needs ``example_inputs`` as calibration inputs, see :func:`~nbcompress.prune_`).
         reconstruct: Re-fit the kept weights by least squares whenever a stage prunes.
@@ -204,13 +206,16 @@ def prune_to_(
         # Passed only when asked for: the sweep forwards them to each layer's trial.
         **{k: v for k, v in pruning.items() if k != "example_inputs"},
     )  # fmt: skip
-    run = _Staged(model, measure, sweep_options, objective, progress, time.perf_counter())
+    total = len(targets) + (refine is not None)
+    bar = Progress(total, "prune_to_", "stage", enabled=bool(progress), every=0)
+    run = _Staged(model, measure, sweep_options, objective, bar, time.perf_counter())
     run.pruning = pruning
     detail = f"staged sensitivity pruning to sparsity {fmt_pct(targets[-1])}"
     with (
         resolve_executor(executor, workers) as sweep_options["executor"],  # one for all stages
         keep_latest(model),
         transaction(model, "prune", detail) as tx,
+        bar,
     ):
         if refine is None:
             run.stages(targets)
@@ -236,7 +241,7 @@ class _Staged:
     evaluate: Any
     options: dict[str, Any]
     objective: str
-    progress: bool
+    progress: Progress
     start: float
     # The first sweep (its baseline and one-shot suggestion), then the latest stage.
     baseline: float | None = None
@@ -281,12 +286,10 @@ class _Staged:
             "stage": f"refined (from {found.start})", "target": targets[-1],
             "sparsity": found.sparsity, "predicted": found.predicted, "measured": found.measured,
         })  # fmt: skip
-        if self.progress:
-            progress_line(
-                f"prune_to_ [refined, {time.perf_counter() - self.start:.1f} s] from "
-                f"{found.start}: {found.evaluations} evaluations, measured "
-                + fmt_value(found.measured)
-            )
+        self.progress.update(
+            note=f"refined from {found.start}: {found.evaluations} evaluations, measured "
+            + fmt_value(found.measured)
+        )
 
     def stage(self, k: int, n: int, target: float) -> None:
         """Sweep the model as it is, suggest for ``target`` and apply; skip if already there."""
@@ -299,6 +302,7 @@ class _Staged:
             self.baseline, self.first = res.baseline, res
         self.result = res
         if res.sparsity_of({}) >= target - 1e-9:
+            self.progress.update(note=f"stage {k}/{n}: already at sparsity {target:.1%}")
             return  # already that sparse (e.g. pruned before): nothing to do in this stage
         try:
             suggestion = res.suggest(target, objective=self.objective, check=False)
@@ -311,12 +315,10 @@ class _Staged:
             "stage": k, "target": target, "sparsity": suggestion.sparsity,
             "predicted": suggestion.predicted, "measured": measured,
         })  # fmt: skip
-        if self.progress:
-            progress_line(
-                f"prune_to_ [stage {k}/{n}, {time.perf_counter() - self.start:.1f} s] sparsity "
-                f"{suggestion.sparsity:.1%}: predicted {suggestion.predicted:.4g}, measured "
-                + fmt_value(measured)
-            )
+        self.progress.update(
+            note=f"stage {k}/{n}: sparsity {suggestion.sparsity:.1%}, predicted "
+            f"{suggestion.predicted:.4g}, measured " + fmt_value(measured)
+        )
 
     def _apply(self, suggestion: Suggestion) -> float | None:
         """Apply a stage's suggestion (L1 as suggested, or with this run's method); measure."""

@@ -99,6 +99,8 @@ class LayerResult:
         candidates: Path → built sparse module.
         sure: Path → 25th percentile of its per-round speed-up over dense.
         race: The race of the paths (dense the incumbent), or ``None`` if not timed.
+        allowed: The sparse paths the choice could take (sparse int8 only when allowed).
+        dropped: Chosen here, then left dense because the whole model was not faster.
     """
 
     name: str
@@ -114,6 +116,8 @@ class LayerResult:
     candidates: dict[str, nn.Module] = field(default_factory=dict)
     sure: dict[str, float] = field(default_factory=dict)
     race: Race | None = None
+    allowed: tuple[str, ...] = ()
+    dropped: bool = False
 
     @property
     def replacement(self) -> nn.Module | None:

@@ -189,6 +189,7 @@ def _candidates(
 
 def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
     allowed = [f for f in res.candidates if f != "csr_int8" or opts.allow_int8]
+    res.allowed = tuple(allowed)
     ok = [f for f in allowed if res.errors[f] <= res.tolerances[f]]
     if not ok:
         res.reason = "sparse output outside tolerance; kept dense"
@@ -247,6 +248,8 @@ def analyse(
     model: nn.Module,
     example_inputs: Any,
     options: SparsifyOptions | None = None,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
     **overrides: Any,
 ) -> Analysis:
     """Measure every eligible layer dense vs sparse and decide; the model is not changed.
@@ -258,6 +261,9 @@ def analyse(
         model: The (pruned) model.
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
         options: What to consider and how to decide (default :class:`SparsifyOptions`).
+        progress: Called as ``progress(done, total, name)`` after each of the ``total``
+            selected layers is measured, then once more (``done == total``) as the
+            end-to-end race of the whole model starts.
         **overrides: Fields of :class:`SparsifyOptions` to change, e.g. ``repeats=5``.
 
     Returns:
@@ -280,7 +286,9 @@ def analyse(
                 + "; ".join(f"{n}: {r}" for n, r in list(reasons.items())[:3])
                 + "."
             )
-        analysis = _measure(model, inputs, selected, reasons, opts)
+        step = progress or (lambda done, total, name: None)
+        analysis = _measure(model, inputs, selected, reasons, opts, step)
+        step(len(selected), len(selected), "timing the whole model")
         _end_to_end(model, inputs, analysis, opts.repeats)
     _final_verdict(analysis, opts.min_gain)
     return analysis
@@ -292,6 +300,7 @@ def _measure(
     selected: dict[str, nn.Module],
     reasons: dict[str, str | None],
     opts: SparsifyOptions,
+    step: Callable[[int, int, str], None],
 ) -> Analysis:
     """Each selected layer measured on its real input (or listed with why it stays dense)."""
     eligible = {n: m for n, m in selected.items() if reasons[n] is None}
@@ -307,6 +316,7 @@ def _measure(
         else:
             results.append(_measure_layer(name, module, call, opts, seen))
             release_freed_memory()  # this layer's freed candidates: not the next one's peak
+        step(len(results), len(selected), name)
     groups, total = uncovered(model, selected)
     return Analysis(results, warnings=seen, uncovered=groups, total_params=total)
 
@@ -322,10 +332,13 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
         for r in analysis.layers:
             if r.chosen != "dense":
                 r.reason += f"; dropped: whole model {why if faster else 'not faster'} end to end"
-                r.chosen = "dense"
+                r.chosen, r.dropped = "dense", True
         analysis.verdict = f"not faster end to end ({why}); model left dense"
         return
-    analysis.verdict = f"{len(analysis.chosen)} layer(s) sparse: {gain:.2f}× end to end"
+    n = len(analysis.chosen)
+    analysis.verdict = (
+        f"{n} layer{'s' if n > 1 else ''} on sparse kernels: {gain:.2f}× faster end to end"
+    )
 
 
 def _install(tx: Transaction, name: str, module: nn.Module) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,37 +11,35 @@ from torch import nn
 
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct, fmt_ratio, fmt_time
 from nbcompress.engine.core.summary import removal_note
-from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult
+from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult, SparsifyOptions
 from nbcompress.engine.speedup.coverage import describe
+from nbcompress.engine.speedup.explain import PATHS as _PATHS
+from nbcompress.engine.speedup.explain import choice, passed_over
 from nbcompress.engine.speedup.sparsify import analyse, install_
 from nbcompress.kernels.threads import get_threads
+from nbcompress.progress import Progress
 from nbcompress.timing import Timing
 
 __all__ = ["SpeedupReport", "speedup"]
 
-_PATHS = {
-    "dense": "dense fp32",
-    "csr": "sparse fp32",
-    "csr_int8": "sparse int8",
-    "bsr": "block-sparse",
-    "torch_int8": "torch int8",
-}
+#: Backend warnings arrive cut to this many characters (first line only).
+_WARNING_CUT = 160
 
 
 def _sci(value: float | None) -> str:
     return "—" if value is None else f"{value:.1e}"
 
 
+# Shown columns (rows keep every figure): the chosen cell already carries the gain over
+# dense, and the output error sits with its tolerance, so the table stays narrow.
 _COLUMNS = {
     "layer": None,
     "input": None,
     "sparsity": fmt_pct,
     **{label: fmt_time for label in _PATHS.values()},
     "chosen": None,
-    "speedup": fmt_ratio,
     "break-even (est.)": fmt_pct,
-    "max |Δ|": _sci,
-    "tolerance": _sci,
+    "max |Δ| (tol.)": None,
 }
 
 
@@ -90,14 +90,25 @@ class SpeedupReport(TableReport):
             f"end to end: dense {self.dense}  →  compressed {self.compressed}  "
             f"({fmt_ratio(self.speedup)})",
             f"output check: max |Δ| {self.max_abs_diff:.2e} {check} tolerance {self.tolerance:.2e}",
-            f"{'applied' if self.applied else 'not applied'}: {self.verdict}",
+            self.outcome,
         ]
         return lines + self.notes
 
+    @property
+    def outcome(self) -> str:
+        """One sentence: what was installed, or what ``apply=True`` would install."""
+        if self.applied:
+            return f"Applied: {self.verdict}."
+        if any(r["path"] != "dense fp32" for r in self.rows):
+            return f"Not applied (--apply / apply=True installs it): {self.verdict}."
+        return self.verdict[:1].upper() + self.verdict[1:] + "."
+
     def _table(self) -> Table:
-        chosen = [i for i, r in enumerate(self.rows) if r["chosen"] != "dense"]  # bold in HTML
+        chosen = [i for i, r in enumerate(self.rows) if r["path"] != "dense fp32"]  # bold
         title = "Speedup (measured on this machine)"
-        return Table(self.rows, _COLUMNS, title, self._summary(), chosen)
+        timed = set(self.paths)  # a path timed on no layer gets no column of dashes
+        columns = {k: f for k, f in _COLUMNS.items() if k not in _PATHS.values() or k in timed}
+        return Table(self.rows, columns, title, self._summary(), chosen)
 
     def plot(self, ax: Any = None) -> Any:
         """Bar chart of per-layer time for each path (log scale); returns the figure.
@@ -110,11 +121,12 @@ class SpeedupReport(TableReport):
         return speedup_figure(self, ax=ax)
 
 
-def _row(result: LayerResult) -> dict[str, Any]:
+def _row(result: LayerResult, min_gain: float) -> dict[str, Any]:
     times = result.times
     chosen = result.chosen
     row: dict[str, Any] = {
         "layer": result.name,
+        "type": type(result.module).__name__,
         "input": "×".join(str(s) for s in result.input_shape) or "—",
         "sparsity": result.sparsity,
     }
@@ -122,17 +134,28 @@ def _row(result: LayerResult) -> dict[str, Any]:
         row[label] = times[key].median if key in times else None
     dense = times.get("dense")
     best = times.get(chosen)
-    row["chosen"] = _PATHS.get(chosen, chosen)
+    row["path"] = _PATHS.get(chosen, chosen)
+    row["chosen"] = choice(result, min_gain)
     row["speedup"] = dense.median / best.median if dense and best else None
     row["break-even (est.)"] = result.break_even
     shown = chosen if chosen != "dense" else "csr"
     row["max |Δ|"] = result.errors.get(shown)
     row["tolerance"] = result.tolerances.get(shown)
+    row["max |Δ| (tol.)"] = (
+        "—" if row["max |Δ|"] is None else f"{_sci(row['max |Δ|'])} ({_sci(row['tolerance'])})"
+    )
     row["why"] = result.reason
     return row
 
 
-def _report(analysis: Analysis, applied: bool) -> SpeedupReport:
+def _whole(message: str) -> str:
+    """A backend warning as a note: whole, or cut at a word boundary with an ellipsis."""
+    if len(message) < _WARNING_CUT:
+        return message
+    return message.rsplit(" ", 1)[0].rstrip(",;:") + " …"
+
+
+def _report(analysis: Analysis, applied: bool, min_gain: float) -> SpeedupReport:
     notes = [
         f"threads: {get_threads()}; times are medians of interleaved samples; break-even "
         "is estimated from the measured time assuming cost linear in nonzeros",
@@ -149,10 +172,12 @@ def _report(analysis: Analysis, applied: bool) -> SpeedupReport:
     missing = describe(analysis.uncovered, analysis.total_params)
     if missing:
         notes.append(missing)
+    notes += passed_over(analysis.layers)
     for message, count in analysis.warnings.items():
-        notes.append(f"torch int8 backend warned {count}× (shown once): {message}")
+        times = f" {count} times (shown once)" if count > 1 else ""
+        notes.append(f"torch int8 backend warned{times}: {_whole(message)}")
     return SpeedupReport(
-        rows=[_row(r) for r in analysis.layers],
+        rows=[_row(r, min_gain) for r in analysis.layers],
         dense=analysis.dense,
         compressed=analysis.compressed,
         max_abs_diff=analysis.max_abs_diff,
@@ -164,7 +189,12 @@ def _report(analysis: Analysis, applied: bool) -> SpeedupReport:
 
 
 def speedup(
-    model: nn.Module, example_inputs: Any, *, apply: bool = False, **options: Any
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    apply: bool = False,
+    progress: bool | Callable[[int, int, str], None] | None = None,
+    **options: Any,
 ) -> SpeedupReport:
     """Measure dense fp32, sparse fp32, sparse int8 and torch int8 per layer, and end to end.
 
@@ -173,6 +203,10 @@ def speedup(
             eval mode; training flags, parameters and buffers are left as they were).
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
         apply: Install the choice in the model, as ``sparsify_`` does (undoable).
+        progress: Layers timed so far, elapsed and ETA (:class:`~nbcompress.progress.Progress`:
+            a live bar in a notebook, stdout lines elsewhere). ``None`` (default) shows it
+            once the run has taken 2 s, ``True`` from the start, ``False`` never; a
+            callable gets ``(done, total, layer)`` after each layer instead.
         **options: Fields of :class:`~nbcompress.engine.speedup.analysis.SparsifyOptions`:
             ``layers`` (glob pattern(s) on layer names; default every Linear/Conv layer),
             ``types``, ``allow_int8`` (let the choice use sparse int8, which changes
@@ -182,15 +216,34 @@ def speedup(
     Returns:
         The report (``print`` it, or display it in a notebook; ``.plot()`` draws bars).
     """
-    analysis = analyse(model, example_inputs, **options)
+    with _reporter(progress) as step:
+        analysis = analyse(model, example_inputs, progress=step, **options)
     if apply:
         install_(model, analysis)
-    report = _report(analysis, applied=apply and bool(analysis.chosen))
+    min_gain = options.get("min_gain", SparsifyOptions.min_gain)
+    report = _report(analysis, apply and bool(analysis.chosen), min_gain)
     removed = removal_note(model)
     if removed:
         # Removed channels are gone, not zeros: no sparse kernel claims them.
         report.notes.insert(0, f"{removed} {_REMOVED_TIMES}")
     return report
+
+
+@contextlib.contextmanager
+def _reporter(
+    progress: bool | Callable[[int, int, str], None] | None,
+) -> Iterator[Callable[[int, int, str], None] | None]:
+    """The per-layer callback of ``analyse``: the caller's own, or a :class:`Progress`."""
+    if callable(progress) or progress is False:
+        yield progress or None
+        return
+    with Progress(None, "speedup", "layer", delay=0 if progress else 2.0) as bar:
+
+        def step(done: int, total: int, name: str) -> None:
+            bar.total = total
+            bar.update(done - bar.done, note=name if done == total else f"timed {name}")
+
+        yield step
 
 
 _REMOVED_TIMES = (

@@ -45,6 +45,7 @@ class SpeedupMagics(ModelMagics):
         end-to-end dense vs compressed time with its spread, and checks the compressed
         output against the dense one within a stated tolerance. ``--apply`` installs the
         faster sparse layers (as ``nbcompress.sparsify_``); ``%undo model`` reverts it.
+        While it runs, a progress bar shows the layers timed so far and the ETA.
         Returns the report (``r = %speedup model --input x``; ``r.plot()`` draws bars).
         """
         args = parse_argstring(self.speedup, line)
@@ -64,6 +65,9 @@ class SpeedupMagics(ModelMagics):
                     apply=args.apply,
                     allow_int8=args.int8,
                     repeats=args.repeats,
+                    # Layers timed so far and the ETA from the start: a live bar in
+                    # a notebook (a first compile of the sparse kernels takes seconds).
+                    progress=True,
                 )
         except UsageError as err:
             note = "%speedup times float Linear/Conv layers against sparse kernels"

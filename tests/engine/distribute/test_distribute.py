@@ -100,7 +100,7 @@ def test_a_dead_worker_is_reported_and_its_item_retried_once(tmp_path, capsys) -
         with executor as ex, Dispatch(ex, str(folder)) as dispatch:
             assert _results(dispatch, h.die_once, range(6)) == [0, 10, 20, 30, 40, 50]
         assert (folder / "died").exists()
-        assert "evaluate: a worker died during item 2; retrying it once" in capsys.readouterr().err
+        assert "evaluate: a worker died during item 2; retrying it once" in capsys.readouterr().out
 
 
 def test_a_second_death_of_the_same_item_is_an_error_naming_it(tmp_path) -> None:

@@ -108,4 +108,4 @@ def test_a_dead_worker_is_reported_and_its_item_retried_once(dask_executor, tmp_
     with Dispatch(dask_executor, str(tmp_path)) as dispatch:
         assert _results(dispatch, h.die_once, range(6)) == [0, 10, 20, 30, 40, 50]
     assert (tmp_path / "died").exists()
-    assert "evaluate: a worker died during item 2; retrying it once" in capsys.readouterr().err
+    assert "evaluate: a worker died during item 2; retrying it once" in capsys.readouterr().out

@@ -161,9 +161,9 @@ def test_ctrl_c_keeps_the_last_finished_step_and_returns_the_history(capsys):
     result = finetune(model, (xs, ys), 10, pruner=Interrupting(), batch_size=8, progress=False)
     assert result.interrupted and result.steps == 5 and result.loss == []
     assert_same_state(model, states[-1])  # BatchNorm statistics of the cut step put back
-    err = capsys.readouterr().err
-    assert "Interrupted: the model is as after optimizer step 5 (0 of 10 epochs" in err
-    assert len(err.strip().splitlines()) == 1
+    out = capsys.readouterr()
+    assert "Interrupted: the model is as after optimizer step 5 (0 of 10 epochs" in out.out
+    assert len(out.out.strip().splitlines()) == 1 and out.err == ""
 
 
 def test_ctrl_c_during_the_optimizer_step_is_deferred_until_it_finished():
@@ -224,8 +224,11 @@ def test_progress_bar_shows_loss_and_sparsity(capsys):
     x, y = _data()
     model = mlp()
     finetune(model, (x, y), 1, pruner=FakePruner(model), batch_size=16)
-    err = capsys.readouterr().err
-    assert "finetune" in err and "16/16" in err and "loss=" in err and "sparsity=50.0%→50%" in err
+    out = capsys.readouterr()
+    last = out.out.strip().splitlines()[-1]  # the final line: steps, total time, figures
+    assert last.startswith("finetune: 16 steps in ") and "(done)" in last
+    assert "loss=" in last and "sparsity=50.0%→50%" in last
+    assert out.err == ""  # progress is normal output, never the stderr (error) box
 
 
 def test_result_prints_a_table_and_plots():
@@ -346,19 +349,19 @@ def test_a_metric_may_return_a_one_element_tensor():
     assert result.metric == [0.25]
 
 
-def _last_postfix(err):
-    return err.replace("\n", "\r").rstrip("\r").split("\r")[-1]
+def _last_postfix(out):
+    return out.strip().splitlines()[-1]
 
 
 def test_progress_bar_keeps_loss_sparsity_and_metric_after_each_epoch(capsys):
     x, y = _data()
     model = mlp()
     finetune(model, (x, y), 2, pruner=FakePruner(model), val=(x, y), batch_size=16)
-    last = _last_postfix(capsys.readouterr().err)
-    assert "32/32" in last and "loss=" in last and "accuracy=" in last
+    last = _last_postfix(capsys.readouterr().out)
+    assert "32 steps in" in last and "loss=" in last and "accuracy=" in last
     assert "sparsity=50.0%→50%" in last
     finetune(mlp(), (x, y), 1, val=(x, y), batch_size=16)  # no pruner: the measured sparsity
-    last = _last_postfix(capsys.readouterr().err)
+    last = _last_postfix(capsys.readouterr().out)
     assert "loss=" in last and "sparsity=0.0%" in last and "accuracy=" in last
 
 
@@ -385,7 +388,7 @@ def test_a_pruner_error_leaves_the_optimizer_step_counted_with_its_statistics(er
     if error is KeyboardInterrupt:
         result = finetune(model, (xs, ys), 1, optimizer=optimizer, pruner=Failing(), batch_size=8)
         assert result.interrupted and result.steps == 2
-        assert "as after optimizer step 2" in capsys.readouterr().err
+        assert "as after optimizer step 2" in capsys.readouterr().out
     else:
         with pytest.raises(RuntimeError, match="^pruner broke$"):
             finetune(model, (xs, ys), 1, optimizer=optimizer, pruner=Failing(), batch_size=8)

@@ -172,4 +172,4 @@ def test_a_worker_that_dies_is_named_by_its_trial_and_retried_once(tmp_path, cap
         result = search(model, dies_once, executor=executor, **kw)
     _same(result, search(model, fidelity, **kw))
     assert marker.exists()
-    assert "evaluate: a worker died during trial " in capsys.readouterr().err
+    assert "evaluate: a worker died during trial " in capsys.readouterr().out

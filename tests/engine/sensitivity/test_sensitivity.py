@@ -212,7 +212,7 @@ def test_max_layers_keeps_the_largest(lenet, evaluate):
     assert any("max_layers=2" in n for n in result.notes)
 
 
-def test_callback_sees_each_evaluation_and_progress_goes_to_stderr(lenet, evaluate, capsys):
+def test_callback_sees_each_evaluation_and_progress_goes_to_stdout(lenet, evaluate, capsys):
     seen = []
     nc.sensitivity(
         lenet,
@@ -223,8 +223,9 @@ def test_callback_sees_each_evaluation_and_progress_goes_to_stderr(lenet, evalua
     )
     assert seen == [("fc1", 0.5, 2), ("fc1", 0.9, 3), ("fc2", 0.5, 4), ("fc2", 0.9, 5),
                     ("fc3", 0.5, 6), ("fc3", 0.9, 7)]  # fmt: skip
-    err = capsys.readouterr().err
-    assert "sensitivity [6/6" in err and "fc3" in err
+    out = capsys.readouterr()
+    assert "sensitivity [6/6" in out.out and "fc3" in out.out
+    assert out.err == ""  # progress is normal output, not the stderr (error) box
 
 
 @pytest.mark.parametrize(

@@ -154,7 +154,7 @@ def test_progress_says_evaluations_elapsed_and_eta(capsys):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     nc.sensitivity(model, example_inputs=torch.randn(6, 4), ratios=[0.2, 0.5], include_output=True)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2  # one per layer
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2  # one per layer, on stdout
     assert lines[0].startswith("sensitivity [2/4 evaluations, ") and "ETA " in lines[0]
     assert "ETA 0 s" in lines[1]

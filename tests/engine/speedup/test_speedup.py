@@ -97,7 +97,8 @@ def test_dense_layers_are_never_proposed_even_if_timing_says_so(monkeypatch):
     _fake_timer(monkeypatch, FAST)
     model, x = nn.Sequential(nn.Linear(32, 16)), torch.randn(4, 32)
     report = nc.speedup(model, x)
-    assert report.rows[0]["chosen"] == "dense fp32"
+    assert report.rows[0]["path"] == "dense fp32"
+    assert report.rows[0]["chosen"] == "dense: only 0% zeros"  # the table says why
     assert "moves more bytes than dense" in report.rows[0]["why"]
 
 
@@ -107,7 +108,9 @@ def test_a_noisy_win_is_not_a_win(monkeypatch):
     _fake_timer(monkeypatch, lambda name, i: 1.0 if name == "dense" else rounds[i % 5])
     report = nc.speedup(_pruned_mlp(), torch.randn(4, 32), repeats=5)
     assert report.rows[0]["sparse fp32"] == pytest.approx(0.4)
-    assert all(r["chosen"] == "dense fp32" for r in report.rows)
+    assert all(r["path"] == "dense fp32" for r in report.rows)
+    assert report.rows[0]["chosen"].startswith("dense: sparse ")
+    assert report.rows[0]["chosen"].endswith("×, not in 3 of 4 rounds")
 
 
 def test_not_faster_end_to_end_keeps_dense(monkeypatch):
@@ -117,7 +120,8 @@ def test_not_faster_end_to_end_keeps_dense(monkeypatch):
         report = nc.speedup(model, x, apply=True)
     assert "not faster end to end" in report.verdict and not report.applied
     assert all(type(m) is not SparseLinear for m in model)
-    assert all(r["chosen"] == "dense fp32" for r in report.rows)
+    assert all(r["path"] == "dense fp32" for r in report.rows)
+    assert report.rows[0]["chosen"] == "dense: model not faster end to end"
 
 
 def test_failure_while_installing_rolls_back(monkeypatch):
