@@ -93,7 +93,7 @@ def test_stage_progress_goes_to_normal_output_in_a_notebook(notebook, capsys):
         "sensitivity", "model --eval agreement --target-sparsity 0.5 --stages 2 --apply"
     )
     captured = capsys.readouterr()
-    assert "prune_to_ [stage 2/2" in captured.out and captured.err == ""
+    assert "prune_to_: 1/2 stages" in captured.out and captured.err == ""
 
 
 def _staged(measured, predicted, refined):

@@ -27,6 +27,7 @@ from nbcompress.engine.search.samplers import (
 )
 from nbcompress.engine.search.space import MAX_RATIO, PARAMETERISATION, Space, front_seeds
 from nbcompress.engine.search.warm import warm_allocations
+from nbcompress.progress import Progress
 
 __all__ = ["OBJECTIVES", "search"]
 
@@ -196,7 +197,8 @@ def search(
             the suggestion of the model's latest sensitivity sweep (or of the
             ``SensitivityResult`` passed here); without one a population spread over
             sparsities. ``False``: the sampler alone.
-        progress: Show a progress bar (``tqdm``) with the best metric so far.
+        progress: Show progress (:class:`~nbcompress.progress.Progress`: a live bar in a
+            notebook, lines on stdout elsewhere) with the best metric so far.
         example_inputs: Calibration inputs for ``method="wanda"`` and ``reconstruct``
             (training batches, never the evaluation data), as in :func:`prune_`; the batch
             the ``latency`` objective is timed on.
@@ -339,11 +341,7 @@ def _enqueue_warm_start(study: Any, model: nn.Module, space: Space, target: floa
 def _run(runner: Runner, study: Any, n_trials: int, batch: int, progress: bool,
          callback: Callable[[SearchTrial, int, int], None] | None = None) -> bool:  # fmt: skip
     """Run ``n_trials`` trials, ``batch`` at a time; True if Ctrl-C stopped them."""
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_trials, desc="search")
+    bar = Progress(n_trials, "search", "trial", enabled=progress)
     done = 0
     try:
         while done < n_trials:
@@ -352,13 +350,10 @@ def _run(runner: Runner, study: Any, n_trials: int, batch: int, progress: bool,
                     done += 1
                     if callback is not None:
                         callback(finished, done, n_trials)
-                    if bar is not None:
-                        best = runner.best_metric()
-                        bar.set_postfix_str("" if best is None else f"best metric {best:.4g}")
-                        bar.update(1)
+                    best = runner.best_metric()
+                    bar.update(note="" if best is None else f"best metric {best:.4g}")
     except KeyboardInterrupt:
         return True
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return False

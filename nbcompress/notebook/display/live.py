@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import html
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -20,8 +19,12 @@ class LiveView:
     def __init__(self, total: int, *, min_interval: float = 0.5) -> None:
         from IPython.display import HTML, display
 
+        from nbcompress.progress import Progress
+
         self.total, self.min_interval, self._last = total, min_interval, 0.0
         self._html = HTML
+        # Rate and ETA as every other long step shows them; drawn here, above the plot.
+        self.progress = Progress(total, "sensitivity", "evaluation", enabled=False)
         self.handle = display(HTML("<i>sensitivity sweep starting…</i>"), display_id=True)
         self.updates = 0
 
@@ -40,13 +43,9 @@ class LiveView:
         """
         from nbcompress.notebook.display.figures import figure_html
 
-        done = result.evaluations - 1
-        bar = (
-            f"<progress value='{done}' max='{self.total}' style='width:30em'></progress> "
-            f"{done}/{self.total} evaluations, {result.seconds:.1f} s {html.escape(where)}"
-        )
+        self.progress.done, self.progress.note = result.evaluations - 1, where
         figure = figure_html(result.plot("auto"), alt="sensitivity plot") if plot else ""
-        self.handle.update(self._html(f"<div>{bar}</div>{figure}"))
+        self.handle.update(self._html(f"{self.progress.html()}{figure}"))
         self._last = time.monotonic()
         self.updates += 1
 
