@@ -7,8 +7,8 @@ collected over the whole call and said once, at the end, on stdout::
 
     nbcompress: compiling sparse kernels, once per install: 4.1 s (7 kernels)
 
-Entry points enter :data:`COMPILE_NOTICE` (``with COMPILE_NOTICE:``); nested entries
-only count, the outermost one prints. Collection is per Python thread, so a call in
+Entry points enter :data:`COMPILE_NOTICE` (``with COMPILE_NOTICE:``, or as a decorator);
+nested entries only count, the outermost one prints. Collection is per Python thread, so a call in
 one thread never reports another's compilations; a quiet session (the background
 warm-up) collects without printing. Loads from the disk cache that took less than
 :data:`THRESHOLD` in total print nothing.
@@ -16,6 +16,7 @@ warm-up) collects without printing. Loads from the disk cache that took less tha
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from threading import get_ident
@@ -68,8 +69,8 @@ _PENDING: dict[int, Compiled] = {}
 _QUIET: set[int] = set()
 
 
-class CompileNotice:
-    """Context manager collecting compile times; the outermost exit prints one line.
+class CompileNotice(contextlib.ContextDecorator):
+    """Context manager (or decorator) collecting compile times; the outermost exit prints one line.
 
     Reusable and re-entrant (its state is per Python thread, not per object), so one
     instance serves every call: entering costs well under a microsecond.

@@ -42,6 +42,7 @@ from nbcompress.engine.quantize.measure import check_batch, output_error
 from nbcompress.engine.quantize.modes import DEFAULT_TYPES, HANDLERS, Job
 from nbcompress.engine.quantize.report import QuantizeReport, serialized_size
 from nbcompress.engine.quantize.static import calibration_batches
+from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.timing import race
 
 __all__ = [
@@ -171,6 +172,7 @@ def _kept_float_note(model: nn.Module, selected: dict[str, nn.Module]) -> str | 
     return f"Not selected, kept float: {listing}."
 
 
+@COMPILE_NOTICE  # one line about kernel compilation for the whole call
 def quantize_(
     model: nn.Module,
     mode: str | QuantConfig = "dynamic",

@@ -35,6 +35,7 @@ from nbcompress.engine.core.validation import (
 from nbcompress.engine.prune.masks import BLOCK
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
+from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.timing import Race, measure, race
 
 __all__ = ["analyse", "clear_win", "install_", "sparsify_"]
@@ -371,6 +372,7 @@ def install_(model: nn.Module, analysis: Analysis) -> nn.Module:
     return model
 
 
+@COMPILE_NOTICE  # one line about kernel compilation for the whole call
 def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Module:
     """Run each eligible layer on the sparse kernels where that measured faster, in place.
 

@@ -16,6 +16,7 @@ from nbcompress.engine.speedup.coverage import describe
 from nbcompress.engine.speedup.explain import PATHS as _PATHS
 from nbcompress.engine.speedup.explain import choice, passed_over
 from nbcompress.engine.speedup.sparsify import analyse, install_
+from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.kernels.threads import get_threads
 from nbcompress.progress import Progress
 from nbcompress.timing import Timing
@@ -188,6 +189,7 @@ def _report(analysis: Analysis, applied: bool, min_gain: float) -> SpeedupReport
     )
 
 
+@COMPILE_NOTICE  # one line about kernel compilation for the whole call
 def speedup(
     model: nn.Module,
     example_inputs: Any,
