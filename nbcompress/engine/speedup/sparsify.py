@@ -358,7 +358,8 @@ def install_(model: nn.Module, analysis: Analysis) -> nn.Module:
     """
     chosen = analysis.chosen
     if not chosen:
-        warnings.warn(f"sparsify_: {analysis.verdict}.", stacklevel=3)
+        # Points at the user's line: install_ ← sparsify_/speedup ← their notice decorator.
+        warnings.warn(f"sparsify_: {analysis.verdict}.", stacklevel=4)
         return model
     detail = f"{len(chosen)} layer(s) on sparse kernels ({analysis.verdict.split(': ')[-1]})"
     with transaction(model, "sparsify", detail) as tx:
