@@ -649,7 +649,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tune-repeats", type=int, help="repeats of nbcompress's own choices (5)")
     ap.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
                     help="torch.onnx exporter tried first (the other is the fallback)")  # fmt: skip
-    ap.add_argument("--quick", action="store_true", help="smoke run: ffn90 only, batch 1 and 8, 5 rounds")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: ffn90 only, batch 1 and 8, 5 rounds"
+    )
     ap.add_argument("--markdown", action="store_true", help="print tables for RESULTS.md")
     args = ap.parse_args(argv)
     quick = args.quick
