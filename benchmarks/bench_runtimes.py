@@ -74,7 +74,8 @@ RUNTIME_HELP = {
     "torch int8": "torch.ao.quantization.quantize_dynamic on every nn.Linear",
     "ORT fp32": "ONNX Runtime, the model exported by torch.onnx.export",
     "ORT int8": "onnxruntime.quantization.quantize_dynamic of that export (QInt8 weights)",
-    "nbc int8": 'nbcompress quantize_(m, "dynamic") — dense int8',
+    "nbc int8": 'nbcompress quantize_(m, "dynamic") — int8, backend measured per layer '
+    "(dense int8, or CSR int8 on pruned layers where it wins)",
     "nbc sparse": "nbcompress sparsify_(m, x) — sparse fp32 where measured faster",
     "nbc speedup int8": "nbcompress speedup(m, x, apply=True, allow_int8=True)",
 }
