@@ -60,8 +60,12 @@ warnings.filterwarnings("ignore")
 logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs a hint per call
 
 BASE = "torch fp32"
+CONTROL = "torch fp32 again"
+#: A control whose median ratio is further than this factor from 1 marks its row as noisy.
+NOISE = 1.15
 RUNTIMES = (
     BASE,
+    CONTROL,
     "torch int8",
     "ORT fp32",
     "ORT int8",
@@ -71,6 +75,8 @@ RUNTIMES = (
 )
 RUNTIME_HELP = {
     BASE: "torch eager, dense fp32 (the reference of every ratio and error)",
+    CONTROL: "the same fp32 model as a second candidate of the race: its distance from "
+    "1.00× is the row's noise floor",
     "torch int8": "torch.ao.quantization.quantize_dynamic on every nn.Linear",
     "ORT fp32": "ONNX Runtime, the model exported by torch.onnx.export",
     "ORT int8": "onnxruntime.quantization.quantize_dynamic of that export (QInt8 weights)",
@@ -163,6 +169,8 @@ def format_cell(cell: Cell | None, *, base: bool = False) -> str:
         return "—"
     if cell.failed:
         return f"failed: {_escape(cell.note)[:120]}"
+    if cell.note == CONTROL:
+        return f"{cell.ratio:.2f}× ({cell.p10:.2f}–{cell.p90:.2f})"
     if base:
         low, high = (format_seconds(t) for t in cell.spread)
         return f"{format_seconds(cell.seconds)} ({low}–{high})"
@@ -490,8 +498,8 @@ class Model:
 def build(m: Model, runtime: str, x: tuple, threads: int, args: argparse.Namespace) -> Built:
     """The ``runtime`` variant of ``m`` for input ``x`` at ``threads`` (timed)."""
     start = time.perf_counter()
-    if runtime == BASE:
-        built = Built(_call(m.module, x), serialized_size(m.module))
+    if runtime in (BASE, CONTROL):
+        built = Built(_call(m.module, x), serialized_size(m.module), runtime)
     elif runtime == "torch int8":
         built = torch_int8(m.module, x, args)
     elif runtime.startswith("ORT"):
@@ -526,7 +534,8 @@ def measure_row(m: Model, threads: int, batch: int, args: argparse.Namespace) ->
             row.cells[runtime] = _failure(error)
             continue
         runs[runtime], notes[runtime] = built.run, built.note
-        args.sizes.setdefault(m.name, {}).setdefault(runtime, set()).add(built.size)
+        if runtime != CONTROL:
+            args.sizes.setdefault(m.name, {}).setdefault(runtime, set()).add(built.size)
         if built.seconds > 0.5:
             times.append(f"{runtime} {built.seconds:.1f} s")
     if BASE not in runs:
@@ -553,8 +562,13 @@ def _find(rows: Sequence[Row], model: str, threads: int, batch: int, runtime: st
     return None
 
 
-def _mark(ok: bool) -> str:
-    return "met" if ok else "**NOT met**"
+def _mark(ok: bool, rows: Sequence[Row], model: str, threads: int, batch: int) -> str:
+    """ "met" / "NOT met", flagged when the row's control says its timings are noise."""
+    control = _find(rows, model, threads, batch, CONTROL)
+    noisy = control is not None and not 1 / NOISE <= control.ratio <= NOISE
+    return ("met" if ok else "**NOT met**") + (
+        f" (noisy row: fp32 against itself {control.ratio:.2f}×)" if noisy else ""
+    )
 
 
 #: Today's max relative output error of ``quantize_`` dense int8 on the FFN stack (issue 17),
@@ -570,9 +584,10 @@ def _dense_int8(rows: Sequence[Row], t: int, batch: int) -> list[str]:
             accurate = (
                 ours.error <= FFN_INT8_ERROR if model == "ffn" else ours.cosine >= MINILM_COSINE
             )
+            mark = _mark(ours.ratio >= ort.ratio and accurate, rows, model, t, batch)
             out.append(
-                f"- {_mark(ours.ratio >= ort.ratio and accurate)}: {model}, {t} thread(s), batch "
-                f"{batch}: nbc int8 {ours.ratio:.2f}× (err {ours.error:.1e}, cos "
+                f"- {mark}: {model}, {t} thread(s), batch {batch}: nbc int8 {ours.ratio:.2f}× "
+                f"(err {ours.error:.1e}, cos "
                 f"{ours.cosine:.4f}) vs ORT int8 {ort.ratio:.2f}× (err {ort.error:.1e}, "
                 f"cos {ort.cosine:.4f}) — target ≥ ORT int8, err ≤ {FFN_INT8_ERROR} (FFN) / "
                 f"cos ≥ {MINILM_COSINE} (MiniLM)"
@@ -587,7 +602,8 @@ def _prune_int8(rows: Sequence[Row], t: int, batch: int) -> list[str]:
         if ours and ort:
             got = ours.ratio / ort.ratio
             out.append(
-                f"- {_mark(got >= need)}: {model}, {t} thread(s), batch {batch}: prune + int8 "
+                f"- {_mark(got >= need, rows, model, t, batch)}: {model}, {t} thread(s), "
+                f"batch {batch}: prune + int8 "
                 f"{ours.ratio:.2f}× = {got:.2f}× ORT int8 (target ≥ {need}×)"
             )
     return out
@@ -599,7 +615,8 @@ def _scaling(rows: Sequence[Row], threads: Sequence[int]) -> list[str]:
         one, many = (_find(rows, "ffn90", t, batch, "nbc sparse") for t in (1, threads[-1]))
         if one and many:
             out.append(
-                f"- {_mark(many.ratio >= 0.85 * one.ratio)}: ffn90 batch {batch}: sparse "
+                f"- {_mark(many.ratio >= 0.85 * one.ratio, rows, 'ffn90', threads[-1], batch)}: "
+                f"ffn90 batch {batch}: sparse "
                 f"{many.ratio:.2f}× at {threads[-1]} threads vs {one.ratio:.2f}× at 1 "
                 "(target ≥ 0.85 × the 1-thread ratio)"
             )
@@ -616,8 +633,8 @@ def _never_slower(rows: Sequence[Row]) -> str:
         and c.ratio < 1
     ]
     return (
-        f"- {_mark(not slower)}: sparsify_ never slower than torch dense where it converted "
-        "a layer (median ratio < 1; see p10–p90 for noise)"
+        f"- {'met' if not slower else '**NOT met**'}: sparsify_ never slower than torch dense "
+        "where it converted a layer (median ratio < 1; see p10–p90 for noise)"
         + (f" — slower in: {', '.join(slower)}" if slower else "")
     )
 
@@ -632,7 +649,8 @@ def targets(rows: Sequence[Row]) -> list[str]:
         res = _find(rows, "resnet18_90", t, 1, "nbc sparse")
         if res:
             out.append(
-                f"- {_mark(res.ratio >= 2)}: resnet18 90%, {t} thread(s), batch 1: sparsify_ "
+                f"- {_mark(res.ratio >= 2, rows, 'resnet18_90', t, 1)}: resnet18 90%, {t} "
+                "thread(s), batch 1: sparsify_ "
                 f"{res.ratio:.2f}× torch dense (target ≥ 2×)"
             )
     return out + _scaling(rows, threads) + [_never_slower(rows)]

@@ -87,6 +87,19 @@ def test_targets_compare_against_ort_int8_in_the_same_row():
     assert "NOT met" in lines[-1] and "ffn95 t1 b8 0.90×" in lines[-1]
 
 
+def test_a_noisy_control_flags_the_targets_of_its_row():
+    # The fp32 model raced against itself measured 0.5×: the row's ratios are load, not speed.
+    row = bench.Row("ffn95", 2, 1)
+    row.cells[bench.CONTROL] = bench.Cell(0.5, 0.4, 0.6, note=bench.CONTROL)
+    row.cells["ORT int8"] = bench.Cell(ratio=8.0)
+    row.cells["nbc speedup int8"] = bench.Cell(ratio=12.0)
+    (line,) = [ln for ln in bench.targets([row]) if "ffn95" in ln]
+    assert "(noisy row: fp32 against itself 0.50×)" in line
+    assert bench.format_cell(row.cells[bench.CONTROL]) == "0.50× (0.40–0.60)"
+    row.cells[bench.CONTROL] = bench.Cell(1.05, note=bench.CONTROL)
+    assert "noisy" not in bench.targets([row])[0]
+
+
 def test_bad_option_names_the_option():
     with pytest.raises(SystemExit, match="--models"):
         bench.parse(["--models", "nope"])
