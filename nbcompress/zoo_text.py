@@ -32,6 +32,8 @@ __all__ = [
     "Scored",
     "TextSplit",
     "compare",
+    "cosine_loss",
+    "distillation_batches",
     "encode",
     "features",
     "fit_classifier",
@@ -206,14 +208,54 @@ class Scored:
 
     accuracy: float
     classifier: Classifier
+    train_embeddings: torch.Tensor
     test_embeddings: torch.Tensor
 
 
 def score(encoder: nn.Module, split: TextSplit) -> Scored:
     """Encode train and test, fit the classifier on train, measure accuracy on test."""
-    classifier = fit_classifier(encode(encoder, split.train), split.y_train)
+    train = encode(encoder, split.train)
+    classifier = fit_classifier(train, split.y_train)
     test = encode(encoder, split.test)
-    return Scored(classifier.accuracy(test, split.y_test), classifier, test)
+    return Scored(classifier.accuracy(test, split.y_test), classifier, train, test)
+
+
+def distillation_batches(
+    encoder: nn.Module,
+    sentences: Sequence[str],
+    targets: torch.Tensor,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """``(tokenized batch, target embeddings)`` pairs for :func:`nbcompress.finetune`.
+
+    Sentences are grouped by length (little padding), then the batches are shuffled
+    (seeded), so that one epoch does not run from the shortest to the longest.
+
+    Args:
+        encoder: Its tokenizer is used.
+        sentences: Unlabelled sentences.
+        targets: ``(len(sentences), dim)`` embeddings to match, e.g. the dense encoder's.
+        batch_size: Sentences per batch.
+        seed: Seed of the batch order.
+    """
+    if len(targets) != len(sentences) or not sentences:
+        raise ValueError(
+            f"targets: expected one embedding per sentence ({len(sentences)}), got {len(targets)}."
+        )
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
+    groups = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    shuffle = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))
+    return [
+        (features(encoder, [sentences[i] for i in groups[g]]), targets[groups[g]])
+        for g in shuffle.tolist()
+    ]
+
+
+def cosine_loss(output: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 − cosine`` between the encoder's sentence embeddings and ``target``."""
+    return (1 - F.cosine_similarity(output["sentence_embedding"], target, dim=1)).mean()
 
 
 def _throughput(

@@ -12,6 +12,8 @@ from nbcompress import zoo_text
 from nbcompress.zoo_text import (
     TextSplit,
     compare,
+    cosine_loss,
+    distillation_batches,
     encode,
     features,
     fit_classifier,
@@ -166,6 +168,7 @@ def test_score_and_compare_on_two_dozen_sentences(encoder):
     scored = score(encoder, split)
     assert scored.accuracy >= 0.75  # clear sentiment, 12 test sentences: chance is 0.5
     assert scored.test_embeddings.shape == (len(split.test), 384)
+    assert torch.allclose(scored.train_embeddings, encode(encoder, split.train))
     rows = compare(
         {"dense": encoder, "again": encoder}, {"dense": scored, "again": scored},
         split.test, batches=(1, 2), repeats=2,
@@ -177,3 +180,28 @@ def test_score_and_compare_on_two_dozen_sentences(encoder):
     assert zoo_text.markdown_table(rows).splitlines()[0].startswith("| encoder | test accuracy")
     with pytest.raises(ValueError, match="scores"):
         compare({"dense": encoder}, {"other": scored}, split.test)
+
+
+def test_cosine_loss_is_zero_when_equal_and_two_when_opposite():
+    y = torch.randn(5, 8)
+    assert float(cosine_loss({"sentence_embedding": 3 * y}, y)) == pytest.approx(0, abs=1e-6)
+    assert float(cosine_loss({"sentence_embedding": -y}, y)) == pytest.approx(2, abs=1e-6)
+
+
+@needs_model
+def test_distillation_batches_cover_each_sentence_once_in_a_seeded_order(encoder):
+    sentences = FRESH + ROTTEN
+    targets = torch.arange(24.0)[:, None].repeat(1, 3)  # row i holds i: traceable
+    batches = distillation_batches(encoder, sentences, targets, batch_size=5, seed=1)
+    assert [len(t) for _, t in batches].count(5) == 4 and len(batches) == 5
+    rows = torch.cat([t[:, 0] for _, t in batches]).long().tolist()
+    assert sorted(rows) == list(range(24))
+    for x, t in batches:  # each batch's tokens belong to its targets' sentences
+        expect = features(encoder, [sentences[int(i)] for i in t[:, 0]])
+        assert torch.equal(x["input_ids"], expect["input_ids"])
+    again = distillation_batches(encoder, sentences, targets, batch_size=5, seed=1)
+    other = distillation_batches(encoder, sentences, targets, batch_size=5, seed=2)
+    assert [t[0, 0] for _, t in again] == [t[0, 0] for _, t in batches]
+    assert [t[0, 0] for _, t in other] != [t[0, 0] for _, t in batches]
+    with pytest.raises(ValueError, match="targets: expected one embedding per sentence"):
+        distillation_batches(encoder, sentences, targets[:3])
