@@ -6,6 +6,8 @@ offline, and a missing one is one line naming the pip command. The task: a logis
 regression on the encoder's sentence embeddings (mean-pooled, unit length) says whether a
 critic's snippet is fresh or rotten. Whenever the encoder changes, the classifier is fitted
 again on the new encoder's embeddings of the TRAIN sentences and scored on the TEST ones.
+A pruned encoder can be fine-tuned back towards the dense one without labels
+(:func:`distillation_batches`, :func:`cosine_loss`, with :func:`nbcompress.finetune`).
 """
 
 from __future__ import annotations
