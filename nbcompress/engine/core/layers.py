@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -245,7 +246,16 @@ def select_layers(
     return selected, excluded
 
 
-def _listing(candidates: dict[str, nn.Module], limit: int = 30) -> str:
+def _listing(candidates: dict[str, nn.Module], limit: int = 12) -> str:
+    # Many layers: list them as glob patterns, numbered blocks folded into "*" (MiniLM's
+    # 37 names read as 7 patterns one can paste), so the message stays a short line.
     names = list(candidates)
-    shown = ", ".join(names[:limit])
-    return shown + (f", … ({len(names)} in all)" if len(names) > limit else "")
+    if len(names) <= limit:
+        return ", ".join(names)
+    folded: dict[str, int] = {}
+    for name in names:
+        pattern = re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.|$)", "*", name)
+        folded[pattern] = folded.get(pattern, 0) + 1
+    shown = [p if n == 1 else f"{p} ({n})" for p, n in folded.items()]
+    more = f", … ({len(shown) - limit} more patterns)" if len(shown) > limit else ""
+    return ", ".join(shown[:limit]) + more + f" — {len(names)} layers in all"

@@ -309,3 +309,15 @@ def test_prune_ratios_rejects_bad_ratios_with_the_model_untouched(ratios, error,
         prune_ratios_(model, ratios)
     assert_same_state(model, saved)
     assert len(nc.history(model)) == 0
+
+
+def test_a_pattern_matching_no_layer_of_a_deep_model_lists_short_patterns():
+    blocks = nn.ModuleList(
+        nn.ModuleDict({"query": nn.Linear(4, 4), "value": nn.Linear(4, 4)}) for _ in range(6)
+    )
+    model = nn.ModuleDict({"layer": blocks, "head": nn.Linear(4, 2)})
+    with pytest.raises(ValueError) as caught:
+        nc.prune_(model, 0.5, layers="nope.*")
+    message = str(caught.value)
+    assert "layer.*.query (6), layer.*.value (6), head — 13 layers in all" in message
+    assert "layer.3.query" not in message and len(message) < 200
