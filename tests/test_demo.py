@@ -177,3 +177,10 @@ def test_the_verdict_says_plainly_how_batch_1_compares(speed, said):
     assert "1.02× the speed at batch 1" in line if said is None else said in line
     if said is None:
         assert "At batch 1" not in line
+
+
+def test_a_speed_within_the_noise_band_is_not_called_slower():
+    from nbcompress.demo.final import _speed
+
+    assert _speed(0.996) == "1.00× (same, within noise)"
+    assert _speed(0.79) == "0.79× (slower)" and _speed(2.43) == "2.43× faster"

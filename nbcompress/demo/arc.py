@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from nbcompress.demo.engines import NOISE, tradeoff
-from nbcompress.demo.final import FinalTable, measure_final, quiet_size
+from nbcompress.demo.final import FinalTable, measure_final
 from nbcompress.demo.log import StepLog
 from nbcompress.demo.steps import (
     EngineTiming,
@@ -31,6 +31,7 @@ from nbcompress.demo.steps import (
     train_dense,
 )
 from nbcompress.engine.core.report import fmt_bytes
+from nbcompress.engine.quantize.report import serialized_size
 from nbcompress.zoo import accuracy, load_digits
 
 __all__ = ["DemoInputError", "DemoSettings", "run_demo"]
@@ -167,7 +168,7 @@ def _arc(s: DemoSettings) -> dict[str, Any]:
         model = train_dense(log, data, s.epochs)
         dense = copy.deepcopy(model)  # the reference of the final table, never changed
         figures["accuracy_dense"] = acc = data.test_accuracy(model)
-        log.say(f"test accuracy {acc:.2%}; serialized {fmt_bytes(quiet_size(model))}")
+        log.say(f"test accuracy {acc:.2%}; serialized {fmt_bytes(serialized_size(model))}")
     with log.step(f"Sensitivity sweep and its suggestion for {s.target:.0%} sparsity"):
         ratios = list(s.ratios) if s.ratios else None
         choice = suggest(log, model, val_accuracy, s.target, ratios)

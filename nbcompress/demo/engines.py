@@ -20,14 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nbcompress.demo.final import race_pair
+from nbcompress.demo.final import NOISE, race_pair
 from nbcompress.engine.core.history import undo_
 from nbcompress.engine.quantize.config import StaticInt8Config
 
 __all__ = ["NOISE", "EngineTrial", "choose_engine", "pick", "tradeoff"]
-
-#: A compressed model timed within this fraction of dense counts as "not slower".
-NOISE = 0.05
 
 
 @dataclass(frozen=True)

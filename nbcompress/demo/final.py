@@ -9,7 +9,6 @@ after warm-up, with the speed-up the median of the per-round ratios.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,10 @@ from nbcompress.engine.core.report import Table, TableReport, fmt_bytes
 from nbcompress.engine.quantize.report import serialized_size
 from nbcompress.timing import Clock, Race, Timing, format_seconds, race
 
-__all__ = ["NOISY_SPREAD", "FinalTable", "measure_final", "quiet_size", "race_pair"]
+__all__ = ["NOISE", "NOISY_SPREAD", "FinalTable", "measure_final", "race_pair"]
+
+#: A compressed model timed within this fraction of dense counts as "not slower".
+NOISE = 0.05
 
 #: A timing whose p90 exceeds this multiple of its p10 was taken on a busy machine.
 NOISY_SPREAD = 3.0
@@ -72,7 +74,7 @@ class FinalTable(TableReport):
                     f"latency, batch {batch}",
                     format_seconds(dense.median),
                     format_seconds(compressed.median),
-                    f"{gain:.2f}× {'faster' if gain >= 1 else '(slower)'}",
+                    _speed(gain),
                 )
             )
         return rows
@@ -105,21 +107,7 @@ def race_pair(
 ) -> Race:
     """Both models timed in interleaved rounds after warm-up (``dense`` the incumbent)."""
     candidates = {"dense": lambda: dense(x), "compressed": lambda: compressed(x)}
-    return race(candidates, rounds=rounds, warmup=3, min_sample=2e-3, clock=clock)
-
-
-def quiet_size(model: nn.Module) -> int:
-    """:func:`serialized_size` without torch's own deprecation noise.
-
-    ``torch.save`` of torch.ao's quantized modules goes through ``TypedStorage`` and warns
-    that it is deprecated, with a source line, on stderr: torch's internals, nothing the
-    user did or can change, and not about the bytes written.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="TypedStorage is deprecated", category=UserWarning
-        )
-        return serialized_size(model)
+    return race(candidates, rounds=rounds, warmup=3, min_sample=2e-4, clock=clock)
 
 
 def measure_final(
@@ -131,7 +119,7 @@ def measure_final(
     rounds: int,
 ) -> FinalTable:
     """Size both models, and time them interleaved on the first ``batch`` test images."""
-    size = (quiet_size(dense), quiet_size(compressed))
+    size = (serialized_size(dense), serialized_size(compressed))
     latency, speedup, spread = {}, {}, []
     for batch in batches:
         times = race_pair(dense, compressed, x_test[:batch], rounds).times
@@ -157,3 +145,10 @@ def measure_final(
         *spread,
     ]
     return FinalTable(accuracy, size, latency, speedup, len(x_test), notes)
+
+
+def _speed(gain: float) -> str:
+    """``"2.43× faster"``, ``"0.79× (slower)"``, or within the noise band ``"1.00× (same)"``."""
+    if abs(gain - 1) < NOISE:
+        return f"{gain:.2f}× (same, within noise)"
+    return f"{gain:.2f}× {'faster' if gain > 1 else '(slower)'}"
