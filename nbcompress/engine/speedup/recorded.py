@@ -96,18 +96,16 @@ def measured_gain(res: LayerResult) -> float:
     return res.times["dense"].median / min(res.times[f].median for f in ok)
 
 
-def reuse(
-    res: LayerResult,
-    entry: tuning.Entry,
-    formats: list[str],
-    check: Callable[[list[str]], object],
-) -> bool:
+def reuse(res: LayerResult, entry: tuning.Entry, check: Callable[[list[str]], object]) -> bool:
     """Take ``entry``'s choice into ``res`` once its output checks out; False: measure instead.
+
+    The recorded format is built as it is, without asking whether it would be proposed
+    now (for block-sparse, a scan of the whole weight): the key holds the block fill it
+    was measured at, and a format that no longer fits fails to build and is refused.
 
     Args:
         res: The layer's result, untouched so far.
         entry: Its recorded decision.
-        formats: The sparse formats this layer may use now.
         check: Builds the given formats into ``res`` and checks their output against dense
             (``None`` when the layer cannot be packed).
     """
@@ -120,9 +118,7 @@ def reuse(
             else f"no sparse output within tolerance ({where()}); kept dense"
         )
         return True
-    if entry.choice not in formats or check([entry.choice]) is None:
-        return _refuse(res)
-    if res.errors[entry.choice] > res.tolerances[entry.choice]:
+    if check([entry.choice]) is None or res.errors[entry.choice] > res.tolerances[entry.choice]:
         return _refuse(res)
     res.recorded, res.chosen, res.allowed = entry, entry.choice, (entry.choice,)
     res.reason = f"{entry.choice} measured {gain:.2f}× faster than dense ({where()})"

@@ -89,14 +89,13 @@ def _measure_layer(
     key = recorded.layer_key(module, x.shape, opts)
     res = LayerResult(name, module, tuple(x.shape), _zeros(module), key=key)
     entry = recorded.lookup(recorded.LAYER, key, opts)
-    formats = formats_of(module, opts.allow_bsr)
 
     def check(fmts: list[str]) -> dict[str, Callable[[], object]] | None:
         return _candidates(res, module, x, output, fmts)
 
-    if entry is not None and recorded.reuse(res, entry, formats, check):
+    if entry is not None and recorded.reuse(res, entry, check):
         return res  # measured in an earlier run on this CPU; its output checked just now
-    fns = check(formats)
+    fns = check(formats_of(module, opts.allow_bsr))
     if fns is None:
         res.key = None  # cannot be packed: nothing to record
         return res
