@@ -165,7 +165,9 @@ def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
         res.reason = f"{best} measured {gain:.2f}× faster than dense"
 
 
-def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, opts: SparsifyOptions) -> None:
+def _end_to_end(
+    model: nn.Module, inputs: tuple, result: Analysis, opts: SparsifyOptions, time_whole: bool
+) -> None:
     chosen = result.chosen
     # The compressed model shares every dense tensor with ``model``: it costs no weights.
     double = twin(model, {n: r.replacement for n, r in chosen.items()})
@@ -178,7 +180,7 @@ def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, opts: Sparsif
     fmts = {r.chosen for r in chosen.values()} or {"csr"}
     result.tolerance = max(tolerance(f, diff.peak) for f in fmts)
     key = recorded.model_key(result)
-    if recorded.all_recorded(result):  # the outputs are checked above; the timing is reused
+    if not time_whole and recorded.all_recorded(result):  # outputs checked above; time reused
         result.recorded = recorded.lookup(recorded.MODEL, key, opts)
         if result.recorded is not None:
             return
@@ -218,6 +220,7 @@ def analyse(
     options: SparsifyOptions | None = None,
     *,
     progress: Callable[[int, int, str], None] | None = None,
+    time_whole: bool = True,
     **overrides: Any,
 ) -> Analysis:
     """Measure every eligible layer dense vs sparse and decide; the model is not changed.
@@ -232,6 +235,9 @@ def analyse(
         progress: Called as ``progress(done, total, name)`` after each of the ``total``
             selected layers is measured, then once more (``done == total``) as the
             end-to-end race of the whole model starts.
+        time_whole: Time the whole model even when every layer's decision and the
+            end-to-end verdict are in the tuning record (for callers that need the figure,
+            e.g. a latency objective); ``False`` reuses the verdict, checking outputs only.
         **overrides: Fields of :class:`SparsifyOptions` to change, e.g. ``repeats=5``.
 
     Returns:
@@ -257,7 +263,7 @@ def analyse(
         step = progress or (lambda done, total, name: None)
         analysis = _measure(model, inputs, selected, reasons, opts, step)
         step(len(selected), len(selected), "timing the whole model")
-        _end_to_end(model, inputs, analysis, opts)
+        _end_to_end(model, inputs, analysis, opts, time_whole)
     _final_verdict(analysis, opts.min_gain)
     return analysis
 
@@ -371,4 +377,4 @@ def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Modul
     Returns:
         The model (modified in place).
     """
-    return install_(model, analyse(model, example_inputs, **options))
+    return install_(model, analyse(model, example_inputs, time_whole=False, **options))

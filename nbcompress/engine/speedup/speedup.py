@@ -238,7 +238,7 @@ def speedup(
     # record says), and they replace the record's, so sparsify_ follows what was shown.
     options.setdefault("remeasure", True)
     with _reporter(progress) as step:
-        analysis = analyse(model, example_inputs, progress=step, **options)
+        analysis = analyse(model, example_inputs, progress=step, time_whole=False, **options)
     if apply:
         install_(model, analysis)
     min_gain = options.get("min_gain", SparsifyOptions.min_gain)

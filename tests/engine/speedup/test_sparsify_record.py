@@ -177,6 +177,15 @@ def test_a_report_of_recorded_decisions_says_they_were_not_timed_now(record, rac
     assert report.speedup is None  # no end-to-end figure is shown as if measured now
 
 
+def test_analyse_still_times_the_whole_model_for_callers_that_need_the_figure(record, races):
+    model, x = _pruned_mlp(), torch.randn(4, 32)
+    nc.sparsify_(copy.deepcopy(model), x)
+    races.seen.clear()
+    analysis = sp.analyse(copy.deepcopy(model), x)  # e.g. the search's latency objective
+    assert races.seen == [["dense", "compressed"]]  # layers reused, the whole model timed
+    assert analysis.compressed.median == pytest.approx(FAST["compressed"])
+
+
 _CHILD = """
 import json, sys, torch
 from collections import Counter
