@@ -175,6 +175,7 @@ def test_a_report_of_recorded_decisions_says_they_were_not_timed_now(record, rac
     assert "not timed in this run" in text and "recorded earlier on this CPU" in text
     assert all(r["recorded"] and r["dense fp32"] is None for r in report.rows)
     assert report.speedup is None  # no end-to-end figure is shown as if measured now
+    assert "3 layer(s) recorded earlier, not timed now" in report.plot().axes[0].get_title()
 
 
 def test_analyse_still_times_the_whole_model_for_callers_that_need_the_figure(record, races):
