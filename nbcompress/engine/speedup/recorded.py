@@ -38,18 +38,15 @@ __all__ = [
     "model_key",
     "remember",
     "reuse",
-    "where",
+    "WHERE",
 ]
 
 #: Record families: one layer's dense-vs-sparse choice; the whole model's verdict.
 LAYER, MODEL = "sparsify", "sparsify-model"
+#: Where a reused figure was measured, said wherever it is shown (reasons, verdicts).
+WHERE = "recorded earlier on this CPU"
 #: A convolution's geometry decides its kernel as much as its weight does.
 _CONV = ("kernel_size", "stride", "padding", "dilation", "groups")
-
-
-def where() -> str:
-    """Where a reused figure was measured, for reasons and report rows."""
-    return "recorded earlier on this CPU"
 
 
 def layer_key(module: nn.Module, input_shape: tuple, opts: SparsifyOptions) -> tuple:
@@ -113,15 +110,15 @@ def reuse(res: LayerResult, entry: tuning.Entry, check: Callable[[list[str]], ob
     if entry.choice == "dense":
         res.recorded = entry
         res.reason = (
-            f"dense is as fast or faster here (best sparse {gain:.2f}×, {where()})"
+            f"dense is as fast or faster here (best sparse {gain:.2f}×, {WHERE})"
             if gain > 0
-            else f"no sparse output within tolerance ({where()}); kept dense"
+            else f"no sparse output within tolerance ({WHERE}); kept dense"
         )
         return True
     if check([entry.choice]) is None or res.errors[entry.choice] > res.tolerances[entry.choice]:
         return _refuse(res)
     res.recorded, res.chosen, res.allowed = entry, entry.choice, (entry.choice,)
-    res.reason = f"{entry.choice} measured {gain:.2f}× faster than dense ({where()})"
+    res.reason = f"{entry.choice} measured {gain:.2f}× faster than dense ({WHERE})"
     return True
 
 

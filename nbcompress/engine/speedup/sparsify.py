@@ -7,7 +7,9 @@ layer, races dense and sparse side by side (:func:`nbcompress.timing.race`, dens
 incumbent) and keeps only the chosen candidate, so one layer's candidates are alive at a
 time. :func:`clear_win` is the decision policy on top of the race. :func:`sparsify_` then
 installs the winners inside one history transaction, so ``undo_`` restores the dense
-modules bit-exactly.
+modules bit-exactly. Decisions are kept in the tuning record (:mod:`.recorded`): a later
+run with the same weight pattern, input bucket and threads builds only the recorded
+choice and checks its output, without racing.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ def _measure_layer(
     res.times = res.race.times
     res.sure = {k: res.race.speedup_quantile(k, 0.25) for k in fns}
     _decide(res, opts)
+    if entry is not None:  # reached only when the recorded choice was refused
+        res.reason += f"; recorded {entry.choice} refused (build or output check): re-measured"
     # A refused record entry (or remeasure) is replaced; a fresh one may lose to a racer's.
     replace = entry is not None or opts.remeasure
     recorded.remember(recorded.LAYER, key, res.chosen, recorded.measured_gain(res), replace)
@@ -305,7 +309,7 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
         faster = clear_win(analysis.race, "compressed", min_gain)
     else:
         gain, faster = 1 + entry.margin, entry.choice == "faster"
-    when = "" if entry is None else f", {recorded.where()}"
+    when = "" if entry is None else f", {recorded.WHERE}"
     if not faster or analysis.max_abs_diff > analysis.tolerance:
         why = "outputs differ beyond tolerance" if faster else f"{gain:.2f}×{when}"
         for r in analysis.layers:
@@ -372,7 +376,10 @@ def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Modul
             without a sparse kernel are listed with the reason), ``allow_int8``
             (off: int8 values change results by rounding), ``allow_bsr`` (block-sparse
             when weights come in 4-row blocks; on), ``repeats`` (timed rounds, 15) and
-            ``min_gain`` (required relative speed-up, 0.05 = 5% faster than dense).
+            ``min_gain`` (required relative speed-up, 0.05 = 5% faster than dense);
+            ``remeasure`` (race every layer even where the tuning record holds its
+            decision, and record the new one; off: a recorded decision is reused, its
+            output still checked).
 
     Returns:
         The model (modified in place).
