@@ -75,7 +75,8 @@ def speedup_figure(report: SpeedupReport, ax: Axes | None = None) -> Figure:
     # Decisions reused from the tuning record have no bars: say so rather than show gaps.
     note = f" ({reused} layer(s) recorded earlier, not timed now)" if reused else ""
     ax.set_title(f"measured time per layer call; end to end {speedup}{note}")
-    ax.legend(fontsize=8)
+    if paths:  # none when every layer was recorded earlier: no bars to name
+        ax.legend(fontsize=8)
     if ax.figure.get_layout_engine() is None:
         ax.figure.tight_layout()  # a caller's figure without a layout of its own
     return ax.figure
