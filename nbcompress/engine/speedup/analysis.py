@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.speedup.coverage import Uncovered
+from nbcompress.kernels.tuning import Entry
 from nbcompress.timing import Race, Timing
 
 __all__ = ["ATOL", "RTOL", "Analysis", "LayerResult", "SparsifyOptions", "tolerance"]
@@ -48,6 +49,8 @@ class SparsifyOptions:
         allow_bsr: Consider block-sparse storage when weights come in 4-row blocks.
         repeats: Timed rounds of the race between dense and the sparse candidates.
         min_gain: Required relative speed-up, e.g. 0.05 = 5% faster than dense.
+        remeasure: Race every layer even if its decision is in the tuning record (and
+            record the new one in its place); ``speedup`` always does.
     """
 
     layers: str | Sequence[str] | None = None
@@ -56,6 +59,7 @@ class SparsifyOptions:
     allow_bsr: bool = True
     repeats: int = 15
     min_gain: float = 0.05
+    remeasure: bool = False
 
     def __post_init__(self) -> None:
         repeats = self.repeats
@@ -101,6 +105,9 @@ class LayerResult:
         race: The race of the paths (dense the incumbent), or ``None`` if not timed.
         allowed: The sparse paths the choice could take (sparse int8 only when allowed).
         dropped: Chosen here, then left dense because the whole model was not faster.
+        key: Its key in the tuning record (``None``: not timed).
+        recorded: The decision reused from the tuning record (``None``: measured now);
+            then only the chosen path was built and its output checked, nothing timed.
     """
 
     name: str
@@ -118,6 +125,8 @@ class LayerResult:
     race: Race | None = None
     allowed: tuple[str, ...] = ()
     dropped: bool = False
+    key: tuple | None = None
+    recorded: Entry | None = None
 
     @property
     def replacement(self) -> nn.Module | None:
@@ -141,6 +150,8 @@ class Analysis:
         race: The end-to-end race, ``dense`` (incumbent) vs ``compressed``.
         uncovered: Parameters outside the listed layers, by kind, with why.
         total_params: The model's parameter count (shared tensors once).
+        recorded: The end-to-end verdict reused from the tuning record (``"faster"`` or
+            ``"not faster"``, margin = gain − 1); then ``dense``/``compressed`` are ``None``.
     """
 
     layers: list[LayerResult]
@@ -154,6 +165,7 @@ class Analysis:
     race: Race | None = None
     uncovered: list[Uncovered] = field(default_factory=list)
     total_params: int = 0
+    recorded: Entry | None = None
 
     @property
     def chosen(self) -> dict[str, LayerResult]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from nbcompress.engine.speedup.analysis import LayerResult
 from nbcompress.engine.speedup.sparsify import MIN_SPARSITY
 
-__all__ = ["PATHS", "choice", "passed_over"]
+__all__ = ["PATHS", "choice", "passed_over", "some_of"]
 
 #: Path key → the label of its table column.
 PATHS = {
@@ -39,6 +39,8 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
         res: The layer's measurements and decision.
         min_gain: The required relative speed-up the decision used.
     """
+    if res.recorded is not None:
+        return _recorded(res)
     if "dense" not in res.times:
         return "dense: not timed (see notes)"
     if res.chosen != "dense":
@@ -58,6 +60,18 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
         return f"dense: {PATHS[best]} {gain:.2f}×, within noise (±{min_gain:.0%})"
     # Faster by the median but not in 3 rounds of 4 (clear_win): a lucky stretch, not a win.
     return f"dense: {PATHS[best]} {gain:.2f}×, not in 3 of 4 rounds"
+
+
+def _recorded(res: LayerResult) -> str:
+    # Not timed in this run: the gain shown is the one measured when it was recorded.
+    gain = 1 + res.recorded.margin  # type: ignore[union-attr]
+    if res.chosen != "dense":
+        return f"{PATHS[res.chosen]}: {gain:.2f}× vs dense (recorded)"
+    if res.dropped:
+        return "dense: model not faster end to end"
+    if gain <= 0:
+        return "dense: sparse error > tolerance (recorded)"
+    return f"dense: best sparse {gain:.2f}× (recorded)"
 
 
 def passed_over(layers: list[LayerResult]) -> list[str]:
@@ -80,19 +94,20 @@ def passed_over(layers: list[LayerResult]) -> list[str]:
     notes = []
     if int8_off:
         notes.append(
-            f"sparse int8 was fastest but not allowed on {_some(int8_off)}: it changes "
+            f"sparse int8 was fastest but not allowed on {some_of(int8_off)}: it changes "
             "results by rounding; allow it with --int8 (allow_int8=True)"
         )
     if int8_bad:
-        notes.append(f"sparse int8 rejected, output outside tolerance: {_some(int8_bad)}")
+        notes.append(f"sparse int8 rejected, output outside tolerance: {some_of(int8_bad)}")
     if torch_faster:
         notes.append(
             f"torch int8 (dense, dynamic) is timed for comparison only; it was faster on "
-            f"{_some(torch_faster)}: %quantize model int8 (quantize_) applies it"
+            f"{some_of(torch_faster)}: %quantize model int8 (quantize_) applies it"
         )
     return notes
 
 
-def _some(items: list[str], shown: int = 3) -> str:
+def some_of(items: list[str], shown: int = 3) -> str:
+    """The first ``shown`` items, then how many there are in all."""
     more = f", … ({len(items)} layers)" if len(items) > shown else ""
     return ", ".join(items[:shown]) + more

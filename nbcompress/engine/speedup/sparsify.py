@@ -7,7 +7,9 @@ layer, races dense and sparse side by side (:func:`nbcompress.timing.race`, dens
 incumbent) and keeps only the chosen candidate, so one layer's candidates are alive at a
 time. :func:`clear_win` is the decision policy on top of the race. :func:`sparsify_` then
 installs the winners inside one history transaction, so ``undo_`` restores the dense
-modules bit-exactly.
+modules bit-exactly. Decisions are kept in the tuning record (:mod:`.recorded`): a later
+run with the same weight pattern, input bucket and threads builds only the recorded
+choice and checks its output, without racing.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from nbcompress.engine.core.validation import (
     eval_mode,
     run_forward,
 )
-from nbcompress.engine.prune.masks import BLOCK
+from nbcompress.engine.speedup import recorded
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
+from nbcompress.engine.speedup.candidates import break_even, formats_of, torch_int8
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
 from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.timing import Race, measure, race
@@ -72,65 +75,6 @@ def _race(candidates: dict[str, Callable[[], object]], repeats: int) -> Race:
         return race(candidates, rounds=repeats, warmup=3, min_sample=MIN_SAMPLE)
 
 
-def _formats(module: nn.Module, allow_bsr: bool) -> list[str]:
-    weight = module.weight.detach().reshape(module.weight.shape[0], -1)
-    fmts = ["csr", "csr_int8"]
-    if allow_bsr and weight.shape[0] % BLOCK == 0:
-        # Block-sparse pays only when kept weights come in 4-row groups: fill must be high.
-        blocks = weight.reshape(-1, BLOCK, weight.shape[1]).ne(0).any(dim=1).sum().item()
-        nnz = int(weight.ne(0).sum())
-        if nnz and BLOCK * blocks <= 1.25 * nnz:
-            fmts.append("bsr")
-    return fmts
-
-
-def _torch_int8(module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
-    if not isinstance(module, nn.Linear):
-        return None
-    from nbcompress.engine.quantize.backends import quiet
-
-    with quiet(seen):
-        try:
-            # In place on a twin of the layer (quantizing reads the float weight, never
-            # writes it): a deep copy would cost the layer's float weight twice over.
-            return torch.ao.quantization.quantize_dynamic(
-                nn.Sequential(twin(module)), {nn.Linear}, dtype=torch.qint8, inplace=True
-            )
-        except (RuntimeError, AttributeError, ImportError):
-            return None
-
-
-def _probe(module: nn.Module, weight: torch.Tensor) -> nn.Module:
-    """The sparse module of ``module`` with ``weight`` in place of its own (left untouched)."""
-    probe = twin(module)  # shares the layer's tensors: only the swapped weight is new
-    probe.weight = nn.Parameter(weight, requires_grad=False)
-    return BUILDERS[type(module)].from_dense(probe)
-
-
-def _break_even(module: nn.Module, x: torch.Tensor, result: LayerResult) -> float | None:
-    """Sparsity where the fp32 kernel would match dense, assuming time linear in nonzeros."""
-    if "csr" not in result.times:
-        return None
-    weight = module.weight.detach()
-    size = weight.numel()
-    # An all-zero weight from one broadcast zero (from_dense still copies it once to check
-    # it; the probe is freed before the next layer).
-    empty = _probe(module, weight.new_zeros(()).expand_as(weight))
-    t0 = measure(lambda: empty(x), warmup=2, repeats=7).median
-    nnz, t_sparse = int(weight.ne(0).sum()), result.times["csr"].median
-    if nnz < 0.01 * size:
-        # Too few nonzeros to fit a slope: time a random 10%-dense weight of this shape
-        # (drawn as before: the values, then the mask; multiplied in place).
-        random = torch.randn_like(weight).mul_(torch.rand_like(weight) < 0.1)
-        nnz = int(random.ne(0).sum())
-        dense10 = _probe(module, random)
-        del random
-        t_sparse = measure(lambda: dense10(x), warmup=2, repeats=7).median
-    per_nnz = max(t_sparse - t0, 1e-12) / max(nnz, 1)
-    density = (result.times["dense"].median - t0) / (per_nnz * size)
-    return float(min(1.0, max(0.0, 1.0 - density)))
-
-
 def _zeros(module: nn.Module) -> float:
     """Fraction of exactly-zero weights (0 for a layer without a single weight tensor)."""
     weight = getattr(module, "weight", None)
@@ -144,11 +88,20 @@ def _measure_layer(
 ) -> LayerResult:
     args, kwargs, output = call
     x = args[0]
-    res = LayerResult(name, module, tuple(x.shape), _zeros(module))
-    fns = _candidates(res, module, x, output, opts)
+    key = recorded.layer_key(module, x.shape, opts)
+    res = LayerResult(name, module, tuple(x.shape), _zeros(module), key=key)
+    entry = recorded.lookup(recorded.LAYER, key, opts)
+
+    def check(fmts: list[str]) -> dict[str, Callable[[], object]] | None:
+        return _candidates(res, module, x, output, fmts)
+
+    if entry is not None and recorded.reuse(res, entry, check):
+        return res  # measured in an earlier run on this CPU; its output checked just now
+    fns = check(formats_of(module, opts.allow_bsr))
     if fns is None:
+        res.key = None  # cannot be packed: nothing to record
         return res
-    qmod = _torch_int8(module, seen)
+    qmod = torch_int8(module, seen)
     if qmod is not None:
         fns["torch_int8"] = lambda qmod=qmod: qmod(x)
     fns = {"dense": lambda: module(*args, **kwargs), **fns}
@@ -156,23 +109,32 @@ def _measure_layer(
     res.times = res.race.times
     res.sure = {k: res.race.speedup_quantile(k, 0.25) for k in fns}
     _decide(res, opts)
+    if entry is not None:  # reached only when the recorded choice was refused
+        res.reason += f"; recorded {entry.choice} refused (build or output check): re-measured"
+    # A refused record entry (or remeasure) is replaced; a fresh one may lose to a racer's.
+    replace = entry is not None or opts.remeasure
+    recorded.remember(recorded.LAYER, key, res.chosen, recorded.measured_gain(res), replace)
     # Only the chosen candidate can be installed; the others are freed now, so that at
     # most one layer's candidates are alive at a time (not every layer's, every format).
     res.candidates = {f: c for f, c in res.candidates.items() if f == res.chosen}
     del fns, qmod
-    res.break_even = _break_even(module, x, res)
+    res.break_even = break_even(module, x, res, measure)
     return res
 
 
 def _candidates(
-    res: LayerResult, module: nn.Module, x: torch.Tensor, output: Any, opts: SparsifyOptions
+    res: LayerResult,
+    module: nn.Module,
+    x: torch.Tensor,
+    output: Any,
+    formats: list[str],
 ) -> dict[str, Callable[[], object]] | None:
-    """Build and check each sparse format of ``module`` into ``res``; their timed calls.
+    """Build and check each of ``formats`` of ``module`` into ``res``; their timed calls.
 
     ``None`` (and no candidate kept) when the layer cannot be packed, with the reason.
     """
     fns: dict[str, Callable[[], object]] = {}
-    for fmt in _formats(module, opts.allow_bsr):
+    for fmt in formats:
         try:
             cand = BUILDERS[type(module)].from_dense(module, format=fmt)
         except ValueError as err:
@@ -207,7 +169,9 @@ def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
         res.reason = f"{best} measured {gain:.2f}× faster than dense"
 
 
-def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int) -> None:
+def _end_to_end(
+    model: nn.Module, inputs: tuple, result: Analysis, opts: SparsifyOptions, time_whole: bool
+) -> None:
     chosen = result.chosen
     # The compressed model shares every dense tensor with ``model``: it costs no weights.
     double = twin(model, {n: r.replacement for n, r in chosen.items()})
@@ -219,15 +183,24 @@ def _end_to_end(model: nn.Module, inputs: tuple, result: Analysis, repeats: int)
     result.max_abs_diff = diff.max_abs
     fmts = {r.chosen for r in chosen.values()} or {"csr"}
     result.tolerance = max(tolerance(f, diff.peak) for f in fmts)
+    key = recorded.model_key(result)
+    if not time_whole and recorded.all_recorded(result):  # outputs checked above; time reused
+        result.recorded = recorded.lookup(recorded.MODEL, key, opts)
+        if result.recorded is not None:
+            return
     result.race = _race(
         {
             "dense": lambda: call_model(model, inputs),
             "compressed": lambda: call_model(double, inputs),
         },
-        repeats,
+        opts.repeats,
     )
     result.dense, result.compressed = result.race.times["dense"], result.race.times["compressed"]
     result.sure = result.race.speedup_quantile("compressed", 0.25)
+    faster = clear_win(result.race, "compressed", opts.min_gain)
+    gain = result.dense.median / result.compressed.median
+    replace = opts.remeasure or not recorded.all_recorded(result)
+    recorded.remember(recorded.MODEL, key, "faster" if faster else "not faster", gain, replace)
 
 
 @contextlib.contextmanager
@@ -251,6 +224,7 @@ def analyse(
     options: SparsifyOptions | None = None,
     *,
     progress: Callable[[int, int, str], None] | None = None,
+    time_whole: bool = True,
     **overrides: Any,
 ) -> Analysis:
     """Measure every eligible layer dense vs sparse and decide; the model is not changed.
@@ -265,6 +239,9 @@ def analyse(
         progress: Called as ``progress(done, total, name)`` after each of the ``total``
             selected layers is measured, then once more (``done == total``) as the
             end-to-end race of the whole model starts.
+        time_whole: Time the whole model even when every layer's decision and the
+            end-to-end verdict are in the tuning record (for callers that need the figure,
+            e.g. a latency objective); ``False`` reuses the verdict, checking outputs only.
         **overrides: Fields of :class:`SparsifyOptions` to change, e.g. ``repeats=5``.
 
     Returns:
@@ -290,7 +267,7 @@ def analyse(
         step = progress or (lambda done, total, name: None)
         analysis = _measure(model, inputs, selected, reasons, opts, step)
         step(len(selected), len(selected), "timing the whole model")
-        _end_to_end(model, inputs, analysis, opts.repeats)
+        _end_to_end(model, inputs, analysis, opts, time_whole)
     _final_verdict(analysis, opts.min_gain)
     return analysis
 
@@ -326,10 +303,15 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
     if not analysis.chosen:
         analysis.verdict = "no layer measured faster on the sparse kernels; model left dense"
         return
-    gain = analysis.dense.median / analysis.compressed.median
-    faster = clear_win(analysis.race, "compressed", min_gain)
+    entry = analysis.recorded
+    if entry is None:
+        gain = analysis.dense.median / analysis.compressed.median
+        faster = clear_win(analysis.race, "compressed", min_gain)
+    else:
+        gain, faster = 1 + entry.margin, entry.choice == "faster"
+    when = "" if entry is None else f", {recorded.WHERE}"
     if not faster or analysis.max_abs_diff > analysis.tolerance:
-        why = "outputs differ beyond tolerance" if faster else f"{gain:.2f}×"
+        why = "outputs differ beyond tolerance" if faster else f"{gain:.2f}×{when}"
         for r in analysis.layers:
             if r.chosen != "dense":
                 r.reason += f"; dropped: whole model {why if faster else 'not faster'} end to end"
@@ -338,7 +320,7 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
         return
     n = len(analysis.chosen)
     analysis.verdict = (
-        f"{n} layer{'s' if n > 1 else ''} on sparse kernels: {gain:.2f}× faster end to end"
+        f"{n} layer{'s' if n > 1 else ''} on sparse kernels: {gain:.2f}× faster end to end{when}"
     )
 
 
@@ -394,9 +376,12 @@ def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Modul
             without a sparse kernel are listed with the reason), ``allow_int8``
             (off: int8 values change results by rounding), ``allow_bsr`` (block-sparse
             when weights come in 4-row blocks; on), ``repeats`` (timed rounds, 15) and
-            ``min_gain`` (required relative speed-up, 0.05 = 5% faster than dense).
+            ``min_gain`` (required relative speed-up, 0.05 = 5% faster than dense);
+            ``remeasure`` (race every layer even where the tuning record holds its
+            decision, and record the new one; off: a recorded decision is reused, its
+            output still checked).
 
     Returns:
         The model (modified in place).
     """
-    return install_(model, analyse(model, example_inputs, **options))
+    return install_(model, analyse(model, example_inputs, time_whole=False, **options))

@@ -14,7 +14,7 @@ from nbcompress.engine.core.summary import removal_note
 from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult, SparsifyOptions
 from nbcompress.engine.speedup.coverage import describe
 from nbcompress.engine.speedup.explain import PATHS as _PATHS
-from nbcompress.engine.speedup.explain import choice, passed_over
+from nbcompress.engine.speedup.explain import choice, passed_over, some_of
 from nbcompress.engine.speedup.sparsify import analyse, install_
 from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.kernels.threads import get_threads
@@ -87,9 +87,14 @@ class SpeedupReport(TableReport):
 
     def _summary(self) -> list[str]:
         check = "within" if self.outputs_match else "OUTSIDE"
-        lines = [
+        timed = (
             f"end to end: dense {self.dense}  →  compressed {self.compressed}  "
-            f"({fmt_ratio(self.speedup)})",
+            f"({fmt_ratio(self.speedup)})"
+            if self.speedup is not None
+            else "end to end: not timed in this run (the verdict was measured earlier, below)"
+        )
+        lines = [
+            timed,
             f"output check: max |Δ| {self.max_abs_diff:.2e} {check} tolerance {self.tolerance:.2e}",
             self.outcome,
         ]
@@ -146,6 +151,7 @@ def _row(result: LayerResult, min_gain: float) -> dict[str, Any]:
         "—" if row["max |Δ|"] is None else f"{_sci(row['max |Δ|'])} ({_sci(row['tolerance'])})"
     )
     row["why"] = result.reason
+    row["recorded"] = result.recorded is not None  # not timed now: figures from the record
     return row
 
 
@@ -164,8 +170,15 @@ def _report(analysis: Analysis, applied: bool, min_gain: float) -> SpeedupReport
         + ", ".join(f"{_PATHS[k]} {v:g}" for k, v in RTOL.items()),
     ]
     unmeasured: dict[str, list[str]] = {}
+    reused = [r.name for r in analysis.layers if r.recorded is not None]
+    if reused:
+        notes.append(
+            f"{some_of(reused)}: decision reused from the tuning record (measured earlier on "
+            "this CPU, same weight pattern, input bucket and threads; not timed in this run, "
+            "outputs checked now); remeasure=True times them again"
+        )
     for r in analysis.layers:
-        if "dense" not in r.times:
+        if "dense" not in r.times and r.recorded is None:
             unmeasured.setdefault(r.reason, []).append(r.name)
     for why, names in unmeasured.items():
         shown = ", ".join(names[:4]) + (f", … ({len(names)} layers)" if len(names) > 4 else "")
@@ -213,13 +226,19 @@ def speedup(
             ``layers`` (glob pattern(s) on layer names; default every Linear/Conv layer),
             ``types``, ``allow_int8`` (let the choice use sparse int8, which changes
             results by rounding), ``allow_bsr``, ``repeats`` (timed rounds per candidate)
-            and ``min_gain`` (required relative speed-up for a layer to be switched).
+            and ``min_gain`` (required relative speed-up for a layer to be switched);
+            ``remeasure`` is on: this report times every layer even where the tuning record
+            holds a decision, and records what it measured in its place, so that a later
+            ``sparsify_`` follows the figures shown here (``remeasure=False`` reuses them).
 
     Returns:
         The report (``print`` it, or display it in a notebook; ``.plot()`` draws bars).
     """
+    # The measuring verb: its figures are timed now (a near tie cannot differ from what a
+    # record says), and they replace the record's, so sparsify_ follows what was shown.
+    options.setdefault("remeasure", True)
     with _reporter(progress) as step:
-        analysis = analyse(model, example_inputs, progress=step, **options)
+        analysis = analyse(model, example_inputs, progress=step, time_whole=False, **options)
     if apply:
         install_(model, analysis)
     min_gain = options.get("min_gain", SparsifyOptions.min_gain)

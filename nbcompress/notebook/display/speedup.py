@@ -71,8 +71,12 @@ def speedup_figure(report: SpeedupReport, ax: Axes | None = None) -> Figure:
     )
     _time_axis(ax, shown)
     speedup = "—" if report.speedup is None else f"{report.speedup:.2f}×"
-    ax.set_title(f"measured time per layer call; end to end {speedup}")
-    ax.legend(fontsize=8)
+    reused = sum(bool(r.get("recorded")) for r in report.rows)
+    # Decisions reused from the tuning record have no bars: say so rather than show gaps.
+    note = f" ({reused} layer(s) recorded earlier, not timed now)" if reused else ""
+    ax.set_title(f"measured time per layer call; end to end {speedup}{note}")
+    if paths:  # none when every layer was recorded earlier: no bars to name
+        ax.legend(fontsize=8)
     if ax.figure.get_layout_engine() is None:
         ax.figure.tight_layout()  # a caller's figure without a layout of its own
     return ax.figure

@@ -1,0 +1,92 @@
+"""What one layer could run as besides dense, and where its sparse kernel would break even.
+
+The sparse formats worth building for a layer, torch's dense int8 twin (timed for
+comparison only) and the break-even estimate shown in the speedup report ("break-even
+(est.)": the sparsity at which the fp32 kernel would match dense, assuming its time is
+linear in the nonzeros).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from nbcompress.engine.core.memory import twin
+from nbcompress.engine.prune.masks import BLOCK
+from nbcompress.engine.speedup.analysis import LayerResult
+from nbcompress.engine.speedup.coverage import BUILDERS
+from nbcompress.timing import Timing, measure
+
+__all__ = ["break_even", "formats_of", "probe", "torch_int8"]
+
+
+def formats_of(module: nn.Module, allow_bsr: bool) -> list[str]:
+    """The sparse formats worth building for ``module`` (block-sparse only if blocks fill)."""
+    weight = module.weight.detach().reshape(module.weight.shape[0], -1)
+    fmts = ["csr", "csr_int8"]
+    if allow_bsr and weight.shape[0] % BLOCK == 0:
+        # Block-sparse pays only when kept weights come in 4-row groups: fill must be high.
+        blocks = weight.reshape(-1, BLOCK, weight.shape[1]).ne(0).any(dim=1).sum().item()
+        nnz = int(weight.ne(0).sum())
+        if nnz and BLOCK * blocks <= 1.25 * nnz:
+            fmts.append("bsr")
+    return fmts
+
+
+def torch_int8(module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
+    """Torch's dynamic int8 twin of a Linear, timed for comparison only (else ``None``)."""
+    if not isinstance(module, nn.Linear):
+        return None
+    from nbcompress.engine.quantize.backends import quiet
+
+    with quiet(seen):
+        try:
+            # In place on a twin of the layer (quantizing reads the float weight, never
+            # writes it): a deep copy would cost the layer's float weight twice over.
+            return torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(twin(module)), {nn.Linear}, dtype=torch.qint8, inplace=True
+            )
+        except (RuntimeError, AttributeError, ImportError):
+            return None
+
+
+def probe(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """The sparse module of ``module`` with ``weight`` in place of its own (left untouched)."""
+    double = twin(module)  # shares the layer's tensors: only the swapped weight is new
+    double.weight = nn.Parameter(weight, requires_grad=False)
+    return BUILDERS[type(module)].from_dense(double)
+
+
+def break_even(
+    module: nn.Module, x: torch.Tensor, result: LayerResult, timer: Callable[..., Timing] = measure
+) -> float | None:
+    """Sparsity where the fp32 kernel would match dense, assuming time linear in nonzeros.
+
+    Args:
+        module: The dense layer.
+        x: Its input.
+        result: Its measurements (``None`` unless the fp32 kernel was timed).
+        timer: Times a call (:func:`nbcompress.timing.measure`, or the caller's).
+    """
+    if "csr" not in result.times:
+        return None
+    weight = module.weight.detach()
+    size = weight.numel()
+    # An all-zero weight from one broadcast zero (from_dense still copies it once to check
+    # it; the probe is freed before the next layer).
+    empty = probe(module, weight.new_zeros(()).expand_as(weight))
+    t0 = timer(lambda: empty(x), warmup=2, repeats=7).median
+    nnz, t_sparse = int(weight.ne(0).sum()), result.times["csr"].median
+    if nnz < 0.01 * size:
+        # Too few nonzeros to fit a slope: time a random 10%-dense weight of this shape
+        # (drawn as before: the values, then the mask; multiplied in place).
+        random = torch.randn_like(weight).mul_(torch.rand_like(weight) < 0.1)
+        nnz = int(random.ne(0).sum())
+        dense10 = probe(module, random)
+        del random
+        t_sparse = timer(lambda: dense10(x), warmup=2, repeats=7).median
+    per_nnz = max(t_sparse - t0, 1e-12) / max(nnz, 1)
+    density = (result.times["dense"].median - t0) / (per_nnz * size)
+    return float(min(1.0, max(0.0, 1.0 - density)))
