@@ -27,12 +27,12 @@ from torch import nn
 
 from nbcompress.datasets import Split, mnist
 from nbcompress.engine.core.report import Table, TableReport, fmt_bytes
-from nbcompress.engine.prune.prune import prune_ratios_, remove_masks_
+from nbcompress.engine.prune.prune import remove_masks_
 from nbcompress.engine.quantize.quantize import quantize_
 from nbcompress.engine.quantize.report import serialized_size
 from nbcompress.engine.schedule.finetune import finetune
 from nbcompress.engine.schedule.finetune_result import FinetuneResult
-from nbcompress.engine.sensitivity.suggestion import Suggestion
+from nbcompress.engine.sensitivity.suggestion import Suggestion, prune_to_suggestion_
 from nbcompress.engine.sensitivity.sweep import sensitivity
 from nbcompress.timing import Timing, format_seconds, measure_interleaved
 from nbcompress.zoo import SeedCNN, accuracy, train
@@ -103,15 +103,7 @@ def prune_suggested_(model: nn.Module, suggestion: Suggestion) -> nn.Module:
 
     Masks are kept so that fine-tuning next cannot revive pruned weights; one undoable step.
     """
-    return prune_ratios_(
-        model,
-        suggestion.ratios,
-        method=suggestion.method,
-        granularity=suggestion.granularity,
-        reconstruct=suggestion.reconstruct,
-        example_inputs=suggestion.calibration,
-        keep_masks=True,
-    )
+    return prune_to_suggestion_(model, suggestion, keep_masks=True)
 
 
 def finetune_(model: nn.Module, data: Split, epochs: int, *, seed: int = 1) -> FinetuneResult:

@@ -16,11 +16,11 @@ from torch import nn
 from nbcompress.demo.engines import EngineTrial, choose_engine
 from nbcompress.demo.log import StepLog
 from nbcompress.engine.core.report import fmt_bytes, fmt_pct
-from nbcompress.engine.prune.prune import prune_ratios_, remove_masks_
+from nbcompress.engine.prune.prune import remove_masks_
 from nbcompress.engine.quantize.config import StaticInt8Config
 from nbcompress.engine.quantize.quantize import QuantizeReport, quantize_, quantize_report
 from nbcompress.engine.schedule.finetune import finetune
-from nbcompress.engine.sensitivity.suggestion import Suggestion
+from nbcompress.engine.sensitivity.suggestion import Suggestion, prune_to_suggestion_
 from nbcompress.engine.sensitivity.sweep import sensitivity
 from nbcompress.engine.speedup.speedup import SpeedupReport, speedup
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
@@ -113,15 +113,7 @@ def suggest(
 
 def prune_with_masks(log: StepLog, model: nn.Module, choice: Suggestion, data: Split) -> float:
     """Prune to the suggestion's ratios as the suggestion applies them, masks kept."""
-    prune_ratios_(
-        model,
-        choice.ratios,
-        method=choice.method,
-        granularity=choice.granularity,
-        reconstruct=choice.reconstruct,
-        example_inputs=choice.calibration,
-        keep_masks=True,  # fine-tuning next must not revive pruned weights
-    )
+    prune_to_suggestion_(model, choice, keep_masks=True)  # fine-tuning must not revive zeros
     acc = data.test_accuracy(model)
     share = zero_share(model, [n for n, r in choice.ratios.items() if r > 0])
     log.say(f"{fmt_pct(share)} of the pruned layers' weights are zero; test accuracy {acc:.2%}")

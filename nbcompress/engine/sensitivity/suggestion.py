@@ -27,7 +27,7 @@ from nbcompress.engine.sensitivity.removal import remove_groups
 if TYPE_CHECKING:
     from nbcompress.engine.sensitivity.refine import Refinement
 
-__all__ = ["ApplyReport", "Suggestion", "apply_suggestion_"]
+__all__ = ["ApplyReport", "Suggestion", "apply_suggestion_", "prune_to_suggestion_"]
 
 _RATIO_COLUMNS = {"layer": None, "ratio": fmt_pct}
 
@@ -218,10 +218,7 @@ def apply_suggestion_(
             # remove_ wrote channels, params and MACs before → after: keep them.
             detail = f"{detail}: {tx.step.detail}".rstrip(": ")
         else:
-            prune_ratios_(
-                model, ratios, granularity=suggestion.granularity, method=suggestion.method,
-                reconstruct=suggestion.reconstruct, example_inputs=suggestion.calibration,
-            )  # fmt: skip
+            prune_to_suggestion_(model, suggestion)
         measured = measure() if measure else None  # an error here rolls the pruning back
         share = "" if suggestion.remove else f", sparsity {fmt_pct(suggestion.sparsity)}"
         tx.step.detail = detail + share
@@ -230,6 +227,24 @@ def apply_suggestion_(
     return ApplyReport(
         suggestion, suggestion.predicted, measured, suggestion.baseline, suggestion.metric,
         proxy=suggestion.proxy, notes=notes,
+    )  # fmt: skip
+
+
+def prune_to_suggestion_(
+    model: nn.Module, suggestion: Suggestion, *, keep_masks: bool = False
+) -> nn.Module:
+    """Prune ``model`` to a suggestion's ratios as the sweep pruned (granularity, method).
+
+    The one way a suggestion's unstructured ratios are applied: ``apply_suggestion_``, the
+    demo and the application notebooks all go through it. ``keep_masks=True`` keeps the
+    masks so that fine-tuning next cannot revive pruned weights. One undoable step (or part
+    of the caller's).
+    """
+    ratios = {n: r for n, r in suggestion.ratios.items() if r > 0}
+    return prune_ratios_(
+        model, ratios, granularity=suggestion.granularity, method=suggestion.method,
+        reconstruct=suggestion.reconstruct, example_inputs=suggestion.calibration,
+        keep_masks=keep_masks,
     )  # fmt: skip
 
 
