@@ -41,10 +41,17 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
+# The keys live in their own module; their names stay importable from here.
+from nbcompress.kernels.tuning_keys import (  # noqa: E402, F401 - re-exported
+    density_bucket,
+    layer_key,
+    matrix_key,
+    pow2,
+    shape_bucket,
+)
 
 __all__ = [
     "Entry",
@@ -56,6 +63,7 @@ __all__ = [
     "density_bucket",
     "layer_key",
     "lookup",
+    "machine_busy",
     "matrix_key",
     "remember",
     "shape_bucket",
@@ -75,10 +83,22 @@ class Entry:
         choice: The chosen option's name.
         margin: How much slower the runner-up was (0.03: 3%); below the choice's own
             margin the two were within noise and the incumbent was kept.
+        busy: Measured while the machine was busy (:func:`machine_busy`): such a choice is
+            used while it stays busy and measured again once it is quiet, and the quiet
+            measurement replaces it (a race under load must not decide for good).
     """
 
     choice: str
     margin: float
+    busy: bool = field(default_factory=lambda: machine_busy())
+
+
+def machine_busy() -> bool:
+    """Whether the 1-minute load average exceeds the CPU count (timings are then distorted)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # pragma: no cover - no load average on this OS
+        return False
 
 
 def cpu_key() -> str:
@@ -133,8 +153,18 @@ class Record:
         return entries.get(_text(family, key))
 
     def stale(self, family: str, key: tuple) -> bool:
-        """Whether ``(family, key)`` is to be measured again before its entry is reused."""
-        return self.refresh and _text(family, key) not in self._measured
+        """Whether ``(family, key)`` is to be measured again before its entry is reused.
+
+        In refresh mode, and for an entry measured on a busy machine now that it is quiet
+        (once per process: the new measurement replaces it).
+        """
+        text = _text(family, key)
+        if text in self._measured:
+            return False
+        if self.refresh:
+            return True
+        entry = self.get(family, key)
+        return entry is not None and entry.busy and not machine_busy()
 
     def put(self, family: str, key: tuple, entry: Entry, replace: bool = False) -> Entry:
         """Record ``entry``; returns the entry now recorded.
@@ -176,7 +206,8 @@ class Record:
             if data.get("format") != FORMAT or data.get("cpu") != self.cpu:
                 return {}
             return {
-                k: Entry(str(v["choice"]), float(v["margin"])) for k, v in data["entries"].items()
+                k: Entry(str(v["choice"]), float(v["margin"]), bool(v.get("busy", False)))
+                for k, v in data["entries"].items()
             }
         except (ValueError, TypeError, KeyError, AttributeError):
             if not quiet:
@@ -194,7 +225,8 @@ class Record:
                 merged = self._read(quiet=True)
                 for k, v in self._entries.items():  # type: ignore[union-attr]
                     merged.setdefault(k, v)
-                if replace:
+                # The first measurement wins, except over one taken on a busy machine.
+                if replace or (merged[text].busy and not entry.busy):
                     merged[text] = entry
                 self._entries = merged
                 self._write(merged)
@@ -211,7 +243,9 @@ class Record:
             "format": FORMAT,
             "cpu": self.cpu,
             "entries": {
-                k: {"choice": e.choice, "margin": round(e.margin, 4)} for k, e in entries.items()
+                k: {"choice": e.choice, "margin": round(e.margin, 4)}
+                | ({"busy": True} if e.busy else {})
+                for k, e in entries.items()
             },
         }
         # A temporary file in the same directory, then an atomic rename: readers in other
@@ -322,70 +356,3 @@ def remember(family: str, key: tuple, choice: str, margin: float) -> Entry | Non
     if record is None:
         return None
     return record.put(family, key, Entry(choice, float(margin)), replace=record.refresh)
-
-
-def pow2(n: int) -> int:
-    """``n`` rounded up to a power of two (0 stays 0)."""
-    return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
-
-
-def density_bucket(density: float) -> int:
-    """Density in percent, rounded to a step of 5 (90% sparse → 10)."""
-    return int(round(float(density) * 20)) * 5
-
-
-def matrix_key(mat: object) -> tuple:
-    """What of a packed weight decides its kernels: pattern, dtype, rows, columns, density."""
-    shape = mat.shape  # type: ignore[attr-defined]
-    data = mat.data  # type: ignore[attr-defined]
-    block = getattr(mat, "block", None)
-    rows, cols = int(shape[0]), int(shape[1])
-    nnz = int(np.prod(data.shape))
-    pattern = f"bsr{block[0]}x{block[1]}" if block is not None else f"csr-{data.dtype.name}"
-    return (pattern, mat.indices.dtype.name, rows, cols, density_bucket(nnz / max(1, rows * cols)))  # type: ignore[attr-defined]
-
-
-def layer_key(weight: object, input_shape: tuple[int, ...], threads: int, *extra: object) -> tuple:
-    """A key for a measured decision about one layer (e.g. ``sparsify_``'s dense vs sparse).
-
-    Args:
-        weight: The layer's weight (a CPU tensor without grad, or an array), out × anything.
-        input_shape: The layer's input shape; bucketed by :func:`shape_bucket`.
-        threads: The thread count the decision was measured at.
-        extra: Whatever else decides it (layer type, allowed formats, the required gain).
-
-    Returns:
-        ``(rows, cols, density %, 4-row block fill %, *input bucket, *extra, threads)``.
-    """
-    w = np.asarray(weight)
-    w = w.reshape(w.shape[0], -1)
-    rows, cols = w.shape
-    nz = w != 0
-    nnz = int(nz.sum())
-    fill = 0
-    if rows % 4 == 0 and nnz:  # how well the nonzeros fill 4 × 1 blocks (bsr pays or not)
-        blocks = int(nz.reshape(rows // 4, 4, cols).any(axis=1).sum())
-        fill = density_bucket(nnz / (4 * blocks))
-    dims = shape_bucket(("in", *input_shape))[1:]
-    return (
-        rows,
-        cols,
-        density_bucket(nnz / max(1, w.size)),
-        fill,
-        *dims,
-        *map(str, extra),
-        threads,
-    )
-
-
-def shape_bucket(key: tuple) -> tuple:
-    """A kernel-choice key with its input extents rounded up to powers of two.
-
-    ``("x", 100)`` → ``("x", 128)``; for ``("conv", N, C, H, W)`` the channels stay exact
-    (they are the weight's) and N, H, W are rounded.
-    """
-    kind, *dims = key
-    if kind == "conv" and len(dims) == 4:
-        n, c, h, w = dims
-        return (kind, pow2(n), c, pow2(h), pow2(w))
-    return (kind, *(pow2(d) if isinstance(d, int) else d for d in dims))

@@ -239,3 +239,36 @@ def test_a_layer_key_names_pattern_block_fill_and_input_bucket():
     assert tuning.layer_key(w, (2, 37, 6), 2, "Linear") == (8, 6, 10, 100, 2, 64, 8, "Linear", 2)
     w[4, 2] = 1.0  # a second block holding one nonzero: fill 5 / 8
     assert tuning.layer_key(w, (3, 6), 1)[2:4] == (10, 60)
+
+
+def test_a_choice_measured_under_load_is_measured_again_once_the_machine_is_quiet(
+    rng, record, races, monkeypatch, tmp_path
+):
+    w = sparse_weight(rng, 40, 300, 0.1)
+    monkeypatch.setattr(tuning, "machine_busy", lambda: True)
+    csr_matmul(pack_csr(w), _batch(rng, 64))
+    assert len(races) == 1
+    csr_matmul(pack_csr(w), _batch(rng, 64))  # still busy: the busy choice is used
+    assert len(races) == 1
+    saved = json.loads(next(tmp_path.glob("tuning-*.json")).read_text())
+    assert all(e.get("busy") for e in saved["entries"].values())
+
+    # A later process on a quiet machine measures it again, and its choice replaces it.
+    monkeypatch.setattr(tuning, "machine_busy", lambda: False)
+    tuning.configure(enabled=True, cache_dir=tmp_path, cpu="test-cpu")
+    csr_matmul(pack_csr(w), _batch(rng, 64))
+    assert len(races) == 2
+    csr_matmul(pack_csr(w), _batch(rng, 64))  # once per process
+    assert len(races) == 2
+    saved = json.loads(next(tmp_path.glob("tuning-*.json")).read_text())
+    assert not any(e.get("busy") for e in saved["entries"].values())
+
+
+def test_a_quiet_choice_is_kept_when_the_machine_is_busy_later(rng, record, races, monkeypatch):
+    w = sparse_weight(rng, 40, 300, 0.1)
+    monkeypatch.setattr(tuning, "machine_busy", lambda: False)
+    csr_matmul(pack_csr(w), _batch(rng, 64))
+    monkeypatch.setattr(tuning, "machine_busy", lambda: True)
+    tuning.configure(enabled=True, cache_dir=record.path.parent, cpu="test-cpu")
+    csr_matmul(pack_csr(w), _batch(rng, 64))
+    assert len(races) == 1
