@@ -12,7 +12,8 @@ ONNX Runtime fp32 and dynamic int8 (the model exported with ``torch.onnx.export`
 axis dynamic), and nbcompress: ``quantize_(m, "dynamic")`` (dense int8), ``sparsify_``
 (sparse fp32) and ``speedup(m, x, apply=True, allow_int8=True)`` (sparse int8 where it
 measures fastest). nbcompress variants are built per cell: their choices are measured
-on that cell's input and thread count (the build times are listed).
+on that cell's input and thread count (the build times are listed), with the tuning
+record off unless ``NBCOMPRESS_TUNING`` is set.
 
     python benchmarks/bench_runtimes.py --quick              # ~1 minute smoke run
     python benchmarks/bench_runtimes.py --markdown           # full run, table for RESULTS.md
@@ -27,6 +28,9 @@ import os
 # spinning after its call would steal the core from the next one (ORT: allow_spinning=0).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every cell measures its own choices: a tuning record written earlier (perhaps under load,
+# perhaps at other shapes) must not decide them. NBCOMPRESS_TUNING=on uses the record.
+os.environ.setdefault("NBCOMPRESS_TUNING", "off")
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
