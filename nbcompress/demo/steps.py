@@ -164,17 +164,14 @@ def int8(
     serving = next(iter(timing.inputs.values()))
 
     def quantize(config: StaticInt8Config) -> None:
-        with warnings.catch_warnings():
-            # torch.save of torch.ao's modules (the size, the pickle check) warns that
-            # TypedStorage is deprecated: torch's internals, not the user's to act on.
-            warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
-            quantize_(
-                model,
-                config,
-                calibrate=data.x_train[:calibration],
-                example_inputs=serving,
-                evaluate=evaluate,
-            )
+        # quantize_ keeps torch's TypedStorage warning to itself (report.storage_quiet).
+        quantize_(
+            model,
+            config,
+            calibrate=data.x_train[:calibration],
+            example_inputs=serving,
+            evaluate=evaluate,
+        )
 
     chosen, trials = choose_engine(
         model, timing.dense, quantize, timing.inputs, timing.engines, timing.rounds, log.say
