@@ -1,7 +1,9 @@
 """Inference modules nbcompress builds itself: weight-only and dynamic int8, half precision.
 
 They are ordinary ``nn.Module`` objects with their weights in buffers, so ``state_dict``,
-``torch.save``, ``copy.deepcopy`` and ``pickle`` work and serialized sizes are real.
+``torch.save``, ``copy.deepcopy`` and ``pickle`` work and serialized sizes are real. A
+pruned weight is serialized as a bitmask plus its nonzero values when that is smaller
+(:mod:`~nbcompress.engine.quantize.bitmask`); in memory it stays dense.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbcompress.engine.quantize.bitmask import BitmaskBuffers
 from nbcompress.engine.quantize.cpu import int8_cpu
 
 __all__ = [
@@ -113,12 +116,14 @@ class _StoredWeight(nn.Module):
         return f"{self.kind}, weight {self.weight_shape}"
 
 
-class Int8WeightOnly(_StoredWeight):
+class Int8WeightOnly(BitmaskBuffers, _StoredWeight):
     """Weight-only int8 (symmetric, one scale per output channel; exact zeros stay zero).
 
     The weight is dequantized to float32 on every call and the float kernel runs, so
-    the layer is ~4× smaller but not faster.
+    the layer is ~4× smaller but not faster (smaller still on disk where it has zeros).
     """
+
+    _bitmask_buffers = ("qweight",)
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__(layer)
@@ -131,8 +136,10 @@ class Int8WeightOnly(_StoredWeight):
         return self.qweight.float() * self.scale.reshape(shape)
 
 
-class HalfWeight(_StoredWeight):
+class HalfWeight(BitmaskBuffers, _StoredWeight):
     """Weight stored in float16/bfloat16 (half the bytes), computed in float32."""
+
+    _bitmask_buffers = ("hweight",)
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype) -> None:
         super().__init__(layer)
@@ -177,7 +184,7 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-class Int8DynamicLinear(nn.Module):
+class Int8DynamicLinear(BitmaskBuffers):
     """Dynamic int8 Linear on torch's fbgemm/oneDNN kernel, stored compactly.
 
     torch.ao's module serializes a float64 scale and an int64 zero point per output row;
@@ -189,7 +196,13 @@ class Int8DynamicLinear(nn.Module):
     that fbgemm's int16 pair sums cannot saturate: on MiniLM here that kept the embedding
     cosine at 0.993, where torch.ao's 7-bit activations gave 0.979. (8-bit weights loaded
     on such a CPU, e.g. saved on a VNNI machine, fall back to 7-bit activations instead.)
+
+    A pruned weight is saved as a bitmask plus its nonzeros when smaller; the packed
+    kernel weight is never saved, and rebuilt on the first call after loading or copying.
     """
+
+    _bitmask_buffers = ("qweight",)
+    _transient = ("_packed",)
 
     def __init__(self, layer: nn.Linear) -> None:
         super().__init__()
@@ -233,11 +246,6 @@ class Int8DynamicLinear(nn.Module):
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._packed = None  # buffers changed: repack on the next call
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_packed"] = None
-        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         packed, reduce_range = self._packed if self._packed is not None else self._pack()

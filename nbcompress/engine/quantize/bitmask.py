@@ -1,0 +1,168 @@
+"""Weights saved as a bitmask of their nonzeros plus the nonzero values, when that is smaller.
+
+A pruned layer quantized to int8 keeps its zeros (symmetric int8: zero point 0), but a
+dense int8 buffer spends a byte on each of them: a 50%-pruned, int8 MiniLM was exactly the
+size of an unpruned one. Serialized as one bit per weight (set where it is not zero) and
+then the nonzero values' bytes, an int8 weight takes ``1/8 + density`` bytes per weight:
+0.625 at 50% zeros (1.6× smaller), 0.225 at 90% (4.4×). Dense stays where the mask would
+not pay (below 1/8 zeros for int8).
+
+:class:`BitmaskBuffers` applies this to a module's named buffers in every serialized form
+(``state_dict`` / ``torch.save``, ``pickle``), and only there: the running module keeps
+its dense buffer (the kernels need it), ``copy.deepcopy`` (and
+:func:`~nbcompress.engine.core.memory.twin`, which shares tensors through the memo) copies
+it as it is, and ``state_dict(keep_vars=True)`` returns the live buffers. Zeros are
+found on the bit pattern, so the round trip is bit-exact for every dtype (``-0.0`` stays).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["BitmaskBuffers", "bitmask_size", "pack_bitmask", "unpack_bitmask"]
+
+# Integer dtype of each element size: zeros are compared and values moved as raw bits.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Pickled alongside the state: buffer name → (shape, dtype) of the ones saved packed.
+_SHAPES = "_bitmask_shapes"
+
+
+def bitmask_size(numel: int, nonzeros: int, itemsize: int = 1) -> int:
+    """Bytes of the packed form: one bit per element, then the nonzero elements."""
+    return (numel + 7) // 8 + nonzeros * itemsize
+
+
+def pack_bitmask(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as one uint8 vector (bitmask, then nonzero values), or ``None`` if not smaller.
+
+    Bit ``i`` (little bit order within each byte) is set when element ``i`` of ``t``
+    (row-major) is not all zero bits; the nonzero elements' bytes follow in that order.
+    """
+    if t.dtype == torch.bool or t.element_size() not in _BITS or t.numel() == 0:
+        return None
+    bits = t.detach().reshape(-1).view(_BITS[t.element_size()])
+    nonzero = bits != 0
+    count = int(nonzero.sum())
+    if bitmask_size(bits.numel(), count, t.element_size()) >= bits.numel() * t.element_size():
+        return None
+    mask = np.packbits(nonzero.numpy(), bitorder="little")
+    return torch.cat([torch.from_numpy(mask), bits[nonzero].view(torch.uint8)])
+
+
+def unpack_bitmask(
+    packed: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense tensor :func:`pack_bitmask` packed (a new tensor, bit-identical).
+
+    Raises:
+        ValueError: ``packed`` is not a packed form of ``shape`` elements.
+    """
+    numel, itemsize = math.prod(shape), torch.empty(0, dtype=dtype).element_size()
+    head = (numel + 7) // 8
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() < head:
+        raise ValueError(
+            f"a bitmask-packed weight of shape {tuple(shape)} is a uint8 vector of at least "
+            f"{head} bytes, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    mask = np.unpackbits(packed[:head].numpy(), count=numel, bitorder="little").view(bool)
+    count = int(mask.sum())
+    if packed.numel() != bitmask_size(numel, count, itemsize):
+        raise ValueError(
+            f"the bitmask of shape {tuple(shape)} marks {count} nonzeros, so "
+            f"{bitmask_size(numel, count, itemsize)} bytes, got {packed.numel()}"
+        )
+    values = packed[head:] if itemsize == 1 else packed[head:].clone()  # aligned for .view
+    out = torch.zeros(numel, dtype=_BITS[itemsize])
+    out[torch.from_numpy(mask)] = values.view(_BITS[itemsize])
+    return out.view(dtype).reshape(shape)
+
+
+class BitmaskBuffers(nn.Module):
+    """Mixin: the buffers named in ``_bitmask_buffers`` serialize bitmask-packed if smaller.
+
+    Put it before the module's base class (``class M(BitmaskBuffers, Base)``). Attributes
+    named in ``_transient`` (caches such as a kernel's packed weight) are dropped (set to
+    ``None``) in pickles and copies and rebuilt by the module on first use.
+
+    ``load_state_dict`` takes either form, so checkpoints saved dense (before packing
+    existed, or where it did not pay) still load.
+    """
+
+    _bitmask_buffers: tuple[str, ...] = ()
+    _transient: tuple[str, ...] = ()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if keep_vars:  # the live tensors were asked for (memory accounting), not a file
+            return
+        for name in self._bitmask_buffers:
+            value = destination.get(prefix + name)
+            packed = None if value is None else pack_bitmask(value)
+            if packed is not None:
+                destination[prefix + name] = packed
+
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, metadata: Any, strict: bool, missing: list,
+        unexpected: list, error_msgs: list,
+    ) -> None:  # fmt: skip
+        for name in self._bitmask_buffers:
+            key, own = prefix + name, self._buffers.get(name)
+            value = state_dict.get(key)
+            # A packed form is a uint8 vector; the dense buffer has the weight's shape.
+            if own is None or not _looks_packed(value, own):
+                continue
+            try:
+                state_dict[key] = unpack_bitmask(value, tuple(own.shape), own.dtype)
+            except ValueError as err:
+                error_msgs.append(f"{key}: {err}")
+        super()._load_from_state_dict(
+            state_dict, prefix, metadata, strict, missing, unexpected, error_msgs
+        )
+
+    def _copy_state(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(dict.fromkeys(self._transient))
+        return state
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self._copy_state()
+        buffers, shapes = dict(state["_buffers"]), {}
+        for name in self._bitmask_buffers:
+            value = buffers.get(name)
+            packed = None if value is None else pack_bitmask(value)
+            if packed is not None:
+                buffers[name], shapes[name] = packed, (tuple(value.shape), value.dtype)
+        state["_buffers"] = buffers
+        if shapes:
+            state[_SHAPES] = shapes
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        shapes = state.pop(_SHAPES, {})  # absent in pickles saved dense
+        super().__setstate__(state)
+        for name, (shape, dtype) in shapes.items():
+            self._buffers[name] = unpack_bitmask(self._buffers[name], shape, dtype)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BitmaskBuffers:
+        # As copy.deepcopy does by default, minus the packing: a copy stays dense, and a
+        # twin's memo can keep sharing the original's tensors.
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._copy_state(), memo))
+        return new
+
+
+def _looks_packed(value: Any, own: torch.Tensor) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dtype == torch.uint8
+        and value.dim() == 1
+        and tuple(value.shape) != tuple(own.shape)
+    )
