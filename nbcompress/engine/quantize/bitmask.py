@@ -25,12 +25,26 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BitmaskBuffers", "bitmask_size", "pack_bitmask", "unpack_bitmask"]
+__all__ = [
+    "BitmaskBuffers",
+    "PackedQTensor",
+    "bitmask_size",
+    "pack_bitmask",
+    "pack_qtensors",
+    "unpack_bitmask",
+    "unpack_qtensors",
+]
 
 # Integer dtype of each element size: zeros are compared and values moved as raw bits.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Pickled alongside the state: buffer name → (shape, dtype) of the ones saved packed.
 _SHAPES = "_bitmask_shapes"
+# First item of the tuple a packed qint8 tensor is saved as (state dicts: tuples load
+# with ``torch.load(weights_only=True)``, a class of ours would not).
+_QTAG = "nbcompress.bitmask.qint8"
+_QTUPLE_BYTES = 128
+_PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
+_PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 
 
 def bitmask_size(numel: int, nonzeros: int, itemsize: int = 1) -> int:
@@ -166,3 +180,78 @@ def _looks_packed(value: Any, own: torch.Tensor) -> bool:
         and value.dim() == 1
         and tuple(value.shape) != tuple(own.shape)
     )
+
+
+def _pack_qtensor(q: Any) -> tuple | None:
+    """A qint8 tensor as ``(tag, packed codes, shape, scale(s), zero point(s), axis)``.
+
+    ``axis`` is -1 for one scale per tensor (then a float and an int, as torch saves
+    them). ``None``: not a qint8 tensor, or the packed form would not be smaller by
+    :data:`_QTUPLE_BYTES` (what the tuple itself costs in the file).
+    """
+    if not isinstance(q, torch.Tensor) or not q.is_quantized or q.dtype != torch.qint8:
+        return None
+    if q.qscheme() in _PER_CHANNEL:
+        scales, points = q.q_per_channel_scales(), q.q_per_channel_zero_points()
+        axis = q.q_per_channel_axis()
+    elif q.qscheme() in _PER_TENSOR:
+        scales, points, axis = q.q_scale(), q.q_zero_point(), -1
+    else:
+        return None
+    packed = pack_bitmask(q.int_repr())
+    if packed is None or packed.numel() + _QTUPLE_BYTES > q.numel():
+        return None
+    return (_QTAG, packed, tuple(q.shape), scales, points, axis)
+
+
+def _unpack_qtensor(entry: tuple) -> torch.Tensor:
+    """The qint8 tensor :func:`_pack_qtensor` packed (bit-identical codes and scales)."""
+    _, packed, shape, scales, points, axis = entry
+    codes = unpack_bitmask(packed, tuple(shape), torch.int8)
+    if axis < 0:
+        return torch._make_per_tensor_quantized_tensor(codes, scales, points)
+    return torch._make_per_channel_quantized_tensor(codes, scales, points, axis)
+
+
+def _is_packed_qtensor(value: Any) -> bool:
+    return isinstance(value, tuple) and len(value) == 6 and value[0] == _QTAG
+
+
+class PackedQTensor:
+    """A qint8 tensor that pickles packed and unpickles as the quantized tensor itself."""
+
+    def __init__(self, entry: tuple) -> None:
+        self.entry = entry
+
+    def __reduce__(self) -> tuple:
+        return _unpack_qtensor, (self.entry,)
+
+
+def _each(value: Any, fn: Any) -> Any:
+    """``value`` with ``fn`` applied to it, or to the items of (nested) tuples and lists."""
+    if isinstance(value, (tuple, list)) and not _is_packed_qtensor(value):
+        return type(value)(_each(v, fn) for v in value)
+    return fn(value)
+
+
+def pack_qtensors(value: Any, *, pickled: bool = False) -> Any:
+    """``value`` with each qint8 tensor in it (at any depth of tuples) packed where smaller.
+
+    Args:
+        value: A state-dict value or a module's ``__getstate__`` tuple.
+        pickled: Pack into :class:`PackedQTensor` (unpickles as the tensor) rather than the
+            plain tuple a state dict holds (rebuilt by :func:`unpack_qtensors`).
+    """
+
+    def pack(v: Any) -> Any:
+        entry = _pack_qtensor(v)
+        if entry is None:
+            return v
+        return PackedQTensor(entry) if pickled else entry
+
+    return _each(value, pack)
+
+
+def unpack_qtensors(value: Any) -> Any:
+    """``value`` with each packed qint8 tensor from :func:`pack_qtensors` rebuilt."""
+    return _each(value, lambda v: _unpack_qtensor(v) if _is_packed_qtensor(v) else v)

@@ -6,11 +6,14 @@ BatchNorm, ReLU, pooling, Flatten, Dropout) becomes one :class:`StaticRegion` �
 ``QuantStub → fused copies → DeQuantStub`` — in the place of the run's first child, and
 the rest of the run becomes ``nn.Identity``. Layers whose parent has its own ``forward``
 get a region of their own. The originals are copied, never edited, so undo restores
-them bit-exactly.
+them bit-exactly. A pruned layer's int8 weight is saved as a bitmask plus its nonzeros
+where that is smaller (:mod:`~nbcompress.engine.quantize.bitmask`), in the state dict and
+in pickles; in memory torch's packed weight is as dense as ever.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +24,7 @@ from torch import nn
 from nbcompress.engine.core.memory import twin
 from nbcompress.engine.core.validation import call_model
 from nbcompress.engine.quantize.backends import quantized_engine, quiet
+from nbcompress.engine.quantize.bitmask import pack_qtensors, unpack_qtensors
 from nbcompress.engine.quantize.config import StaticInt8Config
 from nbcompress.engine.quantize.modules import opaque_weight
 
@@ -58,7 +62,9 @@ class StaticRegion(nn.Sequential):
     no ``_modules`` or hook dicts and fails on ``.eval()`` or its first call. Each one is
     pickled as a recipe instead (:func:`_rebuild_conv`): its class and torch's own
     ``__getstate__`` tuple (int8 weight with its scales and zero points, bias, geometry,
-    output scale and zero point), rebuilt the way torch's ``__deepcopy__`` does.
+    output scale and zero point), rebuilt the way torch's ``__deepcopy__`` does. Quantized
+    Linear layers are pickled as their class, size and state dict (:func:`_rebuild_linear`),
+    so that their int8 weight can be packed too.
     """
 
     #: Shape of the weight of the layer the region stands in for (first weighted layer).
@@ -81,16 +87,42 @@ class StaticRegion(nn.Sequential):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state = dict(state)
-        state["_modules"] = {
-            k: _ConvRecipe(m) if _is_quantized_conv(m) else m for k, m in state["_modules"].items()
-        }
+        state["_modules"] = {k: _recipe(m) for k, m in state["_modules"].items()}
         return state
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The state dict, with the int8 weights of pruned layers bitmask-packed."""
+        state = super().state_dict(*args, **kwargs)
+        if args or kwargs.get("keep_vars"):
+            return state  # torch's legacy positional call, or the live tensors asked for
+        prefix = kwargs.get("prefix", "")
+        for key in [k for k in state if k.startswith(prefix)]:
+            state[key] = pack_qtensors(state[key])
+        return state
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *rest: Any) -> None:
+        # Runs before the layers load theirs: they find their weights unpacked.
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            state_dict[key] = unpack_qtensors(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *rest)
 
 
 def _is_quantized_conv(module: Any) -> bool:
     import torch.ao.nn.quantized as nnq
 
     return isinstance(module, (nnq.Conv1d, nnq.Conv2d, nnq.Conv3d))
+
+
+def _recipe(module: Any) -> Any:
+    """What pickles in place of ``module``: a recipe for torch's quantized layers."""
+    import torch.ao.nn.quantized as nnq
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    if _is_quantized_conv(module):
+        return _ConvRecipe(module)
+    if isinstance(module, nnq.Linear) and not isinstance(module, nnqd.Linear):
+        return _LinearRecipe(module)
+    return module
 
 
 class _ConvRecipe:
@@ -100,7 +132,31 @@ class _ConvRecipe:
         self.conv = conv
 
     def __reduce__(self) -> tuple:
-        return _rebuild_conv, (type(self.conv), self.conv.__getstate__())
+        state = pack_qtensors(self.conv.__getstate__(), pickled=True)
+        return _rebuild_conv, (type(self.conv), state)
+
+
+class _LinearRecipe:
+    """Pickles a torch quantized Linear as ``_rebuild_linear(class, sizes, state dict)``."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        self.linear = linear
+
+    def __reduce__(self) -> tuple:
+        m = self.linear
+        state = m.state_dict()  # keeps its _metadata: the layout version torch loads by
+        for key in state:
+            state[key] = pack_qtensors(state[key], pickled=True)
+        return _rebuild_linear, (type(m), m.in_features, m.out_features, m.training, state)
+
+
+def _rebuild_linear(cls: type, n_in: int, n_out: int, training: bool, state: dict) -> nn.Module:
+    """Rebuild a quantized Linear from its sizes and state dict (weights unpickled dense)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation, already reported
+        linear = cls(n_in, n_out)
+        linear.load_state_dict(state)
+    return linear.train(training)
 
 
 def _rebuild_conv(cls: type, state: tuple) -> nn.Module:

@@ -14,7 +14,8 @@ from nbcompress.engine.core.memory import twin
 from nbcompress.engine.quantize import bitmask
 from nbcompress.engine.quantize.bitmask import bitmask_size, pack_bitmask, unpack_bitmask
 from nbcompress.engine.quantize.modules import HalfWeight, Int8DynamicLinear, Int8WeightOnly
-from nbcompress.engine.quantize.report import serialized_size
+from nbcompress.engine.quantize.report import serialized_size, storage_quiet
+from nbcompress.zoo import SeedCNN
 from tests.helpers import assert_same_state, bits, snapshot
 
 BUILDERS = {
@@ -237,3 +238,62 @@ def test_quantize_report_sizes_count_the_packed_bytes_and_undo_is_bit_exact(mode
     nc.undo_(model)
     assert_same_state(model, before)
     assert torch.equal(call(model, x), out_float)
+
+
+# --- static int8 (torch.ao layers inside nbcompress's StaticRegion) ------------------------
+
+
+def static_cnn(seed: int, zeros: float = 0.9):
+    """SeedCNN (seeded), L1-pruned, static int8; the same calibration batch for every seed."""
+    torch.manual_seed(seed)
+    model = SeedCNN().eval()
+    if zeros:
+        nc.prune_(model, zeros, include_output=True)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    nc.quantize_(model, "static", calibrate=x, example_inputs=x, repeats=3)
+    return model, x
+
+
+def test_static_int8_weights_save_packed_and_load_into_another_model_bit_identical():
+    model, x = static_cnn(0)
+    out = call(model, x)
+    state = model.state_dict()
+    packed = [k for k, v in state.items() if isinstance(v, tuple) and "bitmask" in str(v[0])]
+    assert "features.0.1.weight" in packed  # a quantized conv's weight
+    assert serialized_size(model) < unpacked_size(model) / 2
+    other, _ = static_cnn(1)  # same structure, other weights and scales
+    assert not torch.equal(call(other, x), out)
+    other.load_state_dict(torch.load(io.BytesIO(saved(state)), weights_only=True))
+    assert torch.equal(call(other, x), out)
+
+
+def test_static_int8_pickles_copies_and_old_dense_state_dicts_stay_exact():
+    model, x = static_cnn(0)
+    out = call(model, x)
+    orig = bitmask.pack_bitmask
+    bitmask.pack_bitmask = lambda t: None
+    try:
+        with storage_quiet():  # torch.ao's weights pickle through the old storage API
+            dense_pickle = pickle.dumps(model)  # as pickled before packing existed
+    finally:
+        bitmask.pack_bitmask = orig
+    with storage_quiet():
+        assert len(pickle.dumps(model)) < len(dense_pickle) / 2
+        copies = [pickle.loads(pickle.dumps(model)), pickle.loads(dense_pickle)]
+        copies += [loaded(saved(model)), copy.deepcopy(model)]
+    for copied in copies:
+        assert torch.equal(call(copied, x), out)
+    old_state = model.state_dict(keep_vars=True)  # quantized tensors as torch saves them
+    other, _ = static_cnn(1)
+    other.load_state_dict(old_state)
+    assert torch.equal(call(other, x), out)
+
+
+def test_static_int8_without_zeros_saves_as_before_and_undo_is_bit_exact():
+    torch.manual_seed(0)
+    model, x = SeedCNN().eval(), torch.rand(4, 1, 28, 28)
+    before = snapshot(model)
+    nc.quantize_(model, "static", calibrate=x, example_inputs=x, repeats=3)
+    assert serialized_size(model) == unpacked_size(model)
+    nc.undo_(model)
+    assert_same_state(model, before)
