@@ -102,7 +102,9 @@ class BitmaskBuffers(nn.Module):
 
     Put it before the module's base class (``class M(BitmaskBuffers, Base)``). Attributes
     named in ``_transient`` (caches such as a kernel's packed weight) are dropped (set to
-    ``None``) in pickles and copies and rebuilt by the module on first use.
+    ``None``) in pickles and copies and rebuilt by the module on first use. A module whose
+    zeros are not stored as zero bits (asymmetric int8) maps them there in
+    :meth:`_before_packing` and back in :meth:`_after_unpacking` (a bijection: exact).
 
     ``load_state_dict`` takes either form, so checkpoints saved dense (before packing
     existed, or where it did not pay) still load.
@@ -111,13 +113,28 @@ class BitmaskBuffers(nn.Module):
     _bitmask_buffers: tuple[str, ...] = ()
     _transient: tuple[str, ...] = ()
 
+    def _before_packing(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Buffer ``name`` as it is packed (by default unchanged)."""
+        return value
+
+    def _after_unpacking(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_before_packing`."""
+        return value
+
+    def _bitmask_pack(self, name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+        return None if value is None else pack_bitmask(self._before_packing(name, value))
+
+    def _bitmask_unpack(
+        self, name: str, packed: torch.Tensor, shape: tuple, dtype: Any
+    ) -> torch.Tensor:
+        return self._after_unpacking(name, unpack_bitmask(packed, shape, dtype))
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if keep_vars:  # the live tensors were asked for (memory accounting), not a file
             return
         for name in self._bitmask_buffers:
-            value = destination.get(prefix + name)
-            packed = None if value is None else pack_bitmask(value)
+            packed = self._bitmask_pack(name, destination.get(prefix + name))
             if packed is not None:
                 destination[prefix + name] = packed
 
@@ -132,7 +149,7 @@ class BitmaskBuffers(nn.Module):
             if own is None or not _looks_packed(value, own):
                 continue
             try:
-                state_dict[key] = unpack_bitmask(value, tuple(own.shape), own.dtype)
+                state_dict[key] = self._bitmask_unpack(name, value, tuple(own.shape), own.dtype)
             except ValueError as err:
                 error_msgs.append(f"{key}: {err}")
         super()._load_from_state_dict(
@@ -149,7 +166,7 @@ class BitmaskBuffers(nn.Module):
         buffers, shapes = dict(state["_buffers"]), {}
         for name in self._bitmask_buffers:
             value = buffers.get(name)
-            packed = None if value is None else pack_bitmask(value)
+            packed = self._bitmask_pack(name, value)
             if packed is not None:
                 buffers[name], shapes[name] = packed, (tuple(value.shape), value.dtype)
         state["_buffers"] = buffers
@@ -162,7 +179,7 @@ class BitmaskBuffers(nn.Module):
         shapes = state.pop(_SHAPES, {})  # absent in pickles saved dense
         super().__setstate__(state)
         for name, (shape, dtype) in shapes.items():
-            self._buffers[name] = unpack_bitmask(self._buffers[name], shape, dtype)
+            self._buffers[name] = self._bitmask_unpack(name, self._buffers[name], shape, dtype)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BitmaskBuffers:
         # As copy.deepcopy does by default, minus the packing: a copy stays dense, and a

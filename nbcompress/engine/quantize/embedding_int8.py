@@ -12,7 +12,10 @@ The lookup dequantizes on the fly: the numba kernel
 whichever measured faster for the call's size on its first call (numba wins small
 lookups here, fbgemm large bags); ``padding_idx`` needs the numba kernel, ``mode="max"``
 dequantizes the gathered rows and reduces with torch. The modules hold buffers only, so
-``state_dict``, ``torch.save``, ``pickle`` and ``copy.deepcopy`` work.
+``state_dict``, ``torch.save``, ``pickle`` and ``copy.deepcopy`` work. A table with many
+exact zeros is saved as a bitmask plus the other codes where that is smaller
+(:mod:`~nbcompress.engine.quantize.bitmask`; each row's codes taken relative to the code
+of 0.0 in that row, so that its zeros are zero bits); in memory it stays dense.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nbcompress.engine.prune.row_tables import RowPrunedEmbedding, RowPrunedEmbeddingBag
+from nbcompress.engine.quantize.bitmask import BitmaskBuffers
 from nbcompress.engine.quantize.embedding_kernel import bag_int8, lookup_int8
 from nbcompress.timing import race
 
@@ -59,8 +63,28 @@ def pack_rows_int8(w: torch.Tensor) -> torch.Tensor:
     return torch.cat([q, tail], dim=1).contiguous()
 
 
-class _Int8Table(nn.Module):
+def _shift_codes(packed: torch.Tensor, dim: int, sign: int) -> torch.Tensor:
+    """``packed`` with each row's codes minus (``sign`` -1) or plus (+1) its code of 0.0.
+
+    Modulo 256, so a bijection whatever the codes; the row's scale and bias (the tail,
+    which gives the code of 0.0 as :func:`pack_rows_int8` computes it) stay as they are.
+    """
+    tail = packed[:, dim:].contiguous().view(torch.float32)
+    scale, lo = tail[:, 0], tail[:, 1]
+    zero = torch.nan_to_num((0 - lo) / scale).round_().clamp_(0, 255).to(torch.uint8)
+    out = packed.clone()
+    codes = out[:, :dim]
+    if sign < 0:
+        codes.sub_(zero[:, None])
+    else:
+        codes.add_(zero[:, None])
+    return out
+
+
+class _Int8Table(BitmaskBuffers, nn.Module):
     """What both int8 tables share: packed rows, the id map, kernel choice, dense view."""
+
+    _bitmask_buffers = ("packed",)
 
     def __init__(self, layer: nn.Module, kernel: str = "auto") -> None:
         super().__init__()
@@ -80,10 +104,16 @@ class _Int8Table(nn.Module):
         self._np: tuple[np.ndarray, ...] | None = None
         self._choice: dict[tuple, str] = {}
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
+    def _copy_state(self) -> dict[str, Any]:
+        state = super()._copy_state()
         state["_np"], state["_choice"] = None, {}  # views / this machine's timings
         return state
+
+    def _before_packing(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return _shift_codes(value, self.embedding_dim, -1)  # a 0.0 weight → zero bits
+
+    def _after_unpacking(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return _shift_codes(value, self.embedding_dim, +1)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)

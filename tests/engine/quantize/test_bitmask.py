@@ -297,3 +297,31 @@ def test_static_int8_without_zeros_saves_as_before_and_undo_is_bit_exact():
     assert serialized_size(model) == unpacked_size(model)
     nc.undo_(model)
     assert_same_state(model, before)
+
+
+# --- int8 embedding tables (asymmetric rows: 0.0 is not code 0) -----------------------------
+
+
+def table(cls, zeros: float):
+    torch.manual_seed(0)
+    layer = cls(300, 19) if cls is nn.Embedding else cls(300, 19, mode="sum")
+    return pruned(layer, zeros)
+
+
+@pytest.mark.parametrize("cls", [nn.Embedding, nn.EmbeddingBag])
+def test_int8_tables_with_zeros_save_smaller_and_load_bit_identical(cls):
+    from nbcompress.engine.quantize.embedding_int8 import int8_table
+
+    ids = torch.randint(0, 300, (6, 5), generator=torch.Generator().manual_seed(2))
+    for zeros in (0.0, 0.5, 0.9):
+        module = int8_table(None, table(cls, zeros))
+        out = call(module, ids)
+        if zeros:
+            assert serialized_size(module) < unpacked_size(module) * (0.7 if zeros > 0.5 else 0.9)
+        else:
+            assert serialized_size(module) == unpacked_size(module)
+        fresh = int8_table(None, table(cls, 0.0))
+        fresh.load_state_dict(torch.load(io.BytesIO(saved(module.state_dict()))))
+        assert torch.equal(fresh.packed, module.packed)
+        for copied in (fresh, pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
+            assert torch.equal(call(copied, ids), out)
