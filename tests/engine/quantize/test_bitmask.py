@@ -325,3 +325,18 @@ def test_int8_tables_with_zeros_save_smaller_and_load_bit_identical(cls):
         assert torch.equal(fresh.packed, module.packed)
         for copied in (fresh, pickle.loads(pickle.dumps(module)), copy.deepcopy(module)):
             assert torch.equal(call(copied, ids), out)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_nbcompress_save_and_load_of_a_pruned_int8_model_are_exact(mode, tmp_path):
+    if mode == "static":
+        model, x = static_cnn(0)
+        torch.manual_seed(1)
+        fresh = SeedCNN().eval()
+    else:
+        model, x = ffn(0.9), torch.randn(4, 64)
+        nc.quantize_(model, mode, example_inputs=x, backend="nbcompress", repeats=3)
+        fresh = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64)).eval()
+    nc.save(model, tmp_path / "m.pt")
+    nc.load(tmp_path / "m.pt", fresh)
+    assert torch.equal(call(fresh, x), call(model, x))
