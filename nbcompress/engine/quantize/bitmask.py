@@ -37,6 +37,7 @@ __all__ = [
 
 # Integer dtype of each element size: zeros are compared and values moved as raw bits.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NP_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 # Pickled alongside the state: buffer name → (shape, dtype) of the ones saved packed.
 _SHAPES = "_bitmask_shapes"
 # First item of the tuple a packed qint8 tensor is saved as (state dicts: tuples load
@@ -60,13 +61,16 @@ def pack_bitmask(t: torch.Tensor) -> torch.Tensor | None:
     """
     if t.dtype == torch.bool or t.element_size() not in _BITS or t.numel() == 0:
         return None
-    bits = t.detach().reshape(-1).view(_BITS[t.element_size()])
-    nonzero = bits != 0
-    count = int(nonzero.sum())
-    if bitmask_size(bits.numel(), count, t.element_size()) >= bits.numel() * t.element_size():
+    size = t.element_size()
+    # numpy, on a bool mask: a boolean index (numpy's or torch's) took 13-37 ms on 2.4M
+    # weights here, the mask's flatnonzero + take 3 ms
+    flat = t.detach().reshape(-1).view(_BITS[size]).numpy()
+    nonzero = flat != 0
+    count = int(np.count_nonzero(nonzero))
+    if bitmask_size(flat.size, count, size) >= flat.size * size:
         return None
-    mask = np.packbits(nonzero.numpy(), bitorder="little")
-    return torch.cat([torch.from_numpy(mask), bits[nonzero].view(torch.uint8)])
+    values = flat.take(np.flatnonzero(nonzero)).view(np.uint8)
+    return torch.from_numpy(np.concatenate([np.packbits(nonzero, bitorder="little"), values]))
 
 
 def unpack_bitmask(
@@ -84,17 +88,17 @@ def unpack_bitmask(
             f"a bitmask-packed weight of shape {tuple(shape)} is a uint8 vector of at least "
             f"{head} bytes, got {packed.dtype} of shape {tuple(packed.shape)}"
         )
-    mask = np.unpackbits(packed[:head].numpy(), count=numel, bitorder="little").view(bool)
-    count = int(mask.sum())
-    if packed.numel() != bitmask_size(numel, count, itemsize):
+    bits = np.unpackbits(packed[:head].numpy(), count=numel, bitorder="little")
+    where = np.flatnonzero(bits.view(bool))
+    if packed.numel() != bitmask_size(numel, where.size, itemsize):
         raise ValueError(
-            f"the bitmask of shape {tuple(shape)} marks {count} nonzeros, so "
-            f"{bitmask_size(numel, count, itemsize)} bytes, got {packed.numel()}"
+            f"the bitmask of shape {tuple(shape)} marks {where.size} nonzeros, so "
+            f"{bitmask_size(numel, where.size, itemsize)} bytes, got {packed.numel()}"
         )
-    values = packed[head:] if itemsize == 1 else packed[head:].clone()  # aligned for .view
-    out = torch.zeros(numel, dtype=_BITS[itemsize])
-    out[torch.from_numpy(mask)] = values.view(_BITS[itemsize])
-    return out.view(dtype).reshape(shape)
+    ints = _NP_BITS[itemsize]
+    out = np.zeros(numel, dtype=ints)
+    out[where] = packed[head:].numpy().copy().view(ints)  # a copy: aligned for the view
+    return torch.from_numpy(out).view(dtype).reshape(shape)
 
 
 class BitmaskBuffers(nn.Module):
