@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable
+
 import pytest
 
-from nbcompress.timing import Race, race
+from nbcompress.timing import Race, balanced_orders, race
 
 
 class FakeClock:
@@ -88,3 +91,34 @@ def test_min_sample_batches_fast_calls():
 def test_no_candidates_is_a_clear_error():
     with pytest.raises(ValueError, match="candidates"):
         race({})
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_balanced_orders_balance_positions_and_predecessors(n: int) -> None:
+    rows = balanced_orders(n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    positions = Counter((row.index(c), c) for row in rows for c in range(n))
+    follows = Counter((row[i], row[i + 1]) for row in rows for i in range(n - 1))
+    assert len(positions) == n * n and len(set(positions.values())) == 1
+    assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
+
+
+def test_race_does_not_always_run_the_same_candidate_after_the_incumbent() -> None:
+    # A clock that charges the call right after the incumbent: with plain rotation one
+    # candidate always paid it and lost; balanced orders share it out.
+    seen: list[str] = []
+    clock_state = {"t": 0.0}
+
+    def clock() -> float:
+        return clock_state["t"]
+
+    def call(name: str) -> Callable[[], None]:
+        def run() -> None:
+            cost = 2.0 if seen and seen[-1] == "float" else 1.0
+            seen.append(name)
+            clock_state["t"] += cost
+
+        return run
+
+    result = race({n: call(n) for n in ("float", "a", "b")}, rounds=12, warmup=0, clock=clock)
+    assert result.times["a"].median == result.times["b"].median
