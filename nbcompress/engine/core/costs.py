@@ -14,7 +14,7 @@ from torch import nn
 from nbcompress.engine.core.validation import primary_output
 from nbcompress.kernels.formats import index_dtype
 
-__all__ = ["csr_bytes", "layer_bytes", "macs"]
+__all__ = ["bitmask_size", "csr_bytes", "layer_bytes", "macs"]
 
 # Shapes come from primary_output: the first tensor of a call's (nested) arguments or
 # output, e.g. the sequence of an LSTM's ``(output, (h, c))``.
@@ -104,12 +104,19 @@ def csr_bytes(rows: int, cols: int, nnz: int) -> int:
     return nnz * (4 + index_dtype(cols).itemsize) + (rows + 1) * 8 + rows * 4
 
 
+def bitmask_size(numel: int, nonzeros: int, itemsize: int = 1) -> int:
+    """Bytes of the bitmask-packed form: one bit per element, then the nonzero elements."""
+    return (numel + 7) // 8 + nonzeros * itemsize
+
+
 def layer_bytes(module: nn.Module, recurse: bool = False) -> dict[str, int]:
     """Estimated storage of a layer's parameters as dense fp32, as CSR fp32 and as int8.
 
     Matrices (2-D or more, viewed as ``rows × rest``) are stored sparse / quantized; vectors
     (biases, norms) stay fp32 in every format. CSR is what the sparse modules pack
-    (:func:`csr_bytes`). Int8 = 1 B per weight + one fp32 scale per row.
+    (:func:`csr_bytes`). Int8 = 1 B per weight + one fp32 scale per row, or, when the
+    weight has enough zeros, what nbcompress's int8 modules save instead: a bitmask
+    (1 bit per weight) + 1 B per nonzero (``engine/quantize/bitmask.py``).
     """
     dense = csr = int8 = 0
     for p in module.parameters(recurse=recurse):
@@ -121,6 +128,7 @@ def layer_bytes(module: nn.Module, recurse: bool = False) -> dict[str, int]:
             continue
         rows = p.shape[0]
         cols = p.numel() // rows
-        csr += csr_bytes(rows, cols, int(torch.count_nonzero(p.detach())))
-        int8 += p.numel() + rows * 4
+        nnz = int(torch.count_nonzero(p.detach()))
+        csr += csr_bytes(rows, cols, nnz)
+        int8 += min(p.numel(), bitmask_size(p.numel(), nnz)) + rows * 4
     return {"dense": dense, "csr": csr, "int8": int8}

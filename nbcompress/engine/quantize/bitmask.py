@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nbcompress.engine.core.costs import bitmask_size
+
 __all__ = [
     "BitmaskBuffers",
     "PackedQTensor",
@@ -46,11 +48,6 @@ _QTAG = "nbcompress.bitmask.qint8"
 _QTUPLE_BYTES = 128
 _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
 _PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
-
-
-def bitmask_size(numel: int, nonzeros: int, itemsize: int = 1) -> int:
-    """Bytes of the packed form: one bit per element, then the nonzero elements."""
-    return (numel + 7) // 8 + nonzeros * itemsize
 
 
 def pack_bitmask(t: torch.Tensor) -> torch.Tensor | None:

@@ -105,3 +105,17 @@ def test_summary_bad_input_names_the_argument():
         nc.summary("model", torch.randn(3, 16))
     with pytest.raises(TypeError, match="example_inputs"):
         nc.summary(mlp(), 3.0)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.9, 0.5, 0.1, 0.0])
+def test_int8_estimate_is_what_the_int8_modules_save(density):
+    from nbcompress.engine.quantize.bitmask import pack_bitmask
+
+    torch.manual_seed(0)
+    layer = nn.Linear(37, 23, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < density)
+    codes = (layer.weight.detach() != 0).to(torch.int8) * 7  # zero exactly where the weight is
+    packed = pack_bitmask(codes)
+    saved = codes.numel() if packed is None else packed.numel()
+    assert layer_bytes(layer)["int8"] == saved + 23 * 4
