@@ -176,8 +176,14 @@ def _refuse_history(model: nn.Module) -> None:
 
 def _load_plain(state: Mapping[str, Any], model: nn.Module, label: str) -> None:
     """A plain state_dict: loaded when it fits, else one line saying how to save it."""
-    own = model.state_dict()
-    wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    # keep_vars: the running (dense) form; int8 weights a state_dict packed as a bitmask
+    # (1-D uint8, engine/quantize/bitmask.py) are checked by the module loading them.
+    own = model.state_dict(keep_vars=True)
+    wrong = [
+        k
+        for k, v in state.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape) and not _bitmask_packed(v, own[k])
+    ]
     if wrong:
         k = wrong[0]
         raise ValueError(
@@ -194,6 +200,17 @@ def _load_plain(state: Mapping[str, Any], model: nn.Module, label: str) -> None:
             "was saved, or save with nbcompress.save(model, path)."
         )
     model.load_state_dict(state)
+
+
+def _bitmask_packed(saved: Any, own: Any) -> bool:
+    """Whether ``saved`` is the bitmask-packed form of a tensor shaped like ``own``."""
+    return (
+        isinstance(saved, torch.Tensor)
+        and saved.dim() == 1
+        and saved.dtype == torch.uint8
+        and isinstance(own, torch.Tensor)
+        and own.dim() > 1
+    )
 
 
 def _check_names(model: nn.Module, structure: Mapping, replaced: Mapping) -> None:

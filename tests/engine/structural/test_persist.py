@@ -331,3 +331,21 @@ def test_a_statically_quantized_model_loads_into_a_fresh_float_model(tmp_path) -
     fresh = load(tmp_path / "q.pt", build())
     assert [type(m) for m in fresh] == [type(m) for m in model]  # regions, fused Identity
     assert torch.equal(fresh(x), model(x))
+
+
+def test_a_plain_state_dict_with_bitmask_packed_int8_weights_loads_into_a_dense_int8_model(
+    tmp_path,
+) -> None:
+    from nbcompress.engine.quantize.modules import Int8DynamicLinear
+
+    torch.manual_seed(0)
+    pruned, dense = nn.Linear(64, 32), nn.Linear(64, 32)
+    with torch.no_grad():
+        pruned.weight.mul_(torch.rand_like(pruned.weight) < 0.1)
+    saved = nn.Sequential(Int8DynamicLinear(pruned))
+    assert saved.state_dict()["0.qweight"].dim() == 1  # packed as a bitmask
+    torch.save(saved.state_dict(), tmp_path / "sd.pt")
+    x = torch.randn(5, 64)
+    assert torch.equal(
+        load(tmp_path / "sd.pt", nn.Sequential(Int8DynamicLinear(dense)))(x), saved(x)
+    )
