@@ -2,7 +2,8 @@
 
 Each :class:`Kernel` is built once, below, from explicit references to the jitted
 functions and their serial twins, so a missing kernel fails at import. With more than one
-thread a kernel runs its ``parallel=True`` build, with one thread its serial twin (no
+thread a kernel runs on torch's OpenMP threads where ``_gomp.py`` has a task function
+for it, else its ``parallel=True`` build; with one thread its serial twin (no
 thread-pool launch). The first call per signature compiles or loads from numba's disk
 cache, one at a time, and reports its time to :mod:`~nbcompress.kernels.notices`.
 """
