@@ -38,6 +38,7 @@ from tools.kernel_templates import (
     decorator,
     panel,
     spmv,
+    tasks,
     tile,
 )
 
@@ -84,13 +85,28 @@ registry in :mod:`nbcompress.kernels.dispatch`.
   nonzero.
 
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
+
+* ``{{kernel}}_task_{{data}}{{index}}`` (plain functions, compiled on first use as C
+  callbacks by ``_gomp.py``): what each of torch's OpenMP threads runs for one call of
+  the kernel, tasks taken from a shared counter; ``f``/``b`` float32/int8 data,
+  ``H``/``I`` uint16/uint32 indices.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from nbcompress.kernels._numba import FASTMATH
-from nbcompress.kernels._simd import prefetch, vadd, vfma, vfmav, vload, vstore, vzero
+from nbcompress.kernels._simd import (
+    as_ptr,
+    fetch_add,
+    prefetch,
+    vadd,
+    vfma,
+    vfmav,
+    vload,
+    vstore,
+    vzero,
+)
 
 #: Columns per ``tile64`` call.
 TILE = {tile}
@@ -112,6 +128,7 @@ def source() -> str:
         parts.append(tile(sfx, deco))
         parts.append(bsr_spmv(sfx, deco))
         parts.extend(bsr_tile(w, sfx, deco) for w in BSR_WIDTHS)
+    parts.append(tasks())
     return "".join(parts)
 
 

@@ -362,3 +362,120 @@ def spmv(sfx: str, deco: str) -> str:
 def bsr_spmv(sfx: str, deco: str) -> str:
     """``bsr4_spmv`` (suffix ``sfx``) under ``deco``."""
     return _BSR_SPMV.format(deco=deco, sfx=sfx)
+
+
+#: Data and index types of the task functions (``_gomp.py``): (type code, numpy name).
+TASK_DATA = (("f", "float32"), ("b", "int8"))
+TASK_INDEX = (("H", "uint16"), ("I", "uint32"))
+
+# A task function is what each of torch's OpenMP threads runs for a kernel call
+# (``_gomp.py``): it reads the arrays from a block of int64 words (0: the block's address,
+# 1: the task counters, 2: the task count, 3: the number 1, 4: the threads arrived, then
+# address and size of each array, then the scalars) and runs the serial twin on one task
+# at a time until none are left (threads slowed by other work take fewer).
+_TASK_HEAD = """
+
+def {name}_task_{code}(blk):  # noqa: D103
+    a = carray(blk, {words}, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.{index})
+    data = carray(as_ptr(a[9]), a[10], np.{data})
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+"""
+
+_TASK_LOOP = """    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+"""
+
+_ONE = """    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+"""
+
+_TILE_TASK = (
+    _ONE
+    + """
+    b = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    nb = bounds.shape[0] - 1
+{loop}        p = t // nb
+        j = t - p * nb
+        c0 = a[21] + p * {tile}
+        tile64_1(
+            indptr,
+            indices,
+            data,
+            scale,
+            b,
+            a[19],
+            a[20],
+            out,
+            c0,
+            one,
+            bounds[j : j + 2],
+            a[22],
+            a[23],
+        )
+"""
+)
+
+_PANEL_TASK = (
+    _ONE
+    + """
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, {width}), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+{loop}        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * {width}
+        rows = indptr[r0 : r1 + 1]
+        panel{width}_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+"""
+)
+
+_SPMV_TASK = """    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+{loop}        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        {name}_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+"""
+
+#: Words of each task function's block.
+TASK_WORDS = {"tile64": 24, "panel": 22, "spmv": 18}
+
+
+def tasks() -> str:
+    """The task functions of ``tile64``, the panels and the SpMVs, per data/index type."""
+    parts = []
+    for dcode, dname in TASK_DATA:
+        for icode, iname in TASK_INDEX:
+            fmt = {"code": dcode + icode, "index": iname, "data": dname}
+            parts.append(_TASK_HEAD.format(name="tile64", words=TASK_WORDS["tile64"], **fmt))
+            parts.append(_TILE_TASK.format(loop=_TASK_LOOP, tile=TILE))
+            for width, _ in SHAPES:
+                parts.append(
+                    _TASK_HEAD.format(name=f"panel{width}", words=TASK_WORDS["panel"], **fmt)
+                )
+                parts.append(_PANEL_TASK.format(loop=_TASK_LOOP, width=width))
+            for name in ("csr_spmv", "csr_spmv8"):
+                parts.append(_TASK_HEAD.format(name=name, words=TASK_WORDS["spmv"], **fmt))
+                parts.append(_SPMV_TASK.format(loop=_TASK_LOOP, name=name))
+    return "".join(parts)

@@ -36,13 +36,28 @@ registry in :mod:`nbcompress.kernels.dispatch`.
   nonzero.
 
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
+
+* ``{kernel}_task_{data}{index}`` (plain functions, compiled on first use as C
+  callbacks by ``_gomp.py``): what each of torch's OpenMP threads runs for one call of
+  the kernel, tasks taken from a shared counter; ``f``/``b`` float32/int8 data,
+  ``H``/``I`` uint16/uint32 indices.
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
 from nbcompress.kernels._numba import FASTMATH
-from nbcompress.kernels._simd import prefetch, vadd, vfma, vfmav, vload, vstore, vzero
+from nbcompress.kernels._simd import (
+    as_ptr,
+    fetch_add,
+    prefetch,
+    vadd,
+    vfma,
+    vfmav,
+    vload,
+    vstore,
+    vzero,
+)
 
 #: Columns per ``tile64`` call.
 TILE = 64
@@ -1058,3 +1073,707 @@ def bsr4_tile8_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, 
                     vstore(out, q1 + np.uint64(0), vadd(a1_0, c1_0), one)
                     vstore(out, q2 + np.uint64(0), vadd(a2_0, c2_0), one)
                     vstore(out, q3 + np.uint64(0), vadd(a3_0, c3_0), one)
+
+
+def tile64_task_fH(blk):  # noqa: D103
+    a = carray(blk, 24, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    b = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    nb = bounds.shape[0] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nb
+        j = t - p * nb
+        c0 = a[21] + p * 64
+        tile64_1(
+            indptr,
+            indices,
+            data,
+            scale,
+            b,
+            a[19],
+            a[20],
+            out,
+            c0,
+            one,
+            bounds[j : j + 2],
+            a[22],
+            a[23],
+        )
+
+
+def panel16_task_fH(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 16
+        rows = indptr[r0 : r1 + 1]
+        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def panel8_task_fH(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 8
+        rows = indptr[r0 : r1 + 1]
+        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def csr_spmv_task_fH(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+
+
+def csr_spmv8_task_fH(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+
+
+def tile64_task_fI(blk):  # noqa: D103
+    a = carray(blk, 24, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    b = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    nb = bounds.shape[0] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nb
+        j = t - p * nb
+        c0 = a[21] + p * 64
+        tile64_1(
+            indptr,
+            indices,
+            data,
+            scale,
+            b,
+            a[19],
+            a[20],
+            out,
+            c0,
+            one,
+            bounds[j : j + 2],
+            a[22],
+            a[23],
+        )
+
+
+def panel16_task_fI(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 16
+        rows = indptr[r0 : r1 + 1]
+        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def panel8_task_fI(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 8
+        rows = indptr[r0 : r1 + 1]
+        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def csr_spmv_task_fI(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+
+
+def csr_spmv8_task_fI(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.float32)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+
+
+def tile64_task_bH(blk):  # noqa: D103
+    a = carray(blk, 24, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    b = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    nb = bounds.shape[0] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nb
+        j = t - p * nb
+        c0 = a[21] + p * 64
+        tile64_1(
+            indptr,
+            indices,
+            data,
+            scale,
+            b,
+            a[19],
+            a[20],
+            out,
+            c0,
+            one,
+            bounds[j : j + 2],
+            a[22],
+            a[23],
+        )
+
+
+def panel16_task_bH(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 16
+        rows = indptr[r0 : r1 + 1]
+        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def panel8_task_bH(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 8
+        rows = indptr[r0 : r1 + 1]
+        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def csr_spmv_task_bH(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+
+
+def csr_spmv8_task_bH(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint16)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+
+
+def tile64_task_bI(blk):  # noqa: D103
+    a = carray(blk, 24, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    b = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    nb = bounds.shape[0] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nb
+        j = t - p * nb
+        c0 = a[21] + p * 64
+        tile64_1(
+            indptr,
+            indices,
+            data,
+            scale,
+            b,
+            a[19],
+            a[20],
+            out,
+            c0,
+            one,
+            bounds[j : j + 2],
+            a[22],
+            a[23],
+        )
+
+
+def panel16_task_bI(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 16
+        rows = indptr[r0 : r1 + 1]
+        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def panel8_task_bI(blk):  # noqa: D103
+    a = carray(blk, 22, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
+    one = a[3]
+
+    m = a[6] - 1
+    kdim = a[17]
+    npan = a[21]
+    xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
+    rb = a[20]
+    nrb = (m + rb - 1) // rb
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        p = t // nrb
+        r0 = (t - p * nrb) * rb
+        r1 = min(r0 + rb, m)
+        xs = xp[p * kdim : (p + 1) * kdim]
+        c0 = a[19] + p * 8
+        rows = indptr[r0 : r1 + 1]
+        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+
+
+def csr_spmv_task_bI(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+
+
+def csr_spmv8_task_bI(blk):  # noqa: D103
+    a = carray(blk, 18, np.int64)
+    indptr = carray(as_ptr(a[5]), a[6], np.int64)
+    indices = carray(as_ptr(a[7]), a[8], np.uint32)
+    data = carray(as_ptr(a[9]), a[10], np.int8)
+    scale = carray(as_ptr(a[11]), a[12], np.float32)
+    x = carray(as_ptr(a[13]), a[14], np.float32)
+    out = carray(as_ptr(a[15]), a[16], np.float32)
+    m = a[6] - 1
+    # The first thread to arrive takes tasks from the front, the second from the
+    # back (the same rows as on the previous call, usually: still in that core's L2), any
+    # other from the front; both counts share word 1 (front: low 32 bits), so each
+    # task runs once however many threads libgomp gave.
+    back = fetch_add(a[0] + 32, 1) == 1
+    step = np.int64(1) << np.int64(32) if back else np.int64(1)
+    while True:
+        taken = fetch_add(a[0] + 8, step)
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= a[2]:
+            break
+        t = a[2] - 1 - behind if back else front
+        r0 = t * a[17]
+        r1 = min(r0 + a[17], m)
+        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])

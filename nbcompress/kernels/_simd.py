@@ -15,7 +15,19 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic, models, register_model
 
-__all__ = ["f32x8", "prefetch", "vadd", "vfma", "vfmav", "vload", "vstore", "vzero"]
+__all__ = [
+    "as_ptr",
+    "f32x8",
+    "fetch_add",
+    "gomp_parallel",
+    "prefetch",
+    "vadd",
+    "vfma",
+    "vfmav",
+    "vload",
+    "vstore",
+    "vzero",
+]
 
 _VEC = ir.VectorType(ir.FloatType(), 8)
 _I32 = ir.IntType(32)
@@ -144,3 +156,51 @@ def prefetch(typingctx, ary, idx):  # noqa: ANN001, ANN201 - numba intrinsic pro
         return context.get_dummy_value()
 
     return types.void(ary, idx), codegen
+
+
+# Raw addresses, for the task functions that torch's OpenMP threads run (``_gomp.py``): a
+# task reads its arrays from a block of int64 words (addresses and sizes) and takes task
+# numbers from a shared counter in that block.
+_I8P = ir.IntType(8).as_pointer()
+_I64 = ir.IntType(64)
+
+
+@intrinsic
+def as_ptr(typingctx, addr):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """The int64 address ``addr`` as a ``void*`` (for ``numba.carray``)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        return builder.inttoptr(args[0], _I8P)
+
+    return types.voidptr(types.int64), codegen
+
+
+@intrinsic
+def fetch_add(typingctx, addr, value):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """Atomically add ``value`` to the int64 at address ``addr``; return the old value."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        ptr = builder.inttoptr(args[0], _I64.as_pointer())
+        return builder.atomic_rmw("add", ptr, args[1], "monotonic")
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
+def gomp_parallel(typingctx, entry, fn, data, threads):  # noqa: ANN001, ANN201
+    """Call libgomp's ``GOMP_parallel(fn, data, threads, 0)`` at address ``entry``.
+
+    ``fn`` is the address of a ``void fn(void*)``; every thread of the team runs
+    ``fn(data)`` and the call returns when all have.
+    """
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        fnty = ir.FunctionType(ir.VoidType(), [_I8P])
+        gty = ir.FunctionType(ir.VoidType(), [fnty.as_pointer(), _I8P, _I32, _I32])
+        call = builder.inttoptr(args[0], gty.as_pointer())
+        task = builder.inttoptr(args[1], fnty.as_pointer())
+        block = builder.inttoptr(args[2], _I8P)
+        builder.call(call, [task, block, builder.trunc(args[3], _I32), ir.Constant(_I32, 0)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen

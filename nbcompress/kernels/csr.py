@@ -94,8 +94,7 @@ def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
         return out.T
 
     def panels() -> None:
-        xc = np.ascontiguousarray(x)
-        panels_then_rest(mat, packer(PACK_ROWS, xc, rows=x.shape[1]), out)
+        panels_then_rest(mat, _row_packer(x), out)
 
     if x.shape[0] < TILE:
         fastest(mat, ("x", x.shape[0]), {"panels": panels})  # pool or one thread
@@ -248,8 +247,31 @@ def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
         run(*recorded)
 
 
+def _row_packer(x: np.ndarray) -> Packer:
+    """Panels of the columns of ``x.T`` for a batch ``x`` (N × K) of any strides."""
+    k = x.shape[1]
+    if not x.flags.f_contiguous:
+        return packer(PACK_ROWS, np.ascontiguousarray(x), rows=k)
+    # The previous sparse layer's output (a transposed view, maybe through an elementwise
+    # op that kept its strides): x.T is the K × N input already, and for N equal to a
+    # panel width exactly the one packed panel itself (no copy at all).
+    xt = x.T
+    pack = packer(PACK_COLS, xt, rows=k)
+
+    def whole_or_pack(start: int, npan: int, width: int) -> np.ndarray:
+        return xt if (start, npan, width) == (0, 1, xt.shape[1]) else pack(start, npan, width)
+
+    return whole_or_pack
+
+
 def transposed(x: np.ndarray) -> np.ndarray:
-    """``x`` (N × K, any strides) as a C-contiguous K × N copy (a serial numba kernel)."""
+    """``x`` (N × K, any strides) as a C-contiguous K × N array (read only).
+
+    ``x.T`` itself when ``x`` is F-contiguous (the previous sparse layer's output: no
+    copy); otherwise a copy by a serial numba kernel.
+    """
+    if x.flags.f_contiguous:
+        return x.T
     xt = np.empty((x.shape[1], x.shape[0]), dtype=np.float32)
     # x's layout is part of numba's signature (a transposed view of the previous sparse
     # layer's output is F-ordered): each is a first call of its own.

@@ -2,7 +2,8 @@
 
 Each :class:`Kernel` is built once, below, from explicit references to the jitted
 functions and their serial twins, so a missing kernel fails at import. With more than one
-thread a kernel runs its ``parallel=True`` build, with one thread its serial twin (no
+thread a kernel runs on torch's OpenMP threads where ``_gomp.py`` has a task function
+for it, else its ``parallel=True`` build; with one thread its serial twin (no
 thread-pool launch). The first call per signature compiles or loads from numba's disk
 cache, one at a time, and reports its time to :mod:`~nbcompress.kernels.notices`.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import numba
 
 from nbcompress.kernels import _generated_kernels as gen
-from nbcompress.kernels import _numba, notices
+from nbcompress.kernels import _gomp, _numba, notices
 from nbcompress.kernels.threads import POOL, get_threads
 
 __all__ = [
@@ -76,6 +77,10 @@ class Kernel:
         n = n or get_threads()
         if n > 1 and POOL.acquire(blocking=False):
             try:
+                found = _gomp.job(self.name, args, n)
+                if found is not None:  # on torch's OpenMP threads (see _gomp.py)
+                    _on_torch_threads(*found, n)
+                    return
                 if numba.get_num_threads() != n:
                     numba.set_num_threads(n)
                 _invoke(self.parallel, args, (self.name, True, *dtypes))
@@ -106,6 +111,22 @@ def _invoke(kernel: Callable[..., None], args: tuple, key: tuple) -> None:
             _COMPILED.add(key)
             compiled = notices.cache_misses(kernel) > misses
     notices.record(time.perf_counter() - start, compiled)
+
+
+def _on_torch_threads(task: str, block: object, n: int) -> None:
+    # The callback compiles (or loads) once per task function, timed into the caller's
+    # notice like any first call, under the same lock and SLP switch.
+    key = ("omp", task)
+    if key not in _COMPILED:
+        start = time.perf_counter()
+        with _FIRST_CALL:
+            compiled = False
+            if key not in _COMPILED:
+                with _numba.slp_enabled():
+                    compiled = _gomp.address(task)[1]
+                _COMPILED.add(key)
+        notices.record(time.perf_counter() - start, compiled)
+    _gomp.launch(_gomp.address(task)[0], block, n)
 
 
 def _copy(name: str, kernel: Callable[..., None]) -> Kernel:

@@ -11,7 +11,9 @@ chose otherwise, importing :mod:`nbcompress.kernels`:
 
 The number of threads follows ``torch.get_num_threads()`` at every call unless fixed
 with :func:`set_threads`. With one thread the kernels' serial twins run and no pool is
-involved.
+involved. With more, the tile, panel and SpMV kernels run on torch's own OpenMP threads
+where torch uses GNU OpenMP (``_gomp.py``: no second pool, no wake-up per layer); the
+other kernels, and every kernel elsewhere, on numba's pool.
 
 Concurrent callers. The ``workqueue`` pool aborts the whole process (SIGABRT) when two
 Python threads launch work on it at once. So the pool has one entry,
