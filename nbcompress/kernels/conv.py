@@ -11,7 +11,9 @@ runs is measured on first use per input shape (:func:`~.dispatch.fastest`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,7 +28,7 @@ from nbcompress.kernels.dispatch import (
     fastest,
 )
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
-from nbcompress.kernels.layouts import block_rows, scratch, tap_offsets
+from nbcompress.kernels.layouts import SCRATCH_KEEP, block_rows, scratch
 
 __all__ = [
     "CHANNEL_BLOCK_BYTES",
@@ -43,6 +45,7 @@ Geometry = tuple[int, ...]  # kh, kw, sh, sw, ph, pw, dh, dw, wo
 CHANNEL_BLOCK_BYTES = 24576
 #: Columns per tile of the block-sparse direct convolution (the widest 4 × 1 tile kernel).
 BSR_DIRECT_WIDTH = next(iter(BSR4_TILES))
+_OFFSETS: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKeyDictionary()
 
 
 def conv_unchecked(
@@ -103,9 +106,8 @@ def bsr_conv_unchecked(
 def _direct_options(
     mat: CSRMatrix | BSRMatrix, images: np.ndarray, geom: Geometry, out: np.ndarray
 ) -> dict[str, Callable[[], object]]:
-    # The direct convolution needs stride 1: the tap offsets are then constant.
-    if geom[2] != 1 or geom[3] != 1:
-        return {}
+    # Any stride: a strided convolution runs on the image split into stride phases
+    # (see phase_offsets), where its tap offsets are constant as for stride 1.
     options: dict[str, Callable[[], object]] = {
         "direct": lambda: _direct_conv(mat, images, geom, out)
     }
@@ -154,6 +156,98 @@ def _direct_conv(
     over_padded_images(mat, images, geom, out, width, kblk, run)
 
 
+class Phases(NamedTuple):
+    """How a direct convolution lays out its zero-padded input (see :func:`phase_offsets`).
+
+    Attributes:
+        sh: Row stride (row phases).
+        sw: Column stride (column phases).
+        hq: Rows of each phase plane.
+        wq: Columns of each phase plane (output rows are numbered with this width).
+        ho: Output rows.
+    """
+
+    sh: int
+    sw: int
+    hq: int
+    wq: int
+    ho: int
+
+
+def phases(h: int, w: int, geom: Geometry, width: int) -> Phases:
+    """The phase planes of an ``h`` × ``w`` image for a direct conv in tiles of ``width``."""
+    kh, _, sh, sw, ph, pw, dh, _, _ = geom
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wq = -(-wp // sw)
+    # Plane width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
+    # with rows of 58 floats than with 60 (or 62–96) here, the extra columns are zeros.
+    # Not where the rounding costs a whole tile (7 × 7 images: rows of 9, 63 outputs in
+    # one 64-column tile; rows of 12 need two).
+    wq4 = -(-wq // 4) * 4
+    if -(-ho * wq4 // width) <= -(-ho * wq // width):
+        wq = wq4
+    return Phases(sh, sw, -(-hp // sh), wq, ho)
+
+
+def phase_offsets(
+    mat: CSRMatrix | BSRMatrix, geom: Geometry, lay: Phases, kblk: int | None
+) -> np.ndarray:
+    """Offsets of ``mat``'s nonzeros' taps in the phase planes of a zero-padded image.
+
+    Stride ``(sh, sw)`` splits the padded image (C × Hp × Wp) into sh·sw phase planes per
+    channel, plane (c, a, b) holding rows ≡ a (mod sh) and columns ≡ b (mod sw), each
+    Hq × Wq. Output pixel (y, x) reads padded (sh·y + dh·i, sw·x + dw·j) for tap
+    (c, i, j), which is plane (c, dh·i mod sh, dw·j mod sw) at (y + dh·i // sh,
+    x + dw·j // sw): numbering outputs q = y·Wq + x makes every read ``offset + q``
+    with one constant offset per nonzero, as ``layouts.py`` describes for stride 1
+    (where there is one plane per channel and this is ``layouts.tap_offsets``).
+
+    Args:
+        mat: The packed (out × C·kh·kw) weight (4 × 1 block-sparse: block columns).
+        geom: ``(kh, kw, sh, sw, ph, pw, dh, dw, wo)``.
+        lay: The plane layout (:func:`phases`).
+        kblk: Offsets in the order of ``block_rows(mat, kblk)``; ``None``: ``mat``'s own.
+
+    Returns:
+        One unsigned offset per nonzero (uint32, or uint64 for inputs over 2**32 floats).
+    """
+    key = (geom[:8], lay, kblk)
+    cached = _OFFSETS.setdefault(mat, {})
+    if key not in cached:
+        kh, kw, sh, sw, _, _, dh, dw, _ = geom
+        indices = mat.indices if kblk is None else block_rows(mat, kblk)[1]
+        c, tap = np.divmod(indices.astype(np.int64), kh * kw)
+        i, j = np.divmod(tap, kw)
+        (ri, a), (cj, b) = np.divmod(i * dh, sh), np.divmod(j * dw, sw)
+        plane = lay.hq * lay.wq
+        offs = ((c * sh + a) * sw + b) * plane + ri * lay.wq + cj
+        wide = mat.shape[1] // (kh * kw) * sh * sw * plane >= 2**32
+        if len(cached) >= SCRATCH_KEEP:  # the most recent geometries, as the buffers
+            cached.pop(next(iter(list(cached))), None)
+        cached[key] = offs.astype(np.uint64 if wide else np.uint32)
+    return cached[key]
+
+
+def _fill(planes: np.ndarray, img: np.ndarray, geom: Geometry) -> None:
+    # planes: C × sh × sw × Hq × Wq; padded row R = r + ph lies in phase R mod sh at row
+    # R // sh (columns alike). Only the interior is written: the border stays zero.
+    _, _, sh, sw, ph, pw = geom[:6]
+    h, w = img.shape[1:]
+    for a in range(sh):
+        y0 = max(0, -(-(ph - a) // sh))
+        r0 = a + sh * y0 - ph
+        if r0 >= h:
+            continue
+        for b in range(sw):
+            x0 = max(0, -(-(pw - b) // sw))
+            c0 = b + sw * x0 - pw
+            if c0 >= w:
+                continue
+            src = img[:, r0::sh, c0::sw]
+            planes[:, a, b, y0 : y0 + src.shape[1], x0 : x0 + src.shape[2]] = src
+
+
 def over_padded_images(
     mat: CSRMatrix | BSRMatrix,
     images: np.ndarray,
@@ -163,30 +257,29 @@ def over_padded_images(
     kblk: int | None,
     run: Callable[..., None],
 ) -> None:
-    """Zero-pad each image into a cached buffer, ``run`` a direct-conv kernel, crop.
+    """Zero-pad each image into cached phase planes, ``run`` a direct-conv kernel, crop.
 
-    Output rows are numbered with the padded width (``layouts.py``), in tiles of ``width``
-    columns; ``run(offsets, padded, out_flat, ntile, bounds)`` computes them.
+    Output rows are numbered with the plane width (:func:`phase_offsets`), in tiles of
+    ``width`` columns; ``run(offsets, padded, out_flat, ntile, bounds)`` computes them.
     """
-    kh, kw, _, _, ph, pw, dh, dw, wo = geom
+    kw, dw, wo = geom[1], geom[7], geom[8]
     c, h, w = images.shape[1:]
-    # Padded width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
-    # with rows of 58 floats than with 60 (or 62–96) here, the extra columns are zeros.
-    hp, wp = h + 2 * ph, -(-(w + 2 * pw) // 4) * 4
-    ho = hp - dh * (kh - 1)
-    length = ho * wp
+    lay = phases(h, w, geom, width)
+    length = lay.ho * lay.wq
     ntile = -(-length // width)
-    offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp), kblk)
-    # The last tile reads up to ntile·width − length + (kw − 1)·dw floats past the image.
-    # Cached per padded geometry: only the interior is written below, so the border stays
+    offs = phase_offsets(mat, geom, lay, kblk)
+    # The last tile reads up to ntile·width − length + (kw − 1)·dw // sw floats past the
+    # planes. Cached per layout: only the interior is written below, so the border stays
     # zero only while every call with this buffer writes the same interior (c, h, w at
-    # ph, pw in rows of wp); other geometries of the same length get buffers of their own.
-    size = c * hp * wp + ntile * width - length + (kw - 1) * dw
-    padded = scratch(mat, "image", size, (c, h, w, ph, pw, wp))
-    plane = padded[: c * hp * wp].reshape(c, hp, wp)
+    # the same padding and strides into planes of hq × wq); other layouts of the same
+    # length get buffers of their own.
+    nplane = c * lay.sh * lay.sw * lay.hq * lay.wq
+    size = nplane + ntile * width - length + (kw - 1) * dw // lay.sw
+    padded = scratch(mat, "image", size, (c, h, w, geom[:8], lay))
+    planes = padded[:nplane].reshape(c, lay.sh, lay.sw, lay.hq, lay.wq)
     flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
     bounds = balanced_rows(mat)
     for img, o in zip(images, out, strict=True):
-        plane[:, ph : ph + h, pw : pw + w] = img
+        _fill(planes, img, geom)
         run(offs, padded, flat.reshape(-1), ntile, bounds)
-        o.reshape(-1, ho, wo)[:] = flat[:, :length].reshape(-1, ho, wp)[:, :, :wo]
+        o.reshape(-1, lay.ho, wo)[:] = flat[:, :length].reshape(-1, lay.ho, lay.wq)[:, :, :wo]

@@ -298,7 +298,8 @@ class SparseConv2d(_SparseBase):
         return cols[0].contiguous().numpy()
 
     def _direct(self) -> bool:
-        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        # 1×1 without padding: a product with the (strided) pixels, no unfold.
+        return self.kernel_size == (1, 1) and self.padding == (0, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the convolution to ``(N, C, H, W)`` input."""
@@ -327,8 +328,10 @@ class SparseConv2d(_SparseBase):
         if isinstance(mat, BSRMatrix):
             bsr_conv_unchecked(mat, images, geom, y.numpy(), lambda i: self._unfold(x[i]))
         elif self._direct():
+            if (sh, sw) != (1, 1):  # the pixels the 1×1 reads, as one small copy
+                images = np.ascontiguousarray(images[:, :, ::sh, ::sw])
             for i in range(n):
-                xt = images[i].reshape(self.in_channels, h * w)
+                xt = images[i].reshape(self.in_channels, ho * wo)
                 matmul_t_unchecked(mat, xt, y[i].numpy())
         else:
             conv_unchecked(mat, images, geom, y.numpy(), lambda i: self._unfold(x[i]))
