@@ -11,8 +11,9 @@ runs is measured on first use per input shape (:func:`~.dispatch.fastest`).
 
 from __future__ import annotations
 
+import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import NamedTuple
 
 import numpy as np
@@ -28,7 +29,7 @@ from nbcompress.kernels.dispatch import (
     fastest,
 )
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
-from nbcompress.kernels.layouts import SCRATCH_KEEP, block_rows, scratch
+from nbcompress.kernels.layouts import SCRATCH_KEEP, block_rows
 
 __all__ = [
     "CHANNEL_BLOCK_BYTES",
@@ -46,6 +47,47 @@ CHANNEL_BLOCK_BYTES = 24576
 #: Columns per tile of the block-sparse direct convolution (the widest 4 × 1 tile kernel).
 BSR_DIRECT_WIDTH = next(iter(BSR4_TILES))
 _OFFSETS: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKeyDictionary()
+#: Scratch buffers of the direct convolution kept per Python thread and name: the most
+#: recently used layouts, shared by every layer (a resnet18 has seven image layouts).
+SHARED_KEEP = 12
+
+
+class _Shared(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, np.ndarray] = {}
+
+
+_SHARED = _Shared()
+
+
+def shared_scratch(name: str, size: int, layout: Hashable = None) -> np.ndarray:
+    """A float32 buffer of ``size`` for ``name`` and ``layout``, shared by all layers.
+
+    As :func:`~nbcompress.kernels.layouts.scratch` (zero-filled when new, per Python
+    thread, ``layout`` names everything that places a buffer's interior), but one
+    buffer serves every layer of the same layout: in a model the layers run one after
+    the other, so a shared buffer is still in cache when the next layer writes it
+    (with one buffer per layer, a resnet18's 20 layers streamed 20 of them from L3).
+
+    Args:
+        name: What the buffer is for (``"image"``, ``"out"``).
+        size: Floats.
+        layout: What besides ``size`` a reused buffer must agree on; ``None`` for a
+            buffer every call overwrites whole.
+
+    Returns:
+        The buffer.
+    """
+    buffers = _SHARED.buffers
+    key = (name, size, layout)
+    buf = buffers.pop(key, None)  # re-inserted below: the dict's order is recency
+    if buf is None:
+        buf = np.zeros(size, dtype=np.float32)
+        same = [k for k in buffers if k[0] == name]
+        for old in same[: max(0, len(same) - SHARED_KEEP + 1)]:
+            del buffers[old]
+    buffers[key] = buf
+    return buf
 
 
 def conv_unchecked(
@@ -275,9 +317,9 @@ def over_padded_images(
     # length get buffers of their own.
     nplane = c * lay.sh * lay.sw * lay.hq * lay.wq
     size = nplane + ntile * width - length + (kw - 1) * dw // lay.sw
-    padded = scratch(mat, "image", size, (c, h, w, geom[:8], lay))
+    padded = shared_scratch("image", size, (c, h, w, geom[:8], lay))
     planes = padded[:nplane].reshape(c, lay.sh, lay.sw, lay.hq, lay.wq)
-    flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
+    flat = shared_scratch("out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
     bounds = balanced_rows(mat)
     for img, o in zip(images, out, strict=True):
         _fill(planes, img, geom)
