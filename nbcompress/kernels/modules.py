@@ -237,9 +237,19 @@ class SparseConv2d(_SparseBase):
     included: the grouped weight runs as the equivalent ungrouped one, whose zeros
     outside each group are never stored, see ``formats.ungroup``); refuses
     ``padding="same"`` and non-zero padding modes.
+
+    ``channels_last_output`` (off by default) returns the output in channels-last strides
+    (same shape and values), as ``nn.Conv2d`` does for a channels-last weight: torch's
+    pooling runs far faster on that layout (max-pooling resnet18's 64 × 112 × 112 stem
+    output: 6.6 ms → 0.6 ms here, one thread), its BatchNorm and ReLU as fast. The
+    switch costs one copy of the output, so it pays where such a layer consumes it.
+    :meth:`fold_batchnorm_` folds an eval-mode BatchNorm that follows the layer into
+    its weight and bias.
     """
 
     groups: int = 1  # the class default serves modules pickled before groups were kept
+    #: Return the output in channels-last strides (class default: modules pickled before).
+    channels_last_output: bool = False
 
     def _adopt(self, module: nn.Module) -> torch.Tensor:
         self._refuse(module)
@@ -342,7 +352,52 @@ class SparseConv2d(_SparseBase):
             # processes held the cores here (1 × 64 × 28 × 28: 20 ms → 0.5 ms).
             out = y.numpy()
             np.add(out, bias.numpy()[:, None], out=out)
-        return y.reshape(n, self.out_channels, ho, wo)
+        y = y.reshape(n, self.out_channels, ho, wo)
+        if self.channels_last_output:
+            return y.contiguous(memory_format=torch.channels_last)
+        return y
+
+    def fold_batchnorm_(self, bn: nn.Module) -> SparseConv2d:
+        """Fold an eval-mode ``nn.BatchNorm2d`` that consumes this layer's output, in place.
+
+        Row i of the weight is scaled by ``γ_i / sqrt(var_i + ε)`` and the bias becomes
+        ``(b_i − mean_i) · γ_i / sqrt(var_i + ε) + β_i``, so that this layer alone computes
+        what it and ``bn`` computed (equal up to float rounding). The caller replaces
+        ``bn`` by ``nn.Identity``, and only where ``bn`` reads nothing but this layer's
+        output; ``bn`` itself is not modified. The new weight is packed again (its kernel
+        choices are measured again on first use).
+
+        Args:
+            bn: The BatchNorm, in eval mode, with running statistics and
+                ``num_features == out_channels``.
+
+        Returns:
+            This layer.
+        """
+        if not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn: expected nn.BatchNorm2d, got {type(bn).__name__}.")
+        if bn.training or bn.running_var is None or bn.running_mean is None:
+            raise ValueError(
+                "bn: only an eval-mode BatchNorm2d with running statistics folds (its output "
+                "then depends on the input alone); call model.eval() first."
+            )
+        if bn.num_features != self.out_channels:
+            raise ValueError(
+                f"bn: has {bn.num_features} features, this layer {self.out_channels} outputs."
+            )
+        with torch.no_grad():
+            scale = 1 / torch.sqrt(bn.running_var.float() + bn.eps)
+            shift = -bn.running_mean.float() * scale
+            if bn.affine:
+                gamma = bn.weight.float()
+                scale, shift = scale * gamma, shift * gamma + bn.bias.float()
+            mat = self.matrix()
+            block = mat.block if isinstance(mat, BSRMatrix) else (4, 1)
+            bias = self._buffers["bias"]
+            weight = self.dense_weight() * scale[:, None]
+            self._store(weight, self.format, block)
+            self._set_bias(shift if bias is None else bias * scale + shift)
+        return self
 
     def extra_repr(self) -> str:
         """Shape, format and density, shown in the module's repr."""
