@@ -2,11 +2,17 @@
 
 Every convolution can run as GEMM over the unfolded input (C·kh·kw × Ho·Wo): a CSR weight
 unfolds straight into the packed column panels or, image by image, into a matrix the
-tiles read in place; a block-sparse weight multiplies each unfolded image. A stride-1
+tiles read in place; a block-sparse weight multiplies each unfolded image. Any
 convolution can also run directly on the zero-padded image, each nonzero a tap offset
 (see :mod:`nbcompress.kernels.layouts`): one tile kernel call per image, no unfold, and
-over blocks of whole channels (``direct_kb``) when a tile's windows outgrow L1. Which
-runs is measured on first use per input shape (:func:`~.dispatch.fastest`).
+over blocks of whole channels (``direct_kb``) when a tile's windows outgrow L1. A strided
+one runs on the image split into stride phases (:func:`phase_offsets`), where its tap
+offsets are constant as for stride 1. Which runs is measured on first use per input
+shape (:func:`~.dispatch.fastest`).
+
+The padded images (and the block-sparse kernel's uncropped output) go to scratch buffers
+shared by all layers of the same layout (:func:`shared_scratch`): a model runs its layers
+one after the other, and a shared buffer is still in cache when the next layer fills it.
 """
 
 from __future__ import annotations
@@ -27,16 +33,24 @@ from nbcompress.kernels.dispatch import (
     TILE64,
     balanced_rows,
     fastest,
+    recorded_choice,
 )
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
 from nbcompress.kernels.layouts import SCRATCH_KEEP, block_rows
+from nbcompress.kernels.threads import get_threads
 
 __all__ = [
     "CHANNEL_BLOCK_BYTES",
+    "SHARED_KEEP",
+    "Phases",
     "bsr_conv_unchecked",
     "channel_block",
     "conv_unchecked",
     "over_padded_images",
+    "phase_offsets",
+    "phases",
+    "shared_scratch",
+    "shared_scratch_keys",
 ]
 
 Geometry = tuple[int, ...]  # kh, kw, sh, sw, ph, pw, dh, dw, wo
@@ -90,6 +104,11 @@ def shared_scratch(name: str, size: int, layout: Hashable = None) -> np.ndarray:
     return buf
 
 
+def shared_scratch_keys() -> list[tuple]:
+    """``(name, size, layout)`` of this Python thread's shared scratch buffers, oldest first."""
+    return list(_SHARED.buffers)
+
+
 def conv_unchecked(
     mat: CSRMatrix, images: np.ndarray, geom: Geometry, out: np.ndarray, unfold: Callable
 ) -> None:
@@ -97,7 +116,7 @@ def conv_unchecked(
 
     The kernels compete (see the module docstring): unfolding straight into packed
     panels, each image unfolded (C·kh·kw × Ho·Wo) and read in place by the tiles, or
-    (stride 1) the direct convolution.
+    the direct convolution.
 
     Args:
         mat: The packed (out × C·kh·kw) weight.
@@ -123,6 +142,7 @@ def conv_unchecked(
         options |= {name: (lambda k=kblk: tiles(k)) for name, kblk in tile_kinds(mat).items()}
     options |= _direct_options(mat, images, geom, out)
     fastest(mat, ("conv", *images.shape), options, geom[:8])  # geometry: for the record
+    _release_offsets(mat, images.shape, geom)
 
 
 def bsr_conv_unchecked(
@@ -130,8 +150,8 @@ def bsr_conv_unchecked(
 ) -> None:
     """Block-sparse conv of N images into ``out``; arguments as :func:`conv_unchecked`.
 
-    Each image unfolded and multiplied, or (4 × 1 blocks, stride 1) the direct
-    convolution on the zero-padded image, whichever measured faster.
+    Each image unfolded and multiplied, or (4 × 1 blocks) the direct convolution on the
+    zero-padded image, whichever measured faster.
     """
     geom = tuple(int(g) for g in geom)
 
@@ -143,6 +163,19 @@ def bsr_conv_unchecked(
     if mat.block == (4, 1):
         options |= _direct_options(mat, images, geom, out)
     fastest(mat, ("conv", *images.shape), options, geom[:8])
+    _release_offsets(mat, images.shape, geom)
+
+
+def _release_offsets(mat: CSRMatrix | BSRMatrix, shape: tuple, geom: Geometry) -> None:
+    # The tap offsets are a copy of the weight's indices per geometry: drop this
+    # geometry's once the measured choice for this shape is not the direct convolution.
+    cached = _OFFSETS.get(mat)
+    if not cached:
+        return
+    name = recorded_choice(mat, ("conv", *shape), get_threads())
+    if name is not None and not name.startswith("direct"):
+        for key in [k for k in list(cached) if k[0] == geom[:8] and k[3] == shape[2:]]:
+            cached.pop(key, None)
 
 
 def _direct_options(
@@ -224,16 +257,16 @@ def phases(h: int, w: int, geom: Geometry, width: int) -> Phases:
     wq = -(-wp // sw)
     # Plane width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
     # with rows of 58 floats than with 60 (or 62–96) here, the extra columns are zeros.
-    # Not where the rounding costs a whole tile (7 × 7 images: rows of 9, 63 outputs in
-    # one 64-column tile; rows of 12 need two).
+    # Not where that adds over a quarter of the tiles (7 × 7 images: rows of 9, 63
+    # outputs in one 64-column tile; rows of 12 need two).
     wq4 = -(-wq // 4) * 4
-    if -(-ho * wq4 // width) <= -(-ho * wq // width):
+    if 4 * -(-ho * wq4 // width) <= 5 * -(-ho * wq // width):
         wq = wq4
     return Phases(sh, sw, -(-hp // sh), wq, ho)
 
 
 def phase_offsets(
-    mat: CSRMatrix | BSRMatrix, geom: Geometry, lay: Phases, kblk: int | None
+    mat: CSRMatrix | BSRMatrix, geom: Geometry, lay: Phases, kblk: int | None, hw: tuple
 ) -> np.ndarray:
     """Offsets of ``mat``'s nonzeros' taps in the phase planes of a zero-padded image.
 
@@ -250,11 +283,12 @@ def phase_offsets(
         geom: ``(kh, kw, sh, sw, ph, pw, dh, dw, wo)``.
         lay: The plane layout (:func:`phases`).
         kblk: Offsets in the order of ``block_rows(mat, kblk)``; ``None``: ``mat``'s own.
+        hw: The input's ``(H, W)`` (the offsets are kept per input size).
 
     Returns:
         One unsigned offset per nonzero (uint32, or uint64 for inputs over 2**32 floats).
     """
-    key = (geom[:8], lay, kblk)
+    key = (geom[:8], lay, kblk, hw)
     cached = _OFFSETS.setdefault(mat, {})
     if key not in cached:
         kh, kw, sh, sw, _, _, dh, dw, _ = geom
@@ -309,7 +343,7 @@ def over_padded_images(
     lay = phases(h, w, geom, width)
     length = lay.ho * lay.wq
     ntile = -(-length // width)
-    offs = phase_offsets(mat, geom, lay, kblk)
+    offs = phase_offsets(mat, geom, lay, kblk, (h, w))
     # The last tile reads up to ntile·width − length + (kw − 1)·dw // sw floats past the
     # planes. Cached per layout: only the interior is written below, so the border stays
     # zero only while every call with this buffer writes the same interior (c, h, w at

@@ -227,12 +227,13 @@ class SparseLinear(_SparseBase):
 class SparseConv2d(_SparseBase):
     """Drop-in replacement for ``nn.Conv2d`` with a sparse weight (inference only).
 
-    1×1 convolutions with stride 1 and no padding multiply the input directly. Other
-    stride-1 convolutions can run directly on the zero-padded image (each nonzero a tap
-    offset, see ``layouts.py``); all of them can run as GEMM over the unfolded input (H×W
-    columns), unfolded straight into the cache-sized column panels or read per image by
-    the tiles. A block-sparse (4 × 1) weight runs on the unfolded input or, for stride 1,
-    directly on the padded image. Which one runs is measured on first use per input shape
+    1×1 convolutions without padding multiply the input (its strided pixels) directly.
+    Other convolutions can run directly on the zero-padded image (each nonzero a tap
+    offset, see ``layouts.py``; strided ones on the image split into stride phases, see
+    ``conv.py``); all of them can run as GEMM over the unfolded input (H×W columns),
+    unfolded straight into the cache-sized column panels or read per image by the tiles.
+    A block-sparse (4 × 1) weight runs on the unfolded input or directly on the padded
+    image. Which one runs is measured on first use per input shape
     (``conv.py``). Supports stride, padding, dilation, bias and groups (depthwise
     included: the grouped weight runs as the equivalent ungrouped one, whose zeros
     outside each group are never stored, see ``formats.ungroup``); refuses
@@ -364,8 +365,9 @@ class SparseConv2d(_SparseBase):
         ``(b_i − mean_i) · γ_i / sqrt(var_i + ε) + β_i``, so that this layer alone computes
         what it and ``bn`` computed (equal up to float rounding). The caller replaces
         ``bn`` by ``nn.Identity``, and only where ``bn`` reads nothing but this layer's
-        output; ``bn`` itself is not modified. The new weight is packed again (its kernel
-        choices are measured again on first use).
+        output; ``bn`` itself is not modified. The stored pattern stays (int8 values keep
+        their integers, their row scales change); kernel choices are measured again on
+        first use.
 
         Args:
             bn: The BatchNorm, in eval mode, with running statistics and
@@ -391,13 +393,28 @@ class SparseConv2d(_SparseBase):
             if bn.affine:
                 gamma = bn.weight.float()
                 scale, shift = scale * gamma, shift * gamma + bn.bias.float()
-            mat = self.matrix()
-            block = mat.block if isinstance(mat, BSRMatrix) else (4, 1)
+            self._scale_rows(scale.numpy())
             bias = self._buffers["bias"]
-            weight = self.dense_weight() * scale[:, None]
-            self._store(weight, self.format, block)
             self._set_bias(shift if bias is None else bias * scale + shift)
         return self
+
+    def _scale_rows(self, scale: np.ndarray) -> None:
+        # Output row i times scale[i], stored pattern unchanged: int8 values keep their
+        # integers (the per-row scales change), float32 values and blocks are multiplied.
+        # New buffers, not in-place writes: matrix() then rebuilds its view, and the
+        # kernel choices and layouts made for the old values go with the old one.
+        mat = self.matrix()
+        if self.format == "csr_int8":
+            self.scale = torch.from_numpy(mat.scale * scale)
+            return
+        counts = np.diff(mat.indptr)
+        if isinstance(mat, BSRMatrix):
+            r = mat.block[0]
+            per_row = scale.reshape(-1, r)[np.repeat(np.arange(counts.size), counts)]
+            values = mat.data * per_row[:, :, None]
+        else:
+            values = mat.data * np.repeat(scale, counts)
+        self.values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
     def extra_repr(self) -> str:
         """Shape, format and density, shown in the module's repr."""
