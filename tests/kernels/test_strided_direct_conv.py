@@ -218,3 +218,31 @@ def test_channels_last_output_has_the_same_values_and_pickles():
     assert cl.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(cl, plain) and torch.equal(again, plain)
     assert again.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("choice", ["measured", "direct", "direct_kb"])
+def test_layers_sharing_buffers_over_random_size_sequences(choice):
+    # A model's worth of layers (strides 1–3, a 7 × 7 stem, 1 × 1 and grouped ones, two
+    # of the same layout) called in a random order at sizes drawn from a pool, so that
+    # sizes repeat after others: every call against F.conv2d.
+    rng = np.random.default_rng(0)
+    specs = [(3, 8, 7, 2, 3, 1), (8, 8, 3, 1, 1, 1), (8, 8, 3, 1, 1, 1), (8, 16, 3, 2, 1, 1)]
+    specs += [(8, 16, 1, 2, 0, 1), (16, 16, 3, 3, 2, 4), (40, 8, 3, 2, 1, 1)]
+    layers = []
+    for n, (cin, cout, k, s, p, g) in enumerate(specs):
+        conv = _pruned_conv(cin, cout, k, s, p, groups=g, seed=n)
+        layers.append((SparseConv2d(conv), conv))
+    pool = [(9, 9), (16, 12), (7, 23), (9, 9), (31, 30), (5, 6)]
+    with torch.no_grad():
+        for step in range(40):
+            sparse, conv = layers[rng.integers(len(layers))]
+            h, w = pool[rng.integers(len(pool))]
+            x = torch.from_numpy(rng.standard_normal((1, conv.in_channels, h, w), np.float32))
+            if choice != "measured":
+                options = ("conv", *x.shape, get_threads())
+                dispatch.set_choices(sparse.matrix(), {options: choice})
+            try:
+                y = sparse(x)
+            except KeyError:  # direct_kb is offered only where a block is under K
+                continue
+            torch.testing.assert_close(y, conv(x), rtol=1e-4, atol=1e-4, msg=f"step {step}")
