@@ -4,7 +4,7 @@ bench_kernels.py times the conv-as-GEMM product on an input that is already unfo
 user runs the layer, unfold included. This bench times the layers side by side in one run
 (interleaved, shuffled order, medians of per-round ratios), with the kernel the measured
 choice picked and each candidate forced: panels and tiles over the unfolded image, and
-the direct convolution (stride 1) that reads the padded image in place.
+the direct convolution that reads the padded image (split into stride phases) in place.
 
     python benchmarks/bench_conv.py                 # 1 thread, batch 1
     python benchmarks/bench_conv.py --write         # also update benchmarks/RESULTS.md
@@ -34,9 +34,18 @@ from nbcompress.kernels.modules import SparseConv2d  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-#: (in channels, out channels, kernel, padding, image side): the issue's conv-as-GEMM shape
-#: (256 × 128·3·3 over 56·56 pixels), a ResNet stage-1 conv, and a late 14×14 stage.
-LAYERS = [(128, 256, 3, 1, 56), (64, 64, 3, 1, 56), (256, 256, 3, 1, 14)]
+#: (in channels, out channels, kernel, padding, image side, stride): the issue's
+#: conv-as-GEMM shape (256 × 128·3·3 over 56·56 pixels), a ResNet stage-1 conv, a late
+#: 14×14 stage, and resnet18's strided ones: the 7×7 stem, a stage's first 3×3 and a
+#: 1×1 downsample.
+LAYERS = [
+    (128, 256, 3, 1, 56, 1),
+    (64, 64, 3, 1, 56, 1),
+    (256, 256, 3, 1, 14, 1),
+    (3, 64, 7, 3, 224, 2),
+    (64, 128, 3, 1, 56, 2),
+    (64, 128, 1, 0, 56, 2),
+]
 FORCED = ("panels", "tiles", "kblocks", "direct", "direct_kb")
 
 
@@ -50,28 +59,33 @@ def pruned(conv: nn.Conv2d, sparsity: float) -> nn.Conv2d:
 
 
 def run_layer(layer: tuple, sparsity: float, repeats: int) -> dict:
-    cin, cout, k, pad, side = layer
-    conv = pruned(nn.Conv2d(cin, cout, k, padding=pad, bias=False), sparsity)
+    cin, cout, k, pad, side, stride = layer
+    conv = pruned(nn.Conv2d(cin, cout, k, stride, padding=pad, bias=False), sparsity)
     x = torch.randn(1, cin, side, side)
     auto = SparseConv2d(conv)
     fns = {"dense": lambda: conv(x), "nbc": lambda: auto(x)}
     key = ("conv", *x.shape, 1)
-    for name in FORCED:
+    # A 1×1 without padding multiplies the (strided) pixels: no conv kernels to force.
+    for name in FORCED if (k, pad) != (1, 0) else ():
         forced = SparseConv2d(conv)
         set_choices(forced.matrix(), {key: name})
         fns[name] = lambda m=forced: m(x)
     with torch.no_grad():
-        for fn in fns.values():
-            fn()  # compile / measure the choice / warm caches
+        for name, fn in list(fns.items()):
+            try:
+                fn()  # compile / measure the choice / warm caches
+            except KeyError:  # not offered for this layer (tiles under 64 columns, …)
+                del fns[name]
+                continue
             fn()
         t = paired(fns, repeats, min_sample=5e-3)
     chosen = ",".join(kernel_choices(auto.matrix()).values())
-    name = f"{cin}→{cout} {k}×{k} {side}×{side}"
+    name = f"{cin}→{cout} {k}×{k}/{stride} {side}×{side}"
     return {"layer": name, "sparsity": sparsity, "chosen": chosen} | t
 
 
 def fmt(r: dict) -> str:
-    forced = " ".join(f"{k} {1 / r[f'{k} ratio']:.2f}×" for k in FORCED)
+    forced = " ".join(f"{k} {1 / r[f'{k} ratio']:.2f}×" for k in FORCED if f"{k} ratio" in r)
     return (
         f"{r['layer']:<22} sp={r['sparsity']:.0%}  dense {1e3 * r['dense']:7.2f} ms  "
         f"SparseConv2d {1 / r['nbc ratio']:.2f}× ({r['chosen']})  [{forced}]"
