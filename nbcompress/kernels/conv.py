@@ -41,6 +41,7 @@ from nbcompress.kernels.threads import get_threads
 
 __all__ = [
     "CHANNEL_BLOCK_BYTES",
+    "OUT_CHUNK_BYTES",
     "SHARED_KEEP",
     "Phases",
     "bsr_conv_unchecked",
@@ -58,6 +59,11 @@ Geometry = tuple[int, ...]  # kh, kw, sh, sw, ph, pw, dh, dw, wo
 #: 32 KB L1d of the CPUs measured). Only a speed setting: any value from 1 byte up gives
 #: the same results (blocks of one channel up to one block), as tests/kernels checks.
 CHANNEL_BLOCK_BYTES = 24576
+#: Bytes of one chunk of direct-conv results (M × rows·Wq floats, cropped while in L2).
+#: It bounds the scratch a large image needs beside its output; on resnet18 (batch 1)
+#: 128 KB–512 KB chunks and none measured within noise of each other end to end. Only a
+#: speed and memory setting: any value gives the same results (down to one row a chunk).
+OUT_CHUNK_BYTES = 262144
 #: Columns per tile of the block-sparse direct convolution (the widest 4 × 1 tile kernel).
 BSR_DIRECT_WIDTH = next(iter(BSR4_TILES))
 _OFFSETS: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKeyDictionary()
@@ -224,8 +230,8 @@ def _direct_conv(
         kernel, width, dtype = BSR4_TILES[BSR_DIRECT_WIDTH], BSR_DIRECT_WIDTH, "bsr"
         weight, tail = (data.reshape(-1),), (BSR_PANEL, nkb, 0)
 
-    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
-        args = (indptr, offs, *weight, padded, 1, ntile * width, flat, 0, ntile, bounds)
+    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, cols, bounds):
+        args = (indptr, offs, *weight, padded, 1, cols * width, flat, 0, ntile, bounds)
         kernel.run((*args, *tail), (dtype, offs.dtype.char))
 
     over_padded_images(mat, images, geom, out, width, kblk, run)
@@ -336,26 +342,36 @@ def over_padded_images(
     """Zero-pad each image into cached phase planes, ``run`` a direct-conv kernel, crop.
 
     Output rows are numbered with the plane width (:func:`phase_offsets`), in tiles of
-    ``width`` columns; ``run(offsets, padded, out_flat, ntile, bounds)`` computes them.
+    ``width`` columns; ``run(offsets, padded, out_flat, ntile, stride, bounds)`` computes
+    ``ntile`` tiles of them from the start of ``padded`` into rows of ``stride`` tiles.
     """
     kw, dw, wo = geom[1], geom[7], geom[8]
+    m = mat.shape[0]
     c, h, w = images.shape[1:]
     lay = phases(h, w, geom, width)
-    length = lay.ho * lay.wq
-    ntile = -(-length // width)
     offs = phase_offsets(mat, geom, lay, kblk, (h, w))
-    # The last tile reads up to ntile·width − length + (kw − 1)·dw // sw floats past the
-    # planes. Cached per layout: only the interior is written below, so the border stays
-    # zero only while every call with this buffer writes the same interior (c, h, w at
-    # the same padding and strides into planes of hq × wq); other layouts of the same
-    # length get buffers of their own.
+    # Output rows in chunks whose (M × rows·Wq) results fit OUT_CHUNK_BYTES, cropped
+    # chunk by chunk while they are in cache (the stem's 64 × 112 × 116 results are
+    # 3.3 MB). A chunk's last tile reads up to width − 1 + (kw − 1)·dw // sw floats past
+    # its rows (the planes' end, for the last chunk). Cached per layout: only the
+    # interior is written below, so the border stays zero only while every call with
+    # this buffer writes the same interior (c, h, w at the same padding and strides into
+    # planes of hq × wq); other layouts of the same length get buffers of their own.
+    rows = max(1, min(lay.ho, OUT_CHUNK_BYTES // (4 * m * lay.wq)))
+    ntile = -(-rows * lay.wq // width)
     nplane = c * lay.sh * lay.sw * lay.hq * lay.wq
-    size = nplane + ntile * width - length + (kw - 1) * dw // lay.sw
+    size = nplane + width + (kw - 1) * dw // lay.sw
     padded = shared_scratch("image", size, (c, h, w, geom[:8], lay))
     planes = padded[:nplane].reshape(c, lay.sh, lay.sw, lay.hq, lay.wq)
-    flat = shared_scratch("out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
+    flat = shared_scratch("out", m * ntile * width).reshape(m, -1)
     bounds = balanced_rows(mat)
     for img, o in zip(images, out, strict=True):
         _fill(planes, img, geom)
-        run(offs, padded, flat.reshape(-1), ntile, bounds)
-        o.reshape(-1, lay.ho, wo)[:] = flat[:, :length].reshape(-1, lay.ho, lay.wq)[:, :, :wo]
+        o = o.reshape(m, lay.ho, wo)
+        for y0 in range(0, lay.ho, rows):
+            y1 = min(lay.ho, y0 + rows)
+            part = -(-(y1 - y0) * lay.wq // width)
+            # The kernel numbers this chunk's outputs from 0: the planes from row y0 on.
+            run(offs, padded[y0 * lay.wq :], flat.reshape(-1), part, ntile, bounds)
+            done = flat[:, : (y1 - y0) * lay.wq].reshape(m, y1 - y0, lay.wq)
+            o[:, y0:y1] = done[:, :, :wo]

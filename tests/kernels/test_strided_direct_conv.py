@@ -246,3 +246,17 @@ def test_layers_sharing_buffers_over_random_size_sequences(choice):
             except KeyError:  # direct_kb is offered only where a block is under K
                 continue
             torch.testing.assert_close(y, conv(x), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("budget", [1, 3000, 10**9])  # a row per chunk, a few, one chunk
+@pytest.mark.parametrize(
+    ("fmt", "choice"), [("csr", "direct"), ("csr", "direct_kb"), ("bsr", "direct")]
+)
+def test_any_output_chunk_gives_the_same_convolution(budget, fmt, choice, monkeypatch):
+    monkeypatch.setattr(kconv, "OUT_CHUNK_BYTES", budget)
+    conv = _pruned_conv(70, 8, 3, 2, 1, keep=0.5)
+    x = torch.randn(2, 70, 21, 37) * 10
+    with torch.no_grad():
+        ref = conv(x)
+    got = _forced(SparseConv2d(conv, format=fmt), x, choice)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3)
