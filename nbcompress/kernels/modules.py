@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbcompress.kernels.batchnorm import affine_of, scaled_rows
 from nbcompress.kernels.bsr import bsr_matmul
 from nbcompress.kernels.conv import bsr_conv_unchecked, conv_unchecked
 from nbcompress.kernels.csr import matmul_t_unchecked, matmul_unchecked
@@ -362,12 +363,12 @@ class SparseConv2d(_SparseBase):
         """Fold an eval-mode ``nn.BatchNorm2d`` that consumes this layer's output, in place.
 
         Row i of the weight is scaled by ``γ_i / sqrt(var_i + ε)`` and the bias becomes
-        ``(b_i − mean_i) · γ_i / sqrt(var_i + ε) + β_i``, so that this layer alone computes
-        what it and ``bn`` computed (equal up to float rounding). The caller replaces
-        ``bn`` by ``nn.Identity``, and only where ``bn`` reads nothing but this layer's
-        output; ``bn`` itself is not modified. The stored pattern stays (int8 values keep
-        their integers, their row scales change); kernel choices are measured again on
-        first use.
+        ``(b_i − mean_i) · γ_i / sqrt(var_i + ε) + β_i`` (``batchnorm.py``), so that this
+        layer alone computes what it and ``bn`` computed (equal up to float rounding).
+        The caller replaces ``bn`` by ``nn.Identity``, and only where ``bn`` reads nothing
+        but this layer's output; ``bn`` itself is not modified. The stored pattern stays
+        (int8 values keep their integers, their row scales change); kernel choices are
+        measured again on first use.
 
         Args:
             bn: The BatchNorm, in eval mode, with running statistics and
@@ -376,45 +377,15 @@ class SparseConv2d(_SparseBase):
         Returns:
             This layer.
         """
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"bn: expected nn.BatchNorm2d, got {type(bn).__name__}.")
-        if bn.training or bn.running_var is None or bn.running_mean is None:
-            raise ValueError(
-                "bn: only an eval-mode BatchNorm2d with running statistics folds (its output "
-                "then depends on the input alone); call model.eval() first."
-            )
-        if bn.num_features != self.out_channels:
-            raise ValueError(
-                f"bn: has {bn.num_features} features, this layer {self.out_channels} outputs."
-            )
-        with torch.no_grad():
-            scale = 1 / torch.sqrt(bn.running_var.float() + bn.eps)
-            shift = -bn.running_mean.float() * scale
-            if bn.affine:
-                gamma = bn.weight.float()
-                scale, shift = scale * gamma, shift * gamma + bn.bias.float()
-            self._scale_rows(scale.numpy())
-            bias = self._buffers["bias"]
-            self._set_bias(shift if bias is None else bias * scale + shift)
-        return self
-
-    def _scale_rows(self, scale: np.ndarray) -> None:
-        # Output row i times scale[i], stored pattern unchanged: int8 values keep their
-        # integers (the per-row scales change), float32 values and blocks are multiplied.
+        scale, shift = affine_of(bn, self.out_channels)
         # New buffers, not in-place writes: matrix() then rebuilds its view, and the
         # kernel choices and layouts made for the old values go with the old one.
-        mat = self.matrix()
-        if self.format == "csr_int8":
-            self.scale = torch.from_numpy(mat.scale * scale)
-            return
-        counts = np.diff(mat.indptr)
-        if isinstance(mat, BSRMatrix):
-            r = mat.block[0]
-            per_row = scale.reshape(-1, r)[np.repeat(np.arange(counts.size), counts)]
-            values = mat.data * per_row[:, :, None]
-        else:
-            values = mat.data * np.repeat(scale, counts)
-        self.values = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        new = scaled_rows(self.matrix(), self.format == "csr_int8", scale.numpy())
+        for name, array in new.items():
+            setattr(self, name, torch.from_numpy(array))
+        bias = self._buffers["bias"]
+        self._set_bias(shift if bias is None else bias * scale + shift)
+        return self
 
     def extra_repr(self) -> str:
         """Shape, format and density, shown in the module's repr."""
