@@ -4,10 +4,12 @@ bench_kernels.py times the conv-as-GEMM product on an input that is already unfo
 user runs the layer, unfold included. This bench times the layers side by side in one run
 (interleaved, shuffled order, medians of per-round ratios), with the kernel the measured
 choice picked and each candidate forced: panels and tiles over the unfolded image, and
-the direct convolution (stride 1) that reads the padded image in place.
+the direct convolution that reads the padded image (split into stride phases) in place.
 
     python benchmarks/bench_conv.py                 # 1 thread, batch 1
     python benchmarks/bench_conv.py --write         # also update benchmarks/RESULTS.md
+    python benchmarks/bench_conv.py --resnet18      # resnet18 90% end to end, and with
+                                                    # BN folded / the stem channels-last
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch/numba load OpenMP
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -34,9 +37,18 @@ from nbcompress.kernels.modules import SparseConv2d  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
-#: (in channels, out channels, kernel, padding, image side): the issue's conv-as-GEMM shape
-#: (256 × 128·3·3 over 56·56 pixels), a ResNet stage-1 conv, and a late 14×14 stage.
-LAYERS = [(128, 256, 3, 1, 56), (64, 64, 3, 1, 56), (256, 256, 3, 1, 14)]
+#: (in channels, out channels, kernel, padding, image side, stride): the issue's
+#: conv-as-GEMM shape (256 × 128·3·3 over 56·56 pixels), a ResNet stage-1 conv, a late
+#: 14×14 stage, and resnet18's strided ones: the 7×7 stem, a stage's first 3×3 and a
+#: 1×1 downsample.
+LAYERS = [
+    (128, 256, 3, 1, 56, 1),
+    (64, 64, 3, 1, 56, 1),
+    (256, 256, 3, 1, 14, 1),
+    (3, 64, 7, 3, 224, 2),
+    (64, 128, 3, 1, 56, 2),
+    (64, 128, 1, 0, 56, 2),
+]
 FORCED = ("panels", "tiles", "kblocks", "direct", "direct_kb")
 
 
@@ -50,32 +62,94 @@ def pruned(conv: nn.Conv2d, sparsity: float) -> nn.Conv2d:
 
 
 def run_layer(layer: tuple, sparsity: float, repeats: int) -> dict:
-    cin, cout, k, pad, side = layer
-    conv = pruned(nn.Conv2d(cin, cout, k, padding=pad, bias=False), sparsity)
+    cin, cout, k, pad, side, stride = layer
+    conv = pruned(nn.Conv2d(cin, cout, k, stride, padding=pad, bias=False), sparsity)
     x = torch.randn(1, cin, side, side)
     auto = SparseConv2d(conv)
     fns = {"dense": lambda: conv(x), "nbc": lambda: auto(x)}
     key = ("conv", *x.shape, 1)
-    for name in FORCED:
+    # A 1×1 without padding multiplies the (strided) pixels: no conv kernels to force.
+    for name in FORCED if (k, pad) != (1, 0) else ():
         forced = SparseConv2d(conv)
         set_choices(forced.matrix(), {key: name})
         fns[name] = lambda m=forced: m(x)
     with torch.no_grad():
-        for fn in fns.values():
-            fn()  # compile / measure the choice / warm caches
+        for name, fn in list(fns.items()):
+            try:
+                fn()  # compile / measure the choice / warm caches
+            except KeyError:  # not offered for this layer (tiles under 64 columns, …)
+                del fns[name]
+                continue
             fn()
         t = paired(fns, repeats, min_sample=5e-3)
     chosen = ",".join(kernel_choices(auto.matrix()).values())
-    name = f"{cin}→{cout} {k}×{k} {side}×{side}"
+    name = f"{cin}→{cout} {k}×{k}/{stride} {side}×{side}"
     return {"layer": name, "sparsity": sparsity, "chosen": chosen} | t
 
 
 def fmt(r: dict) -> str:
-    forced = " ".join(f"{k} {1 / r[f'{k} ratio']:.2f}×" for k in FORCED)
+    forced = " ".join(f"{k} {1 / r[f'{k} ratio']:.2f}×" for k in FORCED if f"{k} ratio" in r)
     return (
         f"{r['layer']:<22} sp={r['sparsity']:.0%}  dense {1e3 * r['dense']:7.2f} ms  "
         f"SparseConv2d {1 / r['nbc ratio']:.2f}× ({r['chosen']})  [{forced}]"
     )
+
+
+def _folded(model: nn.Module) -> nn.Module:
+    """``model`` (a sparsified resnet) with every BatchNorm after a SparseConv2d folded."""
+    model = copy.deepcopy(model)
+    for name, conv in list(model.named_modules()):
+        bn_name = name.replace("conv", "bn") if "conv" in name else name[:-1] + "1"
+        if isinstance(conv, SparseConv2d) and (name.endswith(("conv1", "conv2", "downsample.0"))):
+            bn = model.get_submodule(bn_name)
+            conv.fold_batchnorm_(bn)
+            parent, _, leaf = bn_name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
+    return model
+
+
+def _stem_channels_last(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model)
+    model.conv1.channels_last_output = True  # the max-pool after it runs on that layout
+    return model
+
+
+def run_resnet18(repeats: int) -> None:
+    """resnet18 90% end to end: sparsify_ as is, and with what sparsify_ could add.
+
+    The variants are what the report of the conv work proposes for ``sparsify_``: the
+    stem's output in channels-last strides (torch's max-pool is ~10× faster on it), and
+    each eval BatchNorm folded into the SparseConv2d before it. BatchNorm statistics are
+    randomised as a trained model's would be, so that the fold is not the identity.
+    """
+    from bench_runtimes import resnet18
+
+    import nbcompress as nc
+
+    model = resnet18()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        sparse = nc.sparsify_(copy.deepcopy(model), x, repeats=5)
+        models = {"dense": model, "sparsify_": sparse, "+ stem channels-last": None}
+        models |= {"+ BN folded": _folded(sparse)}
+        models["+ stem channels-last"] = _stem_channels_last(sparse)
+        models["+ both"] = _stem_channels_last(models["+ BN folded"])
+        ref = model(x)
+        fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
+        for k, m in models.items():
+            err = float((m(x) - ref).abs().max() / ref.abs().max())
+            print(f"{k:22} max relative error {err:.1e}")
+        t = paired(fns, repeats, min_sample=0.05)
+    for k in models:
+        ratio = "" if k == "dense" else f"  {1 / t[f'{k} ratio']:.2f}× dense"
+        print(f"{k:22} {1e3 * t[k]:7.2f} ms{ratio}")
 
 
 def main() -> None:
@@ -83,9 +157,17 @@ def main() -> None:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.7, 0.9, 0.95, 0.98])
     ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds per row")
     ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    ap.add_argument(
+        "--resnet18", action="store_true", help="resnet18 90%% end to end instead of layers"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    if args.resnet18:
+        print(machine())
+        run_resnet18(args.repeats)
+        return
     started = machine()
     print(started)
     lines = []

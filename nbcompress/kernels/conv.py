@@ -2,16 +2,25 @@
 
 Every convolution can run as GEMM over the unfolded input (C·kh·kw × Ho·Wo): a CSR weight
 unfolds straight into the packed column panels or, image by image, into a matrix the
-tiles read in place; a block-sparse weight multiplies each unfolded image. A stride-1
+tiles read in place; a block-sparse weight multiplies each unfolded image. Any
 convolution can also run directly on the zero-padded image, each nonzero a tap offset
 (see :mod:`nbcompress.kernels.layouts`): one tile kernel call per image, no unfold, and
-over blocks of whole channels (``direct_kb``) when a tile's windows outgrow L1. Which
-runs is measured on first use per input shape (:func:`~.dispatch.fastest`).
+over blocks of whole channels (``direct_kb``) when a tile's windows outgrow L1. A strided
+one runs on the image split into stride phases (:func:`phase_offsets`), where its tap
+offsets are constant as for stride 1. Which runs is measured on first use per input
+shape (:func:`~.dispatch.fastest`).
+
+The padded images (and the block-sparse kernel's uncropped output) go to scratch buffers
+shared by all layers of the same layout (:func:`shared_scratch`): a model runs its layers
+one after the other, and a shared buffer is still in cache when the next layer fills it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+import weakref
+from collections.abc import Callable, Hashable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,16 +33,25 @@ from nbcompress.kernels.dispatch import (
     TILE64,
     balanced_rows,
     fastest,
+    recorded_choice,
 )
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
-from nbcompress.kernels.layouts import block_rows, scratch, tap_offsets
+from nbcompress.kernels.layouts import SCRATCH_KEEP, block_rows
+from nbcompress.kernels.threads import get_threads
 
 __all__ = [
     "CHANNEL_BLOCK_BYTES",
+    "OUT_CHUNK_BYTES",
+    "SHARED_KEEP",
+    "Phases",
     "bsr_conv_unchecked",
     "channel_block",
     "conv_unchecked",
     "over_padded_images",
+    "phase_offsets",
+    "phases",
+    "shared_scratch",
+    "shared_scratch_keys",
 ]
 
 Geometry = tuple[int, ...]  # kh, kw, sh, sw, ph, pw, dh, dw, wo
@@ -41,8 +59,60 @@ Geometry = tuple[int, ...]  # kh, kw, sh, sw, ph, pw, dh, dw, wo
 #: 32 KB L1d of the CPUs measured). Only a speed setting: any value from 1 byte up gives
 #: the same results (blocks of one channel up to one block), as tests/kernels checks.
 CHANNEL_BLOCK_BYTES = 24576
+#: Bytes of one chunk of direct-conv results (M × rows·Wq floats, cropped while in L2).
+#: It bounds the scratch a large image needs beside its output; on resnet18 (batch 1)
+#: 128 KB–512 KB chunks and none measured within noise of each other end to end. Only a
+#: speed and memory setting: any value gives the same results (down to one row a chunk).
+OUT_CHUNK_BYTES = 262144
 #: Columns per tile of the block-sparse direct convolution (the widest 4 × 1 tile kernel).
 BSR_DIRECT_WIDTH = next(iter(BSR4_TILES))
+_OFFSETS: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, dict] = weakref.WeakKeyDictionary()
+#: Scratch buffers of the direct convolution kept per Python thread and name: the most
+#: recently used layouts, shared by every layer (a resnet18 has seven image layouts).
+SHARED_KEEP = 12
+
+
+class _Shared(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, np.ndarray] = {}
+
+
+_SHARED = _Shared()
+
+
+def shared_scratch(name: str, size: int, layout: Hashable = None) -> np.ndarray:
+    """A float32 buffer of ``size`` for ``name`` and ``layout``, shared by all layers.
+
+    As :func:`~nbcompress.kernels.layouts.scratch` (zero-filled when new, per Python
+    thread, ``layout`` names everything that places a buffer's interior), but one
+    buffer serves every layer of the same layout: in a model the layers run one after
+    the other, so a shared buffer is still in cache when the next layer writes it
+    (with one buffer per layer, a resnet18's 20 layers streamed 20 of them from L3).
+
+    Args:
+        name: What the buffer is for (``"image"``, ``"out"``).
+        size: Floats.
+        layout: What besides ``size`` a reused buffer must agree on; ``None`` for a
+            buffer every call overwrites whole.
+
+    Returns:
+        The buffer.
+    """
+    buffers = _SHARED.buffers
+    key = (name, size, layout)
+    buf = buffers.pop(key, None)  # re-inserted below: the dict's order is recency
+    if buf is None:
+        buf = np.zeros(size, dtype=np.float32)
+        same = [k for k in buffers if k[0] == name]
+        for old in same[: max(0, len(same) - SHARED_KEEP + 1)]:
+            del buffers[old]
+    buffers[key] = buf
+    return buf
+
+
+def shared_scratch_keys() -> list[tuple]:
+    """``(name, size, layout)`` of this Python thread's shared scratch buffers, oldest first."""
+    return list(_SHARED.buffers)
 
 
 def conv_unchecked(
@@ -52,7 +122,7 @@ def conv_unchecked(
 
     The kernels compete (see the module docstring): unfolding straight into packed
     panels, each image unfolded (C·kh·kw × Ho·Wo) and read in place by the tiles, or
-    (stride 1) the direct convolution.
+    the direct convolution.
 
     Args:
         mat: The packed (out × C·kh·kw) weight.
@@ -78,6 +148,7 @@ def conv_unchecked(
         options |= {name: (lambda k=kblk: tiles(k)) for name, kblk in tile_kinds(mat).items()}
     options |= _direct_options(mat, images, geom, out)
     fastest(mat, ("conv", *images.shape), options, geom[:8])  # geometry: for the record
+    _release_offsets(mat, images.shape, geom)
 
 
 def bsr_conv_unchecked(
@@ -85,8 +156,8 @@ def bsr_conv_unchecked(
 ) -> None:
     """Block-sparse conv of N images into ``out``; arguments as :func:`conv_unchecked`.
 
-    Each image unfolded and multiplied, or (4 × 1 blocks, stride 1) the direct
-    convolution on the zero-padded image, whichever measured faster.
+    Each image unfolded and multiplied, or (4 × 1 blocks) the direct convolution on the
+    zero-padded image, whichever measured faster.
     """
     geom = tuple(int(g) for g in geom)
 
@@ -98,14 +169,26 @@ def bsr_conv_unchecked(
     if mat.block == (4, 1):
         options |= _direct_options(mat, images, geom, out)
     fastest(mat, ("conv", *images.shape), options, geom[:8])
+    _release_offsets(mat, images.shape, geom)
+
+
+def _release_offsets(mat: CSRMatrix | BSRMatrix, shape: tuple, geom: Geometry) -> None:
+    # The tap offsets are a copy of the weight's indices per geometry: drop this
+    # geometry's once the measured choice for this shape is not the direct convolution.
+    cached = _OFFSETS.get(mat)
+    if not cached:
+        return
+    name = recorded_choice(mat, ("conv", *shape), get_threads())
+    if name is not None and not name.startswith("direct"):
+        for key in [k for k in list(cached) if k[0] == geom[:8] and k[3] == shape[2:]]:
+            cached.pop(key, None)
 
 
 def _direct_options(
     mat: CSRMatrix | BSRMatrix, images: np.ndarray, geom: Geometry, out: np.ndarray
 ) -> dict[str, Callable[[], object]]:
-    # The direct convolution needs stride 1: the tap offsets are then constant.
-    if geom[2] != 1 or geom[3] != 1:
-        return {}
+    # Any stride: a strided convolution runs on the image split into stride phases
+    # (see phase_offsets), where its tap offsets are constant as for stride 1.
     options: dict[str, Callable[[], object]] = {
         "direct": lambda: _direct_conv(mat, images, geom, out)
     }
@@ -147,11 +230,104 @@ def _direct_conv(
         kernel, width, dtype = BSR4_TILES[BSR_DIRECT_WIDTH], BSR_DIRECT_WIDTH, "bsr"
         weight, tail = (data.reshape(-1),), (BSR_PANEL, nkb, 0)
 
-    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, bounds) -> None:
-        args = (indptr, offs, *weight, padded, 1, ntile * width, flat, 0, ntile, bounds)
+    def run(offs: np.ndarray, padded: np.ndarray, flat: np.ndarray, ntile: int, cols, bounds):
+        args = (indptr, offs, *weight, padded, 1, cols * width, flat, 0, ntile, bounds)
         kernel.run((*args, *tail), (dtype, offs.dtype.char))
 
     over_padded_images(mat, images, geom, out, width, kblk, run)
+
+
+class Phases(NamedTuple):
+    """How a direct convolution lays out its zero-padded input (see :func:`phase_offsets`).
+
+    Attributes:
+        sh: Row stride (row phases).
+        sw: Column stride (column phases).
+        hq: Rows of each phase plane.
+        wq: Columns of each phase plane (output rows are numbered with this width).
+        ho: Output rows.
+    """
+
+    sh: int
+    sw: int
+    hq: int
+    wq: int
+    ho: int
+
+
+def phases(h: int, w: int, geom: Geometry, width: int) -> Phases:
+    """The phase planes of an ``h`` × ``w`` image for a direct conv in tiles of ``width``."""
+    kh, _, sh, sw, ph, pw, dh, _, _ = geom
+    hp, wp = h + 2 * ph, w + 2 * pw
+    ho = (hp - dh * (kh - 1) - 1) // sh + 1
+    wq = -(-wp // sw)
+    # Plane width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
+    # with rows of 58 floats than with 60 (or 62–96) here, the extra columns are zeros.
+    # Not where that adds over a quarter of the tiles (7 × 7 images: rows of 9, 63
+    # outputs in one 64-column tile; rows of 12 need two).
+    wq4 = -(-wq // 4) * 4
+    if 4 * -(-ho * wq4 // width) <= 5 * -(-ho * wq // width):
+        wq = wq4
+    return Phases(sh, sw, -(-hp // sh), wq, ho)
+
+
+def phase_offsets(
+    mat: CSRMatrix | BSRMatrix, geom: Geometry, lay: Phases, kblk: int | None, hw: tuple
+) -> np.ndarray:
+    """Offsets of ``mat``'s nonzeros' taps in the phase planes of a zero-padded image.
+
+    Stride ``(sh, sw)`` splits the padded image (C × Hp × Wp) into sh·sw phase planes per
+    channel, plane (c, a, b) holding rows ≡ a (mod sh) and columns ≡ b (mod sw), each
+    Hq × Wq. Output pixel (y, x) reads padded (sh·y + dh·i, sw·x + dw·j) for tap
+    (c, i, j), which is plane (c, dh·i mod sh, dw·j mod sw) at (y + dh·i // sh,
+    x + dw·j // sw): numbering outputs q = y·Wq + x makes every read ``offset + q``
+    with one constant offset per nonzero, as ``layouts.py`` describes for stride 1
+    (where there is one plane per channel and this is ``layouts.tap_offsets``).
+
+    Args:
+        mat: The packed (out × C·kh·kw) weight (4 × 1 block-sparse: block columns).
+        geom: ``(kh, kw, sh, sw, ph, pw, dh, dw, wo)``.
+        lay: The plane layout (:func:`phases`).
+        kblk: Offsets in the order of ``block_rows(mat, kblk)``; ``None``: ``mat``'s own.
+        hw: The input's ``(H, W)`` (the offsets are kept per input size).
+
+    Returns:
+        One unsigned offset per nonzero (uint32, or uint64 for inputs over 2**32 floats).
+    """
+    key = (geom[:8], lay, kblk, hw)
+    cached = _OFFSETS.setdefault(mat, {})
+    if key not in cached:
+        kh, kw, sh, sw, _, _, dh, dw, _ = geom
+        indices = mat.indices if kblk is None else block_rows(mat, kblk)[1]
+        c, tap = np.divmod(indices.astype(np.int64), kh * kw)
+        i, j = np.divmod(tap, kw)
+        (ri, a), (cj, b) = np.divmod(i * dh, sh), np.divmod(j * dw, sw)
+        plane = lay.hq * lay.wq
+        offs = ((c * sh + a) * sw + b) * plane + ri * lay.wq + cj
+        wide = mat.shape[1] // (kh * kw) * sh * sw * plane >= 2**32
+        if len(cached) >= SCRATCH_KEEP:  # the most recent geometries, as the buffers
+            cached.pop(next(iter(list(cached))), None)
+        cached[key] = offs.astype(np.uint64 if wide else np.uint32)
+    return cached[key]
+
+
+def _fill(planes: np.ndarray, img: np.ndarray, geom: Geometry) -> None:
+    # planes: C × sh × sw × Hq × Wq; padded row R = r + ph lies in phase R mod sh at row
+    # R // sh (columns alike). Only the interior is written: the border stays zero.
+    _, _, sh, sw, ph, pw = geom[:6]
+    h, w = img.shape[1:]
+    for a in range(sh):
+        y0 = max(0, -(-(ph - a) // sh))
+        r0 = a + sh * y0 - ph
+        if r0 >= h:
+            continue
+        for b in range(sw):
+            x0 = max(0, -(-(pw - b) // sw))
+            c0 = b + sw * x0 - pw
+            if c0 >= w:
+                continue
+            src = img[:, r0::sh, c0::sw]
+            planes[:, a, b, y0 : y0 + src.shape[1], x0 : x0 + src.shape[2]] = src
 
 
 def over_padded_images(
@@ -163,30 +339,39 @@ def over_padded_images(
     kblk: int | None,
     run: Callable[..., None],
 ) -> None:
-    """Zero-pad each image into a cached buffer, ``run`` a direct-conv kernel, crop.
+    """Zero-pad each image into cached phase planes, ``run`` a direct-conv kernel, crop.
 
-    Output rows are numbered with the padded width (``layouts.py``), in tiles of ``width``
-    columns; ``run(offsets, padded, out_flat, ntile, bounds)`` computes them.
+    Output rows are numbered with the plane width (:func:`phase_offsets`), in tiles of
+    ``width`` columns; ``run(offsets, padded, out_flat, ntile, stride, bounds)`` computes
+    ``ntile`` tiles of them from the start of ``padded`` into rows of ``stride`` tiles.
     """
-    kh, kw, _, _, ph, pw, dh, dw, wo = geom
+    kw, dw, wo = geom[1], geom[7], geom[8]
+    m = mat.shape[0]
     c, h, w = images.shape[1:]
-    # Padded width rounded up to a multiple of 4: 128 × 56 × 56 at 3 × 3 ran 1.3× slower
-    # with rows of 58 floats than with 60 (or 62–96) here, the extra columns are zeros.
-    hp, wp = h + 2 * ph, -(-(w + 2 * pw) // 4) * 4
-    ho = hp - dh * (kh - 1)
-    length = ho * wp
-    ntile = -(-length // width)
-    offs = tap_offsets(mat, (kh, kw), (dh, dw), (hp, wp), kblk)
-    # The last tile reads up to ntile·width − length + (kw − 1)·dw floats past the image.
-    # Cached per padded geometry: only the interior is written below, so the border stays
-    # zero only while every call with this buffer writes the same interior (c, h, w at
-    # ph, pw in rows of wp); other geometries of the same length get buffers of their own.
-    size = c * hp * wp + ntile * width - length + (kw - 1) * dw
-    padded = scratch(mat, "image", size, (c, h, w, ph, pw, wp))
-    plane = padded[: c * hp * wp].reshape(c, hp, wp)
-    flat = scratch(mat, "out", mat.shape[0] * ntile * width).reshape(mat.shape[0], -1)
+    lay = phases(h, w, geom, width)
+    offs = phase_offsets(mat, geom, lay, kblk, (h, w))
+    # Output rows in chunks whose (M × rows·Wq) results fit OUT_CHUNK_BYTES, cropped
+    # chunk by chunk while they are in cache (the stem's 64 × 112 × 116 results are
+    # 3.3 MB). A chunk's last tile reads up to width − 1 + (kw − 1)·dw // sw floats past
+    # its rows (the planes' end, for the last chunk). Cached per layout: only the
+    # interior is written below, so the border stays zero only while every call with
+    # this buffer writes the same interior (c, h, w at the same padding and strides into
+    # planes of hq × wq); other layouts of the same length get buffers of their own.
+    rows = max(1, min(lay.ho, OUT_CHUNK_BYTES // (4 * m * lay.wq)))
+    ntile = -(-rows * lay.wq // width)
+    nplane = c * lay.sh * lay.sw * lay.hq * lay.wq
+    size = nplane + width + (kw - 1) * dw // lay.sw
+    padded = shared_scratch("image", size, (c, h, w, geom[:8], lay))
+    planes = padded[:nplane].reshape(c, lay.sh, lay.sw, lay.hq, lay.wq)
+    flat = shared_scratch("out", m * ntile * width).reshape(m, -1)
     bounds = balanced_rows(mat)
     for img, o in zip(images, out, strict=True):
-        plane[:, ph : ph + h, pw : pw + w] = img
-        run(offs, padded, flat.reshape(-1), ntile, bounds)
-        o.reshape(-1, ho, wo)[:] = flat[:, :length].reshape(-1, ho, wp)[:, :, :wo]
+        _fill(planes, img, geom)
+        o = o.reshape(m, lay.ho, wo)
+        for y0 in range(0, lay.ho, rows):
+            y1 = min(lay.ho, y0 + rows)
+            part = -(-(y1 - y0) * lay.wq // width)
+            # The kernel numbers this chunk's outputs from 0: the planes from row y0 on.
+            run(offs, padded[y0 * lay.wq :], flat.reshape(-1), part, ntile, bounds)
+            done = flat[:, : (y1 - y0) * lay.wq].reshape(m, y1 - y0, lay.wq)
+            o[:, y0:y1] = done[:, :, :wo]
