@@ -23,6 +23,14 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
+@pytest.fixture(autouse=True)
+def _eager():
+    """Race each new shape bucket on first use, as ``sparsify_`` tunes (these tests are of
+    the record; forward-time predictions are tested in ``test_tuning_plan.py``)."""
+    with tuning.eager():
+        yield
+
+
 @pytest.fixture
 def record(tmp_path):
     """A record in a temporary directory, for a pretend CPU."""
@@ -179,12 +187,13 @@ def test_buckets_round_extents_up_to_powers_of_two():
 
 _CHILD = """
 import json, numpy as np
-from nbcompress.kernels import csr_matmul, dispatch, pack_csr
+from nbcompress.kernels import csr_matmul, dispatch, pack_csr, tuning
 from tests.kernels.reference import sparse_weight
 rng = np.random.default_rng(0)
 mat = pack_csr(sparse_weight(rng, 40, 300, 0.1))
-for n in (1, 64, 90, 200):
-    csr_matmul(mat, rng.standard_normal((n, 300)).astype(np.float32))
+with tuning.eager():
+    for n in (1, 64, 90, 200):
+        csr_matmul(mat, rng.standard_normal((n, 300)).astype(np.float32))
 stats = dispatch.tuning_stats()
 print(json.dumps({"races": stats["races"], "reused": stats["reused"],
                   "choices": sorted(map(str, dispatch.kernel_choices(mat).items()))}))
