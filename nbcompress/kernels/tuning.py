@@ -45,6 +45,9 @@ from pathlib import Path
 
 # The keys live in their own module; their names stay importable from here.
 from nbcompress.kernels.tuning_keys import (  # noqa: E402, F401 - re-exported
+    EXPECTED_GAIN,
+    PRIOR,
+    RACE_CALLS,
     bucket_distance,
     cpu_key,
     default_dir,

@@ -23,14 +23,6 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True)
-def _eager():
-    """Race each new shape bucket on first use, as ``sparsify_`` tunes (these tests are of
-    the record; forward-time predictions are tested in ``test_tuning_plan.py``)."""
-    with tuning.eager():
-        yield
-
-
 @pytest.fixture
 def record(tmp_path):
     """A record in a temporary directory, for a pretend CPU."""
