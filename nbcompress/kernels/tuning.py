@@ -27,7 +27,14 @@ JSON file per CPU key. Writes merge with what other processes wrote meanwhile (u
 advisory file lock where the OS has one) and replace the file atomically, so concurrent
 processes never see half a file; an unreadable file is ignored with one line and rewritten.
 ``NBCOMPRESS_TUNING=off`` (or :func:`configure` with ``enabled=False``) turns the record
-off: every (weight, exact shape, threads) is then measured on first use, as before.
+off: choices are then measured per (weight, exact shape, threads), in this process only.
+
+Forward time (:func:`plan`): a race costs ~8 calls of every option, and a text model
+meets a new shape bucket on many batches (its first pass was 3× slower than dense), so a
+new bucket is never raced when it is first met: it runs the choice recorded for it, else
+the nearest measured bucket's, else a prior, and is raced once only after enough calls
+for the race to pay for itself (:func:`race_after`). ``sparsify_`` and ``speedup`` tune
+ahead of time, at the shapes they are shown (:func:`eager`).
 """
 
 from __future__ import annotations

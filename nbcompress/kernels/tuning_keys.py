@@ -4,8 +4,10 @@ Weight pattern, rows, columns and a density bucket (:func:`matrix_key`, :func:`l
 and the input's extents rounded up to powers of two (:func:`shape_bucket`), so that 70,
 100 and 128 rows share one measurement; :func:`bucket_distance` says how far apart two
 buckets are (a shape never measured takes the nearest measured bucket's choice). The CPU
-(:func:`cpu_key`) and the record's folder (:func:`default_dir`). Used by
-:mod:`~nbcompress.kernels.tuning`.
+(:func:`cpu_key`) and the record's folder (:func:`default_dir`). And the forward-time
+choice made from those keys without a race (:func:`plan`: the nearest measured bucket's
+choice, a race only once it can pay, :func:`race_after`). Used by
+:mod:`~nbcompress.kernels.tuning`, which re-exports all of it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ time. :func:`clear_win` is the decision policy on top of the race. :func:`sparsi
 installs the winners inside one history transaction, so ``undo_`` restores the dense
 modules bit-exactly. Decisions are kept in the tuning record (:mod:`.recorded`): a later
 run with the same weight pattern, input bucket and threads builds only the recorded
-choice and checks its output, without racing.
+choice and checks its output, without racing. The kernels are tuned during the analysis
+at the shapes it is shown (``other_inputs`` too, :mod:`.shapes`), so that the forward
+calls after it predict from those; layers far below break-even are not timed.
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def analyse(
         time_whole: Time the whole model even when every layer's decision and the
             end-to-end verdict are in the tuning record (for callers that need the figure,
             e.g. a latency objective); ``False`` reuses the verdict, checking outputs only,
-            and times nothing end to end when no layer was chosen.
+            and (unless ``remeasure``) times nothing end to end when no layer was chosen.
         other_inputs: Further example inputs of other shapes the model will run (a text
             model's short and long batches): a layer chosen on ``example_inputs`` stays
             dense if it is slower than dense on any of them (:mod:`.shapes`).
