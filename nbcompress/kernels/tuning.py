@@ -27,13 +27,19 @@ JSON file per CPU key. Writes merge with what other processes wrote meanwhile (u
 advisory file lock where the OS has one) and replace the file atomically, so concurrent
 processes never see half a file; an unreadable file is ignored with one line and rewritten.
 ``NBCOMPRESS_TUNING=off`` (or :func:`configure` with ``enabled=False``) turns the record
-off: every (weight, exact shape, threads) is then measured on first use, as before.
+off: choices are then measured per (weight, exact shape, threads), in this process only.
+
+Forward time (:func:`plan`): a race costs ~8 calls of every option, and a text model
+meets a new shape bucket on many batches (its first pass was 3× slower than dense), so a
+new bucket is never raced when it is first met: it runs the choice recorded for it, else
+the nearest measured bucket's, else a prior, and is raced once only after enough calls
+for the race to pay for itself (:func:`race_after`). ``sparsify_`` and ``speedup`` tune
+ahead of time, at the shapes they are shown (:func:`eager`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -46,12 +52,23 @@ from pathlib import Path
 
 # The keys live in their own module; their names stay importable from here.
 from nbcompress.kernels.tuning_keys import (  # noqa: E402, F401 - re-exported
+    EXPECTED_GAIN,
+    PRIOR,
+    RACE_CALLS,
+    bucket_distance,
+    cpu_key,
+    default_dir,
     density_bucket,
+    eager,
     layer_key,
     matrix_key,
+    nearest,
+    plan_stats,
     pow2,
+    race_after,
     shape_bucket,
 )
+from nbcompress.kernels.tuning_keys import plan as _plan
 
 __all__ = [
     "Entry",
@@ -60,11 +77,15 @@ __all__ = [
     "clear",
     "configure",
     "cpu_key",
+    "eager",
     "density_bucket",
     "layer_key",
     "lookup",
     "machine_busy",
     "matrix_key",
+    "plan",
+    "plan_stats",
+    "race_after",
     "remember",
     "shape_bucket",
 ]
@@ -101,23 +122,6 @@ def machine_busy() -> bool:
         return False
 
 
-def cpu_key() -> str:
-    """This CPU's model name and a short hash of its feature set, e.g. ``rocketlake-1a2b3c4d``."""
-    import llvmlite.binding as llvm  # numba's LLVM: what the kernels are compiled for
-
-    features = llvm.get_host_cpu_features().flatten()
-    digest = hashlib.sha1(f"{llvm.get_host_cpu_name()}|{features}".encode()).hexdigest()[:8]
-    return f"{llvm.get_host_cpu_name()}-{digest}"
-
-
-def _default_dir() -> Path:
-    chosen = os.environ.get("NBCOMPRESS_CACHE_DIR")
-    if chosen:
-        return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nbcompress"
-
-
 def _say(text: str) -> None:
     # Notices go to the notebook's normal output, never the stderr box.
     print(f"nbcompress: {text}", file=sys.stdout, flush=True)
@@ -151,6 +155,20 @@ class Record:
                     self._entries = self._read(quiet=False)
                 entries = self._entries
         return entries.get(_text(family, key))
+
+    def like(self, family: str, head: tuple) -> list[tuple[tuple, Entry]]:
+        """Every entry of ``family`` whose key starts with ``head``: (rest of its key, entry).
+
+        Integer fields of the rest come back as ints (the shape buckets), others as text.
+        """
+        self.get(family, head)  # read the file once
+        prefix = _text(family, head) + "|"
+        found = []
+        for text, entry in list((self._entries or {}).items()):
+            if text.startswith(prefix):
+                rest = text[len(prefix) :].split("|")
+                found.append((tuple(int(f) if f.isdigit() else f for f in rest), entry))
+        return found
 
     def stale(self, family: str, key: tuple) -> bool:
         """Whether ``(family, key)`` is to be measured again before its entry is reused.
@@ -315,7 +333,7 @@ def configure(
     if on:
         key = cpu or cpu_key()
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-        folder = Path(cache_dir) if cache_dir is not None else _default_dir()
+        folder = Path(cache_dir) if cache_dir is not None else default_dir()
         fresh = mode == "refresh" if refresh is None else bool(refresh)
         record = Record(folder / f"tuning-{safe}.json", key, fresh)
     with _CONFIGURE:
@@ -356,3 +374,8 @@ def remember(family: str, key: tuple, choice: str, margin: float) -> Entry | Non
     if record is None:
         return None
     return record.put(family, key, Entry(choice, float(margin)), replace=record.refresh)
+
+
+def plan(mat: object, key: tuple, names: tuple, known: dict, detail: tuple = ()) -> str | None:
+    """:func:`~nbcompress.kernels.tuning_keys.plan` with the record in use (forward-time choice)."""
+    return _plan(mat, key, names, known, detail, active())

@@ -108,6 +108,8 @@ class LayerResult:
         key: Its key in the tuning record (``None``: not timed).
         recorded: The decision reused from the tuning record (``None``: measured now);
             then only the chosen path was built and its output checked, nothing timed.
+        others: Input shape → the chosen path's speed-up over dense on the layer's input
+            from each of ``other_inputs`` (one per shape bucket; see :mod:`.shapes`).
     """
 
     name: str
@@ -127,6 +129,7 @@ class LayerResult:
     dropped: bool = False
     key: tuple | None = None
     recorded: Entry | None = None
+    others: dict[tuple, float] = field(default_factory=dict)
 
     @property
     def replacement(self) -> nn.Module | None:

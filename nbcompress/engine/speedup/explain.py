@@ -10,6 +10,7 @@ the notes rather than on every row.
 from __future__ import annotations
 
 from nbcompress.engine.speedup.analysis import LayerResult
+from nbcompress.engine.speedup.shapes import SKIP_SPARSITY
 from nbcompress.engine.speedup.sparsify import MIN_SPARSITY
 
 __all__ = ["PATHS", "choice", "passed_over", "some_of"]
@@ -42,6 +43,8 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
     if res.recorded is not None:
         return _recorded(res)
     if "dense" not in res.times:
+        if res.key is None and len(res.reason) > 0 and res.sparsity < SKIP_SPARSITY:
+            return f"dense: only {res.sparsity:.0%} zeros"  # far below break-even, not timed
         return "dense: not timed (see notes)"
     if res.chosen != "dense":
         return f"{PATHS[res.chosen]}: {_gain(res, res.chosen):.2f}× vs dense"

@@ -9,20 +9,21 @@ time. :func:`clear_win` is the decision policy on top of the race. :func:`sparsi
 installs the winners inside one history transaction, so ``undo_`` restores the dense
 modules bit-exactly. Decisions are kept in the tuning record (:mod:`.recorded`): a later
 run with the same weight pattern, input bucket and threads builds only the recorded
-choice and checks its output, without racing.
+choice and checks its output, without racing. The kernels are tuned during the analysis
+at the shapes it is shown (``other_inputs`` too, :mod:`.shapes`), so that the forward
+calls after it predict from those; layers far below break-even are not timed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from nbcompress.engine.core.history import Transaction, transaction, trial
+from nbcompress.engine.core.history import Transaction, transaction
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
 from nbcompress.engine.core.memory import release_freed_memory, twin
 from nbcompress.engine.core.outputs import compare_outputs
@@ -31,21 +32,20 @@ from nbcompress.engine.core.validation import (
     as_inputs,
     call_model,
     check_module,
-    eval_mode,
     run_forward,
 )
-from nbcompress.engine.speedup import recorded
+from nbcompress.engine.speedup import recorded, shapes
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.candidates import break_even, formats_of, torch_int8
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
+from nbcompress.engine.speedup.guard import unchanged
+from nbcompress.kernels import tuning
 from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.timing import Race, measure, race
 
-__all__ = ["analyse", "clear_win", "install_", "sparsify_"]
+__all__ = ["analyse", "clear_win", "install_", "sparsify_", "unchanged"]
 
-#: Below this sparsity CSR (4-byte value + 2-byte index per nonzero) moves at least as
-#: many bytes as the dense weight, so it cannot win; such layers are not even proposed.
-MIN_SPARSITY = 1 / 3
+MIN_SPARSITY = shapes.MIN_SPARSITY  # below it CSR moves more bytes than dense
 #: Each timed sample repeats a candidate for at least this long (seconds), so that timer
 #: resolution and call overhead do not decide for small layers.
 MIN_SAMPLE = 2e-4
@@ -75,21 +75,24 @@ def _race(candidates: dict[str, Callable[[], object]], repeats: int) -> Race:
         return race(candidates, rounds=repeats, warmup=3, min_sample=MIN_SAMPLE)
 
 
-def _zeros(module: nn.Module) -> float:
-    """Fraction of exactly-zero weights (0 for a layer without a single weight tensor)."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.numel():
-        return 0.0
-    return float(weight.detach().eq(0).sum()) / weight.numel()
-
-
 def _measure_layer(
-    name: str, module: nn.Module, call: tuple, opts: SparsifyOptions, seen: dict[str, int]
+    name: str,
+    module: nn.Module,
+    calls: list[tuple],
+    opts: SparsifyOptions,
+    seen: dict[str, int],
 ) -> LayerResult:
-    args, kwargs, output = call
+    (args, kwargs, output), others = calls[0], calls[1:]
     x = args[0]
     key = recorded.layer_key(module, x.shape, opts)
-    res = LayerResult(name, module, tuple(x.shape), _zeros(module), key=key)
+    if others:  # the decision also rests on the other inputs' shape buckets
+        key = (*key, "also", *(tuple(shapes.shape_bucket(("in", *c[0][0].shape))) for c in others))
+    res = LayerResult(name, module, tuple(x.shape), shapes.zeros(module), key=key)
+    # A decision that could only be "dense" is not timed; speedup (remeasure) shows figures.
+    skip = None if opts.remeasure else shapes.too_dense(res.sparsity)
+    if skip is not None:  # neither built nor timed (nor recorded)
+        res.reason, res.key = skip, None
+        return res
     entry = recorded.lookup(recorded.LAYER, key, opts)
 
     def check(fmts: list[str]) -> dict[str, Callable[[], object]] | None:
@@ -109,6 +112,7 @@ def _measure_layer(
     res.times = res.race.times
     res.sure = {k: res.race.speedup_quantile(k, 0.25) for k in fns}
     _decide(res, opts)
+    shapes.confirm(res, others, opts, _race)
     if entry is not None:  # reached only when the recorded choice was refused
         res.reason += f"; recorded {entry.choice} refused (build or output check): re-measured"
     # A refused record entry (or remeasure) is replaced; a fresh one may lose to a racer's.
@@ -173,6 +177,8 @@ def _end_to_end(
     model: nn.Module, inputs: tuple, result: Analysis, opts: SparsifyOptions, time_whole: bool
 ) -> None:
     chosen = result.chosen
+    if not chosen and not time_whole and not opts.remeasure:
+        return  # sparsify_ with nothing chosen: the model stays as it is, nothing to time
     # The compressed model shares every dense tensor with ``model``: it costs no weights.
     double = twin(model, {n: r.replacement for n, r in chosen.items()})
     with torch.no_grad():
@@ -203,21 +209,6 @@ def _end_to_end(
     recorded.remember(recorded.MODEL, key, "faster" if faster else "not faster", gain, replace)
 
 
-@contextlib.contextmanager
-def unchanged(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` for measurement only: eval mode, then every flag and buffer as before.
-
-    In training mode a forward pass updates BatchNorm statistics and draws Dropout masks;
-    measuring must change nothing, so the model runs in eval mode (each module's own flag
-    is restored afterwards) inside a trial that restores every buffer bit-exactly, in case
-    a forward pass updates one even in eval mode.
-    """
-    with eval_mode(model), trial(model) as guard:
-        for buf in model.buffers():
-            guard.save_tensor(buf)
-        yield
-
-
 def analyse(
     model: nn.Module,
     example_inputs: Any,
@@ -225,6 +216,7 @@ def analyse(
     *,
     progress: Callable[[int, int, str], None] | None = None,
     time_whole: bool = True,
+    other_inputs: Any = None,
     **overrides: Any,
 ) -> Analysis:
     """Measure every eligible layer dense vs sparse and decide; the model is not changed.
@@ -241,7 +233,11 @@ def analyse(
             end-to-end race of the whole model starts.
         time_whole: Time the whole model even when every layer's decision and the
             end-to-end verdict are in the tuning record (for callers that need the figure,
-            e.g. a latency objective); ``False`` reuses the verdict, checking outputs only.
+            e.g. a latency objective); ``False`` reuses the verdict, checking outputs only,
+            and (unless ``remeasure``) times nothing end to end when no layer was chosen.
+        other_inputs: Further example inputs of other shapes the model will run (a text
+            model's short and long batches): a layer chosen on ``example_inputs`` stays
+            dense if it is slower than dense on any of them (:mod:`.shapes`).
         **overrides: Fields of :class:`SparsifyOptions` to change, e.g. ``repeats=5``.
 
     Returns:
@@ -250,7 +246,9 @@ def analyse(
     check_module(model)
     opts = SparsifyOptions.of(options, **overrides)
     inputs = as_inputs(example_inputs)
-    with unchanged(model):
+    others = shapes.check_others(other_inputs)
+    # Kernel choices are made now, at the shapes shown (forward calls predict them).
+    with unchanged(model), tuning.eager():
         ref = run_forward(model, inputs)
         compare_outputs(ref, ref)  # refuse at once an output holding nothing to check
         selected, _ = select_layers(
@@ -265,7 +263,7 @@ def analyse(
                 + "."
             )
         step = progress or (lambda done, total, name: None)
-        analysis = _measure(model, inputs, selected, reasons, opts, step)
+        analysis = _measure(model, (inputs, others), selected, reasons, opts, step)
         step(len(selected), len(selected), "timing the whole model")
         _end_to_end(model, inputs, analysis, opts, time_whole)
     _final_verdict(analysis, opts.min_gain)
@@ -274,7 +272,7 @@ def analyse(
 
 def _measure(
     model: nn.Module,
-    inputs: tuple,
+    inputs: tuple[tuple, list[tuple]],
     selected: dict[str, nn.Module],
     reasons: dict[str, str | None],
     opts: SparsifyOptions,
@@ -282,7 +280,8 @@ def _measure(
 ) -> Analysis:
     """Each selected layer measured on its real input (or listed with why it stays dense)."""
     eligible = {n: m for n, m in selected.items() if reasons[n] is None}
-    calls = capture_calls(model, eligible, inputs)
+    calls = capture_calls(model, eligible, inputs[0])
+    more = shapes.other_calls(model, eligible, inputs[1], calls) if inputs[1] else {}
     seen: dict[str, int] = {}
     results = []
     for name, module in selected.items():
@@ -290,9 +289,9 @@ def _measure(
         called = call is not None and call[0] and isinstance(call[0][0], torch.Tensor)
         if reasons[name] is not None or not called:
             why = reasons[name] or "not called in the example run"
-            results.append(LayerResult(name, module, sparsity=_zeros(module), reason=why))
+            results.append(LayerResult(name, module, sparsity=shapes.zeros(module), reason=why))
         else:
-            results.append(_measure_layer(name, module, call, opts, seen))
+            results.append(_measure_layer(name, module, [call, *more.get(name, [])], opts, seen))
             release_freed_memory()  # this layer's freed candidates: not the next one's peak
         step(len(results), len(selected), name)
     groups, total = uncovered(model, selected)
@@ -356,7 +355,9 @@ def install_(model: nn.Module, analysis: Analysis) -> nn.Module:
 
 
 @COMPILE_NOTICE  # one line about kernel compilation for the whole call
-def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Module:
+def sparsify_(
+    model: nn.Module, example_inputs: Any, *, other_inputs: Any = None, **options: Any
+) -> nn.Module:
     """Run each eligible layer on the sparse kernels where that measured faster, in place.
 
     Every ``nn.Linear``/``nn.Conv2d`` (or those matching ``layers``/``types``) is timed
@@ -371,6 +372,10 @@ def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Modul
     Args:
         model: The (pruned) model.
         example_inputs: A tensor or tuple of tensors shaped like a real batch.
+        other_inputs: A list of further example inputs with the other shapes the model
+            will run (e.g. a text model's short and long batches): a layer is swapped only
+            if it is not slower than dense on any of them either, and the kernels are
+            tuned for those shapes now rather than on first use.
         **options: Fields of :class:`SparsifyOptions`: ``layers`` (glob pattern(s) on
             qualified layer names), ``types`` (default every Linear / Conv type; those
             without a sparse kernel are listed with the reason), ``allow_int8``
@@ -384,4 +389,7 @@ def sparsify_(model: nn.Module, example_inputs: Any, **options: Any) -> nn.Modul
     Returns:
         The model (modified in place).
     """
-    return install_(model, analyse(model, example_inputs, time_whole=False, **options))
+    analysis = analyse(
+        model, example_inputs, time_whole=False, other_inputs=other_inputs, **options
+    )
+    return install_(model, analysis)

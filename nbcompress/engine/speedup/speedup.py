@@ -209,6 +209,7 @@ def speedup(
     *,
     apply: bool = False,
     progress: bool | Callable[[int, int, str], None] | None = None,
+    other_inputs: Any = None,
     **options: Any,
 ) -> SpeedupReport:
     """Measure dense fp32, sparse fp32, sparse int8 and torch int8 per layer, and end to end.
@@ -222,6 +223,8 @@ def speedup(
             a live bar in a notebook, stdout lines elsewhere). ``None`` (default) shows it
             once the run has taken 2 s, ``True`` from the start, ``False`` never; a
             callable gets ``(done, total, layer)`` after each layer instead.
+        other_inputs: Further example inputs of the other shapes the model will run: a
+            layer stays dense if it is slower than dense on any of them (as in ``sparsify_``).
         **options: Fields of :class:`~nbcompress.engine.speedup.analysis.SparsifyOptions`:
             ``layers`` (glob pattern(s) on layer names; default every Linear/Conv layer),
             ``types``, ``allow_int8`` (let the choice use sparse int8, which changes
@@ -238,7 +241,14 @@ def speedup(
     # record says), and they replace the record's, so sparsify_ follows what was shown.
     options.setdefault("remeasure", True)
     with _reporter(progress) as step:
-        analysis = analyse(model, example_inputs, progress=step, time_whole=False, **options)
+        analysis = analyse(
+            model,
+            example_inputs,
+            progress=step,
+            time_whole=False,
+            other_inputs=other_inputs,
+            **options,
+        )
     if apply:
         install_(model, analysis)
     min_gain = options.get("min_gain", SparsifyOptions.min_gain)
