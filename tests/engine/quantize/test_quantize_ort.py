@@ -22,7 +22,8 @@ from nbcompress.engine.quantize.report import serialized_size
 from nbcompress.timing import Race, Timing
 from tests.helpers import assert_same_state, snapshot
 
-pytestmark = pytest.mark.skipif(
+# The "not installed" tests at the end run without onnxruntime too.
+needs_ort = pytest.mark.skipif(
     ort_int8.ort_problem() is not None, reason=str(ort_int8.ort_problem())
 )
 
@@ -44,6 +45,7 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+@needs_ort
 @pytest.mark.parametrize("vnni", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_close_to_float_and_to_our_int8_on_both_cpu_paths(vnni, bias):
@@ -60,6 +62,7 @@ def test_close_to_float_and_to_our_int8_on_both_cpu_paths(vnni, bias):
         assert rel(y, ref) <= 1.2 * rel(y_ours, ref) + 1e-6
 
 
+@needs_ort
 def test_without_vnni_the_session_weight_cannot_saturate_int16_pair_sums():
     # u8 activations × s8 weights, two neighbouring products summed in int16 (AVX2's
     # vpmaddubsw): 255 × 127 × 2 overflows, 255 × 63 × 2 does not.
@@ -82,6 +85,7 @@ def test_without_vnni_the_session_weight_cannot_saturate_int16_pair_sums():
     assert torch.equal(loaded.qweight, wide.qweight)
 
 
+@needs_ort
 @pytest.mark.parametrize("shape", [(96,), (3, 96), (2, 5, 96), (2, 3, 4, 96), (0, 96)])
 def test_any_leading_dims(shape):
     lin, x = layer(), torch.randn(*shape)
@@ -94,6 +98,7 @@ def test_any_leading_dims(shape):
         assert torch.equal(y.reshape(-1, 80), q(x.reshape(-1, 96)))
 
 
+@needs_ort
 def test_dtype_layout_device_and_grad_are_handled_or_refused_clearly():
     lin, x = layer(), torch.randn(6, 96)
     q = OrtInt8Linear(lin)
@@ -115,6 +120,7 @@ def test_dtype_layout_device_and_grad_are_handled_or_refused_clearly():
         OrtInt8Linear(nn.Conv1d(2, 2, 1))
 
 
+@needs_ort
 def test_state_dict_pickle_deepcopy_and_torch_save_round_trip_small():
     lin, x = layer(), torch.randn(4, 96)
     q = OrtInt8Linear(lin)
@@ -135,6 +141,7 @@ def test_state_dict_pickle_deepcopy_and_torch_save_round_trip_small():
         assert torch.equal(other(x), y)
 
 
+@needs_ort
 def test_a_thread_count_change_builds_its_own_session_with_the_same_result():
     q, x = OrtInt8Linear(layer()), torch.randn(8, 96)
     with torch.no_grad():
@@ -149,6 +156,7 @@ def test_a_thread_count_change_builds_its_own_session_with_the_same_result():
     assert len(q._sessions) == 2  # reused, not rebuilt
 
 
+@needs_ort
 def test_concurrent_calls_from_four_threads_give_the_same_result():
     q, x = OrtInt8Linear(layer(256, 512)), torch.randn(8, 256)
     with torch.no_grad():
@@ -165,6 +173,7 @@ def test_concurrent_calls_from_four_threads_give_the_same_result():
     assert len(results) == 100 and all(torch.equal(y, ref) for y in results)
 
 
+@needs_ort
 def test_quantize_with_the_onnxruntime_family_swaps_every_linear_and_undo_is_bit_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 16)).eval()
@@ -193,6 +202,7 @@ def _fixed_race(seconds):
     return fake
 
 
+@needs_ort
 @pytest.mark.parametrize("ort_seconds, expected", [(0.2, "onnxruntime-int8"), (0.9, None)])
 def test_the_race_picks_onnxruntime_only_when_measured_faster(monkeypatch, ort_seconds, expected):
     table = {"float": 1.0, "onnxruntime-int8": ort_seconds}
@@ -231,6 +241,11 @@ def test_without_onnxruntime_everything_works_as_before(monkeypatch):
     backends = {row["backend"] for row in nc.quantize_report(model).rows}
     assert backends and "onnxruntime-int8" not in backends
     nc.undo_(model)
+    saved = snapshot(model)
+    with pytest.raises(ValueError, match="onnxruntime is not installed"):
+        nc.quantize_(model, "dynamic", example_inputs=x, backend="onnxruntime", repeats=3)
+    assert_same_state(model, saved)
+    assert type(model[0]) is nn.Linear
     with pytest.raises(RuntimeError, match="not installed"):
         OrtInt8Linear(model[0])(x)
 
@@ -243,3 +258,23 @@ def test_the_import_check_names_the_missing_package(monkeypatch):
         lambda name, *a: None if name == "onnxruntime" else real(name, *a),
     )
     assert "onnxruntime is not installed" in ort_int8._import_problem.__wrapped__()
+
+
+@needs_ort
+def test_speedup_candidates_offer_the_ort_dense_int8_twin_beside_torch_s():
+    from nbcompress.engine.speedup.candidates import dense_int8
+
+    lin, x = layer(), torch.randn(4, 96)
+    found = dense_int8(lin, {})
+    assert isinstance(found["ort_int8"], OrtInt8Linear)
+    with torch.no_grad():
+        for module in found.values():
+            assert rel(module(x), lin(x)) < 0.03
+    assert dense_int8(nn.Conv1d(2, 2, 1), {}) == {}
+
+
+def test_speedup_candidates_leave_ort_out_when_it_is_not_installed(monkeypatch):
+    from nbcompress.engine.speedup.candidates import dense_int8
+
+    monkeypatch.setattr(ort_int8, "ort_problem", lambda: "onnxruntime is not installed")
+    assert "ort_int8" not in dense_int8(layer(), {})
