@@ -31,7 +31,15 @@ from torch import nn
 from nbcompress.engine.quantize.cpu import int8_cpu
 from nbcompress.engine.quantize.modules import opaque_weight, per_row_int8
 
-__all__ = ["ALLOW_SPINNING", "OrtInt8Linear", "ort_problem", "session_weight"]
+__all__ = [
+    "ALLOW_SPINNING",
+    "OrtInt8Linear",
+    "OrtModule",
+    "graph_bytes",
+    "linear_nodes",
+    "ort_problem",
+    "session_weight",
+]
 
 #: Whether ORT's intra-op pool spins between runs. Off: its threads would otherwise spin
 #: against torch's OpenMP pool between layers (the numba/OpenMP trap in environment.md).
@@ -77,29 +85,36 @@ def session_weight(
     return q, s.float()
 
 
-def _model_bytes(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> bytes:
-    """A one-node ONNX graph ``y = DynamicQuantizeMatMul(x, Wᵀ, scale, 0, bias)``, serialized.
+def linear_nodes(
+    name: str, x: str, y: str, qweight: torch.Tensor, scale: torch.Tensor, bias: Any
+) -> tuple[list[Any], list[Any]]:
+    """``y = DynamicQuantizeMatMul(x, Wᵀ, scale, 0, bias)``: its node and initializers.
 
-    The weight is an initializer (not an input), so ORT prepacks it once per session.
+    The weight is an initializer (not a graph input), so ORT prepacks it once per session.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
-    out_features, in_features = qweight.shape
     inits = [
-        numpy_helper.from_array(qweight.t().contiguous().numpy(), "w"),
-        numpy_helper.from_array(scale.detach().float().contiguous().numpy(), "w_scale"),
-        numpy_helper.from_array(torch.zeros(out_features, dtype=torch.int8).numpy(), "w_zero"),
+        numpy_helper.from_array(qweight.t().contiguous().numpy(), f"{name}_w"),
+        numpy_helper.from_array(scale.detach().float().contiguous().numpy(), f"{name}_s"),
+        numpy_helper.from_array(np.zeros(qweight.shape[0], dtype=np.int8), f"{name}_z"),
     ]
-    inputs = ["x", "w", "w_scale", "w_zero"]
     if bias is not None:
-        inits.append(numpy_helper.from_array(bias.detach().float().contiguous().numpy(), "b"))
-        inputs.append("b")
-    node = helper.make_node("DynamicQuantizeMatMul", inputs, ["y"], domain="com.microsoft")
+        inits.append(numpy_helper.from_array(bias.detach().float().numpy(), f"{name}_b"))
+    inputs = [x, *(init.name for init in inits)]
+    node = helper.make_node("DynamicQuantizeMatMul", inputs, [y], domain="com.microsoft")
+    return [node], inits
+
+
+def graph_bytes(nodes: list[Any], inits: list[Any], widths: tuple[int, int], y: str) -> bytes:
+    """The serialized ONNX model of ``nodes`` from input ``x`` (rows × widths[0]) to ``y``."""
+    from onnx import TensorProto, helper
+
     graph = helper.make_graph(
-        [node],
-        "nbcompress_int8_linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", in_features])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", out_features])],
+        nodes,
+        "nbcompress_int8",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", widths[0]])],
+        [helper.make_tensor_value_info(y, TensorProto.FLOAT, ["rows", widths[1]])],
         initializer=inits,
     )
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -119,34 +134,26 @@ def _new_session(model: bytes, threads: int) -> Any:
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-class OrtInt8Linear(nn.Module):
-    """Dynamic int8 Linear run by ONNX Runtime, stored as int8 with per-row float scales.
+class OrtModule(nn.Module):
+    """An ORT-run inference module: lazy sessions per thread count, numpy-fast calls.
 
-    Symmetric int8 weights (zero point 0, so exact zeros stay zero), 7 bits where the CPU
-    lacks VNNI (:func:`~nbcompress.engine.quantize.cpu.int8_cpu`); activations are
-    quantized to uint8 per call by ORT. Inference only: no gradient flows through it.
-
-    The session follows ``torch.get_num_threads()`` (one session per thread count, built
-    on first use with that many intra-op threads) and is shared by concurrent callers
-    (ORT's ``run`` is thread-safe). Input: any leading dims, float on the CPU (computed
-    in float32, returned in the input's dtype).
+    Subclasses keep their weights in buffers and describe their graph
+    (:meth:`graph`); this base builds one session per ``torch.get_num_threads()`` on
+    first use, never pickles one (rebuilt after ``pickle``, ``deepcopy``, ``torch.save``
+    or ``load_state_dict``), lets concurrent callers share it (ORT's ``run`` is
+    thread-safe) and takes any leading dims of float input on the CPU (computed in
+    float32, returned in the input's dtype). No gradient flows through it.
     """
 
-    def __init__(self, layer: nn.Linear) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        if type(layer) is not nn.Linear:
-            raise TypeError(f"layer: expected an nn.Linear, got {type(layer).__name__}")
-        q, scale = per_row_int8(layer.weight.detach().float(), int8_cpu().weight_max)
-        self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale.float())
-        bias = layer.bias
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
-        self._init_runtime()
-
-    def _init_runtime(self) -> None:
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
-        self._in = int(self.qweight.shape[1])  # read on every call: a plain attribute
+        self._in = 0  # input width, a plain attribute (read on every call); set by subclasses
+
+    def graph(self, vnni: bool) -> bytes:
+        """The serialized ONNX model from input ``x`` to the output, for this CPU path."""
+        raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -155,37 +162,20 @@ class OrtInt8Linear(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._init_runtime()  # sessions are rebuilt on the next call
+        self._lock = threading.Lock()  # sessions are rebuilt on the next call
+
+    def _forget_sessions(self) -> None:
+        with self._lock:
+            self._sessions = {}
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        with self._lock:
-            self._sessions = {}  # the weights changed: rebuild on the next call
+        self._forget_sessions()  # the weights changed: rebuild on the next call
 
-    def _apply(self, fn: Any, recurse: bool = True) -> OrtInt8Linear:
+    def _apply(self, fn: Any, recurse: bool = True) -> OrtModule:
         out = super()._apply(fn, recurse)
-        with self._lock:
-            self._sessions = {}  # .to() / .float() may have replaced the buffers
+        self._forget_sessions()  # .to() / .float() may have replaced the buffers
         return out
-
-    @property
-    def in_features(self) -> int:
-        """Input width."""
-        return int(self.qweight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        """Output width."""
-        return int(self.qweight.shape[0])
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """Shape-only stand-in for the float weight (see ``modules.OpaqueWeight``)."""
-        return opaque_weight(self.qweight.shape)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The float32 weight as stored (``qweight × scale``)."""
-        return self.qweight.float() * self.scale[:, None]
 
     def session(self, threads: int | None = None) -> Any:
         """The ORT session for ``threads`` intra-op threads (default: torch's count)."""
@@ -195,13 +185,11 @@ class OrtInt8Linear(nn.Module):
             return found
         problem = ort_problem()
         if problem is not None:
-            raise RuntimeError(f"OrtInt8Linear cannot run here: {problem}")
+            raise RuntimeError(f"{type(self).__name__} cannot run here: {problem}")
         with self._lock:
             if threads not in self._sessions:
-                q, s = session_weight(self.qweight.cpu(), self.scale.cpu(), int8_cpu().vnni)
-                bias = None if self.bias is None else self.bias.detach().cpu()
                 sessions = dict(self._sessions)  # readers never see a half-built dict
-                sessions[threads] = _new_session(_model_bytes(q, s, bias), threads)
+                sessions[threads] = _new_session(self.graph(int8_cpu().vnni), threads)
                 self._sessions = sessions
             return self._sessions[threads]
 
@@ -225,24 +213,79 @@ class OrtInt8Linear(nn.Module):
 
     def _general(self, x: torch.Tensor) -> torch.Tensor:
         """Checked path: explain what cannot run; cast or copy what can, then cast back."""
+        name = type(self).__name__
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
-                "OrtInt8Linear is inference-only (ONNX Runtime computes it, no gradient "
-                "flows): call it under torch.no_grad(), or undo_(model) the quantization "
-                "to train."
+                f"{name} is inference-only (ONNX Runtime computes it, no gradient flows): "
+                "call it under torch.no_grad(), or undo_(model) the quantization to train."
             )
         if x.device.type != "cpu" or not x.is_floating_point():
             raise ValueError(
-                f"x: OrtInt8Linear runs on the CPU on float input, got a {x.dtype} tensor "
-                f"on {x.device}; move the input to the CPU (ONNX Runtime's CPU kernel)."
+                f"x: {name} runs on the CPU on float input, got a {x.dtype} tensor on "
+                f"{x.device}; move the input to the CPU (ONNX Runtime's CPU kernel)."
             )
         return self(x.detach().to(torch.float32).contiguous()).to(x.dtype)
 
     def _product(self, a: np.ndarray) -> np.ndarray:
-        """``a @ Wᵀ + b`` by ORT for a 2-D float32 array (rows may be 0)."""
+        """The graph's output for a 2-D float32 array (rows may be 0)."""
         if a.shape[0] == 0:
-            return np.zeros((0, self.qweight.shape[0]), dtype=np.float32)
+            return np.zeros((0, self.out_features), dtype=np.float32)
         return self.session().run(None, {"x": a})[0]
+
+    @property
+    def out_features(self) -> int:
+        """Output width."""
+        raise NotImplementedError
+
+
+class OrtInt8Linear(OrtModule):
+    """Dynamic int8 Linear run by ONNX Runtime, stored as int8 with per-row float scales.
+
+    Symmetric int8 weights (zero point 0, so exact zeros stay zero), 7 bits where the CPU
+    lacks VNNI (:func:`~nbcompress.engine.quantize.cpu.int8_cpu`); activations are
+    quantized to uint8 per call by ORT. See :class:`OrtModule` for sessions, threads and
+    inputs.
+    """
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        if type(layer) is not nn.Linear:
+            raise TypeError(f"layer: expected an nn.Linear, got {type(layer).__name__}")
+        q, scale = per_row_int8(layer.weight.detach().float(), int8_cpu().weight_max)
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.float())
+        bias = layer.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), False)
+        self._in = layer.in_features
+
+    @property
+    def in_features(self) -> int:
+        """Input width."""
+        return int(self.qweight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        """Output width."""
+        return int(self.qweight.shape[0])
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape-only stand-in for the float weight (see ``modules.OpaqueWeight``)."""
+        return opaque_weight(self.qweight.shape)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight as stored (``qweight × scale``)."""
+        return self.qweight.float() * self.scale[:, None]
+
+    def nodes(self, name: str, x: str, y: str, vnni: bool) -> tuple[list[Any], list[Any]]:
+        """This layer's ORT node and initializers from ``x`` to ``y`` for the CPU path."""
+        q, s = session_weight(self.qweight.cpu(), self.scale.cpu(), vnni)
+        bias = None if self.bias is None else self.bias.detach().cpu()
+        return linear_nodes(name, x, y, q, s, bias)
+
+    def graph(self, vnni: bool) -> bytes:  # noqa: D102
+        nodes, inits = self.nodes("l", "x", "y", vnni)
+        return graph_bytes(nodes, inits, (self.in_features, self.out_features), "y")
 
     def extra_repr(self) -> str:  # noqa: D102
         wide = self.qweight.numel() and int(self.qweight.abs().max()) > _SAFE_MAX

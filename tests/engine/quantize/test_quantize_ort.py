@@ -230,6 +230,7 @@ def test_a_faster_but_less_accurate_backend_does_not_win_on_speed_alone():
 
 
 def test_without_onnxruntime_everything_works_as_before(monkeypatch):
+    monkeypatch.setenv("NBCOMPRESS_ORT_FUSE", "1")
     why = "onnxruntime is not installed (pip install 'nbcompress[ort]')"
     monkeypatch.setattr(ort_int8, "ort_problem", lambda: why)
     [ort] = [b for b in backends_for(DynamicInt8Config()) if b.family == "onnxruntime"]
@@ -240,6 +241,7 @@ def test_without_onnxruntime_everything_works_as_before(monkeypatch):
     nc.quantize_(model, "dynamic", example_inputs=x, repeats=3)
     backends = {row["backend"] for row in nc.quantize_report(model).rows}
     assert backends and "onnxruntime-int8" not in backends
+    assert type(model[1]) is nn.ReLU  # no ORT graph either
     nc.undo_(model)
     saved = snapshot(model)
     with pytest.raises(ValueError, match="onnxruntime is not installed"):
@@ -278,3 +280,84 @@ def test_speedup_candidates_leave_ort_out_when_it_is_not_installed(monkeypatch):
 
     monkeypatch.setattr(ort_int8, "ort_problem", lambda: "onnxruntime is not installed")
     assert "ort_int8" not in dense_int8(layer(), {})
+
+
+def mlp_chain():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 96), nn.ReLU(), nn.Linear(96, 16)
+    ).eval()
+
+
+def _graph_wins(monkeypatch, wins=True):
+    from nbcompress.engine.quantize import ort_chain
+
+    monkeypatch.setenv(ort_chain.ENV_FUSE, "1")
+    table = {"layers": 1.0, "graph": 0.5 if wins else 0.95}
+    monkeypatch.setattr(ort_chain, "race", _fixed_race(table.__getitem__))
+
+
+@needs_ort
+@pytest.mark.parametrize("vnni", [False, True])
+def test_a_sequential_run_becomes_one_ort_graph_where_it_races_faster(monkeypatch, vnni):
+    from nbcompress.engine.quantize.ort_chain import OrtInt8Chain
+
+    _graph_wins(monkeypatch)
+    model, x = mlp_chain(), torch.randn(8, 64)
+    saved, originals = snapshot(model), list(model)
+    with torch.no_grad():
+        ref = model(x)
+    with forced_int8_cpu(vnni):
+        nc.quantize_(model, "dynamic", example_inputs=x, repeats=3)
+        assert isinstance(model[0], OrtInt8Chain)
+        assert all(type(m) is nn.Identity for m in list(model)[1:])
+        linears = [s for s in model[0].steps if isinstance(s, OrtInt8Linear)]
+        assert [int(s.qweight.abs().max()) for s in linears] == [127 if vnni else 63] * 3
+        with torch.no_grad():
+            y = model(x)
+            if not vnni or cpu_has_vnni():
+                assert rel(y, ref) < 0.03
+            for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+                assert torch.equal(copied(x), y)
+    rows = nc.quantize_report(model).rows
+    assert {r["backend"] for r in rows} == {"onnxruntime-int8"}
+    assert all("one ORT graph 0…4" in r["note"] for r in rows)
+    nc.undo_(model)
+    assert_same_state(model, saved)
+    assert all(a is b for a, b in zip(model, originals))
+
+
+@needs_ort
+def test_a_run_stays_layer_by_layer_where_the_graph_is_not_clearly_faster(monkeypatch):
+    from nbcompress.engine.quantize.ort_chain import OrtInt8Chain
+
+    _graph_wins(monkeypatch, wins=False)
+    model = mlp_chain()
+    nc.quantize_(model, "dynamic", example_inputs=torch.randn(8, 64), repeats=3)
+    assert not any(isinstance(m, OrtInt8Chain) for m in model.modules())
+    assert type(model[1]) is nn.GELU
+    monkeypatch.delenv("NBCOMPRESS_ORT_FUSE")  # off by default, however fast it races
+    _graph_wins(monkeypatch, wins=True)
+    monkeypatch.delenv("NBCOMPRESS_ORT_FUSE")
+    model = mlp_chain()
+    nc.quantize_(model, "dynamic", example_inputs=torch.randn(8, 64), repeats=3)
+    assert not any(isinstance(m, OrtInt8Chain) for m in model.modules())
+
+
+@needs_ort
+def test_runs_need_two_dense_int8_linears_with_supported_activations_between():
+    from nbcompress.engine.quantize.ort_chain import OrtInt8Chain, _runs
+
+    model = nn.Sequential(
+        nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8),
+        nn.ReLU(), nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), nn.Linear(8, 8),
+    )  # fmt: skip
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    backend = dict.fromkeys(names, "nbcompress-int8") | {"6.2": "numba-csr-int8"}
+    rows = [{"layer": n, "backend": b} for n, b in backend.items()]
+    selected = dict(model.named_modules())
+    job = modes.Job(model, DynamicInt8Config(), "auto", selected, None, None, False, 3, rows=rows)
+    # LayerNorm breaks the first run; the trailing ReLU stays out; 6.0 has no int8 partner.
+    assert list(_runs(job)) == [["2", "3", "4"]]
+    with pytest.raises(ValueError, match="steps"):
+        OrtInt8Chain([nn.GELU(), OrtInt8Linear(nn.Linear(8, 8))])
