@@ -76,6 +76,7 @@ RUNTIMES = (
     "nbc int8",
     "nbc int8 no ORT",
     "nbc int8 ORT only",
+    "nbc int8 fused",
     "nbc sparse",
     "nbc speedup int8",
 )
@@ -91,6 +92,8 @@ RUNTIME_HELP = {
     "nbc int8 no ORT": "the same without the ONNX Runtime backend (as before it existed)",
     "nbc int8 ORT only": 'quantize_(m, "dynamic", backend="onnxruntime"): every Linear on '
     "OrtInt8Linear (one ORT session per layer, torch between layers)",
+    "nbc int8 fused": 'quantize_(m, "dynamic") with NBCOMPRESS_ORT_FUSE=1 (opt-in): runs of int8 '
+    "Linears and activations inside an nn.Sequential as one ORT graph where it races faster",
     "nbc sparse": "nbcompress sparsify_(m, x) — sparse fp32 where measured faster",
     "nbc speedup int8": "nbcompress speedup(m, x, apply=True, allow_int8=True)",
 }
@@ -399,6 +402,21 @@ def nbc_int8_no_ort(model: nn.Module, x: tuple, args: argparse.Namespace) -> Bui
         ort_int8.ort_problem = real
 
 
+def nbc_int8_fused(model: nn.Module, x: tuple, args: argparse.Namespace) -> Built:
+    """``quantize_(m, "dynamic")`` with the opt-in fusion of Sequential runs into one graph."""
+    from nbcompress.engine.quantize.ort_chain import ENV_FUSE
+
+    old = os.environ.get(ENV_FUSE)
+    os.environ[ENV_FUSE] = "1"
+    try:
+        return nbc_int8(model, x, args)
+    finally:
+        if old is None:
+            del os.environ[ENV_FUSE]
+        else:
+            os.environ[ENV_FUSE] = old
+
+
 def nbc_sparse(model: nn.Module, x: tuple, args: argparse.Namespace) -> Built:
     """``sparsify_``: sparse fp32 kernels where they measured faster."""
     s = nc.sparsify_(copy.deepcopy(model), x, repeats=args.tune_repeats)
@@ -499,6 +517,7 @@ NBC_BUILDERS = {
     "nbc int8": nbc_int8,
     "nbc int8 no ORT": nbc_int8_no_ort,
     "nbc int8 ORT only": lambda m, x, a: nbc_int8(m, x, a, backend="onnxruntime"),
+    "nbc int8 fused": nbc_int8_fused,
     "nbc sparse": nbc_sparse,
     "nbc speedup int8": nbc_speedup_int8,
 }
