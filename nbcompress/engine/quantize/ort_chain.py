@@ -6,20 +6,21 @@ measured here on BERT-FFN ×2 (768→3072→768, twice; 1 thread, batch 1) the f
 the same four nodes in one graph took 751 µs (torch's calls between ORT runs are slow:
 ORT's weight streaming evicts torch's dispatch code and tables from L2). So after the
 per-layer choice, :func:`fuse_chains` finds runs of ≥ 2 dense-int8 Linear layers with
-supported activations between them inside an ``nn.Sequential``, builds them as one
-:class:`OrtInt8Chain` (the same int8 weights, 7 bits without VNNI), checks its output
-and races it against the run as chosen; it replaces the run only where it is clearly
-faster and no less accurate (the run's first child becomes the chain, the others
-``nn.Identity``; undo restores them all).
+supported activations between them inside an ``nn.Sequential``, builds their graph
+(:class:`OrtInt8Chain`, over the same int8 weights, 7 bits without VNNI), checks its
+output and races it against the run as chosen per layer; only where it is clearly faster
+and no less accurate, the run's Linears become ``OrtInt8Linear`` children and the
+Sequential's ``forward`` (an instance attribute, :class:`FusedForward`) calls the graph
+for the run. Every layer stays in place and addressable by name (its weights, its own
+forward); ``state_dict`` keys are unchanged; a run whose children carry hooks (or were
+swapped since) is called child by child, so per-layer tools still see every layer; undo
+removes the instance ``forward`` with the rest of the step.
 
-Opt-in (:data:`ENV_FUSE` ``=1``) for now: the fused layers are no longer addressable by
-name (``model[2]`` becomes an ``nn.Identity``; its weights live in the chain), which
-per-layer tools (``weight_values``, sparsity per layer, ``%summary``) rely on.
+Opt-in (:data:`ENV_FUSE` ``=1``) until it has been measured on more models.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,14 @@ from nbcompress.timing import race
 if TYPE_CHECKING:
     from nbcompress.engine.quantize.modes import Job
 
-__all__ = ["DENSE_INT8", "ENV_FUSE", "OrtInt8Chain", "fuse_chains", "onnx_activation"]
+__all__ = [
+    "DENSE_INT8",
+    "ENV_FUSE",
+    "FusedForward",
+    "OrtInt8Chain",
+    "fuse_chains",
+    "onnx_activation",
+]
 
 #: Environment variable switching the fusion on (``1``); off by default (module docstring).
 ENV_FUSE = "NBCOMPRESS_ORT_FUSE"
@@ -78,6 +86,12 @@ class OrtInt8Chain(OrtModule):
         self._in = linears[0].in_features
         self._out = linears[-1].out_features
 
+    def session(self, threads: int | None = None) -> Any:  # noqa: D102
+        for step in self.steps:
+            if isinstance(step, OrtInt8Linear):
+                step.listeners.add(self)  # its weights change: this graph is rebuilt too
+        return super().session(threads)
+
     @property
     def out_features(self) -> int:
         """Output width."""
@@ -101,6 +115,40 @@ class OrtInt8Chain(OrtModule):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{self._in}→{self._out}, {len(self.steps)} steps in one onnxruntime graph"
+
+
+class FusedForward:
+    """The ``forward`` of an ``nn.Sequential`` whose runs of children are ORT graphs.
+
+    Set as the Sequential's instance attribute ``forward``; ``runs`` maps a run's first
+    child index to ``(stop, chain)``. A run is called child by child instead whenever a
+    child has hooks (global ones included) or is no longer the chain's step.
+    """
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        self.seq = seq
+        self.runs: dict[int, tuple[int, OrtInt8Chain]] = {}
+
+    def __call__(self, x: Any) -> Any:  # noqa: D102
+        children = list(self.seq._modules.values())
+        i = 0
+        while i < len(children):
+            run = self.runs.get(i)
+            if run is not None and _intact(children[i : run[0]], run[1]):
+                x, i = run[1](x), run[0]
+            else:
+                x, i = children[i](x), i + 1
+        return x
+
+
+def _intact(children: list[Any], chain: OrtInt8Chain) -> bool:
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    steps = list(chain.steps)
+    return len(children) == len(steps) and all(
+        c is s and not (c._forward_hooks or c._forward_pre_hooks)
+        for c, s in zip(children, steps, strict=True)
+    )
 
 
 def _runs(job: Job) -> Iterator[list[str]]:
@@ -128,10 +176,16 @@ def _runs(job: Job) -> Iterator[list[str]]:
 
 
 def _chain(job: Job, names: list[str]) -> tuple[OrtInt8Chain, Callable, Callable]:
-    """The chain of a run, and the run as chosen and as float (callables of ``x``)."""
+    """The chain of a run, and the run as chosen and as float (callables of ``x``).
+
+    The chain's steps are the run's children where they already are ``OrtInt8Linear``
+    or activations, else new ``OrtInt8Linear`` of the float layers (installed if it wins).
+    """
     current = [job.model.get_submodule(n) for n in names]
     steps = [
-        OrtInt8Linear(job.selected[n]) if n in job.selected else copy.deepcopy(m)
+        m
+        if isinstance(m, OrtInt8Linear) or n not in job.selected
+        else OrtInt8Linear(job.selected[n])
         for n, m in zip(names, current, strict=True)
     ]
     floats = [job.selected.get(n, m) for n, m in zip(names, current, strict=True)]
@@ -174,28 +228,46 @@ def fuse_chains(job: Job, tx: Any) -> None:
             _try(job, tx, names, dense_args(calls[names[0]][0])[0])
 
 
-@torch.inference_mode()
 def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor) -> None:
+    # Built outside inference mode: its buffers must stay ordinary tensors (load_state_dict
+    # copies into them in place later); only the checks and the race run inside.
     chain, current, floats = _chain(job, names)
-    ref = floats(x)
-    peak, rms = rel_errors(ref, chain(x))
-    _, rms_run = rel_errors(ref, current(x))
-    if peak > job.config.tolerance or rms > max(ACCURATE * rms_run + 1e-6, NEGLIGIBLE_ERROR):
-        return
-    fns = {"layers": lambda: current(x), "graph": lambda: chain(x)}
-    timed = race(fns, rounds=max(job.repeats, 6), warmup=1, min_sample=2e-4)
+    with torch.inference_mode():
+        ref = floats(x)
+        peak, rms = rel_errors(ref, chain(x))
+        _, rms_run = rel_errors(ref, current(x))
+        accurate = rms <= max(ACCURATE * rms_run + 1e-6, NEGLIGIBLE_ERROR)
+        if peak > job.config.tolerance or not accurate:
+            return
+        fns = {"layers": lambda: current(x), "graph": lambda: chain(x)}
+        timed = race(fns, rounds=max(job.repeats, 6), warmup=1, min_sample=2e-4)
     if not clearly_faster(timed, "graph"):
         return
-    tx.replace(names[0], chain)
-    for name in names[1:]:
-        tx.replace(name, nn.Identity())
+    _install(job, tx, names, chain)
     gain = 1 / timed.ratio("graph")
     rows = {row["layer"]: row for row in job.rows}
     for name in names:
         if name in job.new:
-            job.new[name] = chain if name == names[0] else job.model.get_submodule(name)
+            job.new[name] = job.model.get_submodule(name)
             rows[name]["backend"] = "onnxruntime-int8"
             rows[name]["note"] = (
                 f"one ORT graph {names[0]}…{names[-1]} ({len(names)} modules): "
                 f"{gain:.2f}× the layers run one by one"
             )
+
+
+def _install(job: Job, tx: Any, names: list[str], chain: OrtInt8Chain) -> None:
+    """The chain's new Linears as children, and the parent's forward calling the graph."""
+    parent, _, _ = names[0].rpartition(".")
+    seq = job.model.get_submodule(parent)
+    tx.save(seq)  # the instance ``forward`` set below goes with undo
+    for name, step in zip(names, chain.steps, strict=True):
+        if job.model.get_submodule(name) is not step:
+            tx.replace(name, step)
+    keys = list(seq._modules)
+    start = keys.index(names[0].rpartition(".")[2])
+    forward = seq.__dict__.get("forward")
+    if not isinstance(forward, FusedForward):
+        forward = FusedForward(seq)
+        seq.forward = forward
+    forward.runs[start] = (start + len(names), chain)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -150,6 +151,8 @@ class OrtModule(nn.Module):
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._in = 0  # input width, a plain attribute (read on every call); set by subclasses
+        #: Modules whose graphs hold this one's weights (``ort_chain``): told when they change.
+        self.listeners: weakref.WeakSet[OrtModule] = weakref.WeakSet()
 
     def graph(self, vnni: bool) -> bytes:
         """The serialized ONNX model from input ``x`` to the output, for this CPU path."""
@@ -157,16 +160,19 @@ class OrtModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_sessions"], state["_lock"] = {}, None
+        state["_sessions"], state["_lock"], state["listeners"] = {}, None, None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.Lock()  # sessions are rebuilt on the next call
+        self.listeners = weakref.WeakSet()
 
     def _forget_sessions(self) -> None:
         with self._lock:
             self._sessions = {}
+        for other in list(self.listeners):
+            other._forget_sessions()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)

@@ -241,7 +241,7 @@ def test_without_onnxruntime_everything_works_as_before(monkeypatch):
     nc.quantize_(model, "dynamic", example_inputs=x, repeats=3)
     backends = {row["backend"] for row in nc.quantize_report(model).rows}
     assert backends and "onnxruntime-int8" not in backends
-    assert type(model[1]) is nn.ReLU  # no ORT graph either
+    assert "forward" not in model.__dict__  # no ORT graph either
     nc.undo_(model)
     saved = snapshot(model)
     with pytest.raises(ValueError, match="onnxruntime is not installed"):
@@ -300,48 +300,63 @@ def _graph_wins(monkeypatch, wins=True):
 @needs_ort
 @pytest.mark.parametrize("vnni", [False, True])
 def test_a_sequential_run_becomes_one_ort_graph_where_it_races_faster(monkeypatch, vnni):
-    from nbcompress.engine.quantize.ort_chain import OrtInt8Chain
+    from nbcompress.engine.quantize.ort_chain import FusedForward
 
     _graph_wins(monkeypatch)
     model, x = mlp_chain(), torch.randn(8, 64)
-    saved, originals = snapshot(model), list(model)
+    saved, originals, keys = snapshot(model), list(model), None
     with torch.no_grad():
         ref = model(x)
     with forced_int8_cpu(vnni):
         nc.quantize_(model, "dynamic", example_inputs=x, repeats=3)
-        assert isinstance(model[0], OrtInt8Chain)
-        assert all(type(m) is nn.Identity for m in list(model)[1:])
-        linears = [s for s in model[0].steps if isinstance(s, OrtInt8Linear)]
-        assert [int(s.qweight.abs().max()) for s in linears] == [127 if vnni else 63] * 3
+        fused = model.__dict__["forward"]
+        assert isinstance(fused, FusedForward) and list(fused.runs) == [0]
+        # Every layer stays in place, addressable, with its own weights and forward.
+        assert [type(m) for m in model] == [OrtInt8Linear, nn.GELU, OrtInt8Linear, nn.ReLU,
+                                            OrtInt8Linear]  # fmt: skip
+        assert [int(m.qweight.abs().max()) for m in model[::2]] == [127 if vnni else 63] * 3
+        keys = set(model.state_dict())
         with torch.no_grad():
             y = model(x)
             if not vnni or cpu_has_vnni():
                 assert rel(y, ref) < 0.03
             for copied in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+                assert isinstance(copied.__dict__["forward"], FusedForward)
+                assert copied.__dict__["forward"].seq is copied
                 assert torch.equal(copied(x), y)
+            # A hook on a fused child: the run is called child by child, and the hook fires.
+            seen = []
+            handle = model[2].register_forward_hook(lambda *a: seen.append(1))
+            assert torch.allclose(model(x), y, atol=1e-4) and seen == [1]
+            handle.remove()
+            # New weights reach the graph: the chain's sessions are dropped with the layer's.
+            chain = fused.runs[0][1]
+            assert chain._sessions
+            model.load_state_dict(model.state_dict())
+            assert chain._sessions == {} and torch.equal(model(x), y)
+    assert keys == {f"{i}.{k}" for i in (0, 2, 4) for k in ("qweight", "scale", "bias")}
     rows = nc.quantize_report(model).rows
     assert {r["backend"] for r in rows} == {"onnxruntime-int8"}
     assert all("one ORT graph 0…4" in r["note"] for r in rows)
     nc.undo_(model)
     assert_same_state(model, saved)
+    assert "forward" not in model.__dict__
     assert all(a is b for a, b in zip(model, originals))
 
 
 @needs_ort
 def test_a_run_stays_layer_by_layer_where_the_graph_is_not_clearly_faster(monkeypatch):
-    from nbcompress.engine.quantize.ort_chain import OrtInt8Chain
 
     _graph_wins(monkeypatch, wins=False)
     model = mlp_chain()
     nc.quantize_(model, "dynamic", example_inputs=torch.randn(8, 64), repeats=3)
-    assert not any(isinstance(m, OrtInt8Chain) for m in model.modules())
-    assert type(model[1]) is nn.GELU
+    assert "forward" not in model.__dict__
     monkeypatch.delenv("NBCOMPRESS_ORT_FUSE")  # off by default, however fast it races
     _graph_wins(monkeypatch, wins=True)
     monkeypatch.delenv("NBCOMPRESS_ORT_FUSE")
     model = mlp_chain()
     nc.quantize_(model, "dynamic", example_inputs=torch.randn(8, 64), repeats=3)
-    assert not any(isinstance(m, OrtInt8Chain) for m in model.modules())
+    assert "forward" not in model.__dict__
 
 
 @needs_ort
