@@ -76,7 +76,7 @@ RUNTIMES = (
     "nbc int8",
     "nbc int8 no ORT",
     "nbc int8 ORT only",
-    "nbc int8 fused",
+    "nbc int8 unfused",
     "nbc sparse",
     "nbc speedup int8",
 )
@@ -91,9 +91,9 @@ RUNTIME_HELP = {
     "(dense int8 on fbgemm or ONNX Runtime, or CSR int8 on pruned layers where it wins)",
     "nbc int8 no ORT": "the same without the ONNX Runtime backend (as before it existed)",
     "nbc int8 ORT only": 'quantize_(m, "dynamic", backend="onnxruntime"): every Linear on '
-    "OrtInt8Linear (one ORT session per layer, torch between layers)",
-    "nbc int8 fused": 'quantize_(m, "dynamic") with NBCOMPRESS_ORT_FUSE=1 (opt-in): runs of int8 '
-    "Linears and activations inside an nn.Sequential as one ORT graph where it races faster",
+    "OrtInt8Linear (unfused: one ORT session per layer, torch between layers)",
+    "nbc int8 unfused": 'quantize_(m, "dynamic") with NBCOMPRESS_ORT_FUSE=0: no run of int8 '
+    "Linears inside an nn.Sequential becomes one ORT graph (every layer on its own)",
     "nbc sparse": "nbcompress sparsify_(m, x) — sparse fp32 where measured faster",
     "nbc speedup int8": "nbcompress speedup(m, x, apply=True, allow_int8=True)",
 }
@@ -402,14 +402,16 @@ def nbc_int8_no_ort(model: nn.Module, x: tuple, args: argparse.Namespace) -> Bui
         ort_int8.ort_problem = real
 
 
-def nbc_int8_fused(model: nn.Module, x: tuple, args: argparse.Namespace) -> Built:
-    """``quantize_(m, "dynamic")`` with the opt-in fusion of Sequential runs into one graph."""
+def nbc_int8_unfused(
+    model: nn.Module, x: tuple, args: argparse.Namespace, backend: str = "auto"
+) -> Built:
+    """``quantize_(m, "dynamic")`` without fusing Sequential runs into one ORT graph."""
     from nbcompress.engine.quantize.ort_chain import ENV_FUSE
 
     old = os.environ.get(ENV_FUSE)
-    os.environ[ENV_FUSE] = "1"
+    os.environ[ENV_FUSE] = "0"
     try:
-        return nbc_int8(model, x, args)
+        return nbc_int8(model, x, args, backend)
     finally:
         if old is None:
             del os.environ[ENV_FUSE]
@@ -516,8 +518,8 @@ def _export(model: nn.Module, x: tuple, path: Path, *, dynamo: bool, seq: bool) 
 NBC_BUILDERS = {
     "nbc int8": nbc_int8,
     "nbc int8 no ORT": nbc_int8_no_ort,
-    "nbc int8 ORT only": lambda m, x, a: nbc_int8(m, x, a, backend="onnxruntime"),
-    "nbc int8 fused": nbc_int8_fused,
+    "nbc int8 ORT only": lambda m, x, a: nbc_int8_unfused(m, x, a, backend="onnxruntime"),
+    "nbc int8 unfused": nbc_int8_unfused,
     "nbc sparse": nbc_sparse,
     "nbc speedup int8": nbc_speedup_int8,
 }

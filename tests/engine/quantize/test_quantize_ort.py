@@ -205,6 +205,7 @@ def _fixed_race(seconds):
 @needs_ort
 @pytest.mark.parametrize("ort_seconds, expected", [(0.2, "onnxruntime-int8"), (0.9, None)])
 def test_the_race_picks_onnxruntime_only_when_measured_faster(monkeypatch, ort_seconds, expected):
+    monkeypatch.setenv("NBCOMPRESS_ORT_FUSE", "0")  # the per-layer decision alone
     table = {"float": 1.0, "onnxruntime-int8": ort_seconds}
     monkeypatch.setattr(modes, "race", _fixed_race(lambda n: table.get(n, 0.5)))
     torch.manual_seed(0)
@@ -230,7 +231,6 @@ def test_a_faster_but_less_accurate_backend_does_not_win_on_speed_alone():
 
 
 def test_without_onnxruntime_everything_works_as_before(monkeypatch):
-    monkeypatch.setenv("NBCOMPRESS_ORT_FUSE", "1")
     why = "onnxruntime is not installed (pip install 'nbcompress[ort]')"
     monkeypatch.setattr(ort_int8, "ort_problem", lambda: why)
     [ort] = [b for b in backends_for(DynamicInt8Config()) if b.family == "onnxruntime"]
@@ -292,7 +292,7 @@ def mlp_chain():
 def _graph_wins(monkeypatch, wins=True):
     from nbcompress.engine.quantize import ort_chain
 
-    monkeypatch.setenv(ort_chain.ENV_FUSE, "1")
+    monkeypatch.delenv(ort_chain.ENV_FUSE, raising=False)  # on by default
     table = {"layers": 1.0, "graph": 0.5 if wins else 0.95}
     monkeypatch.setattr(ort_chain, "race", _fixed_race(table.__getitem__))
 
@@ -351,9 +351,8 @@ def test_a_run_stays_layer_by_layer_where_the_graph_is_not_clearly_faster(monkey
     model = mlp_chain()
     nc.quantize_(model, "dynamic", example_inputs=torch.randn(8, 64), repeats=3)
     assert "forward" not in model.__dict__
-    monkeypatch.delenv("NBCOMPRESS_ORT_FUSE")  # off by default, however fast it races
     _graph_wins(monkeypatch, wins=True)
-    monkeypatch.delenv("NBCOMPRESS_ORT_FUSE")
+    monkeypatch.setenv("NBCOMPRESS_ORT_FUSE", "0")  # switched off, however fast it races
     model = mlp_chain()
     nc.quantize_(model, "dynamic", example_inputs=torch.randn(8, 64), repeats=3)
     assert "forward" not in model.__dict__
