@@ -74,6 +74,9 @@ RUNTIMES = (
     "ORT fp32",
     "ORT int8",
     "nbc int8",
+    "nbc int8 no ORT",
+    "nbc int8 ORT only",
+    "nbc int8 unfused",
     "nbc sparse",
     "nbc speedup int8",
 )
@@ -85,7 +88,12 @@ RUNTIME_HELP = {
     "ORT fp32": "ONNX Runtime, the model exported by torch.onnx.export",
     "ORT int8": "onnxruntime.quantization.quantize_dynamic of that export (QInt8 weights)",
     "nbc int8": 'nbcompress quantize_(m, "dynamic") — int8, backend measured per layer '
-    "(dense int8, or CSR int8 on pruned layers where it wins)",
+    "(dense int8 on fbgemm or ONNX Runtime, or CSR int8 on pruned layers where it wins)",
+    "nbc int8 no ORT": "the same without the ONNX Runtime backend (as before it existed)",
+    "nbc int8 ORT only": 'quantize_(m, "dynamic", backend="onnxruntime"): every Linear on '
+    "OrtInt8Linear (unfused: one ORT session per layer, torch between layers)",
+    "nbc int8 unfused": 'quantize_(m, "dynamic") with NBCOMPRESS_ORT_FUSE=0: no run of int8 '
+    "Linears inside an nn.Sequential becomes one ORT graph (every layer on its own)",
     "nbc sparse": "nbcompress sparsify_(m, x) — sparse fp32 where measured faster",
     "nbc speedup int8": "nbcompress speedup(m, x, apply=True, allow_int8=True)",
 }
@@ -372,14 +380,43 @@ def torch_int8(model: nn.Module, x: tuple, _: Any) -> Built:
     return Built(_call(q, x), serialized_size(q))
 
 
-def nbc_int8(model: nn.Module, x: tuple, args: argparse.Namespace) -> Built:
+def nbc_int8(model: nn.Module, x: tuple, args: argparse.Namespace, backend: str = "auto") -> Built:
     """``quantize_(m, "dynamic")``: dense int8 with the backend measured per layer."""
     q = copy.deepcopy(model)
-    nc.quantize_(q, "dynamic", example_inputs=x, repeats=args.tune_repeats)
+    nc.quantize_(q, "dynamic", example_inputs=x, repeats=args.tune_repeats, backend=backend)
     report = nc.quantize_report(q)
     backends = sorted({row["backend"] for row in report.rows if row["backend"]})
     note = f"{len(report.quantized)}/{len(report.rows)} int8: {', '.join(backends)}"
     return Built(_call(q, x), serialized_size(q), note)
+
+
+def nbc_int8_no_ort(model: nn.Module, x: tuple, args: argparse.Namespace) -> Built:
+    """``quantize_(m, "dynamic")`` as if onnxruntime were not installed."""
+    from nbcompress.engine.quantize import ort_int8
+
+    real = ort_int8.ort_problem
+    ort_int8.ort_problem = lambda: "left out by bench_runtimes (column nbc int8 no ORT)"
+    try:
+        return nbc_int8(model, x, args)
+    finally:
+        ort_int8.ort_problem = real
+
+
+def nbc_int8_unfused(
+    model: nn.Module, x: tuple, args: argparse.Namespace, backend: str = "auto"
+) -> Built:
+    """``quantize_(m, "dynamic")`` without fusing Sequential runs into one ORT graph."""
+    from nbcompress.engine.quantize.ort_chain import ENV_FUSE
+
+    old = os.environ.get(ENV_FUSE)
+    os.environ[ENV_FUSE] = "0"
+    try:
+        return nbc_int8(model, x, args, backend)
+    finally:
+        if old is None:
+            del os.environ[ENV_FUSE]
+        else:
+            os.environ[ENV_FUSE] = old
 
 
 def nbc_sparse(model: nn.Module, x: tuple, args: argparse.Namespace) -> Built:
@@ -480,6 +517,9 @@ def _export(model: nn.Module, x: tuple, path: Path, *, dynamo: bool, seq: bool) 
 
 NBC_BUILDERS = {
     "nbc int8": nbc_int8,
+    "nbc int8 no ORT": nbc_int8_no_ort,
+    "nbc int8 ORT only": lambda m, x, a: nbc_int8_unfused(m, x, a, backend="onnxruntime"),
+    "nbc int8 unfused": nbc_int8_unfused,
     "nbc sparse": nbc_sparse,
     "nbc speedup int8": nbc_speedup_int8,
 }

@@ -1,4 +1,4 @@
-"""Quantization backends behind one interface: torch.ao, torchao, numba kernels, nbcompress.
+"""Quantization backends behind one interface: torch.ao, torchao, numba, ONNX Runtime, nbcompress.
 
 A :class:`Backend` says whether it is installed, whether it can convert a given layer
 for a given mode config (and why not), and builds the replacement module from the layer
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.memory import twin
+from nbcompress.engine.quantize import ort_int8
 from nbcompress.engine.quantize.config import DynamicInt8Config, HalfConfig, WeightInt8Config
 from nbcompress.engine.quantize.embedding_int8 import int8_table, table_supports
 from nbcompress.engine.quantize.modules import (
@@ -53,7 +54,8 @@ class Backend:
 
     Attributes:
         name: Shown in reports, e.g. ``"torch.ao[fbgemm]"``.
-        family: What ``backend=`` selects: ``torch``, ``torchao``, ``numba`` or ``nbcompress``.
+        family: What ``backend=`` selects: ``torch``, ``torchao``, ``numba``, ``onnxruntime``
+            or ``nbcompress``.
         config: The mode config class this backend handles.
         supports: ``(config, layer) -> None`` if it can convert ``layer``, else the reason.
         build: ``(config, layer) -> module`` building the replacement; never edits ``layer``.
@@ -68,7 +70,7 @@ class Backend:
     available: Callable[[], str | None] = lambda: None
 
 
-FAMILIES = ("torch", "torchao", "numba", "nbcompress")
+FAMILIES = ("torch", "torchao", "numba", "onnxruntime", "nbcompress")
 BACKENDS: list[Backend] = []
 _WARNED: dict[str, int] = {}
 
@@ -238,6 +240,9 @@ def _register_all() -> None:
         ("torchao", "torchao", DynamicInt8Config, _torchao_supports,
          _torchao("Int8DynamicActivationInt8WeightConfig"), _torchao_available),
         ("numba-csr-int8", "numba", DynamicInt8Config, _numba_supports, _numba, _numba_available),
+        # Optional (extra ``ort``): ORT's prepacked u8×s8 kernel, one session per layer.
+        ("onnxruntime-int8", "onnxruntime", DynamicInt8Config, _linear_only,
+         lambda c, m: ort_int8.OrtInt8Linear(m), _ort_available),
         ("numba-csr-int8", "numba", WeightInt8Config, _numba_supports, _numba, _numba_available),
         ("nbcompress-dequant", "nbcompress", WeightInt8Config, _weight_only_supports,
          lambda c, m: Int8WeightOnly(m), None),
@@ -257,6 +262,11 @@ def _register_all() -> None:
 
 def _installed() -> str | None:
     return None
+
+
+def _ort_available() -> str | None:
+    # Looked up on every call, so tests can take the "not installed" path by monkeypatching.
+    return ort_int8.ort_problem()
 
 
 _register_all()

@@ -17,6 +17,7 @@ from nbcompress.timing import Race
 __all__ = [
     "ACCURATE",
     "NEGLIGIBLE_ERROR",
+    "REFERENCE",
     "SLOWER_OK",
     "TIE",
     "TIE_SECONDS",
@@ -37,6 +38,10 @@ SLOWER_OK = 1.5
 #: larger at the same test accuracy. The end-to-end budget (``min_cosine``) still guards
 #: the whole model.
 NEGLIGIBLE_ERROR = 0.01
+#: The candidate whose error bounds every other's: nbcompress's own dynamic int8, correct on
+#: both CPU paths (7-bit weights without VNNI, see ``cpu.py``). A backend faster but less
+#: accurate than it (int16 saturation, 7-bit activations) must not win on speed alone.
+REFERENCE = "nbcompress-int8"
 
 
 def _slack(race: Race) -> float:
@@ -47,7 +52,10 @@ def _slack(race: Race) -> float:
 def accurate_among_fast(race: Race, errors: dict[str, float], sizes: dict[str, int]) -> str:
     """The candidate to keep: the smallest of the fast, accurate ones.
 
-    Three rules, in order, over the candidates after the incumbent (``race.names[1:]``):
+    Three rules, in order, over the candidates after the incumbent (``race.names[1:]``),
+    once those less accurate than :data:`REFERENCE` (if it ran: error above
+    :data:`ACCURATE` × its error and above :data:`NEGLIGIBLE_ERROR`) are set aside, so no
+    backend wins on speed alone with a larger error than our own int8's:
 
     1. SLOWER_OK: only candidates at most :data:`SLOWER_OK` × the fastest one's ratio
        (+ :data:`TIE_SECONDS`) compete: accuracy may cost some speed, not any.
@@ -68,7 +76,11 @@ def accurate_among_fast(race: Race, errors: dict[str, float], sizes: dict[str, i
         The chosen candidate's name.
     """
     slack = _slack(race)
-    ratio = {name: race.ratio(name) for name in race.names[1:]}
+    names = race.names[1:]
+    if REFERENCE in names:
+        bound = max(ACCURATE * errors[REFERENCE] + 1e-6, NEGLIGIBLE_ERROR)
+        names = tuple(b for b in names if errors[b] <= bound)
+    ratio = {name: race.ratio(name) for name in names}
     fastest = min(ratio.values())
     pool = [b for b in ratio if ratio[b] <= SLOWER_OK * fastest + slack]
     least = min(errors[b] for b in pool)

@@ -1,9 +1,9 @@
 """What one layer could run as besides dense, and where its sparse kernel would break even.
 
-The sparse formats worth building for a layer, torch's dense int8 twin (timed for
-comparison only) and the break-even estimate shown in the speedup report ("break-even
-(est.)": the sparsity at which the fp32 kernel would match dense, assuming its time is
-linear in the nonzeros).
+The sparse formats worth building for a layer, its dense int8 twins (torch's, and ONNX
+Runtime's where installed: :func:`dense_int8`) and the break-even estimate shown in the
+speedup report ("break-even (est.)": the sparsity at which the fp32 kernel would match
+dense, assuming its time is linear in the nonzeros).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from nbcompress.engine.speedup.analysis import LayerResult
 from nbcompress.engine.speedup.coverage import BUILDERS
 from nbcompress.timing import Timing, measure
 
-__all__ = ["break_even", "formats_of", "probe", "torch_int8"]
+__all__ = ["break_even", "dense_int8", "formats_of", "ort_int8", "probe", "torch_int8"]
 
 
 def formats_of(module: nn.Module, allow_bsr: bool) -> list[str]:
@@ -50,6 +50,30 @@ def torch_int8(module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
             )
         except (RuntimeError, AttributeError, ImportError):
             return None
+
+
+def ort_int8(module: nn.Module) -> nn.Module | None:
+    """ONNX Runtime's dense int8 twin of a Linear (``None``: not a Linear, or not installed).
+
+    The module ``%quantize model int8`` installs where it races fastest
+    (:class:`~nbcompress.engine.quantize.ort_int8.OrtInt8Linear`); built from the layer
+    without editing it, int8 weights per the CPU path (7 bits without VNNI).
+    """
+    from nbcompress.engine.quantize import ort_int8 as ort
+
+    if type(module) is not nn.Linear or ort.ort_problem() is not None:
+        return None
+    return ort.OrtInt8Linear(module)
+
+
+def dense_int8(module: nn.Module, seen: dict[str, int]) -> dict[str, nn.Module]:
+    """The layer's dense int8 candidates by path name: ``torch_int8`` and ``ort_int8``.
+
+    Each present only where it can be built here; the caller times them beside the sparse
+    paths and keeps the faster where dense int8 is allowed.
+    """
+    found = {"torch_int8": torch_int8(module, seen), "ort_int8": ort_int8(module)}
+    return {path: m for path, m in found.items() if m is not None}
 
 
 def probe(module: nn.Module, weight: torch.Tensor) -> nn.Module:
