@@ -10,10 +10,12 @@ Registry. Each kernel is a :class:`~nbcompress.kernels.registry.Kernel` of
 its serial twin.
 
 Choice. Several kernels compute each product; which is faster depends on the shape, the
-density, the caches and the load, so the first call per (weight, shape, threads) times
-the candidates with :func:`nbcompress.timing.race` and keeps the fastest
-(:func:`fastest`). With more than one thread each candidate also runs on one thread (its
-serial twin), since waking the pool can cost more than the second core saves. A choice
+density, the caches and the load, so the candidates are timed with
+:func:`nbcompress.timing.race` per (weight, shape bucket, threads) and the fastest is kept
+(:func:`fastest`): ahead of time where ``sparsify_``/``speedup`` see the shapes, else once a
+bucket has run often enough on a predicted choice for a race to pay for itself. With
+more than one thread each candidate also runs on one thread (its serial twin), since
+waking the pool can cost more than the second core saves. A choice
 is recorded per weight pattern and input shape bucket (:mod:`~nbcompress.kernels.tuning`,
 on disk per CPU), so later shapes in the bucket and later processes reuse it unmeasured.
 
@@ -206,7 +208,10 @@ def fastest(mat: Matrix, key: tuple, options: Options, detail: tuple = ()) -> No
     suffix :data:`SERIAL`): waking the worker pool can cost more than the second core
     saves (at batch 1 it doubled the time here). A single option is run, not timed.
     A choice recorded for the same weight pattern and shape bucket (in this process or
-    an earlier one, :mod:`~nbcompress.kernels.tuning`) is reused without measuring.
+    an earlier one, :mod:`~nbcompress.kernels.tuning`) is reused without measuring. At
+    forward time a new bucket is never raced at once: it runs the nearest measured
+    bucket's choice until a race can pay for itself (:func:`tuning.plan`); ``sparsify_``
+    and ``speedup`` race the shapes they are shown ahead of time (``tuning.eager``).
 
     Args:
         mat: The packed weight.
@@ -226,6 +231,13 @@ def fastest(mat: Matrix, key: tuple, options: Options, detail: tuple = ()) -> No
         for run in options.values():
             run()
         return
+    if not _MEASURING.depth and len(options) > 1:
+        # A shape bucket not chosen yet runs a predicted choice (the nearest measured
+        # bucket's) until racing it can pay for itself (tuning.plan); None: choose now.
+        planned = tuning.plan(mat, key, tuple(options), chosen, detail)
+        if planned is not None:
+            _call(options, planned)
+            return
     depth = _MEASURING.depth
     _MEASURING.depth = depth + 1
     try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 
@@ -79,10 +77,6 @@ def test_bucket_distance_counts_doublings_of_alike_keys():
     )
 
 
-@pytest.mark.skipif(
-    "tuning.plan" not in inspect.getsource(dispatch.fastest),
-    reason="dispatch.fastest does not consult tuning.plan yet (change proposed for merging)",
-)
 def test_forward_calls_at_new_shapes_do_not_race(mat, monkeypatch):
     races: list = []
 
