@@ -4,7 +4,7 @@ Every convolution can run as GEMM over the unfolded input (C·kh·kw × Ho·Wo):
 unfolds straight into the packed column panels or, image by image, into a matrix the
 tiles read in place; a block-sparse weight multiplies each unfolded image. Any
 convolution can also run directly on the zero-padded image, each nonzero a tap offset
-(see :mod:`nbcompress.kernels.layouts`): one tile kernel call per image, no unfold, and
+(below): one tile kernel call per image, no unfold, and
 over blocks of whole channels (``direct_kb``) when a tile's windows outgrow L1. A strided
 one runs on the image split into stride phases (:func:`phase_offsets`), where its tap
 offsets are constant as for stride 1. Which runs is measured on first use per input
@@ -13,6 +13,16 @@ shape (:func:`~.dispatch.fastest`).
 The padded images (and the block-sparse kernel's uncropped output) go to scratch buffers
 shared by all layers of the same layout (:func:`shared_scratch`): a model runs its layers
 one after the other, and a shared buffer is still in cache when the next layer fills it.
+
+Tap offsets. For stride 1, output pixel (y, x) reads the zero-padded image (Hp × Wp per
+channel) at (c, y + i·dh, x + j·dw) for tap (c, i, j). Numbering the outputs with the
+padded width, q = y·Wp + x, makes that read ``offset(c, i, j) + q`` with
+offset = c·Hp·Wp + i·dh·Wp + j·dw: every nonzero of the (out × C·kh·kw) weight becomes
+one constant offset, and the convolution is the tile kernel over the flat padded image
+with these offsets as row indices and row stride 1. No unfold is built (for 128 × 56 × 56
+at 3 × 3 it is 14 MB, kh·kw copies of the image); the kw taps of a row read the same
+cache lines. The (kw − 1)·dw columns x ≥ Wo of every padded output row are computed and
+dropped.
 """
 
 from __future__ import annotations
@@ -83,10 +93,12 @@ _SHARED = _Shared()
 def shared_scratch(name: str, size: int, layout: Hashable = None) -> np.ndarray:
     """A float32 buffer of ``size`` for ``name`` and ``layout``, shared by all layers.
 
-    As :func:`~nbcompress.kernels.layouts.scratch` (zero-filled when new, per Python
-    thread, ``layout`` names everything that places a buffer's interior), but one
-    buffer serves every layer of the same layout: in a model the layers run one after
-    the other, so a shared buffer is still in cache when the next layer writes it
+    Zero-filled when new, per Python thread (concurrent calls never share one), and
+    ``layout`` names everything that places a buffer's interior: the border is written
+    once and only the interior changes, so a call with another layout of the same length
+    gets a buffer of its own. One buffer serves every layer of the same layout: in a
+    model the layers run one after the other, so a shared buffer is still in cache when
+    the next layer writes it
     (with one buffer per layer, a resnet18's 20 layers streamed 20 of them from L3).
 
     Args:
@@ -281,8 +293,8 @@ def phase_offsets(
     Hq × Wq. Output pixel (y, x) reads padded (sh·y + dh·i, sw·x + dw·j) for tap
     (c, i, j), which is plane (c, dh·i mod sh, dw·j mod sw) at (y + dh·i // sh,
     x + dw·j // sw): numbering outputs q = y·Wq + x makes every read ``offset + q``
-    with one constant offset per nonzero, as ``layouts.py`` describes for stride 1
-    (where there is one plane per channel and this is ``layouts.tap_offsets``).
+    with one constant offset per nonzero, as the module docstring describes for
+    stride 1 (where there is one plane per channel).
 
     Args:
         mat: The packed (out × C·kh·kw) weight (4 × 1 block-sparse: block columns).

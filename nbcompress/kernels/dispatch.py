@@ -321,10 +321,8 @@ def release_unused(mat: Matrix) -> None:
     keep: set = {"pad"} if "spmv8" in used else set()
     if used & {"kblocks", "bsr4_kb"}:
         keep.add(("k", kblock(mat.shape[1])))
-    if "direct" in used:
-        keep.add("taps")
-    if "direct_kb" in used:
-        keep |= {"taps", "blocks"}
+    if "direct_kb" in used:  # the direct conv's tap offsets live in conv.py
+        keep.add("blocks")
     release(mat, keep)
 
 

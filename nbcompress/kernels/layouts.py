@@ -4,8 +4,6 @@
   cache blocking.
 * :func:`pad_rows`: every row padded with zeros to a multiple of 8 nonzeros, for the
   eight-accumulator SpMV (``csr_spmv8``).
-* :func:`tap_offsets`: each nonzero of a convolution weight as the offset of its tap in
-  the zero-padded image, for the direct convolution (stride 1, see below).
 
 Blocked rows. A 64-column tile of the input is a K × 256-byte slab; the tile kernel (``tile64`` in
 ``_generated_kernels.py``) reads one 256-byte row of it per nonzero. For K = 3072–4096 the slab
@@ -25,23 +23,11 @@ zeros (column 0, value 0: they add 0 · x[0]) need no leftover loop, and eight
 accumulators halve the FMA dependency chains: 1.1–1.25× measured, for 3–5% more bytes at
 90% (4.5 padding entries per row on average, more in relative terms for very short rows;
 the measured choice in ``dispatch.py`` keeps the plain kernel where that loses).
-
-Tap offsets. For stride 1, output pixel (y, x) reads the zero-padded image (Hp × Wp per
-channel) at (c, y + i·dh, x + j·dw) for tap (c, i, j). Numbering the outputs with the
-padded width, q = y·Wp + x, makes that read ``offset(c, i, j) + q`` with
-offset = c·Hp·Wp + i·dh·Wp + j·dw: every nonzero of the (out × C·kh·kw) weight becomes
-one constant offset, and the convolution is the tile kernel over the flat padded image
-with these offsets as row indices and row stride 1. No unfold is built (for 128 × 56 × 56
-at 3 × 3 it is 14 MB, kh·kw copies of the image); the kw taps of a row read the same
-cache lines. The (kw − 1)·dw columns x ≥ Wo of every padded output row are computed and
-dropped.
 """
 
 from __future__ import annotations
 
-import threading
 import weakref
-from collections.abc import Hashable
 
 import numpy as np
 
@@ -55,9 +41,6 @@ __all__ = [
     "pad_rows",
     "release",
     "SCRATCH_KEEP",
-    "scratch",
-    "scratch_keys",
-    "tap_offsets",
 ]
 
 Blocked = tuple[np.ndarray, np.ndarray, np.ndarray, int]  # indptr, indices, data, nkb
@@ -135,89 +118,6 @@ def pad_rows(mat: CSRMatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return cached["pad"]
 
 
-def tap_offsets(
-    mat: CSRMatrix | BSRMatrix,
-    kernel: tuple[int, int],
-    dilation: tuple[int, int],
-    padded: tuple[int, int],
-    kblk: int | None = None,
-) -> np.ndarray:
-    """Offsets of ``mat``'s nonzeros' taps in a zero-padded image (see the module docstring).
-
-    Args:
-        mat: The packed (out × C·kh·kw) weight, columns in ``F.unfold``'s order (a
-            block-sparse one in 4 × 1 blocks: its block columns are columns).
-        kernel: ``(kh, kw)``.
-        dilation: ``(dh, dw)``.
-        padded: ``(Hp, Wp)``, the padded image's height and width.
-        kblk: Offsets in the order of ``block_rows(mat, kblk)`` (CSR only; blocks of whole
-            channels when ``kblk`` is a multiple of kh·kw); ``None``: in ``mat``'s own order.
-
-    Returns:
-        One unsigned offset per nonzero (uint32, or uint64 for images over 2**32 floats).
-    """
-    key = ("taps", kernel, dilation, padded, kblk)
-    cached = _CACHE.setdefault(mat, {})
-    if key not in cached:
-        (kh, kw), (dh, dw), (hp, wp) = kernel, dilation, padded
-        indices = mat.indices if kblk is None else block_rows(mat, kblk)[1]
-        col = indices.astype(np.int64)
-        c, tap = np.divmod(col, kh * kw)
-        i, j = np.divmod(tap, kw)
-        offs = c * (hp * wp) + i * (dh * wp) + j * dw
-        wide = mat.shape[1] // (kh * kw) * hp * wp >= 2**32
-        cached[key] = offs.astype(np.uint64 if wide else np.uint32)
-    return cached[key]
-
-
-def scratch(
-    mat: CSRMatrix | BSRMatrix, name: str, size: int, layout: Hashable = None
-) -> np.ndarray:
-    """A float32 buffer of ``size`` for ``mat``, this Python thread and ``layout``.
-
-    The direct convolution pads every image into such a buffer: its border is written
-    once (zeros, when the buffer is created) and only the interior changes, so the
-    buffer is neither re-zeroed nor re-faulted in on every call (a third of a 64-channel
-    56 × 56 layer's time here). That is only right while every call writes the same
-    interior: ``layout`` must name everything that places it (the padded geometry), so
-    that a call with another layout of the same length gets a buffer of its own, never
-    one whose border holds another image's pixels.
-
-    Buffers are per Python thread (concurrent calls never share one; a thread's buffers
-    go with it) and the :data:`SCRATCH_KEEP` most recently used per ``name`` are kept.
-
-    Args:
-        mat: The packed weight the buffer serves.
-        name: What the buffer is for (``"image"``, ``"out"``).
-        size: Floats.
-        layout: What besides ``size`` a reused buffer must agree on; ``None`` for a
-            buffer every call overwrites whole.
-
-    Returns:
-        The buffer, zero-filled when new.
-    """
-    cached = _CACHE.setdefault(mat, {})
-    local = cached.get(("scratch",))
-    if local is None:
-        local = cached.setdefault(("scratch",), threading.local())
-    buffers = local.__dict__.setdefault("buffers", {})
-    key = (name, size, layout)
-    buf = buffers.pop(key, None)  # re-inserted below: the dict's order is recency
-    if buf is None:
-        buf = np.zeros(size, dtype=np.float32)
-        same = [k for k in buffers if k[0] == name]
-        for old in same[: max(0, len(same) - SCRATCH_KEEP + 1)]:
-            del buffers[old]
-    buffers[key] = buf
-    return buf
-
-
-def scratch_keys(mat: CSRMatrix | BSRMatrix) -> list[tuple]:
-    """``(name, size, layout)`` of this Python thread's scratch buffers for ``mat``."""
-    local = _CACHE.get(mat, {}).get(("scratch",))
-    return list(getattr(local, "buffers", {}))
-
-
 def release(mat: CSRMatrix | BSRMatrix, keep: set) -> None:
     """Drop ``mat``'s cached layouts other than ``keep`` (``"pad"``, ``("k", kblk)``, taps).
 
@@ -225,10 +125,9 @@ def release(mat: CSRMatrix | BSRMatrix, keep: set) -> None:
     would otherwise double or triple the memory a sparse layer holds at run time.
     """
     cached = _CACHE.get(mat, {})
-    # "taps" keeps every geometry's offsets and the scratch buffers of the direct conv,
-    # "blocks" every blocked layout (the channel-blocked direct conv's block size depends
-    # on the geometry).
-    kinds = {"taps": {"taps", "scratch"}, "blocks": {"k"}}
+    # "blocks" keeps every blocked layout (the channel-blocked direct conv's block size
+    # depends on the geometry).
+    kinds = {"blocks": {"k"}}
     kept = set().union(*(v for k, v in kinds.items() if k in keep))
     # list(): a snapshot, as other Python threads may add layouts meanwhile.
     for key in [k for k in list(cached) if k not in keep and k[0] not in kept]:

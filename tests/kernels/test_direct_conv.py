@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -81,22 +80,6 @@ def test_direct_is_a_measured_candidate_at_every_stride(offered):
     assert offered == [["panels", "tiles", "direct"], ["panels", "direct"]]
 
 
-def test_tap_offsets_address_the_padded_image():
-    conv = _pruned_conv(3, 2, (2, 3), dilation=(2, 1), keep=1.0)
-    mat = SparseConv2d(conv).matrix()
-    offs = layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12))
-    assert offs.dtype == np.uint32
-    cols = mat.indices.astype(np.int64)
-    c, tap = np.divmod(cols, 6)
-    i, j = np.divmod(tap, 3)
-    np.testing.assert_array_equal(offs, c * 9 * 12 + i * 2 * 12 + j)
-    assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is offs  # cached per geometry
-    layouts.release(mat, {"taps"})
-    assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is offs
-    layouts.release(mat, set())
-    assert layouts.tap_offsets(mat, (2, 3), (2, 1), (9, 12)) is not offs
-
-
 def test_reused_buffers_keep_their_zero_border_across_calls_and_sizes():
     conv = _pruned_conv(4, 5, 3, 1, 2, dilation=2)
     sparse = SparseConv2d(conv)
@@ -126,10 +109,9 @@ def test_channel_blocks_are_whole_channels_sized_for_l1():
     assert channel_block(64, (1, 1, 1, 1, 0, 0, 1, 1, 56)) == 64  # 1×1: 96 per block
     mat = SparseConv2d(_pruned_conv(70, 6, 3, padding=1)).matrix()
     layouts.block_rows(mat, 24 * 9)
-    layouts.tap_offsets(mat, (3, 3), (1, 1), (11, 72), 24 * 9)
     dispatch.set_choices(mat, {("conv", 1, 70, 9, 70, 1): "direct_kb"})
     dispatch.release_unused(mat)
-    assert {k[0] for k in layouts._CACHE[mat]} == {"k", "taps"}
+    assert {k[0] for k in layouts._CACHE[mat]} == {"k"}
     dispatch.set_choices(mat, {("conv", 1, 70, 9, 70, 1): "panels"})
     dispatch.release_unused(mat)
     assert not layouts._CACHE[mat]

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pytest
 
-from nbcompress.kernels import dispatch, layouts, pack_csr, threads
+from nbcompress.kernels import conv, dispatch, threads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,21 +90,20 @@ def test_serial_applies_to_its_own_python_thread_only(monkeypatch):
 
 
 def test_scratch_buffers_are_per_layout_per_thread_and_bounded():
-    mat = pack_csr(np.eye(4, dtype=np.float32))
-    a = layouts.scratch(mat, "image", 64, (1, 2, 30))
+    a = conv.shared_scratch("image", 64, (1, 2, 30))
     a[:] = 1  # a stale image
-    b = layouts.scratch(mat, "image", 64, (1, 6, 14))  # same length, another layout
+    b = conv.shared_scratch("image", 64, (1, 6, 14))  # same length, another layout
     assert b is not a and not b.any()
-    assert layouts.scratch(mat, "image", 64, (1, 2, 30)) is a
+    assert conv.shared_scratch("image", 64, (1, 2, 30)) is a
     other: list[np.ndarray] = []
     worker = threading.Thread(
-        target=lambda: other.append(layouts.scratch(mat, "image", 64, (1, 2, 30)))
+        target=lambda: other.append(conv.shared_scratch("image", 64, (1, 2, 30)))
     )
     worker.start()
     worker.join()
     assert other[0] is not a and not other[0].any()  # a thread of its own, its own buffers
-    for i in range(10):
-        layouts.scratch(mat, "image", 64, (i,))
-    keys = layouts.scratch_keys(mat)
-    assert len(keys) == layouts.SCRATCH_KEEP  # the most recently used
-    assert keys[-1] == ("image", 64, (9,))
+    for i in range(2 * conv.SHARED_KEEP):
+        conv.shared_scratch("image", 64, (i,))
+    keys = [k for k in conv.shared_scratch_keys() if k[0] == "image"]
+    assert len(keys) == conv.SHARED_KEEP  # the most recently used
+    assert keys[-1] == ("image", 64, (2 * conv.SHARED_KEEP - 1,))
