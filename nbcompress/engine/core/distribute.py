@@ -138,7 +138,9 @@ def run_task(token: str, payload: bytes | None, fn: Callable, item: Any, client:
 
 
 def _died(err: BaseException) -> bool:
-    if isinstance(err, cf.BrokenExecutor):
+    # CancelledError: futures this module cancels are never read, so a cancelled one was
+    # cancelled by dask, which does so when the worker holding its scattered payload died.
+    if isinstance(err, cf.BrokenExecutor | cf.CancelledError):
         return True
     return any(c.__name__ in _DASK_DEATHS for c in type(err).__mro__)
 
@@ -169,6 +171,12 @@ class Dispatch:
             self.shipped = client.scatter(self.payload, broadcast=True, hash=False)
         self._local: Any = None  # an unpickled copy, if a broken pool leaves us alone
         self._closed = False
+
+    def reship(self) -> None:
+        """Scatter the payload again if dask lost it (its worker died, no copy survived)."""
+        client = getattr(self.executor, "_client", None)
+        if client is not None and getattr(self.shipped, "status", "finished") != "finished":
+            self.shipped = client.scatter(self.payload, broadcast=True, hash=False)
 
     def run(
         self,
@@ -307,4 +315,5 @@ class _Run:
                     executor.rebuild()
             else:
                 self.here = True
+        self.d.reship()
         self.submit(index, payload=True)

@@ -109,3 +109,27 @@ def test_a_dead_worker_is_reported_and_its_item_retried_once(dask_executor, tmp_
         assert _results(dispatch, h.die_once, range(6)) == [0, 10, 20, 30, 40, 50]
     assert (tmp_path / "died").exists()
     assert "evaluate: a worker died during item 2; retrying it once" in capsys.readouterr().out
+
+
+def test_a_cancelled_task_counts_as_a_death_and_a_lost_payload_is_scattered_again() -> None:
+    # dask cancels the tasks whose scattered payload died with its worker: they are retried
+    # once, with the payload scattered again (a finished one is not sent twice).
+    import concurrent.futures as cf
+    import types
+
+    from nbcompress.engine.core.distribute import Dispatch, _died
+
+    assert _died(cf.CancelledError()) and not _died(ValueError("fn's own error"))
+    sent: list[bytes] = []
+
+    def scatter(payload: bytes, **_: object) -> types.SimpleNamespace:
+        sent.append(payload)
+        return types.SimpleNamespace(status="finished")
+
+    dispatch = Dispatch(None, 1)
+    dispatch.executor = types.SimpleNamespace(_client=types.SimpleNamespace(scatter=scatter))
+    dispatch.payload, dispatch.shipped = b"state", types.SimpleNamespace(status="lost")
+    dispatch.reship()
+    assert sent == [b"state"] and dispatch.shipped.status == "finished"
+    dispatch.reship()
+    assert sent == [b"state"]
