@@ -88,8 +88,8 @@ Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 
 * ``{{kernel}}_task_{{data}}{{index}}`` (plain functions, compiled on first use as C
   callbacks by ``_gomp.py``): what each of torch's OpenMP threads runs for one call of
-  the kernel, tasks taken from a shared counter; ``f``/``b`` float32/int8 data,
-  ``H``/``I`` uint16/uint32 indices.
+  the kernel, tasks taken from its own part's counter, then from the others';
+  ``f``/``b`` float32/int8 data, ``H``/``I`` uint16/uint32 indices.
 """
 
 import numpy as np
@@ -100,6 +100,7 @@ from nbcompress.kernels._simd import (
     as_ptr,
     fetch_add,
     prefetch,
+    thread_num,
     vadd,
     vfma,
     vfmav,

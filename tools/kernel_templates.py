@@ -369,10 +369,13 @@ TASK_DATA = (("f", "float32"), ("b", "int8"))
 TASK_INDEX = (("H", "uint16"), ("I", "uint32"))
 
 # A task function is what each of torch's OpenMP threads runs for a kernel call
-# (``_gomp.py``): it reads the arrays from a block of int64 words (0: the block's address,
-# 1: the task counters, 2: the task count, 3: the number 1, 4: the threads arrived, then
-# address and size of each array, then the scalars) and runs the serial twin on one task
-# at a time until none are left (threads slowed by other work take fewer).
+# (``_gomp.py``): it reads the arrays from a block of int64 words (0: the address of the
+# block that holds the counters, 1: the number of parts, 2: the task count, 3: the number
+# 1, 4: the address of libgomp's ``omp_get_thread_num``, or this thread's number itself
+# (below 4096, never an address) where each thread gets its own copy of the words
+# (``_pool.py``), then address and size of each array, then the scalars; the counting
+# block goes on with one 64-byte line per part: its task counters, first task, end task)
+# and runs the serial twin on one task at a time until none are left.
 _TASK_HEAD = """
 
 def {name}_task_{code}(blk):  # noqa: D103
@@ -383,35 +386,46 @@ def {name}_task_{code}(blk):  # noqa: D103
     scale = carray(as_ptr(a[11]), a[12], np.float32)
 """
 
-_TASK_LOOP = """    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+_TASK_LOOP = """    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + ({words} + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
 """
 
 _ONE = """    # 1 read at run time: with a literal 1 numba compiled a 3× slower twin.
     one = a[3]
 """
 
+# Tasks are numbered row block major (then column tile or panel), so that a part is a
+# range of row blocks.
 _TILE_TASK = (
     _ONE
     + """
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
-    nb = bounds.shape[0] - 1
-{loop}        p = t // nb
-        j = t - p * nb
-        c0 = a[21] + p * {tile}
+    ntile = a[2] // (bounds.shape[0] - 1)
+{loop}        j = t // ntile
+        c0 = a[21] + (t - j * ntile) * {tile}
         tile64_1(
             indptr,
             indices,
@@ -434,32 +448,33 @@ _PANEL_TASK = (
     _ONE
     + """
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, {width}), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-{loop}        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+{loop}        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * {width}
+        c0 = a[21] + p * {width}
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel{width}_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 """
 )
 
 _SPMV_TASK = """    x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-{loop}        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+{loop}        r0 = bounds[t]
+        r1 = bounds[t + 1]
         {name}_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 """
 
-#: Words of each task function's block.
-TASK_WORDS = {"tile64": 24, "panel": 22, "spmv": 18}
+#: Words of each task function's block before its parts' lines.
+TASK_WORDS = {"tile64": 24, "panel": 23, "spmv": 19}
 
 
 def tasks() -> str:
@@ -469,13 +484,16 @@ def tasks() -> str:
         for icode, iname in TASK_INDEX:
             fmt = {"code": dcode + icode, "index": iname, "data": dname}
             parts.append(_TASK_HEAD.format(name="tile64", words=TASK_WORDS["tile64"], **fmt))
-            parts.append(_TILE_TASK.format(loop=_TASK_LOOP, tile=TILE))
+            loop = _TASK_LOOP.format(words=TASK_WORDS["tile64"])
+            parts.append(_TILE_TASK.format(loop=loop, tile=TILE))
             for width, _ in SHAPES:
                 parts.append(
                     _TASK_HEAD.format(name=f"panel{width}", words=TASK_WORDS["panel"], **fmt)
                 )
-                parts.append(_PANEL_TASK.format(loop=_TASK_LOOP, width=width))
+                loop = _TASK_LOOP.format(words=TASK_WORDS["panel"])
+                parts.append(_PANEL_TASK.format(loop=loop, width=width))
             for name in ("csr_spmv", "csr_spmv8"):
                 parts.append(_TASK_HEAD.format(name=name, words=TASK_WORDS["spmv"], **fmt))
-                parts.append(_SPMV_TASK.format(loop=_TASK_LOOP, name=name))
+                loop = _TASK_LOOP.format(words=TASK_WORDS["spmv"])
+                parts.append(_SPMV_TASK.format(loop=loop, name=name))
     return "".join(parts)

@@ -39,8 +39,8 @@ Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 
 * ``{kernel}_task_{data}{index}`` (plain functions, compiled on first use as C
   callbacks by ``_gomp.py``): what each of torch's OpenMP threads runs for one call of
-  the kernel, tasks taken from a shared counter; ``f``/``b`` float32/int8 data,
-  ``H``/``I`` uint16/uint32 indices.
+  the kernel, tasks taken from its own part's counter, then from the others';
+  ``f``/``b`` float32/int8 data, ``H``/``I`` uint16/uint32 indices.
 """
 
 import numpy as np
@@ -51,6 +51,7 @@ from nbcompress.kernels._simd import (
     as_ptr,
     fetch_add,
     prefetch,
+    thread_num,
     vadd,
     vfma,
     vfmav,
@@ -1087,23 +1088,32 @@ def tile64_task_fH(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
-    nb = bounds.shape[0] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    ntile = a[2] // (bounds.shape[0] - 1)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (24 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nb
-        j = t - p * nb
-        c0 = a[21] + p * 64
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // ntile
+        c0 = a[21] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
@@ -1122,7 +1132,7 @@ def tile64_task_fH(blk):  # noqa: D103
 
 
 def panel16_task_fH(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1131,36 +1141,47 @@ def panel16_task_fH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 16
+        c0 = a[21] + p * 16
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def panel8_task_fH(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1169,85 +1190,116 @@ def panel8_task_fH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 8
+        c0 = a[21] + p * 8
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def csr_spmv_task_fH(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 
 
 def csr_spmv8_task_fH(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 
 
@@ -1263,23 +1315,32 @@ def tile64_task_fI(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
-    nb = bounds.shape[0] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    ntile = a[2] // (bounds.shape[0] - 1)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (24 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nb
-        j = t - p * nb
-        c0 = a[21] + p * 64
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // ntile
+        c0 = a[21] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
@@ -1298,7 +1359,7 @@ def tile64_task_fI(blk):  # noqa: D103
 
 
 def panel16_task_fI(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1307,36 +1368,47 @@ def panel16_task_fI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 16
+        c0 = a[21] + p * 16
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def panel8_task_fI(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1345,85 +1417,116 @@ def panel8_task_fI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 8
+        c0 = a[21] + p * 8
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def csr_spmv_task_fI(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 
 
 def csr_spmv8_task_fI(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 
 
@@ -1439,23 +1542,32 @@ def tile64_task_bH(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
-    nb = bounds.shape[0] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    ntile = a[2] // (bounds.shape[0] - 1)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (24 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nb
-        j = t - p * nb
-        c0 = a[21] + p * 64
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // ntile
+        c0 = a[21] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
@@ -1474,7 +1586,7 @@ def tile64_task_bH(blk):  # noqa: D103
 
 
 def panel16_task_bH(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1483,36 +1595,47 @@ def panel16_task_bH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 16
+        c0 = a[21] + p * 16
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def panel8_task_bH(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1521,85 +1644,116 @@ def panel8_task_bH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 8
+        c0 = a[21] + p * 8
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def csr_spmv_task_bH(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 
 
 def csr_spmv8_task_bH(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 
 
@@ -1615,23 +1769,32 @@ def tile64_task_bI(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
-    nb = bounds.shape[0] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    ntile = a[2] // (bounds.shape[0] - 1)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (24 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nb
-        j = t - p * nb
-        c0 = a[21] + p * 64
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // ntile
+        c0 = a[21] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
@@ -1650,7 +1813,7 @@ def tile64_task_bI(blk):  # noqa: D103
 
 
 def panel16_task_bI(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1659,36 +1822,47 @@ def panel16_task_bI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 16
+        c0 = a[21] + p * 16
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def panel8_task_bI(blk):  # noqa: D103
-    a = carray(blk, 22, np.int64)
+    a = carray(blk, 23, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1697,83 +1871,114 @@ def panel8_task_bI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[17]
-    npan = a[21]
+    kdim = a[19]
+    npan = a[22]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[18]), np.float32)
-    rb = a[20]
-    nrb = (m + rb - 1) // rb
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (23 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        p = t // nrb
-        r0 = (t - p * nrb) * rb
-        r1 = min(r0 + rb, m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        j = t // npan
+        p = t - j * npan
+        r0 = bounds[j]
+        r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[19] + p * 8
+        c0 = a[21] + p * 8
         rows = indptr[r0 : r1 + 1]
+        rb = max(r1 - r0, one)
         panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
 
 
 def csr_spmv_task_bI(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
 
 
 def csr_spmv8_task_bI(blk):  # noqa: D103
-    a = carray(blk, 18, np.int64)
+    a = carray(blk, 19, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
     scale = carray(as_ptr(a[11]), a[12], np.float32)
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
-    m = a[6] - 1
-    # The first thread to arrive takes tasks from the front, the second from the
-    # back (the same rows as on the previous call, usually: still in that core's L2), any
-    # other from the front; both counts share word 1 (front: low 32 bits), so each
-    # task runs once however many threads libgomp gave.
-    back = fetch_add(a[0] + 32, 1) == 1
-    step = np.int64(1) << np.int64(32) if back else np.int64(1)
-    while True:
-        taken = fetch_add(a[0] + 8, step)
+    bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
+    # its share of the weight stays in its core's L2) and takes its tasks from the front;
+    # then it takes the other parts' tasks from their back (a thread slowed by other
+    # work leaves them to the others). A part's two counts share its first word (front:
+    # low 32 bits), so each task runs once however many threads libgomp gave.
+    nparts = a[1]
+    who = a[4]
+    own = (who if who < 4096 else thread_num(who)) % nparts
+    k = 0
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (19 + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
         front = taken & np.int64(0xFFFFFFFF)
         behind = taken >> np.int64(32)
-        if front + behind >= a[2]:
-            break
-        t = a[2] - 1 - behind if back else front
-        r0 = t * a[17]
-        r1 = min(r0 + a[17], m)
+        if front + behind >= count:
+            k += 1
+            continue
+        t = part[1] + (front if k == 0 else count - 1 - behind)
+        r0 = bounds[t]
+        r1 = bounds[t + 1]
         csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])

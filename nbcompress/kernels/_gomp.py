@@ -13,10 +13,13 @@ How. Each supported kernel has a task function per data and index type
 C callback (``numba.cfunc``, cached on disk). A call packs the arrays' addresses and
 sizes and the scalars into an int64 block and calls libgomp's ``GOMP_parallel`` with that
 callback, from a ``nogil`` numba function: every thread of torch's team runs tasks
-(row blocks × column tiles or panels of the serial twin) taken from counters in the
-block, one thread from the front and one from the back, so that each core keeps its
-rows of the weight in its L2 from call to call and a thread slowed by other work
-simply takes fewer.
+(row blocks × column tiles or panels of the serial twin). The rows are split into one part
+per thread of about equal nonzeros (:func:`partition`), each a few row blocks; thread
+``i`` (libgomp's thread number: the caller is 0) takes its own part's blocks from the
+front, then the other parts' from their back. So each core reads the same rows of the
+weight on every call (they stay in its L2 across calls, where taking blocks from one
+shared counter handed the rows to whichever thread came first), and a thread slowed by
+other work simply leaves some of its blocks to the others.
 
 Only where torch runs on GNU OpenMP (Linux wheels) and only in the process that found it
 (libgomp's pool does not survive ``fork``); elsewhere :func:`job` returns ``None`` and the
@@ -29,47 +32,55 @@ import ctypes
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from numba import cfunc, njit, types
 
 from nbcompress.kernels import _generated_kernels as gen
+from nbcompress.kernels import _pool
 from nbcompress.kernels._simd import gomp_parallel
+from nbcompress.kernels.threads import torch_workers_sleep
 
-__all__ = ["address", "available", "job", "launch"]
+__all__ = ["Block", "address", "available", "job", "launch", "partition"]
 
 _STATE: dict[str, int] = {}
+#: Row blocks per part (per thread): the unit another thread can take over.
+BLOCKS_PER_PART = 4
 _LOCK = threading.Lock()
 _CALLBACKS: dict[str, object] = {}
 _SIGNATURE = types.void(types.voidptr)
 #: Task-function suffix of each (data, index) dtype pair.
-Encoder = Callable[[tuple, int], "tuple[str, np.ndarray] | None"]
+Encoder = Callable[[tuple, int], "tuple[str, Block] | None"]
 _CODES = {("f", "H"): "fH", ("f", "I"): "fI", ("b", "H"): "bH", ("b", "I"): "bI"}
 
 
-def _find_entry() -> int:
-    """Address of ``GOMP_parallel`` in the libgomp torch uses, or 0."""
+def _find_entry() -> tuple[int, int]:
+    """Addresses of ``GOMP_parallel`` and ``omp_get_thread_num`` in torch's libgomp, or 0s."""
     if os.environ.get("NBCOMPRESS_OPENMP", "1") == "0" or not sys.platform.startswith("linux"):
-        return 0
+        return 0, 0
     if "OpenMP" not in torch.__config__.parallel_info():
-        return 0
+        return 0, 0
     root = str(Path(torch.__file__).resolve().parent.parent)
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
-        return 0
+        return 0, 0
     # torch's own copy (torch/lib or torch.libs), not another libgomp some package loaded.
     paths = {line.split(None, 5)[-1] for line in maps if "libgomp" in line and root in line}
     for path in sorted(paths):
         try:
-            entry = ctypes.CDLL(path).GOMP_parallel
+            lib = ctypes.CDLL(path)
+            entry, number = lib.GOMP_parallel, lib.omp_get_thread_num
         except (OSError, AttributeError):
             continue
-        return ctypes.cast(entry, ctypes.c_void_p).value or 0
-    return 0
+        found = [ctypes.cast(f, ctypes.c_void_p).value or 0 for f in (entry, number)]
+        return (found[0], found[1]) if all(found) else (0, 0)
+    return 0, 0
 
 
 def available() -> bool:
@@ -79,7 +90,8 @@ def available() -> bool:
         with _LOCK:
             if _STATE.get("pid") != pid:
                 # Found once per process; a forked child never uses the parent's pool.
-                _STATE["entry"] = _find_entry() if "pid" not in _STATE else 0
+                found = _find_entry() if "pid" not in _STATE else (0, 0)
+                _STATE["entry"], _STATE["thread_num"] = found
                 _STATE["pid"] = pid
     return bool(_STATE["entry"])
 
@@ -103,45 +115,146 @@ def _addr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _block(ntasks: int, arrays: tuple[np.ndarray, ...], scalars: tuple[int, ...]) -> np.ndarray:
-    words = [0, 0, ntasks, 1, 0]  # see the task functions' header (kernel_templates.py)
-    for a in arrays:
-        words += (_addr(a), a.size)
-    blk = np.array(words + list(scalars), dtype=np.int64)
-    blk[0] = _addr(blk)
-    return blk
+def partition(indptr: np.ndarray, parts: int, blocks: int = BLOCKS_PER_PART) -> np.ndarray:
+    """Row bounds of ``parts`` parts of about equal nonzeros, each cut into ``blocks`` blocks.
+
+    Part ``q`` is the rows from ``bounds[q * blocks]`` to ``bounds[(q + 1) * blocks]``; its
+    blocks again hold about equal nonzeros. Exactly ``parts * blocks`` blocks: a part
+    with fewer rows than ``blocks`` has empty ones (the kernels skip them).
+
+    Args:
+        indptr: CSR row pointers (of rows or of 4 × 1 block rows).
+        parts: Parts, one per thread.
+        blocks: Row blocks per part.
+
+    Returns:
+        ``parts * blocks + 1`` non-decreasing int64 row bounds from 0 to the row count.
+    """
+    m = indptr.shape[0] - 1
+    cum = indptr.astype(np.float64)
+    # The part cuts first (shares of the whole), then each part's block cuts (shares of
+    # the part), each at the row boundary nearest its share.
+    outer = _cuts(cum, np.linspace(cum[0], cum[-1], parts + 1), 0, m)
+    bounds = [0]
+    for lo, hi in zip(outer[:-1], outer[1:], strict=True):
+        bounds += _cuts(cum, np.linspace(cum[lo], cum[hi], blocks + 1), lo, hi)[1:]
+    return np.asarray(bounds, dtype=np.int64)
 
 
-def _tile(args: tuple, threads: int) -> tuple[str, np.ndarray] | None:
+def _cuts(cum: np.ndarray, shares: np.ndarray, lo: int, hi: int) -> list[int]:
+    """Rows ``lo..hi`` cut where the running nonzero count ``cum`` is nearest each share."""
+    at = np.clip(np.searchsorted(cum, shares[1:-1]), lo + 1, hi)
+    nearer = cum[at] - shares[1:-1] > shares[1:-1] - cum[at - 1]
+    inner = np.maximum.accumulate(np.clip(at - nearer, lo, hi))
+    return [lo, *inner.tolist(), hi]
+
+
+class Block(NamedTuple):
+    """What :func:`launch` needs besides the callback.
+
+    Attributes:
+        words: The block's fixed words (see :func:`_words`).
+        inp: The input, whose address the launch writes into the block.
+        out: The output, likewise (the only words that change from call to call).
+    """
+
+    words: np.ndarray
+    inp: np.ndarray
+    out: np.ndarray
+
+
+#: Per weight (the id of its row pointers, held weakly): its partitions by thread count
+#: and the fixed words of its blocks by call shape. Building a block in Python took
+#: ~10 µs per call (an array's address costs ~1 µs), ~5% of a batch-8 layer on 2 threads.
+_HELD: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _held(indptr: np.ndarray) -> dict:
+    key = id(indptr)
+    held = _HELD.get(key)
+    if held is None or held[0]() is not indptr:
+        held = (weakref.ref(indptr, lambda _r, k=key, d=_HELD: d.pop(k, None)), {})
+        _HELD[key] = held
+    return held[1]
+
+
+def _partition_of(indptr: np.ndarray, parts: int) -> np.ndarray:
+    cached = _held(indptr)
+    found = cached.get(parts)
+    if found is None:
+        found = cached[parts] = partition(indptr, parts)
+    return found
+
+
+def _words(
+    ncols: int,
+    bounds: np.ndarray,
+    arrays: tuple[np.ndarray, ...],
+    scalars: tuple[int, ...],
+    threads: int,
+) -> np.ndarray:
+    """The fixed words of a block, cached per weight and call shape.
+
+    Header, arrays, scalars, then one 8-word line per part (counters, first task, end
+    task; see kernel_templates.py). ``bounds`` has ``parts × k`` row blocks when it is a
+    partition for ``threads``; tasks are numbered row block major, ``ncols`` column
+    tiles or panels per row block. The block's own address and those of ``arrays[4]``
+    and ``arrays[5]`` (input and output) are left 0 for :func:`launch`; the other arrays
+    are kept alive with the words (so their ids in the key are never another array's).
+    """
+    cached = _held(arrays[0])
+    key = (
+        ncols,
+        threads,
+        scalars,
+        *((0 if i in (4, 5) else id(a), a.size) for i, a in enumerate(arrays)),
+    )
+    held = cached.get(key)
+    if held is not None:
+        return held[0]
+    nblocks = bounds.shape[0] - 1
+    parts = threads if nblocks % threads == 0 else 1
+    ntasks = nblocks * ncols
+    words = [0, parts, ntasks, 1, _STATE["thread_num"]]
+    for i, a in enumerate(arrays):
+        words += (0 if i in (4, 5) else _addr(a), a.size)
+    words += scalars
+    head, per = len(words), ntasks // parts
+    words += [0] * (8 * parts)
+    for q in range(parts):
+        words[head + 8 * q + 1 : head + 8 * q + 3] = (q * per, (q + 1) * per)
+    fixed = np.array(words, dtype=np.int64)
+    cached[key] = (fixed, tuple(a for i, a in enumerate(arrays) if i not in (4, 5)))
+    return fixed
+
+
+def _tile(args: tuple, threads: int) -> tuple[str, Block] | None:
     indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk = args
-    ntasks = ntile * (bounds.shape[0] - 1)
-    blk = _block(ntasks, (indptr, indices, data, scale, b, out, bounds), (bs, n, col0, nkb, pfk))
-    return "tile64", blk
+    arrays = (indptr, indices, data, scale, b, out, bounds)
+    words = _words(ntile, bounds, arrays, (bs, n, col0, nkb, pfk), threads)
+    return "tile64", Block(words, b, out)
 
 
 def _panel(width: int) -> Encoder:
-    def encode(args: tuple, threads: int) -> tuple[str, np.ndarray] | None:
-        indptr, indices, data, scale, xp, out, col0, npan, rb = args
+    def encode(args: tuple, threads: int) -> tuple[str, Block] | None:
+        indptr, indices, data, scale, xp, out, col0, npan, _rb = args
         kdim = xp.shape[0] // max(npan, 1)
         m = indptr.shape[0] - 1
         if not (kdim and m and out.flags.c_contiguous and xp.flags.c_contiguous):
             return None
-        # Sixteen row blocks per thread and panel whatever the caller's split (sized for
-        # numba's static schedule): evens out threads slowed by other work.
-        rb = max(16, -(-m // (16 * threads)))
-        ntasks = npan * -(-m // rb)
-        scalars = (kdim, out.shape[1], col0, rb, npan)
-        return f"panel{width}", _block(ntasks, (indptr, indices, data, scale, xp, out), scalars)
+        bounds = _partition_of(indptr, threads)
+        arrays = (indptr, indices, data, scale, xp, out, bounds)
+        words = _words(npan, bounds, arrays, (kdim, out.shape[1], col0, npan), threads)
+        return f"panel{width}", Block(words, xp, out)
 
     return encode
 
 
 def _spmv(name: str) -> Encoder:
-    def encode(args: tuple, threads: int) -> tuple[str, np.ndarray] | None:
-        m = args[0].shape[0] - 1
-        # Eight tasks per thread: small enough to even out rows of unequal length.
-        rows = max(32, -(-m // (8 * threads)))
-        return name, _block(-(-m // rows), args, (rows,))
+    def encode(args: tuple, threads: int) -> tuple[str, Block] | None:
+        bounds = _partition_of(args[0], threads)
+        words = _words(1, bounds, (*args, bounds), (), threads)
+        return name, Block(words, args[4], args[5])
 
     return encode
 
@@ -154,7 +267,7 @@ _ENCODERS: dict[str, Encoder] = {
 }
 
 
-def job(kernel: str, args: tuple, threads: int) -> tuple[str, np.ndarray] | None:
+def job(kernel: str, args: tuple, threads: int) -> tuple[str, Block] | None:
     """``(task function name, block)`` for running ``kernel(*args)`` on torch's threads.
 
     ``None`` when this kernel, its dtypes or this process cannot (the caller then runs
@@ -174,10 +287,29 @@ def job(kernel: str, args: tuple, threads: int) -> tuple[str, np.ndarray] | None
 
 
 @njit(nogil=True, cache=True)
-def _run(entry, fn, blk, threads):  # noqa: ANN001, ANN202 - numba function
+def _run(entry, fn, words, inp, out, threads):  # noqa: ANN001, ANN202 - numba function
+    blk = words.copy()  # the task counters start at 0 (and a call may run in another)
+    blk[0] = blk.ctypes.data
+    blk[13] = inp.ctypes.data  # every task function's input and output words
+    blk[15] = out.ctypes.data
     gomp_parallel(entry, fn, blk.ctypes.data, threads)
 
 
-def launch(fn: int, blk: np.ndarray, threads: int) -> None:
-    """Run callback ``fn`` on ``blk`` on ``threads`` of torch's OpenMP threads (GIL released)."""
-    _run(_STATE["entry"], fn, blk, threads)
+def launch(fn: int, blk: Block, threads: int) -> None:
+    """Run callback ``fn`` on ``blk`` on ``threads`` threads (GIL released).
+
+    On torch's OpenMP threads, or, where those sleep right after each region, on the pool
+    of ``_pool.py`` that stays awake between layers (``NBCOMPRESS_OPENMP=torch`` or
+    ``=pool`` decides instead).
+    """
+    if _own_pool(threads):
+        _pool.launch(fn, blk.words, blk.inp, blk.out, threads)
+    else:
+        _run(_STATE["entry"], fn, blk.words, blk.inp, blk.out, threads)
+
+
+def _own_pool(threads: int) -> bool:
+    chosen = os.environ.get("NBCOMPRESS_OPENMP", "").strip().lower()
+    if chosen == "torch" or (chosen != "pool" and not torch_workers_sleep()):
+        return False
+    return _pool.ready(threads)

@@ -20,6 +20,7 @@ __all__ = [
     "f32x8",
     "fetch_add",
     "gomp_parallel",
+    "thread_num",
     "prefetch",
     "vadd",
     "vfma",
@@ -204,3 +205,76 @@ def gomp_parallel(typingctx, entry, fn, data, threads):  # noqa: ANN001, ANN201
         return context.get_dummy_value()
 
     return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def thread_num(typingctx, entry):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """Call libgomp's ``omp_get_thread_num()`` at address ``entry``: this thread's number."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        call = builder.inttoptr(args[0], ir.FunctionType(_I32, []).as_pointer())
+        return builder.sext(builder.call(call, []), _I64)
+
+    return types.int64(types.int64), codegen
+
+
+# The spinning pool's protocol words (``_pool.py``): sequentially consistent, so that a job
+# posted (its words written, then its state) is seen whole by the worker that claims it.
+@intrinsic
+def swap_if(typingctx, addr, expected, value):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """Atomically set the int64 at ``addr`` to ``value`` if it is ``expected``; return the old."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        ptr = builder.inttoptr(args[0], _I64.as_pointer())
+        pair = builder.cmpxchg(ptr, args[1], args[2], "seq_cst", "seq_cst")
+        return builder.extract_value(pair, 0)
+
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def load(typingctx, addr):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """The int64 at ``addr``, read atomically (never cached in a register across a loop)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        ptr = builder.inttoptr(args[0], _I64.as_pointer())
+        return builder.atomic_rmw("add", ptr, ir.Constant(_I64, 0), "seq_cst")
+
+    return types.int64(types.int64), codegen
+
+
+@intrinsic
+def store(typingctx, addr, value):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """Atomically write ``value`` to the int64 at ``addr``."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        ptr = builder.inttoptr(args[0], _I64.as_pointer())
+        builder.atomic_rmw("xchg", ptr, args[1], "seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen
+
+
+@intrinsic
+def cycles(typingctx):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """The CPU's time-stamp counter (``llvm.readcyclecounter``)."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        fnty = ir.FunctionType(_I64, [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+@intrinsic
+def call_task(typingctx, fn, data):  # noqa: ANN001, ANN201 - numba intrinsic protocol
+    """Call the ``void fn(void*)`` at address ``fn`` with the address ``data``."""
+
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        fnty = ir.FunctionType(ir.VoidType(), [_I8P])
+        task = builder.inttoptr(args[0], fnty.as_pointer())
+        builder.call(task, [builder.inttoptr(args[1], _I8P)])
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64), codegen

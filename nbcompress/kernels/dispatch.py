@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from nbcompress.kernels import tuning
+from nbcompress.kernels import _gomp, tuning
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, describe
 from nbcompress.kernels.layouts import kblock, release
 
@@ -376,9 +376,18 @@ def row_blocks(mat: Matrix, parts: int) -> np.ndarray:
 
 
 def balanced_rows(mat: Matrix) -> np.ndarray:
-    """:func:`row_blocks` for the tile kernels: one block, or four per thread."""
+    """Row blocks for the tile kernels: one, or one part per thread (``_gomp.partition``).
+
+    A part per thread of about equal nonzeros, cut into a few blocks, so that on torch's
+    threads each thread reads the same rows of the weight on every call (``_gomp.py``).
+    """
     threads = get_threads()
-    return row_blocks(mat, 1 if threads == 1 else 4 * threads)
+    if threads == 1:
+        return row_blocks(mat, 1)
+    cached = _BOUNDS.setdefault(mat, {})
+    if -threads not in cached:  # negative keys: partitions, positive: row_blocks
+        cached[-threads] = _gomp.partition(mat.indptr, threads)
+    return cached[-threads]
 
 
 def row_bounds(indptr: np.ndarray, parts: int) -> np.ndarray:
