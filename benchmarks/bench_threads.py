@@ -7,6 +7,15 @@ that load from other processes falls on all of them alike.
 
     python benchmarks/bench_threads.py                  # workqueue and omp, 3 rounds
     python benchmarks/bench_threads.py --tbb-lib DIR    # also tbb (DIR holds libtbb.so.12)
+    python benchmarks/bench_threads.py --ffn            # where a model call's time goes
+
+``--ffn``: BERT-FFN ×2 at 90% after ``sparsify_`` (bench_runtimes' "ffn90"), batch 8 and 64,
+1 and 2 threads, one process per OpenMP wait policy of torch (libgomp's default, which
+spins a few ms after each region, and ``PASSIVE``, which sleeps at once, as
+bench_runtimes sets it): per model call the median total, the time inside the parallel
+launches (the kernels on several threads), in serial kernel calls, in torch's GELU, and
+the rest (Python glue: checks, bias add, packing, dispatch). Each call follows a call of
+the dense model, as in bench_runtimes' interleaved rounds.
 
 Per layer: the median time of one call from a single caller (batch 1 and 64 on a
 3072 × 768 Linear at 90% zeros, a 64-channel 3 × 3 conv at 70% on 28 × 28), and the
@@ -76,6 +85,100 @@ def child() -> None:
     print(json.dumps(out))
 
 
+def ffn_child() -> None:
+    """Measure where ffn90's model call spends its time in this process (--ffn)."""
+    import copy
+    import warnings
+
+    import torch  # first, as in a notebook
+
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_runtimes import ffn_stack
+
+    import nbcompress as nc
+    from nbcompress.kernels import _gomp, registry
+
+    warnings.filterwarnings("ignore")
+    spent: dict[str, float] = {}
+
+    def timed(owner: object, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def wrapper(*args: object) -> object:
+            start = time.perf_counter()
+            try:
+                return inner(*args)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    def _gelu_start(*_: object) -> None:
+        spent["gelu_start"] = time.perf_counter()
+
+    def _gelu_end(*_: object) -> None:
+        spent["gelu"] = spent.get("gelu", 0.0) + time.perf_counter() - spent["gelu_start"]
+
+    timed(_gomp, "launch", "parallel")
+    timed(registry, "_invoke", "serial")
+    dense = ffn_stack(0.9)
+    rows = []
+    for batch in (8, 64):
+        x = torch.randn(batch, 768)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model = copy.deepcopy(dense)
+            with torch.no_grad():
+                nc.sparsify_(model, x)
+            for layer in model:
+                if isinstance(layer, torch.nn.GELU):  # time torch's op inside the call
+                    layer.register_forward_pre_hook(_gelu_start)
+                    layer.register_forward_hook(_gelu_end)
+            calls: list[dict[str, float]] = []
+            with torch.no_grad():
+                for _ in range(60):
+                    dense(x)
+                    spent.clear()
+                    start = time.perf_counter()
+                    model(x)
+                    spent["total"] = time.perf_counter() - start
+                    calls.append(dict(spent))
+            med = {k: statistics.median(c.get(k, 0.0) for c in calls) * 1e6 for k in calls[0]}
+            med.pop("gelu_start", None)
+            med.setdefault("parallel", 0.0)
+            med.setdefault("serial", 0.0)
+            med["rest"] = med["total"] - med["parallel"] - med["serial"] - med["gelu"]
+            rows.append({"batch": batch, "threads": threads, **med})
+    print(json.dumps(rows))
+
+
+def ffn_main() -> None:
+    """One child per wait policy of torch's OpenMP workers; print where the time goes."""
+    print(f"load average {os.getloadavg()[0]:.2f}; medians of 60 calls, each after a dense call")
+    print(
+        "| torch's workers | batch | threads | call (µs) | parallel | serial kernels | "
+        "2 × GELU | rest (glue) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for policy in ("", "PASSIVE"):
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+        env.pop("OMP_WAIT_POLICY", None)
+        if policy:
+            env["OMP_WAIT_POLICY"] = policy
+        env.setdefault("NBCOMPRESS_TUNING", "off")
+        done = subprocess.run(
+            [sys.executable, __file__, "--ffn-child"], env=env, capture_output=True, text=True
+        )
+        if done.returncode:
+            print(f"{policy or 'default'}: exit {done.returncode}: {done.stderr[-300:]}")
+            continue
+        for r in json.loads(done.stdout.strip().splitlines()[-1]):
+            cells = [f"{r[k]:.0f}" for k in ("total", "parallel", "serial", "gelu", "rest")]
+            name = "sleep (PASSIVE)" if policy else "spin (default)"
+            print(f"| {name} | {r['batch']} | {r['threads']} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     """Alternate child processes per layer; print a table of medians."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,5 +216,9 @@ def main() -> None:
 if __name__ == "__main__":
     if "--child" in sys.argv:
         child()
+    elif "--ffn-child" in sys.argv:
+        ffn_child()
+    elif "--ffn" in sys.argv:
+        ffn_main()
     else:
         main()

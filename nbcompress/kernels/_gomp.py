@@ -32,6 +32,7 @@ import ctypes
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -44,7 +45,6 @@ from numba import cfunc, njit, types
 from nbcompress.kernels import _generated_kernels as gen
 from nbcompress.kernels import _pool
 from nbcompress.kernels._simd import gomp_parallel
-from nbcompress.kernels.threads import torch_workers_sleep
 
 __all__ = ["Block", "address", "available", "job", "launch", "partition"]
 
@@ -310,6 +310,41 @@ def launch(fn: int, blk: Block, threads: int) -> None:
 
 def _own_pool(threads: int) -> bool:
     chosen = os.environ.get("NBCOMPRESS_OPENMP", "").strip().lower()
-    if chosen == "torch" or (chosen != "pool" and not torch_workers_sleep()):
+    if chosen == "torch" or (chosen != "pool" and not workers_sleep(threads)):
         return False
     return _pool.ready(threads)
+
+
+@cfunc(_SIGNATURE, cache=True)
+def _nothing(blk):  # noqa: ANN001, ANN202 - C callback
+    pass
+
+
+#: A parallel region slower than this when it follows another by 0.3 ms had to wake
+#: sleeping workers (spinning ones start it in ~2–5 µs here, sleeping ones in ~50–80 µs).
+WAKE_SECONDS = 2e-5
+
+
+def workers_sleep(threads: int) -> bool:
+    """Whether torch's OpenMP workers sleep at once after a region (measured once).
+
+    libgomp reads ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` when torch loads it, and the
+    variables may have changed since (nbcompress itself sets a default for runtimes
+    loaded later), so the policy is measured: empty regions 0.3 ms apart.
+    """
+    key = f"sleep{threads}"
+    if key not in _STATE:
+        times = []
+        for _ in range(7):
+            _run_empty(_STATE["entry"], _nothing.address, threads)
+            time.sleep(3e-4)
+            start = time.perf_counter()
+            _run_empty(_STATE["entry"], _nothing.address, threads)
+            times.append(time.perf_counter() - start)
+        _STATE[key] = int(sorted(times)[3] > WAKE_SECONDS)
+    return bool(_STATE[key])
+
+
+@njit(nogil=True, cache=True)
+def _run_empty(entry, fn, threads):  # noqa: ANN001, ANN202 - numba function
+    gomp_parallel(entry, fn, 0, threads)

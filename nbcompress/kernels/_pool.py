@@ -2,11 +2,14 @@
 
 Why. ``_gomp.py`` runs the parallel kernels on torch's OpenMP threads, which costs ~2 µs a
 layer while those threads spin after each region (libgomp's default: a few ms). Where
-torch's runtime was started with ``OMP_WAIT_POLICY=PASSIVE`` (as benchmarks do, and
+torch's runtime was started with ``OMP_WAIT_POLICY=PASSIVE`` (as bench_runtimes does, and
 users who run several processes), its workers sleep right after every region and each
 region pays a futex wake and a sleeping barrier: ~75 µs here, which at batch 8 cost more
-than the second core saved (a 768 × 3072 layer at 90% takes ~150 µs on one thread). Then
-this pool runs the same task functions instead.
+than the second core saved (a 768 × 3072 layer at 90% takes ~150 µs on one thread). There
+(measured once per process, ``_gomp.workers_sleep``) this pool runs the same task
+functions instead. Never where torch's workers spin: a spinning worker of torch's and one
+of ours on the same core took turns by the scheduler's time slices (2-thread batch 8:
+0.56 → 1.0 ms).
 
 How. One worker thread per extra core, each in a ``nogil`` numba loop that waits for a
 job on its own 64-byte slot (words: state 0 idle / 1 posted / 2 running, task function,

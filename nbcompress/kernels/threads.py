@@ -42,7 +42,6 @@ __all__ = [
     "in_serial",
     "serial",
     "set_threads",
-    "torch_workers_sleep",
     "using",
 ]
 
@@ -64,30 +63,10 @@ POOL = threading.Lock()
 
 def configure_threading() -> None:
     """Pick a non-spinning threading layer and wait policy, respecting user choices."""
-    # torch (imported above) has read these already: what its OpenMP workers do between
-    # regions, before the default below is set for runtimes loaded later.
-    _STATE["torch_sleeps"] = int(_sleeps(os.environ))
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     chosen = os.environ.get("NUMBA_THREADING_LAYER") or numba.config.THREADING_LAYER
     if chosen in (None, "", "default"):
         numba.config.THREADING_LAYER = "workqueue"
-
-
-def _sleeps(env: os._Environ | dict[str, str]) -> bool:
-    """Whether libgomp started under ``env`` puts its workers to sleep right after a region."""
-    count = env.get("GOMP_SPINCOUNT", "").strip()
-    if count:  # libgomp's own override of the policy's spin count
-        return count.isdigit() and int(count) < 10_000
-    return env.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
-
-
-def torch_workers_sleep() -> bool:
-    """Whether torch's OpenMP workers sleep at once after each region (no spinning).
-
-    Read from ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` as they were when nbcompress was
-    imported (torch, imported first, read the same).
-    """
-    return bool(_STATE.get("torch_sleeps"))
 
 
 def set_threads(n: int | None) -> None:

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from nbcompress.kernels import _gomp, _numba, _pool, dispatch, pack_csr, registry
-from nbcompress.kernels.threads import _sleeps
 from tools.kernel_templates import TASK_WORDS
 
 needs_gomp = pytest.mark.skipif(
@@ -70,13 +69,18 @@ def test_balanced_rows_is_one_block_on_one_thread_else_a_partition_per_thread(mo
     np.testing.assert_array_equal(dispatch.balanced_rows(mat), _gomp.partition(mat.indptr, 3))
 
 
-def test_wait_policy_decides_whether_torchs_workers_sleep():
-    assert not _sleeps({})
-    assert _sleeps({"OMP_WAIT_POLICY": "passive"})
-    assert not _sleeps({"OMP_WAIT_POLICY": "ACTIVE"})
-    assert _sleeps({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "0"})
-    assert not _sleeps({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"})
-    assert not _sleeps({"GOMP_SPINCOUNT": "infinite"})
+@needs_gomp
+def test_the_awake_pool_only_where_torchs_workers_sleep(monkeypatch):
+    monkeypatch.delenv("NBCOMPRESS_OPENMP", raising=False)
+    monkeypatch.setitem(_gomp._STATE, "sleep2", 0)  # measured: torch's workers spin
+    assert not _gomp._own_pool(2)
+    monkeypatch.setitem(_gomp._STATE, "sleep2", 1)  # measured: they sleep after a region
+    assert _gomp._own_pool(2)
+    monkeypatch.setenv("NBCOMPRESS_OPENMP", "torch")
+    assert not _gomp._own_pool(2)
+    monkeypatch.setitem(_gomp._STATE, "sleep2", 0)
+    monkeypatch.setenv("NBCOMPRESS_OPENMP", "pool")
+    assert _gomp._own_pool(2)
 
 
 def _matrix(m: int, k: int, int8: bool = False):
