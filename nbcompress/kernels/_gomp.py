@@ -19,7 +19,13 @@ per thread of about equal nonzeros (:func:`partition`), each a few row blocks; t
 front, then the other parts' from their back. So each core reads the same rows of the
 weight on every call (they stay in its L2 across calls, where taking blocks from one
 shared counter handed the rows to whichever thread came first), and a thread slowed by
-other work simply leaves some of its blocks to the others.
+other work simply leaves some of its blocks to the others. The block's fixed words are
+cached per weight and call shape; a launch writes only the input and output addresses.
+
+Where torch's workers sleep right after each region (``OMP_WAIT_POLICY=PASSIVE`` when
+torch loaded libgomp; measured once, :func:`workers_sleep`) every region pays a wake-up
+(~75 µs here), so the same task functions run on the pool of ``_pool.py`` instead, which
+stays awake between layers. ``NBCOMPRESS_OPENMP=torch`` or ``=pool`` forces either.
 
 Only where torch runs on GNU OpenMP (Linux wheels) and only in the process that found it
 (libgomp's pool does not survive ``fork``); elsewhere :func:`job` returns ``None`` and the
