@@ -29,12 +29,12 @@ from nbcompress.engine.quantize.measure import rel_errors
 from nbcompress.engine.quantize.ort_block import (
     BlockForward,
     OrtInt8Block,
-    block_state,
     plain_twin,
     seq_length,
 )
 from nbcompress.engine.quantize.ort_chain import DENSE_INT8
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear
+from nbcompress.engine.quantize.ort_rewrite import outlier_channels, split_candidates
 from nbcompress.timing import race
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def _errors(graph: OrtInt8Block, floats: nn.Module, current: nn.Module, tensors:
     args, kwargs = graph.spec.rebuild(tuple(tensors))
     ref = floats(*args, **kwargs)
     try:
-        out = graph.run(tensors, graph.key)
+        out = graph.run(tensors)
     except Exception as err:  # noqa: BLE001 - the exporter baked a shape in, or ORT refused
         raise _Untraceable(f"{type(err).__name__}: {str(err).splitlines()[0][:100]}") from err
     peak, rms = rel_errors(ref, out)
@@ -185,7 +185,13 @@ def _try(job: Job, tx: Any, name: str, block: nn.Module, call: tuple, linears: s
         raise _Untraceable(str(err)) from err
     graph.example_call = graph.spec.tensors(args, kwargs)
     with torch.inference_mode():
-        if not _accurate(job, graph, block, name):
+        graph.outliers = _outliers(block, args, kwargs)
+        accurate = _accurate(job, graph, block, name)
+        if not accurate and graph.outliers:
+            graph.outliers = {}  # weight-only layers as fp32 MatMuls, as chosen per layer
+            graph._forget_sessions()
+            accurate = _accurate(job, graph, block, name)
+        if not accurate:
             return False
         forward = BlockForward(candidate, graph)  # what a call will cost, checks included
         fns = {"layers": lambda: block(*args, **kwargs), "graph": lambda: forward(*args, **kwargs)}
@@ -195,6 +201,28 @@ def _try(job: Job, tx: Any, name: str, block: nn.Module, call: tuple, linears: s
         return False
     _install(job, tx, name, block, graph, steps, 1 / timed.ratio("graph"))
     return True
+
+
+def _outliers(block: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    """Weight-only int8 Linears inside ``block`` → their inputs' outlier channels."""
+    layers = split_candidates(block)
+    if not layers:
+        return {}
+    found: dict[str, torch.Tensor] = {}
+
+    def record(name: str) -> Any:
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            found.setdefault(name, outlier_channels(inputs[0]))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    try:
+        block(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _install(
@@ -213,7 +241,7 @@ def _install(
         if block.get_submodule(rel) is not step:
             tx.replace(prefix + rel, step)
     graph.__dict__["block"] = block  # same tensors as the candidate: its sessions stay valid
-    graph.watch(block_state(block)[1])
+    graph.watch()
     block.forward = BlockForward(block, graph)
     rows = {row["layer"]: row for row in job.rows}
     for rel, step in steps.items():
