@@ -10,7 +10,8 @@ is installed only where its output is within the mode's tolerance of the float b
 rms error at most :data:`~nbcompress.engine.quantize.choice.ACCURATE` × the per-layer
 run's (or negligible), and it races clearly faster than the block as chosen per layer;
 otherwise its children are tried. A block the exporter cannot trace stays per layer, with
-one notice for all such blocks. :data:`ENV_BLOCKS` ``=0`` switches this off.
+one notice for all such blocks. :data:`ENV_BLOCKS` ``=0`` switches this off, as does
+:data:`~nbcompress.engine.quantize.ort_chain.ENV_FUSE` ``=0`` (every layer on its own).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from nbcompress.engine.quantize.ort_block import (
     plain_twin,
     seq_length,
 )
-from nbcompress.engine.quantize.ort_chain import DENSE_INT8
+from nbcompress.engine.quantize.ort_chain import DENSE_INT8, ENV_FUSE
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear
 from nbcompress.engine.quantize.ort_rewrite import outlier_channels, split_candidates
 from nbcompress.timing import race
@@ -73,7 +74,8 @@ def _candidates(job: Job, linears: set[str]) -> dict[str, nn.Module]:
 
 def fuse_blocks(job: Job, tx: Any) -> None:
     """Run whole submodules as one ORT graph where measured faster and no less accurate."""
-    if os.environ.get(ENV_BLOCKS, "").strip() == "0" or job.inputs is None:
+    off = ("0", os.environ.get(ENV_BLOCKS, "").strip(), os.environ.get(ENV_FUSE, "").strip())
+    if off.count("0") > 1 or job.inputs is None:  # either switch off: no graph of layers
         return
     if not isinstance(job.config, DynamicInt8Config):
         return

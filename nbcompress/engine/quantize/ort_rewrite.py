@@ -167,7 +167,7 @@ def _attr(node: Any, name: str) -> Any:
 
 
 def _gather_nodes(name: str, ids: str, y: str, table: Int8Embedding) -> tuple[list, list]:
-    """An int8 table's lookup: int8 rows gathered, then ``q · scale + bias`` per row.
+    """An int8 table's lookup: its 8-bit codes gathered, then ``q · scale + bias`` per row.
 
     The ORT session then holds the table in int8 (MiniLM's word table: 11.7 MB, not 47).
     """

@@ -291,3 +291,68 @@ def test_a_failure_part_way_leaves_the_model_untouched(monkeypatch):
     assert_same_state(model, saved)
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert all(type(m) is not OrtInt8Linear for m in model.modules())
+
+
+class Tiny(nn.Module):
+    """An int8 table, an ORT int8 Linear and a weight-only int8 Linear, in one block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.a, self.b = nn.Embedding(50, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = nn.functional.gelu(self.a(h))
+        return self.b(h * self.boost)
+
+
+@needs_ort
+def test_int8_tables_gather_int8_rows_and_weight_only_layers_split_their_outliers():
+    from onnx import load_from_string
+
+    from nbcompress.engine.quantize.embedding_int8 import Int8Embedding
+    from nbcompress.engine.quantize.modules import Int8WeightOnly
+    from nbcompress.engine.quantize.ort_block import OrtInt8Block
+    from nbcompress.engine.quantize.ort_rewrite import outlier_channels
+
+    float_block = Tiny().eval()
+    float_block.boost = torch.ones(64)
+    float_block.boost[[3, 40]] = 300.0  # two outlier channels into b, which b damps:
+    with torch.no_grad():  # they set a per-tensor activation scale, not the output
+        float_block.b.weight[:, [3, 40]] /= 300.0
+    block = copy.deepcopy(float_block)
+    block.emb, block.a, block.b = (
+        Int8Embedding(float_block.emb),
+        OrtInt8Linear(float_block.a),
+        Int8WeightOnly(float_block.b),
+    )
+    ids = torch.randint(0, 50, (3, 7))
+    seen = []
+    block.b.register_forward_pre_hook(lambda m, a: seen.append(outlier_channels(a[0])))
+    with torch.inference_mode():
+        per_layer_out = block(ids)
+    block.b._forward_pre_hooks.clear()
+    assert set(seen[0].tolist()) == {3, 40}
+    graph = OrtInt8Block(block, (ids,), {}, per_layer_out)
+    plain_b = OrtInt8Linear(float_block.b)  # b in int8 without the split
+    with torch.inference_mode():
+        ref = float_block(ids)
+        h = nn.functional.gelu(block.a(block.emb(ids))) * float_block.boost
+        err_plain = rel(plain_b(h), ref)
+        for outliers in ({"b": seen[0]}, {}):
+            graph.outliers = outliers
+            graph._forget_sessions()
+            out = graph.run([ids])
+            err = rel(out, ref)
+            assert err <= 1.2 * rel(per_layer_out, ref) + 0.01
+        graph.outliers = {"b": seen[0]}
+        graph._forget_sessions()
+        split = graph.run([ids])
+        assert rel(split, ref) < err_plain / 2  # the outliers no longer set the scale
+        graph.example = [ids]
+        model = load_from_string(graph.graph(True))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 2  # a, and b's split int8 part
+    sizes = {tuple(i.dims): i.data_type for i in model.graph.initializer}
+    assert sizes.get((50, 64)) == 2  # the table as its 8-bit codes (UINT8), no fp32 copy
