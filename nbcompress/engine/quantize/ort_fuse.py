@@ -74,8 +74,8 @@ def _candidates(job: Job, linears: set[str]) -> dict[str, nn.Module]:
 
 def fuse_blocks(job: Job, tx: Any) -> None:
     """Run whole submodules as one ORT graph where measured faster and no less accurate."""
-    off = ("0", os.environ.get(ENV_BLOCKS, "").strip(), os.environ.get(ENV_FUSE, "").strip())
-    if off.count("0") > 1 or job.inputs is None:  # either switch off: no graph of layers
+    switches = (os.environ.get(ENV_BLOCKS, ""), os.environ.get(ENV_FUSE, ""))
+    if "0" in (s.strip() for s in switches) or job.inputs is None:  # either one off
         return
     if not isinstance(job.config, DynamicInt8Config):
         return
@@ -95,10 +95,15 @@ def fuse_blocks(job: Job, tx: Any) -> None:
         if name not in calls or any(_within(name, d) for d in done):
             continue
         try:
-            if _try(job, tx, name, block, calls[name], linears):
-                done.append(name)
+            found = _try(job, name, block, calls[name], linears)
         except _Untraceable as err:
             untraceable[name] = str(err)
+        except Exception as err:  # noqa: BLE001 - the block stays per layer, and says why
+            untraceable[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+        else:
+            if found is not None:  # outside the try: a failure here rolls the step back
+                _install(job, tx, name, block, *found)
+                done.append(name)
     left = [n for n in untraceable if not any(_within(d, n) for d in done)]
     if left:
         job.notes.append(
@@ -176,8 +181,8 @@ def _accurate(job: Job, graph: OrtInt8Block, block: nn.Module, name: str) -> boo
     return True
 
 
-def _try(job: Job, tx: Any, name: str, block: nn.Module, call: tuple, linears: set) -> bool:
-    """Build, check and race the block's graph; install it if it wins."""
+def _try(job: Job, name: str, block: nn.Module, call: tuple, linears: set) -> tuple | None:
+    """Build, check and race the block's graph: ``(graph, steps, gain)`` if it wins."""
     args, kwargs, output = call
     steps = _steps(job, name, block, linears)
     candidate = plain_twin(block, steps)  # the block with its int8 Linears on ORT
@@ -194,15 +199,14 @@ def _try(job: Job, tx: Any, name: str, block: nn.Module, call: tuple, linears: s
             graph._forget_sessions()
             accurate = _accurate(job, graph, block, name)
         if not accurate:
-            return False
+            return None
         forward = BlockForward(candidate, graph)  # what a call will cost, checks included
         fns = {"layers": lambda: block(*args, **kwargs), "graph": lambda: forward(*args, **kwargs)}
         timed = race(fns, rounds=max(job.repeats, 6), warmup=1, min_sample=2e-4)
     del graph.example_call
     if not clearly_faster(timed, "graph"):
-        return False
-    _install(job, tx, name, block, graph, steps, 1 / timed.ratio("graph"))
-    return True
+        return None
+    return graph, steps, 1 / timed.ratio("graph")
 
 
 def _outliers(block: nn.Module, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
