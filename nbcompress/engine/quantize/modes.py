@@ -37,6 +37,7 @@ from nbcompress.engine.quantize.config import (
 from nbcompress.engine.quantize.measure import rel_errors
 from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.ort_chain import fuse_chains
+from nbcompress.engine.quantize.ort_fuse import fuse_blocks
 from nbcompress.engine.quantize.report import fill_row, new_row, serialized_size
 from nbcompress.engine.quantize.static import quantize_static
 from nbcompress.timing import Race, race
@@ -222,6 +223,7 @@ def _per_layer(job: Job, tx: Any) -> None:
         row["note"] = row["note"] or note
     keep_within_budget(job, tx)
     fuse_chains(job, tx)  # runs of int8 Linears in an nn.Sequential as one ORT graph
+    fuse_blocks(job, tx)  # whole submodules (transformer blocks) as one ORT graph
 
 
 def _output_linear(model: nn.Module, usable: dict[str, nn.Module]) -> tuple | None:

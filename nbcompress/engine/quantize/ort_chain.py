@@ -131,20 +131,26 @@ class FusedForward:
 
     def __call__(self, x: Any) -> Any:  # noqa: D102
         children = list(self.seq._modules.values())
+        hooked = _global_hooks()
         i = 0
         while i < len(children):
             run = self.runs.get(i)
-            if run is not None and _intact(children[i : run[0]], run[1]):
-                x, i = run[1](x), run[0]
+            if run is not None and not hooked and _intact(children[i : run[0]], run[1]):
+                # The chain's forward, not its __call__: it is no user-visible module (no
+                # hooks), and every Python call between two ORT runs is slow (cold caches).
+                x, i = run[1].forward(x), run[0]
             else:
                 x, i = children[i](x), i + 1
         return x
 
 
+def _global_hooks() -> bool:
+    module = nn.modules.module
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 def _intact(children: list[Any], chain: OrtInt8Chain) -> bool:
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    steps = list(chain.steps)
+    steps = chain.steps._modules.values()
     return len(children) == len(steps) and all(
         c is s and not (c._forward_hooks or c._forward_pre_hooks)
         for c, s in zip(children, steps, strict=True)
