@@ -25,7 +25,7 @@ from torch import nn
 
 from nbcompress.engine.core.history import Transaction, transaction
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
-from nbcompress.engine.core.memory import release_freed_memory
+from nbcompress.engine.core.memory import release_freed_memory, twin
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import (
@@ -183,7 +183,7 @@ def _end_to_end(
     with torch.no_grad():
         ref = call_model(model, inputs)
         # Shares every dense tensor with ``model``; BatchNorms folded etc. where faster.
-        double = variants.compressed(model, inputs, ref, result, opts, graph, _race)
+        double = twin(model, variants.choose(model, inputs, ref, result, opts, graph, _race))
         out = call_model(double, inputs)
     # Every floating tensor of any output structure (dicts, tuples, dataclasses) is compared;
     # an output holding none is refused rather than passing a check of nothing.

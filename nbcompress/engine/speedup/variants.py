@@ -34,7 +34,7 @@ from nbcompress.engine.speedup.analysis import Analysis, SparsifyOptions, tolera
 from nbcompress.kernels.modules import SparseConv2d
 from nbcompress.timing import Race
 
-__all__ = ["FAMILY", "PLAIN", "compressed"]
+__all__ = ["FAMILY", "PLAIN", "choose"]
 
 #: Record family of the chosen variant; the incumbent's name (that of the verdict race).
 FAMILY, PLAIN = "sparsify-variant", "compressed"
@@ -86,7 +86,7 @@ def _matching(model: nn.Module, inputs: tuple, ref: Any, limit: Callable, swaps:
     return double if diff.max_abs <= limit(diff.peak) else None
 
 
-def compressed(
+def choose(
     model: nn.Module,
     inputs: tuple,
     ref: Any,
@@ -95,7 +95,7 @@ def compressed(
     graph: bnfold.ConvGraph,
     race: Callable[[dict[str, Callable[[], object]], int], Race],
 ) -> dict[str, nn.Module]:
-    """The compressed twin of ``model``: its fastest variant, planned for ``bnfold.install``.
+    """The swaps of the fastest variant (module docstring), planned for ``bnfold.install``.
 
     Args:
         model: The dense model (in eval mode, as measured).
@@ -107,7 +107,7 @@ def compressed(
         race: Races name → callable in the given rounds (``sparsify``'s, dense-first).
 
     Returns:
-        A twin of ``model`` (sharing every dense tensor) with the variant's modules swapped in.
+        Qualified name → module, for every chosen layer and every folded BatchNorm.
     """
     chosen = analysis.chosen
     plain = {n: r.replacement for n, r in chosen.items()}
@@ -116,7 +116,7 @@ def compressed(
             chosen[name].reason += f"; {why}"
     variants = _variants(model, plain, graph)
     if len(variants) == 1:
-        return twin(model, plain)
+        return plain
     fmts = {r.chosen for r in chosen.values()}
 
     def limit(peak: float) -> float:
@@ -130,23 +130,23 @@ def compressed(
     best, gain = _pick(twins, inputs, analysis, opts, race)
     for name, (module, bn) in variants[best].items():
         bnfold.plan(chosen[name].replacement, module, bn)
-        chosen[name].reason += "; " + _said(module, bn, gain)
+        chosen[name].reason += "; " + _said(module, bn) + gain
     for name, (_, bn) in variants.get(FOLDED, {}).items():
         if bn is not None and variants[best].get(name, (None, None))[1] is None:
             chosen[name].reason += f"; BatchNorm {bn[0]} not folded: not faster end to end"
-    return twins[best]
+    return _swaps(plain, variants[best])
 
 
 def _pick(
     twins: dict[str, Any], inputs: tuple, analysis: Analysis, opts: SparsifyOptions, race: Callable
-) -> tuple[str, float]:
-    """The variant to keep and its measured (or recorded) gain over ``compressed``."""
+) -> tuple[str, str]:
+    """The variant to keep, and its measured (or recorded) gain over ``compressed`` in words."""
     key = recorded.model_key(analysis)
     entry = recorded.lookup(FAMILY, key, opts)
     if entry is not None and entry.choice in twins:
-        return entry.choice, 1 + entry.margin
+        return entry.choice, f" (this variant {1 + entry.margin:.2f}× faster, {recorded.WHERE})"
     if len(twins) == 1:
-        return PLAIN, 1.0
+        return PLAIN, ""
     fns = {n: (lambda d=d: call_model(d, inputs)) for n, d in twins.items() if n != PLAIN}
     result = race({PLAIN: lambda d=twins[PLAIN]: call_model(d, inputs), **fns}, opts.repeats)
     best = result.fastest()
@@ -155,12 +155,12 @@ def _pick(
     gain = 1 / result.ratio(best)
     replace = opts.remeasure or not recorded.all_recorded(analysis)
     recorded.remember(FAMILY, key, best, gain, replace)
-    return best, gain
+    return best, f" (this variant {gain:.2f}× faster end to end)"
 
 
-def _said(module: SparseConv2d, bn: tuple[str, nn.Module] | None, gain: float) -> str:
+def _said(module: SparseConv2d, bn: tuple[str, nn.Module] | None) -> str:
     """What a variant changed about one layer, for its reason."""
     what = [f"BatchNorm {bn[0]} folded into it"] if bn is not None else []
     if module.channels_last_output:
         what.append("output in channels-last strides")
-    return " and ".join(what) + f" (this variant {gain:.2f}× faster end to end)"
+    return " and ".join(what)
