@@ -14,6 +14,7 @@ from nbcompress.engine.speedup import bnfold
 from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.engine.speedup.analysis import RTOL, tolerance
 from nbcompress.kernels import tuning
+from nbcompress.kernels.dispatch import kernel_choices, tuning_stats
 from nbcompress.kernels.modules import SparseConv2d
 from tests.engine.speedup.test_speedup import FAST, _fake_timer
 from tests.helpers import assert_same_state, snapshot
@@ -105,6 +106,21 @@ def test_folded_conv_equals_conv_then_batchnorm_and_changes_neither(fmt, affine,
     assert err <= RTOL["csr"] * float(ref.abs().max()) + 1e-5, err
     assert_same_state(sparse, before)
     assert_same_state(bn, bn_before)
+
+
+def test_the_folded_and_channels_last_copies_keep_the_kernel_choices_and_race_nothing():
+    conv, bn = _prune(nn.Conv2d(16, 32, 3, 1, 1)), _trained(nn.BatchNorm2d(32)).eval()
+    sparse, x = SparseConv2d.from_dense(conv), torch.randn(1, 16, 28, 28)
+    with tuning.eager(), torch.no_grad():
+        ref = bn(sparse(x))  # races this shape's kernel choice
+        choices, races = kernel_choices(sparse.matrix()), tuning_stats()["races"]
+        fold, last = bnfold.folded(sparse, bn), bnfold.channels_last(sparse)
+        _close(fold(x), ref)
+        assert torch.equal(last(x), sparse(x))
+        assert last(x).is_contiguous(memory_format=torch.channels_last)
+    assert choices and tuning_stats()["races"] == races
+    assert kernel_choices(fold.matrix()) == kernel_choices(last.matrix()) == choices
+    assert not sparse.channels_last_output
 
 
 def test_the_graph_pairs_every_conv_with_its_batchnorm_in_a_residual_net():
