@@ -16,6 +16,7 @@ part-way restore both.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -61,7 +62,9 @@ def _trace(model: nn.Module) -> torch.fx.Graph | None:
     # The trace runs on a twin: a forward that writes attributes (a call counter, a cached
     # Proxy) changes the twin's module objects, never the user's.
     try:
-        return _Leaves().trace(twin(model))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the trace's own, about the model's code
+            return _Leaves().trace(twin(model))
     except Exception:  # noqa: BLE001 - data-dependent control flow and friends do not trace
         return None
 

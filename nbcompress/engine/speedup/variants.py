@@ -50,12 +50,13 @@ def _variants(
     """Variant name → its rewrites of the chosen layers (``compressed``: none)."""
     convs = {n: m for n, m in plain.items() if isinstance(m, SparseConv2d)}
     out: dict[str, Rewrites] = {PLAIN: {}}
-    folds = {c: graph.pairs[c] for c in convs if c in graph.pairs}
+    folds: Rewrites = {}
+    for conv, name in graph.pairs.items():
+        bn = model.get_submodule(name)
+        if conv in convs and bn.num_features == convs[conv].out_channels:
+            folds[conv] = (bnfold.folded(convs[conv], bn), (name, bn))
     if folds:
-        out[FOLDED] = {
-            c: (bnfold.folded(convs[c], model.get_submodule(b)), (b, model.get_submodule(b)))
-            for c, b in folds.items()
-        }
+        out[FOLDED] = folds
     order = [n for n in graph.order if n in convs] or list(convs)
     if order:
         stem = order[0]
@@ -131,9 +132,10 @@ def choose(
     for name, (module, bn) in variants[best].items():
         bnfold.plan(chosen[name].replacement, module, bn)
         chosen[name].reason += "; " + _said(module, bn) + gain
+    why = "not faster end to end" if FOLDED in twins else "output outside tolerance so"
     for name, (_, bn) in variants.get(FOLDED, {}).items():
         if bn is not None and variants[best].get(name, (None, None))[1] is None:
-            chosen[name].reason += f"; BatchNorm {bn[0]} not folded: not faster end to end"
+            chosen[name].reason += f"; BatchNorm {bn[0]} not folded: {why}"
     return _swaps(plain, variants[best])
 
 
@@ -153,7 +155,8 @@ def _pick(
     # after: the median round decides, rather than clear_win's three rounds out of four.
     best = result.winner(0.0)
     gain = 1 / result.ratio(best)
-    replace = opts.remeasure or not recorded.all_recorded(analysis)
+    # A recorded choice refused just now (its output check failed) is replaced too.
+    replace = opts.remeasure or entry is not None or not recorded.all_recorded(analysis)
     recorded.remember(FAMILY, key, best, gain, replace)
     return best, f" (this variant {gain:.2f}× faster end to end)"
 

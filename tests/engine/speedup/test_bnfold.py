@@ -299,6 +299,41 @@ def test_a_variant_is_kept_only_when_measured_faster_end_to_end(monkeypatch, tim
         assert "not folded: not faster" in nc.history(model)[-1].info["reasons"]["4.conv2"]
 
 
+class _Views(nn.Module):
+    """A ``view`` of the conv's output: fails on channels-last strides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).view(x.shape[0], -1))
+
+
+def test_a_variant_that_fails_to_run_is_dropped_however_fast(monkeypatch):
+    _fake_timer(monkeypatch, {**FAST, "channels-last stem": 0.01})
+    model, x = _ready(_Views()), torch.randn(2, 3, 8, 8)
+    nc.sparsify_(model, x)
+    assert isinstance(model.conv, SparseConv2d) and not model.conv.channels_last_output
+    with torch.no_grad():
+        model(x)
+
+
+def test_a_fold_outside_tolerance_is_dropped_however_fast(monkeypatch):
+    _fake_timer(monkeypatch, {**FOLD_FAST, "folded": 0.01})
+    real = bnfold.folded
+
+    def wrong(conv, bn):  # folds other statistics than the model's: the check must catch it
+        return real(conv, nn.BatchNorm2d(bn.num_features).eval())
+
+    monkeypatch.setattr(bnfold, "folded", wrong)
+    model = _net()
+    nc.sparsify_(model, X)
+    assert all(type(model.get_submodule(n)) is nn.BatchNorm2d for n in BNS)
+    reason = nc.history(model)[-1].info["reasons"]["4.conv1"]
+    assert "BatchNorm 4.bn1 not folded: output outside tolerance" in reason
+
+
 def test_a_failure_part_way_leaves_the_model_exactly_as_it_was(monkeypatch):
     _fake_timer(monkeypatch, FOLD_FAST)
     model = _net()
