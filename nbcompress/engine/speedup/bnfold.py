@@ -110,7 +110,8 @@ def conv_graph(model: nn.Module) -> ConvGraph:
         bn = model.get_submodule(bn_name)
         if not isinstance(bn, nn.BatchNorm2d):
             continue
-        why = _why_kept(model, bn) if {conv, bn_name} <= usable else "it is shared or reused"
+        shared = "it or the conv is called or registered twice, or its tensors read directly"
+        why = _why_kept(model, bn) if {conv, bn_name} <= usable else shared
         if why is None:
             pairs[conv] = bn_name
         else:

@@ -198,7 +198,7 @@ def test_a_conv_output_with_a_second_reader_is_not_folded_and_its_neighbour_is()
 
 def test_a_batchnorm_called_twice_or_read_directly_is_not_folded():
     shared = bnfold.conv_graph(_ready(_SharedBatchNorm()))
-    assert shared.pairs == {} and "shared or reused" in shared.kept["conv1"]
+    assert shared.pairs == {} and "called or registered twice" in shared.kept["conv1"]
     assert bnfold.conv_graph(_ready(_ReadsBatchNormWeight())).pairs == {}
 
 
