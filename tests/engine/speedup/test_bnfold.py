@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -402,3 +403,17 @@ def test_a_second_sparsify_reuses_the_recorded_variant_without_racing(record, mo
     nc.sparsify_(second, X)
     assert seen == [] and type(second[1]) is nn.Identity
     assert "1.50× faster, recorded earlier" in nc.history(second)[-1].info["reasons"]["0"]
+
+
+def test_a_folded_model_saves_loads_and_pickles_as_an_ordinary_model(monkeypatch, tmp_path):
+    _fake_timer(monkeypatch, {**FAST, "folded + channels-last stem": 0.1})
+    model = _net()
+    nc.sparsify_(model, X)
+    assert type(model[1]) is nn.Identity and model[0].channels_last_output
+    with torch.no_grad():
+        ref = model(X)
+    nc.save(model, tmp_path / "m.pt")
+    for again in (nc.load(tmp_path / "m.pt", _net()), pickle.loads(pickle.dumps(model))):
+        assert type(again[1]) is nn.Identity and again[0].channels_last_output
+        with torch.no_grad():
+            _close(again(X), ref)  # kernel choices made afresh: summation order may differ
