@@ -8,8 +8,8 @@ the direct convolution that reads the padded image (split into stride phases) in
 
     python benchmarks/bench_conv.py                 # 1 thread, batch 1
     python benchmarks/bench_conv.py --write         # also update benchmarks/RESULTS.md
-    python benchmarks/bench_conv.py --resnet18      # resnet18 90% end to end, and with
-                                                    # BN folded / the stem channels-last
+    python benchmarks/bench_conv.py --resnet18      # resnet18 90% end to end: sparsify_
+                                                    # vs its swapped layers alone (--batch)
 """
 
 from __future__ import annotations
@@ -95,36 +95,19 @@ def fmt(r: dict) -> str:
     )
 
 
-def _folded(model: nn.Module) -> nn.Module:
-    """``model`` (a sparsified resnet) with every BatchNorm after a SparseConv2d folded."""
-    model = copy.deepcopy(model)
-    for name, conv in list(model.named_modules()):
-        bn_name = name.replace("conv", "bn") if "conv" in name else name[:-1] + "1"
-        if isinstance(conv, SparseConv2d) and (name.endswith(("conv1", "conv2", "downsample.0"))):
-            bn = model.get_submodule(bn_name)
-            conv.fold_batchnorm_(bn)
-            parent, _, leaf = bn_name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
-    return model
+def run_resnet18(repeats: int, batch: int) -> None:
+    """resnet18 90% end to end: the swapped layers alone, and ``sparsify_``'s chosen variant.
 
-
-def _stem_channels_last(model: nn.Module) -> nn.Module:
-    model = copy.deepcopy(model)
-    model.conv1.channels_last_output = True  # the max-pool after it runs on that layout
-    return model
-
-
-def run_resnet18(repeats: int) -> None:
-    """resnet18 90% end to end: sparsify_ as is, and with what sparsify_ could add.
-
-    The variants are what the report of the conv work proposes for ``sparsify_``: the
-    stem's output in channels-last strides (torch's max-pool is ~10× faster on it), and
-    each eval BatchNorm folded into the SparseConv2d before it. BatchNorm statistics are
-    randomised as a trained model's would be, so that the fold is not the identity.
+    ``sparsify_`` races, end to end, the chosen sparse layers as they are against each
+    eval BatchNorm folded into the SparseConv2d before it and the stem's output in
+    channels-last strides (torch's max-pool is ~10× faster on it); "layers only" is the
+    first of those. BatchNorm statistics are randomised as a trained model's would be, so
+    that the fold is not the identity.
     """
     from bench_runtimes import resnet18
 
-    import nbcompress as nc
+    from nbcompress.engine.core.memory import twin
+    from nbcompress.engine.speedup import sparsify as sp
 
     model = resnet18()
     with torch.no_grad():
@@ -134,13 +117,16 @@ def run_resnet18(repeats: int) -> None:
                 m.running_var.uniform_(0.5, 2)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(batch, 3, 224, 224)
+    sparse = copy.deepcopy(model)
+    analysis = sp.analyse(sparse, x, repeats=5, time_whole=False)
+    plain = twin(sparse, {n: r.replacement for n, r in analysis.chosen.items()})
+    sp.install_(sparse, analysis)
+    folded = sum(isinstance(m, nn.Identity) for m in sparse.modules())
+    stem = getattr(sparse.conv1, "channels_last_output", False)
+    print(f"sparsify_: {analysis.verdict}; {folded} BatchNorms folded; stem channels-last {stem}")
+    models = {"dense": model, "layers only": plain, "sparsify_": sparse}
     with torch.no_grad():
-        sparse = nc.sparsify_(copy.deepcopy(model), x, repeats=5)
-        models = {"dense": model, "sparsify_": sparse, "+ stem channels-last": None}
-        models |= {"+ BN folded": _folded(sparse)}
-        models["+ stem channels-last"] = _stem_channels_last(sparse)
-        models["+ both"] = _stem_channels_last(models["+ BN folded"])
         ref = model(x)
         fns = {k: (lambda m=m: m(x)) for k, m in models.items()}
         for k, m in models.items():
@@ -161,12 +147,13 @@ def main() -> None:
     ap.add_argument(
         "--resnet18", action="store_true", help="resnet18 90%% end to end instead of layers"
     )
+    ap.add_argument("--batch", type=int, default=1, help="batch size of --resnet18 (1)")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.resnet18:
         print(machine())
-        run_resnet18(args.repeats)
+        run_resnet18(args.repeats, args.batch)
         return
     started = machine()
     print(started)

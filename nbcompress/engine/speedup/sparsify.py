@@ -34,7 +34,7 @@ from nbcompress.engine.core.validation import (
     check_module,
     run_forward,
 )
-from nbcompress.engine.speedup import recorded, shapes
+from nbcompress.engine.speedup import bnfold, recorded, shapes, variants
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.candidates import break_even, formats_of, torch_int8
 from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
@@ -174,15 +174,17 @@ def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
 
 
 def _end_to_end(
-    model: nn.Module, inputs: tuple, result: Analysis, opts: SparsifyOptions, time_whole: bool
-) -> None:
+    model: nn.Module, inputs: tuple, result: Analysis, opts: SparsifyOptions, time_whole: bool,
+    graph: bnfold.ConvGraph,
+) -> None:  # fmt: skip
     chosen = result.chosen
     if not chosen and not time_whole and not opts.remeasure:
         return  # sparsify_ with nothing chosen: the model stays as it is, nothing to time
-    # The compressed model shares every dense tensor with ``model``: it costs no weights.
-    double = twin(model, {n: r.replacement for n, r in chosen.items()})
     with torch.no_grad():
-        ref, out = call_model(model, inputs), call_model(double, inputs)
+        ref = call_model(model, inputs)
+        # Shares every dense tensor with ``model``; BatchNorms folded etc. where faster.
+        double = twin(model, variants.choose(model, inputs, ref, result, opts, graph, _race))
+        out = call_model(double, inputs)
     # Every floating tensor of any output structure (dicts, tuples, dataclasses) is compared;
     # an output holding none is refused rather than passing a check of nothing.
     diff = compare_outputs(ref, out)
@@ -247,6 +249,7 @@ def analyse(
     opts = SparsifyOptions.of(options, **overrides)
     inputs = as_inputs(example_inputs)
     others = shapes.check_others(other_inputs)
+    graph = bnfold.conv_graph(model)  # before eval_mode: in the user's own training flags
     # Kernel choices are made now, at the shapes shown (forward calls predict them).
     with unchanged(model), tuning.eager():
         ref = run_forward(model, inputs)
@@ -265,7 +268,7 @@ def analyse(
         step = progress or (lambda done, total, name: None)
         analysis = _measure(model, (inputs, others), selected, reasons, opts, step)
         step(len(selected), len(selected), "timing the whole model")
-        _end_to_end(model, inputs, analysis, opts, time_whole)
+        _end_to_end(model, inputs, analysis, opts, time_whole, graph)
     _final_verdict(analysis, opts.min_gain)
     return analysis
 
@@ -324,7 +327,7 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
 
 
 def _install(tx: Transaction, name: str, module: nn.Module) -> None:
-    tx.replace(name, module)
+    bnfold.install(tx, name, module)  # with the BatchNorm folded into it, if any
 
 
 def install_(model: nn.Module, analysis: Analysis) -> nn.Module:
@@ -368,6 +371,7 @@ def sparsify_(
     model is measured in eval mode and only the swapped layers change (training flags and
     BatchNorm statistics stay as they were). The change is one history step (``undo_``
     restores the dense layers bit-exactly); a failure part-way leaves the model as it was.
+    An eval BatchNorm reading only a swapped conv is folded into it where faster (``variants``).
 
     Args:
         model: The (pruned) model.
