@@ -147,6 +147,8 @@ class LayerResult:
             then only the chosen path was built and its output checked, nothing timed.
         others: Input shape → the chosen path's speed-up over dense on the layer's input
             from each of ``other_inputs`` (one per shape bucket; see :mod:`.shapes`).
+        fused: Set at install when the layer runs inside one ONNX Runtime int8 graph
+            with its neighbours (:mod:`.fused`): that run's note.
     """
 
     name: str
@@ -167,6 +169,7 @@ class LayerResult:
     key: tuple | None = None
     recorded: Entry | None = None
     others: dict[tuple, float] = field(default_factory=dict)
+    fused: str = ""
 
     def within(self, path: str) -> bool:
         """Whether ``path``'s output was checked and found within its tolerance."""

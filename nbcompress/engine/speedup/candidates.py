@@ -19,7 +19,7 @@ from nbcompress.engine.core.memory import twin
 from nbcompress.engine.prune.masks import BLOCK
 from nbcompress.engine.speedup.analysis import LayerResult, SparsifyOptions
 from nbcompress.engine.speedup.coverage import BUILDERS
-from nbcompress.kernels.modules import FORMATS
+from nbcompress.kernels import modules as kernel_modules
 from nbcompress.timing import Timing, measure
 
 __all__ = [
@@ -52,7 +52,7 @@ def formats_of(module: nn.Module, allow_bsr: bool) -> list[str]:
     weight = module.weight.detach().reshape(module.weight.shape[0], -1)
     blocks_fill = None
     fmts = []
-    for fmt in FORMATS:
+    for fmt in kernel_modules.FORMATS:  # read now: a format registered later joins
         if fmt.startswith("bsr"):
             if blocks_fill is None:
                 blocks_fill = allow_bsr and _blocks_fill(weight)
@@ -89,7 +89,8 @@ def choosable(opts: SparsifyOptions) -> tuple[str, ...]:
     from nbcompress.engine.quantize.ort_int8 import ort_problem
 
     ort = ort_problem() is None
-    return tuple(p for p in (*FORMATS, *TWINS) if opts.allows(p) and (ort or p != "ort_int8"))
+    paths = (*kernel_modules.FORMATS, *TWINS)
+    return tuple(p for p in paths if opts.allows(p) and (ort or p != "ort_int8"))
 
 
 def build(path: str, module: nn.Module, seen: dict[str, int]) -> nn.Module | None:

@@ -50,6 +50,8 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
         res: The layer's measurements and decision.
         min_gain: The required relative speed-up the decision used.
     """
+    if res.fused:  # installed after the race: its own gain was measured as a run
+        return f"{PATHS[res.chosen]}, one graph with its neighbours (see notes)"
     if res.recorded is not None:
         return _recorded(res)
     if "dense" not in res.times:

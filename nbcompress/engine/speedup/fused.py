@@ -75,7 +75,7 @@ def fuse_runs(model: nn.Module, tx: Any, analysis: Analysis, inputs: Any) -> lis
         res = found[row["layer"]]
         res.chosen, res.dropped = PATH, False
         res.candidates = {PATH: job.new[res.name]}
-        res.reason += f"; {note}"
+        res.reason, res.fused = f"{res.reason}; {note}", note
         if note not in notes:
             notes.append(note)
     return notes
