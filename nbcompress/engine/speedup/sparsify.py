@@ -38,7 +38,7 @@ from nbcompress.engine.speedup import recorded, shapes
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.candidates import break_even, build, paths_of
 from nbcompress.engine.speedup.coverage import dense_reason, uncovered
-from nbcompress.engine.speedup.fused import fuse_runs
+from nbcompress.engine.speedup.fused import fuse_runs, settle_runs
 from nbcompress.engine.speedup.guard import unchanged
 from nbcompress.kernels import tuning
 from nbcompress.kernels.notices import COMPILE_NOTICE
@@ -159,12 +159,11 @@ def _candidates(
 
 def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
     res.allowed = tuple(f for f in res.candidates if opts.allows(f))
-    ok = res.accurate
-    if not ok:
+    if not res.accurate:
         res.reason = "sparse output outside tolerance; kept dense"
         return
     # Shown gains are ratios of the medians the report shows; clear_win decides.
-    best = min(ok, key=lambda f: res.times[f].median)
+    best = min(res.accurate, key=lambda f: res.times[f].median)
     gain = res.times["dense"].median / res.times[best].median
     if res.sparsity < MIN_SPARSITY:  # int8 twins too: dense models are %quantize's
         res.reason = f"only {res.sparsity:.0%} sparse: CSR moves more bytes than dense; kept dense"
@@ -340,6 +339,7 @@ def install_(model: nn.Module, analysis: Analysis, inputs: Any = None) -> nn.Mod
     Returns:
         The model (modified in place; a failure part-way rolls every layer back).
     """
+    settle_runs(model, analysis, inputs)  # ORT int8 inside a run: as one graph only
     chosen = analysis.chosen
     if not chosen:
         # Points at the user's line: install_ ← sparsify_/speedup ← their notice decorator.

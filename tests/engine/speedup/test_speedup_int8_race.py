@@ -273,3 +273,25 @@ def test_a_newly_registered_sparse_format_joins_the_race(monkeypatch):
     assert rtol("bsr_int8") == rtol("csr_int8") and rtol("bsr") == rtol("csr")
     assert label("bsr_int8") == "block-sparse int8" and label("ort_int8") == "ONNX Runtime int8"
     assert not SparsifyOptions().allows("bsr_int8") and SparsifyOptions().allows("bsr")
+
+
+@needs_ort
+@pytest.mark.parametrize("graph", [0.5, 1.0])
+def test_inside_a_run_ort_int8_is_one_graph_or_not_at_all(monkeypatch, graph):
+    monkeypatch.delenv(ort_chain.ENV_FUSE, raising=False)
+    # ORT wins every layer's own race; sparse int8 is the fastest other path.
+    _fake_timer(monkeypatch, {**ORT_FASTEST, "torch_int8": 0.5})
+    raced = _graph_race(monkeypatch, graph)
+    model, x = _ffn(), torch.randn(4, 32)
+    before, ref = snapshot(model), model(x).detach()
+    report = nc.speedup(model, x, apply=True, allow_int8=True)
+    assert raced == ["layers", "graph"]
+    if graph < 1.0:
+        assert [type(model[i]) for i in (0, 2, 4)] == [OrtInt8Linear] * 3
+    else:  # the graph lost to the run on sparse int8: no layer on ORT between them
+        assert [model[i].format for i in (0, 2, 4)] == ["csr_int8"] * 3
+        assert all("only as one graph with its run" in r["why"] for r in report.rows)
+        assert nc.history(model)[-1].info["chosen"] == dict.fromkeys(["0", "2", "4"], "csr_int8")
+    _within_tolerance(model, ref, x)
+    nc.undo_(model)
+    assert_same_state(model, before)
