@@ -73,20 +73,29 @@ def _found(analysis: Analysis, inputs: Any) -> dict[str, LayerResult]:
     return {} if inputs is None or off or len(found) < 2 else found
 
 
-def settle_runs(model: nn.Module, analysis: Analysis, inputs: Any) -> None:
-    """Before installing: no layer of a fusable run keeps ONNX Runtime int8 on its own.
+def _neighbours(model: nn.Module, found: dict[str, LayerResult]) -> list[LayerResult]:
+    """The found layers sharing an ``nn.Sequential`` parent with another found layer.
 
-    Each such layer (chosen ``ort_int8`` in its own race) takes its fastest other path
-    within tolerance if that beat dense, else dense; :func:`fuse_runs` then races the
-    whole graph against the run. A decision reused from the tuning record (nothing timed
+    Those ``fuse_chains`` may join in one graph (it also asks for nothing but activations
+    between them: a layer here in no run keeps the path :func:`settle_runs` gives it).
+    """
+    parents: dict[str, list[LayerResult]] = {}
+    for name, res in found.items():
+        parent = name.rpartition(".")[0]
+        if type(model.get_submodule(parent)) is nn.Sequential:
+            parents.setdefault(parent, []).append(res)
+    return [res for group in parents.values() if len(group) > 1 for res in group]
+
+
+def settle_runs(model: nn.Module, analysis: Analysis, inputs: Any) -> None:
+    """Before installing: no layer a graph may join keeps ONNX Runtime int8 on its own.
+
+    Each such layer (:func:`_neighbours`; chosen ``ort_int8`` in its own race) takes its
+    fastest other path within tolerance if that beat dense, else dense; :func:`fuse_runs`
+    then races the whole graph against the run. A decision reused from the tuning record (nothing timed
     now to pick another path by) stays as it is.
     """
-    from nbcompress.engine.quantize.ort_chain import _runs  # the run finder, not a copy
-
-    found = _found(analysis, inputs)
-    members = {n for run in _runs(_job(model, found, inputs)) for n in run} if found else set()
-    for name in members & set(found):
-        res = found[name]
+    for res in _neighbours(model, _found(analysis, inputs)):
         if res.chosen != PATH or "dense" not in res.times:
             continue
         others = [p for p in res.accurate if p != PATH]
