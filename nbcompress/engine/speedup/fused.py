@@ -92,8 +92,8 @@ def settle_runs(model: nn.Module, analysis: Analysis, inputs: Any) -> None:
 
     Each such layer (:func:`_neighbours`; chosen ``ort_int8`` in its own race) takes its
     fastest other path within tolerance if that beat dense, else dense; :func:`fuse_runs`
-    then races the whole graph against the run. A decision reused from the tuning record (nothing timed
-    now to pick another path by) stays as it is.
+    then races the whole graph against the run. A decision reused from the tuning record
+    (nothing timed now to pick another path by) stays as it is.
     """
     for res in _neighbours(model, _found(analysis, inputs)):
         if res.chosen != PATH or "dense" not in res.times:
