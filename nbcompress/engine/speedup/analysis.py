@@ -17,24 +17,54 @@ from nbcompress.engine.speedup.coverage import Uncovered
 from nbcompress.kernels.tuning import Entry
 from nbcompress.timing import Race, Timing
 
-__all__ = ["ATOL", "RTOL", "Analysis", "LayerResult", "SparsifyOptions", "tolerance"]
+__all__ = [
+    "ATOL",
+    "RTOL",
+    "Analysis",
+    "LayerResult",
+    "SparsifyOptions",
+    "is_int8",
+    "rtol",
+    "tolerance",
+]
 
 #: Stated output tolerance per path, relative to the largest dense output magnitude:
-#: float32 kernels differ from dense only by summation order; int8 also by rounding.
-RTOL = {"csr": 1e-4, "bsr": 1e-4, "csr_int8": 2e-2}
+#: float32 kernels differ from dense only by summation order; int8 also by rounding
+#: (sparse or dense: torch's and ONNX Runtime's dynamic int8 twins of a Linear).
+RTOL = {
+    "csr": 1e-4,
+    "bsr": 1e-4,
+    "csr_int8": 2e-2,
+    "torch_int8": 2e-2,
+    "ort_int8": 2e-2,
+}
 ATOL = 1e-5
+
+
+def is_int8(path: str) -> bool:
+    """Whether path ``path`` computes with int8 values (chosen only with ``allow_int8``)."""
+    return "int8" in path
+
+
+def rtol(path: str) -> float:
+    """The relative tolerance of ``path``: :data:`RTOL`, else that of its kind.
+
+    A sparse format registered later (``kernels.modules.FORMATS``) joins the race without
+    an entry here: it gets the int8 or the float32 tolerance by its name.
+    """
+    return RTOL.get(path, RTOL["csr_int8"] if is_int8(path) else RTOL["csr"])
 
 
 def tolerance(fmt: str, reference: torch.Tensor | float) -> float:
     """The stated output tolerance of path ``fmt`` around the dense output ``reference``.
 
     Args:
-        fmt: The sparse path, a key of :data:`RTOL`.
+        fmt: The path (a sparse format or a dense int8 twin; see :func:`rtol`).
         reference: The dense output, or its largest magnitude (``OutputDifference.peak``).
     """
     if isinstance(reference, torch.Tensor):
         reference = float(reference.abs().max()) if reference.numel() else 0.0
-    return RTOL[fmt] * reference + ATOL
+    return rtol(fmt) * reference + ATOL
 
 
 @dataclass(frozen=True)
@@ -45,7 +75,9 @@ class SparsifyOptions:
         layers: Glob pattern(s) on qualified layer names; ``None`` = all eligible.
         types: Layer types to list (default every Linear / Conv type); only Linear and
             Conv2d have sparse kernels, the others are listed with why they stay dense.
-        allow_int8: Also consider int8 values (changes results by rounding; off by default).
+        allow_int8: Also consider int8 values (changes results by rounding; off by default):
+            sparse int8 formats and the dense int8 twins of a Linear (torch's and ONNX
+            Runtime's dynamic int8).
         allow_bsr: Consider block-sparse storage when weights come in 4-row blocks.
         repeats: Timed rounds of the race between dense and the sparse candidates.
         min_gain: Required relative speed-up, e.g. 0.05 = 5% faster than dense.
@@ -84,6 +116,10 @@ class SparsifyOptions:
             )
         return dataclasses.replace(options or cls(), **overrides)
 
+    def allows(self, path: str) -> bool:
+        """Whether the choice may take ``path`` (an int8 one only with ``allow_int8``)."""
+        return self.allow_int8 or not is_int8(path)
+
 
 @dataclass
 class LayerResult:
@@ -94,22 +130,25 @@ class LayerResult:
         module: The dense layer.
         input_shape: Shape of its input in the example run.
         sparsity: Fraction of exactly-zero weights.
-        times: Path → measured timing (``dense``, ``csr``, ``csr_int8``, ``bsr``, ``torch_int8``).
+        times: Path → measured timing (``dense``, the sparse formats, ``torch_int8``,
+            ``ort_int8``).
         errors: Path → max |sparse − dense| output difference.
         tolerances: Path → the tolerance that difference must stay within.
-        chosen: ``"dense"`` or the chosen sparse format.
+        chosen: ``"dense"``, the chosen sparse format or dense int8 twin.
         reason: Why it was chosen (or why the layer stays dense).
         break_even: Estimated sparsity at which the sparse fp32 kernel matches dense.
-        candidates: Path → built sparse module.
+        candidates: Path → built module (sparse, or a dense int8 twin).
         sure: Path → 25th percentile of its per-round speed-up over dense.
         race: The race of the paths (dense the incumbent), or ``None`` if not timed.
-        allowed: The sparse paths the choice could take (sparse int8 only when allowed).
+        allowed: The paths the choice could take (int8 ones only when allowed).
         dropped: Chosen here, then left dense because the whole model was not faster.
         key: Its key in the tuning record (``None``: not timed).
         recorded: The decision reused from the tuning record (``None``: measured now);
             then only the chosen path was built and its output checked, nothing timed.
         others: Input shape → the chosen path's speed-up over dense on the layer's input
             from each of ``other_inputs`` (one per shape bucket; see :mod:`.shapes`).
+        fused: Set at install when the layer runs inside one ONNX Runtime int8 graph
+            with its neighbours (:mod:`.fused`): that run's note.
     """
 
     name: str
@@ -130,6 +169,16 @@ class LayerResult:
     key: tuple | None = None
     recorded: Entry | None = None
     others: dict[tuple, float] = field(default_factory=dict)
+    fused: str = ""
+
+    def within(self, path: str) -> bool:
+        """Whether ``path``'s output was checked and found within its tolerance."""
+        return self.errors.get(path, float("inf")) <= self.tolerances.get(path, 0.0)
+
+    @property
+    def accurate(self) -> list[str]:
+        """The allowed paths whose output is within tolerance (the choice's candidates)."""
+        return [p for p in self.allowed if self.within(p)]
 
     @property
     def replacement(self) -> nn.Module | None:
@@ -155,6 +204,8 @@ class Analysis:
         total_params: The model's parameter count (shared tensors once).
         recorded: The end-to-end verdict reused from the tuning record (``"faster"`` or
             ``"not faster"``, margin = gain − 1); then ``dense``/``compressed`` are ``None``.
+        fused: At install: one line per run of Linears made one ONNX Runtime int8 graph
+            (:mod:`.fused`), with its gain over the run as chosen per layer.
     """
 
     layers: list[LayerResult]
@@ -169,6 +220,7 @@ class Analysis:
     uncovered: list[Uncovered] = field(default_factory=list)
     total_params: int = 0
     recorded: Entry | None = None
+    fused: list[str] = field(default_factory=list)
 
     @property
     def chosen(self) -> dict[str, LayerResult]:

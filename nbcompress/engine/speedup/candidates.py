@@ -1,9 +1,11 @@
 """What one layer could run as besides dense, and where its sparse kernel would break even.
 
-The sparse formats worth building for a layer, its dense int8 twins (torch's, and ONNX
-Runtime's where installed: :func:`dense_int8`) and the break-even estimate shown in the
-speedup report ("break-even (est.)": the sparsity at which the fp32 kernel would match
-dense, assuming its time is linear in the nonzeros).
+The sparse formats worth building for a layer (every one registered in
+:data:`nbcompress.kernels.modules.FORMATS`: a new format joins the race by being
+registered), its dense int8 twins (torch's, and ONNX Runtime's where installed:
+:func:`dense_int8`, :func:`build_twin`) and the break-even estimate shown in the speedup
+report ("break-even (est.)": the sparsity at which the fp32 kernel would match dense,
+assuming its time is linear in the nonzeros).
 """
 
 from __future__ import annotations
@@ -15,28 +17,113 @@ from torch import nn
 
 from nbcompress.engine.core.memory import twin
 from nbcompress.engine.prune.masks import BLOCK
-from nbcompress.engine.speedup.analysis import LayerResult
+from nbcompress.engine.speedup.analysis import LayerResult, SparsifyOptions
 from nbcompress.engine.speedup.coverage import BUILDERS
+from nbcompress.kernels import modules as kernel_modules
 from nbcompress.timing import Timing, measure
 
-__all__ = ["break_even", "dense_int8", "formats_of", "ort_int8", "probe", "torch_int8"]
+__all__ = [
+    "ORT_SKIPPED",
+    "TWINS",
+    "break_even",
+    "build",
+    "build_twin",
+    "choosable",
+    "dense_int8",
+    "formats_of",
+    "ort_int8",
+    "paths_of",
+    "probe",
+    "torch_int8",
+]
+
+#: The dense int8 twins of a Linear, by path name, raced beside the sparse formats.
+TWINS = ("torch_int8", "ort_int8")
+#: Start of the note saying ONNX Runtime's twin was left out, and why (once per report).
+ORT_SKIPPED = "ONNX Runtime int8 not raced"
 
 
 def formats_of(module: nn.Module, allow_bsr: bool) -> list[str]:
-    """The sparse formats worth building for ``module`` (block-sparse only if blocks fill)."""
+    """The sparse formats worth building for ``module``: every registered one that fits.
+
+    Block formats (``bsr…``) only with ``allow_bsr`` and if the kept weights fill 4-row
+    blocks (they pay only when the fill is high).
+    """
     weight = module.weight.detach().reshape(module.weight.shape[0], -1)
-    fmts = ["csr", "csr_int8"]
-    if allow_bsr and weight.shape[0] % BLOCK == 0:
-        # Block-sparse pays only when kept weights come in 4-row groups: fill must be high.
-        blocks = weight.reshape(-1, BLOCK, weight.shape[1]).ne(0).any(dim=1).sum().item()
-        nnz = int(weight.ne(0).sum())
-        if nnz and BLOCK * blocks <= 1.25 * nnz:
-            fmts.append("bsr")
+    blocks_fill = None
+    fmts = []
+    for fmt in kernel_modules.FORMATS:  # read now: a format registered later joins
+        if fmt.startswith("bsr"):
+            if blocks_fill is None:
+                blocks_fill = allow_bsr and _blocks_fill(weight)
+            if not blocks_fill:
+                continue
+        fmts.append(fmt)
     return fmts
 
 
+def _blocks_fill(weight: torch.Tensor) -> bool:
+    if weight.shape[0] % BLOCK:
+        return False
+    blocks = weight.reshape(-1, BLOCK, weight.shape[1]).ne(0).any(dim=1).sum().item()
+    nnz = int(weight.ne(0).sum())
+    return bool(nnz) and BLOCK * blocks <= 1.25 * nnz
+
+
+def paths_of(module: nn.Module, opts: SparsifyOptions) -> list[str]:
+    """Every path to race for ``module`` besides dense: its sparse formats, then its twins.
+
+    The dense int8 twins only where int8 may be chosen or figures are asked for
+    (``remeasure``: ``speedup`` shows them); otherwise they could only cost time.
+    """
+    twins = list(TWINS) if opts.allow_int8 or opts.remeasure else []
+    return formats_of(module, opts.allow_bsr) + twins
+
+
+def choosable(opts: SparsifyOptions) -> tuple[str, ...]:
+    """Every path the choice may take under ``opts`` here (a key of the tuning record).
+
+    Registered formats and twins, int8 ones with ``allow_int8`` only, ONNX Runtime's where
+    it is installed: a decision recorded without a path must not be reused once it exists.
+    """
+    from nbcompress.engine.quantize.ort_int8 import ort_problem
+
+    ort = ort_problem() is None
+    paths = (*kernel_modules.FORMATS, *TWINS)
+    return tuple(p for p in paths if opts.allows(p) and (ort or p != "ort_int8"))
+
+
+def build(path: str, module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
+    """The module of ``path`` for ``module``: a sparse format or a dense int8 twin.
+
+    Raises:
+        ValueError: The sparse format cannot pack this layer (the reason says why).
+    """
+    if path in TWINS:
+        return build_twin(path, module, seen)
+    return BUILDERS[type(module)].from_dense(module, format=path)
+
+
+def build_twin(path: str, module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
+    """The dense int8 twin ``path`` (one of :data:`TWINS`) of ``module``, or ``None``.
+
+    ``None`` where it cannot be built here (not a Linear; ONNX Runtime not installed,
+    counted in ``seen`` under a note starting with :data:`ORT_SKIPPED`, shown once).
+    """
+    if path == "torch_int8":
+        return torch_int8(module, seen)
+    from nbcompress.engine.quantize.ort_int8 import ort_problem
+
+    problem = ort_problem()
+    if problem is not None and type(module) is nn.Linear:
+        note = f"{ORT_SKIPPED}: {problem}"
+        seen[note] = seen.get(note, 0) + 1
+        return None
+    return ort_int8(module)
+
+
 def torch_int8(module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
-    """Torch's dynamic int8 twin of a Linear, timed for comparison only (else ``None``)."""
+    """Torch's dynamic int8 twin of a Linear (``torch.ao``'s quantized Linear, else ``None``)."""
     if not isinstance(module, nn.Linear):
         return None
     from nbcompress.engine.quantize.backends import quiet
@@ -47,7 +134,7 @@ def torch_int8(module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
             # writes it): a deep copy would cost the layer's float weight twice over.
             return torch.ao.quantization.quantize_dynamic(
                 nn.Sequential(twin(module)), {nn.Linear}, dtype=torch.qint8, inplace=True
-            )
+            )[0]
         except (RuntimeError, AttributeError, ImportError):
             return None
 
@@ -69,10 +156,10 @@ def ort_int8(module: nn.Module) -> nn.Module | None:
 def dense_int8(module: nn.Module, seen: dict[str, int]) -> dict[str, nn.Module]:
     """The layer's dense int8 candidates by path name: ``torch_int8`` and ``ort_int8``.
 
-    Each present only where it can be built here; the caller times them beside the sparse
-    paths and keeps the faster where dense int8 is allowed.
+    Each present only where it can be built here (:func:`build_twin`); ``sparsify_`` races
+    them beside the sparse paths and may choose one where int8 is allowed.
     """
-    found = {"torch_int8": torch_int8(module, seen), "ort_int8": ort_int8(module)}
+    found = {path: build_twin(path, module, seen) for path in TWINS}
     return {path: m for path, m in found.items() if m is not None}
 
 

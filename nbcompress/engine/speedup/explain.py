@@ -2,35 +2,45 @@
 
 The ``chosen`` cell of a speedup report names the path and the measured reason, e.g.
 ``sparse fp32: 1.31× vs dense``, ``dense: best sparse 0.90×`` or ``dense: sparse fp32
-1.03× is within noise``. Faster paths the choice may not take (sparse int8 without
-``allow_int8``, torch's dense int8, which ``%quantize`` applies) are summarised once in
-the notes rather than on every row.
+1.03× is within noise``. Faster paths the choice may not take (any int8 path without
+``allow_int8``, or one outside its tolerance) are summarised once in the notes rather
+than on every row.
 """
 
 from __future__ import annotations
 
-from nbcompress.engine.speedup.analysis import LayerResult
+from nbcompress.engine.speedup.analysis import LayerResult, is_int8
+from nbcompress.engine.speedup.candidates import TWINS
 from nbcompress.engine.speedup.shapes import SKIP_SPARSITY
 from nbcompress.engine.speedup.sparsify import MIN_SPARSITY
+from nbcompress.kernels.modules import FORMATS
 
-__all__ = ["PATHS", "choice", "passed_over", "some_of"]
+__all__ = ["PATHS", "choice", "label", "passed_over", "some_of"]
 
-#: Path key → the label of its table column.
-PATHS = {
+_LABELS = {
     "dense": "dense fp32",
     "csr": "sparse fp32",
     "csr_int8": "sparse int8",
     "bsr": "block-sparse",
     "torch_int8": "torch int8",
+    "ort_int8": "ONNX Runtime int8",
 }
+
+
+def label(path: str) -> str:
+    """The table label of ``path``; a format registered later gets one from its name."""
+    if path in _LABELS:
+        return _LABELS[path]
+    kind = "block-sparse" if path.startswith("bsr") else f"sparse {path.split('_')[0]}"
+    return f"{kind} int8" if is_int8(path) else kind
+
+
+#: Path key → the label of its table column (every registered format, then the twins).
+PATHS = {path: label(path) for path in ("dense", *FORMATS, *TWINS)}
 
 
 def _gain(res: LayerResult, path: str) -> float:
     return res.times["dense"].median / res.times[path].median
-
-
-def _within(res: LayerResult, path: str) -> bool:
-    return res.errors.get(path, float("inf")) <= res.tolerances.get(path, 0.0)
 
 
 def choice(res: LayerResult, min_gain: float = 0.05) -> str:
@@ -40,6 +50,8 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
         res: The layer's measurements and decision.
         min_gain: The required relative speed-up the decision used.
     """
+    if res.fused:  # installed after the race: its own gain was measured as a run
+        return f"{PATHS[res.chosen]}, one graph with its neighbours (see notes)"
     if res.recorded is not None:
         return _recorded(res)
     if "dense" not in res.times:
@@ -50,7 +62,7 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
         return f"{PATHS[res.chosen]}: {_gain(res, res.chosen):.2f}× vs dense"
     if res.dropped:
         return "dense: model not faster end to end"
-    ok = [p for p in res.allowed if _within(res, p)]
+    ok = res.accurate
     if not ok:
         return "dense: sparse error > tolerance"
     if res.sparsity < MIN_SPARSITY:
@@ -58,7 +70,7 @@ def choice(res: LayerResult, min_gain: float = 0.05) -> str:
     best = min(ok, key=lambda p: res.times[p].median)
     gain = _gain(res, best)
     if gain < 1:
-        return f"dense: best sparse {gain:.2f}×"
+        return f"dense: best {'sparse' if best in FORMATS else PATHS[best]} {gain:.2f}×"
     if gain < 1 + min_gain:
         return f"dense: {PATHS[best]} {gain:.2f}×, within noise (±{min_gain:.0%})"
     # Faster by the median but not in 3 rounds of 4 (clear_win): a lucky stretch, not a win.
@@ -78,35 +90,29 @@ def _recorded(res: LayerResult) -> str:
 
 
 def passed_over(layers: list[LayerResult]) -> list[str]:
-    """Notes on faster paths the choice did not take, each once for the whole report."""
-    int8_off, int8_bad, torch_faster = [], [], []
+    """Notes on faster int8 paths the choice did not take, each once for the whole report."""
+    off: dict[str, list[str]] = {}  # path label → layers where it was faster but not allowed
+    bad: list[str] = []
     for res in layers:
         if "dense" not in res.times:
             continue
         taken = res.times[res.chosen].median
-        sparse8 = res.times.get("csr_int8")
-        if sparse8 is not None and sparse8.median < taken:
-            if "csr_int8" not in res.allowed:
-                int8_off.append(f"{res.name} {_gain(res, 'csr_int8'):.2f}×")
-            elif not _within(res, "csr_int8"):
-                err, tol = res.errors["csr_int8"], res.tolerances["csr_int8"]
-                int8_bad.append(f"{res.name} (error {err:.1e} > {tol:.1e})")
-        torch8 = res.times.get("torch_int8")
-        if torch8 is not None and torch8.median < taken:
-            torch_faster.append(f"{res.name} {_gain(res, 'torch_int8'):.2f}×")
-    notes = []
-    if int8_off:
-        notes.append(
-            f"sparse int8 was fastest but not allowed on {some_of(int8_off)}: it changes "
-            "results by rounding; allow it with --int8 (allow_int8=True)"
-        )
-    if int8_bad:
-        notes.append(f"sparse int8 rejected, output outside tolerance: {some_of(int8_bad)}")
-    if torch_faster:
-        notes.append(
-            f"torch int8 (dense, dynamic) is timed for comparison only; it was faster on "
-            f"{some_of(torch_faster)}: %quantize model int8 (quantize_) applies it"
-        )
+        faster = [p for p, t in res.times.items() if is_int8(p) and t.median < taken]
+        for path in faster:
+            if not res.within(path):
+                err, tol = res.errors[path], res.tolerances[path]
+                bad.append(f"{res.name} {PATHS.get(path, path)} (error {err:.1e} > {tol:.1e})")
+        # The fastest int8 path only: the note names what allowing int8 would choose.
+        best = min(faster, key=lambda p: res.times[p].median, default=None)
+        if best is not None and best not in res.allowed and res.within(best):
+            off.setdefault(PATHS.get(best, best), []).append(f"{res.name} {_gain(res, best):.2f}×")
+    notes = [
+        f"{path} was fastest but not allowed on {some_of(names)}: it changes results by "
+        "rounding; allow it with --int8 (allow_int8=True)"
+        for path, names in off.items()
+    ]
+    if bad:
+        notes.append(f"int8 rejected, output outside tolerance: {some_of(bad)}")
     return notes
 
 

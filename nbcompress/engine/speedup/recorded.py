@@ -25,6 +25,7 @@ from collections.abc import Callable
 from torch import nn
 
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions
+from nbcompress.engine.speedup.candidates import choosable
 from nbcompress.kernels import tuning
 from nbcompress.kernels.threads import get_threads
 
@@ -50,7 +51,11 @@ _CONV = ("kernel_size", "stride", "padding", "dilation", "groups")
 
 
 def layer_key(module: nn.Module, input_shape: tuple, opts: SparsifyOptions) -> tuple:
-    """The record key of one layer's decision: weight pattern, input bucket, threads, options."""
+    """The record key of one layer's decision: weight pattern, input bucket, threads, options.
+
+    The paths the choice could take are part of it (:func:`.candidates.choosable`): a new
+    format, or ONNX Runtime installed since, re-opens the race.
+    """
     geometry = [str(getattr(module, a)) for a in _CONV if hasattr(module, a)]
     return tuning.layer_key(
         module.weight.detach(),
@@ -61,6 +66,7 @@ def layer_key(module: nn.Module, input_shape: tuple, opts: SparsifyOptions) -> t
         f"int8={opts.allow_int8}",
         f"bsr={opts.allow_bsr}",
         f"gain={opts.min_gain:g}",
+        "paths=" + ",".join(choosable(opts)),
     )
 
 
@@ -87,7 +93,7 @@ def measured_gain(res: LayerResult) -> float:
     """The gain a layer's decision rests on: the chosen path's, or the best one within tolerance."""
     if res.chosen != "dense":
         return res.times["dense"].median / res.times[res.chosen].median
-    ok = [f for f in res.allowed if res.errors[f] <= res.tolerances[f]]
+    ok = res.accurate
     if not ok:
         return 0.0  # no sparse path was usable: recorded as "no gain at all"
     return res.times["dense"].median / min(res.times[f].median for f in ok)
@@ -115,7 +121,9 @@ def reuse(res: LayerResult, entry: tuning.Entry, check: Callable[[list[str]], ob
             else f"no sparse output within tolerance ({WHERE}); kept dense"
         )
         return True
-    if check([entry.choice]) is None or res.errors[entry.choice] > res.tolerances[entry.choice]:
+    # Refused: it no longer builds (format does not fit, ONNX Runtime gone) or its output
+    # is outside tolerance.
+    if check([entry.choice]) is None or not res.within(entry.choice):
         return _refuse(res)
     res.recorded, res.chosen, res.allowed = entry, entry.choice, (entry.choice,)
     res.reason = f"{entry.choice} measured {gain:.2f}× faster than dense ({WHERE})"

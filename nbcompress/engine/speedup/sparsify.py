@@ -36,8 +36,9 @@ from nbcompress.engine.core.validation import (
 )
 from nbcompress.engine.speedup import bnfold, recorded, shapes, variants
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
-from nbcompress.engine.speedup.candidates import break_even, formats_of, torch_int8
-from nbcompress.engine.speedup.coverage import BUILDERS, dense_reason, uncovered
+from nbcompress.engine.speedup.candidates import break_even, build, paths_of
+from nbcompress.engine.speedup.coverage import dense_reason, uncovered
+from nbcompress.engine.speedup.fused import fuse_runs, settle_runs
 from nbcompress.engine.speedup.guard import unchanged
 from nbcompress.kernels import tuning
 from nbcompress.kernels.notices import COMPILE_NOTICE
@@ -95,18 +96,15 @@ def _measure_layer(
         return res
     entry = recorded.lookup(recorded.LAYER, key, opts)
 
-    def check(fmts: list[str]) -> dict[str, Callable[[], object]] | None:
-        return _candidates(res, module, x, output, fmts)
+    def check(paths: list[str]) -> dict[str, Callable[[], object]] | None:
+        return _candidates(res, module, x, output, paths, seen)
 
     if entry is not None and recorded.reuse(res, entry, check):
         return res  # measured in an earlier run on this CPU; its output checked just now
-    fns = check(formats_of(module, opts.allow_bsr))
+    fns = check(paths_of(module, opts))
     if fns is None:
         res.key = None  # cannot be packed: nothing to record
         return res
-    qmod = torch_int8(module, seen)
-    if qmod is not None:
-        fns["torch_int8"] = lambda qmod=qmod: qmod(x)
     fns = {"dense": lambda: module(*args, **kwargs), **fns}
     res.race = _race(fns, opts.repeats)
     res.times = res.race.times
@@ -121,7 +119,7 @@ def _measure_layer(
     # Only the chosen candidate can be installed; the others are freed now, so that at
     # most one layer's candidates are alive at a time (not every layer's, every format).
     res.candidates = {f: c for f, c in res.candidates.items() if f == res.chosen}
-    del fns, qmod
+    del fns
     res.break_even = break_even(module, x, res, measure)
     return res
 
@@ -131,20 +129,25 @@ def _candidates(
     module: nn.Module,
     x: torch.Tensor,
     output: Any,
-    formats: list[str],
+    paths: list[str],
+    seen: dict[str, int],
 ) -> dict[str, Callable[[], object]] | None:
-    """Build and check each of ``formats`` of ``module`` into ``res``; their timed calls.
+    """Build and check ``paths`` of ``module`` into ``res``; their timed calls.
 
-    ``None`` (and no candidate kept) when the layer cannot be packed, with the reason.
+    ``None``: the first path cannot pack the layer (reason given); later ones are left out.
     """
     fns: dict[str, Callable[[], object]] = {}
-    for fmt in formats:
+    for fmt in paths:
         try:
-            cand = BUILDERS[type(module)].from_dense(module, format=fmt)
+            cand = build(fmt, module, seen)
         except ValueError as err:
+            if fmt != paths[0]:
+                continue
             res.reason = str(err).removeprefix("module: ")
             res.candidates.clear()
             return None
+        if cand is None:
+            continue
         with torch.no_grad():
             diff = compare_outputs(output, cand(x), arg=f"layers[{res.name!r}]")
         res.errors[fmt] = diff.max_abs
@@ -155,16 +158,14 @@ def _candidates(
 
 
 def _decide(res: LayerResult, opts: SparsifyOptions) -> None:
-    allowed = [f for f in res.candidates if f != "csr_int8" or opts.allow_int8]
-    res.allowed = tuple(allowed)
-    ok = [f for f in allowed if res.errors[f] <= res.tolerances[f]]
-    if not ok:
+    res.allowed = tuple(f for f in res.candidates if opts.allows(f))
+    if not res.accurate:
         res.reason = "sparse output outside tolerance; kept dense"
         return
     # Shown gains are ratios of the medians the report shows; clear_win decides.
-    best = min(ok, key=lambda f: res.times[f].median)
+    best = min(res.accurate, key=lambda f: res.times[f].median)
     gain = res.times["dense"].median / res.times[best].median
-    if res.sparsity < MIN_SPARSITY:
+    if res.sparsity < MIN_SPARSITY:  # int8 twins too: dense models are %quantize's
         res.reason = f"only {res.sparsity:.0%} sparse: CSR moves more bytes than dense; kept dense"
     elif not clear_win(res.race, best, opts.min_gain):
         res.reason = f"dense is as fast or faster here (best sparse {best}: {gain:.2f}×)"
@@ -330,16 +331,18 @@ def _install(tx: Transaction, name: str, module: nn.Module) -> None:
     bnfold.install(tx, name, module)  # with the BatchNorm folded into it, if any
 
 
-def install_(model: nn.Module, analysis: Analysis) -> nn.Module:
-    """Install the sparse modules ``analysis`` chose, in one undoable history step.
+def install_(model: nn.Module, analysis: Analysis, inputs: Any = None) -> nn.Module:
+    """Install the modules ``analysis`` chose, in one undoable history step.
 
     Args:
         model: The model :func:`analyse` measured.
         analysis: Its result; with nothing chosen the model is left alone (with a warning).
+        inputs: Its example inputs: runs allowed ONNX Runtime int8 may fuse (:mod:`.fused`).
 
     Returns:
         The model (modified in place; a failure part-way rolls every layer back).
     """
+    settle_runs(model, analysis, inputs)  # ORT int8 inside a run: as one graph only
     chosen = analysis.chosen
     if not chosen:
         # Points at the user's line: install_ ← sparsify_/speedup ← their notice decorator.
@@ -351,7 +354,8 @@ def install_(model: nn.Module, analysis: Analysis) -> nn.Module:
             # The replacement takes the dense layer's mode (an eval model stays all eval).
             res.replacement.train(res.module.training)
             _install(tx, name, res.replacement)
-        tx.info["chosen"] = {n: r.chosen for n, r in chosen.items()}
+        analysis.fused = fuse_runs(model, tx, analysis, inputs)
+        tx.info["chosen"] = {n: r.chosen for n, r in analysis.chosen.items()}
         tx.info["reasons"] = {r.name: r.reason for r in analysis.layers}
         tx.info["end_to_end"] = {"dense": analysis.dense, "compressed": analysis.compressed}
     return model

@@ -12,6 +12,7 @@ from torch import nn
 from nbcompress.engine.core.report import Table, TableReport, fmt_pct, fmt_ratio, fmt_time
 from nbcompress.engine.core.summary import removal_note
 from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult, SparsifyOptions
+from nbcompress.engine.speedup.candidates import ORT_SKIPPED
 from nbcompress.engine.speedup.coverage import describe
 from nbcompress.engine.speedup.explain import PATHS as _PATHS
 from nbcompress.engine.speedup.explain import choice, passed_over, some_of
@@ -187,7 +188,11 @@ def _report(analysis: Analysis, applied: bool, min_gain: float) -> SpeedupReport
     if missing:
         notes.append(missing)
     notes += passed_over(analysis.layers)
+    notes += [f"fused at install (after the end-to-end timing above): {n}" for n in analysis.fused]
     for message, count in analysis.warnings.items():
+        if message.startswith(ORT_SKIPPED):  # ours, whole: once, whatever the layer count
+            notes.append(message)
+            continue
         times = f" {count} times (shown once)" if count > 1 else ""
         notes.append(f"torch int8 backend warned{times}: {_whole(message)}")
     return SpeedupReport(
@@ -212,7 +217,15 @@ def speedup(
     other_inputs: Any = None,
     **options: Any,
 ) -> SpeedupReport:
-    """Measure dense fp32, sparse fp32, sparse int8 and torch int8 per layer, and end to end.
+    """Measure dense fp32, the sparse formats and the dense int8 twins per layer, and end to end.
+
+    The paths: dense fp32, every sparse format (fp32 and int8, e.g. CSR, block-sparse),
+    and a Linear's dense int8 twins, torch's and ONNX Runtime's dynamic int8 (where
+    ``onnxruntime`` is installed; the module ``%quantize int8`` installs). With
+    ``allow_int8`` the choice takes the fastest path within its output tolerance, int8
+    ones included; without it no int8 path is chosen (their times are shown). With
+    ``apply=True``, runs of Linears in an ``nn.Sequential`` that may take ONNX Runtime
+    int8 become one ORT graph where that races faster than the run as chosen per layer.
 
     Args:
         model: The (pruned) model; not modified unless ``apply=True`` (it is measured in
@@ -227,9 +240,9 @@ def speedup(
             layer stays dense if it is slower than dense on any of them (as in ``sparsify_``).
         **options: Fields of :class:`~nbcompress.engine.speedup.analysis.SparsifyOptions`:
             ``layers`` (glob pattern(s) on layer names; default every Linear/Conv layer),
-            ``types``, ``allow_int8`` (let the choice use sparse int8, which changes
-            results by rounding), ``allow_bsr``, ``repeats`` (timed rounds per candidate)
-            and ``min_gain`` (required relative speed-up for a layer to be switched);
+            ``types``, ``allow_int8`` (let the choice use int8 paths, sparse or dense,
+            which change results by rounding), ``allow_bsr``, ``repeats`` (timed rounds
+            per candidate) and ``min_gain`` (required relative speed-up for a layer to be switched);
             ``remeasure`` is on: this report times every layer even where the tuning record
             holds a decision, and records what it measured in its place, so that a later
             ``sparsify_`` follows the figures shown here (``remeasure=False`` reuses them).
@@ -250,7 +263,7 @@ def speedup(
             **options,
         )
     if apply:
-        install_(model, analysis)
+        install_(model, analysis, example_inputs)
     min_gain = options.get("min_gain", SparsifyOptions.min_gain)
     report = _report(analysis, apply and bool(analysis.chosen), min_gain)
     removed = removal_note(model)

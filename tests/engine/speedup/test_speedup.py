@@ -9,6 +9,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 import nbcompress as nc
+from nbcompress.engine.quantize import ort_int8
 from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.kernels.modules import SparseConv2d, SparseLinear
 from nbcompress.timing import Race, Timing, race
@@ -232,7 +233,8 @@ def test_plot_draws_a_fresh_figure_or_into_a_given_axes(monkeypatch):
     _fake_timer(monkeypatch, FAST)
     report = nc.speedup(_pruned_mlp(), torch.randn(4, 32))
     bars = len(report.paths) * len(report.rows)  # no 4-row blocks here: no block-sparse bars
-    assert report.paths == ["dense fp32", "sparse fp32", "sparse int8", "torch int8"]
+    twins = ["torch int8"] + (["ONNX Runtime int8"] if ort_int8.ort_problem() is None else [])
+    assert report.paths == ["dense fp32", "sparse fp32", "sparse int8", *twins]
     fig = report.plot()
     assert type(fig) is Figure and len(fig.axes[0].patches) == bars
     ax = Figure().add_subplot()

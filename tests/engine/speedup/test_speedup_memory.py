@@ -14,7 +14,7 @@ from torch import nn
 
 import nbcompress as nc
 from nbcompress.engine.core.memory import release_freed_memory, twin
-from nbcompress.engine.speedup import sparsify as sp
+from nbcompress.engine.speedup import candidates as cands
 from nbcompress.kernels.modules import SparseLinear
 from tests.engine.quantize.test_quantize_memory import most_alive_from_another, weight_copies
 from tests.engine.speedup.test_speedup import FAST, _fake_timer, _pruned_mlp
@@ -40,7 +40,7 @@ def test_sparsify_keeps_at_most_the_chosen_candidate_of_each_layer_measured_befo
     built: list = []
     alive_at_build: list[int] = []
     monkeypatch.setattr(
-        sp, "BUILDERS", {t: _Spy(c, built, alive_at_build) for t, c in sp.BUILDERS.items()}
+        cands, "BUILDERS", {t: _Spy(c, built, alive_at_build) for t, c in cands.BUILDERS.items()}
     )
     model, x = _pruned_mlp(), torch.randn(4, 32)
     nc.sparsify_(model, x)

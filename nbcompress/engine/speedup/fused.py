@@ -1,0 +1,143 @@
+"""Runs of Linears inside an ``nn.Sequential`` on one ONNX Runtime int8 graph, at install.
+
+``sparsify_``/``speedup`` choose each layer's path on its own input, in isolation. Layer by
+layer, ONNX Runtime's dense int8 pays for every return to torch between two layers (four
+BERT-FFN Linears: 1,274 µs one by one, 751 µs as one graph here, see
+:mod:`nbcompress.engine.quantize.ort_chain`), so a run chosen per layer (sparse or ORT) may
+lose to the same run as one graph. After the per-layer choice is installed, every run of
+≥ 2 Linears (activations between) whose ONNX Runtime twin was allowed (``allow_int8``)
+and within its output tolerance is handed to ``%quantize``'s own
+:func:`~nbcompress.engine.quantize.ort_chain.fuse_chains`: it races the run as installed
+against the graph on the run's real input and fuses only where the graph is clearly faster
+and no less accurate (``NBCOMPRESS_ORT_FUSE=0`` switches it off), inside the same history
+transaction, so one ``undo_`` removes it with the rest.
+
+Inside such a run ONNX Runtime int8 is taken as the whole graph or not at all
+(:func:`settle_runs`, before installing): a layer that won its own race on ORT, between
+neighbours on the sparse kernels, pays two torch ↔ ORT crossings its isolated race never
+saw (BERT-FFN ×2 at 95%, batch 8: two ORT and two sparse int8 layers ran 2.85× torch
+fp32, all four sparse 5.11×). Its fastest other path within tolerance (or dense) stands
+in, and the graph then races the run as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from torch import nn
+
+from nbcompress.engine.core.validation import as_inputs
+from nbcompress.engine.speedup.analysis import Analysis, LayerResult, rtol
+from nbcompress.engine.speedup.candidates import build
+
+__all__ = ["PATH", "REPEATS", "fusable", "fuse_runs", "settle_runs"]
+
+#: The per-layer path a fused run's layers take (its module is ``OrtInt8Linear``).
+PATH = "ort_int8"
+#: Timed rounds of the race of a run as installed against its graph.
+REPEATS = 9
+
+
+def fusable(res: LayerResult) -> bool:
+    """Whether ``res``'s layer may join an ORT int8 graph: the twin allowed and accurate."""
+    return type(res.module) is nn.Linear and PATH in res.accurate
+
+
+def _job(model: nn.Module, found: dict[str, LayerResult], inputs: Any) -> Any:
+    """``quantize_``'s job of ``ort_chain`` over the layers ``found`` as they are in ``model``."""
+    from nbcompress.engine.quantize.config import DynamicInt8Config
+    from nbcompress.engine.quantize.modes import Job
+
+    return Job(
+        model=model,
+        config=DynamicInt8Config(tolerance=rtol(PATH)),
+        family="onnxruntime",
+        selected={n: r.module for n, r in found.items()},
+        inputs=as_inputs(inputs),
+        calibrate=None,
+        only_faster=True,
+        repeats=REPEATS,
+        rows=[{"layer": n, "backend": "onnxruntime-int8"} for n in found],
+        new={n: model.get_submodule(n) for n in found},
+    )
+
+
+def _found(analysis: Analysis, inputs: Any) -> dict[str, LayerResult]:
+    """The layers that may join a graph; none if nothing can be fused in this run."""
+    from nbcompress.engine.quantize.ort_chain import ENV_FUSE
+    from nbcompress.engine.quantize.ort_int8 import ort_problem
+
+    off = os.environ.get(ENV_FUSE, "").strip() == "0" or ort_problem() is not None
+    found = {r.name: r for r in analysis.layers if fusable(r)}
+    return {} if inputs is None or off or len(found) < 2 else found
+
+
+def _neighbours(model: nn.Module, found: dict[str, LayerResult]) -> list[LayerResult]:
+    """The found layers sharing an ``nn.Sequential`` parent with another found layer.
+
+    Those ``fuse_chains`` may join in one graph (it also asks for nothing but activations
+    between them: a layer here in no run keeps the path :func:`settle_runs` gives it).
+    """
+    parents: dict[str, list[LayerResult]] = {}
+    for name, res in found.items():
+        parent = name.rpartition(".")[0]
+        if type(model.get_submodule(parent)) is nn.Sequential:
+            parents.setdefault(parent, []).append(res)
+    return [res for group in parents.values() if len(group) > 1 for res in group]
+
+
+def settle_runs(model: nn.Module, analysis: Analysis, inputs: Any) -> None:
+    """Before installing: no layer a graph may join keeps ONNX Runtime int8 on its own.
+
+    Each such layer (:func:`_neighbours`; chosen ``ort_int8`` in its own race) takes its
+    fastest other path within tolerance if that beat dense, else dense; :func:`fuse_runs`
+    then races the whole graph against the run. A decision reused from the tuning record
+    (nothing timed now to pick another path by) stays as it is.
+    """
+    for res in _neighbours(model, _found(analysis, inputs)):
+        if res.chosen != PATH or "dense" not in res.times:
+            continue
+        others = [p for p in res.accurate if p != PATH]
+        best = min(others, key=lambda p: res.times[p].median, default="dense")
+        dense = res.times["dense"].median
+        best = best if best != "dense" and res.times[best].median < dense else "dense"
+        res.candidates = {} if best == "dense" else {best: build(best, res.module, {})}
+        res.chosen = best
+        res.reason += (
+            f"; ONNX Runtime int8 only as one graph with its run (not between other "
+            f"kernels): {best} instead ({dense / res.times[best].median:.2f}×)"
+        )
+
+
+def fuse_runs(model: nn.Module, tx: Any, analysis: Analysis, inputs: Any) -> list[str]:
+    """Fuse the runs of fusable layers where the graph races faster; one note per run fused.
+
+    Every fused layer's result in ``analysis`` then says ``ort_int8`` (its module the
+    graph's step, installed in ``model``), with the run's measured gain in its reason.
+
+    Args:
+        model: The model, inside transaction ``tx`` with the per-layer choices installed.
+        tx: The history transaction of the install.
+        analysis: The per-layer results (which layers may take ONNX Runtime int8).
+        inputs: The example inputs the analysis ran on; ``None``: nothing is fused.
+    """
+    from nbcompress.engine.quantize.ort_chain import fuse_chains
+
+    found = _found(analysis, inputs)
+    if not found:
+        return []
+    job = _job(model, found, inputs)
+    fuse_chains(job, tx)
+    notes = []
+    for row in job.rows:
+        note = row.get("note")
+        if note is None:
+            continue
+        res = found[row["layer"]]
+        res.chosen, res.dropped = PATH, False
+        res.candidates = {PATH: job.new[res.name]}
+        res.reason, res.fused = f"{res.reason}; {note}", note
+        if note not in notes:
+            notes.append(note)
+    return notes
