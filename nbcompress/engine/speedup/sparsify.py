@@ -28,12 +28,7 @@ from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
 from nbcompress.engine.core.memory import release_freed_memory, twin
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.summary import capture_calls
-from nbcompress.engine.core.validation import (
-    as_inputs,
-    call_model,
-    check_module,
-    run_forward,
-)
+from nbcompress.engine.core.validation import as_inputs, call_model, check_module, run_forward
 from nbcompress.engine.speedup import bnfold, recorded, shapes, variants
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.candidates import break_even, build, paths_of
@@ -400,4 +395,4 @@ def sparsify_(
     analysis = analyse(
         model, example_inputs, time_whole=False, other_inputs=other_inputs, **options
     )
-    return install_(model, analysis)
+    return install_(model, analysis, example_inputs)

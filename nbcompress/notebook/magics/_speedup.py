@@ -33,7 +33,11 @@ class SpeedupMagics(ModelMagics):
         help="Install the sparse layers that measured faster (undo with %%undo model).",
     )
     @argument("--layers", help="Glob pattern(s) on layer names, comma separated.")
-    @argument("--int8", action="store_true", help="Let the choice use sparse int8 kernels.")
+    @argument(
+        "--int8",
+        action="store_true",
+        help="Let the choice use int8: sparse int8 and the dense int8 twins (torch, ONNX Runtime).",
+    )
     @repeats_argument(3, 15, "Timed samples per candidate (default 15).")
     @line_magic
     def speedup(self, line: str) -> SpeedupReport:
