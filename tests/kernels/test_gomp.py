@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from nbcompress.kernels import _gomp, dispatch, pack_csr, registry
+from nbcompress.kernels import _gomp, _numba, dispatch, pack_csr, registry
 from nbcompress.kernels.csr import matmul_unchecked, transposed
 from nbcompress.kernels.layouts import block_rows, pad_rows
 
@@ -34,7 +34,8 @@ def _csr(mat, wide: bool) -> tuple:
 
 def _both(kernel: registry.Kernel, args: tuple, out: np.ndarray, threads: int) -> np.ndarray:
     """``out`` after the serial twin, and after the same call on ``threads`` OpenMP threads."""
-    kernel.serial(*args)
+    with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
+        kernel.serial(*args)
     expected = out.copy()
     out[...] = np.nan
     found = _gomp.job(kernel.name, args, threads)
