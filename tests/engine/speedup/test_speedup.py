@@ -51,6 +51,9 @@ def _fake_timer(monkeypatch, seconds: dict[str, float] | Callable[[str, int], fl
 
     monkeypatch.setattr(sp, "race", fake_race)
     monkeypatch.setattr(sp, "measure", lambda fn, **_: Timing(0.01, 0.01, 0.01, 3))
+    # Fusing int8 runs into one ORT graph races on the real clock (test_speedup_int8_race
+    # fakes that one): off here, or timing would decide these tests.
+    monkeypatch.setenv("NBCOMPRESS_ORT_FUSE", "0")
 
 
 FAST = {"dense": 1.0, "csr": 0.2, "csr_int8": 0.1, "bsr": 0.5, "torch_int8": 0.3,
