@@ -51,8 +51,12 @@ def _fake_timer(monkeypatch, seconds: dict[str, float] | Callable[[str, int], fl
 
     monkeypatch.setattr(sp, "race", fake_race)
     monkeypatch.setattr(sp, "measure", lambda fn, **_: Timing(0.01, 0.01, 0.01, 3))
+
+
+@pytest.fixture(autouse=True)
+def _no_run_fusion(monkeypatch):
     # Fusing int8 runs into one ORT graph races on the real clock (test_speedup_int8_race
-    # fakes that one): off here, or timing would decide these tests.
+    # fakes that one): off in this module, or timing would decide its tests.
     monkeypatch.setenv("NBCOMPRESS_ORT_FUSE", "0")
 
 

@@ -70,6 +70,12 @@ def test_without_allow_int8_no_int8_path_is_chosen_even_when_fastest(monkeypatch
     assert len(notes) == 1 and "--int8" in notes[0]
 
 
+@pytest.fixture(autouse=True)
+def _no_run_fusion(monkeypatch):
+    # Fusion races on the real clock unless a test fakes it (_graph_race, which unsets this).
+    monkeypatch.setenv(ort_chain.ENV_FUSE, "0")
+
+
 @needs_ort
 def test_the_ort_twin_is_chosen_where_fastest_installed_within_tolerance_and_undone(
     monkeypatch,
