@@ -21,12 +21,17 @@ from nbcompress.kernels.bsr import bsr_matmul
 from nbcompress.kernels.conv import bsr_conv_unchecked, conv_unchecked
 from nbcompress.kernels.csr import matmul_t_unchecked, matmul_unchecked
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr, ungroup
+from nbcompress.kernels.inputs import checked_tensor
+from nbcompress.kernels.int8 import int8_matmul
 from nbcompress.kernels.notices import COMPILE_NOTICE
 
-__all__ = ["FORMATS", "SparseConv2d", "SparseLinear"]
+__all__ = ["FORMATS", "INT8_FORMATS", "SparseConv2d", "SparseLinear"]
 
-#: Storage formats: float32 CSR, int8 CSR with per-row scales, block-sparse rows.
-FORMATS = ("csr", "csr_int8", "bsr")
+#: Storage formats: float32 CSR, int8 CSR with per-row scales, block-sparse rows (float32,
+#: or int8 4 × 1 blocks with per-row scales: ``SparseLinear`` only).
+FORMATS = ("csr", "csr_int8", "bsr", "bsr_int8")
+#: Formats whose Linear products run on the int8 kernels (``int8.py``).
+INT8_FORMATS = ("csr_int8", "bsr_int8")
 
 #: Held while a module builds its matrix view, so that Python threads calling a fresh
 #: module at once share one (its measured kernel choices and derived layouts with it).
@@ -71,8 +76,10 @@ class _SparseBase(nn.Module):
         self, weight: torch.Tensor, fmt: str, block: tuple[int, int]
     ) -> CSRMatrix | BSRMatrix:
         """The packed matrix the kernels multiply by (``weight`` as ``_adopt`` returned it)."""
-        if fmt == "bsr":
-            return pack_bsr(weight, block)
+        if fmt == "bsr_int8" and tuple(block) != (4, 1):
+            raise ValueError(f"block: format 'bsr_int8' stores 4 × 1 blocks; got {block!r}.")
+        if fmt.startswith("bsr"):
+            return pack_bsr(weight, block, int8=fmt == "bsr_int8")
         return pack_csr(weight, int8=fmt == "csr_int8")
 
     def _store(self, weight: torch.Tensor, fmt: str, block: tuple[int, int]) -> None:
@@ -86,7 +93,7 @@ class _SparseBase(nn.Module):
             "indices", torch.from_numpy(mat.indices.view(_SIGNED[mat.indices.dtype]))
         )
         self.register_buffer("values", torch.from_numpy(mat.data))
-        scale = mat.scale if isinstance(mat, CSRMatrix) else np.ones(0, np.float32)
+        scale = np.ones(0, np.float32) if mat.scale is None else mat.scale
         self.register_buffer("scale", torch.from_numpy(scale))
 
     def matrix(self) -> CSRMatrix | BSRMatrix:
@@ -117,8 +124,9 @@ class _SparseBase(nn.Module):
     def _build_matrix(self) -> CSRMatrix | BSRMatrix:
         idx = self.indices.numpy()
         arrays = (self.indptr.numpy(), idx.view(_UNSIGNED[idx.dtype]), self.values.numpy())
-        if self.format == "bsr":
-            return BSRMatrix(*arrays, shape=tuple(self.weight_shape))
+        if self.format.startswith("bsr"):
+            scale = self.scale.numpy() if self.format == "bsr_int8" else None
+            return BSRMatrix(*arrays, shape=tuple(self.weight_shape), scale=scale)
         return CSRMatrix(*arrays, self.scale.numpy(), shape=tuple(self.weight_shape))
 
     @property
@@ -137,21 +145,7 @@ class _SparseBase(nn.Module):
         return torch.from_numpy(self.matrix().to_dense())
 
     def _check_input(self, x: Any, ndim: str) -> torch.Tensor:
-        name = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input: {name} expects a torch.Tensor, got {type(x).__name__}.")
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{name} is inference-only and cannot compute gradients. Run it under "
-                "torch.no_grad() / torch.inference_mode(), or restore the dense layer with "
-                "nbcompress.undo_(model) (%undo model) before training."
-            )
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise TypeError(
-                f"input: {name} computes in float32 on CPU; got {x.dtype} on {x.device}. "
-                "Convert with x.float().cpu()."
-            )
-        return x.detach() if x.requires_grad else x  # only then does .numpy() need it
+        return checked_tensor(type(self).__name__, x)
 
     @classmethod
     def from_dense(
@@ -162,8 +156,8 @@ class _SparseBase(nn.Module):
         Args:
             module: The dense layer (``nn.Linear`` for SparseLinear, ``nn.Conv2d`` for
                 SparseConv2d).
-            format: ``"csr"``, ``"csr_int8"`` or ``"bsr"``.
-            block: Block shape (R, C) for ``"bsr"``.
+            format: One of :data:`FORMATS`.
+            block: Block shape (R, C) for ``"bsr"`` (``"bsr_int8"``: 4 × 1 only).
 
         Returns:
             The sparse layer.
@@ -176,6 +170,8 @@ class _SparseBase(nn.Module):
 
     def _matmul(self, x2: torch.Tensor) -> np.ndarray:
         mat = self.matrix()
+        if self.format in INT8_FORMATS:
+            return int8_matmul(mat, x2.numpy())
         if isinstance(mat, BSRMatrix):
             return bsr_matmul(mat, x2)
         return matmul_unchecked(mat, x2.numpy())
@@ -186,8 +182,9 @@ class SparseLinear(_SparseBase):
 
     Build it with :meth:`from_dense` (or the constructor, same arguments). ``format``
     chooses the kernel: ``"csr"`` (float32, results equal the dense layer up to summation
-    order), ``"csr_int8"`` (int8 values with per-row scales) or ``"bsr"`` (dense blocks,
-    for structured sparsity).
+    order), ``"bsr"`` (dense blocks, for structured sparsity), ``"csr_int8"`` and
+    ``"bsr_int8"`` (int8 values with per-row scales, element-wise or in 4 × 1 blocks; a
+    batch above 1 is quantized to uint8 per row and summed in int32, ``int8.py``).
     """
 
     def _adopt(self, module: nn.Module) -> torch.Tensor:
@@ -267,6 +264,10 @@ class SparseConv2d(_SparseBase):
     def _pack(
         self, weight: torch.Tensor, fmt: str, block: tuple[int, int]
     ) -> CSRMatrix | BSRMatrix:
+        if fmt == "bsr_int8":
+            raise ValueError(
+                "format: 'bsr_int8' is for SparseLinear; convolutions take 'csr_int8' or 'bsr'."
+            )
         groups = self.groups
         if groups == 1:
             return super()._pack(weight, fmt, block)
