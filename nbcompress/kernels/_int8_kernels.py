@@ -13,7 +13,9 @@ groups of 4 steps:
 ``spmv_r{R}`` multiplies one float32 input vector (float accumulation, int8 weights
 converted on the fly); ``spmm_r{R}_{path}`` a batch quantized to uint8 (exact int32
 accumulation, ``path`` = ``vnni`` or ``portable``, bit-identical). ``scale`` is per output
-row; ``rowsum`` (Σ of a row's int8 weights) removes the inputs' zero points.
+row; ``rowsum`` (Σ of a row's int8 weights) removes the inputs' zero points; ``bias``
+(zeros for none) is added in the same pass, where a separate add on the transposed
+output cost 60 µs at batch 8 on 3072 outputs.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ _FLAGS = {"fastmath": FASTMATH, "boundscheck": False, "cache": True, "nogil": Tr
 
 
 @njit(**_FLAGS)
-def spmv_r1(sptr, idx, w, perm, scale, x, out):  # noqa: D103
+def spmv_r1(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
     tmp = np.empty(16, dtype=np.float32)
     for s in range(sptr.shape[0] - 1):
         acc = fzero()
@@ -59,11 +61,11 @@ def spmv_r1(sptr, idx, w, perm, scale, x, out):  # noqa: D103
         for lane in range(16):
             r = perm[s * 16 + lane]
             if r >= 0:
-                out[r] = tmp[lane] * scale[r]
+                out[r] = tmp[lane] * scale[r] + bias[r]
 
 
 @njit(**_FLAGS)
-def spmv_r4(sptr, idx, w, perm, scale, x, out):  # noqa: D103
+def spmv_r4(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
     tmp = np.empty(64, dtype=np.float32)
     for s in range(sptr.shape[0] - 1):
         a0 = a1 = a2 = a3 = fzero()
@@ -98,11 +100,12 @@ def spmv_r4(sptr, idx, w, perm, scale, x, out):  # noqa: D103
             if br >= 0:
                 for i in range(4):
                     r = 4 * br + i
-                    out[r] = tmp[16 * i + lane] * scale[r]
+                    out[r] = tmp[16 * i + lane] * scale[r] + bias[r]
 
 
 def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
-    def spmm(sptr, idx, w, perm, scale, rowsum, x8, xs, zp, n, out):
+    # blk = 4: one gathered quad of inputs serves the block's 4 rows (16 accumulators).
+    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out):
         nchunk = (n + 7) // 8
         kdim = x8.shape[0] // nchunk
         tmp = np.empty(64 * blk, dtype=np.int32)
@@ -110,20 +113,28 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
             for c in range(nchunk):
                 base = c * kdim
                 for h in range(2):
-                    for i in range(blk):
-                        a = (izero(), izero(), izero(), izero())
-                        for g in range(sptr[s], sptr[s + 1]):
-                            d = quad(x8, idx, 64 * g + 8 * h, base)
-                            a = dot(a, d, w, 64 * blk * g + 64 * i + 32 * h)
-                        for q in range(4):
-                            istore(tmp, 64 * i + 16 * q, a[q])
-                    _store(tmp, perm, s, h, c, n, blk, scale, rowsum, xs, zp, out)
+                    a0 = a1 = a2 = a3 = (izero(), izero(), izero(), izero())
+                    for g in range(sptr[s], sptr[s + 1]):
+                        d = quad(x8, idx, 64 * g + 8 * h, base)
+                        p = 64 * blk * g + 32 * h
+                        a0 = dot(a0, d, w, p)
+                        if blk == 4:
+                            a1 = dot(a1, d, w, p + 64)
+                            a2 = dot(a2, d, w, p + 128)
+                            a3 = dot(a3, d, w, p + 192)
+                    for q in range(4):
+                        istore(tmp, 16 * q, a0[q])
+                        if blk == 4:
+                            istore(tmp, 64 + 16 * q, a1[q])
+                            istore(tmp, 128 + 16 * q, a2[q])
+                            istore(tmp, 192 + 16 * q, a3[q])
+                    _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out)
 
     return njit(**_FLAGS)(spmm)
 
 
 @njit(**_FLAGS, inline="always")
-def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, xs, zp, out):  # noqa: D103
+def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noqa: D103
     # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b].
     b0 = c * 8
     nb = min(8, n - b0)
@@ -134,9 +145,10 @@ def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, xs, zp, out):  # noqa: D10
         for i in range(blk):
             row = blk * br + i
             sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, row * n + b0
+            br_ = bias[row]
             for b in range(nb):
                 v = np.float32(tmp[t + b] - zp[b0 + b] * rs)
-                out[o + b] = v * (sr * xs[b0 + b])
+                out[o + b] = v * (sr * xs[b0 + b]) + br_
 
 
 #: Batch kernels by (rows per block, path): ``vnni`` (vpdpbusd) or ``portable``.

@@ -1,4 +1,4 @@
-"""The input checks every sparse module makes before its kernels see the tensor."""
+"""The argument checks of the sparse modules (``modules.py``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["checked_tensor"]
+__all__ = ["block_divides", "checked_tensor"]
 
 
 def checked_tensor(name: str, x: Any) -> torch.Tensor:
@@ -33,3 +33,12 @@ def checked_tensor(name: str, x: Any) -> torch.Tensor:
             "Convert with x.float().cpu()."
         )
     return x.detach() if x.requires_grad else x  # only then does .numpy() need it
+
+
+def block_divides(block: Any, rows: int, cols: int) -> bool:
+    """Whether ``block`` is a pair of positive integers dividing ``rows`` and ``cols``."""
+    try:
+        r, c = (int(b) for b in block)
+    except (TypeError, ValueError):
+        return False
+    return r > 0 and c > 0 and rows % r == 0 and cols % c == 0

@@ -85,6 +85,7 @@ class Sliced:
         out_rows = np.repeat(rows, blk) * blk + np.tile(np.arange(blk), rows.shape[0])
         sums = np.bincount(out_rows, weights=values.reshape(-1), minlength=m)
         self.rowsum = sums.astype(np.int32)
+        self.zeros = np.zeros(m, dtype=np.float32)  # the bias of a layer without one
         self.shape = mat.shape
 
     @property
@@ -130,14 +131,22 @@ def quantize_batch(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x8, scale[:n], zf[:n].astype(np.int32)
 
 
-def int8_matmul(mat: CSRMatrix | BSRMatrix, x: np.ndarray, path: str | None = None) -> np.ndarray:
-    """``x @ W.T`` for an int8 sparse weight; callers validated ``x`` (… × K float32).
+def int8_matmul(
+    mat: CSRMatrix | BSRMatrix,
+    x: np.ndarray,
+    bias: np.ndarray | None = None,
+    path: str | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """``x @ W.T + bias`` for an int8 sparse weight; callers validated ``x`` (… × K float32).
 
     Args:
         mat: int8 CSR (``csr_int8``) or int8 4 × 1 block-sparse (``bsr_int8``) weight.
         x: (K,) or (N × K) float32 input, any strides.
+        bias: Optional float32 (M,) bias, added in the kernels' last pass.
         path: ``"vnni"`` or ``"portable"`` for batches (default:
             :func:`~nbcompress.kernels.cpu.sparse_int8_path`); the results are the same.
+        out: For 1-D input, an optional float32 (M,) result buffer.
 
     Returns:
         (M,) for 1-D input; else (N × M), a transposed view of a C-contiguous (M × N)
@@ -145,18 +154,19 @@ def int8_matmul(mat: CSRMatrix | BSRMatrix, x: np.ndarray, path: str | None = No
     """
     lay = sliced(mat)
     m = mat.shape[0]
+    bias = lay.zeros if bias is None else bias
     if x.ndim == 1 or x.shape[0] == 1:
-        out = np.empty(m, dtype=np.float32)
+        out = np.empty(m, dtype=np.float32) if out is None else out
         if m:
             spmv = spmv_r4 if lay.blk == 4 else spmv_r1
             xv = np.ascontiguousarray(x.reshape(-1))
-            spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, xv, out)
+            spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, xv, out)
         return out if x.ndim == 1 else out.reshape(1, -1)
     n = x.shape[0]
     out = np.empty((m, n), dtype=np.float32)
     if out.size:
         x8, xs, zp = quantize_batch(x)
         kernel = SPMM[lay.blk, path or sparse_int8_path()]
-        args = (lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum)
+        args = (lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias)
         kernel(*args, x8, xs, zp, n, out.reshape(-1))
     return out.T
