@@ -104,15 +104,17 @@ def spmv_r4(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
 
 
 def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
-    # blk = 4: one gathered quad of inputs serves the block's 4 rows (16 accumulators).
+    # blk = 4: one gathered quad of inputs serves the block's 4 rows (16 accumulators), a
+    # slice's two halves of 8 rows one after the other; blk = 1: both halves in one pass
+    # (twice the independent work per step for the out-of-order core).
     def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out):
         nchunk = (n + 7) // 8
         kdim = x8.shape[0] // nchunk
-        tmp = np.empty(64 * blk, dtype=np.int32)
+        tmp = np.empty(128 * blk, dtype=np.int32)
         for s in range(sptr.shape[0] - 1):
             for c in range(nchunk):
                 base = c * kdim
-                for h in range(2):
+                for h in range(2 if blk == 4 else 1):
                     a0 = a1 = a2 = a3 = (izero(), izero(), izero(), izero())
                     for g in range(sptr[s], sptr[s + 1]):
                         d = quad(x8, idx, 64 * g + 8 * h, base)
@@ -122,13 +124,19 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
                             a1 = dot(a1, d, w, p + 64)
                             a2 = dot(a2, d, w, p + 128)
                             a3 = dot(a3, d, w, p + 192)
+                        else:
+                            a1 = dot(a1, quad(x8, idx, 64 * g + 8, base), w, p + 32)
                     for q in range(4):
                         istore(tmp, 16 * q, a0[q])
+                        istore(tmp, 64 + 16 * q, a1[q])
                         if blk == 4:
-                            istore(tmp, 64 + 16 * q, a1[q])
                             istore(tmp, 128 + 16 * q, a2[q])
                             istore(tmp, 192 + 16 * q, a3[q])
-                    _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out)
+                    if blk == 4:
+                        _store(tmp, perm, s, h, c, n, 4, scale, rowsum, bias, xs, zp, out)
+                    else:  # tmp[64·h …]: half h, as _store reads block row i = h
+                        _store(tmp, perm, s, 0, c, n, 1, scale, rowsum, bias, xs, zp, out)
+                        _store(tmp[64:], perm, s, 1, c, n, 1, scale, rowsum, bias, xs, zp, out)
 
     return njit(**_FLAGS)(spmm)
 
@@ -200,20 +208,26 @@ def quantize_u8(x, x8, scale, zf):  # noqa: D103
         scale[b] = step
         zf[b] = min(max(_rint(-lo / step), np.float32(0.0)), np.float32(255.0))
         inv[b] = np.float32(1.0) / step
-    q = np.empty((8, kdim), dtype=np.uint64)
+    q = np.empty((8, kdim), dtype=np.uint8)  # one chunk, row-major (L1-sized)
     for c in range(n // 8):
         for j in range(8):
-            shift = np.uint64(8 * j)
             inv_r, z_r, row, qj = inv[8 * c + j], zf[8 * c + j], x[8 * c + j], q[j]
             for k in range(kdim):
-                qj[k] = np.uint64(_q(row[k], inv_r, z_r)) << shift
+                qj[k] = _q(row[k], inv_r, z_r)
         o = c * kdim
         q0, q1, q2, q3, q4, q5, q6, q7 = q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]
         for k in range(kdim):
-            x8[o + k] = (q0[k] | q1[k]) | (q2[k] | q3[k]) | (q4[k] | q5[k]) | (q6[k] | q7[k])
+            lo = _u64(q0[k]) | _u64(q1[k]) << 8 | _u64(q2[k]) << 16 | _u64(q3[k]) << 24
+            hi = _u64(q4[k]) | _u64(q5[k]) << 8 | _u64(q6[k]) << 16 | _u64(q7[k]) << 24
+            x8[o + k] = lo | hi << 32
 
 
 _MAGIC = np.float32(12582912.0)
+
+
+@njit(cache=True, inline="always")
+def _u64(v):  # noqa: D103
+    return np.uint64(v)
 
 
 @njit(boundscheck=False, cache=True, nogil=True, inline="always")
