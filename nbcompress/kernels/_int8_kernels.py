@@ -146,17 +146,18 @@ def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noq
     # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b].
     b0 = c * 8
     nb = min(8, n - b0)
+    m = scale.shape[0]
     for r in range(8):
         br = perm[s * 16 + 8 * h + r]
         if br < 0:
             continue
         for i in range(blk):
             row = blk * br + i
-            sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, row * n + b0
+            sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, b0 * m + row
             br_ = bias[row]
             for b in range(nb):
                 v = np.float32(tmp[t + b] - zp[b0 + b] * rs)
-                out[o + b] = v * (sr * xs[b0 + b]) + br_
+                out[o + b * m] = v * (sr * xs[b0 + b]) + br_
 
 
 #: Batch kernels by (rows per block, path): ``vnni`` (vpdpbusd) or ``portable``.

@@ -149,8 +149,7 @@ def int8_matmul(
         out: For 1-D input, an optional float32 (M,) result buffer.
 
     Returns:
-        (M,) for 1-D input; else (N × M), a transposed view of a C-contiguous (M × N)
-        buffer, as :func:`~nbcompress.kernels.csr.csr_matmul` returns.
+        (M,) for 1-D input; else a C-contiguous (N × M) array.
     """
     lay = sliced(mat)
     m = mat.shape[0]
@@ -163,10 +162,11 @@ def int8_matmul(
             spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, xv, out)
         return out if x.ndim == 1 else out.reshape(1, -1)
     n = x.shape[0]
-    out = np.empty((m, n), dtype=np.float32)
+    # Row-major (N × M): the next layer's quantizer reads it without a transposing copy.
+    out = np.empty((n, m), dtype=np.float32)
     if out.size:
         x8, xs, zp = quantize_batch(x)
         kernel = SPMM[lay.blk, path or sparse_int8_path()]
         args = (lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias)
         kernel(*args, x8, xs, zp, n, out.reshape(-1))
-    return out.T
+    return out
