@@ -244,3 +244,23 @@ def test_forced_cpu_paths_give_the_module_the_same_outputs(vnni):
     baseline = sparse(x)
     with forced_int8_cpu(vnni):
         assert torch.equal(sparse(x), baseline)
+
+
+@pytest.mark.parametrize("fmt", ["csr_int8_dynamic", "bsr_int8"])
+def test_int8_formats_are_saved_whole_and_load_into_a_fresh_model(tmp_path, fmt):
+    from nbcompress.engine.structural.persist import load, save
+
+    def net() -> nn.Module:
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+
+    model = net()
+    model[0] = SparseLinear.from_dense(
+        _ffn_layer("block" if fmt == "bsr_int8" else "element"), format=fmt
+    )
+    save(model, tmp_path / "m.pt")
+    fresh = load(tmp_path / "m.pt", net()).eval()
+    x = torch.randn(8, 96)
+    assert isinstance(fresh[0], SparseLinear) and fresh[0].format == fmt
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
