@@ -12,9 +12,9 @@ row needs a horizontal sum. Two kinds of step:
   interleaves them so that each int32 lane (row, batch column) holds its 4 input bytes,
   and :func:`dot4` adds the 4 products of each lane with its row's 4 int8 weights.
   With AVX512-VNNI that is one ``vpdpbusd`` per 16 lanes; without it (``vnni=False``,
-  e.g. AVX2 CPUs) the same sums from widened 16-bit pairs. Both are exact int32 sums
-  (``vpdpbusd``, unlike ``vpmaddubsw``, does not saturate), so the two paths return
-  bit-identical results.
+  e.g. AVX2 CPUs) the same sums from ``vpmaddwd`` on bytes widened to 16 bits. Both
+  are exact int32 sums (``vpdpbusd``, unlike ``vpmaddubsw``, does not saturate), so the
+  two paths return bit-identical results.
 
 Offsets are element offsets into 1-D C-contiguous arrays; nothing is bounds-checked.
 """
@@ -297,16 +297,31 @@ def _dpbusd_vnni(builder, acc, u8, s8):  # noqa: ANN001, ANN202
 
 
 def _dpbusd_portable(builder, acc, u8, s8):  # noqa: ANN001, ANN202
-    # acc + Σ_4 u8·s8 per int32 lane, exactly, in plain vector IR (16-bit products of
-    # widened bytes, summed in int32): any x86 (AVX2: vpmaddwd) can run it.
-    v64 = ir.VectorType(_I8, 64)
-    a = builder.zext(builder.bitcast(u8, v64), ir.VectorType(_I32, 64))
-    w = builder.sext(builder.bitcast(s8, v64), ir.VectorType(_I32, 64))
-    prod = builder.mul(a, w)
-    total = acc
-    for j in range(4):
-        total = builder.add(total, _shuffle(builder, prod, prod, [4 * i + j for i in range(16)]))
-    return total
+    # acc + Σ_4 u8·s8 per int32 lane, exactly, with AVX2's vpmaddwd (any x86-64 CPU with
+    # AVX2, e.g. an AMD EPYC without VNNI): the even and the odd bytes widened to 16 bits
+    # (u8 zero-, s8 sign-extended), then two pair sums each; every product and pair sum
+    # fits (2 · 255 · 128 < 2^31), so nothing saturates, unlike vpmaddubsw.
+    w32 = ir.VectorType(_I16, 32)
+    a, w = builder.bitcast(u8, w32), builder.bitcast(s8, w32)
+    eight = ir.Constant(w32, [8] * 32)
+    a_even = builder.and_(a, ir.Constant(w32, [0xFF] * 32))
+    a_odd = builder.lshr(a, eight)
+    w_even = builder.ashr(builder.shl(w, eight), eight)
+    w_odd = builder.ashr(w, eight)
+    fnty = ir.FunctionType(ir.VectorType(_I32, 8), [ir.VectorType(_I16, 16)] * 2)
+    pmadd = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx2.pmadd.wd")
+    halves = []
+    for h in range(2):
+        lanes = list(range(16 * h, 16 * h + 16))
+        even = builder.call(
+            pmadd,
+            [_shuffle(builder, a_even, a_even, lanes), _shuffle(builder, w_even, w_even, lanes)],
+        )
+        odd = builder.call(
+            pmadd, [_shuffle(builder, a_odd, a_odd, lanes), _shuffle(builder, w_odd, w_odd, lanes)]
+        )
+        halves.append(builder.add(even, odd))
+    return builder.add(acc, _shuffle(builder, halves[0], halves[1], list(range(16))))
 
 
 def _dot4(vnni: bool):  # noqa: ANN202 - builds one of the two intrinsics below
@@ -330,7 +345,7 @@ def _dot4(vnni: bool):  # noqa: ANN202 - builds one of the two intrinsics below
 
         return tup(accs, d, w, wpos), codegen
 
-    how = "vpdpbusd" if vnni else "portable IR"
+    how = "vpdpbusd" if vnni else "AVX2 vpmaddwd"
     dot4.__doc__ = (
         "``accs[q] + Σ_4 d[q] · w``: lane l of vector q adds row (2q + l // 8)'s 4 int8 "
         f"weights ``w[wpos + 4·row …]`` times its 4 uint8 inputs ({how})."

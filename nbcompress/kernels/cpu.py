@@ -91,8 +91,9 @@ def sparse_int8_path() -> str:
 
     ``"vnni"`` (``vpdpbusd`` on 512-bit vectors) where :func:`int8_cpu` says VNNI *and*
     the CPU has AVX512-VNNI; anything else (AVX-VNNI or AMX only, no VNNI, or VNNI forced
-    on a CPU without it) takes the portable path, which any x86 CPU runs. Both return
-    bit-identical results, so forcing either is always safe.
+    on a CPU without it) takes the portable path (AVX2 ``vpmaddwd``: any x86-64 CPU since
+    2013–2015, AMD EPYC included). Both return bit-identical results, so forcing either
+    is always safe.
     """
     hardware = {"avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags()
     return "vnni" if int8_cpu().vnni and hardware else "portable"
