@@ -41,7 +41,7 @@ from nbcompress.kernels._int8_simd import (
 )
 from nbcompress.kernels._numba import FASTMATH
 
-__all__ = ["SPMM", "quantize_u8", "spmv_r1", "spmv_r4"]
+__all__ = ["FUSED", "SPMM", "quantize_u8", "spmv_r1", "spmv_r4"]
 
 _FLAGS = {"fastmath": FASTMATH, "boundscheck": False, "cache": True, "nogil": True}
 
@@ -139,6 +139,26 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
                         _store(tmp[64:], perm, s, 1, c, n, 1, scale, rowsum, bias, xs, zp, out)
 
     return njit(**_FLAGS)(spmm)
+
+
+def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply kernel
+    # One call per layer: at batch 8 a layer is ~100 µs, and every Python step between
+    # the kernels (allocations, a second dispatch) costs more when its objects left the
+    # caches while the other layers ran.
+    def run(sptr, idx, w, perm, scale, rowsum, bias, x, out):
+        n, kdim = x.shape
+        n8 = (n + 7) // 8 * 8
+        xp = x
+        if n8 != n:
+            xp = np.zeros((n8, kdim), dtype=np.float32)
+            xp[:n] = x
+        x8 = np.empty(n8 // 8 * kdim, dtype=np.uint64)
+        xs = np.empty(n8, dtype=np.float32)
+        zf = np.empty(n8, dtype=np.float32)
+        quantize_u8(xp, x8, xs, zf)
+        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zf.astype(np.int32), n, out)
+
+    return njit(**_FLAGS)(run)
 
 
 @njit(**_FLAGS, inline="always")
@@ -242,3 +262,7 @@ def _rint(v):  # noqa: D103
 def _q(v, inv, z):  # noqa: D103
     q = _rint(v * inv) + z
     return np.uint8(min(max(q, np.float32(0.0)), np.float32(255.0)))
+
+
+#: :data:`SPMM` after quantizing a C-contiguous float32 (N × K) input, in one call.
+FUSED = {key: _fused(kernel) for key, kernel in SPMM.items()}

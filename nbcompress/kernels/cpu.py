@@ -93,10 +93,19 @@ def sparse_int8_path() -> str:
     the CPU has AVX512-VNNI; anything else (AVX-VNNI or AMX only, no VNNI, or VNNI forced
     on a CPU without it) takes the portable path (AVX2 ``vpmaddwd``: any x86-64 CPU since
     2013–2015, AMD EPYC included). Both return bit-identical results, so forcing either
-    is always safe.
+    is always safe. Asked on every batch a sparse int8 layer runs: :func:`int8_cpu`'s
+    decision without building its record.
     """
-    hardware = {"avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags()
-    return "vnni" if int8_cpu().vnni and hardware else "portable"
+    wanted = _FORCED.get()
+    if wanted is None:
+        env = os.environ.get(ENV_VNNI, "").strip()
+        wanted = env == "1" if env in ("0", "1") else cpu_has_vnni()
+    return "vnni" if wanted and _has_avx512_vnni() else "portable"
+
+
+@functools.cache
+def _has_avx512_vnni() -> bool:
+    return {"avx512_vnni", "avx512bw", "avx512vl"} <= _cpu_flags()
 
 
 @functools.cache

@@ -24,7 +24,7 @@ import weakref
 
 import numpy as np
 
-from nbcompress.kernels._int8_kernels import SPMM, quantize_u8, spmv_r1, spmv_r4
+from nbcompress.kernels._int8_kernels import FUSED, quantize_u8, spmv_r1, spmv_r4
 from nbcompress.kernels.cpu import sparse_int8_path
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix
 
@@ -165,8 +165,7 @@ def int8_matmul(
     # Row-major (N × M): the next layer's quantizer reads it without a transposing copy.
     out = np.empty((n, m), dtype=np.float32)
     if out.size:
-        x8, xs, zp = quantize_batch(x)
-        kernel = SPMM[lay.blk, path or sparse_int8_path()]
-        args = (lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias)
-        kernel(*args, x8, xs, zp, n, out.reshape(-1))
+        xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        kernel = FUSED[lay.blk, path or sparse_int8_path()]
+        kernel(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias, xc, out.ravel())
     return out

@@ -112,7 +112,7 @@ def test_the_cpu_path_is_injectable_and_never_vnni_without_the_instruction(monke
         assert sparse_int8_path() == "portable"
     with forced_int8_cpu(True):
         assert sparse_int8_path() == ("vnni" if HAS_VNNI else "portable")
-    monkeypatch.setattr(cpu, "_cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(cpu, "_has_avx512_vnni", lambda: False)
     with forced_int8_cpu(True):  # an AMD EPYC (AVX2): VNNI forced, the instruction absent
         assert sparse_int8_path() == "portable"
 
