@@ -20,8 +20,6 @@ per lane with one gather, and no row needs a horizontal sum:
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 from nbcompress.kernels._int8_kernels import FUSED, quantize_u8, spmv_r1, spmv_r4
@@ -34,8 +32,6 @@ __all__ = ["LANES", "Sliced", "int8_matmul", "quantize_batch", "sliced"]
 LANES = 16
 #: Steps per group (``vpdpbusd`` sums 4 products per lane).
 STEPS = 4
-
-_CACHE: weakref.WeakKeyDictionary[CSRMatrix | BSRMatrix, Sliced] = weakref.WeakKeyDictionary()
 
 
 class Sliced:
@@ -101,9 +97,12 @@ def sliced(mat: CSRMatrix | BSRMatrix) -> Sliced:
     Args:
         mat: An int8 CSR matrix, or an int8 block-sparse one in 4 × 1 blocks.
     """
-    lay = _CACHE.get(mat)
+    # Kept in the matrix's own __dict__ (a plain dict lookup per call, where a weak-key
+    # dictionary costs microseconds of Python once its objects are out of the caches).
+    lay = mat.__dict__.get("_sliced")
     if lay is None:
-        lay = _CACHE.setdefault(mat, Sliced(mat))
+        lay = Sliced(mat)
+        object.__setattr__(mat, "_sliced", lay)  # frozen dataclass: set once, same lifetime
     return lay
 
 
