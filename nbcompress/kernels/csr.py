@@ -8,7 +8,8 @@ convolution in :mod:`nbcompress.kernels.conv`.
 With 64 or more columns three kernels compete: packed column panels (16 wide, input
 re-laid out first), 64-column tiles read in place from a row-major input, and the same
 tiles over blocks of input rows (``kblocks``, see :mod:`nbcompress.kernels.layouts`).
-At batch 1 a plain and an eight-row-padded SpMV compete. The first call per (weight,
+At batch 1 a plain and an eight-row-padded SpMV compete (int8 weights: also the gathering
+kernel of :mod:`nbcompress.kernels.int8`). The first call per (weight,
 columns, threads) times them and keeps the fastest (:func:`~.dispatch.fastest`).
 """
 
@@ -43,6 +44,7 @@ from nbcompress.kernels.formats import (
     pack_bsr,
     pack_csr,
 )
+from nbcompress.kernels.int8 import int8_matmul
 from nbcompress.kernels.layouts import block_rows, kblock, pad_rows
 
 __all__ = [
@@ -233,16 +235,24 @@ def panels_then_rest(mat: CSRMatrix, pack: Packer, out: np.ndarray, done: int = 
 
 def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
     # Plain CSR, or rows padded to eight (see layouts.py), each on the pool or on one
-    # thread, whichever measured faster for this weight (the recorded choice first).
+    # thread, whichever measured faster for this weight (the recorded choice first); int8
+    # weights also on the gathering kernel of int8.py (float inputs: same results up to
+    # summation order), serial only.
     dtypes = (mat.data.dtype.char, mat.indices.dtype.char)
 
     def run(kind: str, threads: int | None = None) -> None:
+        if kind == "sliced":
+            int8_matmul(mat, xv, out=out)
+            return
         arrays = pad_rows(mat) if kind == "spmv8" else (mat.indptr, mat.indices, mat.data)
         _SPMV[kind].run((*arrays, mat.scale, xv, out), dtypes, threads)
 
     recorded = recorded_run(mat, ("v", 1))
     if recorded is None:
-        fastest(mat, ("v", 1), {"spmv": lambda: run("spmv"), "spmv8": lambda: run("spmv8")})
+        options = {"spmv": lambda: run("spmv"), "spmv8": lambda: run("spmv8")}
+        if mat.data.dtype == np.int8:  # the incumbent: what a forward-time plan runs first
+            options = {"sliced": lambda: run("sliced"), **options}
+        fastest(mat, ("v", 1), options)
     else:
         run(*recorded)
 

@@ -1,4 +1,4 @@
-"""Packed sparse weight formats: CSR (float32 or int8 with per-row scales) and BSR.
+"""Packed sparse weight formats: CSR and BSR, float32 or int8 with per-row scales.
 
 Column indices are unsigned and as narrow as the input dimension allows (uint16 up to
 65535 columns, else uint32), so the jitted kernels need no negative-index handling.
@@ -18,6 +18,7 @@ __all__ = [
     "index_dtype",
     "pack_bsr",
     "pack_csr",
+    "row_scales",
     "ungroup",
 ]
 
@@ -70,14 +71,16 @@ class BSRMatrix:
     Attributes:
         indptr: int64 block-row pointers, length ``rows / R + 1``.
         indices: Unsigned block-column indices (column = index × C).
-        data: float32 blocks, shape ``(nblocks, R, C)``.
+        data: float32 blocks, shape ``(nblocks, R, C)``; or int8 (``bsr_int8``).
         shape: ``(rows, cols)``.
+        scale: float32 per-row scale of int8 blocks; ``None`` for float32 blocks.
     """
 
     indptr: np.ndarray
     indices: np.ndarray
     data: np.ndarray
     shape: tuple[int, int]
+    scale: np.ndarray | None = None
 
     @property
     def block(self) -> tuple[int, int]:
@@ -87,17 +90,18 @@ class BSRMatrix:
     @property
     def nbytes(self) -> int:
         """Bytes held by the packed arrays."""
-        return sum(a.nbytes for a in (self.indptr, self.indices, self.data))
+        arrays = (self.indptr, self.indices, self.data)
+        return sum(a.nbytes for a in arrays) + (0 if self.scale is None else self.scale.nbytes)
 
     def to_dense(self) -> np.ndarray:
-        """Dense float32 copy."""
+        """Dense float32 copy (dequantized for int8 blocks)."""
         r, c = self.block
         out = np.zeros(self.shape, dtype=np.float32)
         for br in range(self.indptr.shape[0] - 1):
             for j in range(self.indptr[br], self.indptr[br + 1]):
                 col = int(self.indices[j]) * c
                 out[br * r : br * r + r, col : col + c] = self.data[j]
-        return out
+        return out if self.scale is None else out * self.scale[:, None]
 
 
 def describe(x: object) -> str:
@@ -135,8 +139,7 @@ def pack_csr(weight: torch.Tensor | np.ndarray, *, int8: bool = False) -> CSRMat
     values = w[rows, cols]
     scale = np.ones(w.shape[0], dtype=np.float32)
     if int8:
-        peak = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
-        scale = np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+        scale = row_scales(w)
         values = np.clip(np.rint(values / scale[rows]), -127, 127).astype(np.int8)
     return CSRMatrix(
         indptr=indptr,
@@ -147,12 +150,21 @@ def pack_csr(weight: torch.Tensor | np.ndarray, *, int8: bool = False) -> CSRMat
     )
 
 
-def pack_bsr(weight: torch.Tensor | np.ndarray, block: tuple[int, int] = (4, 1)) -> BSRMatrix:
+def row_scales(w: np.ndarray) -> np.ndarray:
+    """Symmetric int8 scale per row of ``w``: ``max|row| / 127`` (1 for a zero row)."""
+    peak = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0], np.float32)
+    return np.where(peak > 0, peak / 127.0, 1.0).astype(np.float32)
+
+
+def pack_bsr(
+    weight: torch.Tensor | np.ndarray, block: tuple[int, int] = (4, 1), *, int8: bool = False
+) -> BSRMatrix:
     """Pack a 2-D weight as block-sparse rows; a block is kept if any entry is nonzero.
 
     Args:
         weight: Dense (out × in) weight.
         block: Block shape (R, C); must divide the weight's shape.
+        int8: Store int8 blocks with one symmetric scale per row (as :func:`pack_csr`).
 
     Returns:
         The packed matrix (zeros inside kept blocks are stored explicitly).
@@ -168,11 +180,17 @@ def pack_bsr(weight: torch.Tensor | np.ndarray, block: tuple[int, int] = (4, 1))
     brow, bcol = np.nonzero(np.any(tiles != 0, axis=(2, 3)))
     indptr = np.zeros(tiles.shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(brow, minlength=tiles.shape[0]), out=indptr[1:])
+    data, scale = tiles[brow, bcol], None
+    if int8:
+        scale = row_scales(w)
+        per_row = scale.reshape(-1, r)[brow][:, :, None]
+        data = np.clip(np.rint(data / per_row), -127, 127).astype(np.int8)
     return BSRMatrix(
         indptr=indptr,
         indices=bcol.astype(index_dtype(tiles.shape[1])),
-        data=np.ascontiguousarray(tiles[brow, bcol]),
+        data=np.ascontiguousarray(data),
         shape=(int(w.shape[0]), int(w.shape[1])),
+        scale=scale,
     )
 
 

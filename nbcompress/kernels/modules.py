@@ -8,6 +8,7 @@ asking for gradients raises a clear error instead of silently returning none.
 
 from __future__ import annotations
 
+import operator as op
 import threading
 from typing import Any
 
@@ -21,27 +22,24 @@ from nbcompress.kernels.bsr import bsr_matmul
 from nbcompress.kernels.conv import bsr_conv_unchecked, conv_unchecked
 from nbcompress.kernels.csr import matmul_t_unchecked, matmul_unchecked
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr, ungroup
+from nbcompress.kernels.inputs import block_divides, checked_tensor
+from nbcompress.kernels.int8 import int8_matmul
 from nbcompress.kernels.notices import COMPILE_NOTICE
 
-__all__ = ["FORMATS", "SparseConv2d", "SparseLinear"]
+__all__ = ["FORMATS", "DYNAMIC_FORMATS", "SparseConv2d", "SparseLinear"]
 
-#: Storage formats: float32 CSR, int8 CSR with per-row scales, block-sparse rows.
-FORMATS = ("csr", "csr_int8", "bsr")
+#: Storage formats: float32 CSR, int8 CSR with per-row scales (float32 inputs), block-sparse
+#: rows; ``SparseLinear`` only: int8 CSR and int8 4 × 1 blocks whose batches are quantized
+#: to uint8 per call and summed in int32 (``int8.py``), as ONNX Runtime's dynamic int8.
+FORMATS = ("csr", "csr_int8", "bsr", "bsr_int8", "csr_int8_dynamic")
+#: The formats of ``int8.py``'s kernels, with dynamically quantized batches.
+DYNAMIC_FORMATS = ("csr_int8_dynamic", "bsr_int8")
 
 #: Held while a module builds its matrix view, so that Python threads calling a fresh
 #: module at once share one (its measured kernel choices and derived layouts with it).
 _BUILDING = threading.Lock()
 _SIGNED = {np.dtype(np.uint16): np.int16, np.dtype(np.uint32): np.int32}
 _UNSIGNED = {np.dtype(np.int16): np.uint16, np.dtype(np.int32): np.uint32}
-
-
-def _divides(block: Any, rows: int, cols: int) -> bool:
-    """Whether ``block`` is a pair of positive integers dividing ``rows`` and ``cols``."""
-    try:
-        r, c = (int(b) for b in block)
-    except (TypeError, ValueError):
-        return False
-    return r > 0 and c > 0 and rows % r == 0 and cols % c == 0
 
 
 def _check_format(fmt: str) -> str:
@@ -71,9 +69,11 @@ class _SparseBase(nn.Module):
         self, weight: torch.Tensor, fmt: str, block: tuple[int, int]
     ) -> CSRMatrix | BSRMatrix:
         """The packed matrix the kernels multiply by (``weight`` as ``_adopt`` returned it)."""
-        if fmt == "bsr":
-            return pack_bsr(weight, block)
-        return pack_csr(weight, int8=fmt == "csr_int8")
+        if fmt == "bsr_int8" and tuple(block) != (4, 1):
+            raise ValueError(f"block: format 'bsr_int8' stores 4 × 1 blocks; got {block!r}.")
+        if fmt.startswith("bsr"):
+            return pack_bsr(weight, block, int8=fmt == "bsr_int8")
+        return pack_csr(weight, int8=fmt.startswith("csr_int8"))
 
     def _store(self, weight: torch.Tensor, fmt: str, block: tuple[int, int]) -> None:
         self.format = _check_format(fmt)
@@ -86,27 +86,30 @@ class _SparseBase(nn.Module):
             "indices", torch.from_numpy(mat.indices.view(_SIGNED[mat.indices.dtype]))
         )
         self.register_buffer("values", torch.from_numpy(mat.data))
-        scale = mat.scale if isinstance(mat, CSRMatrix) else np.ones(0, np.float32)
+        scale = np.ones(0, np.float32) if mat.scale is None else mat.scale
         self.register_buffer("scale", torch.from_numpy(scale))
 
     def matrix(self) -> CSRMatrix | BSRMatrix:
         """The packed weight as numpy views of this module's buffers."""
         # Rebuilt only when a buffer object was swapped (e.g. by .to() or load_state_dict
-        # with assign=True): per-call overhead is what small layers are made of. The cache
-        # holds the tensors themselves, so a freed buffer's id can never be mistaken.
+        # with assign=True) or written in place (load_state_dict, copy_: the derived layouts
+        # of int8.py and layouts.py are copies): per-call overhead is what small layers are
+        # made of. The cache holds the tensors themselves, so a freed buffer's id can never
+        # be mistaken; versions only grow, so their sum changes with any in-place write.
         buffers = self._buffers
         key = (buffers["indptr"], buffers["indices"], buffers["values"], buffers["scale"])
+        version = key[0]._version + key[1]._version + key[2]._version + key[3]._version
         cached = self.__dict__.get("_matrix")
-        if cached is not None:
+        if cached is not None and cached[1] == version:
             old = cached[0]
             if old[0] is key[0] and old[1] is key[1] and old[2] is key[2] and old[3] is key[3]:
-                return cached[1]
+                return cached[2]
         with _BUILDING:  # one matrix per buffers: kernel choices and layouts hang on it
             cached = self.__dict__.get("_matrix")
-            if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
-                return cached[1]
+            if cached is not None and cached[1] == version and all(map(op.is_, cached[0], key)):
+                return cached[2]
             mat = self._build_matrix()
-            self.__dict__["_matrix"] = (key, mat)
+            self.__dict__["_matrix"] = (key, version, mat)
         return mat
 
     def __getstate__(self) -> dict[str, Any]:
@@ -117,8 +120,9 @@ class _SparseBase(nn.Module):
     def _build_matrix(self) -> CSRMatrix | BSRMatrix:
         idx = self.indices.numpy()
         arrays = (self.indptr.numpy(), idx.view(_UNSIGNED[idx.dtype]), self.values.numpy())
-        if self.format == "bsr":
-            return BSRMatrix(*arrays, shape=tuple(self.weight_shape))
+        if self.format.startswith("bsr"):
+            scale = self.scale.numpy() if self.format == "bsr_int8" else None
+            return BSRMatrix(*arrays, shape=tuple(self.weight_shape), scale=scale)
         return CSRMatrix(*arrays, self.scale.numpy(), shape=tuple(self.weight_shape))
 
     @property
@@ -137,21 +141,7 @@ class _SparseBase(nn.Module):
         return torch.from_numpy(self.matrix().to_dense())
 
     def _check_input(self, x: Any, ndim: str) -> torch.Tensor:
-        name = type(self).__name__
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input: {name} expects a torch.Tensor, got {type(x).__name__}.")
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{name} is inference-only and cannot compute gradients. Run it under "
-                "torch.no_grad() / torch.inference_mode(), or restore the dense layer with "
-                "nbcompress.undo_(model) (%undo model) before training."
-            )
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise TypeError(
-                f"input: {name} computes in float32 on CPU; got {x.dtype} on {x.device}. "
-                "Convert with x.float().cpu()."
-            )
-        return x.detach() if x.requires_grad else x  # only then does .numpy() need it
+        return checked_tensor(type(self).__name__, x)
 
     @classmethod
     def from_dense(
@@ -162,8 +152,8 @@ class _SparseBase(nn.Module):
         Args:
             module: The dense layer (``nn.Linear`` for SparseLinear, ``nn.Conv2d`` for
                 SparseConv2d).
-            format: ``"csr"``, ``"csr_int8"`` or ``"bsr"``.
-            block: Block shape (R, C) for ``"bsr"``.
+            format: One of :data:`FORMATS`.
+            block: Block shape (R, C) for ``"bsr"`` (``"bsr_int8"``: 4 × 1 only).
 
         Returns:
             The sparse layer.
@@ -186,8 +176,10 @@ class SparseLinear(_SparseBase):
 
     Build it with :meth:`from_dense` (or the constructor, same arguments). ``format``
     chooses the kernel: ``"csr"`` (float32, results equal the dense layer up to summation
-    order), ``"csr_int8"`` (int8 values with per-row scales) or ``"bsr"`` (dense blocks,
-    for structured sparsity).
+    order), ``"bsr"`` (dense blocks, for structured sparsity), ``"csr_int8"`` (int8
+    values with per-row scales, float32 inputs), ``"csr_int8_dynamic"`` and ``"bsr_int8"``
+    (int8 values, element-wise or in 4 × 1 blocks; a batch above 1 is quantized to uint8
+    per row and summed in int32, see ``int8.py``).
     """
 
     def _adopt(self, module: nn.Module) -> torch.Tensor:
@@ -208,8 +200,13 @@ class SparseLinear(_SparseBase):
                 f"input: last dimension is {x.shape[-1]}, expected {self.in_features} "
                 f"(SparseLinear({self.in_features}, {self.out_features}))."
             )
-        y = self._matmul(x.reshape(-1, self.in_features) if x.ndim != 2 else x)
+        x2 = x.reshape(-1, self.in_features) if x.ndim != 2 else x
         bias = self._buffers["bias"]  # not self.bias: nn.Module.__getattr__ costs ~1 µs
+        if self.format in DYNAMIC_FORMATS:  # these kernels add the bias themselves
+            y = int8_matmul(self.matrix(), x2.numpy(), None if bias is None else bias.numpy())
+            bias = None
+        else:
+            y = self._matmul(x2)
         if bias is not None:
             # numpy's add costs ~1 µs against ~4 µs for torch's: batch-1 layers are
             # dominated by such fixed costs. The bias is a float32 view, no copy.
@@ -267,11 +264,15 @@ class SparseConv2d(_SparseBase):
     def _pack(
         self, weight: torch.Tensor, fmt: str, block: tuple[int, int]
     ) -> CSRMatrix | BSRMatrix:
+        if fmt in DYNAMIC_FORMATS:
+            raise ValueError(
+                f"format: {fmt!r} is for SparseLinear; convolutions take 'csr_int8' or 'bsr'."
+            )
         groups = self.groups
         if groups == 1:
             return super()._pack(weight, fmt, block)
         per, k = weight.shape[0] // groups, weight.shape[1]
-        if fmt != "bsr" or _divides(block, per, k):
+        if fmt != "bsr" or block_divides(block, per, k):
             return ungroup(super()._pack(weight, fmt, block), groups)
         # Blocks straddling groups (e.g. depthwise in blocks of 4 rows): pack the
         # ungrouped weight itself, zeros outside the groups included (out × in·kh·kw).
