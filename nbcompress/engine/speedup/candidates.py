@@ -17,7 +17,7 @@ from torch import nn
 
 from nbcompress.engine.core.memory import twin
 from nbcompress.engine.prune.masks import BLOCK
-from nbcompress.engine.speedup.analysis import LayerResult, SparsifyOptions
+from nbcompress.engine.speedup.analysis import LayerResult, SparsifyOptions, is_int8
 from nbcompress.engine.speedup.coverage import BUILDERS
 from nbcompress.kernels import modules as kernel_modules
 from nbcompress.timing import Timing, measure
@@ -73,11 +73,13 @@ def _blocks_fill(weight: torch.Tensor) -> bool:
 def paths_of(module: nn.Module, opts: SparsifyOptions) -> list[str]:
     """Every path to race for ``module`` besides dense: its sparse formats, then its twins.
 
-    The dense int8 twins only where int8 may be chosen or figures are asked for
-    (``remeasure``: ``speedup`` shows them); otherwise they could only cost time.
+    The int8 paths (sparse formats and dense twins) only where int8 may be chosen or
+    figures are asked for (``remeasure``: ``speedup`` shows them); otherwise they could
+    only cost time.
     """
-    twins = list(TWINS) if opts.allow_int8 or opts.remeasure else []
-    return formats_of(module, opts.allow_bsr) + twins
+    int8 = opts.allow_int8 or opts.remeasure
+    fmts = [f for f in formats_of(module, opts.allow_bsr) if int8 or not is_int8(f)]
+    return fmts + (list(TWINS) if int8 else [])
 
 
 def choosable(opts: SparsifyOptions) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ _LABELS = {
     "dense": "dense fp32",
     "csr": "sparse fp32",
     "csr_int8": "sparse int8",
+    "csr_int8_dynamic": "sparse int8, int8 inputs",
     "bsr": "block-sparse",
     "torch_int8": "torch int8",
     "ort_int8": "ONNX Runtime int8",
