@@ -72,7 +72,9 @@ def test_quantized_inputs_equal_the_numpy_reference(rng, n):
     x8, scale, zp = quantize_batch(x)
     q, ref_scale, ref_zp = _reference_quantize(x)
     np.testing.assert_array_equal(_unpack(x8, n, 37), q)
-    np.testing.assert_array_equal(scale, ref_scale)
+    # Within an ulp: a build may divide by 255 as a multiply by its reciprocal (seen in a
+    # fresh clone's cache), which moves no quantized value here.
+    np.testing.assert_allclose(scale, ref_scale, rtol=2.5e-7, atol=0)
     np.testing.assert_array_equal(zp, ref_zp)
     approx = (q.astype(np.float32) - zp[:, None]) * scale[:, None]
     assert np.abs(approx - x).max() <= scale.max() / 2 * 1.0001

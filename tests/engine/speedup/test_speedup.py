@@ -241,7 +241,8 @@ def test_plot_draws_a_fresh_figure_or_into_a_given_axes(monkeypatch):
     report = nc.speedup(_pruned_mlp(), torch.randn(4, 32))
     bars = len(report.paths) * len(report.rows)  # no 4-row blocks here: no block-sparse bars
     twins = ["torch int8"] + (["ONNX Runtime int8"] if ort_int8.ort_problem() is None else [])
-    assert report.paths == ["dense fp32", "sparse fp32", "sparse int8", *twins]
+    sparse = ["sparse fp32", "sparse int8", "sparse int8, int8 inputs"]
+    assert report.paths == ["dense fp32", *sparse, *twins]
     fig = report.plot()
     assert type(fig) is Figure and len(fig.axes[0].patches) == bars
     ax = Figure().add_subplot()
