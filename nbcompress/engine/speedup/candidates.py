@@ -19,6 +19,7 @@ from nbcompress.engine.core.memory import twin
 from nbcompress.engine.prune.masks import BLOCK
 from nbcompress.engine.speedup.analysis import LayerResult, SparsifyOptions, is_int8
 from nbcompress.engine.speedup.coverage import BUILDERS
+from nbcompress.engine.speedup.shapes import MIN_SPARSITY, zeros
 from nbcompress.kernels import modules as kernel_modules
 from nbcompress.timing import Timing, measure
 
@@ -74,11 +75,14 @@ def paths_of(module: nn.Module, opts: SparsifyOptions) -> list[str]:
     """Every path to race for ``module`` besides dense: its sparse formats, then its twins.
 
     The int8 paths (sparse formats and dense twins) only where int8 may be chosen or
-    figures are asked for (``remeasure``: ``speedup`` shows them); otherwise they could
-    only cost time.
+    figures are asked for (``remeasure``: ``speedup`` shows them), the sparse int8 ones
+    only on a layer sparse enough to be chosen; otherwise they could only cost time.
     """
     int8 = opts.allow_int8 or opts.remeasure
-    fmts = [f for f in formats_of(module, opts.allow_bsr) if int8 or not is_int8(f)]
+    # Below MIN_SPARSITY the choice is dense whatever the times: a sparse int8 figure would
+    # only cost time (unpruned MiniLM at batch 64: 201 s for speedup's report with them).
+    sparse8 = int8 and zeros(module) >= MIN_SPARSITY
+    fmts = [f for f in formats_of(module, opts.allow_bsr) if sparse8 or not is_int8(f)]
     return fmts + (list(TWINS) if int8 else [])
 
 

@@ -278,6 +278,10 @@ def test_a_newly_registered_sparse_format_joins_the_race(monkeypatch):
     assert candidates.formats_of(blocks, allow_bsr=False) == flat
     # Without allow_int8 (and not asked for figures) no int8 path is even built.
     assert candidates.paths_of(blocks, SparsifyOptions()) == ["csr", "bsr"]
+    # A layer too dense to be chosen: no sparse int8 figure is built, even for the report.
+    dense = nn.Linear(16, 8)
+    report_paths = candidates.paths_of(dense, SparsifyOptions(remeasure=True))
+    assert report_paths == ["csr", "bsr", "torch_int8", "ort_int8"]
     paths = candidates.paths_of(blocks, SparsifyOptions(allow_int8=True))
     assert paths[-2:] == ["torch_int8", "ort_int8"]
     assert rtol("bsr_int8") == rtol("csr_int8") and rtol("bsr") == rtol("csr")
