@@ -5,8 +5,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
+
+from nbcompress.engine.quantize import ort_int8
+
+#: Skips a test that needs onnxruntime (extra ``ort``) where it is not installed.
+needs_ort = pytest.mark.skipif(
+    ort_int8.ort_problem() is not None, reason=str(ort_int8.ort_problem())
+)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -20,12 +20,7 @@ from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, session_weight
 from nbcompress.engine.quantize.report import serialized_size
 from nbcompress.timing import Race, Timing
-from tests.helpers import assert_same_state, snapshot
-
-# The "not installed" tests at the end run without onnxruntime too.
-needs_ort = pytest.mark.skipif(
-    ort_int8.ort_problem() is not None, reason=str(ort_int8.ort_problem())
-)
+from tests.helpers import assert_same_state, needs_ort, snapshot
 
 
 @pytest.fixture(autouse=True)

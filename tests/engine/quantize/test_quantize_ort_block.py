@@ -12,11 +12,7 @@ from nbcompress.engine.quantize import ort_fuse, ort_int8
 from nbcompress.engine.quantize.ort_block import BlockForward
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear
 from nbcompress.timing import Race, Timing
-from tests.helpers import assert_same_state, snapshot
-
-needs_ort = pytest.mark.skipif(
-    ort_int8.ort_problem() is not None, reason=str(ort_int8.ort_problem())
-)
+from tests.helpers import assert_same_state, needs_ort, snapshot
 
 
 @pytest.fixture(autouse=True)

@@ -25,16 +25,13 @@ from nbcompress.kernels import tuning
 from nbcompress.kernels.modules import SparseLinear
 from nbcompress.timing import race
 from tests.engine.speedup.test_speedup import _fake_timer, _pruned_mlp
-from tests.helpers import assert_same_state, snapshot
+from tests.helpers import assert_same_state, needs_ort, snapshot
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel"),
     pytest.mark.filterwarnings("ignore:.*torch.ao.quantization is deprecated"),
     pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions"),
 ]
-needs_ort = pytest.mark.skipif(
-    ort_int8.ort_problem() is not None, reason=str(ort_int8.ort_problem())
-)
 #: ONNX Runtime's twin fastest of all, torch's second, then the sparse paths.
 ORT_FASTEST = {"dense": 1.0, "csr": 0.4, "csr_int8": 0.3, "bsr": 0.5, "torch_int8": 0.2,
                "ort_int8": 0.1, "compressed": 0.3}  # fmt: skip
