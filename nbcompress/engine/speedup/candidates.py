@@ -71,17 +71,18 @@ def _blocks_fill(weight: torch.Tensor) -> bool:
     return bool(nnz) and BLOCK * blocks <= 1.25 * nnz
 
 
-def paths_of(module: nn.Module, opts: SparsifyOptions) -> list[str]:
+def paths_of(module: nn.Module, opts: SparsifyOptions, sparsity: float | None = None) -> list[str]:
     """Every path to race for ``module`` besides dense: its sparse formats, then its twins.
 
     The int8 paths (sparse formats and dense twins) only where int8 may be chosen or
     figures are asked for (``remeasure``: ``speedup`` shows them), the sparse int8 ones
     only on a layer sparse enough to be chosen; otherwise they could only cost time.
+    ``sparsity``: the layer's fraction of zeros where the caller has it already.
     """
     int8 = opts.allow_int8 or opts.remeasure
     # Below MIN_SPARSITY the choice is dense whatever the times: a sparse int8 figure would
     # only cost time (unpruned MiniLM at batch 64: 201 s for speedup's report with them).
-    sparse8 = int8 and zeros(module) >= MIN_SPARSITY
+    sparse8 = int8 and (zeros(module) if sparsity is None else sparsity) >= MIN_SPARSITY
     fmts = [f for f in formats_of(module, opts.allow_bsr) if sparse8 or not is_int8(f)]
     return fmts + (list(TWINS) if int8 else [])
 

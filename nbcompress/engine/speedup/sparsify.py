@@ -96,7 +96,7 @@ def _measure_layer(
 
     if entry is not None and recorded.reuse(res, entry, check):
         return res  # measured in an earlier run on this CPU; its output checked just now
-    fns = check(paths_of(module, opts))
+    fns = check(paths_of(module, opts, res.sparsity))
     if fns is None:
         res.key = None  # cannot be packed: nothing to record
         return res
