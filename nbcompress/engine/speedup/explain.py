@@ -4,18 +4,29 @@ The ``chosen`` cell of a speedup report names the path and the measured reason, 
 ``sparse fp32: 1.31× vs dense``, ``dense: best sparse 0.90×`` or ``dense: sparse fp32
 1.03× is within noise``. Faster paths the choice may not take (any int8 path without
 ``allow_int8``, or one outside its tolerance) are summarised once in the notes rather
-than on every row.
+than on every row. The verdict and the history step say what the chosen layers run on
+(:func:`runs_on`: sparse kernels, a dense int8 twin, one ONNX Runtime graph per fused run).
 """
 
 from __future__ import annotations
 
-from nbcompress.engine.speedup.analysis import LayerResult, is_int8
+from typing import Any
+
+from nbcompress.engine.speedup.analysis import Analysis, LayerResult, is_int8
 from nbcompress.engine.speedup.candidates import TWINS
-from nbcompress.engine.speedup.shapes import SKIP_SPARSITY
-from nbcompress.engine.speedup.sparsify import MIN_SPARSITY
+from nbcompress.engine.speedup.shapes import MIN_SPARSITY, SKIP_SPARSITY
 from nbcompress.kernels.modules import FORMATS
 
-__all__ = ["PATHS", "choice", "label", "passed_over", "some_of"]
+__all__ = [
+    "FUSED_TIMING",
+    "PATHS",
+    "choice",
+    "label",
+    "passed_over",
+    "restate",
+    "runs_on",
+    "some_of",
+]
 
 _LABELS = {
     "dense": "dense fp32",
@@ -121,3 +132,60 @@ def some_of(items: list[str], shown: int = 3) -> str:
     """The first ``shown`` items, then how many there are in all."""
     more = f", … ({len(items)} layers)" if len(items) > shown else ""
     return ", ".join(items[:shown]) + more
+
+
+#: Said after the end-to-end gain once a run was fused at install: that race came before.
+FUSED_TIMING = " (timed before the fusion at install, see notes)"
+
+
+def _where(res: LayerResult, graphs: int) -> str:
+    """Where a chosen layer runs, in the words of :func:`runs_on`."""
+    if res.fused:
+        return f"in {'one' if graphs == 1 else graphs} ONNX Runtime int8 graph{'s' * (graphs > 1)}"
+    if res.chosen in FORMATS:
+        return "on sparse kernels"
+    return f"on {PATHS.get(res.chosen, res.chosen)}"
+
+
+def runs_on(layers: list[LayerResult]) -> str:
+    """What the chosen layers run on, sparse kernels first, in a few words.
+
+    E.g. ``3 layers on sparse kernels, 1 on ONNX Runtime int8``, ``2 layers on sparse
+    kernels, 4 in 2 ONNX Runtime int8 graphs`` or ``4 layers in one ONNX Runtime int8 graph``.
+
+    Args:
+        layers: The per-layer results; those keeping the dense layer are not counted.
+    """
+    chosen = [r for r in layers if r.replacement is not None]
+    graphs = len({r.fused for r in chosen if r.fused})
+    counts: dict[str, int] = {}
+    for res in chosen:
+        where = _where(res, graphs)
+        counts[where] = counts.get(where, 0) + 1
+    if not counts:
+        return "no layer swapped"
+    order = sorted(counts, key=lambda w: w != "on sparse kernels")  # stable otherwise
+    (first, n), rest = (order[0], counts[order[0]]), order[1:]
+    return ", ".join([f"{n} layer{'s' * (n != 1)} {first}", *(f"{counts[w]} {w}" for w in rest)])
+
+
+def restate(analysis: Analysis, tx: Any = None) -> None:
+    """Make the verdict (and history step ``tx``'s detail) say what the layers run on now.
+
+    The verdict is written once the layers are chosen; at install a layer may leave ONNX
+    Runtime int8 (not alone inside a run) and a run may become one graph
+    (:mod:`.fused`). A verdict of a model left dense is kept as it is.
+
+    Args:
+        analysis: The decisions, as they are after install (or without one).
+        tx: The history transaction of the install, if any (its step's one-line detail).
+    """
+    head, sep, tail = analysis.verdict.partition(": ")
+    if not sep or not analysis.chosen or analysis.verdict.endswith("model left dense"):
+        return
+    if any(r.fused for r in analysis.layers) and not tail.endswith(FUSED_TIMING):
+        tail += FUSED_TIMING
+    head = runs_on(analysis.layers)
+    analysis.verdict = f"{head}: {tail}"
+    if tx is not None:
+        tx.step.detail = f"{head} ({tail})"

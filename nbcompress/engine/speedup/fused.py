@@ -18,11 +18,21 @@ neighbours on the sparse kernels, pays two torch ↔ ORT crossings its isolated 
 saw (BERT-FFN ×2 at 95%, batch 8: two ORT and two sparse int8 layers ran 2.85× torch
 fp32, all four sparse 5.11×). Its fastest other path within tolerance (or dense) stands
 in, and the graph then races the run as it is.
+
+:func:`graph_wins` is ``sparsify_``'s rule for that race: the graph must be :data:`MARGIN`
+faster in the median round and faster in three rounds out of four; a race clear neither
+way is run again, :data:`LONGER` times as long. It decides once ``fuse_chains`` takes a
+judge (a change to :mod:`~nbcompress.engine.quantize.ort_chain`, not made here); until
+then ``%quantize``'s own rule decides, 15% faster (``choice.TIE``), which on BERT-FFN ×2
+with 4×1 blocks at 90%, 2 threads, batch 8 turned down a graph 19% faster over 60 rounds
+in 2 of 12 races of 9 rounds (medians 0.76–0.86). At 1 thread the same graph is 1.2–1.5×
+slower than the run on sparse int8: never close to either rule.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -30,13 +40,65 @@ from torch import nn
 from nbcompress.engine.core.validation import as_inputs
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, rtol
 from nbcompress.engine.speedup.candidates import build
+from nbcompress.engine.speedup.explain import restate
+from nbcompress.timing import Race, race
 
-__all__ = ["PATH", "REPEATS", "fusable", "fuse_runs", "settle_runs"]
+__all__ = [
+    "GRAPH",
+    "LONGER",
+    "MARGIN",
+    "PATH",
+    "REPEATS",
+    "fusable",
+    "fuse_runs",
+    "graph_wins",
+    "settle_runs",
+]
 
 #: The per-layer path a fused run's layers take (its module is ``OrtInt8Linear``).
 PATH = "ort_int8"
 #: Timed rounds of the race of a run as installed against its graph.
 REPEATS = 9
+#: The challenger's name in that race (the run as installed, the incumbent, comes first).
+GRAPH = "graph"
+#: Required gain of the graph in the median round: ``sparsify_``'s default ``min_gain``.
+MARGIN = 0.05
+#: A race clear neither way is run again with this many times its rounds.
+LONGER = 3
+#: Each timed sample lasts at least this long (seconds), as in ``sparsify_``'s races.
+_MIN_SAMPLE = 2e-4
+
+
+def _clear(timed: Race) -> bool:
+    """The graph won by :data:`MARGIN` in the median round and in 3 rounds of 4."""
+    return timed.winner(MARGIN) == GRAPH and timed.speedup_quantile(GRAPH, 0.25) > 1
+
+
+def graph_wins(
+    fns: dict[str, Callable[[], object]], rounds: int, timer: Callable[..., Race] = race
+) -> Race | None:
+    """Race a run as installed (first) against its graph (:data:`GRAPH`); the race if it won.
+
+    Won: :data:`MARGIN` faster in the median round and faster in three rounds out of four.
+    Lost at once where the graph was no faster in the median round; anything between (a
+    gain under the margin, or a median win without three rounds of four) races again,
+    :data:`LONGER` × ``rounds``, and that race decides.
+
+    Args:
+        fns: ``{incumbent: the run as installed, GRAPH: the graph}``, zero-argument calls.
+        rounds: Timed rounds of the first race.
+        timer: :func:`nbcompress.timing.race` (or a fake of it, with its arguments).
+
+    Returns:
+        The deciding race if the graph won (its gain: ``1 / ratio(GRAPH)``), else ``None``.
+    """
+    first = timer(fns, rounds=rounds, warmup=1, min_sample=_MIN_SAMPLE)
+    if _clear(first):
+        return first
+    if first.ratio(GRAPH) >= 1:
+        return None
+    longer = timer(fns, rounds=LONGER * rounds, warmup=0, min_sample=_MIN_SAMPLE)
+    return longer if _clear(longer) else None
 
 
 def fusable(res: LayerResult) -> bool:
@@ -122,11 +184,16 @@ def fuse_runs(model: nn.Module, tx: Any, analysis: Analysis, inputs: Any) -> lis
         analysis: The per-layer results (which layers may take ONNX Runtime int8).
         inputs: The example inputs the analysis ran on; ``None``: nothing is fused.
     """
+    found = _found(analysis, inputs)
+    notes = _fuse(model, tx, found, inputs) if found else []
+    restate(analysis, tx)  # the verdict and the history step say what runs now
+    return notes
+
+
+def _fuse(model: nn.Module, tx: Any, found: dict[str, LayerResult], inputs: Any) -> list[str]:
+    """:func:`fuse_runs` over the layers ``found``; one note per run fused."""
     from nbcompress.engine.quantize.ort_chain import fuse_chains
 
-    found = _found(analysis, inputs)
-    if not found:
-        return []
     job = _job(model, found, inputs)
     fuse_chains(job, tx)
     notes = []

@@ -15,7 +15,7 @@ from nbcompress.engine.speedup.analysis import RTOL, Analysis, LayerResult, Spar
 from nbcompress.engine.speedup.candidates import ORT_SKIPPED
 from nbcompress.engine.speedup.coverage import describe
 from nbcompress.engine.speedup.explain import PATHS as _PATHS
-from nbcompress.engine.speedup.explain import choice, passed_over, some_of
+from nbcompress.engine.speedup.explain import choice, passed_over, restate, some_of
 from nbcompress.engine.speedup.sparsify import analyse, install_
 from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.kernels.threads import get_threads
@@ -264,6 +264,7 @@ def speedup(
         )
     if apply:
         install_(model, analysis, example_inputs)
+    restate(analysis)  # what the chosen layers run on: sparse kernels, int8 twins, graphs
     min_gain = options.get("min_gain", SparsifyOptions.min_gain)
     report = _report(analysis, apply and bool(analysis.chosen), min_gain)
     removed = removal_note(model)

@@ -19,7 +19,7 @@ from nbcompress.engine.quantize.ort_chain import FusedForward
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear
 from nbcompress.engine.speedup import candidates, recorded
 from nbcompress.engine.speedup.analysis import SparsifyOptions, rtol
-from nbcompress.engine.speedup.explain import label
+from nbcompress.engine.speedup.explain import FUSED_TIMING, label
 from nbcompress.kernels import modules as kernel_modules
 from nbcompress.kernels import tuning
 from nbcompress.kernels.modules import SparseLinear
@@ -86,6 +86,9 @@ def test_the_ort_twin_is_chosen_where_fastest_installed_within_tolerance_and_und
     assert [r["path"] for r in report.rows] == ["ONNX Runtime int8"] * 3
     assert report.rows[0]["chosen"] == "ONNX Runtime int8: 10.00× vs dense"
     assert nc.history(model)[-1].info["chosen"] == dict.fromkeys(LINEARS, "ort_int8")
+    # The verdict and the history step say what runs, not "3 layers on sparse kernels".
+    assert report.outcome.startswith("Applied: 3 layers on ONNX Runtime int8: ")
+    assert nc.history(model)[-1].detail.startswith("3 layers on ONNX Runtime int8 (")
     _within_tolerance(model, ref, x)
     nc.undo_(model)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in LINEARS)
@@ -99,6 +102,7 @@ def test_torch_s_twin_is_chosen_where_it_is_the_fastest_path(monkeypatch):
     nc.sparsify_(model, x, allow_int8=True)
     assert all(isinstance(model.get_submodule(n), torch.ao.nn.quantized.dynamic.Linear)
                for n in LINEARS)  # fmt: skip
+    assert nc.history(model)[-1].detail.startswith("3 layers on torch int8 (")
     _within_tolerance(model, ref, x)
     nc.undo_(model)
     assert_same_state(model, before)
@@ -193,8 +197,13 @@ def test_a_run_allowed_ort_int8_becomes_one_graph_only_where_it_races_faster(mon
         assert all(r["chosen"].startswith("ONNX Runtime int8, one graph") for r in report.rows)
         assert any(n.startswith("fused at install") for n in report.notes)
         assert nc.history(model)[-1].info["chosen"] == dict.fromkeys(["0", "2", "4"], "ort_int8")
+        said = "3 layers in one ONNX Runtime int8 graph"
+        assert report.outcome.startswith(f"Applied: {said}: ")
+        assert report.outcome.endswith(f"{FUSED_TIMING}.")  # timed per layer, before fusing
+        assert nc.history(model)[-1].detail.startswith(f"{said} (")
     else:
         assert linears == [SparseLinear] * 3
+        assert report.outcome.startswith("Applied: 3 layers on sparse kernels: ")
     _within_tolerance(model, ref, x)
     nc.undo_(model)
     assert (
