@@ -17,7 +17,7 @@ import nbcompress as nc
 from nbcompress.engine.quantize import ort_chain, ort_int8
 from nbcompress.engine.quantize.ort_chain import FusedForward
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear
-from nbcompress.engine.speedup import candidates, recorded
+from nbcompress.engine.speedup import candidates, fused, recorded
 from nbcompress.engine.speedup.analysis import SparsifyOptions, rtol
 from nbcompress.engine.speedup.explain import FUSED_TIMING, label
 from nbcompress.kernels import modules as kernel_modules
@@ -175,6 +175,7 @@ def _graph_race(monkeypatch, graph: float) -> list[str]:
         return race({n: tick(n) for n in candidates}, rounds=rounds, warmup=0, clock=lambda: now[0])
 
     monkeypatch.setattr(ort_chain, "race", fake)
+    monkeypatch.setattr(fused, "race", fake)  # graph_wins's, where fuse_chains takes it
     return raced
 
 
