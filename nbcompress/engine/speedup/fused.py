@@ -26,8 +26,8 @@ judge (a change to :mod:`~nbcompress.engine.quantize.ort_chain`, not made here);
 then ``%quantize``'s own rule decides, 15% faster (``choice.TIE``). On BERT-FFN ×2 with
 4×1 blocks at 90%, 2 threads, batch 8, the graph took 0.81 of the run's time on sparse
 int8 over 60 rounds; 9-round medians spread 0.76–0.86, and that rule left the run unfused
-in 3 of 8 installs here (the model 1.2–1.3× slower). At 1 thread the same graph is 1.2–1.5×
-slower than the run: never close to either rule.
+in 3 of 10 installs here (one such model 1.26× slower than the fused ones, same race).
+At 1 thread the same graph is 1.2–1.5× slower than the run: never close to either rule.
 """
 
 from __future__ import annotations
