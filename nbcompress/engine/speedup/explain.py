@@ -180,7 +180,7 @@ def restate(analysis: Analysis, tx: Any = None) -> None:
         analysis: The decisions, as they are after install (or without one).
         tx: The history transaction of the install, if any (its step's one-line detail).
     """
-    head, sep, tail = analysis.verdict.partition(": ")
+    _, sep, tail = analysis.verdict.partition(": ")
     if not sep or not analysis.chosen or analysis.verdict.endswith("model left dense"):
         return
     if any(r.fused for r in analysis.layers) and not tail.endswith(FUSED_TIMING):
