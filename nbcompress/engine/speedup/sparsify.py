@@ -33,6 +33,7 @@ from nbcompress.engine.speedup import bnfold, recorded, shapes, variants
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.candidates import break_even, build, paths_of
 from nbcompress.engine.speedup.coverage import dense_reason, uncovered
+from nbcompress.engine.speedup.explain import runs_on
 from nbcompress.engine.speedup.fused import fuse_runs, settle_runs
 from nbcompress.engine.speedup.guard import unchanged
 from nbcompress.kernels import tuning
@@ -316,10 +317,7 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
                 r.chosen, r.dropped = "dense", True
         analysis.verdict = f"not faster end to end ({why}); model left dense"
         return
-    n = len(analysis.chosen)
-    analysis.verdict = (
-        f"{n} layer{'s' if n > 1 else ''} on sparse kernels: {gain:.2f}× faster end to end{when}"
-    )
+    analysis.verdict = f"{runs_on(analysis.layers)}: {gain:.2f}× faster end to end{when}"
 
 
 def _install(tx: Transaction, name: str, module: nn.Module) -> None:
@@ -343,7 +341,7 @@ def install_(model: nn.Module, analysis: Analysis, inputs: Any = None) -> nn.Mod
         # Points at the user's line: install_ ← sparsify_/speedup ← their notice decorator.
         warnings.warn(f"sparsify_: {analysis.verdict}.", stacklevel=4)
         return model
-    detail = f"{len(chosen)} layer(s) on sparse kernels ({analysis.verdict.split(': ')[-1]})"
+    detail = f"{runs_on(analysis.layers)} ({analysis.verdict.split(': ')[-1]})"
     with transaction(model, "sparsify", detail) as tx:
         for name, res in chosen.items():
             # The replacement takes the dense layer's mode (an eval model stays all eval).
