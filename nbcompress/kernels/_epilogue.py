@@ -23,7 +23,6 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-
 __all__ = ["ACTIVATIONS", "NO_BIAS", "epilogue", "finish_row", "finish_vector"]
 
 #: Activation name → the code the kernels take (0: none).
@@ -94,25 +93,25 @@ def _gelu_tanh(x):  # noqa: ANN001, ANN202 - numba function
     return np.float32(0.5) * x * (np.float32(1.0) + _tanh(inner))
 
 
-@njit(**_JIT)
+@njit(inline="always", **_JIT)
 def finish_row(o, start, stop, bi, act):  # noqa: ANN001, ANN201 - numba function
     """``o[start:stop] = act(o[start:stop] + bi)``: one output row's columns."""
-    # One loop per activation (the branch outside), so that each vectorizes; over a
-    # slice from 0, as indices from ``start`` on kept LLVM from vectorizing.
-    v = o[start:stop]
-    n = v.shape[0]
+    # Inlined where called, one loop per activation (the branch outside), unsigned
+    # indices (no negative-index wraparound): each loop vectorizes. As a called function
+    # a row of 8 columns (a batch of 8) cost ~19 ns more than its GELUs.
+    lo, hi = np.uint64(start), np.uint64(stop)
     if act == 0:
-        for k in range(n):
-            v[k] = v[k] + bi
+        for k in range(lo, hi):
+            o[k] = o[k] + bi
     elif act == 1:
-        for k in range(n):
-            v[k] = max(v[k] + bi, np.float32(0.0))
+        for k in range(lo, hi):
+            o[k] = max(o[k] + bi, np.float32(0.0))
     elif act == 2:
-        for k in range(n):
-            v[k] = _gelu(v[k] + bi)
+        for k in range(lo, hi):
+            o[k] = _gelu(o[k] + bi)
     else:
-        for k in range(n):
-            v[k] = _gelu_tanh(v[k] + bi)
+        for k in range(lo, hi):
+            o[k] = _gelu_tanh(o[k] + bi)
 
 
 @njit(**_JIT)
@@ -129,5 +128,7 @@ def finish_vector(out, bias, act):  # noqa: ANN001, ANN201 - numba function
 def epilogue(out, bias, act):  # noqa: ANN001, ANN201 - numba function
     """``out[i, :] = act(out[i, :] + bias[i])`` for a C-contiguous (out × N) result."""
     nb = bias.shape[0]
+    n = out.shape[1]
+    flat = out.reshape(-1)
     for i in range(out.shape[0]):
-        finish_row(out[i], 0, out.shape[1], bias[i] if nb else np.float32(0.0), act)
+        finish_row(flat, i * n, i * n + n, bias[i] if nb else np.float32(0.0), act)
