@@ -68,8 +68,7 @@ def csr_spmv8{sfx}(indptr, indices, data, scale, x, out, bias, act):  # noqa: D1
 
 {deco}
 def csr_cols{sfx}(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa: D103
-    nb = bias.shape[0]
-    epi = act != 0 or nb != 0
+    epi = act != 0 or bias.shape[0] != 0
     for i in prange(indptr.shape[0] - 1):
         s = np.float32(scale[i])
         start = np.uint64(indptr[i])
@@ -85,7 +84,7 @@ def csr_cols{sfx}(indptr, indices, data, scale, xt, out, col0, bias, act):  # no
                 a0 += np.float32(data[j]) * xt[indices[j], b]
             out[i, b] = (a0 + a1) * s
         if epi:
-            finish_row(out[i], col0, xt.shape[1], bias[i] if nb else np.float32(0.0), act)
+            finish_block(out, i, i + 1, col0, xt.shape[1], bias, act)
 """
 
 
@@ -118,8 +117,7 @@ _TILE = """
     nu = np.uint64(n)
     bu = np.uint64(bs)
     kdim = b.shape[0] // bs
-    nbias = bias.shape[0]
-    epi = act != 0 or nbias != 0
+    epi = act != 0 or bias.shape[0] != 0
     for t in prange(ntile * nb):
         p = t // nb
         r0 = bounds[t - p * nb]
@@ -144,9 +142,8 @@ _TILE = """
                     j += np.uint64(1)
                 s = scale[i] if kb == nkb - 1 else np.float32(1.0)
 {store}
-                if epi and kb == nkb - 1:
-                    bi = bias[i] if nbias else np.float32(0.0)
-                    finish_row(out, np.int64(q), np.int64(q) + {tile}, bi, act)
+        if epi:  # this task's rows, in L2 (blocks of a few hundred rows × 64 columns)
+            finish_flat(out, r0, r1, n, np.int64(n0), {tile}, bias, act)
 """
 
 
@@ -193,8 +190,7 @@ def panel(width: int, unroll: int, sfx: str, deco: str) -> str:
         f"def panel{width}{sfx}(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):"
         "  # noqa: D103",
         "    m = indptr.shape[0] - 1",
-        "    nb = bias.shape[0]",
-        "    epi = act != 0 or nb != 0",
+        "    epi = act != 0 or bias.shape[0] != 0",
         "    kdim = xp.shape[0] // npan",
         "    nrb = (m + rb - 1) // rb",
         "    for t in prange(npan * nrb):",
@@ -232,8 +228,8 @@ def panel(width: int, unroll: int, sfx: str, deco: str) -> str:
         total = " + ".join(acc[u][k] for u in range(unroll))
         lines.append(f"            o[c0 + {k}] = ({total}) * s")
     lines += [
-        "            if epi:",
-        f"                finish_row(o, c0, c0 + {width}, bias[i] if nb else np.float32(0.0), act)",
+        "        if epi:  # this task's rows, just stored",
+        f"            finish_block(out, r0, min(r0 + rb, m), c0, c0 + {width}, bias, act)",
     ]
     return "\n".join(lines) + "\n"
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["ACTIVATIONS", "NO_BIAS", "epilogue", "finish_row", "finish_vector"]
+__all__ = ["ACTIVATIONS", "NO_BIAS", "epilogue", "finish_block", "finish_flat", "finish_vector"]
 
 #: Activation name → the code the kernels take (0: none).
 ACTIVATIONS: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -96,9 +96,11 @@ def _gelu_tanh(x):  # noqa: ANN001, ANN202 - numba function
 @njit(inline="always", **_JIT)
 def finish_row(o, start, stop, bi, act):  # noqa: ANN001, ANN201 - numba function
     """``o[start:stop] = act(o[start:stop] + bi)``: one output row's columns."""
-    # Inlined where called, one loop per activation (the branch outside), unsigned
-    # indices (no negative-index wraparound): each loop vectorizes. As a called function
-    # a row of 8 columns (a batch of 8) cost ~19 ns more than its GELUs.
+    # Inlined into the functions below (compiled with this module's flags: inlined into
+    # the kernels themselves the division kept its zero check there, and nothing
+    # vectorized), one loop per activation (the branch outside), unsigned indices (no
+    # negative-index wraparound): each loop vectorizes. As a called function per row, a
+    # row of 8 columns (a batch of 8) cost ~19 ns more than its GELUs.
     lo, hi = np.uint64(start), np.uint64(stop)
     if act == 0:
         for k in range(lo, hi):
@@ -115,6 +117,26 @@ def finish_row(o, start, stop, bi, act):  # noqa: ANN001, ANN201 - numba functio
 
 
 @njit(**_JIT)
+def finish_block(out, r0, r1, c0, c1, bias, act):  # noqa: ANN001, ANN201 - numba function
+    """``out[i, c0:c1] = act(out[i, c0:c1] + bias[i])`` for rows ``r0:r1`` of a 2-D result.
+
+    ``bias`` empty: none. Called once per block of rows the caller just computed.
+    """
+    nb = bias.shape[0]
+    for i in range(r0, r1):
+        finish_row(out[i], c0, c1, bias[i] if nb else np.float32(0.0), act)
+
+
+@njit(**_JIT)
+def finish_flat(out, r0, r1, n, c0, width, bias, act):  # noqa: ANN001, ANN201 - numba function
+    """:func:`finish_block` on a flattened (rows × ``n``) result, columns ``c0`` + ``width``."""
+    nb = bias.shape[0]
+    for i in range(r0, r1):
+        q = i * n + c0
+        finish_row(out, q, q + width, bias[i] if nb else np.float32(0.0), act)
+
+
+@njit(**_JIT)
 def finish_vector(out, bias, act):  # noqa: ANN001, ANN201 - numba function
     """``out = act(out + bias)`` elementwise (a batch-1 product; ``bias`` empty: none)."""
     if bias.shape[0]:
@@ -127,8 +149,4 @@ def finish_vector(out, bias, act):  # noqa: ANN001, ANN201 - numba function
 @njit(**_JIT)
 def epilogue(out, bias, act):  # noqa: ANN001, ANN201 - numba function
     """``out[i, :] = act(out[i, :] + bias[i])`` for a C-contiguous (out × N) result."""
-    nb = bias.shape[0]
-    n = out.shape[1]
-    flat = out.reshape(-1)
-    for i in range(out.shape[0]):
-        finish_row(flat, i * n, i * n + n, bias[i] if nb else np.float32(0.0), act)
+    finish_block(out, 0, out.shape[0], 0, out.shape[1], bias, act)

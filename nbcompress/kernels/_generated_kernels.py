@@ -35,10 +35,10 @@ registry in :mod:`nbcompress.kernels.dispatch`.
   four output rows (``4 · W`` accumulators in ymm registers), where CSR loads a row per
   nonzero.
 
-The CSR kernels end with an epilogue (``_epilogue.py``): each output row, right after
-it is stored, gets ``bias[i]`` added (``bias`` empty: none) and activation ``act``
-applied (0 none, 1 ReLU, 2 GELU, 3 tanh-GELU), on the thread that computed it while it
-is in L1 (K-blocked tiles: after the last block).
+The CSR kernels end with an epilogue (``_epilogue.py``): each block of output rows,
+right after it is computed, gets ``bias[i]`` added to row i (``bias`` empty: none) and
+activation ``act`` applied (0 none, 1 ReLU, 2 GELU, 3 tanh-GELU), on the thread that
+computed it while it is in cache.
 
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 
@@ -51,7 +51,7 @@ Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 import numpy as np
 from numba import carray, njit, prange
 
-from nbcompress.kernels._epilogue import finish_row, finish_vector
+from nbcompress.kernels._epilogue import finish_block, finish_flat, finish_vector
 from nbcompress.kernels._numba import FASTMATH
 from nbcompress.kernels._simd import (
     as_ptr,
@@ -117,8 +117,7 @@ def csr_spmv8(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def csr_cols(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa: D103
-    nb = bias.shape[0]
-    epi = act != 0 or nb != 0
+    epi = act != 0 or bias.shape[0] != 0
     for i in prange(indptr.shape[0] - 1):
         s = np.float32(scale[i])
         start = np.uint64(indptr[i])
@@ -134,14 +133,13 @@ def csr_cols(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa: D
                 a0 += np.float32(data[j]) * xt[indices[j], b]
             out[i, b] = (a0 + a1) * s
         if epi:
-            finish_row(out[i], col0, xt.shape[1], bias[i] if nb else np.float32(0.0), act)
+            finish_block(out, i, i + 1, col0, xt.shape[1], bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def panel16(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
-    nb = bias.shape[0]
-    epi = act != 0 or nb != 0
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -234,15 +232,14 @@ def panel16(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  
             o[c0 + 13] = (a0_13 + a1_13) * s
             o[c0 + 14] = (a0_14 + a1_14) * s
             o[c0 + 15] = (a0_15 + a1_15) * s
-            if epi:
-                finish_row(o, c0, c0 + 16, bias[i] if nb else np.float32(0.0), act)
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 16, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
-    nb = bias.shape[0]
-    epi = act != 0 or nb != 0
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -325,8 +322,8 @@ def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  #
             o[c0 + 5] = (a0_5 + a1_5 + a2_5 + a3_5) * s
             o[c0 + 6] = (a0_6 + a1_6 + a2_6 + a3_6) * s
             o[c0 + 7] = (a0_7 + a1_7 + a2_7 + a3_7) * s
-            if epi:
-                finish_row(o, c0, c0 + 8, bias[i] if nb else np.float32(0.0), act)
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 8, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -336,8 +333,7 @@ def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb
     nu = np.uint64(n)
     bu = np.uint64(bs)
     kdim = b.shape[0] // bs
-    nbias = bias.shape[0]
-    epi = act != 0 or nbias != 0
+    epi = act != 0 or bias.shape[0] != 0
     for t in prange(ntile * nb):
         p = t // nb
         r0 = bounds[t - p * nb]
@@ -394,9 +390,8 @@ def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb
                 vstore(out, q + np.uint64(40), a5, s)
                 vstore(out, q + np.uint64(48), a6, s)
                 vstore(out, q + np.uint64(56), a7, s)
-                if epi and kb == nkb - 1:
-                    bi = bias[i] if nbias else np.float32(0.0)
-                    finish_row(out, np.int64(q), np.int64(q) + 64, bi, act)
+        if epi:  # this task's rows, in L2 (blocks of a few hundred rows × 64 columns)
+            finish_flat(out, r0, r1, n, np.int64(n0), 64, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -642,8 +637,7 @@ def csr_spmv8_1(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def csr_cols_1(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa: D103
-    nb = bias.shape[0]
-    epi = act != 0 or nb != 0
+    epi = act != 0 or bias.shape[0] != 0
     for i in prange(indptr.shape[0] - 1):
         s = np.float32(scale[i])
         start = np.uint64(indptr[i])
@@ -659,14 +653,13 @@ def csr_cols_1(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa:
                 a0 += np.float32(data[j]) * xt[indices[j], b]
             out[i, b] = (a0 + a1) * s
         if epi:
-            finish_row(out[i], col0, xt.shape[1], bias[i] if nb else np.float32(0.0), act)
+            finish_block(out, i, i + 1, col0, xt.shape[1], bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def panel16_1(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
-    nb = bias.shape[0]
-    epi = act != 0 or nb != 0
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -759,15 +752,14 @@ def panel16_1(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):
             o[c0 + 13] = (a0_13 + a1_13) * s
             o[c0 + 14] = (a0_14 + a1_14) * s
             o[c0 + 15] = (a0_15 + a1_15) * s
-            if epi:
-                finish_row(o, c0, c0 + 16, bias[i] if nb else np.float32(0.0), act)
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 16, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
 def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
-    nb = bias.shape[0]
-    epi = act != 0 or nb != 0
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -850,8 +842,8 @@ def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act): 
             o[c0 + 5] = (a0_5 + a1_5 + a2_5 + a3_5) * s
             o[c0 + 6] = (a0_6 + a1_6 + a2_6 + a3_6) * s
             o[c0 + 7] = (a0_7 + a1_7 + a2_7 + a3_7) * s
-            if epi:
-                finish_row(o, c0, c0 + 8, bias[i] if nb else np.float32(0.0), act)
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 8, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -861,8 +853,7 @@ def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, n
     nu = np.uint64(n)
     bu = np.uint64(bs)
     kdim = b.shape[0] // bs
-    nbias = bias.shape[0]
-    epi = act != 0 or nbias != 0
+    epi = act != 0 or bias.shape[0] != 0
     for t in prange(ntile * nb):
         p = t // nb
         r0 = bounds[t - p * nb]
@@ -919,9 +910,8 @@ def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, n
                 vstore(out, q + np.uint64(40), a5, s)
                 vstore(out, q + np.uint64(48), a6, s)
                 vstore(out, q + np.uint64(56), a7, s)
-                if epi and kb == nkb - 1:
-                    bi = bias[i] if nbias else np.float32(0.0)
-                    finish_row(out, np.int64(q), np.int64(q) + 64, bi, act)
+        if epi:  # this task's rows, in L2 (blocks of a few hundred rows × 64 columns)
+            finish_flat(out, r0, r1, n, np.int64(n0), 64, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
