@@ -52,7 +52,7 @@ from nbcompress.kernels import _generated_kernels as gen
 from nbcompress.kernels import _pool
 from nbcompress.kernels._simd import gomp_parallel
 
-__all__ = ["Block", "address", "available", "job", "launch", "partition"]
+__all__ = ["Block", "address", "available", "job", "launch", "partition", "prewake"]
 
 _STATE: dict[str, int] = {}
 #: Row blocks per part (per thread): the unit another thread can take over.
@@ -313,6 +313,12 @@ def launch(fn: int, blk: Block, threads: int) -> None:
         _pool.launch(fn, blk.words, blk.inp, blk.out, threads)
     else:
         _run(_STATE["entry"], fn, blk.words, blk.inp, blk.out, threads)
+
+
+def prewake(threads: int) -> None:
+    """Wake the awake pool's parked workers if the next launch on ``threads`` will use it."""
+    if threads > 1 and available() and _own_pool(threads):
+        _pool.wake(threads)
 
 
 def _own_pool(threads: int) -> bool:

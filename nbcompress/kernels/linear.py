@@ -14,13 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from nbcompress.kernels import _gomp
 from nbcompress.kernels._epilogue import ACTIVATIONS, NO_BIAS, epilogue
 from nbcompress.kernels.bsr import bsr_matmul
 from nbcompress.kernels.csr import matmul_unchecked
 from nbcompress.kernels.formats import BSRMatrix
 from nbcompress.kernels.int8 import int8_matmul
+from nbcompress.kernels.threads import get_threads
 
-__all__ = ["activation_of", "bias_array", "finish", "linear_product"]
+__all__ = ["activation_of", "bias_array", "finish", "linear_product", "wake_pool"]
 
 #: The formats of ``int8.py``'s kernels (they add the bias themselves; no epilogue).
 _DYNAMIC = ("csr_int8_dynamic", "bsr_int8")
@@ -60,6 +62,18 @@ def bias_array(module: nn.Module) -> np.ndarray:
         version = tensor._version
     module.__dict__["_bias_array"] = (tensor, version, array)
     return array
+
+
+def wake_pool() -> None:
+    """Wake the awake pool's parked workers now if this call's kernels may launch on it.
+
+    Called first thing in a forward: the worker then wakes (~50–100 µs here, after a
+    dense model or anything else longer than ``_pool.AWAKE_SECONDS``) while the layer's
+    Python glue runs, rather than joining its kernel late.
+    """
+    threads = get_threads()
+    if threads > 1:
+        _gomp.prewake(threads)
 
 
 def finish(rows: np.ndarray, bias: np.ndarray, act: int) -> None:

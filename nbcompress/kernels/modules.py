@@ -23,14 +23,13 @@ from nbcompress.kernels.conv import bsr_conv_unchecked, conv_unchecked
 from nbcompress.kernels.csr import matmul_t_unchecked
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr, ungroup
 from nbcompress.kernels.inputs import block_divides, check_conv, checked_tensor
-from nbcompress.kernels.linear import activation_of, bias_array, finish, linear_product
+from nbcompress.kernels.linear import activation_of, bias_array, finish, linear_product, wake_pool
 from nbcompress.kernels.notices import COMPILE_NOTICE
 
 __all__ = ["FORMATS", "DYNAMIC_FORMATS", "SparseConv2d", "SparseLinear"]
 
 #: Storage formats: float32 CSR, int8 CSR with per-row scales (float32 inputs), block-sparse
-#: rows; ``SparseLinear`` only: int8 CSR and int8 4 × 1 blocks whose batches are quantized
-#: to uint8 per call and summed in int32 (``int8.py``), as ONNX Runtime's dynamic int8.
+#: rows; ``SparseLinear`` only: int8 CSR and 4 × 1 blocks with batches quantized per call.
 FORMATS = ("csr", "csr_int8", "bsr", "bsr_int8", "csr_int8_dynamic")
 #: The formats of ``int8.py``'s kernels, with dynamically quantized batches.
 DYNAMIC_FORMATS = ("csr_int8_dynamic", "bsr_int8")
@@ -213,6 +212,7 @@ class SparseLinear(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to ``(..., in_features)`` input."""
+        wake_pool()  # a parked worker wakes while the checks run (linear.py)
         with COMPILE_NOTICE:  # one line if this call compiles kernels (notices.py)
             return self._forward(x)
 
@@ -317,6 +317,7 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the convolution to ``(N, C, H, W)`` input."""
+        wake_pool()
         with COMPILE_NOTICE:  # one line if this call compiles kernels (notices.py)
             return self._forward(x)
 
