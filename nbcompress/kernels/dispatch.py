@@ -18,7 +18,6 @@ more than one thread each candidate also runs on one thread (its serial twin), s
 waking the pool can cost more than the second core saves. A choice
 is recorded per weight pattern and input shape bucket (:mod:`~nbcompress.kernels.tuning`,
 on disk per CPU), so later shapes in the bucket and later processes reuse it unmeasured.
-
 """
 
 from __future__ import annotations
@@ -219,7 +218,8 @@ def fastest(mat: Matrix, key: tuple, options: Options, detail: tuple = ()) -> No
         options: Name → zero-argument callable; the first is the incumbent.
         detail: What else decides the choice for the tuning record (a conv's geometry).
     """
-    chosen = _CHOICE.setdefault(mat, {})
+    chosen = _CHOICE.get(mat)  # get first: setdefault makes a weak reference every call
+    chosen = _CHOICE.setdefault(mat, {}) if chosen is None else chosen
     key = (*key, get_threads())
     name = chosen.get(key)
     if name is not None:
