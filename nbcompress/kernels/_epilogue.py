@@ -27,9 +27,9 @@ __all__ = ["ACTIVATIONS", "NO_BIAS", "epilogue", "finish_block", "finish_flat", 
 
 #: Activation name → the code the kernels take (0: none).
 ACTIVATIONS: dict[str | None, int] = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
-#: The bias argument of a layer without bias (a fixed array: ``_gomp`` caches by identity).
+#: The bias argument of a layer without bias (a fixed array: ``_gomp`` caches by identity;
+#: writable, as a read-only array would be another numba signature of every kernel).
 NO_BIAS = np.zeros(0, dtype=np.float32)
-NO_BIAS.setflags(write=False)
 
 # error_model="numpy": numba's default checks every division for zero, which keeps LLVM
 # from vectorizing the loops (0.25 → 1.7 ns per GELU here). No "contract" or "arcp" among
