@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from nbcompress.kernels import _gomp, tuning
+from nbcompress.kernels import _gomp, _pool, tuning
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, describe
 from nbcompress.kernels.layouts import kblock, release
 
@@ -218,8 +218,7 @@ def fastest(mat: Matrix, key: tuple, options: Options, detail: tuple = ()) -> No
         options: Name → zero-argument callable; the first is the incumbent.
         detail: What else decides the choice for the tuning record (a conv's geometry).
     """
-    chosen = _CHOICE.get(mat)  # get first: setdefault makes a weak reference every call
-    chosen = _CHOICE.setdefault(mat, {}) if chosen is None else chosen
+    chosen = _CHOICE.get(mat) or _CHOICE.setdefault(mat, {})  # setdefault: a weakref a call
     key = (*key, get_threads())
     name = chosen.get(key)
     if name is not None:
@@ -274,7 +273,8 @@ def _tuned(mat: Matrix, key: tuple, detail: tuple, options: Options) -> str:
 
 def _raced(options: Options) -> str:
     start = time.perf_counter()
-    name = choose(options)
+    with _pool.held_awake():  # as inside a model call, where the layers wake the pool
+        name = choose(options)
     with _STATS_LOCK:
         _STATS["races"] += 1
         _STATS["seconds"] += time.perf_counter() - start
