@@ -14,8 +14,10 @@ that load from other processes falls on all of them alike.
 spins a few ms after each region, and ``PASSIVE``, which sleeps at once, as
 bench_runtimes sets it): per model call the median total, the time inside the parallel
 launches (the kernels on several threads), in serial kernel calls, in torch's GELU, and
-the rest (Python glue: checks, bias add, packing, dispatch). Each call follows a call of
-the dense model, as in bench_runtimes' interleaved rounds.
+the rest (Python glue: checks, packing, dispatch). Each call follows a call of the dense
+model, as in bench_runtimes' interleaved rounds. Each configuration twice: as
+``sparsify_`` left it, and with each GELU fused into the layer before it
+(``fuse_activation_``, the GELU replaced by ``nn.Identity``).
 
 Per layer: the median time of one call from a single caller (batch 1 and 64 on a
 3072 × 768 Linear at 90% zeros, a 64-channel 3 × 3 conv at 70% on 28 × 28), and the
@@ -135,32 +137,47 @@ def ffn_child() -> None:
                 if isinstance(layer, torch.nn.GELU):  # time torch's op inside the call
                     layer.register_forward_pre_hook(_gelu_start)
                     layer.register_forward_hook(_gelu_end)
-            calls: list[dict[str, float]] = []
-            with torch.no_grad():
-                for _ in range(60):
-                    dense(x)
-                    spent.clear()
-                    start = time.perf_counter()
-                    model(x)
-                    spent["total"] = time.perf_counter() - start
-                    calls.append(dict(spent))
-            med = {k: statistics.median(c.get(k, 0.0) for c in calls) * 1e6 for k in calls[0]}
-            med.pop("gelu_start", None)
-            med.setdefault("parallel", 0.0)
-            med.setdefault("serial", 0.0)
-            med["rest"] = med["total"] - med["parallel"] - med["serial"] - med["gelu"]
-            rows.append({"batch": batch, "threads": threads, **med})
+            for fused in (False, True):
+                if fused:
+                    _fuse(model)
+                calls: list[dict[str, float]] = []
+                with torch.no_grad():
+                    for _ in range(60):
+                        dense(x)
+                        spent.clear()
+                        start = time.perf_counter()
+                        model(x)
+                        spent["total"] = time.perf_counter() - start
+                        calls.append(dict(spent))
+                keys = {k for c in calls for k in c}
+                med = {k: statistics.median(c.get(k, 0.0) for c in calls) * 1e6 for k in keys}
+                med.pop("gelu_start", None)
+                for k in ("parallel", "serial", "gelu"):
+                    med.setdefault(k, 0.0)
+                med["rest"] = med["total"] - med["parallel"] - med["serial"] - med["gelu"]
+                rows.append({"batch": batch, "threads": threads, "fused": fused, **med})
     print(json.dumps(rows))
+
+
+def _fuse(model: object) -> None:
+    """Fuse each GELU of ``model`` (an nn.Sequential) into the sparse layer before it."""
+    from torch import nn
+
+    layers = list(model)
+    for i in range(1, len(layers)):
+        fuse = getattr(layers[i - 1], "fuse_activation_", None)
+        if fuse is not None and fuse(layers[i]):
+            model[i] = nn.Identity()
 
 
 def ffn_main() -> None:
     """One child per wait policy of torch's OpenMP workers; print where the time goes."""
     print(f"load average {os.getloadavg()[0]:.2f}; medians of 60 calls, each after a dense call")
     print(
-        "| torch's workers | batch | threads | call (µs) | parallel | serial kernels | "
+        "| torch's workers | GELU | batch | threads | call (µs) | parallel | serial kernels | "
         "2 × GELU | rest (glue) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for policy in ("", "PASSIVE"):
         env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
         env.pop("OMP_WAIT_POLICY", None)
@@ -176,7 +193,9 @@ def ffn_main() -> None:
         for r in json.loads(done.stdout.strip().splitlines()[-1]):
             cells = [f"{r[k]:.0f}" for k in ("total", "parallel", "serial", "gelu", "rest")]
             name = "sleep (PASSIVE)" if policy else "spin (default)"
-            print(f"| {name} | {r['batch']} | {r['threads']} | " + " | ".join(cells) + " |")
+            gelu = "fused" if r["fused"] else "torch"
+            cells = [name, gelu, str(r["batch"]), str(r["threads"]), *cells]
+            print("| " + " | ".join(cells) + " |")
 
 
 def main() -> None:

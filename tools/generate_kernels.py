@@ -84,6 +84,11 @@ registry in :mod:`nbcompress.kernels.dispatch`.
   four output rows (``4 · W`` accumulators in ymm registers), where CSR loads a row per
   nonzero.
 
+The CSR kernels end with an epilogue (``_epilogue.py``): each block of output rows,
+right after it is computed, gets ``bias[i]`` added to row i (``bias`` empty: none) and
+activation ``act`` applied (0 none, 1 ReLU, 2 GELU, 3 tanh-GELU), on the thread that
+computed it while it is in cache.
+
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 
 * ``{{kernel}}_task_{{data}}{{index}}`` (plain functions, compiled on first use as C
@@ -95,6 +100,7 @@ Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 import numpy as np
 from numba import carray, njit, prange
 
+from nbcompress.kernels._epilogue import finish_block, finish_flat, finish_vector
 from nbcompress.kernels._numba import FASTMATH
 from nbcompress.kernels._simd import (
     as_ptr,

@@ -26,7 +26,7 @@ def decorator(parallel: bool) -> str:
 _SPMV = """
 
 {deco}
-def csr_spmv{sfx}(indptr, indices, data, scale, x, out):  # noqa: D103
+def csr_spmv{sfx}(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         j = np.uint64(indptr[i])
@@ -41,10 +41,12 @@ def csr_spmv{sfx}(indptr, indices, data, scale, x, out):  # noqa: D103
             a0 += np.float32(data[j]) * x[indices[j]]
             j += np.uint64(1)
         out[i] = ((a0 + a1) + (a2 + a3)) * scale[i]
+    if act or bias.shape[0]:
+        finish_vector(out, bias, act)
 
 
 {deco}
-def csr_spmv8{sfx}(indptr, indices, data, scale, x, out):  # noqa: D103
+def csr_spmv8{sfx}(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
         j = np.uint64(indptr[i])
         end = np.uint64(indptr[i + 1])
@@ -60,10 +62,13 @@ def csr_spmv8{sfx}(indptr, indices, data, scale, x, out):  # noqa: D103
             a7 += np.float32(data[j + np.uint64(7)]) * x[indices[j + np.uint64(7)]]
             j += np.uint64(8)
         out[i] = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * scale[i]
+    if act or bias.shape[0]:
+        finish_vector(out, bias, act)
 
 
 {deco}
-def csr_cols{sfx}(indptr, indices, data, scale, xt, out, col0):  # noqa: D103
+def csr_cols{sfx}(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa: D103
+    epi = act != 0 or bias.shape[0] != 0
     for i in prange(indptr.shape[0] - 1):
         s = np.float32(scale[i])
         start = np.uint64(indptr[i])
@@ -78,6 +83,8 @@ def csr_cols{sfx}(indptr, indices, data, scale, xt, out, col0):  # noqa: D103
             if j < end:
                 a0 += np.float32(data[j]) * xt[indices[j], b]
             out[i, b] = (a0 + a1) * s
+        if epi:
+            finish_block(out, i, i + 1, col0, xt.shape[1], bias, act)
 """
 
 
@@ -110,6 +117,7 @@ _TILE = """
     nu = np.uint64(n)
     bu = np.uint64(bs)
     kdim = b.shape[0] // bs
+    epi = act != 0 or bias.shape[0] != 0
     for t in prange(ntile * nb):
         p = t // nb
         r0 = bounds[t - p * nb]
@@ -134,6 +142,8 @@ _TILE = """
                     j += np.uint64(1)
                 s = scale[i] if kb == nkb - 1 else np.float32(1.0)
 {store}
+        if epi:  # this task's rows, in L2 (blocks of a few hundred rows × 64 columns)
+            finish_flat(out, r0, r1, n, np.int64(n0), {tile}, bias, act)
 """
 
 
@@ -156,7 +166,7 @@ def tile(sfx: str, deco: str) -> str:
     store = "\n".join(
         f"                vstore(out, q + np.uint64({8 * k}), {a}, s)" for k, a in enumerate(acc)
     )
-    args = "indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk"
+    args = "indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk, bias, act"
     signature = f"def tile64{sfx}({args}):  # noqa: D103"
     return _TILE.format(
         deco=deco,
@@ -177,9 +187,10 @@ def panel(width: int, unroll: int, sfx: str, deco: str) -> str:
         "",
         "",
         deco,
-        f"def panel{width}{sfx}(indptr, indices, data, scale, xp, out, col0, npan, rb):"
+        f"def panel{width}{sfx}(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):"
         "  # noqa: D103",
         "    m = indptr.shape[0] - 1",
+        "    epi = act != 0 or bias.shape[0] != 0",
         "    kdim = xp.shape[0] // npan",
         "    nrb = (m + rb - 1) // rb",
         "    for t in prange(npan * nrb):",
@@ -216,6 +227,10 @@ def panel(width: int, unroll: int, sfx: str, deco: str) -> str:
     for k in range(width):
         total = " + ".join(acc[u][k] for u in range(unroll))
         lines.append(f"            o[c0 + {k}] = ({total}) * s")
+    lines += [
+        "        if epi:  # this task's rows, just stored",
+        f"            finish_block(out, r0, min(r0 + rb, m), c0, c0 + {width}, bias, act)",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -423,23 +438,26 @@ _TILE_TASK = (
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     ntile = a[2] // (bounds.shape[0] - 1)
 {loop}        j = t // ntile
-        c0 = a[21] + (t - j * ntile) * {tile}
+        c0 = a[23] + (t - j * ntile) * {tile}
         tile64_1(
             indptr,
             indices,
             data,
             scale,
             b,
-            a[19],
-            a[20],
+            a[21],
+            a[22],
             out,
             c0,
             one,
             bounds[j : j + 2],
-            a[22],
-            a[23],
+            a[24],
+            a[25],
+            bias,
+            a[26],
         )
 """
 )
@@ -448,33 +466,37 @@ _PANEL_TASK = (
     _ONE
     + """
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, {width}), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
 {loop}        j = t // npan
         p = t - j * npan
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * {width}
+        c0 = a[23] + p * {width}
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel{width}_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel{width}_1(rows, indices, data, *part)
 """
 )
 
 _SPMV_TASK = """    x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
 {loop}        r0 = bounds[t]
         r1 = bounds[t + 1]
-        {name}_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        {name}_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 """
 
 #: Words of each task function's block before its parts' lines.
-TASK_WORDS = {"tile64": 24, "panel": 23, "spmv": 19}
+TASK_WORDS = {"tile64": 27, "panel": 26, "spmv": 22}
 
 
 def tasks() -> str:

@@ -35,6 +35,11 @@ registry in :mod:`nbcompress.kernels.dispatch`.
   four output rows (``4 · W`` accumulators in ymm registers), where CSR loads a row per
   nonzero.
 
+The CSR kernels end with an epilogue (``_epilogue.py``): each block of output rows,
+right after it is computed, gets ``bias[i]`` added to row i (``bias`` empty: none) and
+activation ``act`` applied (0 none, 1 ReLU, 2 GELU, 3 tanh-GELU), on the thread that
+computed it while it is in cache.
+
 Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 
 * ``{kernel}_task_{data}{index}`` (plain functions, compiled on first use as C
@@ -46,6 +51,7 @@ Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 import numpy as np
 from numba import carray, njit, prange
 
+from nbcompress.kernels._epilogue import finish_block, finish_flat, finish_vector
 from nbcompress.kernels._numba import FASTMATH
 from nbcompress.kernels._simd import (
     as_ptr,
@@ -69,7 +75,7 @@ BSR_WIDTHS = (16, 8)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_spmv(indptr, indices, data, scale, x, out):  # noqa: D103
+def csr_spmv(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         j = np.uint64(indptr[i])
@@ -84,10 +90,12 @@ def csr_spmv(indptr, indices, data, scale, x, out):  # noqa: D103
             a0 += np.float32(data[j]) * x[indices[j]]
             j += np.uint64(1)
         out[i] = ((a0 + a1) + (a2 + a3)) * scale[i]
+    if act or bias.shape[0]:
+        finish_vector(out, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_spmv8(indptr, indices, data, scale, x, out):  # noqa: D103
+def csr_spmv8(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
         j = np.uint64(indptr[i])
         end = np.uint64(indptr[i + 1])
@@ -103,10 +111,13 @@ def csr_spmv8(indptr, indices, data, scale, x, out):  # noqa: D103
             a7 += np.float32(data[j + np.uint64(7)]) * x[indices[j + np.uint64(7)]]
             j += np.uint64(8)
         out[i] = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * scale[i]
+    if act or bias.shape[0]:
+        finish_vector(out, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_cols(indptr, indices, data, scale, xt, out, col0):  # noqa: D103
+def csr_cols(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa: D103
+    epi = act != 0 or bias.shape[0] != 0
     for i in prange(indptr.shape[0] - 1):
         s = np.float32(scale[i])
         start = np.uint64(indptr[i])
@@ -121,11 +132,14 @@ def csr_cols(indptr, indices, data, scale, xt, out, col0):  # noqa: D103
             if j < end:
                 a0 += np.float32(data[j]) * xt[indices[j], b]
             out[i, b] = (a0 + a1) * s
+        if epi:
+            finish_block(out, i, i + 1, col0, xt.shape[1], bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def panel16(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
+def panel16(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -218,11 +232,14 @@ def panel16(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D10
             o[c0 + 13] = (a0_13 + a1_13) * s
             o[c0 + 14] = (a0_14 + a1_14) * s
             o[c0 + 15] = (a0_15 + a1_15) * s
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 16, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
+def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -305,15 +322,18 @@ def panel8(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
             o[c0 + 5] = (a0_5 + a1_5 + a2_5 + a3_5) * s
             o[c0 + 6] = (a0_6 + a1_6 + a2_6 + a3_6) * s
             o[c0 + 7] = (a0_7 + a1_7 + a2_7 + a3_7) * s
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 8, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk):  # noqa: D103
+def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk, bias, act):  # noqa: D103
     nb = bounds.shape[0] - 1
     m = scale.shape[0]
     nu = np.uint64(n)
     bu = np.uint64(bs)
     kdim = b.shape[0] // bs
+    epi = act != 0 or bias.shape[0] != 0
     for t in prange(ntile * nb):
         p = t // nb
         r0 = bounds[t - p * nb]
@@ -370,6 +390,8 @@ def tile64(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb
                 vstore(out, q + np.uint64(40), a5, s)
                 vstore(out, q + np.uint64(48), a6, s)
                 vstore(out, q + np.uint64(56), a7, s)
+        if epi:  # this task's rows, in L2 (blocks of a few hundred rows × 64 columns)
+            finish_flat(out, r0, r1, n, np.int64(n0), 64, bias, act)
 
 
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -573,7 +595,7 @@ def bsr4_tile8(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, nk
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_spmv_1(indptr, indices, data, scale, x, out):  # noqa: D103
+def csr_spmv_1(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
         a0 = a1 = a2 = a3 = np.float32(0.0)
         j = np.uint64(indptr[i])
@@ -588,10 +610,12 @@ def csr_spmv_1(indptr, indices, data, scale, x, out):  # noqa: D103
             a0 += np.float32(data[j]) * x[indices[j]]
             j += np.uint64(1)
         out[i] = ((a0 + a1) + (a2 + a3)) * scale[i]
+    if act or bias.shape[0]:
+        finish_vector(out, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_spmv8_1(indptr, indices, data, scale, x, out):  # noqa: D103
+def csr_spmv8_1(indptr, indices, data, scale, x, out, bias, act):  # noqa: D103
     for i in prange(indptr.shape[0] - 1):
         j = np.uint64(indptr[i])
         end = np.uint64(indptr[i + 1])
@@ -607,10 +631,13 @@ def csr_spmv8_1(indptr, indices, data, scale, x, out):  # noqa: D103
             a7 += np.float32(data[j + np.uint64(7)]) * x[indices[j + np.uint64(7)]]
             j += np.uint64(8)
         out[i] = (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))) * scale[i]
+    if act or bias.shape[0]:
+        finish_vector(out, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def csr_cols_1(indptr, indices, data, scale, xt, out, col0):  # noqa: D103
+def csr_cols_1(indptr, indices, data, scale, xt, out, col0, bias, act):  # noqa: D103
+    epi = act != 0 or bias.shape[0] != 0
     for i in prange(indptr.shape[0] - 1):
         s = np.float32(scale[i])
         start = np.uint64(indptr[i])
@@ -625,11 +652,14 @@ def csr_cols_1(indptr, indices, data, scale, xt, out, col0):  # noqa: D103
             if j < end:
                 a0 += np.float32(data[j]) * xt[indices[j], b]
             out[i, b] = (a0 + a1) * s
+        if epi:
+            finish_block(out, i, i + 1, col0, xt.shape[1], bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def panel16_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
+def panel16_1(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -722,11 +752,14 @@ def panel16_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D
             o[c0 + 13] = (a0_13 + a1_13) * s
             o[c0 + 14] = (a0_14 + a1_14) * s
             o[c0 + 15] = (a0_15 + a1_15) * s
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 16, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D103
+def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb, bias, act):  # noqa: D103
     m = indptr.shape[0] - 1
+    epi = act != 0 or bias.shape[0] != 0
     kdim = xp.shape[0] // npan
     nrb = (m + rb - 1) // rb
     for t in prange(npan * nrb):
@@ -809,15 +842,18 @@ def panel8_1(indptr, indices, data, scale, xp, out, col0, npan, rb):  # noqa: D1
             o[c0 + 5] = (a0_5 + a1_5 + a2_5 + a3_5) * s
             o[c0 + 6] = (a0_6 + a1_6 + a2_6 + a3_6) * s
             o[c0 + 7] = (a0_7 + a1_7 + a2_7 + a3_7) * s
+        if epi:  # this task's rows, just stored
+            finish_block(out, r0, min(r0 + rb, m), c0, c0 + 8, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
-def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk):  # noqa: D103
+def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk, bias, act):  # noqa: D103
     nb = bounds.shape[0] - 1
     m = scale.shape[0]
     nu = np.uint64(n)
     bu = np.uint64(bs)
     kdim = b.shape[0] // bs
+    epi = act != 0 or bias.shape[0] != 0
     for t in prange(ntile * nb):
         p = t // nb
         r0 = bounds[t - p * nb]
@@ -874,6 +910,8 @@ def tile64_1(indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, n
                 vstore(out, q + np.uint64(40), a5, s)
                 vstore(out, q + np.uint64(48), a6, s)
                 vstore(out, q + np.uint64(56), a7, s)
+        if epi:  # this task's rows, in L2 (blocks of a few hundred rows × 64 columns)
+            finish_flat(out, r0, r1, n, np.int64(n0), 64, bias, act)
 
 
 @njit(parallel=False, fastmath=FASTMATH, boundscheck=False, cache=True, nogil=True)
@@ -1077,7 +1115,7 @@ def bsr4_tile8_1(indptr, indices, data, b, bs, n, out, col0, ntile, bounds, pt, 
 
 
 def tile64_task_fH(blk):  # noqa: D103
-    a = carray(blk, 24, np.int64)
+    a = carray(blk, 27, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1088,6 +1126,7 @@ def tile64_task_fH(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     ntile = a[2] // (bounds.shape[0] - 1)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
@@ -1102,7 +1141,7 @@ def tile64_task_fH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (24 + 8 * q) * 8
+        line = a[0] + (27 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1113,26 +1152,28 @@ def tile64_task_fH(blk):  # noqa: D103
             continue
         t = part[1] + (front if k == 0 else count - 1 - behind)
         j = t // ntile
-        c0 = a[21] + (t - j * ntile) * 64
+        c0 = a[23] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
             data,
             scale,
             b,
-            a[19],
-            a[20],
+            a[21],
+            a[22],
             out,
             c0,
             one,
             bounds[j : j + 2],
-            a[22],
-            a[23],
+            a[24],
+            a[25],
+            bias,
+            a[26],
         )
 
 
 def panel16_task_fH(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1141,11 +1182,12 @@ def panel16_task_fH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1159,7 +1201,7 @@ def panel16_task_fH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1174,14 +1216,15 @@ def panel16_task_fH(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 16
+        c0 = a[23] + p * 16
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel16_1(rows, indices, data, *part)
 
 
 def panel8_task_fH(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1190,11 +1233,12 @@ def panel8_task_fH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1208,7 +1252,7 @@ def panel8_task_fH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1223,14 +1267,15 @@ def panel8_task_fH(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 8
+        c0 = a[23] + p * 8
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel8_1(rows, indices, data, *part)
 
 
 def csr_spmv_task_fH(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1238,6 +1283,7 @@ def csr_spmv_task_fH(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1251,7 +1297,7 @@ def csr_spmv_task_fH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1263,11 +1309,12 @@ def csr_spmv_task_fH(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 
 
 def csr_spmv8_task_fH(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1275,6 +1322,7 @@ def csr_spmv8_task_fH(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1288,7 +1336,7 @@ def csr_spmv8_task_fH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1300,11 +1348,12 @@ def csr_spmv8_task_fH(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv8_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 
 
 def tile64_task_fI(blk):  # noqa: D103
-    a = carray(blk, 24, np.int64)
+    a = carray(blk, 27, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1315,6 +1364,7 @@ def tile64_task_fI(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     ntile = a[2] // (bounds.shape[0] - 1)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
@@ -1329,7 +1379,7 @@ def tile64_task_fI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (24 + 8 * q) * 8
+        line = a[0] + (27 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1340,26 +1390,28 @@ def tile64_task_fI(blk):  # noqa: D103
             continue
         t = part[1] + (front if k == 0 else count - 1 - behind)
         j = t // ntile
-        c0 = a[21] + (t - j * ntile) * 64
+        c0 = a[23] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
             data,
             scale,
             b,
-            a[19],
-            a[20],
+            a[21],
+            a[22],
             out,
             c0,
             one,
             bounds[j : j + 2],
-            a[22],
-            a[23],
+            a[24],
+            a[25],
+            bias,
+            a[26],
         )
 
 
 def panel16_task_fI(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1368,11 +1420,12 @@ def panel16_task_fI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1386,7 +1439,7 @@ def panel16_task_fI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1401,14 +1454,15 @@ def panel16_task_fI(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 16
+        c0 = a[23] + p * 16
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel16_1(rows, indices, data, *part)
 
 
 def panel8_task_fI(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1417,11 +1471,12 @@ def panel8_task_fI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1435,7 +1490,7 @@ def panel8_task_fI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1450,14 +1505,15 @@ def panel8_task_fI(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 8
+        c0 = a[23] + p * 8
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel8_1(rows, indices, data, *part)
 
 
 def csr_spmv_task_fI(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1465,6 +1521,7 @@ def csr_spmv_task_fI(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1478,7 +1535,7 @@ def csr_spmv_task_fI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1490,11 +1547,12 @@ def csr_spmv_task_fI(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 
 
 def csr_spmv8_task_fI(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.float32)
@@ -1502,6 +1560,7 @@ def csr_spmv8_task_fI(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1515,7 +1574,7 @@ def csr_spmv8_task_fI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1527,11 +1586,12 @@ def csr_spmv8_task_fI(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv8_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 
 
 def tile64_task_bH(blk):  # noqa: D103
-    a = carray(blk, 24, np.int64)
+    a = carray(blk, 27, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1542,6 +1602,7 @@ def tile64_task_bH(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     ntile = a[2] // (bounds.shape[0] - 1)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
@@ -1556,7 +1617,7 @@ def tile64_task_bH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (24 + 8 * q) * 8
+        line = a[0] + (27 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1567,26 +1628,28 @@ def tile64_task_bH(blk):  # noqa: D103
             continue
         t = part[1] + (front if k == 0 else count - 1 - behind)
         j = t // ntile
-        c0 = a[21] + (t - j * ntile) * 64
+        c0 = a[23] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
             data,
             scale,
             b,
-            a[19],
-            a[20],
+            a[21],
+            a[22],
             out,
             c0,
             one,
             bounds[j : j + 2],
-            a[22],
-            a[23],
+            a[24],
+            a[25],
+            bias,
+            a[26],
         )
 
 
 def panel16_task_bH(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1595,11 +1658,12 @@ def panel16_task_bH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1613,7 +1677,7 @@ def panel16_task_bH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1628,14 +1692,15 @@ def panel16_task_bH(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 16
+        c0 = a[23] + p * 16
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel16_1(rows, indices, data, *part)
 
 
 def panel8_task_bH(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1644,11 +1709,12 @@ def panel8_task_bH(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1662,7 +1728,7 @@ def panel8_task_bH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1677,14 +1743,15 @@ def panel8_task_bH(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 8
+        c0 = a[23] + p * 8
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel8_1(rows, indices, data, *part)
 
 
 def csr_spmv_task_bH(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1692,6 +1759,7 @@ def csr_spmv_task_bH(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1705,7 +1773,7 @@ def csr_spmv_task_bH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1717,11 +1785,12 @@ def csr_spmv_task_bH(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 
 
 def csr_spmv8_task_bH(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint16)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1729,6 +1798,7 @@ def csr_spmv8_task_bH(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1742,7 +1812,7 @@ def csr_spmv8_task_bH(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1754,11 +1824,12 @@ def csr_spmv8_task_bH(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv8_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 
 
 def tile64_task_bI(blk):  # noqa: D103
-    a = carray(blk, 24, np.int64)
+    a = carray(blk, 27, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1769,6 +1840,7 @@ def tile64_task_bI(blk):  # noqa: D103
     b = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     ntile = a[2] // (bounds.shape[0] - 1)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
@@ -1783,7 +1855,7 @@ def tile64_task_bI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (24 + 8 * q) * 8
+        line = a[0] + (27 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1794,26 +1866,28 @@ def tile64_task_bI(blk):  # noqa: D103
             continue
         t = part[1] + (front if k == 0 else count - 1 - behind)
         j = t // ntile
-        c0 = a[21] + (t - j * ntile) * 64
+        c0 = a[23] + (t - j * ntile) * 64
         tile64_1(
             indptr,
             indices,
             data,
             scale,
             b,
-            a[19],
-            a[20],
+            a[21],
+            a[22],
             out,
             c0,
             one,
             bounds[j : j + 2],
-            a[22],
-            a[23],
+            a[24],
+            a[25],
+            bias,
+            a[26],
         )
 
 
 def panel16_task_bI(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1822,11 +1896,12 @@ def panel16_task_bI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 16), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1840,7 +1915,7 @@ def panel16_task_bI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1855,14 +1930,15 @@ def panel16_task_bI(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 16
+        c0 = a[23] + p * 16
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel16_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel16_1(rows, indices, data, *part)
 
 
 def panel8_task_bI(blk):  # noqa: D103
-    a = carray(blk, 23, np.int64)
+    a = carray(blk, 26, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1871,11 +1947,12 @@ def panel8_task_bI(blk):  # noqa: D103
     one = a[3]
 
     m = a[6] - 1
-    kdim = a[19]
-    npan = a[22]
+    kdim = a[21]
+    npan = a[24]
     xp = carray(as_ptr(a[13]), (npan * kdim, 8), np.float32)
-    out = carray(as_ptr(a[15]), (m, a[20]), np.float32)
+    out = carray(as_ptr(a[15]), (m, a[22]), np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1889,7 +1966,7 @@ def panel8_task_bI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (23 + 8 * q) * 8
+        line = a[0] + (26 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1904,14 +1981,15 @@ def panel8_task_bI(blk):  # noqa: D103
         r0 = bounds[j]
         r1 = bounds[j + 1]
         xs = xp[p * kdim : (p + 1) * kdim]
-        c0 = a[21] + p * 8
+        c0 = a[23] + p * 8
         rows = indptr[r0 : r1 + 1]
         rb = max(r1 - r0, one)
-        panel8_1(rows, indices, data, scale[r0:r1], xs, out[r0:r1], c0, one, rb)
+        part = (scale[r0:r1], xs, out[r0:r1], c0, one, rb, bias[r0:r1], a[25])
+        panel8_1(rows, indices, data, *part)
 
 
 def csr_spmv_task_bI(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1919,6 +1997,7 @@ def csr_spmv_task_bI(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1932,7 +2011,7 @@ def csr_spmv_task_bI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1944,11 +2023,12 @@ def csr_spmv_task_bI(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])
 
 
 def csr_spmv8_task_bI(blk):  # noqa: D103
-    a = carray(blk, 19, np.int64)
+    a = carray(blk, 22, np.int64)
     indptr = carray(as_ptr(a[5]), a[6], np.int64)
     indices = carray(as_ptr(a[7]), a[8], np.uint32)
     data = carray(as_ptr(a[9]), a[10], np.int8)
@@ -1956,6 +2036,7 @@ def csr_spmv8_task_bI(blk):  # noqa: D103
     x = carray(as_ptr(a[13]), a[14], np.float32)
     out = carray(as_ptr(a[15]), a[16], np.float32)
     bounds = carray(as_ptr(a[17]), a[18], np.int64)
+    bias = carray(as_ptr(a[19]), a[20], np.float32)
     # Thread i owns part i (rows of about equal nonzeros, the same on every call, so
     # its share of the weight stays in its core's L2) and takes its tasks from the front;
     # then it takes the other parts' tasks from their back (a thread slowed by other
@@ -1969,7 +2050,7 @@ def csr_spmv8_task_bI(blk):  # noqa: D103
         q = own + k
         if q >= nparts:
             q -= nparts
-        line = a[0] + (19 + 8 * q) * 8
+        line = a[0] + (22 + 8 * q) * 8
         part = carray(as_ptr(line), 3, np.int64)
         count = part[2] - part[1]
         taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
@@ -1981,4 +2062,5 @@ def csr_spmv8_task_bI(blk):  # noqa: D103
         t = part[1] + (front if k == 0 else count - 1 - behind)
         r0 = bounds[t]
         r1 = bounds[t + 1]
-        csr_spmv8_1(indptr[r0 : r1 + 1], indices, data, scale[r0:r1], x, out[r0:r1])
+        rows = indptr[r0 : r1 + 1]
+        csr_spmv8_1(rows, indices, data, scale[r0:r1], x, out[r0:r1], bias[r0:r1], a[21])

@@ -52,7 +52,7 @@ from nbcompress.kernels import _generated_kernels as gen
 from nbcompress.kernels import _pool
 from nbcompress.kernels._simd import gomp_parallel
 
-__all__ = ["Block", "address", "available", "job", "launch", "partition"]
+__all__ = ["Block", "address", "available", "job", "launch", "partition", "prewake"]
 
 _STATE: dict[str, int] = {}
 #: Row blocks per part (per thread): the unit another thread can take over.
@@ -235,22 +235,22 @@ def _words(
 
 
 def _tile(args: tuple, threads: int) -> tuple[str, Block] | None:
-    indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk = args
-    arrays = (indptr, indices, data, scale, b, out, bounds)
-    words = _words(ntile, bounds, arrays, (bs, n, col0, nkb, pfk), threads)
+    indptr, indices, data, scale, b, bs, n, out, col0, ntile, bounds, nkb, pfk, bias, act = args
+    arrays = (indptr, indices, data, scale, b, out, bounds, bias)
+    words = _words(ntile, bounds, arrays, (bs, n, col0, nkb, pfk, act), threads)
     return "tile64", Block(words, b, out)
 
 
 def _panel(width: int) -> Encoder:
     def encode(args: tuple, threads: int) -> tuple[str, Block] | None:
-        indptr, indices, data, scale, xp, out, col0, npan, _rb = args
+        indptr, indices, data, scale, xp, out, col0, npan, _rb, bias, act = args
         kdim = xp.shape[0] // max(npan, 1)
         m = indptr.shape[0] - 1
         if not (kdim and m and out.flags.c_contiguous and xp.flags.c_contiguous):
             return None
         bounds = _partition_of(indptr, threads)
-        arrays = (indptr, indices, data, scale, xp, out, bounds)
-        words = _words(npan, bounds, arrays, (kdim, out.shape[1], col0, npan), threads)
+        arrays = (indptr, indices, data, scale, xp, out, bounds, bias)
+        words = _words(npan, bounds, arrays, (kdim, out.shape[1], col0, npan, act), threads)
         return f"panel{width}", Block(words, xp, out)
 
     return encode
@@ -259,7 +259,8 @@ def _panel(width: int) -> Encoder:
 def _spmv(name: str) -> Encoder:
     def encode(args: tuple, threads: int) -> tuple[str, Block] | None:
         bounds = _partition_of(args[0], threads)
-        words = _words(1, bounds, (*args, bounds), (), threads)
+        arrays = (*args[:6], bounds, args[6])  # the bias after the bounds, as in the tiles
+        words = _words(1, bounds, arrays, (args[7],), threads)
         return name, Block(words, args[4], args[5])
 
     return encode
@@ -312,6 +313,12 @@ def launch(fn: int, blk: Block, threads: int) -> None:
         _pool.launch(fn, blk.words, blk.inp, blk.out, threads)
     else:
         _run(_STATE["entry"], fn, blk.words, blk.inp, blk.out, threads)
+
+
+def prewake(threads: int) -> None:
+    """Wake the awake pool's parked workers if the next launch on ``threads`` will use it."""
+    if threads > 1 and available() and _own_pool(threads):
+        _pool.wake(threads)
 
 
 def _own_pool(threads: int) -> bool:

@@ -13,7 +13,7 @@ of ours on the same core took turns by the scheduler's time slices (2-thread bat
 
 How. One worker thread per extra core, each in a ``nogil`` numba loop that waits for a
 job on its own 64-byte slot (words: state 0 idle / 1 posted / 2 running, task function,
-block, quit, parked). A launch gives every worker its own copy of the block's words
+block, quit, parked, held awake). A launch gives every worker its own copy of the block's words
 (word 4: the worker's number, see ``kernel_templates.py``; word 0: the caller's block,
 whose task counters all share), posts them, runs its own share and the leftovers on the
 calling thread, then takes back every job no worker claimed (a late worker never makes
@@ -38,7 +38,7 @@ from numba import njit
 
 from nbcompress.kernels._simd import call_task, cycles, load, store, swap_if, thread_num
 
-__all__ = ["AWAKE_SECONDS", "launch", "ready", "stop"]
+__all__ = ["AWAKE_SECONDS", "held_awake", "launch", "ready", "stop", "wake"]
 
 #: How long a worker spins after its last job before it parks: longer than the gaps
 #: between the sparse layers of one model call (Python glue, a GELU: up to ~0.3 ms here).
@@ -65,7 +65,7 @@ def _serve(slot, budget, relax):  # noqa: ANN001, ANN202 - numba function
             continue
         if load(slot + 24):
             return 0
-        if cycles() - last > budget:
+        if cycles() - last > budget and not load(slot + 40):  # word 5: held awake
             store(slot + 32, 1)
             if load(slot) != 1:  # a job posted after the last look is still taken
                 return 1
@@ -151,6 +151,38 @@ def launch(fn: int, words: np.ndarray, inp: np.ndarray, out: np.ndarray, threads
         for i in np.flatnonzero(parked):
             _STATE["events"][i].set()
     _launch(slots, fn, words, inp, out, threads)
+
+
+def wake(threads: int) -> None:
+    """Wake the parked workers a launch on ``threads`` threads will post to, without waiting.
+
+    A layer calls this before its Python glue, so that a worker parked since the last
+    model call (a wake-up took ~50–100 µs here) is awake by the time its kernel launches
+    instead of joining late. The caller checked :func:`ready`.
+    """
+    slots, events = _STATE["slots"], _STATE["events"]
+    for i in range(threads - 1):
+        if slots[i, 4]:
+            events[i].set()
+
+
+class _HeldAwake:
+    # While a kernel choice is raced, the workers do not park: a serial candidate or two
+    # between two parallel ones outlast AWAKE_SECONDS, and each parallel round then paid
+    # a wake-up that no model call pays (its layers wake the pool before their glue), so
+    # serial twins won races at 2 threads that they lost inside the model.
+    def __enter__(self) -> None:
+        if _STATE["pid"] == os.getpid():
+            _STATE["slots"][:, 5] += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if _STATE["pid"] == os.getpid():
+            _STATE["slots"][:, 5] -= 1
+
+
+def held_awake() -> _HeldAwake:
+    """Keep this process's workers from parking inside the ``with`` block (nestable)."""
+    return _HeldAwake()
 
 
 def stop() -> None:

@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from nbcompress.kernels._epilogue import NO_BIAS
 from nbcompress.kernels.bsr import BSR_PANEL, bsr_matmul_t_unchecked
 from nbcompress.kernels.csr import packer, panels_then_rest, run_tiles, tile_kinds
 from nbcompress.kernels.dispatch import (
@@ -237,7 +238,7 @@ def _direct_conv(
     if isinstance(mat, CSRMatrix):
         kernel, width, dtype = TILE64, TILE, mat.data.dtype.char
         weight: tuple = (data, mat.scale)
-        tail: tuple = (nkb, 0)
+        tail: tuple = (nkb, 0, NO_BIAS, 0)  # no prefetch, no epilogue
     else:
         kernel, width, dtype = BSR4_TILES[BSR_DIRECT_WIDTH], BSR_DIRECT_WIDTH, "bsr"
         weight, tail = (data.reshape(-1),), (BSR_PANEL, nkb, 0)

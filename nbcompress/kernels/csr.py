@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nbcompress.kernels._epilogue import NO_BIAS, epilogue
 from nbcompress.kernels.dispatch import (
     CSR_COLS,
     PACK_COLS,
@@ -83,26 +84,36 @@ def csr_matmul(mat: CSRMatrix, x: torch.Tensor | np.ndarray) -> np.ndarray:
     return matmul_unchecked(mat, checked_input(mat, CSRMatrix, x, "x"))
 
 
-def matmul_unchecked(mat: CSRMatrix, x: np.ndarray) -> np.ndarray:
-    """:func:`csr_matmul` for callers that validated already (the modules)."""
+def matmul_unchecked(
+    mat: CSRMatrix, x: np.ndarray, bias: np.ndarray = NO_BIAS, act: int = 0
+) -> np.ndarray:
+    """:func:`csr_matmul` for callers that validated already (the modules).
+
+    Args:
+        mat: The packed weight.
+        x: float32 input (in,) or (batch × in).
+        bias: Added to each output feature (empty: none); a fixed array per layer (the
+            parallel launches cache their words by its identity).
+        act: Activation code applied after the bias (``_epilogue.ACTIVATIONS``).
+    """
     if x.ndim == 1 or x.shape[0] == 1:
         xv = np.ascontiguousarray(x.reshape(-1))
         out = np.empty(mat.shape[0], dtype=np.float32)
         if mat.shape[0]:
-            _spmv(mat, xv, out)
+            _spmv(mat, xv, out, bias, act)
         return out if x.ndim == 1 else out.reshape(1, -1)
     out = np.empty((mat.shape[0], x.shape[0]), dtype=np.float32)
     if not out.size:
         return out.T
 
     def panels() -> None:
-        panels_then_rest(mat, _row_packer(x), out)
+        panels_then_rest(mat, _row_packer(x), out, 0, bias, act)
 
     if x.shape[0] < TILE:
         fastest(mat, ("x", x.shape[0]), {"panels": panels})  # pool or one thread
     else:
         # The tiles read x transposed (in × batch): one copy, small next to the product.
-        options = _tile_options(mat, lambda: transposed(x), out)
+        options = _tile_options(mat, lambda: transposed(x), out, bias, act)
         fastest(mat, ("x", x.shape[0]), {"panels": panels, **options})
     return out.T
 
@@ -147,11 +158,15 @@ def matmul_t_unchecked(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray) -> np.nd
 
 
 def _tile_options(
-    mat: CSRMatrix, xt: Callable[[], np.ndarray], out: np.ndarray
+    mat: CSRMatrix,
+    xt: Callable[[], np.ndarray],
+    out: np.ndarray,
+    bias: np.ndarray = NO_BIAS,
+    act: int = 0,
 ) -> dict[str, Callable[[], None]]:
-    """The tile kernels for ``out = W @ xt()``, by name (see :func:`tile_kinds`)."""
+    """The tile kernels for ``out = act(W @ xt() + bias)``, by name (see :func:`tile_kinds`)."""
     return {
-        name: (lambda kblk=kblk: run_tiles(mat, xt(), out, kblk))
+        name: (lambda kblk=kblk: run_tiles(mat, xt(), out, kblk, bias, act))
         for name, kblk in tile_kinds(mat).items()
     }
 
@@ -169,8 +184,15 @@ def tile_kinds(mat: CSRMatrix) -> dict[str, int | None]:
     return kinds
 
 
-def run_tiles(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray, kblk: int | None = None) -> None:
-    """``out = W @ xt`` on the 64-column tiles, the last N mod 64 columns on the panels.
+def run_tiles(
+    mat: CSRMatrix,
+    xt: np.ndarray,
+    out: np.ndarray,
+    kblk: int | None = None,
+    bias: np.ndarray = NO_BIAS,
+    act: int = 0,
+) -> None:
+    """``out = act(W @ xt + bias)`` on the 64-column tiles, the last N mod 64 on the panels.
 
     The tiles read the row-major K × N input in place (no re-layout): one tile of every row
     is finished while that K × 64 slab of the input sits in L2 (or, with ``kblk``, one
@@ -186,10 +208,11 @@ def run_tiles(mat: CSRMatrix, xt: np.ndarray, out: np.ndarray, kblk: int | None 
     # prefetchers follow, and there the extra instructions cost ~5%; 128–3136 columns:
     # 1.0–1.3× faster.
     pfk = kblk if nkb > 1 and n > TILE else 0
-    TILE64.run((*args, bounds, nkb, pfk), (mat.data.dtype.char, mat.indices.dtype.char))
+    tail = (bounds, nkb, pfk, bias, act)
+    TILE64.run((*args, *tail), (mat.data.dtype.char, mat.indices.dtype.char))
     if ntile * TILE < n:
         pack = packer(PACK_COLS, xt, rows=xt.shape[0])
-        panels_then_rest(mat, pack, out, done=ntile * TILE)
+        panels_then_rest(mat, pack, out, ntile * TILE, bias, act)
 
 
 def packer(kernel: Kernel, src: np.ndarray, *extra: Any, rows: int) -> Packer:
@@ -210,8 +233,15 @@ def packer(kernel: Kernel, src: np.ndarray, *extra: Any, rows: int) -> Packer:
     return pack
 
 
-def panels_then_rest(mat: CSRMatrix, pack: Packer, out: np.ndarray, done: int = 0) -> None:
-    """``out[:, done:] = W @ (the packed input)``: panels of 16 and 8, then the rest.
+def panels_then_rest(
+    mat: CSRMatrix,
+    pack: Packer,
+    out: np.ndarray,
+    done: int = 0,
+    bias: np.ndarray = NO_BIAS,
+    act: int = 0,
+) -> None:
+    """``out[:, done:] = act(W @ (the packed input) + bias)``: panels of 16 and 8, the rest.
 
     Whole panels of 16 (then 8) columns from ``done`` on, each packed contiguously so
     that one panel of the input (K × 16 floats) stays in L1/L2 while every row of the
@@ -224,16 +254,16 @@ def panels_then_rest(mat: CSRMatrix, pack: Packer, out: np.ndarray, done: int = 
     for width, kernel in PANELS.items():
         npan = (n - done) // width
         if npan:
-            kernel.run((*csr, pack(done, npan, width), out, done, npan, rb), dtypes)
+            kernel.run((*csr, pack(done, npan, width), out, done, npan, rb, bias, act), dtypes)
             done += npan * width
     if done < n:
         # One "panel" of the leftover width is exactly those columns in K × rest layout.
         rest = np.empty((m, n - done), dtype=np.float32)
-        CSR_COLS.run((*csr, pack(done, 1, n - done), rest, 0), dtypes)
+        CSR_COLS.run((*csr, pack(done, 1, n - done), rest, 0, bias, act), dtypes)
         out[:, done:] = rest
 
 
-def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
+def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray, bias: np.ndarray, act: int) -> None:
     # Plain CSR, or rows padded to eight (see layouts.py), each on the pool or on one
     # thread, whichever measured faster for this weight (the recorded choice first); int8
     # weights also on the gathering kernel of int8.py (float inputs: same results up to
@@ -243,9 +273,11 @@ def _spmv(mat: CSRMatrix, xv: np.ndarray, out: np.ndarray) -> None:
     def run(kind: str, threads: int | None = None) -> None:
         if kind == "sliced":
             int8_matmul(mat, xv, out=out)
+            if act or bias.size:  # the epilogue the generated SpMVs have fused
+                epilogue(out.reshape(-1, 1), bias, act)
             return
         arrays = pad_rows(mat) if kind == "spmv8" else (mat.indptr, mat.indices, mat.data)
-        _SPMV[kind].run((*arrays, mat.scale, xv, out), dtypes, threads)
+        _SPMV[kind].run((*arrays, mat.scale, xv, out, bias, act), dtypes, threads)
 
     recorded = recorded_run(mat, ("v", 1))
     if recorded is None:

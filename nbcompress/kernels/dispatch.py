@@ -18,7 +18,6 @@ more than one thread each candidate also runs on one thread (its serial twin), s
 waking the pool can cost more than the second core saves. A choice
 is recorded per weight pattern and input shape bucket (:mod:`~nbcompress.kernels.tuning`,
 on disk per CPU), so later shapes in the bucket and later processes reuse it unmeasured.
-
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from nbcompress.kernels import _gomp, tuning
+from nbcompress.kernels import _gomp, _pool, tuning
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, describe
 from nbcompress.kernels.layouts import kblock, release
 
@@ -219,7 +218,7 @@ def fastest(mat: Matrix, key: tuple, options: Options, detail: tuple = ()) -> No
         options: Name → zero-argument callable; the first is the incumbent.
         detail: What else decides the choice for the tuning record (a conv's geometry).
     """
-    chosen = _CHOICE.setdefault(mat, {})
+    chosen = _CHOICE.get(mat) or _CHOICE.setdefault(mat, {})  # setdefault: a weakref a call
     key = (*key, get_threads())
     name = chosen.get(key)
     if name is not None:
@@ -274,7 +273,8 @@ def _tuned(mat: Matrix, key: tuple, detail: tuple, options: Options) -> str:
 
 def _raced(options: Options) -> str:
     start = time.perf_counter()
-    name = choose(options)
+    with _pool.held_awake():  # as inside a model call, where the layers wake the pool
+        name = choose(options)
     with _STATS_LOCK:
         _STATS["races"] += 1
         _STATS["seconds"] += time.perf_counter() - start

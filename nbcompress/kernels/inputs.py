@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["block_divides", "checked_tensor"]
+__all__ = ["block_divides", "check_conv", "checked_tensor"]
 
 
 def checked_tensor(name: str, x: Any) -> torch.Tensor:
@@ -42,3 +43,14 @@ def block_divides(block: Any, rows: int, cols: int) -> bool:
     except (TypeError, ValueError):
         return False
     return r > 0 and c > 0 and rows % r == 0 and cols % c == 0
+
+
+def check_conv(conv: Any) -> None:
+    """Raise unless ``conv`` is an ``nn.Conv2d`` that ``SparseConv2d`` can replace."""
+    if not isinstance(conv, nn.Conv2d):
+        raise TypeError(f"module: expected nn.Conv2d, got {type(conv).__name__}.")
+    if conv.padding == "same" or conv.padding_mode != "zeros":
+        raise ValueError(
+            "module: SparseConv2d supports numeric zero padding only (got padding="
+            f"{conv.padding!r}, padding_mode={conv.padding_mode!r}); the layer is left dense."
+        )

@@ -17,20 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbcompress.kernels._epilogue import ACTIVATIONS
 from nbcompress.kernels.batchnorm import affine_of, scaled_rows
-from nbcompress.kernels.bsr import bsr_matmul
 from nbcompress.kernels.conv import bsr_conv_unchecked, conv_unchecked
-from nbcompress.kernels.csr import matmul_t_unchecked, matmul_unchecked
+from nbcompress.kernels.csr import matmul_t_unchecked
 from nbcompress.kernels.formats import BSRMatrix, CSRMatrix, pack_bsr, pack_csr, ungroup
-from nbcompress.kernels.inputs import block_divides, checked_tensor
-from nbcompress.kernels.int8 import int8_matmul
+from nbcompress.kernels.inputs import block_divides, check_conv, checked_tensor
+from nbcompress.kernels.linear import activation_of, bias_array, finish, linear_product, wake_pool
 from nbcompress.kernels.notices import COMPILE_NOTICE
 
 __all__ = ["FORMATS", "DYNAMIC_FORMATS", "SparseConv2d", "SparseLinear"]
 
 #: Storage formats: float32 CSR, int8 CSR with per-row scales (float32 inputs), block-sparse
-#: rows; ``SparseLinear`` only: int8 CSR and int8 4 × 1 blocks whose batches are quantized
-#: to uint8 per call and summed in int32 (``int8.py``), as ONNX Runtime's dynamic int8.
+#: rows; ``SparseLinear`` only: int8 CSR and 4 × 1 blocks with batches quantized per call.
 FORMATS = ("csr", "csr_int8", "bsr", "bsr_int8", "csr_int8_dynamic")
 #: The formats of ``int8.py``'s kernels, with dynamically quantized batches.
 DYNAMIC_FORMATS = ("csr_int8_dynamic", "bsr_int8")
@@ -52,6 +51,9 @@ class _SparseBase(nn.Module):
     """Holds a packed weight as buffers and rebuilds the matrix view on demand."""
 
     format: str
+    #: Activation applied after the bias (``fuse_activation_``); the class default serves
+    #: modules pickled before there was one.
+    activation: str | None = None
 
     def __init__(
         self, module: nn.Module, *, format: str = "csr", block: tuple[int, int] = (4, 1)
@@ -114,8 +116,29 @@ class _SparseBase(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.pop("_matrix", None)  # numpy views of the buffers: rebuilt after unpickling
+        for name in ("_matrix", "_bias_array"):  # numpy views of the buffers: rebuilt
+            state.pop(name, None)
         return state
+
+    def fuse_activation_(self, act: nn.Module) -> bool:
+        """Apply ``act`` to this layer's output inside its kernels, if they support it.
+
+        ``nn.ReLU``, ``nn.GELU()`` and ``nn.GELU(approximate="tanh")`` fuse: this layer
+        then returns ``act(layer(x))`` (computed in the kernels' epilogue, ``linear.py``;
+        GELU within ~1e-6 of torch's), and the caller replaces ``act`` by ``nn.Identity``
+        where it reads nothing but this layer's output. :data:`DYNAMIC_FORMATS` do not.
+
+        Args:
+            act: The activation module that follows this layer.
+
+        Returns:
+            Whether it was fused; if not, nothing changed.
+        """
+        name = activation_of(act)
+        if name is None or self.format in DYNAMIC_FORMATS or self.activation is not None:
+            return False
+        self.activation = name
+        return True
 
     def _build_matrix(self) -> CSRMatrix | BSRMatrix:
         idx = self.indices.numpy()
@@ -164,11 +187,10 @@ class _SparseBase(nn.Module):
         b = None if bias is None else bias.detach().to(torch.float32).clone()
         self.register_buffer("bias", b)
 
-    def _matmul(self, x2: torch.Tensor) -> np.ndarray:
-        mat = self.matrix()
-        if isinstance(mat, BSRMatrix):
-            return bsr_matmul(mat, x2)
-        return matmul_unchecked(mat, x2.numpy())
+    def _extra(self) -> str:
+        act = "" if self.activation is None else f", activation={self.activation}"
+        bias = self.bias is not None
+        return f"format={self.format}, density={self.density:.3f}, bias={bias}{act}"
 
 
 class SparseLinear(_SparseBase):
@@ -190,6 +212,7 @@ class SparseLinear(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer to ``(..., in_features)`` input."""
+        wake_pool()  # a parked worker wakes while the checks run (linear.py)
         with COMPILE_NOTICE:  # one line if this call compiles kernels (notices.py)
             return self._forward(x)
 
@@ -201,25 +224,13 @@ class SparseLinear(_SparseBase):
                 f"(SparseLinear({self.in_features}, {self.out_features}))."
             )
         x2 = x.reshape(-1, self.in_features) if x.ndim != 2 else x
-        bias = self._buffers["bias"]  # not self.bias: nn.Module.__getattr__ costs ~1 µs
-        if self.format in DYNAMIC_FORMATS:  # these kernels add the bias themselves
-            y = int8_matmul(self.matrix(), x2.numpy(), None if bias is None else bias.numpy())
-            bias = None
-        else:
-            y = self._matmul(x2)
-        if bias is not None:
-            # numpy's add costs ~1 µs against ~4 µs for torch's: batch-1 layers are
-            # dominated by such fixed costs. The bias is a float32 view, no copy.
-            np.add(y, bias.numpy(), out=y)
-        y = torch.from_numpy(y)
+        # The bias and the activation in the kernels' epilogue (linear.py).
+        y = torch.from_numpy(linear_product(self, x2))
         return y if x.ndim == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         """Shape, format and density, shown in the module's repr."""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"format={self.format}, density={self.density:.3f}, bias={self.bias is not None}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + self._extra()
 
 
 class SparseConv2d(_SparseBase):
@@ -251,7 +262,7 @@ class SparseConv2d(_SparseBase):
     channels_last_output: bool = False
 
     def _adopt(self, module: nn.Module) -> torch.Tensor:
-        self._refuse(module)
+        check_conv(module)
         conv = module
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size = tuple(conv.kernel_size)
@@ -296,16 +307,6 @@ class SparseConv2d(_SparseBase):
         m, k = self.weight_shape
         return self.nnz / max(1, m * (k // self.groups))
 
-    @staticmethod
-    def _refuse(conv: Any) -> None:
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"module: expected nn.Conv2d, got {type(conv).__name__}.")
-        if conv.padding == "same" or conv.padding_mode != "zeros":
-            raise ValueError(
-                "module: SparseConv2d supports numeric zero padding only (got padding="
-                f"{conv.padding!r}, padding_mode={conv.padding_mode!r}); the layer is left dense."
-            )
-
     def _unfold(self, image: torch.Tensor) -> np.ndarray:
         cols = F.unfold(image[None], self.kernel_size, self.dilation, self.padding, self.stride)
         return cols[0].contiguous().numpy()
@@ -316,6 +317,7 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the convolution to ``(N, C, H, W)`` input."""
+        wake_pool()
         with COMPILE_NOTICE:  # one line if this call compiles kernels (notices.py)
             return self._forward(x)
 
@@ -348,13 +350,13 @@ class SparseConv2d(_SparseBase):
                 matmul_t_unchecked(mat, xt, y[i].numpy())
         else:
             conv_unchecked(mat, images, geom, y.numpy(), lambda i: self._unfold(x[i]))
-        bias = self._buffers["bias"]
-        if bias is not None:
-            # numpy's add, not torch's: torch splits a large add over its own OpenMP
-            # threads, whose barrier waited ~20 ms for a descheduled thread when other
-            # processes held the cores here (1 × 64 × 28 × 28: 20 ms → 0.5 ms).
-            out = y.numpy()
-            np.add(out, bias.numpy()[:, None], out=out)
+        bias, act = bias_array(self), ACTIVATIONS[self.activation]
+        if act or bias.size:
+            # On this thread, not torch's add: torch splits a large add over its own
+            # OpenMP threads, whose barrier waited ~20 ms for a descheduled thread when
+            # other processes held the cores here (1 × 64 × 28 × 28: 20 ms → 0.5 ms).
+            for image in y.numpy():
+                finish(image, bias, act)
         y = y.reshape(n, self.out_channels, ho, wo)
         if self.channels_last_output:
             return y.contiguous(memory_format=torch.channels_last)
@@ -394,5 +396,5 @@ class SparseConv2d(_SparseBase):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
             + (f"groups={self.groups}, " if self.groups != 1 else "")
-            + f"format={self.format}, density={self.density:.3f}, bias={self.bias is not None}"
+            + self._extra()
         )

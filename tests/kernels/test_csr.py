@@ -16,6 +16,7 @@ from nbcompress.kernels import (
     pack_csr,
     set_threads,
 )
+from nbcompress.kernels._epilogue import NO_BIAS
 from tests.kernels.reference import bsr_product, csr_product, sparse_weight
 
 
@@ -140,7 +141,7 @@ def _check_parallel_variants(args, pack, w, xt):
         panel = dispatch.PANELS[width]
         for kernel in (panel.parallel, panel.serial):
             out = np.zeros((33, 48), dtype=np.float32)
-            kernel(*args[:4], pack(0, 48 // width, width), out, 0, 48 // width, 16)
+            kernel(*args[:4], pack(0, 48 // width, width), out, 0, 48 // width, 16, NO_BIAS, 0)
             outs.append(out)
         np.testing.assert_allclose(outs[0], w @ xt, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(outs[0], outs[1])

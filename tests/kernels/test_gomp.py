@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nbcompress.kernels import _gomp, _numba, dispatch, pack_csr, registry
+from nbcompress.kernels._epilogue import NO_BIAS
 from nbcompress.kernels.csr import matmul_unchecked, transposed
 from nbcompress.kernels.layouts import block_rows, pad_rows
 
@@ -46,12 +47,15 @@ def _both(kernel: registry.Kernel, args: tuple, out: np.ndarray, threads: int) -
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize(("int8", "wide"), [(False, False), (True, False), (False, True)])
-def test_tiles_panels_and_spmv_match_the_serial_twin_on_any_team_size(threads, int8, wide):
+@pytest.mark.parametrize("act", [0, 2])
+def test_tiles_panels_and_spmv_match_the_serial_twin_on_any_team_size(threads, int8, wide, act):
     # Bit for bit: each task runs the serial twin on its rows, in the twin's order. Three
-    # threads on two cores: the third takes tasks from the front as well.
+    # threads on two cores: the third takes tasks from the front as well. With an
+    # epilogue (bias and GELU): each task's rows get their own bias values.
     mat = _matrix(200, 300, int8)
     csr = _csr(mat, wide)
     rng = np.random.default_rng(0)
+    epi = (rng.standard_normal(200, dtype=np.float32), act) if act else (NO_BIAS, 0)
     xt = rng.standard_normal((300, 130), dtype=np.float32)
     out = np.empty((200, 130), np.float32)
     for blocked in (None, 64):
@@ -59,20 +63,21 @@ def test_tiles_panels_and_spmv_match_the_serial_twin_on_any_team_size(threads, i
         ix = ix.astype(np.uint32) if wide else ix
         bounds = dispatch.row_bounds(mat.indptr, 7)
         args = (ip, ix, data, mat.scale, xt.reshape(-1), 130, 130, out.reshape(-1), 0, 2)
-        expected = _both(registry.TILE64, (*args, bounds, nkb, 0), out, threads)
+        expected = _both(registry.TILE64, (*args, bounds, nkb, 0, *epi), out, threads)
         np.testing.assert_array_equal(out[:, :128], expected[:, :128])
     for width, kernel in registry.PANELS.items():
         npan = 130 // width
         xp = np.ascontiguousarray(
             xt[:, : npan * width].reshape(300, npan, width).transpose(1, 0, 2).reshape(-1, width)
         )
-        expected = _both(kernel, (*csr, xp, out, 0, npan, 32), out, threads)
+        expected = _both(kernel, (*csr, xp, out, 0, npan, 32, *epi), out, threads)
         np.testing.assert_array_equal(out[:, : npan * width], expected[:, : npan * width])
     x = xt[:, 0].copy()
     for kernel, arrays in ((registry.SPMV, csr[:3]), (registry.SPMV8, pad_rows(mat))):
         ix = arrays[1].astype(np.uint32) if wide else arrays[1]
         vec = np.empty(200, np.float32)
-        expected = _both(kernel, (arrays[0], ix, arrays[2], mat.scale, x, vec), vec, threads)
+        args = (arrays[0], ix, arrays[2], mat.scale, x, vec, *epi)
+        expected = _both(kernel, args, vec, threads)
         np.testing.assert_array_equal(vec, expected)
 
 

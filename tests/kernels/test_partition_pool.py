@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nbcompress.kernels import _gomp, _numba, _pool, dispatch, pack_csr, registry
+from nbcompress.kernels._epilogue import NO_BIAS
 from tools.kernel_templates import TASK_WORDS
 
 needs_gomp = pytest.mark.skipif(
@@ -97,14 +98,14 @@ def _cases(mat, rng: np.random.Generator) -> list[tuple[registry.Kernel, tuple, 
     xt = rng.standard_normal((k, 130), dtype=np.float32)
     out = np.empty((m, 130), np.float32)
     bounds = _gomp.partition(mat.indptr, 2)
-    tile = (*csr, xt.reshape(-1), 130, 130, out.reshape(-1), 0, 2, bounds, 1, 0)
+    tile = (*csr, xt.reshape(-1), 130, 130, out.reshape(-1), 0, 2, bounds, 1, 0, NO_BIAS, 0)
     xp = np.ascontiguousarray(xt[:, :16])
     pout = np.empty((m, 16), np.float32)
     vec = np.empty(m, np.float32)
     return [
         (registry.TILE64, tile, out[:, :128]),
-        (registry.PANELS[16], (*csr, xp, pout, 0, 1, 32), pout),
-        (registry.SPMV, (*csr, xt[:, 0].copy(), vec), vec),
+        (registry.PANELS[16], (*csr, xp, pout, 0, 1, 32, NO_BIAS, 0), pout),
+        (registry.SPMV, (*csr, xt[:, 0].copy(), vec, NO_BIAS, 0), vec),
     ]
 
 
@@ -136,7 +137,7 @@ def test_thread_i_takes_its_own_part_first():
     mat = _matrix(200, 120)
     x = np.random.default_rng(0).standard_normal(120, dtype=np.float32)
     out = np.full(200, np.nan, np.float32)
-    args = (mat.indptr, mat.indices, mat.data, mat.scale, x, out)
+    args = (mat.indptr, mat.indices, mat.data, mat.scale, x, out, NO_BIAS, 0)
     name, blk = _gomp.job("csr_spmv", args, 2)
     words = blk.words.copy()
     words[0], words[4], words[13], words[15] = words.ctypes.data, 1, x.ctypes.data, out.ctypes.data
@@ -148,7 +149,7 @@ def test_thread_i_takes_its_own_part_first():
     split = bounds[_gomp.BLOCKS_PER_PART]
     assert np.isnan(out[:split]).all()
     expected = np.empty(200, np.float32)
-    registry.SPMV.serial(*args[:5], expected)
+    registry.SPMV.serial(*args[:5], expected, NO_BIAS, 0)
     np.testing.assert_array_equal(out[split:], expected[split:])
 
 

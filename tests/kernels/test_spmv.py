@@ -15,6 +15,7 @@ from nbcompress.kernels import (
     pack_csr,
     set_threads,
 )
+from nbcompress.kernels._epilogue import NO_BIAS
 from nbcompress.kernels.layouts import PAD, pad_rows
 from tests.kernels.reference import csr_product, sparse_weight
 
@@ -81,7 +82,7 @@ def test_parallel_spmv8_matches_serial(rng):
     with _numba.slp_enabled():  # as the wrappers compile them: numba caches the first build
         for kernel in (dispatch.SPMV8.parallel, dispatch.SPMV8.serial):
             out = np.full(45, np.nan, dtype=np.float32)
-            kernel(*pad_rows(mat), mat.scale, x, out)
+            kernel(*pad_rows(mat), mat.scale, x, out, NO_BIAS, 0)
             outs.append(out)
     np.testing.assert_allclose(outs[0], w @ x, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(outs[0], outs[1])

@@ -19,6 +19,7 @@ from nbcompress.kernels import (
     layouts,
     pack_csr,
 )
+from nbcompress.kernels._epilogue import NO_BIAS
 from nbcompress.kernels.layouts import block_rows
 from nbcompress.kernels.modules import SparseConv2d
 from tests.kernels.reference import csr_product, sparse_weight
@@ -122,7 +123,7 @@ def test_parallel_tile_kernel_matches_serial_with_balanced_blocks(rng, kblk):
         )
         for kernel, b in ((tile64.parallel, bounds), (tile64.serial, bounds[[0, -1]])):
             out = np.zeros((45, 128), dtype=np.float32)
-            kernel(*args, out.reshape(-1), 0, 2, b, nkb, kblk if nkb > 1 else 0)
+            kernel(*args, out.reshape(-1), 0, 2, b, nkb, kblk if nkb > 1 else 0, NO_BIAS, 0)
             outs.append(out)
     np.testing.assert_allclose(outs[0], w @ xt, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(outs[0], outs[1])
