@@ -104,7 +104,7 @@ def test_a_format_without_the_epilogue_is_not_activated():
 def test_sparsify_applies_the_activations_in_one_step_and_undo_restores_them(monkeypatch):
     _fake_timer(monkeypatch, FOLD_FAST)
     model = _mlp()
-    before = snapshot(model)
+    before, steps = snapshot(model), len(nc.history(model))
     kinds = [type(m) for m in model]
     with torch.no_grad():
         ref = model(X)
@@ -118,7 +118,7 @@ def test_sparsify_applies_the_activations_in_one_step_and_undo_restores_them(mon
     reasons = nc.history(model)[-1].info["reasons"]
     assert "GELU 1 folded into it" in reasons["0"] and "ReLU 3 folded into it" in reasons["2"]
     nc.undo_(model)
-    assert [type(m) for m in model] == kinds and nc.history(model) == []
+    assert [type(m) for m in model] == kinds and len(nc.history(model)) == steps
     assert_same_state(model, before)
 
 
