@@ -6,7 +6,9 @@ model's time). ``sparsify_`` therefore races, end to end on the example input:
 
 * ``compressed``: the chosen sparse layers as they are (the incumbent);
 * ``folded``: each eval BatchNorm that alone reads a swapped convolution's output folded
-  into it and replaced by ``nn.Identity`` (:mod:`.bnfold`);
+  into it, and each ReLU/GELU module that alone reads a swapped layer's output (or its
+  folded BatchNorm's) applied by its kernels, each replaced by ``nn.Identity``
+  (:mod:`.bnfold`);
 * ``channels-last stem``: the first swapped convolution returning channels-last output
   (torch's max-pool after resnet18's stem: 6.5 ms NCHW, 0.6 ms channels-last here);
 * ``folded + channels-last stem``.
@@ -40,8 +42,27 @@ __all__ = ["FAMILY", "PLAIN", "choose"]
 FAMILY, PLAIN = "sparsify-variant", "compressed"
 FOLDED, STEM = "folded", "channels-last stem"
 
-#: Layer name → (module to install instead, (BatchNorm name, BatchNorm) folded into it).
-Rewrites = dict[str, tuple[SparseConv2d, tuple[str, nn.Module] | None]]
+#: Layer name → (module to install instead, (name, module) of each module folded into it).
+Rewrites = dict[str, tuple[nn.Module, tuple[tuple[str, nn.Module], ...]]]
+
+
+def _folds(model: nn.Module, plain: dict[str, nn.Module], graph: bnfold.ConvGraph) -> Rewrites:
+    """The chosen layers with their BatchNorm and then their activation folded in, if any."""
+    folds: Rewrites = {}
+    for conv, name in graph.pairs.items():
+        bn = model.get_submodule(name)
+        layer = plain.get(conv)
+        if isinstance(layer, SparseConv2d) and bn.num_features == layer.out_channels:
+            folds[conv] = (bnfold.folded(layer, bn), ((name, bn),))
+    for layer, name in graph.acts.items():
+        if layer not in plain or (layer in graph.pairs and layer not in folds):
+            continue  # not swapped, or its BatchNorm (between them) stays
+        base, removed = folds.get(layer, (plain[layer], ()))
+        act = model.get_submodule(name)
+        fused = bnfold.activated(base, act)
+        if fused is not None:
+            folds[layer] = (fused, (*removed, (name, act)))
+    return folds
 
 
 def _variants(
@@ -50,29 +71,25 @@ def _variants(
     """Variant name → its rewrites of the chosen layers (``compressed``: none)."""
     convs = {n: m for n, m in plain.items() if isinstance(m, SparseConv2d)}
     out: dict[str, Rewrites] = {PLAIN: {}}
-    folds: Rewrites = {}
-    for conv, name in graph.pairs.items():
-        bn = model.get_submodule(name)
-        if conv in convs and bn.num_features == convs[conv].out_channels:
-            folds[conv] = (bnfold.folded(convs[conv], bn), (name, bn))
+    folds = _folds(model, plain, graph)
     if folds:
         out[FOLDED] = folds
     order = [n for n in graph.order if n in convs] or list(convs)
     if order:
         stem = order[0]
         for name, rewrites in list(out.items()):
-            base, bn = rewrites.get(stem, (convs[stem], None))
+            base, removed = rewrites.get(stem, (convs[stem], ()))
             label = STEM if name == PLAIN else f"{name} + {STEM}"
-            out[label] = {**rewrites, stem: (bnfold.channels_last(base), bn)}
+            out[label] = {**rewrites, stem: (bnfold.channels_last(base), removed)}
     return out
 
 
 def _swaps(plain: dict[str, nn.Module], rewrites: Rewrites) -> dict[str, nn.Module]:
     swaps = dict(plain)
-    for name, (module, bn) in rewrites.items():
+    for name, (module, removed) in rewrites.items():
         swaps[name] = module
-        if bn is not None:
-            swaps[bn[0]] = nn.Identity().train(False)
+        for gone, _ in removed:
+            swaps[gone] = nn.Identity().train(False)
     return swaps
 
 
@@ -104,7 +121,7 @@ def choose(
         ref: The dense model's output on them.
         analysis: The per-layer decisions; chosen layers' reasons get what was rewritten.
         opts: The options (``repeats``, ``remeasure``).
-        graph: The model's conv → BatchNorm pairs (:func:`bnfold.conv_graph`).
+        graph: What folds into which layer (:func:`bnfold.conv_graph`).
         race: Races name → callable in the given rounds (``sparsify``'s, dense-first).
 
     Returns:
@@ -129,13 +146,14 @@ def choose(
         if double is not None:
             twins[name] = double
     best, gain = _pick(twins, inputs, analysis, opts, race)
-    for name, (module, bn) in variants[best].items():
-        bnfold.plan(chosen[name].replacement, module, bn)
-        chosen[name].reason += "; " + _said(module, bn) + gain
+    for name, (module, removed) in variants[best].items():
+        bnfold.plan(chosen[name].replacement, module, removed)
+        chosen[name].reason += "; " + _said(module, removed) + gain
     why = "not faster end to end" if FOLDED in twins else "output outside tolerance so"
-    for name, (_, bn) in variants.get(FOLDED, {}).items():
-        if bn is not None and variants[best].get(name, (None, None))[1] is None:
-            chosen[name].reason += f"; BatchNorm {bn[0]} not folded: {why}"
+    for name, (_, removed) in variants.get(FOLDED, {}).items():
+        if not variants[best].get(name, (None, ()))[1]:
+            for gone, module in removed:
+                chosen[name].reason += f"; {_kind(module)} {gone} not folded: {why}"
     return _swaps(plain, variants[best])
 
 
@@ -161,9 +179,13 @@ def _pick(
     return best, f" (this variant {gain:.2f}× faster end to end)"
 
 
-def _said(module: SparseConv2d, bn: tuple[str, nn.Module] | None) -> str:
+def _kind(module: nn.Module) -> str:
+    return "BatchNorm" if isinstance(module, nn.BatchNorm2d) else type(module).__name__
+
+
+def _said(module: nn.Module, removed: tuple[tuple[str, nn.Module], ...]) -> str:
     """What a variant changed about one layer, for its reason."""
-    what = [f"BatchNorm {bn[0]} folded into it"] if bn is not None else []
-    if module.channels_last_output:
+    what = [f"{_kind(m)} {n} folded into it" for n, m in removed]
+    if getattr(module, "channels_last_output", False):
         what.append("output in channels-last strides")
     return " and ".join(what)
