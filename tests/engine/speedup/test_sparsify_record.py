@@ -65,7 +65,8 @@ def test_a_second_sparsify_reuses_every_decision_and_still_checks_outputs(
     first, x = _pruned_mlp(), torch.randn(4, 32)
     second, ref = copy.deepcopy(first), first(x).detach()
     nc.sparsify_(first, x)
-    assert _layer_races(races.seen) == 3 and len(races.seen) == 4  # 3 layers, end to end
+    # 3 layers, then the variant with its ReLU applied by the kernels, then end to end.
+    assert _layer_races(races.seen) == 3 and len(races.seen) == 5
     checked = []
     compare = sp.compare_outputs
 
@@ -96,7 +97,7 @@ def test_a_changed_pattern_or_shape_bucket_is_measured_again(record, races):
         w = sparser[0].weight
         w[w.abs() < w.abs().flatten().kthvalue(int(0.97 * w.numel())).values] = 0
     nc.sparsify_(sparser, x)
-    assert _layer_races(races.seen) == 1 and len(races.seen) == 2  # layer 0 and end to end
+    assert _layer_races(races.seen) == 1 and len(races.seen) == 3  # layer 0, variant, whole
     races.seen.clear()
     nc.sparsify_(copy.deepcopy(model), torch.randn(5, 32))  # 5 rows: bucket 8, not 4
     assert _layer_races(races.seen) == 3
@@ -111,7 +112,7 @@ def test_with_the_record_off_every_sparsify_races_as_before(races):
     for _ in range(2):
         races.seen.clear()
         nc.sparsify_(copy.deepcopy(model), x)
-        assert _layer_races(races.seen) == 3 and len(races.seen) == 4
+        assert _layer_races(races.seen) == 3 and len(races.seen) == 5
 
 
 def test_remeasure_races_again_and_replaces_the_record(record, races):
@@ -242,7 +243,8 @@ def _child(cache: Path) -> dict:
 
 def test_a_new_process_reuses_the_decisions_without_racing(tmp_path):
     first, second = _child(tmp_path), _child(tmp_path)
-    assert first["races"] == 3 and second["races"] == 0  # 2 layers + end to end; then none
+    # 2 layers, the variant with the ReLU applied by the kernels, end to end; then none.
+    assert first["races"] == 4 and second["races"] == 0
     assert second["formats"] == first["formats"] == ["csr", "dense", "csr"]
     assert second["err"] < 1e-4
     entries = json.loads(next(tmp_path.glob("tuning-*.json")).read_text())["entries"]
