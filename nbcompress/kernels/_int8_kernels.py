@@ -39,17 +39,20 @@ from nbcompress.kernels._int8_simd import (
     vmin,
     wfma,
 )
-from nbcompress.kernels._numba import FASTMATH
 
-__all__ = ["FUSED", "SPMM", "quantize_u8", "spmv_r1", "spmv_r4"]
+__all__ = ["FUSED", "SPMM", "quantize_into", "quantize_u8", "spmv_r1", "spmv_r4"]
 
-_FLAGS = {"fastmath": FASTMATH, "boundscheck": False, "cache": True, "nogil": True}
+# No fast-math: the vector steps are explicit intrinsics, and the float epilogue must round
+# the same wherever LLVM inlines it (a serial call, or a task on another thread: see
+# _int8_tasks.py), so that results never depend on the thread count. Contraction into an
+# FMA alone may differ between two inlined copies of the same line.
+_FLAGS = {"boundscheck": False, "cache": True, "nogil": True}
 
 
 @njit(**_FLAGS)
-def spmv_r1(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
+def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
     tmp = np.empty(16, dtype=np.float32)
-    for s in range(sptr.shape[0] - 1):
+    for s in range(s0, s1):
         acc = fzero()
         for g in range(sptr[s], sptr[s + 1]):
             p = g * 64
@@ -65,9 +68,9 @@ def spmv_r1(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
 
 
 @njit(**_FLAGS)
-def spmv_r4(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
+def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
     tmp = np.empty(64, dtype=np.float32)
-    for s in range(sptr.shape[0] - 1):
+    for s in range(s0, s1):
         a0 = a1 = a2 = a3 = fzero()
         for g in range(sptr[s], sptr[s + 1]):
             p, q = g * 64, g * 256
@@ -107,12 +110,12 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
     # blk = 4: one gathered quad of inputs serves the block's 4 rows (16 accumulators), a
     # slice's two halves of 8 rows one after the other; blk = 1: both halves in one pass
     # (twice the independent work per step for the out-of-order core).
-    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out):
-        nchunk = (n + 7) // 8
-        kdim = x8.shape[0] // nchunk
+    # Slices s0 … s1 − 1 for batch chunks c0 … c1 − 1 (of 8 columns each).
+    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c0, c1):
+        kdim = x8.shape[0] // ((n + 7) // 8)
         tmp = np.empty(128 * blk, dtype=np.int32)
-        for s in range(sptr.shape[0] - 1):
-            for c in range(nchunk):
+        for s in range(s0, s1):
+            for c in range(c0, c1):
                 base = c * kdim
                 for h in range(2 if blk == 4 else 1):
                     a0 = a1 = a2 = a3 = (izero(), izero(), izero(), izero())
@@ -156,9 +159,31 @@ def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply ke
         xs = np.empty(n8, dtype=np.float32)
         zf = np.empty(n8, dtype=np.float32)
         quantize_u8(xp, x8, xs, zf)
-        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zf.astype(np.int32), n, out)
+        zp = zf.astype(np.int32)
+        nsl = sptr.shape[0] - 1
+        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, n8 // 8)
 
     return njit(**_FLAGS)(run)
+
+
+@njit(**_FLAGS)
+def quantize_into(x, buf):  # noqa: D103
+    # x (N × K) quantized into one uint64 buffer, for the parallel kernels (whose block
+    # carries one input address per call): the (⌈N/8⌉·K) words of quantize_u8, then N8
+    # float32 scales and N8 int32 zero points (N8 = N rounded up to 8).
+    n, kdim = x.shape
+    n8 = (n + 7) // 8 * 8
+    xp = x
+    if n8 != n:
+        xp = np.zeros((n8, kdim), dtype=np.float32)
+        xp[:n] = x
+    nw = n8 // 8 * kdim
+    tail = buf[nw : nw + n8].view(np.float32)
+    zf = np.empty(n8, dtype=np.float32)
+    quantize_u8(xp, buf[:nw], tail[:n8], zf)
+    zp = tail[n8:].view(np.int32)
+    for b in range(n8):
+        zp[b] = np.int32(zf[b])
 
 
 @njit(**_FLAGS, inline="always")
