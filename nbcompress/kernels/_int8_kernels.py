@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from nbcompress.kernels._int8_quant import quantize_t
 from nbcompress.kernels._int8_simd import (
     dot4,
     dot4_vnni,
@@ -40,7 +41,15 @@ from nbcompress.kernels._int8_simd import (
     wfma,
 )
 
-__all__ = ["FUSED", "SPMM", "quantize_into", "quantize_u8", "spmv_r1", "spmv_r4"]
+__all__ = [
+    "FUSED",
+    "SPMM",
+    "quantize_into",
+    "quantize_u8",
+    "spmv_r1",
+    "spmv_r4",
+    "unpack",
+]
 
 # No fast-math: the vector steps are explicit intrinsics, and the float epilogue must round
 # the same wherever LLVM inlines it (a serial call, or a task on another thread: see
@@ -148,61 +157,68 @@ def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply ke
     # One call per layer: at batch 8 a layer is ~100 µs, and every Python step between
     # the kernels (allocations, a second dispatch) costs more when its objects left the
     # caches while the other layers ran.
-    def run(sptr, idx, w, perm, scale, rowsum, bias, x, out):
-        n, kdim = x.shape
-        n8 = (n + 7) // 8 * 8
-        xp = x
-        if n8 != n:
-            xp = np.zeros((n8, kdim), dtype=np.float32)
-            xp[:n] = x
-        x8 = np.empty(n8 // 8 * kdim, dtype=np.uint64)
-        xs = np.empty(n8, dtype=np.float32)
-        zf = np.empty(n8, dtype=np.float32)
-        quantize_u8(xp, x8, xs, zf)
-        zp = zf.astype(np.int32)
+    def run(sptr, idx, w, perm, scale, rowsum, bias, x, trans, out):
+        n = x.shape[1] if trans else x.shape[0]
+        kdim = x.shape[0] if trans else x.shape[1]
+        nchunk = (n + 7) // 8
+        buf = np.empty(nchunk * kdim + nchunk * 8, dtype=np.uint64)
+        quantize_into(x, trans, buf)
+        x8, xs, zp = unpack(buf, nchunk, kdim)
         nsl = sptr.shape[0] - 1
-        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, n8 // 8)
+        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, nchunk)
 
     return njit(**_FLAGS)(run)
 
 
+@njit(**_FLAGS, inline="always")
+def unpack(buf, nchunk, kdim):  # noqa: D103
+    # quantize_into's buffer: (words, float32 scales, int32 zero points).
+    nw = nchunk * kdim
+    tail = buf[nw:].view(np.float32)
+    return buf[:nw], tail[: 8 * nchunk], tail[8 * nchunk :].view(np.int32)
+
+
 @njit(**_FLAGS)
-def quantize_into(x, buf):  # noqa: D103
-    # x (N × K) quantized into one uint64 buffer, for the parallel kernels (whose block
-    # carries one input address per call): the (⌈N/8⌉·K) words of quantize_u8, then N8
-    # float32 scales and N8 int32 zero points (N8 = N rounded up to 8).
-    n, kdim = x.shape
+def quantize_into(x, trans, buf):  # noqa: D103
+    # The batch quantized into one uint64 buffer (the parallel kernels' block carries one
+    # input address per call): the (⌈N/8⌉·K) words of quantize_u8, then N8 float32 scales
+    # and N8 int32 zero points (N8 = N rounded up to 8). x is (N × K), or (K × N) when
+    # trans (the previous layer's output, see int8.py): same values, same bits.
+    n = x.shape[1] if trans else x.shape[0]
+    kdim = x.shape[0] if trans else x.shape[1]
     n8 = (n + 7) // 8 * 8
-    xp = x
-    if n8 != n:
-        xp = np.zeros((n8, kdim), dtype=np.float32)
-        xp[:n] = x
-    nw = n8 // 8 * kdim
-    tail = buf[nw : nw + n8].view(np.float32)
+    x8, xs, zp = unpack(buf, n8 // 8, kdim)
     zf = np.empty(n8, dtype=np.float32)
-    quantize_u8(xp, buf[:nw], tail[:n8], zf)
-    zp = tail[n8:].view(np.int32)
+    if trans:
+        quantize_t(x, n, x8, xs, zf)
+    else:
+        xp = x
+        if n8 != n:
+            xp = np.zeros((n8, kdim), dtype=np.float32)
+            xp[:n] = x
+        quantize_u8(xp, x8, xs, zf)
     for b in range(n8):
         zp[b] = np.int32(zf[b])
 
 
 @njit(**_FLAGS, inline="always")
 def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noqa: D103
-    # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b].
+    # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b],
+    # into the (M × N) output, where a row's 8 batch columns are contiguous (one vector
+    # store; into an (N × M) output they were 8 scalar stores a row apart).
     b0 = c * 8
     nb = min(8, n - b0)
-    m = scale.shape[0]
     for r in range(8):
         br = perm[s * 16 + 8 * h + r]
         if br < 0:
             continue
         for i in range(blk):
             row = blk * br + i
-            sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, b0 * m + row
+            sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, row * n + b0
             br_ = bias[row]
             for b in range(nb):
                 v = np.float32(tmp[t + b] - zp[b0 + b] * rs)
-                out[o + b * m] = v * (sr * xs[b0 + b]) + br_
+                out[o + b] = v * (sr * xs[b0 + b]) + br_
 
 
 #: Batch kernels by (rows per block, path): ``vnni`` (vpdpbusd) or ``portable``.

@@ -220,7 +220,7 @@ def int8_matmul(
         out: For 1-D input, an optional float32 (M,) result buffer.
 
     Returns:
-        (M,) for 1-D input; else a C-contiguous (N × M) array.
+        (M,) for 1-D input; else an (N × M) array, the transpose of a C-contiguous one.
     """
     threads = get_threads()
     if threads > 1 and not _gomp.available():
@@ -232,15 +232,20 @@ def int8_matmul(
         out = np.empty(m, dtype=np.float32) if out is None else out
         xv = np.ascontiguousarray(x.reshape(-1))
         if m:
-            _run(mat, (lay, xv, bias, out, None), 1, threads)
+            _run(mat, (lay, xv, False, bias, out, None), 1, threads)
         return out if x.ndim == 1 else out.reshape(1, -1)
     n = x.shape[0]
-    # Row-major (N × M): the next layer's quantizer reads it without a transposing copy.
-    y = np.empty((n, m), dtype=np.float32)
+    # Written (M × N), returned as its (N × M) transpose, as the float kernels do: a row's
+    # batch columns are stored together (one vector store, where the (N × M) output took
+    # 8 scalar stores a row apart), and the next layer's quantizer reads such an input
+    # (x.T C-contiguous, also through an elementwise op that kept its strides) without a
+    # transposing copy (_int8_quant.py).
+    y = np.empty((m, n), dtype=np.float32)
     if y.size:
-        xc = x if x.flags.c_contiguous else np.ascontiguousarray(x)
-        _run(mat, (lay, xc, bias, y, path or sparse_int8_path()), n, threads)
-    return y
+        trans = x.flags.f_contiguous and not x.flags.c_contiguous
+        xc = x.T if trans else np.ascontiguousarray(x)
+        _run(mat, (lay, xc, trans, bias, y, path or sparse_int8_path()), n, threads)
+    return y.T
 
 
 def _run(mat: CSRMatrix | BSRMatrix, args: tuple, n: int, threads: int) -> None:
@@ -261,11 +266,11 @@ def _on_threads(args: tuple, threads: int) -> None:
     # thread that finds it taken runs serially on its own thread instead of waiting.
     if threads > 1 and POOL.acquire(blocking=False):
         try:
-            lay, x, bias, out, path = args
+            lay, x, trans, bias, out, path = args
             if path is None:
                 run_vector(lay, x, bias, out, threads)
             else:
-                run_batch(lay, x, bias, out, path, threads)
+                run_batch(lay, x, trans, bias, out, path, threads)
         finally:
             POOL.release()
     else:
@@ -273,7 +278,7 @@ def _on_threads(args: tuple, threads: int) -> None:
 
 
 def _serial(
-    lay: Sliced, x: np.ndarray, bias: np.ndarray, out: np.ndarray, path: str | None
+    lay: Sliced, x: np.ndarray, trans: bool, bias: np.ndarray, out: np.ndarray, path: str | None
 ) -> None:
     if path is None:
         spmv = spmv_r4 if lay.blk == 4 else spmv_r1
@@ -281,4 +286,5 @@ def _serial(
         spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, x, out, 0, nsl)
     else:
         kernel = FUSED[lay.blk, path]
-        kernel(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias, x, out.ravel())
+        args = (lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias, x, trans)
+        kernel(*args, out.reshape(-1))

@@ -12,6 +12,7 @@ from torch import nn
 
 from nbcompress.kernels import _gomp, cpu, dispatch, tuning
 from nbcompress.kernels import int8 as int8_mod
+from nbcompress.kernels._int8_kernels import quantize_into
 from nbcompress.kernels.cpu import forced_int8_cpu
 from nbcompress.kernels.formats import pack_bsr, pack_csr
 from nbcompress.kernels.int8 import LANES, int8_matmul, sliced
@@ -67,13 +68,16 @@ def test_two_threads_return_the_bits_of_one(openmp, fmt, path, n):
     x, bias = _inputs(n, 300, 200)
     ref = _one_thread(mat, x, bias, path)
     lay = sliced(mat, 2)
-    got = np.full((n, 200), np.nan, dtype=np.float32)  # a task that never ran shows
+    got = np.full((200, n), np.nan, dtype=np.float32)  # a task that never ran shows
     with using(2):
         if n == 1:
-            int8_mod._on_threads((lay, x[0].copy(), bias, got[0], None), 2)
+            int8_mod._on_threads((lay, x[0].copy(), False, bias, got[:, 0], None), 2)
         else:
-            int8_mod._on_threads((lay, x, bias, got, path), 2)
-    assert np.array_equal(got, ref)
+            int8_mod._on_threads((lay, x, False, bias, got, path), 2)
+    assert np.array_equal(got.T, ref)
+    # The previous layer's output (transposed) is quantized in place: the same bits.
+    with using(2):
+        assert np.array_equal(int8_matmul(mat, np.asfortranarray(x), bias, path), ref)
     # Through the public product, on the parallel choice and on the race's.
     dispatch.set_choices(mat, {("i8", n, 2): "sliced"})
     with using(2):
@@ -90,10 +94,10 @@ def test_three_threads_on_two_cores_run_every_task_once(openmp, fmt):
     mat = _mat(fmt, 136, 70, seed=3)
     x, bias = _inputs(9, 70, 136)
     ref = _one_thread(mat, x, bias, "portable")
-    got = np.full((9, 136), np.nan, dtype=np.float32)
+    got = np.full((136, 9), np.nan, dtype=np.float32)
     with using(3):
-        int8_mod._on_threads((sliced(mat, 3), x, bias, got, "portable"), 3)
-    assert np.array_equal(got, ref)
+        int8_mod._on_threads((sliced(mat, 3), x, False, bias, got, "portable"), 3)
+    assert np.array_equal(got.T, ref)
 
 
 @pytest.mark.parametrize("vnni", [False, True])
@@ -172,3 +176,16 @@ def test_python_threads_may_call_one_layer_at_once(fmt):
     for t in workers:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("n", [2, 8, 13, 64])
+def test_a_transposed_batch_is_quantized_to_the_same_bytes(n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((n, 37)) * 3).astype(np.float32)
+    x[0] = 0  # a zero row: scale 1, zero point 0
+    x[1] = np.abs(x[1])  # no negative values: zero point 0
+    nchunk = (n + 7) // 8
+    row, col = (np.zeros(nchunk * 37 + nchunk * 8, np.uint64) for _ in range(2))
+    quantize_into(x, False, row)
+    quantize_into(np.ascontiguousarray(x.T), True, col)
+    assert np.array_equal(row, col)
