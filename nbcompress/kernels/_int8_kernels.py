@@ -222,11 +222,13 @@ def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noq
 
 
 #: Batch kernels by (rows per block, path): ``vnni`` (vpdpbusd) or ``portable``.
+spmm_r1_vnni, spmm_r1 = _spmm(dot4_vnni, 1), _spmm(dot4, 1)
+spmm_r4_vnni, spmm_r4 = _spmm(dot4_vnni, 4), _spmm(dot4, 4)
 SPMM = {
-    (1, "vnni"): _spmm(dot4_vnni, 1),
-    (1, "portable"): _spmm(dot4, 1),
-    (4, "vnni"): _spmm(dot4_vnni, 4),
-    (4, "portable"): _spmm(dot4, 4),
+    (1, "vnni"): spmm_r1_vnni,
+    (1, "portable"): spmm_r1,
+    (4, "vnni"): spmm_r4_vnni,
+    (4, "portable"): spmm_r4,
 }
 
 

@@ -30,7 +30,15 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from nbcompress.kernels import _gomp, notices
-from nbcompress.kernels._int8_kernels import SPMM, quantize_into, spmv_r1, spmv_r4
+from nbcompress.kernels._int8_kernels import (
+    quantize_into,
+    spmm_r1,
+    spmm_r1_vnni,
+    spmm_r4,
+    spmm_r4_vnni,
+    spmv_r1,
+    spmv_r4,
+)
 from nbcompress.kernels._simd import as_ptr, fetch_add, thread_num
 
 __all__ = ["HEAD", "run_batch", "run_vector", "task_address"]
@@ -74,7 +82,10 @@ def _next(a, own, k):  # noqa: ANN001, ANN202 - numba function
     return np.int64(-1), k
 
 
-def _vector_task(spmv, index):  # noqa: ANN001, ANN202 - builds one task function
+# The builders below close over plain values only (rows per block, path, index type): a
+# jitted kernel in a closure cell pickles differently in every process, so numba's disk
+# cache never matched it and each process compiled the task functions again (~2 s).
+def _vector_task(rows, index):  # noqa: ANN001, ANN202 - builds one task function
     def task(blk):  # noqa: ANN001, ANN202
         a = carray(blk, HEAD, np.int64)
         sptr = carray(as_ptr(a[5]), a[6], np.int64)
@@ -89,13 +100,18 @@ def _vector_task(spmv, index):  # noqa: ANN001, ANN202 - builds one task functio
         own = _owner(a)
         t, k = _next(a, own, 0)
         while t >= 0:
-            spmv(sptr, idx, w, perm, scale, bias, x, out, bounds[t], bounds[t + 1])
+            if rows == 4:
+                spmv_r4(sptr, idx, w, perm, scale, bias, x, out, bounds[t], bounds[t + 1])
+            else:
+                spmv_r1(sptr, idx, w, perm, scale, bias, x, out, bounds[t], bounds[t + 1])
             t, k = _next(a, own, k)
 
     return task
 
 
-def _batch_task(spmm, index):  # noqa: ANN001, ANN202 - builds one task function
+def _batch_task(key, index):  # noqa: ANN001, ANN202 - builds one task function
+    rows, vnni = key[0], key[1] == "vnni"
+
     def task(blk):  # noqa: ANN001, ANN202
         a = carray(blk, HEAD, np.int64)
         sptr = carray(as_ptr(a[5]), a[6], np.int64)
@@ -121,7 +137,16 @@ def _batch_task(spmm, index):  # noqa: ANN001, ANN202 - builds one task function
             j = t // nchunk
             c = t - j * nchunk
             s0, s1 = bounds[j], bounds[j + 1]
-            spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c, c + 1)
+            args = (sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c, c + 1)
+            if rows == 4:
+                if vnni:
+                    spmm_r4_vnni(*args)
+                else:
+                    spmm_r4(*args)
+            elif vnni:
+                spmm_r1_vnni(*args)
+            else:
+                spmm_r1(*args)
             t, k = _next(a, own, k)
 
     return task
@@ -129,9 +154,10 @@ def _batch_task(spmm, index):  # noqa: ANN001, ANN202 - builds one task function
 
 #: Task functions by (kind, index type code): kind is ``1`` or ``4`` (rows per block) for
 #: batch 1, ``(rows per block, path)`` for batches; compiled on first use.
+_KEYS = ((1, "vnni"), (1, "portable"), (4, "vnni"), (4, "portable"))
 _TASKS = {
-    **{(b, code): (_vector_task, fn) for b, fn in ((1, spmv_r1), (4, spmv_r4)) for code in "HI"},
-    **{(key, code): (_batch_task, fn) for key, fn in SPMM.items() for code in "HI"},
+    **{(rows, code): (_vector_task, rows) for rows in (1, 4) for code in "HI"},
+    **{(key, code): (_batch_task, key) for key in _KEYS for code in "HI"},
 }
 _COMPILED: dict[tuple, int] = {}
 _COMPILING = threading.Lock()

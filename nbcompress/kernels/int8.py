@@ -60,6 +60,7 @@ class Sliced:
         blk: Rows per block (1: element-wise, 4: 4 × 1 blocks).
         bounds: int64 slice bounds of the tasks: each part cut into
             ``_gomp.BLOCKS_PER_PART`` blocks of about equal work (``parts × blocks + 1``).
+        nsl: Slices.
         shape: ``(rows, cols)`` of the weight.
     """
 
@@ -83,6 +84,7 @@ class Sliced:
         sptr = np.zeros(nsl + 1, dtype=np.int64)
         np.cumsum(groups, out=sptr[1:])
         self.bounds = _task_bounds(sptr, first)
+        self.nsl = nsl
         # Where every stored value goes: its row's lane, its step within the row.
         pos = np.empty(nrows, dtype=np.int64)
         pos[perm[used]] = used
@@ -227,11 +229,17 @@ def int8_matmul(
         threads = 1
     lay = sliced(mat, threads)
     m = mat.shape[0]
-    bias = lay.zeros if bias is None else lay.bias(bias)
+    if bias is None:
+        bias = lay.zeros
+    elif threads > 1:  # the parallel kernels' blocks are cached per bias array
+        bias = lay.bias(bias)
     if x.ndim == 1 or x.shape[0] == 1:
         out = np.empty(m, dtype=np.float32) if out is None else out
         xv = np.ascontiguousarray(x.reshape(-1))
-        if m:
+        if threads == 1 and m:  # the lean path: batch-1 layers are mostly fixed costs
+            spmv = spmv_r4 if lay.blk == 4 else spmv_r1
+            spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, xv, out, 0, lay.nsl)
+        elif m:
             _run(mat, (lay, xv, False, bias, out, None), 1, threads)
         return out if x.ndim == 1 else out.reshape(1, -1)
     n = x.shape[0]
@@ -282,8 +290,7 @@ def _serial(
 ) -> None:
     if path is None:
         spmv = spmv_r4 if lay.blk == 4 else spmv_r1
-        nsl = lay.sptr.shape[0] - 1
-        spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, x, out, 0, nsl)
+        spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, x, out, 0, lay.nsl)
     else:
         kernel = FUSED[lay.blk, path]
         args = (lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias, x, trans)
