@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from nbcompress.kernels._int8_quant import quantize_t
 from nbcompress.kernels._int8_simd import (
     dot4,
     dot4_vnni,
@@ -39,17 +40,28 @@ from nbcompress.kernels._int8_simd import (
     vmin,
     wfma,
 )
-from nbcompress.kernels._numba import FASTMATH
 
-__all__ = ["FUSED", "SPMM", "quantize_u8", "spmv_r1", "spmv_r4"]
+__all__ = [
+    "FUSED",
+    "SPMM",
+    "quantize_into",
+    "quantize_u8",
+    "spmv_r1",
+    "spmv_r4",
+    "unpack",
+]
 
-_FLAGS = {"fastmath": FASTMATH, "boundscheck": False, "cache": True, "nogil": True}
+# No fast-math: the vector steps are explicit intrinsics, and the float epilogue must round
+# the same wherever LLVM inlines it (a serial call, or a task on another thread: see
+# _int8_tasks.py), so that results never depend on the thread count. Contraction into an
+# FMA alone may differ between two inlined copies of the same line.
+_FLAGS = {"boundscheck": False, "cache": True, "nogil": True}
 
 
 @njit(**_FLAGS)
-def spmv_r1(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
+def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
     tmp = np.empty(16, dtype=np.float32)
-    for s in range(sptr.shape[0] - 1):
+    for s in range(s0, s1):
         acc = fzero()
         for g in range(sptr[s], sptr[s + 1]):
             p = g * 64
@@ -65,9 +77,9 @@ def spmv_r1(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
 
 
 @njit(**_FLAGS)
-def spmv_r4(sptr, idx, w, perm, scale, bias, x, out):  # noqa: D103
+def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
     tmp = np.empty(64, dtype=np.float32)
-    for s in range(sptr.shape[0] - 1):
+    for s in range(s0, s1):
         a0 = a1 = a2 = a3 = fzero()
         for g in range(sptr[s], sptr[s + 1]):
             p, q = g * 64, g * 256
@@ -107,12 +119,12 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
     # blk = 4: one gathered quad of inputs serves the block's 4 rows (16 accumulators), a
     # slice's two halves of 8 rows one after the other; blk = 1: both halves in one pass
     # (twice the independent work per step for the out-of-order core).
-    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out):
-        nchunk = (n + 7) // 8
-        kdim = x8.shape[0] // nchunk
+    # Slices s0 … s1 − 1 for batch chunks c0 … c1 − 1 (of 8 columns each).
+    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c0, c1):
+        kdim = x8.shape[0] // ((n + 7) // 8)
         tmp = np.empty(128 * blk, dtype=np.int32)
-        for s in range(sptr.shape[0] - 1):
-            for c in range(nchunk):
+        for s in range(s0, s1):
+            for c in range(c0, c1):
                 base = c * kdim
                 for h in range(2 if blk == 4 else 1):
                     a0 = a1 = a2 = a3 = (izero(), izero(), izero(), izero())
@@ -145,47 +157,78 @@ def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply ke
     # One call per layer: at batch 8 a layer is ~100 µs, and every Python step between
     # the kernels (allocations, a second dispatch) costs more when its objects left the
     # caches while the other layers ran.
-    def run(sptr, idx, w, perm, scale, rowsum, bias, x, out):
-        n, kdim = x.shape
-        n8 = (n + 7) // 8 * 8
-        xp = x
-        if n8 != n:
-            xp = np.zeros((n8, kdim), dtype=np.float32)
-            xp[:n] = x
-        x8 = np.empty(n8 // 8 * kdim, dtype=np.uint64)
-        xs = np.empty(n8, dtype=np.float32)
-        zf = np.empty(n8, dtype=np.float32)
-        quantize_u8(xp, x8, xs, zf)
-        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zf.astype(np.int32), n, out)
+    def run(sptr, idx, w, perm, scale, rowsum, bias, x, trans, out):
+        n = x.shape[1] if trans else x.shape[0]
+        kdim = x.shape[0] if trans else x.shape[1]
+        nchunk = (n + 7) // 8
+        buf = np.empty(nchunk * kdim + nchunk * 8, dtype=np.uint64)
+        quantize_into(x, trans, buf)
+        x8, xs, zp = unpack(buf, nchunk, kdim)
+        nsl = sptr.shape[0] - 1
+        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, nchunk)
 
     return njit(**_FLAGS)(run)
 
 
 @njit(**_FLAGS, inline="always")
+def unpack(buf, nchunk, kdim):  # noqa: D103
+    # quantize_into's buffer: (words, float32 scales, int32 zero points).
+    nw = nchunk * kdim
+    tail = buf[nw:].view(np.float32)
+    return buf[:nw], tail[: 8 * nchunk], tail[8 * nchunk :].view(np.int32)
+
+
+@njit(**_FLAGS)
+def quantize_into(x, trans, buf):  # noqa: D103
+    # The batch quantized into one uint64 buffer (the parallel kernels' block carries one
+    # input address per call): the (⌈N/8⌉·K) words of quantize_u8, then N8 float32 scales
+    # and N8 int32 zero points (N8 = N rounded up to 8). x is (N × K), or (K × N) when
+    # trans (the previous layer's output, see int8.py): same values, same bits.
+    n = x.shape[1] if trans else x.shape[0]
+    kdim = x.shape[0] if trans else x.shape[1]
+    n8 = (n + 7) // 8 * 8
+    x8, xs, zp = unpack(buf, n8 // 8, kdim)
+    zf = np.empty(n8, dtype=np.float32)
+    if trans:
+        quantize_t(x, n, x8, xs, zf)
+    else:
+        xp = x
+        if n8 != n:
+            xp = np.zeros((n8, kdim), dtype=np.float32)
+            xp[:n] = x
+        quantize_u8(xp, x8, xs, zf)
+    for b in range(n8):
+        zp[b] = np.int32(zf[b])
+
+
+@njit(**_FLAGS, inline="always")
 def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noqa: D103
-    # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b].
+    # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b],
+    # into the (M × N) output, where a row's 8 batch columns are contiguous (one vector
+    # store; into an (N × M) output they were 8 scalar stores a row apart).
     b0 = c * 8
     nb = min(8, n - b0)
-    m = scale.shape[0]
     for r in range(8):
         br = perm[s * 16 + 8 * h + r]
         if br < 0:
             continue
         for i in range(blk):
             row = blk * br + i
-            sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, b0 * m + row
+            sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, row * n + b0
             br_ = bias[row]
             for b in range(nb):
                 v = np.float32(tmp[t + b] - zp[b0 + b] * rs)
-                out[o + b * m] = v * (sr * xs[b0 + b]) + br_
+                out[o + b] = v * (sr * xs[b0 + b]) + br_
 
 
 #: Batch kernels by (rows per block, path): ``vnni`` (vpdpbusd) or ``portable``.
+spmm_r1_vnni, spmm_r1 = _spmm(dot4_vnni, 1), _spmm(dot4, 1)
+spmm_r4_vnni, spmm_r4 = _spmm(dot4_vnni, 4), _spmm(dot4, 4)
 SPMM = {
-    (1, "vnni"): _spmm(dot4_vnni, 1),
-    (1, "portable"): _spmm(dot4, 1),
-    (4, "vnni"): _spmm(dot4_vnni, 4),
-    (4, "portable"): _spmm(dot4, 4),
+    (1, "vnni"): spmm_r1_vnni,
+    (1, "portable"): spmm_r1,
+    (4, "vnni"): spmm_r4_vnni,
+    (4, "portable"): spmm_r4,
 }
 
 

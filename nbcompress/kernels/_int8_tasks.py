@@ -1,0 +1,245 @@
+"""The sparse int8 kernels of ``_int8_kernels.py`` on several threads (``_gomp.py``'s launch).
+
+A call runs a task function (a ``numba.cfunc``) on every thread of torch's OpenMP team,
+or of ``_pool.py``'s awake pool, as the float kernels of ``_generated_kernels.py`` do: the
+function reads its arrays from a block of int64 words and runs the serial kernel on one
+task at a time. A task is a block of slices (16 rows each, ``int8.py``) for one chunk of 8
+batch columns; the layout holds one part per thread, a range of rows of about equal
+nonzeros cut into blocks (``Sliced.bounds``), so each core reads the same rows of the
+weight and writes the same outputs on every call, and thread ``i`` takes its own part's
+tasks from the front, then the others' from their back. Each output row is computed by
+the same serial code as on one thread, so the results are bit-identical to a serial call.
+
+The batch is quantized to uint8 once per call, before the parallel region
+(:func:`~nbcompress.kernels._int8_kernels.quantize_into`, one buffer: the block carries one
+input address per call).
+
+Words of a block: 0–4 the header of ``_gomp._words`` (counting block, parts, tasks, 1,
+``omp_get_thread_num`` or this thread's number), then address and size of ``sptr`` (5),
+``idx`` (7), ``w`` (9), ``perm`` (11), the input (13), the output (15), ``scale`` (17),
+``rowsum`` (19), ``bias`` (21), the slice bounds of the tasks (23), then the batch rows
+(25), the input features (26) and the batch chunks (27); then one 64-byte line per part.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+
+from nbcompress.kernels import _gomp, notices
+from nbcompress.kernels._int8_kernels import (
+    quantize_into,
+    spmm_r1,
+    spmm_r1_vnni,
+    spmm_r4,
+    spmm_r4_vnni,
+    spmv_r1,
+    spmv_r4,
+)
+from nbcompress.kernels._simd import as_ptr, fetch_add, thread_num
+
+__all__ = ["HEAD", "run_batch", "run_vector", "task_address"]
+
+#: Words of a block before its parts' lines.
+HEAD = 28
+_SIGNATURE = types.void(types.voidptr)
+_FLAGS = {"boundscheck": False, "cache": True, "nogil": True}
+_INDEX = {"H": np.uint16, "I": np.uint32}
+
+
+@njit(**_FLAGS, inline="always")
+def _owner(a):  # noqa: ANN001, ANN202 - numba function
+    # Thread i owns part i (see _gomp.py); word 4 is libgomp's omp_get_thread_num, or this
+    # thread's own number (below 4096, never an address) on _pool.py's workers.
+    who = a[4]
+    return (who if who < 4096 else thread_num(who)) % a[1]
+
+
+@njit(**_FLAGS, inline="always")
+def _next(a, own, k):  # noqa: ANN001, ANN202 - numba function
+    # The next task for this thread, as kernel_templates._TASK_LOOP takes them: its own
+    # part's from the front (k = 0), then the other parts' from their back. A part's two
+    # counts share its line's first word (front: low 32 bits), so each task runs once.
+    # Returns (task or -1 when none is left, k to pass again).
+    nparts = a[1]
+    while k < nparts:
+        q = own + k
+        if q >= nparts:
+            q -= nparts
+        line = a[0] + (HEAD + 8 * q) * 8
+        part = carray(as_ptr(line), 3, np.int64)
+        count = part[2] - part[1]
+        taken = fetch_add(line, np.int64(1) if k == 0 else np.int64(1) << np.int64(32))
+        front = taken & np.int64(0xFFFFFFFF)
+        behind = taken >> np.int64(32)
+        if front + behind >= count:
+            k += 1
+            continue
+        return part[1] + (front if k == 0 else count - 1 - behind), k
+    return np.int64(-1), k
+
+
+# The builders below close over plain values only (rows per block, path, index type): a
+# jitted kernel in a closure cell pickles differently in every process, so numba's disk
+# cache never matched it and each process compiled the task functions again (~2 s).
+def _vector_task(rows, index):  # noqa: ANN001, ANN202 - builds one task function
+    def task(blk):  # noqa: ANN001, ANN202
+        a = carray(blk, HEAD, np.int64)
+        sptr = carray(as_ptr(a[5]), a[6], np.int64)
+        idx = carray(as_ptr(a[7]), a[8], index)
+        w = carray(as_ptr(a[9]), a[10], np.int8)
+        perm = carray(as_ptr(a[11]), a[12], np.int32)
+        x = carray(as_ptr(a[13]), a[14], np.float32)
+        out = carray(as_ptr(a[15]), a[16], np.float32)
+        scale = carray(as_ptr(a[17]), a[18], np.float32)
+        bias = carray(as_ptr(a[21]), a[22], np.float32)
+        bounds = carray(as_ptr(a[23]), a[24], np.int64)
+        own = _owner(a)
+        t, k = _next(a, own, 0)
+        while t >= 0:
+            if rows == 4:
+                spmv_r4(sptr, idx, w, perm, scale, bias, x, out, bounds[t], bounds[t + 1])
+            else:
+                spmv_r1(sptr, idx, w, perm, scale, bias, x, out, bounds[t], bounds[t + 1])
+            t, k = _next(a, own, k)
+
+    return task
+
+
+def _batch_task(key, index):  # noqa: ANN001, ANN202 - builds one task function
+    rows, vnni = key[0], key[1] == "vnni"
+
+    def task(blk):  # noqa: ANN001, ANN202
+        a = carray(blk, HEAD, np.int64)
+        sptr = carray(as_ptr(a[5]), a[6], np.int64)
+        idx = carray(as_ptr(a[7]), a[8], index)
+        w = carray(as_ptr(a[9]), a[10], np.int8)
+        perm = carray(as_ptr(a[11]), a[12], np.int32)
+        out = carray(as_ptr(a[15]), a[16], np.float32)
+        scale = carray(as_ptr(a[17]), a[18], np.float32)
+        rowsum = carray(as_ptr(a[19]), a[20], np.int32)
+        bias = carray(as_ptr(a[21]), a[22], np.float32)
+        bounds = carray(as_ptr(a[23]), a[24], np.int64)
+        n = a[25]
+        nchunk = a[27]
+        n8 = nchunk * 8
+        nw = nchunk * a[26]
+        # The input buffer of quantize_into: words, then float32 scales, int32 zero points.
+        x8 = carray(as_ptr(a[13]), nw, np.uint64)
+        xs = carray(as_ptr(a[13] + 8 * nw), n8, np.float32)
+        zp = carray(as_ptr(a[13] + 8 * nw + 4 * n8), n8, np.int32)
+        own = _owner(a)
+        t, k = _next(a, own, 0)
+        while t >= 0:
+            j = t // nchunk
+            c = t - j * nchunk
+            s0, s1 = bounds[j], bounds[j + 1]
+            args = (sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c, c + 1)
+            if rows == 4:
+                if vnni:
+                    spmm_r4_vnni(*args)
+                else:
+                    spmm_r4(*args)
+            elif vnni:
+                spmm_r1_vnni(*args)
+            else:
+                spmm_r1(*args)
+            t, k = _next(a, own, k)
+
+    return task
+
+
+#: Task functions by (kind, index type code): kind is ``1`` or ``4`` (rows per block) for
+#: batch 1, ``(rows per block, path)`` for batches; compiled on first use.
+_KEYS = ((1, "vnni"), (1, "portable"), (4, "vnni"), (4, "portable"))
+_TASKS = {
+    **{(rows, code): (_vector_task, rows) for rows in (1, 4) for code in "HI"},
+    **{(key, code): (_batch_task, key) for key in _KEYS for code in "HI"},
+}
+_COMPILED: dict[tuple, int] = {}
+_COMPILING = threading.Lock()
+
+
+def task_address(kind: object, code: str) -> int:
+    """The C callback of ``kind``'s task function for index type ``code`` (compiled once).
+
+    The first use compiles (or loads from numba's disk cache); its time goes into the
+    caller's one-line notice, as the registry's first calls do.
+    """
+    key = (kind, code)
+    found = _COMPILED.get(key)
+    if found is None:
+        start = time.perf_counter()
+        with _COMPILING:
+            found = _COMPILED.get(key)
+            compiled = False
+            if found is None:
+                build, kernel = _TASKS[key]
+                fn = cfunc(_SIGNATURE, cache=True)(build(kernel, _INDEX[code]))
+                compiled = not getattr(fn, "cache_hits", 0)
+                found = _COMPILED[key] = fn.address
+        notices.record(time.perf_counter() - start, compiled)
+    return found
+
+
+def _block(
+    lay: object,
+    kind: object,
+    inp: np.ndarray,
+    out: np.ndarray,
+    bias: np.ndarray,
+    scalars: tuple[int, int, int],
+    threads: int,
+) -> _gomp.Block:
+    # The fixed words per (kind, call shape, threads, bias), kept on the layout: building
+    # _gomp._words' key (ten arrays' ids and sizes) cost ~3 µs a call. The entry holds the
+    # bias, so its id is never another array's while cached.
+    held = lay.__dict__.setdefault("_blocks", {})
+    key = (kind, scalars, threads, id(bias))
+    found = held.get(key)
+    if found is None:
+        bounds = lay.bounds  # the layout's parts, each of _gomp.BLOCKS_PER_PART blocks
+        arrays = (lay.sptr, lay.idx, lay.w, lay.perm, inp, out, lay.scale, lay.rowsum, bias)
+        words = _gomp._words(scalars[2], bounds, (*arrays, bounds), scalars, threads)
+        found = held[key] = (words, bias)
+    return _gomp.Block(found[0], inp, out)
+
+
+def run_vector(lay: object, x: np.ndarray, bias: np.ndarray, out: np.ndarray, threads: int) -> None:
+    """``out = W x + bias`` for one float32 input on ``threads`` threads.
+
+    The caller holds :data:`~nbcompress.kernels.threads.POOL` and checked
+    ``_gomp.available()``.
+    """
+    code = lay.idx.dtype.char
+    fn = task_address(lay.blk, code)
+    blk = _block(lay, lay.blk, x, out, bias, (1, x.shape[0], 1), threads)
+    _gomp.launch(fn, blk, threads)
+
+
+def run_batch(
+    lay: object,
+    x: np.ndarray,
+    trans: bool,
+    bias: np.ndarray,
+    out: np.ndarray,
+    path: str,
+    threads: int,
+) -> None:
+    """``out = W xᵀ + bias`` into the (M × N) ``out`` for a batch on ``threads`` threads.
+
+    ``x`` is a C-contiguous (N × K) batch, or (K × N) when ``trans``. It is quantized
+    here, once, on the calling thread. The caller holds
+    :data:`~nbcompress.kernels.threads.POOL` and checked ``_gomp.available()``.
+    """
+    n, kdim = (x.shape[1], x.shape[0]) if trans else x.shape
+    nchunk = (n + 7) // 8
+    buf = np.empty(nchunk * kdim + nchunk * 8, dtype=np.uint64)
+    quantize_into(x, trans, buf)
+    kind = (lay.blk, path)
+    fn = task_address(kind, lay.idx.dtype.char)
+    blk = _block(lay, kind, buf, out.reshape(-1), bias, (n, kdim, nchunk), threads)
+    _gomp.launch(fn, blk, threads)
