@@ -251,7 +251,7 @@ class OrtInt8Block(OrtModule):
         if self.watch().changed():
             self.watching = Watch(self.block)
             self._forget_sessions()  # weights or modules changed: export again
-        threads = torch.get_num_threads()
+        threads = self.threads_for(tensors[0].numel())
         call = self._calls.get(threads)
         if call is None:
             self.example = tensors

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.summary import capture_calls
-from nbcompress.engine.quantize import ort_int8
+from nbcompress.engine.quantize import ort_int8, ort_scales
 from nbcompress.engine.quantize.checks import dense_args
 from nbcompress.engine.quantize.choice import ACCURATE, NEGLIGIBLE_ERROR, clearly_faster
 from nbcompress.engine.quantize.config import DynamicInt8Config
 from nbcompress.engine.quantize.measure import rel_errors
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, OrtModule, graph_bytes
-from nbcompress.engine.quantize.ort_scales import per_tensor_steps
+from nbcompress.engine.quantize.ort_threads import settle_threads
 from nbcompress.timing import race
 
 if TYPE_CHECKING:
@@ -256,12 +256,12 @@ def _scales(
     then kept only if the whole graph is within tolerance and its rms error is at most the
     per-row graph's.
     """
-    steps = per_tensor_steps(floats, list(chain.steps), x)
+    steps = ort_scales.per_tensor_steps(floats, list(chain.steps), x)
     if steps is None:
         return chain, 0
     other = OrtInt8Chain(steps)
     with torch.inference_mode():
-        peak, rms_tensor = rel_errors(ref, other(x))
+        peak, rms_tensor = ort_scales.graph_errors(ref, other(x))
     if peak > job.config.tolerance or rms_tensor > rms:
         return chain, 0
     return other, sum(a is not b for a, b in zip(steps, chain.steps, strict=True))
@@ -288,6 +288,10 @@ def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor) -> None:
     _install(job, tx, names, chain)
     gain = 1 / timed.ratio("graph")
     scales = f"; {tensors} Linear(s) with per-tensor weight scales" if tensors else ""
+    one = settle_threads(chain, lambda: chain(x), x.numel(), job.repeats)
+    scales += (
+        f"; inputs this small on 1 thread ({one:.2f}× faster)" if chain.one_thread_upto else ""
+    )
     rows = {row["layer"]: row for row in job.rows}
     for name in names:
         if name in job.new:

@@ -191,6 +191,9 @@ class OrtModule(nn.Module):
         self._calls: dict[int, tuple[Any, list[str]]] = {}
         self._lock = threading.Lock()
         self._in = 0  # input width, a plain attribute (read on every call); set by subclasses
+        #: Inputs of at most this many elements run on one thread, where that measured
+        #: faster than torch's thread count (``ort_threads``); 0: never.
+        self.one_thread_upto = 0
         #: Modules whose graphs hold this one's weights (``ort_chain``): told when they change.
         self.listeners: weakref.WeakSet[OrtModule] = weakref.WeakSet()
 
@@ -205,6 +208,7 @@ class OrtModule(nn.Module):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("one_thread_upto", 0)  # pickled before it existed
         super().__setstate__(state)
         self._calls = {}  # also for objects pickled before the hot path had it
         self._lock = threading.Lock()  # sessions are rebuilt on the next call
@@ -264,7 +268,7 @@ class OrtModule(nn.Module):
         if a.ndim == 0 or a.shape[-1] != self._in:
             raise ValueError(f"x: expected last dimension {self._in}, got shape {a.shape}.")
         if a.ndim == 2:
-            call = self._calls.get(torch.get_num_threads())
+            call = self._calls.get(1 if a.size <= self.one_thread_upto else torch.get_num_threads())
             if call is not None and a.shape[0]:  # the hot path: no further Python call
                 return torch.from_numpy(call[0](call[1], {"x": a}, None)[0])
             return torch.from_numpy(self._product(a))
@@ -293,7 +297,11 @@ class OrtModule(nn.Module):
         """The graph's output for a 2-D float32 array (rows may be 0)."""
         if a.shape[0] == 0:
             return np.zeros((0, self.out_features), dtype=np.float32)
-        return self.session().run(None, {"x": a})[0]
+        return self.session(self.threads_for(a.size)).run(None, {"x": a})[0]
+
+    def threads_for(self, size: int) -> int:
+        """The session's thread count for an input of ``size`` elements."""
+        return 1 if size <= self.one_thread_upto else torch.get_num_threads()
 
     @property
     def out_features(self) -> int:

@@ -23,7 +23,7 @@ from torch import nn
 from nbcompress.engine.quantize.measure import rel_errors
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, per_tensor
 
-__all__ = ["ENV_SCALES", "per_tensor_steps", "scale_errors"]
+__all__ = ["ENV_SCALES", "graph_errors", "per_tensor_steps", "scale_errors"]
 
 #: Environment variable keeping per-row weight scales everywhere (``0``); on by default.
 ENV_SCALES = "NBCOMPRESS_ORT_PER_TENSOR"
@@ -39,6 +39,11 @@ def scale_errors(
     with torch.inference_mode():
         ref = layer(x)
         return rel_errors(ref, row(x))[1], rel_errors(ref, tensor(x))[1]
+
+
+def graph_errors(ref: Any, out: Any) -> tuple[float, float]:
+    """``(peak, rms)`` relative errors of a whole graph's output (tests replace it)."""
+    return rel_errors(ref, out)
 
 
 def per_tensor_steps(
