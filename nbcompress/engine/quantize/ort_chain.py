@@ -36,7 +36,6 @@ from nbcompress.engine.quantize.choice import ACCURATE, NEGLIGIBLE_ERROR, clearl
 from nbcompress.engine.quantize.config import DynamicInt8Config
 from nbcompress.engine.quantize.measure import rel_errors
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, OrtModule, graph_bytes
-from nbcompress.engine.quantize.ort_threads import settle_threads
 from nbcompress.timing import race
 
 if TYPE_CHECKING:
@@ -288,10 +287,6 @@ def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor) -> None:
     _install(job, tx, names, chain)
     gain = 1 / timed.ratio("graph")
     scales = f"; {tensors} Linear(s) with per-tensor weight scales" if tensors else ""
-    one = settle_threads(chain, lambda: chain(x), x.numel(), job.repeats)
-    scales += (
-        f"; inputs this small on 1 thread ({one:.2f}× faster)" if chain.one_thread_upto else ""
-    )
     rows = {row["layer"]: row for row in job.rows}
     for name in names:
         if name in job.new:

@@ -203,3 +203,34 @@ def test_the_positional_call_check_matches_the_general_one():
         assert same(spec.tensors((ids, grad), {}), (ids, grad))
     keyword = CallSpec((ids,), {"mask": mask})
     assert keyword.plain is None and same(keyword.tensors((ids,), {"mask": mask}), (ids, mask))
+
+
+@needs_ort
+@pytest.mark.parametrize("one_wins", [True, False])
+def test_a_block_graph_runs_inputs_up_to_the_captured_size_on_one_thread_where_faster(
+    monkeypatch, one_wins
+):
+    from tests.engine.quantize.test_quantize_ort_block import (
+        _graph_wins,
+        inputs,
+        model_and_input,
+    )
+
+    _graph_wins(monkeypatch, whole=True)
+    table = {"threads": 1.0, "one": 0.8 if one_wins else 0.99}
+    monkeypatch.setattr(ort_threads, "race", _fixed_race(table.get))
+    torch.set_num_threads(2)
+    model, x = model_and_input(batch=2, seq=5)
+    nc.quantize_(model, "dynamic", example_inputs=x, repeats=3, backend="onnxruntime")
+    graph = model.__dict__["forward"].graph
+    assert graph.one_thread_upto == (x[0].numel() if one_wins else 0)
+    notes = [r["note"] for r in nc.quantize_report(model).rows if r["backend"]]
+    assert all(("on 1 thread" in n) == one_wins for n in notes)
+    graph._forget_sessions()
+    with torch.inference_mode():
+        y_small, y_large = model(*x), model(*inputs(4, 7))
+    assert set(graph._sessions) == ({1, 2} if one_wins else {2})
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        assert torch.allclose(model(*x), y_small, atol=1e-5)
+        assert torch.allclose(model(*inputs(4, 7)), y_large, atol=1e-5)
