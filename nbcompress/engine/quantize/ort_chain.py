@@ -21,6 +21,7 @@ On by default; :data:`ENV_FUSE` ``=0`` keeps every layer on its own session.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from nbcompress.engine.core.summary import capture_calls
-from nbcompress.engine.quantize import ort_int8
+from nbcompress.engine.quantize import ort_int8, ort_scales
 from nbcompress.engine.quantize.checks import dense_args
 from nbcompress.engine.quantize.choice import ACCURATE, NEGLIGIBLE_ERROR, clearly_faster
 from nbcompress.engine.quantize.config import DynamicInt8Config
@@ -130,7 +131,7 @@ class FusedForward:
         self.runs: dict[int, tuple[int, OrtInt8Chain]] = {}
 
     def __call__(self, x: Any) -> Any:  # noqa: D102
-        children = list(self.seq._modules.values())
+        children = tuple(self.seq._modules.values())
         hooked = _global_hooks()
         i = 0
         while i < len(children):
@@ -149,11 +150,20 @@ def _global_hooks() -> bool:
     return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
-def _intact(children: list[Any], chain: OrtInt8Chain) -> bool:
+#: A module's forward hook dicts (any non-empty one: the module has a hook).
+_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks")
+
+
+def _intact(children: tuple[Any, ...], chain: OrtInt8Chain) -> bool:
+    """Whether ``children`` are the chain's steps, none with a hook.
+
+    C-level iteration (``map``), no Python frame per child: the check runs on every call.
+    """
     steps = chain.steps._modules.values()
-    return len(children) == len(steps) and all(
-        c is s and not (c._forward_hooks or c._forward_pre_hooks)
-        for c, s in zip(children, steps, strict=True)
+    return (
+        len(children) == len(steps)
+        and all(map(operator.is_, children, steps))
+        and not any(map(any, map(_HOOKS, children)))
     )
 
 
@@ -181,8 +191,8 @@ def _runs(job: Job) -> Iterator[list[str]]:
                 run = []
 
 
-def _chain(job: Job, names: list[str]) -> tuple[OrtInt8Chain, Callable, Callable]:
-    """The chain of a run, and the run as chosen and as float (callables of ``x``).
+def _chain(job: Job, names: list[str]) -> tuple[OrtInt8Chain, list[nn.Module], list[nn.Module]]:
+    """The chain of a run, and the run's modules as chosen and as float.
 
     The chain's steps are the run's children where they already are ``OrtInt8Linear``
     or activations, else new ``OrtInt8Linear`` of the float layers (installed if it wins).
@@ -195,16 +205,16 @@ def _chain(job: Job, names: list[str]) -> tuple[OrtInt8Chain, Callable, Callable
         for n, m in zip(names, current, strict=True)
     ]
     floats = [job.selected.get(n, m) for n, m in zip(names, current, strict=True)]
+    return OrtInt8Chain(steps), current, floats
 
-    def run(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-        def call(x: torch.Tensor) -> torch.Tensor:
-            for m in modules:
-                x = m(x)
-            return x
 
-        return call
+def _sequence(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        for m in modules:
+            x = m(x)
+        return x
 
-    return OrtInt8Chain(steps), run(current), run(floats)
+    return call
 
 
 def fuse_chains(job: Job, tx: Any) -> None:
@@ -213,7 +223,9 @@ def fuse_chains(job: Job, tx: Any) -> None:
     Unless :data:`ENV_FUSE` is ``0``, and only where measured: the chain's output must
     be within the mode's tolerance and its rms error within
     :data:`~nbcompress.engine.quantize.choice.ACCURATE` × the run's (or negligible), and
-    it must race clearly faster than the run as chosen per layer.
+    it must race clearly faster than the run as chosen per layer. Its Linears take
+    per-tensor weight scales where measured no less accurate
+    (:mod:`~nbcompress.engine.quantize.ort_scales`).
     """
     config = job.config
     if os.environ.get(ENV_FUSE, "").strip() == "0":
@@ -234,23 +246,47 @@ def fuse_chains(job: Job, tx: Any) -> None:
             _try(job, tx, names, dense_args(calls[names[0]][0])[0])
 
 
+def _scales(
+    job: Job, chain: OrtInt8Chain, floats: list[nn.Module], x: torch.Tensor, ref: Any, rms: float
+) -> tuple[OrtInt8Chain, int]:
+    """The chain with per-tensor scales where no less accurate; how many Linears took them.
+
+    Chosen per layer (:func:`~nbcompress.engine.quantize.ort_scales.per_tensor_steps`),
+    then kept only if the whole graph is within tolerance and its rms error is at most the
+    per-row graph's.
+    """
+    steps = ort_scales.per_tensor_steps(floats, list(chain.steps), x)
+    if steps is None:
+        return chain, 0
+    other = OrtInt8Chain(steps)
+    with torch.inference_mode():
+        peak, rms_tensor = ort_scales.graph_errors(ref, other(x))
+    if peak > job.config.tolerance or rms_tensor > rms:
+        return chain, 0
+    return other, sum(a is not b for a, b in zip(steps, chain.steps, strict=True))
+
+
 def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor) -> None:
     # Built outside inference mode: its buffers must stay ordinary tensors (load_state_dict
     # copies into them in place later); only the checks and the race run inside.
-    chain, current, floats = _chain(job, names)
+    chain, current_modules, float_modules = _chain(job, names)
+    current, floats = _sequence(current_modules), _sequence(float_modules)
     with torch.inference_mode():
         ref = floats(x)
         peak, rms = rel_errors(ref, chain(x))
         _, rms_run = rel_errors(ref, current(x))
         accurate = rms <= max(ACCURATE * rms_run + 1e-6, NEGLIGIBLE_ERROR)
-        if peak > job.config.tolerance or not accurate:
-            return
+    if peak > job.config.tolerance or not accurate:
+        return
+    chain, tensors = _scales(job, chain, float_modules, x, ref, rms)
+    with torch.inference_mode():
         fns = {"layers": lambda: current(x), "graph": lambda: chain(x)}
         timed = race(fns, rounds=max(job.repeats, 6), warmup=1, min_sample=2e-4)
     if not clearly_faster(timed, "graph"):
         return
     _install(job, tx, names, chain)
     gain = 1 / timed.ratio("graph")
+    scales = f"; {tensors} Linear(s) with per-tensor weight scales" if tensors else ""
     rows = {row["layer"]: row for row in job.rows}
     for name in names:
         if name in job.new:
@@ -258,7 +294,7 @@ def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor) -> None:
             rows[name]["backend"] = "onnxruntime-int8"
             rows[name]["note"] = (
                 f"one ORT graph {names[0]}…{names[-1]} ({len(names)} modules): "
-                f"{gain:.2f}× the layers run one by one"
+                f"{gain:.2f}× the layers run one by one{scales}"
             )
 
 
