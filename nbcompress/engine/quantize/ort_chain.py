@@ -36,7 +36,7 @@ from nbcompress.engine.quantize.choice import ACCURATE, NEGLIGIBLE_ERROR, clearl
 from nbcompress.engine.quantize.config import DynamicInt8Config
 from nbcompress.engine.quantize.measure import rel_errors
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, OrtModule, graph_bytes
-from nbcompress.timing import race
+from nbcompress.timing import Race, race
 
 if TYPE_CHECKING:
     from nbcompress.engine.quantize.modes import Job
@@ -46,7 +46,9 @@ __all__ = [
     "ENV_FUSE",
     "FusedForward",
     "OrtInt8Chain",
+    "Judge",
     "fuse_chains",
+    "linear_runs",
     "onnx_activation",
 ]
 
@@ -174,7 +176,20 @@ def _runs(job: Job) -> Iterator[list[str]]:
     def linear(name: str) -> bool:
         return chosen.get(name) in DENSE_INT8 and type(job.selected.get(name)) is nn.Linear
 
-    for parent, seq in job.model.named_modules():
+    return linear_runs(job.model, linear)
+
+
+def linear_runs(model: nn.Module, linear: Callable[[str], bool]) -> Iterator[list[str]]:
+    """Qualified names of each run in ``model`` one ORT graph may compute.
+
+    A run: children of one ``nn.Sequential``, ≥ 2 of them Linears ``linear`` accepts (by
+    qualified name), nothing but :func:`onnx_activation` activations between them.
+
+    Args:
+        model: The model to search.
+        linear: Whether the child of this qualified name may join a run as a Linear.
+    """
+    for parent, seq in model.named_modules():
         if type(seq) is not nn.Sequential:
             continue
         run: list[str] = []
@@ -217,7 +232,18 @@ def _sequence(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor
     return call
 
 
-def fuse_chains(job: Job, tx: Any) -> None:
+#: Decides a run's race: ``{"layers": the run as chosen (the incumbent), "graph": ...}`` and
+#: the rounds asked for → the race the graph won, or ``None`` (stays as chosen).
+Judge = Callable[[dict[str, Callable[[], object]], int], Race | None]
+
+
+def _clearly(fns: dict[str, Callable[[], object]], rounds: int) -> Race | None:
+    """``quantize_``'s judge: the graph must be clearly faster (:func:`clearly_faster`)."""
+    timed = race(fns, rounds=rounds, warmup=1, min_sample=2e-4)
+    return timed if clearly_faster(timed, "graph") else None
+
+
+def fuse_chains(job: Job, tx: Any, judge: Judge = _clearly) -> None:
     """Replace runs of dense int8 Linears in ``nn.Sequential`` parents by one ORT graph.
 
     Unless :data:`ENV_FUSE` is ``0``, and only where measured: the chain's output must
@@ -243,7 +269,7 @@ def fuse_chains(job: Job, tx: Any) -> None:
     calls = capture_calls(job.model, firsts, job.inputs)
     for names in runs:
         if names[0] in calls:
-            _try(job, tx, names, dense_args(calls[names[0]][0])[0])
+            _try(job, tx, names, dense_args(calls[names[0]][0])[0], judge)
 
 
 def _scales(
@@ -266,7 +292,7 @@ def _scales(
     return other, sum(a is not b for a, b in zip(steps, chain.steps, strict=True))
 
 
-def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor) -> None:
+def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor, judge: Judge) -> None:
     # Built outside inference mode: its buffers must stay ordinary tensors (load_state_dict
     # copies into them in place later); only the checks and the race run inside.
     chain, current_modules, float_modules = _chain(job, names)
@@ -281,8 +307,8 @@ def _try(job: Job, tx: Any, names: list[str], x: torch.Tensor) -> None:
     chain, tensors = _scales(job, chain, float_modules, x, ref, rms)
     with torch.inference_mode():
         fns = {"layers": lambda: current(x), "graph": lambda: chain(x)}
-        timed = race(fns, rounds=max(job.repeats, 6), warmup=1, min_sample=2e-4)
-    if not clearly_faster(timed, "graph"):
+        timed = judge(fns, max(job.repeats, 6))
+    if timed is None:
         return
     _install(job, tx, names, chain)
     gain = 1 / timed.ratio("graph")

@@ -144,12 +144,9 @@ def _neighbours(model: nn.Module, found: dict[str, LayerResult]) -> list[LayerRe
     Those ``fuse_chains`` may join in one graph (it also asks for nothing but activations
     between them: a layer here in no run keeps the path :func:`settle_runs` gives it).
     """
-    parents: dict[str, list[LayerResult]] = {}
-    for name, res in found.items():
-        parent = name.rpartition(".")[0]
-        if type(model.get_submodule(parent)) is nn.Sequential:
-            parents.setdefault(parent, []).append(res)
-    return [res for group in parents.values() if len(group) > 1 for res in group]
+    from nbcompress.engine.quantize.ort_chain import linear_runs
+
+    return [found[n] for run in linear_runs(model, found.__contains__) for n in run if n in found]
 
 
 def settle_runs(model: nn.Module, analysis: Analysis, inputs: Any) -> None:
@@ -198,7 +195,7 @@ def _fuse(model: nn.Module, tx: Any, found: dict[str, LayerResult], inputs: Any)
     from nbcompress.engine.quantize.ort_chain import fuse_chains
 
     job = _job(model, found, inputs)
-    fuse_chains(job, tx)
+    fuse_chains(job, tx, judge=graph_wins)
     notes = []
     for row in job.rows:
         note = row.get("note")
