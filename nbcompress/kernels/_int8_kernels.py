@@ -15,7 +15,10 @@ converted on the fly); ``spmm_r{R}_{path}`` a batch quantized to uint8 (exact in
 accumulation, ``path`` = ``vnni`` or ``portable``, bit-identical). ``scale`` is per output
 row; ``rowsum`` (Σ of a row's int8 weights) removes the inputs' zero points; ``bias``
 (zeros for none) is added in the same pass, where a separate add on the transposed
-output cost 60 µs at batch 8 on 3072 outputs.
+output cost 60 µs at batch 8 on 3072 outputs. ``act`` (a code of
+:data:`~nbcompress.kernels._epilogue.ACTIVATIONS`, 0: none) is applied in that pass too,
+by ``_epilogue.py``'s own functions on each slice's values while they sit in a small
+buffer (contiguous there, so the polynomials vectorize; the output rows are scattered).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from nbcompress.kernels._epilogue import finish_vector
 from nbcompress.kernels._int8_quant import quantize_t
 from nbcompress.kernels._int8_simd import (
     dot4,
@@ -59,7 +63,7 @@ _FLAGS = {"boundscheck": False, "cache": True, "nogil": True}
 
 
 @njit(**_FLAGS)
-def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
+def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1, act):  # noqa: D103
     tmp = np.empty(16, dtype=np.float32)
     for s in range(s0, s1):
         acc = fzero()
@@ -70,14 +74,16 @@ def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
             acc = wfma(acc, w, p, 2, gather(x, idx, p + 32))
             acc = wfma(acc, w, p, 3, gather(x, idx, p + 48))
         fstore(tmp, 0, acc)
+        if act:
+            _activate(tmp, perm, s, 1, scale, bias, act)
         for lane in range(16):
             r = perm[s * 16 + lane]
             if r >= 0:
-                out[r] = tmp[lane] * scale[r] + bias[r]
+                out[r] = tmp[lane] if act else tmp[lane] * scale[r] + bias[r]
 
 
 @njit(**_FLAGS)
-def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
+def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1, act):  # noqa: D103
     tmp = np.empty(64, dtype=np.float32)
     for s in range(s0, s1):
         a0 = a1 = a2 = a3 = fzero()
@@ -107,12 +113,31 @@ def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
         fstore(tmp, 16, a1)
         fstore(tmp, 32, a2)
         fstore(tmp, 48, a3)
+        if act:
+            _activate(tmp, perm, s, 4, scale, bias, act)
         for lane in range(16):
             br = perm[s * 16 + lane]
             if br >= 0:
                 for i in range(4):
                     r = 4 * br + i
-                    out[r] = tmp[16 * i + lane] * scale[r] + bias[r]
+                    v = tmp[16 * i + lane]
+                    out[r] = v if act else v * scale[r] + bias[r]
+
+
+@njit(**_FLAGS, inline="always")
+def _activate(tmp, perm, s, blk, scale, bias, act):  # noqa: D103
+    # A batch-1 slice's sums (tmp[16·i + lane]: row i of lane's block) scaled, biased
+    # and activated in place, 16·blk values in one vectorized call; padding lanes hold 0.
+    for lane in range(16):
+        br = perm[s * 16 + lane]
+        for i in range(blk):
+            t = 16 * i + lane
+            if br >= 0:
+                r = blk * br + i
+                tmp[t] = tmp[t] * scale[r] + bias[r]
+            else:
+                tmp[t] = np.float32(0.0)
+    finish_vector(tmp, tmp[:0], act)
 
 
 def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
@@ -120,9 +145,10 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
     # slice's two halves of 8 rows one after the other; blk = 1: both halves in one pass
     # (twice the independent work per step for the out-of-order core).
     # Slices s0 … s1 − 1 for batch chunks c0 … c1 − 1 (of 8 columns each).
-    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c0, c1):
+    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c0, c1, act):
         kdim = x8.shape[0] // ((n + 7) // 8)
         tmp = np.empty(128 * blk, dtype=np.int32)
+        vals = np.zeros(64 * blk, dtype=np.float32)  # one half's values, when act
         for s in range(s0, s1):
             for c in range(c0, c1):
                 base = c * kdim
@@ -144,11 +170,12 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
                         if blk == 4:
                             istore(tmp, 128 + 16 * q, a2[q])
                             istore(tmp, 192 + 16 * q, a3[q])
+                    ends = (scale, rowsum, bias, xs, zp, out, vals, act)
                     if blk == 4:
-                        _store(tmp, perm, s, h, c, n, 4, scale, rowsum, bias, xs, zp, out)
+                        _store(tmp, perm, s, h, c, n, 4, ends)
                     else:  # tmp[64·h …]: half h, as _store reads block row i = h
-                        _store(tmp, perm, s, 0, c, n, 1, scale, rowsum, bias, xs, zp, out)
-                        _store(tmp[64:], perm, s, 1, c, n, 1, scale, rowsum, bias, xs, zp, out)
+                        _store(tmp, perm, s, 0, c, n, 1, ends)
+                        _store(tmp[64:], perm, s, 1, c, n, 1, ends)
 
     return njit(**_FLAGS)(spmm)
 
@@ -157,7 +184,7 @@ def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply ke
     # One call per layer: at batch 8 a layer is ~100 µs, and every Python step between
     # the kernels (allocations, a second dispatch) costs more when its objects left the
     # caches while the other layers ran.
-    def run(sptr, idx, w, perm, scale, rowsum, bias, x, trans, out):
+    def run(sptr, idx, w, perm, scale, rowsum, bias, x, trans, out, act):
         n = x.shape[1] if trans else x.shape[0]
         kdim = x.shape[0] if trans else x.shape[1]
         nchunk = (n + 7) // 8
@@ -165,7 +192,7 @@ def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply ke
         quantize_into(x, trans, buf)
         x8, xs, zp = unpack(buf, nchunk, kdim)
         nsl = sptr.shape[0] - 1
-        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, nchunk)
+        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, nchunk, act)
 
     return njit(**_FLAGS)(run)
 
@@ -202,10 +229,13 @@ def quantize_into(x, trans, buf):  # noqa: D103
 
 
 @njit(**_FLAGS, inline="always")
-def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noqa: D103
+def _store(tmp, perm, s, h, c, n, blk, ends):  # noqa: D103
     # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b],
     # into the (M × N) output, where a row's 8 batch columns are contiguous (one vector
-    # store; into an (N × M) output they were 8 scalar stores a row apart).
+    # store; into an (N × M) output they were 8 scalar stores a row apart). With act, the
+    # values go through vals (64·blk contiguous floats: the activation runs as one
+    # vectorized loop, where a row's 8 columns alone stayed in its scalar remainder).
+    scale, rowsum, bias, xs, zp, out, vals, act = ends
     b0 = c * 8
     nb = min(8, n - b0)
     for r in range(8):
@@ -218,7 +248,20 @@ def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noq
             br_ = bias[row]
             for b in range(nb):
                 v = np.float32(tmp[t + b] - zp[b0 + b] * rs)
-                out[o + b] = v * (sr * xs[b0 + b]) + br_
+                if act:
+                    vals[t + b] = v * (sr * xs[b0 + b]) + br_
+                else:
+                    out[o + b] = v * (sr * xs[b0 + b]) + br_
+    if act:
+        finish_vector(vals, vals[:0], act)
+        for r in range(8):
+            br = perm[s * 16 + 8 * h + r]
+            if br < 0:
+                continue
+            for i in range(blk):
+                t, o = 64 * i + 8 * r, (blk * br + i) * n + b0
+                for b in range(nb):
+                    out[o + b] = vals[t + b]
 
 
 #: Batch kernels by (rows per block, path): ``vnni`` (vpdpbusd) or ``portable``.
