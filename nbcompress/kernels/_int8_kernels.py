@@ -131,11 +131,8 @@ def _put(tmp, vals, perm, s, s0, blk, scale, bias, out, act):  # noqa: D103
         if br >= 0:
             for i in range(blk):
                 r, t = blk * br + i, 16 * i + lane
-                v = tmp[t] * scale[r] + bias[r]
-                if act:
-                    vals[(s - s0) * 16 * blk + t] = v
-                else:
-                    out[r] = v
+                dst, k = (vals, (s - s0) * 16 * blk + t) if act else (out, r)
+                dst[k] = tmp[t] * scale[r] + bias[r]
 
 
 @njit(**_FLAGS, inline="always")
@@ -263,12 +260,10 @@ def _store(tmp, perm, s, h, c, n, blk, vo, ends):  # noqa: D103
             row = blk * br + i
             sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, row * n + b0
             br_ = bias[row]
+            dst, o = (vals, vo + t) if act else (out, o)  # no branch in the loop
             for b in range(nb):
                 v = np.float32(tmp[t + b] - zp[b0 + b] * rs)
-                if act:
-                    vals[vo + t + b] = v * (sr * xs[b0 + b]) + br_
-                else:
-                    out[o + b] = v * (sr * xs[b0 + b]) + br_
+                dst[o + b] = v * (sr * xs[b0 + b]) + br_
 
 
 @njit(**_FLAGS, inline="always")
