@@ -15,7 +15,10 @@ converted on the fly); ``spmm_r{R}_{path}`` a batch quantized to uint8 (exact in
 accumulation, ``path`` = ``vnni`` or ``portable``, bit-identical). ``scale`` is per output
 row; ``rowsum`` (Σ of a row's int8 weights) removes the inputs' zero points; ``bias``
 (zeros for none) is added in the same pass, where a separate add on the transposed
-output cost 60 µs at batch 8 on 3072 outputs.
+output cost 60 µs at batch 8 on 3072 outputs. ``act`` (a code of
+:data:`~nbcompress.kernels._epilogue.ACTIVATIONS`, 0: none) is applied in that pass too,
+by ``_epilogue.py``'s own functions on a few slices' values at once in a small buffer
+(contiguous there, so the polynomials vectorize; the output rows are scattered).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from nbcompress.kernels._epilogue import finish_vector
 from nbcompress.kernels._int8_quant import quantize_t
 from nbcompress.kernels._int8_simd import (
     dot4,
@@ -56,11 +60,16 @@ __all__ = [
 # _int8_tasks.py), so that results never depend on the thread count. Contraction into an
 # FMA alone may differ between two inlined copies of the same line.
 _FLAGS = {"boundscheck": False, "cache": True, "nogil": True}
+#: Slices whose batch values go through the activation in one call (at batch 64: 32 KB
+#: element-wise, 128 KB in 4 × 1 blocks, in L2; a call per slice half cost ~40 ns, more
+#: than its GELUs).
+GROUP = 8
 
 
 @njit(**_FLAGS)
-def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
+def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1, act):  # noqa: D103
     tmp = np.empty(16, dtype=np.float32)
+    vals = np.zeros((s1 - s0) * 16 if act else 0, dtype=np.float32)
     for s in range(s0, s1):
         acc = fzero()
         for g in range(sptr[s], sptr[s + 1]):
@@ -70,15 +79,15 @@ def spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
             acc = wfma(acc, w, p, 2, gather(x, idx, p + 32))
             acc = wfma(acc, w, p, 3, gather(x, idx, p + 48))
         fstore(tmp, 0, acc)
-        for lane in range(16):
-            r = perm[s * 16 + lane]
-            if r >= 0:
-                out[r] = tmp[lane] * scale[r] + bias[r]
+        _put(tmp, vals, perm, s, s0, 1, scale, bias, out, act)
+    if act:
+        _activated(vals, perm, s0, s1, 1, out, act)
 
 
 @njit(**_FLAGS)
-def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
+def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1, act):  # noqa: D103
     tmp = np.empty(64, dtype=np.float32)
+    vals = np.zeros((s1 - s0) * 64 if act else 0, dtype=np.float32)
     for s in range(s0, s1):
         a0 = a1 = a2 = a3 = fzero()
         for g in range(sptr[s], sptr[s + 1]):
@@ -107,12 +116,34 @@ def spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1):  # noqa: D103
         fstore(tmp, 16, a1)
         fstore(tmp, 32, a2)
         fstore(tmp, 48, a3)
+        _put(tmp, vals, perm, s, s0, 4, scale, bias, out, act)
+    if act:
+        _activated(vals, perm, s0, s1, 4, out, act)
+
+
+@njit(**_FLAGS, inline="always")
+def _put(tmp, vals, perm, s, s0, blk, scale, bias, out, act):  # noqa: D103
+    # A batch-1 slice's sums (tmp[16·i + lane]: row i of lane's block) scaled and biased
+    # into the output, or with act into vals (the call's slices one after another, 16·blk
+    # values each): _activated then runs the activation over them in one vectorized call.
+    for lane in range(16):
+        br = perm[s * 16 + lane]
+        if br >= 0:
+            for i in range(blk):
+                r, t = blk * br + i, 16 * i + lane
+                dst, k = (vals, (s - s0) * 16 * blk + t) if act else (out, r)
+                dst[k] = tmp[t] * scale[r] + bias[r]
+
+
+@njit(**_FLAGS, inline="always")
+def _activated(vals, perm, s0, s1, blk, out, act):  # noqa: D103
+    finish_vector(vals, vals[:0], act)  # one call: ~40 ns a call, 0.5 ns a GELU here
+    for s in range(s0, s1):
         for lane in range(16):
             br = perm[s * 16 + lane]
             if br >= 0:
-                for i in range(4):
-                    r = 4 * br + i
-                    out[r] = tmp[16 * i + lane] * scale[r] + bias[r]
+                for i in range(blk):
+                    out[blk * br + i] = vals[(s - s0) * 16 * blk + 16 * i + lane]
 
 
 def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
@@ -120,35 +151,45 @@ def _spmm(dot, blk):  # noqa: ANN001, ANN202 - builds one batch kernel
     # slice's two halves of 8 rows one after the other; blk = 1: both halves in one pass
     # (twice the independent work per step for the out-of-order core).
     # Slices s0 … s1 − 1 for batch chunks c0 … c1 − 1 (of 8 columns each).
-    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c0, c1):
+    # With act, the values of GROUP slices (all chunks) go to vals, then through the
+    # activation in one vectorized call (see _activated) and into the output.
+    def spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c0, c1, act):
         kdim = x8.shape[0] // ((n + 7) // 8)
         tmp = np.empty(128 * blk, dtype=np.int32)
-        for s in range(s0, s1):
-            for c in range(c0, c1):
-                base = c * kdim
-                for h in range(2 if blk == 4 else 1):
-                    a0 = a1 = a2 = a3 = (izero(), izero(), izero(), izero())
-                    for g in range(sptr[s], sptr[s + 1]):
-                        d = quad(x8, idx, 64 * g + 8 * h, base)
-                        p = 64 * blk * g + 32 * h
-                        a0 = dot(a0, d, w, p)
+        nc = c1 - c0
+        vals = np.zeros(GROUP * nc * 128 * blk if act else 0, dtype=np.float32)
+        ends = (scale, rowsum, bias, xs, zp, out, vals, act)
+        for g0 in range(s0, s1, GROUP):
+            g1 = min(g0 + GROUP, s1)
+            for s in range(g0, g1):
+                for c in range(c0, c1):
+                    base = c * kdim
+                    v0 = ((s - g0) * nc + c - c0) * 128 * blk
+                    for h in range(2 if blk == 4 else 1):
+                        a0 = a1 = a2 = a3 = (izero(), izero(), izero(), izero())
+                        for g in range(sptr[s], sptr[s + 1]):
+                            d = quad(x8, idx, 64 * g + 8 * h, base)
+                            p = 64 * blk * g + 32 * h
+                            a0 = dot(a0, d, w, p)
+                            if blk == 4:
+                                a1 = dot(a1, d, w, p + 64)
+                                a2 = dot(a2, d, w, p + 128)
+                                a3 = dot(a3, d, w, p + 192)
+                            else:
+                                a1 = dot(a1, quad(x8, idx, 64 * g + 8, base), w, p + 32)
+                        for q in range(4):
+                            istore(tmp, 16 * q, a0[q])
+                            istore(tmp, 64 + 16 * q, a1[q])
+                            if blk == 4:
+                                istore(tmp, 128 + 16 * q, a2[q])
+                                istore(tmp, 192 + 16 * q, a3[q])
                         if blk == 4:
-                            a1 = dot(a1, d, w, p + 64)
-                            a2 = dot(a2, d, w, p + 128)
-                            a3 = dot(a3, d, w, p + 192)
-                        else:
-                            a1 = dot(a1, quad(x8, idx, 64 * g + 8, base), w, p + 32)
-                    for q in range(4):
-                        istore(tmp, 16 * q, a0[q])
-                        istore(tmp, 64 + 16 * q, a1[q])
-                        if blk == 4:
-                            istore(tmp, 128 + 16 * q, a2[q])
-                            istore(tmp, 192 + 16 * q, a3[q])
-                    if blk == 4:
-                        _store(tmp, perm, s, h, c, n, 4, scale, rowsum, bias, xs, zp, out)
-                    else:  # tmp[64·h …]: half h, as _store reads block row i = h
-                        _store(tmp, perm, s, 0, c, n, 1, scale, rowsum, bias, xs, zp, out)
-                        _store(tmp[64:], perm, s, 1, c, n, 1, scale, rowsum, bias, xs, zp, out)
+                            _store(tmp, perm, s, h, c, n, 4, v0 + 256 * h, ends)
+                        else:  # tmp[64·h …]: half h, as _store reads block row i = h
+                            _store(tmp, perm, s, 0, c, n, 1, v0, ends)
+                            _store(tmp[64:], perm, s, 1, c, n, 1, v0 + 64, ends)
+            if act:
+                _batch_activated(vals, perm, g0, g1, c0, c1, n, blk, out, act)
 
     return njit(**_FLAGS)(spmm)
 
@@ -157,7 +198,7 @@ def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply ke
     # One call per layer: at batch 8 a layer is ~100 µs, and every Python step between
     # the kernels (allocations, a second dispatch) costs more when its objects left the
     # caches while the other layers ran.
-    def run(sptr, idx, w, perm, scale, rowsum, bias, x, trans, out):
+    def run(sptr, idx, w, perm, scale, rowsum, bias, x, trans, out, act):
         n = x.shape[1] if trans else x.shape[0]
         kdim = x.shape[0] if trans else x.shape[1]
         nchunk = (n + 7) // 8
@@ -165,7 +206,7 @@ def _fused(spmm):  # noqa: ANN001, ANN202 - builds one quantize-then-multiply ke
         quantize_into(x, trans, buf)
         x8, xs, zp = unpack(buf, nchunk, kdim)
         nsl = sptr.shape[0] - 1
-        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, nchunk)
+        spmm(sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, 0, nsl, 0, nchunk, act)
 
     return njit(**_FLAGS)(run)
 
@@ -202,10 +243,13 @@ def quantize_into(x, trans, buf):  # noqa: D103
 
 
 @njit(**_FLAGS, inline="always")
-def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noqa: D103
+def _store(tmp, perm, s, h, c, n, blk, vo, ends):  # noqa: D103
     # The slice half's 8 rows × 8 batch columns (× blk rows per block): tmp[64·i + 8·r + b],
     # into the (M × N) output, where a row's 8 batch columns are contiguous (one vector
-    # store; into an (N × M) output they were 8 scalar stores a row apart).
+    # store; into an (N × M) output they were 8 scalar stores a row apart); with act into
+    # vals[vo + 64·i + 8·r + b] (a row's 8 columns alone stayed in the activation loop's
+    # scalar remainder, and a call per half cost more than its GELUs).
+    scale, rowsum, bias, xs, zp, out, vals, act = ends
     b0 = c * 8
     nb = min(8, n - b0)
     for r in range(8):
@@ -216,9 +260,33 @@ def _store(tmp, perm, s, h, c, n, blk, scale, rowsum, bias, xs, zp, out):  # noq
             row = blk * br + i
             sr, rs, t, o = scale[row], rowsum[row], 64 * i + 8 * r, row * n + b0
             br_ = bias[row]
+            dst, o = (vals, vo + t) if act else (out, o)  # no branch in the loop
             for b in range(nb):
                 v = np.float32(tmp[t + b] - zp[b0 + b] * rs)
-                out[o + b] = v * (sr * xs[b0 + b]) + br_
+                dst[o + b] = v * (sr * xs[b0 + b]) + br_
+
+
+@njit(**_FLAGS, inline="always")
+def _batch_activated(vals, perm, g0, g1, c0, c1, n, blk, out, act):  # noqa: D103
+    # The activation over slices g0 … g1 − 1 (chunks c0 … c1 − 1) in vals, then each row's
+    # columns into the output.
+    nc = c1 - c0
+    used = vals[: (g1 - g0) * nc * 128 * blk]
+    finish_vector(used, vals[:0], act)
+    for s in range(g0, g1):
+        for c in range(c0, c1):
+            b0 = c * 8
+            nb = min(8, n - b0)
+            v0 = ((s - g0) * nc + c - c0) * 128 * blk
+            for h in range(2):
+                for r in range(8):
+                    br = perm[s * 16 + 8 * h + r]
+                    if br < 0:
+                        continue
+                    for i in range(blk):
+                        t, o = v0 + 64 * blk * h + 64 * i + 8 * r, (blk * br + i) * n + b0
+                        for b in range(nb):
+                            out[o + b] = vals[t + b]
 
 
 #: Batch kernels by (rows per block, path): ``vnni`` (vpdpbusd) or ``portable``.

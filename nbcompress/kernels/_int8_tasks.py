@@ -18,7 +18,8 @@ Words of a block: 0–4 the header of ``_gomp._words`` (counting block, parts, t
 ``omp_get_thread_num`` or this thread's number), then address and size of ``sptr`` (5),
 ``idx`` (7), ``w`` (9), ``perm`` (11), the input (13), the output (15), ``scale`` (17),
 ``rowsum`` (19), ``bias`` (21), the slice bounds of the tasks (23), then the batch rows
-(25), the input features (26) and the batch chunks (27); then one 64-byte line per part.
+(25), the input features (26), the batch chunks (27) and the activation's code (28,
+``_epilogue.ACTIVATIONS``); then one 64-byte line per part.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from nbcompress.kernels._simd import as_ptr, fetch_add, thread_num
 __all__ = ["HEAD", "run_batch", "run_vector", "task_address"]
 
 #: Words of a block before its parts' lines.
-HEAD = 28
+HEAD = 29
 _SIGNATURE = types.void(types.voidptr)
 _FLAGS = {"boundscheck": False, "cache": True, "nogil": True}
 _INDEX = {"H": np.uint16, "I": np.uint32}
@@ -97,13 +98,15 @@ def _vector_task(rows, index):  # noqa: ANN001, ANN202 - builds one task functio
         scale = carray(as_ptr(a[17]), a[18], np.float32)
         bias = carray(as_ptr(a[21]), a[22], np.float32)
         bounds = carray(as_ptr(a[23]), a[24], np.int64)
+        act = a[28]
         own = _owner(a)
         t, k = _next(a, own, 0)
         while t >= 0:
+            s0, s1 = bounds[t], bounds[t + 1]
             if rows == 4:
-                spmv_r4(sptr, idx, w, perm, scale, bias, x, out, bounds[t], bounds[t + 1])
+                spmv_r4(sptr, idx, w, perm, scale, bias, x, out, s0, s1, act)
             else:
-                spmv_r1(sptr, idx, w, perm, scale, bias, x, out, bounds[t], bounds[t + 1])
+                spmv_r1(sptr, idx, w, perm, scale, bias, x, out, s0, s1, act)
             t, k = _next(a, own, k)
 
     return task
@@ -125,6 +128,7 @@ def _batch_task(key, index):  # noqa: ANN001, ANN202 - builds one task function
         bounds = carray(as_ptr(a[23]), a[24], np.int64)
         n = a[25]
         nchunk = a[27]
+        act = a[28]
         n8 = nchunk * 8
         nw = nchunk * a[26]
         # The input buffer of quantize_into: words, then float32 scales, int32 zero points.
@@ -137,7 +141,8 @@ def _batch_task(key, index):  # noqa: ANN001, ANN202 - builds one task function
             j = t // nchunk
             c = t - j * nchunk
             s0, s1 = bounds[j], bounds[j + 1]
-            args = (sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out, s0, s1, c, c + 1)
+            head = (sptr, idx, w, perm, scale, rowsum, bias, x8, xs, zp, n, out)
+            args = (*head, s0, s1, c, c + 1, act)
             if rows == 4:
                 if vnni:
                     spmm_r4_vnni(*args)
@@ -191,7 +196,7 @@ def _block(
     inp: np.ndarray,
     out: np.ndarray,
     bias: np.ndarray,
-    scalars: tuple[int, int, int],
+    scalars: tuple[int, int, int, int],
     threads: int,
 ) -> _gomp.Block:
     # The fixed words per (kind, call shape, threads, bias), kept on the layout: building
@@ -208,15 +213,17 @@ def _block(
     return _gomp.Block(found[0], inp, out)
 
 
-def run_vector(lay: object, x: np.ndarray, bias: np.ndarray, out: np.ndarray, threads: int) -> None:
-    """``out = W x + bias`` for one float32 input on ``threads`` threads.
+def run_vector(
+    lay: object, x: np.ndarray, bias: np.ndarray, out: np.ndarray, act: int, threads: int
+) -> None:
+    """``out = act(W x + bias)`` for one float32 input on ``threads`` threads.
 
     The caller holds :data:`~nbcompress.kernels.threads.POOL` and checked
     ``_gomp.available()``.
     """
     code = lay.idx.dtype.char
     fn = task_address(lay.blk, code)
-    blk = _block(lay, lay.blk, x, out, bias, (1, x.shape[0], 1), threads)
+    blk = _block(lay, lay.blk, x, out, bias, (1, x.shape[0], 1, act), threads)
     _gomp.launch(fn, blk, threads)
 
 
@@ -227,9 +234,10 @@ def run_batch(
     bias: np.ndarray,
     out: np.ndarray,
     path: str,
+    act: int,
     threads: int,
 ) -> None:
-    """``out = W xᵀ + bias`` into the (M × N) ``out`` for a batch on ``threads`` threads.
+    """``out = act(W xᵀ + bias)`` into the (M × N) ``out`` for a batch on ``threads`` threads.
 
     ``x`` is a C-contiguous (N × K) batch, or (K × N) when ``trans``. It is quantized
     here, once, on the calling thread. The caller holds
@@ -241,5 +249,5 @@ def run_batch(
     quantize_into(x, trans, buf)
     kind = (lay.blk, path)
     fn = task_address(kind, lay.idx.dtype.char)
-    blk = _block(lay, kind, buf, out.reshape(-1), bias, (n, kdim, nchunk), threads)
+    blk = _block(lay, kind, buf, out.reshape(-1), bias, (n, kdim, nchunk, act), threads)
     _gomp.launch(fn, blk, threads)

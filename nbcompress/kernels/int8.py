@@ -204,8 +204,9 @@ def int8_matmul(
     bias: np.ndarray | None = None,
     path: str | None = None,
     out: np.ndarray | None = None,
+    act: int = 0,
 ) -> np.ndarray:
-    """``x @ W.T + bias`` for an int8 sparse weight; callers validated ``x`` (… × K float32).
+    """``act(x @ W.T + bias)`` for an int8 sparse weight; callers validated ``x`` (… × K float32).
 
     With more than one thread (:func:`~nbcompress.kernels.threads.get_threads`) the slices
     run on torch's OpenMP threads (``_int8_tasks.py``) or on one thread, whichever
@@ -220,6 +221,8 @@ def int8_matmul(
         path: ``"vnni"`` or ``"portable"`` for batches (default:
             :func:`~nbcompress.kernels.cpu.sparse_int8_path`); the results are the same.
         out: For 1-D input, an optional float32 (M,) result buffer.
+        act: The activation's code in :data:`~nbcompress.kernels._epilogue.ACTIVATIONS`
+            (0: none), applied after the bias in the same pass.
 
     Returns:
         (M,) for 1-D input; else an (N × M) array, the transpose of a C-contiguous one.
@@ -238,9 +241,9 @@ def int8_matmul(
         xv = np.ascontiguousarray(x.reshape(-1))
         if threads == 1 and m:  # the lean path: batch-1 layers are mostly fixed costs
             spmv = spmv_r4 if lay.blk == 4 else spmv_r1
-            spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, xv, out, 0, lay.nsl)
+            spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, xv, out, 0, lay.nsl, act)
         elif m:
-            _run(mat, (lay, xv, False, bias, out, None), 1, threads)
+            _run(mat, (lay, xv, False, bias, out, None, act), 1, threads)
         return out if x.ndim == 1 else out.reshape(1, -1)
     n = x.shape[0]
     # Written (M × N), returned as its (N × M) transpose, as the float kernels do: a row's
@@ -252,7 +255,7 @@ def int8_matmul(
     if y.size:
         trans = x.flags.f_contiguous and not x.flags.c_contiguous
         xc = x.T if trans else np.ascontiguousarray(x)
-        _run(mat, (lay, xc, trans, bias, y, path or sparse_int8_path()), n, threads)
+        _run(mat, (lay, xc, trans, bias, y, path or sparse_int8_path(), act), n, threads)
     return y.T
 
 
@@ -274,11 +277,11 @@ def _on_threads(args: tuple, threads: int) -> None:
     # thread that finds it taken runs serially on its own thread instead of waiting.
     if threads > 1 and POOL.acquire(blocking=False):
         try:
-            lay, x, trans, bias, out, path = args
+            lay, x, trans, bias, out, path, act = args
             if path is None:
-                run_vector(lay, x, bias, out, threads)
+                run_vector(lay, x, bias, out, act, threads)
             else:
-                run_batch(lay, x, trans, bias, out, path, threads)
+                run_batch(lay, x, trans, bias, out, path, act, threads)
         finally:
             POOL.release()
     else:
@@ -286,12 +289,18 @@ def _on_threads(args: tuple, threads: int) -> None:
 
 
 def _serial(
-    lay: Sliced, x: np.ndarray, trans: bool, bias: np.ndarray, out: np.ndarray, path: str | None
+    lay: Sliced,
+    x: np.ndarray,
+    trans: bool,
+    bias: np.ndarray,
+    out: np.ndarray,
+    path: str | None,
+    act: int,
 ) -> None:
     if path is None:
         spmv = spmv_r4 if lay.blk == 4 else spmv_r1
-        spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, x, out, 0, lay.nsl)
+        spmv(lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, bias, x, out, 0, lay.nsl, act)
     else:
         kernel = FUSED[lay.blk, path]
         args = (lay.sptr, lay.idx, lay.w, lay.perm, lay.scale, lay.rowsum, bias, x, trans)
-        kernel(*args, out.reshape(-1))
+        kernel(*args, out.reshape(-1), act)

@@ -124,9 +124,9 @@ class _SparseBase(nn.Module):
         """Apply ``act`` to this layer's output inside its kernels, if they support it.
 
         ``nn.ReLU``, ``nn.GELU()`` and ``nn.GELU(approximate="tanh")`` fuse: this layer
-        then returns ``act(layer(x))`` (computed in the kernels' epilogue, ``linear.py``;
-        GELU within ~1e-6 of torch's), and the caller replaces ``act`` by ``nn.Identity``
-        where it reads nothing but this layer's output. :data:`DYNAMIC_FORMATS` do not.
+        then returns ``act(layer(x))`` (in the kernels' epilogue, ``linear.py``, or
+        ``int8.py``'s last pass; GELU within ~1e-6 of torch's), and the caller replaces
+        ``act`` by ``nn.Identity`` where it reads nothing but this layer's output.
 
         Args:
             act: The activation module that follows this layer.
@@ -135,7 +135,7 @@ class _SparseBase(nn.Module):
             Whether it was fused; if not, nothing changed.
         """
         name = activation_of(act)
-        if name is None or self.format in DYNAMIC_FORMATS or self.activation is not None:
+        if name is None or self.activation is not None:
             return False
         self.activation = name
         return True

@@ -71,9 +71,9 @@ def test_two_threads_return_the_bits_of_one(openmp, fmt, path, n):
     got = np.full((200, n), np.nan, dtype=np.float32)  # a task that never ran shows
     with using(2):
         if n == 1:
-            int8_mod._on_threads((lay, x[0].copy(), False, bias, got[:, 0], None), 2)
+            int8_mod._on_threads((lay, x[0].copy(), False, bias, got[:, 0], None, 0), 2)
         else:
-            int8_mod._on_threads((lay, x, False, bias, got, path), 2)
+            int8_mod._on_threads((lay, x, False, bias, got, path, 0), 2)
     assert np.array_equal(got.T, ref)
     # The previous layer's output (transposed) is quantized in place: the same bits.
     with using(2):
@@ -96,7 +96,7 @@ def test_three_threads_on_two_cores_run_every_task_once(openmp, fmt):
     ref = _one_thread(mat, x, bias, "portable")
     got = np.full((136, 9), np.nan, dtype=np.float32)
     with using(3):
-        int8_mod._on_threads((sliced(mat, 3), x, False, bias, got, "portable"), 3)
+        int8_mod._on_threads((sliced(mat, 3), x, False, bias, got, "portable", 0), 3)
     assert np.array_equal(got.T, ref)
 
 
