@@ -24,7 +24,7 @@ from nbcompress.kernels.threads import get_threads
 
 __all__ = ["activation_of", "bias_array", "finish", "linear_product", "wake_pool"]
 
-#: The formats of ``int8.py``'s kernels (they add the bias themselves; no epilogue).
+#: The formats of ``int8.py``'s kernels (bias and activation in their last pass).
 _DYNAMIC = ("csr_int8_dynamic", "bsr_int8")
 
 
@@ -90,9 +90,9 @@ def linear_product(module: Any, x2: torch.Tensor) -> np.ndarray:
     """
     mat = module.matrix()
     tensor = module._buffers["bias"]  # not module.bias: nn.Module.__getattr__ costs ~1 µs
-    if module.format in _DYNAMIC:  # these kernels add the bias themselves
-        return int8_matmul(mat, x2.numpy(), None if tensor is None else tensor.numpy())
     act = ACTIVATIONS[module.activation]
+    if module.format in _DYNAMIC:  # these kernels add the bias and apply act themselves
+        return int8_matmul(mat, x2.numpy(), None if tensor is None else tensor.numpy(), act=act)
     bias = NO_BIAS if tensor is None else bias_array(module)
     if not isinstance(mat, BSRMatrix):
         return matmul_unchecked(mat, x2.numpy(), bias, act)

@@ -199,8 +199,8 @@ def folded(conv: SparseConv2d, bn: nn.BatchNorm2d) -> SparseConv2d:
 def activated(layer: nn.Module, act: nn.Module) -> nn.Module | None:
     """A copy of sparse ``layer`` computing ``act(layer(x))``, or ``None`` if it cannot.
 
-    ``None`` where the layer's format or class has no such epilogue (the int8 kernels of
-    dynamically quantized batches, say); ``layer`` and ``act`` are not changed.
+    ``None`` where the layer's class has no such epilogue (an ONNX Runtime or torch int8
+    twin) or refuses this activation; ``layer`` and ``act`` are not changed.
     """
     if not callable(getattr(layer, "fuse_activation_", None)):
         return None

@@ -95,10 +95,11 @@ def test_an_activated_copy_equals_the_layer_then_the_activation_and_changes_neit
     assert applied >= 2
 
 
-def test_a_format_without_the_epilogue_is_not_activated():
+def test_an_activation_without_an_epilogue_or_a_module_without_one_is_not_activated():
     sparse = SparseLinear.from_dense(_mlp()[0], format="csr_int8_dynamic")
-    assert bnfold.activated(sparse, nn.GELU()) is None
+    assert bnfold.activated(sparse, nn.GELU()) is not None  # the int8 kernels apply it too
     assert bnfold.activated(SparseLinear.from_dense(_mlp()[0]), nn.Tanh()) is None
+    assert bnfold.activated(nn.Linear(4, 4), nn.ReLU()) is None
 
 
 def test_sparsify_applies_the_activations_in_one_step_and_undo_restores_them(monkeypatch):
@@ -148,3 +149,22 @@ def test_a_conv_with_its_batchnorm_and_relu_folds_both(monkeypatch):
         _close(model(x), ref)
     nc.undo_(model)
     assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+
+
+def test_a_layer_with_an_activation_folded_in_never_joins_an_ort_graph():
+    # The graph is built from the float Linear and the nn.Identity left in the activation's
+    # place: it would compute the layer without its GELU (outputs 0.3–0.7 off).
+    from nbcompress.engine.speedup import fused
+    from nbcompress.engine.speedup.analysis import LayerResult
+
+    model = _mlp()
+    sparse = SparseLinear.from_dense(model[0])
+    res = LayerResult("0", model[0], chosen="csr", candidates={"csr": sparse})
+    res.allowed, res.errors, res.tolerances = (
+        ("csr", fused.PATH),
+        {fused.PATH: 0.0},
+        {fused.PATH: 1.0},
+    )
+    assert fused.fusable(res)
+    bnfold.plan(sparse, bnfold.activated(sparse, model[1]), (("1", model[1]),))
+    assert not fused.fusable(res)
