@@ -49,7 +49,8 @@ def test_apply_then_undo(ns, monkeypatch):
     def fixed_race(candidates, *, rounds, **_):
         s = {k: times.get(k, 0.3) for k in candidates}
         timings = {k: Timing(v, v, v, rounds) for k, v in s.items()}
-        return Race(tuple(s), timings, {k: (v / s["dense"],) * rounds for k, v in s.items()})
+        base = s[next(iter(s))]  # the incumbent: dense, or "compressed" in the variant race
+        return Race(tuple(s), timings, {k: (v / base,) * rounds for k, v in s.items()})
 
     monkeypatch.setattr(sp, "race", fixed_race)
     saved = snapshot(ns.user_ns["model"])
