@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import operator
+import threading
 import warnings
 from typing import Any
 
@@ -200,6 +201,10 @@ def export_block(block: nn.Module, spec: CallSpec, tensors: list[torch.Tensor]) 
     return onnx.load_from_string(buffer.getvalue())
 
 
+#: Held while a block graph is exported for a new session (rare: once per thread count).
+_EXPORTING = threading.Lock()
+
+
 class OrtInt8Block(OrtModule):
     """A submodule computed by one ORT graph: int8 Linears as ``DynamicQuantizeMatMul``.
 
@@ -254,11 +259,16 @@ class OrtInt8Block(OrtModule):
         threads = self.threads_for(tensors[0].numel())
         call = self._calls.get(threads)
         if call is None:
-            self.example = tensors
-            try:
-                call = runner(self.session(threads))
-            finally:
-                self.example = []  # not held past the export
+            # One export at a time: the example is this graph's attribute, and a second
+            # Python thread's export read it emptied by the first one's ``finally``.
+            with _EXPORTING:
+                call = self._calls.get(threads)
+                if call is None:
+                    self.example = tensors
+                    try:
+                        call = runner(self.session(threads))
+                    finally:
+                        self.example = []  # not held past the export
         feeds = {f"in{i}": tensors[i].contiguous().numpy() for i in self.feeds}
         outs = call[0](call[1], feeds, None)
         if self.single:

@@ -352,3 +352,51 @@ def test_int8_tables_gather_int8_rows_and_weight_only_layers_split_their_outlier
     assert ops.count("DynamicQuantizeMatMul") == 2  # a, and b's split int8 part
     sizes = {tuple(i.dims): i.data_type for i in model.graph.initializer}
     assert sizes.get((50, 64)) == 2  # the table as its 8-bit codes (UINT8), no fp32 copy
+
+
+@needs_ort
+def test_python_threads_building_the_first_session_at_once_all_get_the_graphs_result(
+    monkeypatch,
+):
+    import threading
+
+    from nbcompress.engine.quantize import ort_block
+
+    model, _, _ = quantized(monkeypatch)
+    xs = [(inputs(4, 9)[0] + i, inputs(4, 9)[1]) for i in range(4)]  # one per thread
+    with torch.inference_mode():
+        refs = [model(*x) for x in xs]
+    graph = model.blocks[0].forward.graph
+    graph._forget_sessions()  # every thread now finds no session for its thread count
+    real, started, seen = ort_block.export_block, threading.Barrier(4), []
+
+    def slow_export(block, spec, example):
+        seen.append(len(example))  # an export on an emptied example bakes in no input
+        out = real(block, spec, example)
+        threading.Event().wait(0.05)  # the others arrive while this export runs
+        return out
+
+    monkeypatch.setattr(ort_block, "export_block", slow_export)
+    # Each Python thread asks for its own ORT thread count: each builds a session, so
+    # each exports (the same count would reuse the first thread's session).
+    counts = {}
+    monkeypatch.setattr(graph, "threads_for", lambda _n: counts[threading.get_ident()])
+    outs, errors = [None] * 4, []
+
+    def call(i):
+        counts[threading.get_ident()] = i + 1
+        started.wait()
+        try:
+            with torch.inference_mode():
+                outs[i] = model(*xs[i])
+        except Exception as err:  # noqa: BLE001 - collected: the test reports every one
+            errors.append(err)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(seen) == 4 and 0 not in seen, seen
+    for out, ref in zip(outs, refs, strict=True):
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
