@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -72,3 +75,16 @@ def assert_refused(shell: Any, magic: str, line: str, match: str, model: str = "
         shell.run_line_magic(magic, line)
     assert "\n" not in str(info.value)
     assert_same_state(shell.user_ns[model], before)
+
+
+def concurrent_calls(call: Callable[[], Any], calls: int, threads: int = 4) -> list[Any]:
+    """``call()`` ``calls`` times on each of ``threads`` Python threads started together."""
+    start = threading.Barrier(threads)
+
+    def work(_: int) -> list[Any]:
+        start.wait()
+        with torch.no_grad():
+            return [call() for _ in range(calls)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return [y for ys in pool.map(work, range(threads)) for y in ys]

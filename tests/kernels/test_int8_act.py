@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -39,16 +38,8 @@ def _inputs(n: int, bias: bool, seed: int = 1) -> tuple[np.ndarray, np.ndarray |
 
 
 @pytest.fixture(autouse=True)
-def _threads_allowed(monkeypatch) -> None:
-    # As test_int8_threads.py: the session caps numba's threads at 1 (tests/conftest.py).
-    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 4)
-
-
-@pytest.fixture(params=["torch", "pool"])
-def openmp(request, monkeypatch) -> str:
-    """Each parallel run on torch's OpenMP team, then on ``_pool.py``'s workers."""
-    monkeypatch.setenv("NBCOMPRESS_OPENMP", request.param)
-    return request.param
+def _threads_allowed(threads_allowed) -> None:
+    """Every test here may ask for more than the session's one thread."""
 
 
 @needs_gomp

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -46,17 +45,8 @@ def _one_thread(mat, x, bias, path=None) -> np.ndarray:
 
 
 @pytest.fixture(autouse=True)
-def _threads_allowed(monkeypatch) -> None:
-    # The test session caps the kernels' threads at NUMBA_NUM_THREADS=1 (tests/conftest.py);
-    # these tests ask for more with threads.using (the int8 kernels never use numba's pool).
-    monkeypatch.setattr(numba.config, "NUMBA_NUM_THREADS", 4)
-
-
-@pytest.fixture(params=["torch", "pool"])
-def openmp(request, monkeypatch) -> str:
-    """Each parallel run on torch's OpenMP team, then on ``_pool.py``'s workers."""
-    monkeypatch.setenv("NBCOMPRESS_OPENMP", request.param)
-    return request.param
+def _threads_allowed(threads_allowed) -> None:
+    """Every test here may ask for more than the session's one thread."""
 
 
 @needs_gomp

@@ -3,8 +3,6 @@
 import copy
 import io
 import pickle
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, session_weight
 from nbcompress.engine.quantize.report import serialized_size
 from nbcompress.timing import Race, Timing
-from tests.helpers import assert_same_state, needs_ort, snapshot
+from tests.helpers import assert_same_state, concurrent_calls, needs_ort, snapshot
 
 
 @pytest.fixture(autouse=True)
@@ -156,15 +154,7 @@ def test_concurrent_calls_from_four_threads_give_the_same_result():
     q, x = OrtInt8Linear(layer(256, 512)), torch.randn(8, 256)
     with torch.no_grad():
         ref = q(x)
-    start = threading.Barrier(4)
-
-    def work(_):
-        start.wait()
-        with torch.no_grad():
-            return [q(x) for _ in range(25)]
-
-    with ThreadPoolExecutor(4) as pool:
-        results = [y for ys in pool.map(work, range(4)) for y in ys]
+    results = concurrent_calls(lambda: q(x), 25)
     assert len(results) == 100 and all(torch.equal(y, ref) for y in results)
 
 

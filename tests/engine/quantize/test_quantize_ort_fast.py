@@ -2,8 +2,6 @@
 call, one thread for small inputs where measured faster, and the positional-call check."""
 
 import operator
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ from nbcompress.engine.quantize.ort_block import CallSpec
 from nbcompress.engine.quantize.ort_chain import FusedForward, OrtInt8Chain
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, per_tensor, runner
 from nbcompress.timing import Race, Timing
-from tests.helpers import assert_same_state, needs_ort, snapshot
+from tests.helpers import assert_same_state, concurrent_calls, needs_ort, snapshot
 
 
 @pytest.fixture(autouse=True)
@@ -169,15 +167,7 @@ def test_a_fused_model_called_from_four_threads_after_a_thread_count_change(monk
     with torch.no_grad():
         ref = model(x)
     torch.set_num_threads(2)
-    start = threading.Barrier(4)
-
-    def work(_):
-        start.wait()
-        with torch.no_grad():
-            return [model(x) for _ in range(20)]
-
-    with ThreadPoolExecutor(4) as pool:
-        results = [y for ys in pool.map(work, range(4)) for y in ys]
+    results = concurrent_calls(lambda: model(x), 20)
     assert len(results) == 80 and all(torch.equal(y, ref) for y in results)
     assert 2 in model.__dict__["forward"].runs[0][1]._sessions
 
