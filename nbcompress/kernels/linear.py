@@ -22,7 +22,14 @@ from nbcompress.kernels.formats import BSRMatrix
 from nbcompress.kernels.int8 import int8_matmul
 from nbcompress.kernels.threads import get_threads
 
-__all__ = ["activation_of", "bias_array", "finish", "linear_product", "wake_pool"]
+__all__ = [
+    "activation_of",
+    "bias_array",
+    "finish",
+    "linear_array",
+    "linear_product",
+    "wake_pool",
+]
 
 #: The formats of ``int8.py``'s kernels (bias and activation in their last pass).
 _DYNAMIC = ("csr_int8_dynamic", "bsr_int8")
@@ -88,14 +95,24 @@ def linear_product(module: Any, x2: torch.Tensor) -> np.ndarray:
     Returns:
         (N × out) float32, for N above 1 a transposed view of an (out × N) buffer.
     """
+    return linear_array(module, x2.numpy())
+
+
+def linear_array(module: Any, x2: np.ndarray) -> np.ndarray:
+    """:func:`linear_product` of a float32 (N × in) array (any strides), as kernels return it.
+
+    The one product of both the module's forward and a run of layers
+    (:class:`~nbcompress.kernels.run.SparseRun`), which passes one layer's result to the
+    next without a tensor between them.
+    """
     mat = module.matrix()
     tensor = module._buffers["bias"]  # not module.bias: nn.Module.__getattr__ costs ~1 µs
     act = ACTIVATIONS[module.activation]
     if module.format in _DYNAMIC:  # these kernels add the bias and apply act themselves
-        return int8_matmul(mat, x2.numpy(), None if tensor is None else tensor.numpy(), act=act)
+        return int8_matmul(mat, x2, None if tensor is None else bias_array(module), act=act)
     bias = NO_BIAS if tensor is None else bias_array(module)
     if not isinstance(mat, BSRMatrix):
-        return matmul_unchecked(mat, x2.numpy(), bias, act)
+        return matmul_unchecked(mat, x2, bias, act)
     y = bsr_matmul(mat, x2)
     # y is (N × out), the transpose of a C-contiguous (out × N) buffer for N above 1.
     finish(y.T if y.shape[0] > 1 else y.reshape(-1, 1), bias, act)

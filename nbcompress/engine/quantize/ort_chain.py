@@ -21,7 +21,6 @@ On by default; :data:`ENV_FUSE` ``=0`` keeps every layer on its own session.
 
 from __future__ import annotations
 
-import operator
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from nbcompress.engine.core.runs import FusedForward, add_run
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.quantize import ort_int8, ort_scales
 from nbcompress.engine.quantize.checks import dense_args
@@ -118,55 +118,6 @@ class OrtInt8Chain(OrtModule):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"{self._in}→{self._out}, {len(self.steps)} steps in one onnxruntime graph"
-
-
-class FusedForward:
-    """The ``forward`` of an ``nn.Sequential`` whose runs of children are ORT graphs.
-
-    Set as the Sequential's instance attribute ``forward``; ``runs`` maps a run's first
-    child index to ``(stop, chain)``. A run is called child by child instead whenever a
-    child has hooks (global ones included) or is no longer the chain's step.
-    """
-
-    def __init__(self, seq: nn.Sequential) -> None:
-        self.seq = seq
-        self.runs: dict[int, tuple[int, OrtInt8Chain]] = {}
-
-    def __call__(self, x: Any) -> Any:  # noqa: D102
-        children = tuple(self.seq._modules.values())
-        hooked = _global_hooks()
-        i = 0
-        while i < len(children):
-            run = self.runs.get(i)
-            if run is not None and not hooked and _intact(children[i : run[0]], run[1]):
-                # The chain's forward, not its __call__: it is no user-visible module (no
-                # hooks), and every Python call between two ORT runs is slow (cold caches).
-                x, i = run[1].forward(x), run[0]
-            else:
-                x, i = children[i](x), i + 1
-        return x
-
-
-def _global_hooks() -> bool:
-    module = nn.modules.module
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
-
-
-#: A module's forward hook dicts (any non-empty one: the module has a hook).
-_HOOKS = operator.attrgetter("_forward_hooks", "_forward_pre_hooks")
-
-
-def _intact(children: tuple[Any, ...], chain: OrtInt8Chain) -> bool:
-    """Whether ``children`` are the chain's steps, none with a hook.
-
-    C-level iteration (``map``), no Python frame per child: the check runs on every call.
-    """
-    steps = chain.steps._modules.values()
-    return (
-        len(children) == len(steps)
-        and all(map(operator.is_, children, steps))
-        and not any(map(any, map(_HOOKS, children)))
-    )
 
 
 def _runs(job: Job) -> Iterator[list[str]]:
@@ -332,10 +283,5 @@ def _install(job: Job, tx: Any, names: list[str], chain: OrtInt8Chain) -> None:
     for name, step in zip(names, chain.steps, strict=True):
         if job.model.get_submodule(name) is not step:
             tx.replace(name, step)
-    keys = list(seq._modules)
-    start = keys.index(names[0].rpartition(".")[2])
-    forward = seq.__dict__.get("forward")
-    if not isinstance(forward, FusedForward):
-        forward = FusedForward(seq)
-        seq.forward = forward
-    forward.runs[start] = (start + len(names), chain)
+    start = list(seq._modules).index(names[0].rpartition(".")[2])
+    add_run(seq, start, chain)
