@@ -1,7 +1,7 @@
 """Sparse layers called as one run (``SparseRun``) against the same layers called one by one.
 
 ``sparsify_`` joins consecutive swapped ``SparseLinear`` layers of an ``nn.Sequential``
-into one :class:`~nbcompress.kernels.run.SparseRun` (``engine/speedup/sparse_runs.py``).
+into one :class:`~nbcompress.kernels.run.SparseRun` (``engine/core/runs.py``).
 Here the BERT-FFN ×2 stack of ``bench_runtimes`` (pruned 90% element-wise, "ffn90", or in
 4 × 1 blocks, "ffn90b4") is swapped to one format on every layer with the GELUs folded,
 then raced three ways in one process, interleaved (warm-up, rounds, median): torch dense
@@ -34,7 +34,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_runtimes as br  # noqa: E402 - the models live there
 
-from nbcompress.engine.speedup.sparse_runs import join_runs  # noqa: E402
+from nbcompress.engine.core.runs import join_runs  # noqa: E402
 from nbcompress.kernels import tuning  # noqa: E402
 from nbcompress.kernels.modules import SparseLinear  # noqa: E402
 from nbcompress.timing import race  # noqa: E402

@@ -10,18 +10,29 @@ instead of its children only while they are still the run's steps and none has a
 (global hooks included), so per-layer tools still see every layer.
 
 A run is any object with ``steps`` (an ``nn.ModuleList`` of the children it stands for,
-in order) and ``forward(x)``.
+in order) and ``forward(x)``. :func:`join_runs` installs the sparse ones: after
+``sparsify_``/``speedup`` swap layers, a stack such as BERT's FFN (Linear, GELU, Linear; the
+GELU folded into the first layer's kernels) is a Sequential of ``SparseLinear`` and
+``nn.Identity`` children, and each stretch of them is called as one ``SparseRun``.
+:data:`ENV_RUNS` ``=0`` switches that off.
 """
 
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-__all__ = ["FusedForward", "add_run", "covered", "fused_forward"]
+from nbcompress.kernels.modules import SparseLinear
+from nbcompress.kernels.run import SparseRun, joinable
+
+__all__ = ["ENV_RUNS", "FusedForward", "add_run", "covered", "fused_forward", "join_runs"]
+
+#: Environment variable switching the sparse runs off (``0``); on by default.
+ENV_RUNS = "NBCOMPRESS_SPARSE_RUNS"
 
 
 class FusedForward:
@@ -106,3 +117,54 @@ def add_run(
         forward = FusedForward(seq)
         seq.forward = forward
     forward.runs[start] = (start + len(run.steps), run)
+
+
+def join_runs(model: nn.Module, save: Callable[[nn.Module], None] | None = None) -> int:
+    """Call each joinable stretch of sparse children as one ``SparseRun``; how many joined.
+
+    Only in Sequentials of exactly that class (a subclass may have its own ``forward``),
+    only over children no other run (an ORT graph) covers; a sparse run whose children
+    changed since (an ORT graph took some of them) is dropped and what is left joined anew.
+
+    Args:
+        model: The model, its chosen sparse layers installed.
+        save: Called with each Sequential before its ``forward`` is first set (the
+            history transaction's ``save``, so that undo removes it).
+    """
+    if os.environ.get(ENV_RUNS, "").strip() == "0":
+        return 0
+    joined = 0
+    for seq in [m for m in model.modules() if type(m) is nn.Sequential]:
+        children = tuple(seq._modules.values())
+        forward = fused_forward(seq)
+        if forward is not None:
+            for start, (stop, run) in list(forward.runs.items()):
+                steps = tuple(run.steps._modules.values())
+                if isinstance(run, SparseRun) and children[start:stop] != steps:
+                    del forward.runs[start]  # (a hook is no reason: it may go again)
+        taken = covered(seq)
+        for start, stop in _stretches(list(children), taken):
+            add_run(seq, start, SparseRun(children[start:stop]), save)
+            joined += 1
+    return joined
+
+
+def _stretches(children: list[nn.Module], taken: set[int]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each longest joinable stretch of ``children`` outside ``taken``."""
+    found, i = [], 0
+    while i < len(children):
+        stop = i
+        while stop < len(children) and stop not in taken and _member(children[stop]):
+            stop += 1
+        # The longest joinable prefix of children[i:stop] (trailing Identities stay out).
+        best = next((j for j in range(stop, i + 1, -1) if joinable(children[i:j])), None)
+        if best is None:
+            i += 1
+        else:
+            found.append((i, best))
+            i = best
+    return found
+
+
+def _member(module: nn.Module) -> bool:
+    return type(module) in (SparseLinear, nn.Identity)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from nbcompress.engine.core.runs import FusedForward, add_run
+from nbcompress.engine.core.runs import FusedForward, add_run, join_runs
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.quantize import ort_int8, ort_scales
 from nbcompress.engine.quantize.checks import dense_args
@@ -174,13 +174,11 @@ def _chain(job: Job, names: list[str]) -> tuple[OrtInt8Chain, list[nn.Module], l
     return OrtInt8Chain(steps), current, floats
 
 
-def _sequence(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
-    def call(x: torch.Tensor) -> torch.Tensor:
-        for m in modules:
-            x = m(x)
-        return x
-
-    return call
+def _sequence(modules: list[nn.Module]) -> nn.Sequential:
+    """The run as it would be called in place: sparse layers in it joined as one run."""
+    seq = nn.Sequential(*modules)  # the same module objects, in a new container
+    join_runs(seq)
+    return seq
 
 
 #: Decides a run's race: ``{"layers": the run as chosen (the incumbent), "graph": ...}`` and

@@ -27,6 +27,7 @@ from nbcompress.engine.core.history import Transaction, transaction
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
 from nbcompress.engine.core.memory import release_freed_memory, twin
 from nbcompress.engine.core.outputs import compare_outputs
+from nbcompress.engine.core.runs import join_runs
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import as_inputs, call_model, check_module, run_forward
 from nbcompress.engine.speedup import bnfold, recorded, shapes, variants
@@ -36,7 +37,6 @@ from nbcompress.engine.speedup.coverage import dense_reason, uncovered
 from nbcompress.engine.speedup.explain import runs_on
 from nbcompress.engine.speedup.fused import fuse_runs, settle_runs
 from nbcompress.engine.speedup.guard import unchanged
-from nbcompress.engine.speedup.sparse_runs import join_runs
 from nbcompress.kernels import tuning
 from nbcompress.kernels.notices import COMPILE_NOTICE
 from nbcompress.timing import Race, measure, race
@@ -182,7 +182,7 @@ def _end_to_end(
         ref = call_model(model, inputs)
         # Shares every dense tensor with ``model``; BatchNorms folded etc. where faster.
         double = twin(model, variants.choose(model, inputs, ref, result, opts, graph, _race))
-        join_runs(double)  # timed as it will be installed (sparse_runs.py)
+        join_runs(double)  # sparse runs: timed as they will be installed (core/runs.py)
         out = call_model(double, inputs)
     # Every floating tensor of any output structure (dicts, tuples, dataclasses) is compared;
     # an output holding none is refused rather than passing a check of nothing.
@@ -349,8 +349,9 @@ def install_(model: nn.Module, analysis: Analysis, inputs: Any = None) -> nn.Mod
             # The replacement takes the dense layer's mode (an eval model stays all eval).
             res.replacement.train(res.module.training)
             _install(tx, name, res.replacement)
+        join_runs(model, tx.save)  # before an ORT graph races them; what it leaves, after
         analysis.fused = fuse_runs(model, tx, analysis, inputs)
-        join_runs(model, tx.save)  # consecutive sparse Linears called as one run
+        join_runs(model, tx.save)
         tx.info["chosen"] = {n: r.chosen for n, r in analysis.chosen.items()}
         tx.info["reasons"] = {r.name: r.reason for r in analysis.layers}
         tx.info["end_to_end"] = {"dense": analysis.dense, "compressed": analysis.compressed}

@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 import nbcompress as nc
-from nbcompress.engine.core.runs import FusedForward, add_run, fused_forward
-from nbcompress.engine.speedup.sparse_runs import ENV_RUNS, join_runs
+from nbcompress.engine.core.runs import ENV_RUNS, FusedForward, add_run, fused_forward, join_runs
 from nbcompress.kernels.modules import SparseLinear
 from nbcompress.kernels.run import SparseRun
 from tests.engine.speedup.test_actfuse import _mlp
@@ -110,3 +109,15 @@ def test_join_covers_each_longest_stretch_and_leaves_other_runs_and_classes_alon
     add_run(other, 0, SparseRun(list(other)[:2]))
     assert join_runs(other) == 0 and list(_runs(other)) == [0]
     assert isinstance(other.__dict__["forward"], FusedForward)
+
+
+def test_joining_again_drops_a_run_whose_children_changed_and_joins_what_is_left():
+    torch.manual_seed(0)
+    model = nn.Sequential(*(_sparse(8, 8) for _ in range(4)))
+    assert join_runs(model) == 1 and {s: e for s, (e, _) in _runs(model).items()} == {0: 4}
+    model[0] = nn.Linear(8, 8)  # e.g. an ORT graph's step took its place
+    model[1].register_forward_hook(lambda *_: None)  # a hook is no reason to drop a run
+    assert join_runs(model) == 1 and {s: e for s, (e, _) in _runs(model).items()} == {1: 4}
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), _one_by_one(model, x))
