@@ -2,8 +2,8 @@
 
 numba keys a ``cache=True`` function's saved machine code on its own file only: the index
 next to it (``<module>.<name>-<line>.py<ver>.nbi``) holds that file's *source stamp* (its
-content hash since numba 0.60, its mtime and size before), and each entry the function's
-own bytecode. Code compiled into it from another file — the ``_epilogue`` and ``_simd``
+content hash in numba 0.68, its mtime and size in older releases), and each entry the
+function's own bytecode. Code compiled into it from another file — the ``_epilogue`` and ``_simd``
 helpers inlined into ``_generated_kernels``, ``_int8_simd`` into ``_int8_kernels``,
 ``_simd`` into ``_pool`` — is in neither. So after an upgrade or an edit that changes only
 such a helper, a new process loaded the old machine code, and computed the old results.
@@ -138,7 +138,7 @@ def _watched(py_file: str) -> bool:
     return path.suffix == ".py" and any(path.is_relative_to(d) for d in WATCHED)
 
 
-class DependencyLocator(caching._CacheLocator):
+class DependencyLocator(getattr(caching, "_CacheLocator", object)):
     """numba's own locator for a function, with the dependency digest in its stamp."""
 
     def __init__(self, inner: caching._CacheLocator, py_file: str) -> None:
@@ -171,10 +171,12 @@ class DependencyLocator(caching._CacheLocator):
         return None
 
 
-def _impl_class() -> type:
-    # ``CacheImpl`` since numba 0.61; ``_CacheImpl`` before. Its list of locator classes is
-    # shared by the function, cfunc and library caches (none overrides it).
-    return getattr(caching, "CacheImpl", None) or caching._CacheImpl
+def _impl_class() -> type | None:
+    # ``CacheImpl`` in numba 0.68, ``_CacheImpl`` in older releases. Its list of locator
+    # classes is shared by the function and cfunc caches (the task cfuncs of _gomp and
+    # _int8_tasks too). None: a numba whose caching internals moved (numba's own stamps).
+    found = getattr(caching, "CacheImpl", None) or getattr(caching, "_CacheImpl", None)
+    return found if isinstance(getattr(found, "_locator_classes", None), list) else None
 
 
 def install() -> None:
@@ -183,9 +185,9 @@ def install() -> None:
     Must run before the first ``cache=True`` function of a watched module is decorated:
     numba picks a function's locator at decoration.
     """
-    classes = _impl_class()._locator_classes
-    if DependencyLocator not in classes:
-        classes.insert(0, DependencyLocator)
+    impl = _impl_class()
+    if impl is not None and DependencyLocator not in impl._locator_classes:
+        impl._locator_classes.insert(0, DependencyLocator)
 
 
 install()
