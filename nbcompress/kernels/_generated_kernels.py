@@ -51,6 +51,10 @@ Suffix ``_1``: serial twin for one thread. Raw arrays only: no validation.
 import numpy as np
 from numba import carray, njit, prange
 
+# First: the package imports this module before any other cached one, and numba picks a
+# function's cache locator when it is decorated (see _disk_cache: cached kernels are
+# stamped with the files they call into, so an edit of _epilogue or _simd recompiles them).
+from nbcompress.kernels import _disk_cache  # noqa: F401
 from nbcompress.kernels._epilogue import finish_block, finish_flat, finish_vector
 from nbcompress.kernels._numba import FASTMATH
 from nbcompress.kernels._simd import (
