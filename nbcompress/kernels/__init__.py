@@ -14,6 +14,9 @@ spin against each other (see :mod:`nbcompress.kernels.threads`).
 
 from __future__ import annotations
 
+# First: numba picks a cached function's locator when it is decorated, and _disk_cache's
+# stamps a kernel with the package files it imports (an edit of one recompiles it).
+from nbcompress.kernels import _disk_cache  # noqa: F401, I001
 from nbcompress.kernels.threads import configure_threading
 
 configure_threading()
