@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from nbcompress.engine.core.history import Transaction, transaction
+from nbcompress.engine.core.history import transaction
 from nbcompress.engine.core.layers import PRUNABLE_TYPES, select_layers
 from nbcompress.engine.core.memory import release_freed_memory, twin
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.runs import join_runs
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import as_inputs, call_model, check_module, run_forward
-from nbcompress.engine.speedup import bnfold, recorded, shapes, variants
+from nbcompress.engine.speedup import bnfold, recorded, relayout, shapes, variants
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.candidates import break_even, build, paths_of
 from nbcompress.engine.speedup.coverage import dense_reason, uncovered
@@ -64,10 +64,9 @@ def clear_win(race: Race, name: str, min_gain: float) -> bool:
 def _race(candidates: dict[str, Callable[[], object]], repeats: int) -> Race:
     """Race ``candidates`` (``dense`` first, the incumbent) in ``repeats`` interleaved rounds.
 
-    A sparse candidate makes its own kernel choice on its first call with a given input
-    shape (a race nested inside this one, in ``nbcompress.kernels``). The output check
-    usually makes that call first; if not, this race's warm-up calls do, before any
-    timing, so a kernel choice is never timed as part of a candidate.
+    A sparse candidate makes its own kernel choice on its first call per input shape (a
+    race nested in this one): the output check or this race's warm-up calls make it before
+    any timing, so a kernel choice is never timed as part of a candidate.
     """
     with torch.inference_mode():
         return race(candidates, rounds=repeats, warmup=3, min_sample=MIN_SAMPLE)
@@ -82,7 +81,7 @@ def _measure_layer(
 ) -> LayerResult:
     (args, kwargs, output), others = calls[0], calls[1:]
     x = args[0]
-    key = recorded.layer_key(module, x.shape, opts)
+    key = (*recorded.layer_key(module, x.shape, opts), *relayout.tag(x))
     if others:  # the decision also rests on the other inputs' shape buckets
         key = (*key, "also", *(tuple(shapes.shape_bucket(("in", *c[0][0].shape))) for c in others))
     res = LayerResult(name, module, tuple(x.shape), shapes.zeros(module), key=key)
@@ -266,6 +265,8 @@ def analyse(
             )
         step = progress or (lambda done, total, name: None)
         analysis = _measure(model, (inputs, others), selected, reasons, opts, step)
+        if not others:  # (the other shapes' inputs are not captured again)
+            relayout.remeasure(model, inputs, analysis, _measure_layer, opts)
         step(len(selected), len(selected), "timing the whole model")
         _end_to_end(model, inputs, analysis, opts, time_whole, graph)
     _final_verdict(analysis, opts.min_gain)
@@ -322,10 +323,6 @@ def _final_verdict(analysis: Analysis, min_gain: float) -> None:
     analysis.verdict = f"{runs_on(analysis.layers)}: {gain:.2f}× faster end to end{when}"
 
 
-def _install(tx: Transaction, name: str, module: nn.Module) -> None:
-    bnfold.install(tx, name, module)  # with the BatchNorm folded into it, if any
-
-
 def install_(model: nn.Module, analysis: Analysis, inputs: Any = None) -> nn.Module:
     """Install the modules ``analysis`` chose, in one undoable history step.
 
@@ -348,7 +345,7 @@ def install_(model: nn.Module, analysis: Analysis, inputs: Any = None) -> nn.Mod
         for name, res in chosen.items():
             # The replacement takes the dense layer's mode (an eval model stays all eval).
             res.replacement.train(res.module.training)
-            _install(tx, name, res.replacement)
+            bnfold.install(tx, name, res.replacement)  # its BatchNorm folded in, if any
         join_runs(model, tx.save)  # before an ORT graph races them; what it leaves, after
         analysis.fused = fuse_runs(model, tx, analysis, inputs)
         join_runs(model, tx.save)
