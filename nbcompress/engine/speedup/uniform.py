@@ -64,11 +64,12 @@ def _fits(res: LayerResult, fmt: str, opts: SparsifyOptions) -> bool:
 def offers(analysis: Analysis, opts: SparsifyOptions) -> list[str]:
     """The sparse formats to race on every chosen layer at once, fastest summed time first.
 
-    None where fewer than one layer was chosen now (a recorded decision was not timed:
-    the record already holds what an earlier race of this kind chose).
+    None where a chosen layer was not raced now (a recorded decision: the record holds
+    what an earlier race of this kind chose), or was also checked on ``other_inputs``
+    (:mod:`.shapes`: only its own choice was timed on those shapes).
     """
     chosen = list(analysis.chosen.values())
-    if not chosen or any(r.recorded is not None or r.race is None for r in chosen):
+    if not chosen or any(r.recorded is not None or r.race is None or r.others for r in chosen):
         return []
     fmts = [f for f in kernel_modules.FORMATS if all(_fits(r, f, opts) for r in chosen)]
     fmts.sort(key=lambda f: sum(r.times[f].median for r in chosen))

@@ -115,3 +115,14 @@ def test_a_run_on_ort_int8_is_left_to_the_install_graph_race(monkeypatch, fuse):
         assert paths == {"ort_int8"} and all(uniform.GRAPH_LEFT in r for r in reasons)
     else:  # no graph: one sparse format on every layer races (and wins here)
         assert paths == {"csr_int8"} and not any(uniform.GRAPH_LEFT in r for r in reasons)
+
+
+def test_no_format_is_offered_where_a_layer_was_checked_on_other_inputs(monkeypatch):
+    # Only each layer's own choice was timed against dense on the other shapes.
+    _fake_timer(monkeypatch, MIX)
+    model, x = _pruned_mlp(), torch.randn(4, 32)
+    opts = SparsifyOptions(allow_int8=True, remeasure=True)
+    analysis = analyse(model, x, opts, other_inputs=[torch.randn(64, 32)])
+    assert all(r.others for r in analysis.chosen.values())
+    assert uniform.offers(analysis, opts) == []
+    assert {r.chosen for r in analysis.chosen.values()} == {"torch_int8"}
