@@ -2,7 +2,7 @@
 
 Why. Each layer's path is chosen on its own input, in isolation, and there the best
 sparse formats of a pruned layer often lie within a few percent of each other (BERT-FFN ×2
-at 95%, batch 1, 2 threads: CSR int8 44–54 µs, with int8 inputs 43–54 µs, per layer). A
+at 95%, batch 1, 2 threads: CSR int8 44–59 µs, with int8 inputs 43–54 µs, per layer). A
 near tie flips between runs and leaves a mix of formats, or a dense int8 twin between
 sparse layers, whose cost inside the model no isolated race sees: a twin cannot take
 the activation after it into its kernels (:mod:`.bnfold`: at 2 threads each torch GELU

@@ -2,7 +2,10 @@
 
 Once the layers are chosen, what is around them can pay as much as the layers themselves
 (resnet18 at batch 1: its 20 BatchNorms and an NCHW max-pool cost a third of the sparse
-model's time). ``sparsify_`` therefore races, end to end on the example input:
+model's time). ``sparsify_`` therefore races, end to end on the example input, first the
+per-layer choice against one sparse format on every chosen layer (:mod:`.uniform`, each
+with its activations folded in where it can be; the winner becomes the layers' choice),
+then:
 
 * ``compressed``: the chosen sparse layers as they are (the incumbent);
 * ``folded``: each eval BatchNorm that alone reads a swapped convolution's output folded
