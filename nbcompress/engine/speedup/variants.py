@@ -2,7 +2,10 @@
 
 Once the layers are chosen, what is around them can pay as much as the layers themselves
 (resnet18 at batch 1: its 20 BatchNorms and an NCHW max-pool cost a third of the sparse
-model's time). ``sparsify_`` therefore races, end to end on the example input:
+model's time). ``sparsify_`` therefore races, end to end on the example input, first the
+per-layer choice against one sparse format on every chosen layer (:mod:`.uniform`, each
+with its activations folded in where it can be; the winner becomes the layers' choice),
+then:
 
 * ``compressed``: the chosen sparse layers as they are (the incumbent);
 * ``folded``: each eval BatchNorm that alone reads a swapped convolution's output folded
@@ -31,7 +34,7 @@ from torch import nn
 from nbcompress.engine.core.memory import twin
 from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.validation import call_model
-from nbcompress.engine.speedup import bnfold, recorded
+from nbcompress.engine.speedup import bnfold, recorded, uniform
 from nbcompress.engine.speedup.analysis import Analysis, SparsifyOptions, tolerance
 from nbcompress.kernels.modules import SparseConv2d
 from nbcompress.timing import Race
@@ -127,6 +130,7 @@ def choose(
     Returns:
         Qualified name → module, for every chosen layer and every folded BatchNorm.
     """
+    _one_format(model, inputs, ref, analysis, opts, graph, race)
     chosen = analysis.chosen
     plain = {n: r.replacement for n, r in chosen.items()}
     for name, why in graph.kept.items():
@@ -155,6 +159,52 @@ def choose(
             for gone, module in removed:
                 chosen[name].reason += f"; {_kind(module)} {gone} not folded: {why}"
     return _swaps(plain, variants[best])
+
+
+def _one_format(
+    model: nn.Module, inputs: tuple, ref: Any, analysis: Analysis, opts: SparsifyOptions,
+    graph: bnfold.ConvGraph, race: Callable[[dict[str, Callable[[], object]], int], Race],
+) -> None:  # fmt: skip
+    """Race the per-layer choice against one format on every chosen layer; adopt the winner.
+
+    Each contender with its activations folded in where it can (:func:`_folds`), as the
+    fastest of it would be installed; the per-layer choice is the incumbent and stays on
+    a tie (:mod:`.uniform`).
+    """
+    fmts = uniform.offers(analysis, opts)
+    if not fmts:
+        return
+    chosen = analysis.chosen
+    if uniform.graph_pending(model, analysis):
+        for res in chosen.values():
+            res.reason += f"; {uniform.GRAPH_LEFT}"
+        return
+    rivals = {
+        uniform.PER_LAYER: (
+            {r.chosen for r in chosen.values()},
+            {n: r.replacement for n, r in chosen.items()},
+        )
+    }
+    for fmt in fmts:
+        built = uniform.rebuild(analysis, fmt, {})
+        if built is not None:
+            rivals[uniform.name_of(fmt)] = ({fmt}, built)
+    twins = {}
+    for name, (paths, layers) in rivals.items():
+
+        def limit(peak: float, paths: set[str] = paths) -> float:
+            return max(tolerance(f, peak) for f in paths)
+
+        double = _matching(model, inputs, ref, limit, _swaps(layers, _folds(model, layers, graph)))
+        if double is not None:
+            twins[name] = double
+    if uniform.PER_LAYER not in twins or len(twins) == 1:
+        return
+    result = race({n: (lambda d=d: call_model(d, inputs)) for n, d in twins.items()}, opts.repeats)
+    best = result.winner(0.0)
+    if best != uniform.PER_LAYER:
+        fmt = next(iter(rivals[best][0]))
+        uniform.adopt(analysis, fmt, rivals[best][1], 1 / result.ratio(best))
 
 
 def _pick(
