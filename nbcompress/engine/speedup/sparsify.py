@@ -30,7 +30,7 @@ from nbcompress.engine.core.outputs import compare_outputs
 from nbcompress.engine.core.runs import join_runs
 from nbcompress.engine.core.summary import capture_calls
 from nbcompress.engine.core.validation import as_inputs, call_model, check_module, run_forward
-from nbcompress.engine.speedup import bnfold, recorded, relayout, shapes, variants
+from nbcompress.engine.speedup import bnfold, racing, recorded, relayout, shapes, variants
 from nbcompress.engine.speedup.analysis import Analysis, LayerResult, SparsifyOptions, tolerance
 from nbcompress.engine.speedup.candidates import break_even, build, paths_of
 from nbcompress.engine.speedup.coverage import dense_reason, uncovered
@@ -44,9 +44,6 @@ from nbcompress.timing import Race, measure, race
 __all__ = ["analyse", "clear_win", "install_", "sparsify_", "unchanged"]
 
 MIN_SPARSITY = shapes.MIN_SPARSITY  # below it CSR moves more bytes than dense
-#: Each timed sample repeats a candidate for at least this long (seconds), so that timer
-#: resolution and call overhead do not decide for small layers.
-MIN_SAMPLE = 2e-4
 
 
 def clear_win(race: Race, name: str, min_gain: float) -> bool:
@@ -66,10 +63,10 @@ def _race(candidates: dict[str, Callable[[], object]], repeats: int) -> Race:
 
     A sparse candidate makes its own kernel choice on its first call per input shape (a
     race nested in this one): the output check or this race's warm-up calls make it before
-    any timing, so a kernel choice is never timed as part of a candidate.
+    any timing, so a kernel choice is never timed as part of a candidate. Every sample
+    starts warm, as layers run inside a model call (:mod:`.racing`).
     """
-    with torch.inference_mode():
-        return race(candidates, rounds=repeats, warmup=3, min_sample=MIN_SAMPLE)
+    return racing.layer_race(candidates, repeats, race)
 
 
 def _measure_layer(

@@ -8,7 +8,9 @@ rank the candidates by what they cost warm, as inside a model call.
 from __future__ import annotations
 
 import pytest
+import torch
 
+import nbcompress as nc
 from nbcompress.engine.speedup.racing import MIN_SAMPLE, Primed, layer_race
 from nbcompress.timing import race
 
@@ -72,3 +74,22 @@ def test_layer_race_runs_the_callers_race_with_the_primed_clock():
     layer_race({"dense": lambda: None, "csr": lambda: None}, 3, runner)
     assert seen["names"] == ["dense", "csr"] and seen["rounds"] == 3
     assert seen["min_sample"] == MIN_SAMPLE and callable(seen["clock"])
+
+
+def test_sparsify_races_every_layer_warm_through_layer_race(monkeypatch):
+    from nbcompress.engine.speedup import racing
+    from tests.engine.speedup.test_speedup import FAST, _fake_timer, _pruned_mlp
+
+    _fake_timer(monkeypatch, FAST)
+    real, seen = racing.layer_race, []
+
+    def counting(candidates, repeats, runner=race, **kw):
+        seen.append(list(candidates))
+        return real(candidates, repeats, runner, **kw)
+
+    monkeypatch.setattr(racing, "layer_race", counting)
+    model = _pruned_mlp()
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model)
+    nc.sparsify_(model, torch.randn(4, 32))
+    per_layer = [names for names in seen if names[0] == "dense" and "compressed" not in names]
+    assert len(per_layer) == linears and all(len(n) > 1 for n in per_layer)
