@@ -93,11 +93,12 @@ def choosable(opts: SparsifyOptions) -> tuple[str, ...]:
     Registered formats and twins, int8 ones with ``allow_int8`` only, ONNX Runtime's where
     it is installed: a decision recorded without a path must not be reused once it exists.
     """
+    paths = tuple(p for p in (*kernel_modules.FORMATS, *TWINS) if opts.allows(p))
+    if "ort_int8" not in paths:
+        return paths  # without int8 allowed: never ask (ort_problem imports onnx, ~0.7 s)
     from nbcompress.engine.quantize.ort_int8 import ort_problem
 
-    ort = ort_problem() is None
-    paths = (*kernel_modules.FORMATS, *TWINS)
-    return tuple(p for p in paths if opts.allows(p) and (ort or p != "ort_int8"))
+    return paths if ort_problem() is None else tuple(p for p in paths if p != "ort_int8")
 
 
 def build(path: str, module: nn.Module, seen: dict[str, int]) -> nn.Module | None:
