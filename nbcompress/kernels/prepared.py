@@ -15,7 +15,8 @@ same recorded choice only allocates the output, packs (or points at) the input a
 launches the same kernels on the same arguments, so its result is bit-identical to the
 unprepared path. Kept on the weight weakly, like the choices: a weight rebuilt from
 changed buffers (``SparseLinear.matrix()``) is a new object, a new recorded choice for
-the key (``set_choices``, a race) makes the plan stale, and a new bias array is a new key.
+the key (``set_choices``, a race) makes the plan stale, and a new bias array is a new key;
+a plan made before a ``fork`` is made again in the child.
 Whether ``_pool.py`` runs a plan is decided when it is made (``NBCOMPRESS_OPENMP`` read
 then), as for the int8 tasks.
 
@@ -25,6 +26,7 @@ no leftover columns) are prepared; other calls take the general path.
 
 from __future__ import annotations
 
+import os
 import weakref
 
 import numpy as np
@@ -69,7 +71,7 @@ class Prepared:
         threads: Threads it runs on (1 for a serial-twin choice).
     """
 
-    __slots__ = ("bias", "csr", "fold", "k", "m", "name", "pack", "steps", "threads")
+    __slots__ = ("bias", "csr", "fold", "k", "m", "name", "pack", "pid", "steps", "threads")
 
     def __init__(
         self,
@@ -82,6 +84,7 @@ class Prepared:
         threads: int,
     ) -> None:
         self.name = name
+        self.pid = os.getpid()  # a forked child has neither libgomp's team nor our workers
         self.threads = 1 if name.endswith(SERIAL) else threads
         self.bias = bias  # held: its id in the key is never another array's
         self.m, self.k = mat.shape
@@ -161,6 +164,8 @@ def prepared(
     threads = get_threads()
     plan = plans.get(_key(x, threads, bias, act))
     if plan is None or recorded_choice(mat, ("x", x.shape[0]), threads) != plan.name:
+        return None
+    if plan.pid != os.getpid():  # made before a fork: made again (_gomp.available())
         return None
     return plan
 

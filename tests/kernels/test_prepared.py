@@ -174,3 +174,43 @@ def test_a_held_pool_runs_the_serial_twin_with_the_same_bits(threads_allowed, op
         np.testing.assert_array_equal(matmul_unchecked(mat, x), expected)
         with POOL:  # as while another Python thread's kernel runs
             np.testing.assert_array_equal(matmul_unchecked(mat, x), expected)
+
+
+_FORK = r"""
+import os
+import numpy as np
+import torch
+from nbcompress.kernels import dispatch, pack_csr, prepared, _gomp
+from nbcompress.kernels.csr import matmul_unchecked
+from nbcompress.kernels.threads import using
+
+gen = torch.Generator().manual_seed(0)
+mat = pack_csr(torch.randn(300, 200, generator=gen) * (torch.rand(300, 200, generator=gen) < 0.1))
+x = np.random.default_rng(1).standard_normal((8, 200), dtype=np.float32)
+with using(2):
+    dispatch.set_choices(mat, {("x", 8, 2): "panels"})
+    expected = matmul_unchecked(mat, x).copy()
+    assert prepared.prepared(mat, x).steps[0].fn is not None  # on torch's team
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # libgomp's team is not here: the plan is made again, on numba's pool
+        same = np.array_equal(matmul_unchecked(mat, x), expected)
+        plan = prepared.prepared(mat, x)
+        os.write(w, f"{same} {_gomp.available()} {plan.steps[0].fn is None}".encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print(os.read(r, 100).decode())
+"""
+
+
+@pytest.mark.skipif(not _gomp.available(), reason="torch does not run on GNU OpenMP here")
+def test_a_plan_made_before_a_fork_is_made_again_in_the_child():
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
+    env.update(NUMBA_NUM_THREADS="2", NBCOMPRESS_OPENMP="torch", NBCOMPRESS_TUNING="off")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,  # a child launching on libgomp's team from before the fork hangs
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "True False True"
