@@ -37,6 +37,7 @@ __all__ = [
     "TILE64",
     "TRANSPOSE",
     "Kernel",
+    "callback",
 ]
 
 #: Columns per ``tile64`` call unit.
@@ -113,9 +114,12 @@ def _invoke(kernel: Callable[..., None], args: tuple, key: tuple) -> None:
     notices.record(time.perf_counter() - start, compiled)
 
 
-def _on_torch_threads(task: str, block: object, n: int) -> None:
-    # The callback compiles (or loads) once per task function, timed into the caller's
-    # notice like any first call, under the same lock and SLP switch.
+def callback(task: str) -> int:
+    """The address of ``_gomp``'s C callback for task function ``task``.
+
+    The first use compiles (or loads) it, timed into the caller's notice like any first
+    call, under the first-call lock and the SLP switch.
+    """
     key = ("omp", task)
     if key not in _COMPILED:
         start = time.perf_counter()
@@ -126,7 +130,11 @@ def _on_torch_threads(task: str, block: object, n: int) -> None:
                     compiled = _gomp.address(task)[1]
                 _COMPILED.add(key)
         notices.record(time.perf_counter() - start, compiled)
-    _gomp.launch(_gomp.address(task)[0], block, n)
+    return _gomp.address(task)[0]
+
+
+def _on_torch_threads(task: str, block: object, n: int) -> None:
+    _gomp.launch(callback(task), block, n)
 
 
 def _copy(name: str, kernel: Callable[..., None]) -> Kernel:
