@@ -169,13 +169,18 @@ class _HeldAwake:
     # between two parallel ones outlast AWAKE_SECONDS, and each parallel round then paid
     # a wake-up that no model call pays (its layers wake the pool before their glue), so
     # serial twins won races at 2 threads that they lost inside the model.
+    # The words it raised, if any: a pool started inside the block was not raised, and
+    # lowering its words would leave them at -1 (its workers would never park).
+    _held: np.ndarray | None = None
+
     def __enter__(self) -> None:
         if _STATE["pid"] == os.getpid():
-            _STATE["slots"][:, 5] += 1
+            self._held = _STATE["slots"]
+            self._held[:, 5] += 1
 
     def __exit__(self, *exc: object) -> None:
-        if _STATE["pid"] == os.getpid():
-            _STATE["slots"][:, 5] -= 1
+        if self._held is not None:
+            self._held[:, 5] -= 1
 
 
 def held_awake() -> _HeldAwake:
