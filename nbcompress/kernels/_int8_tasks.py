@@ -38,7 +38,7 @@ import time
 import numpy as np
 from numba import carray, cfunc, njit, types
 
-from nbcompress.kernels import _gomp, notices
+from nbcompress.kernels import _gomp, _pool, notices
 from nbcompress.kernels._int8_kernels import (
     quantize_into,
     unpack,
@@ -253,33 +253,54 @@ def task_address(kind: object, code: str) -> int:
     return found
 
 
-def _block(
-    lay: object,
-    kind: object,
-    inp: np.ndarray,
-    out: np.ndarray,
-    bias: np.ndarray,
-    scalars: tuple[int, ...],
-    threads: int,
-) -> tuple[_gomp.Block, np.ndarray]:
-    # The fixed words per (kind, call shape, threads, bias), kept on the layout: building
-    # _gomp._words' key (eleven arrays' ids and sizes) cost ~3 µs a call. The entry holds
-    # the bias, so its id is never another array's while cached, and the quantized
-    # input's buffer (used only while the caller holds threads.POOL: one launch at a time).
-    held = lay.__dict__.setdefault("_blocks", {})
-    key = (kind, scalars, threads, id(bias))
-    found = held.get(key)
-    if found is None:
+class _Job:
+    """A launch prepared for one layout, call shape, bias and thread count.
+
+    Kept on the layout: a model call's layers found every piece of it anew on each call
+    (task function, the block's fixed words, whether the awake pool runs it), ~8 µs of
+    Python a layer with the interpreter's data cold after each kernel, as much as a
+    batch-1 layer's work on 2 threads. Whether ``_pool.py``'s workers run it is decided
+    once (``_gomp``'s rule, ``NBCOMPRESS_OPENMP`` read then); a forked child's copy posts
+    to workers that are not there and runs every task on the caller (the pool takes back
+    unclaimed jobs), so it stays correct.
+    """
+
+    __slots__ = ("bias", "buf", "fn", "pool", "threads", "words")
+
+    def __init__(self, lay: object, kind: object, inp: np.ndarray, out: np.ndarray,
+                 bias: np.ndarray, scalars: tuple[int, ...], threads: int) -> None:  # fmt: skip
         n, kdim, nchunk, _act, pieces = scalars[:5]
         n8 = 8 * nchunk
         # Words, float32 scales and int32 zero points (quantize_into), then for the
-        # in-region quantization 1/scale and zero points, and each piece's ranges.
-        buf = np.zeros(nchunk * kdim + n8 + (n8 + pieces * n8 if pieces else 0), np.uint64)
+        # in-region quantization 1/scale and zero points, and each piece's ranges. Used
+        # only while the caller holds threads.POOL (one launch at a time).
+        self.buf = np.zeros(nchunk * kdim + n8 + (n8 + pieces * n8 if pieces else 0), np.uint64)
         bounds = lay.bounds  # the layout's parts, each of _gomp.BLOCKS_PER_PART blocks
         arrays = (lay.sptr, lay.idx, lay.w, lay.perm, inp, out, lay.scale, lay.rowsum, bias)
-        words = _gomp._words(nchunk, bounds, (*arrays, bounds, buf), scalars, threads)
-        found = held[key] = (words, bias, buf)
-    return _gomp.Block(found[0], inp, out), found[2]
+        arrays = (*arrays, bounds, self.buf)
+        self.words = _gomp._words(nchunk, bounds, arrays, scalars, threads)
+        self.fn = task_address(kind, lay.idx.dtype.char)
+        self.bias = bias  # held: its id in the key is never another array's
+        self.threads = threads
+        self.pool = _gomp._own_pool(threads)
+
+    def launch(self, inp: np.ndarray, out: np.ndarray) -> None:
+        """Run the tasks on ``inp`` into ``out`` (the caller holds threads.POOL)."""
+        if self.pool:
+            # _pool.launch, with wake's scalar reads for parked workers: its numpy slice
+            # and any() cost ~2.5 µs a layer in a model call.
+            _pool.wake(self.threads)
+            _pool._launch(_pool._STATE["slots"], self.fn, self.words, inp, out, self.threads)
+        else:
+            _gomp.launch(self.fn, _gomp.Block(self.words, inp, out), self.threads)
+
+
+def _job(lay: object, key: tuple, *args: object) -> _Job:
+    jobs = lay.__dict__.setdefault("_jobs", {})
+    found = jobs.get(key)
+    if found is None:
+        found = jobs[key] = _Job(lay, *args)
+    return found
 
 
 def run_vector(
@@ -290,10 +311,15 @@ def run_vector(
     The caller holds :data:`~nbcompress.kernels.threads.POOL` and checked
     ``_gomp.available()``.
     """
-    code = lay.idx.dtype.char
-    fn = task_address(lay.blk, code)
-    blk = _block(lay, lay.blk, x, out, bias, (1, x.shape[0], 1, act, 0, 0, 0, 0, 0), threads)
-    _gomp.launch(fn, blk[0], threads)
+    key = (1, x.shape[0], act, threads, id(bias))
+    job = lay.__dict__.get("_jobs", _NONE).get(key)
+    if job is None:
+        scalars = (1, x.shape[0], 1, act, 0, 0, 0, 0, 0)
+        job = _job(lay, key, lay.blk, x, out, bias, scalars, threads)
+    job.launch(x, out)
+
+
+_NONE: dict = {}
 
 
 def run_batch(
@@ -314,15 +340,16 @@ def run_batch(
     ``_gomp.available()``.
     """
     n, kdim = (x.shape[1], x.shape[0]) if trans else x.shape
-    nchunk = (n + 7) // 8
     inside = trans and n % 8 == 0
-    pieces = max(1, min(PIECES, kdim // PIECE_ROWS)) if inside else 0
-    kind = (lay.blk, path)
-    fn = task_address(kind, lay.idx.dtype.char)
-    scalars = (n, kdim, nchunk, act, pieces, 0, 0, 0, 0)
+    key = (n, kdim, act, threads, id(bias), path, inside)
+    job = lay.__dict__.get("_jobs", _NONE).get(key)
+    if job is None:
+        pieces = max(1, min(PIECES, kdim // PIECE_ROWS)) if inside else 0
+        scalars = (n, kdim, (n + 7) // 8, act, pieces, 0, 0, 0, 0)
+        inp = x if inside else lay.zeros
+        job = _job(lay, key, (lay.blk, path), inp, out.reshape(-1), bias, scalars, threads)
     if inside:
-        blk, _buf = _block(lay, kind, x, out.reshape(-1), bias, scalars, threads)
+        job.launch(x, out.reshape(-1))
     else:
-        blk, buf = _block(lay, kind, lay.zeros, out.reshape(-1), bias, scalars, threads)
-        quantize_into(x, trans, buf)
-    _gomp.launch(fn, blk._replace(inp=x) if inside else blk, threads)
+        quantize_into(x, trans, job.buf)
+        job.launch(lay.zeros, out.reshape(-1))
