@@ -144,8 +144,8 @@ def _chunk_range(src, stride, at, k0, k1):  # noqa: ANN001, ANN202
         lo2, hi2 = min8(lo2, v2), max8(hi2, v2)
         lo3, hi3 = min8(lo3, v3), max8(hi3, v3)
         k += 4
-    for k in range(k, k1):
-        v = load8(src, at + k * stride)
+    for r in range(k, k1):
+        v = load8(src, at + r * stride)
         lo, hi = min8(lo, v), max8(hi, v)
     return min8(min8(lo, lo1), min8(lo2, lo3)), max8(max8(hi, hi1), max8(hi2, hi3))
 

@@ -41,16 +41,16 @@ from numba import carray, cfunc, njit, types
 from nbcompress.kernels import _gomp, _pool, notices
 from nbcompress.kernels._int8_kernels import (
     quantize_into,
-    unpack,
     spmm_r1,
     spmm_r1_vnni,
     spmm_r4,
     spmm_r4_vnni,
     spmv_r1,
     spmv_r4,
+    unpack,
 )
 from nbcompress.kernels._int8_quant import codes_rows, range_rows, scale_of
-from nbcompress.kernels._simd import as_ptr, fetch_add, load, thread_num
+from nbcompress.kernels._simd import as_ptr, call_task, fetch_add, load, store, swap_if, thread_num
 
 __all__ = ["HEAD", "run_batch", "run_vector", "task_address"]
 
@@ -122,7 +122,7 @@ def _quantize_share(a, own, xt, buf, x8, xs, zp):  # noqa: ANN001, ANN202 - numb
     kdim, n = xt.shape
     pieces = a[31]
     nw = x8.shape[0]
-    tail = buf[nw + n:].view(np.float32)  # inv, zero points, then (lo, hi) per piece
+    tail = buf[nw + n :].view(np.float32)  # inv, zero points, then (lo, hi) per piece
     inv, zf, part = tail[:n], tail[n : 2 * n], tail[2 * n :]
     p = _take(a, 32, own, pieces)
     while p >= 0:
@@ -228,6 +228,7 @@ _TASKS = {
     **{(key, code): (_batch_task, key) for key in _KEYS for code in "HI"},
 }
 _COMPILED: dict[tuple, int] = {}
+_KEPT: list = []
 _COMPILING = threading.Lock()
 
 
@@ -248,6 +249,7 @@ def task_address(kind: object, code: str) -> int:
                 build, kernel = _TASKS[key]
                 fn = cfunc(_SIGNATURE, cache=True)(build(kernel, _INDEX[code]))
                 compiled = not getattr(fn, "cache_hits", 0)
+                _KEPT.append(fn)  # its machine code lives as long as the object
                 found = _COMPILED[key] = fn.address
         notices.record(time.perf_counter() - start, compiled)
     return found
@@ -257,8 +259,8 @@ class _Job:
     """A launch prepared for one layout, call shape, bias and thread count.
 
     Kept on the layout: a model call's layers found every piece of it anew on each call
-    (task function, the block's fixed words, whether the awake pool runs it), ~8 µs of
-    Python a layer with the interpreter's data cold after each kernel, as much as a
+    (task function, the block's fixed words, whether the awake pool runs it), ~6 µs of
+    Python a layer with the interpreter's data cold after each kernel, a third of a
     batch-1 layer's work on 2 threads. Whether ``_pool.py``'s workers run it is decided
     once (``_gomp``'s rule, ``NBCOMPRESS_OPENMP`` read then); a forked child's copy posts
     to workers that are not there and runs every task on the caller (the pool takes back
@@ -287,10 +289,8 @@ class _Job:
     def launch(self, inp: np.ndarray, out: np.ndarray) -> None:
         """Run the tasks on ``inp`` into ``out`` (the caller holds threads.POOL)."""
         if self.pool:
-            # _pool.launch, with wake's scalar reads for parked workers: its numpy slice
-            # and any() cost ~2.5 µs a layer in a model call.
             _pool.wake(self.threads)
-            _pool._launch(_pool._STATE["slots"], self.fn, self.words, inp, out, self.threads)
+            _pool_launch(_pool._STATE["slots"], self.fn, self.words, inp, out, self.threads)
         else:
             _gomp.launch(self.fn, _gomp.Block(self.words, inp, out), self.threads)
 
@@ -353,3 +353,35 @@ def run_batch(
     else:
         quantize_into(x, trans, job.buf)
         job.launch(lay.zeros, out.reshape(-1))
+
+
+@njit(nogil=True, cache=True)
+def _pool_launch(slots, fn, words, inp, out, threads):  # noqa: ANN001, ANN202 - numba function
+    # _pool._launch, keeping the caller's block and the workers' copies alive to the end:
+    # numba frees an array after its last use, so there the copies (and the block, last
+    # read when copied) went back to the allocator while workers still ran on them, and
+    # a task's own allocations (the activation's buffer) could take that memory: pool
+    # workers crashed now and then (SIGSEGV; 3 threads on 2 cores, in-region quantizing).
+    blk = words.copy()
+    base = blk.ctypes.data
+    blk[0] = base
+    blk[4] = 0
+    blk[13] = inp.ctypes.data
+    blk[15] = out.ctypes.data
+    n = blk.shape[0]
+    copies = np.empty((threads - 1, n), np.int64)
+    first = slots.ctypes.data
+    for i in range(threads - 1):
+        copies[i, :] = blk
+        copies[i, 4] = i + 1
+        slot = first + i * 64
+        store(slot + 8, fn)
+        store(slot + 16, copies.ctypes.data + i * n * 8)
+        store(slot, 1)
+    call_task(fn, base)
+    for i in range(threads - 1):
+        slot = first + i * 64
+        if swap_if(slot, 1, 0) != 1:  # claimed: its worker is running tasks
+            while load(slot) != 0:
+                pass
+    return blk[0] + copies.sum()  # both used here: alive until every worker is done
