@@ -10,16 +10,24 @@ weight and writes the same outputs on every call, and thread ``i`` takes its own
 tasks from the front, then the others' from their back. Each output row is computed by
 the same serial code as on one thread, so the results are bit-identical to a serial call.
 
-The batch is quantized to uint8 once per call, before the parallel region
-(:func:`~nbcompress.kernels._int8_kernels.quantize_into`, one buffer: the block carries one
-input address per call).
+The batch is quantized to uint8 once per call into the block's own buffer. The previous
+layer's output (``x.T`` C-contiguous, batch a multiple of 8) is quantized inside the
+region: every thread takes pieces of the input rows (thread 0 from the front, the others
+from the back, so each mostly reads the rows it wrote in the previous layer), first for
+their ranges, then, once the last piece's thread has turned the ranges into scales, for
+their words; a thread waits only for pieces another running thread has taken. Serially
+before the region, the 3072 × 8 input of a BERT FFN's second layer cost 12–14 µs of a
+~50 µs layer on 2 threads in a model call. Other inputs are quantized before the region
+(:func:`~nbcompress.kernels._int8_kernels.quantize_into`).
 
 Words of a block: 0–4 the header of ``_gomp._words`` (counting block, parts, tasks, 1,
 ``omp_get_thread_num`` or this thread's number), then address and size of ``sptr`` (5),
 ``idx`` (7), ``w`` (9), ``perm`` (11), the input (13), the output (15), ``scale`` (17),
-``rowsum`` (19), ``bias`` (21), the slice bounds of the tasks (23), then the batch rows
-(25), the input features (26), the batch chunks (27) and the activation's code (28,
-``_epilogue.ACTIVATIONS``); then one 64-byte line per part.
+``rowsum`` (19), ``bias`` (21), the slice bounds of the tasks (23), the quantized input
+(25, see :func:`_buffer`), then the batch rows (27), the input features (28), the batch
+chunks (29), the activation's code (30, ``_epilogue.ACTIVATIONS``), the pieces of the
+in-region quantization (31, 0: quantized before), its counters (32–35: range pieces taken
+(front: low 32 bits) and done, word pieces taken and done); then one 64-byte line per part.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import time
 import numpy as np
 from numba import carray, cfunc, njit, types
 
-from nbcompress.kernels import _gomp, notices
+from nbcompress.kernels import _gomp, _pool, notices
 from nbcompress.kernels._int8_kernels import (
     quantize_into,
     spmm_r1,
@@ -39,13 +47,18 @@ from nbcompress.kernels._int8_kernels import (
     spmm_r4_vnni,
     spmv_r1,
     spmv_r4,
+    unpack,
 )
-from nbcompress.kernels._simd import as_ptr, fetch_add, thread_num
+from nbcompress.kernels._int8_quant import codes_rows, range_rows, scale_of
+from nbcompress.kernels._simd import as_ptr, call_task, fetch_add, load, store, swap_if, thread_num
 
 __all__ = ["HEAD", "run_batch", "run_vector", "task_address"]
 
 #: Words of a block before its parts' lines.
-HEAD = 29
+HEAD = 36
+#: Input rows per piece of the in-region quantization (at most :data:`PIECES` pieces).
+PIECE_ROWS = 128
+PIECES = 16
 _SIGNATURE = types.void(types.voidptr)
 _FLAGS = {"boundscheck": False, "cache": True, "nogil": True}
 _INDEX = {"H": np.uint16, "I": np.uint32}
@@ -83,6 +96,57 @@ def _next(a, own, k):  # noqa: ANN001, ANN202 - numba function
     return np.int64(-1), k
 
 
+@njit(**_FLAGS, inline="always")
+def _take(a, word, own, pieces):  # noqa: ANN001, ANN202 - numba function
+    # The next piece: thread 0 from the front (low 32 bits of the word), the others from
+    # the back; -1 when none is left.
+    mine = own == 0
+    taken = fetch_add(a[0] + 8 * word, np.int64(1) if mine else np.int64(1) << np.int64(32))
+    front, behind = taken & np.int64(0xFFFFFFFF), taken >> np.int64(32)
+    if front + behind >= pieces:
+        return np.int64(-1)
+    return front if mine else pieces - 1 - behind
+
+
+@njit(**_FLAGS, inline="always")
+def _wait(a, word, count):  # noqa: ANN001, ANN202 - numba function
+    # Until `count` pieces are done: each one taken is being run by a running thread.
+    while load(a[0] + 8 * word) < count:
+        pass
+
+
+@njit(**_FLAGS, inline="always")
+def _quantize_share(a, own, xt, buf, x8, xs, zp):  # noqa: ANN001, ANN202 - numba function
+    # This thread's pieces of quantize_t: ranges per piece into the buffer's tail, the
+    # scales (by the thread that finished the last range), then the words.
+    kdim, n = xt.shape
+    pieces = a[31]
+    nw = x8.shape[0]
+    tail = buf[nw + n :].view(np.float32)  # inv, zero points, then (lo, hi) per piece
+    inv, zf, part = tail[:n], tail[n : 2 * n], tail[2 * n :]
+    p = _take(a, 32, own, pieces)
+    while p >= 0:
+        lo = part[2 * n * p : 2 * n * p + n]
+        range_rows(xt, kdim * p // pieces, kdim * (p + 1) // pieces, lo, part[2 * n * p + n :])
+        if fetch_add(a[0] + 8 * 33, np.int64(1)) == pieces - 1:  # the last range: scales
+            for b in range(n):
+                low, high = part[b], part[n + b]
+                for q in range(1, pieces):
+                    low = min(low, part[2 * n * q + b])
+                    high = max(high, part[2 * n * q + n + b])
+                xs[b], zf[b], inv[b] = scale_of(low, high)
+                zp[b] = np.int32(zf[b])
+            fetch_add(a[0] + 8 * 33, np.int64(1))
+        p = _take(a, 32, own, pieces)
+    _wait(a, 33, pieces + 1)
+    p = _take(a, 34, own, pieces)
+    while p >= 0:
+        codes_rows(xt, kdim * p // pieces, kdim * (p + 1) // pieces, inv, zf, x8)
+        fetch_add(a[0] + 8 * 35, np.int64(1))
+        p = _take(a, 34, own, pieces)
+    _wait(a, 35, pieces)
+
+
 # The builders below close over plain values only (rows per block, path, index type): a
 # jitted kernel in a closure cell pickles differently in every process, so numba's disk
 # cache never matched it and each process compiled the task functions again (~2 s).
@@ -98,7 +162,7 @@ def _vector_task(rows, index):  # noqa: ANN001, ANN202 - builds one task functio
         scale = carray(as_ptr(a[17]), a[18], np.float32)
         bias = carray(as_ptr(a[21]), a[22], np.float32)
         bounds = carray(as_ptr(a[23]), a[24], np.int64)
-        act = a[28]
+        act = a[30]
         own = _owner(a)
         t, k = _next(a, own, 0)
         while t >= 0:
@@ -126,16 +190,15 @@ def _batch_task(key, index):  # noqa: ANN001, ANN202 - builds one task function
         rowsum = carray(as_ptr(a[19]), a[20], np.int32)
         bias = carray(as_ptr(a[21]), a[22], np.float32)
         bounds = carray(as_ptr(a[23]), a[24], np.int64)
-        n = a[25]
-        nchunk = a[27]
-        act = a[28]
-        n8 = nchunk * 8
-        nw = nchunk * a[26]
-        # The input buffer of quantize_into: words, then float32 scales, int32 zero points.
-        x8 = carray(as_ptr(a[13]), nw, np.uint64)
-        xs = carray(as_ptr(a[13] + 8 * nw), n8, np.float32)
-        zp = carray(as_ptr(a[13] + 8 * nw + 4 * n8), n8, np.int32)
+        n = a[27]
+        nchunk = a[29]
+        act = a[30]
+        buf = carray(as_ptr(a[25]), a[26], np.uint64)
+        x8, xs, zp = unpack(buf, nchunk, a[28])
         own = _owner(a)
+        if a[31]:
+            xt = carray(as_ptr(a[13]), (a[28], n), np.float32)
+            _quantize_share(a, own, xt, buf, x8, xs, zp)
         t, k = _next(a, own, 0)
         while t >= 0:
             j = t // nchunk
@@ -165,6 +228,7 @@ _TASKS = {
     **{(key, code): (_batch_task, key) for key in _KEYS for code in "HI"},
 }
 _COMPILED: dict[tuple, int] = {}
+_KEPT: list = []
 _COMPILING = threading.Lock()
 
 
@@ -185,32 +249,58 @@ def task_address(kind: object, code: str) -> int:
                 build, kernel = _TASKS[key]
                 fn = cfunc(_SIGNATURE, cache=True)(build(kernel, _INDEX[code]))
                 compiled = not getattr(fn, "cache_hits", 0)
+                _KEPT.append(fn)  # its machine code lives as long as the object
                 found = _COMPILED[key] = fn.address
         notices.record(time.perf_counter() - start, compiled)
     return found
 
 
-def _block(
-    lay: object,
-    kind: object,
-    inp: np.ndarray,
-    out: np.ndarray,
-    bias: np.ndarray,
-    scalars: tuple[int, int, int, int],
-    threads: int,
-) -> _gomp.Block:
-    # The fixed words per (kind, call shape, threads, bias), kept on the layout: building
-    # _gomp._words' key (ten arrays' ids and sizes) cost ~3 µs a call. The entry holds the
-    # bias, so its id is never another array's while cached.
-    held = lay.__dict__.setdefault("_blocks", {})
-    key = (kind, scalars, threads, id(bias))
-    found = held.get(key)
-    if found is None:
+class _Job:
+    """A launch prepared for one layout, call shape, bias and thread count.
+
+    Kept on the layout: a model call's layers found every piece of it anew on each call
+    (task function, the block's fixed words, whether the awake pool runs it), ~6 µs of
+    Python a layer with the interpreter's data cold after each kernel, a third of a
+    batch-1 layer's work on 2 threads. Whether ``_pool.py``'s workers run it is decided
+    once (``_gomp``'s rule, ``NBCOMPRESS_OPENMP`` read then); a forked child's copy posts
+    to workers that are not there and runs every task on the caller (the pool takes back
+    unclaimed jobs), so it stays correct.
+    """
+
+    __slots__ = ("bias", "buf", "fn", "pool", "threads", "words")
+
+    def __init__(self, lay: object, kind: object, inp: np.ndarray, out: np.ndarray,
+                 bias: np.ndarray, scalars: tuple[int, ...], threads: int) -> None:  # fmt: skip
+        n, kdim, nchunk, _act, pieces = scalars[:5]
+        n8 = 8 * nchunk
+        # Words, float32 scales and int32 zero points (quantize_into), then for the
+        # in-region quantization 1/scale and zero points, and each piece's ranges. Used
+        # only while the caller holds threads.POOL (one launch at a time).
+        self.buf = np.zeros(nchunk * kdim + n8 + (n8 + pieces * n8 if pieces else 0), np.uint64)
         bounds = lay.bounds  # the layout's parts, each of _gomp.BLOCKS_PER_PART blocks
         arrays = (lay.sptr, lay.idx, lay.w, lay.perm, inp, out, lay.scale, lay.rowsum, bias)
-        words = _gomp._words(scalars[2], bounds, (*arrays, bounds), scalars, threads)
-        found = held[key] = (words, bias)
-    return _gomp.Block(found[0], inp, out)
+        arrays = (*arrays, bounds, self.buf)
+        self.words = _gomp._words(nchunk, bounds, arrays, scalars, threads)
+        self.fn = task_address(kind, lay.idx.dtype.char)
+        self.bias = bias  # held: its id in the key is never another array's
+        self.threads = threads
+        self.pool = _gomp._own_pool(threads)
+
+    def launch(self, inp: np.ndarray, out: np.ndarray) -> None:
+        """Run the tasks on ``inp`` into ``out`` (the caller holds threads.POOL)."""
+        if self.pool:
+            _pool.wake(self.threads)
+            _pool_launch(_pool._STATE["slots"], self.fn, self.words, inp, out, self.threads)
+        else:
+            _gomp.launch(self.fn, _gomp.Block(self.words, inp, out), self.threads)
+
+
+def _job(lay: object, key: tuple, *args: object) -> _Job:
+    jobs = lay.__dict__.setdefault("_jobs", {})
+    found = jobs.get(key)
+    if found is None:
+        found = jobs[key] = _Job(lay, *args)
+    return found
 
 
 def run_vector(
@@ -221,10 +311,15 @@ def run_vector(
     The caller holds :data:`~nbcompress.kernels.threads.POOL` and checked
     ``_gomp.available()``.
     """
-    code = lay.idx.dtype.char
-    fn = task_address(lay.blk, code)
-    blk = _block(lay, lay.blk, x, out, bias, (1, x.shape[0], 1, act), threads)
-    _gomp.launch(fn, blk, threads)
+    key = (1, x.shape[0], act, threads, id(bias))
+    job = lay.__dict__.get("_jobs", _NONE).get(key)
+    if job is None:
+        scalars = (1, x.shape[0], 1, act, 0, 0, 0, 0, 0)
+        job = _job(lay, key, lay.blk, x, out, bias, scalars, threads)
+    job.launch(x, out)
+
+
+_NONE: dict = {}
 
 
 def run_batch(
@@ -239,15 +334,54 @@ def run_batch(
 ) -> None:
     """``out = act(W xᵀ + bias)`` into the (M × N) ``out`` for a batch on ``threads`` threads.
 
-    ``x`` is a C-contiguous (N × K) batch, or (K × N) when ``trans``. It is quantized
-    here, once, on the calling thread. The caller holds
-    :data:`~nbcompress.kernels.threads.POOL` and checked ``_gomp.available()``.
+    ``x`` is a C-contiguous (N × K) batch, or (K × N) when ``trans``; quantized inside
+    the region when ``trans`` and N is a multiple of 8, else here on the calling thread.
+    The caller holds :data:`~nbcompress.kernels.threads.POOL` and checked
+    ``_gomp.available()``.
     """
     n, kdim = (x.shape[1], x.shape[0]) if trans else x.shape
-    nchunk = (n + 7) // 8
-    buf = np.empty(nchunk * kdim + nchunk * 8, dtype=np.uint64)
-    quantize_into(x, trans, buf)
-    kind = (lay.blk, path)
-    fn = task_address(kind, lay.idx.dtype.char)
-    blk = _block(lay, kind, buf, out.reshape(-1), bias, (n, kdim, nchunk, act), threads)
-    _gomp.launch(fn, blk, threads)
+    inside = trans and n % 8 == 0
+    key = (n, kdim, act, threads, id(bias), path, inside)
+    job = lay.__dict__.get("_jobs", _NONE).get(key)
+    if job is None:
+        pieces = max(1, min(PIECES, kdim // PIECE_ROWS)) if inside else 0
+        scalars = (n, kdim, (n + 7) // 8, act, pieces, 0, 0, 0, 0)
+        inp = x if inside else lay.zeros
+        job = _job(lay, key, (lay.blk, path), inp, out.reshape(-1), bias, scalars, threads)
+    if inside:
+        job.launch(x, out.reshape(-1))
+    else:
+        quantize_into(x, trans, job.buf)
+        job.launch(lay.zeros, out.reshape(-1))
+
+
+@njit(nogil=True, cache=True)
+def _pool_launch(slots, fn, words, inp, out, threads):  # noqa: ANN001, ANN202 - numba function
+    # _pool._launch, keeping the caller's block and the workers' copies alive to the end:
+    # numba frees an array after its last use, so there the copies (and the block, last
+    # read when copied) went back to the allocator while workers still ran on them, and
+    # a task's own allocations (the activation's buffer) could take that memory: pool
+    # workers crashed now and then (SIGSEGV; 3 threads on 2 cores, in-region quantizing).
+    blk = words.copy()
+    base = blk.ctypes.data
+    blk[0] = base
+    blk[4] = 0
+    blk[13] = inp.ctypes.data
+    blk[15] = out.ctypes.data
+    n = blk.shape[0]
+    copies = np.empty((threads - 1, n), np.int64)
+    first = slots.ctypes.data
+    for i in range(threads - 1):
+        copies[i, :] = blk
+        copies[i, 4] = i + 1
+        slot = first + i * 64
+        store(slot + 8, fn)
+        store(slot + 16, copies.ctypes.data + i * n * 8)
+        store(slot, 1)
+    call_task(fn, base)
+    for i in range(threads - 1):
+        slot = first + i * 64
+        if swap_if(slot, 1, 0) != 1:  # claimed: its worker is running tasks
+            while load(slot) != 0:
+                pass
+    return blk[0] + copies.sum()  # both used here: alive until every worker is done

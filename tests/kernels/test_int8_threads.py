@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from nbcompress.kernels import _gomp, cpu, dispatch, tuning
+from nbcompress.kernels import _gomp, _int8_tasks, cpu, dispatch, tuning
 from nbcompress.kernels import int8 as int8_mod
+from nbcompress.kernels._epilogue import ACTIVATIONS
 from nbcompress.kernels._int8_kernels import quantize_into
 from nbcompress.kernels.cpu import forced_int8_cpu
 from nbcompress.kernels.formats import pack_bsr, pack_csr
@@ -179,3 +180,48 @@ def test_a_transposed_batch_is_quantized_to_the_same_bytes(n):
     quantize_into(x, False, row)
     quantize_into(np.ascontiguousarray(x.T), True, col)
     assert np.array_equal(row, col)
+
+
+@needs_gomp
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fmt", ["csr_int8", "bsr_int8"])
+@pytest.mark.parametrize(("kdim", "rows"), [(100, 128), (300, 128), (300, 8)])
+def test_the_previous_layers_output_quantized_on_the_threads_gives_the_bits_of_one(
+    openmp, monkeypatch, fmt, path, kdim, rows
+):
+    # A (K × N) input (the previous layer's output transposed), N a multiple of 8, is
+    # quantized inside the region in pieces of `rows` input rows: 1, 2 and 16 pieces.
+    monkeypatch.setattr(_int8_tasks, "PIECE_ROWS", rows)
+    mat = _mat(fmt, 200, kdim, seed=kdim)
+    gelu = ACTIVATIONS["gelu"]
+    for n in (8, 64):
+        x, bias = _inputs(n, kdim, 200, seed=n)
+        x[:, :7] = 0  # rows of zeros at the start of the first piece
+        with using(1):
+            ref = int8_matmul(mat, x, bias, path, act=gelu)
+        xt = np.ascontiguousarray(x.T)
+        for threads in (2, 3):  # 3 on 2 cores: a worker may come late or not at all
+            got = np.full((200, n), np.nan, dtype=np.float32)
+            with using(threads):
+                args = (sliced(mat, threads), xt, True, bias, got, path, gelu)
+                int8_mod._on_threads(args, threads)
+            assert np.array_equal(got.T, ref)
+        dispatch.set_choices(mat, {("i8", n, 2): "sliced"})
+        with using(2):  # through the public product, twice (the prepared launch again)
+            for _ in range(2):
+                assert np.array_equal(int8_matmul(mat, xt.T, bias, path, act=gelu), ref)
+
+
+@needs_gomp
+@pytest.mark.parametrize("n", [1, 8])
+def test_a_layer_called_with_new_views_of_its_bias_prepares_one_launch(n):
+    # A module passes a new numpy view of its bias on every call: the prepared launches
+    # are kept per bias memory, not per view (else one more per call, never freed).
+    mat = _mat("bsr_int8", 64, 96)
+    x, bias = _inputs(n, 96, 64)
+    held = torch.from_numpy(bias)
+    dispatch.set_choices(mat, {("i8", n, 2): "sliced"})
+    with using(2):
+        results = [int8_matmul(mat, x, held.numpy()) for _ in range(3)]
+    assert all(np.array_equal(r, results[0]) for r in results)
+    assert len(sliced(mat, 2).__dict__["_jobs"]) == 1
