@@ -300,6 +300,7 @@ def _run(entry, fn, words, inp, out, threads):  # noqa: ANN001, ANN202 - numba f
     blk[13] = inp.ctypes.data  # every task function's input and output words
     blk[15] = out.ctypes.data
     gomp_parallel(entry, fn, blk.ctypes.data, threads)
+    return blk[0]  # read after the region: numba would free the block after its last use
 
 
 def launch(fn: int, blk: Block, threads: int) -> None:

@@ -50,7 +50,7 @@ from nbcompress.kernels._int8_kernels import (
     unpack,
 )
 from nbcompress.kernels._int8_quant import codes_rows, range_rows, scale_of
-from nbcompress.kernels._simd import as_ptr, call_task, fetch_add, load, store, swap_if, thread_num
+from nbcompress.kernels._simd import as_ptr, fetch_add, load, thread_num
 
 __all__ = ["HEAD", "run_batch", "run_vector", "task_address"]
 
@@ -289,8 +289,7 @@ class _Job:
     def launch(self, inp: np.ndarray, out: np.ndarray) -> None:
         """Run the tasks on ``inp`` into ``out`` (the caller holds threads.POOL)."""
         if self.pool:
-            _pool.wake(self.threads)
-            _pool_launch(_pool._STATE["slots"], self.fn, self.words, inp, out, self.threads)
+            _pool.launch(self.fn, self.words, inp, out, self.threads)
         else:
             _gomp.launch(self.fn, _gomp.Block(self.words, inp, out), self.threads)
 
@@ -353,35 +352,3 @@ def run_batch(
     else:
         quantize_into(x, trans, job.buf)
         job.launch(lay.zeros, out.reshape(-1))
-
-
-@njit(nogil=True, cache=True)
-def _pool_launch(slots, fn, words, inp, out, threads):  # noqa: ANN001, ANN202 - numba function
-    # _pool._launch, keeping the caller's block and the workers' copies alive to the end:
-    # numba frees an array after its last use, so there the copies (and the block, last
-    # read when copied) went back to the allocator while workers still ran on them, and
-    # a task's own allocations (the activation's buffer) could take that memory: pool
-    # workers crashed now and then (SIGSEGV; 3 threads on 2 cores, in-region quantizing).
-    blk = words.copy()
-    base = blk.ctypes.data
-    blk[0] = base
-    blk[4] = 0
-    blk[13] = inp.ctypes.data
-    blk[15] = out.ctypes.data
-    n = blk.shape[0]
-    copies = np.empty((threads - 1, n), np.int64)
-    first = slots.ctypes.data
-    for i in range(threads - 1):
-        copies[i, :] = blk
-        copies[i, 4] = i + 1
-        slot = first + i * 64
-        store(slot + 8, fn)
-        store(slot + 16, copies.ctypes.data + i * n * 8)
-        store(slot, 1)
-    call_task(fn, base)
-    for i in range(threads - 1):
-        slot = first + i * 64
-        if swap_if(slot, 1, 0) != 1:  # claimed: its worker is running tasks
-            while load(slot) != 0:
-                pass
-    return blk[0] + copies.sum()  # both used here: alive until every worker is done

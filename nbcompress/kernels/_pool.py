@@ -97,6 +97,11 @@ def _launch(slots, fn, words, inp, out, threads):  # noqa: ANN001, ANN202 - numb
         if swap_if(slot, 1, 0) != 1:  # claimed: its worker is running tasks
             while load(slot) != 0:
                 pass
+    # Both read here, after every worker is done: numba frees an array after its last use,
+    # and the block (last read when copied) and the copies went back to the allocator while
+    # the workers still ran on them; a task's own allocation (an activation's buffer) could
+    # take that memory, and a worker crashed (SIGSEGV, now and then; 3 threads on 2 cores).
+    return blk[0] + copies.sum()
 
 
 def _rate() -> float:
