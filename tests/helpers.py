@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,3 +93,35 @@ def concurrent_calls(call: Callable[[], Any], calls: int, threads: int = 4) -> l
 
     with ThreadPoolExecutor(threads) as pool:
         return [y for ys in pool.map(work, range(threads)) for y in ys]
+
+
+#: The checkout's root: the child processes' working directory and first import path.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(drop: Sequence[str] = (), **extra: str) -> dict[str, str]:
+    """This process's environment without ``drop``, with ``extra``, the checkout first to import."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run_child(
+    args: Sequence[str], env: dict[str, str], timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """``python *args`` in the checkout; fails the test (with its stderr's tail) unless it exits 0.
+
+    A return code of -6 is SIGABRT (e.g. numba's workqueue entered from two threads).
+    """
+    done = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def child_json(args: Sequence[str], env: dict[str, str], timeout: int = 600) -> Any:
+    """:func:`run_child`'s last line of output, parsed as JSON."""
+    return json.loads(run_child(args, env, timeout).stdout.strip().splitlines()[-1])

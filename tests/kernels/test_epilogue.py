@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import copy
-import json
-import os
 import pickle
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +11,8 @@ from torch import nn
 
 from nbcompress.kernels import _epilogue
 from nbcompress.kernels.modules import DYNAMIC_FORMATS, SparseConv2d, SparseLinear
+from tests.helpers import child_env, child_json
 
-ROOT = Path(__file__).resolve().parents[2]
 ACTS = {"relu": nn.ReLU(), "gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh")}
 BATCHES = (1, 2, 8, 17, 64, 130)
 # Our GELU is a polynomial erf (6.5e-8 from the exact erf, 4.2e-7 after float32 rounding);
@@ -206,18 +201,8 @@ print(json.dumps({"threads": get_threads(), "worst": worst}))
 def test_the_epilogue_on_two_threads_on_every_pool(openmp):
     # The suite's process has one numba thread (conftest): two threads run in a child,
     # each kernel forced in turn, on torch's OpenMP threads, the awake pool or numba's.
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
-    env.update(NUMBA_NUM_THREADS="2", NBCOMPRESS_OPENMP=openmp)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    env = child_env(("NUMBA_NUM_THREADS", "OMP_NUM_THREADS"), NUMBA_NUM_THREADS="2",
+                    NBCOMPRESS_OPENMP=openmp)  # fmt: skip
+    outcome = child_json(["-c", _CHILD], env)
     assert outcome["threads"] == 2
     assert outcome["worst"] < 1e-4, outcome  # sums in another order than torch's, no more

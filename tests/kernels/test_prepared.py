@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,8 +12,10 @@ from nbcompress.kernels.csr import matmul_unchecked
 from nbcompress.kernels.linear import bias_array, linear_array
 from nbcompress.kernels.modules import SparseLinear
 from nbcompress.kernels.threads import POOL, using
+from tests.helpers import child_env, child_json, run_child
 
-ROOT = Path(__file__).resolve().parents[2]
+#: The suite's thread caps (conftest), lifted in the children.
+_THREADS = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")
 
 
 def _matrix(m: int, k: int, seed: int = 0):
@@ -81,15 +77,9 @@ print(json.dumps({"checked": checked, "pools": sorted(map(list, pools)),
 @pytest.mark.parametrize("openmp", ["torch", "pool", "0"])
 def test_plans_give_the_general_paths_bits_on_every_pool_and_thread_count(openmp):
     # The suite's process has one numba thread (conftest): 1–3 threads run in a child.
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
-    env.update(NUMBA_NUM_THREADS="3", NBCOMPRESS_OPENMP=openmp, NBCOMPRESS_TUNING="off")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    env = child_env(_THREADS, NUMBA_NUM_THREADS="3", NBCOMPRESS_OPENMP=openmp,
+                    NBCOMPRESS_TUNING="off")  # fmt: skip
+    outcome = child_json(["-c", _CHILD], env)
     assert outcome["checked"] == 3 * 2 * 4 * 2
     if openmp == "0" or not outcome["gomp"]:
         assert outcome["pools"] == [[False, False]]  # numba's parallel build
@@ -205,12 +195,8 @@ with using(2):
 
 @pytest.mark.skipif(not _gomp.available(), reason="torch does not run on GNU OpenMP here")
 def test_a_plan_made_before_a_fork_is_made_again_in_the_child():
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")}
-    env.update(NUMBA_NUM_THREADS="2", NBCOMPRESS_OPENMP="torch", NBCOMPRESS_TUNING="off")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", _FORK], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=120,  # a child launching on libgomp's team from before the fork hangs
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    env = child_env(_THREADS, NUMBA_NUM_THREADS="2", NBCOMPRESS_OPENMP="torch",
+                    NBCOMPRESS_TUNING="off")  # fmt: skip
+    # A child launching on libgomp's team from before the fork hangs: a short timeout.
+    done = run_child(["-c", _FORK], env, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "True False True"

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numba
 import numpy as np
 import pytest
 
 from nbcompress.kernels import conv, dispatch, threads
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import child_env, child_json
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="signals: the abort is a POSIX SIGABRT")
@@ -24,18 +20,7 @@ def test_four_threads_share_sparse_modules_without_abort_or_wrong_output():
     # entered: the concurrent calls run in a process with the default settings (one
     # numba and torch thread per core), as in a user's notebook.
     unset = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # conftest's
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.concurrent_calls"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]  # -6: SIGABRT (numba's workqueue)
-    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    outcome = child_json(["-m", "tests.kernels.concurrent_calls"], child_env(unset))
     assert outcome["raised"] == []
     if (os.cpu_count() or 1) > 1:
         assert outcome["threads"] > 1  # the pool was really in play

@@ -13,6 +13,7 @@ import pytest
 
 from nbcompress.kernels import csr_matmul, dispatch, pack_csr, tuning
 from nbcompress.timing import Race, summarise
+from tests.helpers import child_env, child_json
 from tests.kernels.reference import sparse_weight
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,14 +194,8 @@ print(json.dumps({"races": stats["races"], "reused": stats["reused"],
 
 
 def _child(cache: Path) -> dict:
-    env = dict(os.environ, NBCOMPRESS_CACHE_DIR=str(cache), NBCOMPRESS_TUNING="on")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = child_env(NBCOMPRESS_CACHE_DIR=str(cache), NBCOMPRESS_TUNING="on")
+    return child_json(["-c", _CHILD], env)
 
 
 def test_a_new_process_reuses_the_recorded_choices(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nbcompress.kernels import dispatch, precompile, registry, tuning, warmup
+from tests.helpers import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _env() -> dict[str, str]:
     # The environment's default thread settings (conftest's are for this process), so
     # that the parallel builds and numba's pool are in play, as in a user's notebook.
-    unset = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+    return child_env(("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY"))
 
 
 def test_warmup_runs_every_registered_kernel_and_records_no_choice(tmp_path, monkeypatch, capsys):

@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,12 +16,12 @@ from nbcompress.engine.speedup import sparsify as sp
 from nbcompress.kernels import tuning
 from nbcompress.kernels.modules import SparseLinear
 from tests.engine.speedup.test_speedup import FAST, SLOW, _fake_timer, _pruned_mlp
+from tests.helpers import child_env, child_json
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:nbcompress. sparse kernel"),
     pytest.mark.filterwarnings("ignore:sparsify_. no layer measured faster"),
 ]
-ROOT = Path(__file__).resolve().parents[3]
 LAYERS = ["0", "2", "head"]
 
 
@@ -231,14 +228,7 @@ print(json.dumps({"races": len(seen), "err": err,
 
 
 def _child(cache: Path) -> dict:
-    env = dict(os.environ, NBCOMPRESS_TUNING="on")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(cache)], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return child_json(["-c", _CHILD, str(cache)], child_env(NBCOMPRESS_TUNING="on"))
 
 
 def test_a_new_process_reuses_the_decisions_without_racing(tmp_path):
