@@ -125,3 +125,19 @@ def run_child(
 def child_json(args: Sequence[str], env: dict[str, str], timeout: int = 600) -> Any:
     """:func:`run_child`'s last line of output, parsed as JSON."""
     return json.loads(run_child(args, env, timeout).stdout.strip().splitlines()[-1])
+
+
+def fixed_race(seconds: Callable[[str], float]) -> Callable[..., Any]:
+    """A stand-in for :func:`nbcompress.timing.race`: each candidate takes ``seconds(name)``.
+
+    Nothing runs; every round gives the same ratios to the first candidate (the incumbent).
+    """
+    from nbcompress.timing import Race, Timing
+
+    def fake(fns: dict[str, Any], **_: Any) -> Race:
+        names = tuple(fns)
+        times = {n: Timing(seconds(n), seconds(n), seconds(n), 3) for n in names}
+        base = seconds(names[0])
+        return Race(names, times, {n: (seconds(n) / base,) * 3 for n in names})
+
+    return fake

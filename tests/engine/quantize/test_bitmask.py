@@ -25,12 +25,7 @@ BUILDERS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def pruned(layer: nn.Module, zeros: float, seed: int = 0) -> nn.Module:

@@ -17,16 +17,9 @@ from nbcompress.engine.quantize.cpu import cpu_has_vnni, forced_int8_cpu
 from nbcompress.engine.quantize.modules import Int8DynamicLinear
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, session_weight
 from nbcompress.engine.quantize.report import serialized_size
-from nbcompress.timing import Race, Timing
-from tests.helpers import assert_same_state, concurrent_calls, needs_ort, snapshot
+from tests.helpers import assert_same_state, concurrent_calls, fixed_race, needs_ort, snapshot
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def layer(n_in=96, n_out=80, bias=True):
@@ -177,22 +170,12 @@ def test_quantize_with_the_onnxruntime_family_swaps_every_linear_and_undo_is_bit
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
 
 
-def _fixed_race(seconds):
-    def fake(fns, **kw):
-        names = tuple(fns)
-        times = {n: Timing(seconds(n), seconds(n), seconds(n), 3) for n in names}
-        base = seconds(names[0])
-        return Race(names, times, {n: (seconds(n) / base,) * 3 for n in names})
-
-    return fake
-
-
 @needs_ort
 @pytest.mark.parametrize("ort_seconds, expected", [(0.2, "onnxruntime-int8"), (0.9, None)])
 def test_the_race_picks_onnxruntime_only_when_measured_faster(monkeypatch, ort_seconds, expected):
     monkeypatch.setenv("NBCOMPRESS_ORT_FUSE", "0")  # the per-layer decision alone
     table = {"float": 1.0, "onnxruntime-int8": ort_seconds}
-    monkeypatch.setattr(modes, "race", _fixed_race(lambda n: table.get(n, 0.5)))
+    monkeypatch.setattr(modes, "race", fixed_race(lambda n: table.get(n, 0.5)))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16)).eval()
     nc.quantize_(model, "dynamic", example_inputs=torch.randn(8, 64), repeats=3)
@@ -205,7 +188,7 @@ def test_the_race_picks_onnxruntime_only_when_measured_faster(monkeypatch, ort_s
 
 def test_a_faster_but_less_accurate_backend_does_not_win_on_speed_alone():
     names = ("float", "nbcompress-int8", "onnxruntime-int8")
-    race = _fixed_race({"float": 1.0, "nbcompress-int8": 0.4, "onnxruntime-int8": 0.25}.get)(
+    race = fixed_race({"float": 1.0, "nbcompress-int8": 0.4, "onnxruntime-int8": 0.25}.get)(
         dict.fromkeys(names)
     )
     sizes = dict.fromkeys(names[1:], 100)
@@ -279,7 +262,7 @@ def _graph_wins(monkeypatch, wins=True):
 
     monkeypatch.delenv(ort_chain.ENV_FUSE, raising=False)  # on by default
     table = {"layers": 1.0, "graph": 0.5 if wins else 0.95}
-    monkeypatch.setattr(ort_chain, "race", _fixed_race(table.__getitem__))
+    monkeypatch.setattr(ort_chain, "race", fixed_race(table.__getitem__))
 
 
 @needs_ort

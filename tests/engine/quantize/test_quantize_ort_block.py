@@ -11,16 +11,9 @@ import nbcompress as nc
 from nbcompress.engine.quantize import ort_fuse, ort_int8
 from nbcompress.engine.quantize.ort_block import BlockForward
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear
-from nbcompress.timing import Race, Timing
-from tests.helpers import assert_same_state, needs_ort, snapshot
+from tests.helpers import assert_same_state, fixed_race, needs_ort, snapshot
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Block(nn.Module):
@@ -74,22 +67,12 @@ def inputs(batch, seq):
     return torch.randn(batch, seq, 32, generator=g), mask
 
 
-def _fixed_race(seconds):
-    def fake(fns, **kw):
-        names = tuple(fns)
-        times = {n: Timing(seconds[n], seconds[n], seconds[n], 3) for n in names}
-        base = seconds[names[0]]
-        return Race(names, times, {n: (seconds[n] / base,) * 3 for n in names})
-
-    return fake
-
-
 def _graph_wins(monkeypatch, wins=True, whole=False):
     monkeypatch.delenv(ort_fuse.ENV_BLOCKS, raising=False)  # on by default
     if not whole:  # the Encoder skipped like a container: its blocks are the candidates
         monkeypatch.setattr(ort_fuse, "_CONTAINERS", (*ort_fuse._CONTAINERS, Encoder))
     monkeypatch.setattr(
-        ort_fuse, "race", _fixed_race({"layers": 1.0, "graph": 0.5 if wins else 0.95})
+        ort_fuse, "race", fixed_race({"layers": 1.0, "graph": 0.5 if wins else 0.95}.__getitem__)
     )
 
 

@@ -13,26 +13,9 @@ from nbcompress.engine.quantize.cpu import cpu_has_vnni, forced_int8_cpu
 from nbcompress.engine.quantize.ort_block import CallSpec
 from nbcompress.engine.quantize.ort_chain import FusedForward, OrtInt8Chain
 from nbcompress.engine.quantize.ort_int8 import OrtInt8Linear, per_tensor, runner
-from nbcompress.timing import Race, Timing
-from tests.helpers import assert_same_state, concurrent_calls, needs_ort, snapshot
+from tests.helpers import assert_same_state, concurrent_calls, fixed_race, needs_ort, snapshot
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def _fixed_race(seconds):
-    def fake(fns, **kw):
-        names = tuple(fns)
-        times = {n: Timing(seconds(n), seconds(n), seconds(n), 3) for n in names}
-        base = seconds(names[0])
-        return Race(names, times, {n: (seconds(n) / base,) * 3 for n in names})
-
-    return fake
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def even_linear(n_in, n_out, seed):
@@ -61,7 +44,7 @@ def uneven_chain():
 def _fuse(monkeypatch):
     monkeypatch.delenv(ort_chain.ENV_FUSE, raising=False)
     monkeypatch.delenv(ort_scales.ENV_SCALES, raising=False)
-    monkeypatch.setattr(ort_chain, "race", _fixed_race({"layers": 1.0, "graph": 0.5}.get))
+    monkeypatch.setattr(ort_chain, "race", fixed_race({"layers": 1.0, "graph": 0.5}.get))
 
 
 @needs_ort
@@ -143,7 +126,7 @@ def test_a_worse_graph_keeps_per_row_scales_even_if_each_layer_looked_better(mon
 @pytest.mark.parametrize("one_wins", [True, False])
 def test_small_inputs_run_on_one_thread_only_where_that_raced_faster(monkeypatch, one_wins):
     table = {"threads": 1.0, "one": 0.8 if one_wins else 0.99}
-    monkeypatch.setattr(ort_threads, "race", _fixed_race(table.get))
+    monkeypatch.setattr(ort_threads, "race", fixed_race(table.get))
     chain = OrtInt8Chain([OrtInt8Linear(nn.Linear(32, 16))])
     small, large = torch.randn(2, 32), torch.randn(6, 32)
     assert ort_threads.settle_threads(chain, lambda: None, small.numel(), 3) == 0.0  # 1 thread
@@ -208,7 +191,7 @@ def test_a_block_graph_runs_inputs_up_to_the_captured_size_on_one_thread_where_f
 
     _graph_wins(monkeypatch, whole=True)
     table = {"threads": 1.0, "one": 0.8 if one_wins else 0.99}
-    monkeypatch.setattr(ort_threads, "race", _fixed_race(table.get))
+    monkeypatch.setattr(ort_threads, "race", fixed_race(table.get))
     torch.set_num_threads(2)
     model, x = model_and_input(batch=2, seq=5)
     nc.quantize_(model, "dynamic", example_inputs=x, repeats=3, backend="onnxruntime")
